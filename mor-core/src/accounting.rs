@@ -1,0 +1,1 @@
+//! Parameter and FLOPs accounting (spec §1.4).

@@ -1,0 +1,1 @@
+//! Built-in sharing strategies. (Implemented by the foundation work.)

@@ -1,0 +1,1 @@
+//! `cpu` backend: fused CPU ops with analytic backward.

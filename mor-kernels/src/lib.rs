@@ -1,0 +1,144 @@
+//! The compute backends of mor.
+//!
+//! The [`Backend`] trait is the hot path of one recursion step: RMSNorm, RoPE at gathered
+//! positions, causal attention with GQA, SwiGLU and the gather → block → weighted
+//! scatter-add of routing. Implementations:
+//! - `reference`: plain candle ops written for clarity; the oracle every other backend is
+//!   tested against;
+//! - `cpu`: fused CPU ops, each a candle `CustomOp` with an analytic backward;
+//! - `cuda`: PTX kernels behind the `cuda` feature (without it, the name resolves to a
+//!   clear "rebuild with `--features cuda`" error).
+//!
+//! Every op takes and returns candle [`Tensor`]s and must be differentiable through candle's
+//! autograd (`Tensor::backward`).
+
+use candle_core::{Device, Tensor};
+use std::fmt;
+use std::sync::Arc;
+
+pub mod error;
+pub use error::{Error, Result};
+
+mod backend_registry;
+pub use backend_registry::{build_backend, BackendCtx, BackendEntry, BackendPlugin};
+
+pub mod reference;
+pub mod cpu;
+pub mod cuda;
+
+/// Position value marking a padded key or query: never attended to, never attends.
+pub const PAD_POS: u32 = u32::MAX;
+
+/// The compute backend of the hot path.
+///
+/// # Contract
+/// - Every op is differentiable with respect to every floating-point tensor input
+///   (gradients flow through candle autograd), and matches [`reference`] within f32
+///   tolerance, forward and backward.
+/// - Ops never panic on well-shaped input; shape errors are returned as `Err`.
+/// - Position tensors are `u32`; [`PAD_POS`] marks padding.
+/// - Floating-point inputs are f32 or f64 (f64 is used by finite-difference tests);
+///   outputs have the input dtype.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The registered name.
+    fn name(&self) -> &'static str;
+
+    /// The device tensors of this backend live on.
+    fn device(&self) -> &Device;
+
+    /// RMSNorm: `x / sqrt(mean(x²) + eps) * w`.
+    ///
+    /// # Shapes
+    /// `x: [.., d]`, `w: [d]` → `[.., d]`.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor>;
+
+    /// Rotary embedding, HF "rotate_half" (non-interleaved) form, at explicit positions.
+    ///
+    /// # Shapes
+    /// `x: [b, h, t, dh]`, `pos: [b, t]` (u32 absolute positions), `cos`/`sin`:
+    /// `[max_pos, dh/2]` tables. Rows whose position is [`PAD_POS`] are returned unchanged.
+    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>;
+
+    /// Causal attention with GQA, by positions: query i attends to key j iff
+    /// `k_pos[j] <= q_pos[i]` and `k_pos[j] != PAD_POS`. Scale is `1/sqrt(dh)`.
+    /// A query row with no visible key (only padding rows) returns zeros.
+    ///
+    /// # Shapes
+    /// `q: [b, hq, t, dh]`, `k, v: [b, hkv, s, dh]` with `hq % hkv == 0`,
+    /// `q_pos: [b, t]`, `k_pos: [b, s]` (u32) → `[b, hq, t, dh]`.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor>;
+
+    /// SwiGLU gate: `silu(gate) * up`.
+    ///
+    /// # Shapes
+    /// `gate, up: [.., di]` → `[.., di]`.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+
+    /// Gathers token rows: `out[b, i] = h[b, idx[b, i]]`.
+    ///
+    /// # Shapes
+    /// `h: [b, l, d]`, `idx: [b, k]` (u32, each `< l`) → `[b, k, d]`.
+    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor>;
+
+    /// Weighted scatter-add of a recursion step:
+    /// `out = h; out[b, idx[b, i]] += w[b, i] * y[b, i]` (`w = 1` when `None`).
+    /// Indices within one row are distinct.
+    ///
+    /// # Shapes
+    /// `h: [b, l, d]`, `idx: [b, k]` (u32), `y: [b, k, d]`, `w: [b, k]` → `[b, l, d]`.
+    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor>;
+}
+
+impl<T: Backend + ?Sized> Backend for Arc<T> {
+    fn name(&self) -> &'static str { (**self).name() }
+    fn device(&self) -> &Device { (**self).device() }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> { (**self).rms_norm(x, w, eps) }
+    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> { (**self).rope(x, pos, cos, sin) }
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor> {
+        (**self).attention(q, k, v, q_pos, k_pos)
+    }
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> { (**self).swiglu(gate, up) }
+    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> { (**self).gather_tokens(h, idx) }
+    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+        (**self).scatter_add_tokens(h, idx, y, w)
+    }
+}
+
+impl<T: Backend + ?Sized> Backend for Box<T> {
+    fn name(&self) -> &'static str { (**self).name() }
+    fn device(&self) -> &Device { (**self).device() }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> { (**self).rms_norm(x, w, eps) }
+    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> { (**self).rope(x, pos, cos, sin) }
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor> {
+        (**self).attention(q, k, v, q_pos, k_pos)
+    }
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> { (**self).swiglu(gate, up) }
+    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> { (**self).gather_tokens(h, idx) }
+    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+        (**self).scatter_add_tokens(h, idx, y, w)
+    }
+}
+
+/// RoPE cos/sin tables `[max_pos, dh/2]` for theta (spec §1.1: theta 1e4, no scaling).
+pub fn rope_tables(max_pos: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    for p in 0..max_pos {
+        for i in 0..half {
+            let inv = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            let a = p as f64 * inv;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (max_pos, half), device)?,
+        Tensor::from_vec(sin, (max_pos, half), device)?,
+    ))
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use mor_core::__private::*;
+}

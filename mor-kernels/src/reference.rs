@@ -1,0 +1,1 @@
+//! `reference` backend: plain candle ops.

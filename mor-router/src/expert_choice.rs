@@ -1,0 +1,1 @@
+//! Expert-choice router (spec §3.1).

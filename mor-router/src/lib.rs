@@ -1,0 +1,176 @@
+//! Routers of Mixture-of-Recursions (spec §3).
+//!
+//! A [`Router`] decides, per token, how many recursion steps it takes:
+//! - `expert_choice`: each step r has its own router; it keeps the top-k of the tokens still
+//!   active (hierarchical filtering), with `k_r = max(1, floor(cap_r · L))` per sequence;
+//! - `token_choice`: one router reads `H^1` and gives every token its depth up front.
+//!
+//! The model owns the recursion loop and calls the router once per forward
+//! ([`Router::begin`]), once per step ([`Router::route`]) and once at the end
+//! ([`Router::finish`]); the router returns which tokens run the step, their gates and the
+//! update rule, and at the end its loss terms (already multiplied by their coefficients)
+//! and metrics.
+
+use candle_core::{Tensor, Var};
+use std::fmt;
+
+pub mod error;
+pub use error::{Error, Result};
+
+mod registry;
+pub use registry::{build_router, RouterCtx, RouterEntry, RouterPlugin};
+
+pub mod metrics;
+pub use metrics::RouterStats;
+
+pub mod expert_choice;
+pub mod token_choice;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use mor_core::__private::*;
+}
+
+/// The two routing families of the paper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingKind {
+    /// Each step selects among the tokens still active (§3.1).
+    ExpertChoice,
+    /// Each token gets its depth up front (§3.2).
+    TokenChoice,
+}
+
+/// Which selection rule a forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMode {
+    /// Training: full-sequence top-k per step (expert-choice), routers trained.
+    Train,
+    /// Evaluation with the training-time full-sequence top-k (what the reference code
+    /// reports; not causal).
+    FullSequence,
+    /// Causal evaluation / decoding: the rule decoding will use (expert-choice: threshold on
+    /// the aux-loss router or the aux router; token-choice: the up-front depth). A token's
+    /// decision depends only on its own hidden state.
+    Causal,
+}
+
+/// How the block output of a step is merged into the hidden state.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// `h_t ← h_t + g_t · y_t` for every selected token (`g_t = 1` when `gate` is `None`).
+    /// Expert-choice (Eq. 2.1), recursive baseline.
+    Residual,
+    /// Token-choice (§3.2, code form): a selected token that continues after this step gets
+    /// `h_t ← y_t` (times `g_t` when `gate_intermediate`); one that finishes here gets
+    /// `h_t ← H¹_t + g_t · y_t`.
+    TokenChoice {
+        /// Per selected token (flattened in row-major order of `selected`): finishes at
+        /// this step.
+        finishing: Vec<bool>,
+        /// Gate the continuing branch too (the paper's equation) instead of the code's
+        /// ungated form.
+        gate_intermediate: bool,
+    },
+}
+
+/// The decision of one recursion step.
+#[derive(Debug, Clone)]
+pub struct StepRouting {
+    /// Per batch row: ascending positions (indices into the sequence) of the tokens that run
+    /// this step. A subset of the previous step's selection.
+    pub selected: Vec<Vec<u32>>,
+    /// Gate per selected token, flattened row-major in the order of `selected`, shape
+    /// `[n_selected_total]`; differentiable w.r.t. router parameters. `None` = ungated.
+    pub gate: Option<Tensor>,
+    /// Merge rule.
+    pub update: Update,
+}
+
+impl StepRouting {
+    /// Total selected tokens.
+    pub fn num_selected(&self) -> usize {
+        self.selected.iter().map(Vec::len).sum()
+    }
+}
+
+/// Per-forward state a router keeps between `begin`, `route` and `finish`.
+#[derive(Debug, Default)]
+pub struct RoutingState {
+    /// Router-specific data (losses accumulated per step, assigned depths, ...).
+    pub data: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// Loss terms and metrics of one forward.
+#[derive(Debug, Default)]
+pub struct RouterOutput {
+    /// Sum of the router's loss terms, each already multiplied by its coefficient, to be
+    /// added to the LM loss (spec §3.3). `None` when the router adds no loss.
+    pub loss: Option<Tensor>,
+    /// Loss of the auxiliary router (trained by its own optimiser on detached inputs);
+    /// `None` when there is none.
+    pub aux_router_loss: Option<Tensor>,
+    /// Named scalar loss terms before coefficients, for logging (`bce`, `z`, `balance`, ...).
+    pub terms: Vec<(String, f64)>,
+    /// Routing metrics of this forward.
+    pub stats: RouterStats,
+}
+
+/// A router.
+///
+/// # Contract
+/// - `route(step, ..)` is called for `step = 1..=N_r` in order, with `active` equal to the
+///   previous step's `selected` (all positions `0..L` at step 1) and `h: [b, L, d]` the
+///   current full hidden state.
+/// - The returned `selected[b]` is ascending and a subset of `active[b]`; in `Train` and
+///   `FullSequence` mode an expert-choice router keeps exactly
+///   `min(|active[b]|, max(1, floor(cap_r · L)))` tokens per row.
+/// - In `Causal` mode the decision for token t depends only on `h[b, t]` (and the decision
+///   at earlier steps), never on other tokens.
+/// - Gates are differentiable with respect to [`Router::vars`]; the auxiliary router, if
+///   any, only sees detached hidden states and owns [`Router::aux_vars`].
+pub trait Router: Send + Sync + fmt::Debug {
+    /// The registered name.
+    fn name(&self) -> &'static str;
+    /// Expert- or token-choice.
+    fn kind(&self) -> RoutingKind;
+    /// Trainable parameters of the main optimiser, with stable names (checkpoint keys),
+    /// e.g. `router.1.weight`.
+    fn vars(&self) -> Vec<(String, Var)>;
+    /// Parameters of the auxiliary router (own optimiser), if any.
+    fn aux_vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+    /// Learning-rate multiplier of the auxiliary router's optimiser.
+    fn aux_lr_mult(&self) -> f64 {
+        1.0
+    }
+    /// Starts a forward. `h1: [b, L, d]` is the input of the recursion stack (`H¹`).
+    fn begin(&self, h1: &Tensor, mode: RouteMode) -> Result<RoutingState>;
+    /// Decides recursion step `step` (1-based).
+    ///
+    /// # Shapes
+    /// `h: [b, L, d]`; `active[b]`: ascending positions.
+    fn route(&self, step: usize, h: &Tensor, active: &[Vec<u32>], state: &mut RoutingState, mode: RouteMode)
+        -> Result<StepRouting>;
+    /// Ends a forward: loss terms and metrics.
+    fn finish(&self, state: RoutingState) -> Result<RouterOutput>;
+    /// Called after every optimiser step with the stats of the micro-batches of that step
+    /// (the loss-free bias update of §3.2 happens here). `train_step` is the 0-based step
+    /// just taken (used by capacity and balancing warm-ups).
+    fn after_optimizer_step(&self, _stats: &[RouterStats], _train_step: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Informs the router of the training progress before a forward (0-based optimiser
+    /// step), for capacity warm-up.
+    fn set_train_step(&self, _train_step: usize) {}
+    /// Non-trainable state to checkpoint (e.g. the loss-free bias), by name.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    /// Restores state saved by [`Router::buffers`].
+    fn load_buffers(&self, _buffers: &[(String, Tensor)]) -> Result<()> {
+        Ok(())
+    }
+}

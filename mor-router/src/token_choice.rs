@@ -1,0 +1,1 @@
+//! Token-choice router (spec §3.2).

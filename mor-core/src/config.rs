@@ -1,10 +1,46 @@
-//! Run configuration.
+//! Run configuration: one TOML file describes a run.
 //!
-//! Resolved types used by the rest of the workspace. (Schema, presets and three-stage
-//! resolution: foundation work.)
+//! Resolution runs in three stages (STYLE.md §9, after ripgrep's `lowargs`/`hiargs`):
+//! 1. parse: [`raw`] serde types mirror the file, each section with `deny_unknown_fields`;
+//!    every problem names its dotted path;
+//! 2. plugins: each slot's `kind` is looked up in the [registry](crate::registry) and its
+//!    parameters are validated by the plugin's own typed `Params`;
+//! 3. cross-field checks: the recursion plan is built through the sharing strategy, dims,
+//!    batch sizes and the router's needs are checked, each plugin's own `check` runs, and
+//!    the training budget is converted to steps (spec §1.3, §1.4).
+//!
+//! Every problem of a stage is collected into one [`Error::Config`](crate::Error::Config).
+//!
+//! ```toml
+//! [model]
+//! preset = "tiny"                 # micro | tiny | small | 135m | 360m | 730m | 1.7b; any field overrides it
+//! [recursion]
+//! num_recursions = 3
+//! sharing = { kind = "middle_cycle" }
+//! [router]
+//! kind = "expert_choice"
+//! [train]
+//! budget = { steps = 20 }
+//! ```
+//!
+//! Defaults: `num_recursions = 1`; `sharing` is `none` when `N_r = 1` and `middle_cycle`
+//! otherwise (spec §4.1 of the paper uses Middle-Cycle for every recursive model); no
+//! `[router]` (or `kind = "none"`) means no routing; `kv = recursion_wise`;
+//! `backend = cpu`; the `[train]` defaults are the paper's recipe (spec §1.3) with a
+//! CPU-sized batch and a budget of 1000 steps.
 
 use crate::plan::{DepthFix, RecursionPlan};
+use crate::registry::CheckCtx;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+mod overrides;
+mod presets;
+pub mod raw;
+mod resolve;
+
+pub use overrides::{apply_override, parse_override};
+pub use presets::PRESETS;
 
 /// A plugin slot after resolution: its kind and its parameters with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +93,282 @@ pub struct RecursionConfig {
     pub depth_fix: DepthFix,
 }
 
+/// The training budget as written (spec §1.3): exactly one of steps, tokens or FLOPs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    /// Optimiser steps.
+    Steps(u64),
+    /// Training tokens; steps = `floor(tokens / tokens_per_step)` (spec §1.3:
+    /// `int(10e9/(1024·2048)) = 4768`), at least 1.
+    Tokens(f64),
+    /// Forward FLOPs of spec §1.4; tokens = `flops / flops_per_token`, steps rounded up.
+    Flops(f64),
+}
+
+/// Learning-rate schedule (spec §1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Warmup, stable, linear decay to 0 over the last `decay_frac` of the steps (the main runs).
+    #[default]
+    Trapezoid,
+    /// Warmup, then cosine to `min_lr_ratio · lr` (the ablations).
+    Cosine,
+    /// Warmup, then constant.
+    Constant,
+}
+
+/// Warmup length as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Warmup {
+    /// 5% of the steps of this run, or of the `warmup_ref_flops` budget when set (spec
+    /// §1.3: 5% of the smallest budget, 2e18).
+    #[default]
+    Auto,
+    /// An explicit step count.
+    Steps(u64),
+}
+
+/// Numeric precision of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 everywhere (the only precision on CPU for now; bf16 is reserved).
+    #[default]
+    F32,
+}
+
+/// What the loss-spike detector does when a step's loss z-score exceeds the threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SpikeAction {
+    /// Skip the update of that step.
+    #[default]
+    Skip,
+    /// Stop training, keeping the last good checkpoint.
+    Stop,
+    /// Detector off.
+    Off,
+}
+
+/// Training settings (spec §1.3), with the budget resolved into steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The budget as written.
+    pub budget: Budget,
+    /// Optimiser steps the budget gives (resolved in stage 3).
+    pub steps: u64,
+    /// Global batch in sequences (paper: 1024).
+    pub batch_seqs: usize,
+    /// Micro-batch in sequences; `batch_seqs / micro_batch_seqs` is the accumulation.
+    pub micro_batch_seqs: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// AdamW weight decay (not applied to norms and biases).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Schedule.
+    pub schedule: Schedule,
+    /// Warmup as written.
+    pub warmup: Warmup,
+    /// FLOPs budget whose step count sets the automatic warmup.
+    pub warmup_ref_flops: Option<f64>,
+    /// Warmup steps (resolved: `round(0.05 · steps_ref)` for `auto`).
+    pub warmup_steps: u64,
+    /// Trapezoid cooldown fraction of the steps.
+    pub decay_frac: f64,
+    /// Cosine floor as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Precision.
+    pub precision: Precision,
+    /// Log every n steps.
+    pub log_every: u64,
+    /// Evaluate every n steps (0 = never).
+    pub eval_every: u64,
+    /// Checkpoint every n steps (0 = never).
+    pub checkpoint_every: u64,
+    /// Loss-spike z-score threshold.
+    pub spike_zscore: f64,
+    /// Loss-spike rolling window in steps.
+    pub spike_window: usize,
+    /// What a spike does.
+    pub spike_action: SpikeAction,
+}
+
+impl TrainConfig {
+    /// Gradient accumulation: `batch_seqs / micro_batch_seqs`.
+    pub fn grad_accum(&self) -> usize {
+        self.batch_seqs / self.micro_batch_seqs.max(1)
+    }
+
+    /// Cooldown steps of the trapezoid: `round(decay_frac · steps)` (spec §1.3: 1888 of
+    /// 9438).
+    pub fn decay_steps(&self) -> u64 {
+        ((self.decay_frac * self.steps as f64).round() as u64).min(self.steps)
+    }
+
+    /// Learning rate at 0-based optimiser step `t` (spec §1.3):
+    /// - warmup: `t/w · lr` while `t < w`;
+    /// - trapezoid: `lr` until `p = steps − d`, then `lr · (1 − (t−p)/d)`;
+    /// - cosine: `lr · (m + (1−m) · ½(1 + cos(π·(t−w)/(steps−w))))` with `m = min_lr_ratio`;
+    /// - constant: `lr`.
+    pub fn lr_at(&self, t: u64) -> f64 {
+        let w = self.warmup_steps;
+        if t < w {
+            return self.lr * t as f64 / w as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Trapezoid => {
+                let d = self.decay_steps();
+                let p = self.steps.saturating_sub(d);
+                if t < p || d == 0 {
+                    self.lr
+                } else {
+                    self.lr * (1.0 - (t - p) as f64 / d as f64).max(0.0)
+                }
+            }
+            Schedule::Cosine => {
+                let span = self.steps.saturating_sub(w).max(1) as f64;
+                let progress = ((t - w) as f64 / span).min(1.0);
+                let m = self.min_lr_ratio;
+                self.lr * (m + (1.0 - m) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+            }
+        }
+    }
+}
+
+/// Where training text comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// The generated corpus of `builtin_docs` documents.
+    Builtin,
+    /// A file or a folder of `.txt`, `.jsonl`, `.parquet`, or `.bin`/`.u16`/`.u32` token files.
+    Path(PathBuf),
+}
+
+/// Which tokenizer to use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerSpec {
+    /// The builtin corpus's own vocabulary, or a BPE trained on the data.
+    Auto,
+    /// Bytes (vocab 256 plus specials).
+    Byte,
+    /// A BPE trained on the data to `vocab_size`.
+    Bpe,
+    /// A `tokenizer.json` file.
+    Path(PathBuf),
+}
+
+/// Data settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataConfig {
+    /// Source.
+    pub source: DataSource,
+    /// Tokenizer.
+    pub tokenizer: TokenizerSpec,
+    /// Text column of JSONL/Parquet files.
+    pub text_column: String,
+    /// Mask attention across document boundaries (the paper does not: spec §1.2).
+    pub doc_masking: bool,
+    /// Shuffle training rows (the released configs do not).
+    pub shuffle: bool,
+    /// Fraction of rows held out for validation.
+    pub val_fraction: f64,
+    /// Documents in the generated corpus.
+    pub builtin_docs: usize,
+}
+
+/// Batch-size rule of the throughput benchmark (spec §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Batching {
+    /// A fixed batch size.
+    #[default]
+    Fixed,
+    /// `batch_size · maxB_MoR / maxB_vanilla`, from the memory left after parameters and KV.
+    RelativeMax,
+}
+
+/// Inference settings (spec §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferConfig {
+    /// Batch size.
+    pub batch_size: usize,
+    /// Batch-size rule.
+    pub batching: Batching,
+    /// Requests to generate.
+    pub num_requests: usize,
+    /// Mean generation length.
+    pub gen_len_mean: usize,
+    /// Std of the generation length.
+    pub gen_len_std: f64,
+    /// Continuous depth-wise batching.
+    pub continuous_depthwise: bool,
+    /// Deepest recursion step a token may take (`1..=N_r`; test-time scaling).
+    pub max_depth: usize,
+    /// Threshold of the causal expert-choice rule (continue iff `σ(z) ≥ threshold`).
+    pub threshold: f64,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: f64,
+    /// Top-k sampling (0 = off).
+    pub top_k: usize,
+    /// Nucleus sampling (1 = off).
+    pub top_p: f64,
+}
+
+/// A router metric reported by evaluation (spec §6.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RouterMetric {
+    /// Share of positions never selected at the last step.
+    #[serde(rename = "dead_token_ratio")]
+    DeadTokenRatio,
+    /// Accuracy of `σ(z) ≥ 0.5` against the top-k target.
+    #[serde(rename = "sampling_acc")]
+    SamplingAcc,
+    /// `(max_i Load_i − mean Load) / mean Load`.
+    #[serde(rename = "maxvio")]
+    MaxVio,
+    /// Entropy of the mean routing distribution.
+    #[serde(rename = "entropy")]
+    Entropy,
+}
+
+/// Evaluation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    /// lm-eval-style JSONL task files.
+    pub tasks: Vec<PathBuf>,
+    /// Validation batches per evaluation.
+    pub max_batches: usize,
+    /// Evaluate with the causal routing rule.
+    pub causal: bool,
+    /// Evaluate with the training-time full-sequence top-k (as the paper reports).
+    pub full_sequence: bool,
+    /// Router metrics to report.
+    pub router_metrics: Vec<RouterMetric>,
+}
+
+/// Runtime settings, gathered from a [`ResolvedConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeConfig {
+    /// Backend slot.
+    pub backend: PluginSpec,
+    /// Rayon threads (0 = rayon's choice).
+    pub threads: usize,
+    /// Seed of all randomness.
+    pub seed: u64,
+}
+
 /// A fully resolved run configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedConfig {
@@ -74,4 +386,124 @@ pub struct ResolvedConfig {
     pub plan: RecursionPlan,
     /// Seed of all randomness.
     pub seed: u64,
+    /// Rayon threads (0 = rayon's choice).
+    pub threads: usize,
+    /// Training settings.
+    pub train: TrainConfig,
+    /// Data settings.
+    pub data: DataConfig,
+    /// Inference settings.
+    pub infer: InferConfig,
+    /// Evaluation settings.
+    pub eval: EvalConfig,
+    /// The TOML the config was resolved from (after overrides), to save with a run.
+    pub source: toml::Table,
+}
+
+impl ResolvedConfig {
+    /// Optimiser steps of the training budget.
+    pub fn budget_steps(&self) -> u64 {
+        self.train.steps
+    }
+
+    /// Tokens per optimiser step: `batch_seqs · seq_len`.
+    pub fn tokens_per_step(&self) -> u64 {
+        self.train.batch_seqs as u64 * self.model.seq_len as u64
+    }
+
+    /// Tokens the budget trains on: `steps · tokens_per_step`.
+    pub fn budget_tokens(&self) -> u64 {
+        self.train.steps.saturating_mul(self.tokens_per_step())
+    }
+
+    /// The runtime settings.
+    pub fn runtime(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            backend: self.backend.clone(),
+            threads: self.threads,
+            seed: self.seed,
+        }
+    }
+
+    /// What plugin checks and accounting see of this run.
+    pub fn check_ctx(&self) -> CheckCtx {
+        CheckCtx {
+            num_recursions: self.recursion.num_recursions,
+            seq_len: self.model.seq_len,
+            hidden_size: self.model.hidden_size,
+            router: self.router.as_ref().map(|r| r.kind.clone()),
+            sharing: self.recursion.sharing.kind.clone(),
+        }
+    }
+
+    /// The source TOML, to save next to a run (`config.toml`); it resolves to this config.
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string_pretty(&self.source).unwrap_or_else(|_| self.source.to_string())
+    }
+
+    /// The resolved config as pretty JSON (`config.json`).
+    ///
+    /// # Errors
+    /// Only if a plugin parameter cannot be represented in JSON.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(self)
+    }
+}
+
+/// Entry points of config resolution.
+#[derive(Debug, Clone, Copy)]
+pub struct Config;
+
+impl Config {
+    /// Parses TOML text into a table.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) with the syntax error and its line.
+    pub fn parse_table(text: &str) -> crate::Result<toml::Table> {
+        text.parse::<toml::Table>().map_err(|e| {
+            crate::Error::Config(vec![crate::error::ConfigProblem {
+                field: "(toml syntax)".to_string(),
+                value: e
+                    .span()
+                    .map(|s| format!("at byte {}", s.start))
+                    .unwrap_or_default(),
+                allowed: e.message().trim().to_string(),
+            }])
+        })
+    }
+
+    /// Resolves TOML text.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) listing every problem found.
+    ///
+    /// # Examples
+    /// ```
+    /// let err = mor_core::config::Config::from_toml_str("[model]\npreset = \"tiny\"\nhiden_size = 4").unwrap_err();
+    /// assert!(err.to_string().contains("model.hiden_size"));
+    /// ```
+    pub fn from_toml_str(text: &str) -> crate::Result<ResolvedConfig> {
+        Self::from_table(Self::parse_table(text)?)
+    }
+
+    /// Reads and resolves a TOML file.
+    ///
+    /// # Errors
+    /// [`Error::Io`](crate::Error::Io) when the file cannot be read; otherwise as
+    /// [`Config::from_toml_str`].
+    pub fn from_path(path: &Path) -> crate::Result<ResolvedConfig> {
+        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Resolves a parsed table (after [`apply_override`]s).
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) listing every problem found.
+    pub fn from_table(table: toml::Table) -> crate::Result<ResolvedConfig> {
+        resolve::resolve(table)
+    }
 }

@@ -111,16 +111,68 @@ impl RecursionPlan {
         rec == expected
     }
 
-    /// How many slots use each block.
+    /// How many slots use each block (blocks out of range are not counted; see
+    /// [`RecursionPlan::validate`]).
     pub fn block_uses(&self) -> Vec<usize> {
         let mut uses = vec![0; self.num_blocks];
         for s in &self.slots {
-            uses[s.block] += 1;
+            if let Some(u) = uses.get_mut(s.block) {
+                *u += 1;
+            }
         }
         uses
     }
 
+    /// Checks the [`SharingStrategy`](crate::sharing::SharingStrategy) contract: at least
+    /// one slot, `N_r >= 1`, every slot's block in `0..num_blocks`, every block used, and
+    /// every recursion slot's step in `1..=N_r` and layer in `0..B_d`.
+    ///
+    /// # Errors
+    /// A sentence naming the first broken rule.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.slots.is_empty() {
+            return Err(format!(
+                "strategy `{}` planned no layer slots",
+                self.strategy
+            ));
+        }
+        if self.num_recursions == 0 {
+            return Err(format!(
+                "strategy `{}` planned num_recursions = 0",
+                self.strategy
+            ));
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.block >= self.num_blocks {
+                return Err(format!(
+                    "strategy `{}`: slot {i} uses block {} but the plan has {} blocks",
+                    self.strategy, s.block, self.num_blocks
+                ));
+            }
+            if let Segment::Recursion { step, layer } = s.segment {
+                if step == 0 || step > self.num_recursions || layer >= self.base_depth {
+                    return Err(format!(
+                        "strategy `{}`: slot {i} is marked step {step} layer {layer}, outside steps 1..={} \
+                         and layers 0..{}",
+                        self.strategy, self.num_recursions, self.base_depth
+                    ));
+                }
+            }
+        }
+        if let Some(j) = self.block_uses().iter().position(|&u| u == 0) {
+            return Err(format!(
+                "strategy `{}`: block {j} is never used",
+                self.strategy
+            ));
+        }
+        Ok(())
+    }
+
     fn segment_blocks(&self, f: impl Fn(&Segment) -> bool) -> Vec<usize> {
-        self.slots.iter().filter(|s| f(&s.segment)).map(|s| s.block).collect()
+        self.slots
+            .iter()
+            .filter(|s| f(&s.segment))
+            .map(|s| s.block)
+            .collect()
     }
 }

@@ -140,7 +140,9 @@ fn validate_erased<T: Plugin>(params: &toml::Table) -> std::result::Result<toml:
     // Normalise: round-trip through the typed params so defaults are filled in.
     match toml::Value::try_from(&p) {
         Ok(toml::Value::Table(t)) => Ok(t),
-        Ok(other) => Err(format!("parameters serialised to a non-table value {other}")),
+        Ok(other) => Err(format!(
+            "parameters serialised to a non-table value {other}"
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -261,7 +263,10 @@ pub fn names(family: Family) -> Vec<String> {
 /// Looks up a plugin by name. Fails with the list of registered names, or with both module
 /// paths when the name is registered twice.
 pub fn find(family: Family, name: &str) -> std::result::Result<&'static PluginInfo, RegistryError> {
-    let hits: Vec<_> = plugins(family).into_iter().filter(|p| p.name == name).collect();
+    let hits: Vec<_> = plugins(family)
+        .into_iter()
+        .filter(|p| p.name == name)
+        .collect();
     match hits.as_slice() {
         [one] => Ok(one),
         [] => Err(RegistryError::Unknown {

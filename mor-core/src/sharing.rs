@@ -36,7 +36,9 @@ pub struct SharingEntry {
 
 impl fmt::Debug for SharingEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharingEntry").field("name", &self.name).finish()
+        f.debug_struct("SharingEntry")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -48,7 +50,10 @@ fn build_erased<T: SharingPlugin>(p: &toml::Table) -> Result<Box<dyn SharingStra
 impl SharingEntry {
     /// The entry for `T`.
     pub const fn of<T: SharingPlugin>() -> Self {
-        SharingEntry { name: T::NAME, build: build_erased::<T> }
+        SharingEntry {
+            name: T::NAME,
+            build: build_erased::<T>,
+        }
     }
 }
 
@@ -69,11 +74,33 @@ macro_rules! register_sharing {
 
 /// Builds the registered sharing strategy `name` from its parameters.
 pub fn build(name: &str, params: &toml::Table) -> crate::Result<Box<dyn SharingStrategy>> {
-    let e = crate::registry::find_typed(Family::SharingStrategy, name, inventory::iter::<SharingEntry>, |e| e.name)?;
-    (e.build)(params).map_err(|msg| crate::Error::Plugin { family: Family::SharingStrategy, name: name.to_string(), msg })
+    let e = crate::registry::find_typed(
+        Family::SharingStrategy,
+        name,
+        inventory::iter::<SharingEntry>,
+        |e| e.name,
+    )?;
+    (e.build)(params).map_err(|msg| crate::Error::Plugin {
+        family: Family::SharingStrategy,
+        name: name.to_string(),
+        msg,
+    })
 }
 
 // The built-in strategies are implemented below (see `strategies`).
 mod strategies;
 #[allow(unused_imports)]
 pub use strategies::*;
+
+/// Builds the registered strategy `name` from `params`, plans `req` with it and checks the
+/// plan against the [`SharingStrategy`] contract ([`RecursionPlan::validate`]).
+///
+/// # Errors
+/// [`Error::Registry`](crate::Error::Registry) for an unknown name, [`Error::Plugin`](crate::Error::Plugin)
+/// for bad parameters, [`Error::Plan`](crate::Error::Plan) when the request cannot be planned.
+pub fn plan(name: &str, params: &toml::Table, req: &PlanRequest) -> crate::Result<RecursionPlan> {
+    let strategy = build(name, params)?;
+    let plan = strategy.plan(req).map_err(crate::Error::Plan)?;
+    plan.validate().map_err(crate::Error::Plan)?;
+    Ok(plan)
+}

@@ -1,1 +1,219 @@
 //! `cpu` backend: fused CPU ops with analytic backward.
+//!
+//! Each op of [`Backend`] is one candle custom op whose forward runs directly on the storage
+//! slices (f32 and f64, rayon over rows or heads when the work pays for it on two cores) and
+//! whose `bwd` runs a fused backward kernel, so that a training step allocates one output per
+//! gradient instead of a chain of temporaries. Hot loops are compiled for AVX2+FMA and
+//! chosen at run time, with a baseline fallback.
+//!
+//! - RMSNorm: [`CustomOp2`](candle_core::CustomOp2) on `(x, w)`, gradients for both.
+//! - RoPE: [`CustomOp3`](candle_core::CustomOp3) on `(x, cos, sin)` with the positions held
+//!   on the host; the gradient of `x` is the inverse rotation, the tables get a gradient only
+//!   when they are tracked.
+//! - Attention: [`CustomOp3`](candle_core::CustomOp3) on `(q, k, v)`, flash-style (one row of
+//!   scores per query in flight, the log-sum-exp saved for the backward pass, which
+//!   recomputes probabilities).
+//! - SwiGLU: [`CustomOp2`](candle_core::CustomOp2) on `(gate, up)`.
+//! - Token gather and weighted scatter-add: custom ops with the indices on the host.
+//!
+//! Inputs are made contiguous before an op runs (a no-op for contiguous tensors, and
+//! differentiable), and every kernel re-checks the layout it receives, so a strided input can
+//! never be read wrongly. The conventions on padding, empty selections and table dtypes are
+//! those of the [`reference`](crate::reference) backend. The backend only runs on
+//! [`Device::Cpu`].
+
+use crate::validate;
+use crate::{Backend, BackendCtx, BackendPlugin, Error, Result};
+use candle_core::{CpuStorage, Device, Layout, Storage, Tensor};
+use mor_core::registry::{Family, Plugin};
+use serde::{Deserialize, Serialize};
+
+mod attention;
+mod norm;
+mod rope;
+mod simd;
+mod swiglu;
+mod tokens;
+
+/// Work (in elements, or multiply-adds for attention) below which an op runs on the calling
+/// thread: below it, handing tasks to rayon costs more than it saves on two cores.
+pub(crate) const PAR_MIN_WORK: usize = 1 << 15;
+
+/// Elements per rayon task of the element-wise and row-wise ops.
+pub(crate) const PAR_TASK_WORK: usize = 1 << 14;
+
+/// Rows per rayon task for rows of `row_len` elements: about [`PAR_TASK_WORK`] elements, at
+/// least one row.
+pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
+    (PAR_TASK_WORK / row_len.max(1)).clamp(1, rows.max(1))
+}
+
+/// The elements of a forward input, checked to be contiguous, of dtype `T` and of shape
+/// `dims`.
+pub(crate) fn fwd_slice<'a, T: simd::Float>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+    dims: &[usize],
+) -> candle_core::Result<&'a [T]> {
+    if l.dims() != dims {
+        candle_core::bail!("{op}: input has shape {:?}, expected {dims:?}", l.dims());
+    }
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input is not contiguous");
+    };
+    match T::slice(s) {
+        Some(v) => v
+            .get(a..b)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: layout out of storage bounds"))),
+        None => Err(bail_dtype(op, s)),
+    }
+}
+
+/// The error for an input dtype the kernels do not handle (or mixed dtypes).
+pub(crate) fn bail_dtype(op: &str, s: &CpuStorage) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: expected f32 or f64 inputs of one dtype, got {:?}", candle_core::backend::BackendStorage::dtype(s)))
+}
+
+/// Runs `f` on the contiguous elements of CPU tensors of dtype `T` (non-contiguous tensors are
+/// copied first). Used by the backward passes, which receive tensors rather than storages.
+pub(crate) fn with_slices<T: simd::Float, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let owned = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (g, l) in &guards {
+        let Storage::Cpu(cs) = &**g else {
+            candle_core::bail!("the cpu backend needs tensors on the CPU device");
+        };
+        slices.push(fwd_slice::<T>("backward", cs, l, l.dims())?);
+    }
+    f(&slices)
+}
+
+/// The `cpu` backend: fused CPU custom ops with analytic backward.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    device: Device,
+}
+
+/// Parameters of the `cpu` backend: there are none, and any field is rejected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuParams {}
+
+impl CpuBackend {
+    /// The cpu backend (on [`Device::Cpu`]).
+    pub fn new() -> Self {
+        CpuBackend { device: Device::Cpu }
+    }
+
+    /// Whether the fused kernels run their AVX2+FMA versions on this machine.
+    pub fn uses_avx2_fma() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            simd::has_avx2_fma()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    fn on_cpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+        if ts.iter().all(|t| t.device().is_cpu()) {
+            Ok(())
+        } else {
+            Err(Error::Invalid { op, msg: "the cpu backend needs tensors on the CPU device".into() })
+        }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Plugin for CpuBackend {
+    const FAMILY: Family = Family::Backend;
+    const NAME: &'static str = "cpu";
+    const DESCRIPTION: &'static str = "Fused CPU ops (RMSNorm, RoPE, flash-style attention, SwiGLU, routing) with analytic backward";
+    type Params = CpuParams;
+}
+
+impl BackendPlugin for CpuBackend {
+    fn build(_params: CpuParams, ctx: &BackendCtx) -> Result<Self> {
+        if !ctx.device.is_cpu() {
+            return Err(Error::Invalid {
+                op: "build",
+                msg: format!("the `cpu` backend runs on the CPU only, but the run asks for {:?}", ctx.device),
+            });
+        }
+        Ok(CpuBackend::new())
+    }
+}
+
+crate::register_backend!(CpuBackend);
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let d = validate::rms_norm(x, w, eps)?;
+        Self::on_cpu("rms_norm", &[x, w])?;
+        let op = norm::RmsNormOp { eps, rows: d.rows, d: d.d };
+        Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+    }
+
+    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = validate::rope(x, pos, cos, sin)?;
+        Self::on_cpu("rope", &[x, cos, sin])?;
+        let cos = cos.to_dtype(x.dtype())?.contiguous()?;
+        let sin = sin.to_dtype(x.dtype())?.contiguous()?;
+        let op = rope::RopeOp { b: d.b, h: d.h, t: d.t, dh: d.dh, max_pos: d.max_pos, pos: d.pos };
+        Ok(x.contiguous()?.apply_op3(&cos, &sin, op)?)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor> {
+        let d = validate::attention(q, k, v, q_pos, k_pos)?;
+        Self::on_cpu("attention", &[q, k, v])?;
+        let op = attention::AttentionOp::new(&d);
+        Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        validate::swiglu(gate, up)?;
+        Self::on_cpu("swiglu", &[gate, up])?;
+        Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, swiglu::SwiGluOp)?)
+    }
+
+    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        let d = validate::gather_tokens(h, idx)?;
+        Self::on_cpu("gather_tokens", &[h])?;
+        let op = tokens::GatherOp { b: d.b, l: d.l, d: d.d, k: d.k, idx: d.idx };
+        Ok(h.contiguous()?.apply_op1(op)?)
+    }
+
+    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+        let d = validate::scatter_add_tokens(h, idx, y, w)?;
+        Self::on_cpu("scatter_add_tokens", &[h, y])?;
+        if d.k == 0 {
+            return Ok(h.clone());
+        }
+        let op = tokens::ScatterAddOp { b: d.b, l: d.l, d: d.d, k: d.k, idx: d.idx };
+        let (h, y) = (h.contiguous()?, y.contiguous()?);
+        Ok(match w {
+            Some(w) => h.apply_op3(&y, &w.contiguous()?, op)?,
+            None => h.apply_op2(&y, op)?,
+        })
+    }
+}

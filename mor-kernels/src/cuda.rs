@@ -1,1 +1,59 @@
-//! `cuda` backend.
+//! The `cuda` backend: fused CUDA kernels for the hot path of a recursion step, as candle
+//! custom ops with analytic backward passes.
+//!
+//! The kernels (`mor-kernels/kernels/*.cu`, f32 and bf16) cover:
+//! - the expert-choice router: score, activation and gate ([`router_scores`]), and
+//!   per-sequence top-k on the device for rows of any length, output sorted ascending
+//!   ([`topk_sorted`], a radix select; mor-spec §3.1);
+//! - the gather of selected tokens ([`gather_rows`]) and, fused, of per-head rows with RoPE
+//!   at their original positions ([`gather_rope`]); RoPE at explicit positions
+//!   ([`rope_at`]);
+//! - RMSNorm ([`rms_norm`]) and SwiGLU ([`swiglu`]), forward and backward;
+//! - the weighted scatter-add back into the full hidden state ([`scatter_add_rows`]) and
+//!   its backward;
+//! - decode attention for one query per request over a variable-length paged KV cache
+//!   with GQA ([`paged_decode_attention`], split-K).
+//!
+//! Every op runs its kernel on CUDA tensors and the same maths on CPU tensors
+//! ([`host`]), so the ops and their gradients are tested on any machine. [`CudaBackend`]
+//! (registered as `cuda`) implements [`crate::Backend`] with them.
+//!
+//! # Building
+//! The feature `cuda` compiles the CUDA side. `build.rs` compiles each kernel to PTX for
+//! `compute_80` with nvcc when it finds one; otherwise the sources are embedded and
+//! compiled at run time with NVRTC for the device. Each module is loaded once per device
+//! ([`module::ModuleKey`]). Without the feature every item here still exists:
+//! [`CudaBackend::new`] and [`gpu_check`] return [`crate::Error::NotCompiledWithCuda`],
+//! and the ops run on CPU tensors only. See `docs/cuda.md`.
+
+mod backend;
+pub mod gpu_check;
+pub mod host;
+pub mod launch;
+pub mod module;
+mod ops;
+pub mod plain;
+
+#[cfg(feature = "cuda")]
+#[path = "cuda/enabled.rs"]
+mod imp;
+
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda/disabled.rs"]
+mod imp;
+
+pub use backend::{CudaBackend, CudaParams};
+pub use gpu_check::{gpu_check, BenchResult, GpuCheckReport, KernelCheck};
+pub use host::RouterActivation;
+pub use ops::{
+    gather_rope, gather_rows, paged_decode_attention, rms_norm, rope_at, router_scores,
+    scatter_add_rows, swiglu, topk_sorted, RouterParams, TopK,
+};
+
+/// Whether this build has the CUDA kernels compiled in (the `cuda` feature).
+pub const COMPILED: bool = cfg!(feature = "cuda");
+
+/// The embedded text of a kernel module: `None` in builds without the `cuda` feature.
+pub fn embedded_module(module: module::KernelModule) -> Option<&'static module::EmbeddedModule> {
+    imp::embedded(module)
+}

@@ -25,6 +25,8 @@ pub use backend_registry::{build_backend, BackendCtx, BackendEntry, BackendPlugi
 pub mod reference;
 pub mod cpu;
 pub mod cuda;
+pub mod testing;
+pub mod validate;
 
 /// Position value marking a padded key or query: never attended to, never attends.
 pub const PAD_POS: u32 = u32::MAX;

@@ -11,15 +11,22 @@
 
 use candle_core::Tensor;
 use std::fmt;
+use std::sync::Arc;
 
 pub mod error;
 pub use error::{Error, Result};
 
 mod registry;
-pub use registry::{build_kv_policy, KvEntry, KvPolicyPlugin, KvCtx};
+pub use registry::{build_kv_policy, KvCtx, KvEntry, KvPolicyPlugin};
 
 pub mod policies;
+pub use policies::{Hybrid, NoParams, RecursionWise, RecursiveSharing};
+
 pub mod decode;
+pub use decode::{
+    attend, attend_into, BlockPool, DecodeCache, DecodeCacheSpec, DecodeMode, DenseKv, KvToken,
+    KvView, PagedCache,
+};
 
 #[doc(hidden)]
 pub mod __private {
@@ -75,8 +82,83 @@ pub trait KvPolicy: Send + Sync + fmt::Debug {
     /// `first`: the step-1 K/V of the same block layer over the full sequence (present iff
     /// `keeps_first_step()` and `step >= 2`); `selected: [b, n]` (u32) positions of the
     /// selected tokens (the queries).
-    fn training_kv(&self, step: usize, fresh: Option<&StepKv>, first: Option<&StepKv>, selected: &Tensor)
-        -> Result<StepKv>;
+    fn training_kv(
+        &self,
+        step: usize,
+        fresh: Option<&StepKv>,
+        first: Option<&StepKv>,
+        selected: &Tensor,
+    ) -> Result<StepKv>;
     /// The relative costs for `N_r` steps with step capacities `caps` (fractions of L).
     fn cost(&self, num_recursions: usize, caps: &[f64]) -> KvCost;
+
+    /// A decode-time cache for a model with the layer slots of `spec.plan` (spec §5).
+    ///
+    /// The default body infers the decode behaviour from [`KvPolicy::projects_kv`] and
+    /// [`KvPolicy::keeps_first_step`] (see [`DecodeMode::infer`]) and builds a
+    /// [`PagedCache`]: a policy that projects at every step and keeps nothing behaves as
+    /// recursion-wise caching, one that keeps step 1 and projects only there as recursive
+    /// sharing, one that keeps step 1 and projects at every step as hybrid.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the behaviour matches none of the three, or when `spec` is
+    /// invalid (zero sizes, a plan whose later steps have no step-1 slot to read).
+    fn new_decode_cache(&self, spec: &DecodeCacheSpec) -> Result<Box<dyn DecodeCache>> {
+        let mode = DecodeMode::infer(self, spec.plan.num_recursions)?;
+        Ok(Box::new(PagedCache::new(self.name(), mode, spec)?))
+    }
+}
+
+impl<T: KvPolicy + ?Sized> KvPolicy for Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn projects_kv(&self, step: usize) -> bool {
+        (**self).projects_kv(step)
+    }
+    fn keeps_first_step(&self) -> bool {
+        (**self).keeps_first_step()
+    }
+    fn training_kv(
+        &self,
+        step: usize,
+        fresh: Option<&StepKv>,
+        first: Option<&StepKv>,
+        selected: &Tensor,
+    ) -> Result<StepKv> {
+        (**self).training_kv(step, fresh, first, selected)
+    }
+    fn cost(&self, num_recursions: usize, caps: &[f64]) -> KvCost {
+        (**self).cost(num_recursions, caps)
+    }
+    fn new_decode_cache(&self, spec: &DecodeCacheSpec) -> Result<Box<dyn DecodeCache>> {
+        (**self).new_decode_cache(spec)
+    }
+}
+
+impl<T: KvPolicy + ?Sized> KvPolicy for Box<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn projects_kv(&self, step: usize) -> bool {
+        (**self).projects_kv(step)
+    }
+    fn keeps_first_step(&self) -> bool {
+        (**self).keeps_first_step()
+    }
+    fn training_kv(
+        &self,
+        step: usize,
+        fresh: Option<&StepKv>,
+        first: Option<&StepKv>,
+        selected: &Tensor,
+    ) -> Result<StepKv> {
+        (**self).training_kv(step, fresh, first, selected)
+    }
+    fn cost(&self, num_recursions: usize, caps: &[f64]) -> KvCost {
+        (**self).cost(num_recursions, caps)
+    }
+    fn new_decode_cache(&self, spec: &DecodeCacheSpec) -> Result<Box<dyn DecodeCache>> {
+        (**self).new_decode_cache(spec)
+    }
 }

@@ -36,18 +36,22 @@ impl fmt::Debug for KvEntry {
 }
 
 fn build_erased<T: KvPolicyPlugin>(p: &toml::Table, ctx: &KvCtx) -> Result<Arc<dyn KvPolicy>> {
-    let params: T::Params = mor_core::registry::parse_params(p).map_err(|msg| mor_core::Error::Plugin {
-        family: Family::KvPolicy,
-        name: T::NAME.to_string(),
-        msg,
-    })?;
+    let params: T::Params =
+        mor_core::registry::parse_params(p).map_err(|msg| mor_core::Error::Plugin {
+            family: Family::KvPolicy,
+            name: T::NAME.to_string(),
+            msg,
+        })?;
     Ok(Arc::new(T::build(params, ctx)?))
 }
 
 impl KvEntry {
     /// The entry for `T`.
     pub const fn of<T: KvPolicyPlugin>() -> Self {
-        KvEntry { name: T::NAME, build: build_erased::<T> }
+        KvEntry {
+            name: T::NAME,
+            build: build_erased::<T>,
+        }
     }
 }
 
@@ -68,7 +72,10 @@ macro_rules! register_kv_policy {
 
 /// Builds the registered KV policy `name`.
 pub fn build_kv_policy(name: &str, params: &toml::Table, ctx: &KvCtx) -> Result<Arc<dyn KvPolicy>> {
-    let e = mor_core::registry::find_typed(Family::KvPolicy, name, inventory::iter::<KvEntry>, |e| e.name)
+    let e =
+        mor_core::registry::find_typed(Family::KvPolicy, name, inventory::iter::<KvEntry>, |e| {
+            e.name
+        })
         .map_err(mor_core::Error::from)?;
     (e.build)(params, ctx)
 }

@@ -1,1 +1,23 @@
-//! Mixture-of-Recursions models.
+//! Mixture-of-Recursions models assembled from a resolved config (spec §1–§5).
+//!
+//! - [`model`]: the Llama-style decoder with recursion, routing and KV policies;
+//! - [`optim`], [`train`], [`checkpoint`]: AdamW, the training loop and atomic checkpoints;
+//! - [`eval`]: validation NLL / bits per byte with causal and full-sequence routing,
+//!   few-shot multiple choice, router metrics and depth traces;
+//! - [`builtin`]: links every built-in plugin crate.
+
+pub mod error;
+pub use error::{Error, Result};
+
+pub mod model;
+pub use model::MorModel;
+pub mod checkpoint;
+pub mod data;
+pub mod tokenizer;
+pub mod eval;
+pub mod optim;
+pub mod progress;
+pub mod report;
+pub mod run;
+pub mod train;
+pub mod builtin;

@@ -1,1 +1,950 @@
 //! Expert-choice router (spec §3.1).
+//!
+//! Every recursion step r = 1..N_r is an "expert" with its own router θ_r. At step r the
+//! router scores the tokens still active (those selected at step r−1), `z = θ_rᵀ(h/temp)`,
+//! `g = α·G(z)`, and keeps, per sequence, the `k_r = max(1, floor(cap_r·L))` candidates of
+//! largest `g` (hierarchical filtering). Kept positions are returned in ascending order, and
+//! the model merges the block output with `h ← h + g·f(h)` ([`Update::Residual`], Eq. 2.1).
+//!
+//! ```text
+//! step 1:  active = 0..L          ── top-k_1 by g ──▶ selected_1
+//! step 2:  active = selected_1    ── top-k_2 by g ──▶ selected_2 ⊆ selected_1
+//!  ...                                                   (k_r = max(1, ⌊cap_r·L⌋))
+//! ```
+//!
+//! Losses (spec §3.1, §3.3), summed over steps and weighted:
+//! - `sampling = "aux_loss"`: `aux_coeff · Σ_r BCEWithLogits(z_r, 1[kept])`, mean over the
+//!   candidates of step r;
+//! - `sampling = "aux_router"`: a second router per step, of the same architecture, reads the
+//!   *detached* hidden states and is trained on the same targets by its own optimiser; its
+//!   loss (not multiplied by `aux_coeff`) is [`RouterOutput::aux_router_loss`];
+//! - `z_loss`: `z_coeff · Σ_r mean(z_r²)` (the one-logit form of the router z-loss).
+//!
+//! # Causal rule
+//! Top-k over the sequence is not causal. In [`RouteMode::Causal`] a candidate continues to
+//! step r when:
+//! - `infer_rule = "threshold"` (default): `σ(z_r) ≥ threshold`, where `z_r` is the main
+//!   router's *logit*. The aux BCE is taken on the logit for every `router_func`, so `σ(z)`
+//!   is the quantity it calibrates as "probability of being kept"; the rule therefore
+//!   compares `σ(z)` for `sigmoid`, `tanh` and `none` alike (for `sigmoid` this is the
+//!   unscaled sigmoid, not `g = α·σ(z)`);
+//! - `infer_rule = "aux_router"`: the auxiliary router's `σ(z_aux) ≥ threshold` (requires
+//!   `sampling = "aux_router"`);
+//! - `infer_rule = "full_sequence"`: the training-time top-k (not causal; what the released
+//!   evaluation does, spec §6, §8 discrepancy 5).
+//!
+//! A step whose capacity is 1 (step 1 of the default schedule) keeps every active token in
+//! every mode, as top-k does. With `rand_router` the causal rule keeps each candidate
+//! independently with probability `cap_r / cap_{r−1}`, so the expected depth distribution
+//! matches the capacities.
+//!
+//! The BCE targets and the sampling accuracy always use the top-k membership among the
+//! step's candidates; in causal mode those candidates are the causally selected tokens.
+
+use crate::metrics::RouterStats;
+use crate::net::{
+    bce_with_logits_mean, counter_uniform, sigmoid_f64, to_host_f64, top_k_ascending, RouterArch,
+    RouterNet,
+};
+use crate::registry::{RouterCtx, RouterPlugin};
+use crate::{
+    Error, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState, StepRouting, Update,
+};
+use candle_core::{DType, Tensor, Var};
+use mor_core::registry::{AccountingHints, CheckCtx, Family, ParamProblem, Plugin};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+const NAME: &str = "expert_choice";
+
+/// The squashing function `G` of `g = α·G(z)` (spec §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterFunc {
+    /// `G = sigmoid` (the final recipe).
+    #[default]
+    Sigmoid,
+    /// `G = tanh`.
+    Tanh,
+    /// Raw logits (`G = identity`); diverges in the paper's runs.
+    None,
+}
+
+/// How the router learns a causal decision (spec §3.1, "Causality fix").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// No auxiliary objective.
+    None,
+    /// BCE between the main router's logit and the top-k target (the final recipe).
+    #[default]
+    AuxLoss,
+    /// A separate auxiliary router trained on detached hidden states.
+    AuxRouter,
+}
+
+/// How the gate enters the update (a code-only switch, spec §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gating {
+    /// `h ← h + g·f(h)` (Eq. 2.1).
+    #[default]
+    Weighted,
+    /// `h ← h + f(h)`: no multiplication by g (the router then learns only from its
+    /// auxiliary objective).
+    Additive,
+}
+
+/// Selection rule of [`RouteMode::Causal`] forwards (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InferRule {
+    /// `σ(z) ≥ threshold` on the main router's logit.
+    #[default]
+    Threshold,
+    /// The training-time full-sequence top-k (not causal).
+    FullSequence,
+    /// `σ(z_aux) ≥ threshold` on the auxiliary router's logit.
+    AuxRouter,
+}
+
+/// Capacity schedule: `"auto"` or an explicit list of fractions, one per step.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Capacity {
+    /// `cap_r = (N_r − r + 1) / N_r` (spec §3.1).
+    #[default]
+    Auto,
+    /// Explicit `cap_r`, descending, each in (0, 1], one per recursion step.
+    List(Vec<f64>),
+}
+
+impl Serialize for Capacity {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Capacity::Auto => s.serialize_str("auto"),
+            Capacity::List(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Capacity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Capacity;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"auto\" or a list of fractions in (0, 1], one per recursion step")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Capacity, E> {
+                if v == "auto" {
+                    Ok(Capacity::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Capacity, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = seq.next_element::<f64>()? {
+                    v.push(x);
+                }
+                Ok(Capacity::List(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `cap_r = (N_r − r + 1) / N_r` for r = 1..=N_r (spec §3.1).
+pub fn auto_capacities(num_recursions: usize) -> Vec<f64> {
+    (1..=num_recursions)
+        .map(|r| (num_recursions - r + 1) as f64 / num_recursions as f64)
+        .collect()
+}
+
+/// Tokens kept per sequence at a step of capacity `cap`: `max(1, floor(cap·L))` (spec §3.1,
+/// as the reference code's `int(cap * L)`).
+///
+/// # Examples
+/// ```
+/// use mor_router::expert_choice::{auto_capacities, tokens_kept};
+/// // N_r = 3 at L = 2048 keeps 2048, 1365 and 682 tokens (spec §3.1).
+/// let k: Vec<usize> = auto_capacities(3).iter().map(|&c| tokens_kept(c, 2048)).collect();
+/// assert_eq!(k, [2048, 1365, 682]);
+/// ```
+pub fn tokens_kept(cap: f64, seq_len: usize) -> usize {
+    ((cap * seq_len as f64).floor() as usize).max(1)
+}
+
+/// Capacity during the cosine capacity warm-up (spec §3.1):
+/// `cap_t = cap + (1 − cap)·½(1 + cos(π·min(1, t/T)))`; `cap` itself when `T = 0`.
+pub fn warmup_capacity(cap: f64, train_step: usize, warmup_steps: usize) -> f64 {
+    if warmup_steps == 0 {
+        return cap;
+    }
+    let x = (train_step as f64 / warmup_steps as f64).min(1.0);
+    cap + (1.0 - cap) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos())
+}
+
+/// Parameters of `expert_choice` (spec §3.1, §9 `[mor.expert]`); the defaults are the
+/// paper's final recipe (aux loss 0.001, sigmoid, α = 0.1, linear router, no capacity
+/// warm-up, no z-loss).
+///
+/// # Examples
+/// ```
+/// use mor_core::registry::{parse_params, CheckCtx, Plugin};
+/// use mor_router::{ExpertChoiceParams, ExpertChoiceRouter};
+///
+/// let table: toml::Table = "capacity = [1.0, 0.5]\nalpha = 0.1".parse().unwrap();
+/// let params: ExpertChoiceParams = parse_params(&table).unwrap();
+/// // Two capacities for three recursion steps: reported against the field `capacity`.
+/// let ctx = CheckCtx { num_recursions: 3, ..Default::default() };
+/// let problems = ExpertChoiceRouter::check(&params, &ctx);
+/// assert_eq!(problems[0].field, "capacity");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExpertChoiceParams {
+    /// Router network.
+    pub router_arch: RouterArch,
+    /// Hidden size multiple of `wide_mlp` (2 as in the code; the paper's text says 4).
+    pub wide_mult: usize,
+    /// `G` in `g = α·G(z)`.
+    pub router_func: RouterFunc,
+    /// `α` in `g = α·G(z)`.
+    pub alpha: f64,
+    /// The router reads `h / temperature`.
+    pub temperature: f64,
+    /// Fraction of the sequence kept at each step.
+    pub capacity: Capacity,
+    /// Steps of cosine capacity warm-up from 1 to `cap_r`; 0 = off.
+    pub cap_warmup_steps: usize,
+    /// Auxiliary objective for causal decisions.
+    pub sampling: Sampling,
+    /// Coefficient of the aux BCE (`sampling = "aux_loss"`).
+    pub aux_coeff: f64,
+    /// Learning-rate multiplier of the auxiliary router's optimiser.
+    pub aux_router_lr_mult: f64,
+    /// Mirror the released normalisation, in which the aux BCE weight scales with gradient
+    /// accumulation (spec §3.3); see [`Router::aux_scale_with_grad_accum`].
+    pub aux_scale_with_grad_accum: bool,
+    /// Add the router z-loss.
+    pub z_loss: bool,
+    /// Coefficient of the z-loss.
+    pub z_coeff: f64,
+    /// Weighted or additive update.
+    pub gating: Gating,
+    /// Uniform random scores from a seeded RNG instead of a learned router (the "rand"
+    /// baseline); the router then has no parameters and no losses.
+    pub rand_router: bool,
+    /// Rule of causal forwards.
+    pub infer_rule: InferRule,
+    /// Threshold of the causal rules.
+    pub threshold: f64,
+}
+
+impl Default for ExpertChoiceParams {
+    fn default() -> Self {
+        ExpertChoiceParams {
+            router_arch: RouterArch::Linear,
+            wide_mult: 2,
+            router_func: RouterFunc::Sigmoid,
+            alpha: 0.1,
+            temperature: 1.0,
+            capacity: Capacity::Auto,
+            cap_warmup_steps: 0,
+            sampling: Sampling::AuxLoss,
+            aux_coeff: 0.001,
+            aux_router_lr_mult: 10.0,
+            aux_scale_with_grad_accum: true,
+            z_loss: false,
+            z_coeff: 1e-3,
+            gating: Gating::Weighted,
+            rand_router: false,
+            infer_rule: InferRule::Threshold,
+            threshold: 0.5,
+        }
+    }
+}
+
+fn problem(field: &str, value: impl std::fmt::Display, allowed: impl Into<String>) -> ParamProblem {
+    ParamProblem {
+        field: field.to_string(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+/// Problems of a positive finite value.
+pub(crate) fn check_positive(out: &mut Vec<ParamProblem>, field: &str, v: f64) {
+    if !(v.is_finite() && v > 0.0) {
+        out.push(problem(field, v, "a finite number > 0"));
+    }
+}
+
+/// Problems of a non-negative finite value.
+pub(crate) fn check_non_negative(out: &mut Vec<ParamProblem>, field: &str, v: f64) {
+    if !(v.is_finite() && v >= 0.0) {
+        out.push(problem(field, v, "a finite number >= 0"));
+    }
+}
+
+impl ExpertChoiceParams {
+    /// The capacity of each step for `num_recursions` steps (the explicit list as written).
+    pub fn capacities(&self, num_recursions: usize) -> Vec<f64> {
+        match &self.capacity {
+            Capacity::Auto => auto_capacities(num_recursions),
+            Capacity::List(v) => v.clone(),
+        }
+    }
+
+    /// Every problem of these parameters for a run with `num_recursions` steps.
+    pub fn problems(&self, num_recursions: usize) -> Vec<ParamProblem> {
+        let mut out = Vec::new();
+        if let Capacity::List(v) = &self.capacity {
+            let allowed = format!(
+                "\"auto\" or a list of {num_recursions} fractions (one per recursion step), each in \
+                 (0, 1], descending (equal neighbours allowed), e.g. {:?}",
+                auto_capacities(num_recursions)
+            );
+            let bad_len = v.len() != num_recursions;
+            let bad_range = v.iter().any(|c| !(c.is_finite() && *c > 0.0 && *c <= 1.0));
+            let bad_order = v.windows(2).any(|w| w[1] > w[0]);
+            if bad_len || bad_range || bad_order {
+                let mut why = Vec::new();
+                if bad_len {
+                    why.push(format!("has {} entries", v.len()));
+                }
+                if bad_range {
+                    why.push("has an entry outside (0, 1]".to_string());
+                }
+                if bad_order {
+                    why.push("is not descending".to_string());
+                }
+                out.push(problem(
+                    "capacity",
+                    format!("{v:?} ({})", why.join(", ")),
+                    allowed,
+                ));
+            }
+        }
+        if self.wide_mult == 0 {
+            out.push(problem(
+                "wide_mult",
+                self.wide_mult,
+                "an integer >= 1 (2 as in the code, 4 as in the paper's text)",
+            ));
+        }
+        check_positive(&mut out, "alpha", self.alpha);
+        check_positive(&mut out, "temperature", self.temperature);
+        check_non_negative(&mut out, "aux_coeff", self.aux_coeff);
+        check_positive(&mut out, "aux_router_lr_mult", self.aux_router_lr_mult);
+        check_non_negative(&mut out, "z_coeff", self.z_coeff);
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            out.push(problem(
+                "threshold",
+                self.threshold,
+                "a probability in (0, 1)",
+            ));
+        }
+        if self.infer_rule == InferRule::AuxRouter
+            && self.sampling != Sampling::AuxRouter
+            && !self.rand_router
+        {
+            out.push(problem(
+                "infer_rule",
+                "\"aux_router\"",
+                "\"threshold\" or \"full_sequence\"; \"aux_router\" needs sampling = \"aux_router\"",
+            ));
+        }
+        out
+    }
+}
+
+/// Converts parameter problems into one error that names the router and, per problem, the
+/// field, the value and what is allowed.
+pub(crate) fn problems_to_error(problems: Vec<ParamProblem>, router: &str) -> Error {
+    let msg = problems
+        .iter()
+        .map(|p| format!("`{}` = {}: allowed: {}", p.field, p.value, p.allowed))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Error::Core(mor_core::Error::Plugin {
+        family: Family::Router,
+        name: router.to_string(),
+        msg,
+    })
+}
+
+/// Checks the parts of a [`RouterCtx`] every router needs.
+pub(crate) fn check_router_ctx(ctx: &RouterCtx, router: &'static str) -> Result<()> {
+    let bad = |msg: String| Err(Error::Invalid { router, msg });
+    if ctx.hidden_size == 0 {
+        return bad("hidden_size must be >= 1".into());
+    }
+    if ctx.num_recursions == 0 {
+        return bad("num_recursions must be >= 1".into());
+    }
+    if ctx.num_recursions > u16::MAX as usize {
+        return bad(format!(
+            "num_recursions {} is larger than {}",
+            ctx.num_recursions,
+            u16::MAX
+        ));
+    }
+    if !(ctx.init_std.is_finite() && ctx.init_std >= 0.0) {
+        return bad(format!(
+            "init_std must be a finite number >= 0, got {}",
+            ctx.init_std
+        ));
+    }
+    if !matches!(
+        ctx.dtype,
+        DType::F32 | DType::F64 | DType::BF16 | DType::F16
+    ) {
+        return bad(format!(
+            "dtype must be f32, f64, bf16 or f16, got {:?}",
+            ctx.dtype
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `h: [b, L, d]` and returns `(b, L)`.
+pub(crate) fn check_hidden(h: &Tensor, d: usize, router: &'static str) -> Result<(usize, usize)> {
+    match h.dims() {
+        [b, l, dd] if *dd == d => Ok((*b, *l)),
+        dims => Err(Error::Invalid {
+            router,
+            msg: format!("hidden states must be [batch, seq, {d}], got {dims:?}"),
+        }),
+    }
+}
+
+/// Checks that `active` has one strictly ascending row of positions `< l` per batch row.
+pub(crate) fn check_active(
+    active: &[Vec<u32>],
+    b: usize,
+    l: usize,
+    router: &'static str,
+) -> Result<()> {
+    if active.len() != b {
+        return Err(Error::Invalid {
+            router,
+            msg: format!("`active` has {} rows, the batch has {b}", active.len()),
+        });
+    }
+    for (i, row) in active.iter().enumerate() {
+        if let Some(&last) = row.last() {
+            if last as usize >= l {
+                return Err(Error::Invalid {
+                    router,
+                    msg: format!(
+                        "`active[{i}]` holds position {last}, the sequence has length {l}"
+                    ),
+                });
+            }
+        }
+        if row.windows(2).any(|w| w[1] <= w[0]) {
+            return Err(Error::Invalid {
+                router,
+                msg: format!("`active[{i}]` is not strictly ascending"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `Σ` of scalar tensors, `None` when empty.
+pub(crate) fn sum_scalars(v: &[Tensor]) -> Result<Option<Tensor>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::stack(v, 0)?.sum_all()?))
+}
+
+/// Per-forward state of the expert-choice router.
+#[derive(Debug)]
+struct EcState {
+    b: usize,
+    l: usize,
+    mode: RouteMode,
+    forward_id: u64,
+    next_step: usize,
+    /// Steps taken per token, `[b·L]`.
+    depth: Vec<u16>,
+    bce: Vec<Tensor>,
+    zsq: Vec<Tensor>,
+    aux: Vec<Tensor>,
+    stats: RouterStats,
+    last_selected: Vec<Vec<u32>>,
+    last_step: usize,
+}
+
+/// The expert-choice router of spec §3.1 (see the module docs).
+#[derive(Debug)]
+pub struct ExpertChoiceRouter {
+    params: ExpertChoiceParams,
+    num_recursions: usize,
+    hidden_size: usize,
+    dtype: DType,
+    caps: Vec<f64>,
+    nets: Vec<RouterNet>,
+    aux_nets: Vec<RouterNet>,
+    seed: u64,
+    forwards: AtomicU64,
+    train_step: AtomicUsize,
+    grad_accum: AtomicUsize,
+}
+
+impl ExpertChoiceRouter {
+    /// The parameters the router was built with.
+    pub fn params(&self) -> &ExpertChoiceParams {
+        &self.params
+    }
+
+    /// `cap_r` of every step (without warm-up).
+    pub fn capacities(&self) -> &[f64] {
+        &self.caps
+    }
+
+    /// Capacity used at `step` (1-based) by a forward in `mode`: the warm-up schedule
+    /// applies to [`RouteMode::Train`] only.
+    pub fn capacity_at(&self, step: usize, mode: RouteMode) -> f64 {
+        let cap = self.caps.get(step.wrapping_sub(1)).copied().unwrap_or(0.0);
+        if mode == RouteMode::Train {
+            warmup_capacity(
+                cap,
+                self.train_step.load(Ordering::Relaxed),
+                self.params.cap_warmup_steps,
+            )
+        } else {
+            cap
+        }
+    }
+
+    fn invalid(msg: impl Into<String>) -> Error {
+        Error::Invalid {
+            router: NAME,
+            msg: msg.into(),
+        }
+    }
+
+    fn squash(&self, z: &Tensor) -> Result<Tensor> {
+        let gz = match self.params.router_func {
+            RouterFunc::Sigmoid => candle_nn::ops::sigmoid(z)?,
+            RouterFunc::Tanh => z.tanh()?,
+            RouterFunc::None => z.clone(),
+        };
+        Ok((gz * self.params.alpha)?)
+    }
+}
+
+impl Plugin for ExpertChoiceRouter {
+    const FAMILY: Family = Family::Router;
+    const NAME: &'static str = NAME;
+    const DESCRIPTION: &'static str =
+        "expert-choice MoR router: per-step top-k of the active tokens, aux BCE for causal decoding (spec §3.1)";
+    type Params = ExpertChoiceParams;
+
+    fn check(params: &Self::Params, ctx: &CheckCtx) -> Vec<ParamProblem> {
+        params.problems(ctx.num_recursions)
+    }
+
+    fn accounting(params: &Self::Params, ctx: &CheckCtx) -> AccountingHints {
+        AccountingHints {
+            capacities: Some(params.capacities(ctx.num_recursions)),
+            kv_sharing: false,
+        }
+    }
+}
+
+impl RouterPlugin for ExpertChoiceRouter {
+    fn build(params: Self::Params, ctx: &RouterCtx) -> Result<Self> {
+        check_router_ctx(ctx, NAME)?;
+        let problems = params.problems(ctx.num_recursions);
+        if !problems.is_empty() {
+            return Err(problems_to_error(problems, NAME));
+        }
+        let n_r = ctx.num_recursions;
+        let mk = |prefix: &str| -> Result<Vec<RouterNet>> {
+            (1..=n_r)
+                .map(|r| {
+                    RouterNet::new(
+                        &format!("{prefix}.{r}"),
+                        params.router_arch,
+                        ctx.hidden_size,
+                        1,
+                        params.wide_mult,
+                        ctx.init_std,
+                        ctx.seed,
+                        ctx.dtype,
+                        &ctx.device,
+                    )
+                })
+                .collect()
+        };
+        let nets = if params.rand_router {
+            Vec::new()
+        } else {
+            mk("router")?
+        };
+        let aux_nets = if !params.rand_router && params.sampling == Sampling::AuxRouter {
+            mk("aux_router")?
+        } else {
+            Vec::new()
+        };
+        Ok(ExpertChoiceRouter {
+            caps: params.capacities(n_r),
+            num_recursions: n_r,
+            hidden_size: ctx.hidden_size,
+            dtype: ctx.dtype,
+            nets,
+            aux_nets,
+            seed: ctx.seed,
+            forwards: AtomicU64::new(0),
+            train_step: AtomicUsize::new(0),
+            grad_accum: AtomicUsize::new(1),
+            params,
+        })
+    }
+}
+
+crate::register_router!(ExpertChoiceRouter);
+
+impl Router for ExpertChoiceRouter {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn kind(&self) -> RoutingKind {
+        RoutingKind::ExpertChoice
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.nets.iter().flat_map(RouterNet::vars).collect()
+    }
+
+    fn aux_vars(&self) -> Vec<(String, Var)> {
+        self.aux_nets.iter().flat_map(RouterNet::vars).collect()
+    }
+
+    fn aux_lr_mult(&self) -> f64 {
+        self.params.aux_router_lr_mult
+    }
+
+    fn begin(&self, h1: &Tensor, mode: RouteMode) -> Result<RoutingState> {
+        let (b, l) = check_hidden(h1, self.hidden_size, NAME)?;
+        let st = EcState {
+            b,
+            l,
+            mode,
+            forward_id: self.forwards.fetch_add(1, Ordering::Relaxed),
+            next_step: 1,
+            depth: vec![0; b * l],
+            bce: Vec::new(),
+            zsq: Vec::new(),
+            aux: Vec::new(),
+            stats: RouterStats::with_shape(self.num_recursions, l),
+            last_selected: Vec::new(),
+            last_step: 0,
+        };
+        Ok(RoutingState {
+            data: Some(Box::new(st)),
+        })
+    }
+
+    /// Decides step `step`: scores the active tokens, keeps the top-k (or applies the causal
+    /// rule) and returns the kept positions with their gates `g = α·G(z)`.
+    ///
+    /// # Shapes
+    /// `h: [b, L, d]`; `active[b]`: ascending positions; the gate is `[n_selected_total]`.
+    ///
+    /// # Errors
+    /// Steps out of order, a state from another router, wrong shapes, unsorted or
+    /// out-of-range positions.
+    fn route(
+        &self,
+        step: usize,
+        h: &Tensor,
+        active: &[Vec<u32>],
+        state: &mut RoutingState,
+        mode: RouteMode,
+    ) -> Result<StepRouting> {
+        let st = state
+            .data
+            .as_mut()
+            .and_then(|d| d.downcast_mut::<EcState>())
+            .ok_or_else(|| {
+                Self::invalid("the routing state was not created by this router's `begin`")
+            })?;
+        if step != st.next_step || step > self.num_recursions {
+            return Err(Self::invalid(format!(
+                "step {step} routed out of order: expected step {} of 1..={}",
+                st.next_step, self.num_recursions
+            )));
+        }
+        if mode != st.mode {
+            return Err(Self::invalid(format!(
+                "mode {mode:?} differs from the forward's mode {:?}",
+                st.mode
+            )));
+        }
+        let (b, l) = check_hidden(h, self.hidden_size, NAME)?;
+        if (b, l) != (st.b, st.l) {
+            return Err(Self::invalid(format!(
+                "hidden states are [{b}, {l}, _] but the forward began with [{}, {}, _]",
+                st.b, st.l
+            )));
+        }
+        check_active(active, b, l, NAME)?;
+        st.next_step += 1;
+        let p = &self.params;
+        let si = step - 1;
+        let cap = self.capacity_at(step, mode);
+        let k = tokens_kept(cap, l);
+
+        let mut ids = Vec::new();
+        let mut offsets = Vec::with_capacity(b + 1);
+        offsets.push(0usize);
+        for (bi, row) in active.iter().enumerate() {
+            ids.extend(row.iter().map(|&q| (bi * l) as u32 + q));
+            offsets.push(ids.len());
+        }
+        let n = ids.len();
+        st.stats.candidates_per_step[si] += n as u64;
+        let dev = h.device();
+        if n == 0 {
+            let selected = vec![Vec::new(); b];
+            st.last_selected = selected.clone();
+            st.last_step = step;
+            let gate = match p.gating {
+                Gating::Weighted => Some(Tensor::zeros(0, h.dtype(), dev)?),
+                Gating::Additive => None,
+            };
+            return Ok(StepRouting {
+                selected,
+                gate,
+                update: Update::Residual,
+            });
+        }
+        let ids_t = Tensor::from_vec(ids, n, dev)?;
+        let x = h
+            .reshape((b * l, self.hidden_size))?
+            .index_select(&ids_t, 0)?
+            .to_dtype(self.dtype)?;
+        let x = if p.temperature != 1.0 {
+            (x / p.temperature)?
+        } else {
+            x
+        };
+
+        let (z, z_host) = if p.rand_router {
+            let mut u = Vec::with_capacity(n);
+            for (bi, row) in active.iter().enumerate() {
+                for &q in row {
+                    u.push(counter_uniform(
+                        self.seed,
+                        [st.forward_id, bi as u64, q as u64, step as u64],
+                    ));
+                }
+            }
+            (
+                Tensor::from_vec(u.clone(), n, dev)?.to_dtype(self.dtype)?,
+                u,
+            )
+        } else {
+            let z = self.nets[si].forward(&x)?.squeeze(1)?;
+            let zh = to_host_f64(&z)?;
+            (z, zh)
+        };
+        let g = self.squash(&z)?;
+        let g_host = to_host_f64(&g)?;
+
+        // Top-k by g among each row's candidates: the training selection and the BCE target.
+        let mut target = vec![0f64; n];
+        let mut topk: Vec<Vec<usize>> = Vec::with_capacity(b);
+        for bi in 0..b {
+            let (lo, hi) = (offsets[bi], offsets[bi + 1]);
+            let kept = top_k_ascending(&g_host[lo..hi], k);
+            for &i in &kept {
+                target[lo + i] = 1.0;
+            }
+            topk.push(kept);
+        }
+        let learned = !p.rand_router;
+        let target_t = if learned {
+            Some(Tensor::from_vec(target.clone(), n, dev)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+
+        let aux_host = match (&target_t, self.aux_nets.get(si)) {
+            (Some(t), Some(net)) => {
+                let za = net.forward(&x.detach())?.squeeze(1)?;
+                st.aux.push(bce_with_logits_mean(&za, t)?);
+                Some(to_host_f64(&za)?)
+            }
+            _ => None,
+        };
+
+        // The rows' kept candidates (indices within the row).
+        let keep_where = |pred: &dyn Fn(usize) -> bool| -> Vec<Vec<usize>> {
+            (0..b)
+                .map(|bi| {
+                    (0..offsets[bi + 1] - offsets[bi])
+                        .filter(|&i| pred(offsets[bi] + i))
+                        .collect()
+                })
+                .collect()
+        };
+        let kept: Vec<Vec<usize>> = match mode {
+            RouteMode::Train | RouteMode::FullSequence => topk,
+            RouteMode::Causal if cap >= 1.0 => keep_where(&|_| true),
+            RouteMode::Causal if p.rand_router => {
+                let prev = if si == 0 { 1.0 } else { self.caps[si - 1] };
+                let ratio = if prev > 0.0 { cap / prev } else { 0.0 };
+                keep_where(&|j| z_host[j] >= 1.0 - ratio)
+            }
+            RouteMode::Causal => match p.infer_rule {
+                InferRule::FullSequence => topk,
+                InferRule::Threshold => keep_where(&|j| sigmoid_f64(z_host[j]) >= p.threshold),
+                InferRule::AuxRouter => {
+                    let a = aux_host.as_ref().ok_or_else(|| {
+                        Self::invalid("infer_rule = \"aux_router\" needs sampling = \"aux_router\"")
+                    })?;
+                    keep_where(&|j| sigmoid_f64(a[j]) >= p.threshold)
+                }
+            },
+        };
+
+        let mut selected = Vec::with_capacity(b);
+        let mut kept_flat = Vec::new();
+        for (bi, row) in kept.iter().enumerate() {
+            let lo = offsets[bi];
+            let mut sel = Vec::with_capacity(row.len());
+            for &i in row {
+                let q = active[bi][i];
+                sel.push(q);
+                kept_flat.push((lo + i) as u32);
+                st.depth[bi * l + q as usize] = step as u16;
+                st.stats.gate_sum[si] += g_host[lo + i];
+            }
+            selected.push(sel);
+        }
+        let n_sel = kept_flat.len();
+        st.stats.selected_per_step[si] += n_sel as u64;
+        st.stats.gate_count[si] += n_sel as u64;
+
+        if let Some(t) = &target_t {
+            if p.sampling == Sampling::AuxLoss {
+                st.bce.push(bce_with_logits_mean(&z, t)?);
+            }
+            if p.z_loss {
+                st.zsq.push(z.sqr()?.mean_all()?);
+            }
+            let pred = aux_host.as_deref().unwrap_or(&z_host);
+            let correct = pred
+                .iter()
+                .zip(&target)
+                .filter(|(&zz, &t)| (sigmoid_f64(zz) >= 0.5) == (t == 1.0))
+                .count();
+            st.stats.sampling_correct[si] += correct as u64;
+            st.stats.sampling_total[si] += n as u64;
+        }
+
+        let gate = match p.gating {
+            Gating::Additive => None,
+            Gating::Weighted if n_sel == 0 => Some(Tensor::zeros(0, h.dtype(), dev)?),
+            Gating::Weighted => {
+                let kt = Tensor::from_vec(kept_flat, n_sel, dev)?;
+                Some(g.index_select(&kt, 0)?.to_dtype(h.dtype())?)
+            }
+        };
+        st.last_selected = selected.clone();
+        st.last_step = step;
+        Ok(StepRouting {
+            selected,
+            gate,
+            update: Update::Residual,
+        })
+    }
+
+    fn finish(&self, state: RoutingState) -> Result<RouterOutput> {
+        let st = state
+            .data
+            .and_then(|d| d.downcast::<EcState>().ok())
+            .ok_or_else(|| {
+                Self::invalid("the routing state was not created by this router's `begin`")
+            })?;
+        let st = *st;
+        let mut stats = st.stats;
+        for &d in &st.depth {
+            if d == 0 {
+                stats.tokens_depth_zero += 1;
+            } else {
+                stats.tokens_per_depth[d as usize - 1] += 1;
+            }
+        }
+        if st.last_step > 0 {
+            for row in &st.last_selected {
+                for &q in row {
+                    stats.last_step_selected_per_position[q as usize] += 1;
+                }
+            }
+            stats.sequences = st.b as u64;
+        }
+        let p = &self.params;
+        let mut terms = Vec::new();
+        let mut parts = Vec::new();
+        if let Some(bce) = sum_scalars(&st.bce)? {
+            terms.push((
+                "bce".to_string(),
+                bce.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ));
+            let accum = if p.aux_scale_with_grad_accum {
+                self.grad_accum.load(Ordering::Relaxed).max(1)
+            } else {
+                1
+            };
+            parts.push((bce * (p.aux_coeff * accum as f64))?);
+        }
+        if let Some(z) = sum_scalars(&st.zsq)? {
+            terms.push(("z".to_string(), z.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+            parts.push((z * p.z_coeff)?);
+        }
+        let aux_router_loss = sum_scalars(&st.aux)?;
+        if let Some(a) = &aux_router_loss {
+            terms.push((
+                "aux_router_bce".to_string(),
+                a.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            ));
+        }
+        Ok(RouterOutput {
+            loss: sum_scalars(&parts)?,
+            aux_router_loss,
+            terms,
+            stats,
+        })
+    }
+
+    fn after_optimizer_step(&self, _stats: &[RouterStats], train_step: usize) -> Result<()> {
+        self.train_step.store(train_step + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn set_train_step(&self, train_step: usize) {
+        self.train_step.store(train_step, Ordering::Relaxed);
+    }
+
+    fn aux_scale_with_grad_accum(&self) -> bool {
+        self.params.aux_scale_with_grad_accum
+    }
+
+    fn set_grad_accum(&self, micro_batches: usize) {
+        self.grad_accum
+            .store(micro_batches.max(1), Ordering::Relaxed);
+    }
+}

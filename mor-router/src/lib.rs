@@ -23,8 +23,13 @@ pub use registry::{build_router, RouterCtx, RouterEntry, RouterPlugin};
 pub mod metrics;
 pub use metrics::RouterStats;
 
+mod net;
+pub use net::RouterArch;
+
 pub mod expert_choice;
+pub use expert_choice::{ExpertChoiceParams, ExpertChoiceRouter};
 pub mod token_choice;
+pub use token_choice::{TokenChoiceParams, TokenChoiceRouter};
 
 #[doc(hidden)]
 pub mod __private {
@@ -152,8 +157,14 @@ pub trait Router: Send + Sync + fmt::Debug {
     ///
     /// # Shapes
     /// `h: [b, L, d]`; `active[b]`: ascending positions.
-    fn route(&self, step: usize, h: &Tensor, active: &[Vec<u32>], state: &mut RoutingState, mode: RouteMode)
-        -> Result<StepRouting>;
+    fn route(
+        &self,
+        step: usize,
+        h: &Tensor,
+        active: &[Vec<u32>],
+        state: &mut RoutingState,
+        mode: RouteMode,
+    ) -> Result<StepRouting>;
     /// Ends a forward: loss terms and metrics.
     fn finish(&self, state: RoutingState) -> Result<RouterOutput>;
     /// Called after every optimiser step with the stats of the micro-batches of that step
@@ -173,4 +184,16 @@ pub trait Router: Send + Sync + fmt::Debug {
     fn load_buffers(&self, _buffers: &[(String, Tensor)]) -> Result<()> {
         Ok(())
     }
+    /// Whether the router's auxiliary BCE term mirrors the released normalisation, in which
+    /// its effective weight is `coeff × grad_accum` (spec §3.3, §8 discrepancy 4). When it
+    /// does, the trainer announces its accumulation factor with [`Router::set_grad_accum`]
+    /// and the router multiplies that term by it inside [`RouterOutput::loss`], so that a
+    /// trainer dividing every micro-batch loss by `grad_accum` reproduces the released
+    /// weighting. The default is `false`.
+    fn aux_scale_with_grad_accum(&self) -> bool {
+        false
+    }
+    /// Informs the router of the number of micro-batches accumulated per optimiser step
+    /// (see [`Router::aux_scale_with_grad_accum`]). The default ignores it.
+    fn set_grad_accum(&self, _micro_batches: usize) {}
 }

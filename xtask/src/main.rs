@@ -1,8 +1,53 @@
 //! `cargo xtask`: the commands of mor.
+//!
+//! Each subcommand lives in its own file with an `Args` type (its flags, whose doc comments
+//! are the help text) and a `run(args)` function. Implemented: `list` (every registered
+//! plugin) and `plan` (what a config builds and what it costs). To add a command, add a
+//! variant to [`Command`] and a module next to this file; `train`, `eval`, `ablate`,
+//! `generate`, `bench` and `gpu-check` are planned this way.
+
+use clap::{Parser, Subcommand};
+
+mod ablate;
+mod eval;
+mod list;
+mod plan;
+mod train;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Developer and user commands of mor (Mixture-of-Recursions).
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands, one module each.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List every registered plugin (sharing strategies, routers, KV policies, backends).
+    List(list::Args),
+    /// Resolve a config and show its recursion plan, parameters, FLOPs and step budget.
+    Plan(plan::Args),
+    /// Train one run and evaluate it.
+    Train(train::Args),
+    /// Evaluate a trained run.
+    Eval(eval::Args),
+    /// Train, evaluate and compare every run of an ablation grid; writes results.md and plots.
+    Ablate(ablate::Args),
+}
+
 fn main() -> anyhow::Result<()> {
-    Ok(())
+    // Links every built-in plugin crate, so plugins resolve by name.
+    let _ = mor_models::builtin::link();
+    match Cli::parse().command {
+        Command::List(args) => list::run(&args),
+        Command::Plan(args) => plan::run(&args),
+        Command::Train(args) => train::run_cmd(&args),
+        Command::Eval(args) => eval::run_cmd(&args),
+        Command::Ablate(args) => ablate::run_cmd(&args),
+    }
 }

@@ -1,0 +1,420 @@
+//! Fused causal attention with GQA by positions, flash-style: one row of scores per query at
+//! a time, the log-sum-exp of each row saved for the backward pass, which recomputes the
+//! probabilities (FlashAttention-2 backward).
+//!
+//! Visibility (trait contract of [`Backend::attention`](crate::Backend::attention)): query `i`
+//! sees key `j` iff `k_pos[j] <= q_pos[i]`, `k_pos[j] != PAD_POS` and `q_pos[i] != PAD_POS`.
+//! Per batch row, the non-padded keys are sorted by position once, so the keys visible to a
+//! query are a prefix of that order whose length is found by binary search.
+
+use super::simd::{dot, exp_shift_sum, gemm_rows, max, multiversion, rank_update, Float, TILE_R, TILE_W};
+use super::{bail_dtype, fwd_slice, with_slices, PAR_MIN_WORK};
+use crate::validate::AttnDims;
+use crate::PAD_POS;
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Keys visible to each query, shared by the forward and backward passes.
+#[derive(Debug)]
+pub(crate) struct Visibility {
+    /// Per batch row `b`, `order[b * s..][..n_keys[b]]`: non-padded key indices sorted by
+    /// position (ties by index).
+    order: Vec<u32>,
+    /// Per batch row: the number of non-padded keys.
+    n_keys: Vec<u32>,
+    /// Per query `(b, i)`: how many keys of `order` it sees (a prefix).
+    n_vis: Vec<u32>,
+}
+
+impl Visibility {
+    /// Builds the key order and visible counts from host positions.
+    pub(crate) fn new(d: &AttnDims) -> Self {
+        let (b, t, s) = (d.b, d.t, d.s);
+        let mut order = vec![0u32; b * s];
+        let mut n_keys = vec![0u32; b];
+        let mut n_vis = vec![0u32; b * t];
+        let mut sorted_pos = Vec::with_capacity(s);
+        for bi in 0..b {
+            let kp = &d.k_pos[bi * s..(bi + 1) * s];
+            let mut keys: Vec<u32> = (0..s as u32).filter(|&j| kp[j as usize] != PAD_POS).collect();
+            keys.sort_by_key(|&j| (kp[j as usize], j));
+            order[bi * s..bi * s + keys.len()].copy_from_slice(&keys);
+            n_keys[bi] = keys.len() as u32;
+            sorted_pos.clear();
+            sorted_pos.extend(keys.iter().map(|&j| kp[j as usize]));
+            for i in 0..t {
+                let qp = d.q_pos[bi * t + i];
+                n_vis[bi * t + i] = if qp == PAD_POS { 0 } else { sorted_pos.partition_point(|&p| p <= qp) as u32 };
+            }
+        }
+        Visibility { order, n_keys, n_vis }
+    }
+
+    /// The non-padded keys of batch row `bi`, in position order.
+    fn keys(&self, bi: usize, s: usize) -> &[u32] {
+        &self.order[bi * s..bi * s + self.n_keys[bi] as usize]
+    }
+}
+
+/// The attention op: inputs `q, k, v` (contiguous), positions held on the host.
+#[derive(Debug)]
+pub(crate) struct AttentionOp {
+    pub(crate) b: usize,
+    pub(crate) hq: usize,
+    pub(crate) hkv: usize,
+    pub(crate) t: usize,
+    pub(crate) s: usize,
+    pub(crate) dh: usize,
+    pub(crate) vis: Visibility,
+    /// Log-sum-exp of the scaled scores of each query row `[b, hq, t]`, from the forward pass.
+    lse: OnceLock<CpuStorage>,
+}
+
+impl AttentionOp {
+    pub(crate) fn new(d: &AttnDims) -> Self {
+        AttentionOp {
+            b: d.b,
+            hq: d.hq,
+            hkv: d.hkv,
+            t: d.t,
+            s: d.s,
+            dh: d.dh,
+            vis: Visibility::new(d),
+            lse: OnceLock::new(),
+        }
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.dh as f64).sqrt()
+    }
+
+    /// Runs `task(bk, ..)` for every (batch, key/value head) `bk`, in parallel when the work
+    /// pays for it.
+    fn for_groups<I, F>(&self, it: I, task: F)
+    where
+        I: IndexedParallelIterator,
+        F: Fn((usize, I::Item)) + Sync + Send,
+    {
+        let work = self.b * self.hq * self.t * self.s * self.dh;
+        let it = it.enumerate();
+        if work < PAR_MIN_WORK {
+            it.with_min_len(usize::MAX).for_each(task);
+        } else {
+            it.with_max_len(1).for_each(task);
+        }
+    }
+
+    fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
+        let group = hq / hkv;
+        let mut out = vec![T::ZERO; b * hq * t * dh];
+        let mut lse = vec![T::NEG_INFINITY; b * hq * t];
+        let scale = T::from_f64(self.scale());
+        if !out.is_empty() {
+            let gq = group * t * dh;
+            self.for_groups(out.par_chunks_mut(gq).zip(lse.par_chunks_mut(group * t)), |(bk, (o, l))| {
+                let bi = bk / hkv;
+                let kv = bk * s * dh;
+                let packed = Packed::new(&k[kv..kv + s * dh], &v[kv..kv + s * dh], self.vis.keys(bi, s), dh, false);
+                let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
+                group_fwd(&q[bk * gq..(bk + 1) * gq], &packed, n_vis, group, t, dh, scale, o, l);
+            });
+        }
+        let _ = self.lse.set(T::storage(lse));
+        Ok((T::storage(out), Shape::from((b, hq, t, dh))))
+    }
+
+    fn bwd_typed<T: Float>(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
+        let group = hq / hkv;
+        let lse = self
+            .lse
+            .get()
+            .and_then(|l| T::slice(l))
+            .ok_or_else(|| candle_core::Error::Msg("attention backward ran before its forward pass".into()))?;
+        let scale = T::from_f64(self.scale());
+        let mut dq = vec![T::ZERO; b * hq * t * dh];
+        let mut dk = vec![T::ZERO; b * hkv * s * dh];
+        let mut dv = vec![T::ZERO; b * hkv * s * dh];
+        with_slices::<T, _>(&[q, k, v, o, g], |x| {
+            let [q, k, v, o, g] = [x[0], x[1], x[2], x[3], x[4]];
+            if dq.is_empty() || dk.is_empty() {
+                return Ok(());
+            }
+            let gq = group * t * dh; // the heads of one group are contiguous in [b, hq, t, dh]
+            let it = dq.par_chunks_mut(gq).zip(dk.par_chunks_mut(s * dh)).zip(dv.par_chunks_mut(s * dh));
+            self.for_groups(it, |(bk, ((dq, dk), dv))| {
+                let bi = bk / hkv;
+                let kv = bk * s * dh;
+                let keys = self.vis.keys(bi, s);
+                let packed = Packed::new(&k[kv..kv + s * dh], &v[kv..kv + s * dh], keys, dh, true);
+                let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
+                let r = bk * gq..(bk + 1) * gq;
+                let io = GroupIo { q: &q[r.clone()], o: &o[r.clone()], g: &g[r], lse: &lse[bk * group * t..(bk + 1) * group * t] };
+                let (dkp, dvp) = group_bwd(&io, &packed, n_vis, group, t, dh, scale, dq);
+                // Unpack: packed row j' belongs to key keys[j']; padded keys keep zero gradient.
+                for (jp, &j) in keys.iter().enumerate() {
+                    let j = j as usize;
+                    dk[j * dh..(j + 1) * dh].copy_from_slice(&dkp[jp * dh..(jp + 1) * dh]);
+                    dv[j * dh..(j + 1) * dh].copy_from_slice(&dvp[jp * dh..(jp + 1) * dh]);
+                }
+            });
+            Ok(())
+        })?;
+        let dev = Device::Cpu;
+        Ok([
+            Tensor::from_vec(dq, (b, hq, t, dh), &dev)?,
+            Tensor::from_vec(dk, (b, hkv, s, dh), &dev)?,
+            Tensor::from_vec(dv, (b, hkv, s, dh), &dev)?,
+        ])
+    }
+}
+
+/// The keys of one (batch, key/value head), packed in visibility order: `kt` and `vt` are
+/// `[dh, ld]` (transposed, zero-padded to `ld` columns), `kp` is `[n, dh]` row-major.
+struct Packed<T> {
+    n: usize,
+    ld: usize,
+    kt: Vec<T>,
+    vt: Vec<T>,
+    kp: Vec<T>,
+    vp: Vec<T>,
+}
+
+impl<T: Float> Packed<T> {
+    /// Packs `keys` (indices into the rows of `k` and `v`, `[s, dh]` each). The forward pass
+    /// needs `kt` and `vp`; the backward pass (`bwd`) needs `kt`, `vt` and `kp`.
+    fn new(k: &[T], v: &[T], keys: &[u32], dh: usize, bwd: bool) -> Self {
+        let n = keys.len();
+        let ld = n.div_ceil(TILE_W) * TILE_W;
+        let mut kt = vec![T::ZERO; dh * ld];
+        let mut vt = vec![T::ZERO; if bwd { dh * ld } else { 0 }];
+        let mut kp = vec![T::ZERO; if bwd { n * dh } else { 0 }];
+        let mut vp = vec![T::ZERO; if bwd { 0 } else { n * dh }];
+        for (jp, &j) in keys.iter().enumerate() {
+            let (kr, vr) = (&k[j as usize * dh..(j as usize + 1) * dh], &v[j as usize * dh..(j as usize + 1) * dh]);
+            for (c, &x) in kr.iter().enumerate() {
+                kt[c * ld + jp] = x;
+            }
+            if bwd {
+                for (c, &x) in vr.iter().enumerate() {
+                    vt[c * ld + jp] = x;
+                }
+                kp[jp * dh..(jp + 1) * dh].copy_from_slice(kr);
+            } else {
+                vp[jp * dh..(jp + 1) * dh].copy_from_slice(vr);
+            }
+        }
+        Packed { n, ld, kt, vt, kp, vp }
+    }
+}
+
+/// Copies up to [`TILE_R`] rows of `src` (`[rows, dh]`, scaled by `mul`) into the tile `dst`
+/// (`[TILE_R, dh]`), zeroing the rows past the end.
+#[inline(always)]
+fn load_tile<T: Float>(src: &[T], rows: usize, dh: usize, mul: T, dst: &mut [T]) {
+    for r in 0..TILE_R {
+        let d = &mut dst[r * dh..(r + 1) * dh];
+        if r < rows {
+            for (x, &y) in d.iter_mut().zip(&src[r * dh..(r + 1) * dh]) {
+                *x = y * mul;
+            }
+        } else {
+            d.fill(T::ZERO);
+        }
+    }
+}
+
+multiversion! {
+    /// Forward pass of the `group` query heads of one (batch, key/value head), in tiles of
+    /// [`TILE_R`] query rows: `o: [group, t, dh]`, `lse: [group, t]`.
+    fn group_fwd => group_fwd_impl(
+        q: &[T], p: &Packed<T>, n_vis: &[u32], group: usize, t: usize, dh: usize, scale: T,
+        o: &mut [T], lse: &mut [T],
+    )
+}
+
+#[inline(always)]
+fn group_fwd_impl<T: Float, const FMA: bool>(
+    q: &[T],
+    p: &Packed<T>,
+    n_vis: &[u32],
+    group: usize,
+    t: usize,
+    dh: usize,
+    scale: T,
+    o: &mut [T],
+    lse: &mut [T],
+) {
+    let ld = p.ld;
+    let mut a = vec![T::ZERO; TILE_R * dh];
+    let mut sc = vec![T::ZERO; TILE_R * ld];
+    let mut acc = vec![T::ZERO; TILE_R * dh];
+    for h in 0..group {
+        let mut i0 = 0;
+        while i0 < t {
+            let rows = TILE_R.min(t - i0);
+            let nv = &n_vis[i0..i0 + rows];
+            let nmax = nv.iter().copied().max().unwrap_or(0) as usize;
+            let base = h * t + i0;
+            i0 += rows;
+            if nmax == 0 {
+                continue; // zeros, lse -inf
+            }
+            // S = (scale q) Kᵀ over the first nmax packed keys.
+            load_tile(&q[base * dh..], rows, dh, scale, &mut a);
+            gemm_rows::<T, FMA>(&a, dh, &p.kt, ld, dh, nmax, &mut sc, ld);
+            let mut inv = [T::ZERO; TILE_R];
+            for r in 0..TILE_R {
+                let row = &mut sc[r * ld..r * ld + nmax];
+                let n = if r < rows { nv[r] as usize } else { 0 };
+                if n > 0 {
+                    let m = max(&row[..n]);
+                    let l = exp_shift_sum::<T, FMA>(&mut row[..n], m);
+                    inv[r] = T::ONE / l;
+                    lse[base + r] = m + l.ln();
+                }
+                row[n..].fill(T::ZERO);
+            }
+            // O = P V, then normalised per row.
+            gemm_rows::<T, FMA>(&sc, ld, &p.vp, dh, nmax, dh, &mut acc, dh);
+            for r in 0..rows {
+                let dst = &mut o[(base + r) * dh..(base + r + 1) * dh];
+                for (x, &y) in dst.iter_mut().zip(&acc[r * dh..(r + 1) * dh]) {
+                    *x = y * inv[r];
+                }
+            }
+        }
+    }
+}
+
+/// Forward-pass tensors of one group, read by the backward pass.
+struct GroupIo<'a, T> {
+    q: &'a [T],
+    o: &'a [T],
+    g: &'a [T],
+    lse: &'a [T],
+}
+
+multiversion! {
+    /// Backward pass of one (batch, key/value head) and its `group` query heads; writes
+    /// `dq: [group, t, dh]` and returns `(dk, dv)` in packed key order.
+    fn group_bwd => group_bwd_impl(
+        io: &GroupIo<'_, T>, p: &Packed<T>, n_vis: &[u32], group: usize, t: usize, dh: usize,
+        scale: T, dq: &mut [T],
+    ) -> (Vec<T>, Vec<T>)
+}
+
+#[inline(always)]
+fn group_bwd_impl<T: Float, const FMA: bool>(
+    io: &GroupIo<'_, T>,
+    p: &Packed<T>,
+    n_vis: &[u32],
+    group: usize,
+    t: usize,
+    dh: usize,
+    scale: T,
+    dq: &mut [T],
+) -> (Vec<T>, Vec<T>) {
+    let (n, ld) = (p.n, p.ld);
+    let mut dkp = vec![T::ZERO; n * dh];
+    let mut dvp = vec![T::ZERO; n * dh];
+    let mut a = vec![T::ZERO; TILE_R * dh]; // scale · Q tile
+    let mut gt = vec![T::ZERO; TILE_R * dh]; // dO tile
+    let mut pm = vec![T::ZERO; TILE_R * ld]; // P
+    let mut dp = vec![T::ZERO; TILE_R * ld]; // dP, then dS
+    let mut acc = vec![T::ZERO; TILE_R * dh];
+    for h in 0..group {
+        let mut i0 = 0;
+        while i0 < t {
+            let rows = TILE_R.min(t - i0);
+            let nv = &n_vis[i0..i0 + rows];
+            let nmax = nv.iter().copied().max().unwrap_or(0) as usize;
+            let base = h * t + i0;
+            i0 += rows;
+            if nmax == 0 {
+                continue; // zero gradient
+            }
+            load_tile(&io.q[base * dh..], rows, dh, scale, &mut a);
+            load_tile(&io.g[base * dh..], rows, dh, T::ONE, &mut gt);
+            // P = exp(S - lse), recomputed; dP = dO Vᵀ.
+            gemm_rows::<T, FMA>(&a, dh, &p.kt, ld, dh, nmax, &mut pm, ld);
+            gemm_rows::<T, FMA>(&gt, dh, &p.vt, ld, dh, nmax, &mut dp, ld);
+            for r in 0..TILE_R {
+                let n_r = if r < rows { nv[r] as usize } else { 0 };
+                let (prow, dprow) = (&mut pm[r * ld..r * ld + nmax], &mut dp[r * ld..r * ld + nmax]);
+                if n_r > 0 {
+                    let row = base + r;
+                    exp_shift_sum::<T, FMA>(&mut prow[..n_r], io.lse[row]);
+                    // D_i = dO_i · O_i; dS = P ⊙ (dP − D).
+                    let di = dot::<T, FMA>(&io.g[row * dh..(row + 1) * dh], &io.o[row * dh..(row + 1) * dh]);
+                    for (x, &pv) in dprow[..n_r].iter_mut().zip(prow[..n_r].iter()) {
+                        *x = pv * (*x - di);
+                    }
+                }
+                prow[n_r..].fill(T::ZERO);
+                dprow[n_r..].fill(T::ZERO);
+            }
+            // dQ = scale · dS K; dK += dSᵀ (scale Q); dV += Pᵀ dO.
+            gemm_rows::<T, FMA>(&dp, ld, &p.kp, dh, nmax, dh, &mut acc, dh);
+            for r in 0..rows {
+                let dst = &mut dq[(base + r) * dh..(base + r + 1) * dh];
+                for (x, &y) in dst.iter_mut().zip(&acc[r * dh..(r + 1) * dh]) {
+                    *x = y * scale;
+                }
+            }
+            rank_update::<T, FMA>(&dp, ld, &a, dh, nmax, dh, &mut dkp, dh);
+            rank_update::<T, FMA>(&pm, ld, &gt, dh, nmax, dh, &mut dvp, dh);
+        }
+    }
+    (dkp, dvp)
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "mor-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (hq, hkv, b, t, s, dh) = (self.hq, self.hkv, self.b, self.t, self.s, self.dh);
+        let (qs, ks) = ([b, hq, t, dh], [b, hkv, s, dh]);
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => self.fwd::<f32>(
+                fwd_slice(self.name(), s1, l1, &qs)?,
+                fwd_slice(self.name(), s2, l2, &ks)?,
+                fwd_slice(self.name(), s3, l3, &ks)?,
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => self.fwd::<f64>(
+                fwd_slice(self.name(), s1, l1, &qs)?,
+                fwd_slice(self.name(), s2, l2, &ks)?,
+                fwd_slice(self.name(), s3, l3, &ks)?,
+            ),
+            _ => Err(bail_dtype(self.name(), s1)),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dq, dk, dv] = match q.dtype() {
+            candle_core::DType::F32 => self.bwd_typed::<f32>(q, k, v, res, grad)?,
+            candle_core::DType::F64 => self.bwd_typed::<f64>(q, k, v, res, grad)?,
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
+        };
+        Ok((q.track_op().then_some(dq), k.track_op().then_some(dk), v.track_op().then_some(dv)))
+    }
+}

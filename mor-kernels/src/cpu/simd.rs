@@ -1,0 +1,494 @@
+//! Element types and the small vector kernels the fused CPU ops are built from.
+//!
+//! Kernels are plain generic Rust over fixed-width lane arrays, which LLVM turns into vector
+//! code. Each hot loop is generic over `const FMA: bool`; [`multiversion!`] compiles it
+//! twice, once with AVX2+FMA enabled (chosen at run time when the CPU has them) and once for
+//! the baseline target, so the crate needs no `-C target-cpu` flag.
+
+use candle_core::{CpuStorage, WithDType};
+use std::fmt;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// Lanes of the accumulator arrays: one AVX2 register of f32, two of f64.
+pub(crate) const LANES: usize = 8;
+
+/// A floating-point element type of the CPU kernels (f32 or f64).
+pub(crate) trait Float:
+    WithDType
+    + Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + fmt::Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// Negative infinity.
+    const NEG_INFINITY: Self;
+    /// Fused multiply-add `self * a + b` with one rounding.
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// Natural logarithm.
+    fn ln(self) -> Self;
+    /// Whether the value is NaN.
+    fn is_nan(self) -> bool;
+    /// `exp` of each lane; vectorisable for f32 (max relative error about 2 ulp).
+    fn exp_lanes<const FMA: bool>(x: &mut [Self; LANES]);
+    /// `exp` of one value, accurate to the last ulp (used in scalar tails).
+    fn exp(self) -> Self;
+    /// The elements of a CPU storage of this dtype.
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// Wraps a vector as a CPU storage.
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+/// `a * b + c`, fused when `FMA` (the caller runs with the FMA target feature).
+#[inline(always)]
+pub(crate) fn fma<T: Float, const FMA: bool>(a: T, b: T, c: T) -> T {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `max` that keeps NaN (so a NaN score is not silently dropped).
+#[inline(always)]
+pub(crate) fn max_nan<T: Float>(a: T, b: T) -> T {
+    if a.is_nan() || a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Cephes-style `expf`: range reduction by `ln 2` and a degree-6 polynomial, branch-free so
+/// that it vectorises. Inputs are clamped to `[-87, 88]` (results below `2^-126` are not
+/// needed by the kernels: `exp(-87)` stands in for an underflow to zero against the larger
+/// terms it is added to); NaN propagates.
+#[inline(always)]
+fn exp_f32<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let f = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
+    let xc = x.clamp(-87.0, 88.0);
+    let t = f(xc, LOG2E, SHIFT);
+    let n = t - SHIFT;
+    let r = f(n, -C2, f(n, -C1, xc));
+    let mut p = 1.987_569_1e-4_f32;
+    p = f(p, r, 1.398_2e-3);
+    p = f(p, r, 8.333_452e-3);
+    p = f(p, r, 4.166_579_6e-2);
+    p = f(p, r, 1.666_666_5e-1);
+    p = f(p, r, 5.000_000_1e-1);
+    let y = f(p, r * r, r + 1.0);
+    // 2^n from the integer sitting in the low mantissa bits of t.
+    let e = (t.to_bits() as i32).wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
+    let out = y * f32::from_bits(e as u32);
+    if x.is_nan() {
+        x
+    } else {
+        out
+    }
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+    #[inline(always)]
+    fn exp_lanes<const FMA: bool>(x: &mut [Self; LANES]) {
+        for v in x.iter_mut() {
+            *v = exp_f32::<FMA>(*v);
+        }
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+    #[inline(always)]
+    fn exp_lanes<const FMA: bool>(x: &mut [Self; LANES]) {
+        // f64 is the finite-difference dtype: exactness matters more than speed.
+        for v in x.iter_mut() {
+            *v = v.exp();
+        }
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Whether the CPU has AVX2 and FMA (checked once).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// Defines `$name::<T>(args)` calling `$generic::<T, FMA>(args)`, compiled once with AVX2+FMA
+/// (used when the CPU has them) and once for the baseline target.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident => $generic:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)?) => {
+        $(#[$meta])*
+        $vis fn $name<T: $crate::cpu::simd::Float>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast<T: $crate::cpu::simd::Float>($($arg: $ty),*) $(-> $ret)? {
+                    $generic::<T, true>($($arg),*)
+                }
+                if $crate::cpu::simd::has_avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA, checked at run time just above.
+                    return unsafe { fast::<T>($($arg),*) };
+                }
+            }
+            $generic::<T, false>($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Tree sum of the lanes.
+#[inline(always)]
+pub(crate) fn hsum<T: Float>(a: [T; LANES]) -> T {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// Dot product of `a` and `b[..a.len()]`.
+#[inline(always)]
+pub(crate) fn dot<T: Float, const FMA: bool>(a: &[T], b: &[T]) -> T {
+    let b = &b[..a.len()];
+    let mut acc = [T::ZERO; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] = fma::<T, FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    let mut s = hsum(acc);
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        s = fma::<T, FMA>(x, y, s);
+    }
+    s
+}
+
+/// Rows of the register tiles of [`gemm_rows`] and [`rank_update`].
+pub(crate) const TILE_R: usize = 4;
+/// Columns of the register tiles: two AVX2 registers of f32.
+pub(crate) const TILE_W: usize = 16;
+
+/// `c[r][j] = Σ_kk a[r][kk] · b[kk][j]` for `r < TILE_R`, `j < n`: a `TILE_R × kdim` by
+/// `kdim × n` product, `a`, `b` and `c` row-major with row strides `lda`, `ldb`, `ldc`.
+///
+/// The `TILE_R × TILE_W` block of `c` stays in registers while `kdim` runs, each step
+/// loading one row segment of `b` and broadcasting one element of each row of `a`.
+#[inline(always)]
+pub(crate) fn gemm_rows<T: Float, const FMA: bool>(
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    kdim: usize,
+    n: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    let mut j = 0;
+    while j + TILE_W <= n {
+        let mut acc = [[T::ZERO; TILE_W]; TILE_R];
+        for kk in 0..kdim {
+            let bv: &[T; TILE_W] = b[kk * ldb + j..kk * ldb + j + TILE_W].try_into().unwrap_or_else(|_| unreachable!());
+            for r in 0..TILE_R {
+                let av = a[r * lda + kk];
+                for l in 0..TILE_W {
+                    acc[r][l] = fma::<T, FMA>(av, bv[l], acc[r][l]);
+                }
+            }
+        }
+        for r in 0..TILE_R {
+            c[r * ldc + j..r * ldc + j + TILE_W].copy_from_slice(&acc[r]);
+        }
+        j += TILE_W;
+    }
+    if j < n {
+        let w = n - j;
+        let mut acc = [[T::ZERO; TILE_W]; TILE_R];
+        for kk in 0..kdim {
+            let bv = &b[kk * ldb + j..kk * ldb + j + w];
+            for r in 0..TILE_R {
+                let av = a[r * lda + kk];
+                for (x, &y) in acc[r][..w].iter_mut().zip(bv) {
+                    *x = fma::<T, FMA>(av, y, *x);
+                }
+            }
+        }
+        for r in 0..TILE_R {
+            c[r * ldc + j..r * ldc + n].copy_from_slice(&acc[r][..w]);
+        }
+    }
+}
+
+/// `c[j][..m] += Σ_r a[r][j] · b[r][..m]` for `j < n`: the rank-`TILE_R` update
+/// `c += aᵀ b` with `a: TILE_R × n`, `b: TILE_R × m`, `c: n × m`, row-major with strides
+/// `lda`, `ldb`, `ldc`.
+///
+/// A `TILE_R × TILE_W` block of `b` stays in registers while the rows of `c` stream by.
+#[inline(always)]
+pub(crate) fn rank_update<T: Float, const FMA: bool>(
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    n: usize,
+    m: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    let mut c0 = 0;
+    while c0 < m {
+        let w = TILE_W.min(m - c0);
+        let mut bv = [[T::ZERO; TILE_W]; TILE_R];
+        for r in 0..TILE_R {
+            bv[r][..w].copy_from_slice(&b[r * ldb + c0..r * ldb + c0 + w]);
+        }
+        if w == TILE_W {
+            for j in 0..n {
+                let row: &mut [T; TILE_W] =
+                    (&mut c[j * ldc + c0..j * ldc + c0 + TILE_W]).try_into().unwrap_or_else(|_| unreachable!());
+                let mut acc = *row;
+                for r in 0..TILE_R {
+                    let av = a[r * lda + j];
+                    for l in 0..TILE_W {
+                        acc[l] = fma::<T, FMA>(av, bv[r][l], acc[l]);
+                    }
+                }
+                *row = acc;
+            }
+        } else {
+            for j in 0..n {
+                let row = &mut c[j * ldc + c0..j * ldc + c0 + w];
+                for r in 0..TILE_R {
+                    let av = a[r * lda + j];
+                    for (x, &y) in row.iter_mut().zip(&bv[r][..w]) {
+                        *x = fma::<T, FMA>(av, y, *x);
+                    }
+                }
+            }
+        }
+        c0 += w;
+    }
+}
+
+/// `y += alpha * x` over `y.len()` elements.
+#[inline(always)]
+pub(crate) fn axpy<T: Float, const FMA: bool>(alpha: T, x: &[T], y: &mut [T]) {
+    let x = &x[..y.len()];
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi = fma::<T, FMA>(alpha, xi, *yi);
+    }
+}
+
+/// `x[i] = exp(x[i] - shift)` in place; returns the sum of the results.
+#[inline(always)]
+pub(crate) fn exp_shift_sum<T: Float, const FMA: bool>(x: &mut [T], shift: T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        let mut lanes = [T::ZERO; LANES];
+        for l in 0..LANES {
+            lanes[l] = c[l] - shift;
+        }
+        T::exp_lanes::<FMA>(&mut lanes);
+        for l in 0..LANES {
+            c[l] = lanes[l];
+            acc[l] += lanes[l];
+        }
+    }
+    let mut s = hsum(acc);
+    for v in chunks.into_remainder() {
+        *v = (*v - shift).exp();
+        s += *v;
+    }
+    s
+}
+
+/// The largest element (NaN if any element is NaN), `-inf` for an empty slice.
+#[inline(always)]
+pub(crate) fn max<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = max_nan(c[l], acc[l]);
+        }
+    }
+    let mut m = T::NEG_INFINITY;
+    for a in acc.into_iter().chain(chunks.remainder().iter().copied()) {
+        m = max_nan(a, m);
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_matches_std_within_two_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            for fma_on in [false, true] {
+                let got = if fma_on { exp_f32::<true>(x) } else { exp_f32::<false>(x) };
+                let want = (x as f64).exp();
+                worst = worst.max(((got as f64 - want) / want).abs());
+            }
+            x += 0.0137;
+        }
+        // 2 ulp of f32 is 2 * 2^-24 ≈ 1.19e-7 relative.
+        assert!(worst < 1.2e-7, "worst relative error {worst}");
+        assert!(exp_f32::<false>(f32::NAN).is_nan());
+        assert!(exp_f32::<false>(-1e4) < 1e-37);
+        assert!(exp_f32::<false>(0.0) == 1.0);
+    }
+
+    #[test]
+    fn dot_kernels_match_naive_sums() {
+        for n in [0usize, 1, 7, 8, 9, 17, 64] {
+            let a: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+            let bs: Vec<Vec<f64>> = (0..4)
+                .map(|j| (0..n).map(|i| ((i + 3 * j) as f64 * 0.11).cos()).collect())
+                .collect();
+            let naive: Vec<f64> = bs.iter().map(|b| a.iter().zip(b).map(|(x, y)| x * y).sum()).collect();
+            for j in 0..4 {
+                let d = dot::<f64, false>(&a, &bs[j]);
+                assert!((d - naive[j]).abs() < 1e-12, "n={n} j={j}");
+            }
+        }
+    }
+
+    #[test]
+    fn exp_shift_sum_and_max_match_naive() {
+        let mut x: Vec<f32> = (0..21).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+        let m = max(&x);
+        assert_eq!(m, x.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let want: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+        let s = exp_shift_sum::<f32, false>(&mut x, m);
+        for (g, w) in x.iter().zip(&want) {
+            assert!((g - w).abs() <= 2e-7 * w.abs().max(1e-30), "{g} vs {w}");
+        }
+        assert!((s - want.iter().sum::<f32>()).abs() < 1e-5);
+        assert!(max::<f32>(&[]).is_infinite());
+        assert!(max(&[1.0f32, f32::NAN, 3.0]).is_nan());
+    }
+
+    fn naive_gemm(a: &[f64], b: &[f64], rows: usize, kdim: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                c[r * n + j] = (0..kdim).map(|kk| a[r * kdim + kk] * b[kk * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn gemm_rows_and_rank_update_match_naive_products() {
+        for (kdim, n) in [(1usize, 1usize), (3, 16), (5, 17), (64, 40), (2, 7)] {
+            let a: Vec<f64> = (0..TILE_R * kdim).map(|i| (i as f64 * 0.31).sin()).collect();
+            let b: Vec<f64> = (0..kdim * n).map(|i| (i as f64 * 0.17).cos()).collect();
+            let want = naive_gemm(&a, &b, TILE_R, kdim, n);
+            let mut c = vec![f64::NAN; TILE_R * (n + 3)];
+            gemm_rows::<f64, false>(&a, kdim, &b, n, kdim, n, &mut c, n + 3);
+            for r in 0..TILE_R {
+                for j in 0..n {
+                    assert!((c[r * (n + 3) + j] - want[r * n + j]).abs() < 1e-12, "kdim {kdim} n {n}");
+                }
+            }
+            // c (n × kdim) += aᵀ (n × TILE_R, read from a: TILE_R × n) · b2 (TILE_R × kdim).
+            let at: Vec<f64> = (0..TILE_R * n).map(|i| (i as f64 * 0.23).sin()).collect();
+            let b2: Vec<f64> = (0..TILE_R * kdim).map(|i| (i as f64 * 0.41).cos()).collect();
+            let mut c2: Vec<f64> = (0..n * kdim).map(|i| i as f64).collect();
+            rank_update::<f64, true>(&at, n, &b2, kdim, n, kdim, &mut c2, kdim);
+            for j in 0..n {
+                for m in 0..kdim {
+                    let want = (j * kdim + m) as f64 + (0..TILE_R).map(|r| at[r * n + j] * b2[r * kdim + m]).sum::<f64>();
+                    assert!((c2[j * kdim + m] - want).abs() < 1e-12, "kdim {kdim} n {n}");
+                }
+            }
+        }
+    }
+}

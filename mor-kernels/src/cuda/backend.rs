@@ -1,0 +1,183 @@
+//! The `cuda` backend: the [`Backend`] ops on the fused CUDA kernels, registered by name
+//! `cuda`. In a build without the `cuda` feature the name is still registered, and
+//! building it fails with [`Error::NotCompiledWithCuda`].
+
+use super::module::KernelDType;
+use super::{imp, ops, plain};
+use crate::{Backend, BackendCtx, BackendPlugin, Error, Result};
+use candle_core::{Device, Tensor};
+use mor_core::registry::{Family, Plugin};
+use serde::{Deserialize, Serialize};
+
+/// Parameters of the `cuda` backend (`backend = { kind = "cuda", ordinal = 0 }`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CudaParams {
+    /// CUDA device ordinal. Unset: the run's device when it is a CUDA device, else 0.
+    pub ordinal: Option<usize>,
+}
+
+/// The fused-kernel backend. Its ops are the custom ops of this module: the kernels run on
+/// CUDA tensors, their CPU bodies on CPU tensors. On CUDA, dtypes the kernels do not cover
+/// (f64) fall back to the same maths in plain candle ops. Attention by positions runs in
+/// plain candle ops on the device.
+#[derive(Debug, Clone)]
+pub struct CudaBackend {
+    device: Device,
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal`.
+    ///
+    /// # Errors
+    /// [`Error::NotCompiledWithCuda`] without the `cuda` feature; [`Error::Cuda`] when no
+    /// driver or device is found (never a panic).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Ok(CudaBackend {
+            device: imp::open_device(ordinal)?,
+        })
+    }
+
+    /// Uses an already opened CUDA device.
+    ///
+    /// # Errors
+    /// [`Error::NotCompiledWithCuda`] without the `cuda` feature; [`Error::Invalid`] when
+    /// `device` is not a CUDA device.
+    pub fn on_device(device: Device) -> Result<Self> {
+        if !device.is_cuda() {
+            imp::open_device(0)?; // NotCompiledWithCuda in builds without the feature
+            return Err(Error::Invalid {
+                op: "cuda backend",
+                msg: format!("{device:?} is not a CUDA device"),
+            });
+        }
+        Ok(CudaBackend { device })
+    }
+
+    /// The same backend on the CPU: every op runs the CPU body of its kernel (the maths of
+    /// [`super::host`]). For tests and for checking a model's use of the fused ops on a
+    /// machine without a GPU; it is not registered.
+    pub fn host_emulation() -> Self {
+        CudaBackend {
+            device: Device::Cpu,
+        }
+    }
+
+    /// Whether the fused op can take `t`: any dtype on CPU, f32 and bf16 on CUDA.
+    fn fused(t: &Tensor) -> bool {
+        !t.device().is_cuda() || KernelDType::of(t.dtype()).is_some()
+    }
+}
+
+impl Plugin for CudaBackend {
+    const FAMILY: Family = Family::Backend;
+    const NAME: &'static str = "cuda";
+    const DESCRIPTION: &'static str =
+        "fused CUDA kernels (PTX built by nvcc or compiled by NVRTC); needs `--features cuda` and an NVIDIA GPU";
+    type Params = CudaParams;
+}
+
+impl BackendPlugin for CudaBackend {
+    fn build(params: CudaParams, ctx: &BackendCtx) -> Result<Self> {
+        match params.ordinal {
+            None if ctx.device.is_cuda() => CudaBackend::on_device(ctx.device.clone()),
+            ordinal => CudaBackend::new(ordinal.unwrap_or(0)),
+        }
+    }
+}
+
+crate::register_backend!(CudaBackend);
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        if Self::fused(x) {
+            ops::rms_norm(x, w, eps)
+        } else {
+            plain::rms_norm(x, w, eps)
+        }
+    }
+
+    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if Self::fused(x) {
+            ops::rope_at(x, pos, cos, sin)
+        } else {
+            plain::rope_at(x, pos, cos, sin)
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &Tensor,
+        k_pos: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, hq, t, dh) = q.dims4()?;
+        let (bk, hkv, s, dk) = k.dims4()?;
+        if hkv == 0 || hq % hkv != 0 || bk != b || dk != dh || v.dims() != k.dims() {
+            return Err(Error::Invalid {
+                op: "attention",
+                msg: format!(
+                    "q {:?}, k {:?}, v {:?}: need equal batch and head dim, and hq % hkv == 0",
+                    q.dims(),
+                    k.dims(),
+                    v.dims()
+                ),
+            });
+        }
+        if q_pos.dims() != [b, t] || k_pos.dims() != [b, s] {
+            return Err(Error::Invalid {
+                op: "attention",
+                msg: format!(
+                    "q_pos {:?} / k_pos {:?} must be [{b}, {t}] / [{b}, {s}]",
+                    q_pos.dims(),
+                    k_pos.dims()
+                ),
+            });
+        }
+        if t == 0 || s == 0 {
+            // Nothing to attend to (or no query): zeros of the output shape.
+            return Ok(Tensor::zeros((b, hq, t, dh), q.dtype(), q.device())?);
+        }
+        plain::attention(q, k, v, q_pos, k_pos)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if Self::fused(gate) {
+            ops::swiglu(gate, up)
+        } else {
+            plain::swiglu(gate, up)
+        }
+    }
+
+    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        if Self::fused(h) {
+            ops::gather_rows(h, idx)
+        } else {
+            plain::gather_rows(h, idx)
+        }
+    }
+
+    fn scatter_add_tokens(
+        &self,
+        h: &Tensor,
+        idx: &Tensor,
+        y: &Tensor,
+        w: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if Self::fused(h) {
+            ops::scatter_add_rows(h, idx, y, w)
+        } else {
+            plain::scatter_add_rows(h, idx, y, w)
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! Tests of the `reference` and `cpu` backends: analytic gradients against f64 central finite
+//! differences, `cpu` against `reference` on random shapes (forward and backward), closed-form
+//! values, edge cases and input validation.
+
+use candle_core::{DType, Device, Tensor, Var};
+use mor_kernels::testing::{assert_close, assert_fd, closeness, randn, F32_ATOL, F32_RTOL};
+use mor_kernels::{build_backend, rope_tables, Backend, BackendCtx, Result, PAD_POS};
+use mor_core::rng::Rng;
+use proptest::prelude::*;
+use std::sync::Arc;
+
+const CPU: Device = Device::Cpu;
+
+/// Finite-difference step and tolerance of the f64 gradient checks (TOOLCHAIN.md §3).
+const FD_EPS: f64 = 1e-5;
+const FD_TOL: f64 = 1e-6;
+
+fn backend(name: &str) -> Arc<dyn Backend> {
+    build_backend(name, &toml::Table::new(), &BackendCtx { device: CPU }).expect("backend builds")
+}
+
+fn both() -> [Arc<dyn Backend>; 2] {
+    [backend("reference"), backend("cpu")]
+}
+
+/// An op under test: the backend and the float inputs (as tensors), returning the output.
+type Op<'a> = dyn Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> + 'a;
+
+fn vars(inputs: &[Tensor]) -> Vec<Var> {
+    inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect()
+}
+
+/// `Σ op(inputs) ⊙ r` for a fixed random `r`, so that every output element has its own weight.
+fn weighted_loss(out: &Tensor, seed: u64) -> Result<Tensor> {
+    let r = randn(seed, out.shape(), out.dtype(), &CPU)?;
+    Ok((out * r)?.sum_all()?)
+}
+
+/// Checks the analytic gradient of `op` on `backend` against f64 central differences.
+fn fd_op(be: &dyn Backend, inputs: &[Tensor], op: &Op<'_>) -> f64 {
+    let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+    let vs = vars(&inputs);
+    let refs: Vec<&Var> = vs.iter().collect();
+    let f = || {
+        let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
+        weighted_loss(&op(be, &ts)?, 99)
+    };
+    assert_fd(&refs, f, FD_EPS, FD_TOL).worst
+}
+
+/// Runs `op` on `cpu` and `reference` in f32 and compares outputs and the gradients of every
+/// input; returns a description of the first mismatch.
+fn compare(inputs: &[Tensor], op: &Op<'_>, rtol: f64, atol: f64) -> std::result::Result<(), String> {
+    let mut results = Vec::new();
+    for be in both() {
+        let vs = vars(inputs);
+        let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
+        let out = op(be.as_ref(), &ts).map_err(|e| format!("{}: {e}", be.name()))?;
+        let grads = weighted_loss(&out, 5).unwrap().backward().unwrap();
+        let gs: Vec<Tensor> = vs
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned().unwrap_or_else(|| v.zeros_like().unwrap()))
+            .collect();
+        results.push((out, gs));
+    }
+    let (ro, rg) = &results[0];
+    let (co, cg) = &results[1];
+    let c = closeness(co, ro, rtol, atol).map_err(|e| e.to_string())?;
+    if c.ratio > 1.0 {
+        return Err(format!("forward differs: {c:?}"));
+    }
+    for (i, (c, r)) in cg.iter().zip(rg).enumerate() {
+        let cl = closeness(c, r, rtol, atol).map_err(|e| e.to_string())?;
+        if cl.ratio > 1.0 {
+            return Err(format!("gradient of input {i} differs: {cl:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn u32s(v: Vec<u32>, shape: (usize, usize)) -> Tensor {
+    Tensor::from_vec(v, shape, &CPU).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Ops as closures over their non-differentiable arguments.
+
+fn rms_op(eps: f64) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.rms_norm(t[0], t[1], eps)
+}
+
+fn rope_op(pos: Tensor, max_pos: usize, dh: usize) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    let (cos, sin) = rope_tables(max_pos, dh, 10_000.0, &CPU).unwrap();
+    move |be, t| be.rope(t[0], &pos, &cos, &sin)
+}
+
+/// RoPE whose tables are inputs too (`t[1]`, `t[2]`), to check their gradients.
+fn rope_tables_op(pos: Tensor) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.rope(t[0], &pos, t[1], t[2])
+}
+
+fn attn_op(q_pos: Tensor, k_pos: Tensor) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.attention(t[0], t[1], t[2], &q_pos, &k_pos)
+}
+
+fn swiglu_op() -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    |be, t| be.swiglu(t[0], t[1])
+}
+
+fn gather_op(idx: Tensor) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.gather_tokens(t[0], &idx)
+}
+
+fn scatter_op(idx: Tensor, weighted: bool) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.scatter_add_tokens(t[0], &idx, t[1], weighted.then(|| t[2]))
+}
+
+// ---------------------------------------------------------------------------------------
+// Random attention cases.
+
+/// How queries relate to keys.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Queries are the keys (a compacted subsequence with gaps), some slots padded.
+    Compacted,
+    /// Keys are the full context `0..s` (some padded), queries a sorted subset (KV sharing).
+    Shared,
+    /// Unsorted positions on both sides, with padding.
+    Shuffled,
+}
+
+#[derive(Debug, Clone)]
+struct AttnCase {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    t: usize,
+    s: usize,
+    dh: usize,
+    q_pos: Vec<u32>,
+    k_pos: Vec<u32>,
+}
+
+fn sorted_sample(rng: &mut Rng, n: usize, below: usize) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..below as u32).collect();
+    rng.shuffle(&mut all);
+    let mut v = all[..n].to_vec();
+    v.sort_unstable();
+    v
+}
+
+fn attn_case(b: usize, hkv: usize, ratio: usize, dh: usize, t: usize, s: usize, mode: Mode, seed: u64) -> AttnCase {
+    let mut rng = Rng::new(seed);
+    let (mut q_pos, mut k_pos) = (Vec::new(), Vec::new());
+    let (t, s) = match mode {
+        Mode::Compacted => (t, t),
+        Mode::Shared => (t.min(s), s),
+        Mode::Shuffled => (t, s),
+    };
+    for _ in 0..b {
+        match mode {
+            Mode::Compacted => {
+                let mut p = sorted_sample(&mut rng, t, 3 * t);
+                let mut kp = p.clone();
+                for i in 0..t {
+                    match rng.below(8) {
+                        0 => (p[i], kp[i]) = (PAD_POS, PAD_POS), // a padded slot
+                        1 => kp[i] = PAD_POS,                    // a padded key only
+                        _ => {}
+                    }
+                }
+                q_pos.extend(p);
+                k_pos.extend(kp);
+            }
+            Mode::Shared => {
+                k_pos.extend((0..s as u32).map(|p| if rng.below(10) == 0 { PAD_POS } else { p }));
+                q_pos.extend(sorted_sample(&mut rng, t, s));
+            }
+            Mode::Shuffled => {
+                let pick = |rng: &mut Rng| if rng.below(6) == 0 { PAD_POS } else { rng.below(2 * s) as u32 };
+                for _ in 0..s {
+                    k_pos.push(pick(&mut rng));
+                }
+                for _ in 0..t {
+                    q_pos.push(pick(&mut rng));
+                }
+            }
+        }
+    }
+    AttnCase { b, hq: hkv * ratio, hkv, t, s, dh, q_pos, k_pos }
+}
+
+impl AttnCase {
+    fn inputs(&self, seed: u64, dtype: DType) -> Vec<Tensor> {
+        vec![
+            randn(seed, (self.b, self.hq, self.t, self.dh), dtype, &CPU).unwrap(),
+            randn(seed + 1, (self.b, self.hkv, self.s, self.dh), dtype, &CPU).unwrap(),
+            randn(seed + 2, (self.b, self.hkv, self.s, self.dh), dtype, &CPU).unwrap(),
+        ]
+    }
+
+    fn op(&self) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+        attn_op(u32s(self.q_pos.clone(), (self.b, self.t)), u32s(self.k_pos.clone(), (self.b, self.s)))
+    }
+}
+
+fn mode_strategy() -> impl Strategy<Value = Mode> {
+    prop_oneof![Just(Mode::Compacted), Just(Mode::Shared), Just(Mode::Shuffled)]
+}
+
+// ---------------------------------------------------------------------------------------
+// Registry.
+
+#[test]
+fn backends_are_registered_and_reject_unknown_params() {
+    let names = mor_core::registry::names(mor_core::Family::Backend);
+    for name in ["cpu", "reference"] {
+        assert!(names.iter().any(|n| n == name), "`{name}` missing from {names:?}");
+        assert_eq!(backend(name).name(), name);
+        let mut bad = toml::Table::new();
+        bad.insert("threads".into(), toml::Value::Integer(2));
+        let err = build_backend(name, &bad, &BackendCtx { device: CPU }).unwrap_err();
+        assert!(err.to_string().contains("threads"), "{err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Finite differences (f64), on both backends.
+
+#[test]
+fn rms_norm_gradients_match_finite_differences() {
+    let x = randn(1, (3, 2, 11), DType::F64, &CPU).unwrap();
+    let w = randn(2, 11, DType::F64, &CPU).unwrap().affine(0.5, 1.0).unwrap();
+    for be in both() {
+        fd_op(be.as_ref(), &[x.clone(), w.clone()], &rms_op(1e-5));
+    }
+}
+
+#[test]
+fn rope_gradients_match_finite_differences() {
+    let pos = u32s(vec![0, 3, 7, PAD_POS, 2, 2, 9, 1], (2, 4));
+    let x = randn(3, (2, 3, 4, 6), DType::F64, &CPU).unwrap();
+    let (cos, sin) = rope_tables(10, 6, 10_000.0, &CPU).unwrap();
+    for be in both() {
+        fd_op(be.as_ref(), &[x.clone()], &rope_op(pos.clone(), 10, 6));
+        // The tables are floating-point inputs too: their gradients are checked as well.
+        fd_op(be.as_ref(), &[x.clone(), cos.clone(), sin.clone()], &rope_tables_op(pos.clone()));
+    }
+}
+
+#[test]
+fn attention_gradients_match_finite_differences() {
+    for (i, mode) in [Mode::Compacted, Mode::Shared, Mode::Shuffled].into_iter().enumerate() {
+        let case = attn_case(2, 2, 2, 4, 5, 7, mode, 40 + i as u64);
+        for be in both() {
+            fd_op(be.as_ref(), &case.inputs(10, DType::F64), &case.op());
+        }
+    }
+    // Long enough head dimension to run the vector lanes of the kernels, GQA ratio 4.
+    let case = attn_case(1, 1, 4, 18, 3, 3, Mode::Compacted, 7);
+    fd_op(backend("cpu").as_ref(), &case.inputs(20, DType::F64), &case.op());
+}
+
+#[test]
+fn swiglu_gradients_match_finite_differences() {
+    let g = (randn(4, (3, 13), DType::F64, &CPU).unwrap() * 3.0).unwrap();
+    let u = randn(5, (3, 13), DType::F64, &CPU).unwrap();
+    for be in both() {
+        fd_op(be.as_ref(), &[g.clone(), u.clone()], &swiglu_op());
+    }
+}
+
+#[test]
+fn token_routing_gradients_match_finite_differences() {
+    let h = randn(6, (2, 5, 9), DType::F64, &CPU).unwrap();
+    // Gather may repeat an index; its gradient must add up.
+    let gidx = u32s(vec![4, 0, 0, 1, 2, 3], (2, 3));
+    let sidx = u32s(vec![4, 0, 2, 1, 2, 3], (2, 3));
+    let y = randn(7, (2, 3, 9), DType::F64, &CPU).unwrap();
+    let w = randn(8, (2, 3), DType::F64, &CPU).unwrap();
+    for be in both() {
+        fd_op(be.as_ref(), &[h.clone()], &gather_op(gidx.clone()));
+        fd_op(be.as_ref(), &[h.clone(), y.clone(), w.clone()], &scatter_op(sidx.clone(), true));
+        fd_op(be.as_ref(), &[h.clone(), y.clone()], &scatter_op(sidx.clone(), false));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cpu against reference (f32), random shapes.
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn attention_cpu_matches_reference(
+        b in 1usize..3,
+        hkv in 1usize..3,
+        ratio in prop_oneof![Just(1usize), Just(2), Just(4)],
+        half in 1usize..9,
+        t in 1usize..25,
+        s in 1usize..25,
+        mode in mode_strategy(),
+        seed in 0u64..1_000_000,
+    ) {
+        let case = attn_case(b, hkv, ratio, 2 * half, t, s, mode, seed);
+        let r = compare(&case.inputs(seed, DType::F32), &case.op(), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "{case:?}: {}", r.unwrap_err());
+    }
+
+    #[test]
+    fn elementwise_ops_cpu_match_reference(
+        rows in 1usize..6,
+        d in 1usize..40,
+        seed in 0u64..1_000_000,
+    ) {
+        let x = randn(seed, (rows, 2, d), DType::F32, &CPU).unwrap();
+        let w = randn(seed + 1, d, DType::F32, &CPU).unwrap();
+        let r = compare(&[x.clone(), w], &rms_op(1e-5), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "rms_norm rows {rows} d {d}: {}", r.unwrap_err());
+        let u = randn(seed + 2, (rows, 2, d), DType::F32, &CPU).unwrap();
+        let g = (x * 4.0).unwrap();
+        let r = compare(&[g, u], &swiglu_op(), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "swiglu rows {rows} d {d}: {}", r.unwrap_err());
+    }
+
+    #[test]
+    fn rope_cpu_matches_reference(
+        b in 1usize..3,
+        h in 1usize..4,
+        t in 1usize..12,
+        half in 1usize..9,
+        seed in 0u64..1_000_000,
+    ) {
+        let mut rng = Rng::new(seed);
+        let max_pos = 3 * t;
+        let mut pos = Vec::new();
+        for _ in 0..b {
+            for p in sorted_sample(&mut rng, t, max_pos) {
+                pos.push(if rng.below(7) == 0 { PAD_POS } else { p });
+            }
+        }
+        let x = randn(seed, (b, h, t, 2 * half), DType::F32, &CPU).unwrap();
+        let r = compare(&[x], &rope_op(u32s(pos, (b, t)), max_pos, 2 * half), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
+
+    #[test]
+    fn routing_cpu_matches_reference(
+        b in 1usize..3,
+        l in 1usize..20,
+        d in 1usize..20,
+        frac in 0.0f64..1.0,
+        seed in 0u64..1_000_000,
+    ) {
+        let k = ((l as f64 * frac) as usize).max(1);
+        let mut rng = Rng::new(seed);
+        let mut idx = Vec::new();
+        for _ in 0..b {
+            idx.extend(sorted_sample(&mut rng, k, l));
+        }
+        let idx = u32s(idx, (b, k));
+        let h = randn(seed, (b, l, d), DType::F32, &CPU).unwrap();
+        let y = randn(seed + 1, (b, k, d), DType::F32, &CPU).unwrap();
+        let w = randn(seed + 2, (b, k), DType::F32, &CPU).unwrap();
+        let r = compare(&[h.clone()], &gather_op(idx.clone()), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "gather: {}", r.unwrap_err());
+        let r = compare(&[h.clone(), y.clone(), w], &scatter_op(idx.clone(), true), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "weighted scatter: {}", r.unwrap_err());
+        let r = compare(&[h, y], &scatter_op(idx, false), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "scatter: {}", r.unwrap_err());
+    }
+}
+
+/// Shapes large enough to take the multi-threaded paths of every op.
+#[test]
+fn large_shapes_cpu_match_reference() {
+    let case = attn_case(2, 2, 2, 32, 64, 64, Mode::Compacted, 3);
+    compare(&case.inputs(1, DType::F32), &case.op(), F32_RTOL, F32_ATOL).unwrap();
+    let case = attn_case(2, 1, 4, 16, 48, 96, Mode::Shared, 4);
+    compare(&case.inputs(2, DType::F32), &case.op(), F32_RTOL, F32_ATOL).unwrap();
+    let x = randn(3, (300, 130), DType::F32, &CPU).unwrap();
+    let w = randn(4, 130, DType::F32, &CPU).unwrap();
+    compare(&[x.clone(), w], &rms_op(1e-5), F32_RTOL, F32_ATOL).unwrap();
+    let u = randn(5, (300, 130), DType::F32, &CPU).unwrap();
+    compare(&[(x * 3.0).unwrap(), u], &swiglu_op(), F32_RTOL, F32_ATOL).unwrap();
+    let pos = u32s((0..2 * 64).map(|i| (i % 64) as u32 * 2).collect(), (2, 64));
+    let x = randn(6, (2, 4, 64, 64), DType::F32, &CPU).unwrap();
+    compare(&[x], &rope_op(pos, 128, 64), F32_RTOL, F32_ATOL).unwrap();
+    let idx = u32s((0..2 * 100).map(|i| (i % 100) as u32 * 3).collect(), (2, 100));
+    let h = randn(7, (2, 300, 200), DType::F32, &CPU).unwrap();
+    let y = randn(8, (2, 100, 200), DType::F32, &CPU).unwrap();
+    let w = randn(9, (2, 100), DType::F32, &CPU).unwrap();
+    compare(&[h.clone()], &gather_op(idx.clone()), F32_RTOL, F32_ATOL).unwrap();
+    compare(&[h, y, w], &scatter_op(idx, true), F32_RTOL, F32_ATOL).unwrap();
+}
+
+/// Strided (non-contiguous) inputs give the results of their contiguous copies.
+#[test]
+fn strided_inputs_are_read_correctly() {
+    let case = attn_case(2, 2, 2, 8, 6, 6, Mode::Compacted, 11);
+    let op = case.op();
+    // q built as [b, t, hq, dh] and transposed: not contiguous.
+    let qt = randn(1, (2, 6, 4, 8), DType::F32, &CPU).unwrap();
+    let q = qt.transpose(1, 2).unwrap();
+    assert!(!q.is_contiguous());
+    let k = randn(2, (2, 2, 6, 8), DType::F32, &CPU).unwrap();
+    let v = randn(3, (2, 2, 6, 8), DType::F32, &CPU).unwrap();
+    for be in both() {
+        let a = op(be.as_ref(), &[&q, &k, &v]).unwrap();
+        let b = op(be.as_ref(), &[&q.contiguous().unwrap(), &k, &v]).unwrap();
+        assert_close(be.name(), &a, &b, 0.0, 0.0);
+    }
+    let x = randn(4, (7, 5), DType::F32, &CPU).unwrap().t().unwrap();
+    let w = randn(5, 7, DType::F32, &CPU).unwrap();
+    let cpu = backend("cpu");
+    let a = cpu.rms_norm(&x, &w, 1e-5).unwrap();
+    let b = cpu.rms_norm(&x.contiguous().unwrap(), &w, 1e-5).unwrap();
+    assert_close("rms_norm", &a, &b, 0.0, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Closed forms.
+
+#[test]
+fn attention_with_zero_queries_averages_visible_values() {
+    // q = 0: every visible key scores 0, so the output is the plain mean of the visible v.
+    let q = Tensor::zeros((1, 2, 3, 2), DType::F32, &CPU).unwrap();
+    let k = randn(1, (1, 1, 4, 2), DType::F32, &CPU).unwrap();
+    let v = Tensor::new(&[[[[1f32, 10.], [2., 20.], [4., 40.], [8., 80.]]]], &CPU).unwrap();
+    let q_pos = u32s(vec![5, 1, 9], (1, 3));
+    let k_pos = u32s(vec![0, 5, PAD_POS, 7], (1, 4));
+    // Query at 5 sees keys 0 and 5: mean (1.5, 15). Query at 1 sees key 0: (1, 10).
+    // Query at 9 sees keys 0, 5 and 7 (the padded key never): (11/3, 110/3).
+    let row = [[1.5f32, 15.], [1., 10.], [11. / 3., 110. / 3.]];
+    let want = Tensor::new(&[[row, row]], &CPU).unwrap();
+    for be in both() {
+        let out = be.attention(&q, &k, &v, &q_pos, &k_pos).unwrap();
+        assert_close(be.name(), &out, &want, F32_RTOL, F32_ATOL);
+    }
+}
+
+#[test]
+fn rope_rotates_by_position_angle_and_passes_padding() {
+    // dh = 2: one frequency, theta^0 = 1, so position p rotates by p radians.
+    let (cos, sin) = rope_tables(8, 2, 10_000.0, &CPU).unwrap();
+    let x = Tensor::new(&[[[[1f32, 2.], [3., -1.], [0.5, 0.25]]]], &CPU).unwrap();
+    let pos = u32s(vec![0, 3, PAD_POS], (1, 3));
+    let (c, s) = (3f32.cos(), 3f32.sin());
+    let want = Tensor::new(&[[[[1f32, 2.], [3. * c + s, -c + 3. * s], [0.5, 0.25]]]], &CPU).unwrap();
+    for be in both() {
+        let out = be.rope(&x, &pos, &cos, &sin).unwrap();
+        assert_close(be.name(), &out, &want, F32_RTOL, F32_ATOL);
+    }
+}
+
+#[test]
+fn rms_norm_and_swiglu_closed_forms() {
+    let x = Tensor::new(&[[3f32, 4.]], &CPU).unwrap();
+    let w = Tensor::new(&[2f32, 0.5], &CPU).unwrap();
+    let r = (12.5f64 + 1e-5).sqrt();
+    let want = Tensor::new(&[[(3.0 / r * 2.0) as f32, (4.0 / r * 0.5) as f32]], &CPU).unwrap();
+    let g = Tensor::new(&[0f32, 2., -30.], &CPU).unwrap();
+    let u = Tensor::new(&[5f32, 3., 1.], &CPU).unwrap();
+    let silu2 = 2.0 / (1.0 + (-2f32).exp());
+    let want_sw = Tensor::new(&[0f32, 3.0 * silu2, -30.0 / (1.0 + 30f32.exp())], &CPU).unwrap();
+    for be in both() {
+        assert_close(be.name(), &be.rms_norm(&x, &w, 1e-5).unwrap(), &want, F32_RTOL, F32_ATOL);
+        assert_close(be.name(), &be.swiglu(&g, &u).unwrap(), &want_sw, F32_RTOL, F32_ATOL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Edge cases.
+
+#[test]
+fn queries_with_no_visible_key_give_zeros_and_zero_gradient() {
+    // Query 0 is padded; query 1 sits before every key; query 2 sees key 0.
+    let q_pos = u32s(vec![PAD_POS, 1, 6], (1, 3));
+    let k_pos = u32s(vec![5, PAD_POS, 2], (1, 3));
+    let inputs = [
+        randn(1, (1, 2, 3, 4), DType::F32, &CPU).unwrap(),
+        randn(2, (1, 1, 3, 4), DType::F32, &CPU).unwrap(),
+        randn(3, (1, 1, 3, 4), DType::F32, &CPU).unwrap(),
+    ];
+    for be in both() {
+        let vs = vars(&inputs);
+        let out = be.attention(vs[0].as_tensor(), vs[1].as_tensor(), vs[2].as_tensor(), &q_pos, &k_pos).unwrap();
+        let dead = out.narrow(2, 0, 2).unwrap();
+        assert_close(be.name(), &dead, &dead.zeros_like().unwrap(), 0.0, 0.0);
+        let live = out.narrow(2, 2, 1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(live > 0.0, "{}: the visible query must not be zero", be.name());
+        let grads = weighted_loss(&out, 3).unwrap().backward().unwrap();
+        let dq = grads.get(vs[0].as_tensor()).expect("q has a gradient");
+        let dead = dq.narrow(2, 0, 2).unwrap();
+        assert_close(be.name(), &dead, &dead.zeros_like().unwrap(), 0.0, 0.0);
+        // The padded key 1 is seen by no query: zero gradient for its k and v.
+        for v in &vs[1..] {
+            let dk = grads.get(v.as_tensor()).expect("k and v have gradients").narrow(2, 1, 1).unwrap();
+            assert_close(be.name(), &dk, &dk.zeros_like().unwrap(), 0.0, 0.0);
+        }
+    }
+}
+
+#[test]
+fn empty_selections_are_not_errors() {
+    let h = Var::from_tensor(&randn(1, (2, 5, 3), DType::F32, &CPU).unwrap()).unwrap();
+    let none = Tensor::zeros((2, 0), DType::U32, &CPU).unwrap();
+    let y = Tensor::zeros((2, 0, 3), DType::F32, &CPU).unwrap();
+    let w = Tensor::zeros((2, 0), DType::F32, &CPU).unwrap();
+    for be in both() {
+        let g = be.gather_tokens(h.as_tensor(), &none).unwrap();
+        assert_eq!(g.dims(), &[2, 0, 3], "{}", be.name());
+        let s = be.scatter_add_tokens(h.as_tensor(), &none, &y, Some(&w)).unwrap();
+        assert_close(be.name(), &s, h.as_tensor(), 0.0, 0.0);
+        let loss = (g.sum_all().unwrap() + s.sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        let dh = grads.get(h.as_tensor()).expect("h has a gradient");
+        assert_close(be.name(), dh, &h.ones_like().unwrap(), 0.0, 0.0);
+
+        // No queries: an empty output. No keys: zeros.
+        let q = randn(2, (1, 2, 0, 4), DType::F32, &CPU).unwrap();
+        let k = randn(3, (1, 1, 2, 4), DType::F32, &CPU).unwrap();
+        let out = be.attention(&q, &k, &k, &u32s(vec![], (1, 0)), &u32s(vec![0, 1], (1, 2))).unwrap();
+        assert_eq!(out.dims(), &[1, 2, 0, 4]);
+        let q = Var::from_tensor(&randn(4, (1, 2, 3, 4), DType::F32, &CPU).unwrap()).unwrap();
+        let k = Tensor::zeros((1, 1, 0, 4), DType::F32, &CPU).unwrap();
+        let out = be
+            .attention(q.as_tensor(), &k, &k, &u32s(vec![0, 1, 2], (1, 3)), &u32s(vec![], (1, 0)))
+            .unwrap();
+        assert_close(be.name(), &out, &q.zeros_like().unwrap(), 0.0, 0.0);
+        let grads = weighted_loss(&out, 1).unwrap().backward().unwrap();
+        if let Some(dq) = grads.get(q.as_tensor()) {
+            assert_close(be.name(), dq, &q.zeros_like().unwrap(), 0.0, 0.0);
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let f = |seed, shape: &[usize]| randn(seed, shape.to_vec(), DType::F32, &CPU).unwrap();
+    let x4 = f(1, &[1, 2, 3, 4]);
+    let kv = f(2, &[1, 1, 3, 4]);
+    let p3 = u32s(vec![0, 1, 2], (1, 3));
+    let (cos, sin) = rope_tables(8, 4, 10_000.0, &CPU).unwrap();
+    for be in both() {
+        let n = be.name();
+        let errs: Vec<(&str, Result<Tensor>)> = vec![
+            ("rms w shape", be.rms_norm(&x4, &f(3, &[3]), 1e-5)),
+            ("rms dtype", be.rms_norm(&x4, &f(3, &[4]).to_dtype(DType::F64).unwrap(), 1e-5)),
+            ("rms eps", be.rms_norm(&x4, &f(3, &[4]), -1.0)),
+            ("rms f16", be.rms_norm(&x4.to_dtype(DType::F16).unwrap(), &f(3, &[4]).to_dtype(DType::F16).unwrap(), 1e-5)),
+            ("rope odd dh", be.rope(&f(4, &[1, 2, 3, 3]), &p3, &cos, &sin)),
+            ("rope table width", be.rope(&f(4, &[1, 2, 3, 6]), &p3, &cos, &sin)),
+            ("rope position", be.rope(&x4, &u32s(vec![0, 8, 1], (1, 3)), &cos, &sin)),
+            ("rope pos shape", be.rope(&x4, &u32s(vec![0, 1], (1, 2)), &cos, &sin)),
+            ("rope pos dtype", be.rope(&x4, &p3.to_dtype(DType::F32).unwrap(), &cos, &sin)),
+            ("attn heads", be.attention(&f(5, &[1, 3, 3, 4]), &f(6, &[1, 2, 3, 4]), &f(6, &[1, 2, 3, 4]), &p3, &p3)),
+            ("attn v shape", be.attention(&x4, &kv, &f(7, &[1, 1, 2, 4]), &p3, &p3)),
+            ("attn dh", be.attention(&x4, &f(8, &[1, 1, 3, 2]), &f(8, &[1, 1, 3, 2]), &p3, &p3)),
+            ("attn batch", be.attention(&x4, &f(9, &[2, 1, 3, 4]), &f(9, &[2, 1, 3, 4]), &p3, &p3)),
+            ("attn k_pos", be.attention(&x4, &kv, &kv, &p3, &u32s(vec![0, 1], (1, 2)))),
+            ("attn rank", be.attention(&f(1, &[2, 3, 4]), &kv, &kv, &p3, &p3)),
+            ("swiglu shape", be.swiglu(&f(1, &[2, 3]), &f(2, &[3, 2]))),
+            ("gather range", be.gather_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 3], (1, 2)))),
+            ("gather batch", be.gather_tokens(&f(1, &[2, 3, 2]), &u32s(vec![0, 1], (1, 2)))),
+            ("gather rank", be.gather_tokens(&f(1, &[3, 2]), &u32s(vec![0, 1], (1, 2)))),
+            ("scatter y", be.scatter_add_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 1], (1, 2)), &f(2, &[1, 3, 2]), None)),
+            (
+                "scatter w",
+                be.scatter_add_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 1], (1, 2)), &f(2, &[1, 2, 2]), Some(&f(3, &[2]))),
+            ),
+            ("scatter range", be.scatter_add_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 7], (1, 2)), &f(2, &[1, 2, 2]), None)),
+        ];
+        for (what, r) in errs {
+            let e = r.err().unwrap_or_else(|| panic!("{n}: `{what}` was accepted"));
+            assert!(matches!(e, mor_kernels::Error::Invalid { .. }), "{n}: `{what}` gave {e}");
+        }
+    }
+}
+
+#[test]
+fn every_input_receives_a_gradient() {
+    let case = attn_case(1, 1, 2, 4, 4, 4, Mode::Shared, 2);
+    let x = randn(1, (2, 3, 8), DType::F32, &CPU).unwrap();
+    let cpu = backend("cpu");
+    let vs = vars(&case.inputs(3, DType::F32));
+    let w = Var::from_tensor(&randn(2, 8, DType::F32, &CPU).unwrap()).unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
+    let a = case.op()(cpu.as_ref(), &ts).unwrap().sum_all().unwrap();
+    let n = cpu.rms_norm(xv.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    let loss = (a + weighted_loss(&n, 4).unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    for v in vs.iter().chain([&w, &xv]) {
+        let g = grads.get(v.as_tensor()).expect("missing gradient");
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0, "zero gradient for an input of shape {:?}", v.dims());
+    }
+}

@@ -1,0 +1,1204 @@
+//! Tests of the `cuda` backend that run without a GPU: launch-configuration maths, the
+//! module table and cache keys, the kernels' CPU bodies against plain candle ops and
+//! finite differences, the top-k radix select against a sort, and the error of a build
+//! without the `cuda` feature.
+
+use candle_core::{DType, Device, Tensor, Var};
+use mor_core::rng::Rng;
+use mor_kernels::cuda::host;
+use mor_kernels::cuda::launch::{self, DecodePlan, DecodeShape, TopkPlan};
+use mor_kernels::cuda::module::{kernel_name, nvrtc_arch, KernelDType, KernelModule, ModuleKey};
+use mor_kernels::cuda::{self, plain, CudaBackend, RouterActivation, RouterParams};
+use mor_kernels::{Backend, PAD_POS};
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+const CPU: Device = Device::Cpu;
+
+fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(v, shape, &CPU).unwrap()
+}
+
+fn u32s(v: Vec<u32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape, &CPU).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[track_caller]
+fn assert_close(a: &Tensor, b: &Tensor, tol: f64) {
+    let d = max_abs_diff(a, b);
+    assert!(d <= tol, "max |a - b| = {d:e} > {tol:e}");
+}
+
+/// Central finite differences in f64 (TOOLCHAIN.md §3): checks the analytic gradient of
+/// `f` with respect to every element of every var. Returns the worst relative error.
+fn fd_check(vars: &[&Var], f: &dyn Fn() -> Tensor, tol: f64) -> f64 {
+    let eps = 1e-5;
+    let grads = f().backward().unwrap();
+    let mut worst = 0f64;
+    for (vi, v) in vars.iter().enumerate() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("var {vi} received no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let set = |p: Vec<f64>| {
+            v.set(&Tensor::from_vec(p, v.shape(), v.device()).unwrap())
+                .unwrap()
+        };
+        for i in 0..base.len() {
+            let mut p = base.clone();
+            p[i] += eps;
+            set(p.clone());
+            let lp = f().to_scalar::<f64>().unwrap();
+            p[i] -= 2.0 * eps;
+            set(p);
+            let lm = f().to_scalar::<f64>().unwrap();
+            set(base.clone());
+            let num = (lp - lm) / (2.0 * eps);
+            let err = (num - g[i]).abs() / num.abs().max(g[i].abs()).max(1e-3);
+            worst = worst.max(err);
+            assert!(
+                err < tol,
+                "var {vi} elem {i}: analytic {} vs numeric {num}",
+                g[i]
+            );
+        }
+    }
+    worst
+}
+
+/// `sum(out * r)` for a fixed random `r`, so every output element weighs differently.
+fn weighted_sum(out: &Tensor, r: &Tensor) -> Tensor {
+    (out * r).unwrap().sum_all().unwrap()
+}
+
+fn sorted_distinct(rng: &mut Rng, rows: usize, l: usize, k: usize) -> Vec<u32> {
+    let mut v = Vec::new();
+    for _ in 0..rows {
+        let mut all: Vec<u32> = (0..l as u32).collect();
+        rng.shuffle(&mut all);
+        let mut row = all[..k].to_vec();
+        row.sort_unstable();
+        v.extend(row);
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch-configuration maths.
+
+#[test]
+fn elementwise_grid_covers_every_element() {
+    for n in [
+        1u64,
+        31,
+        255,
+        256,
+        257,
+        65_536 * 256,
+        65_536 * 256 + 1,
+        3_000_000_000,
+    ] {
+        let d = launch::elementwise(n).unwrap();
+        assert_eq!(d.block, (launch::ELEMENTWISE_THREADS, 1, 1));
+        assert!(d.blocks() >= 1 && d.blocks() <= launch::ELEMENTWISE_MAX_BLOCKS);
+        let iters = launch::grid_stride_iterations(&d, n);
+        assert!(d.threads() * iters >= n, "n = {n}");
+        assert!(
+            d.threads() * (iters - 1) < n,
+            "one iteration too many for n = {n}"
+        );
+        if n <= 256 * launch::ELEMENTWISE_MAX_BLOCKS {
+            assert_eq!(iters, 1, "small launches need no loop (n = {n})");
+        }
+    }
+    assert!(launch::elementwise(0).is_err());
+}
+
+#[test]
+fn warp_per_row_grid_covers_all_rows_exactly() {
+    for rows in [1u64, 7, 8, 9, 1000, 16_385, 1 << 24] {
+        let d = launch::warp_per_row(rows).unwrap();
+        let per = launch::rows_per_block_warp(&d);
+        assert_eq!(per, 8);
+        assert!(
+            d.blocks() * per >= rows && (d.blocks() - 1) * per < rows,
+            "rows = {rows}"
+        );
+    }
+    assert!(launch::warp_per_row(0).is_err());
+}
+
+#[test]
+fn row_blocks_are_whole_warps_within_limits() {
+    for (cols, want) in [
+        (1u64, 32u32),
+        (32, 32),
+        (33, 64),
+        (576, 576),
+        (1000, 1024),
+        (1024, 1024),
+        (50_000, 1024),
+    ] {
+        assert_eq!(launch::row_block_threads(cols), want, "cols = {cols}");
+    }
+    let d = launch::block_per_row(4096, 576).unwrap();
+    assert_eq!((d.grid.0, d.block.0), (4096, 576));
+    let b = launch::rms_norm_bwd(10_000, 576).unwrap();
+    assert_eq!(b.grid.0 as u64, launch::RMS_NORM_BWD_MAX_BLOCKS);
+    assert_eq!(launch::rms_norm_bwd(3, 576).unwrap().grid.0, 3);
+    assert!(launch::block_per_row(4, 0).is_err());
+    assert!(launch::block_per_row(0, 4).is_err());
+}
+
+fn check_topk_plan(rows: u64, n: u64, k: u64) {
+    let p = TopkPlan::new(rows, n, k).unwrap();
+    assert_eq!(p.dims.grid, (rows as u32, 1, 1));
+    let t = p.dims.block.0;
+    assert!(t % launch::WARP == 0 && (32..=launch::MAX_THREADS_PER_BLOCK).contains(&t));
+    assert_eq!(p.chunk, t as u64);
+    // The chunks tile [0, n) without gaps or overlaps.
+    assert!(
+        p.n_chunks * p.chunk >= n && (p.n_chunks - 1) * p.chunk < n,
+        "n = {n}"
+    );
+    let (first, last) = (p.chunk_range(0), p.chunk_range(p.n_chunks - 1));
+    assert_eq!(first.0, 0);
+    assert_eq!(last.1, n);
+    assert!(last.0 < last.1, "the last chunk is not empty");
+    assert_eq!(p.chunk_range(p.n_chunks), (n, n), "past the end is empty");
+    assert!(p.static_shared_bytes <= launch::SHARED_MEM_LIMIT);
+    assert_eq!(
+        p.static_shared_bytes, 1172,
+        "256 bins + 32 warp counts + 5 scalars, as ptxas reports"
+    );
+    assert_eq!(p.reads_per_row(), 5 * n);
+}
+
+#[test]
+fn topk_plan_covers_long_sequences() {
+    for (n, k) in [
+        (1u64, 1u64),
+        (31, 5),
+        (2048, 1365),
+        (8192, 2730),
+        (1 << 20, 349_525),
+        (1 << 20, 1),
+        (1 << 20, 1 << 20),
+        (3_000_000, 1_000_000),
+    ] {
+        check_topk_plan(8, n, k);
+    }
+    let p = TopkPlan::new(1, 1 << 20, 1000).unwrap();
+    assert_eq!((p.chunk, p.n_chunks), (1024, 1024));
+}
+
+#[test]
+fn topk_plan_rejects_bad_sizes() {
+    assert!(TopkPlan::new(1, 10, 0).is_err());
+    assert!(TopkPlan::new(1, 10, 11).is_err());
+    assert!(TopkPlan::new(1, 0, 0).is_err());
+    assert!(TopkPlan::new(0, 10, 1).is_err());
+    assert!(TopkPlan::new(1, u32::MAX as u64 + 1, 1).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn topk_plan_chunks_tile_the_row(n in 1u64..=1_048_576, kf in 0.0f64..1.0, rows in 1u64..64) {
+        let k = ((kf * n as f64) as u64).clamp(1, n);
+        check_topk_plan(rows, n, k);
+        let p = TopkPlan::new(rows, n, k).unwrap();
+        let mut end = 0;
+        for c in 0..p.n_chunks {
+            let (s, e) = p.chunk_range(c);
+            prop_assert_eq!(s, end);
+            prop_assert!(e > s);
+            end = e;
+        }
+        prop_assert_eq!(end, n);
+    }
+
+    #[test]
+    fn decode_parts_cover_each_request(
+        batch in 1usize..40, kv in 1usize..5, group in 1usize..5, dh in 1usize..=256,
+        bt in 1usize..33, mb in 0usize..50, part in 1usize..600, len in 0usize..2000,
+    ) {
+        let shape = DecodeShape { batch, q_heads: kv * group, kv_heads: kv, head_dim: dh, block_tokens: bt, max_blocks: mb, num_blocks: 100 };
+        let p = DecodePlan::new(shape, part).unwrap();
+        prop_assert_eq!(p.partial.grid, (p.n_parts as u32, (kv * group) as u32, batch as u32));
+        prop_assert_eq!(p.combine.grid, ((kv * group) as u32, batch as u32, 1));
+        prop_assert!(p.partial.shared_mem_bytes <= launch::SHARED_MEM_LIMIT);
+        prop_assert_eq!(p.partial.shared_mem_bytes as usize, 4 * (dh + 2) * 4);
+        prop_assert_eq!(p.partial_len, batch * kv * group * p.n_parts * (dh + 2));
+        // The parts tile [0, min(len, capacity)).
+        let mut covered = 0;
+        for i in 0..p.n_parts {
+            let (s, e) = p.part_range(i, len);
+            prop_assert!(s <= e);
+            if s < e {
+                prop_assert_eq!(s, covered);
+                covered = e;
+            }
+        }
+        prop_assert_eq!(covered, len.min(mb * bt));
+    }
+}
+
+#[test]
+fn decode_plan_rejects_bad_shapes() {
+    let ok = DecodeShape {
+        batch: 2,
+        q_heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        block_tokens: 16,
+        max_blocks: 4,
+        num_blocks: 8,
+    };
+    assert_eq!(DecodePlan::new(ok, 32).unwrap().n_parts, 2);
+    for bad in [
+        DecodeShape {
+            q_heads: 6,
+            kv_heads: 4,
+            ..ok
+        },
+        DecodeShape {
+            head_dim: 257,
+            ..ok
+        },
+        DecodeShape { head_dim: 0, ..ok },
+        DecodeShape { batch: 0, ..ok },
+        DecodeShape {
+            batch: 70_000,
+            ..ok
+        },
+        DecodeShape {
+            block_tokens: 0,
+            ..ok
+        },
+    ] {
+        let e = DecodePlan::new(bad, 32).unwrap_err().to_string();
+        assert!(e.contains("paged decode attention plan"), "{e}");
+    }
+    assert!(DecodePlan::new(ok, 0).is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// Modules, kernel names and cache keys.
+
+fn kernels_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels")
+}
+
+#[test]
+fn every_source_file_is_a_module_and_back() {
+    let mut stems: Vec<String> = std::fs::read_dir(kernels_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    stems.sort();
+    let mut names: Vec<String> = KernelModule::ALL
+        .iter()
+        .map(|m| m.name().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(stems, names);
+    for m in KernelModule::ALL {
+        assert_eq!(KernelModule::from_name(m.name()), Some(m));
+    }
+    assert_eq!(KernelModule::from_name("nope"), None);
+}
+
+#[test]
+fn every_launched_kernel_is_defined_for_f32_and_bf16() {
+    for m in KernelModule::ALL {
+        let src = std::fs::read_to_string(kernels_dir().join(format!("{}.cu", m.name()))).unwrap();
+        for base in m.kernels() {
+            assert!(
+                src.contains(&format!("void {base}_##SUFFIX(")),
+                "{base} is not defined in {m}.cu"
+            );
+        }
+        assert!(
+            src.contains("(float, f32)") && src.contains("(mor_bf16, bf16)"),
+            "{m}.cu lacks an f32 or bf16 instantiation"
+        );
+        // Sources must compile with NVRTC without include paths.
+        assert!(
+            !src.contains("#include <"),
+            "{m}.cu includes a system header"
+        );
+    }
+    assert_eq!(
+        kernel_name("mor_rms_norm_fwd", KernelDType::Bf16),
+        "mor_rms_norm_fwd_bf16"
+    );
+    assert_eq!(
+        kernel_name("mor_topk_sorted", KernelDType::F32),
+        "mor_topk_sorted_f32"
+    );
+    assert_eq!(KernelDType::of(DType::F64), None);
+    assert_eq!(KernelDType::of(DType::BF16), Some(KernelDType::Bf16));
+}
+
+#[test]
+fn module_cache_keys_separate_devices_and_modules() {
+    let mut cache = HashMap::new();
+    for ordinal in 0..3 {
+        for m in KernelModule::ALL {
+            assert!(cache
+                .insert(ModuleKey { ordinal, module: m }, (ordinal, m))
+                .is_none());
+        }
+    }
+    assert_eq!(cache.len(), 18);
+    let k = ModuleKey {
+        ordinal: 1,
+        module: KernelModule::Router,
+    };
+    assert_eq!(cache[&k], (1, KernelModule::Router));
+    assert_eq!(k.to_string(), "cuda:1/router");
+    assert_ne!(
+        k,
+        ModuleKey {
+            ordinal: 0,
+            module: KernelModule::Router
+        }
+    );
+}
+
+#[test]
+fn nvrtc_targets_follow_the_compute_capability() {
+    for ((maj, min), want) in [
+        ((9, 0), "compute_90"),
+        ((8, 0), "compute_80"),
+        ((8, 6), "compute_86"),
+        ((8, 9), "compute_89"),
+        ((8, 7), "compute_87"),
+        ((10, 0), "compute_100"),
+        ((11, 0), "compute_100"),
+        ((12, 1), "compute_120"),
+        ((7, 5), "compute_80"),
+    ] {
+        assert_eq!(nvrtc_arch(maj, min), want, "sm_{maj}{min}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Without the feature.
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_backend_without_the_feature_says_how_to_get_it() {
+    use mor_kernels::{build_backend, BackendCtx, Error};
+    assert!(mor_core::registry::names(mor_core::Family::Backend).contains(&"cuda".to_string()));
+    let err = build_backend("cuda", &toml::Table::new(), &BackendCtx { device: CPU }).unwrap_err();
+    assert!(matches!(err, Error::NotCompiledWithCuda), "{err:?}");
+    assert!(err.to_string().contains("--features cuda"), "{err}");
+    let mut params = toml::Table::new();
+    params.insert("ordinal".into(), toml::Value::Integer(1));
+    assert!(matches!(
+        build_backend("cuda", &params, &BackendCtx { device: CPU }),
+        Err(Error::NotCompiledWithCuda)
+    ));
+    assert!(matches!(
+        CudaBackend::new(0),
+        Err(Error::NotCompiledWithCuda)
+    ));
+    assert!(matches!(
+        CudaBackend::on_device(CPU),
+        Err(Error::NotCompiledWithCuda)
+    ));
+    let out = std::env::temp_dir().join("mor-gpu-check-never-written.json");
+    assert!(matches!(
+        cuda::gpu_check(&out),
+        Err(Error::NotCompiledWithCuda)
+    ));
+    assert!(!out.exists());
+    assert!(cuda::embedded_module(KernelModule::Router).is_none());
+}
+
+#[test]
+fn cuda_backend_rejects_unknown_parameters() {
+    use mor_kernels::{build_backend, BackendCtx};
+    let mut params = toml::Table::new();
+    params.insert("device".into(), toml::Value::Integer(0));
+    let err = build_backend("cuda", &params, &BackendCtx { device: CPU })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown field") && err.contains("device"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Top-k: the kernel's radix select against a sort.
+
+#[test]
+fn float_keys_preserve_order() {
+    let v = [
+        f32::NEG_INFINITY,
+        -3.5,
+        -1e-30,
+        -0.0,
+        0.0,
+        1e-30,
+        2.0,
+        f32::MAX,
+        f32::INFINITY,
+    ];
+    for w in v.windows(2) {
+        assert!(
+            host::float_key32(w[0]) < host::float_key32(w[1]),
+            "{} vs {}",
+            w[0],
+            w[1]
+        );
+        assert!(host::float_key64(w[0] as f64) < host::float_key64(w[1] as f64));
+    }
+    assert_eq!(host::float_key32(f32::NAN), 0);
+    assert!(host::float_key32(f32::NEG_INFINITY) > 0);
+}
+
+fn tie_value(code: u8) -> f64 {
+    match code {
+        0 => f64::NAN,
+        1 => f64::INFINITY,
+        2 => f64::NEG_INFINITY,
+        3 => -0.0,
+        4 => 0.0,
+        c => (c as f64 - 10.0) * 0.25,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn radix_select_matches_sort(rows in 1usize..4, n in 1usize..200, kf in 0.0f64..1.0, codes in prop::collection::vec(0u8..20, 800)) {
+        let k = ((kf * n as f64) as usize).clamp(1, n);
+        let scores: Vec<f64> = (0..rows * n).map(|i| tie_value(codes[i % codes.len()])).collect();
+        let radix = host::topk_sorted_radix(&scores, rows, n, k, false).unwrap();
+        let naive = host::topk_sorted_naive(&scores, rows, n, k).unwrap();
+        prop_assert_eq!(&radix, &naive);
+        let exact = host::topk_sorted_radix(&scores, rows, n, k, true).unwrap();
+        prop_assert_eq!(&exact, &naive);
+        for r in 0..rows {
+            let row = &radix[r * k..(r + 1) * k];
+            prop_assert!(row.windows(2).all(|w| w[0] < w[1]), "not strictly ascending: {:?}", row);
+        }
+    }
+}
+
+#[test]
+fn radix_select_handles_a_long_row() {
+    let mut rng = Rng::new(7);
+    let n = 300_000;
+    // Few distinct values: long runs of ties cross many chunks.
+    let scores: Vec<f64> = (0..n).map(|_| (rng.below(50) as f64) * 0.5).collect();
+    for k in [1, 1000, 100_000, n] {
+        let radix = host::topk_sorted_radix(&scores, 1, n, k, false).unwrap();
+        let naive = host::topk_sorted_naive(&scores, 1, n, k).unwrap();
+        assert_eq!(radix, naive, "k = {k}");
+    }
+}
+
+#[test]
+fn topk_op_maps_candidates_to_positions() {
+    // Candidates are tokens 1, 3, 5, ... (hierarchical filtering); ties go to the earlier one.
+    let scores = Tensor::new(
+        &[[0.5f32, 2.0, -1.0, 2.0, 0.1], [3.0, 3.0, 3.0, 3.0, 3.0]],
+        &CPU,
+    )
+    .unwrap();
+    let map = u32s((0..10).map(|i| 2 * (i % 5) + 1).collect(), &[2, 5]);
+    let t = cuda::topk_sorted(&scores, 3, Some(&map)).unwrap();
+    assert_eq!(
+        t.keep.to_vec2::<u32>().unwrap(),
+        vec![vec![0, 1, 3], vec![0, 1, 2]]
+    );
+    assert_eq!(
+        t.sel.to_vec2::<u32>().unwrap(),
+        vec![vec![1, 3, 7], vec![1, 3, 5]]
+    );
+    let t = cuda::topk_sorted(&scores.to_dtype(DType::BF16).unwrap(), 1, None).unwrap();
+    assert_eq!(t.keep.to_vec2::<u32>().unwrap(), vec![vec![1], vec![0]]);
+    assert_eq!(
+        t.sel.to_vec2::<u32>().unwrap(),
+        t.keep.to_vec2::<u32>().unwrap()
+    );
+}
+
+#[test]
+fn topk_matches_plain_sort_on_distinct_scores() {
+    let mut rng = Rng::new(11);
+    let s = randn(&mut rng, &[4, 300]).to_dtype(DType::F32).unwrap();
+    let fused = cuda::topk_sorted(&s, 100, None).unwrap().keep;
+    let plain = plain::topk_sorted(&s, 100).unwrap();
+    assert_eq!(
+        fused.to_vec2::<u32>().unwrap(),
+        plain.to_vec2::<u32>().unwrap()
+    );
+}
+
+#[test]
+fn topk_rejects_bad_input() {
+    let s = Tensor::zeros((2, 5), DType::F32, &CPU).unwrap();
+    for (k, what) in [(0, "k = 0"), (6, "k = 6")] {
+        let e = cuda::topk_sorted(&s, k, None).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+    let bad_map = Tensor::zeros((2, 5), DType::F32, &CPU).unwrap();
+    assert!(cuda::topk_sorted(&s, 2, Some(&bad_map))
+        .unwrap_err()
+        .to_string()
+        .contains("u32"));
+    let short_map = u32s(vec![0; 5], &[1, 5]);
+    assert!(cuda::topk_sorted(&s, 2, Some(&short_map)).is_err());
+    assert!(cuda::topk_sorted(&Tensor::zeros(5, DType::F32, &CPU).unwrap(), 2, None).is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// The ops' CPU bodies against plain candle ops (f64), and their gradients against finite
+// differences.
+
+#[test]
+fn router_scores_match_plain_ops_and_gradients() {
+    let mut rng = Rng::new(1);
+    for params in [
+        RouterParams::default(),
+        RouterParams {
+            alpha: 1.0,
+            temp: 2.0,
+            activation: RouterActivation::Tanh,
+        },
+        RouterParams {
+            alpha: 0.5,
+            temp: 0.5,
+            activation: RouterActivation::None,
+        },
+    ] {
+        let (h, w) = (randn(&mut rng, &[2, 3, 5]), randn(&mut rng, &[5]));
+        let (z, g) = cuda::router_scores(&h, &w, params).unwrap();
+        let (zp, gp) = plain::router_scores(&h, &w, params).unwrap();
+        assert_eq!(z.dims(), &[2, 3]);
+        assert_close(&z, &zp, 1e-12);
+        assert_close(&g, &gp, 1e-12);
+        let (hv, wv) = (Var::from_tensor(&h).unwrap(), Var::from_tensor(&w).unwrap());
+        let (rz, rg) = (randn(&mut rng, &[2, 3]), randn(&mut rng, &[2, 3]));
+        fd_check(
+            &[&hv, &wv],
+            &|| {
+                let (z, g) = cuda::router_scores(hv.as_tensor(), wv.as_tensor(), params).unwrap();
+                (weighted_sum(&z, &rz) + weighted_sum(&g, &rg)).unwrap()
+            },
+            1e-6,
+        );
+    }
+    // The gate of the paper's recipe lies in (0, alpha).
+    let (_, g) = cuda::router_scores(
+        &randn(&mut rng, &[40, 8]),
+        &randn(&mut rng, &[8]),
+        RouterParams::default(),
+    )
+    .unwrap();
+    assert!(g
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .all(|&v| v > 0.0 && v < 0.1));
+    let e = cuda::router_scores(
+        &randn(&mut rng, &[2, 4]),
+        &randn(&mut rng, &[5]),
+        RouterParams::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("expected [4]"), "{e}");
+}
+
+#[test]
+fn rms_norm_matches_plain_ops_and_gradients() {
+    let mut rng = Rng::new(2);
+    let (x, w) = (randn(&mut rng, &[2, 3, 7]), randn(&mut rng, &[7]));
+    let y = cuda::rms_norm(&x, &w, 1e-5).unwrap();
+    assert_close(&y, &plain::rms_norm(&x, &w, 1e-5).unwrap(), 1e-12);
+    let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+    let r = randn(&mut rng, &[2, 3, 7]);
+    fd_check(
+        &[&xv, &wv],
+        &|| {
+            weighted_sum(
+                &cuda::rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5).unwrap(),
+                &r,
+            )
+        },
+        1e-6,
+    );
+    // bf16 rounds once from the exact value.
+    let (xb, wb) = (
+        x.to_dtype(DType::BF16).unwrap(),
+        w.to_dtype(DType::BF16).unwrap(),
+    );
+    let yb = cuda::rms_norm(&xb, &wb, 1e-5).unwrap();
+    assert_eq!(yb.dtype(), DType::BF16);
+    let exact = plain::rms_norm(
+        &xb.to_dtype(DType::F64).unwrap(),
+        &wb.to_dtype(DType::F64).unwrap(),
+        1e-5,
+    )
+    .unwrap();
+    let rel = max_abs_diff(&yb, &exact)
+        / exact
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+    assert!(rel < 1.0 / 128.0, "bf16 error {rel}");
+    assert!(cuda::rms_norm(&x, &randn(&mut rng, &[6]), 1e-5).is_err());
+    assert!(cuda::rms_norm(&x, &w, -1.0).is_err());
+}
+
+#[test]
+fn rope_matches_plain_ops_and_gradients() {
+    let mut rng = Rng::new(3);
+    let (cos, sin) = mor_kernels::rope_tables(32, 8, 10_000.0, &CPU).unwrap();
+    let (cos, sin) = (
+        cos.to_dtype(DType::F64).unwrap(),
+        sin.to_dtype(DType::F64).unwrap(),
+    );
+    let x = randn(&mut rng, &[2, 3, 5, 8]);
+    let pos = u32s(vec![0, 4, 9, PAD_POS, 31, 2, 3, 5, 7, 11], &[2, 5]);
+    let y = cuda::rope_at(&x, &pos, &cos, &sin).unwrap();
+    assert_close(&y, &plain::rope_at(&x, &pos, &cos, &sin).unwrap(), 1e-12);
+    // The padded row is returned unchanged; position 0 is the identity.
+    assert_close(
+        &y.narrow(2, 3, 1).unwrap().get(0).unwrap(),
+        &x.narrow(2, 3, 1).unwrap().get(0).unwrap(),
+        0.0,
+    );
+    assert_close(
+        &y.narrow(2, 0, 1).unwrap().get(0).unwrap(),
+        &x.narrow(2, 0, 1).unwrap().get(0).unwrap(),
+        1e-15,
+    );
+    // A rotation keeps the norm (up to the f32 rounding of the tables).
+    let n = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    assert!(
+        (n(&y) - n(&x)).abs() < 1e-6 * n(&x),
+        "{} vs {}",
+        n(&y),
+        n(&x)
+    );
+    let xv = Var::from_tensor(&x).unwrap();
+    let r = randn(&mut rng, &[2, 3, 5, 8]);
+    fd_check(
+        &[&xv],
+        &|| {
+            weighted_sum(
+                &cuda::rope_at(xv.as_tensor(), &pos, &cos, &sin).unwrap(),
+                &r,
+            )
+        },
+        1e-6,
+    );
+    let past = u32s(vec![0, 1, 2, 3, 32, 0, 1, 2, 3, 4], &[2, 5]);
+    let e = cuda::rope_at(&x, &past, &cos, &sin)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("position 32"), "{e}");
+    assert!(cuda::rope_at(&x, &pos, &cos.narrow(1, 0, 3).unwrap(), &sin).is_err());
+}
+
+#[test]
+fn gather_rope_matches_plain_ops_and_gradients() {
+    let mut rng = Rng::new(4);
+    let (cos, sin) = mor_kernels::rope_tables(16, 6, 10_000.0, &CPU).unwrap();
+    let (cos, sin) = (
+        cos.to_dtype(DType::F64).unwrap(),
+        sin.to_dtype(DType::F64).unwrap(),
+    );
+    let x = randn(&mut rng, &[2, 2, 9, 6]);
+    let idx = u32s(sorted_distinct(&mut rng, 2, 9, 4), &[2, 4]);
+    let y = cuda::gather_rope(&x, &idx, &cos, &sin).unwrap();
+    assert_eq!(y.dims(), &[2, 2, 4, 6]);
+    assert_close(
+        &y,
+        &plain::gather_rope(&x, &idx, &cos, &sin).unwrap(),
+        1e-12,
+    );
+    // Equal to a gather followed by RoPE at the gathered positions.
+    let g = plain::gather_rope(
+        &x,
+        &idx,
+        &cos.ones_like().unwrap(),
+        &sin.zeros_like().unwrap(),
+    )
+    .unwrap();
+    assert_close(&y, &cuda::rope_at(&g, &idx, &cos, &sin).unwrap(), 1e-12);
+    let xv = Var::from_tensor(&x).unwrap();
+    let r = randn(&mut rng, &[2, 2, 4, 6]);
+    fd_check(
+        &[&xv],
+        &|| {
+            weighted_sum(
+                &cuda::gather_rope(xv.as_tensor(), &idx, &cos, &sin).unwrap(),
+                &r,
+            )
+        },
+        1e-6,
+    );
+    // A padded index gives a zero row; a repeated one accumulates in the backward.
+    let idx2 = u32s(vec![1, 1, PAD_POS, 8, 0, 2, 4, 6], &[2, 4]);
+    let y2 = cuda::gather_rope(&x, &idx2, &cos, &sin).unwrap();
+    assert_eq!(
+        y2.narrow(2, 2, 1)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        0.0
+    );
+    fd_check(
+        &[&xv],
+        &|| {
+            weighted_sum(
+                &cuda::gather_rope(xv.as_tensor(), &idx2, &cos, &sin).unwrap(),
+                &r,
+            )
+        },
+        1e-6,
+    );
+    let e = cuda::gather_rope(&x, &u32s(vec![0, 1, 2, 9, 0, 1, 2, 3], &[2, 4]), &cos, &sin)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("index 9"), "{e}");
+}
+
+#[test]
+fn swiglu_matches_plain_ops_and_gradients() {
+    let mut rng = Rng::new(5);
+    let (g, u) = (randn(&mut rng, &[3, 4, 5]), randn(&mut rng, &[3, 4, 5]));
+    assert_close(
+        &cuda::swiglu(&g, &u).unwrap(),
+        &plain::swiglu(&g, &u).unwrap(),
+        1e-12,
+    );
+    let (gv, uv) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&u).unwrap());
+    let r = randn(&mut rng, &[3, 4, 5]);
+    fd_check(
+        &[&gv, &uv],
+        &|| weighted_sum(&cuda::swiglu(gv.as_tensor(), uv.as_tensor()).unwrap(), &r),
+        1e-6,
+    );
+    assert!(cuda::swiglu(&g, &u.narrow(2, 0, 4).unwrap()).is_err());
+    assert!(cuda::swiglu(&g, &u.to_dtype(DType::F32).unwrap()).is_err());
+}
+
+#[test]
+fn gather_and_scatter_match_plain_ops_and_gradients() {
+    let mut rng = Rng::new(6);
+    let h = randn(&mut rng, &[2, 7, 3]);
+    let idx = u32s(sorted_distinct(&mut rng, 2, 7, 4), &[2, 4]);
+    let g = cuda::gather_rows(&h, &idx).unwrap();
+    assert_close(&g, &plain::gather_rows(&h, &idx).unwrap(), 0.0);
+    let (y, w) = (randn(&mut rng, &[2, 4, 3]), randn(&mut rng, &[2, 4]));
+    let s = cuda::scatter_add_rows(&h, &idx, &y, Some(&w)).unwrap();
+    assert_close(
+        &s,
+        &plain::scatter_add_rows(&h, &idx, &y, Some(&w)).unwrap(),
+        1e-12,
+    );
+    let s1 = cuda::scatter_add_rows(&h, &idx, &y, None).unwrap();
+    assert_close(
+        &s1,
+        &plain::scatter_add_rows(&h, &idx, &y, None).unwrap(),
+        1e-12,
+    );
+    // Rows that were not selected are untouched.
+    let selected: Vec<Vec<u32>> = idx.to_vec2().unwrap();
+    for b in 0..2 {
+        for t in 0..7u32 {
+            if !selected[b].contains(&t) {
+                assert_close(
+                    &s.get(b).unwrap().get(t as usize).unwrap(),
+                    &h.get(b).unwrap().get(t as usize).unwrap(),
+                    0.0,
+                );
+            }
+        }
+    }
+
+    let hv = Var::from_tensor(&h).unwrap();
+    let rg = randn(&mut rng, &[2, 4, 3]);
+    fd_check(
+        &[&hv],
+        &|| weighted_sum(&cuda::gather_rows(hv.as_tensor(), &idx).unwrap(), &rg),
+        1e-6,
+    );
+    // A plain gather may repeat an index: the backward accumulates.
+    let rep = u32s(vec![2, 2, 5, 5, 0, 6, 6, 6], &[2, 4]);
+    fd_check(
+        &[&hv],
+        &|| weighted_sum(&cuda::gather_rows(hv.as_tensor(), &rep).unwrap(), &rg),
+        1e-6,
+    );
+
+    let (yv, wv) = (Var::from_tensor(&y).unwrap(), Var::from_tensor(&w).unwrap());
+    let rs = randn(&mut rng, &[2, 7, 3]);
+    fd_check(
+        &[&hv, &yv, &wv],
+        &|| {
+            weighted_sum(
+                &cuda::scatter_add_rows(hv.as_tensor(), &idx, yv.as_tensor(), Some(wv.as_tensor()))
+                    .unwrap(),
+                &rs,
+            )
+        },
+        1e-6,
+    );
+
+    let oob = u32s(vec![0, 1, 2, 7, 0, 1, 2, 3], &[2, 4]);
+    assert!(cuda::gather_rows(&h, &oob)
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
+    let e = cuda::scatter_add_rows(&h, &rep, &y, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("appears twice"), "{e}");
+    assert!(cuda::scatter_add_rows(&h, &idx, &y, Some(&randn(&mut rng, &[2, 3]))).is_err());
+    assert!(cuda::gather_rows(&h, &idx.to_dtype(DType::F32).unwrap()).is_err());
+}
+
+fn decode_inputs(rng: &mut Rng) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+    let (b, hq, hkv, dh, bt, nb, mb) = (3, 4, 2, 8, 4, 16, 5);
+    let q = randn(rng, &[b, hq, dh]);
+    let kc = randn(rng, &[nb, bt, hkv, dh]);
+    let vc = randn(rng, &[nb, bt, hkv, dh]);
+    let mut blocks: Vec<u32> = (0..nb as u32).collect();
+    rng.shuffle(&mut blocks);
+    let table = u32s(blocks[..b * mb].to_vec(), &[b, mb]);
+    let lens = u32s(vec![1, 13, 20], &[b]);
+    (q, kc, vc, table, lens)
+}
+
+#[test]
+fn paged_decode_attention_matches_plain_ops() {
+    let mut rng = Rng::new(8);
+    let (q, kc, vc, table, lens) = decode_inputs(&mut rng);
+    let fused = cuda::paged_decode_attention(&q, &kc, &vc, &table, &lens, Some(3)).unwrap();
+    let plain = plain::paged_decode_attention(&q, &kc, &vc, &table, &lens).unwrap();
+    assert_eq!(fused.dims(), &[3, 4, 8]);
+    assert_close(&fused, &plain, 1e-12);
+    // One cached token: the output is that token's value row (KV head 0 for query heads 0, 1).
+    let blk = table
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap() as usize;
+    let v0 = vc.get(blk).unwrap().get(0).unwrap().get(0).unwrap();
+    assert_close(&fused.get(0).unwrap().get(1).unwrap(), &v0, 1e-12);
+    // An empty request gets zeros.
+    let empty = u32s(vec![0, 13, 20], &[3]);
+    let z = cuda::paged_decode_attention(&q, &kc, &vc, &table, &empty, None).unwrap();
+    assert_eq!(
+        z.get(0)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        0.0
+    );
+    assert_close(
+        &z.narrow(0, 1, 2).unwrap(),
+        &fused.narrow(0, 1, 2).unwrap(),
+        1e-12,
+    );
+}
+
+#[test]
+fn paged_decode_attention_rejects_bad_input_and_backward() {
+    let mut rng = Rng::new(9);
+    let (q, kc, vc, table, lens) = decode_inputs(&mut rng);
+    let bad_table = table.affine(1.0, 100.0).unwrap();
+    let e = cuda::paged_decode_attention(&q, &kc, &vc, &bad_table, &lens, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("past the pool"), "{e}");
+    let q3 = randn(&mut rng, &[3, 3, 8]);
+    assert!(
+        cuda::paged_decode_attention(&q3, &kc, &vc, &table, &lens, None)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple")
+    );
+    assert!(cuda::paged_decode_attention(
+        &q,
+        &kc,
+        &vc,
+        &table,
+        &lens.to_dtype(DType::F32).unwrap(),
+        None
+    )
+    .is_err());
+    let qv = Var::from_tensor(&q).unwrap();
+    let out = cuda::paged_decode_attention(qv.as_tensor(), &kc, &vc, &table, &lens, None).unwrap();
+    let e = out.sum_all().unwrap().backward().unwrap_err().to_string();
+    assert!(e.contains("inference-only"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The backend on the CPU bodies.
+
+/// Naive causal attention by positions, written with loops (the contract of
+/// `Backend::attention`).
+fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, qp: &[Vec<u32>], kp: &[Vec<u32>]) -> Tensor {
+    let (b, hq, t, dh) = q.dims4().unwrap();
+    let (_, hkv, s, _) = k.dims4().unwrap();
+    let (q4, k4, v4) = (to_nested(q), to_nested(k), to_nested(v));
+    let mut out = vec![0.0; b * hq * t * dh];
+    for bb in 0..b {
+        for h in 0..hq {
+            let kvh = h / (hq / hkv);
+            for i in 0..t {
+                if qp[bb][i] == PAD_POS {
+                    continue;
+                }
+                let vis: Vec<usize> = (0..s)
+                    .filter(|&j| kp[bb][j] != PAD_POS && kp[bb][j] <= qp[bb][i])
+                    .collect();
+                if vis.is_empty() {
+                    continue;
+                }
+                let sc: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| {
+                        (0..dh)
+                            .map(|c| q4[bb][h][i][c] * k4[bb][kvh][j][c])
+                            .sum::<f64>()
+                            / (dh as f64).sqrt()
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for (n, &j) in vis.iter().enumerate() {
+                    for c in 0..dh {
+                        out[((bb * hq + h) * t + i) * dh + c] +=
+                            (sc[n] - m).exp() / z * v4[bb][kvh][j][c];
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, hq, t, dh), &CPU).unwrap()
+}
+
+fn to_nested(t: &Tensor) -> Vec<Vec<Vec<Vec<f64>>>> {
+    (0..t.dim(0).unwrap())
+        .map(|i| t.get(i).unwrap().to_vec3::<f64>().unwrap())
+        .collect()
+}
+
+#[test]
+fn host_emulation_backend_follows_the_contract() {
+    let be = CudaBackend::host_emulation();
+    assert_eq!(be.name(), "cuda");
+    assert!(be.device().is_cpu());
+    let mut rng = Rng::new(10);
+    let q = randn(&mut rng, &[2, 4, 5, 4]);
+    let k = randn(&mut rng, &[2, 2, 6, 4]);
+    let v = randn(&mut rng, &[2, 2, 6, 4]);
+    let qp = vec![vec![0, 2, 3, PAD_POS, 9], vec![0, 1, 2, 3, 4]];
+    let kp = vec![vec![1, 2, 3, 5, PAD_POS, 7], vec![0, 1, 2, 3, 4, 5]];
+    let (qpt, kpt) = (u32s(qp.concat(), &[2, 5]), u32s(kp.concat(), &[2, 6]));
+    let out = be.attention(&q, &k, &v, &qpt, &kpt).unwrap();
+    assert_close(&out, &naive_attention(&q, &k, &v, &qp, &kp), 1e-12);
+    // Query at position 0 in row 0 sees no key (keys start at 1): zeros; so does the pad.
+    assert_eq!(
+        out.get(0)
+            .unwrap()
+            .narrow(1, 0, 1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        0.0
+    );
+    // Every op is differentiable through the backend.
+    let qv = Var::from_tensor(&q).unwrap();
+    let r = randn(&mut rng, &[2, 4, 5, 4]);
+    fd_check(
+        &[&qv],
+        &|| {
+            weighted_sum(
+                &be.attention(qv.as_tensor(), &k, &v, &qpt, &kpt).unwrap(),
+                &r,
+            )
+        },
+        1e-6,
+    );
+    let x = randn(&mut rng, &[3, 6]);
+    let w = randn(&mut rng, &[6]);
+    assert_close(
+        &be.rms_norm(&x, &w, 1e-5).unwrap(),
+        &cuda::rms_norm(&x, &w, 1e-5).unwrap(),
+        0.0,
+    );
+    assert_close(
+        &be.swiglu(&x, &w.unsqueeze(0).unwrap().repeat((3, 1)).unwrap())
+            .unwrap(),
+        &plain::swiglu(&x, &w.unsqueeze(0).unwrap().repeat((3, 1)).unwrap()).unwrap(),
+        1e-12,
+    );
+    let h = randn(&mut rng, &[1, 5, 2]);
+    let idx = u32s(vec![1, 4], &[1, 2]);
+    let y = randn(&mut rng, &[1, 2, 2]);
+    assert_close(
+        &be.gather_tokens(&h, &idx).unwrap(),
+        &plain::gather_rows(&h, &idx).unwrap(),
+        0.0,
+    );
+    assert_close(
+        &be.scatter_add_tokens(&h, &idx, &y, None).unwrap(),
+        &plain::scatter_add_rows(&h, &idx, &y, None).unwrap(),
+        1e-12,
+    );
+    assert!(be
+        .attention(
+            &q,
+            &k.narrow(1, 0, 1).unwrap().repeat((1, 3, 1, 1)).unwrap(),
+            &v,
+            &qpt,
+            &kpt
+        )
+        .is_err());
+}
+
+#[test]
+fn host_emulation_matches_the_reference_backend() {
+    use mor_kernels::reference::ReferenceBackend;
+    let (fused, oracle) = (CudaBackend::host_emulation(), ReferenceBackend::new(CPU));
+    let (mut rng, mut wrng) = (Rng::new(12), Rng::new(13));
+    // Each case: the op on both backends, outputs and input gradients compared.
+    let mut check =
+        |name: &str, inputs: Vec<Tensor>, f: &dyn Fn(&dyn Backend, &[Tensor]) -> Tensor| {
+            let run = |be: &dyn Backend| {
+                let vars: Vec<Var> = inputs
+                    .iter()
+                    .map(|t| Var::from_tensor(t).unwrap())
+                    .collect();
+                let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                (f(be, &ts), ts)
+            };
+            let (out_f, ts_f) = run(&fused);
+            let (out_o, ts_o) = run(&oracle);
+            let d = max_abs_diff(&out_f, &out_o);
+            assert!(d < 1e-10, "{name}: outputs differ by {d:e}");
+            let w = randn(&mut wrng, out_f.dims());
+            let (gf, go) = (
+                weighted_sum(&out_f, &w).backward().unwrap(),
+                weighted_sum(&out_o, &w).backward().unwrap(),
+            );
+            for (i, (a, b)) in ts_f.iter().zip(&ts_o).enumerate() {
+                let (ga, gb) = (
+                    gf.get(a).expect("fused gradient"),
+                    go.get(b).expect("reference gradient"),
+                );
+                let d = max_abs_diff(ga, gb);
+                assert!(d < 1e-10, "{name}: gradient of input {i} differs by {d:e}");
+            }
+        };
+    let (cos, sin) = mor_kernels::rope_tables(16, 4, 10_000.0, &CPU).unwrap();
+    let pos = u32s(vec![0, 3, PAD_POS, 15, 1, 2, 7, 8], &[2, 4]);
+    let idx = u32s(vec![0, 2, 5, 1, 3, 4], &[2, 3]);
+    let qp = u32s(vec![0, 2, 3, PAD_POS, 1, 2, 3, 4], &[2, 4]);
+    let kp = u32s(vec![1, 2, 3, 5, PAD_POS, 0, 1, 2, 3, 4], &[2, 5]);
+    let (x, w) = (randn(&mut rng, &[2, 3, 6]), randn(&mut rng, &[6]));
+    check("rms_norm", vec![x, w], &|be, t| {
+        be.rms_norm(&t[0], &t[1], 1e-5).unwrap()
+    });
+    let x = randn(&mut rng, &[2, 2, 4, 4]);
+    check("rope", vec![x], &|be, t| {
+        be.rope(&t[0], &pos, &cos, &sin).unwrap()
+    });
+    let (q, k, v) = (
+        randn(&mut rng, &[2, 4, 4, 4]),
+        randn(&mut rng, &[2, 2, 5, 4]),
+        randn(&mut rng, &[2, 2, 5, 4]),
+    );
+    check("attention", vec![q, k, v], &|be, t| {
+        be.attention(&t[0], &t[1], &t[2], &qp, &kp).unwrap()
+    });
+    let (g, u) = (randn(&mut rng, &[3, 5]), randn(&mut rng, &[3, 5]));
+    check("swiglu", vec![g, u], &|be, t| {
+        be.swiglu(&t[0], &t[1]).unwrap()
+    });
+    let h = randn(&mut rng, &[2, 6, 3]);
+    check("gather_tokens", vec![h.clone()], &|be, t| {
+        be.gather_tokens(&t[0], &idx).unwrap()
+    });
+    let (y, wt) = (randn(&mut rng, &[2, 3, 3]), randn(&mut rng, &[2, 3]));
+    check("scatter_add_tokens", vec![h, y, wt], &|be, t| {
+        be.scatter_add_tokens(&t[0], &idx, &t[1], Some(&t[2]))
+            .unwrap()
+    });
+}

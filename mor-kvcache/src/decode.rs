@@ -1,1 +1,0 @@
-//! Decode-time KV caches.

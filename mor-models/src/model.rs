@@ -1,0 +1,617 @@
+//! The Llama-style Mixture-of-Recursions decoder (spec §1.1, §2, §3).
+//!
+//! One stack of shared layers is applied up to `N_r` times. The recursion plan of the
+//! sharing strategy says which unique parameter block each unrolled layer slot uses:
+//!
+//! ```text
+//! ids -> embed -> prelude slots (all tokens)
+//!     -> for r in 1..=N_r: router picks the tokens of step r (sorted, causal order)
+//!          -> gather -> shared block layers of step r (RoPE at original positions,
+//!             attention over the keys/values the KV policy gives)
+//!          -> merge back (h + g·y for expert-choice, spec Eq. 2.1)
+//!     -> coda slots (all tokens) -> final RMSNorm -> LM head (tied) -> CE + router losses
+//! ```
+//!
+//! - Vanilla is the plan of sharing `none`: one "recursion step" of every layer, no router.
+//! - The recursive baseline (spec §2) has a plan with `N_r` steps and no router: every token
+//!   runs every step with the plain update `h ← block(h)`.
+//! - MoR adds a [`Router`]; its [`Update`] rule says how the block output is merged.
+//!
+//! Parameters tied by the sharing strategy have one storage: the model keeps one set of
+//! `Var`s per unique block and every slot that uses the block reads the same `Var`s (the
+//! reference code once lost these ties, spec §8 [I#17]; a test guards it).
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use mor_core::config::ResolvedConfig;
+use mor_core::plan::{RecursionPlan, Segment};
+use mor_core::rng::Rng;
+use mor_kernels::{Backend, BackendCtx, PAD_POS};
+use mor_kvcache::{KvCtx, KvPolicy, StepKv};
+use mor_router::{RouteMode, Router, RouterCtx, RouterOutput, RouterStats, RoutingKind, Update};
+use std::sync::Arc;
+
+/// Parameters of one Llama decoder layer (one unique block of the plan).
+#[derive(Debug, Clone)]
+pub struct LayerParams {
+    /// Pre-attention RMSNorm weight `[d]`.
+    pub attn_norm: Var,
+    /// Query projection `[hq·dh, d]`.
+    pub q: Var,
+    /// Key projection `[hkv·dh, d]`.
+    pub k: Var,
+    /// Value projection `[hkv·dh, d]`.
+    pub v: Var,
+    /// Output projection `[d, hq·dh]`.
+    pub o: Var,
+    /// Pre-MLP RMSNorm weight `[d]`.
+    pub mlp_norm: Var,
+    /// SwiGLU gate projection `[di, d]`.
+    pub gate: Var,
+    /// SwiGLU up projection `[di, d]`.
+    pub up: Var,
+    /// SwiGLU down projection `[d, di]`.
+    pub down: Var,
+}
+
+/// Per-slot RMSNorm weights, used when `ln_share = false`.
+#[derive(Debug, Clone)]
+pub struct SlotNorms {
+    /// Pre-attention norm `[d]`.
+    pub attn_norm: Var,
+    /// Pre-MLP norm `[d]`.
+    pub mlp_norm: Var,
+}
+
+/// Loss and diagnostics of one forward.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// Logits `[b, t, vocab]`.
+    pub logits: Tensor,
+    /// Router output (loss terms, stats); empty without a router.
+    pub router: RouterOutput,
+    /// Per row and position, the number of recursion steps the token ran (1..=N_r).
+    pub depths: Vec<Vec<u8>>,
+}
+
+/// The model.
+#[derive(Debug)]
+pub struct MorModel {
+    cfg: ResolvedConfig,
+    backend: Arc<dyn Backend>,
+    kv: Arc<dyn KvPolicy>,
+    router: Option<Box<dyn Router>>,
+    embed: Var,
+    lm_head: Option<Var>,
+    blocks: Vec<LayerParams>,
+    slot_norms: Option<Vec<SlotNorms>>,
+    final_norm: Var,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+}
+
+/// A named parameter.
+pub type NamedVar = (String, Var);
+
+fn init_var(seed: u64, name: &str, shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Var> {
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::derive(seed, name);
+    let data = rng.normal_vec(n, std);
+    let t = Tensor::from_vec(data, shape, dev)?.to_dtype(dtype)?;
+    Ok(Var::from_tensor(&t)?)
+}
+
+fn ones_var(shape: &[usize], dtype: DType, dev: &Device) -> Result<Var> {
+    Ok(Var::from_tensor(&Tensor::ones(shape, dtype, dev)?)?)
+}
+
+/// `x @ w^T` for `x: [.., in]`, `w: [out, in]`.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = dims.clone();
+    *out.last_mut().unwrap() = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+impl MorModel {
+    /// Builds a freshly initialised model from a resolved config (N(0, init_std) weights,
+    /// RMSNorm weights at 1, drawn from the config seed; spec §1.1).
+    pub fn new(cfg: &ResolvedConfig) -> Result<Self> {
+        Self::new_with(cfg, DType::F32, Device::Cpu)
+    }
+
+    /// As [`MorModel::new`], with an explicit dtype (f64 is used by gradient checks) and
+    /// device.
+    pub fn new_with(cfg: &ResolvedConfig, dtype: DType, device: Device) -> Result<Self> {
+        let m = &cfg.model;
+        let backend = mor_kernels::build_backend(&cfg.backend.kind, &cfg.backend.params, &BackendCtx { device: device.clone() })?;
+        let kv = mor_kvcache::build_kv_policy(
+            &cfg.kv.kind,
+            &cfg.kv.params,
+            &KvCtx { num_recursions: cfg.plan.num_recursions, backend: backend.clone() },
+        )?;
+        let seed = cfg.seed;
+        let std = m.init_std;
+        let (d, hq, hkv, dh, di) = (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size);
+        let dev = &device;
+        let embed = init_var(seed, "model.embed_tokens.weight", &[m.vocab_size, d], std, dtype, dev)?;
+        let lm_head = if m.tie_embeddings {
+            None
+        } else {
+            Some(init_var(seed, "lm_head.weight", &[m.vocab_size, d], std, dtype, dev)?)
+        };
+        let mut blocks = Vec::with_capacity(cfg.plan.num_blocks);
+        for b in 0..cfg.plan.num_blocks {
+            let p = format!("model.layers.{b}");
+            blocks.push(LayerParams {
+                attn_norm: ones_var(&[d], dtype, dev)?,
+                q: init_var(seed, &format!("{p}.self_attn.q_proj.weight"), &[hq * dh, d], std, dtype, dev)?,
+                k: init_var(seed, &format!("{p}.self_attn.k_proj.weight"), &[hkv * dh, d], std, dtype, dev)?,
+                v: init_var(seed, &format!("{p}.self_attn.v_proj.weight"), &[hkv * dh, d], std, dtype, dev)?,
+                o: init_var(seed, &format!("{p}.self_attn.o_proj.weight"), &[d, hq * dh], std, dtype, dev)?,
+                mlp_norm: ones_var(&[d], dtype, dev)?,
+                gate: init_var(seed, &format!("{p}.mlp.gate_proj.weight"), &[di, d], std, dtype, dev)?,
+                up: init_var(seed, &format!("{p}.mlp.up_proj.weight"), &[di, d], std, dtype, dev)?,
+                down: init_var(seed, &format!("{p}.mlp.down_proj.weight"), &[d, di], std, dtype, dev)?,
+            });
+        }
+        let slot_norms = if cfg.recursion.ln_share {
+            None
+        } else {
+            let mut v = Vec::new();
+            for _ in 0..cfg.plan.num_slots() {
+                v.push(SlotNorms { attn_norm: ones_var(&[d], dtype, dev)?, mlp_norm: ones_var(&[d], dtype, dev)? });
+            }
+            Some(v)
+        };
+        let final_norm = ones_var(&[d], dtype, dev)?;
+        let router = match &cfg.router {
+            None => None,
+            Some(spec) => {
+                if !cfg.plan.is_cyclic() {
+                    return Err(Error::msg(format!(
+                        "routing needs a cyclic plan (sharing cycle or middle_cycle); `{}` is not",
+                        cfg.plan.strategy
+                    )));
+                }
+                let ctx = RouterCtx {
+                    hidden_size: d,
+                    num_recursions: cfg.plan.num_recursions,
+                    seq_len: m.seq_len,
+                    init_std: std,
+                    seed,
+                    device: device.clone(),
+                    backend: backend.clone(),
+                    dtype,
+                };
+                Some(mor_router::build_router(&spec.kind, &spec.params, &ctx)?)
+            }
+        };
+        let (cos, sin) = mor_kernels::rope_tables(m.seq_len.max(1) * 4, dh, m.rope_theta, dev)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+        Ok(MorModel {
+            cfg: cfg.clone(),
+            backend,
+            kv,
+            router,
+            embed,
+            lm_head,
+            blocks,
+            slot_norms,
+            final_norm,
+            cos,
+            sin,
+            dtype,
+        })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &ResolvedConfig {
+        &self.cfg
+    }
+
+    /// The recursion plan.
+    pub fn plan(&self) -> &RecursionPlan {
+        &self.cfg.plan
+    }
+
+    /// The router, if any.
+    pub fn router(&self) -> Option<&dyn Router> {
+        self.router.as_deref()
+    }
+
+    /// The compute backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The KV policy.
+    pub fn kv_policy(&self) -> &Arc<dyn KvPolicy> {
+        &self.kv
+    }
+
+    /// The parameter dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The unique blocks.
+    pub fn blocks(&self) -> &[LayerParams] {
+        &self.blocks
+    }
+
+    /// Every trainable parameter of the main optimiser with its checkpoint name
+    /// (Llama-style names for the unique blocks), each storage listed once.
+    pub fn named_vars(&self) -> Vec<NamedVar> {
+        let mut v: Vec<NamedVar> = vec![("model.embed_tokens.weight".into(), self.embed.clone())];
+        for (b, p) in self.blocks.iter().enumerate() {
+            let n = |s: &str| format!("model.layers.{b}.{s}");
+            if self.slot_norms.is_none() {
+                v.push((n("input_layernorm.weight"), p.attn_norm.clone()));
+                v.push((n("post_attention_layernorm.weight"), p.mlp_norm.clone()));
+            }
+            v.push((n("self_attn.q_proj.weight"), p.q.clone()));
+            v.push((n("self_attn.k_proj.weight"), p.k.clone()));
+            v.push((n("self_attn.v_proj.weight"), p.v.clone()));
+            v.push((n("self_attn.o_proj.weight"), p.o.clone()));
+            v.push((n("mlp.gate_proj.weight"), p.gate.clone()));
+            v.push((n("mlp.up_proj.weight"), p.up.clone()));
+            v.push((n("mlp.down_proj.weight"), p.down.clone()));
+        }
+        if let Some(norms) = &self.slot_norms {
+            for (s, p) in norms.iter().enumerate() {
+                v.push((format!("model.slots.{s}.input_layernorm.weight"), p.attn_norm.clone()));
+                v.push((format!("model.slots.{s}.post_attention_layernorm.weight"), p.mlp_norm.clone()));
+            }
+        }
+        v.push(("model.norm.weight".into(), self.final_norm.clone()));
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".into(), h.clone()));
+        }
+        if let Some(r) = &self.router {
+            for (name, var) in r.vars() {
+                v.push((format!("model.{name}"), var));
+            }
+        }
+        v
+    }
+
+    /// Parameters of the auxiliary router (its own optimiser), if any.
+    pub fn aux_named_vars(&self) -> Vec<NamedVar> {
+        match &self.router {
+            Some(r) => r.aux_vars().into_iter().map(|(n, v)| (format!("model.{n}"), v)).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// True when the parameter is excluded from weight decay (RMSNorm weights; spec §1.3).
+    pub fn no_decay(name: &str) -> bool {
+        name.ends_with("layernorm.weight") || name == "model.norm.weight" || name.ends_with(".bias")
+    }
+
+    fn norms_for_slot(&self, slot: usize, block: usize) -> (&Var, &Var) {
+        match &self.slot_norms {
+            Some(n) => (&n[slot].attn_norm, &n[slot].mlp_norm),
+            None => (&self.blocks[block].attn_norm, &self.blocks[block].mlp_norm),
+        }
+    }
+
+    /// Runs one decoder layer on `h: [b, n, d]` whose tokens sit at positions `pos: [b, n]`.
+    ///
+    /// `kv` decides the keys/values: `None` = the layer's own fresh K/V (prelude, coda,
+    /// plain runs); `Some((policy, step, first))` = a recursion slot under the KV policy.
+    /// Returns the new hidden state and the fresh K/V (when computed).
+    fn layer(
+        &self,
+        h: &Tensor,
+        pos: &Tensor,
+        slot: usize,
+        block: usize,
+        kv: Option<(usize, Option<&StepKv>)>,
+    ) -> Result<(Tensor, Option<StepKv>)> {
+        let m = &self.cfg.model;
+        let be = &self.backend;
+        let p = &self.blocks[block];
+        let (an, mn) = self.norms_for_slot(slot, block);
+        let (b, n, _) = h.dims3()?;
+        let x = be.rms_norm(h, an.as_tensor(), m.rms_eps)?;
+        let q = linear(&x, p.q.as_tensor())?
+            .reshape((b, n, m.num_heads, m.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = be.rope(&q, pos, &self.cos, &self.sin)?;
+        let project = match kv {
+            Some((step, _)) => self.kv.projects_kv(step),
+            None => true,
+        };
+        let fresh = if project {
+            let k = linear(&x, p.k.as_tensor())?
+                .reshape((b, n, m.num_kv_heads, m.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = be.rope(&k, pos, &self.cos, &self.sin)?;
+            let v = linear(&x, p.v.as_tensor())?
+                .reshape((b, n, m.num_kv_heads, m.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            Some(StepKv { k, v, pos: pos.clone() })
+        } else {
+            None
+        };
+        let att = match kv {
+            None => {
+                let f = fresh.as_ref().expect("fresh K/V is always projected outside recursion slots");
+                be.attention(&q, &f.k, &f.v, pos, &f.pos)?
+            }
+            Some((step, first)) => {
+                let eff = self.kv.training_kv(step, fresh.as_ref(), first, pos)?;
+                be.attention(&q, &eff.k, &eff.v, pos, &eff.pos)?
+            }
+        };
+        let att = att.transpose(1, 2)?.reshape((b, n, m.num_heads * m.head_dim))?;
+        let h = (h + linear(&att, p.o.as_tensor())?)?;
+        let x = be.rms_norm(&h, mn.as_tensor(), m.rms_eps)?;
+        let g = linear(&x, p.gate.as_tensor())?;
+        let u = linear(&x, p.up.as_tensor())?;
+        let h = (&h + linear(&be.swiglu(&g, &u)?, p.down.as_tensor())?)?;
+        Ok((h, fresh))
+    }
+
+    /// Runs the layer slots `slots` (indices into the plan) on all tokens.
+    fn run_full_slots(&self, mut h: Tensor, pos: &Tensor, slots: &[usize]) -> Result<Tensor> {
+        for &s in slots {
+            let block = self.cfg.plan.slots[s].block;
+            h = self.layer(&h, pos, s, block, None)?.0;
+        }
+        Ok(h)
+    }
+
+    /// Full forward.
+    ///
+    /// # Shapes
+    /// `ids: [b, t]` (u32) → logits `[b, t, vocab]`.
+    pub fn forward(&self, ids: &Tensor, mode: RouteMode) -> Result<ForwardOutput> {
+        let (b, t) = ids.dims2()?;
+        if t == 0 || b == 0 {
+            return Err(Error::msg("forward needs at least one token per row"));
+        }
+        if t > self.cos.dim(0)? {
+            return Err(Error::msg(format!("sequence of {t} tokens exceeds the RoPE table ({})", self.cos.dim(0)?)));
+        }
+        let dev = ids.device();
+        let d = self.cfg.model.hidden_size;
+        let h = self.embed.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let pos_row: Vec<u32> = (0..t as u32).collect();
+        let pos = Tensor::from_vec(pos_row.repeat(b), (b, t), dev)?;
+        let plan = &self.cfg.plan;
+        let prelude: Vec<usize> = (0..plan.num_slots()).filter(|&s| plan.slots[s].segment == Segment::Prelude).collect();
+        let coda: Vec<usize> = (0..plan.num_slots()).filter(|&s| plan.slots[s].segment == Segment::Coda).collect();
+        let h = self.run_full_slots(h, &pos, &prelude)?;
+        let n_r = plan.num_recursions;
+        let mut depths = vec![vec![0u8; t]; b];
+        let (h, router_out) = if !plan.is_cyclic() {
+            // Non-cyclic plans (sequence sharing) only exist for the recursive baseline:
+            // every token runs every recursion slot in plan order.
+            let rec: Vec<usize> =
+                (0..plan.num_slots()).filter(|&s| matches!(plan.slots[s].segment, Segment::Recursion { .. })).collect();
+            for row in depths.iter_mut() {
+                row.iter_mut().for_each(|x| *x = n_r as u8);
+            }
+            (self.run_full_slots(h, &pos, &rec)?, RouterOutput::default())
+        } else {
+            self.recursion(h, &pos, mode, &mut depths)?
+        };
+        let h = self.run_full_slots(h, &pos, &coda)?;
+        let h = self.backend.rms_norm(&h, self.final_norm.as_tensor(), self.cfg.model.rms_eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = linear(&h, head.as_tensor())?;
+        let _ = n_r;
+        Ok(ForwardOutput { logits, router: router_out, depths })
+    }
+
+    /// Slot indices of recursion step `step`, in order.
+    fn step_slots(&self, step: usize) -> Vec<(usize, usize)> {
+        self.cfg
+            .plan
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.segment {
+                Segment::Recursion { step: r, .. } if r == step => Some((i, s.block)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The recursion steps (cyclic plan), with or without a router.
+    fn recursion(&self, mut h: Tensor, pos: &Tensor, mode: RouteMode, depths: &mut [Vec<u8>]) -> Result<(Tensor, RouterOutput)> {
+        let (b, t, _) = h.dims3()?;
+        let dev = h.device().clone();
+        let n_r = self.cfg.plan.num_recursions;
+        let h1 = h.clone();
+        let mut active: Vec<Vec<u32>> = vec![(0..t as u32).collect(); b];
+        let mut state = match &self.router {
+            Some(r) => Some(r.begin(&h1, mode)?),
+            None => None,
+        };
+        let keeps_first = self.kv.keeps_first_step();
+        let mut first_kv: Vec<StepKv> = Vec::new();
+        for step in 1..=n_r {
+            let routing = match (&self.router, state.as_mut()) {
+                (Some(r), Some(st)) => Some(r.route(step, &h, &active, st, mode)?),
+                _ => None,
+            };
+            let selected: Vec<Vec<u32>> = match &routing {
+                Some(rt) => rt.selected.clone(),
+                None => active.clone(),
+            };
+            let n_sel: usize = selected.iter().map(Vec::len).sum();
+            for (row, sel) in selected.iter().enumerate() {
+                for &p in sel {
+                    depths[row][p as usize] = step as u8;
+                }
+            }
+            if step == 1 && keeps_first && selected.iter().any(|s| s.len() != t) {
+                return Err(Error::msg(format!(
+                    "KV policy `{}` reuses the step-1 keys/values, so every token must run step 1 \
+                     (set the router's first capacity to 1)",
+                    self.kv.name()
+                )));
+            }
+            if n_sel == 0 {
+                break;
+            }
+            let kmax = selected.iter().map(Vec::len).max().unwrap_or(0);
+            // Pad rows to kmax with distinct unselected positions (index) and PAD_POS
+            // (position), so padded tokens neither attend nor are attended to.
+            let mut idx = Vec::with_capacity(b * kmax);
+            let mut qpos = Vec::with_capacity(b * kmax);
+            let mut valid = Vec::with_capacity(b * kmax);
+            for sel in &selected {
+                idx.extend_from_slice(sel);
+                qpos.extend_from_slice(sel);
+                valid.extend(std::iter::repeat_n(true, sel.len()));
+                if sel.len() < kmax {
+                    let mut taken = vec![false; t];
+                    for &p in sel {
+                        taken[p as usize] = true;
+                    }
+                    let pads = (0..t as u32).filter(|&p| !taken[p as usize]).take(kmax - sel.len());
+                    for p in pads {
+                        idx.push(p);
+                        qpos.push(PAD_POS);
+                        valid.push(false);
+                    }
+                }
+            }
+            let idx_t = Tensor::from_vec(idx, (b, kmax), &dev)?;
+            let pos_t = Tensor::from_vec(qpos, (b, kmax), &dev)?;
+            let full = kmax == t && valid.iter().all(|&v| v);
+            let x = if full { h.clone() } else { self.backend.gather_tokens(&h, &idx_t)? };
+            let pos_sel = if full { pos.clone() } else { pos_t };
+            let mut y = x.clone();
+            for (j, (slot, block)) in self.step_slots(step).into_iter().enumerate() {
+                let first = if step >= 2 && keeps_first { first_kv.get(j) } else { None };
+                let (ny, fresh) = self.layer(&y, &pos_sel, slot, block, Some((step, first)))?;
+                if step == 1 && keeps_first {
+                    first_kv.push(fresh.ok_or_else(|| Error::msg("KV policy kept step 1 but did not project it"))?);
+                }
+                y = ny;
+            }
+            h = match &routing {
+                None => {
+                    // Recursive baseline: plain h <- block(h) for every token.
+                    if full {
+                        y
+                    } else {
+                        let delta = (&y - &x)?;
+                        self.backend.scatter_add_tokens(&h, &idx_t, &delta, None)?
+                    }
+                }
+                Some(rt) => {
+                    let gate = match &rt.gate {
+                        Some(g) => Some(pad_flat(g, &valid, b, kmax)?),
+                        None => None,
+                    };
+                    match &rt.update {
+                        Update::Residual => {
+                            let w = match gate {
+                                Some(g) => g,
+                                None => Tensor::from_vec(
+                                    valid.iter().map(|&v| if v { 1f32 } else { 0f32 }).collect::<Vec<_>>(),
+                                    (b, kmax),
+                                    &dev,
+                                )?
+                                .to_dtype(h.dtype())?,
+                            };
+                            self.backend.scatter_add_tokens(&h, &idx_t, &y, Some(&w))?
+                        }
+                        Update::TokenChoice { finishing, gate_intermediate } => {
+                            // delta = a·y + b·H1 − m·x (spec §3.2, code form):
+                            // continuing: h ← y (·g if gate_intermediate); finishing: h ← H1 + g·y.
+                            let mut fin_pad = Vec::with_capacity(b * kmax);
+                            let mut it = finishing.iter();
+                            for &v in &valid {
+                                fin_pad.push(if v { *it.next().unwrap_or(&false) } else { false });
+                            }
+                            let f32v = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
+                                let v: Vec<f32> = (0..b * kmax).map(f).collect();
+                                Ok(Tensor::from_vec(v, (b, kmax), &dev)?.to_dtype(h.dtype())?)
+                            };
+                            let fin = f32v(&|i| if fin_pad[i] { 1.0 } else { 0.0 })?;
+                            let cont = f32v(&|i| if valid[i] && !fin_pad[i] { 1.0 } else { 0.0 })?;
+                            let m = f32v(&|i| if valid[i] { 1.0 } else { 0.0 })?;
+                            let g = match gate {
+                                Some(g) => g,
+                                None => m.clone(),
+                            };
+                            let a = if *gate_intermediate { (&g * &m)? } else { ((&g * &fin)? + &cont)? };
+                            let h1_sel = self.backend.gather_tokens(&h1, &idx_t)?;
+                            let delta = ((y.broadcast_mul(&a.unsqueeze(2)?)? + h1_sel.broadcast_mul(&fin.unsqueeze(2)?)?)?
+                                - x.broadcast_mul(&m.unsqueeze(2)?)?)?;
+                            self.backend.scatter_add_tokens(&h, &idx_t, &delta, None)?
+                        }
+                    }
+                }
+            };
+            active = selected;
+        }
+        let out = match (&self.router, state) {
+            (Some(r), Some(st)) => r.finish(st)?,
+            _ => RouterOutput::default(),
+        };
+        Ok((h, out))
+    }
+
+    /// Mean next-token cross-entropy of `logits: [b, t, V]` against `targets: [b, t]`
+    /// (u32), over every position (differentiable).
+    pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
+        let picked = logp.gather(&targets.reshape((b * t, 1))?.contiguous()?, 1)?;
+        Ok((picked.mean_all()? * -1.0)?)
+    }
+
+    /// Summed next-token NLL per row, as host values (no graph), for evaluation.
+    pub fn nll_per_token(logits: &Tensor, targets: &Tensor) -> Result<Vec<f32>> {
+        let (b, t, v) = logits.dims3()?;
+        let logp = candle_nn::ops::log_softmax(&logits.detach().reshape((b * t, v))?.to_dtype(DType::F32)?, D::Minus1)?;
+        let picked = logp.gather(&targets.reshape((b * t, 1))?.contiguous()?, 1)?;
+        Ok((picked * -1.0)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Merges router stats of a forward into `acc`.
+    pub fn merge_stats(acc: &mut RouterStats, s: &RouterStats) {
+        acc.merge(s);
+    }
+
+    /// Whether the router is expert- or token-choice (`None` without a router).
+    pub fn routing_kind(&self) -> Option<RoutingKind> {
+        self.router.as_ref().map(|r| r.kind())
+    }
+}
+
+/// Spreads a flat gate `[n_valid]` into `[b, kmax]` with zeros at padded slots.
+fn pad_flat(g: &Tensor, valid: &[bool], b: usize, kmax: usize) -> Result<Tensor> {
+    if valid.iter().all(|&v| v) {
+        return Ok(g.reshape((b, kmax))?);
+    }
+    let n = g.dim(0)?;
+    let ext = Tensor::cat(&[g, &Tensor::zeros(1, g.dtype(), g.device())?], 0)?;
+    let mut map = Vec::with_capacity(valid.len());
+    let mut k = 0u32;
+    for &v in valid {
+        if v {
+            map.push(k);
+            k += 1;
+        } else {
+            map.push(n as u32);
+        }
+    }
+    let map = Tensor::from_vec(map, valid.len(), g.device())?;
+    Ok(ext.index_select(&map, 0)?.reshape((b, kmax))?)
+}

@@ -1,0 +1,315 @@
+//! The data a report is written from: run summaries, training curves and depth traces.
+//!
+//! These types do not depend on the model code, so a finished ablation can be re-rendered from
+//! its `results.json` alone. Every `f64` field round-trips through JSON even when it is not
+//! finite: a diverged run keeps its `NaN` (written as the string `"NaN"`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The outcome of one training run, one row of the results table (spec §6.1).
+///
+/// Ratios (`accuracy`, `acc_norm`, `dead_token_ratio`, `sampling_acc`) are fractions in
+/// `[0, 1]`; the Markdown table shows them as percentages, as the paper's tables do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Run name, unique within an ablation (e.g. `mor_expert_nr3`).
+    pub name: String,
+    /// Model family: `"vanilla"`, `"recursive"` or `"mor"`.
+    pub model: String,
+    /// Router kind (e.g. `expert_choice`), or `"-"` for models without a router.
+    pub router: String,
+    /// KV policy name (e.g. `recursion_wise`), or `"-"`.
+    pub kv_policy: String,
+    /// Parameter-sharing strategy (e.g. `middle_cycle`), or `"-"`.
+    pub sharing: String,
+    /// Number of recursions `N_r` (1 for a model without recursion).
+    pub num_recursions: usize,
+    /// Parameters outside the token embedding and LM head (the paper's "Param" column).
+    pub params_non_embedding: u64,
+    /// Parameters of the token embedding (and of an untied LM head).
+    pub params_embedding: u64,
+    /// Forward FLOPs per token (spec §1.4).
+    #[serde(with = "float")]
+    pub flops_per_token: f64,
+    /// Total training FLOPs.
+    #[serde(with = "float")]
+    pub train_flops: f64,
+    /// Training tokens seen.
+    pub train_tokens: u64,
+    /// Optimiser steps taken.
+    pub steps: u64,
+    /// Validation negative log-likelihood per token in nats, with expert-choice scored by the
+    /// training-time full-sequence top-k (as the paper evaluates, spec §6).
+    #[serde(with = "float")]
+    pub val_nll: f64,
+    /// Validation NLL under the causal inference rule, where one was measured.
+    #[serde(default, with = "opt_float")]
+    pub val_nll_causal: Option<f64>,
+    /// Validation bits per UTF-8 byte (full-sequence routing).
+    #[serde(with = "float")]
+    pub bits_per_byte: f64,
+    /// Validation bits per byte under the causal inference rule.
+    #[serde(default, with = "opt_float")]
+    pub bits_per_byte_causal: Option<f64>,
+    /// Few-shot accuracy (fraction).
+    #[serde(default, with = "opt_float")]
+    pub accuracy: Option<f64>,
+    /// Few-shot length-normalised accuracy (fraction).
+    #[serde(default, with = "opt_float")]
+    pub acc_norm: Option<f64>,
+    /// Share of positions never selected at the last recursion step (fraction, spec §6.4b).
+    #[serde(default, with = "opt_float")]
+    pub dead_token_ratio: Option<f64>,
+    /// Sampling accuracy of the causal router rule (fraction, spec §3.1).
+    #[serde(default, with = "opt_float")]
+    pub sampling_acc: Option<f64>,
+    /// Token-choice load imbalance `(max_i Load_i − mean Load) / mean Load` (spec §6.4c).
+    #[serde(default, with = "opt_float")]
+    pub maxvio: Option<f64>,
+    /// Entropy of the mean token-choice routing distribution, in nats (spec §6.4c).
+    #[serde(default, with = "opt_float")]
+    pub entropy: Option<f64>,
+    /// Tokens whose final depth is `d`, for `d = 1..=N_r` (index `d - 1`); empty when the run
+    /// has no router.
+    #[serde(default)]
+    pub tokens_per_depth: Vec<u64>,
+    /// Mean training throughput in tokens per second.
+    #[serde(with = "float")]
+    pub train_tokens_per_sec: f64,
+    /// Wall-clock time of the run in seconds.
+    #[serde(with = "float")]
+    pub wall_secs: f64,
+    /// `"done"`, or `"failed: <reason>"`.
+    pub status: String,
+    /// Anything else a run wants to keep (config hashes, seeds, ...).
+    #[serde(default)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl RunSummary {
+    /// Whether the run finished (its status is `"done"`).
+    pub fn is_done(&self) -> bool {
+        self.status == "done"
+    }
+}
+
+/// One logged point of a training curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Optimiser step.
+    pub step: u64,
+    /// Training tokens seen so far.
+    pub tokens: u64,
+    /// Training FLOPs spent so far.
+    #[serde(with = "float")]
+    pub flops: f64,
+    /// Training loss at this step (nats per token).
+    #[serde(with = "float")]
+    pub loss: f64,
+    /// Validation NLL measured at this step, if it was.
+    #[serde(default, with = "opt_float")]
+    pub val_nll: Option<f64>,
+}
+
+/// The training curve of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Curve {
+    /// Name of the run (matches [`RunSummary::name`]).
+    pub run: String,
+    /// Points in logging order.
+    pub points: Vec<CurvePoint>,
+}
+
+/// One token of a depth trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceToken {
+    /// The token's text as decoded (may contain spaces, newlines or markup characters).
+    pub text: String,
+    /// Recursion steps the token went through (0 when it skipped every recursion).
+    pub depth: u8,
+    /// An optional difficulty label (e.g. a bucket of a reference model's next-token loss;
+    /// larger is harder).
+    #[serde(default)]
+    pub difficulty: Option<u8>,
+}
+
+/// Per-token recursion depths of one run on a sample text (spec §7, Figure 1 right).
+///
+/// The depth shown at position `t` is the compute spent to predict token `t + 1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepthTrace {
+    /// Name of the run (matches [`RunSummary::name`]).
+    pub run: String,
+    /// The sample's tokens in order.
+    pub tokens: Vec<TraceToken>,
+}
+
+/// Mean depth of the tokens that carry one difficulty label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DifficultyStat {
+    /// The difficulty label.
+    pub difficulty: u8,
+    /// Tokens with this label.
+    pub count: u64,
+    /// Mean recursion depth of those tokens.
+    pub mean_depth: f64,
+}
+
+/// Mean recursion depth per difficulty label for one run (spec §7: depth follows next-token
+/// predictability).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DepthByDifficulty {
+    /// Name of the run.
+    pub run: String,
+    /// One entry per label present in the trace, in ascending label order.
+    pub by_label: Vec<DifficultyStat>,
+    /// Tokens of the trace without a difficulty label.
+    pub unlabelled: u64,
+}
+
+impl DepthByDifficulty {
+    /// Aggregates one trace: the mean depth and the count of tokens for every label present.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mor_models::report::{DepthByDifficulty, DepthTrace, TraceToken};
+    /// let tok = |depth, difficulty| TraceToken { text: "a".into(), depth, difficulty };
+    /// let trace = DepthTrace { run: "r".into(), tokens: vec![tok(1, Some(0)), tok(3, Some(2)), tok(2, Some(2)), tok(1, None)] };
+    /// let d = DepthByDifficulty::from_trace(&trace);
+    /// assert_eq!(d.by_label.len(), 2);
+    /// assert_eq!((d.by_label[1].difficulty, d.by_label[1].count, d.by_label[1].mean_depth), (2, 2, 2.5));
+    /// assert_eq!(d.unlabelled, 1);
+    /// ```
+    pub fn from_trace(trace: &DepthTrace) -> Self {
+        let mut acc: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
+        let mut unlabelled = 0u64;
+        for tok in &trace.tokens {
+            match tok.difficulty {
+                Some(label) => {
+                    let entry = acc.entry(label).or_insert((0, 0));
+                    entry.0 += 1;
+                    entry.1 += u64::from(tok.depth);
+                }
+                None => unlabelled += 1,
+            }
+        }
+        let by_label = acc
+            .into_iter()
+            .map(|(difficulty, (count, depth_sum))| DifficultyStat {
+                difficulty,
+                count,
+                mean_depth: depth_sum as f64 / count as f64,
+            })
+            .collect();
+        Self {
+            run: trace.run.clone(),
+            by_label,
+            unlabelled,
+        }
+    }
+
+    /// Mean depth for `label`, if the trace had tokens with it.
+    pub fn mean_depth(&self, label: u8) -> Option<f64> {
+        self.by_label
+            .iter()
+            .find(|s| s.difficulty == label)
+            .map(|s| s.mean_depth)
+    }
+}
+
+/// Aggregates every trace that has at least one labelled token.
+pub fn depth_by_difficulty(traces: &[DepthTrace]) -> Vec<DepthByDifficulty> {
+    traces
+        .iter()
+        .map(DepthByDifficulty::from_trace)
+        .filter(|d| !d.by_label.is_empty())
+        .collect()
+}
+
+/// Everything a report is written from, as stored in `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportData {
+    /// One summary per run, in table order.
+    pub runs: Vec<RunSummary>,
+    /// Training curves.
+    pub curves: Vec<Curve>,
+    /// Depth traces.
+    pub traces: Vec<DepthTrace>,
+    /// Depth per difficulty label, derived from `traces`.
+    #[serde(default)]
+    pub depth_by_difficulty: Vec<DepthByDifficulty>,
+}
+
+/// Serde for an `f64` that may be non-finite: finite values are JSON numbers; `NaN`, `inf`
+/// and `-inf` are the strings `"NaN"`, `"inf"` and `"-inf"`; `null` reads back as `NaN`.
+mod float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Num(f64),
+        Text(String),
+        Null(()),
+    }
+
+    pub(super) fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else if v.is_nan() {
+            s.serialize_str("NaN")
+        } else if *v > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        from_repr(Repr::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    fn from_repr(r: Repr) -> Result<f64, String> {
+        match r {
+            Repr::Num(v) => Ok(v),
+            Repr::Null(()) => Ok(f64::NAN),
+            Repr::Text(t) => match t.as_str() {
+                "NaN" | "nan" => Ok(f64::NAN),
+                "inf" | "+inf" | "Infinity" => Ok(f64::INFINITY),
+                "-inf" | "-Infinity" => Ok(f64::NEG_INFINITY),
+                other => Err(format!(
+                    "expected a number, \"NaN\", \"inf\" or \"-inf\", got {other:?}"
+                )),
+            },
+        }
+    }
+
+    /// Reads an optional value: `null` or a missing field is `None`.
+    pub(super) fn deserialize_opt<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<f64>, D::Error> {
+        match Option::<Repr>::deserialize(d)? {
+            None | Some(Repr::Null(())) => Ok(None),
+            Some(r) => from_repr(r).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Serde for an `Option<f64>` that may hold a non-finite value (see `float`).
+mod opt_float {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) => super::float::serialize(x, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        super::float::deserialize_opt(d)
+    }
+}

@@ -1,0 +1,351 @@
+//! One run end to end: data → model → training → evaluation → summary, in a run folder.
+//!
+//! A run folder holds `config.toml` (the resolved config), `config.json`, `tokenizer.json`,
+//! `metrics.jsonl` (one line per optimiser step), `checkpoints/`, `model.safetensors`
+//! (final weights), `eval.json` and `summary.json` (written last: a run with a
+//! `summary.json` whose status is `done` is finished and is skipped by ablation reruns).
+
+use crate::data::{Batch, DataConfig, Dataset, TrainBatches};
+use crate::eval::{self, EvalBatch, McItem};
+use crate::model::MorModel;
+use crate::report::{Curve, CurvePoint, DepthTrace, RunSummary, TraceToken};
+use crate::train::{self, SpikeAction, StepLog, TokenBatch, TrainData, TrainSettings};
+use crate::{Error, Result};
+use mor_core::config::ResolvedConfig;
+use mor_router::RouteMode;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run folder.
+    pub out: PathBuf,
+    /// Data path overriding the config's `data.source`.
+    pub data: Option<PathBuf>,
+    /// Continue from the latest checkpoint.
+    pub resume: bool,
+    /// No progress bars.
+    pub quiet: bool,
+    /// Label of the progress bar.
+    pub label: String,
+    /// Stop after this many optimiser steps of this invocation (tests of resume).
+    pub stop_after: Option<usize>,
+    /// Skip evaluation.
+    pub skip_eval: bool,
+}
+
+/// Everything `eval.json` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EvalResults {
+    /// NLL with the training-time full-sequence routing.
+    pub full_sequence: Option<eval::NllReport>,
+    /// NLL with causal routing (MoR only).
+    pub causal: Option<eval::NllReport>,
+    /// Few-shot multiple choice, per task set, and the mean.
+    pub mc: Vec<(String, eval::McReport)>,
+    /// Mean accuracy over task sets.
+    pub acc: Option<f64>,
+    /// Mean acc_norm over task sets.
+    pub acc_norm: Option<f64>,
+}
+
+/// Applies the thread count of the run (0 = leave the default).
+pub fn set_threads(n: usize) {
+    if n > 0 {
+        // candle reads RAYON_NUM_THREADS on every matmul; rayon's pool is built once.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+}
+
+/// The data settings of a run.
+pub fn data_config(cfg: &ResolvedConfig, data_override: Option<&Path>) -> DataConfig {
+    use mor_core::config::{DataSource, TokenizerSpec};
+    let d = &cfg.data;
+    let source = match (data_override, &d.source) {
+        (Some(p), _) => p.display().to_string(),
+        (None, DataSource::Builtin) => "builtin".into(),
+        (None, DataSource::Path(p)) => p.display().to_string(),
+    };
+    let tokenizer = match &d.tokenizer {
+        TokenizerSpec::Auto => "auto".to_string(),
+        TokenizerSpec::Byte => "byte".to_string(),
+        TokenizerSpec::Bpe => "bpe".to_string(),
+        TokenizerSpec::Path(p) => p.display().to_string(),
+    };
+    DataConfig {
+        source,
+        tokenizer,
+        text_column: d.text_column.clone(),
+        doc_masking: d.doc_masking,
+        shuffle: d.shuffle,
+        val_fraction: d.val_fraction,
+        builtin_docs: d.builtin_docs,
+        seq_len: cfg.model.seq_len,
+        vocab_size: cfg.model.vocab_size,
+        seed: cfg.seed,
+    }
+}
+
+/// The training-loop settings of a config.
+pub fn train_settings(cfg: &ResolvedConfig, opts: &RunOptions) -> TrainSettings {
+    use crate::optim::{AdamWConfig, Schedule};
+    use mor_core::config::Schedule as S;
+    let t = &cfg.train;
+    let steps = t.steps as usize;
+    let warmup = t.warmup_steps as usize;
+    let schedule = match t.schedule {
+        S::Trapezoid => Schedule::Trapezoid { warmup, decay: t.decay_steps() as usize, total: steps },
+        S::Cosine => Schedule::Cosine { warmup, total: steps, min_ratio: t.min_lr_ratio },
+        S::Constant => Schedule::Constant { warmup },
+    };
+    TrainSettings {
+        steps,
+        batch_seqs: t.batch_seqs,
+        micro_batch_seqs: t.micro_batch_seqs,
+        adamw: AdamWConfig { lr: t.lr, betas: (t.betas[0], t.betas[1]), eps: t.eps, weight_decay: t.weight_decay },
+        grad_clip: t.grad_clip,
+        schedule,
+        log_every: t.log_every as usize,
+        checkpoint_every: t.checkpoint_every as usize,
+        keep_checkpoints: 2,
+        spike_zscore: t.spike_zscore,
+        spike_window: t.spike_window,
+        spike_action: match t.spike_action {
+            mor_core::config::SpikeAction::Skip => SpikeAction::Skip,
+            mor_core::config::SpikeAction::Stop => SpikeAction::Stop,
+            mor_core::config::SpikeAction::Off => SpikeAction::Off,
+        },
+        seed: cfg.seed,
+        quiet: opts.quiet,
+        label: if opts.label.is_empty() { "train".into() } else { opts.label.clone() },
+        stop_after: opts.stop_after,
+    }
+}
+
+struct DataAdapter {
+    it: TrainBatches,
+}
+
+impl TrainData for DataAdapter {
+    fn next_batch(&mut self, rows: usize) -> Result<TokenBatch> {
+        let b = self.it.next_batch(rows).map_err(|e| Error::msg(e.to_string()))?;
+        Ok(TokenBatch { inputs: b.inputs, targets: b.targets, b: b.b, t: b.t })
+    }
+    fn cursor(&self) -> serde_json::Value {
+        serde_json::to_value(self.it.cursor()).unwrap_or(serde_json::Value::Null)
+    }
+    fn restore(&mut self, cursor: &serde_json::Value) -> Result<()> {
+        let c = serde_json::from_value(cursor.clone())
+            .map_err(|e| Error::msg(format!("the checkpoint's data position is unreadable: {e}")))?;
+        self.it.restore(c).map_err(|e| Error::msg(e.to_string()))
+    }
+}
+
+fn to_eval(b: Batch) -> EvalBatch {
+    EvalBatch { inputs: b.inputs, targets: b.targets, b: b.b, t: b.t, bytes: b.bytes, difficulty: b.difficulty }
+}
+
+/// Everything a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The summary row.
+    pub summary: RunSummary,
+    /// Loss curve.
+    pub curve: Curve,
+    /// Depth trace of one validation sample (MoR only).
+    pub trace: Option<DepthTrace>,
+}
+
+/// Trains and evaluates `cfg` in `opts.out`.
+pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOutcome> {
+    let out = &opts.out;
+    if cfg.data.doc_masking {
+        return Err(Error::msg(
+            "data.doc_masking = true is not supported by the model's attention yet; set it to false",
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    set_threads(cfg.threads);
+    crate::checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
+    crate::checkpoint::write_atomic(&out.join("config.json"), cfg.to_json().unwrap_or_default().as_bytes())?;
+    let dcfg = data_config(cfg, opts.data.as_deref());
+    let ds = Dataset::prepare(&dcfg, Some(out)).map_err(|e| Error::msg(e.to_string()))?;
+    let model = MorModel::new(cfg)?;
+    let acct = mor_core::accounting::report(cfg)?;
+    let settings = train_settings(cfg, opts);
+    let it = ds.train_batches(settings.micro_batch_seqs, None).map_err(|e| Error::msg(e.to_string()))?;
+    let mut adapter = DataAdapter { it };
+    let summary = train::train(&model, &mut adapter, &settings, out, opts.resume, acct.flops_per_token)?;
+    let curve = read_curve(name, &out.join("metrics.jsonl"))?;
+    if !summary.finished {
+        return Err(Error::msg(format!("stopped after step {} of {}", summary.steps, settings.steps)));
+    }
+    crate::checkpoint::save_model(out, &model.named_vars(), &serde_json::to_value(cfg).unwrap_or_default())?;
+
+    let (ev, trace) = if opts.skip_eval {
+        (EvalResults::default(), None)
+    } else {
+        evaluate(&model, &ds, cfg, name, &[])?
+    };
+    crate::checkpoint::write_atomic(
+        &out.join("eval.json"),
+        serde_json::to_string_pretty(&ev).unwrap_or_default().as_bytes(),
+    )?;
+
+    let full = ev.full_sequence.clone().unwrap_or_default();
+    let stats = ev.causal.as_ref().and_then(|c| c.router_stats.clone()).or_else(|| full.router_stats.clone());
+    let full_stats = full.router_stats.clone();
+    let m = &cfg.model;
+    let model_kind = match (&cfg.router, cfg.plan.num_recursions) {
+        (Some(_), _) => "mor",
+        (None, 1) => "vanilla",
+        (None, _) => "recursive",
+    };
+    let tokens_per_depth = match &full_stats {
+        Some(s) => s.tokens_per_depth.clone(),
+        None => {
+            let mut v = vec![0u64; cfg.plan.num_recursions.max(1)];
+            if let Some(last) = v.last_mut() {
+                *last = full.tokens;
+            }
+            v
+        }
+    };
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("skipped_steps".into(), serde_json::json!(summary.skipped_steps));
+    extra.insert("final_train_loss".into(), serde_json::json!(summary.final_loss));
+    extra.insert("threads".into(), serde_json::json!(cfg.threads));
+    if let Some(c) = &ev.causal {
+        extra.insert("depth_fractions_causal".into(), serde_json::json!(c.depth_fractions));
+    }
+    let row = RunSummary {
+        name: name.to_string(),
+        model: model_kind.into(),
+        router: cfg.router.as_ref().map(|r| r.kind.clone()).unwrap_or_else(|| "-".into()),
+        kv_policy: cfg.kv.kind.clone(),
+        sharing: cfg.recursion.sharing.kind.clone(),
+        num_recursions: cfg.plan.num_recursions,
+        params_non_embedding: acct.non_embedding_params,
+        params_embedding: acct.embedding_params,
+        flops_per_token: acct.flops_per_token,
+        train_flops: 3.0 * acct.flops_per_token * summary.tokens as f64,
+        train_tokens: summary.tokens,
+        steps: summary.steps as u64,
+        val_nll: full.nll,
+        val_nll_causal: ev.causal.as_ref().map(|c| c.nll),
+        bits_per_byte: full.bits_per_byte.unwrap_or(f64::NAN),
+        bits_per_byte_causal: ev.causal.as_ref().and_then(|c| c.bits_per_byte),
+        accuracy: ev.acc,
+        acc_norm: ev.acc_norm,
+        dead_token_ratio: full_stats.as_ref().and_then(|s| s.dead_token_ratio()),
+        sampling_acc: full_stats.as_ref().and_then(|s| s.sampling_accuracy()),
+        maxvio: stats.as_ref().and_then(|s| s.max_vio()),
+        entropy: stats.as_ref().and_then(|s| s.entropy()),
+        tokens_per_depth,
+        train_tokens_per_sec: summary.tokens_per_sec,
+        wall_secs: summary.wall_secs,
+        status: "done".into(),
+        extra,
+    };
+    let _ = m;
+    crate::checkpoint::write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&row).unwrap_or_default().as_bytes(),
+    )?;
+    Ok(RunOutcome { summary: row, curve, trace })
+}
+
+/// Evaluates a model on a dataset's validation split (NLL with full-sequence and causal
+/// routing, bits per byte, router metrics), on few-shot task sets (the built-in ones for the
+/// built-in corpus, the config's `eval.tasks`, and `extra_tasks`), and records the depth
+/// trace of one validation sample.
+pub fn evaluate(
+    model: &MorModel,
+    ds: &Dataset,
+    cfg: &ResolvedConfig,
+    name: &str,
+    extra_tasks: &[PathBuf],
+) -> Result<(EvalResults, Option<DepthTrace>)> {
+    let mut ev = EvalResults::default();
+    let mut trace = None;
+    let batches: Vec<EvalBatch> = ds
+        .val_batches(cfg.train.micro_batch_seqs.max(1))
+        .map_err(|e| Error::msg(e.to_string()))?
+        .take(cfg.eval.max_batches.max(1))
+        .map(to_eval)
+        .collect();
+    if batches.is_empty() {
+        return Err(Error::msg("the validation split is empty: raise data.val_fraction or add data"));
+    }
+    if cfg.eval.full_sequence || model.router().is_none() {
+        ev.full_sequence = Some(eval::evaluate_nll(model, &batches, RouteMode::FullSequence)?);
+    }
+    if model.router().is_some() && cfg.eval.causal {
+        ev.causal = Some(eval::evaluate_nll(model, &batches, RouteMode::Causal)?);
+    }
+    // Few-shot multiple choice: the built-in task sets for the built-in corpus, plus
+    // every task file of the config.
+    let tok = ds.tokenizer();
+    let mut sets = Vec::new();
+    if ds.config().source == "builtin" {
+        sets.extend(crate::data::builtin::builtin_mc_tasks(cfg.seed ^ 0x5eed, 40));
+    }
+    for p in cfg.eval.tasks.iter().chain(extra_tasks) {
+        sets.push(crate::data::tasks::load_mc_tasks(p).map_err(|e| Error::msg(e.to_string()))?);
+    }
+    for set in sets {
+        let mut items = Vec::new();
+        for t in &set.items {
+            let context = tok.encode(&t.context).map_err(|e| Error::msg(e.to_string()))?;
+            let mut choices = Vec::new();
+            let mut choice_bytes = Vec::new();
+            for c in &t.choices {
+                choices.push(tok.encode(c).map_err(|e| Error::msg(e.to_string()))?);
+                choice_bytes.push(c.len());
+            }
+            items.push(McItem { context, choices, choice_bytes, gold: t.gold });
+        }
+        let r = eval::evaluate_mc(model, &items)?;
+        ev.mc.push((set.name.clone(), r));
+    }
+    if !ev.mc.is_empty() {
+        let n = ev.mc.len() as f64;
+        ev.acc = Some(ev.mc.iter().map(|(_, r)| r.acc).sum::<f64>() / n);
+        ev.acc_norm = Some(ev.mc.iter().map(|(_, r)| r.acc_norm).sum::<f64>() / n);
+    }
+    if model.router().is_some() {
+        let b = &batches[0];
+        let ids = &b.inputs[..b.t];
+        let depths = eval::depth_trace(model, ids)?;
+        let mut toks = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let text = tok.decode(&[id]).unwrap_or_default();
+            // Depth at position i is the compute spent to predict token i+1 (spec §7);
+            // the difficulty is the label of that target token.
+            let difficulty = b.difficulty.as_ref().map(|d| d[i]);
+            toks.push(TraceToken { text, depth: depths.get(i).copied().unwrap_or(0), difficulty });
+        }
+        trace = Some(DepthTrace { run: name.to_string(), tokens: toks });
+    }
+    Ok((ev, trace))
+}
+
+/// Reads `metrics.jsonl` into a loss curve.
+pub fn read_curve(name: &str, path: &Path) -> Result<Curve> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let points = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StepLog>(l).ok())
+        .map(|r| CurvePoint { step: r.step as u64, tokens: r.tokens, flops: r.flops, loss: r.loss, val_nll: None })
+        .collect();
+    Ok(Curve { run: name.to_string(), points })
+}
+
+/// Reads a finished run's `summary.json`, if the run is done.
+pub fn finished_summary(dir: &Path) -> Option<RunSummary> {
+    let text = std::fs::read_to_string(dir.join("summary.json")).ok()?;
+    let s: RunSummary = serde_json::from_str(&text).ok()?;
+    s.is_done().then_some(s)
+}

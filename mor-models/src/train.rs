@@ -1,0 +1,454 @@
+//! The training loop: gradient accumulation, AdamW with decay groups and the aux router's
+//! own optimiser, global-norm clipping, schedules, NaN/Inf guards, a loss-spike detector,
+//! JSONL metrics, atomic checkpoints and bit-identical resume (spec §1.3, §3.3).
+
+use crate::checkpoint::{self, CheckpointTensors, TrainState};
+use crate::model::{MorModel, NamedVar};
+use crate::optim::{self, AdamW, AdamWConfig, Schedule};
+use crate::{Error, Result};
+use candle_core::{Tensor, Var};
+use mor_core::rng::Rng;
+use mor_router::{RouteMode, RouterStats};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One batch of token ids: `inputs[i]` predicts `targets[i]`.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// Input ids, row-major `[b, t]`.
+    pub inputs: Vec<u32>,
+    /// Target ids, row-major `[b, t]`.
+    pub targets: Vec<u32>,
+    /// Rows.
+    pub b: usize,
+    /// Tokens per row.
+    pub t: usize,
+}
+
+/// A source of training batches whose position can be saved and restored.
+pub trait TrainData {
+    /// The next batch of `rows` sequences.
+    fn next_batch(&mut self, rows: usize) -> Result<TokenBatch>;
+    /// The current position (stored in checkpoints).
+    fn cursor(&self) -> serde_json::Value;
+    /// Restores a position saved by [`TrainData::cursor`].
+    fn restore(&mut self, cursor: &serde_json::Value) -> Result<()>;
+}
+
+/// What the spike detector does when the loss jumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpikeAction {
+    /// Skip the optimiser step (gradients dropped).
+    Skip,
+    /// Stop training with an error; the last good checkpoint is kept.
+    Stop,
+    /// Detector off.
+    Off,
+}
+
+/// Everything the loop needs, derived from the run config.
+#[derive(Debug, Clone)]
+pub struct TrainSettings {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Sequences per optimiser step.
+    pub batch_seqs: usize,
+    /// Sequences per micro-batch (gradient accumulation = batch / micro).
+    pub micro_batch_seqs: usize,
+    /// AdamW hyper-parameters.
+    pub adamw: AdamWConfig,
+    /// Max global gradient norm (0 = no clipping).
+    pub grad_clip: f64,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Log every n steps (JSONL always gets every step).
+    pub log_every: usize,
+    /// Checkpoint every n steps (0 = only at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints to keep.
+    pub keep_checkpoints: usize,
+    /// Spike detector threshold (rolling z-score of the loss).
+    pub spike_zscore: f64,
+    /// Spike detector window.
+    pub spike_window: usize,
+    /// Spike action.
+    pub spike_action: SpikeAction,
+    /// Seed of the trainer RNG.
+    pub seed: u64,
+    /// Hide progress bars.
+    pub quiet: bool,
+    /// Label shown on the progress bar.
+    pub label: String,
+    /// Stop after this many steps of this invocation (for tests of resume); `None` = run to
+    /// the end.
+    pub stop_after: Option<usize>,
+}
+
+/// One JSONL record per optimiser step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepLog {
+    /// 1-based step number.
+    pub step: usize,
+    /// Total loss (CE + router losses).
+    pub loss: f64,
+    /// Cross-entropy.
+    pub ce: f64,
+    /// Router loss terms (before coefficients).
+    pub router_terms: Vec<(String, f64)>,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens consumed so far.
+    pub tokens: u64,
+    /// Training FLOPs so far (forward FLOPs/token × 3 × tokens).
+    pub flops: f64,
+    /// Tokens per second of this step.
+    pub tokens_per_sec: f64,
+    /// Seconds since the start of this invocation.
+    pub elapsed: f64,
+    /// Whether the step was skipped by the spike detector.
+    pub skipped: bool,
+}
+
+/// Result of a training run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Steps completed.
+    pub steps: usize,
+    /// Tokens consumed.
+    pub tokens: u64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Mean tokens/s over this invocation (excluding the first step).
+    pub tokens_per_sec: f64,
+    /// Wall seconds of this invocation.
+    pub wall_secs: f64,
+    /// Steps skipped by the spike detector.
+    pub skipped_steps: usize,
+    /// Router stats over the last 10% of steps.
+    pub router_stats: Option<RouterStats>,
+    /// Whether the run reached its last step.
+    pub finished: bool,
+}
+
+/// Rolling z-score spike detector.
+#[derive(Debug, Clone)]
+struct SpikeGuard {
+    window: Vec<f64>,
+    cap: usize,
+    z: f64,
+}
+
+impl SpikeGuard {
+    fn is_spike(&self, loss: f64) -> bool {
+        if self.window.len() < self.cap.max(8) / 2 {
+            return false;
+        }
+        let n = self.window.len() as f64;
+        let mean = self.window.iter().sum::<f64>() / n;
+        let var = self.window.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        let sd = var.sqrt().max(1e-6 * mean.abs().max(1.0));
+        (loss - mean) / sd > self.z
+    }
+    fn push(&mut self, loss: f64) {
+        self.window.push(loss);
+        if self.window.len() > self.cap {
+            self.window.remove(0);
+        }
+    }
+}
+
+/// Trains `model` in `run_dir` (metrics in `metrics.jsonl`, checkpoints in
+/// `checkpoints/`). With `resume`, continues from the latest checkpoint bit-identically.
+///
+/// `flops_per_token` is the forward FLOPs per token of spec §1.4 (for logging).
+pub fn train(
+    model: &MorModel,
+    data: &mut dyn TrainData,
+    s: &TrainSettings,
+    run_dir: &Path,
+    resume: bool,
+    flops_per_token: f64,
+) -> Result<TrainSummary> {
+    if s.micro_batch_seqs == 0 || s.batch_seqs % s.micro_batch_seqs != 0 {
+        return Err(Error::msg(format!(
+            "train.batch_seqs ({}) must be a multiple of train.micro_batch_seqs ({})",
+            s.batch_seqs, s.micro_batch_seqs
+        )));
+    }
+    let accum = s.batch_seqs / s.micro_batch_seqs;
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let ckpt_root = run_dir.join("checkpoints");
+    let main_vars: Vec<NamedVar> = model.named_vars();
+    let aux_vars: Vec<NamedVar> = model.aux_named_vars();
+    let mk = |vars: &[NamedVar]| -> Vec<(String, Var, bool)> {
+        vars.iter().map(|(n, v)| (n.clone(), v.clone(), !MorModel::no_decay(n))).collect()
+    };
+    let mut opt = AdamW::new(s.adamw.clone(), mk(&main_vars))?;
+    let aux_mult = model.router().map(|r| r.aux_lr_mult()).unwrap_or(1.0);
+    let mut aux_opt = AdamW::new(s.adamw.clone(), mk(&aux_vars))?;
+    let main_v: Vec<Var> = main_vars.iter().map(|(_, v)| v.clone()).collect();
+    let aux_v: Vec<Var> = aux_vars.iter().map(|(_, v)| v.clone()).collect();
+
+    if let Some(r) = model.router() {
+        r.set_grad_accum(accum);
+    }
+    let mut step = 0usize;
+    let mut tokens = 0u64;
+    let mut rng = Rng::new(s.seed);
+    let mut guard = SpikeGuard { window: Vec::new(), cap: s.spike_window.max(2), z: s.spike_zscore };
+    let mut last_good: Option<PathBuf> = None;
+    let metrics_path = run_dir.join("metrics.jsonl");
+
+    if resume {
+        if let Some(dir) = checkpoint::latest_checkpoint(&ckpt_root)? {
+            let (state, t) = checkpoint::load_checkpoint(&dir)?;
+            let all: Vec<NamedVar> = main_vars.iter().chain(aux_vars.iter()).cloned().collect();
+            let mut params = t.model.clone();
+            let buffers: Vec<(String, Tensor)> = params
+                .iter()
+                .filter(|(k, _)| k.starts_with("buffer."))
+                .map(|(k, v)| (k.trim_start_matches("buffer.").to_string(), v.clone()))
+                .collect();
+            params.retain(|k, _| !k.starts_with("buffer."));
+            checkpoint::assign_params(&dir.join("model.safetensors"), &all, &params)?;
+            if let Some(r) = model.router() {
+                r.load_buffers(&buffers)?;
+            }
+            let (main_m, aux_m): (std::collections::HashMap<_, _>, std::collections::HashMap<_, _>) =
+                t.optim.into_iter().partition(|(k, _)| !k.starts_with("aux."));
+            opt.load_state(state.optimizer_t, &main_m)?;
+            let aux_m = aux_m.into_iter().map(|(k, v)| (k.trim_start_matches("aux.").to_string(), v)).collect();
+            aux_opt.load_state(state.aux_optimizer_t, &aux_m)?;
+            data.restore(&state.data_cursor)?;
+            step = state.step;
+            tokens = state.tokens;
+            rng = state.rng;
+            guard.window = state.loss_window;
+            last_good = Some(dir);
+            truncate_metrics(&metrics_path, step)?;
+        }
+    } else if ckpt_root.exists() {
+        return Err(Error::msg(format!(
+            "{} already holds checkpoints; pass --resume to continue or choose another --out",
+            run_dir.display()
+        )));
+    }
+
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let bar = crate::progress::RunProgress::new(&s.label, s.steps as u64, s.quiet);
+    let start = Instant::now();
+    let mut timed_tokens = 0u64;
+    let mut timed_secs = 0f64;
+    let mut final_loss = f64::NAN;
+    let mut skipped = 0usize;
+    let mut stats_tail: Option<RouterStats> = None;
+    let tail_from = s.steps - s.steps / 10;
+    let mut ran = 0usize;
+    let dev = model.backend().device().clone();
+
+    while step < s.steps {
+        if let Some(n) = s.stop_after {
+            if ran >= n {
+                break;
+            }
+        }
+        let t0 = Instant::now();
+        let lr = s.schedule.lr(step, s.adamw.lr);
+        if let Some(r) = model.router() {
+            r.set_train_step(step);
+        }
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut loss_sum = 0f64;
+        let mut ce_sum = 0f64;
+        let mut terms: Vec<(String, f64)> = Vec::new();
+        let mut step_stats: Vec<RouterStats> = Vec::new();
+        for _ in 0..accum {
+            let batch = data.next_batch(s.micro_batch_seqs)?;
+            let ids = Tensor::from_vec(batch.inputs, (batch.b, batch.t), &dev)?;
+            let tg = Tensor::from_vec(batch.targets, (batch.b, batch.t), &dev)?;
+            let out = model.forward(&ids, RouteMode::Train)?;
+            let ce = MorModel::cross_entropy(&out.logits, &tg)?;
+            let mut loss = (&ce / accum as f64)?;
+            if let Some(rl) = &out.router.loss {
+                // L_bal and L_z are invariant to accumulation (spec §3.3); a router that
+                // mirrors the released expert BCE scaling multiplies that term by `accum`
+                // itself (`Router::set_grad_accum`).
+                loss = (loss + (rl / accum as f64)?)?;
+            }
+            if let Some(al) = &out.router.aux_router_loss {
+                loss = (loss + (al / accum as f64)?)?;
+            }
+            let lv = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "loss".into(),
+                    step: step + 1,
+                    last_good: last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+                });
+            }
+            loss_sum += lv;
+            ce_sum += ce.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / accum as f64;
+            for (k, v) in &out.router.terms {
+                match terms.iter_mut().find(|(n, _)| n == k) {
+                    Some((_, acc)) => *acc += v / accum as f64,
+                    None => terms.push((k.clone(), v / accum as f64)),
+                }
+            }
+            step_stats.push(out.router.stats.clone());
+            let g = loss.backward()?;
+            let both: Vec<Var> = main_v.iter().chain(aux_v.iter()).cloned().collect();
+            optim::accumulate(&mut grads, g, &both)?;
+            tokens += (batch.b * batch.t) as u64;
+        }
+        let mut grads = grads.ok_or_else(|| Error::msg("no micro-batch ran"))?;
+        let gn = optim::grad_norm(&grads, &main_v)?;
+        if !gn.is_finite() {
+            let bad = main_vars
+                .iter()
+                .find(|(_, v)| {
+                    grads
+                        .get(v.as_tensor())
+                        .and_then(|g| g.sqr().ok()?.sum_all().ok()?.to_dtype(candle_core::DType::F64).ok()?.to_scalar::<f64>().ok())
+                        .map(|x| !x.is_finite())
+                        .unwrap_or(false)
+                })
+                .map(|(n, _)| n.clone())
+                .unwrap_or_else(|| "?".into());
+            return Err(Error::NonFinite {
+                what: format!("gradient of `{bad}`"),
+                step: step + 1,
+                last_good: last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+            });
+        }
+        let spike = s.spike_action != SpikeAction::Off && guard.is_spike(loss_sum);
+        if spike && s.spike_action == SpikeAction::Stop {
+            return Err(Error::msg(format!(
+                "loss spike at step {} (loss {loss_sum:.4}); last good checkpoint: {}",
+                step + 1,
+                last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+            )));
+        }
+        if spike {
+            skipped += 1;
+        } else {
+            if s.grad_clip > 0.0 && gn > s.grad_clip {
+                optim::scale_grads(&mut grads, &main_v, s.grad_clip / gn)?;
+            }
+            if !aux_v.is_empty() {
+                let an = optim::grad_norm(&grads, &aux_v)?;
+                if s.grad_clip > 0.0 && an > s.grad_clip && an.is_finite() {
+                    optim::scale_grads(&mut grads, &aux_v, s.grad_clip / an)?;
+                }
+                aux_opt.step(&grads, lr * aux_mult)?;
+            }
+            opt.step(&grads, lr)?;
+            if let Some(r) = model.router() {
+                r.after_optimizer_step(&step_stats, step)?;
+            }
+            guard.push(loss_sum);
+        }
+        let _ = rng.next_u64();
+        step += 1;
+        ran += 1;
+        final_loss = loss_sum;
+        let dt = t0.elapsed().as_secs_f64();
+        let step_tokens = (s.batch_seqs * model.config().model.seq_len) as f64;
+        if ran > 1 {
+            timed_tokens += step_tokens as u64;
+            timed_secs += dt;
+        }
+        if step > tail_from {
+            let acc = stats_tail.get_or_insert_with(RouterStats::default);
+            for st in &step_stats {
+                acc.merge(st);
+            }
+        }
+        let rec = StepLog {
+            step,
+            loss: loss_sum,
+            ce: ce_sum,
+            router_terms: terms,
+            lr,
+            grad_norm: gn,
+            tokens,
+            flops: 3.0 * flops_per_token * tokens as f64,
+            tokens_per_sec: step_tokens / dt.max(1e-9),
+            elapsed: start.elapsed().as_secs_f64(),
+            skipped: spike,
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&rec).unwrap_or_default()).map_err(|e| Error::io(&metrics_path, e))?;
+        bar.update(step as u64, loss_sum, rec.tokens_per_sec);
+        let want_ckpt = step == s.steps || (s.checkpoint_every > 0 && step % s.checkpoint_every == 0);
+        if want_ckpt {
+            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+            let mut model_t: Vec<(String, Tensor)> = main_vars
+                .iter()
+                .chain(aux_vars.iter())
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            if let Some(r) = model.router() {
+                for (n, t) in r.buffers() {
+                    model_t.push((format!("buffer.{n}"), t));
+                }
+            }
+            let mut optim_t = opt.state_tensors();
+            optim_t.extend(aux_opt.state_tensors().into_iter().map(|(n, t)| (format!("aux.{n}"), t)));
+            let state = TrainState {
+                format_version: checkpoint::FORMAT_VERSION,
+                step,
+                optimizer_t: opt.t,
+                aux_optimizer_t: aux_opt.t,
+                tokens,
+                data_cursor: data.cursor(),
+                rng: rng.clone(),
+                loss_window: guard.window.clone(),
+                extra: serde_json::Value::Null,
+                files: Default::default(),
+            };
+            let dir = checkpoint::save_checkpoint(
+                &ckpt_root,
+                state,
+                &CheckpointTensors { model: model_t, optim: optim_t },
+                s.keep_checkpoints,
+            )?;
+            last_good = Some(dir);
+        }
+    }
+    bar.finish(&format!("loss {final_loss:.4}"));
+    Ok(TrainSummary {
+        steps: step,
+        tokens,
+        final_loss,
+        tokens_per_sec: if timed_secs > 0.0 { timed_tokens as f64 / timed_secs } else { 0.0 },
+        wall_secs: start.elapsed().as_secs_f64(),
+        skipped_steps: skipped,
+        router_stats: stats_tail,
+        finished: step >= s.steps,
+    })
+}
+
+/// Drops metric lines after `step` (a resumed run rewrites them).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepLog>(l).map(|r| r.step <= step).unwrap_or(false))
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    checkpoint::write_atomic(path, out.as_bytes())
+}

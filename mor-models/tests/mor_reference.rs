@@ -1,0 +1,365 @@
+//! A naive per-token reference of the Mixture-of-Recursions forward (plain loops over
+//! tokens, no gather/scatter, no batching tricks), written separately from the model, that
+//! the fast path must match on random inputs under every KV policy and both routers
+//! (spec §3.1 pseudocode, §3.2, §4).
+
+use candle_core::{DType, Device, Tensor};
+use mor_core::config::Config;
+use mor_core::plan::Segment;
+use mor_models::MorModel;
+use mor_router::RouteMode;
+use std::collections::HashMap;
+
+struct W {
+    t: HashMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl W {
+    fn get(&self, n: &str) -> &(Vec<usize>, Vec<f64>) {
+        self.t.get(n).unwrap_or_else(|| panic!("no tensor {n}"))
+    }
+}
+
+/// `y = W x` for `W: [out, in]`.
+fn matvec(w: &(Vec<usize>, Vec<f64>), x: &[f64]) -> Vec<f64> {
+    let (o, i) = (w.0[0], w.0[1]);
+    (0..o).map(|r| (0..i).map(|c| w.1[r * i + c] * x[c]).sum()).collect()
+}
+
+fn rmsnorm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(a, b)| a * r * b).collect()
+}
+
+/// HF rotate_half RoPE of one head vector at position p.
+fn rope(x: &[f64], p: usize, theta: f64) -> Vec<f64> {
+    let dh = x.len();
+    let half = dh / 2;
+    let mut out = vec![0.0; dh];
+    for i in 0..half {
+        let inv = 1.0 / theta.powf((2 * i) as f64 / dh as f64);
+        let (s, c) = ((p as f64) * inv).sin_cos();
+        out[i] = x[i] * c - x[i + half] * s;
+        out[i + half] = x[i + half] * c + x[i] * s;
+    }
+    out
+}
+
+struct Dims {
+    hq: usize,
+    hkv: usize,
+    dh: usize,
+    eps: f64,
+    theta: f64,
+}
+
+/// Per-token K/V of one layer (RoPE applied): (pos, k [hkv*dh], v [hkv*dh]).
+type Kv = Vec<(usize, Vec<f64>, Vec<f64>)>;
+
+/// One decoder layer on tokens `xs` (position, hidden) with attention over `keys(j)`.
+/// `kv_override`: for each query the keys/values it attends to (already causal-filtered by
+/// position inside); `None` = the layer's own fresh K/V of `xs`.
+fn layer(
+    w: &W,
+    prefix: &str,
+    norms: (&[f64], &[f64]),
+    xs: &[(usize, Vec<f64>)],
+    dims: &Dims,
+    project: bool,
+    kv_for: &dyn Fn(&Kv) -> Kv,
+) -> (Vec<Vec<f64>>, Kv) {
+    let q_w = w.get(&format!("{prefix}.self_attn.q_proj.weight"));
+    let k_w = w.get(&format!("{prefix}.self_attn.k_proj.weight"));
+    let v_w = w.get(&format!("{prefix}.self_attn.v_proj.weight"));
+    let o_w = w.get(&format!("{prefix}.self_attn.o_proj.weight"));
+    let (hq, hkv, dh) = (dims.hq, dims.hkv, dims.dh);
+    let normed: Vec<Vec<f64>> = xs.iter().map(|(_, h)| rmsnorm(h, norms.0, dims.eps)).collect();
+    let mut fresh: Kv = Vec::new();
+    if project {
+        for (i, (p, _)) in xs.iter().enumerate() {
+            let k = matvec(k_w, &normed[i]);
+            let v = matvec(v_w, &normed[i]);
+            let mut kr = Vec::new();
+            for h in 0..hkv {
+                kr.extend(rope(&k[h * dh..(h + 1) * dh], *p, dims.theta));
+            }
+            fresh.push((*p, kr, v));
+        }
+    }
+    let keys = kv_for(&fresh);
+    let mut out = Vec::new();
+    for (i, (p, h0)) in xs.iter().enumerate() {
+        let q = matvec(q_w, &normed[i]);
+        let mut att = vec![0.0; hq * dh];
+        for h in 0..hq {
+            let kvh = h / (hq / hkv);
+            let qh = rope(&q[h * dh..(h + 1) * dh], *p, dims.theta);
+            let vis: Vec<&(usize, Vec<f64>, Vec<f64>)> = keys.iter().filter(|(kp, _, _)| kp <= p).collect();
+            let scores: Vec<f64> = vis
+                .iter()
+                .map(|(_, k, _)| (0..dh).map(|e| qh[e] * k[kvh * dh + e]).sum::<f64>() / (dh as f64).sqrt())
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+            for (j, (_, _, v)) in vis.iter().enumerate() {
+                let a = (scores[j] - m).exp() / z;
+                for e in 0..dh {
+                    att[h * dh + e] += a * v[kvh * dh + e];
+                }
+            }
+        }
+        let o = matvec(o_w, &att);
+        let h1: Vec<f64> = h0.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let x2 = rmsnorm(&h1, norms.1, dims.eps);
+        let g = matvec(w.get(&format!("{prefix}.mlp.gate_proj.weight")), &x2);
+        let u = matvec(w.get(&format!("{prefix}.mlp.up_proj.weight")), &x2);
+        let s: Vec<f64> = g.iter().zip(&u).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
+        let dn = matvec(w.get(&format!("{prefix}.mlp.down_proj.weight")), &s);
+        out.push(h1.iter().zip(&dn).map(|(a, b)| a + b).collect());
+    }
+    (out, fresh)
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Router decisions taken from the naive scores: expert-choice top-k by `alpha·σ(z)` with
+/// ties to the lower position.
+fn topk_sorted(cands: &[usize], g: &[f64], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&a, &b| g[b].partial_cmp(&g[a]).unwrap().then(cands[a].cmp(&cands[b])));
+    let mut keep: Vec<usize> = order[..k.min(cands.len())].iter().map(|&i| cands[i]).collect();
+    keep.sort();
+    keep
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Expert,
+    Token,
+}
+
+fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Vec<Vec<Vec<f64>>> {
+    let cfg = model.config();
+    let m = &cfg.model;
+    let dims = Dims { hq: m.num_heads, hkv: m.num_kv_heads, dh: m.head_dim, eps: m.rms_eps, theta: m.rope_theta };
+    let mut w = W { t: HashMap::new() };
+    for (n, v) in model.named_vars() {
+        let t = v.as_tensor();
+        w.t.insert(n, (t.dims().to_vec(), t.flatten_all().unwrap().to_vec1::<f64>().unwrap()));
+    }
+    let d = m.hidden_size;
+    let emb = w.get("model.embed_tokens.weight").1.clone();
+    let plan = cfg.plan.clone();
+    let n_r = plan.num_recursions;
+    let norms = |b: usize| {
+        (
+            w.get(&format!("model.layers.{b}.input_layernorm.weight")).1.clone(),
+            w.get(&format!("model.layers.{b}.post_attention_layernorm.weight")).1.clone(),
+        )
+    };
+    let mut all_logits = Vec::new();
+    for row in ids {
+        let t = row.len();
+        let mut h: Vec<Vec<f64>> = row.iter().map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec()).collect();
+        let run_full = |h: &mut Vec<Vec<f64>>, seg: Segment| {
+            for s in plan.slots.iter().filter(|s| s.segment == seg) {
+                let (a, b) = norms(s.block);
+                let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
+                let (y, _) = layer(&w, &format!("model.layers.{}", s.block), (&a, &b), &xs, &dims, true, &|f: &Kv| f.clone());
+                *h = y;
+            }
+        };
+        run_full(&mut h, Segment::Prelude);
+        let h1 = h.clone();
+        // Token-choice: depth from one router on H^1 (argmax of softmax), gate p_{t,i}.
+        let mut tc_depth = vec![n_r; t];
+        let mut tc_gate = vec![1.0; t];
+        if kind == Kind::Token {
+            let wr = &w.get("model.router.w1").1; // [d, N_r]
+            for i in 0..t {
+                let z: Vec<f64> = (0..n_r).map(|j| (0..d).map(|c| h1[i][c] * wr[c * n_r + j]).sum()).collect();
+                let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = z.iter().map(|x| (x - mx).exp()).collect();
+                let s: f64 = e.iter().sum();
+                let p: Vec<f64> = e.iter().map(|x| x / s).collect();
+                let mut best = 0;
+                for j in 1..n_r {
+                    if p[j] > p[best] {
+                        best = j;
+                    }
+                }
+                tc_depth[i] = best + 1;
+                tc_gate[i] = p[best];
+            }
+        }
+        let mut active: Vec<usize> = (0..t).collect();
+        let mut first: Vec<Kv> = Vec::new();
+        for step in 1..=n_r {
+            let sel: Vec<usize>;
+            let mut gate: HashMap<usize, f64> = HashMap::new();
+            match kind {
+                Kind::Expert => {
+                    let wr = &w.get(&format!("model.router.{step}.w1")).1; // [d, 1]
+                    let g: Vec<f64> = active
+                        .iter()
+                        .map(|&i| 0.1 * sigmoid((0..d).map(|c| h[i][c] * wr[c]).sum::<f64>()))
+                        .collect();
+                    let cap = (n_r - step + 1) as f64 / n_r as f64;
+                    let k = ((cap * t as f64).floor() as usize).max(1);
+                    sel = topk_sorted(&active, &g, k);
+                    for (j, &i) in active.iter().enumerate() {
+                        gate.insert(i, g[j]);
+                    }
+                }
+                Kind::Token => {
+                    sel = active.iter().copied().filter(|&i| tc_depth[i] >= step).collect();
+                }
+            }
+            if sel.is_empty() {
+                break;
+            }
+            let mut xs: Vec<(usize, Vec<f64>)> = sel.iter().map(|&i| (i, h[i].clone())).collect();
+            for (j, s) in plan
+                .slots
+                .iter()
+                .filter(|s| matches!(s.segment, Segment::Recursion { step: r, .. } if r == step))
+                .enumerate()
+            {
+                let (a, b) = norms(s.block);
+                let project = !(kv == "recursive_sharing" && step >= 2);
+                let first_j: Option<Kv> = if step >= 2 { first.get(j).cloned() } else { None };
+                let kv_for = |fresh: &Kv| -> Kv {
+                    match (kv, step) {
+                        ("recursion_wise", _) | (_, 1) => fresh.clone(),
+                        ("recursive_sharing", _) => first_j.clone().unwrap(),
+                        ("hybrid", _) => {
+                            let mut base = first_j.clone().unwrap();
+                            for f in fresh {
+                                if let Some(e) = base.iter_mut().find(|e| e.0 == f.0) {
+                                    *e = f.clone();
+                                }
+                            }
+                            base
+                        }
+                        _ => unreachable!(),
+                    }
+                };
+                let (y, fresh) = layer(&w, &format!("model.layers.{}", s.block), (&a, &b), &xs, &dims, project, &kv_for);
+                if step == 1 {
+                    first.push(fresh);
+                }
+                xs = sel.iter().copied().zip(y).collect();
+            }
+            for (i, y) in &xs {
+                match kind {
+                    Kind::Expert => {
+                        let g = gate[i];
+                        for c in 0..d {
+                            h[*i][c] += g * y[c];
+                        }
+                    }
+                    Kind::Token => {
+                        if tc_depth[*i] == step {
+                            for c in 0..d {
+                                h[*i][c] = h1[*i][c] + tc_gate[*i] * y[c];
+                            }
+                        } else {
+                            h[*i] = y.clone();
+                        }
+                    }
+                }
+            }
+            active = sel;
+        }
+        run_full(&mut h, Segment::Coda);
+        let fw = w.get("model.norm.weight").1.clone();
+        let logits: Vec<Vec<f64>> = h
+            .iter()
+            .map(|x| {
+                let n = rmsnorm(x, &fw, m.rms_eps);
+                (0..m.vocab_size).map(|v| (0..d).map(|c| n[c] * emb[v * d + c]).sum()).collect()
+            })
+            .collect();
+        all_logits.push(logits);
+    }
+    all_logits
+}
+
+fn config(kind: Kind, kv: &str, backend: &str) -> mor_core::config::ResolvedConfig {
+    let router = match kind {
+        Kind::Expert => "kind = \"expert_choice\"",
+        Kind::Token => "kind = \"token_choice\"\nz_loss = false",
+    };
+    let toml = format!(
+        r#"
+[model]
+preset = "micro"
+vocab_size = 64
+hidden_size = 16
+num_heads = 4
+num_kv_heads = 2
+head_dim = 4
+intermediate_size = 24
+num_layers = 5
+seq_len = 16
+[recursion]
+num_recursions = 3
+sharing = {{ kind = "middle_cycle" }}
+[router]
+{router}
+[kv]
+kind = "{kv}"
+[runtime]
+backend = {{ kind = "{backend}" }}
+seed = 11
+[train]
+budget = {{ steps = 1 }}
+batch_seqs = 2
+micro_batch_seqs = 2
+"#
+    );
+    Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn check(kind: Kind, kv: &str, backend: &str) {
+    let cfg = config(kind, kv, backend);
+    let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
+    let mut rng = mor_core::rng::Rng::new(5);
+    let (b, t) = (2usize, 13usize);
+    let ids: Vec<Vec<u32>> = (0..b).map(|_| (0..t).map(|_| rng.below(64) as u32).collect()).collect();
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
+    let out = model.forward(&x, RouteMode::Train).unwrap();
+    let fast = out.logits.to_vec3::<f64>().unwrap();
+    let naive = naive_forward(&model, &ids, kind, kv);
+    let mut worst = 0f64;
+    for r in 0..b {
+        for i in 0..t {
+            for v in 0..64 {
+                worst = worst.max((fast[r][i][v] - naive[r][i][v]).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-9, "{kind:?}/{kv}/{backend}: max |fast - naive| = {worst:e}");
+}
+
+#[test]
+fn expert_choice_matches_naive_reference_under_each_kv_policy() {
+    for backend in ["reference", "cpu"] {
+        for kv in ["recursion_wise", "recursive_sharing", "hybrid"] {
+            check(Kind::Expert, kv, backend);
+        }
+    }
+}
+
+#[test]
+fn token_choice_matches_naive_reference_under_each_kv_policy() {
+    for backend in ["reference", "cpu"] {
+        for kv in ["recursion_wise", "recursive_sharing"] {
+            check(Kind::Token, kv, backend);
+        }
+    }
+}

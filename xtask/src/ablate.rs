@@ -1,0 +1,366 @@
+//! `cargo xtask ablate [--grid FILE | --preset quick|small] [--data PATH] [--out DIR]`:
+//! trains every run of an ablation grid, evaluates each, and writes `results.md`,
+//! `results.csv`, `results.json`, SVG plots and `depth_tokens.html` into `--out`.
+//!
+//! A grid file is a base config plus runs and/or axes:
+//!
+//! ```toml
+//! [base]                 # a full run config (same keys as a config file)
+//! model = { preset = "tiny" }
+//! # ...
+//! [[runs]]               # named variants of the base: dotted keys -> values
+//! name = "vanilla"
+//! set = { "recursion.num_recursions" = 1, "recursion.sharing" = "none", "router" = "none" }
+//! [axes]                 # optional: every run is crossed with every combination
+//! "router.kind" = ["expert_choice", "token_choice"]
+//! ```
+//!
+//! `"router" = "none"` removes the router (vanilla and recursive baselines). Runs whose
+//! folder already holds a finished `summary.json` are skipped on a rerun.
+
+use anyhow::{bail, Context};
+use mor_core::config::{apply_override, Config};
+use mor_models::progress::AblationProgress;
+use mor_models::report::{self, RunSummary};
+use mor_models::run::{finished_summary, read_curve, run, RunOptions};
+use std::path::PathBuf;
+
+/// Flags of `ablate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A grid file (TOML: `[base]`, `[[runs]]`, `[axes]`).
+    #[arg(long, conflicts_with = "preset")]
+    grid: Option<PathBuf>,
+    /// A built-in grid: `quick` (minutes on 2 cores) or `small` (about an hour).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Training data for every run (overrides `data.source`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output folder (default: runs/ablate-<grid name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only list the runs the grid expands into.
+    #[arg(long)]
+    dry_run: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+const QUICK: &str = include_str!("../../configs/grids/quick.toml");
+const SMALL: &str = include_str!("../../configs/grids/small.toml");
+
+/// One expanded run: its name and its config table.
+#[derive(Debug, Clone)]
+pub struct GridRun {
+    /// Unique run name (folder name).
+    pub name: String,
+    /// The config table after overrides.
+    pub table: toml::Table,
+}
+
+fn apply(table: &mut toml::Table, key: &str, value: &toml::Value) -> anyhow::Result<()> {
+    if value.as_str() == Some("none") && !key.contains('.') {
+        table.remove(key);
+        return Ok(());
+    }
+    apply_override(table, key, value.clone())?;
+    Ok(())
+}
+
+fn value_label(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string().replace(['"', ' '], ""),
+    }
+}
+
+/// Expands a grid file into runs.
+pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
+    let grid: toml::Table = text.parse().with_context(|| format!("{origin}: not valid TOML"))?;
+    for k in grid.keys() {
+        if !["name", "base", "runs", "axes"].contains(&k.as_str()) {
+            bail!("{origin}: unknown key `{k}`; a grid has `name`, `[base]`, `[[runs]]` and `[axes]`");
+        }
+    }
+    let base = match grid.get("base") {
+        Some(toml::Value::Table(t)) => t.clone(),
+        Some(_) => bail!("{origin}: `base` must be a table"),
+        None => bail!("{origin}: missing `[base]` (the config every run starts from)"),
+    };
+    let mut runs: Vec<GridRun> = Vec::new();
+    match grid.get("runs") {
+        None => runs.push(GridRun { name: "base".into(), table: base.clone() }),
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let t = item.as_table().with_context(|| format!("{origin}: runs[{i}] must be a table"))?;
+                let name = t
+                    .get("name")
+                    .and_then(|v| v.as_str())
+                    .with_context(|| format!("{origin}: runs[{i}] needs a `name`"))?
+                    .to_string();
+                for k in t.keys() {
+                    if k != "name" && k != "set" {
+                        bail!("{origin}: runs[{i}] (`{name}`): unknown key `{k}`; allowed: name, set");
+                    }
+                }
+                let mut table = base.clone();
+                if let Some(set) = t.get("set") {
+                    let set = set.as_table().with_context(|| format!("{origin}: runs[{i}].set must be a table"))?;
+                    for (k, v) in set {
+                        apply(&mut table, k, v).with_context(|| format!("{origin}: run `{name}`"))?;
+                    }
+                }
+                runs.push(GridRun { name, table });
+            }
+        }
+        Some(_) => bail!("{origin}: `runs` must be an array of tables ([[runs]])"),
+    }
+    if let Some(axes) = grid.get("axes") {
+        let axes = axes.as_table().with_context(|| format!("{origin}: `axes` must be a table"))?;
+        for (key, values) in axes {
+            let values = values
+                .as_array()
+                .with_context(|| format!("{origin}: axes.\"{key}\" must be an array of values"))?;
+            let mut next = Vec::new();
+            for r in &runs {
+                for v in values {
+                    let mut table = r.table.clone();
+                    apply(&mut table, key, v).with_context(|| format!("{origin}: axis `{key}`"))?;
+                    let leaf = key.rsplit('.').next().unwrap_or(key);
+                    next.push(GridRun { name: format!("{}__{leaf}={}", r.name, value_label(v)), table });
+                }
+            }
+            runs = next;
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for r in &runs {
+        if !seen.insert(r.name.clone()) {
+            bail!("{origin}: two runs are named `{}`", r.name);
+        }
+        if r.name.contains(['/', '\\']) || r.name.starts_with('.') {
+            bail!("{origin}: run name `{}` cannot be a folder name", r.name);
+        }
+    }
+    Ok(runs)
+}
+
+/// Runs `ablate`.
+pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
+    let (text, origin, gname) = match (&args.grid, args.preset.as_deref()) {
+        (Some(p), _) => (
+            std::fs::read_to_string(p).with_context(|| format!("cannot read grid {}", p.display()))?,
+            p.display().to_string(),
+            p.file_stem().and_then(|s| s.to_str()).unwrap_or("grid").to_string(),
+        ),
+        (None, None) | (None, Some("quick")) => (QUICK.to_string(), "preset quick".into(), "quick".into()),
+        (None, Some("small")) => (SMALL.to_string(), "preset small".into(), "small".into()),
+        (None, Some(other)) => bail!("unknown preset `{other}`; allowed: quick, small (or --grid FILE)"),
+    };
+    if let Some(d) = &args.data {
+        if !d.exists() {
+            bail!("--data {}: no such file or folder", d.display());
+        }
+    }
+    let runs = expand(&text, &origin)?;
+    // Resolve every run before training any, so a typo fails fast.
+    let mut configs = Vec::new();
+    let mut problems = Vec::new();
+    for r in &runs {
+        match Config::from_table(r.table.clone()) {
+            Ok(c) => configs.push(c),
+            Err(e) => problems.push(format!("run `{}`: {e}", r.name)),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{origin}: {} run(s) have config problems:\n{}", problems.len(), problems.join("\n"));
+    }
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("ablate-{gname}")));
+    if args.dry_run {
+        for (r, c) in runs.iter().zip(&configs) {
+            println!(
+                "{:<40} router={:<14} kv={:<18} sharing={:<14} N_r={} steps={}",
+                r.name,
+                c.router.as_ref().map(|x| x.kind.as_str()).unwrap_or("-"),
+                c.kv.kind,
+                c.recursion.sharing.kind,
+                c.plan.num_recursions,
+                c.train.steps
+            );
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let started = std::time::Instant::now();
+    let progress = AblationProgress::new(runs.len(), args.quiet);
+    let mut summaries: Vec<RunSummary> = Vec::new();
+    let mut curves = Vec::new();
+    let mut traces = Vec::new();
+    for (r, cfg) in runs.iter().zip(&configs) {
+        let dir = out.join(&r.name);
+        if let Some(s) = finished_summary(&dir) {
+            eprintln!("{}: already finished, skipped", r.name);
+            if let Ok(c) = read_curve(&r.name, &dir.join("metrics.jsonl")) {
+                curves.push(c);
+            }
+            if let Ok(t) = std::fs::read_to_string(dir.join("trace.json")) {
+                if let Ok(t) = serde_json::from_str(&t) {
+                    traces.push(t);
+                }
+            }
+            summaries.push(s);
+            continue;
+        }
+        let resume = dir.join("checkpoints").exists();
+        let bar = progress.start_run(&r.name, cfg.train.steps);
+        let label = bar.label().to_string();
+        drop(bar);
+        let opts = RunOptions {
+            out: dir.clone(),
+            data: args.data.clone(),
+            resume,
+            quiet: args.quiet,
+            label,
+            stop_after: None,
+            skip_eval: false,
+        };
+        match run(cfg, &r.name, &opts) {
+            Ok(o) => {
+                progress.finish_run(&r.name, true);
+                if let Some(t) = &o.trace {
+                    let _ = std::fs::write(dir.join("trace.json"), serde_json::to_string(t).unwrap_or_default());
+                    traces.push(t.clone());
+                }
+                curves.push(o.curve);
+                summaries.push(o.summary);
+            }
+            Err(e) => {
+                progress.finish_run(&r.name, false);
+                eprintln!("{}: failed: {e}", r.name);
+                summaries.push(failed_summary(&r.name, cfg, &e.to_string()));
+                if let Ok(c) = read_curve(&r.name, &dir.join("metrics.jsonl")) {
+                    curves.push(c);
+                }
+            }
+        }
+    }
+    let files = report::write_report(&out, &summaries, &curves, &traces)
+        .with_context(|| format!("cannot write the report into {}", out.display()))?;
+    eprintln!("{}", progress.finish());
+    println!("{}", report::results_markdown(&report_data(&summaries, &curves, &traces)));
+    println!("wrote {} ({:.0}s)", files.results_md.display(), started.elapsed().as_secs_f64());
+    let failed = summaries.iter().filter(|s| !s.is_done()).count();
+    if failed > 0 {
+        bail!("{failed} of {} run(s) failed; see results.md", summaries.len());
+    }
+    Ok(())
+}
+
+fn report_data(
+    runs: &[RunSummary],
+    curves: &[report::Curve],
+    traces: &[report::DepthTrace],
+) -> report::ReportData {
+    report::ReportData {
+        runs: runs.to_vec(),
+        curves: curves.to_vec(),
+        traces: traces.to_vec(),
+        depth_by_difficulty: report::depth_by_difficulty(traces),
+    }
+}
+
+fn failed_summary(name: &str, cfg: &mor_core::config::ResolvedConfig, msg: &str) -> RunSummary {
+    RunSummary {
+        name: name.to_string(),
+        model: if cfg.router.is_some() { "mor".into() } else if cfg.plan.num_recursions > 1 { "recursive".into() } else { "vanilla".into() },
+        router: cfg.router.as_ref().map(|r| r.kind.clone()).unwrap_or_else(|| "-".into()),
+        kv_policy: cfg.kv.kind.clone(),
+        sharing: cfg.recursion.sharing.kind.clone(),
+        num_recursions: cfg.plan.num_recursions,
+        params_non_embedding: 0,
+        params_embedding: 0,
+        flops_per_token: 0.0,
+        train_flops: 0.0,
+        train_tokens: 0,
+        steps: 0,
+        val_nll: f64::NAN,
+        val_nll_causal: None,
+        bits_per_byte: f64::NAN,
+        bits_per_byte_causal: None,
+        accuracy: None,
+        acc_norm: None,
+        dead_token_ratio: None,
+        sampling_acc: None,
+        maxvio: None,
+        entropy: None,
+        tokens_per_depth: Vec::new(),
+        train_tokens_per_sec: 0.0,
+        wall_secs: 0.0,
+        status: format!("failed: {}", msg.lines().next().unwrap_or(msg)),
+        extra: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_expand_and_resolve() {
+        let _ = mor_models::builtin::link();
+        for (text, origin) in [(QUICK, "quick"), (SMALL, "small")] {
+            let runs = expand(text, origin).unwrap();
+            assert!(runs.len() >= 6, "{origin}: {} runs", runs.len());
+            for r in &runs {
+                Config::from_table(r.table.clone()).unwrap_or_else(|e| panic!("{origin}/{}: {e}", r.name));
+            }
+        }
+    }
+
+    #[test]
+    fn quick_covers_the_required_axes() {
+        let _ = mor_models::builtin::link();
+        let cfgs: Vec<_> = expand(QUICK, "quick")
+            .unwrap()
+            .into_iter()
+            .map(|r| Config::from_table(r.table).unwrap())
+            .collect();
+        let has = |f: &dyn Fn(&mor_core::config::ResolvedConfig) -> bool| cfgs.iter().any(f);
+        assert!(has(&|c| c.router.is_none() && c.plan.num_recursions == 1), "vanilla");
+        assert!(
+            has(&|c| c.router.is_none() && c.plan.num_recursions == 2 && c.recursion.sharing.kind == "middle_cycle"),
+            "recursive middle_cycle N_r=2"
+        );
+        for kind in ["expert_choice", "token_choice"] {
+            assert!(has(&|c| c.router.as_ref().is_some_and(|r| r.kind == kind)), "{kind}");
+        }
+        for kv in ["recursion_wise", "recursive_sharing"] {
+            assert!(has(&|c| c.router.is_some() && c.kv.kind == kv), "{kv}");
+        }
+        for s in ["cycle", "middle_cycle"] {
+            assert!(has(&|c| c.router.is_some() && c.recursion.sharing.kind == s), "{s}");
+        }
+    }
+
+    #[test]
+    fn grid_errors_name_the_problem() {
+        let e = expand("[base]\n[[runs]]\nset = {}\n", "g").unwrap_err().to_string();
+        assert!(e.contains("needs a `name`"), "{e}");
+        let e = expand("bogus = 1\n[base]\n", "g").unwrap_err().to_string();
+        assert!(e.contains("unknown key `bogus`"), "{e}");
+        let e = expand("[base]\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"a\"\n", "g").unwrap_err().to_string();
+        assert!(e.contains("two runs are named `a`"), "{e}");
+    }
+
+    #[test]
+    fn axes_cross_runs() {
+        let g = "[base]\nrouter = { kind = \"expert_choice\" }\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"b\"\nset = { \"router\" = \"none\" }\n[axes]\n\"train.lr\" = [1e-3, 2e-3]\n";
+        let runs = expand(g, "g").unwrap();
+        let names: Vec<_> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a__lr=0.001", "a__lr=0.002", "b__lr=0.001", "b__lr=0.002"]);
+        assert!(runs[2].table.get("router").is_none());
+        assert_eq!(runs[1].table["train"]["lr"].as_float(), Some(2e-3));
+    }
+}

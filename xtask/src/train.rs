@@ -1,0 +1,67 @@
+//! `cargo xtask train --config FILE [--data PATH] [--out DIR] [--resume] [--set k=v ...]`:
+//! trains one run and evaluates it (spec §1.3).
+
+use anyhow::Context;
+use mor_models::run::{run, RunOptions};
+use std::path::PathBuf;
+
+/// Flags of `train`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The run config (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Training data: a file or folder of .txt / .jsonl / .parquet / token files
+    /// (overrides `data.source`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder (default: runs/<config name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the run folder's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Override a config key, e.g. `--set train.lr=1e-3` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Stop after this many optimiser steps (the run can be resumed).
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
+}
+
+/// Runs `train`.
+pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
+    let cfg = crate::plan::load(&args.config, &args.overrides)?;
+    let name = args.config.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    if let Some(d) = &args.data {
+        if !d.exists() {
+            anyhow::bail!("--data {}: no such file or folder", d.display());
+        }
+    }
+    let opts = RunOptions {
+        out: out.clone(),
+        data: args.data.clone(),
+        resume: args.resume,
+        quiet: args.quiet,
+        label: name.clone(),
+        stop_after: args.stop_after,
+        skip_eval: false,
+    };
+    let outcome = run(&cfg, &name, &opts).with_context(|| format!("run `{name}` in {}", out.display()))?;
+    let s = &outcome.summary;
+    println!(
+        "{name}: {} steps, {} tokens, val NLL {:.4}{}, {:.0} tokens/s, {:.0}s -> {}",
+        s.steps,
+        s.train_tokens,
+        s.val_nll,
+        s.val_nll_causal.map(|c| format!(" (causal {c:.4})")).unwrap_or_default(),
+        s.train_tokens_per_sec,
+        s.wall_secs,
+        out.display()
+    );
+    Ok(())
+}

@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Defaults: `num_recursions = 1`; `sharing` is `none` when `N_r = 1` and `middle_cycle`
-//! otherwise (spec §4.1 of the paper uses Middle-Cycle for every recursive model); no
+//! otherwise (the paper uses Middle-Cycle for every MoR and Recursive model, spec §2); no
 //! `[router]` (or `kind = "none"`) means no routing; `kv = recursion_wise`;
 //! `backend = cpu`; the `[train]` defaults are the paper's recipe (spec §1.3) with a
 //! CPU-sized batch and a budget of 1000 steps.

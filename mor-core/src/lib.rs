@@ -8,6 +8,8 @@
 //! - [`accounting`]: parameter and FLOPs accounting of spec §1.4;
 //! - [`rng`]: a small seedable, serialisable RNG used for every random draw in mor.
 
+#![warn(missing_docs)]
+
 pub mod accounting;
 pub mod config;
 pub mod error;

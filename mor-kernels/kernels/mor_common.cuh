@@ -1,4 +1,4 @@
-// Shared helpers of the mor kernels.
+// Shared device functions of the mor kernels.
 //
 // The kernels include no system or toolkit header, so the same text compiles with nvcc at
 // build time and with NVRTC at run time (no include paths needed). bf16 is handled as its

@@ -4,19 +4,22 @@
 #include "mor_common.cuh"
 
 // out[b, i, :] = h[b, idx[b, i], :].  h: [b, l, d], idx: [b, k], out: [b, k, d].
+// Blocks stride over the b * k output rows, threads over the columns of a row.
 template <typename T>
 __device__ void gather_rows(const T* __restrict__ h, const unsigned int* __restrict__ idx,
                             T* __restrict__ out, unsigned int b, unsigned int l, unsigned int k,
                             unsigned int d) {
-    const unsigned long long total = (unsigned long long)b * k * d;
-    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += stride) {
-        const unsigned long long bi = e / d;
-        const unsigned int c = (unsigned int)(e % d);
+    const unsigned long long rows = (unsigned long long)b * k;
+    for (unsigned long long bi = blockIdx.x; bi < rows; bi += gridDim.x) {
         const unsigned long long bb = bi / k;
         const unsigned int src = idx[bi];
-        out[e] = src < l ? h[(bb * l + src) * d + c] : mor_from_f32<T>(0.0f);
+        T* o = out + bi * d;
+        if (src < l) {
+            const T* s = h + (bb * l + src) * d;
+            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) o[c] = s[c];
+        } else {
+            for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) o[c] = mor_from_f32<T>(0.0f);
+        }
     }
 }
 
@@ -24,25 +27,26 @@ __device__ void gather_rows(const T* __restrict__ h, const unsigned int* __restr
 // holds the base (a copy of h, or zeros for the backward of a gather). With `atomic` = 0
 // the indices of a row must be distinct (the routing contract): each element is then read,
 // summed in f32 and rounded once. With `atomic` = 1 repeated indices accumulate.
+// Blocks stride over the b * k selected rows, threads over the columns.
 template <typename T>
 __device__ void index_add_rows(T* __restrict__ out, const unsigned int* __restrict__ idx,
                                const T* __restrict__ y, const T* __restrict__ w, unsigned int b,
                                unsigned int l, unsigned int k, unsigned int d, int atomic) {
-    const unsigned long long total = (unsigned long long)b * k * d;
-    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += stride) {
-        const unsigned long long bi = e / d;
-        const unsigned int c = (unsigned int)(e % d);
-        const unsigned long long bb = bi / k;
+    const unsigned long long rows = (unsigned long long)b * k;
+    for (unsigned long long bi = blockIdx.x; bi < rows; bi += gridDim.x) {
         const unsigned int dst = idx[bi];
-        if (dst >= l) continue;
-        const float v = (w ? mor_to_f32(w[bi]) : 1.0f) * mor_to_f32(y[e]);
-        T* o = out + (bb * l + dst) * d + c;
-        if (atomic) {
-            mor_atomic_add(o, v);
-        } else {
-            *o = mor_from_f32<T>(mor_to_f32(*o) + v);
+        if (dst >= l) continue;  // the same for the whole block
+        const unsigned long long bb = bi / k;
+        const float wv = w ? mor_to_f32(w[bi]) : 1.0f;
+        const T* yr = y + bi * d;
+        T* o = out + (bb * l + dst) * d;
+        for (unsigned int c = threadIdx.x; c < d; c += blockDim.x) {
+            const float v = wv * mor_to_f32(yr[c]);
+            if (atomic) {
+                mor_atomic_add(o + c, v);
+            } else {
+                o[c] = mor_from_f32<T>(mor_to_f32(o[c]) + v);
+            }
         }
     }
 }

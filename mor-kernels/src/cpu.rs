@@ -217,3 +217,64 @@ impl Backend for CpuBackend {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::ReferenceBackend;
+    use crate::testing::{closeness, randn, F32_ATOL, F32_RTOL};
+    use crate::PAD_POS;
+    use candle_core::{DType, Var};
+
+    /// Output and input gradients of `f` under a fixed random weighting of the output.
+    fn run(f: &dyn Fn(&[&Tensor]) -> Result<Tensor>, inputs: &[Tensor]) -> Vec<Tensor> {
+        let vs: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
+        let out = f(&ts).unwrap();
+        let r = randn(77, out.shape(), out.dtype(), &Device::Cpu).unwrap();
+        let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut all = vec![out];
+        all.extend(vs.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()));
+        all
+    }
+
+    /// The baseline (non-AVX2) kernels, which the AVX2 machines of the integration tests never
+    /// run, against the reference backend.
+    #[test]
+    fn baseline_kernels_match_reference() {
+        simd::FORCE_BASELINE.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(!simd::has_avx2_fma());
+        let (cpu, rf) = (CpuBackend::new(), ReferenceBackend::new(Device::Cpu));
+        let dev = Device::Cpu;
+        let f32s = |seed, shape: &[usize]| randn(seed, shape.to_vec(), DType::F32, &dev).unwrap();
+        let q_pos = Tensor::new(&[[0u32, 2, 3, 7, 8, PAD_POS, 11, 12, 20]], &dev).unwrap();
+        let k_pos = Tensor::new(&[[0u32, 2, PAD_POS, 7, 8, PAD_POS, 11, 12, 20]], &dev).unwrap();
+        let (cos, sin) = crate::rope_tables(32, 20, 1e4, &dev).unwrap();
+        let idx = Tensor::new(&[[1u32, 4, 6]], &dev).unwrap();
+        type Case<'a> = (&'a str, Box<dyn Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> + 'a>, Vec<Tensor>);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "attention",
+                Box::new(|b, t| b.attention(t[0], t[1], t[2], &q_pos, &k_pos)),
+                vec![f32s(1, &[1, 4, 9, 20]), f32s(2, &[1, 2, 9, 20]), f32s(3, &[1, 2, 9, 20])],
+            ),
+            ("rms_norm", Box::new(|b, t| b.rms_norm(t[0], t[1], 1e-5)), vec![f32s(4, &[5, 37]), f32s(5, &[37])]),
+            ("rope", Box::new(|b, t| b.rope(t[0], &q_pos, &cos, &sin)), vec![f32s(6, &[1, 3, 9, 20])]),
+            ("swiglu", Box::new(|b, t| b.swiglu(t[0], t[1])), vec![f32s(7, &[3, 29]), f32s(8, &[3, 29])]),
+            (
+                "scatter_add_tokens",
+                Box::new(|b, t| b.scatter_add_tokens(t[0], &idx, t[1], Some(t[2]))),
+                vec![f32s(9, &[1, 7, 19]), f32s(10, &[1, 3, 19]), f32s(11, &[1, 3])],
+            ),
+        ];
+        for (name, f, inputs) in &cases {
+            let got = run(&|t| f(&cpu, t), inputs);
+            let want = run(&|t| f(&rf, t), inputs);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let c = closeness(g, w, F32_RTOL, F32_ATOL).unwrap();
+                assert!(c.ratio <= 1.0, "{name}, tensor {i} (0 = output, then input gradients): {c:?}");
+            }
+        }
+        simd::FORCE_BASELINE.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}

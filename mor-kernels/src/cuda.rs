@@ -23,7 +23,7 @@
 //! `compute_80` with nvcc when it finds one; otherwise the sources are embedded and
 //! compiled at run time with NVRTC for the device. Each module is loaded once per device
 //! ([`module::ModuleKey`]). Without the feature every item here still exists:
-//! [`CudaBackend::new`] and [`gpu_check`] return [`crate::Error::NotCompiledWithCuda`],
+//! [`CudaBackend::new`] and [`gpu_check()`] return [`crate::Error::NotCompiledWithCuda`],
 //! and the ops run on CPU tensors only. See `docs/cuda.md`.
 
 mod backend;

@@ -179,6 +179,16 @@ fn row_blocks_are_whole_warps_within_limits() {
     let b = launch::rms_norm_bwd(10_000, 576).unwrap();
     assert_eq!(b.grid.0 as u64, launch::RMS_NORM_BWD_MAX_BLOCKS);
     assert_eq!(launch::rms_norm_bwd(3, 576).unwrap().grid.0, 3);
+    for (rows, cols) in [(1u64, 1u64), (5460, 1024), (1 << 20, 576), (3, 100)] {
+        let d = launch::row_loop(rows, cols).unwrap();
+        let t = d.block.0;
+        assert!(t % 32 == 0 && t <= launch::ROW_LOOP_MAX_THREADS && t as u64 >= cols.min(256));
+        // Blocks stride over the rows: every row is visited, each by exactly one block.
+        let iters = rows.div_ceil(d.blocks());
+        assert!(d.blocks() * iters >= rows && d.blocks() <= rows);
+    }
+    assert!(launch::row_loop(4, 0).is_err());
+    assert!(launch::row_loop(0, 4).is_err());
     assert!(launch::block_per_row(4, 0).is_err());
     assert!(launch::block_per_row(0, 4).is_err());
 }
@@ -423,11 +433,20 @@ fn nvrtc_targets_follow_the_compute_capability() {
 // ---------------------------------------------------------------------------------------
 // Without the feature.
 
-#[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_backend_without_the_feature_says_how_to_get_it() {
     use mor_kernels::{build_backend, BackendCtx, Error};
     assert!(mor_core::registry::names(mor_core::Family::Backend).contains(&"cuda".to_string()));
+    if cuda::COMPILED {
+        // Built with the feature: the message must never ask for it; without a GPU the
+        // error is a CUDA error, not a panic.
+        match build_backend("cuda", &toml::Table::new(), &BackendCtx { device: CPU }) {
+            Ok(be) => assert_eq!(be.name(), "cuda"),
+            Err(e) => assert!(matches!(e, Error::Cuda(_)), "{e:?}"),
+        }
+        assert!(cuda::embedded_module(KernelModule::Router).is_some());
+        return;
+    }
     let err = build_backend("cuda", &toml::Table::new(), &BackendCtx { device: CPU }).unwrap_err();
     assert!(matches!(err, Error::NotCompiledWithCuda), "{err:?}");
     assert!(err.to_string().contains("--features cuda"), "{err}");
@@ -452,6 +471,33 @@ fn cuda_backend_without_the_feature_says_how_to_get_it() {
     ));
     assert!(!out.exists());
     assert!(cuda::embedded_module(KernelModule::Router).is_none());
+}
+
+/// With the `cuda` feature and a GPU, the whole GPU check must pass. Without a GPU the
+/// test says so and passes, unless `MOR_REQUIRE_CUDA=1` asks for a GPU.
+#[test]
+fn gpu_check_passes_when_a_gpu_is_present() {
+    let require = std::env::var("MOR_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    if !cuda::COMPILED {
+        assert!(
+            !require,
+            "MOR_REQUIRE_CUDA=1 but this build has no `cuda` feature"
+        );
+        return;
+    }
+    if let Err(e) = CudaBackend::new(0) {
+        assert!(!require, "MOR_REQUIRE_CUDA=1 but no CUDA device: {e}");
+        eprintln!("no CUDA device ({e}); the GPU check did not run");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("mor-gpu-check-{}.json", std::process::id()));
+    let report = cuda::gpu_check(&out).unwrap();
+    let failed: Vec<_> = report.checks.iter().filter(|c| !c.passed).collect();
+    assert!(report.passed(), "failed checks: {failed:#?}");
+    assert!(std::fs::read_to_string(&out)
+        .unwrap()
+        .contains("\"passed\": true"));
+    let _ = std::fs::remove_file(out);
 }
 
 #[test]
@@ -1201,4 +1247,102 @@ fn host_emulation_matches_the_reference_backend() {
         be.scatter_add_tokens(&t[0], &idx, &t[1], Some(&t[2]))
             .unwrap()
     });
+}
+
+#[test]
+fn gpu_check_comparison_rule_and_json() {
+    use cuda::gpu_check::{compare, json_num, json_str, RTOL_BF16, RTOL_F32};
+    let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &CPU).unwrap();
+    let reference = t(vec![1.0, -2.0, 100.0, 0.0]);
+    // Equal: passes with zero error.
+    let c = compare("k", DType::F32, "[4]", &reference, &reference).unwrap();
+    assert!(c.passed && c.max_abs_err == 0.0 && c.rtol == RTOL_F32);
+    // 5e-6 relative on the largest entry passes; 2e-5 fails.
+    let c = compare(
+        "k",
+        DType::F32,
+        "[4]",
+        &t(vec![1.0, -2.0, 100.0005, 0.0]),
+        &reference,
+    )
+    .unwrap();
+    assert!(c.passed, "{c:?}");
+    let c = compare(
+        "k",
+        DType::F32,
+        "[4]",
+        &t(vec![1.0, -2.0, 100.002, 0.0]),
+        &reference,
+    )
+    .unwrap();
+    assert!(!c.passed && (c.max_rel_err - 2e-5).abs() < 1e-6, "{c:?}");
+    // Near zero the error is judged against 1% of the largest magnitude (here 1.0).
+    let c = compare(
+        "k",
+        DType::F32,
+        "[4]",
+        &t(vec![1.0, -2.0, 100.0, 5e-6]),
+        &reference,
+    )
+    .unwrap();
+    assert!(c.passed && (c.max_rel_err - 5e-6).abs() < 1e-9, "{c:?}");
+    // bf16: one unit in the last place (2^-7 relative at 1.0) is within 1.6e-2.
+    let c = compare(
+        "k",
+        DType::BF16,
+        "[4]",
+        &t(vec![1.0078125, -2.0, 100.0, 0.0]),
+        &reference,
+    )
+    .unwrap();
+    assert!(c.passed && c.rtol == RTOL_BF16, "{c:?}");
+    // NaN must match NaN.
+    let nan = t(vec![f32::NAN, -2.0, 100.0, 0.0]);
+    assert!(compare("k", DType::F32, "[4]", &nan, &nan).unwrap().passed);
+    assert!(
+        !compare("k", DType::F32, "[4]", &nan, &reference)
+            .unwrap()
+            .passed
+    );
+    // Integer outputs must be equal.
+    let idx = u32s(vec![1, 2, 3], &[3]);
+    assert!(compare("k", DType::F32, "[3]", &idx, &idx).unwrap().passed);
+    assert!(
+        !compare("k", DType::F32, "[3]", &u32s(vec![1, 2, 4], &[3]), &idx)
+            .unwrap()
+            .passed
+    );
+    // JSON escaping and non-finite numbers.
+    assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\n\"");
+    assert_eq!(json_num(f64::NAN), "null");
+    assert_eq!(json_num(1.5), "1.5");
+    let report = cuda::GpuCheckReport {
+        device: "GPU \"x\"".into(),
+        checks: vec![c_ok()],
+        ..Default::default()
+    };
+    let j = report.to_json();
+    assert!(report.passed());
+    assert!(
+        j.contains("\"device\": \"GPU \\\"x\\\"\"")
+            && j.contains("\"passed\": true")
+            && j.contains("\"compute_capability\": null"),
+        "{j}"
+    );
+    assert!(
+        !cuda::GpuCheckReport::default().passed(),
+        "an empty report does not pass"
+    );
+}
+
+fn c_ok() -> cuda::KernelCheck {
+    cuda::KernelCheck {
+        kernel: "rms_norm.fwd".into(),
+        dtype: "f32".into(),
+        shape: "[1]".into(),
+        max_abs_err: 0.0,
+        max_rel_err: 0.0,
+        rtol: 1e-5,
+        passed: true,
+    }
 }

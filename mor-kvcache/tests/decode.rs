@@ -438,13 +438,16 @@ fn expert_choice_depths(rng: &mut Rng, l: usize, caps: &[f64]) -> (Vec<usize>, V
 
 #[test]
 fn stored_bytes_match_the_cost_table() {
-    let (hkv, dh, bt, l, bd) = (1, 2, 8, 240, 2);
+    let (hkv, dh, bt, l, bd) = (1, 2, 8, 2048, 2);
     for n in [2usize, 3, 4] {
         let caps: Vec<f64> = (1..=n).map(|r| (n - r + 1) as f64 / n as f64).collect();
         let mut rng = Rng::new(40 + n as u64);
         let (depth, ks) = expert_choice_depths(&mut rng, l, &caps);
+        if n == 3 {
+            assert_eq!(ks, vec![2048, 1365, 682], "spec §3.1's k_r for L = 2048");
+        }
         let p = plan(false, n, bd, false);
-        let mut vanilla = PagedCache::vanilla(n * bd, hkv, dh, bt, 1000).unwrap();
+        let mut vanilla = PagedCache::vanilla(n * bd, hkv, dh, bt, 4096).unwrap();
         vanilla.start(0).unwrap();
         for (t, _) in depth.iter().enumerate() {
             for s in 0..n * bd {
@@ -457,7 +460,7 @@ fn stored_bytes_match_the_cost_table() {
         for mode in MODES {
             let pol = policy(mode, n);
             let mut c = pol
-                .new_decode_cache(&spec(p.clone(), hkv, dh, bt, 1000))
+                .new_decode_cache(&spec(p.clone(), hkv, dh, bt, 4096))
                 .unwrap();
             c.start(0).unwrap();
             let mut naive = Naive::default();

@@ -20,6 +20,9 @@ pub enum Error {
     /// A KV-policy error.
     #[error(transparent)]
     Kv(#[from] mor_kvcache::Error),
+    /// A data, tokenizer or task-file error.
+    #[error(transparent)]
+    Data(#[from] crate::data::Error),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

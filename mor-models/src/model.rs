@@ -593,6 +593,40 @@ impl MorModel {
     pub fn routing_kind(&self) -> Option<RoutingKind> {
         self.router.as_ref().map(|r| r.kind())
     }
+
+    /// The token embedding `[vocab, d]` (used by the inference engine).
+    pub fn embedding(&self) -> &Var {
+        &self.embed
+    }
+
+    /// The LM head weight `[vocab, d]`: the embedding when the head is tied (spec §1.1).
+    pub fn lm_head_weight(&self) -> &Var {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The final RMSNorm weight `[d]`.
+    pub fn final_norm_weight(&self) -> &Var {
+        &self.final_norm
+    }
+
+    /// The (pre-attention, pre-MLP) RMSNorm weights that layer slot `slot` uses: the slot's
+    /// own norms when `ln_share = false`, its block's otherwise; `None` for a slot out of
+    /// range.
+    pub fn slot_norm_weights(&self, slot: usize) -> Option<(&Var, &Var)> {
+        let block = self.cfg.plan.slots.get(slot)?.block;
+        if block >= self.blocks.len() {
+            return None;
+        }
+        if let Some(n) = &self.slot_norms {
+            n.get(slot)?;
+        }
+        Some(self.norms_for_slot(slot, block))
+    }
+
+    /// The RoPE tables `(cos, sin)`, each `[max_pos, head_dim / 2]`.
+    pub fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
 }
 
 /// Spreads a flat gate `[n_valid]` into `[b, kmax]` with zeros at padded slots.

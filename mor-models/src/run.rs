@@ -130,7 +130,7 @@ struct DataAdapter {
 
 impl TrainData for DataAdapter {
     fn next_batch(&mut self, rows: usize) -> Result<TokenBatch> {
-        let b = self.it.next_batch(rows).map_err(|e| Error::msg(e.to_string()))?;
+        let b = self.it.next_batch(rows)?;
         Ok(TokenBatch { inputs: b.inputs, targets: b.targets, b: b.b, t: b.t })
     }
     fn cursor(&self) -> serde_json::Value {
@@ -139,7 +139,7 @@ impl TrainData for DataAdapter {
     fn restore(&mut self, cursor: &serde_json::Value) -> Result<()> {
         let c = serde_json::from_value(cursor.clone())
             .map_err(|e| Error::msg(format!("the checkpoint's data position is unreadable: {e}")))?;
-        self.it.restore(c).map_err(|e| Error::msg(e.to_string()))
+        Ok(self.it.restore(c)?)
     }
 }
 
@@ -171,11 +171,11 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
     crate::checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
     crate::checkpoint::write_atomic(&out.join("config.json"), cfg.to_json().unwrap_or_default().as_bytes())?;
     let dcfg = data_config(cfg, opts.data.as_deref());
-    let ds = Dataset::prepare(&dcfg, Some(out)).map_err(|e| Error::msg(e.to_string()))?;
+    let ds = Dataset::prepare(&dcfg, Some(out))?;
     let model = MorModel::new(cfg)?;
     let acct = mor_core::accounting::report(cfg)?;
     let settings = train_settings(cfg, opts);
-    let it = ds.train_batches(settings.micro_batch_seqs, None).map_err(|e| Error::msg(e.to_string()))?;
+    let it = ds.train_batches(settings.micro_batch_seqs, None)?;
     let mut adapter = DataAdapter { it };
     let summary = train::train(&model, &mut adapter, &settings, out, opts.resume, acct.flops_per_token)?;
     let curve = read_curve(name, &out.join("metrics.jsonl"))?;
@@ -272,7 +272,7 @@ pub fn evaluate(
     let mut trace = None;
     let batches: Vec<EvalBatch> = ds
         .val_batches(cfg.train.micro_batch_seqs.max(1))
-        .map_err(|e| Error::msg(e.to_string()))?
+        ?
         .take(cfg.eval.max_batches.max(1))
         .map(to_eval)
         .collect();
@@ -293,16 +293,16 @@ pub fn evaluate(
         sets.extend(crate::data::builtin::builtin_mc_tasks(cfg.seed ^ 0x5eed, 40));
     }
     for p in cfg.eval.tasks.iter().chain(extra_tasks) {
-        sets.push(crate::data::tasks::load_mc_tasks(p).map_err(|e| Error::msg(e.to_string()))?);
+        sets.push(crate::data::tasks::load_mc_tasks(p)?);
     }
     for set in sets {
         let mut items = Vec::new();
         for t in &set.items {
-            let context = tok.encode(&t.context).map_err(|e| Error::msg(e.to_string()))?;
+            let context = tok.encode(&t.context)?;
             let mut choices = Vec::new();
             let mut choice_bytes = Vec::new();
             for c in &t.choices {
-                choices.push(tok.encode(c).map_err(|e| Error::msg(e.to_string()))?);
+                choices.push(tok.encode(c)?);
                 choice_bytes.push(c.len());
             }
             items.push(McItem { context, choices, choice_bytes, gold: t.gold });

@@ -1,12 +1,14 @@
 //! `cargo xtask`: the commands of mor.
 //!
 //! Each subcommand lives in its own file with an `Args` type (its flags, whose doc comments
-//! are the help text) and a `run(args)` function. Implemented: `list` (every registered
-//! plugin) and `plan` (what a config builds and what it costs). To add a command, add a
-//! variant to [`Command`] and a module next to this file; `train`, `eval`, `ablate`,
-//! `generate`, `bench` and `gpu-check` are planned this way.
+//! are the help text) and a run function. To add a command, add a variant to [`Command`]
+//! and a module next to this file (`generate`, `bench` and `gpu-check` are planned this
+//! way).
 
 use clap::{Parser, Subcommand};
+// Names the example strategy crate so its plugins are linked and registered.
+#[cfg(feature = "example-plugins")]
+use mor_example_entropy_router as _;
 
 mod ablate;
 mod eval;

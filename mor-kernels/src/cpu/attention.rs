@@ -192,18 +192,23 @@ impl<T: Float> Packed<T> {
         let mut vt = vec![T::ZERO; if bwd { dh * ld } else { 0 }];
         let mut kp = vec![T::ZERO; if bwd { n * dh } else { 0 }];
         let mut vp = vec![T::ZERO; if bwd { 0 } else { n * dh }];
-        for (jp, &j) in keys.iter().enumerate() {
-            let (kr, vr) = (&k[j as usize * dh..(j as usize + 1) * dh], &v[j as usize * dh..(j as usize + 1) * dh]);
-            for (c, &x) in kr.iter().enumerate() {
-                kt[c * ld + jp] = x;
+        // Transposed copies, one output row at a time (contiguous writes).
+        for c in 0..dh {
+            for (x, &j) in kt[c * ld..c * ld + n].iter_mut().zip(keys) {
+                *x = k[j as usize * dh + c];
             }
             if bwd {
-                for (c, &x) in vr.iter().enumerate() {
-                    vt[c * ld + jp] = x;
+                for (x, &j) in vt[c * ld..c * ld + n].iter_mut().zip(keys) {
+                    *x = v[j as usize * dh + c];
                 }
-                kp[jp * dh..(jp + 1) * dh].copy_from_slice(kr);
+            }
+        }
+        for (jp, &j) in keys.iter().enumerate() {
+            let r = j as usize * dh..(j as usize + 1) * dh;
+            if bwd {
+                kp[jp * dh..(jp + 1) * dh].copy_from_slice(&k[r]);
             } else {
-                vp[jp * dh..(jp + 1) * dh].copy_from_slice(vr);
+                vp[jp * dh..(jp + 1) * dh].copy_from_slice(&v[r]);
             }
         }
         Packed { n, ld, kt, vt, kp, vp }

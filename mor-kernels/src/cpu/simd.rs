@@ -189,11 +189,19 @@ impl Float for f64 {
     }
 }
 
+/// Makes [`has_avx2_fma`] answer `false`, so that unit tests run the baseline kernels.
+#[cfg(test)]
+pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Whether the CPU has AVX2 and FMA (checked once).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
+    #[cfg(test)]
+    if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
@@ -247,6 +255,8 @@ pub(crate) fn dot<T: Float, const FMA: bool>(a: &[T], b: &[T]) -> T {
 
 /// Rows of the register tiles of [`gemm_rows`] and [`rank_update`].
 pub(crate) const TILE_R: usize = 4;
+// The kernels below are written out for four rows.
+const _: () = assert!(TILE_R == 4);
 /// Columns of the register tiles: two AVX2 registers of f32.
 pub(crate) const TILE_W: usize = 16;
 
@@ -266,13 +276,16 @@ pub(crate) fn gemm_rows<T: Float, const FMA: bool>(
     c: &mut [T],
     ldc: usize,
 ) {
+    debug_assert!(kdim == 0 || b.len() >= (kdim - 1) * ldb + n);
+    let rows: [&[T]; TILE_R] = std::array::from_fn(|r| &a[r * lda..r * lda + kdim]);
     let mut j = 0;
     while j + TILE_W <= n {
         let mut acc = [[T::ZERO; TILE_W]; TILE_R];
-        for kk in 0..kdim {
-            let bv: &[T; TILE_W] = b[kk * ldb + j..kk * ldb + j + TILE_W].try_into().unwrap_or_else(|_| unreachable!());
-            for r in 0..TILE_R {
-                let av = a[r * lda + kk];
+        // Row kk of b starting at column j, zipped with column kk of the rows of a.
+        let it = b[j..].chunks(ldb).zip(rows[0]).zip(rows[1]).zip(rows[2]).zip(rows[3]);
+        for ((((brow, &x0), &x1), &x2), &x3) in it {
+            let bv: &[T; TILE_W] = brow[..TILE_W].try_into().unwrap_or_else(|_| unreachable!());
+            for (r, av) in [x0, x1, x2, x3].into_iter().enumerate() {
                 for l in 0..TILE_W {
                     acc[r][l] = fma::<T, FMA>(av, bv[l], acc[r][l]);
                 }
@@ -317,6 +330,8 @@ pub(crate) fn rank_update<T: Float, const FMA: bool>(
     c: &mut [T],
     ldc: usize,
 ) {
+    debug_assert!(n == 0 || c.len() >= (n - 1) * ldc + m);
+    let cols: [&[T]; TILE_R] = std::array::from_fn(|r| &a[r * lda..r * lda + n]);
     let mut c0 = 0;
     while c0 < m {
         let w = TILE_W.min(m - c0);
@@ -325,12 +340,11 @@ pub(crate) fn rank_update<T: Float, const FMA: bool>(
             bv[r][..w].copy_from_slice(&b[r * ldb + c0..r * ldb + c0 + w]);
         }
         if w == TILE_W {
-            for j in 0..n {
-                let row: &mut [T; TILE_W] =
-                    (&mut c[j * ldc + c0..j * ldc + c0 + TILE_W]).try_into().unwrap_or_else(|_| unreachable!());
+            let it = c[c0..].chunks_mut(ldc).zip(cols[0]).zip(cols[1]).zip(cols[2]).zip(cols[3]);
+            for ((((crow, &x0), &x1), &x2), &x3) in it {
+                let row: &mut [T; TILE_W] = (&mut crow[..TILE_W]).try_into().unwrap_or_else(|_| unreachable!());
                 let mut acc = *row;
-                for r in 0..TILE_R {
-                    let av = a[r * lda + j];
+                for (r, av) in [x0, x1, x2, x3].into_iter().enumerate() {
                     for l in 0..TILE_W {
                         acc[l] = fma::<T, FMA>(av, bv[r][l], acc[l]);
                     }

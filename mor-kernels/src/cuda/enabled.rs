@@ -760,7 +760,7 @@ fn gather_rows_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
     let (b, l, d) = hl.shape().dims3()?;
     let k = op.idx.dims()[1];
     let h = view(h, hl, "h")?;
-    let dims = launch::elementwise((b * k * d) as u64).map_err(lerr)?;
+    let dims = launch::row_loop((b * k) as u64, d as u64).map_err(lerr)?;
     let f = function::<T>(dev, KernelModule::Tokens, "mor_gather_rows")?;
     let out = dev.alloc_zeros::<T>(b * k * d)?;
     let (b32, l32, k32, d32) = (
@@ -780,7 +780,7 @@ fn gather_rows_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
             .arg(&k32)
             .arg(&d32);
         // SAFETY: arguments match `mor_gather_rows_*`; h holds b*l*d elements, idx b*k,
-        // out b*k*d; the grid-stride loop covers every output element.
+        // out b*k*d; blocks stride over every output row.
         unsafe { bl.launch(cfg(dims)) }.w()?;
         Ok(())
     })?;
@@ -825,7 +825,7 @@ fn index_add_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
     let (base, y) = (view(base, bl, "h")?, view(y, yl, "y")?);
     let mut out = dev.alloc_zeros::<T>(b * l * d)?;
     dev.memcpy_dtod(&base, &mut out)?;
-    let dims = launch::elementwise((b * k * d) as u64).map_err(lerr)?;
+    let dims = launch::row_loop((b * k) as u64, d as u64).map_err(lerr)?;
     let f = function::<T>(dev, KernelModule::Tokens, "mor_index_add_rows")?;
     let (b32, l32, k32, d32) = (
         u32_arg(OP, "b", b)?,

@@ -138,6 +138,25 @@ pub fn row_block_threads(cols: u64) -> u32 {
     round_up(cols.max(1), WARP as u64).min(MAX_THREADS_PER_BLOCK as u64) as u32
 }
 
+/// Threads per block of the row-loop kernels (gather and scatter of token rows).
+pub const ROW_LOOP_MAX_THREADS: u32 = 256;
+
+/// Blocks stride over `rows` rows and threads over the `cols` columns of a row: one
+/// division per row instead of per element. At most [`ELEMENTWISE_MAX_BLOCKS`] blocks of at
+/// most [`ROW_LOOP_MAX_THREADS`] threads.
+pub fn row_loop(rows: u64, cols: u64) -> Result<LaunchDims> {
+    if cols == 0 {
+        return Err(invalid("row-loop launch", "rows have zero columns".into()));
+    }
+    let threads = row_block_threads(cols).min(ROW_LOOP_MAX_THREADS);
+    LaunchDims::one_d(
+        rows.min(ELEMENTWISE_MAX_BLOCKS),
+        threads,
+        0,
+        "row-loop launch",
+    )
+}
+
 /// One block per row (grid-stride over rows past the grid limit), for the RMSNorm forward.
 pub fn block_per_row(rows: u64, cols: u64) -> Result<LaunchDims> {
     if cols == 0 {

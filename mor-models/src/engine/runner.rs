@@ -1,0 +1,569 @@
+//! The decode-time computation shared by [`Decoder`](super::Decoder) and
+//! [`Engine`](super::Engine): prepared weights, one decoder layer over a batch of tokens
+//! (each attending to its own request's cache), the causal routing decisions and the hidden
+//! state update of every routing family.
+//!
+//! A batch is a matrix `h: [n, d]` of tokens of *different* requests, possibly at different
+//! recursion steps. At layer position `j` every token runs its own slot `slots_i[j]`; tokens
+//! whose slots use the same block (always the case for the steps of a cyclic plan, whose
+//! step-r layer j is block j for every r) share one matmul per projection. Attention is per
+//! token over the [`KvView`](mor_kvcache::KvView) of its request and slot.
+
+use crate::model::MorModel;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use mor_core::plan::Segment;
+use mor_kernels::Backend;
+use mor_kvcache::{attend_into, DecodeCache, DecodeCacheSpec, DecodeMode, KvPolicy, PagedCache};
+use mor_router::{RouteMode, RoutingKind, Update};
+use std::sync::Arc;
+
+/// When an expert-choice token leaves the recursion (early exit).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum ExitRule {
+    /// The router's own causal rule, exactly what a [`RouteMode::Causal`] forward applies
+    /// (by default `σ(z_r) ≥ threshold` on the aux-loss-trained router, or the auxiliary
+    /// router; spec §3.1). Token-choice routers always use their up-front depth.
+    #[default]
+    Router,
+    /// Expert-choice only: continue to step `r` iff the gate `g_r = α·G(z_r)` is at least
+    /// `thresholds[r - 1]`. `G` is monotone, so this is a threshold on the router logit;
+    /// benchmarks calibrate it so that the share of tokens continuing matches `cap_r` on an
+    /// untrained router (see `mor-bench`).
+    GateThresholds(Vec<f64>),
+}
+
+/// How a token's hidden state is merged after a recursion step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Merge {
+    /// No router: `h ← y` (vanilla, recursive baseline; spec §2).
+    Plain,
+    /// Expert-choice: `h ← h + g·y` (spec Eq. 2.1; `g = 1` for additive gating).
+    Gated(f32),
+    /// Token-choice (spec §3.2, code form): at the token's last step `h ← H¹ + g·y`;
+    /// before it `h ← y` (or `g·y` with `gate_intermediate`).
+    Token {
+        /// The token's depth.
+        depth: usize,
+        /// Its gate `g_t = p_{t, i_t}`.
+        gate: f32,
+        /// Gate the continuing branch too.
+        gate_intermediate: bool,
+    },
+}
+
+/// The up-front decision of a token-choice router for one token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TokenChoice {
+    pub depth: usize,
+    pub gate: f32,
+    pub gate_intermediate: bool,
+}
+
+/// The position of one token in its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tok {
+    pub req: u64,
+    pub pos: u32,
+}
+
+/// Transposed, contiguous f32 weights of one unique block.
+#[derive(Debug)]
+struct BlockWeights {
+    wq_t: Tensor,
+    wkv_t: Tensor,
+    wqkv_t: Tensor,
+    wo_t: Tensor,
+    wgu_t: Tensor,
+    wdown_t: Tensor,
+}
+
+/// Prepared weights and the plan's stages.
+#[derive(Debug)]
+pub(crate) struct Runner<'m> {
+    pub model: &'m MorModel,
+    backend: Arc<dyn Backend>,
+    blocks: Vec<BlockWeights>,
+    /// Per slot: (attention norm, MLP norm) and a grouping key (equal keys = equal norms).
+    norms: Vec<(Tensor, Tensor, usize)>,
+    final_norm: Tensor,
+    embed: Tensor,
+    head_t: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    pub d: usize,
+    hq: usize,
+    hkv: usize,
+    dh: usize,
+    di: usize,
+    pub vocab: usize,
+    eps: f64,
+    scale: f32,
+    /// Context length (the trained `seq_len`).
+    pub context: usize,
+    pub prelude: Vec<usize>,
+    pub coda: Vec<usize>,
+    /// Slots of each stage: stage `s` is recursion step `s + 1` of a cyclic plan; a
+    /// non-cyclic plan (sequence sharing) has one stage of all its recursion slots.
+    pub stages: Vec<Vec<usize>>,
+    /// Depth reported after stage `s` (`s + 1`, or `N_r` for the single stage of a
+    /// non-cyclic plan).
+    pub stage_depth: Vec<usize>,
+    pub routing: Option<RoutingKind>,
+    pub exit: ExitRule,
+    /// Deepest stage a token may run (test-time scaling; `stages.len()` by default).
+    pub max_stages: usize,
+}
+
+fn f32_cpu(t: &Tensor) -> Result<Tensor> {
+    Ok(t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)
+}
+
+fn transpose(t: &Tensor) -> Result<Tensor> {
+    Ok(f32_cpu(t)?.t()?.contiguous()?)
+}
+
+impl<'m> Runner<'m> {
+    /// Prepares `model` for decoding.
+    ///
+    /// # Errors
+    /// A model on a device other than the CPU, a router on a non-cyclic plan, bad
+    /// `max_depth` or exit thresholds.
+    pub fn new(model: &'m MorModel, exit: ExitRule, max_depth: Option<usize>) -> Result<Self> {
+        if !model.embedding().as_tensor().device().is_cpu() {
+            return Err(Error::msg("the inference engine runs on the CPU; build the model with Device::Cpu"));
+        }
+        let cfg = model.config();
+        let m = &cfg.model;
+        let plan = model.plan();
+        let mut blocks = Vec::with_capacity(model.blocks().len());
+        for p in model.blocks() {
+            let q = p.q.as_tensor();
+            let k = p.k.as_tensor();
+            let v = p.v.as_tensor();
+            blocks.push(BlockWeights {
+                wq_t: transpose(q)?,
+                wkv_t: transpose(&Tensor::cat(&[k, v], 0)?)?,
+                wqkv_t: transpose(&Tensor::cat(&[q, k, v], 0)?)?,
+                wo_t: transpose(p.o.as_tensor())?,
+                wgu_t: transpose(&Tensor::cat(&[p.gate.as_tensor(), p.up.as_tensor()], 0)?)?,
+                wdown_t: transpose(p.down.as_tensor())?,
+            });
+        }
+        let mut norms = Vec::with_capacity(plan.num_slots());
+        for s in 0..plan.num_slots() {
+            let (a, b) = model
+                .slot_norm_weights(s)
+                .ok_or_else(|| Error::msg(format!("slot {s} has no norm weights")))?;
+            let key = if cfg.recursion.ln_share { plan.slots[s].block } else { plan.num_blocks + s };
+            norms.push((f32_cpu(a.as_tensor())?, f32_cpu(b.as_tensor())?, key));
+        }
+        let (cos, sin) = model.rope_tables();
+        let cos = f32_cpu(cos)?.flatten_all()?.to_vec1::<f32>()?;
+        let sin = f32_cpu(sin)?.flatten_all()?.to_vec1::<f32>()?;
+        let slots_where = |f: &dyn Fn(&Segment) -> bool| -> Vec<usize> {
+            (0..plan.num_slots()).filter(|&s| f(&plan.slots[s].segment)).collect()
+        };
+        let prelude = slots_where(&|s| *s == Segment::Prelude);
+        let coda = slots_where(&|s| *s == Segment::Coda);
+        let n_r = plan.num_recursions;
+        let (stages, stage_depth) = if plan.is_cyclic() {
+            let st: Vec<Vec<usize>> = (1..=n_r)
+                .map(|r| slots_where(&|s| matches!(s, Segment::Recursion { step, .. } if *step == r)))
+                .collect();
+            (st, (1..=n_r).collect())
+        } else {
+            (vec![slots_where(&|s| matches!(s, Segment::Recursion { .. }))], vec![n_r])
+        };
+        let routing = model.routing_kind();
+        if routing.is_some() && !plan.is_cyclic() {
+            return Err(Error::msg("routing needs a cyclic plan (cycle or middle_cycle)"));
+        }
+        let max_stages = match max_depth {
+            None => stages.len(),
+            Some(d) if (1..=n_r).contains(&d) && plan.is_cyclic() => d,
+            Some(d) if d == n_r => stages.len(),
+            Some(d) => {
+                return Err(Error::msg(format!(
+                    "max_depth {d} is not allowed: use 1..={n_r} (a non-cyclic plan allows only {n_r})"
+                )))
+            }
+        };
+        if let ExitRule::GateThresholds(t) = &exit {
+            if routing != Some(RoutingKind::ExpertChoice) {
+                return Err(Error::msg("gate thresholds apply to expert-choice routers only"));
+            }
+            if t.len() != n_r || t.iter().any(|x| x.is_nan()) {
+                return Err(Error::msg(format!(
+                    "gate thresholds must be {n_r} numbers (one per recursion step), got {t:?}"
+                )));
+            }
+        }
+        Ok(Runner {
+            model,
+            backend: model.backend().clone(),
+            blocks,
+            norms,
+            final_norm: f32_cpu(model.final_norm_weight().as_tensor())?,
+            embed: f32_cpu(model.embedding().as_tensor())?,
+            head_t: transpose(model.lm_head_weight().as_tensor())?,
+            cos,
+            sin,
+            d: m.hidden_size,
+            hq: m.num_heads,
+            hkv: m.num_kv_heads,
+            dh: m.head_dim,
+            di: m.intermediate_size,
+            vocab: m.vocab_size,
+            eps: m.rms_eps,
+            scale: 1.0 / (m.head_dim as f32).sqrt(),
+            context: m.seq_len,
+            prelude,
+            coda,
+            stages,
+            stage_depth,
+            routing,
+            exit,
+            max_stages,
+        })
+    }
+
+    /// A decode cache for this model: the KV policy's own cache for cyclic plans; a
+    /// recursion-wise cache for non-cyclic plans, whose full forward gives every slot its
+    /// own K/V whatever the policy (see `MorModel::forward`).
+    pub fn new_cache(&self, block_tokens: usize, max_blocks: usize) -> Result<Box<dyn DecodeCache>> {
+        let m = &self.model.config().model;
+        let spec = DecodeCacheSpec {
+            plan: self.model.plan().clone(),
+            num_kv_heads: m.num_kv_heads,
+            head_dim: m.head_dim,
+            block_tokens,
+            max_blocks,
+        };
+        let policy = self.model.kv_policy();
+        if self.model.plan().is_cyclic() {
+            Ok(policy.new_decode_cache(&spec)?)
+        } else {
+            Ok(Box::new(PagedCache::new(policy.name(), DecodeMode::RecursionWise, &spec)?))
+        }
+    }
+
+    /// The slots a token of stage `s` writes to in `cache`.
+    pub fn writing(&self, cache: &dyn DecodeCache, slots: &[usize]) -> Vec<usize> {
+        slots.iter().copied().filter(|&s| cache.writes(s)).collect()
+    }
+
+    /// Hidden states `[n, d]` from host rows.
+    pub fn stack(&self, rows: &[&[f32]]) -> Result<Tensor> {
+        let mut flat = Vec::with_capacity(rows.len() * self.d);
+        for r in rows {
+            flat.extend_from_slice(r);
+        }
+        Ok(Tensor::from_vec(flat, (rows.len(), self.d), &Device::Cpu)?)
+    }
+
+    /// Host rows of `h: [n, d]`.
+    pub fn unstack(&self, h: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(h.to_vec2::<f32>()?)
+    }
+
+    /// Embeddings `[n, d]` of `ids`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
+            return Err(Error::msg(format!("token id {bad} is outside the vocabulary of {} ids", self.vocab)));
+        }
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
+        Ok(self.embed.index_select(&idx, 0)?)
+    }
+
+    /// Logits `[n, vocab]` of the final hidden states: final RMSNorm, LM head.
+    pub fn head(&self, h: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let x = self.backend.rms_norm(h, &self.final_norm, self.eps)?;
+        Ok(x.matmul(&self.head_t)?.to_vec2::<f32>()?)
+    }
+
+    /// Runs every token through the layer slots `slots[i]` (one list per token, all of the
+    /// same length), appending K/V where the cache stores and attending over the views.
+    ///
+    /// The caller makes sure the cache has the blocks the appends need
+    /// ([`DecodeCache::blocks_needed`]); an append that fails anyway is returned as an
+    /// error.
+    ///
+    /// # Shapes
+    /// `h: [n, d]` → `[n, d]`.
+    pub fn run_layers(&self, cache: &mut dyn DecodeCache, h: Tensor, toks: &[Tok], slots: &[&[usize]]) -> Result<Tensor> {
+        let n = toks.len();
+        if n == 0 {
+            return Ok(h);
+        }
+        let depth = slots[0].len();
+        if slots.len() != n || slots.iter().any(|s| s.len() != depth) {
+            return Err(Error::msg("every token of a batch must run the same number of layer slots"));
+        }
+        let mut h = h;
+        for j in 0..depth {
+            let slot_j: Vec<usize> = slots.iter().map(|s| s[j]).collect();
+            let key = |i: usize| {
+                let s = slot_j[i];
+                (self.model.plan().slots[s].block, self.norms[s].2)
+            };
+            let first = key(0);
+            if (1..n).all(|i| key(i) == first) {
+                h = self.layer(cache, &h, toks, &slot_j)?;
+            } else {
+                // Tokens whose slots use different blocks (a non-cyclic plan mixed with
+                // another, or per-slot norms): one matmul group per block.
+                let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+                for i in 0..n {
+                    let k = key(i);
+                    match groups.iter_mut().find(|g| g.0 == k) {
+                        Some(g) => g.1.push(i),
+                        None => groups.push((k, vec![i])),
+                    }
+                }
+                let mut rows = self.unstack(&h)?;
+                for (_, members) in groups {
+                    let idx = Tensor::from_vec(members.iter().map(|&i| i as u32).collect::<Vec<_>>(), members.len(), &Device::Cpu)?;
+                    let hg = h.index_select(&idx, 0)?;
+                    let tg: Vec<Tok> = members.iter().map(|&i| toks[i]).collect();
+                    let sg: Vec<usize> = members.iter().map(|&i| slot_j[i]).collect();
+                    let out = self.unstack(&self.layer(cache, &hg, &tg, &sg)?)?;
+                    for (r, &i) in out.into_iter().zip(&members) {
+                        rows[i] = r;
+                    }
+                }
+                let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                h = self.stack(&refs)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// Rotates `x` (`heads` heads of `dh`, head-major) to position `pos`, HF rotate_half
+    /// form (spec §1.1).
+    fn rope(&self, x: &mut [f32], pos: u32) {
+        let half = self.dh / 2;
+        let p = pos as usize;
+        let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+        for head in x.chunks_exact_mut(self.dh) {
+            let (x1, x2) = head.split_at_mut(half);
+            for k in 0..half {
+                let (a, b) = (x1[k], x2[k]);
+                x1[k] = a * c[k] - b * s[k];
+                x2[k] = b * c[k] + a * s[k];
+            }
+        }
+    }
+
+    /// One decoder layer (pre-norm attention and SwiGLU MLP, spec §1.1) for tokens whose
+    /// slots all use the same block and norms.
+    fn layer(&self, cache: &mut dyn DecodeCache, h: &Tensor, toks: &[Tok], slots: &[usize]) -> Result<Tensor> {
+        let n = toks.len();
+        let plan = self.model.plan();
+        let bw = &self.blocks[plan.slots[slots[0]].block];
+        let (an, mn, _) = &self.norms[slots[0]];
+        let (qd, kvd) = (self.hq * self.dh, self.hkv * self.dh);
+        let max_pos = self.cos.len() / (self.dh / 2).max(1);
+        if let Some(t) = toks.iter().find(|t| t.pos as usize >= max_pos) {
+            return Err(Error::msg(format!("position {} is beyond the RoPE table of {max_pos} positions", t.pos)));
+        }
+        let x = self.backend.rms_norm(h, an, self.eps)?;
+        let writes: Vec<bool> = slots.iter().map(|&s| cache.writes(s)).collect();
+        // Queries of every token; keys/values only where the cache stores them (recursive
+        // sharing projects no K/V at steps >= 2, spec §4).
+        let (mut q, kv): (Vec<f32>, Vec<Option<Vec<f32>>>) = if writes.iter().all(|&w| w) {
+            let qkv = x.matmul(&bw.wqkv_t)?.to_vec2::<f32>()?;
+            let mut q = Vec::with_capacity(n * qd);
+            let mut kv = Vec::with_capacity(n);
+            for row in qkv {
+                q.extend_from_slice(&row[..qd]);
+                kv.push(Some(row[qd..].to_vec()));
+            }
+            (q, kv)
+        } else {
+            let q = x.matmul(&bw.wq_t)?.flatten_all()?.to_vec1::<f32>()?;
+            let w_idx: Vec<u32> = (0..n as u32).filter(|&i| writes[i as usize]).collect();
+            let mut kv: Vec<Option<Vec<f32>>> = vec![None; n];
+            if !w_idx.is_empty() {
+                let idx = Tensor::from_vec(w_idx.clone(), w_idx.len(), &Device::Cpu)?;
+                let rows = x.index_select(&idx, 0)?.matmul(&bw.wkv_t)?.to_vec2::<f32>()?;
+                for (i, r) in w_idx.iter().zip(rows) {
+                    kv[*i as usize] = Some(r);
+                }
+            }
+            (q, kv)
+        };
+        let mut att = vec![0f32; n * qd];
+        for i in 0..n {
+            let Tok { req, pos } = toks[i];
+            let qi = &mut q[i * qd..(i + 1) * qd];
+            self.rope(qi, pos);
+            if let Some(row) = &kv[i] {
+                let (k, v) = row.split_at(kvd);
+                let mut k = k.to_vec();
+                self.rope(&mut k, pos);
+                cache.append(req, slots[i], pos, &k, v)?;
+            }
+            let view = cache.view(req, slots[i])?;
+            attend_into(&view, qi, pos, self.hq, self.scale, &mut att[i * qd..(i + 1) * qd])?;
+        }
+        let att = Tensor::from_vec(att, (n, qd), &Device::Cpu)?;
+        let h = (h + att.matmul(&bw.wo_t)?)?;
+        let x = self.backend.rms_norm(&h, mn, self.eps)?;
+        let gu = x.matmul(&bw.wgu_t)?;
+        let g = gu.narrow(1, 0, self.di)?.contiguous()?;
+        let u = gu.narrow(1, self.di, self.di)?.contiguous()?;
+        let s = self.backend.swiglu(&g, &u)?;
+        Ok((&h + s.matmul(&bw.wdown_t)?)?)
+    }
+
+    /// Expert-choice decision of recursion step `step` for tokens with hidden states `h:
+    /// [n, d]`, each active at step `step - 1`: `Some(gate)` to run the step, `None` to exit.
+    ///
+    /// Each token is its own one-token row, so the decision depends on its own hidden state
+    /// only. [`ExitRule::Router`] runs the router in [`RouteMode::Causal`]: exactly the rule
+    /// of a causal forward. [`ExitRule::GateThresholds`] runs it in
+    /// [`RouteMode::FullSequence`], whose top-`max(1, ⌊cap·1⌋)` of a one-token row keeps
+    /// the token, so the router returns the gate of every token; the thresholds then decide.
+    pub fn route_expert(&self, step: usize, h: &Tensor) -> Result<Vec<Option<f32>>> {
+        let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
+        let n = h.dim(0)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let h3 = h.reshape((n, 1, self.d))?;
+        let mode = match self.exit {
+            ExitRule::Router => RouteMode::Causal,
+            ExitRule::GateThresholds(_) => RouteMode::FullSequence,
+        };
+        let mut st = router.begin(&h3, mode)?;
+        let empty = vec![Vec::new(); n];
+        for s in 1..step {
+            router.route(s, &h3, &empty, &mut st, mode)?;
+        }
+        let rt = router.route(step, &h3, &vec![vec![0u32]; n], &mut st, mode)?;
+        if !matches!(rt.update, Update::Residual) {
+            return Err(Error::msg(format!("expert-choice router `{}` returned a non-residual update", router.name())));
+        }
+        let gates = match &rt.gate {
+            Some(g) => Some(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![None; n];
+        let mut k = 0;
+        for (i, row) in rt.selected.iter().enumerate().take(n) {
+            if !row.is_empty() {
+                let g = match &gates {
+                    Some(g) => *g.get(k).ok_or_else(|| Error::msg("router returned fewer gates than tokens"))?,
+                    None => 1.0,
+                };
+                k += 1;
+                out[i] = Some(g);
+            }
+        }
+        if let ExitRule::GateThresholds(t) = &self.exit {
+            if gates.is_none() {
+                return Err(Error::msg("gate thresholds need a gated router (gating = \"weighted\")"));
+            }
+            let th = t[step - 1];
+            for o in out.iter_mut() {
+                *o = o.filter(|&g| g as f64 >= th);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The gates of every token at step `step` regardless of the exit rule (calibration):
+    /// the router in [`RouteMode::FullSequence`] on one-token rows.
+    pub fn expert_gates(&self, step: usize, h: &Tensor) -> Result<Vec<f32>> {
+        let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
+        let n = h.dim(0)?;
+        let h3 = h.reshape((n, 1, self.d))?;
+        let mode = RouteMode::FullSequence;
+        let mut st = router.begin(&h3, mode)?;
+        let empty = vec![Vec::new(); n];
+        for s in 1..step {
+            router.route(s, &h3, &empty, &mut st, mode)?;
+        }
+        let rt = router.route(step, &h3, &vec![vec![0u32]; n], &mut st, mode)?;
+        match rt.gate {
+            Some(g) => Ok(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => Ok(vec![1.0; n]),
+        }
+    }
+
+    /// Token-choice decisions of tokens whose recursion input is `h1: [n, d]`: depth (0 when
+    /// the router sends a token nowhere), gate and the intermediate gating flag, read from
+    /// the router's own `route` calls.
+    pub fn route_token(&self, h1: &Tensor) -> Result<Vec<TokenChoice>> {
+        let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
+        let n = h1.dim(0)?;
+        let mut out = vec![TokenChoice { depth: 0, gate: 1.0, gate_intermediate: false }; n];
+        if n == 0 {
+            return Ok(out);
+        }
+        let h3 = h1.reshape((n, 1, self.d))?;
+        let mut st = router.begin(&h3, RouteMode::Causal)?;
+        let mut active = vec![vec![0u32]; n];
+        for s in 1..=self.stages.len() {
+            let rt = router.route(s, &h3, &active, &mut st, RouteMode::Causal)?;
+            let gi = match &rt.update {
+                Update::TokenChoice { gate_intermediate, .. } => *gate_intermediate,
+                Update::Residual => {
+                    return Err(Error::msg(format!("token-choice router `{}` returned a residual update", router.name())))
+                }
+            };
+            let gates = match &rt.gate {
+                Some(g) => Some(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let mut k = 0;
+            for (i, row) in rt.selected.iter().enumerate().take(n) {
+                if !row.is_empty() {
+                    out[i].depth = s;
+                    out[i].gate = gates.as_ref().and_then(|g| g.get(k).copied()).unwrap_or(1.0);
+                    out[i].gate_intermediate = gi;
+                    k += 1;
+                }
+            }
+            active = rt.selected;
+        }
+        Ok(out)
+    }
+
+    /// Merges the output `y` of stage `stage` (0-based) into `h`.
+    pub fn merge(&self, merge: Merge, stage: usize, h: &mut [f32], y: &[f32], h1: Option<&[f32]>) -> Result<()> {
+        match merge {
+            Merge::Plain => h.copy_from_slice(y),
+            Merge::Gated(g) => h.iter_mut().zip(y).for_each(|(a, b)| *a += g * b),
+            Merge::Token { depth, gate, gate_intermediate } => {
+                if stage + 1 == depth {
+                    let h1 = h1.ok_or_else(|| Error::msg("token-choice merge needs H¹"))?;
+                    for ((a, b), c) in h.iter_mut().zip(y).zip(h1) {
+                        *a = c + gate * b;
+                    }
+                } else if gate_intermediate {
+                    h.iter_mut().zip(y).for_each(|(a, b)| *a = gate * b);
+                } else {
+                    h.copy_from_slice(y);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a token that skipped stage 0 would break the cache (sharing and hybrid read
+    /// the step-1 K/V of every earlier token, spec §4).
+    pub fn needs_first_stage(&self, cache: &dyn DecodeCache) -> bool {
+        cache.mode() != DecodeMode::RecursionWise && self.model.plan().is_cyclic() && self.stages.len() > 1
+    }
+
+    /// An error for a token that skipped step 1 under a policy that needs it.
+    pub fn first_stage_error(&self) -> Error {
+        Error::msg(format!(
+            "KV policy `{}` reuses the step-1 keys/values, so every token must run step 1 \
+             (set the router's first capacity to 1)",
+            self.model.kv_policy().name()
+        ))
+    }
+}

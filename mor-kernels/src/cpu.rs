@@ -10,9 +10,9 @@
 //! - RoPE: [`CustomOp3`](candle_core::CustomOp3) on `(x, cos, sin)` with the positions held
 //!   on the host; the gradient of `x` is the inverse rotation, the tables get a gradient only
 //!   when they are tracked.
-//! - Attention: [`CustomOp3`](candle_core::CustomOp3) on `(q, k, v)`, flash-style (one row of
-//!   scores per query in flight, the log-sum-exp saved for the backward pass, which
-//!   recomputes probabilities).
+//! - Attention: [`CustomOp3`](candle_core::CustomOp3) on `(q, k, v)`, flash-style (scores for
+//!   one tile of four query rows in flight, register-tiled products, the log-sum-exp saved
+//!   for the backward pass, which recomputes probabilities).
 //! - SwiGLU: [`CustomOp2`](candle_core::CustomOp2) on `(gate, up)`.
 //! - Token gather and weighted scatter-add: custom ops with the indices on the host.
 //!
@@ -72,7 +72,10 @@ pub(crate) fn fwd_slice<'a, T: simd::Float>(
 
 /// The error for an input dtype the kernels do not handle (or mixed dtypes).
 pub(crate) fn bail_dtype(op: &str, s: &CpuStorage) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{op}: expected f32 or f64 inputs of one dtype, got {:?}", candle_core::backend::BackendStorage::dtype(s)))
+    candle_core::Error::Msg(format!(
+        "{op}: expected f32 or f64 inputs of one dtype, got {:?}",
+        candle_core::backend::BackendStorage::dtype(s)
+    ))
 }
 
 /// Runs `f` on the contiguous elements of CPU tensors of dtype `T` (non-contiguous tensors are
@@ -81,7 +84,10 @@ pub(crate) fn with_slices<T: simd::Float, R>(
     ts: &[&Tensor],
     f: impl FnOnce(&[&[T]]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let owned = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    let owned = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(guards.len());
     for (g, l) in &guards {
@@ -107,7 +113,9 @@ pub struct CpuParams {}
 impl CpuBackend {
     /// The cpu backend (on [`Device::Cpu`]).
     pub fn new() -> Self {
-        CpuBackend { device: Device::Cpu }
+        CpuBackend {
+            device: Device::Cpu,
+        }
     }
 
     /// Whether the fused kernels run their AVX2+FMA versions on this machine.
@@ -126,7 +134,10 @@ impl CpuBackend {
         if ts.iter().all(|t| t.device().is_cpu()) {
             Ok(())
         } else {
-            Err(Error::Invalid { op, msg: "the cpu backend needs tensors on the CPU device".into() })
+            Err(Error::Invalid {
+                op,
+                msg: "the cpu backend needs tensors on the CPU device".into(),
+            })
         }
     }
 }
@@ -149,7 +160,10 @@ impl BackendPlugin for CpuBackend {
         if !ctx.device.is_cpu() {
             return Err(Error::Invalid {
                 op: "build",
-                msg: format!("the `cpu` backend runs on the CPU only, but the run asks for {:?}", ctx.device),
+                msg: format!(
+                    "the `cpu` backend runs on the CPU only, but the run asks for {:?}",
+                    ctx.device
+                ),
             });
         }
         Ok(CpuBackend::new())
@@ -170,7 +184,11 @@ impl Backend for CpuBackend {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let d = validate::rms_norm(x, w, eps)?;
         Self::on_cpu("rms_norm", &[x, w])?;
-        let op = norm::RmsNormOp { eps, rows: d.rows, d: d.d };
+        let op = norm::RmsNormOp {
+            eps,
+            rows: d.rows,
+            d: d.d,
+        };
         Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
     }
 
@@ -179,37 +197,72 @@ impl Backend for CpuBackend {
         Self::on_cpu("rope", &[x, cos, sin])?;
         let cos = cos.to_dtype(x.dtype())?.contiguous()?;
         let sin = sin.to_dtype(x.dtype())?.contiguous()?;
-        let op = rope::RopeOp { b: d.b, h: d.h, t: d.t, dh: d.dh, max_pos: d.max_pos, pos: d.pos };
+        let op = rope::RopeOp {
+            b: d.b,
+            h: d.h,
+            t: d.t,
+            dh: d.dh,
+            max_pos: d.max_pos,
+            pos: d.pos,
+        };
         Ok(x.contiguous()?.apply_op3(&cos, &sin, op)?)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &Tensor,
+        k_pos: &Tensor,
+    ) -> Result<Tensor> {
         let d = validate::attention(q, k, v, q_pos, k_pos)?;
         Self::on_cpu("attention", &[q, k, v])?;
         let op = attention::AttentionOp::new(&d);
-        Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+        Ok(q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
     }
 
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         validate::swiglu(gate, up)?;
         Self::on_cpu("swiglu", &[gate, up])?;
-        Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, swiglu::SwiGluOp)?)
+        Ok(gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, swiglu::SwiGluOp)?)
     }
 
     fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
         let d = validate::gather_tokens(h, idx)?;
         Self::on_cpu("gather_tokens", &[h])?;
-        let op = tokens::GatherOp { b: d.b, l: d.l, d: d.d, k: d.k, idx: d.idx };
+        let op = tokens::GatherOp {
+            b: d.b,
+            l: d.l,
+            d: d.d,
+            k: d.k,
+            idx: d.idx,
+        };
         Ok(h.contiguous()?.apply_op1(op)?)
     }
 
-    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    fn scatter_add_tokens(
+        &self,
+        h: &Tensor,
+        idx: &Tensor,
+        y: &Tensor,
+        w: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let d = validate::scatter_add_tokens(h, idx, y, w)?;
         Self::on_cpu("scatter_add_tokens", &[h, y])?;
         if d.k == 0 {
             return Ok(h.clone());
         }
-        let op = tokens::ScatterAddOp { b: d.b, l: d.l, d: d.d, k: d.k, idx: d.idx };
+        let op = tokens::ScatterAddOp {
+            b: d.b,
+            l: d.l,
+            d: d.d,
+            k: d.k,
+            idx: d.idx,
+        };
         let (h, y) = (h.contiguous()?, y.contiguous()?);
         Ok(match w {
             Some(w) => h.apply_op3(&y, &w.contiguous()?, op)?,
@@ -228,7 +281,10 @@ mod tests {
 
     /// Output and input gradients of `f` under a fixed random weighting of the output.
     fn run(f: &dyn Fn(&[&Tensor]) -> Result<Tensor>, inputs: &[Tensor]) -> Vec<Tensor> {
-        let vs: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vs: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
         let out = f(&ts).unwrap();
         let r = randn(77, out.shape(), out.dtype(), &Device::Cpu).unwrap();
@@ -251,20 +307,44 @@ mod tests {
         let k_pos = Tensor::new(&[[0u32, 2, PAD_POS, 7, 8, PAD_POS, 11, 12, 20]], &dev).unwrap();
         let (cos, sin) = crate::rope_tables(32, 20, 1e4, &dev).unwrap();
         let idx = Tensor::new(&[[1u32, 4, 6]], &dev).unwrap();
-        type Case<'a> = (&'a str, Box<dyn Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> + 'a>, Vec<Tensor>);
+        type Case<'a> = (
+            &'a str,
+            Box<dyn Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> + 'a>,
+            Vec<Tensor>,
+        );
         let cases: Vec<Case<'_>> = vec![
             (
                 "attention",
                 Box::new(|b, t| b.attention(t[0], t[1], t[2], &q_pos, &k_pos)),
-                vec![f32s(1, &[1, 4, 9, 20]), f32s(2, &[1, 2, 9, 20]), f32s(3, &[1, 2, 9, 20])],
+                vec![
+                    f32s(1, &[1, 4, 9, 20]),
+                    f32s(2, &[1, 2, 9, 20]),
+                    f32s(3, &[1, 2, 9, 20]),
+                ],
             ),
-            ("rms_norm", Box::new(|b, t| b.rms_norm(t[0], t[1], 1e-5)), vec![f32s(4, &[5, 37]), f32s(5, &[37])]),
-            ("rope", Box::new(|b, t| b.rope(t[0], &q_pos, &cos, &sin)), vec![f32s(6, &[1, 3, 9, 20])]),
-            ("swiglu", Box::new(|b, t| b.swiglu(t[0], t[1])), vec![f32s(7, &[3, 29]), f32s(8, &[3, 29])]),
+            (
+                "rms_norm",
+                Box::new(|b, t| b.rms_norm(t[0], t[1], 1e-5)),
+                vec![f32s(4, &[5, 37]), f32s(5, &[37])],
+            ),
+            (
+                "rope",
+                Box::new(|b, t| b.rope(t[0], &q_pos, &cos, &sin)),
+                vec![f32s(6, &[1, 3, 9, 20])],
+            ),
+            (
+                "swiglu",
+                Box::new(|b, t| b.swiglu(t[0], t[1])),
+                vec![f32s(7, &[3, 29]), f32s(8, &[3, 29])],
+            ),
             (
                 "scatter_add_tokens",
                 Box::new(|b, t| b.scatter_add_tokens(t[0], &idx, t[1], Some(t[2]))),
-                vec![f32s(9, &[1, 7, 19]), f32s(10, &[1, 3, 19]), f32s(11, &[1, 3])],
+                vec![
+                    f32s(9, &[1, 7, 19]),
+                    f32s(10, &[1, 3, 19]),
+                    f32s(11, &[1, 3]),
+                ],
             ),
         ];
         for (name, f, inputs) in &cases {
@@ -272,7 +352,10 @@ mod tests {
             let want = run(&|t| f(&rf, t), inputs);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 let c = closeness(g, w, F32_RTOL, F32_ATOL).unwrap();
-                assert!(c.ratio <= 1.0, "{name}, tensor {i} (0 = output, then input gradients): {c:?}");
+                assert!(
+                    c.ratio <= 1.0,
+                    "{name}, tensor {i} (0 = output, then input gradients): {c:?}"
+                );
             }
         }
         simd::FORCE_BASELINE.store(false, std::sync::atomic::Ordering::Relaxed);

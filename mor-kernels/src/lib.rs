@@ -35,7 +35,7 @@ pub const PAD_POS: u32 = u32::MAX;
 ///
 /// # Contract
 /// - Every op is differentiable with respect to every floating-point tensor input
-///   (gradients flow through candle autograd), and matches [`reference`] within f32
+///   (gradients flow through candle autograd), and matches [`reference`](mod@reference) within f32
 ///   tolerance, forward and backward.
 /// - Ops never panic on well-shaped input; shape errors are returned as `Err`.
 /// - Position tensors are `u32`; [`PAD_POS`] marks padding.

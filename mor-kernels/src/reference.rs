@@ -42,7 +42,8 @@ impl ReferenceBackend {
 impl Plugin for ReferenceBackend {
     const FAMILY: Family = Family::Backend;
     const NAME: &'static str = "reference";
-    const DESCRIPTION: &'static str = "Plain candle ops, written for clarity: the oracle of every other backend";
+    const DESCRIPTION: &'static str =
+        "Plain candle ops, written for clarity: the oracle of every other backend";
     type Params = ReferenceParams;
 }
 
@@ -102,7 +103,11 @@ impl Backend for ReferenceBackend {
         let (b, t) = (dims.b, dims.t);
         let device = x.device();
         let is_pad: Vec<u8> = dims.pos.iter().map(|&p| u8::from(p == PAD_POS)).collect();
-        let safe: Vec<u32> = dims.pos.iter().map(|&p| if p == PAD_POS { 0 } else { p }).collect();
+        let safe: Vec<u32> = dims
+            .pos
+            .iter()
+            .map(|&p| if p == PAD_POS { 0 } else { p })
+            .collect();
         let safe = Tensor::from_vec(safe, b * t, device)?;
         let cos = cos.to_dtype(x.dtype())?;
         let sin = sin.to_dtype(x.dtype())?;
@@ -121,7 +126,14 @@ impl Backend for ReferenceBackend {
 
     /// Repeats K/V over the query groups, masks the scores by positions, applies the softmax
     /// and multiplies by V. Rows with no visible key come out as zeros through the mask.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &Tensor,
+        k_pos: &Tensor,
+    ) -> Result<Tensor> {
         let dims = validate::attention(q, k, v, q_pos, k_pos)?;
         let (b, hq, hkv, t, s, dh) = (dims.b, dims.hq, dims.hkv, dims.t, dims.s, dims.dh);
         if t == 0 || s == 0 {
@@ -130,7 +142,9 @@ impl Backend for ReferenceBackend {
         }
         let group = hq / hkv;
         let repeat = |x: &Tensor| -> Result<Tensor> {
-            Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, group, s, dh))?.reshape((b, hq, s, dh))?)
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, hkv, group, s, dh))?
+                .reshape((b, hq, s, dh))?)
         };
         let k = repeat(k)?;
         let v = repeat(v)?;
@@ -148,8 +162,11 @@ impl Backend for ReferenceBackend {
                 }
             }
         }
-        let allowed = Tensor::from_vec(allowed, (b, 1, t, s), q.device())?.broadcast_as((b, hq, t, s))?;
-        let fill = Tensor::new(MASKED_SCORE, q.device())?.to_dtype(q.dtype())?.broadcast_as((b, hq, t, s))?;
+        let allowed =
+            Tensor::from_vec(allowed, (b, 1, t, s), q.device())?.broadcast_as((b, hq, t, s))?;
+        let fill = Tensor::new(MASKED_SCORE, q.device())?
+            .to_dtype(q.dtype())?
+            .broadcast_as((b, hq, t, s))?;
         let masked = allowed.where_cond(&scores, &fill)?;
         let probs = candle_nn::ops::softmax(&masked, D::Minus1)?;
         // A row with every key masked has uniform probabilities here; the mask zeroes it.
@@ -175,7 +192,13 @@ impl Backend for ReferenceBackend {
     }
 
     /// `index_add` of `w * y` at flat row indices.
-    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    fn scatter_add_tokens(
+        &self,
+        h: &Tensor,
+        idx: &Tensor,
+        y: &Tensor,
+        w: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let td = validate::scatter_add_tokens(h, idx, y, w)?;
         if td.k == 0 {
             return Ok(h.clone());
@@ -187,7 +210,8 @@ impl Backend for ReferenceBackend {
         let rows = flat_rows(&td.idx, td.b, td.k, td.l, h.device())?;
         let flat = h.reshape((td.b * td.l, td.d))?;
         let upd = upd.reshape((td.b * td.k, td.d))?;
-        Ok(flat.index_add(&rows, &upd, 0)?.reshape((td.b, td.l, td.d))?)
+        Ok(flat
+            .index_add(&rows, &upd, 0)?
+            .reshape((td.b, td.l, td.d))?)
     }
 }
-

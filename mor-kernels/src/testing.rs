@@ -57,12 +57,27 @@ pub fn closeness(actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) -> Re
     if actual.dims() != expected.dims() {
         return Err(Error::Invalid {
             op: "closeness",
-            msg: format!("shape {:?} differs from the expected {:?}", actual.dims(), expected.dims()),
+            msg: format!(
+                "shape {:?} differs from the expected {:?}",
+                actual.dims(),
+                expected.dims()
+            ),
         });
     }
-    let a = actual.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let e = expected.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let mut out = Closeness { ratio: 0.0, max_abs: 0.0, index: 0, values: (0.0, 0.0) };
+    let a = actual
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let e = expected
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let mut out = Closeness {
+        ratio: 0.0,
+        max_abs: 0.0,
+        index: 0,
+        values: (0.0, 0.0),
+    };
     for (i, (&x, &y)) in a.iter().zip(&e).enumerate() {
         let ratio = if x.is_nan() && y.is_nan() || x == y {
             0.0
@@ -86,7 +101,13 @@ pub fn closeness(actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) -> Re
 /// # Panics
 /// When the shapes differ or some element is out of tolerance; the message names `what`, the
 /// worst element and both values.
-pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) -> Closeness {
+pub fn assert_close(
+    what: &str,
+    actual: &Tensor,
+    expected: &Tensor,
+    rtol: f64,
+    atol: f64,
+) -> Closeness {
     let c = closeness(actual, expected, rtol, atol).unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         c.ratio <= 1.0,
@@ -127,17 +148,28 @@ pub fn fd_check(vars: &[&Var], f: impl Fn() -> Result<Tensor>, eps: f64) -> Resu
     let eval = || -> Result<f64> {
         let y = f()?;
         if y.elem_count() != 1 {
-            return Err(Error::Invalid { op: "fd_check", msg: format!("f() must be a scalar, got {:?}", y.dims()) });
+            return Err(Error::Invalid {
+                op: "fd_check",
+                msg: format!("f() must be a scalar, got {:?}", y.dims()),
+            });
         }
         Ok(y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
     };
     for v in vars {
         if v.dtype() != DType::F64 {
-            return Err(Error::Invalid { op: "fd_check", msg: format!("variables must be f64, got {:?}", v.dtype()) });
+            return Err(Error::Invalid {
+                op: "fd_check",
+                msg: format!("variables must be f64, got {:?}", v.dtype()),
+            });
         }
     }
     let grads = f()?.backward()?;
-    let mut report = FdReport { worst: 0.0, at: (0, 0), values: (0.0, 0.0), checked: 0 };
+    let mut report = FdReport {
+        worst: 0.0,
+        at: (0, 0),
+        values: (0.0, 0.0),
+        checked: 0,
+    };
     for (vi, v) in vars.iter().enumerate() {
         let n = v.elem_count();
         let analytic = match grads.get(v.as_tensor()) {
@@ -145,7 +177,9 @@ pub fn fd_check(vars: &[&Var], f: impl Fn() -> Result<Tensor>, eps: f64) -> Resu
             None => vec![0.0; n],
         };
         let base = v.as_tensor().flatten_all()?.to_vec1::<f64>()?;
-        let set = |vals: &[f64]| -> Result<()> { Ok(v.set(&Tensor::from_slice(vals, v.shape(), v.device())?)?) };
+        let set = |vals: &[f64]| -> Result<()> {
+            Ok(v.set(&Tensor::from_slice(vals, v.shape(), v.device())?)?)
+        };
         let mut p = base.clone();
         let result = (|| -> Result<()> {
             for i in 0..n {

@@ -8,7 +8,10 @@ use crate::{Error, Result, PAD_POS};
 use candle_core::{DType, Tensor};
 
 fn invalid(op: &'static str, msg: impl Into<String>) -> Error {
-    Error::Invalid { op, msg: msg.into() }
+    Error::Invalid {
+        op,
+        msg: msg.into(),
+    }
 }
 
 /// Checks that `t` is a floating-point tensor the backends support (f32 or f64).
@@ -18,7 +21,10 @@ fn invalid(op: &'static str, msg: impl Into<String>) -> Error {
 pub fn float(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
     match t.dtype() {
         DType::F32 | DType::F64 => Ok(()),
-        other => Err(invalid(op, format!("`{name}` must be f32 or f64, got {other:?}"))),
+        other => Err(invalid(
+            op,
+            format!("`{name}` must be f32 or f64, got {other:?}"),
+        )),
     }
 }
 
@@ -26,27 +32,47 @@ pub fn float(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::Invalid`] naming both tensors.
-pub fn same_kind(op: &'static str, (na, a): (&str, &Tensor), (nb, b): (&str, &Tensor)) -> Result<()> {
+pub fn same_kind(
+    op: &'static str,
+    (na, a): (&str, &Tensor),
+    (nb, b): (&str, &Tensor),
+) -> Result<()> {
     if a.dtype() != b.dtype() {
         return Err(invalid(
             op,
-            format!("`{na}` is {:?} but `{nb}` is {:?}; they must have the same dtype", a.dtype(), b.dtype()),
+            format!(
+                "`{na}` is {:?} but `{nb}` is {:?}; they must have the same dtype",
+                a.dtype(),
+                b.dtype()
+            ),
         ));
     }
     if !a.device().same_device(b.device()) {
-        return Err(invalid(op, format!("`{na}` and `{nb}` live on different devices")));
+        return Err(invalid(
+            op,
+            format!("`{na}` and `{nb}` live on different devices"),
+        ));
     }
     Ok(())
 }
 
-fn dims<const N: usize>(op: &'static str, name: &str, t: &Tensor, what: &str) -> Result<[usize; N]> {
+fn dims<const N: usize>(
+    op: &'static str,
+    name: &str,
+    t: &Tensor,
+    what: &str,
+) -> Result<[usize; N]> {
     let d = t.dims();
-    <[usize; N]>::try_from(d).map_err(|_| invalid(op, format!("`{name}` must be {what}, got shape {:?}", d)))
+    <[usize; N]>::try_from(d)
+        .map_err(|_| invalid(op, format!("`{name}` must be {what}, got shape {:?}", d)))
 }
 
 fn u32_tensor(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
     if t.dtype() != DType::U32 {
-        return Err(invalid(op, format!("`{name}` must be u32, got {:?}", t.dtype())));
+        return Err(invalid(
+            op,
+            format!("`{name}` must be u32, got {:?}", t.dtype()),
+        ));
     }
     Ok(())
 }
@@ -55,7 +81,10 @@ fn u32_tensor(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
 fn host_u32(op: &'static str, name: &str, t: &Tensor, expect: &[usize]) -> Result<Vec<u32>> {
     u32_tensor(op, name, t)?;
     if t.dims() != expect {
-        return Err(invalid(op, format!("`{name}` must have shape {expect:?}, got {:?}", t.dims())));
+        return Err(invalid(
+            op,
+            format!("`{name}` must have shape {expect:?}, got {:?}", t.dims()),
+        ));
     }
     Ok(t.flatten_all()?.to_vec1::<u32>()?)
 }
@@ -78,14 +107,26 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<NormDims> {
     const OP: &str = "rms_norm";
     float(OP, "x", x)?;
     same_kind(OP, ("x", x), ("w", w))?;
-    let d = *x.dims().last().ok_or_else(|| invalid(OP, "`x` must have at least one dimension"))?;
+    let d = *x
+        .dims()
+        .last()
+        .ok_or_else(|| invalid(OP, "`x` must have at least one dimension"))?;
     if w.dims() != [d] {
-        return Err(invalid(OP, format!("`w` must have shape [{d}] (the last dim of x), got {:?}", w.dims())));
+        return Err(invalid(
+            OP,
+            format!(
+                "`w` must have shape [{d}] (the last dim of x), got {:?}",
+                w.dims()
+            ),
+        ));
     }
     if !(eps.is_finite() && eps >= 0.0) {
-        return Err(invalid(OP, format!("`eps` must be finite and >= 0, got {eps}")));
+        return Err(invalid(
+            OP,
+            format!("`eps` must be finite and >= 0, got {eps}"),
+        ));
     }
-    let rows = if d == 0 { 0 } else { x.elem_count() / d };
+    let rows = x.elem_count().checked_div(d).unwrap_or(0);
     Ok(NormDims { rows, d })
 }
 
@@ -118,24 +159,50 @@ pub fn rope(x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Rope
     float(OP, "cos", cos)?;
     same_kind(OP, ("cos", cos), ("sin", sin))?;
     if !x.device().same_device(cos.device()) || !x.device().same_device(pos.device()) {
-        return Err(invalid(OP, "`x`, `pos` and the tables must live on one device"));
+        return Err(invalid(
+            OP,
+            "`x`, `pos` and the tables must live on one device",
+        ));
     }
     let [b, h, t, dh] = dims::<4>(OP, "x", x, "[b, h, t, dh]")?;
     if dh % 2 != 0 {
-        return Err(invalid(OP, format!("the head dimension must be even, got {dh}")));
+        return Err(invalid(
+            OP,
+            format!("the head dimension must be even, got {dh}"),
+        ));
     }
     let [max_pos, half] = dims::<2>(OP, "cos", cos, "[max_pos, dh/2]")?;
     if half != dh / 2 {
-        return Err(invalid(OP, format!("`cos` must have {} columns (dh/2), got {half}", dh / 2)));
+        return Err(invalid(
+            OP,
+            format!("`cos` must have {} columns (dh/2), got {half}", dh / 2),
+        ));
     }
     if sin.dims() != cos.dims() {
-        return Err(invalid(OP, format!("`sin` {:?} and `cos` {:?} differ in shape", sin.dims(), cos.dims())));
+        return Err(invalid(
+            OP,
+            format!(
+                "`sin` {:?} and `cos` {:?} differ in shape",
+                sin.dims(),
+                cos.dims()
+            ),
+        ));
     }
     let pos = host_u32(OP, "pos", pos, &[b, t])?;
     if let Some(&p) = pos.iter().find(|&&p| p != PAD_POS && p as usize >= max_pos) {
-        return Err(invalid(OP, format!("position {p} is outside the tables (max_pos {max_pos})")));
+        return Err(invalid(
+            OP,
+            format!("position {p} is outside the tables (max_pos {max_pos})"),
+        ));
     }
-    Ok(RopeDims { b, h, t, dh, max_pos, pos })
+    Ok(RopeDims {
+        b,
+        h,
+        t,
+        dh,
+        max_pos,
+        pos,
+    })
 }
 
 /// Checked dims and host positions of [`Backend::attention`](crate::Backend::attention).
@@ -164,7 +231,13 @@ pub struct AttnDims {
 ///
 /// # Errors
 /// [`Error::Invalid`] describing the first problem.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<AttnDims> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_pos: &Tensor,
+    k_pos: &Tensor,
+) -> Result<AttnDims> {
     const OP: &str = "attention";
     float(OP, "q", q)?;
     same_kind(OP, ("q", q), ("k", k))?;
@@ -172,23 +245,46 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Ten
     let [b, hq, t, dh] = dims::<4>(OP, "q", q, "[b, hq, t, dh]")?;
     let [bk, hkv, s, dhk] = dims::<4>(OP, "k", k, "[b, hkv, s, dh]")?;
     if v.dims() != k.dims() {
-        return Err(invalid(OP, format!("`v` {:?} must have the shape of `k` {:?}", v.dims(), k.dims())));
+        return Err(invalid(
+            OP,
+            format!(
+                "`v` {:?} must have the shape of `k` {:?}",
+                v.dims(),
+                k.dims()
+            ),
+        ));
     }
     if bk != b || dhk != dh {
         return Err(invalid(
             OP,
-            format!("`k` {:?} does not match `q` {:?} in batch or head dimension", k.dims(), q.dims()),
+            format!(
+                "`k` {:?} does not match `q` {:?} in batch or head dimension",
+                k.dims(),
+                q.dims()
+            ),
         ));
     }
     if hkv == 0 || hq % hkv != 0 {
-        return Err(invalid(OP, format!("query heads ({hq}) must be a multiple of key/value heads ({hkv})")));
+        return Err(invalid(
+            OP,
+            format!("query heads ({hq}) must be a multiple of key/value heads ({hkv})"),
+        ));
     }
     if !q.device().same_device(q_pos.device()) || !q.device().same_device(k_pos.device()) {
         return Err(invalid(OP, "positions must live on the device of `q`"));
     }
     let q_pos = host_u32(OP, "q_pos", q_pos, &[b, t])?;
     let k_pos = host_u32(OP, "k_pos", k_pos, &[b, s])?;
-    Ok(AttnDims { b, hq, hkv, t, s, dh, q_pos, k_pos })
+    Ok(AttnDims {
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        dh,
+        q_pos,
+        k_pos,
+    })
 }
 
 /// Checks the inputs of `swiglu`: `gate` and `up` of one shape and one float dtype.
@@ -200,7 +296,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<()> {
     float(OP, "gate", gate)?;
     same_kind(OP, ("gate", gate), ("up", up))?;
     if gate.dims() != up.dims() {
-        return Err(invalid(OP, format!("`gate` {:?} and `up` {:?} differ in shape", gate.dims(), up.dims())));
+        return Err(invalid(
+            OP,
+            format!(
+                "`gate` {:?} and `up` {:?} differ in shape",
+                gate.dims(),
+                up.dims()
+            ),
+        ));
     }
     Ok(())
 }
@@ -229,11 +332,17 @@ fn token_idx(op: &'static str, h: &Tensor, idx: &Tensor) -> Result<TokenDims> {
     u32_tensor(op, "idx", idx)?;
     let [bi, k] = dims::<2>(op, "idx", idx, "[b, k]")?;
     if bi != b {
-        return Err(invalid(op, format!("`idx` has batch {bi} but `h` has batch {b}")));
+        return Err(invalid(
+            op,
+            format!("`idx` has batch {bi} but `h` has batch {b}"),
+        ));
     }
     let idx = idx.flatten_all()?.to_vec1::<u32>()?;
     if let Some(&i) = idx.iter().find(|&&i| i as usize >= l) {
-        return Err(invalid(op, format!("index {i} is out of range for {l} tokens")));
+        return Err(invalid(
+            op,
+            format!("index {i} is out of range for {l} tokens"),
+        ));
     }
     Ok(TokenDims { b, l, d, k, idx })
 }
@@ -252,17 +361,32 @@ pub fn gather_tokens(h: &Tensor, idx: &Tensor) -> Result<TokenDims> {
 ///
 /// # Errors
 /// [`Error::Invalid`] describing the first problem.
-pub fn scatter_add_tokens(h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<TokenDims> {
+pub fn scatter_add_tokens(
+    h: &Tensor,
+    idx: &Tensor,
+    y: &Tensor,
+    w: Option<&Tensor>,
+) -> Result<TokenDims> {
     const OP: &str = "scatter_add_tokens";
     let td = token_idx(OP, h, idx)?;
     same_kind(OP, ("h", h), ("y", y))?;
     if y.dims() != [td.b, td.k, td.d] {
-        return Err(invalid(OP, format!("`y` must have shape {:?}, got {:?}", [td.b, td.k, td.d], y.dims())));
+        return Err(invalid(
+            OP,
+            format!(
+                "`y` must have shape {:?}, got {:?}",
+                [td.b, td.k, td.d],
+                y.dims()
+            ),
+        ));
     }
     if let Some(w) = w {
         same_kind(OP, ("h", h), ("w", w))?;
         if w.dims() != [td.b, td.k] {
-            return Err(invalid(OP, format!("`w` must have shape {:?}, got {:?}", [td.b, td.k], w.dims())));
+            return Err(invalid(
+                OP,
+                format!("`w` must have shape {:?}, got {:?}", [td.b, td.k], w.dims()),
+            ));
         }
     }
     Ok(td)

@@ -3,9 +3,9 @@
 //! values, edge cases and input validation.
 
 use candle_core::{DType, Device, Tensor, Var};
+use mor_core::rng::Rng;
 use mor_kernels::testing::{assert_close, assert_fd, closeness, randn, F32_ATOL, F32_RTOL};
 use mor_kernels::{build_backend, rope_tables, Backend, BackendCtx, Result, PAD_POS};
-use mor_core::rng::Rng;
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -27,7 +27,10 @@ fn both() -> [Arc<dyn Backend>; 2] {
 type Op<'a> = dyn Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> + 'a;
 
 fn vars(inputs: &[Tensor]) -> Vec<Var> {
-    inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect()
+    inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect()
 }
 
 /// `Σ op(inputs) ⊙ r` for a fixed random `r`, so that every output element has its own weight.
@@ -38,7 +41,10 @@ fn weighted_loss(out: &Tensor, seed: u64) -> Result<Tensor> {
 
 /// Checks the analytic gradient of `op` on `backend` against f64 central differences.
 fn fd_op(be: &dyn Backend, inputs: &[Tensor], op: &Op<'_>) -> f64 {
-    let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+    let inputs: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_dtype(DType::F64).unwrap())
+        .collect();
     let vs = vars(&inputs);
     let refs: Vec<&Var> = vs.iter().collect();
     let f = || {
@@ -50,7 +56,12 @@ fn fd_op(be: &dyn Backend, inputs: &[Tensor], op: &Op<'_>) -> f64 {
 
 /// Runs `op` on `cpu` and `reference` in f32 and compares outputs and the gradients of every
 /// input; returns a description of the first mismatch.
-fn compare(inputs: &[Tensor], op: &Op<'_>, rtol: f64, atol: f64) -> std::result::Result<(), String> {
+fn compare(
+    inputs: &[Tensor],
+    op: &Op<'_>,
+    rtol: f64,
+    atol: f64,
+) -> std::result::Result<(), String> {
     let mut results = Vec::new();
     for be in both() {
         let vs = vars(inputs);
@@ -59,7 +70,12 @@ fn compare(inputs: &[Tensor], op: &Op<'_>, rtol: f64, atol: f64) -> std::result:
         let grads = weighted_loss(&out, 5).unwrap().backward().unwrap();
         let gs: Vec<Tensor> = vs
             .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned().unwrap_or_else(|| v.zeros_like().unwrap()))
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .unwrap_or_else(|| v.zeros_like().unwrap())
+            })
             .collect();
         results.push((out, gs));
     }
@@ -89,7 +105,11 @@ fn rms_op(eps: f64) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
     move |be, t| be.rms_norm(t[0], t[1], eps)
 }
 
-fn rope_op(pos: Tensor, max_pos: usize, dh: usize) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+fn rope_op(
+    pos: Tensor,
+    max_pos: usize,
+    dh: usize,
+) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
     let (cos, sin) = rope_tables(max_pos, dh, 10_000.0, &CPU).unwrap();
     move |be, t| be.rope(t[0], &pos, &cos, &sin)
 }
@@ -149,7 +169,16 @@ fn sorted_sample(rng: &mut Rng, n: usize, below: usize) -> Vec<u32> {
     v
 }
 
-fn attn_case(b: usize, hkv: usize, ratio: usize, dh: usize, t: usize, s: usize, mode: Mode, seed: u64) -> AttnCase {
+fn attn_case(
+    b: usize,
+    hkv: usize,
+    ratio: usize,
+    dh: usize,
+    t: usize,
+    s: usize,
+    mode: Mode,
+    seed: u64,
+) -> AttnCase {
     let mut rng = Rng::new(seed);
     let (mut q_pos, mut k_pos) = (Vec::new(), Vec::new());
     let (t, s) = match mode {
@@ -177,7 +206,13 @@ fn attn_case(b: usize, hkv: usize, ratio: usize, dh: usize, t: usize, s: usize, 
                 q_pos.extend(sorted_sample(&mut rng, t, s));
             }
             Mode::Shuffled => {
-                let pick = |rng: &mut Rng| if rng.below(6) == 0 { PAD_POS } else { rng.below(2 * s) as u32 };
+                let pick = |rng: &mut Rng| {
+                    if rng.below(6) == 0 {
+                        PAD_POS
+                    } else {
+                        rng.below(2 * s) as u32
+                    }
+                };
                 for _ in 0..s {
                     k_pos.push(pick(&mut rng));
                 }
@@ -187,7 +222,16 @@ fn attn_case(b: usize, hkv: usize, ratio: usize, dh: usize, t: usize, s: usize, 
             }
         }
     }
-    AttnCase { b, hq: hkv * ratio, hkv, t, s, dh, q_pos, k_pos }
+    AttnCase {
+        b,
+        hq: hkv * ratio,
+        hkv,
+        t,
+        s,
+        dh,
+        q_pos,
+        k_pos,
+    }
 }
 
 impl AttnCase {
@@ -200,12 +244,19 @@ impl AttnCase {
     }
 
     fn op(&self) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
-        attn_op(u32s(self.q_pos.clone(), (self.b, self.t)), u32s(self.k_pos.clone(), (self.b, self.s)))
+        attn_op(
+            u32s(self.q_pos.clone(), (self.b, self.t)),
+            u32s(self.k_pos.clone(), (self.b, self.s)),
+        )
     }
 }
 
 fn mode_strategy() -> impl Strategy<Value = Mode> {
-    prop_oneof![Just(Mode::Compacted), Just(Mode::Shared), Just(Mode::Shuffled)]
+    prop_oneof![
+        Just(Mode::Compacted),
+        Just(Mode::Shared),
+        Just(Mode::Shuffled)
+    ]
 }
 
 // ---------------------------------------------------------------------------------------
@@ -215,7 +266,10 @@ fn mode_strategy() -> impl Strategy<Value = Mode> {
 fn backends_are_registered_and_reject_unknown_params() {
     let names = mor_core::registry::names(mor_core::Family::Backend);
     for name in ["cpu", "reference"] {
-        assert!(names.iter().any(|n| n == name), "`{name}` missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == name),
+            "`{name}` missing from {names:?}"
+        );
         assert_eq!(backend(name).name(), name);
         let mut bad = toml::Table::new();
         bad.insert("threads".into(), toml::Value::Integer(2));
@@ -230,7 +284,10 @@ fn backends_are_registered_and_reject_unknown_params() {
 #[test]
 fn rms_norm_gradients_match_finite_differences() {
     let x = randn(1, (3, 2, 11), DType::F64, &CPU).unwrap();
-    let w = randn(2, 11, DType::F64, &CPU).unwrap().affine(0.5, 1.0).unwrap();
+    let w = randn(2, 11, DType::F64, &CPU)
+        .unwrap()
+        .affine(0.5, 1.0)
+        .unwrap();
     for be in both() {
         fd_op(be.as_ref(), &[x.clone(), w.clone()], &rms_op(1e-5));
     }
@@ -242,15 +299,26 @@ fn rope_gradients_match_finite_differences() {
     let x = randn(3, (2, 3, 4, 6), DType::F64, &CPU).unwrap();
     let (cos, sin) = rope_tables(10, 6, 10_000.0, &CPU).unwrap();
     for be in both() {
-        fd_op(be.as_ref(), &[x.clone()], &rope_op(pos.clone(), 10, 6));
+        fd_op(
+            be.as_ref(),
+            std::slice::from_ref(&x),
+            &rope_op(pos.clone(), 10, 6),
+        );
         // The tables are floating-point inputs too: their gradients are checked as well.
-        fd_op(be.as_ref(), &[x.clone(), cos.clone(), sin.clone()], &rope_tables_op(pos.clone()));
+        fd_op(
+            be.as_ref(),
+            &[x.clone(), cos.clone(), sin.clone()],
+            &rope_tables_op(pos.clone()),
+        );
     }
 }
 
 #[test]
 fn attention_gradients_match_finite_differences() {
-    for (i, mode) in [Mode::Compacted, Mode::Shared, Mode::Shuffled].into_iter().enumerate() {
+    for (i, mode) in [Mode::Compacted, Mode::Shared, Mode::Shuffled]
+        .into_iter()
+        .enumerate()
+    {
         let case = attn_case(2, 2, 2, 4, 5, 7, mode, 40 + i as u64);
         for be in both() {
             fd_op(be.as_ref(), &case.inputs(10, DType::F64), &case.op());
@@ -258,7 +326,11 @@ fn attention_gradients_match_finite_differences() {
     }
     // Long enough head dimension to run the vector lanes of the kernels, GQA ratio 4.
     let case = attn_case(1, 1, 4, 18, 3, 3, Mode::Compacted, 7);
-    fd_op(backend("cpu").as_ref(), &case.inputs(20, DType::F64), &case.op());
+    fd_op(
+        backend("cpu").as_ref(),
+        &case.inputs(20, DType::F64),
+        &case.op(),
+    );
 }
 
 #[test]
@@ -279,9 +351,21 @@ fn token_routing_gradients_match_finite_differences() {
     let y = randn(7, (2, 3, 9), DType::F64, &CPU).unwrap();
     let w = randn(8, (2, 3), DType::F64, &CPU).unwrap();
     for be in both() {
-        fd_op(be.as_ref(), &[h.clone()], &gather_op(gidx.clone()));
-        fd_op(be.as_ref(), &[h.clone(), y.clone(), w.clone()], &scatter_op(sidx.clone(), true));
-        fd_op(be.as_ref(), &[h.clone(), y.clone()], &scatter_op(sidx.clone(), false));
+        fd_op(
+            be.as_ref(),
+            std::slice::from_ref(&h),
+            &gather_op(gidx.clone()),
+        );
+        fd_op(
+            be.as_ref(),
+            &[h.clone(), y.clone(), w.clone()],
+            &scatter_op(sidx.clone(), true),
+        );
+        fd_op(
+            be.as_ref(),
+            &[h.clone(), y.clone()],
+            &scatter_op(sidx.clone(), false),
+        );
     }
 }
 
@@ -362,7 +446,7 @@ proptest! {
         let h = randn(seed, (b, l, d), DType::F32, &CPU).unwrap();
         let y = randn(seed + 1, (b, k, d), DType::F32, &CPU).unwrap();
         let w = randn(seed + 2, (b, k), DType::F32, &CPU).unwrap();
-        let r = compare(&[h.clone()], &gather_op(idx.clone()), F32_RTOL, F32_ATOL);
+        let r = compare(std::slice::from_ref(&h), &gather_op(idx.clone()), F32_RTOL, F32_ATOL);
         prop_assert!(r.is_ok(), "gather: {}", r.unwrap_err());
         let r = compare(&[h.clone(), y.clone(), w], &scatter_op(idx.clone(), true), F32_RTOL, F32_ATOL);
         prop_assert!(r.is_ok(), "weighted scatter: {}", r.unwrap_err());
@@ -386,11 +470,20 @@ fn large_shapes_cpu_match_reference() {
     let pos = u32s((0..2 * 64).map(|i| (i % 64) as u32 * 2).collect(), (2, 64));
     let x = randn(6, (2, 4, 64, 64), DType::F32, &CPU).unwrap();
     compare(&[x], &rope_op(pos, 128, 64), F32_RTOL, F32_ATOL).unwrap();
-    let idx = u32s((0..2 * 100).map(|i| (i % 100) as u32 * 3).collect(), (2, 100));
+    let idx = u32s(
+        (0..2 * 100).map(|i| (i % 100) as u32 * 3).collect(),
+        (2, 100),
+    );
     let h = randn(7, (2, 300, 200), DType::F32, &CPU).unwrap();
     let y = randn(8, (2, 100, 200), DType::F32, &CPU).unwrap();
     let w = randn(9, (2, 100), DType::F32, &CPU).unwrap();
-    compare(&[h.clone()], &gather_op(idx.clone()), F32_RTOL, F32_ATOL).unwrap();
+    compare(
+        std::slice::from_ref(&h),
+        &gather_op(idx.clone()),
+        F32_RTOL,
+        F32_ATOL,
+    )
+    .unwrap();
     compare(&[h, y, w], &scatter_op(idx, true), F32_RTOL, F32_ATOL).unwrap();
 }
 
@@ -446,7 +539,11 @@ fn rope_rotates_by_position_angle_and_passes_padding() {
     let x = Tensor::new(&[[[[1f32, 2.], [3., -1.], [0.5, 0.25]]]], &CPU).unwrap();
     let pos = u32s(vec![0, 3, PAD_POS], (1, 3));
     let (c, s) = (3f32.cos(), 3f32.sin());
-    let want = Tensor::new(&[[[[1f32, 2.], [3. * c + s, -c + 3. * s], [0.5, 0.25]]]], &CPU).unwrap();
+    let want = Tensor::new(
+        &[[[[1f32, 2.], [3. * c + s, -c + 3. * s], [0.5, 0.25]]]],
+        &CPU,
+    )
+    .unwrap();
     for be in both() {
         let out = be.rope(&x, &pos, &cos, &sin).unwrap();
         assert_close(be.name(), &out, &want, F32_RTOL, F32_ATOL);
@@ -464,8 +561,20 @@ fn rms_norm_and_swiglu_closed_forms() {
     let silu2 = 2.0 / (1.0 + (-2f32).exp());
     let want_sw = Tensor::new(&[0f32, 3.0 * silu2, -30.0 / (1.0 + 30f32.exp())], &CPU).unwrap();
     for be in both() {
-        assert_close(be.name(), &be.rms_norm(&x, &w, 1e-5).unwrap(), &want, F32_RTOL, F32_ATOL);
-        assert_close(be.name(), &be.swiglu(&g, &u).unwrap(), &want_sw, F32_RTOL, F32_ATOL);
+        assert_close(
+            be.name(),
+            &be.rms_norm(&x, &w, 1e-5).unwrap(),
+            &want,
+            F32_RTOL,
+            F32_ATOL,
+        );
+        assert_close(
+            be.name(),
+            &be.swiglu(&g, &u).unwrap(),
+            &want_sw,
+            F32_RTOL,
+            F32_ATOL,
+        );
     }
 }
 
@@ -484,18 +593,42 @@ fn queries_with_no_visible_key_give_zeros_and_zero_gradient() {
     ];
     for be in both() {
         let vs = vars(&inputs);
-        let out = be.attention(vs[0].as_tensor(), vs[1].as_tensor(), vs[2].as_tensor(), &q_pos, &k_pos).unwrap();
+        let out = be
+            .attention(
+                vs[0].as_tensor(),
+                vs[1].as_tensor(),
+                vs[2].as_tensor(),
+                &q_pos,
+                &k_pos,
+            )
+            .unwrap();
         let dead = out.narrow(2, 0, 2).unwrap();
         assert_close(be.name(), &dead, &dead.zeros_like().unwrap(), 0.0, 0.0);
-        let live = out.narrow(2, 2, 1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(live > 0.0, "{}: the visible query must not be zero", be.name());
+        let live = out
+            .narrow(2, 2, 1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            live > 0.0,
+            "{}: the visible query must not be zero",
+            be.name()
+        );
         let grads = weighted_loss(&out, 3).unwrap().backward().unwrap();
         let dq = grads.get(vs[0].as_tensor()).expect("q has a gradient");
         let dead = dq.narrow(2, 0, 2).unwrap();
         assert_close(be.name(), &dead, &dead.zeros_like().unwrap(), 0.0, 0.0);
         // The padded key 1 is seen by no query: zero gradient for its k and v.
         for v in &vs[1..] {
-            let dk = grads.get(v.as_tensor()).expect("k and v have gradients").narrow(2, 1, 1).unwrap();
+            let dk = grads
+                .get(v.as_tensor())
+                .expect("k and v have gradients")
+                .narrow(2, 1, 1)
+                .unwrap();
             assert_close(be.name(), &dk, &dk.zeros_like().unwrap(), 0.0, 0.0);
         }
     }
@@ -510,7 +643,9 @@ fn empty_selections_are_not_errors() {
     for be in both() {
         let g = be.gather_tokens(h.as_tensor(), &none).unwrap();
         assert_eq!(g.dims(), &[2, 0, 3], "{}", be.name());
-        let s = be.scatter_add_tokens(h.as_tensor(), &none, &y, Some(&w)).unwrap();
+        let s = be
+            .scatter_add_tokens(h.as_tensor(), &none, &y, Some(&w))
+            .unwrap();
         assert_close(be.name(), &s, h.as_tensor(), 0.0, 0.0);
         let loss = (g.sum_all().unwrap() + s.sum_all().unwrap()).unwrap();
         let grads = loss.backward().unwrap();
@@ -520,12 +655,20 @@ fn empty_selections_are_not_errors() {
         // No queries: an empty output. No keys: zeros.
         let q = randn(2, (1, 2, 0, 4), DType::F32, &CPU).unwrap();
         let k = randn(3, (1, 1, 2, 4), DType::F32, &CPU).unwrap();
-        let out = be.attention(&q, &k, &k, &u32s(vec![], (1, 0)), &u32s(vec![0, 1], (1, 2))).unwrap();
+        let out = be
+            .attention(&q, &k, &k, &u32s(vec![], (1, 0)), &u32s(vec![0, 1], (1, 2)))
+            .unwrap();
         assert_eq!(out.dims(), &[1, 2, 0, 4]);
         let q = Var::from_tensor(&randn(4, (1, 2, 3, 4), DType::F32, &CPU).unwrap()).unwrap();
         let k = Tensor::zeros((1, 1, 0, 4), DType::F32, &CPU).unwrap();
         let out = be
-            .attention(q.as_tensor(), &k, &k, &u32s(vec![0, 1, 2], (1, 3)), &u32s(vec![], (1, 0)))
+            .attention(
+                q.as_tensor(),
+                &k,
+                &k,
+                &u32s(vec![0, 1, 2], (1, 3)),
+                &u32s(vec![], (1, 0)),
+            )
             .unwrap();
         assert_close(be.name(), &out, &q.zeros_like().unwrap(), 0.0, 0.0);
         let grads = weighted_loss(&out, 1).unwrap().backward().unwrap();
@@ -546,34 +689,118 @@ fn bad_inputs_are_errors_not_panics() {
         let n = be.name();
         let errs: Vec<(&str, Result<Tensor>)> = vec![
             ("rms w shape", be.rms_norm(&x4, &f(3, &[3]), 1e-5)),
-            ("rms dtype", be.rms_norm(&x4, &f(3, &[4]).to_dtype(DType::F64).unwrap(), 1e-5)),
+            (
+                "rms dtype",
+                be.rms_norm(&x4, &f(3, &[4]).to_dtype(DType::F64).unwrap(), 1e-5),
+            ),
             ("rms eps", be.rms_norm(&x4, &f(3, &[4]), -1.0)),
-            ("rms f16", be.rms_norm(&x4.to_dtype(DType::F16).unwrap(), &f(3, &[4]).to_dtype(DType::F16).unwrap(), 1e-5)),
-            ("rope odd dh", be.rope(&f(4, &[1, 2, 3, 3]), &p3, &cos, &sin)),
-            ("rope table width", be.rope(&f(4, &[1, 2, 3, 6]), &p3, &cos, &sin)),
-            ("rope position", be.rope(&x4, &u32s(vec![0, 8, 1], (1, 3)), &cos, &sin)),
-            ("rope pos shape", be.rope(&x4, &u32s(vec![0, 1], (1, 2)), &cos, &sin)),
-            ("rope pos dtype", be.rope(&x4, &p3.to_dtype(DType::F32).unwrap(), &cos, &sin)),
-            ("attn heads", be.attention(&f(5, &[1, 3, 3, 4]), &f(6, &[1, 2, 3, 4]), &f(6, &[1, 2, 3, 4]), &p3, &p3)),
-            ("attn v shape", be.attention(&x4, &kv, &f(7, &[1, 1, 2, 4]), &p3, &p3)),
-            ("attn dh", be.attention(&x4, &f(8, &[1, 1, 3, 2]), &f(8, &[1, 1, 3, 2]), &p3, &p3)),
-            ("attn batch", be.attention(&x4, &f(9, &[2, 1, 3, 4]), &f(9, &[2, 1, 3, 4]), &p3, &p3)),
-            ("attn k_pos", be.attention(&x4, &kv, &kv, &p3, &u32s(vec![0, 1], (1, 2)))),
-            ("attn rank", be.attention(&f(1, &[2, 3, 4]), &kv, &kv, &p3, &p3)),
+            (
+                "rms f16",
+                be.rms_norm(
+                    &x4.to_dtype(DType::F16).unwrap(),
+                    &f(3, &[4]).to_dtype(DType::F16).unwrap(),
+                    1e-5,
+                ),
+            ),
+            (
+                "rope odd dh",
+                be.rope(&f(4, &[1, 2, 3, 3]), &p3, &cos, &sin),
+            ),
+            (
+                "rope table width",
+                be.rope(&f(4, &[1, 2, 3, 6]), &p3, &cos, &sin),
+            ),
+            (
+                "rope position",
+                be.rope(&x4, &u32s(vec![0, 8, 1], (1, 3)), &cos, &sin),
+            ),
+            (
+                "rope pos shape",
+                be.rope(&x4, &u32s(vec![0, 1], (1, 2)), &cos, &sin),
+            ),
+            (
+                "rope pos dtype",
+                be.rope(&x4, &p3.to_dtype(DType::F32).unwrap(), &cos, &sin),
+            ),
+            (
+                "attn heads",
+                be.attention(
+                    &f(5, &[1, 3, 3, 4]),
+                    &f(6, &[1, 2, 3, 4]),
+                    &f(6, &[1, 2, 3, 4]),
+                    &p3,
+                    &p3,
+                ),
+            ),
+            (
+                "attn v shape",
+                be.attention(&x4, &kv, &f(7, &[1, 1, 2, 4]), &p3, &p3),
+            ),
+            (
+                "attn dh",
+                be.attention(&x4, &f(8, &[1, 1, 3, 2]), &f(8, &[1, 1, 3, 2]), &p3, &p3),
+            ),
+            (
+                "attn batch",
+                be.attention(&x4, &f(9, &[2, 1, 3, 4]), &f(9, &[2, 1, 3, 4]), &p3, &p3),
+            ),
+            (
+                "attn k_pos",
+                be.attention(&x4, &kv, &kv, &p3, &u32s(vec![0, 1], (1, 2))),
+            ),
+            (
+                "attn rank",
+                be.attention(&f(1, &[2, 3, 4]), &kv, &kv, &p3, &p3),
+            ),
             ("swiglu shape", be.swiglu(&f(1, &[2, 3]), &f(2, &[3, 2]))),
-            ("gather range", be.gather_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 3], (1, 2)))),
-            ("gather batch", be.gather_tokens(&f(1, &[2, 3, 2]), &u32s(vec![0, 1], (1, 2)))),
-            ("gather rank", be.gather_tokens(&f(1, &[3, 2]), &u32s(vec![0, 1], (1, 2)))),
-            ("scatter y", be.scatter_add_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 1], (1, 2)), &f(2, &[1, 3, 2]), None)),
+            (
+                "gather range",
+                be.gather_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 3], (1, 2))),
+            ),
+            (
+                "gather batch",
+                be.gather_tokens(&f(1, &[2, 3, 2]), &u32s(vec![0, 1], (1, 2))),
+            ),
+            (
+                "gather rank",
+                be.gather_tokens(&f(1, &[3, 2]), &u32s(vec![0, 1], (1, 2))),
+            ),
+            (
+                "scatter y",
+                be.scatter_add_tokens(
+                    &f(1, &[1, 3, 2]),
+                    &u32s(vec![0, 1], (1, 2)),
+                    &f(2, &[1, 3, 2]),
+                    None,
+                ),
+            ),
             (
                 "scatter w",
-                be.scatter_add_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 1], (1, 2)), &f(2, &[1, 2, 2]), Some(&f(3, &[2]))),
+                be.scatter_add_tokens(
+                    &f(1, &[1, 3, 2]),
+                    &u32s(vec![0, 1], (1, 2)),
+                    &f(2, &[1, 2, 2]),
+                    Some(&f(3, &[2])),
+                ),
             ),
-            ("scatter range", be.scatter_add_tokens(&f(1, &[1, 3, 2]), &u32s(vec![0, 7], (1, 2)), &f(2, &[1, 2, 2]), None)),
+            (
+                "scatter range",
+                be.scatter_add_tokens(
+                    &f(1, &[1, 3, 2]),
+                    &u32s(vec![0, 7], (1, 2)),
+                    &f(2, &[1, 2, 2]),
+                    None,
+                ),
+            ),
         ];
         for (what, r) in errs {
-            let e = r.err().unwrap_or_else(|| panic!("{n}: `{what}` was accepted"));
-            assert!(matches!(e, mor_kernels::Error::Invalid { .. }), "{n}: `{what}` gave {e}");
+            let e = r
+                .err()
+                .unwrap_or_else(|| panic!("{n}: `{what}` was accepted"));
+            assert!(
+                matches!(e, mor_kernels::Error::Invalid { .. }),
+                "{n}: `{what}` gave {e}"
+            );
         }
     }
 }
@@ -593,7 +820,17 @@ fn every_input_receives_a_gradient() {
     let grads = loss.backward().unwrap();
     for v in vs.iter().chain([&w, &xv]) {
         let g = grads.get(v.as_tensor()).expect("missing gradient");
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(norm > 0.0, "zero gradient for an input of shape {:?}", v.dims());
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0,
+            "zero gradient for an input of shape {:?}",
+            v.dims()
+        );
     }
 }

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod tokenizer;
 pub mod eval;
+pub mod loss;
 pub mod engine;
 pub mod optim;
 pub mod progress;

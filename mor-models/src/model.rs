@@ -571,9 +571,7 @@ impl MorModel {
     /// (u32), over every position (differentiable).
     pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t, v) = logits.dims3()?;
-        let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
-        let picked = logp.gather(&targets.reshape((b * t, 1))?.contiguous()?, 1)?;
-        Ok((picked.mean_all()? * -1.0)?)
+        Ok(crate::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)?)
     }
 
     /// Summed next-token NLL per row, as host values (no graph), for evaluation.

@@ -63,20 +63,47 @@ impl AdamW {
 
     /// One AdamW step at learning rate `lr` with the gradients in `grads` (parameters
     /// without a gradient are left unchanged, moments included).
+    ///
+    /// On CPU the update of each parameter is one fused pass over host memory (moments,
+    /// bias correction, decoupled decay), in f64 arithmetic; elsewhere it uses tensor ops.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.t += 1;
         let (b1, b2) = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
+        let eps = self.cfg.eps;
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let decay = if p.decay { lr * self.cfg.weight_decay } else { 0.0 };
+            let theta = p.var.as_tensor();
+            if theta.device().is_cpu() && theta.dtype() == candle_core::DType::F32 {
+                let shape = theta.shape().clone();
+                let mut w = theta.flatten_all()?.to_vec1::<f32>()?;
+                let g = g.flatten_all()?.to_vec1::<f32>()?;
+                let mut m = p.m.flatten_all()?.to_vec1::<f32>()?;
+                let mut v = p.v.flatten_all()?.to_vec1::<f32>()?;
+                for i in 0..w.len() {
+                    let gi = g[i] as f64;
+                    let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
+                    let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
+                    m[i] = mi as f32;
+                    v[i] = vi as f32;
+                    let upd = lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
+                    w[i] = (w[i] as f64 * (1.0 - decay) - upd) as f32;
+                }
+                let dev = theta.device().clone();
+                p.m = Tensor::from_vec(m, &shape, &dev)?;
+                p.v = Tensor::from_vec(v, &shape, &dev)?;
+                p.var.set(&Tensor::from_vec(w, &shape, &dev)?)?;
+                continue;
+            }
             p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let mhat = (&p.m / bc1)?;
-            let denom = ((&p.v / bc2)?.sqrt()? + self.cfg.eps)?;
-            let mut theta = p.var.as_tensor().clone();
-            if p.decay && self.cfg.weight_decay > 0.0 {
-                theta = (theta * (1.0 - lr * self.cfg.weight_decay))?;
+            let denom = ((&p.v / bc2)?.sqrt()? + eps)?;
+            let mut theta = theta.clone();
+            if decay > 0.0 {
+                theta = (theta * (1.0 - decay))?;
             }
             let upd = ((mhat / denom)? * lr)?;
             p.var.set(&(theta - upd)?)?;
@@ -257,6 +284,27 @@ mod tests {
             assert!((got[i] - want).abs() < 1e-12, "param {i}: {} vs {want}", got[i]);
         }
         let _ = DType::F64;
+        Ok(())
+    }
+
+    #[test]
+    fn adamw_f32_host_path_matches_scalar_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        let init = [0.5f32, -1.0, 2.0];
+        let var = Var::from_tensor(&Tensor::new(&init, &dev)?)?;
+        let cfg = AdamWConfig { lr: 1e-2, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)])?;
+        let gs = [[0.3f32, -0.2, 0.1], [0.1, 0.4, -0.5], [-0.2, 0.0, 0.3]];
+        for g in gs {
+            let loss = (var.as_tensor() * &Tensor::new(&g, &dev)?)?.sum_all()?;
+            opt.step(&loss.backward()?, 1e-2)?;
+        }
+        let got = var.as_tensor().to_vec1::<f32>()?;
+        for i in 0..3 {
+            let gi: Vec<f64> = gs.iter().map(|g| g[i] as f64).collect();
+            let want = scalar_adamw(init[i] as f64, &gi, 1e-2, 0.1);
+            assert!((got[i] as f64 - want).abs() < 1e-6, "param {i}: {} vs {want}", got[i]);
+        }
         Ok(())
     }
 

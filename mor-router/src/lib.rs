@@ -10,6 +10,76 @@
 //! ([`Router::finish`]); the router returns which tokens run the step, their gates and the
 //! update rule, and at the end its loss terms (already multiplied by their coefficients)
 //! and metrics.
+//!
+//! ```text
+//! begin(H¹, mode) -> state
+//! for r in 1..=N_r:   route(r, h, active_r, state, mode) -> StepRouting { selected, gate, update }
+//!                     (the model runs the shared block on `selected` and merges by `update`;
+//!                      active_{r+1} = selected)
+//! finish(state) -> RouterOutput { loss, aux_router_loss, terms, stats }
+//! ```
+//!
+//! # Examples
+//! The built-in expert-choice router on plain candle tensors, without a model: build it by
+//! name, then route three recursion steps of a batch of two sequences.
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use mor_kernels::BackendCtx;
+//! use mor_router::{build_router, RouteMode, RouterCtx, Update};
+//!
+//! // The backends register in `mor-kernels`; naming the crate links it (see "Plugins").
+//! use mor_kernels as _;
+//!
+//! let device = Device::Cpu;
+//! let backend = mor_kernels::build_backend(
+//!     "reference",
+//!     &toml::Table::new(),
+//!     &BackendCtx { device: device.clone() },
+//! )?;
+//! // Hidden size d = 8, N_r = 3 recursion steps, sequence length L = 6.
+//! let ctx = RouterCtx::new(8, 3, 6, device.clone(), backend);
+//! let params: toml::Table = "alpha = 0.1\naux_coeff = 0.001".parse()?;
+//! let router = build_router("expert_choice", &params, &ctx)?;
+//!
+//! // h: [b, L, d]; the hidden states stay fixed here, a model would update them.
+//! let h = Tensor::arange(0f32, 96.0, &device)?.reshape((2, 6, 8))?.sin()?;
+//! let mut state = router.begin(&h, RouteMode::Train)?;
+//! let mut active: Vec<Vec<u32>> = vec![(0..6).collect(); 2];
+//! for step in 1..=3 {
+//!     let routing = router.route(step, &h, &active, &mut state, RouteMode::Train)?;
+//!     // cap = [1, 2/3, 1/3] (spec §3.1): k = 6, 4 and 2 tokens per sequence.
+//!     let k = [6, 4, 2][step - 1];
+//!     for (selected, candidates) in routing.selected.iter().zip(&active) {
+//!         assert_eq!(selected.len(), k);
+//!         assert!(selected.windows(2).all(|w| w[0] < w[1]), "ascending");
+//!         assert!(selected.iter().all(|t| candidates.contains(t)), "nested");
+//!     }
+//!     // One gate g = α·σ(z) per selected token, merged as h ← h + g·f(h).
+//!     let gate = routing.gate.as_ref().expect("expert-choice gates its tokens");
+//!     assert_eq!(gate.dims(), [2 * k]);
+//!     assert!(matches!(routing.update, Update::Residual));
+//!     active = routing.selected;
+//! }
+//! let out = router.finish(state)?;
+//! // Final depths: 2 tokens per sequence at each of the depths 1, 2 and 3.
+//! assert_eq!(out.stats.tokens_per_depth, [4, 4, 4]);
+//! assert!(out.loss.is_some(), "the aux BCE of spec §3.1, times aux_coeff");
+//! assert_eq!(out.terms[0].0, "bce");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Plugins
+//! A router is a plugin that a config selects by name (`[router] kind = "expert_choice"`).
+//! To add one, implement [`Router`], [`mor_core::Plugin`] (name, description, typed
+//! `Params`) and [`RouterPlugin`] (how to build it from a [`RouterCtx`]), and register the
+//! type next to its `impl` with [`register_router!`]. See the example on [`Router`], and
+//! the crate `mor-example-entropy-router` (`examples/entropy-router`) for a complete router
+//! and KV policy outside this workspace's built-in crates.
+//!
+//! A crate's registrations are only visible in binaries and tests that link it: `rustc`
+//! drops a library that nothing names. Every binary or test that builds routers by name
+//! names each plugin crate once (`use my_plugins as _;`); a lookup of an unknown name lists
+//! the registered routers and says so.
 
 use candle_core::{Tensor, Var};
 use std::fmt;
@@ -122,7 +192,12 @@ pub struct RouterOutput {
     pub stats: RouterStats,
 }
 
-/// A router.
+/// A router: which tokens run each recursion step, with what gate and update rule.
+///
+/// Implementations are `Send + Sync + Debug`; per-forward state lives in the
+/// [`RoutingState`] that [`Router::begin`] returns, so one router serves concurrent
+/// forwards. Parameters are candle [`Var`]s owned by the router and trained by the model's
+/// optimiser ([`Router::vars`]).
 ///
 /// # Contract
 /// - `route(step, ..)` is called for `step = 1..=N_r` in order, with `active` equal to the
@@ -135,6 +210,82 @@ pub struct RouterOutput {
 ///   at earlier steps), never on other tokens.
 /// - Gates are differentiable with respect to [`Router::vars`]; the auxiliary router, if
 ///   any, only sees detached hidden states and owns [`Router::aux_vars`].
+/// - Bad input (steps out of order, wrong shapes, unsorted `active`, a state from another
+///   router) is an [`Error`], never a panic.
+///
+/// # Implementing a router
+/// A registrable router implements this trait, [`mor_core::Plugin`] and [`RouterPlugin`],
+/// and is registered with [`register_router!`]. The smallest useful one sends every active
+/// token through every step, ungated (the recursive baseline of spec §2):
+/// ```
+/// use candle_core::{Tensor, Var};
+/// use mor_core::registry::{Family, Plugin};
+/// use mor_router::{
+///     Result, RouteMode, Router, RouterCtx, RouterOutput, RouterPlugin, RoutingKind,
+///     RoutingState, StepRouting, Update,
+/// };
+///
+/// /// Parameters: none, and unknown fields are rejected.
+/// #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+/// #[serde(deny_unknown_fields, default)]
+/// struct AllTokensParams {}
+///
+/// #[derive(Debug)]
+/// struct AllTokens;
+///
+/// impl Plugin for AllTokens {
+///     const FAMILY: Family = Family::Router;
+///     const NAME: &'static str = "all_tokens";
+///     const DESCRIPTION: &'static str = "every token runs every step, ungated";
+///     type Params = AllTokensParams;
+/// }
+///
+/// impl RouterPlugin for AllTokens {
+///     fn build(_params: AllTokensParams, _ctx: &RouterCtx) -> Result<Self> {
+///         Ok(AllTokens)
+///     }
+/// }
+///
+/// impl Router for AllTokens {
+///     fn name(&self) -> &'static str {
+///         Self::NAME
+///     }
+///     fn kind(&self) -> RoutingKind {
+///         RoutingKind::ExpertChoice
+///     }
+///     fn vars(&self) -> Vec<(String, Var)> {
+///         Vec::new()
+///     }
+///     fn begin(&self, _h1: &Tensor, _mode: RouteMode) -> Result<RoutingState> {
+///         Ok(RoutingState::default())
+///     }
+///     fn route(
+///         &self,
+///         _step: usize,
+///         _h: &Tensor,
+///         active: &[Vec<u32>],
+///         _state: &mut RoutingState,
+///         _mode: RouteMode,
+///     ) -> Result<StepRouting> {
+///         Ok(StepRouting { selected: active.to_vec(), gate: None, update: Update::Residual })
+///     }
+///     fn finish(&self, _state: RoutingState) -> Result<RouterOutput> {
+///         Ok(RouterOutput::default())
+///     }
+/// }
+///
+/// // Next to the impl, at item level.
+/// mor_router::register_router!(AllTokens);
+///
+/// fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+///     let info = mor_core::registry::find(Family::Router, "all_tokens")?;
+///     assert_eq!(info.description, "every token runs every step, ungated");
+///     // Unknown fields are rejected with the serde message.
+///     let typo: toml::Table = "alhpa = 1".parse()?;
+///     assert!((info.validate)(&typo).unwrap_err().contains("unknown field `alhpa`"));
+///     Ok(())
+/// }
+/// ```
 pub trait Router: Send + Sync + fmt::Debug {
     /// The registered name.
     fn name(&self) -> &'static str;

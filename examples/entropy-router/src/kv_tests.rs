@@ -85,8 +85,8 @@ proptest! {
         let (fe, se) = (entries(&first), entries(&fresh));
         let n = out.pos.dim(1).unwrap();
         for bi in 0..b {
-            let mut want: Vec<_> = fe[bi].iter().filter(|e| e.0 as usize % stride == 0).cloned().collect();
-            want.extend(se[bi].iter().filter(|e| e.0 as usize % stride != 0).cloned());
+            let mut want: Vec<_> = fe[bi].iter().filter(|e| on_stride(e.0, stride)).cloned().collect();
+            want.extend(se[bi].iter().filter(|e| !on_stride(e.0, stride)).cloned());
             want.sort_by_key(|e| e.0);
             prop_assert_eq!(&got[bi], &want);
             // Padding only at the end.
@@ -153,12 +153,30 @@ fn gradients_reach_first_at_landmarks_and_fresh_elsewhere() -> candle_core::Resu
     assert_eq!(out.pos.to_vec2::<u32>()?, vec![vec![0, 1, 3, 4]]);
     let c = Tensor::arange(1f64, 1.0 + (4 * dh) as f64, &Device::Cpu)?.reshape((1, 1, 4, dh))?;
     let grads = (out.k * &c)?.sum_all()?.backward()?;
-    let gf = grads.get(fk.as_tensor()).expect("grad of first").squeeze(0)?.to_vec3::<f64>()?;
-    let gs = grads.get(sk.as_tensor()).expect("grad of fresh").squeeze(0)?.to_vec3::<f64>()?;
+    let gf = grads
+        .get(fk.as_tensor())
+        .expect("grad of first")
+        .squeeze(0)?
+        .to_vec3::<f64>()?;
+    let gs = grads
+        .get(sk.as_tensor())
+        .expect("grad of fresh")
+        .squeeze(0)?
+        .to_vec3::<f64>()?;
     let c = c.flatten_all()?.to_vec1::<f64>()?;
     let row = |i: usize| c[i * dh..(i + 1) * dh].to_vec();
     let zero = vec![0.0; dh];
-    assert_eq!(gf[0], [row(0), zero.clone(), zero.clone(), row(2), zero.clone(), zero.clone()]);
+    assert_eq!(
+        gf[0],
+        [
+            row(0),
+            zero.clone(),
+            zero.clone(),
+            row(2),
+            zero.clone(),
+            zero.clone()
+        ]
+    );
     // Token 3 is a landmark: its fresh K/V is not used.
     assert_eq!(gs[0], [row(1), zero.clone(), row(3), zero]);
     Ok(())
@@ -174,7 +192,10 @@ fn never_reads_a_step_that_was_not_written() {
     let fresh = step_kv(&sel, 1, 2, &mut rng);
     let s = pos_tensor(&sel);
     let msg = |r: Result<StepKv>| r.unwrap_err().to_string();
-    assert!(msg(p.training_kv(1, Some(&first), Some(&first), &pos_tensor(&all))).contains("never written"));
+    assert!(
+        msg(p.training_kv(1, Some(&first), Some(&first), &pos_tensor(&all)))
+            .contains("never written")
+    );
     assert!(msg(p.training_kv(2, Some(&fresh), None, &s)).contains("missing"));
     assert!(msg(p.training_kv(2, None, Some(&first), &s)).contains("fresh K/V missing"));
     assert!(msg(p.training_kv(0, Some(&fresh), None, &s)).contains("out of range"));
@@ -224,7 +245,14 @@ fn plan(layers: usize, nr: usize) -> RecursionPlan {
     }
 }
 
-fn spec(layers: usize, nr: usize, hkv: usize, dh: usize, bt: usize, blocks: usize) -> DecodeCacheSpec {
+fn spec(
+    layers: usize,
+    nr: usize,
+    hkv: usize,
+    dh: usize,
+    bt: usize,
+    blocks: usize,
+) -> DecodeCacheSpec {
     DecodeCacheSpec {
         plan: plan(layers, nr),
         num_kv_heads: hkv,
@@ -242,7 +270,11 @@ fn view_entries(view: &KvView<'_>) -> Vec<(u32, Vec<f64>, Vec<f64>)> {
         .map(|i| {
             let row = |x: &[f32]| -> Vec<f64> {
                 (0..h)
-                    .flat_map(|g| x[(g * n + i) * dh..(g * n + i + 1) * dh].iter().map(|&f| f as f64))
+                    .flat_map(|g| {
+                        x[(g * n + i) * dh..(g * n + i + 1) * dh]
+                            .iter()
+                            .map(|&f| f as f64)
+                    })
                     .collect()
             };
             (dense.pos[i], row(&dense.k), row(&dense.v))
@@ -317,9 +349,9 @@ proptest! {
             let s = sel(r);
             let last = s.last().copied();
             for _ in 0..layers {
-                naive += s.iter().filter(|&&t| r == 1 || t as usize % stride != 0).count();
+                naive += s.iter().filter(|&&t| r == 1 || !on_stride(t, stride)).count();
                 if r >= 2 {
-                    naive += (0..l as u32).filter(|&p| p as usize % stride == 0 && last.is_some_and(|m| p <= m)).count();
+                    naive += (0..l as u32).filter(|&p| on_stride(p, stride) && last.is_some_and(|m| p <= m)).count();
                 }
             }
         }
@@ -367,13 +399,19 @@ fn decode_cache_rejects_bad_use_and_back_pressures() {
     assert!(c.start(0).is_err());
     assert!(c.append(0, 2, 0, &one, &one).is_err(), "slot out of range");
     assert!(c.append(0, 0, 0, &[1.0, 2.0], &one).is_err(), "row length");
-    assert!(c.append(0, 0, PAD_POS, &one, &one).is_err(), "padding position");
+    assert!(
+        c.append(0, 0, PAD_POS, &one, &one).is_err(),
+        "padding position"
+    );
     // Landmark 0 at step 2 before step 1.
     let e = c.append(0, 1, 0, &one, &one).unwrap_err().to_string();
     assert!(e.contains("landmark position 0"), "{e}");
     c.append(0, 0, 0, &one, &one).unwrap();
     c.append(0, 0, 1, &one, &one).unwrap();
-    assert!(c.append(0, 0, 1, &one, &one).is_err(), "position not after the last");
+    assert!(
+        c.append(0, 0, 1, &one, &one).is_err(),
+        "position not after the last"
+    );
     c.append(0, 0, 2, &one, &one).unwrap();
     c.append(0, 0, 3, &one, &one).unwrap();
     // Step 1 holds 4 entries in 2 blocks; step 2 of token 3 copies landmarks 0 and 2 and
@@ -381,7 +419,11 @@ fn decode_cache_rejects_bad_use_and_back_pressures() {
     assert_eq!(c.blocks_needed(0, &[1]).unwrap(), 2);
     let before = c.tokens_stored();
     match c.append(0, 1, 3, &one, &one) {
-        Err(Error::Exhausted { needed: 2, free: 1, total: 3 }) => {}
+        Err(Error::Exhausted {
+            needed: 2,
+            free: 1,
+            total: 3,
+        }) => {}
         other => panic!("expected Exhausted, got {other:?}"),
     }
     assert_eq!(c.tokens_stored(), before, "a failed append changes nothing");

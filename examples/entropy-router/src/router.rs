@@ -419,7 +419,9 @@ impl Router for EntropyRouter {
             });
         }
         let ids = Tensor::from_vec(ids, n, dev)?;
-        let x = h.reshape((b * l, self.hidden_size))?.index_select(&ids, 0)?;
+        let x = h
+            .reshape((b * l, self.hidden_size))?
+            .index_select(&ids, 0)?;
         let u = self.scores(step, &x)?;
         let u_host = u.to_dtype(DType::F64)?.to_vec1::<f64>()?;
 

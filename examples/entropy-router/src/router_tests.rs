@@ -86,7 +86,14 @@ fn build(params: EntropyParams, c: &RouterCtx) -> EntropyRouter {
 
 fn case() -> impl Strategy<Value = (usize, usize, usize, usize, usize, u64)> {
     // (batch, seq, hidden, N_r, codes, seed)
-    (1usize..4, 1usize..14, 1usize..5, 1usize..5, 2usize..6, 0u64..1000)
+    (
+        1usize..4,
+        1usize..14,
+        1usize..5,
+        1usize..5,
+        2usize..6,
+        0u64..1000,
+    )
 }
 
 proptest! {
@@ -221,7 +228,9 @@ fn gradients_match_finite_differences() -> Result<()> {
         let mut st = r.begin(&h, RouteMode::Train).unwrap();
         let mut total = Tensor::new(0f64, &Device::Cpu).unwrap();
         for (si, active) in actives.iter().enumerate() {
-            let s = r.route(si + 1, &h, active, &mut st, RouteMode::Train).unwrap();
+            let s = r
+                .route(si + 1, &h, active, &mut st, RouteMode::Train)
+                .unwrap();
             let g = s.gate.unwrap();
             let n = g.dim(0).unwrap();
             let c = Tensor::from_vec(weights[..n].to_vec(), n, &Device::Cpu).unwrap();
@@ -284,7 +293,11 @@ fn auxiliary_loss_and_sampling_accuracy_match_closed_forms() -> Result<()> {
         for bi in 0..b {
             for &t in &actives[si][bi] {
                 let u = naive_score(&hh[bi][t as usize], &w[si]);
-                let y = if s.selected[bi].contains(&t) { 1.0 } else { 0.0 };
+                let y = if s.selected[bi].contains(&t) {
+                    1.0
+                } else {
+                    0.0
+                };
                 let p = 1.0 / (1.0 + (-(7.0 * (u - 0.8))).exp());
                 sum += -(y * p.ln() + (1.0 - y) * (1.0 - p).ln());
                 n += 1;
@@ -295,7 +308,11 @@ fn auxiliary_loss_and_sampling_accuracy_match_closed_forms() -> Result<()> {
         bce += sum / n as f64;
     }
     let loss = out.loss.expect("aux loss").to_scalar::<f64>()?;
-    assert!((loss - 0.25 * bce).abs() < 1e-12, "{loss} vs {}", 0.25 * bce);
+    assert!(
+        (loss - 0.25 * bce).abs() < 1e-12,
+        "{loss} vs {}",
+        0.25 * bce
+    );
     assert_eq!(out.terms.len(), 1);
     assert!((out.terms[0].1 - bce).abs() < 1e-12);
     let acc = out.stats.sampling_accuracy().unwrap();
@@ -351,12 +368,22 @@ fn bad_parameters_are_reported_per_field() {
     let fields: Vec<String> = bad.problems(3).into_iter().map(|p| p.field).collect();
     assert_eq!(
         fields,
-        ["capacity", "num_codes", "alpha", "threshold", "aux_coeff", "sharpness"]
+        [
+            "capacity",
+            "num_codes",
+            "alpha",
+            "threshold",
+            "aux_coeff",
+            "sharpness"
+        ]
     );
     let err = EntropyRouter::build(bad, &ctx(2, 3, 4, 0))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("`num_codes` = 1") && err.contains("entropy_router"), "{err}");
+    assert!(
+        err.contains("`num_codes` = 1") && err.contains("entropy_router"),
+        "{err}"
+    );
     let mut c = ctx(2, 3, 4, 0);
     c.dtype = DType::U32;
     assert!(EntropyRouter::build(EntropyParams::default(), &c).is_err());
@@ -375,7 +402,9 @@ fn bad_input_is_an_error_not_a_panic() -> Result<()> {
     let mut st = r.begin(&h, RouteMode::Train)?;
     assert!(err(r.route(2, &h, &all, &mut st, RouteMode::Train)).contains("out of order"));
     assert!(err(r.route(1, &h, &all, &mut st, RouteMode::Causal)).contains("mode"));
-    assert!(err(r.route(1, &hidden(2, 4, 3, 1), &all, &mut st, RouteMode::Train)).contains("began"));
+    assert!(
+        err(r.route(1, &hidden(2, 4, 3, 1), &all, &mut st, RouteMode::Train)).contains("began")
+    );
     assert!(err(r.route(1, &h, &all[..1], &mut st, RouteMode::Train)).contains("rows"));
     let unsorted = vec![vec![1, 0], vec![0]];
     assert!(err(r.route(1, &h, &unsorted, &mut st, RouteMode::Train)).contains("ascending"));
@@ -386,10 +415,16 @@ fn bad_input_is_an_error_not_a_panic() -> Result<()> {
     assert!(err(r.route(3, &h, &all, &mut st, RouteMode::Train)).contains("1..=2"));
 
     let mut foreign = RoutingState::default();
-    assert!(r.route(1, &h, &all, &mut foreign, RouteMode::Train).is_err());
+    assert!(r
+        .route(1, &h, &all, &mut foreign, RouteMode::Train)
+        .is_err());
     assert!(r.finish(RoutingState::default()).is_err());
-    assert!(r.scores(0, &Tensor::zeros((1, 3), DType::F64, &Device::Cpu)?).is_err());
-    assert!(r.scores(1, &Tensor::zeros((1, 2), DType::F64, &Device::Cpu)?).is_err());
+    assert!(r
+        .scores(0, &Tensor::zeros((1, 3), DType::F64, &Device::Cpu)?)
+        .is_err());
+    assert!(r
+        .scores(1, &Tensor::zeros((1, 2), DType::F64, &Device::Cpu)?)
+        .is_err());
 
     // Empty candidate rows are fine: nothing is selected.
     let mut st = r.begin(&h, RouteMode::Train)?;
@@ -414,7 +449,12 @@ fn f32_matches_f64() -> Result<()> {
     for (a, b) in s64.iter().zip(&s32) {
         assert_eq!(a.selected, b.selected);
         let ga = a.gate.as_ref().unwrap().to_vec1::<f64>()?;
-        let gb = b.gate.as_ref().unwrap().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let gb = b
+            .gate
+            .as_ref()
+            .unwrap()
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         for (x, y) in ga.iter().zip(&gb) {
             assert!((x - y).abs() < 1e-6, "{x} vs {y}");
         }

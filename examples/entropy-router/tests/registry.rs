@@ -24,7 +24,11 @@ fn backend() -> Arc<dyn mor_kernels::Backend> {
 #[test]
 fn found_by_name_next_to_the_builtins() {
     for (family, name, builtins) in [
-        (Family::Router, "entropy_router", &["expert_choice", "token_choice"][..]),
+        (
+            Family::Router,
+            "entropy_router",
+            &["expert_choice", "token_choice"][..],
+        ),
         (
             Family::KvPolicy,
             "strided_kv",
@@ -33,7 +37,10 @@ fn found_by_name_next_to_the_builtins() {
     ] {
         let info = registry::find(family, name).unwrap();
         assert_eq!(info.crate_name, "mor-example-entropy-router");
-        assert!(info.module.starts_with("mor_example_entropy_router::"), "{info:?}");
+        assert!(
+            info.module.starts_with("mor_example_entropy_router::"),
+            "{info:?}"
+        );
         let names = registry::names(family);
         for n in builtins.iter().chain([&name]) {
             assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
@@ -50,7 +57,10 @@ fn parameters_are_validated_like_a_builtins() {
     assert_eq!(filled["capacity"].as_str(), Some("auto"));
     assert_eq!(filled["threshold"].as_float(), Some(0.5));
     let msg = (info.validate)(&table("num_code = 3")).unwrap_err();
-    assert!(msg.contains("unknown field `num_code`") && msg.contains("num_codes"), "{msg}");
+    assert!(
+        msg.contains("unknown field `num_code`") && msg.contains("num_codes"),
+        "{msg}"
+    );
     let ctx = registry::CheckCtx {
         num_recursions: 3,
         ..Default::default()
@@ -62,7 +72,10 @@ fn parameters_are_validated_like_a_builtins() {
     assert_eq!(hints.capacities, Some(vec![1.0, 2.0 / 3.0, 1.0 / 3.0]));
 
     let kv = registry::find(Family::KvPolicy, "strided_kv").unwrap();
-    assert_eq!((kv.validate)(&table("")).unwrap()["stride"].as_integer(), Some(4));
+    assert_eq!(
+        (kv.validate)(&table("")).unwrap()["stride"].as_integer(),
+        Some(4)
+    );
     assert!((kv.validate)(&table("stride = -1")).is_err());
     assert!((kv.accounting)(&table("stride = 1"), &ctx).kv_sharing);
 }
@@ -78,7 +91,9 @@ fn builds_through_the_registries() {
     let h = Tensor::ones((1, 6, 4), DType::F64, &Device::Cpu).unwrap();
     let mut st = router.begin(&h, mor_router::RouteMode::Train).unwrap();
     let all = vec![(0..6).collect::<Vec<u32>>()];
-    let s1 = router.route(1, &h, &all, &mut st, mor_router::RouteMode::Train).unwrap();
+    let s1 = router
+        .route(1, &h, &all, &mut st, mor_router::RouteMode::Train)
+        .unwrap();
     let s2 = router
         .route(2, &h, &s1.selected, &mut st, mor_router::RouteMode::Train)
         .unwrap();
@@ -121,8 +136,12 @@ fn a_run_config_selects_them_by_name() {
     assert_eq!(router.params["num_codes"].as_integer(), Some(8));
     assert_eq!(cfg.kv.kind, "strided_kv");
 
-    let err = mor_core::config::Config::from_toml_str(&text.replace("num_codes = 8", "num_codes = 1"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("`router.num_codes` = 1: an integer >= 2"), "{err}");
+    let err =
+        mor_core::config::Config::from_toml_str(&text.replace("num_codes = 8", "num_codes = 1"))
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("`router.num_codes` = 1: an integer >= 2"),
+        "{err}"
+    );
 }

@@ -1,13 +1,26 @@
-//! Fused causal attention with GQA by positions, flash-style: one row of scores per query at
-//! a time, the log-sum-exp of each row saved for the backward pass, which recomputes the
-//! probabilities (FlashAttention-2 backward).
+//! Fused causal attention with GQA by positions, flash-style (FlashAttention-2): scores
+//! exist only for one tile of [`TILE_R`] (four) query rows at a time, never as a `[t, s]`
+//! matrix; the log-sum-exp of each row is saved by the forward pass, and the backward pass
+//! recomputes the probabilities from it.
 //!
 //! Visibility (trait contract of [`Backend::attention`](crate::Backend::attention)): query `i`
 //! sees key `j` iff `k_pos[j] <= q_pos[i]`, `k_pos[j] != PAD_POS` and `q_pos[i] != PAD_POS`.
 //! Per batch row, the non-padded keys are sorted by position once, so the keys visible to a
-//! query are a prefix of that order whose length is found by binary search.
+//! query are a prefix of that order whose length is found by binary search. A tile computes
+//! scores against the longest prefix among its rows and zeroes each row's probabilities past
+//! its own prefix.
+//!
+//! Work is split by (batch, key/value head): each task packs its keys once (transposed, in
+//! visibility order), runs the query heads of its group, and owns the key and value
+//! gradients it accumulates, so no two threads write the same row.
+//!
+//! Per tile, with `Q` pre-scaled by `1/sqrt(dh)` (spec §1.1): forward `S = Q Kᵀ`,
+//! `P = softmax(S)`, `O = P V`; backward `P = exp(S − lse)`, `dP = dO Vᵀ`,
+//! `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K / sqrt(dh)`, `dK += dSᵀ Q`, `dV += Pᵀ dO`.
 
-use super::simd::{dot, exp_shift_sum, gemm_rows, max, multiversion, rank_update, Float, TILE_R, TILE_W};
+use super::simd::{
+    dot, exp_shift_sum, gemm_rows, max, multiversion, rank_update, Float, TILE_R, TILE_W,
+};
 use super::{bail_dtype, fwd_slice, with_slices, PAR_MIN_WORK};
 use crate::validate::AttnDims;
 use crate::PAD_POS;
@@ -37,7 +50,9 @@ impl Visibility {
         let mut sorted_pos = Vec::with_capacity(s);
         for bi in 0..b {
             let kp = &d.k_pos[bi * s..(bi + 1) * s];
-            let mut keys: Vec<u32> = (0..s as u32).filter(|&j| kp[j as usize] != PAD_POS).collect();
+            let mut keys: Vec<u32> = (0..s as u32)
+                .filter(|&j| kp[j as usize] != PAD_POS)
+                .collect();
             keys.sort_by_key(|&j| (kp[j as usize], j));
             order[bi * s..bi * s + keys.len()].copy_from_slice(&keys);
             n_keys[bi] = keys.len() as u32;
@@ -45,10 +60,18 @@ impl Visibility {
             sorted_pos.extend(keys.iter().map(|&j| kp[j as usize]));
             for i in 0..t {
                 let qp = d.q_pos[bi * t + i];
-                n_vis[bi * t + i] = if qp == PAD_POS { 0 } else { sorted_pos.partition_point(|&p| p <= qp) as u32 };
+                n_vis[bi * t + i] = if qp == PAD_POS {
+                    0
+                } else {
+                    sorted_pos.partition_point(|&p| p <= qp) as u32
+                };
             }
         }
-        Visibility { order, n_keys, n_vis }
+        Visibility {
+            order,
+            n_keys,
+            n_vis,
+        }
     }
 
     /// The non-padded keys of batch row `bi`, in position order.
@@ -113,26 +136,50 @@ impl AttentionOp {
         let scale = T::from_f64(self.scale());
         if !out.is_empty() {
             let gq = group * t * dh;
-            self.for_groups(out.par_chunks_mut(gq).zip(lse.par_chunks_mut(group * t)), |(bk, (o, l))| {
-                let bi = bk / hkv;
-                let kv = bk * s * dh;
-                let packed = Packed::new(&k[kv..kv + s * dh], &v[kv..kv + s * dh], self.vis.keys(bi, s), dh, false);
-                let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
-                group_fwd(&q[bk * gq..(bk + 1) * gq], &packed, n_vis, group, t, dh, scale, o, l);
-            });
+            self.for_groups(
+                out.par_chunks_mut(gq).zip(lse.par_chunks_mut(group * t)),
+                |(bk, (o, l))| {
+                    let bi = bk / hkv;
+                    let kv = bk * s * dh;
+                    let packed = Packed::new(
+                        &k[kv..kv + s * dh],
+                        &v[kv..kv + s * dh],
+                        self.vis.keys(bi, s),
+                        dh,
+                        false,
+                    );
+                    let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
+                    group_fwd(
+                        &q[bk * gq..(bk + 1) * gq],
+                        &packed,
+                        n_vis,
+                        group,
+                        t,
+                        dh,
+                        scale,
+                        o,
+                        l,
+                    );
+                },
+            );
         }
         let _ = self.lse.set(T::storage(lse));
         Ok((T::storage(out), Shape::from((b, hq, t, dh))))
     }
 
-    fn bwd_typed<T: Float>(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+    fn bwd_typed<T: Float>(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<[Tensor; 3]> {
         let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
         let group = hq / hkv;
-        let lse = self
-            .lse
-            .get()
-            .and_then(|l| T::slice(l))
-            .ok_or_else(|| candle_core::Error::Msg("attention backward ran before its forward pass".into()))?;
+        let lse = self.lse.get().and_then(|l| T::slice(l)).ok_or_else(|| {
+            candle_core::Error::Msg("attention backward ran before its forward pass".into())
+        })?;
         let scale = T::from_f64(self.scale());
         let mut dq = vec![T::ZERO; b * hq * t * dh];
         let mut dk = vec![T::ZERO; b * hkv * s * dh];
@@ -143,7 +190,10 @@ impl AttentionOp {
                 return Ok(());
             }
             let gq = group * t * dh; // the heads of one group are contiguous in [b, hq, t, dh]
-            let it = dq.par_chunks_mut(gq).zip(dk.par_chunks_mut(s * dh)).zip(dv.par_chunks_mut(s * dh));
+            let it = dq
+                .par_chunks_mut(gq)
+                .zip(dk.par_chunks_mut(s * dh))
+                .zip(dv.par_chunks_mut(s * dh));
             self.for_groups(it, |(bk, ((dq, dk), dv))| {
                 let bi = bk / hkv;
                 let kv = bk * s * dh;
@@ -151,7 +201,12 @@ impl AttentionOp {
                 let packed = Packed::new(&k[kv..kv + s * dh], &v[kv..kv + s * dh], keys, dh, true);
                 let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
                 let r = bk * gq..(bk + 1) * gq;
-                let io = GroupIo { q: &q[r.clone()], o: &o[r.clone()], g: &g[r], lse: &lse[bk * group * t..(bk + 1) * group * t] };
+                let io = GroupIo {
+                    q: &q[r.clone()],
+                    o: &o[r.clone()],
+                    g: &g[r],
+                    lse: &lse[bk * group * t..(bk + 1) * group * t],
+                };
                 let (dkp, dvp) = group_bwd(&io, &packed, n_vis, group, t, dh, scale, dq);
                 // Unpack: packed row j' belongs to key keys[j']; padded keys keep zero gradient.
                 for (jp, &j) in keys.iter().enumerate() {
@@ -211,7 +266,14 @@ impl<T: Float> Packed<T> {
                 vp[jp * dh..(jp + 1) * dh].copy_from_slice(&v[r]);
             }
         }
-        Packed { n, ld, kt, vt, kp, vp }
+        Packed {
+            n,
+            ld,
+            kt,
+            vt,
+            kp,
+            vp,
+        }
     }
 }
 
@@ -348,12 +410,18 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
             gemm_rows::<T, FMA>(&gt, dh, &p.vt, ld, dh, nmax, &mut dp, ld);
             for r in 0..TILE_R {
                 let n_r = if r < rows { nv[r] as usize } else { 0 };
-                let (prow, dprow) = (&mut pm[r * ld..r * ld + nmax], &mut dp[r * ld..r * ld + nmax]);
+                let (prow, dprow) = (
+                    &mut pm[r * ld..r * ld + nmax],
+                    &mut dp[r * ld..r * ld + nmax],
+                );
                 if n_r > 0 {
                     let row = base + r;
                     exp_shift_sum::<T, FMA>(&mut prow[..n_r], io.lse[row]);
                     // D_i = dO_i · O_i; dS = P ⊙ (dP − D).
-                    let di = dot::<T, FMA>(&io.g[row * dh..(row + 1) * dh], &io.o[row * dh..(row + 1) * dh]);
+                    let di = dot::<T, FMA>(
+                        &io.g[row * dh..(row + 1) * dh],
+                        &io.o[row * dh..(row + 1) * dh],
+                    );
                     for (x, &pv) in dprow[..n_r].iter_mut().zip(prow[..n_r].iter()) {
                         *x = pv * (*x - di);
                     }
@@ -420,6 +488,10 @@ impl CustomOp3 for AttentionOp {
             candle_core::DType::F64 => self.bwd_typed::<f64>(q, k, v, res, grad)?,
             dt => candle_core::bail!("{}: unsupported dtype {dt:?}", self.name()),
         };
-        Ok((q.track_op().then_some(dq), k.track_op().then_some(dk), v.track_op().then_some(dv)))
+        Ok((
+            q.track_op().then_some(dq),
+            k.track_op().then_some(dk),
+            v.track_op().then_some(dv),
+        ))
     }
 }

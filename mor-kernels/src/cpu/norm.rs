@@ -42,10 +42,22 @@ multiversion! {
 }
 
 #[inline(always)]
-fn rows_bwd_impl<T: Float, const FMA: bool>(x: &[T], w: &[T], g: &[T], eps: T, d: usize, dx: &mut [T], dw: &mut [T]) {
+fn rows_bwd_impl<T: Float, const FMA: bool>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    eps: T,
+    d: usize,
+    dx: &mut [T],
+    dw: &mut [T],
+) {
     let inv_d = T::ONE / T::from_f64(d as f64);
     let (w, dw) = (&w[..d], &mut dw[..d]);
-    for ((xr, gr), dxr) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+    for ((xr, gr), dxr) in x
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
         let (xr, gr, dxr) = (&xr[..d], &gr[..d], &mut dxr[..d]);
         let r = inv_rms::<T, FMA>(xr, eps, inv_d);
         // c = Σ w g x, with lane accumulators so that it vectorises.
@@ -89,7 +101,12 @@ impl RmsNormOp {
         Ok(out)
     }
 
-    fn bwd_typed<T: Float>(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    fn bwd_typed<T: Float>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let d = self.d;
         let eps = T::from_f64(self.eps);
         let mut dx = vec![T::ZERO; self.rows * d];
@@ -122,7 +139,10 @@ impl RmsNormOp {
                     },
                 ))
         })?;
-        Ok((Tensor::from_vec(dx, x.shape(), &Device::Cpu)?, Tensor::from_vec(dw, d, &Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(dx, x.shape(), &Device::Cpu)?,
+            Tensor::from_vec(dw, d, &Device::Cpu)?,
+        ))
     }
 }
 
@@ -131,26 +151,45 @@ impl CustomOp2 for RmsNormOp {
         "mor-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
         let n = shape.elem_count();
         let (xs, ws) = (shape.dims().to_vec(), [self.d]);
         if n != self.rows * self.d {
-            candle_core::bail!("{}: x has {n} elements, expected {} rows of {}", self.name(), self.rows, self.d);
+            candle_core::bail!(
+                "{}: x has {n} elements, expected {} rows of {}",
+                self.name(),
+                self.rows,
+                self.d
+            );
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                f32::storage(self.fwd(fwd_slice::<f32>(self.name(), s1, l1, &xs)?, fwd_slice(self.name(), s2, l2, &ws)?)?)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                f64::storage(self.fwd(fwd_slice::<f64>(self.name(), s1, l1, &xs)?, fwd_slice(self.name(), s2, l2, &ws)?)?)
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::storage(self.fwd(
+                fwd_slice::<f32>(self.name(), s1, l1, &xs)?,
+                fwd_slice(self.name(), s2, l2, &ws)?,
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::storage(self.fwd(
+                fwd_slice::<f64>(self.name(), s1, l1, &xs)?,
+                fwd_slice(self.name(), s2, l2, &ws)?,
+            )?),
             _ => return Err(bail_dtype(self.name(), s1)),
         };
         Ok((out, shape))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = match x.dtype() {
             candle_core::DType::F32 => self.bwd_typed::<f32>(x, w, grad)?,
             candle_core::DType::F64 => self.bwd_typed::<f64>(x, w, grad)?,

@@ -53,7 +53,10 @@ fn rotate_rows_impl<T: Float, const FMA: bool>(
             continue;
         }
         let p = p as usize;
-        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        let (c, s) = (
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
         let (x1, x2) = xr.split_at(half);
         let (o1, o2) = or.split_at_mut(half);
         let (x2, o2) = (&x2[..half], &mut o2[..half]);
@@ -81,7 +84,9 @@ impl RopeOp {
             out.par_chunks_mut(per * dh)
                 .zip(x.par_chunks(per * dh))
                 .enumerate()
-                .for_each(|(c, (o, x))| rotate_rows(x, o, c * per, ht, t, &self.pos, cos, sin, dh, sign));
+                .for_each(|(c, (o, x))| {
+                    rotate_rows(x, o, c * per, ht, t, &self.pos, cos, sin, dh, sign)
+                });
         }
         out
     }
@@ -127,9 +132,10 @@ impl RopeOp {
         let dev = Device::Cpu;
         let dx = Tensor::from_vec(dx, x.shape(), &dev)?;
         let tables = match tables {
-            Some((dc, ds)) => {
-                Some((Tensor::from_vec(dc, cos.shape(), &dev)?, Tensor::from_vec(ds, sin.shape(), &dev)?))
-            }
+            Some((dc, ds)) => Some((
+                Tensor::from_vec(dc, cos.shape(), &dev)?,
+                Tensor::from_vec(ds, sin.shape(), &dev)?,
+            )),
             None => None,
         };
         Ok((dx, tables))
@@ -153,18 +159,22 @@ impl CustomOp3 for RopeOp {
         let xs = [self.b, self.h, self.t, self.dh];
         let ts = [self.max_pos, self.dh / 2];
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => f32::storage(self.rotate(
-                fwd_slice(self.name(), s1, l1, &xs)?,
-                fwd_slice(self.name(), s2, l2, &ts)?,
-                fwd_slice(self.name(), s3, l3, &ts)?,
-                1.0,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => f64::storage(self.rotate(
-                fwd_slice(self.name(), s1, l1, &xs)?,
-                fwd_slice(self.name(), s2, l2, &ts)?,
-                fwd_slice(self.name(), s3, l3, &ts)?,
-                1.0,
-            )),
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                f32::storage(self.rotate(
+                    fwd_slice(self.name(), s1, l1, &xs)?,
+                    fwd_slice(self.name(), s2, l2, &ts)?,
+                    fwd_slice(self.name(), s3, l3, &ts)?,
+                    1.0,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                f64::storage(self.rotate(
+                    fwd_slice(self.name(), s1, l1, &xs)?,
+                    fwd_slice(self.name(), s2, l2, &ts)?,
+                    fwd_slice(self.name(), s3, l3, &ts)?,
+                    1.0,
+                ))
+            }
             _ => return Err(bail_dtype(self.name(), s1)),
         };
         Ok((out, Shape::from(xs.to_vec())))

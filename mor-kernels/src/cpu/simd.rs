@@ -94,10 +94,13 @@ fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     p = f(p, r, 8.333_452e-3);
     p = f(p, r, 4.166_579_6e-2);
     p = f(p, r, 1.666_666_5e-1);
-    p = f(p, r, 5.000_000_1e-1);
+    p = f(p, r, 0.5);
     let y = f(p, r * r, r + 1.0);
     // 2^n from the integer sitting in the low mantissa bits of t.
-    let e = (t.to_bits() as i32).wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
+    let e = (t.to_bits() as i32)
+        .wrapping_sub(0x4B40_0000)
+        .wrapping_add(127)
+        << 23;
     let out = y * f32::from_bits(e as u32);
     if x.is_nan() {
         x
@@ -191,7 +194,8 @@ impl Float for f64 {
 
 /// Makes [`has_avx2_fma`] answer `false`, so that unit tests run the baseline kernels.
 #[cfg(test)]
-pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the CPU has AVX2 and FMA (checked once).
 #[cfg(target_arch = "x86_64")]
@@ -282,7 +286,12 @@ pub(crate) fn gemm_rows<T: Float, const FMA: bool>(
     while j + TILE_W <= n {
         let mut acc = [[T::ZERO; TILE_W]; TILE_R];
         // Row kk of b starting at column j, zipped with column kk of the rows of a.
-        let it = b[j..].chunks(ldb).zip(rows[0]).zip(rows[1]).zip(rows[2]).zip(rows[3]);
+        let it = b[j..]
+            .chunks(ldb)
+            .zip(rows[0])
+            .zip(rows[1])
+            .zip(rows[2])
+            .zip(rows[3]);
         for ((((brow, &x0), &x1), &x2), &x3) in it {
             let bv: &[T; TILE_W] = brow[..TILE_W].try_into().unwrap_or_else(|_| unreachable!());
             for (r, av) in [x0, x1, x2, x3].into_iter().enumerate() {
@@ -340,9 +349,16 @@ pub(crate) fn rank_update<T: Float, const FMA: bool>(
             bv[r][..w].copy_from_slice(&b[r * ldb + c0..r * ldb + c0 + w]);
         }
         if w == TILE_W {
-            let it = c[c0..].chunks_mut(ldc).zip(cols[0]).zip(cols[1]).zip(cols[2]).zip(cols[3]);
+            let it = c[c0..]
+                .chunks_mut(ldc)
+                .zip(cols[0])
+                .zip(cols[1])
+                .zip(cols[2])
+                .zip(cols[3]);
             for ((((crow, &x0), &x1), &x2), &x3) in it {
-                let row: &mut [T; TILE_W] = (&mut crow[..TILE_W]).try_into().unwrap_or_else(|_| unreachable!());
+                let row: &mut [T; TILE_W] = (&mut crow[..TILE_W])
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!());
                 let mut acc = *row;
                 for (r, av) in [x0, x1, x2, x3].into_iter().enumerate() {
                     for l in 0..TILE_W {
@@ -386,8 +402,8 @@ pub(crate) fn exp_shift_sum<T: Float, const FMA: bool>(x: &mut [T], shift: T) ->
             lanes[l] = c[l] - shift;
         }
         T::exp_lanes::<FMA>(&mut lanes);
+        c.copy_from_slice(&lanes);
         for l in 0..LANES {
-            c[l] = lanes[l];
             acc[l] += lanes[l];
         }
     }
@@ -426,7 +442,11 @@ mod tests {
         let mut x = -87.0f32;
         while x <= 88.0 {
             for fma_on in [false, true] {
-                let got = if fma_on { exp_f32::<true>(x) } else { exp_f32::<false>(x) };
+                let got = if fma_on {
+                    exp_f32::<true>(x)
+                } else {
+                    exp_f32::<false>(x)
+                };
                 let want = (x as f64).exp();
                 worst = worst.max(((got as f64 - want) / want).abs());
             }
@@ -446,7 +466,10 @@ mod tests {
             let bs: Vec<Vec<f64>> = (0..4)
                 .map(|j| (0..n).map(|i| ((i + 3 * j) as f64 * 0.11).cos()).collect())
                 .collect();
-            let naive: Vec<f64> = bs.iter().map(|b| a.iter().zip(b).map(|(x, y)| x * y).sum()).collect();
+            let naive: Vec<f64> = bs
+                .iter()
+                .map(|b| a.iter().zip(b).map(|(x, y)| x * y).sum())
+                .collect();
             for j in 0..4 {
                 let d = dot::<f64, false>(&a, &bs[j]);
                 assert!((d - naive[j]).abs() < 1e-12, "n={n} j={j}");
@@ -482,24 +505,34 @@ mod tests {
     #[test]
     fn gemm_rows_and_rank_update_match_naive_products() {
         for (kdim, n) in [(1usize, 1usize), (3, 16), (5, 17), (64, 40), (2, 7)] {
-            let a: Vec<f64> = (0..TILE_R * kdim).map(|i| (i as f64 * 0.31).sin()).collect();
+            let a: Vec<f64> = (0..TILE_R * kdim)
+                .map(|i| (i as f64 * 0.31).sin())
+                .collect();
             let b: Vec<f64> = (0..kdim * n).map(|i| (i as f64 * 0.17).cos()).collect();
             let want = naive_gemm(&a, &b, TILE_R, kdim, n);
             let mut c = vec![f64::NAN; TILE_R * (n + 3)];
             gemm_rows::<f64, false>(&a, kdim, &b, n, kdim, n, &mut c, n + 3);
             for r in 0..TILE_R {
                 for j in 0..n {
-                    assert!((c[r * (n + 3) + j] - want[r * n + j]).abs() < 1e-12, "kdim {kdim} n {n}");
+                    assert!(
+                        (c[r * (n + 3) + j] - want[r * n + j]).abs() < 1e-12,
+                        "kdim {kdim} n {n}"
+                    );
                 }
             }
             // c (n × kdim) += aᵀ (n × TILE_R, read from a: TILE_R × n) · b2 (TILE_R × kdim).
             let at: Vec<f64> = (0..TILE_R * n).map(|i| (i as f64 * 0.23).sin()).collect();
-            let b2: Vec<f64> = (0..TILE_R * kdim).map(|i| (i as f64 * 0.41).cos()).collect();
+            let b2: Vec<f64> = (0..TILE_R * kdim)
+                .map(|i| (i as f64 * 0.41).cos())
+                .collect();
             let mut c2: Vec<f64> = (0..n * kdim).map(|i| i as f64).collect();
             rank_update::<f64, true>(&at, n, &b2, kdim, n, kdim, &mut c2, kdim);
             for j in 0..n {
                 for m in 0..kdim {
-                    let want = (j * kdim + m) as f64 + (0..TILE_R).map(|r| at[r * n + j] * b2[r * kdim + m]).sum::<f64>();
+                    let want = (j * kdim + m) as f64
+                        + (0..TILE_R)
+                            .map(|r| at[r * n + j] * b2[r * kdim + m])
+                            .sum::<f64>();
                     assert!((c2[j * kdim + m] - want).abs() < 1e-12, "kdim {kdim} n {n}");
                 }
             }

@@ -55,7 +55,13 @@ multiversion! {
 }
 
 #[inline(always)]
-fn bwd_chunk_impl<T: Float, const FMA: bool>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+fn bwd_chunk_impl<T: Float, const FMA: bool>(
+    g: &[T],
+    u: &[T],
+    dy: &[T],
+    dg: &mut [T],
+    du: &mut [T],
+) {
     let n = dg.len();
     let (g, u, dy, du) = (&g[..n], &u[..n], &dy[..n], &mut du[..n]);
     let one = T::ONE;
@@ -93,7 +99,11 @@ impl SwiGluOp {
         out
     }
 
-    fn bwd_typed<T: Float>(g: &Tensor, u: &Tensor, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    fn bwd_typed<T: Float>(
+        g: &Tensor,
+        u: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let n = g.elem_count();
         let mut dg = vec![T::ZERO; n];
         let mut du = vec![T::ZERO; n];
@@ -110,7 +120,10 @@ impl SwiGluOp {
             }
             Ok(())
         })?;
-        Ok((Tensor::from_vec(dg, g.shape(), &Device::Cpu)?, Tensor::from_vec(du, u.shape(), &Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(dg, g.shape(), &Device::Cpu)?,
+            Tensor::from_vec(du, u.shape(), &Device::Cpu)?,
+        ))
     }
 }
 
@@ -119,7 +132,13 @@ impl CustomOp2 for SwiGluOp {
         "mor-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
         let dims = shape.dims().to_vec();
         let out = match (s1, s2) {
@@ -136,7 +155,13 @@ impl CustomOp2 for SwiGluOp {
         Ok((out, shape))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = match g.dtype() {
             candle_core::DType::F32 => Self::bwd_typed::<f32>(g, u, grad)?,
             candle_core::DType::F64 => Self::bwd_typed::<f64>(g, u, grad)?,

@@ -66,7 +66,7 @@ impl GatherOp {
             }
             Ok(())
         })?;
-        Ok(Tensor::from_vec(dh, (b, l, d), &Device::Cpu)?)
+        Tensor::from_vec(dh, (b, l, d), &Device::Cpu)
     }
 }
 
@@ -115,7 +115,13 @@ multiversion! {
 }
 
 #[inline(always)]
-fn scatter_row_impl<T: Float, const FMA: bool>(out: &mut [T], idx: &[u32], y: &[T], w: Option<&[T]>, d: usize) {
+fn scatter_row_impl<T: Float, const FMA: bool>(
+    out: &mut [T],
+    idx: &[u32],
+    y: &[T],
+    w: Option<&[T]>,
+    d: usize,
+) {
     for (i, &j) in idx.iter().enumerate() {
         let dst = j as usize * d;
         let wi = w.map_or(T::ONE, |w| w[i]);
@@ -162,7 +168,13 @@ impl ScatterAddOp {
         }
         let task = |(bi, o): (usize, &mut [T])| {
             let w = w.map(|w| &w[bi * k..(bi + 1) * k]);
-            scatter_row(o, &self.idx[bi * k..(bi + 1) * k], &y[bi * k * d..(bi + 1) * k * d], w, d);
+            scatter_row(
+                o,
+                &self.idx[bi * k..(bi + 1) * k],
+                &y[bi * k * d..(bi + 1) * k * d],
+                w,
+                d,
+            );
         };
         if self.b * k * d < PAR_MIN_WORK {
             out.chunks_mut(l * d).enumerate().for_each(task);
@@ -173,7 +185,12 @@ impl ScatterAddOp {
     }
 
     /// `(dy, dw)`; `dw` is `None` when there is no `w`.
-    fn bwd_typed<T: Float>(&self, y: &Tensor, w: Option<&Tensor>, g: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    fn bwd_typed<T: Float>(
+        &self,
+        y: &Tensor,
+        w: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (b, l, d, k) = (self.b, self.l, self.d, self.k);
         let mut dy = vec![T::ZERO; b * k * d];
         let mut dw = vec![T::ZERO; b * k];
@@ -186,13 +203,22 @@ impl ScatterAddOp {
             }
             let task = |(bi, (dyb, dwb)): (usize, (&mut [T], &mut [T]))| {
                 let w = w.map(|w| &w[bi * k..(bi + 1) * k]);
-                let (idx, yb) = (&self.idx[bi * k..(bi + 1) * k], &y[bi * k * d..(bi + 1) * k * d]);
+                let (idx, yb) = (
+                    &self.idx[bi * k..(bi + 1) * k],
+                    &y[bi * k * d..(bi + 1) * k * d],
+                );
                 scatter_bwd_row(&g[bi * l * d..(bi + 1) * l * d], idx, yb, w, d, dyb, dwb);
             };
             if b * k * d < PAR_MIN_WORK {
-                dy.chunks_mut(k * d).zip(dw.chunks_mut(k)).enumerate().for_each(task);
+                dy.chunks_mut(k * d)
+                    .zip(dw.chunks_mut(k))
+                    .enumerate()
+                    .for_each(task);
             } else {
-                dy.par_chunks_mut(k * d).zip(dw.par_chunks_mut(k)).enumerate().for_each(task);
+                dy.par_chunks_mut(k * d)
+                    .zip(dw.par_chunks_mut(k))
+                    .enumerate()
+                    .for_each(task);
             }
             Ok(())
         })?;
@@ -212,22 +238,44 @@ impl ScatterAddOp {
         w: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = "mor-scatter-add-tokens";
-        let (hs, ys, ws) = ([self.b, self.l, self.d], [self.b, self.k, self.d], [self.b, self.k]);
+        let (hs, ys, ws) = (
+            [self.b, self.l, self.d],
+            [self.b, self.k, self.d],
+            [self.b, self.k],
+        );
         let out = match (sh, sy) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let w = w.map(|(s, l)| fwd_slice::<f32>(name, s, l, &ws)).transpose()?;
-                f32::storage(self.fwd(fwd_slice(name, sh, lh, &hs)?, fwd_slice(name, sy, ly, &ys)?, w))
+                let w = w
+                    .map(|(s, l)| fwd_slice::<f32>(name, s, l, &ws))
+                    .transpose()?;
+                f32::storage(self.fwd(
+                    fwd_slice(name, sh, lh, &hs)?,
+                    fwd_slice(name, sy, ly, &ys)?,
+                    w,
+                ))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let w = w.map(|(s, l)| fwd_slice::<f64>(name, s, l, &ws)).transpose()?;
-                f64::storage(self.fwd(fwd_slice(name, sh, lh, &hs)?, fwd_slice(name, sy, ly, &ys)?, w))
+                let w = w
+                    .map(|(s, l)| fwd_slice::<f64>(name, s, l, &ws))
+                    .transpose()?;
+                f64::storage(self.fwd(
+                    fwd_slice(name, sh, lh, &hs)?,
+                    fwd_slice(name, sy, ly, &ys)?,
+                    w,
+                ))
             }
             _ => return Err(bail_dtype(name, sh)),
         };
         Ok((out, Shape::from(hs.to_vec())))
     }
 
-    fn bwd_any(&self, h: &Tensor, y: &Tensor, w: Option<&Tensor>, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+    fn bwd_any(
+        &self,
+        h: &Tensor,
+        y: &Tensor,
+        w: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let dh = h.track_op().then(|| grad.clone());
         if !y.track_op() && !w.is_some_and(|w| w.track_op()) {
             return Ok([dh, None, None]);
@@ -247,11 +295,23 @@ impl CustomOp2 for ScatterAddOp {
         "mor-scatter-add-tokens"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.fwd_storage((s1, l1), (s2, l2), None)
     }
 
-    fn bwd(&self, h: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        h: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let [dh, dy, _] = self.bwd_any(h, y, None, grad)?;
         Ok((dh, dy))
     }

@@ -41,7 +41,11 @@ pub struct DecodeOptions {
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        DecodeOptions { exit: ExitRule::Router, max_depth: None, block_tokens: 16 }
+        DecodeOptions {
+            exit: ExitRule::Router,
+            max_depth: None,
+            block_tokens: 16,
+        }
     }
 }
 
@@ -97,7 +101,11 @@ impl<'m> Decoder<'m> {
         let blocks = runner.context.div_ceil(opts.block_tokens) * model.plan().num_slots();
         let mut cache = runner.new_cache(opts.block_tokens, blocks)?;
         cache.start(REQ)?;
-        Ok(Decoder { runner, cache, pos: 0 })
+        Ok(Decoder {
+            runner,
+            cache,
+            pos: 0,
+        })
     }
 
     /// Tokens decoded so far (the position of the next token).
@@ -128,9 +136,15 @@ impl<'m> Decoder<'m> {
     pub fn step(&mut self, token: u32) -> Result<TokenStep> {
         let r = &self.runner;
         if self.pos as usize >= r.context {
-            return Err(Error::msg(format!("the context of {} tokens is full", r.context)));
+            return Err(Error::msg(format!(
+                "the context of {} tokens is full",
+                r.context
+            )));
         }
-        let tok = [Tok { req: REQ, pos: self.pos }];
+        let tok = [Tok {
+            req: REQ,
+            pos: self.pos,
+        }];
         let cache = self.cache.as_mut();
         let mut h = r.embed(&[token])?;
         h = r.run_layers(cache, h, &tok, &[&r.prelude])?;
@@ -154,7 +168,11 @@ impl<'m> Decoder<'m> {
                     if stage + 1 > d {
                         break;
                     }
-                    Merge::Token { depth: d, gate: tc.gate, gate_intermediate: tc.gate_intermediate }
+                    Merge::Token {
+                        depth: d,
+                        gate: tc.gate,
+                        gate_intermediate: tc.gate_intermediate,
+                    }
                 }
                 _ => {
                     let hb = r.stack(&[&hv])?;
@@ -181,7 +199,11 @@ impl<'m> Decoder<'m> {
         let h = r.run_layers(cache, r.stack(&[&hv])?, &tok, &[&r.coda])?;
         let logits = r.head(&h)?.remove(0);
         self.pos += 1;
-        Ok(TokenStep { logits, depth, gates })
+        Ok(TokenStep {
+            logits,
+            depth,
+            gates,
+        })
     }
 
     /// Decodes `prompt` (at least one token) and then generates up to `max_new_tokens`
@@ -202,7 +224,9 @@ impl<'m> Decoder<'m> {
         stream: u64,
     ) -> Result<(Vec<u32>, Vec<u8>)> {
         if prompt.is_empty() {
-            return Err(Error::msg("empty prompt: a request needs at least one token"));
+            return Err(Error::msg(
+                "empty prompt: a request needs at least one token",
+            ));
         }
         if prompt.len() > self.runner.context - self.pos as usize {
             return Err(Error::msg(format!(
@@ -225,7 +249,10 @@ impl<'m> Decoder<'m> {
             let t = sampler.sample(&step.logits)?;
             out.push(t);
             depths.push(step.depth as u8);
-            if Some(t) == stop_token || out.len() >= max_new_tokens || self.position() >= self.runner.context {
+            if Some(t) == stop_token
+                || out.len() >= max_new_tokens
+                || self.position() >= self.runner.context
+            {
                 break;
             }
             last = Some(self.step(t)?);

@@ -113,7 +113,12 @@ pub struct Request {
 impl Request {
     /// A greedy request without stop token.
     pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
-        Request { prompt, max_new_tokens, sampling: SamplingParams::greedy(), stop_token: None }
+        Request {
+            prompt,
+            max_new_tokens,
+            sampling: SamplingParams::greedy(),
+            stop_token: None,
+        }
     }
 }
 
@@ -208,7 +213,12 @@ impl EngineStats {
     /// Mean recursion depth of the finished positions.
     pub fn mean_depth(&self) -> f64 {
         let n: u64 = self.depth_histogram.iter().sum();
-        let s: u64 = self.depth_histogram.iter().enumerate().map(|(d, c)| d as u64 * c).sum();
+        let s: u64 = self
+            .depth_histogram
+            .iter()
+            .enumerate()
+            .map(|(d, c)| d as u64 * c)
+            .sum();
         s as f64 / n.max(1) as f64
     }
 }
@@ -219,12 +229,20 @@ impl EngineStats {
 /// [`Error::Msg`] when the bytes are not valid UTF-8 (with the byte offset), when the
 /// prompt is empty or encodes to no token.
 pub fn encode_prompt(tokenizer: &Tokenizer, bytes: &[u8]) -> Result<Vec<u32>> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| Error::msg(format!("the prompt is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to())))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Error::msg(format!(
+            "the prompt is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
     if text.is_empty() {
-        return Err(Error::msg("empty prompt: a request needs at least one token"));
+        return Err(Error::msg(
+            "empty prompt: a request needs at least one token",
+        ));
     }
-    let ids = tokenizer.encode(text).map_err(|e| Error::msg(e.to_string()))?;
+    let ids = tokenizer
+        .encode(text)
+        .map_err(|e| Error::msg(e.to_string()))?;
     if ids.is_empty() {
         return Err(Error::msg("the prompt encodes to no token"));
     }
@@ -330,9 +348,16 @@ impl<'m> Engine<'m> {
         };
         let cache = runner.new_cache(cfg.block_tokens, blocks)?;
         let w_prelude = runner.writing(cache.as_ref(), &runner.prelude);
-        let w_stages = runner.stages.iter().map(|s| runner.writing(cache.as_ref(), s)).collect();
+        let w_stages = runner
+            .stages
+            .iter()
+            .map(|s| runner.writing(cache.as_ref(), s))
+            .collect();
         let w_coda = runner.writing(cache.as_ref(), &runner.coda);
-        let stats = EngineStats { depth_histogram: vec![0; model.plan().num_recursions + 1], ..Default::default() };
+        let stats = EngineStats {
+            depth_histogram: vec![0; model.plan().num_recursions + 1],
+            ..Default::default()
+        };
         Ok(Engine {
             runner,
             cache,
@@ -397,7 +422,9 @@ impl<'m> Engine<'m> {
     pub fn submit(&mut self, req: Request) -> Result<RequestId> {
         let ctx = self.runner.context;
         if req.prompt.is_empty() {
-            return Err(Error::msg("empty prompt: a request needs at least one token"));
+            return Err(Error::msg(
+                "empty prompt: a request needs at least one token",
+            ));
         }
         if req.prompt.len() > ctx {
             return Err(Error::msg(format!(
@@ -405,7 +432,11 @@ impl<'m> Engine<'m> {
                 req.prompt.len()
             )));
         }
-        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= self.runner.vocab) {
+        if let Some(&bad) = req
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.runner.vocab)
+        {
             return Err(Error::msg(format!(
                 "prompt token {bad} is outside the vocabulary of {} ids",
                 self.runner.vocab
@@ -486,7 +517,10 @@ impl<'m> Engine<'m> {
         progress |= self.process_entries()?;
         self.fill_and_route()?;
         progress |= self.run_block()?;
-        self.stats.peak_kv_bytes = self.stats.peak_kv_bytes.max(self.cache.bytes_stored() as u64);
+        self.stats.peak_kv_bytes = self
+            .stats
+            .peak_kv_bytes
+            .max(self.cache.bytes_stored() as u64);
         if !progress {
             self.relieve(&mut events)?;
         }
@@ -498,7 +532,9 @@ impl<'m> Engine<'m> {
     fn admit(&mut self, was_stalled: bool) -> bool {
         let mut any = false;
         while !was_stalled && self.active() < self.cfg.max_active {
-            let Some(&id) = self.pending.front() else { break };
+            let Some(&id) = self.pending.front() else {
+                break;
+            };
             let len = self.reqs.get(&id).map(|r| r.seq.len()).unwrap_or(0);
             // Room for the known tokens and the next one at every storing slot (capped at
             // the pool: a lone request may still fit thanks to early exits).
@@ -564,8 +600,11 @@ impl<'m> Engine<'m> {
                 (Some(RoutingKind::TokenChoice), Some(tc)) => {
                     let d = tc.depth.min(r.max_stages);
                     if it.stage < d {
-                        it.merge =
-                            Some(Merge::Token { depth: d, gate: tc.gate, gate_intermediate: tc.gate_intermediate });
+                        it.merge = Some(Merge::Token {
+                            depth: d,
+                            gate: tc.gate,
+                            gate_intermediate: tc.gate_intermediate,
+                        });
                     } else {
                         leave[i] = true;
                     }
@@ -577,7 +616,10 @@ impl<'m> Engine<'m> {
         keys.sort_unstable();
         for stage in keys {
             let members = &groups[&stage];
-            let rows: Vec<&[f32]> = members.iter().map(|&i| self.slots[i].h.as_slice()).collect();
+            let rows: Vec<&[f32]> = members
+                .iter()
+                .map(|&i| self.slots[i].h.as_slice())
+                .collect();
             let h = r.stack(&rows)?;
             let dec = r.route_expert(stage + 1, &h)?;
             for (&i, d) in members.iter().zip(dec) {
@@ -635,7 +677,13 @@ impl<'m> Engine<'m> {
         }
         let items: Vec<Item> = self.exits.drain(..n).collect();
         let r = &self.runner;
-        let toks: Vec<Tok> = items.iter().map(|it| Tok { req: it.id, pos: it.pos }).collect();
+        let toks: Vec<Tok> = items
+            .iter()
+            .map(|it| Tok {
+                req: it.id,
+                pos: it.pos,
+            })
+            .collect();
         let rows: Vec<&[f32]> = items.iter().map(|it| it.h.as_slice()).collect();
         let coda: Vec<&[usize]> = vec![&r.coda; n];
         let h = r.run_layers(self.cache.as_mut(), r.stack(&rows)?, &toks, &coda)?;
@@ -643,7 +691,11 @@ impl<'m> Engine<'m> {
         self.stats.exit_items += n as u64;
         // Only the tokens whose next token is unknown need the LM head.
         let sample: Vec<usize> = (0..n)
-            .filter(|&i| self.reqs.get(&items[i].id).is_some_and(|s| items[i].pos as usize + 1 == s.seq.len()))
+            .filter(|&i| {
+                self.reqs
+                    .get(&items[i].id)
+                    .is_some_and(|s| items[i].pos as usize + 1 == s.seq.len())
+            })
             .collect();
         let mut logits: HashMap<usize, Vec<f32>> = HashMap::new();
         if !sample.is_empty() {
@@ -657,7 +709,9 @@ impl<'m> Engine<'m> {
         }
         let context = self.runner.context;
         for (i, it) in items.into_iter().enumerate() {
-            let Some(st) = self.reqs.get_mut(&it.id) else { continue };
+            let Some(st) = self.reqs.get_mut(&it.id) else {
+                continue;
+            };
             let pos = it.pos as usize;
             if st.depths.len() <= pos {
                 st.depths.resize(pos + 1, 0);
@@ -669,7 +723,11 @@ impl<'m> Engine<'m> {
                     let t = st.sampler.sample(&l)?;
                     st.seq.push(t);
                     self.stats.tokens_generated += 1;
-                    events.push(Event::Token { id: it.id, token: t, depth: it.depth as u8 });
+                    events.push(Event::Token {
+                        id: it.id,
+                        token: t,
+                        depth: it.depth as u8,
+                    });
                     if Some(t) == st.stop {
                         Some(FinishReason::Stop)
                     } else if st.generated() >= st.max_new {
@@ -690,8 +748,15 @@ impl<'m> Engine<'m> {
     }
 
     /// Ends request `id` and reports it.
-    fn finish(&mut self, id: RequestId, reason: FinishReason, events: &mut Vec<Event>) -> Result<()> {
-        let Some(st) = self.reqs.remove(&id) else { return Ok(()) };
+    fn finish(
+        &mut self,
+        id: RequestId,
+        reason: FinishReason,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let Some(st) = self.reqs.remove(&id) else {
+            return Ok(());
+        };
         if self.cache.is_active(id) {
             let before = self.cache.bytes_stored();
             self.cache.end(id)?;
@@ -710,7 +775,9 @@ impl<'m> Engine<'m> {
         self.pending.retain(|&p| p != id);
         let start = st.prompt_len.saturating_sub(1);
         let gen = st.generated();
-        let depths = (start..start + gen).map(|p| st.depths.get(p).copied().unwrap_or(0)).collect();
+        let depths = (start..start + gen)
+            .map(|p| st.depths.get(p).copied().unwrap_or(0))
+            .collect();
         events.push(Event::Finished(Completion {
             id,
             prompt_len: st.prompt_len,
@@ -741,11 +808,17 @@ impl<'m> Engine<'m> {
         let batch: Vec<(RequestId, u32)> = self.entry.drain(..n).collect();
         let mut ids = Vec::with_capacity(n);
         for &(id, pos) in &batch {
-            let st = self.reqs.get(&id).ok_or_else(|| Error::msg(format!("request {id} vanished")))?;
+            let st = self
+                .reqs
+                .get(&id)
+                .ok_or_else(|| Error::msg(format!("request {id} vanished")))?;
             ids.push(st.seq[pos as usize]);
         }
         let r = &self.runner;
-        let toks: Vec<Tok> = batch.iter().map(|&(id, pos)| Tok { req: id, pos }).collect();
+        let toks: Vec<Tok> = batch
+            .iter()
+            .map(|&(id, pos)| Tok { req: id, pos })
+            .collect();
         let prelude: Vec<&[usize]> = vec![&r.prelude; n];
         let h = r.run_layers(self.cache.as_mut(), r.embed(&ids)?, &toks, &prelude)?;
         let tcs = match r.routing {
@@ -753,14 +826,25 @@ impl<'m> Engine<'m> {
             _ => vec![None; n],
         };
         for ((row, (id, pos)), tc) in r.unstack(&h)?.into_iter().zip(batch).zip(tcs) {
-            self.queue.push_back(Item { id, pos, h1: row.clone(), h: row, tc, stage: 0, depth: 0, merge: None });
+            self.queue.push_back(Item {
+                id,
+                pos,
+                h1: row.clone(),
+                h: row,
+                tc,
+                stage: 0,
+                depth: 0,
+                merge: None,
+            });
         }
         Ok(true)
     }
 
     /// One shared-block call over the routed slot items whose appends fit.
     fn run_block(&mut self) -> Result<bool> {
-        let ready: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].merge.is_some()).collect();
+        let ready: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].merge.is_some())
+            .collect();
         let mut free = self.cache.free_blocks();
         let mut run = Vec::with_capacity(ready.len());
         for &i in &ready {
@@ -779,9 +863,18 @@ impl<'m> Engine<'m> {
             return Ok(false);
         }
         let r = &self.runner;
-        let toks: Vec<Tok> = run.iter().map(|&i| Tok { req: self.slots[i].id, pos: self.slots[i].pos }).collect();
+        let toks: Vec<Tok> = run
+            .iter()
+            .map(|&i| Tok {
+                req: self.slots[i].id,
+                pos: self.slots[i].pos,
+            })
+            .collect();
         let rows: Vec<&[f32]> = run.iter().map(|&i| self.slots[i].h.as_slice()).collect();
-        let slots: Vec<&[usize]> = run.iter().map(|&i| r.stages[self.slots[i].stage].as_slice()).collect();
+        let slots: Vec<&[usize]> = run
+            .iter()
+            .map(|&i| r.stages[self.slots[i].stage].as_slice())
+            .collect();
         let y = r.run_layers(self.cache.as_mut(), r.stack(&rows)?, &toks, &slots)?;
         self.stats.block_calls += 1;
         self.stats.block_items += run.len() as u64;
@@ -792,7 +885,10 @@ impl<'m> Engine<'m> {
         let mut done = vec![false; self.slots.len()];
         for (&i, y) in run.iter().zip(r.unstack(&y)?) {
             let it = &mut self.slots[i];
-            let merge = it.merge.take().ok_or_else(|| Error::msg("unrouted item ran"))?;
+            let merge = it
+                .merge
+                .take()
+                .ok_or_else(|| Error::msg("unrouted item ran"))?;
             let stage = it.stage;
             r.merge(merge, stage, &mut it.h, &y, Some(&it.h1))?;
             it.depth = r.stage_depth[it.stage];
@@ -818,8 +914,11 @@ impl<'m> Engine<'m> {
     /// Nothing could move: frees KV blocks by preempting the most recently admitted request
     /// (replayed later), or fails a request that cannot fit the pool alone.
     fn relieve(&mut self, events: &mut Vec<Event>) -> Result<()> {
-        let active: Vec<(u64, RequestId)> =
-            self.reqs.iter().filter_map(|(&id, r)| r.admitted.map(|a| (a, id))).collect();
+        let active: Vec<(u64, RequestId)> = self
+            .reqs
+            .iter()
+            .filter_map(|(&id, r)| r.admitted.map(|a| (a, id)))
+            .collect();
         let total = self.cache.total_blocks();
         match active.iter().max() {
             None => {
@@ -839,7 +938,9 @@ impl<'m> Engine<'m> {
             }
             Some(&(_, id)) if active.len() == 1 => {
                 let len = self.reqs.get(&id).map(|r| r.seq.len()).unwrap_or(0);
-                let msg = format!("the KV pool of {total} blocks cannot hold this request's {len} tokens");
+                let msg = format!(
+                    "the KV pool of {total} blocks cannot hold this request's {len} tokens"
+                );
                 self.finish(id, FinishReason::Error(msg), events)?;
             }
             Some(&(_, id)) => {

@@ -116,7 +116,10 @@ pub(crate) struct Runner<'m> {
 }
 
 fn f32_cpu(t: &Tensor) -> Result<Tensor> {
-    Ok(t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)
+    Ok(t.detach()
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?)
 }
 
 fn transpose(t: &Tensor) -> Result<Tensor> {
@@ -131,7 +134,9 @@ impl<'m> Runner<'m> {
     /// `max_depth` or exit thresholds.
     pub fn new(model: &'m MorModel, exit: ExitRule, max_depth: Option<usize>) -> Result<Self> {
         if !model.embedding().as_tensor().device().is_cpu() {
-            return Err(Error::msg("the inference engine runs on the CPU; build the model with Device::Cpu"));
+            return Err(Error::msg(
+                "the inference engine runs on the CPU; build the model with Device::Cpu",
+            ));
         }
         let cfg = model.config();
         let m = &cfg.model;
@@ -155,29 +160,42 @@ impl<'m> Runner<'m> {
             let (a, b) = model
                 .slot_norm_weights(s)
                 .ok_or_else(|| Error::msg(format!("slot {s} has no norm weights")))?;
-            let key = if cfg.recursion.ln_share { plan.slots[s].block } else { plan.num_blocks + s };
+            let key = if cfg.recursion.ln_share {
+                plan.slots[s].block
+            } else {
+                plan.num_blocks + s
+            };
             norms.push((f32_cpu(a.as_tensor())?, f32_cpu(b.as_tensor())?, key));
         }
         let (cos, sin) = model.rope_tables();
         let cos = f32_cpu(cos)?.flatten_all()?.to_vec1::<f32>()?;
         let sin = f32_cpu(sin)?.flatten_all()?.to_vec1::<f32>()?;
         let slots_where = |f: &dyn Fn(&Segment) -> bool| -> Vec<usize> {
-            (0..plan.num_slots()).filter(|&s| f(&plan.slots[s].segment)).collect()
+            (0..plan.num_slots())
+                .filter(|&s| f(&plan.slots[s].segment))
+                .collect()
         };
         let prelude = slots_where(&|s| *s == Segment::Prelude);
         let coda = slots_where(&|s| *s == Segment::Coda);
         let n_r = plan.num_recursions;
         let (stages, stage_depth) = if plan.is_cyclic() {
             let st: Vec<Vec<usize>> = (1..=n_r)
-                .map(|r| slots_where(&|s| matches!(s, Segment::Recursion { step, .. } if *step == r)))
+                .map(|r| {
+                    slots_where(&|s| matches!(s, Segment::Recursion { step, .. } if *step == r))
+                })
                 .collect();
             (st, (1..=n_r).collect())
         } else {
-            (vec![slots_where(&|s| matches!(s, Segment::Recursion { .. }))], vec![n_r])
+            (
+                vec![slots_where(&|s| matches!(s, Segment::Recursion { .. }))],
+                vec![n_r],
+            )
         };
         let routing = model.routing_kind();
         if routing.is_some() && !plan.is_cyclic() {
-            return Err(Error::msg("routing needs a cyclic plan (cycle or middle_cycle)"));
+            return Err(Error::msg(
+                "routing needs a cyclic plan (cycle or middle_cycle)",
+            ));
         }
         let max_stages = match max_depth {
             None => stages.len(),
@@ -185,13 +203,15 @@ impl<'m> Runner<'m> {
             Some(d) if d == n_r => stages.len(),
             Some(d) => {
                 return Err(Error::msg(format!(
-                    "max_depth {d} is not allowed: use 1..={n_r} (a non-cyclic plan allows only {n_r})"
-                )))
+                "max_depth {d} is not allowed: use 1..={n_r} (a non-cyclic plan allows only {n_r})"
+            )))
             }
         };
         if let ExitRule::GateThresholds(t) = &exit {
             if routing != Some(RoutingKind::ExpertChoice) {
-                return Err(Error::msg("gate thresholds apply to expert-choice routers only"));
+                return Err(Error::msg(
+                    "gate thresholds apply to expert-choice routers only",
+                ));
             }
             if t.len() != n_r || t.iter().any(|x| x.is_nan()) {
                 return Err(Error::msg(format!(
@@ -231,7 +251,11 @@ impl<'m> Runner<'m> {
     /// A decode cache for this model: the KV policy's own cache for cyclic plans; a
     /// recursion-wise cache for non-cyclic plans, whose full forward gives every slot its
     /// own K/V whatever the policy (see `MorModel::forward`).
-    pub fn new_cache(&self, block_tokens: usize, max_blocks: usize) -> Result<Box<dyn DecodeCache>> {
+    pub fn new_cache(
+        &self,
+        block_tokens: usize,
+        max_blocks: usize,
+    ) -> Result<Box<dyn DecodeCache>> {
         let m = &self.model.config().model;
         let spec = DecodeCacheSpec {
             plan: self.model.plan().clone(),
@@ -244,7 +268,11 @@ impl<'m> Runner<'m> {
         if self.model.plan().is_cyclic() {
             Ok(policy.new_decode_cache(&spec)?)
         } else {
-            Ok(Box::new(PagedCache::new(policy.name(), DecodeMode::RecursionWise, &spec)?))
+            Ok(Box::new(PagedCache::new(
+                policy.name(),
+                DecodeMode::RecursionWise,
+                &spec,
+            )?))
         }
     }
 
@@ -270,7 +298,10 @@ impl<'m> Runner<'m> {
     /// Embeddings `[n, d]` of `ids`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
-            return Err(Error::msg(format!("token id {bad} is outside the vocabulary of {} ids", self.vocab)));
+            return Err(Error::msg(format!(
+                "token id {bad} is outside the vocabulary of {} ids",
+                self.vocab
+            )));
         }
         let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
         Ok(self.embed.index_select(&idx, 0)?)
@@ -291,14 +322,22 @@ impl<'m> Runner<'m> {
     ///
     /// # Shapes
     /// `h: [n, d]` → `[n, d]`.
-    pub fn run_layers(&self, cache: &mut dyn DecodeCache, h: Tensor, toks: &[Tok], slots: &[&[usize]]) -> Result<Tensor> {
+    pub fn run_layers(
+        &self,
+        cache: &mut dyn DecodeCache,
+        h: Tensor,
+        toks: &[Tok],
+        slots: &[&[usize]],
+    ) -> Result<Tensor> {
         let n = toks.len();
         if n == 0 {
             return Ok(h);
         }
         let depth = slots[0].len();
         if slots.len() != n || slots.iter().any(|s| s.len() != depth) {
-            return Err(Error::msg("every token of a batch must run the same number of layer slots"));
+            return Err(Error::msg(
+                "every token of a batch must run the same number of layer slots",
+            ));
         }
         let mut h = h;
         for j in 0..depth {
@@ -323,7 +362,11 @@ impl<'m> Runner<'m> {
                 }
                 let mut rows = self.unstack(&h)?;
                 for (_, members) in groups {
-                    let idx = Tensor::from_vec(members.iter().map(|&i| i as u32).collect::<Vec<_>>(), members.len(), &Device::Cpu)?;
+                    let idx = Tensor::from_vec(
+                        members.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                        members.len(),
+                        &Device::Cpu,
+                    )?;
                     let hg = h.index_select(&idx, 0)?;
                     let tg: Vec<Tok> = members.iter().map(|&i| toks[i]).collect();
                     let sg: Vec<usize> = members.iter().map(|&i| slot_j[i]).collect();
@@ -344,7 +387,10 @@ impl<'m> Runner<'m> {
     fn rope(&self, x: &mut [f32], pos: u32) {
         let half = self.dh / 2;
         let p = pos as usize;
-        let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+        let (c, s) = (
+            &self.cos[p * half..(p + 1) * half],
+            &self.sin[p * half..(p + 1) * half],
+        );
         for head in x.chunks_exact_mut(self.dh) {
             let (x1, x2) = head.split_at_mut(half);
             for k in 0..half {
@@ -357,7 +403,13 @@ impl<'m> Runner<'m> {
 
     /// One decoder layer (pre-norm attention and SwiGLU MLP, spec §1.1) for tokens whose
     /// slots all use the same block and norms.
-    fn layer(&self, cache: &mut dyn DecodeCache, h: &Tensor, toks: &[Tok], slots: &[usize]) -> Result<Tensor> {
+    fn layer(
+        &self,
+        cache: &mut dyn DecodeCache,
+        h: &Tensor,
+        toks: &[Tok],
+        slots: &[usize],
+    ) -> Result<Tensor> {
         let n = toks.len();
         let plan = self.model.plan();
         let bw = &self.blocks[plan.slots[slots[0]].block];
@@ -365,7 +417,10 @@ impl<'m> Runner<'m> {
         let (qd, kvd) = (self.hq * self.dh, self.hkv * self.dh);
         let max_pos = self.cos.len() / (self.dh / 2).max(1);
         if let Some(t) = toks.iter().find(|t| t.pos as usize >= max_pos) {
-            return Err(Error::msg(format!("position {} is beyond the RoPE table of {max_pos} positions", t.pos)));
+            return Err(Error::msg(format!(
+                "position {} is beyond the RoPE table of {max_pos} positions",
+                t.pos
+            )));
         }
         let x = self.backend.rms_norm(h, an, self.eps)?;
         let writes: Vec<bool> = slots.iter().map(|&s| cache.writes(s)).collect();
@@ -386,7 +441,10 @@ impl<'m> Runner<'m> {
             let mut kv: Vec<Option<Vec<f32>>> = vec![None; n];
             if !w_idx.is_empty() {
                 let idx = Tensor::from_vec(w_idx.clone(), w_idx.len(), &Device::Cpu)?;
-                let rows = x.index_select(&idx, 0)?.matmul(&bw.wkv_t)?.to_vec2::<f32>()?;
+                let rows = x
+                    .index_select(&idx, 0)?
+                    .matmul(&bw.wkv_t)?
+                    .to_vec2::<f32>()?;
                 for (i, r) in w_idx.iter().zip(rows) {
                     kv[*i as usize] = Some(r);
                 }
@@ -405,7 +463,14 @@ impl<'m> Runner<'m> {
                 cache.append(req, slots[i], pos, &k, v)?;
             }
             let view = cache.view(req, slots[i])?;
-            attend_into(&view, qi, pos, self.hq, self.scale, &mut att[i * qd..(i + 1) * qd])?;
+            attend_into(
+                &view,
+                qi,
+                pos,
+                self.hq,
+                self.scale,
+                &mut att[i * qd..(i + 1) * qd],
+            )?;
         }
         let att = Tensor::from_vec(att, (n, qd), &Device::Cpu)?;
         let h = (h + att.matmul(&bw.wo_t)?)?;
@@ -443,7 +508,10 @@ impl<'m> Runner<'m> {
         }
         let rt = router.route(step, &h3, &vec![vec![0u32]; n], &mut st, mode)?;
         if !matches!(rt.update, Update::Residual) {
-            return Err(Error::msg(format!("expert-choice router `{}` returned a non-residual update", router.name())));
+            return Err(Error::msg(format!(
+                "expert-choice router `{}` returned a non-residual update",
+                router.name()
+            )));
         }
         let gates = match &rt.gate {
             Some(g) => Some(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
@@ -454,7 +522,9 @@ impl<'m> Runner<'m> {
         for (i, row) in rt.selected.iter().enumerate().take(n) {
             if !row.is_empty() {
                 let g = match &gates {
-                    Some(g) => *g.get(k).ok_or_else(|| Error::msg("router returned fewer gates than tokens"))?,
+                    Some(g) => *g
+                        .get(k)
+                        .ok_or_else(|| Error::msg("router returned fewer gates than tokens"))?,
                     None => 1.0,
                 };
                 k += 1;
@@ -463,7 +533,9 @@ impl<'m> Runner<'m> {
         }
         if let ExitRule::GateThresholds(t) = &self.exit {
             if gates.is_none() {
-                return Err(Error::msg("gate thresholds need a gated router (gating = \"weighted\")"));
+                return Err(Error::msg(
+                    "gate thresholds need a gated router (gating = \"weighted\")",
+                ));
             }
             let th = t[step - 1];
             for o in out.iter_mut() {
@@ -498,7 +570,14 @@ impl<'m> Runner<'m> {
     pub fn route_token(&self, h1: &Tensor) -> Result<Vec<TokenChoice>> {
         let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
         let n = h1.dim(0)?;
-        let mut out = vec![TokenChoice { depth: 0, gate: 1.0, gate_intermediate: false }; n];
+        let mut out = vec![
+            TokenChoice {
+                depth: 0,
+                gate: 1.0,
+                gate_intermediate: false
+            };
+            n
+        ];
         if n == 0 {
             return Ok(out);
         }
@@ -508,9 +587,14 @@ impl<'m> Runner<'m> {
         for s in 1..=self.stages.len() {
             let rt = router.route(s, &h3, &active, &mut st, RouteMode::Causal)?;
             let gi = match &rt.update {
-                Update::TokenChoice { gate_intermediate, .. } => *gate_intermediate,
+                Update::TokenChoice {
+                    gate_intermediate, ..
+                } => *gate_intermediate,
                 Update::Residual => {
-                    return Err(Error::msg(format!("token-choice router `{}` returned a residual update", router.name())))
+                    return Err(Error::msg(format!(
+                        "token-choice router `{}` returned a residual update",
+                        router.name()
+                    )))
                 }
             };
             let gates = match &rt.gate {
@@ -521,7 +605,10 @@ impl<'m> Runner<'m> {
             for (i, row) in rt.selected.iter().enumerate().take(n) {
                 if !row.is_empty() {
                     out[i].depth = s;
-                    out[i].gate = gates.as_ref().and_then(|g| g.get(k).copied()).unwrap_or(1.0);
+                    out[i].gate = gates
+                        .as_ref()
+                        .and_then(|g| g.get(k).copied())
+                        .unwrap_or(1.0);
                     out[i].gate_intermediate = gi;
                     k += 1;
                 }
@@ -532,11 +619,22 @@ impl<'m> Runner<'m> {
     }
 
     /// Merges the output `y` of stage `stage` (0-based) into `h`.
-    pub fn merge(&self, merge: Merge, stage: usize, h: &mut [f32], y: &[f32], h1: Option<&[f32]>) -> Result<()> {
+    pub fn merge(
+        &self,
+        merge: Merge,
+        stage: usize,
+        h: &mut [f32],
+        y: &[f32],
+        h1: Option<&[f32]>,
+    ) -> Result<()> {
         match merge {
             Merge::Plain => h.copy_from_slice(y),
             Merge::Gated(g) => h.iter_mut().zip(y).for_each(|(a, b)| *a += g * b),
-            Merge::Token { depth, gate, gate_intermediate } => {
+            Merge::Token {
+                depth,
+                gate,
+                gate_intermediate,
+            } => {
                 if stage + 1 == depth {
                     let h1 = h1.ok_or_else(|| Error::msg("token-choice merge needs H¹"))?;
                     for ((a, b), c) in h.iter_mut().zip(y).zip(h1) {
@@ -555,7 +653,9 @@ impl<'m> Runner<'m> {
     /// Whether a token that skipped stage 0 would break the cache (sharing and hybrid read
     /// the step-1 K/V of every earlier token, spec §4).
     pub fn needs_first_stage(&self, cache: &dyn DecodeCache) -> bool {
-        cache.mode() != DecodeMode::RecursionWise && self.model.plan().is_cyclic() && self.stages.len() > 1
+        cache.mode() != DecodeMode::RecursionWise
+            && self.model.plan().is_cyclic()
+            && self.stages.len() > 1
     }
 
     /// An error for a token that skipped step 1 under a policy that needs it.

@@ -32,7 +32,12 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 
     /// Whether these parameters pick the arg-max.
@@ -75,7 +80,8 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
             best = Some((i, x));
         }
     }
-    best.map(|(i, _)| i as u32).ok_or_else(|| Error::msg("no logits to pick a token from"))
+    best.map(|(i, _)| i as u32)
+        .ok_or_else(|| Error::msg("no logits to pick a token from"))
 }
 
 /// A sampler: [`SamplingParams`] plus the request's own random stream.
@@ -93,7 +99,10 @@ impl Sampler {
     /// As [`SamplingParams::validate`].
     pub fn new(params: SamplingParams, stream: u64) -> Result<Self> {
         params.validate()?;
-        Ok(Sampler { params, rng: Rng::derive(params.seed, &format!("sampler.{stream}")) })
+        Ok(Sampler {
+            params,
+            rng: Rng::derive(params.seed, &format!("sampler.{stream}")),
+        })
     }
 
     /// The parameters.
@@ -134,11 +143,16 @@ impl Sampler {
             return Err(Error::msg("no logits to sample a token from"));
         }
         if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
-            return Err(Error::msg(format!("logit {i} is {}; cannot sample a token", logits[i])));
+            return Err(Error::msg(format!(
+                "logit {i} is {}; cannot sample a token",
+                logits[i]
+            )));
         }
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let by_logit = |a: &u32, b: &u32| {
-            logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
         };
         if p.top_k > 0 && p.top_k < idx.len() {
             idx.select_nth_unstable_by(p.top_k - 1, by_logit);
@@ -150,7 +164,10 @@ impl Sampler {
         }
         let t = p.temperature;
         let m = logits[idx[0] as usize] as f64 / t;
-        let w: Vec<f64> = idx.iter().map(|&i| (logits[i as usize] as f64 / t - m).exp()).collect();
+        let w: Vec<f64> = idx
+            .iter()
+            .map(|&i| (logits[i as usize] as f64 / t - m).exp())
+            .collect();
         let z: f64 = w.iter().sum();
         let mut out: Vec<(u32, f64)> = idx.iter().zip(&w).map(|(&i, &wi)| (i, wi / z)).collect();
         if p.top_p < 1.0 {
@@ -176,7 +193,12 @@ mod tests {
     use super::*;
 
     fn params(temperature: f64, top_k: usize, top_p: f64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed: 11 }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: 11,
+        }
     }
 
     #[test]
@@ -196,7 +218,10 @@ mod tests {
         let logits = [1.0f32, 3.0, 2.0, 0.0];
         let s = Sampler::new(params(2.0, 0, 1.0), 0).unwrap();
         let d = s.distribution(&logits).unwrap();
-        let w: Vec<f64> = [3.0f64, 2.0, 1.0, 0.0].iter().map(|x| (x / 2.0).exp()).collect();
+        let w: Vec<f64> = [3.0f64, 2.0, 1.0, 0.0]
+            .iter()
+            .map(|x| (x / 2.0).exp())
+            .collect();
         let z: f64 = w.iter().sum();
         let ids: Vec<u32> = d.iter().map(|x| x.0).collect();
         assert_eq!(ids, [1, 2, 0, 3]);
@@ -204,13 +229,28 @@ mod tests {
             assert!((p - w[k] / z).abs() < 1e-12, "{k}: {p} vs {}", w[k] / z);
         }
         // top-k keeps the two largest, renormalised.
-        let d = Sampler::new(params(2.0, 2, 1.0), 0).unwrap().distribution(&logits).unwrap();
+        let d = Sampler::new(params(2.0, 2, 1.0), 0)
+            .unwrap()
+            .distribution(&logits)
+            .unwrap();
         assert_eq!(d.len(), 2);
         assert!((d[0].1 - w[0] / (w[0] + w[1])).abs() < 1e-12);
-        // top-p keeps the smallest prefix reaching p: here the first two (0.506 + 0.307 > 0.8).
-        let d = Sampler::new(params(2.0, 0, 0.8), 0).unwrap().distribution(&logits).unwrap();
+        // top-p keeps the smallest prefix reaching p: probabilities 0.455, 0.276, 0.167, 0.102,
+        // so p = 0.7 keeps two tokens and p = 0.8 three.
+        let d = Sampler::new(params(2.0, 0, 0.8), 0)
+            .unwrap()
+            .distribution(&logits)
+            .unwrap();
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 0]);
+        let d = Sampler::new(params(2.0, 0, 0.7), 0)
+            .unwrap()
+            .distribution(&logits)
+            .unwrap();
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2]);
-        let d = Sampler::new(params(2.0, 0, 0.01), 0).unwrap().distribution(&logits).unwrap();
+        let d = Sampler::new(params(2.0, 0, 0.01), 0)
+            .unwrap()
+            .distribution(&logits)
+            .unwrap();
         assert_eq!(d, vec![(1, 1.0)]);
     }
 
@@ -233,7 +273,10 @@ mod tests {
             let f = counts[i as usize] as f64 / n as f64;
             // Four standard deviations of a binomial frequency.
             let tol = 4.0 * (p * (1.0 - p) / n as f64).sqrt();
-            assert!((f - p).abs() < tol, "token {i}: frequency {f}, probability {p}");
+            assert!(
+                (f - p).abs() < tol,
+                "token {i}: frequency {f}, probability {p}"
+            );
         }
         let mut again = Sampler::new(params(1.0, 0, 1.0), 3).unwrap();
         let replay: Vec<u32> = (0..50).map(|_| again.sample(&logits).unwrap()).collect();

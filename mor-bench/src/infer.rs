@@ -1,0 +1,763 @@
+//! The inference throughput benchmark of spec §5, at CPU scale.
+//!
+//! Protocol (spec §5, "Protocol", scaled down):
+//! - models: expert-choice MoR with `N_r = 2, 3, 4` (Middle-Cycle, recursion-wise caching)
+//!   and, for each, a vanilla model of the same unrolled depth (e.g. a 10-layer vanilla for
+//!   MoR-4 built as 1 + 2×4 + 1); random initialisation;
+//! - `requests` requests, no prompt prefix (a single start token, id 0), generation lengths
+//!   drawn from `Normal(gen_len_mean, gen_len_std)` with a seeded RNG, rounded, clamped to
+//!   `1..context`; tokens sampled at temperature 1 (seeded per request);
+//! - batch settings: (1) a fixed batch `B` for every model; (2) "relative max":
+//!   `B · maxB_model / maxB_vanilla`, where `maxB` is what a fixed KV memory budget holds
+//!   given the model's measured K/V bytes per token (vanilla keeps `B`);
+//! - MoR runs with continuous depth-wise batching, vanilla with continuous sequence-wise
+//!   batching (the same engine: one block call runs all its layers);
+//! - a warm-up run is excluded; the timed run includes the KV cache updates (the paper
+//!   excludes them; here they are part of every layer call);
+//! - the thread count is pinned (default 1: decoding is fastest single-threaded on these
+//!   machines, TOOLCHAIN.md §2).
+//!
+//! # Early exit without training
+//! A randomly initialised router scores every token near `σ(z) = 0.5`, so the causal rule
+//! of a trained router (`σ(z_r) ≥ 0.5`) would send about half the tokens on at every step.
+//! To obtain the paper's depth distribution at decode time, each router's per-step threshold
+//! is calibrated on sampled sequences so that the share of tokens continuing from step r−1
+//! to step r is `cap_r / cap_{r−1}` (the default capacities `cap_r = (N_r − r + 1)/N_r`,
+//! spec §3.1): thresholds on the gate `g_r`, whose order is that of the logit
+//! ([`ExitRule::GateThresholds`]). The realised depth distribution of the timed run is
+//! reported next to the target (`1/N_r` per depth).
+
+use mor_core::config::{Config, ResolvedConfig};
+use mor_core::rng::Rng;
+use mor_models::engine::{
+    Batching, DecodeOptions, Decoder, Engine, EngineConfig, EngineStats, ExitRule, Request,
+    SamplingParams,
+};
+use mor_models::{Error, MorModel, Result};
+use std::time::Instant;
+
+/// Settings of the benchmark.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InferBenchConfig {
+    /// Timed requests per run.
+    pub requests: usize,
+    /// Mean generation length.
+    pub gen_len_mean: f64,
+    /// Standard deviation of the generation length.
+    pub gen_len_std: f64,
+    /// The fixed batch size (setting 1) and the vanilla batch of setting 2.
+    pub batch_size: usize,
+    /// Rayon / matmul threads.
+    pub threads: usize,
+    /// Requests of the untimed warm-up run.
+    pub warmup_requests: usize,
+    /// Seed of lengths, sampling and initialisation.
+    pub seed: u64,
+    /// Model preset (dimensions; `small` is d = 256, 4 heads (2 KV) of 64, vocab 4096).
+    pub preset: String,
+    /// Layers of the base model before the Middle-Cycle depth fix.
+    pub base_layers: usize,
+    /// Context length of the models.
+    pub context: usize,
+    /// Recursion counts of the MoR models.
+    pub recursions: Vec<usize>,
+    /// Tokens per KV block.
+    pub block_tokens: usize,
+    /// Sequences of the threshold calibration.
+    pub calib_sequences: usize,
+    /// Tokens per calibration sequence.
+    pub calib_len: usize,
+    /// Also run the relative-max batch setting.
+    pub relative_max: bool,
+}
+
+impl Default for InferBenchConfig {
+    fn default() -> Self {
+        InferBenchConfig {
+            requests: 64,
+            gen_len_mean: 128.0,
+            gen_len_std: 32.0,
+            batch_size: 32,
+            threads: 1,
+            warmup_requests: 8,
+            seed: 0,
+            preset: "small".to_string(),
+            base_layers: 8,
+            context: 256,
+            recursions: vec![2, 3, 4],
+            block_tokens: 16,
+            calib_sequences: 8,
+            calib_len: 64,
+            relative_max: true,
+        }
+    }
+}
+
+impl InferBenchConfig {
+    /// A run of a few seconds (smoke test): fewer and shorter requests.
+    pub fn quick() -> Self {
+        InferBenchConfig {
+            requests: 16,
+            gen_len_mean: 32.0,
+            gen_len_std: 8.0,
+            batch_size: 8,
+            warmup_requests: 2,
+            calib_sequences: 4,
+            calib_len: 32,
+            ..Self::default()
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::msg(m));
+        if self.requests == 0 || self.batch_size == 0 || self.block_tokens == 0 {
+            return bad("requests, batch_size and block_tokens must be >= 1".into());
+        }
+        if !(self.gen_len_mean.is_finite() && self.gen_len_mean >= 1.0) {
+            return bad(format!(
+                "gen_len_mean {} must be a number >= 1",
+                self.gen_len_mean
+            ));
+        }
+        if !(self.gen_len_std.is_finite() && self.gen_len_std >= 0.0) {
+            return bad(format!(
+                "gen_len_std {} must be a number >= 0",
+                self.gen_len_std
+            ));
+        }
+        if self.context < 2 {
+            return bad("context must be >= 2".into());
+        }
+        if self.recursions.iter().any(|&n| n < 2) {
+            return bad(format!(
+                "recursion counts must be >= 2, got {:?}",
+                self.recursions
+            ));
+        }
+        if self.calib_sequences == 0 || self.calib_len == 0 || self.calib_len > self.context {
+            return bad("calib_sequences must be >= 1 and calib_len in 1..=context".into());
+        }
+        Ok(())
+    }
+}
+
+/// One model in one batch setting.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelReport {
+    /// `vanilla-L` or `mor-N`.
+    pub name: String,
+    /// Batch setting: `fixed` or `relative_max`.
+    pub setting: String,
+    /// `N_r` (1 for vanilla).
+    pub num_recursions: usize,
+    /// Unrolled layers.
+    pub layers: usize,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Block slots (and concurrent requests).
+    pub batch_size: usize,
+    /// Tokens generated in the timed run.
+    pub tokens: u64,
+    /// Seconds of the timed run.
+    pub seconds: f64,
+    /// Generated tokens per second.
+    pub tokens_per_s: f64,
+    /// The vanilla model this one is compared with.
+    pub vanilla: String,
+    /// `tokens_per_s / tokens_per_s(vanilla)` in the same setting.
+    pub throughput_ratio_vs_vanilla: f64,
+    /// Exact K/V bytes per generated position (measured in the cache).
+    pub kv_bytes_per_token: f64,
+    /// `kv_bytes_per_token / kv_bytes_per_token(vanilla)`, whole model.
+    pub kv_bytes_ratio_vs_vanilla: f64,
+    /// The same ratio over the recursion blocks only (prelude and coda removed from both).
+    pub kv_recursion_ratio_vs_vanilla: f64,
+    /// Spec §4's `(N_r + 1) / (2 N_r)` (recursion blocks only; 1 for vanilla).
+    pub kv_ratio_formula: f64,
+    /// Share of positions by depth `1..=N_r` in the timed run.
+    pub depth_distribution: Vec<f64>,
+    /// The capacity schedule's depth distribution (`1/N_r` each).
+    pub target_depth_distribution: Vec<f64>,
+    /// Calibrated gate thresholds per step (`-inf` = always continue).
+    pub thresholds: Vec<f64>,
+    /// Mean items per shared-block call.
+    pub mean_block_occupancy: f64,
+    /// Block calls that mixed tokens at different depths.
+    pub mixed_depth_calls: u64,
+    /// Requests preempted for KV memory.
+    pub preemptions: u64,
+}
+
+/// The whole benchmark.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InferBenchReport {
+    /// The settings.
+    pub config: InferBenchConfig,
+    /// Generation lengths of the timed requests (mean, min, max).
+    pub gen_len_stats: (f64, usize, usize),
+    /// The KV budget of the relative-max setting: what the vanilla model needs for
+    /// `batch_size` sequences of mean length.
+    pub kv_budget_bytes: f64,
+    /// Every model in every setting.
+    pub models: Vec<ModelReport>,
+}
+
+fn model_toml(cfg: &InferBenchConfig, layers: usize, recursion: &str, extra: &str) -> String {
+    format!(
+        "[model]\npreset = \"{}\"\nnum_layers = {layers}\nseq_len = {}\n\
+         [recursion]\n{recursion}\n{extra}\n\
+         [runtime]\nbackend = {{ kind = \"cpu\" }}\nseed = {}\n\
+         [train]\nbudget = {{ steps = 1 }}\n",
+        cfg.preset, cfg.context, cfg.seed
+    )
+}
+
+/// The MoR config with `n` recursions and its vanilla of equal unrolled depth.
+fn configs(cfg: &InferBenchConfig, n: usize) -> Result<(ResolvedConfig, ResolvedConfig)> {
+    let mor = Config::from_toml_str(&model_toml(
+        cfg,
+        cfg.base_layers,
+        &format!("num_recursions = {n}\nsharing = {{ kind = \"middle_cycle\" }}"),
+        "[router]\nkind = \"expert_choice\"\n[kv]\nkind = \"recursion_wise\"",
+    ))?;
+    let layers = mor.plan.num_slots();
+    let van = Config::from_toml_str(&model_toml(
+        cfg,
+        layers,
+        "num_recursions = 1\nsharing = { kind = \"none\" }",
+        "",
+    ))?;
+    Ok((mor, van))
+}
+
+fn capacities(n: usize) -> Vec<f64> {
+    (1..=n).map(|r| (n - r + 1) as f64 / n as f64).collect()
+}
+
+/// Generation lengths ~ Normal(mean, std), rounded, clamped to `1..=context-1`.
+fn gen_lengths(cfg: &InferBenchConfig, n: usize, label: &str) -> Vec<usize> {
+    let mut rng = Rng::derive(cfg.seed, label);
+    (0..n)
+        .map(|_| {
+            let x = (cfg.gen_len_mean + cfg.gen_len_std * rng.normal()).round();
+            (x.max(1.0) as usize).min(cfg.context - 1)
+        })
+        .collect()
+}
+
+fn sampling(cfg: &InferBenchConfig, i: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: cfg.seed.wrapping_add(i as u64),
+    }
+}
+
+/// Per-step gate thresholds so that the share of tokens continuing from step r−1 to r is
+/// `cap_r / cap_{r−1}` on sequences sampled from the model (see the module docs). Returns
+/// the thresholds (`-inf` for step 1).
+pub fn calibrate_thresholds(model: &MorModel, cfg: &InferBenchConfig) -> Result<Vec<f64>> {
+    let n = model.plan().num_recursions;
+    let caps = capacities(n);
+    let mut thresholds = vec![f64::NEG_INFINITY; n];
+    // Pass 0: every token runs every step; later passes use the current thresholds and
+    // re-fit each step on the tokens that actually reached the step before it.
+    for pass in 0..3 {
+        let mut cand: Vec<Vec<f32>> = vec![Vec::new(); n];
+        let exit = ExitRule::GateThresholds(if pass == 0 {
+            vec![f64::NEG_INFINITY; n]
+        } else {
+            thresholds.clone()
+        });
+        for s in 0..cfg.calib_sequences {
+            let mut dec = Decoder::new(
+                model,
+                DecodeOptions {
+                    exit: exit.clone(),
+                    ..Default::default()
+                },
+            )?;
+            let mut sampler =
+                mor_models::engine::Sampler::new(sampling(cfg, 10_000 + s), s as u64)?;
+            let mut tok = 0u32;
+            for _ in 0..cfg.calib_len {
+                let st = dec.step(tok)?;
+                for (r, &g) in st.gates.iter().enumerate() {
+                    cand[r].push(g);
+                }
+                tok = sampler.sample(&st.logits)?;
+            }
+        }
+        if pass == 0 {
+            // Nested survivors from the full-depth gates: token t survives step r when its
+            // gates pass every threshold up to r.
+            let tokens = cand[0].len();
+            let mut alive: Vec<usize> = (0..tokens).collect();
+            for r in 1..n {
+                let g: Vec<f32> = alive.iter().map(|&t| cand[r][t]).collect();
+                thresholds[r] = quantile_threshold(&g, caps[r] / caps[r - 1]);
+                alive.retain(|&t| cand[r][t] as f64 >= thresholds[r]);
+            }
+        } else {
+            for r in 1..n {
+                if !cand[r].is_empty() {
+                    thresholds[r] = quantile_threshold(&cand[r], caps[r] / caps[r - 1]);
+                }
+            }
+        }
+    }
+    Ok(thresholds)
+}
+
+/// The threshold that keeps the share `keep` of `g` (values `>=` it).
+fn quantile_threshold(g: &[f32], keep: f64) -> f64 {
+    if g.is_empty() {
+        return f64::NEG_INFINITY;
+    }
+    let mut v: Vec<f32> = g.to_vec();
+    v.sort_by(|a, b| b.total_cmp(a));
+    let k = ((keep * v.len() as f64).round() as usize).clamp(1, v.len());
+    v[k - 1] as f64
+}
+
+struct Timed {
+    tokens: u64,
+    seconds: f64,
+    stats: EngineStats,
+}
+
+fn timed_run(
+    model: &MorModel,
+    cfg: &InferBenchConfig,
+    batch: usize,
+    exit: ExitRule,
+    lens: &[usize],
+) -> Result<Timed> {
+    let batching = if model.plan().num_recursions == 1 {
+        Batching::SequenceWise
+    } else {
+        Batching::DepthWise
+    };
+    let ecfg = EngineConfig {
+        batch_size: batch,
+        max_active: batch,
+        block_tokens: cfg.block_tokens,
+        kv_blocks: 0,
+        exit,
+        max_depth: None,
+        batching,
+    };
+    let mut engine = Engine::new(model, ecfg)?;
+    let warm = gen_lengths(cfg, cfg.warmup_requests, "warmup");
+    for (i, &len) in warm.iter().enumerate() {
+        engine.submit(Request {
+            prompt: vec![0],
+            max_new_tokens: len,
+            sampling: sampling(cfg, 1_000_000 + i),
+            stop_token: None,
+        })?;
+    }
+    engine.run_to_completion()?;
+    let before = engine.stats().clone();
+    for (i, &len) in lens.iter().enumerate() {
+        engine.submit(Request {
+            prompt: vec![0],
+            max_new_tokens: len,
+            sampling: sampling(cfg, i),
+            stop_token: None,
+        })?;
+    }
+    let t0 = Instant::now();
+    let done = engine.run_to_completion()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if let Some(c) = done
+        .iter()
+        .find(|c| matches!(c.finish, mor_models::engine::FinishReason::Error(_)))
+    {
+        return Err(Error::msg(format!(
+            "request {} failed: {:?}",
+            c.id, c.finish
+        )));
+    }
+    let tokens: u64 = done.iter().map(|c| c.tokens.len() as u64).sum();
+    let s = engine.stats();
+    let delta = EngineStats {
+        iterations: s.iterations - before.iterations,
+        block_calls: s.block_calls - before.block_calls,
+        block_items: s.block_items - before.block_items,
+        mixed_depth_calls: s.mixed_depth_calls - before.mixed_depth_calls,
+        exit_calls: s.exit_calls - before.exit_calls,
+        exit_items: s.exit_items - before.exit_items,
+        tokens_generated: s.tokens_generated - before.tokens_generated,
+        stalls: s.stalls - before.stalls,
+        preemptions: s.preemptions - before.preemptions,
+        depth_histogram: s
+            .depth_histogram
+            .iter()
+            .zip(&before.depth_histogram)
+            .map(|(a, b)| a - b)
+            .collect(),
+        kv_bytes_finished: s.kv_bytes_finished - before.kv_bytes_finished,
+        kv_positions_finished: s.kv_positions_finished - before.kv_positions_finished,
+        peak_kv_bytes: s.peak_kv_bytes,
+    };
+    Ok(Timed {
+        tokens,
+        seconds,
+        stats: delta,
+    })
+}
+
+fn param_count(model: &MorModel) -> usize {
+    model
+        .named_vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum()
+}
+
+/// Bytes of one K/V entry (one token at one slot): `2 · hkv · dh · 4`.
+fn entry_bytes(c: &ResolvedConfig) -> f64 {
+    (2 * c.model.num_kv_heads * c.model.head_dim * 4) as f64
+}
+
+fn measure(
+    name: String,
+    setting: &str,
+    model: &MorModel,
+    cfg: &InferBenchConfig,
+    batch: usize,
+    thresholds: &[f64],
+    lens: &[usize],
+) -> Result<ModelReport> {
+    let n = model.plan().num_recursions;
+    let exit = if n > 1 {
+        ExitRule::GateThresholds(thresholds.to_vec())
+    } else {
+        ExitRule::Router
+    };
+    let t = timed_run(model, cfg, batch, exit, lens)?;
+    let hist = &t.stats.depth_histogram;
+    let total: u64 = hist.iter().sum();
+    let depth_distribution: Vec<f64> = (1..=n)
+        .map(|d| hist.get(d).copied().unwrap_or(0) as f64 / total.max(1) as f64)
+        .collect();
+    Ok(ModelReport {
+        name,
+        setting: setting.to_string(),
+        num_recursions: n,
+        layers: model.plan().num_slots(),
+        params: param_count(model),
+        batch_size: batch,
+        tokens: t.tokens,
+        seconds: t.seconds,
+        tokens_per_s: t.tokens as f64 / t.seconds.max(1e-9),
+        vanilla: String::new(),
+        throughput_ratio_vs_vanilla: 1.0,
+        kv_bytes_per_token: t.stats.kv_bytes_per_token(),
+        kv_bytes_ratio_vs_vanilla: 1.0,
+        kv_recursion_ratio_vs_vanilla: 1.0,
+        kv_ratio_formula: if n > 1 {
+            (n as f64 + 1.0) / (2.0 * n as f64)
+        } else {
+            1.0
+        },
+        depth_distribution,
+        target_depth_distribution: vec![1.0 / n as f64; n],
+        thresholds: thresholds.to_vec(),
+        mean_block_occupancy: t.stats.mean_block_occupancy(),
+        mixed_depth_calls: t.stats.mixed_depth_calls,
+        preemptions: t.stats.preemptions,
+    })
+}
+
+/// Fills the ratio fields of `m` against vanilla `v`.
+fn compare(m: &mut ModelReport, v: &ModelReport, mor_cfg: &ResolvedConfig) {
+    m.vanilla = v.name.clone();
+    m.throughput_ratio_vs_vanilla = m.tokens_per_s / v.tokens_per_s.max(1e-9);
+    m.kv_bytes_ratio_vs_vanilla = m.kv_bytes_per_token / v.kv_bytes_per_token.max(1e-9);
+    let e = entry_bytes(mor_cfg);
+    let plan = &mor_cfg.plan;
+    let unique = (plan.num_slots() - plan.base_depth * plan.num_recursions) as f64 * e;
+    let rec_van = v.kv_bytes_per_token - unique;
+    m.kv_recursion_ratio_vs_vanilla = (m.kv_bytes_per_token - unique) / rec_van.max(1e-9);
+}
+
+/// Runs the benchmark; `log` receives one line per step.
+///
+/// # Errors
+/// Bad settings or a failing model.
+pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBenchReport> {
+    cfg.check()?;
+    let _ = mor_models::builtin::link();
+    let lens = gen_lengths(cfg, cfg.requests, "requests");
+    let mean = lens.iter().sum::<usize>() as f64 / lens.len() as f64;
+    let gen_len_stats = (
+        mean,
+        *lens.iter().min().unwrap_or(&0),
+        *lens.iter().max().unwrap_or(&0),
+    );
+    let mut models = Vec::new();
+    let mut kv_budget = 0f64;
+    let mut fixed_vanilla: Vec<ModelReport> = Vec::new();
+    let mut later: Vec<(usize, ResolvedConfig, Vec<f64>, ModelReport)> = Vec::new();
+    for &n in &cfg.recursions {
+        let (mc, vc) = configs(cfg, n)?;
+        let layers = vc.model.num_layers;
+        let vname = format!("vanilla-{layers}");
+        let van = match fixed_vanilla.iter().find(|v| v.name == vname) {
+            Some(v) => v.clone(),
+            None => {
+                log(&format!("{vname}: timing at batch {}", cfg.batch_size));
+                let vm = MorModel::new(&vc)?;
+                let mut r = measure(vname.clone(), "fixed", &vm, cfg, cfg.batch_size, &[], &lens)?;
+                r.vanilla = vname.clone();
+                fixed_vanilla.push(r.clone());
+                models.push(r.clone());
+                r
+            }
+        };
+        let mm = MorModel::new(&mc)?;
+        log(&format!("mor-{n}: calibrating exit thresholds"));
+        let th = calibrate_thresholds(&mm, cfg)?;
+        log(&format!("mor-{n}: timing at batch {}", cfg.batch_size));
+        let mut r = measure(
+            format!("mor-{n}"),
+            "fixed",
+            &mm,
+            cfg,
+            cfg.batch_size,
+            &th,
+            &lens,
+        )?;
+        compare(&mut r, &van, &mc);
+        models.push(r.clone());
+        kv_budget = van.kv_bytes_per_token * cfg.batch_size as f64 * mean;
+        later.push((n, mc, th, van));
+    }
+    if cfg.relative_max {
+        for (n, mc, th, van) in later {
+            let mr = models
+                .iter()
+                .find(|m| m.name == format!("mor-{n}"))
+                .cloned();
+            let Some(mr) = mr else { continue };
+            // maxB from a fixed KV budget: B · (vanilla bytes per token / MoR bytes per token).
+            let b = ((cfg.batch_size as f64 * van.kv_bytes_per_token
+                / mr.kv_bytes_per_token.max(1e-9))
+            .round() as usize)
+                .max(1);
+            let mm = MorModel::new(&mc)?;
+            log(&format!("mor-{n}: timing at relative-max batch {b}"));
+            let mut r = measure(format!("mor-{n}"), "relative_max", &mm, cfg, b, &th, &lens)?;
+            compare(&mut r, &van, &mc);
+            models.push(r);
+        }
+    }
+    Ok(InferBenchReport {
+        config: cfg.clone(),
+        gen_len_stats,
+        kv_budget_bytes: kv_budget,
+        models,
+    })
+}
+
+/// A plain-text table of the report.
+pub fn render_text(r: &InferBenchReport) -> String {
+    let c = &r.config;
+    let mut s = String::new();
+    s.push_str(&format!(
+        "inference throughput (spec §5, CPU scale): preset {}, context {}, threads {}, {} requests, \
+         generation length ~ N({}, {}) -> mean {:.1}, min {}, max {}, fixed batch {}\n",
+        c.preset, c.context, c.threads, c.requests, c.gen_len_mean, c.gen_len_std, r.gen_len_stats.0, r.gen_len_stats.1,
+        r.gen_len_stats.2, c.batch_size
+    ));
+    s.push_str(&format!(
+        "relative-max KV budget: {:.1} MiB (vanilla at batch {} and mean length)\n\n",
+        r.kv_budget_bytes / (1 << 20) as f64,
+        c.batch_size
+    ));
+    s.push_str(&format!(
+        "{:<12} {:<13} {:>6} {:>5} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}  {}\n",
+        "model",
+        "setting",
+        "layers",
+        "batch",
+        "tokens/s",
+        "x vanilla",
+        "KV B/tok",
+        "KV x van",
+        "KV rec x",
+        "formula",
+        "occupancy",
+        "preempt",
+        "depth distribution"
+    ));
+    for m in &r.models {
+        let dist: Vec<String> = m
+            .depth_distribution
+            .iter()
+            .map(|x| format!("{:.2}", x))
+            .collect();
+        s.push_str(&format!(
+            "{:<12} {:<13} {:>6} {:>5} {:>9.1} {:>9.3} {:>8.0} {:>8.3} {:>9.3} {:>8.3} {:>8.1} {:>7}  [{}]\n",
+            m.name,
+            m.setting,
+            m.layers,
+            m.batch_size,
+            m.tokens_per_s,
+            m.throughput_ratio_vs_vanilla,
+            m.kv_bytes_per_token,
+            m.kv_bytes_ratio_vs_vanilla,
+            m.kv_recursion_ratio_vs_vanilla,
+            m.kv_ratio_formula,
+            m.mean_block_occupancy,
+            m.preemptions,
+            dist.join(", ")
+        ));
+    }
+    s.push_str(
+        "\nx vanilla: throughput over the vanilla model of equal unrolled depth in the same run order; \
+         KV x van: measured K/V bytes per token over vanilla's (whole model); KV rec x: the same over the \
+         recursion blocks only, to compare with spec §4's formula (N_r+1)/(2N_r). Exit thresholds are \
+         calibrated per step on the untrained routers to the capacity schedule (target depth distribution \
+         1/N_r each).\n",
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> InferBenchConfig {
+        InferBenchConfig {
+            requests: 6,
+            gen_len_mean: 8.0,
+            gen_len_std: 3.0,
+            batch_size: 3,
+            warmup_requests: 1,
+            preset: "micro".into(),
+            base_layers: 5,
+            context: 32,
+            recursions: vec![3],
+            block_tokens: 4,
+            calib_sequences: 4,
+            calib_len: 24,
+            ..InferBenchConfig::default()
+        }
+    }
+
+    #[test]
+    fn quantile_threshold_keeps_the_requested_share() {
+        let g: Vec<f32> = (0..100).map(|i| i as f32 / 100.0).collect();
+        let t = quantile_threshold(&g, 0.25);
+        assert_eq!(g.iter().filter(|&&x| x as f64 >= t).count(), 25);
+        assert_eq!(quantile_threshold(&g, 1.0), 0.0);
+        assert_eq!(quantile_threshold(&[], 0.5), f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn calibrated_thresholds_realise_the_capacity_schedule() {
+        let cfg = tiny();
+        let (mc, _) = configs(&cfg, 3).unwrap();
+        let model = MorModel::new(&mc).unwrap();
+        let th = calibrate_thresholds(&model, &cfg).unwrap();
+        assert_eq!(th[0], f64::NEG_INFINITY);
+        // Decode the calibration sequences with the thresholds: depth d has share ~1/3.
+        let mut hist = [0usize; 4];
+        for s in 0..cfg.calib_sequences {
+            let exit = ExitRule::GateThresholds(th.clone());
+            let mut dec = Decoder::new(
+                &model,
+                DecodeOptions {
+                    exit,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let mut sampler =
+                mor_models::engine::Sampler::new(sampling(&cfg, 10_000 + s), s as u64).unwrap();
+            let mut tok = 0;
+            for _ in 0..cfg.calib_len {
+                let st = dec.step(tok).unwrap();
+                hist[st.depth] += 1;
+                tok = sampler.sample(&st.logits).unwrap();
+            }
+        }
+        let n = (cfg.calib_sequences * cfg.calib_len) as f64;
+        assert_eq!(hist[0], 0);
+        for d in 1..=3 {
+            let share = hist[d] as f64 / n;
+            assert!(
+                (share - 1.0 / 3.0).abs() < 0.12,
+                "depth {d}: share {share} ({hist:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn report_numbers_are_consistent() {
+        let cfg = tiny();
+        let r = run(&cfg, &mut |_| {}).unwrap();
+        let names: Vec<(&str, &str)> = r
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), m.setting.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("vanilla-5", "fixed"),
+                ("mor-3", "fixed"),
+                ("mor-3", "relative_max")
+            ]
+        );
+        let lens = gen_lengths(&cfg, cfg.requests, "requests");
+        let total: usize = lens.iter().sum();
+        let (mc, vc) = configs(&cfg, 3).unwrap();
+        let e = entry_bytes(&mc);
+        let van = &r.models[0];
+        assert_eq!(van.tokens as usize, total);
+        assert_eq!(van.throughput_ratio_vs_vanilla, 1.0);
+        // Vanilla stores one entry per layer and position.
+        assert_eq!(van.kv_bytes_per_token, vc.model.num_layers as f64 * e);
+        assert_eq!(van.depth_distribution, vec![1.0]);
+        for m in &r.models[1..] {
+            assert_eq!(m.tokens as usize, total);
+            assert!(
+                (m.throughput_ratio_vs_vanilla - m.tokens_per_s / van.tokens_per_s).abs() < 1e-12
+            );
+            // Bytes per token = (prelude + coda + B_d·depth) entries: the recursion ratio is
+            // the mean depth over N_r.
+            let mean_depth: f64 = m
+                .depth_distribution
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i + 1) as f64 * p)
+                .sum();
+            assert!((m.kv_recursion_ratio_vs_vanilla - mean_depth / 3.0).abs() < 1e-9);
+            assert!(
+                (m.kv_bytes_ratio_vs_vanilla - m.kv_bytes_per_token / van.kv_bytes_per_token).abs()
+                    < 1e-12
+            );
+            assert!((m.kv_ratio_formula - 4.0 / 6.0).abs() < 1e-12);
+            assert!((m.depth_distribution.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+            assert_eq!(m.thresholds.len(), 3);
+        }
+        let max = &r.models[2];
+        let want = (cfg.batch_size as f64 * van.kv_bytes_per_token / r.models[1].kv_bytes_per_token)
+            .round() as usize;
+        assert_eq!(max.batch_size, want);
+        assert!(
+            max.batch_size > cfg.batch_size,
+            "early exits must free KV memory for a larger batch"
+        );
+        let text = render_text(&r);
+        assert!(text.contains("mor-3") && text.contains("relative_max"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["models"][1]["throughput_ratio_vs_vanilla"].is_number());
+        assert!(json["models"][1]["kv_bytes_ratio_vs_vanilla"].is_number());
+    }
+}

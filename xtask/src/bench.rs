@@ -1,0 +1,66 @@
+//! `cargo xtask bench infer [--json] [--threads N] [--requests N] [--batch N] [--gen-len N]
+//! [--quick]`: the inference throughput benchmark of spec §5 at CPU scale (the harness is
+//! `mor_bench::infer`): tokens/s of vanilla and of expert-choice MoR with `N_r = 2, 3, 4`
+//! (continuous depth-wise batching, calibrated early exits), their ratios, the measured KV
+//! bytes per token against spec §4's `(N_r + 1)/(2 N_r)`, at a fixed batch and at the
+//! largest batch a KV budget holds.
+
+use mor_bench::infer::{render_text, run, InferBenchConfig};
+
+/// Flags of `bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Which benchmark (`infer`).
+    #[arg(value_parser = ["infer"])]
+    which: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Rayon / matmul threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Timed requests per run.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Fixed batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Mean generation length.
+    #[arg(long)]
+    gen_len: Option<f64>,
+    /// A short run (smoke test).
+    #[arg(long)]
+    quick: bool,
+    /// Skip the relative-max batch setting.
+    #[arg(long)]
+    fixed_only: bool,
+}
+
+/// Runs `bench`.
+pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
+    let mut cfg = if args.quick {
+        InferBenchConfig::quick()
+    } else {
+        InferBenchConfig::default()
+    };
+    cfg.threads = args.threads.max(1);
+    if let Some(n) = args.requests {
+        cfg.requests = n;
+    }
+    if let Some(b) = args.batch {
+        cfg.batch_size = b;
+    }
+    if let Some(g) = args.gen_len {
+        cfg.gen_len_std = cfg.gen_len_std * g / cfg.gen_len_mean;
+        cfg.gen_len_mean = g;
+    }
+    cfg.relative_max = !args.fixed_only;
+    mor_models::run::set_threads(cfg.threads);
+    let report = run(&cfg, &mut |line| eprintln!("bench: {line}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_text(&report));
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `cargo xtask generate --run DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]
+//! [--top-p P] [--seed S] [--show-depth] [--color] [--threads N]`: loads a trained run and
+//! streams generated text to stdout (spec §5), optionally annotating every token with the
+//! recursion depth that produced it (`token[2]`, or ANSI colours by depth).
+
+use anyhow::Context;
+use mor_core::config::{Config, ResolvedConfig};
+use mor_models::engine::{
+    encode_prompt, Engine, EngineConfig, Event, FinishReason, Request, SamplingParams,
+};
+use mor_models::tokenizer::Tokenizer;
+use mor_models::MorModel;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Flags of `generate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A run folder written by `train` (holds config.toml or config.json, model.safetensors
+    /// and tokenizer.json).
+    #[arg(long)]
+    run: PathBuf,
+    /// The prompt text (UTF-8).
+    #[arg(long, value_parser = clap::value_parser!(OsString))]
+    prompt: OsString,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy; default: the run's `infer.temperature`).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Keep the K most likely tokens (0 = all; default: the run's `infer.top_k`).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling probability (1 = off; default: the run's `infer.top_p`).
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Annotate every generated token with its depth, as `token[d]`.
+    #[arg(long)]
+    show_depth: bool,
+    /// Colour every generated token by its depth (ANSI).
+    #[arg(long)]
+    color: bool,
+    /// Stop at the tokenizer's end-of-text token.
+    #[arg(long)]
+    stop_at_eos: bool,
+    /// Rayon / matmul threads (decoding is fastest with 1 on small machines).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// Reads a run's config: `config.toml` when present, else the resolved `config.json`.
+pub fn load_run_config(dir: &Path) -> anyhow::Result<ResolvedConfig> {
+    let toml_path = dir.join("config.toml");
+    let json_path = dir.join("config.json");
+    if toml_path.exists() {
+        let text =
+            std::fs::read_to_string(&toml_path).with_context(|| toml_path.display().to_string())?;
+        Ok(Config::from_toml_str(&text).with_context(|| toml_path.display().to_string())?)
+    } else if json_path.exists() {
+        let text =
+            std::fs::read_to_string(&json_path).with_context(|| json_path.display().to_string())?;
+        Ok(serde_json::from_str(&text).with_context(|| json_path.display().to_string())?)
+    } else {
+        anyhow::bail!(
+            "{} is not a run folder (no config.toml or config.json)",
+            dir.display()
+        )
+    }
+}
+
+const COLOURS: [&str; 6] = [
+    "\x1b[34m", "\x1b[32m", "\x1b[33m", "\x1b[35m", "\x1b[31m", "\x1b[36m",
+];
+
+/// Runs `generate`.
+pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
+    let dir = &args.run;
+    let cfg = load_run_config(dir)?;
+    mor_models::run::set_threads(args.threads);
+    let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let model = MorModel::new(&cfg)?;
+    mor_models::checkpoint::load_model(dir, &model.named_vars())
+        .with_context(|| format!("loading the weights of {}", dir.display()))?;
+    let prompt = encode_prompt(&tok, args.prompt.as_encoded_bytes())?;
+    let sampling = SamplingParams {
+        temperature: args.temperature.unwrap_or(cfg.infer.temperature),
+        top_k: args.top_k.unwrap_or(cfg.infer.top_k),
+        top_p: args.top_p.unwrap_or(cfg.infer.top_p),
+        seed: args.seed,
+    };
+    let ecfg = EngineConfig {
+        batch_size: 1,
+        max_depth: Some(cfg.infer.max_depth.clamp(1, cfg.plan.num_recursions)),
+        ..Default::default()
+    };
+    let mut engine = Engine::new(&model, ecfg)?;
+    let stop_token = args.stop_at_eos.then(|| tok.eos_id());
+    engine.submit(Request {
+        prompt,
+        max_new_tokens: args.max_tokens,
+        sampling,
+        stop_token,
+    })?;
+    let mut out = std::io::stdout().lock();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = String::new();
+    while !engine.is_idle() {
+        for ev in engine.step()? {
+            match ev {
+                Event::Token { token, depth, .. } => {
+                    generated.push(token);
+                    // Decode the whole generation and print what is new, so multi-byte
+                    // characters split across tokens come out whole.
+                    let text = tok.decode(&generated).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let new = text
+                        .strip_prefix(printed.as_str())
+                        .unwrap_or(&text)
+                        .to_string();
+                    if args.color {
+                        let c = COLOURS[(depth as usize).saturating_sub(1) % COLOURS.len()];
+                        write!(out, "{c}{new}\x1b[0m")?;
+                    } else {
+                        write!(out, "{new}")?;
+                    }
+                    if args.show_depth {
+                        write!(out, "[{depth}]")?;
+                    }
+                    out.flush()?;
+                    printed = text;
+                }
+                Event::Finished(c) => {
+                    writeln!(out)?;
+                    if let FinishReason::Error(e) = &c.finish {
+                        anyhow::bail!("generation failed: {e}");
+                    }
+                    if args.show_depth || args.color {
+                        let n = c.depths.len().max(1) as f64;
+                        let mean = c.depths.iter().map(|&d| d as f64).sum::<f64>() / n;
+                        eprintln!(
+                            "{} tokens, finish: {:?}, mean depth {mean:.2} of {}",
+                            c.tokens.len(),
+                            c.finish,
+                            cfg.plan.num_recursions
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

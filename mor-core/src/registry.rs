@@ -216,7 +216,7 @@ inventory::collect!(PluginInfo);
 pub enum RegistryError {
     /// No plugin of that family has this name.
     #[error(
-        "unknown {family} `{name}`; registered {family}s: {}. A plugin from another crate is \
+        "unknown {family} `{name}`; registered {family} plugins: {}. A plugin from another crate is \
          only visible when that crate is linked: add `use <plugin_crate> as _;` to your binary \
          or test (see README, \"Writing your own strategy\")",
         if registered.is_empty() { "(none)".to_string() } else { registered.join(", ") }

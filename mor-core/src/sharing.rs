@@ -12,6 +12,21 @@ use std::fmt;
 /// `plan` must give every slot exactly one block in `0..num_blocks`, use every block at
 /// least once, and mark slots as prelude / recursion / coda. It returns an error (never
 /// panics) when the request cannot be planned (e.g. `N_r` larger than the layers allow).
+///
+/// # Examples
+/// ```
+/// use mor_core::plan::{DepthFix, PlanRequest, Segment};
+///
+/// // Middle-Cycle, 9 layers, N_r = 3 (spec §2): unique first and last layers around a
+/// // shared block of (9 - 2) / 3 -> 3 layers (add_layers rounds up: 1 + 3·3 + 1 = 11 slots).
+/// let req = PlanRequest { num_layers: 9, num_recursions: 3, depth_fix: DepthFix::AddLayers };
+/// let plan = mor_core::sharing::plan("middle_cycle", &toml::Table::new(), &req)?;
+/// let blocks: Vec<usize> = plan.slots.iter().map(|s| s.block).collect();
+/// assert_eq!(blocks, [0, 1, 2, 3, 1, 2, 3, 1, 2, 3, 4]);
+/// assert_eq!(plan.slots[0].segment, Segment::Prelude);
+/// assert_eq!(plan.slots[4].segment, Segment::Recursion { step: 2, layer: 0 });
+/// # Ok::<(), mor_core::Error>(())
+/// ```
 pub trait SharingStrategy: Send + Sync + fmt::Debug {
     /// The registered name.
     fn name(&self) -> &'static str;

@@ -41,6 +41,26 @@ pub const PAD_POS: u32 = u32::MAX;
 /// - Position tensors are `u32`; [`PAD_POS`] marks padding.
 /// - Floating-point inputs are f32 or f64 (f64 is used by finite-difference tests);
 ///   outputs have the input dtype.
+///
+/// # Examples
+/// Build a backend by name and run the gather → block → weighted scatter-add of one
+/// recursion step on plain candle tensors:
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use mor_kernels::{build_backend, Backend, BackendCtx};
+///
+/// let be = build_backend("cpu", &toml::Table::new(), &BackendCtx { device: Device::Cpu })?;
+/// let h = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((1, 4, 3))?; // [b, l, d]
+/// let idx = Tensor::new(&[[1u32, 3]], &Device::Cpu)?; // the selected tokens, ascending
+/// let x = be.gather_tokens(&h, &idx)?; // [1, 2, 3]
+/// let w = be.rms_norm(&x, &Tensor::ones(3, candle_core::DType::F32, &Device::Cpu)?, 1e-5)?;
+/// let g = Tensor::new(&[[0.5f32, 0.1]], &Device::Cpu)?; // router gates
+/// let out = be.scatter_add_tokens(&h, &idx, &w, Some(&g))?;
+/// let rows = out.to_vec3::<f32>()?;
+/// assert_eq!(rows[0][0], [0.0, 1.0, 2.0]); // unselected tokens are unchanged
+/// assert!((rows[0][1][0] - (3.0 + 0.5 * w.to_vec3::<f32>()?[0][0][0])).abs() < 1e-6);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Backend: Send + Sync + fmt::Debug {
     /// The registered name.
     fn name(&self) -> &'static str;

@@ -69,6 +69,36 @@ pub struct KvCost {
 /// [`KvPolicy::training_kv`] returns the keys/values the selected queries attend to
 /// (causally, by position). It must never read a step that was not written: `first` is only
 /// passed when `keeps_first_step()` and every token ran step 1.
+/// # Examples
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use mor_kvcache::{KvPolicy, RecursionWise, RecursiveSharing, StepKv};
+///
+/// let dev = Device::Cpu;
+/// // K/V of the tokens at `pos`: k, v `[b = 1, hkv = 1, n, dh = 2]`, pos `[1, n]`.
+/// let kv = |pos: &[u32]| -> candle_core::Result<StepKv> {
+///     let n = pos.len();
+///     Ok(StepKv {
+///         k: Tensor::ones((1, 1, n, 2), DType::F32, &dev)?,
+///         v: Tensor::ones((1, 1, n, 2), DType::F32, &dev)?,
+///         pos: Tensor::new(pos, &dev)?.unsqueeze(0)?,
+///     })
+/// };
+/// let first = kv(&[0, 1, 2, 3])?; // step 1: every token
+/// let selected = Tensor::new(&[[1u32, 3]], &dev)?; // the queries of step 2
+/// let fresh = kv(&[1, 3])?;
+/// // Recursion-wise caching: step 2 attends to the tokens of step 2 only.
+/// let rw = RecursionWise::new(2)?;
+/// assert!(rw.projects_kv(2) && !rw.keeps_first_step());
+/// assert_eq!(rw.training_kv(2, Some(&fresh), None, &selected)?.pos.to_vec2::<u32>()?, [[1, 3]]);
+/// // Recursive sharing: step 2 projects nothing and reads the step-1 K/V of every token.
+/// let rs = RecursiveSharing::new(2)?;
+/// assert!(!rs.projects_kv(2) && rs.keeps_first_step());
+/// assert_eq!(rs.training_kv(2, None, Some(&first), &selected)?.pos.to_vec2::<u32>()?, [[0, 1, 2, 3]]);
+/// // Reading a step-1 K/V the policy never kept is an error, not a wrong answer.
+/// assert!(rw.training_kv(2, Some(&fresh), Some(&first), &selected).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait KvPolicy: Send + Sync + fmt::Debug {
     /// The registered name.
     fn name(&self) -> &'static str;

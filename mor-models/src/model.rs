@@ -19,7 +19,7 @@
 //!
 //! Parameters tied by the sharing strategy have one storage: the model keeps one set of
 //! `Var`s per unique block and every slot that uses the block reads the same `Var`s (the
-//! reference code once lost these ties, spec §8 [I#17]; a test guards it).
+//! reference code once lost these ties, spec §8, \[I#17\]; a test guards it).
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};

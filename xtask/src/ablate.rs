@@ -37,7 +37,7 @@ pub struct Args {
     /// Training data for every run (overrides `data.source`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Output folder (default: runs/ablate-<grid name>).
+    /// Output folder (default: `runs/ablate-<grid name>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only list the runs the grid expands into.

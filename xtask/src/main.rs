@@ -14,6 +14,7 @@ mod ablate;
 mod bench;
 mod eval;
 mod generate;
+mod gpu_check;
 mod list;
 mod plan;
 mod train;
@@ -42,6 +43,8 @@ enum Command {
     Eval(eval::Args),
     /// Train, evaluate and compare every run of an ablation grid; writes results.md and plots.
     Ablate(ablate::Args),
+    /// Check every CUDA kernel against the CPU reference and time it (needs `--features cuda` and a GPU).
+    GpuCheck(gpu_check::Args),
     /// Generate text from a trained run, streaming tokens (optionally with their depths).
     Generate(generate::Args),
     /// Run a benchmark (`infer`: inference throughput and KV memory, spec §5).
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train::run_cmd(&args),
         Command::Eval(args) => eval::run_cmd(&args),
         Command::Ablate(args) => ablate::run_cmd(&args),
+        Command::GpuCheck(args) => gpu_check::run_cmd(&args),
         Command::Generate(args) => generate::run_cmd(&args),
         Command::Bench(args) => bench::run_cmd(&args),
     }

@@ -15,7 +15,7 @@ pub struct Args {
     /// (overrides `data.source`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Run folder (default: runs/<config name>).
+    /// Run folder (default: `runs/<config name>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue from the run folder's latest checkpoint.

@@ -45,7 +45,7 @@ fn an_unlinked_plugin_is_unknown_with_a_helpful_error() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
-        "`router.kind` = \"entropy_router\": unknown router `entropy_router`; registered routers: expert_choice, token_choice.",
+        "`router.kind` = \"entropy_router\": unknown router `entropy_router`; registered router plugins: expert_choice, token_choice.",
         "`kv.kind` = \"strided_kv\": unknown kv_policy `strided_kv`; registered ",
         ": hybrid, recursion_wise, recursive_sharing.",
         "A plugin from another crate is only visible when that crate is linked: add `use <plugin_crate> as _;` to your binary or test",

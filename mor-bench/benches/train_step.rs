@@ -39,16 +39,33 @@ fn bench(c: &mut Criterion) {
     let mut rng = mor_core::rng::Rng::new(1);
     let ids: Vec<u32> = (0..B * T).map(|_| rng.below(4096) as u32).collect();
     let x = Tensor::from_vec(ids.clone(), (B, T), &Device::Cpu).unwrap();
-    let y = Tensor::from_vec(ids.iter().map(|i| (i + 1) % 4096).collect::<Vec<_>>(), (B, T), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(
+        ids.iter().map(|i| (i + 1) % 4096).collect::<Vec<_>>(),
+        (B, T),
+        &Device::Cpu,
+    )
+    .unwrap();
     for mor in [false, true] {
         for backend in ["cpu", "reference"] {
             let model = MorModel::new(&config(backend, mor)).unwrap();
             let mut opt = AdamW::new(
-                AdamWConfig { lr: 1e-3, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 },
-                model.named_vars().into_iter().map(|(n, v)| (n, v, true)).collect(),
+                AdamWConfig {
+                    lr: 1e-3,
+                    betas: (0.9, 0.95),
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                },
+                model
+                    .named_vars()
+                    .into_iter()
+                    .map(|(n, v)| (n, v, true))
+                    .collect(),
             )
             .unwrap();
-            let name = format!("{}/{backend}", if mor { "mor_expert_nr2" } else { "vanilla" });
+            let name = format!(
+                "{}/{backend}",
+                if mor { "mor_expert_nr2" } else { "vanilla" }
+            );
             g.bench_function(name, |bch| {
                 bch.iter(|| {
                     let out = model.forward(&x, RouteMode::Train).unwrap();

@@ -25,14 +25,28 @@ fn main() {
     let cfg = Config::from_toml_str(&text).unwrap();
     let model = MorModel::new(&cfg).unwrap();
     let mut opt = AdamW::new(
-        AdamWConfig { lr: 1e-3, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 },
-        model.named_vars().into_iter().map(|(n, v)| (n, v, true)).collect(),
+        AdamWConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        model
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v, true))
+            .collect(),
     )
     .unwrap();
     let mut rng = mor_core::rng::Rng::new(1);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.below(4096) as u32).collect();
     let x = Tensor::from_vec(ids.clone(), (b, t), &Device::Cpu).unwrap();
-    let y = Tensor::from_vec(ids.iter().map(|i| (i + 1) % 4096).collect::<Vec<_>>(), (b, t), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(
+        ids.iter().map(|i| (i + 1) % 4096).collect::<Vec<_>>(),
+        (b, t),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut tot = [0f64; 4];
     for s in 0..steps + 1 {
         let t0 = Instant::now();

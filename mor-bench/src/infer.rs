@@ -30,8 +30,7 @@
 use mor_core::config::{Config, ResolvedConfig};
 use mor_core::rng::Rng;
 use mor_models::engine::{
-    Batching, DecodeOptions, Decoder, Engine, EngineConfig, EngineStats, ExitRule, Request,
-    SamplingParams,
+    Batching, Engine, EngineConfig, EngineStats, ExitRule, Request, SamplingParams,
 };
 use mor_models::{Error, MorModel, Result};
 use std::time::Instant;
@@ -63,10 +62,10 @@ pub struct InferBenchConfig {
     pub recursions: Vec<usize>,
     /// Tokens per KV block.
     pub block_tokens: usize,
-    /// Sequences of the threshold calibration.
-    pub calib_sequences: usize,
-    /// Tokens per calibration sequence.
-    pub calib_len: usize,
+    /// Requests of the threshold calibration (lengths drawn like the timed ones).
+    pub calib_requests: usize,
+    /// Calibration passes (the first fits on full-depth gates, later ones re-fit).
+    pub calib_passes: usize,
     /// Also run the relative-max batch setting.
     pub relative_max: bool,
 }
@@ -86,8 +85,8 @@ impl Default for InferBenchConfig {
             context: 256,
             recursions: vec![2, 3, 4],
             block_tokens: 16,
-            calib_sequences: 8,
-            calib_len: 64,
+            calib_requests: 32,
+            calib_passes: 3,
             relative_max: true,
         }
     }
@@ -102,8 +101,8 @@ impl InferBenchConfig {
             gen_len_std: 8.0,
             batch_size: 8,
             warmup_requests: 2,
-            calib_sequences: 4,
-            calib_len: 32,
+            calib_requests: 16,
+            calib_passes: 3,
             ..Self::default()
         }
     }
@@ -134,8 +133,8 @@ impl InferBenchConfig {
                 self.recursions
             ));
         }
-        if self.calib_sequences == 0 || self.calib_len == 0 || self.calib_len > self.context {
-            return bad("calib_sequences must be >= 1 and calib_len in 1..=context".into());
+        if self.calib_requests == 0 || self.calib_passes == 0 {
+            return bad("calib_requests and calib_passes must be >= 1".into());
         }
         Ok(())
     }
@@ -254,52 +253,66 @@ fn sampling(cfg: &InferBenchConfig, i: usize) -> SamplingParams {
     }
 }
 
+/// The untimed calibration requests: run-like lengths, other seeds.
+fn calibration_requests(cfg: &InferBenchConfig) -> Vec<Request> {
+    gen_lengths(cfg, cfg.calib_requests, "calibration")
+        .into_iter()
+        .enumerate()
+        .map(|(i, len)| Request {
+            prompt: vec![0],
+            max_new_tokens: len,
+            sampling: sampling(cfg, 10_000 + i),
+            stop_token: None,
+        })
+        .collect()
+}
+
 /// Per-step gate thresholds so that the share of tokens continuing from step r−1 to r is
-/// `cap_r / cap_{r−1}` on sequences sampled from the model (see the module docs). Returns
-/// the thresholds (`-inf` for step 1).
+/// `cap_r / cap_{r−1}` on requests like the timed ones (see the module docs). Returns the
+/// thresholds (`-inf` for step 1, whose capacity is 1).
+///
+/// Pass 0 lets every token run every step and fits the thresholds one step after the other
+/// on the tokens that pass the earlier ones; each later pass decodes with the current
+/// thresholds and re-fits every step on the tokens that actually reached it (hidden states
+/// change once other tokens exit, since attention at step r sees only step-r tokens).
 pub fn calibrate_thresholds(model: &MorModel, cfg: &InferBenchConfig) -> Result<Vec<f64>> {
     let n = model.plan().num_recursions;
     let caps = capacities(n);
     let mut thresholds = vec![f64::NEG_INFINITY; n];
-    // Pass 0: every token runs every step; later passes use the current thresholds and
-    // re-fit each step on the tokens that actually reached the step before it.
-    for pass in 0..3 {
-        let mut cand: Vec<Vec<f32>> = vec![Vec::new(); n];
-        let exit = ExitRule::GateThresholds(if pass == 0 {
-            vec![f64::NEG_INFINITY; n]
-        } else {
-            thresholds.clone()
-        });
-        for s in 0..cfg.calib_sequences {
-            let mut dec = Decoder::new(
-                model,
-                DecodeOptions {
-                    exit: exit.clone(),
-                    ..Default::default()
-                },
-            )?;
-            let mut sampler =
-                mor_models::engine::Sampler::new(sampling(cfg, 10_000 + s), s as u64)?;
-            let mut tok = 0u32;
-            for _ in 0..cfg.calib_len {
-                let st = dec.step(tok)?;
-                for (r, &g) in st.gates.iter().enumerate() {
-                    cand[r].push(g);
-                }
-                tok = sampler.sample(&st.logits)?;
-            }
+    for pass in 0..cfg.calib_passes.max(1) {
+        let ecfg = EngineConfig {
+            batch_size: cfg.batch_size,
+            block_tokens: cfg.block_tokens,
+            exit: ExitRule::GateThresholds(thresholds.clone()),
+            record_gates: true,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(model, ecfg)?;
+        for rq in calibration_requests(cfg) {
+            engine.submit(rq)?;
         }
+        engine.run_to_completion()?;
         if pass == 0 {
-            // Nested survivors from the full-depth gates: token t survives step r when its
-            // gates pass every threshold up to r.
-            let tokens = cand[0].len();
-            let mut alive: Vec<usize> = (0..tokens).collect();
+            // Every token was scored at every step: gates per token, then nested survivors.
+            let mut per_token: std::collections::BTreeMap<(u64, u32), Vec<f32>> =
+                Default::default();
+            for g in engine.gate_trace() {
+                let v = per_token
+                    .entry((g.id, g.pos))
+                    .or_insert_with(|| vec![f32::NAN; n]);
+                v[g.step - 1] = g.gate;
+            }
+            let mut alive: Vec<&Vec<f32>> = per_token.values().collect();
             for r in 1..n {
-                let g: Vec<f32> = alive.iter().map(|&t| cand[r][t]).collect();
+                let g: Vec<f32> = alive.iter().map(|v| v[r]).collect();
                 thresholds[r] = quantile_threshold(&g, caps[r] / caps[r - 1]);
-                alive.retain(|&t| cand[r][t] as f64 >= thresholds[r]);
+                alive.retain(|v| v[r] as f64 >= thresholds[r]);
             }
         } else {
+            let mut cand: Vec<Vec<f32>> = vec![Vec::new(); n];
+            for g in engine.gate_trace() {
+                cand[g.step - 1].push(g.gate);
+            }
             for r in 1..n {
                 if !cand[r].is_empty() {
                     thresholds[r] = quantile_threshold(&cand[r], caps[r] / caps[r - 1]);
@@ -347,6 +360,7 @@ fn timed_run(
         exit,
         max_depth: None,
         batching,
+        record_gates: false,
     };
     let mut engine = Engine::new(model, ecfg)?;
     let warm = gen_lengths(cfg, cfg.warmup_requests, "warmup");
@@ -643,8 +657,8 @@ mod tests {
             context: 32,
             recursions: vec![3],
             block_tokens: 4,
-            calib_sequences: 4,
-            calib_len: 24,
+            calib_requests: 16,
+            calib_passes: 3,
             ..InferBenchConfig::default()
         }
     }
@@ -665,33 +679,25 @@ mod tests {
         let model = MorModel::new(&mc).unwrap();
         let th = calibrate_thresholds(&model, &cfg).unwrap();
         assert_eq!(th[0], f64::NEG_INFINITY);
-        // Decode the calibration sequences with the thresholds: depth d has share ~1/3.
-        let mut hist = [0usize; 4];
-        for s in 0..cfg.calib_sequences {
-            let exit = ExitRule::GateThresholds(th.clone());
-            let mut dec = Decoder::new(
-                &model,
-                DecodeOptions {
-                    exit,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let mut sampler =
-                mor_models::engine::Sampler::new(sampling(&cfg, 10_000 + s), s as u64).unwrap();
-            let mut tok = 0;
-            for _ in 0..cfg.calib_len {
-                let st = dec.step(tok).unwrap();
-                hist[st.depth] += 1;
-                tok = sampler.sample(&st.logits).unwrap();
-            }
+        assert!(th[1..].iter().all(|t| t.is_finite()), "{th:?}");
+        // Decode the calibration requests with the thresholds: depth d has share ~1/3.
+        let ecfg = EngineConfig {
+            batch_size: cfg.batch_size,
+            exit: ExitRule::GateThresholds(th.clone()),
+            ..Default::default()
+        };
+        let mut engine = Engine::new(&model, ecfg).unwrap();
+        for rq in calibration_requests(&cfg) {
+            engine.submit(rq).unwrap();
         }
-        let n = (cfg.calib_sequences * cfg.calib_len) as f64;
+        engine.run_to_completion().unwrap();
+        let hist = &engine.stats().depth_histogram;
+        let n: u64 = hist.iter().sum();
         assert_eq!(hist[0], 0);
         for d in 1..=3 {
-            let share = hist[d] as f64 / n;
+            let share = hist[d] as f64 / n as f64;
             assert!(
-                (share - 1.0 / 3.0).abs() < 0.12,
+                (share - 1.0 / 3.0).abs() < 0.08,
                 "depth {d}: share {share} ({hist:?})"
             );
         }

@@ -33,7 +33,10 @@ fn duplicate_names_are_reported_with_both_modules() {
     let err = registry::find(Family::Backend, "twin").unwrap_err();
     assert!(matches!(err, RegistryError::Duplicate { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("dup_tests::first") && msg.contains("dup_tests::second"), "{msg}");
+    assert!(
+        msg.contains("dup_tests::first") && msg.contains("dup_tests::second"),
+        "{msg}"
+    );
     let all = registry::duplicates();
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!(registry::names(Family::Backend), vec!["twin".to_string()]);

@@ -30,23 +30,29 @@ pub struct BackendEntry {
 
 impl fmt::Debug for BackendEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BackendEntry").field("name", &self.name).finish()
+        f.debug_struct("BackendEntry")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
 fn build_erased<T: BackendPlugin>(p: &toml::Table, ctx: &BackendCtx) -> Result<Arc<dyn Backend>> {
-    let params: T::Params = mor_core::registry::parse_params(p).map_err(|msg| mor_core::Error::Plugin {
-        family: Family::Backend,
-        name: T::NAME.to_string(),
-        msg,
-    })?;
+    let params: T::Params =
+        mor_core::registry::parse_params(p).map_err(|msg| mor_core::Error::Plugin {
+            family: Family::Backend,
+            name: T::NAME.to_string(),
+            msg,
+        })?;
     Ok(Arc::new(T::build(params, ctx)?))
 }
 
 impl BackendEntry {
     /// The entry for `T`.
     pub const fn of<T: BackendPlugin>() -> Self {
-        BackendEntry { name: T::NAME, build: build_erased::<T> }
+        BackendEntry {
+            name: T::NAME,
+            build: build_erased::<T>,
+        }
     }
 }
 
@@ -66,9 +72,17 @@ macro_rules! register_backend {
 }
 
 /// Builds the registered backend `name`.
-pub fn build_backend(name: &str, params: &toml::Table, ctx: &BackendCtx) -> Result<Arc<dyn Backend>> {
-    let e = mor_core::registry::find_typed(Family::Backend, name, inventory::iter::<BackendEntry>, |e| e.name)
-        .map_err(mor_core::Error::from)?;
+pub fn build_backend(
+    name: &str,
+    params: &toml::Table,
+    ctx: &BackendCtx,
+) -> Result<Arc<dyn Backend>> {
+    let e = mor_core::registry::find_typed(
+        Family::Backend,
+        name,
+        inventory::iter::<BackendEntry>,
+        |e| e.name,
+    )
+    .map_err(mor_core::Error::from)?;
     (e.build)(params, ctx)
 }
-

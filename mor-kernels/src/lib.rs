@@ -12,6 +12,8 @@
 //! Every op takes and returns candle [`Tensor`]s and must be differentiable through candle's
 //! autograd (`Tensor::backward`).
 
+#![warn(missing_docs)]
+
 use candle_core::{Device, Tensor};
 use std::fmt;
 use std::sync::Arc;
@@ -22,9 +24,9 @@ pub use error::{Error, Result};
 mod backend_registry;
 pub use backend_registry::{build_backend, BackendCtx, BackendEntry, BackendPlugin};
 
-pub mod reference;
 pub mod cpu;
 pub mod cuda;
+pub mod reference;
 pub mod testing;
 pub mod validate;
 
@@ -88,7 +90,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Shapes
     /// `q: [b, hq, t, dh]`, `k, v: [b, hkv, s, dh]` with `hq % hkv == 0`,
     /// `q_pos: [b, t]`, `k_pos: [b, s]` (u32) → `[b, hq, t, dh]`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor>;
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &Tensor,
+        k_pos: &Tensor,
+    ) -> Result<Tensor>;
 
     /// SwiGLU gate: `silu(gate) * up`.
     ///
@@ -108,41 +117,102 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ///
     /// # Shapes
     /// `h: [b, l, d]`, `idx: [b, k]` (u32), `y: [b, k, d]`, `w: [b, k]` → `[b, l, d]`.
-    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor>;
+    fn scatter_add_tokens(
+        &self,
+        h: &Tensor,
+        idx: &Tensor,
+        y: &Tensor,
+        w: Option<&Tensor>,
+    ) -> Result<Tensor>;
 }
 
 impl<T: Backend + ?Sized> Backend for Arc<T> {
-    fn name(&self) -> &'static str { (**self).name() }
-    fn device(&self) -> &Device { (**self).device() }
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> { (**self).rms_norm(x, w, eps) }
-    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> { (**self).rope(x, pos, cos, sin) }
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn device(&self) -> &Device {
+        (**self).device()
+    }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        (**self).rms_norm(x, w, eps)
+    }
+    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        (**self).rope(x, pos, cos, sin)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &Tensor,
+        k_pos: &Tensor,
+    ) -> Result<Tensor> {
         (**self).attention(q, k, v, q_pos, k_pos)
     }
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> { (**self).swiglu(gate, up) }
-    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> { (**self).gather_tokens(h, idx) }
-    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        (**self).swiglu(gate, up)
+    }
+    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        (**self).gather_tokens(h, idx)
+    }
+    fn scatter_add_tokens(
+        &self,
+        h: &Tensor,
+        idx: &Tensor,
+        y: &Tensor,
+        w: Option<&Tensor>,
+    ) -> Result<Tensor> {
         (**self).scatter_add_tokens(h, idx, y, w)
     }
 }
 
 impl<T: Backend + ?Sized> Backend for Box<T> {
-    fn name(&self) -> &'static str { (**self).name() }
-    fn device(&self) -> &Device { (**self).device() }
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> { (**self).rms_norm(x, w, eps) }
-    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> { (**self).rope(x, pos, cos, sin) }
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &Tensor, k_pos: &Tensor) -> Result<Tensor> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn device(&self) -> &Device {
+        (**self).device()
+    }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        (**self).rms_norm(x, w, eps)
+    }
+    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        (**self).rope(x, pos, cos, sin)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        q_pos: &Tensor,
+        k_pos: &Tensor,
+    ) -> Result<Tensor> {
         (**self).attention(q, k, v, q_pos, k_pos)
     }
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> { (**self).swiglu(gate, up) }
-    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> { (**self).gather_tokens(h, idx) }
-    fn scatter_add_tokens(&self, h: &Tensor, idx: &Tensor, y: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        (**self).swiglu(gate, up)
+    }
+    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        (**self).gather_tokens(h, idx)
+    }
+    fn scatter_add_tokens(
+        &self,
+        h: &Tensor,
+        idx: &Tensor,
+        y: &Tensor,
+        w: Option<&Tensor>,
+    ) -> Result<Tensor> {
         (**self).scatter_add_tokens(h, idx, y, w)
     }
 }
 
 /// RoPE cos/sin tables `[max_pos, dh/2]` for theta (spec §1.1: theta 1e4, no scaling).
-pub fn rope_tables(max_pos: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    max_pos: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(max_pos * half);
     let mut sin = Vec::with_capacity(max_pos * half);

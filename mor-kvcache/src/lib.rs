@@ -9,6 +9,8 @@
 //! (expert-choice only: the step-1 cache with the positions selected at step r overwritten
 //! by fresh K/V for that step).
 
+#![warn(missing_docs)]
+
 use candle_core::Tensor;
 use std::fmt;
 use std::sync::Arc;

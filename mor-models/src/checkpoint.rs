@@ -41,11 +41,16 @@ pub fn fnv64(data: &[u8]) -> u64 {
 
 fn digest(path: &Path) -> Result<FileDigest> {
     let data = fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(FileDigest { bytes: data.len() as u64, fnv64: format!("{:016x}", fnv64(&data)) })
+    Ok(FileDigest {
+        bytes: data.len() as u64,
+        fnv64: format!("{:016x}", fnv64(&data)),
+    })
 }
 
 fn fsync_file(path: &Path) -> Result<()> {
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
 }
 
 fn fsync_dir(path: &Path) -> Result<()> {
@@ -63,7 +68,11 @@ fn fsync_dir(path: &Path) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|s| s.to_str()).unwrap_or("file"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|s| s.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
     {
         let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
@@ -75,7 +84,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves named tensors as safetensors at `path` (not atomic by itself).
 fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let map: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
     candle_core::safetensors::save(&map, path)?;
     fsync_file(path)
 }
@@ -83,30 +95,50 @@ fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 /// Loads safetensors, mapping parse failures to a checkpoint refusal.
 pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
-        return Err(Error::Checkpoint { path: path.into(), reason: "file not found".into() });
+        return Err(Error::Checkpoint {
+            path: path.into(),
+            reason: "file not found".into(),
+        });
     }
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| Error::Checkpoint { path: path.into(), reason: format!("not a valid safetensors file: {e}") })
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Checkpoint {
+        path: path.into(),
+        reason: format!("not a valid safetensors file: {e}"),
+    })
 }
 
 /// Checks that `tensors` holds exactly the parameters `vars` (names, shapes, dtypes) and
 /// copies them in. Nothing is modified when any check fails.
-pub fn assign_params(path: &Path, vars: &[(String, Var)], tensors: &HashMap<String, Tensor>) -> Result<()> {
+pub fn assign_params(
+    path: &Path,
+    vars: &[(String, Var)],
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
     let mut problems = Vec::new();
     for (name, var) in vars {
         match tensors.get(name) {
             None => problems.push(format!("missing tensor `{name}`")),
             Some(t) => {
                 if t.dims() != var.as_tensor().dims() {
-                    problems.push(format!("`{name}` has shape {:?}, the config needs {:?}", t.dims(), var.as_tensor().dims()));
+                    problems.push(format!(
+                        "`{name}` has shape {:?}, the config needs {:?}",
+                        t.dims(),
+                        var.as_tensor().dims()
+                    ));
                 } else if t.dtype() != var.dtype() {
-                    problems.push(format!("`{name}` has dtype {:?}, the model uses {:?}", t.dtype(), var.dtype()));
+                    problems.push(format!(
+                        "`{name}` has dtype {:?}, the model uses {:?}",
+                        t.dtype(),
+                        var.dtype()
+                    ));
                 }
             }
         }
     }
     let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-    let mut extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k.as_str())).collect();
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .collect();
     extra.sort();
     for k in extra {
         problems.push(format!("unexpected tensor `{k}` (not part of this config)"));
@@ -115,7 +147,10 @@ pub fn assign_params(path: &Path, vars: &[(String, Var)], tensors: &HashMap<Stri
         problems.sort();
         return Err(Error::Checkpoint {
             path: path.into(),
-            reason: format!("tensors do not match the config:\n  - {}", problems.join("\n  - ")),
+            reason: format!(
+                "tensors do not match the config:\n  - {}",
+                problems.join("\n  - ")
+            ),
         });
     }
     for (name, var) in vars {
@@ -126,14 +161,26 @@ pub fn assign_params(path: &Path, vars: &[(String, Var)], tensors: &HashMap<Stri
 
 /// Saves model weights (`model.safetensors`) and `config.json` into `dir`, atomically per
 /// file.
-pub fn save_model(dir: &Path, vars: &[(String, Var)], config_json: &serde_json::Value) -> Result<()> {
+pub fn save_model(
+    dir: &Path,
+    vars: &[(String, Var)],
+    config_json: &serde_json::Value,
+) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
-    let tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let tensors: Vec<(String, Tensor)> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
     save_tensors(&tmp, &tensors)?;
     let dst = dir.join("model.safetensors");
     fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(config_json).unwrap_or_default().as_bytes())?;
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(config_json)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     fsync_dir(dir)
 }
 
@@ -180,7 +227,12 @@ pub struct CheckpointTensors {
 
 /// Writes checkpoint `step` under `ckpt_root` atomically and moves `latest` to it.
 /// Keeps at most `keep` checkpoints (the newest ones). Returns the folder.
-pub fn save_checkpoint(ckpt_root: &Path, mut state: TrainState, tensors: &CheckpointTensors, keep: usize) -> Result<PathBuf> {
+pub fn save_checkpoint(
+    ckpt_root: &Path,
+    mut state: TrainState,
+    tensors: &CheckpointTensors,
+    keep: usize,
+) -> Result<PathBuf> {
     fs::create_dir_all(ckpt_root).map_err(|e| Error::io(ckpt_root, e))?;
     let name = format!("step-{:07}", state.step);
     let final_dir = ckpt_root.join(&name);
@@ -238,7 +290,10 @@ pub fn latest_checkpoint(ckpt_root: &Path) -> Result<Option<PathBuf>> {
     let name = fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     let name = name.trim();
     if name.is_empty() || name.contains('/') || name.contains("..") {
-        return Err(Error::Checkpoint { path: p, reason: format!("`latest` holds an invalid name {name:?}") });
+        return Err(Error::Checkpoint {
+            path: p,
+            reason: format!("`latest` holds an invalid name {name:?}"),
+        });
     }
     Ok(Some(ckpt_root.join(name)))
 }
@@ -247,13 +302,21 @@ pub fn latest_checkpoint(ckpt_root: &Path) -> Result<Option<PathBuf>> {
 /// every listed file has its recorded size and hash, and both safetensors files parse.
 pub fn load_checkpoint(dir: &Path) -> Result<(TrainState, CheckpointTensorsMap)> {
     let sp = dir.join("state.json");
-    let raw = fs::read(&sp).map_err(|e| Error::Checkpoint { path: sp.clone(), reason: format!("cannot read state.json: {e}") })?;
-    let state: TrainState = serde_json::from_slice(&raw)
-        .map_err(|e| Error::Checkpoint { path: sp.clone(), reason: format!("state.json is corrupt: {e}") })?;
+    let raw = fs::read(&sp).map_err(|e| Error::Checkpoint {
+        path: sp.clone(),
+        reason: format!("cannot read state.json: {e}"),
+    })?;
+    let state: TrainState = serde_json::from_slice(&raw).map_err(|e| Error::Checkpoint {
+        path: sp.clone(),
+        reason: format!("state.json is corrupt: {e}"),
+    })?;
     if state.format_version != FORMAT_VERSION {
         return Err(Error::Checkpoint {
             path: sp,
-            reason: format!("format version {} is not supported (expected {FORMAT_VERSION})", state.format_version),
+            reason: format!(
+                "format version {} is not supported (expected {FORMAT_VERSION})",
+                state.format_version
+            ),
         });
     }
     for f in ["model.safetensors", "optim.safetensors"] {
@@ -263,17 +326,26 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainState, CheckpointTensorsMap)>
         })?;
         let p = dir.join(f);
         if !p.exists() {
-            return Err(Error::Checkpoint { path: p, reason: "file missing".into() });
+            return Err(Error::Checkpoint {
+                path: p,
+                reason: "file missing".into(),
+            });
         }
         let got = digest(&p)?;
         if got.bytes != want.bytes {
             return Err(Error::Checkpoint {
                 path: p,
-                reason: format!("truncated or altered: {} bytes, expected {}", got.bytes, want.bytes),
+                reason: format!(
+                    "truncated or altered: {} bytes, expected {}",
+                    got.bytes, want.bytes
+                ),
             });
         }
         if got.fnv64 != want.fnv64 {
-            return Err(Error::Checkpoint { path: p, reason: "contents do not match the recorded hash (corrupt)".into() });
+            return Err(Error::Checkpoint {
+                path: p,
+                reason: "contents do not match the recorded hash (corrupt)".into(),
+            });
         }
     }
     let model = load_tensors(&dir.join("model.safetensors"))?;
@@ -319,7 +391,10 @@ mod tests {
     fn roundtrip_and_corruption_refused() -> Result<()> {
         let root = tmpdir("rt");
         let t = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
-        let tensors = CheckpointTensors { model: vec![("w".into(), t.clone())], optim: vec![("w.m".into(), t.clone())] };
+        let tensors = CheckpointTensors {
+            model: vec![("w".into(), t.clone())],
+            optim: vec![("w.m".into(), t.clone())],
+        };
         let d1 = save_checkpoint(&root, state(1), &tensors, 2)?;
         let d2 = save_checkpoint(&root, state(2), &tensors, 2)?;
         assert_eq!(latest_checkpoint(&root)?.as_deref(), Some(d2.as_path()));
@@ -351,14 +426,31 @@ mod tests {
     fn mismatched_tensors_named() -> Result<()> {
         let dev = Device::Cpu;
         let vars = vec![
-            ("a".to_string(), Var::from_tensor(&Tensor::zeros((2, 3), candle_core::DType::F32, &dev)?)?),
-            ("b".to_string(), Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev)?)?),
+            (
+                "a".to_string(),
+                Var::from_tensor(&Tensor::zeros((2, 3), candle_core::DType::F32, &dev)?)?,
+            ),
+            (
+                "b".to_string(),
+                Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev)?)?,
+            ),
         ];
         let mut m = HashMap::new();
-        m.insert("a".to_string(), Tensor::zeros((3, 2), candle_core::DType::F32, &dev)?);
-        m.insert("c".to_string(), Tensor::zeros(4, candle_core::DType::F32, &dev)?);
-        let err = assign_params(Path::new("x.safetensors"), &vars, &m).unwrap_err().to_string();
-        assert!(err.contains("`a` has shape [3, 2], the config needs [2, 3]"), "{err}");
+        m.insert(
+            "a".to_string(),
+            Tensor::zeros((3, 2), candle_core::DType::F32, &dev)?,
+        );
+        m.insert(
+            "c".to_string(),
+            Tensor::zeros(4, candle_core::DType::F32, &dev)?,
+        );
+        let err = assign_params(Path::new("x.safetensors"), &vars, &m)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`a` has shape [3, 2], the config needs [2, 3]"),
+            "{err}"
+        );
         assert!(err.contains("missing tensor `b`"), "{err}");
         assert!(err.contains("unexpected tensor `c`"), "{err}");
         Ok(())

@@ -69,7 +69,9 @@ pub fn evaluate_nll(model: &MorModel, batches: &[EvalBatch], mode: RouteMode) ->
         count += nll.len() as u64;
         bytes += b.bytes;
         if model.router().is_some() {
-            stats.get_or_insert_with(RouterStats::default).merge(&out.router.stats);
+            stats
+                .get_or_insert_with(RouterStats::default)
+                .merge(&out.router.stats);
         }
         for (row, depths) in out.depths.iter().enumerate() {
             for (i, &d) in depths.iter().enumerate() {
@@ -93,12 +95,23 @@ pub fn evaluate_nll(model: &MorModel, batches: &[EvalBatch], mode: RouteMode) ->
     }
     let all: u64 = depth_hist.iter().sum();
     Ok(NllReport {
-        nll: if count > 0 { total / count as f64 } else { f64::NAN },
-        bits_per_byte: if bytes > 0 { Some(total / std::f64::consts::LN_2 / bytes as f64) } else { None },
+        nll: if count > 0 {
+            total / count as f64
+        } else {
+            f64::NAN
+        },
+        bits_per_byte: if bytes > 0 {
+            Some(total / std::f64::consts::LN_2 / bytes as f64)
+        } else {
+            None
+        },
         tokens: count,
         router_stats: stats,
         depth_by_difficulty: by_diff,
-        depth_fractions: depth_hist.iter().map(|&c| if all > 0 { c as f64 / all as f64 } else { 0.0 }).collect(),
+        depth_fractions: depth_hist
+            .iter()
+            .map(|&c| if all > 0 { c as f64 / all as f64 } else { 0.0 })
+            .collect(),
     })
 }
 
@@ -160,8 +173,20 @@ pub fn evaluate_mc(model: &MorModel, items: &[McItem]) -> Result<McReport> {
             let ll: f64 = -nll[t - nch..].iter().map(|&x| x as f64).sum::<f64>();
             scores.push(ll);
         }
-        let argmax = |v: &[f64]| v.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
-        let normed: Vec<f64> = scores.iter().zip(&it.choice_bytes).map(|(s, &nb)| s / nb.max(1) as f64).collect();
+        let argmax = |v: &[f64]| {
+            v.iter()
+                .enumerate()
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+                )
+                .0
+        };
+        let normed: Vec<f64> = scores
+            .iter()
+            .zip(&it.choice_bytes)
+            .map(|(s, &nb)| s / nb.max(1) as f64)
+            .collect();
         if argmax(&scores) == it.gold {
             acc += 1;
         }
@@ -172,8 +197,16 @@ pub fn evaluate_mc(model: &MorModel, items: &[McItem]) -> Result<McReport> {
     }
     Ok(McReport {
         items: n,
-        acc: if n > 0 { acc as f64 / n as f64 } else { f64::NAN },
-        acc_norm: if n > 0 { accn as f64 / n as f64 } else { f64::NAN },
+        acc: if n > 0 {
+            acc as f64 / n as f64
+        } else {
+            f64::NAN
+        },
+        acc_norm: if n > 0 {
+            accn as f64 / n as f64
+        } else {
+            f64::NAN
+        },
     })
 }
 

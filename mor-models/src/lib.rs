@@ -11,15 +11,15 @@ pub use error::{Error, Result};
 
 pub mod model;
 pub use model::MorModel;
+pub mod builtin;
 pub mod checkpoint;
 pub mod data;
-pub mod tokenizer;
+pub mod engine;
 pub mod eval;
 pub mod loss;
-pub mod engine;
 pub mod optim;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod tokenizer;
 pub mod train;
-pub mod builtin;

@@ -44,7 +44,13 @@ impl CustomOp2 for FusedCe {
         "mor-fused-cross-entropy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         let t = match s2 {
             CpuStorage::U32(t) => contiguous(t, l2)?,
@@ -54,7 +60,9 @@ impl CustomOp2 for FusedCe {
             candle_core::bail!("fused cross-entropy: {} targets for {n} rows", t.len());
         }
         if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
-            candle_core::bail!("fused cross-entropy: target {bad} is outside the vocabulary of {v}");
+            candle_core::bail!(
+                "fused cross-entropy: target {bad} is outside the vocabulary of {v}"
+            );
         }
         let per_row = match s1 {
             CpuStorage::F32(l) => rows_f32(contiguous(l, l1)?, v, t),
@@ -69,7 +77,13 @@ impl CustomOp2 for FusedCe {
         Ok((out, Shape::from(())))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, v) = logits.dims2()?;
         let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / n.max(1) as f64;
         let t = targets.to_vec1::<u32>()?;
@@ -77,36 +91,42 @@ impl CustomOp2 for FusedCe {
             DType::F32 => {
                 let l = logits.flatten_all()?.to_vec1::<f32>()?;
                 let mut d = vec![0f32; n * v];
-                d.par_chunks_mut(v).zip(l.par_chunks(v)).zip(t.par_iter()).for_each(|((dr, row), &tg)| {
-                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut s = 0f32;
-                    for (o, &x) in dr.iter_mut().zip(row) {
-                        *o = (x - m).exp();
-                        s += *o;
-                    }
-                    let k = (g as f32) / s;
-                    for o in dr.iter_mut() {
-                        *o *= k;
-                    }
-                    dr[tg as usize] -= g as f32;
-                });
+                d.par_chunks_mut(v)
+                    .zip(l.par_chunks(v))
+                    .zip(t.par_iter())
+                    .for_each(|((dr, row), &tg)| {
+                        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut s = 0f32;
+                        for (o, &x) in dr.iter_mut().zip(row) {
+                            *o = (x - m).exp();
+                            s += *o;
+                        }
+                        let k = (g as f32) / s;
+                        for o in dr.iter_mut() {
+                            *o *= k;
+                        }
+                        dr[tg as usize] -= g as f32;
+                    });
                 Tensor::from_vec(d, (n, v), logits.device())?
             }
             DType::F64 => {
                 let l = logits.flatten_all()?.to_vec1::<f64>()?;
                 let mut d = vec![0f64; n * v];
-                d.par_chunks_mut(v).zip(l.par_chunks(v)).zip(t.par_iter()).for_each(|((dr, row), &tg)| {
-                    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let mut s = 0f64;
-                    for (o, &x) in dr.iter_mut().zip(row) {
-                        *o = (x - m).exp();
-                        s += *o;
-                    }
-                    for o in dr.iter_mut() {
-                        *o *= g / s;
-                    }
-                    dr[tg as usize] -= g;
-                });
+                d.par_chunks_mut(v)
+                    .zip(l.par_chunks(v))
+                    .zip(t.par_iter())
+                    .for_each(|((dr, row), &tg)| {
+                        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let mut s = 0f64;
+                        for (o, &x) in dr.iter_mut().zip(row) {
+                            *o = (x - m).exp();
+                            s += *o;
+                        }
+                        for o in dr.iter_mut() {
+                            *o *= g / s;
+                        }
+                        dr[tg as usize] -= g;
+                    });
                 Tensor::from_vec(d, (n, v), logits.device())?
             }
             dt => candle_core::bail!("fused cross-entropy: unsupported dtype {dt:?}"),
@@ -119,7 +139,9 @@ impl CustomOp2 for FusedCe {
 /// (f32/f64); plain candle ops elsewhere.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
-        logits.contiguous()?.apply_op2(&targets.contiguous()?, FusedCe)
+        logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, FusedCe)
     } else {
         let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
         let picked = logp.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?;
@@ -134,7 +156,9 @@ mod tests {
 
     fn reference(logits: &Tensor, targets: &Tensor) -> Tensor {
         let logp = candle_nn::ops::log_softmax(logits, D::Minus1).unwrap();
-        let picked = logp.gather(&targets.unsqueeze(1).unwrap().contiguous().unwrap(), 1).unwrap();
+        let picked = logp
+            .gather(&targets.unsqueeze(1).unwrap().contiguous().unwrap(), 1)
+            .unwrap();
         (picked.mean_all().unwrap() * -1.0).unwrap()
     }
 
@@ -145,22 +169,56 @@ mod tests {
         let (n, v) = (5usize, 7usize);
         let data: Vec<f64> = (0..n * v).map(|_| r.normal() * 2.0).collect();
         let x = Var::from_tensor(&Tensor::from_vec(data.clone(), (n, v), &dev).unwrap()).unwrap();
-        let t = Tensor::from_vec((0..n as u32).map(|i| (i * 3) % v as u32).collect::<Vec<_>>(), n, &dev).unwrap();
+        let t = Tensor::from_vec(
+            (0..n as u32)
+                .map(|i| (i * 3) % v as u32)
+                .collect::<Vec<_>>(),
+            n,
+            &dev,
+        )
+        .unwrap();
         let a = cross_entropy(x.as_tensor(), &t).unwrap();
         let b = reference(x.as_tensor(), &t);
         let (a0, b0) = (a.to_scalar::<f64>().unwrap(), b.to_scalar::<f64>().unwrap());
         assert!((a0 - b0).abs() < 1e-12, "{a0} vs {b0}");
-        let ga = a.backward().unwrap().get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let gb = b.backward().unwrap().get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let ga = a
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let gb = b
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         for i in 0..n * v {
-            assert!((ga[i] - gb[i]).abs() < 1e-12, "grad {i}: {} vs {}", ga[i], gb[i]);
+            assert!(
+                (ga[i] - gb[i]).abs() < 1e-12,
+                "grad {i}: {} vs {}",
+                ga[i],
+                gb[i]
+            );
             // Central finite difference of the fused forward.
             let eps = 1e-6;
             let mut p = data.clone();
             p[i] += eps;
-            let lp = cross_entropy(&Tensor::from_vec(p.clone(), (n, v), &dev).unwrap(), &t).unwrap().to_scalar::<f64>().unwrap();
+            let lp = cross_entropy(&Tensor::from_vec(p.clone(), (n, v), &dev).unwrap(), &t)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             p[i] -= 2.0 * eps;
-            let lm = cross_entropy(&Tensor::from_vec(p, (n, v), &dev).unwrap(), &t).unwrap().to_scalar::<f64>().unwrap();
+            let lm = cross_entropy(&Tensor::from_vec(p, (n, v), &dev).unwrap(), &t)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             let num = (lp - lm) / (2.0 * eps);
             assert!((num - ga[i]).abs() < 1e-8, "fd {i}: {num} vs {}", ga[i]);
         }

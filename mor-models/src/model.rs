@@ -94,7 +94,14 @@ pub struct MorModel {
 /// A named parameter.
 pub type NamedVar = (String, Var);
 
-fn init_var(seed: u64, name: &str, shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Var> {
+fn init_var(
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+    std: f64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Var> {
     let n: usize = shape.iter().product();
     let mut rng = Rng::derive(seed, name);
     let data = rng.normal_vec(n, std);
@@ -128,35 +135,113 @@ impl MorModel {
     /// device.
     pub fn new_with(cfg: &ResolvedConfig, dtype: DType, device: Device) -> Result<Self> {
         let m = &cfg.model;
-        let backend = mor_kernels::build_backend(&cfg.backend.kind, &cfg.backend.params, &BackendCtx { device: device.clone() })?;
+        let backend = mor_kernels::build_backend(
+            &cfg.backend.kind,
+            &cfg.backend.params,
+            &BackendCtx {
+                device: device.clone(),
+            },
+        )?;
         let kv = mor_kvcache::build_kv_policy(
             &cfg.kv.kind,
             &cfg.kv.params,
-            &KvCtx { num_recursions: cfg.plan.num_recursions, backend: backend.clone() },
+            &KvCtx {
+                num_recursions: cfg.plan.num_recursions,
+                backend: backend.clone(),
+            },
         )?;
         let seed = cfg.seed;
         let std = m.init_std;
-        let (d, hq, hkv, dh, di) = (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size);
+        let (d, hq, hkv, dh, di) = (
+            m.hidden_size,
+            m.num_heads,
+            m.num_kv_heads,
+            m.head_dim,
+            m.intermediate_size,
+        );
         let dev = &device;
-        let embed = init_var(seed, "model.embed_tokens.weight", &[m.vocab_size, d], std, dtype, dev)?;
+        let embed = init_var(
+            seed,
+            "model.embed_tokens.weight",
+            &[m.vocab_size, d],
+            std,
+            dtype,
+            dev,
+        )?;
         let lm_head = if m.tie_embeddings {
             None
         } else {
-            Some(init_var(seed, "lm_head.weight", &[m.vocab_size, d], std, dtype, dev)?)
+            Some(init_var(
+                seed,
+                "lm_head.weight",
+                &[m.vocab_size, d],
+                std,
+                dtype,
+                dev,
+            )?)
         };
         let mut blocks = Vec::with_capacity(cfg.plan.num_blocks);
         for b in 0..cfg.plan.num_blocks {
             let p = format!("model.layers.{b}");
             blocks.push(LayerParams {
                 attn_norm: ones_var(&[d], dtype, dev)?,
-                q: init_var(seed, &format!("{p}.self_attn.q_proj.weight"), &[hq * dh, d], std, dtype, dev)?,
-                k: init_var(seed, &format!("{p}.self_attn.k_proj.weight"), &[hkv * dh, d], std, dtype, dev)?,
-                v: init_var(seed, &format!("{p}.self_attn.v_proj.weight"), &[hkv * dh, d], std, dtype, dev)?,
-                o: init_var(seed, &format!("{p}.self_attn.o_proj.weight"), &[d, hq * dh], std, dtype, dev)?,
+                q: init_var(
+                    seed,
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    &[hq * dh, d],
+                    std,
+                    dtype,
+                    dev,
+                )?,
+                k: init_var(
+                    seed,
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    &[hkv * dh, d],
+                    std,
+                    dtype,
+                    dev,
+                )?,
+                v: init_var(
+                    seed,
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    &[hkv * dh, d],
+                    std,
+                    dtype,
+                    dev,
+                )?,
+                o: init_var(
+                    seed,
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    &[d, hq * dh],
+                    std,
+                    dtype,
+                    dev,
+                )?,
                 mlp_norm: ones_var(&[d], dtype, dev)?,
-                gate: init_var(seed, &format!("{p}.mlp.gate_proj.weight"), &[di, d], std, dtype, dev)?,
-                up: init_var(seed, &format!("{p}.mlp.up_proj.weight"), &[di, d], std, dtype, dev)?,
-                down: init_var(seed, &format!("{p}.mlp.down_proj.weight"), &[d, di], std, dtype, dev)?,
+                gate: init_var(
+                    seed,
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    &[di, d],
+                    std,
+                    dtype,
+                    dev,
+                )?,
+                up: init_var(
+                    seed,
+                    &format!("{p}.mlp.up_proj.weight"),
+                    &[di, d],
+                    std,
+                    dtype,
+                    dev,
+                )?,
+                down: init_var(
+                    seed,
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[d, di],
+                    std,
+                    dtype,
+                    dev,
+                )?,
             });
         }
         let slot_norms = if cfg.recursion.ln_share {
@@ -164,7 +249,10 @@ impl MorModel {
         } else {
             let mut v = Vec::new();
             for _ in 0..cfg.plan.num_slots() {
-                v.push(SlotNorms { attn_norm: ones_var(&[d], dtype, dev)?, mlp_norm: ones_var(&[d], dtype, dev)? });
+                v.push(SlotNorms {
+                    attn_norm: ones_var(&[d], dtype, dev)?,
+                    mlp_norm: ones_var(&[d], dtype, dev)?,
+                });
             }
             Some(v)
         };
@@ -264,8 +352,14 @@ impl MorModel {
         }
         if let Some(norms) = &self.slot_norms {
             for (s, p) in norms.iter().enumerate() {
-                v.push((format!("model.slots.{s}.input_layernorm.weight"), p.attn_norm.clone()));
-                v.push((format!("model.slots.{s}.post_attention_layernorm.weight"), p.mlp_norm.clone()));
+                v.push((
+                    format!("model.slots.{s}.input_layernorm.weight"),
+                    p.attn_norm.clone(),
+                ));
+                v.push((
+                    format!("model.slots.{s}.post_attention_layernorm.weight"),
+                    p.mlp_norm.clone(),
+                ));
             }
         }
         v.push(("model.norm.weight".into(), self.final_norm.clone()));
@@ -283,7 +377,11 @@ impl MorModel {
     /// Parameters of the auxiliary router (its own optimiser), if any.
     pub fn aux_named_vars(&self) -> Vec<NamedVar> {
         match &self.router {
-            Some(r) => r.aux_vars().into_iter().map(|(n, v)| (format!("model.{n}"), v)).collect(),
+            Some(r) => r
+                .aux_vars()
+                .into_iter()
+                .map(|(n, v)| (format!("model.{n}"), v))
+                .collect(),
             None => Vec::new(),
         }
     }
@@ -338,13 +436,19 @@ impl MorModel {
                 .reshape((b, n, m.num_kv_heads, m.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            Some(StepKv { k, v, pos: pos.clone() })
+            Some(StepKv {
+                k,
+                v,
+                pos: pos.clone(),
+            })
         } else {
             None
         };
         let att = match kv {
             None => {
-                let f = fresh.as_ref().expect("fresh K/V is always projected outside recursion slots");
+                let f = fresh
+                    .as_ref()
+                    .expect("fresh K/V is always projected outside recursion slots");
                 be.attention(&q, &f.k, &f.v, pos, &f.pos)?
             }
             Some((step, first)) => {
@@ -352,7 +456,9 @@ impl MorModel {
                 be.attention(&q, &eff.k, &eff.v, pos, &eff.pos)?
             }
         };
-        let att = att.transpose(1, 2)?.reshape((b, n, m.num_heads * m.head_dim))?;
+        let att = att
+            .transpose(1, 2)?
+            .reshape((b, n, m.num_heads * m.head_dim))?;
         let h = (h + linear(&att, p.o.as_tensor())?)?;
         let x = be.rms_norm(&h, mn.as_tensor(), m.rms_eps)?;
         let g = linear(&x, p.gate.as_tensor())?;
@@ -380,24 +486,36 @@ impl MorModel {
             return Err(Error::msg("forward needs at least one token per row"));
         }
         if t > self.cos.dim(0)? {
-            return Err(Error::msg(format!("sequence of {t} tokens exceeds the RoPE table ({})", self.cos.dim(0)?)));
+            return Err(Error::msg(format!(
+                "sequence of {t} tokens exceeds the RoPE table ({})",
+                self.cos.dim(0)?
+            )));
         }
         let dev = ids.device();
         let d = self.cfg.model.hidden_size;
-        let h = self.embed.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let h = self
+            .embed
+            .as_tensor()
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?;
         let pos_row: Vec<u32> = (0..t as u32).collect();
         let pos = Tensor::from_vec(pos_row.repeat(b), (b, t), dev)?;
         let plan = &self.cfg.plan;
-        let prelude: Vec<usize> = (0..plan.num_slots()).filter(|&s| plan.slots[s].segment == Segment::Prelude).collect();
-        let coda: Vec<usize> = (0..plan.num_slots()).filter(|&s| plan.slots[s].segment == Segment::Coda).collect();
+        let prelude: Vec<usize> = (0..plan.num_slots())
+            .filter(|&s| plan.slots[s].segment == Segment::Prelude)
+            .collect();
+        let coda: Vec<usize> = (0..plan.num_slots())
+            .filter(|&s| plan.slots[s].segment == Segment::Coda)
+            .collect();
         let h = self.run_full_slots(h, &pos, &prelude)?;
         let n_r = plan.num_recursions;
         let mut depths = vec![vec![0u8; t]; b];
         let (h, router_out) = if !plan.is_cyclic() {
             // Non-cyclic plans (sequence sharing) only exist for the recursive baseline:
             // every token runs every recursion slot in plan order.
-            let rec: Vec<usize> =
-                (0..plan.num_slots()).filter(|&s| matches!(plan.slots[s].segment, Segment::Recursion { .. })).collect();
+            let rec: Vec<usize> = (0..plan.num_slots())
+                .filter(|&s| matches!(plan.slots[s].segment, Segment::Recursion { .. }))
+                .collect();
             for row in depths.iter_mut() {
                 row.iter_mut().for_each(|x| *x = n_r as u8);
             }
@@ -406,11 +524,17 @@ impl MorModel {
             self.recursion(h, &pos, mode, &mut depths)?
         };
         let h = self.run_full_slots(h, &pos, &coda)?;
-        let h = self.backend.rms_norm(&h, self.final_norm.as_tensor(), self.cfg.model.rms_eps)?;
+        let h = self
+            .backend
+            .rms_norm(&h, self.final_norm.as_tensor(), self.cfg.model.rms_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = linear(&h, head.as_tensor())?;
         let _ = n_r;
-        Ok(ForwardOutput { logits, router: router_out, depths })
+        Ok(ForwardOutput {
+            logits,
+            router: router_out,
+            depths,
+        })
     }
 
     /// Slot indices of recursion step `step`, in order.
@@ -428,7 +552,13 @@ impl MorModel {
     }
 
     /// The recursion steps (cyclic plan), with or without a router.
-    fn recursion(&self, mut h: Tensor, pos: &Tensor, mode: RouteMode, depths: &mut [Vec<u8>]) -> Result<(Tensor, RouterOutput)> {
+    fn recursion(
+        &self,
+        mut h: Tensor,
+        pos: &Tensor,
+        mode: RouteMode,
+        depths: &mut [Vec<u8>],
+    ) -> Result<(Tensor, RouterOutput)> {
         let (b, t, _) = h.dims3()?;
         let dev = h.device().clone();
         let n_r = self.cfg.plan.num_recursions;
@@ -480,7 +610,9 @@ impl MorModel {
                     for &p in sel {
                         taken[p as usize] = true;
                     }
-                    let pads = (0..t as u32).filter(|&p| !taken[p as usize]).take(kmax - sel.len());
+                    let pads = (0..t as u32)
+                        .filter(|&p| !taken[p as usize])
+                        .take(kmax - sel.len());
                     for p in pads {
                         idx.push(p);
                         qpos.push(PAD_POS);
@@ -491,14 +623,24 @@ impl MorModel {
             let idx_t = Tensor::from_vec(idx, (b, kmax), &dev)?;
             let pos_t = Tensor::from_vec(qpos, (b, kmax), &dev)?;
             let full = kmax == t && valid.iter().all(|&v| v);
-            let x = if full { h.clone() } else { self.backend.gather_tokens(&h, &idx_t)? };
+            let x = if full {
+                h.clone()
+            } else {
+                self.backend.gather_tokens(&h, &idx_t)?
+            };
             let pos_sel = if full { pos.clone() } else { pos_t };
             let mut y = x.clone();
             for (j, (slot, block)) in self.step_slots(step).into_iter().enumerate() {
-                let first = if step >= 2 && keeps_first { first_kv.get(j) } else { None };
+                let first = if step >= 2 && keeps_first {
+                    first_kv.get(j)
+                } else {
+                    None
+                };
                 let (ny, fresh) = self.layer(&y, &pos_sel, slot, block, Some((step, first)))?;
                 if step == 1 && keeps_first {
-                    first_kv.push(fresh.ok_or_else(|| Error::msg("KV policy kept step 1 but did not project it"))?);
+                    first_kv.push(fresh.ok_or_else(|| {
+                        Error::msg("KV policy kept step 1 but did not project it")
+                    })?);
                 }
                 y = ny;
             }
@@ -522,7 +664,10 @@ impl MorModel {
                             let w = match gate {
                                 Some(g) => g,
                                 None => Tensor::from_vec(
-                                    valid.iter().map(|&v| if v { 1f32 } else { 0f32 }).collect::<Vec<_>>(),
+                                    valid
+                                        .iter()
+                                        .map(|&v| if v { 1f32 } else { 0f32 })
+                                        .collect::<Vec<_>>(),
                                     (b, kmax),
                                     &dev,
                                 )?
@@ -530,13 +675,20 @@ impl MorModel {
                             };
                             self.backend.scatter_add_tokens(&h, &idx_t, &y, Some(&w))?
                         }
-                        Update::TokenChoice { finishing, gate_intermediate } => {
+                        Update::TokenChoice {
+                            finishing,
+                            gate_intermediate,
+                        } => {
                             // delta = a·y + b·H1 − m·x (spec §3.2, code form):
                             // continuing: h ← y (·g if gate_intermediate); finishing: h ← H1 + g·y.
                             let mut fin_pad = Vec::with_capacity(b * kmax);
                             let mut it = finishing.iter();
                             for &v in &valid {
-                                fin_pad.push(if v { *it.next().unwrap_or(&false) } else { false });
+                                fin_pad.push(if v {
+                                    *it.next().unwrap_or(&false)
+                                } else {
+                                    false
+                                });
                             }
                             let f32v = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
                                 let v: Vec<f32> = (0..b * kmax).map(f).collect();
@@ -549,9 +701,14 @@ impl MorModel {
                                 Some(g) => g,
                                 None => m.clone(),
                             };
-                            let a = if *gate_intermediate { (&g * &m)? } else { ((&g * &fin)? + &cont)? };
+                            let a = if *gate_intermediate {
+                                (&g * &m)?
+                            } else {
+                                ((&g * &fin)? + &cont)?
+                            };
                             let h1_sel = self.backend.gather_tokens(&h1, &idx_t)?;
-                            let delta = ((y.broadcast_mul(&a.unsqueeze(2)?)? + h1_sel.broadcast_mul(&fin.unsqueeze(2)?)?)?
+                            let delta = ((y.broadcast_mul(&a.unsqueeze(2)?)?
+                                + h1_sel.broadcast_mul(&fin.unsqueeze(2)?)?)?
                                 - x.broadcast_mul(&m.unsqueeze(2)?)?)?;
                             self.backend.scatter_add_tokens(&h, &idx_t, &delta, None)?
                         }
@@ -571,13 +728,19 @@ impl MorModel {
     /// (u32), over every position (differentiable).
     pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t, v) = logits.dims3()?;
-        Ok(crate::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)?)
+        Ok(crate::loss::cross_entropy(
+            &logits.reshape((b * t, v))?,
+            &targets.reshape(b * t)?,
+        )?)
     }
 
     /// Summed next-token NLL per row, as host values (no graph), for evaluation.
     pub fn nll_per_token(logits: &Tensor, targets: &Tensor) -> Result<Vec<f32>> {
         let (b, t, v) = logits.dims3()?;
-        let logp = candle_nn::ops::log_softmax(&logits.detach().reshape((b * t, v))?.to_dtype(DType::F32)?, D::Minus1)?;
+        let logp = candle_nn::ops::log_softmax(
+            &logits.detach().reshape((b * t, v))?.to_dtype(DType::F32)?,
+            D::Minus1,
+        )?;
         let picked = logp.gather(&targets.reshape((b * t, 1))?.contiguous()?, 1)?;
         Ok((picked * -1.0)?.flatten_all()?.to_vec1::<f32>()?)
     }

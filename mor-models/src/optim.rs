@@ -55,7 +55,13 @@ impl AdamW {
             .map(|(name, var, decay)| {
                 let m = var.as_tensor().zeros_like()?;
                 let v = var.as_tensor().zeros_like()?;
-                Ok(ParamState { name, var, decay, m, v })
+                Ok(ParamState {
+                    name,
+                    var,
+                    decay,
+                    m,
+                    v,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, params, t: 0 })
@@ -73,8 +79,14 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.t as i32);
         let eps = self.cfg.eps;
         for p in &mut self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-            let decay = if p.decay { lr * self.cfg.weight_decay } else { 0.0 };
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let decay = if p.decay {
+                lr * self.cfg.weight_decay
+            } else {
+                0.0
+            };
             let theta = p.var.as_tensor();
             if theta.device().is_cpu() && theta.dtype() == candle_core::DType::F32 {
                 let shape = theta.shape().clone();
@@ -123,11 +135,17 @@ impl AdamW {
 
     /// Restores moments saved by [`AdamW::state_tensors`]; every moment must be present
     /// with the parameter's shape.
-    pub fn load_state(&mut self, t: u64, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        t: u64,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
         for p in &mut self.params {
             for (suffix, slot) in [("m", &mut p.m), ("v", &mut p.v)] {
                 let key = format!("{}.{suffix}", p.name);
-                let x = tensors.get(&key).ok_or_else(|| Error::msg(format!("optimizer state misses `{key}`")))?;
+                let x = tensors
+                    .get(&key)
+                    .ok_or_else(|| Error::msg(format!("optimizer state misses `{key}`")))?;
                 if x.dims() != p.var.as_tensor().dims() {
                     return Err(Error::msg(format!(
                         "optimizer state `{key}` has shape {:?}, parameter has {:?}",
@@ -148,7 +166,11 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sq = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(sq.sqrt())
@@ -216,9 +238,19 @@ pub enum Schedule {
 impl Schedule {
     /// Learning rate at 0-based step `t` for peak `lr`.
     pub fn lr(&self, t: usize, lr: f64) -> f64 {
-        let warm = |w: usize| if w > 0 && t < w { Some(lr * t as f64 / w as f64) } else { None };
+        let warm = |w: usize| {
+            if w > 0 && t < w {
+                Some(lr * t as f64 / w as f64)
+            } else {
+                None
+            }
+        };
         match *self {
-            Schedule::Trapezoid { warmup, decay, total } => {
+            Schedule::Trapezoid {
+                warmup,
+                decay,
+                total,
+            } => {
                 if let Some(x) = warm(warmup) {
                     return x;
                 }
@@ -229,7 +261,11 @@ impl Schedule {
                     lr * (1.0 - (t - p) as f64 / decay as f64).max(0.0)
                 }
             }
-            Schedule::Cosine { warmup, total, min_ratio } => {
+            Schedule::Cosine {
+                warmup,
+                total,
+                min_ratio,
+            } => {
                 if let Some(x) = warm(warmup) {
                     return x;
                 }
@@ -268,7 +304,12 @@ mod tests {
         let dev = Device::Cpu;
         let init = [0.5f64, -1.0, 2.0];
         let var = Var::from_tensor(&Tensor::new(&init, &dev)?)?;
-        let cfg = AdamWConfig { lr: 1e-2, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)])?;
         let gs = [[0.3, -0.2, 0.1], [0.1, 0.4, -0.5], [-0.2, 0.0, 0.3]];
         for g in gs {
@@ -280,8 +321,17 @@ mod tests {
         }
         let got = var.as_tensor().to_vec1::<f64>()?;
         for i in 0..3 {
-            let want = scalar_adamw(init[i], &gs.iter().map(|g| g[i]).collect::<Vec<_>>(), 1e-2, 0.1);
-            assert!((got[i] - want).abs() < 1e-12, "param {i}: {} vs {want}", got[i]);
+            let want = scalar_adamw(
+                init[i],
+                &gs.iter().map(|g| g[i]).collect::<Vec<_>>(),
+                1e-2,
+                0.1,
+            );
+            assert!(
+                (got[i] - want).abs() < 1e-12,
+                "param {i}: {} vs {want}",
+                got[i]
+            );
         }
         let _ = DType::F64;
         Ok(())
@@ -292,7 +342,12 @@ mod tests {
         let dev = Device::Cpu;
         let init = [0.5f32, -1.0, 2.0];
         let var = Var::from_tensor(&Tensor::new(&init, &dev)?)?;
-        let cfg = AdamWConfig { lr: 1e-2, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)])?;
         let gs = [[0.3f32, -0.2, 0.1], [0.1, 0.4, -0.5], [-0.2, 0.0, 0.3]];
         for g in gs {
@@ -303,7 +358,11 @@ mod tests {
         for i in 0..3 {
             let gi: Vec<f64> = gs.iter().map(|g| g[i] as f64).collect();
             let want = scalar_adamw(init[i] as f64, &gi, 1e-2, 0.1);
-            assert!((got[i] as f64 - want).abs() < 1e-6, "param {i}: {} vs {want}", got[i]);
+            assert!(
+                (got[i] as f64 - want).abs() < 1e-6,
+                "param {i}: {} vs {want}",
+                got[i]
+            );
         }
         Ok(())
     }
@@ -311,7 +370,11 @@ mod tests {
     #[test]
     fn trapezoid_matches_spec_formula() {
         // spec §1.3: vanilla 360M, 9438 steps, warmup 57, cooldown 1888.
-        let s = Schedule::Trapezoid { warmup: 57, decay: 1888, total: 9438 };
+        let s = Schedule::Trapezoid {
+            warmup: 57,
+            decay: 1888,
+            total: 9438,
+        };
         assert_eq!(s.lr(0, 3e-3), 0.0);
         assert!((s.lr(28, 3e-3) - 3e-3 * 28.0 / 57.0).abs() < 1e-15);
         assert_eq!(s.lr(57, 3e-3), 3e-3);
@@ -323,7 +386,11 @@ mod tests {
 
     #[test]
     fn cosine_ends_at_floor() {
-        let s = Schedule::Cosine { warmup: 10, total: 110, min_ratio: 0.1 };
+        let s = Schedule::Cosine {
+            warmup: 10,
+            total: 110,
+            min_ratio: 0.1,
+        };
         assert!((s.lr(10, 1.0) - 1.0).abs() < 1e-12);
         assert!((s.lr(60, 1.0) - 0.55).abs() < 1e-12);
         assert!((s.lr(110, 1.0) - 0.1).abs() < 1e-12);

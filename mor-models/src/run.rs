@@ -55,7 +55,9 @@ pub fn set_threads(n: usize) {
     if n > 0 {
         // candle reads RAYON_NUM_THREADS on every matmul; rayon's pool is built once.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
 }
 
@@ -96,15 +98,28 @@ pub fn train_settings(cfg: &ResolvedConfig, opts: &RunOptions) -> TrainSettings 
     let steps = t.steps as usize;
     let warmup = t.warmup_steps as usize;
     let schedule = match t.schedule {
-        S::Trapezoid => Schedule::Trapezoid { warmup, decay: t.decay_steps() as usize, total: steps },
-        S::Cosine => Schedule::Cosine { warmup, total: steps, min_ratio: t.min_lr_ratio },
+        S::Trapezoid => Schedule::Trapezoid {
+            warmup,
+            decay: t.decay_steps() as usize,
+            total: steps,
+        },
+        S::Cosine => Schedule::Cosine {
+            warmup,
+            total: steps,
+            min_ratio: t.min_lr_ratio,
+        },
         S::Constant => Schedule::Constant { warmup },
     };
     TrainSettings {
         steps,
         batch_seqs: t.batch_seqs,
         micro_batch_seqs: t.micro_batch_seqs,
-        adamw: AdamWConfig { lr: t.lr, betas: (t.betas[0], t.betas[1]), eps: t.eps, weight_decay: t.weight_decay },
+        adamw: AdamWConfig {
+            lr: t.lr,
+            betas: (t.betas[0], t.betas[1]),
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
         grad_clip: t.grad_clip,
         schedule,
         log_every: t.log_every as usize,
@@ -119,7 +134,11 @@ pub fn train_settings(cfg: &ResolvedConfig, opts: &RunOptions) -> TrainSettings 
         },
         seed: cfg.seed,
         quiet: opts.quiet,
-        label: if opts.label.is_empty() { "train".into() } else { opts.label.clone() },
+        label: if opts.label.is_empty() {
+            "train".into()
+        } else {
+            opts.label.clone()
+        },
         stop_after: opts.stop_after,
     }
 }
@@ -131,20 +150,33 @@ struct DataAdapter {
 impl TrainData for DataAdapter {
     fn next_batch(&mut self, rows: usize) -> Result<TokenBatch> {
         let b = self.it.next_batch(rows)?;
-        Ok(TokenBatch { inputs: b.inputs, targets: b.targets, b: b.b, t: b.t })
+        Ok(TokenBatch {
+            inputs: b.inputs,
+            targets: b.targets,
+            b: b.b,
+            t: b.t,
+        })
     }
     fn cursor(&self) -> serde_json::Value {
         serde_json::to_value(self.it.cursor()).unwrap_or(serde_json::Value::Null)
     }
     fn restore(&mut self, cursor: &serde_json::Value) -> Result<()> {
-        let c = serde_json::from_value(cursor.clone())
-            .map_err(|e| Error::msg(format!("the checkpoint's data position is unreadable: {e}")))?;
+        let c = serde_json::from_value(cursor.clone()).map_err(|e| {
+            Error::msg(format!("the checkpoint's data position is unreadable: {e}"))
+        })?;
         Ok(self.it.restore(c)?)
     }
 }
 
 fn to_eval(b: Batch) -> EvalBatch {
-    EvalBatch { inputs: b.inputs, targets: b.targets, b: b.b, t: b.t, bytes: b.bytes, difficulty: b.difficulty }
+    EvalBatch {
+        inputs: b.inputs,
+        targets: b.targets,
+        b: b.b,
+        t: b.t,
+        bytes: b.bytes,
+        difficulty: b.difficulty,
+    }
 }
 
 /// Everything a finished run reports.
@@ -169,7 +201,10 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     set_threads(cfg.threads);
     crate::checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
-    crate::checkpoint::write_atomic(&out.join("config.json"), cfg.to_json().unwrap_or_default().as_bytes())?;
+    crate::checkpoint::write_atomic(
+        &out.join("config.json"),
+        cfg.to_json().unwrap_or_default().as_bytes(),
+    )?;
     let dcfg = data_config(cfg, opts.data.as_deref());
     let ds = Dataset::prepare(&dcfg, Some(out))?;
     let model = MorModel::new(cfg)?;
@@ -177,12 +212,26 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
     let settings = train_settings(cfg, opts);
     let it = ds.train_batches(settings.micro_batch_seqs, None)?;
     let mut adapter = DataAdapter { it };
-    let summary = train::train(&model, &mut adapter, &settings, out, opts.resume, acct.flops_per_token)?;
+    let summary = train::train(
+        &model,
+        &mut adapter,
+        &settings,
+        out,
+        opts.resume,
+        acct.flops_per_token,
+    )?;
     let curve = read_curve(name, &out.join("metrics.jsonl"))?;
     if !summary.finished {
-        return Err(Error::msg(format!("stopped after step {} of {}", summary.steps, settings.steps)));
+        return Err(Error::msg(format!(
+            "stopped after step {} of {}",
+            summary.steps, settings.steps
+        )));
     }
-    crate::checkpoint::save_model(out, &model.named_vars(), &serde_json::to_value(cfg).unwrap_or_default())?;
+    crate::checkpoint::save_model(
+        out,
+        &model.named_vars(),
+        &serde_json::to_value(cfg).unwrap_or_default(),
+    )?;
 
     let (ev, trace) = if opts.skip_eval {
         (EvalResults::default(), None)
@@ -191,11 +240,17 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
     };
     crate::checkpoint::write_atomic(
         &out.join("eval.json"),
-        serde_json::to_string_pretty(&ev).unwrap_or_default().as_bytes(),
+        serde_json::to_string_pretty(&ev)
+            .unwrap_or_default()
+            .as_bytes(),
     )?;
 
     let full = ev.full_sequence.clone().unwrap_or_default();
-    let stats = ev.causal.as_ref().and_then(|c| c.router_stats.clone()).or_else(|| full.router_stats.clone());
+    let stats = ev
+        .causal
+        .as_ref()
+        .and_then(|c| c.router_stats.clone())
+        .or_else(|| full.router_stats.clone());
     let full_stats = full.router_stats.clone();
     let m = &cfg.model;
     let model_kind = match (&cfg.router, cfg.plan.num_recursions) {
@@ -214,16 +269,29 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
         }
     };
     let mut extra = std::collections::BTreeMap::new();
-    extra.insert("skipped_steps".into(), serde_json::json!(summary.skipped_steps));
-    extra.insert("final_train_loss".into(), serde_json::json!(summary.final_loss));
+    extra.insert(
+        "skipped_steps".into(),
+        serde_json::json!(summary.skipped_steps),
+    );
+    extra.insert(
+        "final_train_loss".into(),
+        serde_json::json!(summary.final_loss),
+    );
     extra.insert("threads".into(), serde_json::json!(cfg.threads));
     if let Some(c) = &ev.causal {
-        extra.insert("depth_fractions_causal".into(), serde_json::json!(c.depth_fractions));
+        extra.insert(
+            "depth_fractions_causal".into(),
+            serde_json::json!(c.depth_fractions),
+        );
     }
     let row = RunSummary {
         name: name.to_string(),
         model: model_kind.into(),
-        router: cfg.router.as_ref().map(|r| r.kind.clone()).unwrap_or_else(|| "-".into()),
+        router: cfg
+            .router
+            .as_ref()
+            .map(|r| r.kind.clone())
+            .unwrap_or_else(|| "-".into()),
         kv_policy: cfg.kv.kind.clone(),
         sharing: cfg.recursion.sharing.kind.clone(),
         num_recursions: cfg.plan.num_recursions,
@@ -252,9 +320,15 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
     let _ = m;
     crate::checkpoint::write_atomic(
         &out.join("summary.json"),
-        serde_json::to_string_pretty(&row).unwrap_or_default().as_bytes(),
+        serde_json::to_string_pretty(&row)
+            .unwrap_or_default()
+            .as_bytes(),
     )?;
-    Ok(RunOutcome { summary: row, curve, trace })
+    Ok(RunOutcome {
+        summary: row,
+        curve,
+        trace,
+    })
 }
 
 /// Evaluates a model on a dataset's validation split (NLL with full-sequence and causal
@@ -271,16 +345,21 @@ pub fn evaluate(
     let mut ev = EvalResults::default();
     let mut trace = None;
     let batches: Vec<EvalBatch> = ds
-        .val_batches(cfg.train.micro_batch_seqs.max(1))
-        ?
+        .val_batches(cfg.train.micro_batch_seqs.max(1))?
         .take(cfg.eval.max_batches.max(1))
         .map(to_eval)
         .collect();
     if batches.is_empty() {
-        return Err(Error::msg("the validation split is empty: raise data.val_fraction or add data"));
+        return Err(Error::msg(
+            "the validation split is empty: raise data.val_fraction or add data",
+        ));
     }
     if cfg.eval.full_sequence || model.router().is_none() {
-        ev.full_sequence = Some(eval::evaluate_nll(model, &batches, RouteMode::FullSequence)?);
+        ev.full_sequence = Some(eval::evaluate_nll(
+            model,
+            &batches,
+            RouteMode::FullSequence,
+        )?);
     }
     if model.router().is_some() && cfg.eval.causal {
         ev.causal = Some(eval::evaluate_nll(model, &batches, RouteMode::Causal)?);
@@ -290,7 +369,10 @@ pub fn evaluate(
     let tok = ds.tokenizer();
     let mut sets = Vec::new();
     if ds.config().source == "builtin" {
-        sets.extend(crate::data::builtin::builtin_mc_tasks(cfg.seed ^ 0x5eed, 40));
+        sets.extend(crate::data::builtin::builtin_mc_tasks(
+            cfg.seed ^ 0x5eed,
+            40,
+        ));
     }
     for p in cfg.eval.tasks.iter().chain(extra_tasks) {
         sets.push(crate::data::tasks::load_mc_tasks(p)?);
@@ -305,7 +387,12 @@ pub fn evaluate(
                 choices.push(tok.encode(c)?);
                 choice_bytes.push(c.len());
             }
-            items.push(McItem { context, choices, choice_bytes, gold: t.gold });
+            items.push(McItem {
+                context,
+                choices,
+                choice_bytes,
+                gold: t.gold,
+            });
         }
         let r = eval::evaluate_mc(model, &items)?;
         ev.mc.push((set.name.clone(), r));
@@ -325,9 +412,16 @@ pub fn evaluate(
             // Depth at position i is the compute spent to predict token i+1 (spec §7);
             // the difficulty is the label of that target token.
             let difficulty = b.difficulty.as_ref().map(|d| d[i]);
-            toks.push(TraceToken { text, depth: depths.get(i).copied().unwrap_or(0), difficulty });
+            toks.push(TraceToken {
+                text,
+                depth: depths.get(i).copied().unwrap_or(0),
+                difficulty,
+            });
         }
-        trace = Some(DepthTrace { run: name.to_string(), tokens: toks });
+        trace = Some(DepthTrace {
+            run: name.to_string(),
+            tokens: toks,
+        });
     }
     Ok((ev, trace))
 }
@@ -338,9 +432,18 @@ pub fn read_curve(name: &str, path: &Path) -> Result<Curve> {
     let points = text
         .lines()
         .filter_map(|l| serde_json::from_str::<StepLog>(l).ok())
-        .map(|r| CurvePoint { step: r.step as u64, tokens: r.tokens, flops: r.flops, loss: r.loss, val_nll: None })
+        .map(|r| CurvePoint {
+            step: r.step as u64,
+            tokens: r.tokens,
+            flops: r.flops,
+            loss: r.loss,
+            val_nll: None,
+        })
         .collect();
-    Ok(Curve { run: name.to_string(), points })
+    Ok(Curve {
+        run: name.to_string(),
+        points,
+    })
 }
 
 /// Reads a finished run's `summary.json`, if the run is done.

@@ -186,7 +186,9 @@ pub fn train(
     let main_vars: Vec<NamedVar> = model.named_vars();
     let aux_vars: Vec<NamedVar> = model.aux_named_vars();
     let mk = |vars: &[NamedVar]| -> Vec<(String, Var, bool)> {
-        vars.iter().map(|(n, v)| (n.clone(), v.clone(), !MorModel::no_decay(n))).collect()
+        vars.iter()
+            .map(|(n, v)| (n.clone(), v.clone(), !MorModel::no_decay(n)))
+            .collect()
     };
     let mut opt = AdamW::new(s.adamw.clone(), mk(&main_vars))?;
     let aux_mult = model.router().map(|r| r.aux_lr_mult()).unwrap_or(1.0);
@@ -200,7 +202,11 @@ pub fn train(
     let mut step = 0usize;
     let mut tokens = 0u64;
     let mut rng = Rng::new(s.seed);
-    let mut guard = SpikeGuard { window: Vec::new(), cap: s.spike_window.max(2), z: s.spike_zscore };
+    let mut guard = SpikeGuard {
+        window: Vec::new(),
+        cap: s.spike_window.max(2),
+        z: s.spike_zscore,
+    };
     let mut last_good: Option<PathBuf> = None;
     let metrics_path = run_dir.join("metrics.jsonl");
 
@@ -219,10 +225,18 @@ pub fn train(
             if let Some(r) = model.router() {
                 r.load_buffers(&buffers)?;
             }
-            let (main_m, aux_m): (std::collections::HashMap<_, _>, std::collections::HashMap<_, _>) =
-                t.optim.into_iter().partition(|(k, _)| !k.starts_with("aux."));
+            let (main_m, aux_m): (
+                std::collections::HashMap<_, _>,
+                std::collections::HashMap<_, _>,
+            ) = t
+                .optim
+                .into_iter()
+                .partition(|(k, _)| !k.starts_with("aux."));
             opt.load_state(state.optimizer_t, &main_m)?;
-            let aux_m = aux_m.into_iter().map(|(k, v)| (k.trim_start_matches("aux.").to_string(), v)).collect();
+            let aux_m = aux_m
+                .into_iter()
+                .map(|(k, v)| (k.trim_start_matches("aux.").to_string(), v))
+                .collect();
             aux_opt.load_state(state.aux_optimizer_t, &aux_m)?;
             data.restore(&state.data_cursor)?;
             step = state.step;
@@ -292,7 +306,10 @@ pub fn train(
                 return Err(Error::NonFinite {
                     what: "loss".into(),
                     step: step + 1,
-                    last_good: last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+                    last_good: last_good
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none".into()),
                 });
             }
             loss_sum += lv;
@@ -317,7 +334,16 @@ pub fn train(
                 .find(|(_, v)| {
                     grads
                         .get(v.as_tensor())
-                        .and_then(|g| g.sqr().ok()?.sum_all().ok()?.to_dtype(candle_core::DType::F64).ok()?.to_scalar::<f64>().ok())
+                        .and_then(|g| {
+                            g.sqr()
+                                .ok()?
+                                .sum_all()
+                                .ok()?
+                                .to_dtype(candle_core::DType::F64)
+                                .ok()?
+                                .to_scalar::<f64>()
+                                .ok()
+                        })
                         .map(|x| !x.is_finite())
                         .unwrap_or(false)
                 })
@@ -326,7 +352,10 @@ pub fn train(
             return Err(Error::NonFinite {
                 what: format!("gradient of `{bad}`"),
                 step: step + 1,
-                last_good: last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+                last_good: last_good
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into()),
             });
         }
         let spike = s.spike_action != SpikeAction::Off && guard.is_spike(loss_sum);
@@ -334,7 +363,10 @@ pub fn train(
             return Err(Error::msg(format!(
                 "loss spike at step {} (loss {loss_sum:.4}); last good checkpoint: {}",
                 step + 1,
-                last_good.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+                last_good
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
             )));
         }
         if spike {
@@ -385,9 +417,15 @@ pub fn train(
             elapsed: start.elapsed().as_secs_f64(),
             skipped: spike,
         };
-        writeln!(metrics, "{}", serde_json::to_string(&rec).unwrap_or_default()).map_err(|e| Error::io(&metrics_path, e))?;
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::to_string(&rec).unwrap_or_default()
+        )
+        .map_err(|e| Error::io(&metrics_path, e))?;
         bar.update(step as u64, loss_sum, rec.tokens_per_sec);
-        let want_ckpt = step == s.steps || (s.checkpoint_every > 0 && step % s.checkpoint_every == 0);
+        let want_ckpt =
+            step == s.steps || (s.checkpoint_every > 0 && step % s.checkpoint_every == 0);
         if want_ckpt {
             metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
             let mut model_t: Vec<(String, Tensor)> = main_vars
@@ -401,7 +439,12 @@ pub fn train(
                 }
             }
             let mut optim_t = opt.state_tensors();
-            optim_t.extend(aux_opt.state_tensors().into_iter().map(|(n, t)| (format!("aux.{n}"), t)));
+            optim_t.extend(
+                aux_opt
+                    .state_tensors()
+                    .into_iter()
+                    .map(|(n, t)| (format!("aux.{n}"), t)),
+            );
             let state = TrainState {
                 format_version: checkpoint::FORMAT_VERSION,
                 step,
@@ -417,7 +460,10 @@ pub fn train(
             let dir = checkpoint::save_checkpoint(
                 &ckpt_root,
                 state,
-                &CheckpointTensors { model: model_t, optim: optim_t },
+                &CheckpointTensors {
+                    model: model_t,
+                    optim: optim_t,
+                },
                 s.keep_checkpoints,
             )?;
             last_good = Some(dir);
@@ -428,7 +474,11 @@ pub fn train(
         steps: step,
         tokens,
         final_loss,
-        tokens_per_sec: if timed_secs > 0.0 { timed_tokens as f64 / timed_secs } else { 0.0 },
+        tokens_per_sec: if timed_secs > 0.0 {
+            timed_tokens as f64 / timed_secs
+        } else {
+            0.0
+        },
         wall_secs: start.elapsed().as_secs_f64(),
         skipped_steps: skipped,
         router_stats: stats_tail,
@@ -444,7 +494,11 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| serde_json::from_str::<StepLog>(l).map(|r| r.step <= step).unwrap_or(false))
+        .filter(|l| {
+            serde_json::from_str::<StepLog>(l)
+                .map(|r| r.step <= step)
+                .unwrap_or(false)
+        })
         .collect();
     let mut out = kept.join("\n");
     if !out.is_empty() {

@@ -40,7 +40,9 @@ fn vanilla() -> ResolvedConfig {
 }
 
 fn recursive(n: usize, sharing: &str) -> ResolvedConfig {
-    cfg(&format!("[recursion]\nnum_recursions = {n}\nsharing = {{ kind = \"{sharing}\" }}\n"))
+    cfg(&format!(
+        "[recursion]\nnum_recursions = {n}\nsharing = {{ kind = \"{sharing}\" }}\n"
+    ))
 }
 
 fn mor(router: &str, kv: &str) -> ResolvedConfig {
@@ -62,7 +64,10 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         ("recursive-mcyc", recursive(3, "middle_cycle")),
         ("recursive-seq", recursive(2, "sequence")),
         ("mor-expert", mor("expert_choice", "recursion_wise")),
-        ("mor-expert-share", mor("expert_choice", "recursive_sharing")),
+        (
+            "mor-expert-share",
+            mor("expert_choice", "recursive_sharing"),
+        ),
         ("mor-token", mor("token_choice", "recursion_wise")),
     ] {
         let model = MorModel::new(&c).unwrap();
@@ -75,9 +80,20 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         }
         let grads = loss.backward().unwrap();
         for (n, v) in model.named_vars() {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
-            let sq = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(sq.is_finite() && sq > 0.0, "{name}: gradient of {n} has squared norm {sq}");
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+            let sq = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                sq.is_finite() && sq > 0.0,
+                "{name}: gradient of {n} has squared norm {sq}"
+            );
         }
     }
 }
@@ -93,15 +109,26 @@ fn tied_parameters_share_one_storage() {
     assert_eq!(plan.num_slots(), 2 + 3 * plan.base_depth);
     assert_eq!(model.blocks().len(), plan.num_blocks);
     assert_eq!(plan.num_blocks, 2 + plan.base_depth);
-    let mut ids: Vec<_> = model.named_vars().iter().map(|(_, v)| v.as_tensor().id()).collect();
+    let mut ids: Vec<_> = model
+        .named_vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().id())
+        .collect();
     let n = ids.len();
     ids.sort_by_key(|i| format!("{i:?}"));
     ids.dedup();
     assert_eq!(ids.len(), n, "a parameter is listed twice");
     // Parameter count equals the accounting of unique blocks (spec §1.4).
     let acct = mor_core::accounting::report(&c).unwrap();
-    let total: usize = model.named_vars().iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
-    assert_eq!(total as u64, acct.non_embedding_params + acct.embedding_params);
+    let total: usize = model
+        .named_vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum();
+    assert_eq!(
+        total as u64,
+        acct.non_embedding_params + acct.embedding_params
+    );
     // Changing one shared block changes the output of every slot that uses it: perturbing
     // block 1 (used at steps 1, 2 and 3) must change the logits, and the gradient of its q
     // projection equals the sum of three per-slot contributions — checked by comparing the
@@ -111,24 +138,55 @@ fn tied_parameters_share_one_storage() {
     let q = model.blocks()[1].q.clone();
     let f = |m: &MorModel| -> f64 {
         let out = m.forward(&x, RouteMode::Train).unwrap();
-        out.logits.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        out.logits
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     let out = model.forward(&x, RouteMode::Train).unwrap();
-    let g = out.logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    let gq = g.get(q.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let base = q.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let g = out
+        .logits
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gq = g
+        .get(q.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let base = q
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let eps = 1e-6;
     for i in [0usize, 7, 33] {
         let mut p = base.clone();
         p[i] += eps;
-        q.set(&Tensor::from_vec(p.clone(), q.shape(), &Device::Cpu).unwrap()).unwrap();
+        q.set(&Tensor::from_vec(p.clone(), q.shape(), &Device::Cpu).unwrap())
+            .unwrap();
         let lp = f(&model);
         p[i] -= 2.0 * eps;
-        q.set(&Tensor::from_vec(p, q.shape(), &Device::Cpu).unwrap()).unwrap();
+        q.set(&Tensor::from_vec(p, q.shape(), &Device::Cpu).unwrap())
+            .unwrap();
         let lm = f(&model);
-        q.set(&Tensor::from_vec(base.clone(), q.shape(), &Device::Cpu).unwrap()).unwrap();
+        q.set(&Tensor::from_vec(base.clone(), q.shape(), &Device::Cpu).unwrap())
+            .unwrap();
         let num = (lp - lm) / (2.0 * eps);
-        assert!((num - gq[i]).abs() <= 1e-5 * num.abs().max(1e-3), "entry {i}: analytic {} numeric {num}", gq[i]);
+        assert!(
+            (num - gq[i]).abs() <= 1e-5 * num.abs().max(1e-3),
+            "entry {i}: analytic {} numeric {num}",
+            gq[i]
+        );
     }
 }
 
@@ -142,15 +200,37 @@ fn recursive_with_one_recursion_equals_vanilla() {
     let r = MorModel::new(&recursive(1, "middle_cycle")).unwrap();
     assert_eq!(r.plan().num_slots(), v.plan().num_slots());
     // Copy the weights by name, so equality does not rest on the initialisation.
-    let src: std::collections::HashMap<String, Tensor> =
-        v.named_vars().into_iter().map(|(n, x)| (n, x.as_tensor().clone())).collect();
+    let src: std::collections::HashMap<String, Tensor> = v
+        .named_vars()
+        .into_iter()
+        .map(|(n, x)| (n, x.as_tensor().clone()))
+        .collect();
     for (n, x) in r.named_vars() {
-        x.set(src.get(&n).unwrap_or_else(|| panic!("vanilla has no {n}"))).unwrap();
+        x.set(src.get(&n).unwrap_or_else(|| panic!("vanilla has no {n}")))
+            .unwrap();
     }
     let x = ids(2, 16, 4);
-    let a = v.forward(&x, RouteMode::Train).unwrap().logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = r.forward(&x, RouteMode::Train).unwrap().logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    let a = v
+        .forward(&x, RouteMode::Train)
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = r
+        .forward(&x, RouteMode::Train)
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
     assert!(worst == 0.0, "max |vanilla - recursive(N_r=1)| = {worst}");
 }
 
@@ -160,8 +240,16 @@ fn save_then_load_gives_identical_logits() {
     let a = MorModel::new(&c).unwrap();
     // Train one step so the weights differ from the initialisation.
     let mut opt = AdamW::new(
-        AdamWConfig { lr: 1e-2, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 },
-        a.named_vars().into_iter().map(|(n, v)| (n, v, true)).collect(),
+        AdamWConfig {
+            lr: 1e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        a.named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v, true))
+            .collect(),
     )
     .unwrap();
     let x = ids(2, 16, 5);
@@ -174,12 +262,28 @@ fn save_then_load_gives_identical_logits() {
     c2.seed += 1; // a different initialisation, overwritten by the load
     let b = MorModel::new(&c2).unwrap();
     mor_models::checkpoint::load_model(&dir, &b.named_vars()).unwrap();
-    let la = a.forward(&x, RouteMode::Causal).unwrap().logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let lb = b.forward(&x, RouteMode::Causal).unwrap().logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let la = a
+        .forward(&x, RouteMode::Causal)
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let lb = b
+        .forward(&x, RouteMode::Causal)
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(la, lb);
     // A file of another config is refused, naming the mismatch.
     let other = MorModel::new(&vanilla()).unwrap();
-    let err = mor_models::checkpoint::load_model(&dir, &other.named_vars()).unwrap_err().to_string();
+    let err = mor_models::checkpoint::load_model(&dir, &other.named_vars())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("do not match the config"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -191,21 +295,54 @@ fn causal_paths_are_causal() {
     for (name, c, mode) in [
         ("vanilla", vanilla(), RouteMode::Train),
         ("recursive", recursive(2, "middle_cycle"), RouteMode::Train),
-        ("mor-expert", mor("expert_choice", "recursion_wise"), RouteMode::Causal),
-        ("mor-expert-share", mor("expert_choice", "recursive_sharing"), RouteMode::Causal),
-        ("mor-expert-hybrid", mor("expert_choice", "hybrid"), RouteMode::Causal),
-        ("mor-token", mor("token_choice", "recursion_wise"), RouteMode::Causal),
-        ("mor-token-share", mor("token_choice", "recursive_sharing"), RouteMode::Train),
+        (
+            "mor-expert",
+            mor("expert_choice", "recursion_wise"),
+            RouteMode::Causal,
+        ),
+        (
+            "mor-expert-share",
+            mor("expert_choice", "recursive_sharing"),
+            RouteMode::Causal,
+        ),
+        (
+            "mor-expert-hybrid",
+            mor("expert_choice", "hybrid"),
+            RouteMode::Causal,
+        ),
+        (
+            "mor-token",
+            mor("token_choice", "recursion_wise"),
+            RouteMode::Causal,
+        ),
+        (
+            "mor-token-share",
+            mor("token_choice", "recursive_sharing"),
+            RouteMode::Train,
+        ),
     ] {
         let m = MorModel::new(&c).unwrap();
         let x = ids(1, 16, 7);
         let mut v = x.flatten_all().unwrap().to_vec1::<u32>().unwrap();
-        let a = m.forward(&x, mode).unwrap().logits.to_vec3::<f32>().unwrap();
+        let a = m
+            .forward(&x, mode)
+            .unwrap()
+            .logits
+            .to_vec3::<f32>()
+            .unwrap();
         v[12] = (v[12] + 1) % 64;
         let x2 = Tensor::from_vec(v, (1, 16), &Device::Cpu).unwrap();
-        let b = m.forward(&x2, mode).unwrap().logits.to_vec3::<f32>().unwrap();
+        let b = m
+            .forward(&x2, mode)
+            .unwrap()
+            .logits
+            .to_vec3::<f32>()
+            .unwrap();
         for t in 0..12 {
-            assert_eq!(a[0][t], b[0][t], "{name}: position {t} changed when token 12 changed");
+            assert_eq!(
+                a[0][t], b[0][t],
+                "{name}: position {t} changed when token 12 changed"
+            );
         }
     }
 }
@@ -217,8 +354,16 @@ fn tiny_model_overfits_one_batch() {
     let c = mor("expert_choice", "recursion_wise");
     let m = MorModel::new(&c).unwrap();
     let mut opt = AdamW::new(
-        AdamWConfig { lr: 1e-2, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.0 },
-        m.named_vars().into_iter().map(|(n, v)| (n, v, true)).collect(),
+        AdamWConfig {
+            lr: 1e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        m.named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v, true))
+            .collect(),
     )
     .unwrap();
     let x = ids(2, 16, 11);

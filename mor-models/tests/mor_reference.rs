@@ -23,7 +23,9 @@ impl W {
 /// `y = W x` for `W: [out, in]`.
 fn matvec(w: &(Vec<usize>, Vec<f64>), x: &[f64]) -> Vec<f64> {
     let (o, i) = (w.0[0], w.0[1]);
-    (0..o).map(|r| (0..i).map(|c| w.1[r * i + c] * x[c]).sum()).collect()
+    (0..o)
+        .map(|r| (0..i).map(|c| w.1[r * i + c] * x[c]).sum())
+        .collect()
 }
 
 fn rmsnorm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
@@ -74,7 +76,10 @@ fn layer(
     let v_w = w.get(&format!("{prefix}.self_attn.v_proj.weight"));
     let o_w = w.get(&format!("{prefix}.self_attn.o_proj.weight"));
     let (hq, hkv, dh) = (dims.hq, dims.hkv, dims.dh);
-    let normed: Vec<Vec<f64>> = xs.iter().map(|(_, h)| rmsnorm(h, norms.0, dims.eps)).collect();
+    let normed: Vec<Vec<f64>> = xs
+        .iter()
+        .map(|(_, h)| rmsnorm(h, norms.0, dims.eps))
+        .collect();
     let mut fresh: Kv = Vec::new();
     if project {
         for (i, (p, _)) in xs.iter().enumerate() {
@@ -95,10 +100,13 @@ fn layer(
         for h in 0..hq {
             let kvh = h / (hq / hkv);
             let qh = rope(&q[h * dh..(h + 1) * dh], *p, dims.theta);
-            let vis: Vec<&(usize, Vec<f64>, Vec<f64>)> = keys.iter().filter(|(kp, _, _)| kp <= p).collect();
+            let vis: Vec<&(usize, Vec<f64>, Vec<f64>)> =
+                keys.iter().filter(|(kp, _, _)| kp <= p).collect();
             let scores: Vec<f64> = vis
                 .iter()
-                .map(|(_, k, _)| (0..dh).map(|e| qh[e] * k[kvh * dh + e]).sum::<f64>() / (dh as f64).sqrt())
+                .map(|(_, k, _)| {
+                    (0..dh).map(|e| qh[e] * k[kvh * dh + e]).sum::<f64>() / (dh as f64).sqrt()
+                })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
@@ -114,7 +122,11 @@ fn layer(
         let x2 = rmsnorm(&h1, norms.1, dims.eps);
         let g = matvec(w.get(&format!("{prefix}.mlp.gate_proj.weight")), &x2);
         let u = matvec(w.get(&format!("{prefix}.mlp.up_proj.weight")), &x2);
-        let s: Vec<f64> = g.iter().zip(&u).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
+        let s: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
+            .collect();
         let dn = matvec(w.get(&format!("{prefix}.mlp.down_proj.weight")), &s);
         out.push(h1.iter().zip(&dn).map(|(a, b)| a + b).collect());
     }
@@ -129,8 +141,15 @@ fn sigmoid(x: f64) -> f64 {
 /// ties to the lower position.
 fn topk_sorted(cands: &[usize], g: &[f64], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..cands.len()).collect();
-    order.sort_by(|&a, &b| g[b].partial_cmp(&g[a]).unwrap().then(cands[a].cmp(&cands[b])));
-    let mut keep: Vec<usize> = order[..k.min(cands.len())].iter().map(|&i| cands[i]).collect();
+    order.sort_by(|&a, &b| {
+        g[b].partial_cmp(&g[a])
+            .unwrap()
+            .then(cands[a].cmp(&cands[b]))
+    });
+    let mut keep: Vec<usize> = order[..k.min(cands.len())]
+        .iter()
+        .map(|&i| cands[i])
+        .collect();
     keep.sort();
     keep
 }
@@ -144,11 +163,23 @@ enum Kind {
 fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Vec<Vec<Vec<f64>>> {
     let cfg = model.config();
     let m = &cfg.model;
-    let dims = Dims { hq: m.num_heads, hkv: m.num_kv_heads, dh: m.head_dim, eps: m.rms_eps, theta: m.rope_theta };
+    let dims = Dims {
+        hq: m.num_heads,
+        hkv: m.num_kv_heads,
+        dh: m.head_dim,
+        eps: m.rms_eps,
+        theta: m.rope_theta,
+    };
     let mut w = W { t: HashMap::new() };
     for (n, v) in model.named_vars() {
         let t = v.as_tensor();
-        w.t.insert(n, (t.dims().to_vec(), t.flatten_all().unwrap().to_vec1::<f64>().unwrap()));
+        w.t.insert(
+            n,
+            (
+                t.dims().to_vec(),
+                t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            ),
+        );
     }
     let d = m.hidden_size;
     let emb = w.get("model.embed_tokens.weight").1.clone();
@@ -156,19 +187,34 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
     let n_r = plan.num_recursions;
     let norms = |b: usize| {
         (
-            w.get(&format!("model.layers.{b}.input_layernorm.weight")).1.clone(),
-            w.get(&format!("model.layers.{b}.post_attention_layernorm.weight")).1.clone(),
+            w.get(&format!("model.layers.{b}.input_layernorm.weight"))
+                .1
+                .clone(),
+            w.get(&format!("model.layers.{b}.post_attention_layernorm.weight"))
+                .1
+                .clone(),
         )
     };
     let mut all_logits = Vec::new();
     for row in ids {
         let t = row.len();
-        let mut h: Vec<Vec<f64>> = row.iter().map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec()).collect();
+        let mut h: Vec<Vec<f64>> = row
+            .iter()
+            .map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec())
+            .collect();
         let run_full = |h: &mut Vec<Vec<f64>>, seg: Segment| {
             for s in plan.slots.iter().filter(|s| s.segment == seg) {
                 let (a, b) = norms(s.block);
                 let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
-                let (y, _) = layer(&w, &format!("model.layers.{}", s.block), (&a, &b), &xs, &dims, true, &|f: &Kv| f.clone());
+                let (y, _) = layer(
+                    &w,
+                    &format!("model.layers.{}", s.block),
+                    (&a, &b),
+                    &xs,
+                    &dims,
+                    true,
+                    &|f: &Kv| f.clone(),
+                );
                 *h = y;
             }
         };
@@ -180,7 +226,9 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
         if kind == Kind::Token {
             let wr = &w.get("model.router.w1").1; // [d, N_r]
             for i in 0..t {
-                let z: Vec<f64> = (0..n_r).map(|j| (0..d).map(|c| h1[i][c] * wr[c * n_r + j]).sum()).collect();
+                let z: Vec<f64> = (0..n_r)
+                    .map(|j| (0..d).map(|c| h1[i][c] * wr[c * n_r + j]).sum())
+                    .collect();
                 let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = z.iter().map(|x| (x - mx).exp()).collect();
                 let s: f64 = e.iter().sum();
@@ -215,7 +263,11 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
                     }
                 }
                 Kind::Token => {
-                    sel = active.iter().copied().filter(|&i| tc_depth[i] >= step).collect();
+                    sel = active
+                        .iter()
+                        .copied()
+                        .filter(|&i| tc_depth[i] >= step)
+                        .collect();
                 }
             }
             if sel.is_empty() {
@@ -230,7 +282,11 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
             {
                 let (a, b) = norms(s.block);
                 let project = !(kv == "recursive_sharing" && step >= 2);
-                let first_j: Option<Kv> = if step >= 2 { first.get(j).cloned() } else { None };
+                let first_j: Option<Kv> = if step >= 2 {
+                    first.get(j).cloned()
+                } else {
+                    None
+                };
                 let kv_for = |fresh: &Kv| -> Kv {
                     match (kv, step) {
                         ("recursion_wise", _) | (_, 1) => fresh.clone(),
@@ -247,7 +303,15 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
                         _ => unreachable!(),
                     }
                 };
-                let (y, fresh) = layer(&w, &format!("model.layers.{}", s.block), (&a, &b), &xs, &dims, project, &kv_for);
+                let (y, fresh) = layer(
+                    &w,
+                    &format!("model.layers.{}", s.block),
+                    (&a, &b),
+                    &xs,
+                    &dims,
+                    project,
+                    &kv_for,
+                );
                 if step == 1 {
                     first.push(fresh);
                 }
@@ -280,7 +344,9 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
             .iter()
             .map(|x| {
                 let n = rmsnorm(x, &fw, m.rms_eps);
-                (0..m.vocab_size).map(|v| (0..d).map(|c| n[c] * emb[v * d + c]).sum()).collect()
+                (0..m.vocab_size)
+                    .map(|v| (0..d).map(|c| n[c] * emb[v * d + c]).sum())
+                    .collect()
             })
             .collect();
         all_logits.push(logits);
@@ -329,7 +395,9 @@ fn check(kind: Kind, kv: &str, backend: &str) {
     let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
     let mut rng = mor_core::rng::Rng::new(5);
     let (b, t) = (2usize, 13usize);
-    let ids: Vec<Vec<u32>> = (0..b).map(|_| (0..t).map(|_| rng.below(64) as u32).collect()).collect();
+    let ids: Vec<Vec<u32>> = (0..b)
+        .map(|_| (0..t).map(|_| rng.below(64) as u32).collect())
+        .collect();
     let flat: Vec<u32> = ids.iter().flatten().copied().collect();
     let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
     let out = model.forward(&x, RouteMode::Train).unwrap();
@@ -343,7 +411,10 @@ fn check(kind: Kind, kv: &str, backend: &str) {
             }
         }
     }
-    assert!(worst < 1e-9, "{kind:?}/{kv}/{backend}: max |fast - naive| = {worst:e}");
+    assert!(
+        worst < 1e-9,
+        "{kind:?}/{kv}/{backend}: max |fast - naive| = {worst:e}"
+    );
 }
 
 #[test]

@@ -49,20 +49,35 @@ fn dir(tag: &str) -> PathBuf {
 }
 
 fn opts(out: &Path) -> RunOptions {
-    RunOptions { out: out.to_path_buf(), quiet: true, label: "t".into(), skip_eval: true, ..Default::default() }
+    RunOptions {
+        out: out.to_path_buf(),
+        quiet: true,
+        label: "t".into(),
+        skip_eval: true,
+        ..Default::default()
+    }
 }
 
 fn losses(out: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect()
 }
 
 fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
-    let t = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let mut v: Vec<_> = t.into_iter().map(|(k, x)| (k, x.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
+    let t =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut v: Vec<_> = t
+        .into_iter()
+        .map(|(k, x)| (k, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -76,14 +91,21 @@ fn resume_is_bit_identical() {
     // Interrupt after 3 steps (the last checkpoint is at step 2), then resume.
     let mut o = opts(&b);
     o.stop_after = Some(3);
-    assert!(run(&c, "resumed", &o).is_err(), "an interrupted run must not report success");
+    assert!(
+        run(&c, "resumed", &o).is_err(),
+        "an interrupted run must not report success"
+    );
     let mut o = opts(&b);
     o.resume = true;
     run(&c, "resumed", &o).unwrap();
     let (la, lb) = (losses(&a), losses(&b));
     assert_eq!(la.len(), 6);
     assert_eq!(la, lb, "per-step losses differ after resume");
-    assert_eq!(weights(&a), weights(&b), "final weights differ after resume");
+    assert_eq!(
+        weights(&a),
+        weights(&b),
+        "final weights differ after resume"
+    );
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
 }
@@ -92,7 +114,13 @@ fn resume_is_bit_identical() {
 fn non_finite_loss_stops_with_step_and_last_good_checkpoint() {
     // A huge learning rate makes the loss overflow after a few steps.
     let c = cfg("lr = 1e12\ngrad_clip = 0.0\nspike_action = \"off\"\nwarmup_steps = 0\nschedule = \"constant\"\n");
-    let c = ResolvedConfig { train: mor_core::config::TrainConfig { steps: 40, ..c.train.clone() }, ..c };
+    let c = ResolvedConfig {
+        train: mor_core::config::TrainConfig {
+            steps: 40,
+            ..c.train.clone()
+        },
+        ..c
+    };
     let out = dir("nan");
     let err = run(&c, "nan", &opts(&out)).unwrap_err().to_string();
     assert!(err.contains("non-finite"), "{err}");
@@ -102,7 +130,8 @@ fn non_finite_loss_stops_with_step_and_last_good_checkpoint() {
         Some(name) => {
             assert!(err.contains(name.trim()), "{err} should name {name}");
             // The kept checkpoint is valid.
-            mor_models::checkpoint::load_checkpoint(&out.join("checkpoints").join(name.trim())).unwrap();
+            mor_models::checkpoint::load_checkpoint(&out.join("checkpoints").join(name.trim()))
+                .unwrap();
         }
         None => assert!(err.contains("last good checkpoint: none"), "{err}"),
     }
@@ -125,7 +154,11 @@ fn corrupt_checkpoint_is_refused_and_kept() {
     o.resume = true;
     let err = run(&c, "c", &o).unwrap_err().to_string();
     assert!(err.contains("truncated"), "{err}");
-    assert_eq!(std::fs::read(&p).unwrap(), before, "the refused checkpoint was modified");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "the refused checkpoint was modified"
+    );
     // Starting over without --resume in a folder with checkpoints is refused too.
     let err = run(&c, "c", &opts(&out)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");

@@ -81,6 +81,8 @@
 //! names each plugin crate once (`use my_plugins as _;`); a lookup of an unknown name lists
 //! the registered routers and says so.
 
+#![warn(missing_docs)]
+
 use candle_core::{Tensor, Var};
 use std::fmt;
 

@@ -78,10 +78,14 @@ fn value_label(v: &toml::Value) -> String {
 
 /// Expands a grid file into runs.
 pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
-    let grid: toml::Table = text.parse().with_context(|| format!("{origin}: not valid TOML"))?;
+    let grid: toml::Table = text
+        .parse()
+        .with_context(|| format!("{origin}: not valid TOML"))?;
     for k in grid.keys() {
         if !["name", "base", "runs", "axes"].contains(&k.as_str()) {
-            bail!("{origin}: unknown key `{k}`; a grid has `name`, `[base]`, `[[runs]]` and `[axes]`");
+            bail!(
+                "{origin}: unknown key `{k}`; a grid has `name`, `[base]`, `[[runs]]` and `[axes]`"
+            );
         }
     }
     let base = match grid.get("base") {
@@ -91,10 +95,15 @@ pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
     };
     let mut runs: Vec<GridRun> = Vec::new();
     match grid.get("runs") {
-        None => runs.push(GridRun { name: "base".into(), table: base.clone() }),
+        None => runs.push(GridRun {
+            name: "base".into(),
+            table: base.clone(),
+        }),
         Some(toml::Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                let t = item.as_table().with_context(|| format!("{origin}: runs[{i}] must be a table"))?;
+                let t = item
+                    .as_table()
+                    .with_context(|| format!("{origin}: runs[{i}] must be a table"))?;
                 let name = t
                     .get("name")
                     .and_then(|v| v.as_str())
@@ -102,14 +111,19 @@ pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
                     .to_string();
                 for k in t.keys() {
                     if k != "name" && k != "set" {
-                        bail!("{origin}: runs[{i}] (`{name}`): unknown key `{k}`; allowed: name, set");
+                        bail!(
+                            "{origin}: runs[{i}] (`{name}`): unknown key `{k}`; allowed: name, set"
+                        );
                     }
                 }
                 let mut table = base.clone();
                 if let Some(set) = t.get("set") {
-                    let set = set.as_table().with_context(|| format!("{origin}: runs[{i}].set must be a table"))?;
+                    let set = set
+                        .as_table()
+                        .with_context(|| format!("{origin}: runs[{i}].set must be a table"))?;
                     for (k, v) in set {
-                        apply(&mut table, k, v).with_context(|| format!("{origin}: run `{name}`"))?;
+                        apply(&mut table, k, v)
+                            .with_context(|| format!("{origin}: run `{name}`"))?;
                     }
                 }
                 runs.push(GridRun { name, table });
@@ -118,7 +132,9 @@ pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
         Some(_) => bail!("{origin}: `runs` must be an array of tables ([[runs]])"),
     }
     if let Some(axes) = grid.get("axes") {
-        let axes = axes.as_table().with_context(|| format!("{origin}: `axes` must be a table"))?;
+        let axes = axes
+            .as_table()
+            .with_context(|| format!("{origin}: `axes` must be a table"))?;
         for (key, values) in axes {
             let values = values
                 .as_array()
@@ -129,7 +145,10 @@ pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
                     let mut table = r.table.clone();
                     apply(&mut table, key, v).with_context(|| format!("{origin}: axis `{key}`"))?;
                     let leaf = key.rsplit('.').next().unwrap_or(key);
-                    next.push(GridRun { name: format!("{}__{leaf}={}", r.name, value_label(v)), table });
+                    next.push(GridRun {
+                        name: format!("{}__{leaf}={}", r.name, value_label(v)),
+                        table,
+                    });
                 }
             }
             runs = next;
@@ -151,13 +170,21 @@ pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let (text, origin, gname) = match (&args.grid, args.preset.as_deref()) {
         (Some(p), _) => (
-            std::fs::read_to_string(p).with_context(|| format!("cannot read grid {}", p.display()))?,
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read grid {}", p.display()))?,
             p.display().to_string(),
-            p.file_stem().and_then(|s| s.to_str()).unwrap_or("grid").to_string(),
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("grid")
+                .to_string(),
         ),
-        (None, None) | (None, Some("quick")) => (QUICK.to_string(), "preset quick".into(), "quick".into()),
+        (None, None) | (None, Some("quick")) => {
+            (QUICK.to_string(), "preset quick".into(), "quick".into())
+        }
         (None, Some("small")) => (SMALL.to_string(), "preset small".into(), "small".into()),
-        (None, Some(other)) => bail!("unknown preset `{other}`; allowed: quick, small (or --grid FILE)"),
+        (None, Some(other)) => {
+            bail!("unknown preset `{other}`; allowed: quick, small (or --grid FILE)")
+        }
     };
     if let Some(d) = &args.data {
         if !d.exists() {
@@ -175,9 +202,16 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         }
     }
     if !problems.is_empty() {
-        bail!("{origin}: {} run(s) have config problems:\n{}", problems.len(), problems.join("\n"));
+        bail!(
+            "{origin}: {} run(s) have config problems:\n{}",
+            problems.len(),
+            problems.join("\n")
+        );
     }
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("ablate-{gname}")));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("ablate-{gname}")));
     if args.dry_run {
         for (r, c) in runs.iter().zip(&configs) {
             println!(
@@ -230,7 +264,10 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             Ok(o) => {
                 progress.finish_run(&r.name, true);
                 if let Some(t) = &o.trace {
-                    let _ = std::fs::write(dir.join("trace.json"), serde_json::to_string(t).unwrap_or_default());
+                    let _ = std::fs::write(
+                        dir.join("trace.json"),
+                        serde_json::to_string(t).unwrap_or_default(),
+                    );
                     traces.push(t.clone());
                 }
                 curves.push(o.curve);
@@ -249,11 +286,21 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let files = report::write_report(&out, &summaries, &curves, &traces)
         .with_context(|| format!("cannot write the report into {}", out.display()))?;
     eprintln!("{}", progress.finish());
-    println!("{}", report::results_markdown(&report_data(&summaries, &curves, &traces)));
-    println!("wrote {} ({:.0}s)", files.results_md.display(), started.elapsed().as_secs_f64());
+    println!(
+        "{}",
+        report::results_markdown(&report_data(&summaries, &curves, &traces))
+    );
+    println!(
+        "wrote {} ({:.0}s)",
+        files.results_md.display(),
+        started.elapsed().as_secs_f64()
+    );
     let failed = summaries.iter().filter(|s| !s.is_done()).count();
     if failed > 0 {
-        bail!("{failed} of {} run(s) failed; see results.md", summaries.len());
+        bail!(
+            "{failed} of {} run(s) failed; see results.md",
+            summaries.len()
+        );
     }
     Ok(())
 }
@@ -274,8 +321,18 @@ fn report_data(
 fn failed_summary(name: &str, cfg: &mor_core::config::ResolvedConfig, msg: &str) -> RunSummary {
     RunSummary {
         name: name.to_string(),
-        model: if cfg.router.is_some() { "mor".into() } else if cfg.plan.num_recursions > 1 { "recursive".into() } else { "vanilla".into() },
-        router: cfg.router.as_ref().map(|r| r.kind.clone()).unwrap_or_else(|| "-".into()),
+        model: if cfg.router.is_some() {
+            "mor".into()
+        } else if cfg.plan.num_recursions > 1 {
+            "recursive".into()
+        } else {
+            "vanilla".into()
+        },
+        router: cfg
+            .router
+            .as_ref()
+            .map(|r| r.kind.clone())
+            .unwrap_or_else(|| "-".into()),
         kv_policy: cfg.kv.kind.clone(),
         sharing: cfg.recursion.sharing.kind.clone(),
         num_recursions: cfg.plan.num_recursions,
@@ -314,7 +371,8 @@ mod tests {
             let runs = expand(text, origin).unwrap();
             assert!(runs.len() >= 6, "{origin}: {} runs", runs.len());
             for r in &runs {
-                Config::from_table(r.table.clone()).unwrap_or_else(|e| panic!("{origin}/{}: {e}", r.name));
+                Config::from_table(r.table.clone())
+                    .unwrap_or_else(|e| panic!("{origin}/{}: {e}", r.name));
             }
         }
     }
@@ -328,29 +386,47 @@ mod tests {
             .map(|r| Config::from_table(r.table).unwrap())
             .collect();
         let has = |f: &dyn Fn(&mor_core::config::ResolvedConfig) -> bool| cfgs.iter().any(f);
-        assert!(has(&|c| c.router.is_none() && c.plan.num_recursions == 1), "vanilla");
         assert!(
-            has(&|c| c.router.is_none() && c.plan.num_recursions == 2 && c.recursion.sharing.kind == "middle_cycle"),
+            has(&|c| c.router.is_none() && c.plan.num_recursions == 1),
+            "vanilla"
+        );
+        assert!(
+            has(&|c| c.router.is_none()
+                && c.plan.num_recursions == 2
+                && c.recursion.sharing.kind == "middle_cycle"),
             "recursive middle_cycle N_r=2"
         );
         for kind in ["expert_choice", "token_choice"] {
-            assert!(has(&|c| c.router.as_ref().is_some_and(|r| r.kind == kind)), "{kind}");
+            assert!(
+                has(&|c| c.router.as_ref().is_some_and(|r| r.kind == kind)),
+                "{kind}"
+            );
         }
         for kv in ["recursion_wise", "recursive_sharing"] {
             assert!(has(&|c| c.router.is_some() && c.kv.kind == kv), "{kv}");
         }
         for s in ["cycle", "middle_cycle"] {
-            assert!(has(&|c| c.router.is_some() && c.recursion.sharing.kind == s), "{s}");
+            assert!(
+                has(&|c| c.router.is_some() && c.recursion.sharing.kind == s),
+                "{s}"
+            );
         }
     }
 
     #[test]
     fn grid_errors_name_the_problem() {
-        let e = expand("[base]\n[[runs]]\nset = {}\n", "g").unwrap_err().to_string();
+        let e = expand("[base]\n[[runs]]\nset = {}\n", "g")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs a `name`"), "{e}");
         let e = expand("bogus = 1\n[base]\n", "g").unwrap_err().to_string();
         assert!(e.contains("unknown key `bogus`"), "{e}");
-        let e = expand("[base]\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"a\"\n", "g").unwrap_err().to_string();
+        let e = expand(
+            "[base]\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"a\"\n",
+            "g",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("two runs are named `a`"), "{e}");
     }
 
@@ -359,7 +435,10 @@ mod tests {
         let g = "[base]\nrouter = { kind = \"expert_choice\" }\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"b\"\nset = { \"router\" = \"none\" }\n[axes]\n\"train.lr\" = [1e-3, 2e-3]\n";
         let runs = expand(g, "g").unwrap();
         let names: Vec<_> = runs.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["a__lr=0.001", "a__lr=0.002", "b__lr=0.001", "b__lr=0.002"]);
+        assert_eq!(
+            names,
+            ["a__lr=0.001", "a__lr=0.002", "b__lr=0.001", "b__lr=0.002"]
+        );
         assert!(runs[2].table.get("router").is_none());
         assert_eq!(runs[1].table["train"]["lr"].as_float(), Some(2e-3));
     }

@@ -22,8 +22,14 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let report = mor_kernels::cuda::gpu_check(&args.out)?;
     println!("{}", report.to_json());
     if !report.passed() {
-        anyhow::bail!("some kernels disagree with the CPU reference; see {}", args.out.display());
+        anyhow::bail!(
+            "some kernels disagree with the CPU reference; see {}",
+            args.out.display()
+        );
     }
-    println!("all kernels match the CPU reference; report: {}", args.out.display());
+    println!(
+        "all kernels match the CPU reference; report: {}",
+        args.out.display()
+    );
     Ok(())
 }

@@ -35,8 +35,16 @@ pub struct Args {
 /// Runs `train`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let cfg = crate::plan::load(&args.config, &args.overrides)?;
-    let name = args.config.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    let name = args
+        .config
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("run")
+        .to_string();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&name));
     if let Some(d) = &args.data {
         if !d.exists() {
             anyhow::bail!("--data {}: no such file or folder", d.display());
@@ -51,14 +59,17 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         stop_after: args.stop_after,
         skip_eval: false,
     };
-    let outcome = run(&cfg, &name, &opts).with_context(|| format!("run `{name}` in {}", out.display()))?;
+    let outcome =
+        run(&cfg, &name, &opts).with_context(|| format!("run `{name}` in {}", out.display()))?;
     let s = &outcome.summary;
     println!(
         "{name}: {} steps, {} tokens, val NLL {:.4}{}, {:.0} tokens/s, {:.0}s -> {}",
         s.steps,
         s.train_tokens,
         s.val_nll,
-        s.val_nll_causal.map(|c| format!(" (causal {c:.4})")).unwrap_or_default(),
+        s.val_nll_causal
+            .map(|c| format!(" (causal {c:.4})"))
+            .unwrap_or_default(),
         s.train_tokens_per_sec,
         s.wall_secs,
         out.display()

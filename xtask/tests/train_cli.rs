@@ -52,7 +52,11 @@ fn losses(out: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -62,7 +66,13 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     let cfg = root.join("tiny.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let a = root.join("a");
-    let st = xtask().args(["train", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&a).status().unwrap();
+    let st = xtask()
+        .args(["train", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&a)
+        .status()
+        .unwrap();
     assert!(st.success());
 
     let b = root.join("b");
@@ -103,8 +113,10 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     let (la, lb) = (losses(&a), losses(&b));
     assert_eq!(la.len(), 40);
     assert_eq!(la, lb, "per-step losses differ after SIGKILL + resume");
-    let fa: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
-    let fb: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
+    let fa: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    let fb: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
     assert_eq!(fa["val_nll"], fb["val_nll"]);
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -133,14 +145,21 @@ fn fails_with(args: &[&str], cfg_text: &str, expect: &[&str]) -> PathBuf {
 #[test]
 fn bad_input_is_a_clear_error() {
     // A missing data path.
-    fails_with(&["--data", "/definitely/not/here"], CONFIG, &["/definitely/not/here", "no such file"]);
+    fails_with(
+        &["--data", "/definitely/not/here"],
+        CONFIG,
+        &["/definitely/not/here", "no such file"],
+    );
     // A config typo.
     let typo = CONFIG.replace("checkpoint_every", "checkpoint_evry");
     fails_with(&[], &typo, &["checkpoint_evry"]);
     // An empty corpus: a folder whose only text file is empty.
     let root = tmp("empty");
     std::fs::write(root.join("empty.txt"), "").unwrap();
-    let cfg = CONFIG.replace("source = \"builtin\"", &format!("source = \"{}\"", root.display()));
+    let cfg = CONFIG.replace(
+        "source = \"builtin\"",
+        &format!("source = \"{}\"", root.display()),
+    );
     fails_with(&[], &cfg, &["empty"]);
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -151,12 +170,27 @@ fn a_finished_run_is_not_overwritten() {
     let cfg = root.join("tiny.toml");
     std::fs::write(&cfg, CONFIG.replace("steps = 40", "steps = 4")).unwrap();
     let out = root.join("run");
-    let st = xtask().args(["train", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&out).status().unwrap();
+    let st = xtask()
+        .args(["train", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
     assert!(st.success());
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
-    let o = xtask().args(["train", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&out).output().unwrap();
+    let o = xtask()
+        .args(["train", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        before
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -177,14 +177,10 @@ impl<'m> Decoder<'m> {
                 _ => {
                     let hb = r.stack(&[&hv])?;
                     let decision = r.route_expert(stage + 1, &hb)?.remove(0);
-                    if let ExitRule::GateThresholds(_) = r.exit {
-                        gates.push(r.expert_gates(stage + 1, &hb)?[0]);
-                    } else if let Some(g) = decision {
-                        gates.push(g);
-                    }
-                    match decision {
-                        Some(g) => Merge::Gated(g),
-                        None => break,
+                    gates.extend(decision.gate);
+                    match (decision.run, decision.gate) {
+                        (true, g) => Merge::Gated(g.unwrap_or(1.0)),
+                        (false, _) => break,
                     }
                 }
             };

@@ -81,6 +81,8 @@ pub struct EngineConfig {
     pub max_depth: Option<usize>,
     /// Slot refill rule.
     pub batching: Batching,
+    /// Record the gate of every expert-choice routing decision ([`Engine::gate_trace`]).
+    pub record_gates: bool,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +95,7 @@ impl Default for EngineConfig {
             exit: ExitRule::Router,
             max_depth: None,
             batching: Batching::DepthWise,
+            record_gates: false,
         }
     }
 }
@@ -166,6 +169,19 @@ pub enum Event {
     },
     /// A request finished.
     Finished(Completion),
+}
+
+/// One expert-choice routing decision, recorded when [`EngineConfig::record_gates`] is set.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GateRecord {
+    /// The request.
+    pub id: RequestId,
+    /// The token's position.
+    pub pos: u32,
+    /// The recursion step decided (1-based).
+    pub step: usize,
+    /// The gate `g = α·G(z)` the router gave the token.
+    pub gate: f32,
 }
 
 /// Counters of an engine's work.
@@ -321,6 +337,7 @@ pub struct Engine<'m> {
     w_coda: Vec<usize>,
     stalled: bool,
     stats: EngineStats,
+    gate_trace: Vec<GateRecord>,
 }
 
 impl<'m> Engine<'m> {
@@ -375,6 +392,7 @@ impl<'m> Engine<'m> {
             w_coda,
             stalled: false,
             stats,
+            gate_trace: Vec::new(),
         })
     }
 
@@ -386,6 +404,17 @@ impl<'m> Engine<'m> {
     /// The work counters.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// The recorded routing decisions (empty unless [`EngineConfig::record_gates`]). A
+    /// preempted request is replayed, so its decisions may appear twice.
+    pub fn gate_trace(&self) -> &[GateRecord] {
+        &self.gate_trace
+    }
+
+    /// Forgets the recorded routing decisions.
+    pub fn clear_gate_trace(&mut self) {
+        self.gate_trace.clear();
     }
 
     /// The shared KV cache.
@@ -623,9 +652,21 @@ impl<'m> Engine<'m> {
             let h = r.stack(&rows)?;
             let dec = r.route_expert(stage + 1, &h)?;
             for (&i, d) in members.iter().zip(dec) {
-                match d {
-                    Some(g) => self.slots[i].merge = Some(Merge::Gated(g)),
-                    None => leave[i] = true,
+                if self.cfg.record_gates {
+                    if let Some(gate) = d.gate {
+                        let it = &self.slots[i];
+                        self.gate_trace.push(GateRecord {
+                            id: it.id,
+                            pos: it.pos,
+                            step: stage + 1,
+                            gate,
+                        });
+                    }
+                }
+                if d.run {
+                    self.slots[i].merge = Some(Merge::Gated(d.gate.unwrap_or(1.0)));
+                } else {
+                    leave[i] = true;
                 }
             }
         }

@@ -60,6 +60,16 @@ pub(crate) struct TokenChoice {
     pub gate_intermediate: bool,
 }
 
+/// The expert-choice decision for one token at one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ExpertDecision {
+    /// The gate `g_r`, when the router scored the token (always under
+    /// [`ExitRule::GateThresholds`]; only for kept tokens under [`ExitRule::Router`]).
+    pub gate: Option<f32>,
+    /// Run the step.
+    pub run: bool,
+}
+
 /// The position of one token in its request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Tok {
@@ -74,7 +84,8 @@ struct BlockWeights {
     wkv_t: Tensor,
     wqkv_t: Tensor,
     wo_t: Tensor,
-    wgu_t: Tensor,
+    wg_t: Tensor,
+    wu_t: Tensor,
     wdown_t: Tensor,
 }
 
@@ -151,7 +162,8 @@ impl<'m> Runner<'m> {
                 wkv_t: transpose(&Tensor::cat(&[k, v], 0)?)?,
                 wqkv_t: transpose(&Tensor::cat(&[q, k, v], 0)?)?,
                 wo_t: transpose(p.o.as_tensor())?,
-                wgu_t: transpose(&Tensor::cat(&[p.gate.as_tensor(), p.up.as_tensor()], 0)?)?,
+                wg_t: transpose(p.gate.as_tensor())?,
+                wu_t: transpose(p.up.as_tensor())?,
                 wdown_t: transpose(p.down.as_tensor())?,
             });
         }
@@ -475,22 +487,21 @@ impl<'m> Runner<'m> {
         let att = Tensor::from_vec(att, (n, qd), &Device::Cpu)?;
         let h = (h + att.matmul(&bw.wo_t)?)?;
         let x = self.backend.rms_norm(&h, mn, self.eps)?;
-        let gu = x.matmul(&bw.wgu_t)?;
-        let g = gu.narrow(1, 0, self.di)?.contiguous()?;
-        let u = gu.narrow(1, self.di, self.di)?.contiguous()?;
+        let g = x.matmul(&bw.wg_t)?;
+        let u = x.matmul(&bw.wu_t)?;
         let s = self.backend.swiglu(&g, &u)?;
         Ok((&h + s.matmul(&bw.wdown_t)?)?)
     }
 
-    /// Expert-choice decision of recursion step `step` for tokens with hidden states `h:
-    /// [n, d]`, each active at step `step - 1`: `Some(gate)` to run the step, `None` to exit.
+    /// Expert-choice decisions of recursion step `step` for tokens with hidden states `h:
+    /// [n, d]`, each active at step `step - 1`.
     ///
     /// Each token is its own one-token row, so the decision depends on its own hidden state
     /// only. [`ExitRule::Router`] runs the router in [`RouteMode::Causal`]: exactly the rule
     /// of a causal forward. [`ExitRule::GateThresholds`] runs it in
     /// [`RouteMode::FullSequence`], whose top-`max(1, ⌊cap·1⌋)` of a one-token row keeps
     /// the token, so the router returns the gate of every token; the thresholds then decide.
-    pub fn route_expert(&self, step: usize, h: &Tensor) -> Result<Vec<Option<f32>>> {
+    pub fn route_expert(&self, step: usize, h: &Tensor) -> Result<Vec<ExpertDecision>> {
         let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
         let n = h.dim(0)?;
         if n == 0 {
@@ -517,7 +528,13 @@ impl<'m> Runner<'m> {
             Some(g) => Some(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let mut out = vec![None; n];
+        let mut out = vec![
+            ExpertDecision {
+                gate: None,
+                run: false
+            };
+            n
+        ];
         let mut k = 0;
         for (i, row) in rt.selected.iter().enumerate().take(n) {
             if !row.is_empty() {
@@ -528,7 +545,10 @@ impl<'m> Runner<'m> {
                     None => 1.0,
                 };
                 k += 1;
-                out[i] = Some(g);
+                out[i] = ExpertDecision {
+                    gate: Some(g),
+                    run: true,
+                };
             }
         }
         if let ExitRule::GateThresholds(t) = &self.exit {
@@ -539,29 +559,10 @@ impl<'m> Runner<'m> {
             }
             let th = t[step - 1];
             for o in out.iter_mut() {
-                *o = o.filter(|&g| g as f64 >= th);
+                o.run = o.gate.is_some_and(|g| g as f64 >= th);
             }
         }
         Ok(out)
-    }
-
-    /// The gates of every token at step `step` regardless of the exit rule (calibration):
-    /// the router in [`RouteMode::FullSequence`] on one-token rows.
-    pub fn expert_gates(&self, step: usize, h: &Tensor) -> Result<Vec<f32>> {
-        let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
-        let n = h.dim(0)?;
-        let h3 = h.reshape((n, 1, self.d))?;
-        let mode = RouteMode::FullSequence;
-        let mut st = router.begin(&h3, mode)?;
-        let empty = vec![Vec::new(); n];
-        for s in 1..step {
-            router.route(s, &h3, &empty, &mut st, mode)?;
-        }
-        let rt = router.route(step, &h3, &vec![vec![0u32]; n], &mut st, mode)?;
-        match rt.gate {
-            Some(g) => Ok(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            None => Ok(vec![1.0; n]),
-        }
     }
 
     /// Token-choice decisions of tokens whose recursion input is `h1: [n, d]`: depth (0 when

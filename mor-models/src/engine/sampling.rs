@@ -84,6 +84,20 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
         .ok_or_else(|| Error::msg("no logits to pick a token from"))
 }
 
+/// Refuses empty logits and NaN or infinite values.
+fn check_finite(logits: &[f32]) -> Result<()> {
+    if logits.is_empty() {
+        return Err(Error::msg("no logits to sample a token from"));
+    }
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(Error::msg(format!(
+            "logit {i} is {}; cannot sample a token",
+            logits[i]
+        )));
+    }
+    Ok(())
+}
+
 /// A sampler: [`SamplingParams`] plus the request's own random stream.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -119,17 +133,57 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let probs = self.distribution(logits)?;
+        if self.params.top_p < 1.0 {
+            let probs = self.distribution(logits)?;
+            return Ok(self.draw(probs.iter().copied()));
+        }
+        // Without a nucleus cut the order of the candidates does not matter: no sort, one
+        // pass over the (top-k) logits.
+        check_finite(logits)?;
+        let t = self.params.temperature;
+        let k = self.params.top_k;
+        if k > 0 && k < logits.len() {
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            idx.select_nth_unstable_by(k - 1, |a, b| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            });
+            idx.truncate(k);
+            let m = idx
+                .iter()
+                .map(|&i| logits[i as usize])
+                .fold(f32::NEG_INFINITY, f32::max) as f64;
+            let w: Vec<(u32, f64)> = idx
+                .iter()
+                .map(|&i| (i, ((logits[i as usize] as f64 - m) / t).exp()))
+                .collect();
+            let z: f64 = w.iter().map(|x| x.1).sum();
+            return Ok(self.draw(w.into_iter().map(|(i, x)| (i, x / z))));
+        }
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = logits.iter().map(|&l| ((l as f64 - m) / t).exp()).sum();
+        let iter = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l as f64 - m) / t).exp() / z));
+        Ok(self.draw(iter))
+    }
+
+    /// Draws from `(token, probability)` pairs summing to 1.
+    fn draw(&mut self, probs: impl Iterator<Item = (u32, f64)>) -> u32 {
         let u = self.rng.uniform();
         let mut acc = 0.0;
-        for &(i, p) in &probs {
+        let mut last = 0;
+        for (i, p) in probs {
             acc += p;
+            last = i;
             if u < acc {
-                return Ok(i);
+                return i;
             }
         }
-        // Rounding left `acc` a hair below 1: the last kept token.
-        Ok(probs.last().map(|&(i, _)| i).unwrap_or(0))
+        // Rounding left `acc` a hair below 1: the last token.
+        last
     }
 
     /// The distribution [`Sampler::sample`] draws from: `(token, probability)` pairs,
@@ -139,15 +193,7 @@ impl Sampler {
     /// As [`Sampler::sample`].
     pub fn distribution(&self, logits: &[f32]) -> Result<Vec<(u32, f64)>> {
         let p = &self.params;
-        if logits.is_empty() {
-            return Err(Error::msg("no logits to sample a token from"));
-        }
-        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
-            return Err(Error::msg(format!(
-                "logit {i} is {}; cannot sample a token",
-                logits[i]
-            )));
-        }
+        check_finite(logits)?;
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let by_logit = |a: &u32, b: &u32| {
             logits[*b as usize]
@@ -284,6 +330,29 @@ mod tests {
         let mut other = Sampler::new(params(1.0, 0, 1.0), 4).unwrap();
         let other: Vec<u32> = (0..50).map(|_| other.sample(&logits).unwrap()).collect();
         assert_ne!(first, other, "different streams must draw differently");
+    }
+
+    #[test]
+    fn every_sampling_path_draws_from_its_distribution() {
+        let logits = [0.3f32, -1.0, 2.0, 1.1, 0.0, 1.9];
+        for (k, top_p) in [(0, 1.0), (3, 1.0), (0, 0.6), (4, 0.9)] {
+            let mut s = Sampler::new(params(0.8, k, top_p), 5).unwrap();
+            let want = s.distribution(&logits).unwrap();
+            let n = 20_000;
+            let mut counts = [0usize; 6];
+            for _ in 0..n {
+                counts[s.sample(&logits).unwrap() as usize] += 1;
+            }
+            for i in 0..6u32 {
+                let p = want.iter().find(|x| x.0 == i).map(|x| x.1).unwrap_or(0.0);
+                let f = counts[i as usize] as f64 / n as f64;
+                let tol = 4.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-12;
+                assert!(
+                    (f - p).abs() <= tol,
+                    "top_k {k}, top_p {top_p}: token {i} frequency {f}, probability {p}"
+                );
+            }
+        }
     }
 
     #[test]

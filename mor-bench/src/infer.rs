@@ -11,7 +11,12 @@
 //!   `B · maxB_model / maxB_vanilla`, where `maxB` is what a fixed KV memory budget holds
 //!   given the model's measured K/V bytes per token (vanilla keeps `B`);
 //! - MoR runs with continuous depth-wise batching, vanilla with continuous sequence-wise
-//!   batching (the same engine: one block call runs all its layers);
+//!   batching (the same engine: one block call runs all its layers). The batch size is both
+//!   the block's item slots and the number of concurrent requests (what the KV memory
+//!   bounds); exited MoR tokens gather until `exit_fraction` of the batch has left the
+//!   recursion before the coda, LM head and sampling run on them together (spec §5 step 3:
+//!   on a CPU the LM head and the unique layers are the expensive, cache-cold part, so
+//!   running them on a few tokens at a time costs more than it saves);
 //! - a warm-up run is excluded; the timed run includes the KV cache updates (the paper
 //!   excludes them; here they are part of every layer call);
 //! - the thread count is pinned (default 1: decoding is fastest single-threaded on these
@@ -30,9 +35,11 @@
 use mor_core::config::{Config, ResolvedConfig};
 use mor_core::rng::Rng;
 use mor_models::engine::{
-    Batching, Engine, EngineConfig, EngineStats, ExitRule, Request, SamplingParams,
+    Batching, Engine, EngineConfig, EngineStats, Event, ExitRule, FinishReason, Request,
+    SamplingParams,
 };
 use mor_models::{Error, MorModel, Result};
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Settings of the benchmark.
@@ -68,14 +75,20 @@ pub struct InferBenchConfig {
     pub calib_passes: usize,
     /// Also run the relative-max batch setting.
     pub relative_max: bool,
+    /// Interleaved timed rounds per model (the best is kept).
+    pub rounds: usize,
+    /// MoR exit batch as a fraction of the batch size (`EngineConfig::exit_batch`): exited
+    /// tokens gather until this share of the batch has left the recursion, then the coda,
+    /// LM head and sampling run on them together (spec §5, step 3).
+    pub exit_fraction: f64,
 }
 
 impl Default for InferBenchConfig {
     fn default() -> Self {
         InferBenchConfig {
-            requests: 64,
-            gen_len_mean: 128.0,
-            gen_len_std: 32.0,
+            requests: 96,
+            gen_len_mean: 96.0,
+            gen_len_std: 24.0,
             batch_size: 32,
             threads: 1,
             warmup_requests: 8,
@@ -85,9 +98,11 @@ impl Default for InferBenchConfig {
             context: 256,
             recursions: vec![2, 3, 4],
             block_tokens: 16,
-            calib_requests: 32,
+            calib_requests: 24,
             calib_passes: 3,
             relative_max: true,
+            exit_fraction: 0.75,
+            rounds: 2,
         }
     }
 }
@@ -103,6 +118,7 @@ impl InferBenchConfig {
             warmup_requests: 2,
             calib_requests: 16,
             calib_passes: 3,
+            rounds: 1,
             ..Self::default()
         }
     }
@@ -133,6 +149,12 @@ impl InferBenchConfig {
                 self.recursions
             ));
         }
+        if !(self.exit_fraction > 0.0 && self.exit_fraction <= 1.0) {
+            return bad(format!(
+                "exit_fraction {} must be in (0, 1]",
+                self.exit_fraction
+            ));
+        }
         if self.calib_requests == 0 || self.calib_passes == 0 {
             return bad("calib_requests and calib_passes must be >= 1".into());
         }
@@ -155,16 +177,23 @@ pub struct ModelReport {
     pub params: usize,
     /// Block slots (and concurrent requests).
     pub batch_size: usize,
+    /// Interleaved timed rounds; the numbers are the best round's.
+    pub rounds: usize,
     /// Tokens generated in the timed run.
     pub tokens: u64,
     /// Seconds of the timed run.
     pub seconds: f64,
-    /// Generated tokens per second.
+    /// Generated tokens per second over the whole run.
     pub tokens_per_s: f64,
+    /// Generated tokens per second while every batch slot had a request (before the tail
+    /// of the last requests; the regime of the paper's 1K-request runs).
+    pub steady_tokens_per_s: f64,
     /// The vanilla model this one is compared with.
     pub vanilla: String,
     /// `tokens_per_s / tokens_per_s(vanilla)` in the same setting.
     pub throughput_ratio_vs_vanilla: f64,
+    /// `steady_tokens_per_s / steady_tokens_per_s(vanilla)`.
+    pub steady_throughput_ratio_vs_vanilla: f64,
     /// Exact K/V bytes per generated position (measured in the cache).
     pub kv_bytes_per_token: f64,
     /// `kv_bytes_per_token / kv_bytes_per_token(vanilla)`, whole model.
@@ -173,6 +202,9 @@ pub struct ModelReport {
     pub kv_recursion_ratio_vs_vanilla: f64,
     /// Spec §4's `(N_r + 1) / (2 N_r)` (recursion blocks only; 1 for vanilla).
     pub kv_ratio_formula: f64,
+    /// `kv_recursion_ratio_vs_vanilla / kv_ratio_formula`: 1 when the realised depths
+    /// follow the capacity schedule exactly.
+    pub kv_ratio_over_formula: f64,
     /// Share of positions by depth `1..=N_r` in the timed run.
     pub depth_distribution: Vec<f64>,
     /// The capacity schedule's depth distribution (`1/N_r` each).
@@ -334,10 +366,50 @@ fn quantile_threshold(g: &[f32], keep: f64) -> f64 {
     v[k - 1] as f64
 }
 
+/// One timed run.
+#[derive(Debug, Clone)]
 struct Timed {
     tokens: u64,
     seconds: f64,
+    /// Tokens and seconds while every batch slot had a request (until the first request
+    /// finished with no request left to take its place).
+    steady_tokens: u64,
+    steady_seconds: f64,
     stats: EngineStats,
+}
+
+impl Timed {
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+
+    fn steady_tokens_per_s(&self) -> f64 {
+        self.steady_tokens as f64 / self.steady_seconds.max(1e-9)
+    }
+}
+
+fn engine_config(
+    cfg: &InferBenchConfig,
+    model: &MorModel,
+    batch: usize,
+    exit: ExitRule,
+) -> EngineConfig {
+    let batching = if model.plan().num_recursions == 1 {
+        Batching::SequenceWise
+    } else {
+        Batching::DepthWise
+    };
+    EngineConfig {
+        batch_size: batch,
+        max_active: batch,
+        block_tokens: cfg.block_tokens,
+        kv_blocks: 0,
+        exit,
+        max_depth: None,
+        batching,
+        record_gates: false,
+        exit_batch: ((cfg.exit_fraction * batch as f64).round() as usize).clamp(1, batch),
+    }
 }
 
 fn timed_run(
@@ -347,22 +419,7 @@ fn timed_run(
     exit: ExitRule,
     lens: &[usize],
 ) -> Result<Timed> {
-    let batching = if model.plan().num_recursions == 1 {
-        Batching::SequenceWise
-    } else {
-        Batching::DepthWise
-    };
-    let ecfg = EngineConfig {
-        batch_size: batch,
-        max_active: batch,
-        block_tokens: cfg.block_tokens,
-        kv_blocks: 0,
-        exit,
-        max_depth: None,
-        batching,
-        record_gates: false,
-    };
-    let mut engine = Engine::new(model, ecfg)?;
+    let mut engine = Engine::new(model, engine_config(cfg, model, batch, exit))?;
     let warm = gen_lengths(cfg, cfg.warmup_requests, "warmup");
     for (i, &len) in warm.iter().enumerate() {
         engine.submit(Request {
@@ -383,18 +440,31 @@ fn timed_run(
         })?;
     }
     let t0 = Instant::now();
-    let done = engine.run_to_completion()?;
+    let mut done = Vec::new();
+    let mut tokens = 0u64;
+    let mut steady: Option<(u64, f64)> = None;
+    while !engine.is_idle() {
+        for ev in engine.step()? {
+            match ev {
+                Event::Token { .. } => tokens += 1,
+                Event::Finished(c) => done.push(c),
+            }
+        }
+        if steady.is_none() && engine.pending_requests() == 0 && engine.active_requests() < batch {
+            steady = Some((tokens, t0.elapsed().as_secs_f64()));
+        }
+    }
     let seconds = t0.elapsed().as_secs_f64();
     if let Some(c) = done
         .iter()
-        .find(|c| matches!(c.finish, mor_models::engine::FinishReason::Error(_)))
+        .find(|c| matches!(c.finish, FinishReason::Error(_)))
     {
         return Err(Error::msg(format!(
             "request {} failed: {:?}",
             c.id, c.finish
         )));
     }
-    let tokens: u64 = done.iter().map(|c| c.tokens.len() as u64).sum();
+    let (steady_tokens, steady_seconds) = steady.unwrap_or((tokens, seconds));
     let s = engine.stats();
     let delta = EngineStats {
         iterations: s.iterations - before.iterations,
@@ -419,6 +489,8 @@ fn timed_run(
     Ok(Timed {
         tokens,
         seconds,
+        steady_tokens,
+        steady_seconds,
         stats: delta,
     })
 }
@@ -436,66 +508,118 @@ fn entry_bytes(c: &ResolvedConfig) -> f64 {
     (2 * c.model.num_kv_heads * c.model.head_dim * 4) as f64
 }
 
-fn measure(
+/// A model under test and its best timed run so far.
+struct Subject {
     name: String,
-    setting: &str,
-    model: &MorModel,
-    cfg: &InferBenchConfig,
+    setting: &'static str,
+    model: Rc<MorModel>,
+    cfg: ResolvedConfig,
+    /// Index of the vanilla subject it is compared with (itself for vanilla).
+    vanilla: usize,
+    thresholds: Vec<f64>,
     batch: usize,
-    thresholds: &[f64],
-    lens: &[usize],
-) -> Result<ModelReport> {
-    let n = model.plan().num_recursions;
-    let exit = if n > 1 {
-        ExitRule::GateThresholds(thresholds.to_vec())
-    } else {
-        ExitRule::Router
-    };
-    let t = timed_run(model, cfg, batch, exit, lens)?;
-    let hist = &t.stats.depth_histogram;
-    let total: u64 = hist.iter().sum();
-    let depth_distribution: Vec<f64> = (1..=n)
-        .map(|d| hist.get(d).copied().unwrap_or(0) as f64 / total.max(1) as f64)
-        .collect();
-    Ok(ModelReport {
-        name,
-        setting: setting.to_string(),
-        num_recursions: n,
-        layers: model.plan().num_slots(),
-        params: param_count(model),
-        batch_size: batch,
-        tokens: t.tokens,
-        seconds: t.seconds,
-        tokens_per_s: t.tokens as f64 / t.seconds.max(1e-9),
-        vanilla: String::new(),
-        throughput_ratio_vs_vanilla: 1.0,
-        kv_bytes_per_token: t.stats.kv_bytes_per_token(),
-        kv_bytes_ratio_vs_vanilla: 1.0,
-        kv_recursion_ratio_vs_vanilla: 1.0,
-        kv_ratio_formula: if n > 1 {
-            (n as f64 + 1.0) / (2.0 * n as f64)
-        } else {
-            1.0
-        },
-        depth_distribution,
-        target_depth_distribution: vec![1.0 / n as f64; n],
-        thresholds: thresholds.to_vec(),
-        mean_block_occupancy: t.stats.mean_block_occupancy(),
-        mixed_depth_calls: t.stats.mixed_depth_calls,
-        preemptions: t.stats.preemptions,
-    })
+    best: Option<Timed>,
+    best_steady: f64,
 }
 
-/// Fills the ratio fields of `m` against vanilla `v`.
-fn compare(m: &mut ModelReport, v: &ModelReport, mor_cfg: &ResolvedConfig) {
-    m.vanilla = v.name.clone();
-    m.throughput_ratio_vs_vanilla = m.tokens_per_s / v.tokens_per_s.max(1e-9);
-    m.kv_bytes_ratio_vs_vanilla = m.kv_bytes_per_token / v.kv_bytes_per_token.max(1e-9);
-    let e = entry_bytes(mor_cfg);
-    let plan = &mor_cfg.plan;
-    let unique = (plan.num_slots() - plan.base_depth * plan.num_recursions) as f64 * e;
-    let rec_van = v.kv_bytes_per_token - unique;
-    m.kv_recursion_ratio_vs_vanilla = (m.kv_bytes_per_token - unique) / rec_van.max(1e-9);
+impl Subject {
+    fn exit(&self) -> ExitRule {
+        if self.model.plan().num_recursions > 1 {
+            ExitRule::GateThresholds(self.thresholds.clone())
+        } else {
+            ExitRule::Router
+        }
+    }
+
+    fn time(&mut self, cfg: &InferBenchConfig, lens: &[usize]) -> Result<()> {
+        let t = timed_run(&self.model, cfg, self.batch, self.exit(), lens)?;
+        self.best_steady = self.best_steady.max(t.steady_tokens_per_s());
+        if self.best.as_ref().is_none_or(|b| t.seconds < b.seconds) {
+            self.best = Some(t);
+        }
+        Ok(())
+    }
+
+    fn report(&self, cfg: &InferBenchConfig, vanilla: Option<&ModelReport>) -> Result<ModelReport> {
+        let t = self
+            .best
+            .as_ref()
+            .ok_or_else(|| Error::msg(format!("{} was never timed", self.name)))?;
+        let n = self.model.plan().num_recursions;
+        let hist = &t.stats.depth_histogram;
+        let total: u64 = hist.iter().sum();
+        let depth_distribution: Vec<f64> = (1..=n)
+            .map(|d| hist.get(d).copied().unwrap_or(0) as f64 / total.max(1) as f64)
+            .collect();
+        let mut r = ModelReport {
+            name: self.name.clone(),
+            setting: self.setting.to_string(),
+            num_recursions: n,
+            layers: self.model.plan().num_slots(),
+            params: param_count(&self.model),
+            batch_size: self.batch,
+            rounds: cfg.rounds,
+            tokens: t.tokens,
+            seconds: t.seconds,
+            tokens_per_s: t.tokens_per_s(),
+            steady_tokens_per_s: self.best_steady,
+            vanilla: self.name.clone(),
+            throughput_ratio_vs_vanilla: 1.0,
+            steady_throughput_ratio_vs_vanilla: 1.0,
+            kv_bytes_per_token: t.stats.kv_bytes_per_token(),
+            kv_bytes_ratio_vs_vanilla: 1.0,
+            kv_recursion_ratio_vs_vanilla: 1.0,
+            kv_ratio_formula: if n > 1 {
+                (n as f64 + 1.0) / (2.0 * n as f64)
+            } else {
+                1.0
+            },
+            kv_ratio_over_formula: 1.0,
+            depth_distribution,
+            target_depth_distribution: vec![1.0 / n as f64; n],
+            thresholds: self.thresholds.clone(),
+            mean_block_occupancy: t.stats.mean_block_occupancy(),
+            mixed_depth_calls: t.stats.mixed_depth_calls,
+            preemptions: t.stats.preemptions,
+        };
+        if let Some(v) = vanilla {
+            r.vanilla = v.name.clone();
+            r.throughput_ratio_vs_vanilla = r.tokens_per_s / v.tokens_per_s.max(1e-9);
+            r.steady_throughput_ratio_vs_vanilla =
+                r.steady_tokens_per_s / v.steady_tokens_per_s.max(1e-9);
+            r.kv_bytes_ratio_vs_vanilla = r.kv_bytes_per_token / v.kv_bytes_per_token.max(1e-9);
+            let e = entry_bytes(&self.cfg);
+            let plan = &self.cfg.plan;
+            let unique = (plan.num_slots() - plan.base_depth * plan.num_recursions) as f64 * e;
+            r.kv_recursion_ratio_vs_vanilla =
+                (r.kv_bytes_per_token - unique) / (v.kv_bytes_per_token - unique).max(1e-9);
+            r.kv_ratio_over_formula = r.kv_recursion_ratio_vs_vanilla / r.kv_ratio_formula;
+        }
+        Ok(r)
+    }
+}
+
+/// Times every subject `rounds` times, interleaved (round 1 of every model, then round 2,
+/// ...), keeping each model's best run: on a shared machine the best of interleaved rounds
+/// is the least disturbed measurement.
+fn time_all(
+    subjects: &mut [Subject],
+    which: &[usize],
+    cfg: &InferBenchConfig,
+    lens: &[usize],
+    log: &mut dyn FnMut(&str),
+) -> Result<()> {
+    for round in 1..=cfg.rounds.max(1) {
+        for &i in which {
+            let s = &mut subjects[i];
+            log(&format!(
+                "{} ({}, batch {}): timing, round {round}/{}",
+                s.name, s.setting, s.batch, cfg.rounds
+            ));
+            s.time(cfg, lens)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the benchmark; `log` receives one line per step.
@@ -512,61 +636,95 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
         *lens.iter().min().unwrap_or(&0),
         *lens.iter().max().unwrap_or(&0),
     );
-    let mut models = Vec::new();
-    let mut kv_budget = 0f64;
-    let mut fixed_vanilla: Vec<ModelReport> = Vec::new();
-    let mut later: Vec<(usize, ResolvedConfig, Vec<f64>, ModelReport)> = Vec::new();
+    // Build every model: each MoR and the vanilla of its unrolled depth (shared when equal).
+    let mut subjects: Vec<Subject> = Vec::new();
+    let mut mors = Vec::new();
     for &n in &cfg.recursions {
         let (mc, vc) = configs(cfg, n)?;
-        let layers = vc.model.num_layers;
-        let vname = format!("vanilla-{layers}");
-        let van = match fixed_vanilla.iter().find(|v| v.name == vname) {
-            Some(v) => v.clone(),
+        let vname = format!("vanilla-{}", vc.model.num_layers);
+        let v = match subjects.iter().position(|s| s.name == vname) {
+            Some(v) => v,
             None => {
-                log(&format!("{vname}: timing at batch {}", cfg.batch_size));
-                let vm = MorModel::new(&vc)?;
-                let mut r = measure(vname.clone(), "fixed", &vm, cfg, cfg.batch_size, &[], &lens)?;
-                r.vanilla = vname.clone();
-                fixed_vanilla.push(r.clone());
-                models.push(r.clone());
-                r
+                subjects.push(Subject {
+                    name: vname,
+                    setting: "fixed",
+                    model: Rc::new(MorModel::new(&vc)?),
+                    cfg: vc,
+                    vanilla: subjects.len(),
+                    thresholds: Vec::new(),
+                    batch: cfg.batch_size,
+                    best: None,
+                    best_steady: 0.0,
+                });
+                subjects.len() - 1
             }
         };
-        let mm = MorModel::new(&mc)?;
+        let model = MorModel::new(&mc)?;
         log(&format!("mor-{n}: calibrating exit thresholds"));
-        let th = calibrate_thresholds(&mm, cfg)?;
-        log(&format!("mor-{n}: timing at batch {}", cfg.batch_size));
-        let mut r = measure(
-            format!("mor-{n}"),
-            "fixed",
-            &mm,
-            cfg,
-            cfg.batch_size,
-            &th,
-            &lens,
-        )?;
-        compare(&mut r, &van, &mc);
-        models.push(r.clone());
-        kv_budget = van.kv_bytes_per_token * cfg.batch_size as f64 * mean;
-        later.push((n, mc, th, van));
+        let thresholds = calibrate_thresholds(&model, cfg)?;
+        mors.push(subjects.len());
+        subjects.push(Subject {
+            name: format!("mor-{n}"),
+            setting: "fixed",
+            model: Rc::new(model),
+            cfg: mc,
+            vanilla: v,
+            thresholds,
+            batch: cfg.batch_size,
+            best: None,
+            best_steady: 0.0,
+        });
     }
+    let all: Vec<usize> = (0..subjects.len()).collect();
+    time_all(&mut subjects, &all, cfg, &lens, log)?;
+    // Vanilla first (its own reference), then every MoR against its vanilla.
+    let mut reports: Vec<Option<ModelReport>> = vec![None; subjects.len()];
+    for (i, s) in subjects.iter().enumerate() {
+        if s.vanilla == i {
+            reports[i] = Some(s.report(cfg, None)?);
+        }
+    }
+    for (i, s) in subjects.iter().enumerate() {
+        if s.vanilla != i {
+            let v = reports[s.vanilla].clone();
+            reports[i] = Some(s.report(cfg, v.as_ref())?);
+        }
+    }
+    let fixed: Vec<ModelReport> = reports.into_iter().flatten().collect();
+    let mut models = fixed.clone();
+    let kv_budget = subjects
+        .iter()
+        .zip(&fixed)
+        .filter(|(s, _)| s.model.plan().num_recursions == 1)
+        .map(|(_, r)| r.kv_bytes_per_token * cfg.batch_size as f64 * mean)
+        .fold(0.0, f64::max);
     if cfg.relative_max {
-        for (n, mc, th, van) in later {
-            let mr = models
-                .iter()
-                .find(|m| m.name == format!("mor-{n}"))
-                .cloned();
-            let Some(mr) = mr else { continue };
-            // maxB from a fixed KV budget: B · (vanilla bytes per token / MoR bytes per token).
-            let b = ((cfg.batch_size as f64 * van.kv_bytes_per_token
+        // maxB from a fixed KV budget: B · (vanilla bytes per token / MoR bytes per token);
+        // vanilla keeps B, so its fixed-batch runs are its relative-max runs.
+        let mut extra: Vec<Subject> = Vec::new();
+        for &m in &mors {
+            let s = &subjects[m];
+            let (mr, vr) = (&fixed[m], &fixed[s.vanilla]);
+            let b = ((cfg.batch_size as f64 * vr.kv_bytes_per_token
                 / mr.kv_bytes_per_token.max(1e-9))
             .round() as usize)
                 .max(1);
-            let mm = MorModel::new(&mc)?;
-            log(&format!("mor-{n}: timing at relative-max batch {b}"));
-            let mut r = measure(format!("mor-{n}"), "relative_max", &mm, cfg, b, &th, &lens)?;
-            compare(&mut r, &van, &mc);
-            models.push(r);
+            extra.push(Subject {
+                name: s.name.clone(),
+                setting: "relative_max",
+                model: Rc::clone(&s.model),
+                cfg: s.cfg.clone(),
+                vanilla: s.vanilla,
+                thresholds: s.thresholds.clone(),
+                batch: b,
+                best: None,
+                best_steady: 0.0,
+            });
+        }
+        let idx: Vec<usize> = (0..extra.len()).collect();
+        time_all(&mut extra, &idx, cfg, &lens, log)?;
+        for s in &extra {
+            models.push(s.report(cfg, Some(&fixed[s.vanilla]))?);
         }
     }
     Ok(InferBenchReport {
@@ -583,9 +741,19 @@ pub fn render_text(r: &InferBenchReport) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "inference throughput (spec §5, CPU scale): preset {}, context {}, threads {}, {} requests, \
-         generation length ~ N({}, {}) -> mean {:.1}, min {}, max {}, fixed batch {}\n",
-        c.preset, c.context, c.threads, c.requests, c.gen_len_mean, c.gen_len_std, r.gen_len_stats.0, r.gen_len_stats.1,
-        r.gen_len_stats.2, c.batch_size
+         generation length ~ N({}, {}) -> mean {:.1}, min {}, max {}; fixed batch {}; best of {} \
+         interleaved round(s)\n",
+        c.preset,
+        c.context,
+        c.threads,
+        c.requests,
+        c.gen_len_mean,
+        c.gen_len_std,
+        r.gen_len_stats.0,
+        r.gen_len_stats.1,
+        r.gen_len_stats.2,
+        c.batch_size,
+        c.rounds
     ));
     s.push_str(&format!(
         "relative-max KV budget: {:.1} MiB (vanilla at batch {} and mean length)\n\n",
@@ -593,50 +761,52 @@ pub fn render_text(r: &InferBenchReport) -> String {
         c.batch_size
     ));
     s.push_str(&format!(
-        "{:<12} {:<13} {:>6} {:>5} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}  {}\n",
+        "{:<11} {:<12} {:>6} {:>5} {:>9} {:>7} {:>9} {:>7} {:>8} {:>7} {:>8} {:>7} {:>6}  {}\n",
         "model",
         "setting",
         "layers",
         "batch",
         "tokens/s",
-        "x vanilla",
+        "x van",
+        "steady/s",
+        "x van",
         "KV B/tok",
-        "KV x van",
+        "KV xvan",
         "KV rec x",
         "formula",
-        "occupancy",
-        "preempt",
+        "occup",
         "depth distribution"
     ));
     for m in &r.models {
         let dist: Vec<String> = m
             .depth_distribution
             .iter()
-            .map(|x| format!("{:.2}", x))
+            .map(|x| format!("{x:.2}"))
             .collect();
         s.push_str(&format!(
-            "{:<12} {:<13} {:>6} {:>5} {:>9.1} {:>9.3} {:>8.0} {:>8.3} {:>9.3} {:>8.3} {:>8.1} {:>7}  [{}]\n",
+            "{:<11} {:<12} {:>6} {:>5} {:>9.1} {:>7.3} {:>9.1} {:>7.3} {:>8.0} {:>7.3} {:>8.3} {:>7.3} {:>6.1}  [{}]\n",
             m.name,
             m.setting,
             m.layers,
             m.batch_size,
             m.tokens_per_s,
             m.throughput_ratio_vs_vanilla,
+            m.steady_tokens_per_s,
+            m.steady_throughput_ratio_vs_vanilla,
             m.kv_bytes_per_token,
             m.kv_bytes_ratio_vs_vanilla,
             m.kv_recursion_ratio_vs_vanilla,
             m.kv_ratio_formula,
             m.mean_block_occupancy,
-            m.preemptions,
             dist.join(", ")
         ));
     }
     s.push_str(
-        "\nx vanilla: throughput over the vanilla model of equal unrolled depth in the same run order; \
-         KV x van: measured K/V bytes per token over vanilla's (whole model); KV rec x: the same over the \
-         recursion blocks only, to compare with spec §4's formula (N_r+1)/(2N_r). Exit thresholds are \
-         calibrated per step on the untrained routers to the capacity schedule (target depth distribution \
-         1/N_r each).\n",
+        "\nx van: throughput over the vanilla model of equal unrolled depth (whole run; `steady`: \
+         while every batch slot had a request). KV B/tok: exact K/V bytes per token measured in the \
+         cache; KV xvan: over vanilla's, whole model; KV rec x: the same over the recursion blocks \
+         only, to compare with spec §4's (N_r+1)/(2N_r). Exit thresholds are calibrated per step on \
+         the untrained routers to the capacity schedule (target depth distribution 1/N_r each).\n",
     );
     s
 }
@@ -749,6 +919,11 @@ mod tests {
                     < 1e-12
             );
             assert!((m.kv_ratio_formula - 4.0 / 6.0).abs() < 1e-12);
+            assert!(
+                (m.kv_ratio_over_formula * m.kv_ratio_formula - m.kv_recursion_ratio_vs_vanilla)
+                    .abs()
+                    < 1e-12
+            );
             assert!((m.depth_distribution.iter().sum::<f64>() - 1.0).abs() < 1e-9);
             assert_eq!(m.thresholds.len(), 3);
         }

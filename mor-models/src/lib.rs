@@ -4,6 +4,8 @@
 //! - [`optim`], [`train`], [`checkpoint`]: AdamW, the training loop and atomic checkpoints;
 //! - [`eval`]: validation NLL / bits per byte with causal and full-sequence routing,
 //!   few-shot multiple choice, router metrics and depth traces;
+//! - [`engine`]: incremental decoding and the batched inference engine (KV caches per
+//!   policy, causal routing, early exit, continuous depth-wise batching, sampling);
 //! - [`builtin`]: links every built-in plugin crate.
 
 pub mod error;

@@ -264,12 +264,13 @@ fn depthwise_batched_engine_equals_sequential_greedy_decoding() {
     for (name, c) in configs {
         let model = MorModel::new(&c).unwrap();
         let want = sequential(&model, &reqs, &ExitRule::Router);
-        for batch in [1, 3, 8] {
+        for (batch, exit_batch) in [(1, 1), (3, 1), (8, 1), (8, 5)] {
             for batching in [Batching::DepthWise, Batching::SequenceWise] {
                 let ecfg = EngineConfig {
                     batch_size: batch,
                     block_tokens: 4,
                     batching,
+                    exit_batch,
                     ..Default::default()
                 };
                 let (got, stats) = run_engine(&model, &reqs, ecfg);

@@ -34,6 +34,12 @@ pub struct Args {
     /// Skip the relative-max batch setting.
     #[arg(long)]
     fixed_only: bool,
+    /// Share of the batch that gathers after exiting before the coda/head run (default 0.75).
+    #[arg(long)]
+    exit_fraction: Option<f64>,
+    /// Recursion counts of the MoR models (default 2, 3 and 4).
+    #[arg(long, value_delimiter = ',')]
+    recursions: Vec<usize>,
 }
 
 /// Runs `bench`.
@@ -55,6 +61,12 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         cfg.gen_len_mean = g;
     }
     cfg.relative_max = !args.fixed_only;
+    if let Some(e) = args.exit_fraction {
+        cfg.exit_fraction = e;
+    }
+    if !args.recursions.is_empty() {
+        cfg.recursions = args.recursions.clone();
+    }
     mor_models::run::set_threads(cfg.threads);
     let report = run(&cfg, &mut |line| eprintln!("bench: {line}"))?;
     if args.json {

@@ -154,3 +154,63 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run folder like `train` writes: config.toml, model.safetensors, tokenizer.json.
+    fn tiny_run(name: &str, with_toml: bool) -> PathBuf {
+        let _ = mor_models::builtin::link();
+        let dir = std::env::temp_dir().join(format!("mor-generate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = "[model]\npreset = \"micro\"\n[recursion]\nnum_recursions = 2\nsharing = { kind = \"middle_cycle\" }\n\
+                    [router]\nkind = \"expert_choice\"\n[train]\nbudget = { steps = 1 }\n";
+        let cfg = Config::from_toml_str(text).unwrap();
+        let model = MorModel::new(&cfg).unwrap();
+        let json = serde_json::to_value(&cfg).unwrap();
+        mor_models::checkpoint::save_model(&dir, &model.named_vars(), &json).unwrap();
+        if with_toml {
+            std::fs::write(dir.join("config.toml"), cfg.to_toml_string()).unwrap();
+        }
+        Tokenizer::byte_level().save(&dir).unwrap();
+        dir
+    }
+
+    fn args(run: &Path, prompt: &[u8]) -> Args {
+        use std::os::unix::ffi::OsStrExt;
+        Args {
+            run: run.to_path_buf(),
+            prompt: std::ffi::OsStr::from_bytes(prompt).to_os_string(),
+            max_tokens: 4,
+            temperature: None,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            show_depth: true,
+            color: true,
+            stop_at_eos: false,
+            threads: 1,
+        }
+    }
+
+    #[test]
+    fn generates_from_a_run_folder_and_refuses_bad_prompts() {
+        for (name, with_toml) in [("toml", true), ("json", false)] {
+            let dir = tiny_run(name, with_toml);
+            let cfg = load_run_config(&dir).unwrap();
+            assert_eq!(cfg.plan.num_recursions, 2);
+            run_cmd(&args(&dir, b"hello")).unwrap();
+            let err = run_cmd(&args(&dir, b"he\xffllo")).unwrap_err().to_string();
+            assert!(err.contains("UTF-8"), "{err}");
+            assert!(run_cmd(&args(&dir, b"")).is_err());
+            let mut bad = args(&dir, b"hi");
+            bad.temperature = Some(-1.0);
+            assert!(run_cmd(&bad).is_err());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let missing = std::env::temp_dir().join("mor-generate-no-such-run");
+        let err = run_cmd(&args(&missing, b"x")).unwrap_err().to_string();
+        assert!(err.contains("not a run folder"), "{err}");
+    }
+}

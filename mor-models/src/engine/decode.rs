@@ -19,6 +19,25 @@
 //! the tests check it for every KV policy and router. The [`Engine`](super::Engine) batches
 //! the same computation across requests.
 //!
+//! # Why decoding equals the causal forward under each KV policy (spec §4)
+//! - Recursion-wise: the training forward runs step r on the selected tokens with causal
+//!   attention among them; a decoded token at step r attends to the earlier tokens that
+//!   reached step r, which is the same set because the causal rule decides each token from
+//!   its own hidden state.
+//! - Recursive sharing: steps r ≥ 2 attend to the step-1 K/V of the whole causal context in
+//!   both (every token runs step 1).
+//! - Hybrid: at step r the forward attends to the step-1 K/V with the positions selected at
+//!   step r replaced by their step-r K/V; the decode view is the step-1 page overlaid by the
+//!   step-r page, which holds exactly the positions that reached step r. A query at
+//!   position t only sees keys at positions ≤ t, all decoded before it, so the overlay is
+//!   complete. The two agree; no part of the training-time definition depends on tokens
+//!   after t.
+//! - A non-cyclic plan (sequence sharing, recursive baseline only) gives every slot its own
+//!   K/V in the forward whatever the policy, so its decode cache is recursion-wise.
+//!
+//! One case cannot agree: a `rand_router` draws its scores from a counter keyed by the
+//! forward's number, so a decode and a full forward draw different random scores.
+//!
 //! [`RouteMode::Causal`]: mor_router::RouteMode::Causal
 
 use super::runner::{ExitRule, Merge, Runner, Tok};

@@ -48,6 +48,9 @@ use mor_router::RoutingKind;
 use runner::{Merge, Runner, Tok, TokenChoice};
 use std::collections::{HashMap, VecDeque};
 
+/// Largest KV pool [`Engine::new`] sizes on its own (`kv_blocks = 0`): 1 GiB.
+pub const AUTO_POOL_BYTES: usize = 1 << 30;
+
 /// Identifier of a submitted request (ascending in submission order).
 pub type RequestId = u64;
 
@@ -73,7 +76,8 @@ pub struct EngineConfig {
     pub max_active: usize,
     /// Tokens per KV block.
     pub block_tokens: usize,
-    /// Blocks of the KV pool (`0` = enough for `max_active` requests of the full context).
+    /// Blocks of the KV pool (`0` = enough for `max_active` requests of the full context,
+    /// at most [`AUTO_POOL_BYTES`]).
     pub kv_blocks: usize,
     /// When expert-choice tokens exit.
     pub exit: ExitRule,
@@ -83,6 +87,11 @@ pub struct EngineConfig {
     pub batching: Batching,
     /// Record the gate of every expert-choice routing decision ([`Engine::gate_trace`]).
     pub record_gates: bool,
+    /// Depth-wise batching: exited tokens wait until this many have gathered (or a full
+    /// batch, or until the block has nothing else to run) before the coda, LM head and
+    /// sampling run on them together (spec §5, step 3). `1` refills block slots as soon as
+    /// possible; larger values trade block occupancy for larger, cheaper exit batches.
+    pub exit_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +105,7 @@ impl Default for EngineConfig {
             max_depth: None,
             batching: Batching::DepthWise,
             record_gates: false,
+            exit_batch: 1,
         }
     }
 }
@@ -359,7 +369,14 @@ impl<'m> Engine<'m> {
         }
         let runner = Runner::new(model, cfg.exit.clone(), cfg.max_depth)?;
         let blocks = if cfg.kv_blocks == 0 {
-            cfg.max_active * model.plan().num_slots() * runner.context.div_ceil(cfg.block_tokens)
+            // Every active request at full context in every slot, capped at AUTO_POOL_BYTES
+            // (beyond it, back-pressure takes over).
+            let m = &model.config().model;
+            let block_bytes = cfg.block_tokens * 2 * m.num_kv_heads * m.head_dim * 4;
+            let worst = cfg.max_active
+                * model.plan().num_slots()
+                * runner.context.div_ceil(cfg.block_tokens);
+            worst.min((AUTO_POOL_BYTES / block_bytes.max(1)).max(1))
         } else {
             cfg.kv_blocks
         };
@@ -425,6 +442,16 @@ impl<'m> Engine<'m> {
     /// The context length (tokens a request may hold).
     pub fn context(&self) -> usize {
         self.runner.context
+    }
+
+    /// Requests submitted and not yet admitted (waiting for room or KV blocks).
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Requests being decoded.
+    pub fn active_requests(&self) -> usize {
+        self.active()
     }
 
     /// Whether every submitted request has finished.
@@ -536,7 +563,10 @@ impl<'m> Engine<'m> {
         let depthwise = self.cfg.batching == Batching::DepthWise;
         let flush = !self.exits.is_empty()
             && if depthwise {
-                self.slots.len() < self.cfg.batch_size || self.exits.len() >= self.cfg.batch_size
+                self.exits.len() >= self.cfg.batch_size
+                    || self.slots.is_empty()
+                    || (self.slots.len() < self.cfg.batch_size
+                        && self.exits.len() >= self.cfg.exit_batch.max(1))
             } else {
                 self.slots.is_empty()
             };

@@ -234,24 +234,30 @@ fn recursive_with_one_recursion_equals_vanilla() {
     assert!(worst == 0.0, "max |vanilla - recursive(N_r=1)| = {worst}");
 }
 
+/// AdamW at lr 1e-2 over every parameter of `m`, decay applied to all.
+fn adamw(m: &MorModel, weight_decay: f64) -> AdamW {
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        betas: (0.9, 0.95),
+        eps: 1e-8,
+        weight_decay,
+    };
+    AdamW::new(
+        cfg,
+        m.named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v, true))
+            .collect(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn save_then_load_gives_identical_logits() {
     let c = mor("expert_choice", "recursion_wise");
     let a = MorModel::new(&c).unwrap();
     // Train one step so the weights differ from the initialisation.
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            lr: 1e-2,
-            betas: (0.9, 0.95),
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        a.named_vars()
-            .into_iter()
-            .map(|(n, v)| (n, v, true))
-            .collect(),
-    )
-    .unwrap();
+    let mut opt = adamw(&a, 0.1);
     let x = ids(2, 16, 5);
     let out = a.forward(&x, RouteMode::Train).unwrap();
     let loss = MorModel::cross_entropy(&out.logits, &ids(2, 16, 6)).unwrap();
@@ -353,19 +359,7 @@ fn tiny_model_overfits_one_batch() {
     // ln(64) ≈ 4.16 below 0.5.
     let c = mor("expert_choice", "recursion_wise");
     let m = MorModel::new(&c).unwrap();
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            lr: 1e-2,
-            betas: (0.9, 0.95),
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-        m.named_vars()
-            .into_iter()
-            .map(|(n, v)| (n, v, true))
-            .collect(),
-    )
-    .unwrap();
+    let mut opt = adamw(&m, 0.0);
     let x = ids(2, 16, 11);
     let y = ids(2, 16, 12);
     let mut first = 0.0;

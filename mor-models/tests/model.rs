@@ -190,6 +190,17 @@ fn tied_parameters_share_one_storage() {
     }
 }
 
+/// Flattened logits of one forward.
+fn logits(m: &MorModel, x: &Tensor, mode: RouteMode) -> Vec<f32> {
+    m.forward(x, mode)
+        .unwrap()
+        .logits
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn ids_f(b: usize, t: usize) -> Tensor {
     ids(b, t, 9)
 }
@@ -210,22 +221,8 @@ fn recursive_with_one_recursion_equals_vanilla() {
             .unwrap();
     }
     let x = ids(2, 16, 4);
-    let a = v
-        .forward(&x, RouteMode::Train)
-        .unwrap()
-        .logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = r
-        .forward(&x, RouteMode::Train)
-        .unwrap()
-        .logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let a = logits(&v, &x, RouteMode::Train);
+    let b = logits(&r, &x, RouteMode::Train);
     let worst = a
         .iter()
         .zip(&b)
@@ -268,22 +265,8 @@ fn save_then_load_gives_identical_logits() {
     c2.seed += 1; // a different initialisation, overwritten by the load
     let b = MorModel::new(&c2).unwrap();
     mor_models::checkpoint::load_model(&dir, &b.named_vars()).unwrap();
-    let la = a
-        .forward(&x, RouteMode::Causal)
-        .unwrap()
-        .logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let lb = b
-        .forward(&x, RouteMode::Causal)
-        .unwrap()
-        .logits
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let la = logits(&a, &x, RouteMode::Causal);
+    let lb = logits(&b, &x, RouteMode::Causal);
     assert_eq!(la, lb);
     // A file of another config is refused, naming the mismatch.
     let other = MorModel::new(&vanilla()).unwrap();

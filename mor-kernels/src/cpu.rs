@@ -29,6 +29,7 @@ use mor_core::registry::{Family, Plugin};
 use serde::{Deserialize, Serialize};
 
 mod attention;
+mod dense;
 mod norm;
 mod rope;
 mod simd;
@@ -204,6 +205,7 @@ impl Backend for CpuBackend {
             dh: d.dh,
             max_pos: d.max_pos,
             pos: d.pos,
+            split: false,
         };
         Ok(x.contiguous()?.apply_op3(&cos, &sin, op)?)
     }
@@ -268,6 +270,58 @@ impl Backend for CpuBackend {
             Some(w) => h.apply_op3(&y, &w.contiguous()?, op)?,
             None => h.apply_op2(&y, op)?,
         })
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let d = validate::linear(x, w)?;
+        Self::on_cpu("linear", &[x, w])?;
+        let mut out_shape = x.dims().to_vec();
+        if let Some(last) = out_shape.last_mut() {
+            *last = d.out;
+        }
+        let op = dense::LinearOp { d, out_shape };
+        Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+    }
+
+    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let d = validate::split_heads("split_heads", x, heads)?;
+        Self::on_cpu("split_heads", &[x])?;
+        Ok(x.contiguous()?
+            .apply_op1(dense::HeadsOp { d, merge: false })?)
+    }
+
+    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let d = validate::merge_heads(x)?;
+        Self::on_cpu("merge_heads", &[x])?;
+        Ok(x.contiguous()?
+            .apply_op1(dense::HeadsOp { d, merge: true })?)
+    }
+
+    fn rope_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        pos: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let hd = validate::split_heads("rope_heads", x, heads)?;
+        // Checks positions and tables against the head-major view (no copy).
+        let view = x.reshape((hd.b, hd.t, hd.h, hd.dh))?.transpose(1, 2)?;
+        let d = validate::rope(&view, pos, cos, sin)?;
+        Self::on_cpu("rope_heads", &[x, cos, sin])?;
+        let cos = cos.to_dtype(x.dtype())?.contiguous()?;
+        let sin = sin.to_dtype(x.dtype())?.contiguous()?;
+        let op = rope::RopeOp {
+            b: d.b,
+            h: d.h,
+            t: d.t,
+            dh: d.dh,
+            max_pos: d.max_pos,
+            pos: d.pos,
+            split: true,
+        };
+        Ok(x.contiguous()?.apply_op3(&cos, &sin, op)?)
     }
 }
 

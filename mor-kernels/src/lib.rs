@@ -124,6 +124,53 @@ pub trait Backend: Send + Sync + fmt::Debug {
         y: &Tensor,
         w: Option<&Tensor>,
     ) -> Result<Tensor>;
+
+    /// A bias-free linear layer: `x @ wᵀ`.
+    ///
+    /// The default is plain candle ops; a backend may fuse the reshapes and the transpose
+    /// into one differentiable op.
+    ///
+    /// # Shapes
+    /// `x: [.., in]`, `w: [out, in]` → `[.., out]`.
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let d = validate::linear(x, w)?;
+        let mut out = x.dims().to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = d.out;
+        }
+        Ok(x.reshape((d.rows, d.inp))?.matmul(&w.t()?)?.reshape(out)?)
+    }
+
+    /// Splits the heads of a projection: `[b, t, heads * dh]` → `[b, heads, t, dh]`
+    /// (contiguous).
+    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let d = validate::split_heads("split_heads", x, heads)?;
+        Ok(x.reshape((d.b, d.t, d.h, d.dh))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// Merges heads: `[b, h, t, dh]` → `[b, t, h * dh]` (contiguous), the inverse of
+    /// [`split_heads`](Backend::split_heads).
+    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let d = validate::merge_heads(x)?;
+        Ok(x.transpose(1, 2)?.reshape((d.b, d.t, d.h * d.dh))?)
+    }
+
+    /// [`rope`](Backend::rope) of [`split_heads`](Backend::split_heads)`(x, heads)`: a
+    /// projection `[b, t, heads * dh]` → rotated heads `[b, heads, t, dh]`, fused where the
+    /// backend can.
+    fn rope_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        pos: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let x = self.split_heads(x, heads)?;
+        self.rope(&x, pos, cos, sin)
+    }
 }
 
 impl<T: Backend + ?Sized> Backend for Arc<T> {
@@ -164,6 +211,25 @@ impl<T: Backend + ?Sized> Backend for Arc<T> {
     ) -> Result<Tensor> {
         (**self).scatter_add_tokens(h, idx, y, w)
     }
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        (**self).linear(x, w)
+    }
+    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        (**self).split_heads(x, heads)
+    }
+    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        (**self).merge_heads(x)
+    }
+    fn rope_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        pos: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        (**self).rope_heads(x, heads, pos, cos, sin)
+    }
 }
 
 impl<T: Backend + ?Sized> Backend for Box<T> {
@@ -203,6 +269,25 @@ impl<T: Backend + ?Sized> Backend for Box<T> {
         w: Option<&Tensor>,
     ) -> Result<Tensor> {
         (**self).scatter_add_tokens(h, idx, y, w)
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        (**self).linear(x, w)
+    }
+    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        (**self).split_heads(x, heads)
+    }
+    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        (**self).merge_heads(x)
+    }
+    fn rope_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        pos: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        (**self).rope_heads(x, heads, pos, cos, sin)
     }
 }
 

@@ -391,3 +391,89 @@ pub fn scatter_add_tokens(
     }
     Ok(td)
 }
+
+/// Checked dims of [`Backend::linear`](crate::Backend::linear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearDims {
+    /// Rows of `x` (product of its leading dims).
+    pub rows: usize,
+    /// Input features (last dim of `x`, second dim of `w`).
+    pub inp: usize,
+    /// Output features (first dim of `w`).
+    pub out: usize,
+}
+
+/// Checks the inputs of `linear`: `x: [.., in]` (rank ≥ 1), `w: [out, in]`, one float dtype.
+///
+/// # Errors
+/// [`Error::Invalid`] on a rank-0 `x`, a `w` that is not `[out, in]`, or a dtype mismatch.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<LinearDims> {
+    const OP: &str = "linear";
+    float(OP, "x", x)?;
+    same_kind(OP, ("x", x), ("w", w))?;
+    let Some((&inp, lead)) = x.dims().split_last() else {
+        return Err(invalid(OP, "`x` must have at least one dimension"));
+    };
+    let [out, w_in] = dims::<2>(OP, "w", w, "[out, in]")?;
+    if w_in != inp {
+        return Err(invalid(
+            OP,
+            format!(
+                "`w` {:?} does not match the last dim of `x` {:?}",
+                w.dims(),
+                x.dims()
+            ),
+        ));
+    }
+    Ok(LinearDims {
+        rows: lead.iter().product(),
+        inp,
+        out,
+    })
+}
+
+/// Checked dims of [`Backend::split_heads`](crate::Backend::split_heads) and
+/// [`Backend::merge_heads`](crate::Backend::merge_heads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadDims {
+    /// Batch.
+    pub b: usize,
+    /// Tokens.
+    pub t: usize,
+    /// Heads.
+    pub h: usize,
+    /// Head dimension.
+    pub dh: usize,
+}
+
+/// Checks the input of `split_heads`: a float `x: [b, t, heads * dh]` with `heads ≥ 1`.
+///
+/// # Errors
+/// [`Error::Invalid`] on another rank, `heads = 0`, or a last dim not divisible by `heads`.
+pub fn split_heads(op: &'static str, x: &Tensor, heads: usize) -> Result<HeadDims> {
+    float(op, "x", x)?;
+    let [b, t, hd] = dims::<3>(op, "x", x, "[b, t, heads * head_dim]")?;
+    if heads == 0 || hd % heads != 0 {
+        return Err(invalid(
+            op,
+            format!("the last dim of `x` ({hd}) must be a positive multiple of heads ({heads})"),
+        ));
+    }
+    Ok(HeadDims {
+        b,
+        t,
+        h: heads,
+        dh: hd / heads,
+    })
+}
+
+/// Checks the input of `merge_heads`: a float `x: [b, h, t, dh]`.
+///
+/// # Errors
+/// [`Error::Invalid`] on another rank or dtype.
+pub fn merge_heads(x: &Tensor) -> Result<HeadDims> {
+    const OP: &str = "merge_heads";
+    float(OP, "x", x)?;
+    let [b, h, t, dh] = dims::<4>(OP, "x", x, "[b, heads, t, head_dim]")?;
+    Ok(HeadDims { b, t, h, dh })
+}

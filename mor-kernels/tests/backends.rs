@@ -369,6 +369,102 @@ fn token_routing_gradients_match_finite_differences() {
     }
 }
 
+/// The projection ops of a decoder layer: `linear`, `split_heads`, `merge_heads` and
+/// `rope_heads` (their cpu versions are single fused nodes; the reference ones are the plain
+/// candle chains).
+fn linear_op() -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    |be, t| be.linear(t[0], t[1])
+}
+
+fn split_op(heads: usize) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.split_heads(t[0], heads)
+}
+
+fn merge_op() -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    |be, t| be.merge_heads(t[0])
+}
+
+fn rope_heads_op(
+    pos: Tensor,
+    heads: usize,
+    max_pos: usize,
+    dh: usize,
+) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    let (cos, sin) = rope_tables(max_pos, dh, 10_000.0, &CPU).unwrap();
+    move |be, t| be.rope_heads(t[0], heads, &pos, &cos, &sin)
+}
+
+#[test]
+fn projection_gradients_match_finite_differences() {
+    let x = randn(21, (2, 3, 5), DType::F64, &CPU).unwrap();
+    let w = randn(22, (4, 5), DType::F64, &CPU).unwrap();
+    let p = randn(23, (2, 4, 6), DType::F64, &CPU).unwrap(); // 3 heads of 2, or 2 of 3
+    let hm = randn(24, (2, 3, 4, 2), DType::F64, &CPU).unwrap();
+    let pos = u32s(vec![0, 3, 7, PAD_POS, 2, 2, 9, 1], (2, 4));
+    let r = randn(25, (2, 4, 12), DType::F64, &CPU).unwrap(); // 2 heads of 6
+    for be in both() {
+        fd_op(be.as_ref(), &[x.clone(), w.clone()], &linear_op());
+        fd_op(be.as_ref(), std::slice::from_ref(&p), &split_op(3));
+        fd_op(be.as_ref(), std::slice::from_ref(&hm), &merge_op());
+        fd_op(
+            be.as_ref(),
+            std::slice::from_ref(&r),
+            &rope_heads_op(pos.clone(), 2, 10, 6),
+        );
+    }
+}
+
+#[test]
+fn head_layouts_are_exact_permutations() {
+    // [b=1, t=2, h=2, dh=2] numbered 0..8: split puts head 0 of both tokens first.
+    let x = Tensor::arange(0f32, 8.0, &CPU)
+        .unwrap()
+        .reshape((1, 2, 4))
+        .unwrap();
+    for be in both() {
+        let s = be.split_heads(&x, 2).unwrap();
+        assert_eq!(
+            s.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0],
+            "{}",
+            be.name()
+        );
+        let m = be.merge_heads(&s).unwrap();
+        assert_eq!(
+            m.to_vec3::<f32>().unwrap(),
+            x.to_vec3::<f32>().unwrap(),
+            "{}",
+            be.name()
+        );
+        // y = x wᵀ with w = [[1, 0, 0, 0], [1, 1, 1, 1]]: first column, then row sums.
+        let w = Tensor::new(&[[1f32, 0., 0., 0.], [1., 1., 1., 1.]], &CPU).unwrap();
+        let y = be.linear(&x, &w).unwrap();
+        assert_eq!(y.to_vec3::<f32>().unwrap(), [[[0.0, 6.0], [4.0, 22.0]]]);
+    }
+}
+
+#[test]
+fn projection_ops_reject_bad_shapes() {
+    let x = randn(1, (2, 3, 6), DType::F32, &CPU).unwrap();
+    let (cos, sin) = rope_tables(8, 2, 10_000.0, &CPU).unwrap();
+    let pos = u32s(vec![0, 1, 2, 0, 1, 2], (2, 3));
+    for be in both() {
+        let w = randn(2, (4, 5), DType::F32, &CPU).unwrap();
+        let e = be.linear(&x, &w).unwrap_err().to_string();
+        assert!(e.contains("linear") && e.contains("[4, 5]"), "{e}");
+        let e = be.split_heads(&x, 4).unwrap_err().to_string();
+        assert!(e.contains("multiple of heads (4)"), "{e}");
+        let e = be.split_heads(&x, 0).unwrap_err().to_string();
+        assert!(e.contains("heads (0)"), "{e}");
+        let e = be.merge_heads(&x).unwrap_err().to_string();
+        assert!(e.contains("merge_heads"), "{e}");
+        // 3 heads of 2 with tables for head_dim 2 work; a position beyond the table fails.
+        assert!(be.rope_heads(&x, 3, &pos, &cos, &sin).is_ok());
+        let far = u32s(vec![0, 1, 9, 0, 1, 2], (2, 3));
+        assert!(be.rope_heads(&x, 3, &far, &cos, &sin).is_err());
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // cpu against reference (f32), random shapes.
 
@@ -405,6 +501,38 @@ proptest! {
         let g = (x * 4.0).unwrap();
         let r = compare(&[g, u], &swiglu_op(), F32_RTOL, F32_ATOL);
         prop_assert!(r.is_ok(), "swiglu rows {rows} d {d}: {}", r.unwrap_err());
+    }
+
+    #[test]
+    fn projection_ops_cpu_match_reference(
+        b in 1usize..3,
+        t in 1usize..9,
+        h in 1usize..4,
+        half in 1usize..6,
+        out in 1usize..20,
+        seed in 0u64..1_000_000,
+    ) {
+        let dh = 2 * half;
+        let x = randn(seed, (b, t, h * dh), DType::F32, &CPU).unwrap();
+        let w = randn(seed + 1, (out, h * dh), DType::F32, &CPU).unwrap();
+        let r = compare(&[x.clone(), w], &linear_op(), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "linear: {}", r.unwrap_err());
+        let r = compare(std::slice::from_ref(&x), &split_op(h), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "split_heads: {}", r.unwrap_err());
+        let hm = randn(seed + 2, (b, h, t, dh), DType::F32, &CPU).unwrap();
+        let r = compare(&[hm], &merge_op(), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "merge_heads: {}", r.unwrap_err());
+        let mut rng = Rng::new(seed);
+        let max_pos = 3 * t;
+        let mut pos = Vec::new();
+        for _ in 0..b {
+            for p in sorted_sample(&mut rng, t, max_pos) {
+                pos.push(if rng.below(7) == 0 { PAD_POS } else { p });
+            }
+        }
+        let op = rope_heads_op(u32s(pos, (b, t)), h, max_pos, dh);
+        let r = compare(&[x], &op, F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "rope_heads: {}", r.unwrap_err());
     }
 
     #[test]

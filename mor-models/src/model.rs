@@ -113,17 +113,6 @@ fn ones_var(shape: &[usize], dtype: DType, dev: &Device) -> Result<Var> {
     Ok(Var::from_tensor(&Tensor::ones(shape, dtype, dev)?)?)
 }
 
-/// `x @ w^T` for `x: [.., in]`, `w: [out, in]`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inner = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-    let mut out = dims.clone();
-    *out.last_mut().unwrap() = w.dim(0)?;
-    Ok(y.reshape(out)?)
-}
-
 impl MorModel {
     /// Builds a freshly initialised model from a resolved config (N(0, init_std) weights,
     /// RMSNorm weights at 1, drawn from the config seed; spec §1.1).
@@ -415,27 +404,30 @@ impl MorModel {
         let be = &self.backend;
         let p = &self.blocks[block];
         let (an, mn) = self.norms_for_slot(slot, block);
-        let (b, n, _) = h.dims3()?;
         let x = be.rms_norm(h, an.as_tensor(), m.rms_eps)?;
-        let q = linear(&x, p.q.as_tensor())?
-            .reshape((b, n, m.num_heads, m.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = be.rope(&q, pos, &self.cos, &self.sin)?;
+        // Each projection is one op and each head split/merge another (see
+        // `Backend::linear`, `Backend::rope_heads`): the fused backends then pay one
+        // gradient buffer per op instead of one per reshape and transpose.
+        let q = be.rope_heads(
+            &be.linear(&x, p.q.as_tensor())?,
+            m.num_heads,
+            pos,
+            &self.cos,
+            &self.sin,
+        )?;
         let project = match kv {
             Some((step, _)) => self.kv.projects_kv(step),
             None => true,
         };
         let fresh = if project {
-            let k = linear(&x, p.k.as_tensor())?
-                .reshape((b, n, m.num_kv_heads, m.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = be.rope(&k, pos, &self.cos, &self.sin)?;
-            let v = linear(&x, p.v.as_tensor())?
-                .reshape((b, n, m.num_kv_heads, m.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
+            let k = be.rope_heads(
+                &be.linear(&x, p.k.as_tensor())?,
+                m.num_kv_heads,
+                pos,
+                &self.cos,
+                &self.sin,
+            )?;
+            let v = be.split_heads(&be.linear(&x, p.v.as_tensor())?, m.num_kv_heads)?;
             Some(StepKv {
                 k,
                 v,
@@ -456,14 +448,12 @@ impl MorModel {
                 be.attention(&q, &eff.k, &eff.v, pos, &eff.pos)?
             }
         };
-        let att = att
-            .transpose(1, 2)?
-            .reshape((b, n, m.num_heads * m.head_dim))?;
-        let h = (h + linear(&att, p.o.as_tensor())?)?;
+        let att = be.merge_heads(&att)?;
+        let h = (h + be.linear(&att, p.o.as_tensor())?)?;
         let x = be.rms_norm(&h, mn.as_tensor(), m.rms_eps)?;
-        let g = linear(&x, p.gate.as_tensor())?;
-        let u = linear(&x, p.up.as_tensor())?;
-        let h = (&h + linear(&be.swiglu(&g, &u)?, p.down.as_tensor())?)?;
+        let g = be.linear(&x, p.gate.as_tensor())?;
+        let u = be.linear(&x, p.up.as_tensor())?;
+        let h = (&h + be.linear(&be.swiglu(&g, &u)?, p.down.as_tensor())?)?;
         Ok((h, fresh))
     }
 
@@ -528,7 +518,7 @@ impl MorModel {
             .backend
             .rms_norm(&h, self.final_norm.as_tensor(), self.cfg.model.rms_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = linear(&h, head.as_tensor())?;
+        let logits = self.backend.linear(&h, head.as_tensor())?;
         let _ = n_r;
         Ok(ForwardOutput {
             logits,

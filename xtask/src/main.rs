@@ -52,6 +52,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Training reuses the same buffers every step: keep them mapped (see the docs).
+    mor_bench::keep_freed_memory();
     // Links every built-in plugin crate, so plugins resolve by name.
     let _ = mor_models::builtin::link();
     match Cli::parse().command {

@@ -5,8 +5,10 @@
 //! inverse rotation (`s → −s`). Rows at `PAD_POS` pass through unchanged. When a table itself
 //! needs a gradient: `dc = g1 x1 + g2 x2`, `ds = g2 x1 − g1 x2`, summed per position.
 
+use super::dense::HeadsOp;
 use super::simd::{fma, multiversion, Float};
 use super::{bail_dtype, fwd_slice, rows_per_task, with_slices, PAR_MIN_WORK};
+use crate::validate::HeadDims;
 use crate::PAD_POS;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -21,6 +23,9 @@ pub(crate) struct RopeOp {
     pub(crate) dh: usize,
     pub(crate) max_pos: usize,
     pub(crate) pos: Vec<u32>,
+    /// The input is a projection `[b, t, h·dh]` whose heads are split before the rotation
+    /// (and merged back in the gradient), instead of `[b, h, t, dh]`.
+    pub(crate) split: bool,
 }
 
 multiversion! {
@@ -69,6 +74,27 @@ fn rotate_rows_impl<T: Float, const FMA: bool>(
 }
 
 impl RopeOp {
+    fn heads(&self) -> HeadsOp {
+        HeadsOp {
+            d: HeadDims {
+                b: self.b,
+                t: self.t,
+                h: self.h,
+                dh: self.dh,
+            },
+            merge: false,
+        }
+    }
+
+    /// `x` in `[b, h, t, dh]` order (split from `[b, t, h·dh]` when the op splits heads).
+    fn head_major<'a, T: Float>(&self, x: &'a [T]) -> std::borrow::Cow<'a, [T]> {
+        if self.split {
+            std::borrow::Cow::Owned(self.heads().apply(x))
+        } else {
+            std::borrow::Cow::Borrowed(x)
+        }
+    }
+
     fn rotate<T: Float>(&self, x: &[T], cos: &[T], sin: &[T], sign: T) -> Vec<T> {
         let (dh, t) = (self.dh, self.t);
         let ht = self.h * t;
@@ -126,7 +152,16 @@ impl RopeOp {
         let (dx, tables) = with_slices::<T, _>(&[x, cos, sin, g], |s| {
             let (x, c, sn, g) = (s[0], s[1], s[2], s[3]);
             let dx = self.rotate(g, c, sn, -T::ONE);
-            let tables = want_tables.then(|| self.table_grads(x, g));
+            let tables = want_tables.then(|| self.table_grads(&self.head_major(x), g));
+            let dx = if self.split {
+                HeadsOp {
+                    merge: true,
+                    ..self.heads()
+                }
+                .apply(&dx)
+            } else {
+                dx
+            };
             Ok((dx, tables))
         })?;
         let dev = Device::Cpu;
@@ -144,7 +179,11 @@ impl RopeOp {
 
 impl CustomOp3 for RopeOp {
     fn name(&self) -> &'static str {
-        "mor-rope"
+        if self.split {
+            "mor-rope-heads"
+        } else {
+            "mor-rope"
+        }
     }
 
     fn cpu_fwd(
@@ -157,11 +196,16 @@ impl CustomOp3 for RopeOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let xs = [self.b, self.h, self.t, self.dh];
+        let ins = if self.split {
+            vec![self.b, self.t, self.h * self.dh]
+        } else {
+            xs.to_vec()
+        };
         let ts = [self.max_pos, self.dh / 2];
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 f32::storage(self.rotate(
-                    fwd_slice(self.name(), s1, l1, &xs)?,
+                    &self.head_major(fwd_slice(self.name(), s1, l1, &ins)?),
                     fwd_slice(self.name(), s2, l2, &ts)?,
                     fwd_slice(self.name(), s3, l3, &ts)?,
                     1.0,
@@ -169,7 +213,7 @@ impl CustomOp3 for RopeOp {
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 f64::storage(self.rotate(
-                    fwd_slice(self.name(), s1, l1, &xs)?,
+                    &self.head_major(fwd_slice(self.name(), s1, l1, &ins)?),
                     fwd_slice(self.name(), s2, l2, &ts)?,
                     fwd_slice(self.name(), s3, l3, &ts)?,
                     1.0,

@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use mor_core::config::{apply_override, Config};
 use mor_models::progress::AblationProgress;
 use mor_models::report::{self, RunSummary};
-use mor_models::run::{finished_summary, read_curve, run, RunOptions};
+use mor_models::run::{finished_summary, read_curve, run, EvalResults, RunOptions};
 use std::path::PathBuf;
 
 /// Flags of `ablate`.
@@ -283,13 +283,11 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    let files = report::write_report(&out, &summaries, &curves, &traces)
+    let data = report_data(&out, &summaries, &curves, &traces);
+    let files = report::write_report_data(&out, &data)
         .with_context(|| format!("cannot write the report into {}", out.display()))?;
     eprintln!("{}", progress.finish());
-    println!(
-        "{}",
-        report::results_markdown(&report_data(&summaries, &curves, &traces))
-    );
+    println!("{}", report::results_markdown(&data));
     println!(
         "wrote {} ({:.0}s)",
         files.results_md.display(),
@@ -306,15 +304,40 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
 }
 
 fn report_data(
-    runs: &[RunSummary],
+    out: &std::path::Path,
+    summaries: &[RunSummary],
     curves: &[report::Curve],
     traces: &[report::DepthTrace],
 ) -> report::ReportData {
+    // Depth per difficulty over the whole validation split (eval.json) where the run was
+    // evaluated on labelled data; the sample trace otherwise. Only routed runs: the depth of
+    // every token of a vanilla or recursive model is fixed.
+    let depth_by_difficulty = summaries
+        .iter()
+        .filter(|s| s.model == "mor")
+        .filter_map(|s| {
+            let eval: Option<EvalResults> =
+                std::fs::read_to_string(out.join(&s.name).join("eval.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+            let from_eval = eval
+                .and_then(|e| e.full_sequence)
+                .map(|n| report::DepthByDifficulty::from_means(&s.name, &n.depth_by_difficulty))
+                .filter(|d| !d.by_label.is_empty());
+            from_eval.or_else(|| {
+                traces
+                    .iter()
+                    .find(|t| t.run == s.name)
+                    .map(report::DepthByDifficulty::from_trace)
+                    .filter(|d| !d.by_label.is_empty())
+            })
+        })
+        .collect();
     report::ReportData {
-        runs: runs.to_vec(),
+        runs: summaries.to_vec(),
         curves: curves.to_vec(),
         traces: traces.to_vec(),
-        depth_by_difficulty: report::depth_by_difficulty(traces),
+        depth_by_difficulty,
     }
 }
 
@@ -363,6 +386,70 @@ fn failed_summary(name: &str, cfg: &mor_core::config::ResolvedConfig, msg: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_by_difficulty_prefers_the_validation_split() {
+        let dir = std::env::temp_dir().join(format!("mor-ablate-depth-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = mor_models::builtin::link();
+        let runs = expand(QUICK, "quick").unwrap();
+        let cfg = |name: &str| {
+            let r = runs.iter().find(|r| r.name == name).unwrap();
+            Config::from_table(r.table.clone()).unwrap()
+        };
+        // Two routed runs (one evaluated, one with only a trace) and the vanilla one.
+        let evaluated = failed_summary("mor_expert_mcyc_nr3", &cfg("mor_expert_mcyc_nr3"), "x");
+        let traced = failed_summary("mor_token_mcyc_nr3", &cfg("mor_token_mcyc_nr3"), "x");
+        let vanilla = failed_summary("vanilla", &cfg("vanilla"), "x");
+        std::fs::create_dir_all(dir.join("mor_expert_mcyc_nr3")).unwrap();
+        let eval = EvalResults {
+            full_sequence: Some(mor_models::eval::NllReport {
+                depth_by_difficulty: vec![(1.5, 100), (2.25, 40), (0.0, 0), (2.75, 8)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        std::fs::write(
+            dir.join("mor_expert_mcyc_nr3/eval.json"),
+            serde_json::to_string(&eval).unwrap(),
+        )
+        .unwrap();
+        let tok = |depth, difficulty| report::TraceToken {
+            text: "a".into(),
+            depth,
+            difficulty: Some(difficulty),
+        };
+        let traces = vec![
+            report::DepthTrace {
+                run: "mor_expert_mcyc_nr3".into(),
+                tokens: vec![tok(3, 0)],
+            },
+            report::DepthTrace {
+                run: "mor_token_mcyc_nr3".into(),
+                tokens: vec![tok(1, 0), tok(3, 1), tok(2, 1)],
+            },
+            report::DepthTrace {
+                run: "vanilla".into(),
+                tokens: vec![tok(1, 0)],
+            },
+        ];
+        let data = report_data(&dir, &[evaluated, traced, vanilla], &[], &traces);
+        let d = &data.depth_by_difficulty;
+        assert_eq!(d.len(), 2, "vanilla has no routing: {d:?}");
+        // From eval.json: labels 0, 1 and 3 (label 2 had no tokens).
+        assert_eq!(d[0].run, "mor_expert_mcyc_nr3");
+        let got: Vec<(u8, u64, f64)> = d[0]
+            .by_label
+            .iter()
+            .map(|s| (s.difficulty, s.count, s.mean_depth))
+            .collect();
+        assert_eq!(got, [(0, 100, 1.5), (1, 40, 2.25), (3, 8, 2.75)]);
+        // From the trace: label 0 → 1.0 (1 token), label 1 → 2.5 (2 tokens).
+        assert_eq!(d[1].run, "mor_token_mcyc_nr3");
+        assert_eq!(d[1].mean_depth(1), Some(2.5));
+        assert_eq!(d[1].by_label[1].count, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn presets_expand_and_resolve() {

@@ -141,23 +141,35 @@ pub fn write_report(
     curves: &[Curve],
     traces: &[DepthTrace],
 ) -> io::Result<ReportFiles> {
-    fs::create_dir_all(out_dir).map_err(|e| with_path(e, out_dir))?;
-    let files = ReportFiles::in_dir(out_dir);
     let data = ReportData {
         runs: runs.to_vec(),
         curves: curves.to_vec(),
         traces: traces.to_vec(),
         depth_by_difficulty: depth_by_difficulty(traces),
     };
+    write_report_data(out_dir, &data)
+}
+
+/// Writes the full report from assembled [`ReportData`], like [`write_report`], but with the
+/// depth-per-difficulty table as given (for example measured over a whole validation split
+/// with [`DepthByDifficulty::from_means`] rather than over the traces).
+///
+/// # Errors
+///
+/// Any I/O error from creating the folder or writing a file, with the path in its message.
+pub fn write_report_data(out_dir: &Path, data: &ReportData) -> io::Result<ReportFiles> {
+    fs::create_dir_all(out_dir).map_err(|e| with_path(e, out_dir))?;
+    let files = ReportFiles::in_dir(out_dir);
+    let (runs, curves, traces) = (&data.runs, &data.curves, &data.traces);
     let colours = svg::RunColours::new(
         runs.iter()
             .map(|r| r.name.as_str())
             .chain(curves.iter().map(|c| c.run.as_str()))
             .chain(traces.iter().map(|t| t.run.as_str())),
     );
-    let json = serde_json::to_string_pretty(&data).map_err(io::Error::other)?;
+    let json = serde_json::to_string_pretty(data).map_err(io::Error::other)?;
 
-    write(&files.results_md, &results_markdown(&data))?;
+    write(&files.results_md, &results_markdown(data))?;
     write(&files.results_csv, &csv_table(runs))?;
     write(&files.results_json, &(json + "\n"))?;
     write(
@@ -259,9 +271,10 @@ pub fn results_markdown(data: &ReportData) -> String {
         out.push_str("No depth trace carries difficulty labels.\n");
     } else {
         out.push_str(
-            "Mean recursion depth of the trace tokens with each difficulty label (higher is \
-             harder), with the token count. The paper finds that tokens which are harder to \
-             predict receive more recursions.\n\n",
+            "Mean recursion depth of the tokens with each difficulty label (higher is \
+             harder), with the token count: over the whole validation split with \
+             full-sequence routing for evaluated runs, otherwise over the sample trace. The \
+             paper finds that tokens which are harder to predict receive more recursions.\n\n",
         );
         let mut labels: Vec<u8> = data
             .depth_by_difficulty

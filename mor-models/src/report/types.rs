@@ -211,6 +211,35 @@ impl DepthByDifficulty {
         }
     }
 
+    /// Builds the entry from per-label means as evaluation reports them (index = label,
+    /// `(mean depth, tokens)`); labels without tokens are left out.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mor_models::report::DepthByDifficulty;
+    /// let d = DepthByDifficulty::from_means("r", &[(1.5, 10), (0.0, 0), (2.5, 4)]);
+    /// assert_eq!(d.by_label.len(), 2);
+    /// assert_eq!((d.by_label[1].difficulty, d.by_label[1].count), (2, 4));
+    /// ```
+    pub fn from_means(run: &str, means: &[(f64, u64)]) -> Self {
+        let by_label = means
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, count))| count > 0)
+            .map(|(label, &(mean_depth, count))| DifficultyStat {
+                difficulty: u8::try_from(label).unwrap_or(u8::MAX),
+                count,
+                mean_depth,
+            })
+            .collect();
+        Self {
+            run: run.to_string(),
+            by_label,
+            unlabelled: 0,
+        }
+    }
+
     /// Mean depth for `label`, if the trace had tokens with it.
     pub fn mean_depth(&self, label: u8) -> Option<f64> {
         self.by_label

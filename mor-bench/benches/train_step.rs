@@ -32,7 +32,7 @@ fn config(backend: &str, mor: bool) -> mor_core::config::ResolvedConfig {
 }
 
 fn bench(c: &mut Criterion) {
-    mor_bench::keep_freed_memory();
+    mor_bench::tune_cpu_process();
     let _ = mor_models::builtin::link();
     let mut g = c.benchmark_group("train_step");
     g.sample_size(10);

@@ -14,7 +14,7 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    mor_bench::keep_freed_memory();
+    mor_bench::tune_cpu_process();
     let _ = mor_models::builtin::link();
     let args: Vec<String> = std::env::args().collect();
     let backend = args.get(1).map(String::as_str).unwrap_or("cpu");

@@ -21,3 +21,10 @@ pub fn keep_freed_memory() {
     // at any time, before or after the allocator is first used.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
+
+/// The process settings of mor's CPU training binaries: [`keep_freed_memory`] and
+/// [`mor_models::run::prefer_rayon_threads`]. Call first thing in `main`.
+pub fn tune_cpu_process() {
+    keep_freed_memory();
+    mor_models::run::prefer_rayon_threads();
+}

@@ -100,6 +100,36 @@ pub(crate) fn with_slices<T: simd::Float, R>(
     f(&slices)
 }
 
+simd::multiversion! {
+    fn exp_shift_row => exp_shift_row_impl(row: &mut [T]) -> (T, T)
+}
+
+#[inline(always)]
+fn exp_shift_row_impl<T: simd::Float, const FMA: bool>(row: &mut [T]) -> (T, T) {
+    let m = simd::max(row);
+    let s = simd::exp_shift_sum::<T, FMA>(row, m);
+    (m, s)
+}
+
+/// Softmax numerator of one row, vectorised for fused losses: replaces `row` by
+/// `exp(row − max)` and returns `(max, Σ exp(row − max))`, so that the log-sum-exp is
+/// `max + ln(sum)` and the softmax is `row / sum`.
+///
+/// Uses AVX2+FMA when the CPU has them (`exp` within 2 ulp of `f32::exp`). A NaN in the row
+/// gives a NaN max and sum; an empty row gives `(-inf, 0)`.
+///
+/// # Examples
+///
+/// ```
+/// let mut row = [0.0f32, 2f32.ln()];
+/// let (m, s) = mor_kernels::cpu::exp_shift_row_f32(&mut row);
+/// assert!((m - 2f32.ln()).abs() < 1e-7 && (s - 1.5).abs() < 1e-6);
+/// assert!((row[0] - 0.5).abs() < 1e-7 && (row[1] - 1.0).abs() < 1e-7);
+/// ```
+pub fn exp_shift_row_f32(row: &mut [f32]) -> (f32, f32) {
+    exp_shift_row(row)
+}
+
 /// The `cpu` backend: fused CPU custom ops with analytic backward.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {

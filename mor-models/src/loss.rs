@@ -6,6 +6,7 @@
 //! fused op keeps one: `∂L/∂logits = (softmax − onehot(target)) / n`.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use mor_kernels::cpu::exp_shift_row_f32;
 use rayon::prelude::*;
 
 struct FusedCe;
@@ -13,11 +14,17 @@ struct FusedCe;
 fn rows_f32(l: &[f32], v: usize, t: &[u32]) -> Vec<(f64, usize)> {
     l.par_chunks(v)
         .zip(t.par_iter())
-        .map(|(row, &tg)| {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
-            (m as f64 + s.ln() - row[tg as usize] as f64, tg as usize)
-        })
+        .map_init(
+            || vec![0f32; v],
+            |scratch, (row, &tg)| {
+                scratch.copy_from_slice(row);
+                let (m, s) = exp_shift_row_f32(scratch);
+                (
+                    m as f64 + (s as f64).ln() - row[tg as usize] as f64,
+                    tg as usize,
+                )
+            },
+        )
         .collect()
 }
 
@@ -89,18 +96,20 @@ impl CustomOp2 for FusedCe {
         let t = targets.to_vec1::<u32>()?;
         let out = match logits.dtype() {
             DType::F32 => {
-                let l = logits.flatten_all()?.to_vec1::<f32>()?;
+                // Reads the logits in place (no host copy of the [n, V] matrix).
+                let logits = logits.contiguous()?;
+                let (storage, layout) = logits.storage_and_layout();
+                let l = match &*storage {
+                    candle_core::Storage::Cpu(CpuStorage::F32(l)) => contiguous(l, layout)?,
+                    _ => candle_core::bail!("fused cross-entropy: expected f32 CPU logits"),
+                };
                 let mut d = vec![0f32; n * v];
                 d.par_chunks_mut(v)
                     .zip(l.par_chunks(v))
                     .zip(t.par_iter())
                     .for_each(|((dr, row), &tg)| {
-                        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut s = 0f32;
-                        for (o, &x) in dr.iter_mut().zip(row) {
-                            *o = (x - m).exp();
-                            s += *o;
-                        }
+                        dr.copy_from_slice(row);
+                        let (_, s) = exp_shift_row_f32(dr);
                         let k = (g as f32) / s;
                         for o in dr.iter_mut() {
                             *o *= k;
@@ -166,7 +175,7 @@ mod tests {
     fn matches_candle_ops_and_finite_differences() {
         let dev = Device::Cpu;
         let mut r = mor_core::rng::Rng::new(3);
-        let (n, v) = (5usize, 7usize);
+        let (n, v) = (5usize, 37usize); // rows span full SIMD lanes and a remainder
         let data: Vec<f64> = (0..n * v).map(|_| r.normal() * 2.0).collect();
         let x = Var::from_tensor(&Tensor::from_vec(data.clone(), (n, v), &dev).unwrap()).unwrap();
         let t = Tensor::from_vec(
@@ -226,6 +235,21 @@ mod tests {
         let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
         let c = cross_entropy(&x32, &t).unwrap().to_scalar::<f32>().unwrap();
         assert!((c as f64 - a0).abs() < 1e-5);
+        // ... and so does its gradient (the vectorised f32 softmax of the backward pass).
+        let v32 = Var::from_tensor(&x32).unwrap();
+        let g32 = cross_entropy(v32.as_tensor(), &t)
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(v32.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for i in 0..n * v {
+            assert!((g32[i] as f64 - ga[i]).abs() < 1e-6, "f32 grad {i}");
+        }
         // A target outside the vocabulary is an error, not a panic.
         let bad = Tensor::from_vec(vec![0u32, 1, 2, 3, 99], n, &dev).unwrap();
         assert!(cross_entropy(x.as_tensor(), &bad).is_err());

@@ -50,8 +50,24 @@ pub struct EvalResults {
     pub acc_norm: Option<f64>,
 }
 
+/// Runs candle's element-wise CPU ops on the calling thread (`CANDLE_NUM_THREADS=1`),
+/// unless that variable is already set. Takes effect only before the process's first
+/// element-wise tensor op; [`set_threads`] calls it.
+///
+/// candle 0.11 gives element-wise ops a pool of its own, whose workers spin after each op,
+/// beside rayon's pool (which runs the matmuls and mor's fused kernels). On 2 cores a
+/// spinning worker takes a core away from the next matmul: on the d = 256, 4-layer training
+/// step of `mor-bench` this setting took the median from 2.27k to 2.59k tokens/s (6 runs
+/// each, interleaved).
+pub fn prefer_rayon_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// Applies the thread count of the run (0 = leave the default).
 pub fn set_threads(n: usize) {
+    prefer_rayon_threads();
     if n > 0 {
         // candle reads RAYON_NUM_THREADS on every matmul; rayon's pool is built once.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -52,8 +52,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Training reuses the same buffers every step: keep them mapped (see the docs).
-    mor_bench::keep_freed_memory();
+    // Training speed settings: freed memory stays mapped, element-wise ops on rayon's threads.
+    mor_bench::tune_cpu_process();
     // Links every built-in plugin crate, so plugins resolve by name.
     let _ = mor_models::builtin::link();
     match Cli::parse().command {

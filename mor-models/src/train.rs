@@ -135,15 +135,36 @@ pub struct TrainSummary {
     pub finished: bool,
 }
 
+/// Most consecutive steps the spike detector flags. A loss that stays high for longer is not a
+/// bad batch but the model's new level (the update that caused it is already applied), and
+/// skipping more updates would only freeze the model there: the step is then taken and the
+/// statistics restart from the new level.
+pub const MAX_CONSECUTIVE_SPIKES: usize = 3;
+
 /// Rolling z-score spike detector.
 #[derive(Debug, Clone)]
 struct SpikeGuard {
     window: Vec<f64>,
     cap: usize,
     z: f64,
+    /// Consecutive flagged steps so far.
+    run: usize,
 }
 
 impl SpikeGuard {
+    /// Whether the loss of this step is a spike to act on (see [`MAX_CONSECUTIVE_SPIKES`]).
+    fn observe(&mut self, loss: f64) -> bool {
+        if self.is_spike(loss) {
+            self.run += 1;
+            if self.run <= MAX_CONSECUTIVE_SPIKES {
+                return true;
+            }
+            self.window.clear();
+        }
+        self.run = 0;
+        false
+    }
+
     fn is_spike(&self, loss: f64) -> bool {
         if self.window.len() < self.cap.max(8) / 2 {
             return false;
@@ -206,6 +227,7 @@ pub fn train(
         window: Vec::new(),
         cap: s.spike_window.max(2),
         z: s.spike_zscore,
+        run: 0,
     };
     let mut last_good: Option<PathBuf> = None;
     let metrics_path = run_dir.join("metrics.jsonl");
@@ -243,6 +265,11 @@ pub fn train(
             tokens = state.tokens;
             rng = state.rng;
             guard.window = state.loss_window;
+            guard.run = state
+                .extra
+                .get("spike_run")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0) as usize;
             last_good = Some(dir);
             truncate_metrics(&metrics_path, step)?;
         }
@@ -358,7 +385,7 @@ pub fn train(
                     .unwrap_or_else(|| "none".into()),
             });
         }
-        let spike = s.spike_action != SpikeAction::Off && guard.is_spike(loss_sum);
+        let spike = s.spike_action != SpikeAction::Off && guard.observe(loss_sum);
         if spike && s.spike_action == SpikeAction::Stop {
             return Err(Error::msg(format!(
                 "loss spike at step {} (loss {loss_sum:.4}); last good checkpoint: {}",
@@ -454,7 +481,7 @@ pub fn train(
                 data_cursor: data.cursor(),
                 rng: rng.clone(),
                 loss_window: guard.window.clone(),
-                extra: serde_json::Value::Null,
+                extra: serde_json::json!({ "spike_run": guard.run }),
                 files: Default::default(),
             };
             let dir = checkpoint::save_checkpoint(
@@ -505,4 +532,49 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         out.push('\n');
     }
     checkpoint::write_atomic(path, out.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> SpikeGuard {
+        let mut g = SpikeGuard {
+            window: Vec::new(),
+            cap: 20,
+            z: 6.0,
+            run: 0,
+        };
+        // A steady loss around 5 with a little noise (sd about 0.03).
+        for i in 0..20 {
+            g.push(5.0 + 0.05 * ((i % 3) as f64 - 1.0));
+        }
+        g
+    }
+
+    #[test]
+    fn a_lone_spike_is_flagged_once() {
+        let mut g = guard();
+        assert!(!g.observe(5.02));
+        assert!(g.observe(9.0));
+        assert_eq!(g.run, 1);
+        assert!(!g.observe(5.01), "the next ordinary loss is not a spike");
+        assert_eq!(g.run, 0);
+    }
+
+    #[test]
+    fn a_lasting_jump_is_accepted_after_the_limit() {
+        let mut g = guard();
+        for k in 1..=MAX_CONSECUTIVE_SPIKES {
+            assert!(g.observe(12.0), "step {k} of the jump is flagged");
+        }
+        // One more: the new level is accepted and the statistics restart from it.
+        assert!(!g.observe(12.0));
+        assert!(g.window.is_empty());
+        assert_eq!(g.run, 0);
+        for _ in 0..10 {
+            g.push(12.0);
+            assert!(!g.observe(12.0));
+        }
+    }
 }

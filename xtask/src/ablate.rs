@@ -31,7 +31,7 @@ pub struct Args {
     /// A grid file (TOML: `[base]`, `[[runs]]`, `[axes]`).
     #[arg(long, conflicts_with = "preset")]
     grid: Option<PathBuf>,
-    /// A built-in grid: `quick` (minutes on 2 cores) or `small` (about an hour).
+    /// A built-in grid: `quick` (about 3 minutes on 2 cores) or `small` (about 30 minutes).
     #[arg(long)]
     preset: Option<String>,
     /// Training data for every run (overrides `data.source`).

@@ -121,7 +121,9 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-fn fails_with(args: &[&str], cfg_text: &str, expect: &[&str]) -> PathBuf {
+/// Runs `xtask train` expecting a failure whose stderr contains every string of `expect`;
+/// removes its temporary folder afterwards.
+fn fails_with(args: &[&str], cfg_text: &str, expect: &[&str]) {
     let root = tmp(&format!("err-{}", expect[0].len()));
     let cfg = root.join("c.toml");
     std::fs::write(&cfg, cfg_text).unwrap();
@@ -139,7 +141,7 @@ fn fails_with(args: &[&str], cfg_text: &str, expect: &[&str]) -> PathBuf {
     for e in expect {
         assert!(err.contains(e), "stderr lacks {e:?}:\n{err}");
     }
-    root
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]

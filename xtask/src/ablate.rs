@@ -43,7 +43,7 @@ pub struct Args {
     /// Only list the runs the grid expands into.
     #[arg(long)]
     dry_run: bool,
-    /// No progress bars.
+    /// No progress bars: a plain progress line every few steps instead (for log files).
     #[arg(long)]
     quiet: bool,
 }

@@ -173,123 +173,73 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 }
 
-impl<T: Backend + ?Sized> Backend for Arc<T> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn device(&self) -> &Device {
-        (**self).device()
-    }
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-        (**self).rms_norm(x, w, eps)
-    }
-    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        (**self).rope(x, pos, cos, sin)
-    }
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        q_pos: &Tensor,
-        k_pos: &Tensor,
-    ) -> Result<Tensor> {
-        (**self).attention(q, k, v, q_pos, k_pos)
-    }
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        (**self).swiglu(gate, up)
-    }
-    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
-        (**self).gather_tokens(h, idx)
-    }
-    fn scatter_add_tokens(
-        &self,
-        h: &Tensor,
-        idx: &Tensor,
-        y: &Tensor,
-        w: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        (**self).scatter_add_tokens(h, idx, y, w)
-    }
-    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        (**self).linear(x, w)
-    }
-    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
-        (**self).split_heads(x, heads)
-    }
-    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
-        (**self).merge_heads(x)
-    }
-    fn rope_heads(
-        &self,
-        x: &Tensor,
-        heads: usize,
-        pos: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
-        (**self).rope_heads(x, heads, pos, cos, sin)
-    }
+/// Implements [`Backend`] for a smart pointer by forwarding every method to the pointee, so
+/// that `Arc<dyn Backend>` and `Box<dyn Backend>` keep the pointee's overrides of the
+/// provided methods.
+macro_rules! forward_backend {
+    ($($ptr:ident),*) => {$(
+        impl<T: Backend + ?Sized> Backend for $ptr<T> {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+            fn device(&self) -> &Device {
+                (**self).device()
+            }
+            fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+                (**self).rms_norm(x, w, eps)
+            }
+            fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+                (**self).rope(x, pos, cos, sin)
+            }
+            fn attention(
+                &self,
+                q: &Tensor,
+                k: &Tensor,
+                v: &Tensor,
+                q_pos: &Tensor,
+                k_pos: &Tensor,
+            ) -> Result<Tensor> {
+                (**self).attention(q, k, v, q_pos, k_pos)
+            }
+            fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+                (**self).swiglu(gate, up)
+            }
+            fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
+                (**self).gather_tokens(h, idx)
+            }
+            fn scatter_add_tokens(
+                &self,
+                h: &Tensor,
+                idx: &Tensor,
+                y: &Tensor,
+                w: Option<&Tensor>,
+            ) -> Result<Tensor> {
+                (**self).scatter_add_tokens(h, idx, y, w)
+            }
+            fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+                (**self).linear(x, w)
+            }
+            fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+                (**self).split_heads(x, heads)
+            }
+            fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+                (**self).merge_heads(x)
+            }
+            fn rope_heads(
+                &self,
+                x: &Tensor,
+                heads: usize,
+                pos: &Tensor,
+                cos: &Tensor,
+                sin: &Tensor,
+            ) -> Result<Tensor> {
+                (**self).rope_heads(x, heads, pos, cos, sin)
+            }
+        }
+    )*};
 }
 
-impl<T: Backend + ?Sized> Backend for Box<T> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn device(&self) -> &Device {
-        (**self).device()
-    }
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-        (**self).rms_norm(x, w, eps)
-    }
-    fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        (**self).rope(x, pos, cos, sin)
-    }
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        q_pos: &Tensor,
-        k_pos: &Tensor,
-    ) -> Result<Tensor> {
-        (**self).attention(q, k, v, q_pos, k_pos)
-    }
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        (**self).swiglu(gate, up)
-    }
-    fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
-        (**self).gather_tokens(h, idx)
-    }
-    fn scatter_add_tokens(
-        &self,
-        h: &Tensor,
-        idx: &Tensor,
-        y: &Tensor,
-        w: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        (**self).scatter_add_tokens(h, idx, y, w)
-    }
-    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        (**self).linear(x, w)
-    }
-    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
-        (**self).split_heads(x, heads)
-    }
-    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
-        (**self).merge_heads(x)
-    }
-    fn rope_heads(
-        &self,
-        x: &Tensor,
-        heads: usize,
-        pos: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
-        (**self).rope_heads(x, heads, pos, cos, sin)
-    }
-}
+forward_backend!(Arc, Box);
 
 /// RoPE cos/sin tables `[max_pos, dh/2]` for theta (spec §1.1: theta 1e4, no scaling).
 pub fn rope_tables(
@@ -318,4 +268,75 @@ pub fn rope_tables(
 #[doc(hidden)]
 pub mod __private {
     pub use mor_core::__private::*;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference backend with `linear` overridden to return ones.
+    #[derive(Debug)]
+    struct OnesLinear(reference::ReferenceBackend);
+
+    impl Backend for OnesLinear {
+        fn name(&self) -> &'static str {
+            "ones-linear"
+        }
+        fn device(&self) -> &Device {
+            self.0.device()
+        }
+        fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+            self.0.rms_norm(x, w, eps)
+        }
+        fn rope(&self, x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+            self.0.rope(x, pos, cos, sin)
+        }
+        fn attention(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            q_pos: &Tensor,
+            k_pos: &Tensor,
+        ) -> Result<Tensor> {
+            self.0.attention(q, k, v, q_pos, k_pos)
+        }
+        fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+            self.0.swiglu(gate, up)
+        }
+        fn gather_tokens(&self, h: &Tensor, idx: &Tensor) -> Result<Tensor> {
+            self.0.gather_tokens(h, idx)
+        }
+        fn scatter_add_tokens(
+            &self,
+            h: &Tensor,
+            idx: &Tensor,
+            y: &Tensor,
+            w: Option<&Tensor>,
+        ) -> Result<Tensor> {
+            self.0.scatter_add_tokens(h, idx, y, w)
+        }
+        fn linear(&self, x: &Tensor, _w: &Tensor) -> Result<Tensor> {
+            Ok(x.ones_like()?)
+        }
+    }
+
+    #[test]
+    fn smart_pointers_keep_the_overrides_of_provided_methods() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[2f32, 3.0]], &dev).unwrap();
+        let w = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &dev).unwrap();
+        let inner = || OnesLinear(reference::ReferenceBackend::new(dev.clone()));
+        let arc: Arc<dyn Backend> = Arc::new(inner());
+        let boxed: Box<dyn Backend> = Box::new(inner());
+        for be in [&arc as &dyn Backend, &boxed as &dyn Backend] {
+            assert_eq!(be.name(), "ones-linear");
+            let y = be.linear(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(
+                y,
+                [[1.0, 1.0]],
+                "the override, not the default x·wᵀ = [2, 3]"
+            );
+        }
+    }
 }

@@ -29,6 +29,7 @@ use mor_core::registry::{Family, Plugin};
 use serde::{Deserialize, Serialize};
 
 mod attention;
+mod block;
 mod dense;
 mod norm;
 mod rope;
@@ -311,6 +312,26 @@ impl Backend for CpuBackend {
         }
         let op = dense::LinearOp { d, out_shape };
         Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+    }
+
+    fn mlp_block(
+        &self,
+        h: &Tensor,
+        norm_w: &Tensor,
+        eps: f64,
+        gate: &Tensor,
+        up: &Tensor,
+        down: &Tensor,
+    ) -> Result<Tensor> {
+        let dims = validate::mlp_block(h, norm_w, eps, gate, up, down)?;
+        Self::on_cpu("mlp_block", &[h, norm_w, gate, up, down])?;
+        // One stacked weight input (custom ops take three tensors); `cat` hands each weight
+        // its slice of the stacked gradient.
+        let pack = Tensor::cat(&[&norm_w.reshape((1, dims.d))?, gate, up], 0)?;
+        let down = down.contiguous()?;
+        let keep = h.track_op() || pack.track_op() || down.track_op();
+        let op = block::MlpOp::new(dims, eps, h.dims().to_vec(), keep);
+        Ok(h.contiguous()?.apply_op3(&pack.contiguous()?, &down, op)?)
     }
 
     fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {

@@ -171,6 +171,30 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let x = self.split_heads(x, heads)?;
         self.rope(&x, pos, cos, sin)
     }
+
+    /// The feed-forward half of a pre-norm decoder layer (spec §1.1), residual included:
+    /// `h + down(swiglu(gate(n), up(n)))` with `n = rms_norm(h, norm_w, eps)` and each
+    /// projection a bias-free [`linear`](Backend::linear).
+    ///
+    /// The default composes the backend's own ops; a backend may run the whole half as one
+    /// differentiable op.
+    ///
+    /// # Shapes
+    /// `h: [.., d]`, `norm_w: [d]`, `gate, up: [ff, d]`, `down: [d, ff]` → `[.., d]`.
+    fn mlp_block(
+        &self,
+        h: &Tensor,
+        norm_w: &Tensor,
+        eps: f64,
+        gate: &Tensor,
+        up: &Tensor,
+        down: &Tensor,
+    ) -> Result<Tensor> {
+        validate::mlp_block(h, norm_w, eps, gate, up, down)?;
+        let n = self.rms_norm(h, norm_w, eps)?;
+        let a = self.swiglu(&self.linear(&n, gate)?, &self.linear(&n, up)?)?;
+        Ok((h + self.linear(&a, down)?)?)
+    }
 }
 
 /// Implements [`Backend`] for a smart pointer by forwarding every method to the pointee, so
@@ -234,6 +258,17 @@ macro_rules! forward_backend {
                 sin: &Tensor,
             ) -> Result<Tensor> {
                 (**self).rope_heads(x, heads, pos, cos, sin)
+            }
+            fn mlp_block(
+                &self,
+                h: &Tensor,
+                norm_w: &Tensor,
+                eps: f64,
+                gate: &Tensor,
+                up: &Tensor,
+                down: &Tensor,
+            ) -> Result<Tensor> {
+                (**self).mlp_block(h, norm_w, eps, gate, up, down)
             }
         }
     )*};

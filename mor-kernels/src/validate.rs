@@ -308,6 +308,87 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Checked dims of [`Backend::mlp_block`](crate::Backend::mlp_block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlpDims {
+    /// Rows of `h` (product of its leading dims).
+    pub rows: usize,
+    /// Hidden size (last dim of `h`).
+    pub d: usize,
+    /// Intermediate size of the SwiGLU (first dim of `gate` and `up`).
+    pub ff: usize,
+}
+
+/// Checks the inputs of `mlp_block`: `h: [.., d]`, `norm_w: [d]`, `gate`, `up: [ff, d]`,
+/// `down: [d, ff]`, one float dtype, `eps` finite and `>= 0`.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first tensor whose shape or dtype is wrong.
+pub fn mlp_block(
+    h: &Tensor,
+    norm_w: &Tensor,
+    eps: f64,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+) -> Result<MlpDims> {
+    const OP: &str = "mlp_block";
+    float(OP, "h", h)?;
+    for (name, t) in [
+        ("norm_w", norm_w),
+        ("gate", gate),
+        ("up", up),
+        ("down", down),
+    ] {
+        same_kind(OP, ("h", h), (name, t))?;
+    }
+    let Some(&d) = h.dims().last() else {
+        return Err(invalid(OP, "`h` must have at least one dimension"));
+    };
+    if norm_w.dims() != [d] {
+        return Err(invalid(
+            OP,
+            format!(
+                "`norm_w` must have shape [{d}] (the last dim of h), got {:?}",
+                norm_w.dims()
+            ),
+        ));
+    }
+    let [ff, gd] = dims::<2>(OP, "gate", gate, "[ff, d]")?;
+    if gd != d {
+        return Err(invalid(
+            OP,
+            format!("`gate` {:?} must be [ff, {d}]", gate.dims()),
+        ));
+    }
+    if up.dims() != [ff, d] {
+        return Err(invalid(
+            OP,
+            format!(
+                "`up` {:?} must have the shape of `gate` [{ff}, {d}]",
+                up.dims()
+            ),
+        ));
+    }
+    if down.dims() != [d, ff] {
+        return Err(invalid(
+            OP,
+            format!("`down` {:?} must be [{d}, {ff}]", down.dims()),
+        ));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(invalid(
+            OP,
+            format!("`eps` must be finite and >= 0, got {eps}"),
+        ));
+    }
+    Ok(MlpDims {
+        rows: h.elem_count().checked_div(d).unwrap_or(0),
+        d,
+        ff,
+    })
+}
+
 /// Checked dims and host indices of the token routing ops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenDims {

@@ -127,6 +127,31 @@ fn swiglu_op() -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
     |be, t| be.swiglu(t[0], t[1])
 }
 
+/// `mlp_block` on `(h, norm_w, gate, up, down)`.
+fn mlp_op(eps: f64) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.mlp_block(t[0], t[1], eps, t[2], t[3], t[4])
+}
+
+/// Inputs of `mlp_block`: `h: [b, t, d]`, `norm_w: [d]` around 1, `gate`/`up: [ff, d]`,
+/// `down: [d, ff]`, the weights scaled by `1/sqrt(fan_in)` so that activations stay O(1)
+/// (unscaled weights make outputs of size `d·ff` whose f32 rounding swamps the comparison).
+fn mlp_inputs(seed: u64, (b, t, d, ff): (usize, usize, usize, usize), dtype: DType) -> Vec<Tensor> {
+    let scaled = |s: u64, shape: (usize, usize), fan_in: usize| {
+        let r = randn(s, shape, dtype, &CPU).unwrap();
+        r.affine(1.0 / (fan_in as f64).sqrt(), 0.0).unwrap()
+    };
+    vec![
+        randn(seed, (b, t, d), dtype, &CPU).unwrap(),
+        randn(seed + 1, d, dtype, &CPU)
+            .unwrap()
+            .affine(0.3, 1.0)
+            .unwrap(),
+        scaled(seed + 2, (ff, d), d),
+        scaled(seed + 3, (ff, d), d),
+        scaled(seed + 4, (d, ff), ff),
+    ]
+}
+
 fn gather_op(idx: Tensor) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
     move |be, t| be.gather_tokens(t[0], &idx)
 }
@@ -415,6 +440,93 @@ fn projection_gradients_match_finite_differences() {
 }
 
 #[test]
+fn mlp_block_gradients_match_finite_differences() {
+    let inputs = mlp_inputs(31, (2, 3, 5, 7), DType::F64);
+    for be in both() {
+        fd_op(be.as_ref(), &inputs, &mlp_op(1e-5));
+    }
+}
+
+/// Shapes big enough for the threaded paths of the fused op (row blocks over rayon, threaded
+/// products), against `reference`; and a second backward pass through the same graph gives
+/// the same gradients (the op keeps its intermediates rather than consuming them).
+#[test]
+fn mlp_block_threaded_paths_match_reference_and_backward_repeats() {
+    // In f64 the two backends agree to rounding; in f32 the norm weight's gradient sums 400
+    // rows and the products sum up to 320 terms, in another order than candle's ops.
+    let shape = (2, 200, 96, 160);
+    let r = compare(
+        &mlp_inputs(41, shape, DType::F64),
+        &mlp_op(1e-5),
+        1e-10,
+        1e-10,
+    );
+    assert!(r.is_ok(), "f64: {}", r.unwrap_err());
+    let inputs = mlp_inputs(41, shape, DType::F32);
+    let r = compare(&inputs, &mlp_op(1e-5), 1e-4, 1e-4);
+    assert!(r.is_ok(), "f32: {}", r.unwrap_err());
+    let be = backend("cpu");
+    let vs = vars(&inputs);
+    let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
+    let loss = weighted_loss(&mlp_op(1e-5)(be.as_ref(), &ts).unwrap(), 3).unwrap();
+    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
+    for v in &vs {
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+}
+
+#[test]
+fn mlp_block_rejects_bad_shapes() {
+    let ok = mlp_inputs(51, (1, 2, 4, 3), DType::F32);
+    let bad = |i: usize, t: Tensor| {
+        let mut v = ok.clone();
+        v[i] = t;
+        v
+    };
+    let cases = [
+        (
+            bad(1, randn(1, 5, DType::F32, &CPU).unwrap()),
+            "`norm_w` must have shape [4]",
+        ),
+        (
+            bad(2, randn(1, (3, 5), DType::F32, &CPU).unwrap()),
+            "`gate` [3, 5] must be [ff, 4]",
+        ),
+        (
+            bad(3, randn(1, (2, 4), DType::F32, &CPU).unwrap()),
+            "`up` [2, 4]",
+        ),
+        (
+            bad(4, randn(1, (3, 4), DType::F32, &CPU).unwrap()),
+            "`down` [3, 4] must be [4, 3]",
+        ),
+        (
+            bad(4, randn(1, (4, 3), DType::F64, &CPU).unwrap()),
+            "`down` is F64",
+        ),
+    ];
+    for be in both() {
+        for (inputs, want) in &cases {
+            let ts: Vec<&Tensor> = inputs.iter().collect();
+            let e = mlp_op(1e-5)(be.as_ref(), &ts).unwrap_err().to_string();
+            assert!(
+                e.contains("mlp_block") && e.contains(want),
+                "{}: {e}",
+                be.name()
+            );
+        }
+        let ts: Vec<&Tensor> = ok.iter().collect();
+        let e = mlp_op(-1.0)(be.as_ref(), &ts).unwrap_err().to_string();
+        assert!(e.contains("eps"), "{e}");
+    }
+}
+
+#[test]
 fn head_layouts_are_exact_permutations() {
     // [b=1, t=2, h=2, dh=2] numbered 0..8: split puts head 0 of both tokens first.
     let x = Tensor::arange(0f32, 8.0, &CPU)
@@ -533,6 +645,19 @@ proptest! {
         let op = rope_heads_op(u32s(pos, (b, t)), h, max_pos, dh);
         let r = compare(&[x], &op, F32_RTOL, F32_ATOL);
         prop_assert!(r.is_ok(), "rope_heads: {}", r.unwrap_err());
+    }
+
+    #[test]
+    fn mlp_block_cpu_matches_reference(
+        b in 1usize..3,
+        t in 1usize..6,
+        d in 1usize..24,
+        ff in 1usize..20,
+        seed in 0u64..1_000_000,
+    ) {
+        let inputs = mlp_inputs(seed, (b, t, d, ff), DType::F32);
+        let r = compare(&inputs, &mlp_op(1e-5), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "b {b} t {t} d {d} ff {ff}: {}", r.unwrap_err());
     }
 
     #[test]

@@ -450,10 +450,14 @@ impl MorModel {
         };
         let att = be.merge_heads(&att)?;
         let h = (h + be.linear(&att, p.o.as_tensor())?)?;
-        let x = be.rms_norm(&h, mn.as_tensor(), m.rms_eps)?;
-        let g = be.linear(&x, p.gate.as_tensor())?;
-        let u = be.linear(&x, p.up.as_tensor())?;
-        let h = (&h + be.linear(&be.swiglu(&g, &u)?, p.down.as_tensor())?)?;
+        let h = be.mlp_block(
+            &h,
+            mn.as_tensor(),
+            m.rms_eps,
+            p.gate.as_tensor(),
+            p.up.as_tensor(),
+            p.down.as_tensor(),
+        )?;
         Ok((h, fresh))
     }
 

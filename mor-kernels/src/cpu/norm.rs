@@ -22,7 +22,7 @@ fn inv_rms<T: Float, const FMA: bool>(x: &[T], eps: T, inv_d: T) -> T {
 }
 
 multiversion! {
-    fn rows_fwd => rows_fwd_impl(x: &[T], w: &[T], eps: T, d: usize, out: &mut [T])
+    pub(super) fn rows_fwd => rows_fwd_impl(x: &[T], w: &[T], eps: T, d: usize, out: &mut [T])
 }
 
 #[inline(always)]
@@ -38,7 +38,7 @@ fn rows_fwd_impl<T: Float, const FMA: bool>(x: &[T], w: &[T], eps: T, d: usize, 
 }
 
 multiversion! {
-    fn rows_bwd => rows_bwd_impl(x: &[T], w: &[T], g: &[T], eps: T, d: usize, dx: &mut [T], dw: &mut [T])
+    pub(super) fn rows_bwd => rows_bwd_impl(x: &[T], w: &[T], g: &[T], eps: T, d: usize, dx: &mut [T], dw: &mut [T])
 }
 
 #[inline(always)]

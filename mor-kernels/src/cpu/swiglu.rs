@@ -26,7 +26,7 @@ fn sigmoid_lanes<T: Float, const FMA: bool>(g: &[T]) -> [T; LANES] {
 }
 
 multiversion! {
-    fn fwd_chunk => fwd_chunk_impl(g: &[T], u: &[T], out: &mut [T])
+    pub(super) fn fwd_chunk => fwd_chunk_impl(g: &[T], u: &[T], out: &mut [T])
 }
 
 #[inline(always)]
@@ -51,7 +51,7 @@ fn fwd_chunk_impl<T: Float, const FMA: bool>(g: &[T], u: &[T], out: &mut [T]) {
 }
 
 multiversion! {
-    fn bwd_chunk => bwd_chunk_impl(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T])
+    pub(super) fn bwd_chunk => bwd_chunk_impl(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T])
 }
 
 #[inline(always)]

@@ -314,6 +314,35 @@ impl Backend for CpuBackend {
         Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
     }
 
+    fn attention_block(
+        &self,
+        h: &Tensor,
+        w: &crate::AttentionWeights<'_>,
+        pos: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let dims = validate::attention_block(h, w, pos, cos, sin)?;
+        Self::on_cpu(
+            "attention_block",
+            &[h, w.norm, w.q, w.k, w.v, w.o, cos, sin],
+        )?;
+        if cos.track_op() || sin.track_op() {
+            // The fused op holds the tables as constants; trainable tables take the
+            // composed path, whose RoPE op returns their gradients.
+            return crate::attention_block_composed(self, h, w, pos, cos, sin);
+        }
+        // One stacked weight input (custom ops take three tensors); `cat` hands each weight
+        // its slice of the stacked gradient.
+        let pack = Tensor::cat(&[&w.norm.reshape((1, dims.d))?, w.q, w.k, w.v], 0)?;
+        let wo = w.o.contiguous()?;
+        let keep = h.track_op() || pack.track_op() || wo.track_op();
+        let cos = cos.to_dtype(h.dtype())?.contiguous()?;
+        let sin = sin.to_dtype(h.dtype())?.contiguous()?;
+        let op = block::AttnBlockOp::new(dims, w.eps, cos, sin, keep);
+        Ok(h.contiguous()?.apply_op3(&pack.contiguous()?, &wo, op)?)
+    }
+
     fn mlp_block(
         &self,
         h: &Tensor,

@@ -172,6 +172,29 @@ pub trait Backend: Send + Sync + fmt::Debug {
         self.rope(&x, pos, cos, sin)
     }
 
+    /// The attention half of a pre-norm decoder layer (spec §1.1), residual included, with
+    /// the layer's own keys and values: `h + o(attention(q, k, v))` where `n =
+    /// rms_norm(h, w.norm, w.eps)`, `q = rope(split(n·w.qᵀ))`, `k = rope(split(n·w.kᵀ))`,
+    /// `v = split(n·w.vᵀ)`, all at positions `pos` (queries and keys alike).
+    ///
+    /// The default composes the backend's own ops; a backend may run the whole half as one
+    /// differentiable op.
+    ///
+    /// # Shapes
+    /// `h: [b, t, d]`, `pos: [b, t]` (u32), `cos`/`sin: [max_pos, dh/2]`, weights as in
+    /// [`AttentionWeights`] → `[b, t, d]`.
+    fn attention_block(
+        &self,
+        h: &Tensor,
+        w: &AttentionWeights<'_>,
+        pos: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        validate::attention_block(h, w, pos, cos, sin)?;
+        attention_block_composed(self, h, w, pos, cos, sin)
+    }
+
     /// The feed-forward half of a pre-norm decoder layer (spec §1.1), residual included:
     /// `h + down(swiglu(gate(n), up(n)))` with `n = rms_norm(h, norm_w, eps)` and each
     /// projection a bias-free [`linear`](Backend::linear).
@@ -195,6 +218,47 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let a = self.swiglu(&self.linear(&n, gate)?, &self.linear(&n, up)?)?;
         Ok((h + self.linear(&a, down)?)?)
     }
+}
+
+/// The weights of the attention half of a decoder layer, for
+/// [`Backend::attention_block`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionWeights<'a> {
+    /// RMSNorm weight `[d]`.
+    pub norm: &'a Tensor,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Query projection `[heads·dh, d]`.
+    pub q: &'a Tensor,
+    /// Key projection `[kv_heads·dh, d]`.
+    pub k: &'a Tensor,
+    /// Value projection `[kv_heads·dh, d]`.
+    pub v: &'a Tensor,
+    /// Output projection `[d, heads·dh]`.
+    pub o: &'a Tensor,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads % kv_heads == 0`).
+    pub kv_heads: usize,
+}
+
+/// [`Backend::attention_block`] written with the backend's other ops (inputs already
+/// validated); the trait's default, and the fallback of fused backends for cases their
+/// fused op does not cover.
+pub(crate) fn attention_block_composed<B: Backend + ?Sized>(
+    be: &B,
+    h: &Tensor,
+    w: &AttentionWeights<'_>,
+    pos: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let n = be.rms_norm(h, w.norm, w.eps)?;
+    let q = be.rope_heads(&be.linear(&n, w.q)?, w.heads, pos, cos, sin)?;
+    let k = be.rope_heads(&be.linear(&n, w.k)?, w.kv_heads, pos, cos, sin)?;
+    let v = be.split_heads(&be.linear(&n, w.v)?, w.kv_heads)?;
+    let a = be.merge_heads(&be.attention(&q, &k, &v, pos, pos)?)?;
+    Ok((h + be.linear(&a, w.o)?)?)
 }
 
 /// Implements [`Backend`] for a smart pointer by forwarding every method to the pointee, so
@@ -258,6 +322,16 @@ macro_rules! forward_backend {
                 sin: &Tensor,
             ) -> Result<Tensor> {
                 (**self).rope_heads(x, heads, pos, cos, sin)
+            }
+            fn attention_block(
+                &self,
+                h: &Tensor,
+                w: &AttentionWeights<'_>,
+                pos: &Tensor,
+                cos: &Tensor,
+                sin: &Tensor,
+            ) -> Result<Tensor> {
+                (**self).attention_block(h, w, pos, cos, sin)
             }
             fn mlp_block(
                 &self,

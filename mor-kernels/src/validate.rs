@@ -389,6 +389,137 @@ pub fn mlp_block(
     })
 }
 
+/// Checked dims and host positions of
+/// [`Backend::attention_block`](crate::Backend::attention_block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttnBlockDims {
+    /// Batch.
+    pub b: usize,
+    /// Tokens per row.
+    pub t: usize,
+    /// Hidden size.
+    pub d: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// Key/value heads.
+    pub hkv: usize,
+    /// Head dimension (even).
+    pub dh: usize,
+    /// Rows of the RoPE tables.
+    pub max_pos: usize,
+    /// Token positions `[b, t]`, row-major; each `< max_pos` or [`PAD_POS`].
+    pub pos: Vec<u32>,
+}
+
+/// Checks the inputs of `attention_block`: `h: [b, t, d]`, `w.norm: [d]`,
+/// `w.q: [heads·dh, d]`, `w.k`, `w.v: [kv_heads·dh, d]`, `w.o: [d, heads·dh]` with `dh` even
+/// and `heads % kv_heads == 0`, one float dtype; `pos: [b, t]` u32, `cos`/`sin:
+/// [max_pos, dh/2]`, every position `< max_pos` or [`PAD_POS`]; `eps` finite and `>= 0`.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first tensor whose shape, dtype or values are wrong.
+pub fn attention_block(
+    h: &Tensor,
+    w: &crate::AttentionWeights<'_>,
+    pos: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<AttnBlockDims> {
+    const OP: &str = "attention_block";
+    float(OP, "h", h)?;
+    for (name, t) in [
+        ("norm", w.norm),
+        ("q", w.q),
+        ("k", w.k),
+        ("v", w.v),
+        ("o", w.o),
+    ] {
+        same_kind(OP, ("h", h), (name, t))?;
+    }
+    let [b, t, d] = dims::<3>(OP, "h", h, "[b, t, d]")?;
+    let (hq, hkv) = (w.heads, w.kv_heads);
+    if hq == 0 || hkv == 0 || hq % hkv != 0 {
+        return Err(invalid(
+            OP,
+            format!("heads ({hq}) must be a positive multiple of kv_heads ({hkv})"),
+        ));
+    }
+    if w.norm.dims() != [d] {
+        return Err(invalid(
+            OP,
+            format!("`norm` must have shape [{d}], got {:?}", w.norm.dims()),
+        ));
+    }
+    let [nq, qd] = dims::<2>(OP, "q", w.q, "[heads·dh, d]")?;
+    if qd != d || nq % hq != 0 || (nq / hq) % 2 != 0 {
+        return Err(invalid(
+            OP,
+            format!(
+                "`q` {:?} must be [heads·dh, {d}] with an even dh ({hq} heads)",
+                w.q.dims()
+            ),
+        ));
+    }
+    let dh = nq / hq;
+    for (name, t) in [("k", w.k), ("v", w.v)] {
+        if t.dims() != [hkv * dh, d] {
+            return Err(invalid(
+                OP,
+                format!("`{name}` {:?} must be [{}, {d}]", t.dims(), hkv * dh),
+            ));
+        }
+    }
+    if w.o.dims() != [d, nq] {
+        return Err(invalid(
+            OP,
+            format!("`o` {:?} must be [{d}, {nq}]", w.o.dims()),
+        ));
+    }
+    if !(w.eps.is_finite() && w.eps >= 0.0) {
+        return Err(invalid(
+            OP,
+            format!("`eps` must be finite and >= 0, got {}", w.eps),
+        ));
+    }
+    float(OP, "cos", cos)?;
+    same_kind(OP, ("cos", cos), ("sin", sin))?;
+    let [max_pos, half] = dims::<2>(OP, "cos", cos, "[max_pos, dh/2]")?;
+    if half != dh / 2 || sin.dims() != cos.dims() {
+        return Err(invalid(
+            OP,
+            format!(
+                "`cos` {:?} and `sin` {:?} must both be [max_pos, {}]",
+                cos.dims(),
+                sin.dims(),
+                dh / 2
+            ),
+        ));
+    }
+    if !h.device().same_device(pos.device()) || !h.device().same_device(cos.device()) {
+        return Err(invalid(
+            OP,
+            "`h`, `pos` and the tables must live on one device",
+        ));
+    }
+    let pos = host_u32(OP, "pos", pos, &[b, t])?;
+    if let Some(&p) = pos.iter().find(|&&p| p != PAD_POS && p as usize >= max_pos) {
+        return Err(invalid(
+            OP,
+            format!("position {p} is outside the tables (max_pos {max_pos})"),
+        ));
+    }
+    Ok(AttnBlockDims {
+        b,
+        t,
+        d,
+        hq,
+        hkv,
+        dh,
+        max_pos,
+        pos,
+    })
+}
+
 /// Checked dims and host indices of the token routing ops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenDims {

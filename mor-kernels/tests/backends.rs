@@ -5,7 +5,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use mor_core::rng::Rng;
 use mor_kernels::testing::{assert_close, assert_fd, closeness, randn, F32_ATOL, F32_RTOL};
-use mor_kernels::{build_backend, rope_tables, Backend, BackendCtx, Result, PAD_POS};
+use mor_kernels::{
+    build_backend, rope_tables, AttentionWeights, Backend, BackendCtx, Result, PAD_POS,
+};
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -125,6 +127,67 @@ fn attn_op(q_pos: Tensor, k_pos: Tensor) -> impl Fn(&dyn Backend, &[&Tensor]) ->
 
 fn swiglu_op() -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
     |be, t| be.swiglu(t[0], t[1])
+}
+
+/// `attention_block` on `(h, norm, q, k, v, o)` with `heads`/`kv_heads`, positions `pos`
+/// and tables for `max_pos` positions.
+fn attn_block_op(
+    pos: Tensor,
+    (heads, kv_heads): (usize, usize),
+    max_pos: usize,
+    dh: usize,
+) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    let (cos, sin) = rope_tables(max_pos, dh, 10_000.0, &CPU).unwrap();
+    move |be, t| {
+        let w = AttentionWeights {
+            norm: t[1],
+            eps: 1e-5,
+            q: t[2],
+            k: t[3],
+            v: t[4],
+            o: t[5],
+            heads,
+            kv_heads,
+        };
+        be.attention_block(t[0], &w, &pos, &cos, &sin)
+    }
+}
+
+/// Inputs of `attention_block`: `h: [b, t, d]`, `norm: [d]` around 1, `q: [hq·dh, d]`,
+/// `k`, `v: [hkv·dh, d]`, `o: [d, hq·dh]`, weights scaled by `1/sqrt(fan_in)`.
+fn attn_block_inputs(
+    seed: u64,
+    (b, t, d): (usize, usize, usize),
+    (hq, hkv, dh): (usize, usize, usize),
+    dtype: DType,
+) -> Vec<Tensor> {
+    let scaled = |s: u64, shape: (usize, usize)| {
+        let r = randn(s, shape, dtype, &CPU).unwrap();
+        r.affine(1.0 / (shape.1 as f64).sqrt(), 0.0).unwrap()
+    };
+    vec![
+        randn(seed, (b, t, d), dtype, &CPU).unwrap(),
+        randn(seed + 1, d, dtype, &CPU)
+            .unwrap()
+            .affine(0.3, 1.0)
+            .unwrap(),
+        scaled(seed + 2, (hq * dh, d)),
+        scaled(seed + 3, (hkv * dh, d)),
+        scaled(seed + 4, (hkv * dh, d)),
+        scaled(seed + 5, (d, hq * dh)),
+    ]
+}
+
+/// Sorted positions per row drawn from `0..3t`, some replaced by `PAD_POS`.
+fn block_positions(seed: u64, b: usize, t: usize) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let mut pos = Vec::new();
+    for _ in 0..b {
+        for p in sorted_sample(&mut rng, t, 3 * t) {
+            pos.push(if rng.below(7) == 0 { PAD_POS } else { p });
+        }
+    }
+    u32s(pos, (b, t))
 }
 
 /// `mlp_block` on `(h, norm_w, gate, up, down)`.
@@ -440,6 +503,135 @@ fn projection_gradients_match_finite_differences() {
 }
 
 #[test]
+fn attention_block_gradients_match_finite_differences() {
+    // GQA (4 query heads over 2 key/value heads), a padded query and key, a gap in positions.
+    let pos = u32s(vec![0, 1, 4, 5, 2, PAD_POS, 3, 6], (2, 4));
+    let inputs = attn_block_inputs(61, (2, 4, 6), (4, 2, 2), DType::F64);
+    for be in both() {
+        fd_op(
+            be.as_ref(),
+            &inputs,
+            &attn_block_op(pos.clone(), (4, 2), 8, 2),
+        );
+    }
+}
+
+/// Shapes big enough for the threaded paths, against `reference` (f64 to rounding, f32 within
+/// the tolerance of sums over hundreds of terms); a second backward pass through the same
+/// graph gives the same gradients; trainable RoPE tables get their gradients (the cpu
+/// backend then composes the half from its single ops).
+#[test]
+fn attention_block_threaded_paths_match_reference() {
+    let (b, t, d) = (2, 96, 64);
+    let heads = (4, 2, 16);
+    let pos = block_positions(71, b, t);
+    let op = attn_block_op(pos.clone(), (4, 2), 3 * t, 16);
+    let r = compare(
+        &attn_block_inputs(71, (b, t, d), heads, DType::F64),
+        &op,
+        1e-10,
+        1e-10,
+    );
+    assert!(r.is_ok(), "f64: {}", r.unwrap_err());
+    let inputs = attn_block_inputs(71, (b, t, d), heads, DType::F32);
+    let r = compare(&inputs, &op, 1e-4, 1e-4);
+    assert!(r.is_ok(), "f32: {}", r.unwrap_err());
+
+    let be = backend("cpu");
+    let vs = vars(&inputs);
+    let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
+    let loss = weighted_loss(&op(be.as_ref(), &ts).unwrap(), 3).unwrap();
+    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
+    for v in &vs {
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    let small = attn_block_inputs(81, (1, 3, 4), (2, 1, 2), DType::F64);
+    let pos = u32s(vec![0, 2, 3], (1, 3));
+    let (cos, sin) = rope_tables(5, 2, 10_000.0, &CPU).unwrap();
+    let tables = [
+        cos.to_dtype(DType::F64).unwrap(),
+        sin.to_dtype(DType::F64).unwrap(),
+    ];
+    let with_tables = move |be: &dyn Backend, t: &[&Tensor]| {
+        let w = AttentionWeights {
+            norm: t[1],
+            eps: 1e-5,
+            q: t[2],
+            k: t[3],
+            v: t[4],
+            o: t[5],
+            heads: 2,
+            kv_heads: 1,
+        };
+        be.attention_block(t[0], &w, &pos, t[6], t[7])
+    };
+    let mut all = small;
+    all.extend(tables);
+    for be in both() {
+        fd_op(be.as_ref(), &all, &with_tables);
+    }
+}
+
+#[test]
+fn attention_block_rejects_bad_input() {
+    let ok = attn_block_inputs(91, (1, 3, 8), (2, 1, 4), DType::F32);
+    let pos = u32s(vec![0, 1, 2], (1, 3));
+    let bad = |i: usize, t: Tensor| {
+        let mut v = ok.clone();
+        v[i] = t;
+        v
+    };
+    let r = |s: u64, shape: (usize, usize)| randn(s, shape, DType::F32, &CPU).unwrap();
+    let cases = [
+        (
+            bad(0, randn(1, (3, 8), DType::F32, &CPU).unwrap()),
+            "`h` must be [b, t, d]",
+        ),
+        (
+            bad(1, randn(1, 5, DType::F32, &CPU).unwrap()),
+            "`norm` must have shape [8]",
+        ),
+        (bad(2, r(1, (6, 8))), "even dh"),
+        (bad(3, r(1, (8, 8))), "`k` [8, 8] must be [4, 8]"),
+        (bad(4, r(1, (4, 7))), "`v` [4, 7] must be [4, 8]"),
+        (bad(5, r(1, (8, 4))), "`o` [8, 4] must be [8, 8]"),
+        (
+            bad(5, randn(1, (8, 8), DType::F64, &CPU).unwrap()),
+            "`o` is F64",
+        ),
+    ];
+    for be in both() {
+        for (inputs, want) in &cases {
+            let ts: Vec<&Tensor> = inputs.iter().collect();
+            let e = attn_block_op(pos.clone(), (2, 1), 4, 4)(be.as_ref(), &ts)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("attention_block") && e.contains(want),
+                "{}: {e}",
+                be.name()
+            );
+        }
+        let ts: Vec<&Tensor> = ok.iter().collect();
+        let far = u32s(vec![0, 1, 9], (1, 3));
+        let e = attn_block_op(far, (2, 1), 4, 4)(be.as_ref(), &ts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("position 9 is outside"), "{e}");
+        let e = attn_block_op(pos.clone(), (3, 1), 4, 4)(be.as_ref(), &ts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heads"), "{e}");
+    }
+}
+
+#[test]
 fn mlp_block_gradients_match_finite_differences() {
     let inputs = mlp_inputs(31, (2, 3, 5, 7), DType::F64);
     for be in both() {
@@ -645,6 +837,23 @@ proptest! {
         let op = rope_heads_op(u32s(pos, (b, t)), h, max_pos, dh);
         let r = compare(&[x], &op, F32_RTOL, F32_ATOL);
         prop_assert!(r.is_ok(), "rope_heads: {}", r.unwrap_err());
+    }
+
+    #[test]
+    fn attention_block_cpu_matches_reference(
+        b in 1usize..3,
+        t in 1usize..9,
+        hkv in 1usize..3,
+        ratio in prop_oneof![Just(1usize), Just(2)],
+        half in 1usize..4,
+        d in 1usize..12,
+        seed in 0u64..1_000_000,
+    ) {
+        let (hq, dh) = (hkv * ratio, 2 * half);
+        let inputs = attn_block_inputs(seed, (b, t, d), (hq, hkv, dh), DType::F32);
+        let op = attn_block_op(block_positions(seed, b, t), (hq, hkv), 3 * t, dh);
+        let r = compare(&inputs, &op, F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "b {b} t {t} hq {hq} hkv {hkv} dh {dh} d {d}: {}", r.unwrap_err());
     }
 
     #[test]

@@ -121,6 +121,14 @@ pub trait KvPolicy: Send + Sync + fmt::Debug {
         first: Option<&StepKv>,
         selected: &Tensor,
     ) -> Result<StepKv>;
+    /// Whether [`training_kv`](KvPolicy::training_kv) at `step` returns exactly `fresh`, so
+    /// that the step's selected tokens attend only to one another's fresh K/V. A model may
+    /// then run the step's whole attention half as one fused op. The default, `false`, is
+    /// always correct (the model then calls `training_kv`).
+    fn trains_on_fresh_kv(&self, step: usize) -> bool {
+        let _ = step;
+        false
+    }
     /// The relative costs for `N_r` steps with step capacities `caps` (fractions of L).
     fn cost(&self, num_recursions: usize, caps: &[f64]) -> KvCost;
 
@@ -160,6 +168,9 @@ impl<T: KvPolicy + ?Sized> KvPolicy for Arc<T> {
     ) -> Result<StepKv> {
         (**self).training_kv(step, fresh, first, selected)
     }
+    fn trains_on_fresh_kv(&self, step: usize) -> bool {
+        (**self).trains_on_fresh_kv(step)
+    }
     fn cost(&self, num_recursions: usize, caps: &[f64]) -> KvCost {
         (**self).cost(num_recursions, caps)
     }
@@ -186,6 +197,9 @@ impl<T: KvPolicy + ?Sized> KvPolicy for Box<T> {
         selected: &Tensor,
     ) -> Result<StepKv> {
         (**self).training_kv(step, fresh, first, selected)
+    }
+    fn trains_on_fresh_kv(&self, step: usize) -> bool {
+        (**self).trains_on_fresh_kv(step)
     }
     fn cost(&self, num_recursions: usize, caps: &[f64]) -> KvCost {
         (**self).cost(num_recursions, caps)

@@ -244,6 +244,10 @@ impl KvPolicy for RecursionWise {
         Ok(fresh.clone())
     }
 
+    fn trains_on_fresh_kv(&self, step: usize) -> bool {
+        (1..=self.num_recursions).contains(&step)
+    }
+
     fn cost(&self, num_recursions: usize, caps: &[f64]) -> KvCost {
         let caps = cost_capacities(num_recursions, caps);
         let mean = caps.iter().sum::<f64>() / caps.len() as f64;

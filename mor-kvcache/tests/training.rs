@@ -40,8 +40,23 @@ fn recursion_wise_attends_to_fresh_at_every_step() {
             .training_kv(step, Some(&fresh), None, &pos_tensor(&sel))
             .unwrap();
         assert_same(&out, &fresh);
+        // ... which is what `trains_on_fresh_kv` promises (and lets a model fuse the step).
+        assert!(p.trains_on_fresh_kv(step));
     }
     assert!(!p.keeps_first_step());
+    assert!(!p.trains_on_fresh_kv(0) && !p.trains_on_fresh_kv(4));
+}
+
+#[test]
+fn only_recursion_wise_trains_on_fresh_kv_alone() {
+    // Sharing reads step 1's K/V at later steps and hybrid mixes it in: neither may be fused
+    // into a self-attention over the fresh K/V.
+    let sharing = RecursiveSharing::new(3).unwrap();
+    let hybrid = Hybrid::new(3).unwrap();
+    for step in 0..=4 {
+        assert!(!sharing.trains_on_fresh_kv(step), "sharing, step {step}");
+        assert!(!hybrid.trains_on_fresh_kv(step), "hybrid, step {step}");
+    }
 }
 
 #[test]

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use mor_core::config::ResolvedConfig;
 use mor_core::plan::{RecursionPlan, Segment};
 use mor_core::rng::Rng;
-use mor_kernels::{Backend, BackendCtx, PAD_POS};
+use mor_kernels::{AttentionWeights, Backend, BackendCtx, PAD_POS};
 use mor_kvcache::{KvCtx, KvPolicy, StepKv};
 use mor_router::{RouteMode, Router, RouterCtx, RouterOutput, RouterStats, RoutingKind, Update};
 use std::sync::Arc;
@@ -404,6 +404,41 @@ impl MorModel {
         let be = &self.backend;
         let p = &self.blocks[block];
         let (an, mn) = self.norms_for_slot(slot, block);
+        let mlp = |h: &Tensor| {
+            be.mlp_block(
+                h,
+                mn.as_tensor(),
+                m.rms_eps,
+                p.gate.as_tensor(),
+                p.up.as_tensor(),
+                p.down.as_tensor(),
+            )
+        };
+        let own_kv_only = match kv {
+            None => true,
+            // Recursion slots whose policy attends to the fresh K/V only and keeps nothing
+            // for later steps.
+            Some((step, _)) => self.kv.trains_on_fresh_kv(step) && !self.kv.keeps_first_step(),
+        };
+        let (step, first) = match kv {
+            Some(kv) if !own_kv_only => kv,
+            _ => {
+                // The layer's own K/V, needed by nothing else: the whole attention half is one
+                // backend op (fused on the cpu backend).
+                let w = AttentionWeights {
+                    norm: an.as_tensor(),
+                    eps: m.rms_eps,
+                    q: p.q.as_tensor(),
+                    k: p.k.as_tensor(),
+                    v: p.v.as_tensor(),
+                    o: p.o.as_tensor(),
+                    heads: m.num_heads,
+                    kv_heads: m.num_kv_heads,
+                };
+                let h = be.attention_block(h, &w, pos, &self.cos, &self.sin)?;
+                return Ok((mlp(&h)?, None));
+            }
+        };
         let x = be.rms_norm(h, an.as_tensor(), m.rms_eps)?;
         // Each projection is one op and each head split/merge another (see
         // `Backend::linear`, `Backend::rope_heads`): the fused backends then pay one
@@ -415,10 +450,7 @@ impl MorModel {
             &self.cos,
             &self.sin,
         )?;
-        let project = match kv {
-            Some((step, _)) => self.kv.projects_kv(step),
-            None => true,
-        };
+        let project = self.kv.projects_kv(step);
         let fresh = if project {
             let k = be.rope_heads(
                 &be.linear(&x, p.k.as_tensor())?,
@@ -436,29 +468,11 @@ impl MorModel {
         } else {
             None
         };
-        let att = match kv {
-            None => {
-                let f = fresh
-                    .as_ref()
-                    .expect("fresh K/V is always projected outside recursion slots");
-                be.attention(&q, &f.k, &f.v, pos, &f.pos)?
-            }
-            Some((step, first)) => {
-                let eff = self.kv.training_kv(step, fresh.as_ref(), first, pos)?;
-                be.attention(&q, &eff.k, &eff.v, pos, &eff.pos)?
-            }
-        };
+        let eff = self.kv.training_kv(step, fresh.as_ref(), first, pos)?;
+        let att = be.attention(&q, &eff.k, &eff.v, pos, &eff.pos)?;
         let att = be.merge_heads(&att)?;
         let h = (h + be.linear(&att, p.o.as_tensor())?)?;
-        let h = be.mlp_block(
-            &h,
-            mn.as_tensor(),
-            m.rms_eps,
-            p.gate.as_tensor(),
-            p.up.as_tensor(),
-            p.down.as_tensor(),
-        )?;
-        Ok((h, fresh))
+        Ok((mlp(&h)?, fresh))
     }
 
     /// Runs the layer slots `slots` (indices into the plan) on all tokens.

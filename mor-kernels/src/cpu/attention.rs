@@ -129,6 +129,17 @@ impl AttentionOp {
     }
 
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, lse) = self.fwd_slices(q, k, v);
+        let _ = self.lse.set(T::storage(lse));
+        Ok((
+            T::storage(out),
+            Shape::from((self.b, self.hq, self.t, self.dh)),
+        ))
+    }
+
+    /// The output `[b, hq, t, dh]` and the log-sum-exp of each query row `[b, hq, t]`, for
+    /// contiguous `q: [b, hq, t, dh]`, `k, v: [b, hkv, s, dh]`.
+    pub(crate) fn fwd_slices<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
         let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
         let group = hq / hkv;
         let mut out = vec![T::ZERO; b * hq * t * dh];
@@ -163,8 +174,7 @@ impl AttentionOp {
                 },
             );
         }
-        let _ = self.lse.set(T::storage(lse));
-        Ok((T::storage(out), Shape::from((b, hq, t, dh))))
+        (out, lse)
     }
 
     fn bwd_typed<T: Float>(
@@ -176,18 +186,40 @@ impl AttentionOp {
         g: &Tensor,
     ) -> candle_core::Result<[Tensor; 3]> {
         let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
-        let group = hq / hkv;
         let lse = self.lse.get().and_then(|l| T::slice(l)).ok_or_else(|| {
             candle_core::Error::Msg("attention backward ran before its forward pass".into())
         })?;
+        let (dq, dk, dv) = with_slices::<T, _>(&[q, k, v, o, g], |x| {
+            Ok(self.bwd_slices(x[0], x[1], x[2], x[3], x[4], lse))
+        })?;
+        let dev = Device::Cpu;
+        Ok([
+            Tensor::from_vec(dq, (b, hq, t, dh), &dev)?,
+            Tensor::from_vec(dk, (b, hkv, s, dh), &dev)?,
+            Tensor::from_vec(dv, (b, hkv, s, dh), &dev)?,
+        ])
+    }
+
+    /// Gradients `(dq, dk, dv)` for the output gradient `g`, from the inputs, the output `o`
+    /// and the log-sum-exp `lse` of [`fwd_slices`](Self::fwd_slices).
+    pub(crate) fn bwd_slices<T: Float>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        o: &[T],
+        g: &[T],
+        lse: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
+        let group = hq / hkv;
         let scale = T::from_f64(self.scale());
         let mut dq = vec![T::ZERO; b * hq * t * dh];
         let mut dk = vec![T::ZERO; b * hkv * s * dh];
         let mut dv = vec![T::ZERO; b * hkv * s * dh];
-        with_slices::<T, _>(&[q, k, v, o, g], |x| {
-            let [q, k, v, o, g] = [x[0], x[1], x[2], x[3], x[4]];
+        {
             if dq.is_empty() || dk.is_empty() {
-                return Ok(());
+                return (dq, dk, dv);
             }
             let gq = group * t * dh; // the heads of one group are contiguous in [b, hq, t, dh]
             let it = dq
@@ -215,14 +247,8 @@ impl AttentionOp {
                     dv[j * dh..(j + 1) * dh].copy_from_slice(&dvp[jp * dh..(jp + 1) * dh]);
                 }
             });
-            Ok(())
-        })?;
-        let dev = Device::Cpu;
-        Ok([
-            Tensor::from_vec(dq, (b, hq, t, dh), &dev)?,
-            Tensor::from_vec(dk, (b, hkv, s, dh), &dev)?,
-            Tensor::from_vec(dv, (b, hkv, s, dh), &dev)?,
-        ])
+        }
+        (dq, dk, dv)
     }
 }
 

@@ -19,11 +19,13 @@
 //! tensors. Products go straight to the `gemm` crate (the one candle uses), with strided
 //! operands instead of transposed copies and the residual accumulated in place.
 
+use super::attention::AttentionOp;
 use super::norm::{rows_bwd, rows_fwd};
+use super::rope::RopeOp;
 use super::simd::Float;
 use super::swiglu::{bwd_chunk, fwd_chunk};
 use super::{bail_dtype, fwd_slice, rows_per_task, with_slices, PAR_MIN_WORK};
-use crate::validate::MlpDims;
+use crate::validate::{AttnBlockDims, AttnDims, MlpDims};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::any::Any;
@@ -136,6 +138,131 @@ fn blocking(rows: usize, row_work: usize) -> (usize, bool) {
     )
 }
 
+/// `rms_norm(h, w)` of the `[rows, d]` matrix `h`.
+fn norm_fwd<T: Float>(h: &[T], w: &[T], eps: T, rows: usize, d: usize) -> Vec<T> {
+    let mut n = vec![T::ZERO; rows * d];
+    let (per, par) = blocking(rows, d);
+    if par {
+        n.par_chunks_mut(per * d)
+            .zip(h.par_chunks(per * d))
+            .for_each(|(n, h)| rows_fwd(h, w, eps, d, n));
+    } else {
+        rows_fwd(h, w, eps, d, &mut n);
+    }
+    n
+}
+
+/// The gradient of `h + f(rms_norm(h, w))` with respect to `h`, given `g` (the output
+/// gradient, which reaches `h` through the residual) and `dn` (the gradient reaching the
+/// norm's output); writes the norm weight's gradient (summed over rows) into `dw`.
+fn norm_residual_bwd<T: Float>(
+    h: &[T],
+    w: &[T],
+    dn: &[T],
+    g: &[T],
+    eps: T,
+    dw: &mut [T],
+) -> Vec<T> {
+    let d = w.len();
+    let rows = h.len().checked_div(d).unwrap_or(0);
+    let mut dh = vec![T::ZERO; rows * d];
+    let norm_rows = |dh: &mut [T], h: &[T], dn: &[T], g: &[T]| {
+        let mut dw = vec![T::ZERO; d];
+        rows_bwd(h, w, dn, eps, d, dh, &mut dw);
+        for (o, &gv) in dh.iter_mut().zip(g) {
+            *o += gv;
+        }
+        dw
+    };
+    let (per, par) = blocking(rows, d);
+    let dw_sum = if par {
+        let c = per * d;
+        dh.par_chunks_mut(c)
+            .zip(h.par_chunks(c).zip(dn.par_chunks(c)).zip(g.par_chunks(c)))
+            .map(|(dh, ((h, dn), g))| norm_rows(dh, h, dn, g))
+            .reduce(
+                || vec![T::ZERO; d],
+                |mut a, b| {
+                    for (a, b) in a.iter_mut().zip(b) {
+                        *a += b;
+                    }
+                    a
+                },
+            )
+    } else {
+        norm_rows(&mut dh, h, dn, g)
+    };
+    dw.copy_from_slice(&dw_sum);
+    dh
+}
+
+/// Head layout of a projection: `(b, t, heads, dh)`.
+type HeadShape = (usize, usize, usize, usize);
+
+/// Copies columns `off .. off + heads·dh` of the row-major `[b·t, width]` matrix `src` into
+/// head-major `[b, heads, t, dh]`.
+fn heads_from_cols<T: Float>(
+    src: &[T],
+    width: usize,
+    off: usize,
+    (b, t, h, dh): HeadShape,
+) -> Vec<T> {
+    let mut out = vec![T::ZERO; b * h * t * dh];
+    if out.is_empty() {
+        return out;
+    }
+    let fill = |bh: usize, o: &mut [T]| {
+        let (bi, hi) = (bh / h, bh % h);
+        for (ti, or) in o.chunks_exact_mut(dh).enumerate() {
+            let s = (bi * t + ti) * width + off + hi * dh;
+            or.copy_from_slice(&src[s..s + dh]);
+        }
+    };
+    if out.len() < PAR_MIN_WORK {
+        out.chunks_mut(t * dh)
+            .enumerate()
+            .for_each(|(bh, o)| fill(bh, o));
+    } else {
+        out.par_chunks_mut(t * dh)
+            .enumerate()
+            .for_each(|(bh, o)| fill(bh, o));
+    }
+    out
+}
+
+/// The inverse of [`heads_from_cols`]: writes head-major `src: [b, heads, t, dh]` into
+/// columns `off .. off + heads·dh` of the row-major `[b·t, width]` matrix `dst`.
+fn heads_to_cols<T: Float>(
+    src: &[T],
+    dst: &mut [T],
+    width: usize,
+    off: usize,
+    (b, t, h, dh): HeadShape,
+) {
+    let rows = b * t;
+    if rows == 0 || h * dh == 0 {
+        return;
+    }
+    let fill = |first: usize, d: &mut [T]| {
+        for (k, dr) in d.chunks_exact_mut(width).enumerate() {
+            let r = first + k;
+            let (bi, ti) = (r / t, r % t);
+            for hi in 0..h {
+                let s = ((bi * h + hi) * t + ti) * dh;
+                dr[off + hi * dh..off + (hi + 1) * dh].copy_from_slice(&src[s..s + dh]);
+            }
+        }
+    };
+    let (per, par) = blocking(rows, width);
+    if par {
+        dst.par_chunks_mut(per * width)
+            .enumerate()
+            .for_each(|(c, d)| fill(c * per, d));
+    } else {
+        fill(0, dst);
+    }
+}
+
 /// What the forward pass keeps for the backward pass.
 struct Saved<T> {
     /// `rms_norm(h)`, `[rows, d]`.
@@ -186,16 +313,7 @@ impl MlpOp {
         let MlpDims { rows, d, ff } = self.dims;
         let (f2, eps) = (2 * ff, T::from_f64(self.eps));
         let (w, wgu) = pack.split_at(d);
-        // n = rms_norm(h)
-        let mut n = vec![T::ZERO; rows * d];
-        let (per, par) = blocking(rows, d);
-        if par {
-            n.par_chunks_mut(per * d)
-                .zip(h.par_chunks(per * d))
-                .for_each(|(n, h)| rows_fwd(h, w, eps, d, n));
-        } else {
-            rows_fwd(h, w, eps, d, &mut n);
-        }
+        let n = norm_fwd(h, w, eps, rows, d);
         // Z = n · [gate; up]ᵀ
         let mut z = vec![T::ZERO; rows * f2];
         matmul(
@@ -310,35 +428,7 @@ impl MlpOp {
             false,
         )?;
         drop(dz);
-        // dh = G + rms_norm′(h; dn), dw = Σ_rows
-        let mut dh = vec![T::ZERO; rows * d];
-        let norm_rows = |dh: &mut [T], h: &[T], dn: &[T], g: &[T]| {
-            let mut dw = vec![T::ZERO; d];
-            rows_bwd(h, w, dn, eps, d, dh, &mut dw);
-            for (o, &gv) in dh.iter_mut().zip(g) {
-                *o += gv;
-            }
-            dw
-        };
-        let (per, par) = blocking(rows, d);
-        let dw_sum = if par {
-            let c = per * d;
-            dh.par_chunks_mut(c)
-                .zip(h.par_chunks(c).zip(dn.par_chunks(c)).zip(g.par_chunks(c)))
-                .map(|(dh, ((h, dn), g))| norm_rows(dh, h, dn, g))
-                .reduce(
-                    || vec![T::ZERO; d],
-                    |mut a, b| {
-                        for (a, b) in a.iter_mut().zip(b) {
-                            *a += b;
-                        }
-                        a
-                    },
-                )
-        } else {
-            norm_rows(&mut dh, h, &dn, g)
-        };
-        dw.copy_from_slice(&dw_sum);
+        let dh = norm_residual_bwd(h, w, &dn, g, eps, dw);
         Ok((dh, d_pack, d_down))
     }
 
@@ -435,6 +525,330 @@ impl CustomOp3 for MlpOp {
             h.track_op().then_some(dh),
             pack.track_op().then_some(dp),
             down.track_op().then_some(dd),
+        ))
+    }
+}
+
+/// What the attention half keeps for its backward pass.
+struct AttnSaved<T> {
+    /// `rms_norm(h)`, `[rows, d]`.
+    n: Vec<T>,
+    /// Rotated queries `[b, hq, t, dh]`.
+    q: Vec<T>,
+    /// Rotated keys `[b, hkv, t, dh]`.
+    k: Vec<T>,
+    /// Values `[b, hkv, t, dh]`.
+    v: Vec<T>,
+    /// Attention output `[b, hq, t, dh]`.
+    o: Vec<T>,
+    /// Log-sum-exp of each query row `[b, hq, t]`.
+    lse: Vec<T>,
+    /// The output with heads merged, `[rows, hq·dh]`.
+    merged: Vec<T>,
+}
+
+/// The fused attention half of a decoder layer: inputs `h: [b, t, d]`,
+/// `[w; q; k; v]: [1 + (hq + 2·hkv)·dh, d]`, `o: [d, hq·dh]`; positions and RoPE tables held
+/// by the op.
+///
+/// Forward: `n = rms_norm(h)`, one product `n · [q; k; v]ᵀ`, heads split and rotated, the
+/// flash-style attention of [`AttentionOp`], heads merged, `out = h + merged · oᵀ`. Backward
+/// runs the same steps in reverse (RoPE's gradient is the inverse rotation), writing the
+/// three projection gradients into one `[rows, (hq + 2·hkv)·dh]` matrix so that the weight
+/// gradient and the gradient of `n` are one product each.
+#[derive(Debug)]
+pub(crate) struct AttnBlockOp {
+    dims: AttnBlockDims,
+    eps: f64,
+    attn: AttentionOp,
+    rope_q: RopeOp,
+    rope_k: RopeOp,
+    /// RoPE tables in the dtype of `h`, contiguous.
+    cos: Tensor,
+    sin: Tensor,
+    keep: bool,
+    saved: Mutex<Option<Box<dyn Any + Send + Sync>>>,
+}
+
+impl AttnBlockOp {
+    pub(crate) fn new(dims: AttnBlockDims, eps: f64, cos: Tensor, sin: Tensor, keep: bool) -> Self {
+        let AttnBlockDims {
+            b, t, hq, hkv, dh, ..
+        } = dims;
+        let attn = AttentionOp::new(&AttnDims {
+            b,
+            hq,
+            hkv,
+            t,
+            s: t,
+            dh,
+            q_pos: dims.pos.clone(),
+            k_pos: dims.pos.clone(),
+        });
+        let rope = |h: usize| RopeOp {
+            b,
+            h,
+            t,
+            dh,
+            max_pos: dims.max_pos,
+            pos: dims.pos.clone(),
+            split: false,
+        };
+        AttnBlockOp {
+            rope_q: rope(hq),
+            rope_k: rope(hkv),
+            attn,
+            dims,
+            eps,
+            cos,
+            sin,
+            keep,
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// `(rows, d, hq·dh, hkv·dh)`.
+    fn sizes(&self) -> (usize, usize, usize, usize) {
+        let AttnBlockDims {
+            b,
+            t,
+            d,
+            hq,
+            hkv,
+            dh,
+            ..
+        } = self.dims;
+        (b * t, d, hq * dh, hkv * dh)
+    }
+
+    fn forward<T: Float>(
+        &self,
+        h: &[T],
+        pack: &[T],
+        wo: &[T],
+        (cos, sin): (&[T], &[T]),
+    ) -> candle_core::Result<(Vec<T>, AttnSaved<T>)> {
+        let AttnBlockDims {
+            b, t, hq, hkv, dh, ..
+        } = self.dims;
+        let (rows, d, nq, nk) = self.sizes();
+        let width = nq + 2 * nk;
+        let (w, wqkv) = pack.split_at(d);
+        let n = norm_fwd(h, w, T::from_f64(self.eps), rows, d);
+        let mut qkv = vec![T::ZERO; rows * width];
+        matmul(
+            (rows, width, d),
+            Mat::rows(&n, d),
+            Mat::rows_t(wqkv, d),
+            &mut qkv,
+            width,
+            false,
+        )?;
+        let q = self.rope_q.rotate(
+            &heads_from_cols(&qkv, width, 0, (b, t, hq, dh)),
+            cos,
+            sin,
+            T::ONE,
+        );
+        let k = self.rope_k.rotate(
+            &heads_from_cols(&qkv, width, nq, (b, t, hkv, dh)),
+            cos,
+            sin,
+            T::ONE,
+        );
+        let v = heads_from_cols(&qkv, width, nq + nk, (b, t, hkv, dh));
+        drop(qkv);
+        let (o, lse) = self.attn.fwd_slices(&q, &k, &v);
+        let mut merged = vec![T::ZERO; rows * nq];
+        heads_to_cols(&o, &mut merged, nq, 0, (b, t, hq, dh));
+        let mut out = h.to_vec();
+        matmul(
+            (rows, d, nq),
+            Mat::rows(&merged, nq),
+            Mat::rows_t(wo, nq),
+            &mut out,
+            d,
+            true,
+        )?;
+        let saved = AttnSaved {
+            n,
+            q,
+            k,
+            v,
+            o,
+            lse,
+            merged,
+        };
+        Ok((out, saved))
+    }
+
+    /// Gradients of `(h, [w; q; k; v], o)` for the output gradient `g`.
+    fn backward<T: Float>(
+        &self,
+        (h, pack, wo, g): (&[T], &[T], &[T], &[T]),
+        (cos, sin): (&[T], &[T]),
+        s: &AttnSaved<T>,
+    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let AttnBlockDims {
+            b, t, hq, hkv, dh, ..
+        } = self.dims;
+        let (rows, d, nq, nk) = self.sizes();
+        let width = nq + 2 * nk;
+        let (w, wqkv) = pack.split_at(d);
+        // d o-proj = Gᵀ · merged, d merged = G · o-proj
+        let mut d_wo = vec![T::ZERO; d * nq];
+        matmul(
+            (d, nq, rows),
+            Mat::rows_t(g, d),
+            Mat::rows(&s.merged, nq),
+            &mut d_wo,
+            nq,
+            false,
+        )?;
+        let mut d_merged = vec![T::ZERO; rows * nq];
+        matmul(
+            (rows, nq, d),
+            Mat::rows(g, d),
+            Mat::rows(wo, nq),
+            &mut d_merged,
+            nq,
+            false,
+        )?;
+        let d_o = heads_from_cols(&d_merged, nq, 0, (b, t, hq, dh));
+        drop(d_merged);
+        let (dq, dk, dv) = self.attn.bwd_slices(&s.q, &s.k, &s.v, &s.o, &d_o, &s.lse);
+        drop(d_o);
+        // RoPE's gradient is the inverse rotation; the three projections' gradients go side
+        // by side into one matrix.
+        let mut d_qkv = vec![T::ZERO; rows * width];
+        let dq = self.rope_q.rotate(&dq, cos, sin, -T::ONE);
+        heads_to_cols(&dq, &mut d_qkv, width, 0, (b, t, hq, dh));
+        drop(dq);
+        let dk = self.rope_k.rotate(&dk, cos, sin, -T::ONE);
+        heads_to_cols(&dk, &mut d_qkv, width, nq, (b, t, hkv, dh));
+        heads_to_cols(&dv, &mut d_qkv, width, nq + nk, (b, t, hkv, dh));
+        drop((dk, dv));
+        let mut d_pack = vec![T::ZERO; (1 + width) * d];
+        let (dw, d_wqkv) = d_pack.split_at_mut(d);
+        matmul(
+            (width, d, rows),
+            Mat::rows_t(&d_qkv, width),
+            Mat::rows(&s.n, d),
+            d_wqkv,
+            d,
+            false,
+        )?;
+        let mut dn = vec![T::ZERO; rows * d];
+        matmul(
+            (rows, d, width),
+            Mat::rows(&d_qkv, width),
+            Mat::rows(wqkv, d),
+            &mut dn,
+            d,
+            false,
+        )?;
+        drop(d_qkv);
+        let dh = norm_residual_bwd(h, w, &dn, g, T::from_f64(self.eps), dw);
+        Ok((dh, d_pack, d_wo))
+    }
+
+    fn cpu_fwd_typed<T: Float>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<CpuStorage> {
+        let AttnBlockDims { b, t, .. } = self.dims;
+        let (_, d, nq, nk) = self.sizes();
+        let name = self.name();
+        let h = fwd_slice::<T>(name, s1, l1, &[b, t, d])?;
+        let pack = fwd_slice::<T>(name, s2, l2, &[1 + nq + 2 * nk, d])?;
+        let wo = fwd_slice::<T>(name, s3, l3, &[d, nq])?;
+        let (out, saved) = with_slices::<T, _>(&[&self.cos, &self.sin], |cs| {
+            self.forward(h, pack, wo, (cs[0], cs[1]))
+        })?;
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(saved));
+        }
+        Ok(T::storage(out))
+    }
+
+    fn bwd_typed<T: Float>(
+        &self,
+        h: &Tensor,
+        pack: &Tensor,
+        wo: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (dh, dp, dwo) = with_slices::<T, _>(&[h, pack, wo, g, &self.cos, &self.sin], |s| {
+            let inputs = (s[0], s[1], s[2], s[3]);
+            let tables = (s[4], s[5]);
+            let guard = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+            match guard
+                .as_ref()
+                .and_then(|b| b.downcast_ref::<AttnSaved<T>>())
+            {
+                Some(saved) => self.backward(inputs, tables, saved),
+                None => {
+                    drop(guard);
+                    let (_, saved) = self.forward(s[0], s[1], s[2], tables)?;
+                    self.backward(inputs, tables, &saved)
+                }
+            }
+        })?;
+        Ok((
+            Tensor::from_vec(dh, h.shape(), &Device::Cpu)?,
+            Tensor::from_vec(dp, pack.shape(), &Device::Cpu)?,
+            Tensor::from_vec(dwo, wo.shape(), &Device::Cpu)?,
+        ))
+    }
+}
+
+impl CustomOp3 for AttnBlockOp {
+    fn name(&self) -> &'static str {
+        "mor-attention-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let args = ((s1, l1), (s2, l2), (s3, l3));
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                self.cpu_fwd_typed::<f32>(args.0, args.1, args.2)?
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                self.cpu_fwd_typed::<f64>(args.0, args.1, args.2)?
+            }
+            _ => return Err(bail_dtype(self.name(), s1)),
+        };
+        let AttnBlockDims { b, t, d, .. } = self.dims;
+        Ok((out, Shape::from((b, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        pack: &Tensor,
+        wo: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dh, dp, dwo) = match h.dtype() {
+            candle_core::DType::F32 => self.bwd_typed::<f32>(h, pack, wo, grad)?,
+            candle_core::DType::F64 => self.bwd_typed::<f64>(h, pack, wo, grad)?,
+            other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
+        };
+        Ok((
+            h.track_op().then_some(dh),
+            pack.track_op().then_some(dp),
+            wo.track_op().then_some(dwo),
         ))
     }
 }

@@ -95,7 +95,8 @@ impl RopeOp {
         }
     }
 
-    fn rotate<T: Float>(&self, x: &[T], cos: &[T], sin: &[T], sign: T) -> Vec<T> {
+    /// Rotates head-major rows `[b, h, t, dh]` by `+angle` (`sign = 1`) or `-angle`.
+    pub(crate) fn rotate<T: Float>(&self, x: &[T], cos: &[T], sin: &[T], sign: T) -> Vec<T> {
         let (dh, t) = (self.dh, self.t);
         let ht = self.h * t;
         let mut out = vec![T::ZERO; x.len()];

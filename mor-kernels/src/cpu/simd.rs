@@ -48,6 +48,9 @@ pub(crate) trait Float:
     fn exp_lanes<const FMA: bool>(x: &mut [Self; LANES]);
     /// `exp` of one value, accurate to the last ulp (used in scalar tails).
     fn exp(self) -> Self;
+    /// `exp` of one value, branch-free for f32 (as [`exp_lanes`](Float::exp_lanes)) so that
+    /// a loop over a slice vectorises at the full register width; f64 as [`exp`](Float::exp).
+    fn exp_fast<const FMA: bool>(self) -> Self;
     /// The elements of a CPU storage of this dtype.
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
     /// Wraps a vector as a CPU storage.
@@ -139,6 +142,10 @@ impl Float for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
+    #[inline(always)]
+    fn exp_fast<const FMA: bool>(self) -> Self {
+        exp_f32::<FMA>(self)
+    }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
             CpuStorage::F32(v) => Some(v),
@@ -179,6 +186,10 @@ impl Float for f64 {
     }
     #[inline(always)]
     fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn exp_fast<const FMA: bool>(self) -> Self {
         f64::exp(self)
     }
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
@@ -394,23 +405,21 @@ pub(crate) fn axpy<T: Float, const FMA: bool>(alpha: T, x: &[T], y: &mut [T]) {
 /// `x[i] = exp(x[i] - shift)` in place; returns the sum of the results.
 #[inline(always)]
 pub(crate) fn exp_shift_sum<T: Float, const FMA: bool>(x: &mut [T], shift: T) -> T {
+    // A plain map, which the loop vectoriser widens to the full register (a fixed array of
+    // lanes was split into half-width registers with spills), then a lane-wise sum.
+    for v in x.iter_mut() {
+        *v = (*v - shift).exp_fast::<FMA>();
+    }
     let mut acc = [T::ZERO; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
+    let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
-        let mut lanes = [T::ZERO; LANES];
         for l in 0..LANES {
-            lanes[l] = c[l] - shift;
-        }
-        T::exp_lanes::<FMA>(&mut lanes);
-        c.copy_from_slice(&lanes);
-        for l in 0..LANES {
-            acc[l] += lanes[l];
+            acc[l] += c[l];
         }
     }
     let mut s = hsum(acc);
-    for v in chunks.into_remainder() {
-        *v = (*v - shift).exp();
-        s += *v;
+    for &v in chunks.remainder() {
+        s += v;
     }
     s
 }

@@ -94,14 +94,27 @@ impl AdamW {
                 let g = g.flatten_all()?.to_vec1::<f32>()?;
                 let mut m = p.m.flatten_all()?.to_vec1::<f32>()?;
                 let mut v = p.v.flatten_all()?.to_vec1::<f32>()?;
-                for i in 0..w.len() {
-                    let gi = g[i] as f64;
-                    let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
-                    let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
-                    m[i] = mi as f32;
-                    v[i] = vi as f32;
-                    let upd = lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
-                    w[i] = (w[i] as f64 * (1.0 - decay) - upd) as f32;
+                // Element-wise, so splitting across threads changes no result bit.
+                let update = |w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+                    for i in 0..w.len() {
+                        let gi = g[i] as f64;
+                        let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
+                        let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
+                        m[i] = mi as f32;
+                        v[i] = vi as f32;
+                        let upd = lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
+                        w[i] = (w[i] as f64 * (1.0 - decay) - upd) as f32;
+                    }
+                };
+                const CHUNK: usize = 1 << 14;
+                if w.len() > CHUNK {
+                    use rayon::prelude::*;
+                    w.par_chunks_mut(CHUNK)
+                        .zip(m.par_chunks_mut(CHUNK))
+                        .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
+                        .for_each(|((w, m), (v, g))| update(w, m, v, g));
+                } else {
+                    update(&mut w, &mut m, &mut v, &g);
                 }
                 let dev = theta.device().clone();
                 p.m = Tensor::from_vec(m, &shape, &dev)?;

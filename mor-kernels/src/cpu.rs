@@ -50,6 +50,64 @@ pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
     (PAR_TASK_WORK / row_len.max(1)).clamp(1, rows.max(1))
 }
 
+/// A raw pointer that rayon tasks may share; each task writes a disjoint range.
+#[derive(Clone, Copy)]
+struct SharedPtr<T>(*mut T);
+// SAFETY: only used by `rows_new`, whose tasks write disjoint ranges of one allocation.
+unsafe impl<T: Send> Send for SharedPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedPtr<T> {}
+
+impl<T> SharedPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// A new row-major buffer of `rows × row_len` elements, produced block by block (in parallel
+/// when the work pays): each task zeroes its own block, while it is about to be written and
+/// so in cache, then runs `f(first_row, block)`; the per-block results come back in order.
+///
+/// Replaces `vec![0; n]` followed by a parallel fill, whose zeroing is a serial pass over
+/// memory on the calling thread.
+pub(crate) fn rows_new<T: simd::Float, R: Send>(
+    rows: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> (Vec<T>, Vec<R>) {
+    let n = rows * row_len;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    if n == 0 {
+        return (v, Vec::new());
+    }
+    let per = rows_per_task(rows, row_len);
+    let base = SharedPtr(v.as_mut_ptr());
+    let run = |blk: usize| {
+        let r0 = blk * per;
+        let len = per.min(rows - r0) * row_len;
+        // SAFETY: blocks are disjoint and lie inside the allocation of `n` elements; the
+        // block is fully zeroed (a valid f32/f64 bit pattern) before a reference to it is
+        // made.
+        let block = unsafe {
+            let p = base.get().add(r0 * row_len);
+            std::ptr::write_bytes(p, 0, len);
+            std::slice::from_raw_parts_mut(p, len)
+        };
+        f(r0, block)
+    };
+    let blocks = rows.div_ceil(per);
+    let out = if n < PAR_MIN_WORK {
+        (0..blocks).map(run).collect()
+    } else {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().map(run).collect()
+    };
+    // SAFETY: every block, hence every element, was initialised above.
+    unsafe { v.set_len(n) };
+    (v, out)
+}
+
 /// The elements of a forward input, checked to be contiguous, of dtype `T` and of shape
 /// `dims`.
 pub(crate) fn fwd_slice<'a, T: simd::Float>(

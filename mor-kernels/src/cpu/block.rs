@@ -24,10 +24,9 @@ use super::norm::{rows_bwd, rows_fwd};
 use super::rope::RopeOp;
 use super::simd::Float;
 use super::swiglu::{bwd_chunk, fwd_chunk};
-use super::{bail_dtype, fwd_slice, rows_per_task, with_slices, PAR_MIN_WORK};
+use super::{bail_dtype, fwd_slice, rows_new, with_slices, SharedPtr};
 use crate::validate::{AttnBlockDims, AttnDims, MlpDims};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
-use rayon::prelude::*;
 use std::any::Any;
 use std::sync::Mutex;
 
@@ -95,61 +94,174 @@ pub(crate) fn matmul<T: Float>(
         }
         return Ok(());
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k >= GEMM_PAR_MIN {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parts = row_parts((m, n, k), rayon::current_num_threads());
     // SAFETY: every index the product reads or writes is in bounds (checked above: the last
     // element of each view lies inside its slice, and `dst` rows do not overlap since
     // `dst_rs >= n`); `dst` is borrowed mutably, so it aliases neither operand.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
+        gemm_rows_split(
+            (m, n, k),
+            SharedPtr(dst.as_mut_ptr()),
+            dst_rs,
             accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+            a,
+            b,
+            parts,
+        )
+    };
     Ok(())
 }
 
-/// Rows per rayon task for row work `row_work`, and whether to use rayon at all.
-fn blocking(rows: usize, row_work: usize) -> (usize, bool) {
-    (
-        rows_per_task(rows, row_work),
-        rows * row_work >= PAR_MIN_WORK,
-    )
+/// How many row blocks to run a product in: one per thread when the product is large
+/// enough, blocks of at least 32 rows.
+fn row_parts((m, n, k): (usize, usize, usize), threads: usize) -> usize {
+    if threads > 1 && m * n * k >= GEMM_PAR_MIN {
+        threads.min(m / 32).max(1)
+    } else {
+        1
+    }
+}
+
+/// The product over `parts` blocks of rows, each a single-threaded `gemm` call on its own
+/// rayon task. On two cores this keeps both busy with no synchronisation inside the
+/// product, which the `gemm` crate's own threading needs (about 75% parallel efficiency
+/// at these sizes, against about 95% for row blocks).
+///
+/// # Safety
+/// `a`, `b` must hold every element of their `m × k` and `k × n` views, `dst` must be
+/// valid for writes (and reads when `accumulate`) of `m` rows of `n` elements spaced
+/// `dst_rs >= n` apart, and nothing else may access those rows meanwhile.
+unsafe fn gemm_rows_split<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: SharedPtr<T>,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    parts: usize,
+) {
+    let block = |r0: usize, rows: usize| {
+        // SAFETY: rows `r0 .. r0 + rows` lie inside the views (caller's contract); blocks
+        // are disjoint, so each task writes its own rows only.
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                dst.get().add(r0 * dst_rs),
+                1,
+                dst_rs as isize,
+                accumulate,
+                a.data.as_ptr().add(r0 * a.rs),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                if accumulate { T::ONE } else { T::ZERO },
+                T::ONE,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if parts <= 1 {
+        block(0, m);
+        return;
+    }
+    // Blocks of whole microkernel tiles (16 rows).
+    let per = m.div_ceil(parts).div_ceil(16) * 16;
+    use rayon::prelude::*;
+    (0..m.div_ceil(per))
+        .into_par_iter()
+        .with_max_len(1)
+        .for_each(|i| block(i * per, per.min(m - i * per)));
+}
+
+/// `a · b` as a new row-major `m × n` matrix (no zero-filling pass: the product writes
+/// every element).
+///
+/// # Errors
+/// As [`matmul`].
+pub(crate) fn matmul_new<T: Float>(
+    dims: (usize, usize, usize),
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+) -> candle_core::Result<Vec<T>> {
+    matmul_new_in(dims, a, b, rayon::current_num_threads())
+}
+
+/// Two independent products, each on half the threads (one each on two cores): the pairs of
+/// a backward pass (`dx = g · w` and `dw = gᵀ · x`) have equal work, so this balances the
+/// cores without splitting either product.
+///
+/// # Errors
+/// As [`matmul`].
+#[allow(clippy::type_complexity)]
+pub(crate) fn matmul_new_pair<T: Float>(
+    (d1, a1, b1): ((usize, usize, usize), Mat<'_, T>, Mat<'_, T>),
+    (d2, a2, b2): ((usize, usize, usize), Mat<'_, T>, Mat<'_, T>),
+) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    let threads = rayon::current_num_threads();
+    if threads < 2 {
+        return Ok((matmul_new_in(d1, a1, b1, 1)?, matmul_new_in(d2, a2, b2, 1)?));
+    }
+    let half = threads / 2;
+    let (r1, r2) = rayon::join(
+        || matmul_new_in(d1, a1, b1, half),
+        || matmul_new_in(d2, a2, b2, threads - half),
+    );
+    Ok((r1?, r2?))
+}
+
+fn matmul_new_in<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    threads: usize,
+) -> candle_core::Result<Vec<T>> {
+    if k == 0 || m == 0 || n == 0 {
+        return Ok(vec![T::ZERO; m * n]);
+    }
+    if !(a.fits(m, k) && b.fits(k, n)) {
+        candle_core::bail!("mor matmul: operands too short for {m}×{k} · {k}×{n}");
+    }
+    let mut dst: Vec<T> = Vec::with_capacity(m * n);
+    let parts = row_parts((m, n, k), threads);
+    // SAFETY: the operands are in bounds (checked above); `dst` has room for `m × n`
+    // elements, which the product (`read_dst = false`, `k > 0`) writes, every one of them,
+    // through the raw pointer before `set_len`.
+    unsafe {
+        gemm_rows_split(
+            (m, n, k),
+            SharedPtr(dst.as_mut_ptr()),
+            n,
+            false,
+            a,
+            b,
+            parts,
+        );
+        dst.set_len(m * n);
+    }
+    Ok(dst)
 }
 
 /// `rms_norm(h, w)` of the `[rows, d]` matrix `h`.
 fn norm_fwd<T: Float>(h: &[T], w: &[T], eps: T, rows: usize, d: usize) -> Vec<T> {
-    let mut n = vec![T::ZERO; rows * d];
-    let (per, par) = blocking(rows, d);
-    if par {
-        n.par_chunks_mut(per * d)
-            .zip(h.par_chunks(per * d))
-            .for_each(|(n, h)| rows_fwd(h, w, eps, d, n));
-    } else {
-        rows_fwd(h, w, eps, d, &mut n);
-    }
-    n
+    rows_new(rows, d, |r0, n| {
+        rows_fwd(&h[r0 * d..r0 * d + n.len()], w, eps, d, n)
+    })
+    .0
+}
+
+/// A copy of the row-major `[rows, d]` matrix `x`, made in parallel blocks.
+fn copy_rows<T: Float>(x: &[T], rows: usize, d: usize) -> Vec<T> {
+    rows_new(rows, d, |r0, o| {
+        o.copy_from_slice(&x[r0 * d..r0 * d + o.len()])
+    })
+    .0
 }
 
 /// The gradient of `h + f(rms_norm(h, w))` with respect to `h`, given `g` (the output
@@ -165,34 +277,22 @@ fn norm_residual_bwd<T: Float>(
 ) -> Vec<T> {
     let d = w.len();
     let rows = h.len().checked_div(d).unwrap_or(0);
-    let mut dh = vec![T::ZERO; rows * d];
-    let norm_rows = |dh: &mut [T], h: &[T], dn: &[T], g: &[T]| {
+    let (dh, partial) = rows_new(rows, d, |r0, dh| {
+        let r = r0 * d..r0 * d + dh.len();
         let mut dw = vec![T::ZERO; d];
-        rows_bwd(h, w, dn, eps, d, dh, &mut dw);
-        for (o, &gv) in dh.iter_mut().zip(g) {
+        rows_bwd(&h[r.clone()], w, &dn[r.clone()], eps, d, dh, &mut dw);
+        for (o, &gv) in dh.iter_mut().zip(&g[r]) {
             *o += gv;
         }
         dw
-    };
-    let (per, par) = blocking(rows, d);
-    let dw_sum = if par {
-        let c = per * d;
-        dh.par_chunks_mut(c)
-            .zip(h.par_chunks(c).zip(dn.par_chunks(c)).zip(g.par_chunks(c)))
-            .map(|(dh, ((h, dn), g))| norm_rows(dh, h, dn, g))
-            .reduce(
-                || vec![T::ZERO; d],
-                |mut a, b| {
-                    for (a, b) in a.iter_mut().zip(b) {
-                        *a += b;
-                    }
-                    a
-                },
-            )
-    } else {
-        norm_rows(&mut dh, h, dn, g)
-    };
-    dw.copy_from_slice(&dw_sum);
+    });
+    // Block partial sums added in block order: the same result for any thread count.
+    dw.fill(T::ZERO);
+    for p in partial {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
     dh
 }
 
@@ -207,60 +307,39 @@ fn heads_from_cols<T: Float>(
     off: usize,
     (b, t, h, dh): HeadShape,
 ) -> Vec<T> {
-    let mut out = vec![T::ZERO; b * h * t * dh];
-    if out.is_empty() {
-        return out;
-    }
-    let fill = |bh: usize, o: &mut [T]| {
-        let (bi, hi) = (bh / h, bh % h);
-        for (ti, or) in o.chunks_exact_mut(dh).enumerate() {
+    // Rows of the output are (batch, head, token) rows of `dh` elements.
+    rows_new(b * h * t, dh, |r0, o| {
+        for (k, or) in o.chunks_exact_mut(dh).enumerate() {
+            let r = r0 + k;
+            let (bh, ti) = (r / t, r % t);
+            let (bi, hi) = (bh / h, bh % h);
             let s = (bi * t + ti) * width + off + hi * dh;
             or.copy_from_slice(&src[s..s + dh]);
         }
-    };
-    if out.len() < PAR_MIN_WORK {
-        out.chunks_mut(t * dh)
-            .enumerate()
-            .for_each(|(bh, o)| fill(bh, o));
-    } else {
-        out.par_chunks_mut(t * dh)
-            .enumerate()
-            .for_each(|(bh, o)| fill(bh, o));
-    }
-    out
+    })
+    .0
 }
 
-/// The inverse of [`heads_from_cols`]: writes head-major `src: [b, heads, t, dh]` into
-/// columns `off .. off + heads·dh` of the row-major `[b·t, width]` matrix `dst`.
-fn heads_to_cols<T: Float>(
-    src: &[T],
-    dst: &mut [T],
+/// A new row-major `[b·t, width]` matrix whose columns are filled from head-major sources
+/// `(src: [b, heads, t, dh], first column, heads)` that together cover every column.
+fn cols_from_heads<T: Float>(
+    srcs: &[(&[T], usize, usize)],
     width: usize,
-    off: usize,
-    (b, t, h, dh): HeadShape,
-) {
-    let rows = b * t;
-    if rows == 0 || h * dh == 0 {
-        return;
-    }
-    let fill = |first: usize, d: &mut [T]| {
+    (b, t, dh): (usize, usize, usize),
+) -> Vec<T> {
+    rows_new(b * t, width, |r0, d| {
         for (k, dr) in d.chunks_exact_mut(width).enumerate() {
-            let r = first + k;
+            let r = r0 + k;
             let (bi, ti) = (r / t, r % t);
-            for hi in 0..h {
-                let s = ((bi * h + hi) * t + ti) * dh;
-                dr[off + hi * dh..off + (hi + 1) * dh].copy_from_slice(&src[s..s + dh]);
+            for &(src, off, h) in srcs {
+                for hi in 0..h {
+                    let s = ((bi * h + hi) * t + ti) * dh;
+                    dr[off + hi * dh..off + (hi + 1) * dh].copy_from_slice(&src[s..s + dh]);
+                }
             }
         }
-    };
-    let (per, par) = blocking(rows, width);
-    if par {
-        dst.par_chunks_mut(per * width)
-            .enumerate()
-            .for_each(|(c, d)| fill(c * per, d));
-    } else {
-        fill(0, dst);
-    }
+    })
+    .0
 }
 
 /// What the forward pass keeps for the backward pass.
@@ -315,33 +394,17 @@ impl MlpOp {
         let (w, wgu) = pack.split_at(d);
         let n = norm_fwd(h, w, eps, rows, d);
         // Z = n · [gate; up]ᵀ
-        let mut z = vec![T::ZERO; rows * f2];
-        matmul(
-            (rows, f2, d),
-            Mat::rows(&n, d),
-            Mat::rows_t(wgu, d),
-            &mut z,
-            f2,
-            false,
-        )?;
+        let z = matmul_new((rows, f2, d), Mat::rows(&n, d), Mat::rows_t(wgu, d))?;
         // A = silu(Z_g) ⊙ Z_u
-        let mut a = vec![T::ZERO; rows * ff];
-        let gate_rows = |a: &mut [T], z: &[T]| {
-            for (ar, zr) in a.chunks_exact_mut(ff).zip(z.chunks_exact(f2)) {
+        let (a, _) = rows_new(rows, ff, |r0, a| {
+            for (k, ar) in a.chunks_exact_mut(ff).enumerate() {
+                let zr = &z[(r0 + k) * f2..(r0 + k + 1) * f2];
                 let (g, u) = zr.split_at(ff);
                 fwd_chunk(g, u, ar);
             }
-        };
-        let (per, par) = blocking(rows, f2);
-        if par {
-            a.par_chunks_mut(per * ff)
-                .zip(z.par_chunks(per * f2))
-                .for_each(|(a, z)| gate_rows(a, z));
-        } else {
-            gate_rows(&mut a, &z);
-        }
+        });
         // out = h + A · downᵀ
-        let mut out = h.to_vec();
+        let mut out = copy_rows(h, rows, d);
         matmul(
             (rows, d, ff),
             Mat::rows(&a, ff),
@@ -365,70 +428,29 @@ impl MlpOp {
         let MlpDims { rows, d, ff } = self.dims;
         let (f2, eps) = (2 * ff, T::from_f64(self.eps));
         let (w, wgu) = pack.split_at(d);
-        // dDown = Gᵀ · A
-        let mut d_down = vec![T::ZERO; d * ff];
-        matmul(
-            (d, ff, rows),
-            Mat::rows_t(g, d),
-            Mat::rows(&s.a, ff),
-            &mut d_down,
-            ff,
-            false,
+        // dDown = Gᵀ · A and dA = G · down, then dZ = swiglu′(Z) ⊙ dA
+        let (d_down, da) = matmul_new_pair(
+            ((d, ff, rows), Mat::rows_t(g, d), Mat::rows(&s.a, ff)),
+            ((rows, ff, d), Mat::rows(g, d), Mat::rows(down, ff)),
         )?;
-        // dA = G · down, then dZ = swiglu′(Z) ⊙ dA
-        let mut da = vec![T::ZERO; rows * ff];
-        matmul(
-            (rows, ff, d),
-            Mat::rows(g, d),
-            Mat::rows(down, ff),
-            &mut da,
-            ff,
-            false,
-        )?;
-        let mut dz = vec![T::ZERO; rows * f2];
-        let gate_rows = |dz: &mut [T], z: &[T], da: &[T]| {
-            for ((dzr, zr), dar) in dz
-                .chunks_exact_mut(f2)
-                .zip(z.chunks_exact(f2))
-                .zip(da.chunks_exact(ff))
-            {
-                let (zg, zu) = zr.split_at(ff);
+        let (dz, _) = rows_new(rows, f2, |r0, dz| {
+            for (k, dzr) in dz.chunks_exact_mut(f2).enumerate() {
+                let r = r0 + k;
+                let (zg, zu) = s.z[r * f2..(r + 1) * f2].split_at(ff);
                 let (dg, du) = dzr.split_at_mut(ff);
-                bwd_chunk(zg, zu, dar, dg, du);
+                bwd_chunk(zg, zu, &da[r * ff..(r + 1) * ff], dg, du);
             }
-        };
-        let (per, par) = blocking(rows, f2);
-        if par {
-            dz.par_chunks_mut(per * f2)
-                .zip(s.z.par_chunks(per * f2).zip(da.par_chunks(per * ff)))
-                .for_each(|(dz, (z, da))| gate_rows(dz, z, da));
-        } else {
-            gate_rows(&mut dz, &s.z, &da);
-        }
+        });
         drop(da);
-        // d[gate; up] = dZᵀ · n, written below the norm weight's row of the packed gradient
-        let mut d_pack = vec![T::ZERO; (1 + f2) * d];
-        let (dw, dgu) = d_pack.split_at_mut(d);
-        matmul(
-            (f2, d, rows),
-            Mat::rows_t(&dz, f2),
-            Mat::rows(&s.n, d),
-            dgu,
-            d,
-            false,
-        )?;
-        // dn = dZ · [gate; up]
-        let mut dn = vec![T::ZERO; rows * d];
-        matmul(
-            (rows, d, f2),
-            Mat::rows(&dz, f2),
-            Mat::rows(wgu, d),
-            &mut dn,
-            d,
-            false,
+        // d[gate; up] = dZᵀ · n and dn = dZ · [gate; up]
+        let (dgu, dn) = matmul_new_pair(
+            ((f2, d, rows), Mat::rows_t(&dz, f2), Mat::rows(&s.n, d)),
+            ((rows, d, f2), Mat::rows(&dz, f2), Mat::rows(wgu, d)),
         )?;
         drop(dz);
-        let dh = norm_residual_bwd(h, w, &dn, g, eps, dw);
+        let mut d_pack = vec![T::ZERO; d];
+        let dh = norm_residual_bwd(h, w, &dn, g, eps, &mut d_pack);
+        d_pack.extend_from_slice(&dgu);
         Ok((dh, d_pack, d_down))
     }
 
@@ -635,15 +657,7 @@ impl AttnBlockOp {
         let width = nq + 2 * nk;
         let (w, wqkv) = pack.split_at(d);
         let n = norm_fwd(h, w, T::from_f64(self.eps), rows, d);
-        let mut qkv = vec![T::ZERO; rows * width];
-        matmul(
-            (rows, width, d),
-            Mat::rows(&n, d),
-            Mat::rows_t(wqkv, d),
-            &mut qkv,
-            width,
-            false,
-        )?;
+        let qkv = matmul_new((rows, width, d), Mat::rows(&n, d), Mat::rows_t(wqkv, d))?;
         let q = self.rope_q.rotate(
             &heads_from_cols(&qkv, width, 0, (b, t, hq, dh)),
             cos,
@@ -659,9 +673,8 @@ impl AttnBlockOp {
         let v = heads_from_cols(&qkv, width, nq + nk, (b, t, hkv, dh));
         drop(qkv);
         let (o, lse) = self.attn.fwd_slices(&q, &k, &v);
-        let mut merged = vec![T::ZERO; rows * nq];
-        heads_to_cols(&o, &mut merged, nq, 0, (b, t, hq, dh));
-        let mut out = h.to_vec();
+        let merged = cols_from_heads(&[(&o, 0, hq)], nq, (b, t, dh));
+        let mut out = copy_rows(h, rows, d);
         matmul(
             (rows, d, nq),
             Mat::rows(&merged, nq),
@@ -696,23 +709,9 @@ impl AttnBlockOp {
         let width = nq + 2 * nk;
         let (w, wqkv) = pack.split_at(d);
         // d o-proj = Gᵀ · merged, d merged = G · o-proj
-        let mut d_wo = vec![T::ZERO; d * nq];
-        matmul(
-            (d, nq, rows),
-            Mat::rows_t(g, d),
-            Mat::rows(&s.merged, nq),
-            &mut d_wo,
-            nq,
-            false,
-        )?;
-        let mut d_merged = vec![T::ZERO; rows * nq];
-        matmul(
-            (rows, nq, d),
-            Mat::rows(g, d),
-            Mat::rows(wo, nq),
-            &mut d_merged,
-            nq,
-            false,
+        let (d_wo, d_merged) = matmul_new_pair(
+            ((d, nq, rows), Mat::rows_t(g, d), Mat::rows(&s.merged, nq)),
+            ((rows, nq, d), Mat::rows(g, d), Mat::rows(wo, nq)),
         )?;
         let d_o = heads_from_cols(&d_merged, nq, 0, (b, t, hq, dh));
         drop(d_merged);
@@ -720,35 +719,30 @@ impl AttnBlockOp {
         drop(d_o);
         // RoPE's gradient is the inverse rotation; the three projections' gradients go side
         // by side into one matrix.
-        let mut d_qkv = vec![T::ZERO; rows * width];
         let dq = self.rope_q.rotate(&dq, cos, sin, -T::ONE);
-        heads_to_cols(&dq, &mut d_qkv, width, 0, (b, t, hq, dh));
-        drop(dq);
         let dk = self.rope_k.rotate(&dk, cos, sin, -T::ONE);
-        heads_to_cols(&dk, &mut d_qkv, width, nq, (b, t, hkv, dh));
-        heads_to_cols(&dv, &mut d_qkv, width, nq + nk, (b, t, hkv, dh));
-        drop((dk, dv));
-        let mut d_pack = vec![T::ZERO; (1 + width) * d];
-        let (dw, d_wqkv) = d_pack.split_at_mut(d);
-        matmul(
-            (width, d, rows),
-            Mat::rows_t(&d_qkv, width),
-            Mat::rows(&s.n, d),
-            d_wqkv,
-            d,
-            false,
-        )?;
-        let mut dn = vec![T::ZERO; rows * d];
-        matmul(
-            (rows, d, width),
-            Mat::rows(&d_qkv, width),
-            Mat::rows(wqkv, d),
-            &mut dn,
-            d,
-            false,
+        let d_qkv = cols_from_heads(
+            &[(&dq, 0, hq), (&dk, nq, hkv), (&dv, nq + nk, hkv)],
+            width,
+            (b, t, dh),
+        );
+        drop((dq, dk, dv));
+        let (d_wqkv, dn) = matmul_new_pair(
+            (
+                (width, d, rows),
+                Mat::rows_t(&d_qkv, width),
+                Mat::rows(&s.n, d),
+            ),
+            (
+                (rows, d, width),
+                Mat::rows(&d_qkv, width),
+                Mat::rows(wqkv, d),
+            ),
         )?;
         drop(d_qkv);
-        let dh = norm_residual_bwd(h, w, &dn, g, T::from_f64(self.eps), dw);
+        let mut d_pack = vec![T::ZERO; d];
+        let dh = norm_residual_bwd(h, w, &dn, g, T::from_f64(self.eps), &mut d_pack);
+        d_pack.extend_from_slice(&d_wqkv);
         Ok((dh, d_pack, d_wo))
     }
 

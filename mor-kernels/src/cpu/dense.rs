@@ -11,13 +11,14 @@
 //! - [`HeadsOp`]: `[b, t, h·dh] ↔ [b, h, t, dh]`, whose backward is the inverse
 //!   permutation.
 //!
-//! The products themselves run through candle's CPU matmul (the `gemm` crate).
+//! The products run on the `gemm` crate (the one candle's CPU matmul uses) with strided
+//! operands, so no transposed copy is made.
 
+use super::block::{matmul_new, matmul_new_pair, Mat};
 use super::simd::Float;
-use super::{bail_dtype, fwd_slice, rows_per_task, PAR_MIN_WORK};
+use super::{bail_dtype, fwd_slice, rows_per_task, with_slices, PAR_MIN_WORK};
 use crate::validate::{HeadDims, LinearDims};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `out[b, j, i] = src[b, i, j]` over rows of `dh` elements: swaps the two middle axes of a
@@ -125,6 +126,34 @@ pub(crate) struct LinearOp {
     pub(crate) out_shape: Vec<usize>,
 }
 
+impl LinearOp {
+    fn fwd<T: Float>(&self, x: &[T], w: &[T]) -> candle_core::Result<Vec<T>> {
+        let LinearDims { rows, inp, out } = self.d;
+        matmul_new((rows, out, inp), Mat::rows(x, inp), Mat::rows_t(w, inp))
+    }
+
+    /// `(dx, dw) = (g · w, gᵀ · x)`.
+    fn bwd_typed<T: Float>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let LinearDims { rows, inp, out } = self.d;
+        let (dx, dw) = with_slices::<T, _>(&[x, w, g], |s| {
+            let (x, w, g) = (s[0], s[1], s[2]);
+            matmul_new_pair(
+                ((rows, inp, out), Mat::rows(g, out), Mat::rows(w, inp)),
+                ((out, inp, rows), Mat::rows_t(g, out), Mat::rows(x, inp)),
+            )
+        })?;
+        Ok((
+            Tensor::from_vec(dx, x.shape(), &Device::Cpu)?,
+            Tensor::from_vec(dw, w.shape(), &Device::Cpu)?,
+        ))
+    }
+}
+
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
         "mor-linear"
@@ -138,20 +167,25 @@ impl CustomOp2 for LinearOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let LinearDims { rows, inp, out } = self.d;
-        if !l1.is_contiguous() || !l2.is_contiguous() {
-            candle_core::bail!("{}: inputs must be contiguous", self.name());
-        }
-        if l2.dims() != [out, inp] || l1.shape().elem_count() != rows * inp {
+        if l1.shape().elem_count() != rows * inp {
             candle_core::bail!(
-                "{}: got x {:?} and w {:?}, expected {rows}×{inp} and [{out}, {inp}]",
+                "{}: got x {:?}, expected {rows}×{inp} elements",
                 self.name(),
-                l1.dims(),
-                l2.dims()
+                l1.dims()
             );
         }
-        let lhs = Layout::contiguous_with_offset((rows, inp), l1.start_offset());
-        let rhs = Layout::contiguous_with_offset((out, inp), l2.start_offset()).transpose(0, 1)?;
-        let y = s1.matmul(s2, (1, rows, out, inp), &lhs, &rhs)?;
+        let xd = l1.dims().to_vec();
+        let y = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => f32::storage(self.fwd(
+                fwd_slice::<f32>(self.name(), s1, l1, &xd)?,
+                fwd_slice::<f32>(self.name(), s2, l2, &[out, inp])?,
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => f64::storage(self.fwd(
+                fwd_slice::<f64>(self.name(), s1, l1, &xd)?,
+                fwd_slice::<f64>(self.name(), s2, l2, &[out, inp])?,
+            )?),
+            _ => return Err(bail_dtype(self.name(), s1)),
+        };
         Ok((y, Shape::from(self.out_shape.clone())))
     }
 
@@ -162,18 +196,14 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let LinearDims { rows, inp, out } = self.d;
-        let g = grad.contiguous()?.reshape((rows, out))?;
-        let dx = if x.track_op() {
-            Some(g.matmul(&w.detach())?.reshape(x.shape())?)
-        } else {
-            None
+        if !x.track_op() && !w.track_op() {
+            return Ok((None, None));
+        }
+        let (dx, dw) = match x.dtype() {
+            candle_core::DType::F32 => self.bwd_typed::<f32>(x, w, grad)?,
+            candle_core::DType::F64 => self.bwd_typed::<f64>(x, w, grad)?,
+            other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
         };
-        let dw = if w.track_op() {
-            Some(g.t()?.matmul(&x.detach().reshape((rows, inp))?)?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        Ok((x.track_op().then_some(dx), w.track_op().then_some(dw)))
     }
 }

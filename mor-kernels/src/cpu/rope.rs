@@ -7,11 +7,10 @@
 
 use super::dense::HeadsOp;
 use super::simd::{fma, multiversion, Float};
-use super::{bail_dtype, fwd_slice, rows_per_task, with_slices, PAR_MIN_WORK};
+use super::{bail_dtype, fwd_slice, with_slices};
 use crate::validate::HeadDims;
 use crate::PAD_POS;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 /// The RoPE op: inputs `x: [b, h, t, dh]`, `cos`, `sin: [max_pos, dh/2]`, positions on the
 /// host.
@@ -99,23 +98,15 @@ impl RopeOp {
     pub(crate) fn rotate<T: Float>(&self, x: &[T], cos: &[T], sin: &[T], sign: T) -> Vec<T> {
         let (dh, t) = (self.dh, self.t);
         let ht = self.h * t;
-        let mut out = vec![T::ZERO; x.len()];
-        if out.is_empty() || dh == 0 {
-            return out;
+        if x.is_empty() || dh == 0 {
+            return vec![T::ZERO; x.len()];
         }
         let rows = x.len() / dh;
-        if x.len() < PAR_MIN_WORK {
-            rotate_rows(x, &mut out, 0, ht, t, &self.pos, cos, sin, dh, sign);
-        } else {
-            let per = rows_per_task(rows, dh);
-            out.par_chunks_mut(per * dh)
-                .zip(x.par_chunks(per * dh))
-                .enumerate()
-                .for_each(|(c, (o, x))| {
-                    rotate_rows(x, o, c * per, ht, t, &self.pos, cos, sin, dh, sign)
-                });
-        }
-        out
+        super::rows_new(rows, dh, |r0, o| {
+            let x = &x[r0 * dh..r0 * dh + o.len()];
+            rotate_rows(x, o, r0, ht, t, &self.pos, cos, sin, dh, sign)
+        })
+        .0
     }
 
     /// Gradients of the tables: per position, `dc = g1 x1 + g2 x2`, `ds = g2 x1 − g1 x2`.

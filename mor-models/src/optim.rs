@@ -88,34 +88,17 @@ impl AdamW {
                 0.0
             };
             let theta = p.var.as_tensor();
-            if theta.device().is_cpu() && theta.dtype() == candle_core::DType::F32 {
+            let all_f32 = [theta, g, &p.m, &p.v]
+                .iter()
+                .all(|t| t.dtype() == candle_core::DType::F32);
+            if theta.device().is_cpu() && all_f32 {
                 let shape = theta.shape().clone();
-                let mut w = theta.flatten_all()?.to_vec1::<f32>()?;
-                let g = g.flatten_all()?.to_vec1::<f32>()?;
-                let mut m = p.m.flatten_all()?.to_vec1::<f32>()?;
-                let mut v = p.v.flatten_all()?.to_vec1::<f32>()?;
-                // Element-wise, so splitting across threads changes no result bit.
-                let update = |w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
-                    for i in 0..w.len() {
-                        let gi = g[i] as f64;
-                        let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
-                        let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
-                        m[i] = mi as f32;
-                        v[i] = vi as f32;
-                        let upd = lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
-                        w[i] = (w[i] as f64 * (1.0 - decay) - upd) as f32;
-                    }
-                };
-                const CHUNK: usize = 1 << 14;
-                if w.len() > CHUNK {
-                    use rayon::prelude::*;
-                    w.par_chunks_mut(CHUNK)
-                        .zip(m.par_chunks_mut(CHUNK))
-                        .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
-                        .for_each(|((w, m), (v, g))| update(w, m, v, g));
-                } else {
-                    update(&mut w, &mut m, &mut v, &g);
-                }
+                let (w, m, v) = adamw_host(
+                    [theta, g, &p.m, &p.v],
+                    (b1, b2),
+                    (bc1, bc2),
+                    (lr, eps, decay),
+                )?;
                 let dev = theta.device().clone();
                 p.m = Tensor::from_vec(m, &shape, &dev)?;
                 p.v = Tensor::from_vec(v, &shape, &dev)?;
@@ -172,6 +155,82 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// The f32 host update of one parameter: reads `[w, g, m, v]` in place (no copies) and
+/// returns the new `(w, m, v)`, computed in f64 and written once each, over rayon chunks
+/// (element-wise, so the result does not depend on the thread count).
+fn adamw_host(
+    ts: [&Tensor; 4],
+    (b1, b2): (f64, f64),
+    (bc1, bc2): (f64, f64),
+    (lr, eps, decay): (f64, f64, f64),
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let owned = ts.map(|t| t.contiguous());
+    let owned = owned.into_iter().collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut sl: Vec<&[f32]> = Vec::with_capacity(4);
+    for (st, l) in &guards {
+        let data = match &**st {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)) => d.as_slice(),
+            _ => return Err(Error::msg("AdamW: expected f32 CPU tensors")),
+        };
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| Error::msg("AdamW: expected contiguous tensors"))?;
+        sl.push(&data[a..b]);
+    }
+    let (w0, g, m0, v0) = (sl[0], sl[1], sl[2], sl[3]);
+    let n = w0.len();
+    if g.len() != n || m0.len() != n || v0.len() != n {
+        return Err(Error::msg(
+            "AdamW: parameter, gradient and moments differ in size",
+        ));
+    }
+    let (mut w, mut m, mut v) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let update = |i0: usize,
+                  w: &mut [MaybeUninit<f32>],
+                  m: &mut [MaybeUninit<f32>],
+                  v: &mut [MaybeUninit<f32>]| {
+        for k in 0..w.len() {
+            let i = i0 + k;
+            let gi = g[i] as f64;
+            let mi = b1 * m0[i] as f64 + (1.0 - b1) * gi;
+            let vi = b2 * v0[i] as f64 + (1.0 - b2) * gi * gi;
+            m[k].write(mi as f32);
+            v[k].write(vi as f32);
+            let upd = lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
+            w[k].write((w0[i] as f64 * (1.0 - decay) - upd) as f32);
+        }
+    };
+    const CHUNK: usize = 1 << 14;
+    let (ws, ms, vs) = (
+        &mut w.spare_capacity_mut()[..n],
+        &mut m.spare_capacity_mut()[..n],
+        &mut v.spare_capacity_mut()[..n],
+    );
+    if n > CHUNK {
+        ws.par_chunks_mut(CHUNK)
+            .zip(ms.par_chunks_mut(CHUNK))
+            .zip(vs.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, ((w, m), v))| update(c * CHUNK, w, m, v));
+    } else {
+        update(0, ws, ms, vs);
+    }
+    // SAFETY: `update` wrote every one of the first `n` elements of each vector.
+    unsafe {
+        w.set_len(n);
+        m.set_len(n);
+        v.set_len(n);
+    }
+    Ok((w, m, v))
 }
 
 /// Global L2 norm of the gradients of `vars` (host f64).
@@ -374,6 +433,39 @@ mod tests {
             assert!(
                 (got[i] as f64 - want).abs() < 1e-6,
                 "param {i}: {} vs {want}",
+                got[i]
+            );
+        }
+        Ok(())
+    }
+
+    /// A parameter larger than the host update's chunk (split across threads, with a short
+    /// last chunk): every element still follows the scalar formula.
+    #[test]
+    fn adamw_f32_host_path_is_exact_across_chunks() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 40_003usize;
+        let init: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let grad: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.11).cos()).collect();
+        let var = Var::from_tensor(&Tensor::from_vec(init.clone(), n, &dev)?)?;
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)])?;
+        let g = Tensor::from_vec(grad.clone(), n, &dev)?;
+        for _ in 0..2 {
+            let loss = (var.as_tensor() * &g)?.sum_all()?;
+            opt.step(&loss.backward()?, 1e-2)?;
+        }
+        let got = var.as_tensor().to_vec1::<f32>()?;
+        for i in [0, 1, 16_383, 16_384, 32_767, 32_768, n - 1] {
+            let want = scalar_adamw(init[i] as f64, &[grad[i] as f64; 2], 1e-2, 0.1);
+            assert!(
+                (got[i] as f64 - want).abs() < 1e-6,
+                "element {i}: {} vs {want}",
                 got[i]
             );
         }

@@ -11,7 +11,7 @@
 //!   on the host; the gradient of `x` is the inverse rotation, the tables get a gradient only
 //!   when they are tracked.
 //! - Attention: [`CustomOp3`](candle_core::CustomOp3) on `(q, k, v)`, flash-style (scores for
-//!   one tile of four query rows in flight, register-tiled products, the log-sum-exp saved
+//!   one block of query rows in flight, block products on `gemm`, the log-sum-exp saved
 //!   for the backward pass, which recomputes probabilities).
 //! - SwiGLU: [`CustomOp2`](candle_core::CustomOp2) on `(gate, up)`.
 //! - Token gather and weighted scatter-add: custom ops with the indices on the host.

@@ -1,26 +1,26 @@
 //! Fused causal attention with GQA by positions, flash-style (FlashAttention-2): scores
-//! exist only for one tile of [`TILE_R`] (four) query rows at a time, never as a `[t, s]`
-//! matrix; the log-sum-exp of each row is saved by the forward pass, and the backward pass
-//! recomputes the probabilities from it.
+//! exist only for one block of [`QB`] query rows at a time, never as a `[t, s]` matrix; the
+//! log-sum-exp of each row is saved by the forward pass, and the backward pass recomputes
+//! the probabilities from it.
 //!
 //! Visibility (trait contract of [`Backend::attention`](crate::Backend::attention)): query `i`
 //! sees key `j` iff `k_pos[j] <= q_pos[i]`, `k_pos[j] != PAD_POS` and `q_pos[i] != PAD_POS`.
 //! Per batch row, the non-padded keys are sorted by position once, so the keys visible to a
-//! query are a prefix of that order whose length is found by binary search. A tile computes
-//! scores against the longest prefix among its rows and zeroes each row's probabilities past
-//! its own prefix.
+//! query are a prefix of that order whose length is found by binary search. A block computes
+//! scores against the longest prefix among its rows (so causal blocks skip the keys none of
+//! their rows sees) and zeroes each row's probabilities past its own prefix.
 //!
-//! Work is split by (batch, key/value head): each task packs its keys once (transposed, in
+//! Work is split by (batch, key/value head): each task packs its keys and values once (in
 //! visibility order), runs the query heads of its group, and owns the key and value
-//! gradients it accumulates, so no two threads write the same row.
+//! gradients it accumulates, so no two threads write the same row. The products of a block
+//! are single-threaded `gemm` calls with strided operands (transposes are views).
 //!
-//! Per tile, with `Q` pre-scaled by `1/sqrt(dh)` (spec §1.1): forward `S = Q Kᵀ`,
+//! Per block, with the scores scaled by `1/sqrt(dh)` (spec §1.1): forward `S = Q Kᵀ`,
 //! `P = softmax(S)`, `O = P V`; backward `P = exp(S − lse)`, `dP = dO Vᵀ`,
 //! `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K / sqrt(dh)`, `dK += dSᵀ Q`, `dV += Pᵀ dO`.
 
-use super::simd::{
-    dot, exp_shift_sum, gemm_rows, max, multiversion, rank_update, Float, TILE_R, TILE_W,
-};
+use super::block::{matmul_scaled, Mat};
+use super::simd::{dot, exp_shift_sum, max, multiversion, Float};
 use super::{bail_dtype, fwd_slice, with_slices, PAR_MIN_WORK};
 use crate::validate::AttnDims;
 use crate::PAD_POS;
@@ -114,22 +114,22 @@ impl AttentionOp {
 
     /// Runs `task(bk, ..)` for every (batch, key/value head) `bk`, in parallel when the work
     /// pays for it.
-    fn for_groups<I, F>(&self, it: I, task: F)
+    fn for_groups<I, F>(&self, it: I, task: F) -> candle_core::Result<()>
     where
         I: IndexedParallelIterator,
-        F: Fn((usize, I::Item)) + Sync + Send,
+        F: Fn((usize, I::Item)) -> candle_core::Result<()> + Sync + Send,
     {
         let work = self.b * self.hq * self.t * self.s * self.dh;
         let it = it.enumerate();
         if work < PAR_MIN_WORK {
-            it.with_min_len(usize::MAX).for_each(task);
+            it.with_min_len(usize::MAX).try_for_each(task)
         } else {
-            it.with_max_len(1).for_each(task);
+            it.with_max_len(1).try_for_each(task)
         }
     }
 
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (out, lse) = self.fwd_slices(q, k, v);
+        let (out, lse) = self.fwd_slices(q, k, v)?;
         let _ = self.lse.set(T::storage(lse));
         Ok((
             T::storage(out),
@@ -139,7 +139,12 @@ impl AttentionOp {
 
     /// The output `[b, hq, t, dh]` and the log-sum-exp of each query row `[b, hq, t]`, for
     /// contiguous `q: [b, hq, t, dh]`, `k, v: [b, hkv, s, dh]`.
-    pub(crate) fn fwd_slices<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
+    pub(crate) fn fwd_slices<T: Float>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
         let group = hq / hkv;
         let mut out = vec![T::ZERO; b * hq * t * dh];
@@ -157,24 +162,21 @@ impl AttentionOp {
                         &v[kv..kv + s * dh],
                         self.vis.keys(bi, s),
                         dh,
-                        false,
                     );
                     let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
                     group_fwd(
                         &q[bk * gq..(bk + 1) * gq],
                         &packed,
                         n_vis,
-                        group,
-                        t,
-                        dh,
+                        (group, t, dh),
                         scale,
                         o,
                         l,
-                    );
+                    )
                 },
-            );
+            )?;
         }
-        (out, lse)
+        Ok((out, lse))
     }
 
     fn bwd_typed<T: Float>(
@@ -190,7 +192,7 @@ impl AttentionOp {
             candle_core::Error::Msg("attention backward ran before its forward pass".into())
         })?;
         let (dq, dk, dv) = with_slices::<T, _>(&[q, k, v, o, g], |x| {
-            Ok(self.bwd_slices(x[0], x[1], x[2], x[3], x[4], lse))
+            self.bwd_slices(x[0], x[1], x[2], x[3], x[4], lse)
         })?;
         let dev = Device::Cpu;
         Ok([
@@ -210,7 +212,7 @@ impl AttentionOp {
         o: &[T],
         g: &[T],
         lse: &[T],
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
         let (b, hq, hkv, t, s, dh) = (self.b, self.hq, self.hkv, self.t, self.s, self.dh);
         let group = hq / hkv;
         let scale = T::from_f64(self.scale());
@@ -219,7 +221,7 @@ impl AttentionOp {
         let mut dv = vec![T::ZERO; b * hkv * s * dh];
         {
             if dq.is_empty() || dk.is_empty() {
-                return (dq, dk, dv);
+                return Ok((dq, dk, dv));
             }
             let gq = group * t * dh; // the heads of one group are contiguous in [b, hq, t, dh]
             let it = dq
@@ -230,7 +232,7 @@ impl AttentionOp {
                 let bi = bk / hkv;
                 let kv = bk * s * dh;
                 let keys = self.vis.keys(bi, s);
-                let packed = Packed::new(&k[kv..kv + s * dh], &v[kv..kv + s * dh], keys, dh, true);
+                let packed = Packed::new(&k[kv..kv + s * dh], &v[kv..kv + s * dh], keys, dh);
                 let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
                 let r = bk * gq..(bk + 1) * gq;
                 let io = GroupIo {
@@ -239,93 +241,59 @@ impl AttentionOp {
                     g: &g[r],
                     lse: &lse[bk * group * t..(bk + 1) * group * t],
                 };
-                let (dkp, dvp) = group_bwd(&io, &packed, n_vis, group, t, dh, scale, dq);
+                let (dkp, dvp) = group_bwd(&io, &packed, n_vis, (group, t, dh), scale, dq)?;
                 // Unpack: packed row j' belongs to key keys[j']; padded keys keep zero gradient.
                 for (jp, &j) in keys.iter().enumerate() {
                     let j = j as usize;
                     dk[j * dh..(j + 1) * dh].copy_from_slice(&dkp[jp * dh..(jp + 1) * dh]);
                     dv[j * dh..(j + 1) * dh].copy_from_slice(&dvp[jp * dh..(jp + 1) * dh]);
                 }
-            });
+                Ok(())
+            })?;
         }
-        (dq, dk, dv)
+        Ok((dq, dk, dv))
     }
 }
 
-/// The keys of one (batch, key/value head), packed in visibility order: `kt` and `vt` are
-/// `[dh, ld]` (transposed, zero-padded to `ld` columns), `kp` is `[n, dh]` row-major.
+/// The keys and values of one (batch, key/value head), packed in visibility order:
+/// `kp`, `vp: [n, dh]` row-major.
 struct Packed<T> {
     n: usize,
-    ld: usize,
-    kt: Vec<T>,
-    vt: Vec<T>,
     kp: Vec<T>,
     vp: Vec<T>,
 }
 
 impl<T: Float> Packed<T> {
-    /// Packs `keys` (indices into the rows of `k` and `v`, `[s, dh]` each). The forward pass
-    /// needs `kt` and `vp`; the backward pass (`bwd`) needs `kt`, `vt` and `kp`.
-    fn new(k: &[T], v: &[T], keys: &[u32], dh: usize, bwd: bool) -> Self {
+    /// Packs `keys` (indices into the rows of `k` and `v`, `[s, dh]` each).
+    fn new(k: &[T], v: &[T], keys: &[u32], dh: usize) -> Self {
         let n = keys.len();
-        let ld = n.div_ceil(TILE_W) * TILE_W;
-        let mut kt = vec![T::ZERO; dh * ld];
-        let mut vt = vec![T::ZERO; if bwd { dh * ld } else { 0 }];
-        let mut kp = vec![T::ZERO; if bwd { n * dh } else { 0 }];
-        let mut vp = vec![T::ZERO; if bwd { 0 } else { n * dh }];
-        // Transposed copies, one output row at a time (contiguous writes).
-        for c in 0..dh {
-            for (x, &j) in kt[c * ld..c * ld + n].iter_mut().zip(keys) {
-                *x = k[j as usize * dh + c];
-            }
-            if bwd {
-                for (x, &j) in vt[c * ld..c * ld + n].iter_mut().zip(keys) {
-                    *x = v[j as usize * dh + c];
-                }
-            }
-        }
-        for (jp, &j) in keys.iter().enumerate() {
+        let mut kp = Vec::with_capacity(n * dh);
+        let mut vp = Vec::with_capacity(n * dh);
+        for &j in keys {
             let r = j as usize * dh..(j as usize + 1) * dh;
-            if bwd {
-                kp[jp * dh..(jp + 1) * dh].copy_from_slice(&k[r]);
-            } else {
-                vp[jp * dh..(jp + 1) * dh].copy_from_slice(&v[r]);
-            }
+            kp.extend_from_slice(&k[r.clone()]);
+            vp.extend_from_slice(&v[r]);
         }
-        Packed {
-            n,
-            ld,
-            kt,
-            vt,
-            kp,
-            vp,
-        }
+        Packed { n, kp, vp }
     }
 }
 
-/// Copies up to [`TILE_R`] rows of `src` (`[rows, dh]`, scaled by `mul`) into the tile `dst`
-/// (`[TILE_R, dh]`), zeroing the rows past the end.
-#[inline(always)]
-fn load_tile<T: Float>(src: &[T], rows: usize, dh: usize, mul: T, dst: &mut [T]) {
-    for r in 0..TILE_R {
-        let d = &mut dst[r * dh..(r + 1) * dh];
-        if r < rows {
-            for (x, &y) in d.iter_mut().zip(&src[r * dh..(r + 1) * dh]) {
-                *x = y * mul;
-            }
-        } else {
-            d.fill(T::ZERO);
-        }
-    }
+/// Query rows per block: the scores of one block, `[QB, n]`, are one product, and the block
+/// computes against the keys visible to its last row (causal blocks skip the rest).
+const QB: usize = 64;
+
+/// The query rows `i0 .. i0 + rows` of a block and the number of packed keys they need.
+fn block_keys(n_vis: &[u32], i0: usize, rows: usize) -> usize {
+    n_vis[i0..i0 + rows].iter().copied().max().unwrap_or(0) as usize
 }
 
 multiversion! {
-    /// Forward pass of the `group` query heads of one (batch, key/value head), in tiles of
-    /// [`TILE_R`] query rows: `o: [group, t, dh]`, `lse: [group, t]`.
+    /// Forward pass of the `group` query heads of one (batch, key/value head), in blocks of
+    /// [`QB`] query rows: `o: [group, t, dh]`, `lse: [group, t]`.
     fn group_fwd => group_fwd_impl(
-        q: &[T], p: &Packed<T>, n_vis: &[u32], group: usize, t: usize, dh: usize, scale: T,
+        q: &[T], p: &Packed<T>, n_vis: &[u32], shape: (usize, usize, usize), scale: T,
         o: &mut [T], lse: &mut [T],
-    )
+    ) -> candle_core::Result<()>
 }
 
 #[inline(always)]
@@ -333,53 +301,60 @@ fn group_fwd_impl<T: Float, const FMA: bool>(
     q: &[T],
     p: &Packed<T>,
     n_vis: &[u32],
-    group: usize,
-    t: usize,
-    dh: usize,
+    (group, t, dh): (usize, usize, usize),
     scale: T,
     o: &mut [T],
     lse: &mut [T],
-) {
-    let ld = p.ld;
-    let mut a = vec![T::ZERO; TILE_R * dh];
-    let mut sc = vec![T::ZERO; TILE_R * ld];
-    let mut acc = vec![T::ZERO; TILE_R * dh];
+) -> candle_core::Result<()> {
+    let ld = p.n.max(1);
+    let mut sc = vec![T::ZERO; QB * ld];
     for h in 0..group {
         let mut i0 = 0;
         while i0 < t {
-            let rows = TILE_R.min(t - i0);
-            let nv = &n_vis[i0..i0 + rows];
-            let nmax = nv.iter().copied().max().unwrap_or(0) as usize;
+            let rows = QB.min(t - i0);
+            let nmax = block_keys(n_vis, i0, rows);
             let base = h * t + i0;
+            let i_first = i0;
             i0 += rows;
             if nmax == 0 {
                 continue; // zeros, lse -inf
             }
-            // S = (scale q) Kᵀ over the first nmax packed keys.
-            load_tile(&q[base * dh..], rows, dh, scale, &mut a);
-            gemm_rows::<T, FMA>(&a, dh, &p.kt, ld, dh, nmax, &mut sc, ld);
-            let mut inv = [T::ZERO; TILE_R];
-            for r in 0..TILE_R {
+            // S = scale · Q Kᵀ over the first nmax packed keys.
+            matmul_scaled(
+                (rows, nmax, dh),
+                Mat::rows(&q[base * dh..], dh),
+                Mat::rows_t(&p.kp, dh),
+                (&mut sc, ld),
+                false,
+                (scale, 1),
+            )?;
+            // P = softmax over each row's visible prefix, zero past it.
+            for r in 0..rows {
                 let row = &mut sc[r * ld..r * ld + nmax];
-                let n = if r < rows { nv[r] as usize } else { 0 };
+                let n = n_vis[i_first + r] as usize;
                 if n > 0 {
                     let m = max(&row[..n]);
                     let l = exp_shift_sum::<T, FMA>(&mut row[..n], m);
-                    inv[r] = T::ONE / l;
+                    let inv = T::ONE / l;
+                    for x in row[..n].iter_mut() {
+                        *x *= inv;
+                    }
                     lse[base + r] = m + l.ln();
                 }
                 row[n..].fill(T::ZERO);
             }
-            // O = P V, then normalised per row.
-            gemm_rows::<T, FMA>(&sc, ld, &p.vp, dh, nmax, dh, &mut acc, dh);
-            for r in 0..rows {
-                let dst = &mut o[(base + r) * dh..(base + r + 1) * dh];
-                for (x, &y) in dst.iter_mut().zip(&acc[r * dh..(r + 1) * dh]) {
-                    *x = y * inv[r];
-                }
-            }
+            // O = P V.
+            matmul_scaled(
+                (rows, dh, nmax),
+                Mat::rows(&sc, ld),
+                Mat::rows(&p.vp, dh),
+                (&mut o[base * dh..], dh),
+                false,
+                (T::ONE, 1),
+            )?;
         }
     }
+    Ok(())
 }
 
 /// Forward-pass tensors of one group, read by the backward pass.
@@ -394,9 +369,9 @@ multiversion! {
     /// Backward pass of one (batch, key/value head) and its `group` query heads; writes
     /// `dq: [group, t, dh]` and returns `(dk, dv)` in packed key order.
     fn group_bwd => group_bwd_impl(
-        io: &GroupIo<'_, T>, p: &Packed<T>, n_vis: &[u32], group: usize, t: usize, dh: usize,
+        io: &GroupIo<'_, T>, p: &Packed<T>, n_vis: &[u32], shape: (usize, usize, usize),
         scale: T, dq: &mut [T],
-    ) -> (Vec<T>, Vec<T>)
+    ) -> candle_core::Result<(Vec<T>, Vec<T>)>
 }
 
 #[inline(always)]
@@ -404,38 +379,47 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
     io: &GroupIo<'_, T>,
     p: &Packed<T>,
     n_vis: &[u32],
-    group: usize,
-    t: usize,
-    dh: usize,
+    (group, t, dh): (usize, usize, usize),
     scale: T,
     dq: &mut [T],
-) -> (Vec<T>, Vec<T>) {
-    let (n, ld) = (p.n, p.ld);
+) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    let n = p.n;
+    let ld = n.max(1);
     let mut dkp = vec![T::ZERO; n * dh];
     let mut dvp = vec![T::ZERO; n * dh];
-    let mut a = vec![T::ZERO; TILE_R * dh]; // scale · Q tile
-    let mut gt = vec![T::ZERO; TILE_R * dh]; // dO tile
-    let mut pm = vec![T::ZERO; TILE_R * ld]; // P
-    let mut dp = vec![T::ZERO; TILE_R * ld]; // dP, then dS
-    let mut acc = vec![T::ZERO; TILE_R * dh];
+    let mut pm = vec![T::ZERO; QB * ld]; // P
+    let mut dp = vec![T::ZERO; QB * ld]; // dP, then dS
     for h in 0..group {
         let mut i0 = 0;
         while i0 < t {
-            let rows = TILE_R.min(t - i0);
-            let nv = &n_vis[i0..i0 + rows];
-            let nmax = nv.iter().copied().max().unwrap_or(0) as usize;
+            let rows = QB.min(t - i0);
+            let nmax = block_keys(n_vis, i0, rows);
             let base = h * t + i0;
+            let i_first = i0;
             i0 += rows;
             if nmax == 0 {
-                continue; // zero gradient
+                continue; // zero gradient (dq is zero-initialised)
             }
-            load_tile(&io.q[base * dh..], rows, dh, scale, &mut a);
-            load_tile(&io.g[base * dh..], rows, dh, T::ONE, &mut gt);
-            // P = exp(S - lse), recomputed; dP = dO Vᵀ.
-            gemm_rows::<T, FMA>(&a, dh, &p.kt, ld, dh, nmax, &mut pm, ld);
-            gemm_rows::<T, FMA>(&gt, dh, &p.vt, ld, dh, nmax, &mut dp, ld);
-            for r in 0..TILE_R {
-                let n_r = if r < rows { nv[r] as usize } else { 0 };
+            let (qb, gb) = (&io.q[base * dh..], &io.g[base * dh..]);
+            // P = exp(S − lse), recomputed; dP = dO Vᵀ.
+            matmul_scaled(
+                (rows, nmax, dh),
+                Mat::rows(qb, dh),
+                Mat::rows_t(&p.kp, dh),
+                (&mut pm, ld),
+                false,
+                (scale, 1),
+            )?;
+            matmul_scaled(
+                (rows, nmax, dh),
+                Mat::rows(gb, dh),
+                Mat::rows_t(&p.vp, dh),
+                (&mut dp, ld),
+                false,
+                (T::ONE, 1),
+            )?;
+            for r in 0..rows {
+                let n_r = n_vis[i_first + r] as usize;
                 let (prow, dprow) = (
                     &mut pm[r * ld..r * ld + nmax],
                     &mut dp[r * ld..r * ld + nmax],
@@ -455,19 +439,34 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
                 prow[n_r..].fill(T::ZERO);
                 dprow[n_r..].fill(T::ZERO);
             }
-            // dQ = scale · dS K; dK += dSᵀ (scale Q); dV += Pᵀ dO.
-            gemm_rows::<T, FMA>(&dp, ld, &p.kp, dh, nmax, dh, &mut acc, dh);
-            for r in 0..rows {
-                let dst = &mut dq[(base + r) * dh..(base + r + 1) * dh];
-                for (x, &y) in dst.iter_mut().zip(&acc[r * dh..(r + 1) * dh]) {
-                    *x = y * scale;
-                }
-            }
-            rank_update::<T, FMA>(&dp, ld, &a, dh, nmax, dh, &mut dkp, dh);
-            rank_update::<T, FMA>(&pm, ld, &gt, dh, nmax, dh, &mut dvp, dh);
+            // dQ = scale · dS K; dK += scale · dSᵀ Q; dV += Pᵀ dO.
+            matmul_scaled(
+                (rows, dh, nmax),
+                Mat::rows(&dp, ld),
+                Mat::rows(&p.kp, dh),
+                (&mut dq[base * dh..], dh),
+                false,
+                (scale, 1),
+            )?;
+            matmul_scaled(
+                (nmax, dh, rows),
+                Mat::rows_t(&dp, ld),
+                Mat::rows(qb, dh),
+                (&mut dkp, dh),
+                true,
+                (scale, 1),
+            )?;
+            matmul_scaled(
+                (nmax, dh, rows),
+                Mat::rows_t(&pm, ld),
+                Mat::rows(gb, dh),
+                (&mut dvp, dh),
+                true,
+                (T::ONE, 1),
+            )?;
         }
     }
-    (dkp, dvp)
+    Ok((dkp, dvp))
 }
 
 impl CustomOp3 for AttentionOp {

@@ -72,12 +72,29 @@ impl<'a, T> Mat<'a, T> {
 /// # Errors
 /// When an operand or the destination is too short for the given dims and strides.
 pub(crate) fn matmul<T: Float>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     a: Mat<'_, T>,
     b: Mat<'_, T>,
     dst: &mut [T],
     dst_rs: usize,
     accumulate: bool,
+) -> candle_core::Result<()> {
+    let threads = rayon::current_num_threads();
+    matmul_scaled(dims, a, b, (dst, dst_rs), accumulate, (T::ONE, threads))
+}
+
+/// `dst (+)= scale · a · b` on up to `threads` row blocks; [`matmul`] with `scale = 1` and
+/// all threads. Kernels that already run inside a rayon task pass `threads = 1`.
+///
+/// # Errors
+/// As [`matmul`].
+pub(crate) fn matmul_scaled<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    (dst, dst_rs): (&mut [T], usize),
+    accumulate: bool,
+    (scale, threads): (T, usize),
 ) -> candle_core::Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -94,7 +111,7 @@ pub(crate) fn matmul<T: Float>(
         }
         return Ok(());
     }
-    let parts = row_parts((m, n, k), rayon::current_num_threads());
+    let parts = (row_parts((m, n, k), threads), scale);
     // SAFETY: every index the product reads or writes is in bounds (checked above: the last
     // element of each view lies inside its slice, and `dst` rows do not overlap since
     // `dst_rs >= n`); `dst` is borrowed mutably, so it aliases neither operand.
@@ -138,7 +155,7 @@ unsafe fn gemm_rows_split<T: Float>(
     accumulate: bool,
     a: Mat<'_, T>,
     b: Mat<'_, T>,
-    parts: usize,
+    (parts, scale): (usize, T),
 ) {
     let block = |r0: usize, rows: usize| {
         // SAFETY: rows `r0 .. r0 + rows` lie inside the views (caller's contract); blocks
@@ -159,7 +176,7 @@ unsafe fn gemm_rows_split<T: Float>(
                 b.cs as isize,
                 b.rs as isize,
                 if accumulate { T::ONE } else { T::ZERO },
-                T::ONE,
+                scale,
                 false,
                 false,
                 false,
@@ -241,7 +258,7 @@ fn matmul_new_in<T: Float>(
             false,
             a,
             b,
-            parts,
+            (parts, T::ONE),
         );
         dst.set_len(m * n);
     }
@@ -672,7 +689,7 @@ impl AttnBlockOp {
         );
         let v = heads_from_cols(&qkv, width, nq + nk, (b, t, hkv, dh));
         drop(qkv);
-        let (o, lse) = self.attn.fwd_slices(&q, &k, &v);
+        let (o, lse) = self.attn.fwd_slices(&q, &k, &v)?;
         let merged = cols_from_heads(&[(&o, 0, hq)], nq, (b, t, dh));
         let mut out = copy_rows(h, rows, d);
         matmul(
@@ -715,7 +732,7 @@ impl AttnBlockOp {
         )?;
         let d_o = heads_from_cols(&d_merged, nq, 0, (b, t, hq, dh));
         drop(d_merged);
-        let (dq, dk, dv) = self.attn.bwd_slices(&s.q, &s.k, &s.v, &s.o, &d_o, &s.lse);
+        let (dq, dk, dv) = self.attn.bwd_slices(&s.q, &s.k, &s.v, &s.o, &d_o, &s.lse)?;
         drop(d_o);
         // RoPE's gradient is the inverse rotation; the three projections' gradients go side
         // by side into one matrix.
@@ -844,5 +861,93 @@ impl CustomOp3 for AttnBlockOp {
             pack.track_op().then_some(dp),
             wo.track_op().then_some(dwo),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `c[i][j] = Σ_k a(i, k) b(k, j)` with element accessors, in f64.
+    fn naive(
+        (m, n, k): (usize, usize, usize),
+        a: impl Fn(usize, usize) -> f64,
+        b: impl Fn(usize, usize) -> f64,
+    ) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|kk| a(i, kk) * b(kk, j)).sum();
+            }
+        }
+        c
+    }
+
+    /// Plain, transposed and padded operands; overwrite and accumulate; a scale; one thread
+    /// and row blocks over two; the pair; an empty inner dimension.
+    #[test]
+    fn products_match_a_naive_product() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (67, 33, 129),
+            (40, 17, 0),
+            (300, 9, 250),
+        ] {
+            // a: [m, k] stored transposed as [k, m + 2]; b: [k, n] row-major with stride n + 1.
+            let at: Vec<f64> = (0..k * (m + 2)).map(|i| (i as f64 * 0.31).sin()).collect();
+            let b: Vec<f64> = (0..k * (n + 1)).map(|i| (i as f64 * 0.17).cos()).collect();
+            let am = Mat {
+                data: &at,
+                rs: 1,
+                cs: m + 2,
+            };
+            let bm = Mat {
+                data: &b,
+                rs: n + 1,
+                cs: 1,
+            };
+            let want = naive(
+                (m, n, k),
+                |i, kk| at[kk * (m + 2) + i],
+                |kk, j| b[kk * (n + 1) + j],
+            );
+            for threads in [1, 2] {
+                pool.install(|| {
+                    // dst rows padded to n + 3, pre-filled with 1 for the accumulating case.
+                    let mut d = vec![1.0; m * (n + 3)];
+                    matmul_scaled((m, n, k), am, bm, (&mut d, n + 3), true, (0.5, threads))
+                        .unwrap();
+                    let mut e = vec![f64::NAN; m * (n + 3)];
+                    matmul_scaled((m, n, k), am, bm, (&mut e, n + 3), false, (1.0, threads))
+                        .unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w = want[i * n + j];
+                            assert!((d[i * (n + 3) + j] - (1.0 + 0.5 * w)).abs() < 1e-12);
+                            assert!((e[i * (n + 3) + j] - w).abs() < 1e-12, "{m}x{n}x{k}");
+                        }
+                    }
+                });
+            }
+            let fresh = pool.install(|| matmul_new((m, n, k), am, bm)).unwrap();
+            let (p1, p2) = pool
+                .install(|| matmul_new_pair(((m, n, k), am, bm), ((m, n, k), am, bm)))
+                .unwrap();
+            for (i, &w) in want.iter().enumerate() {
+                assert!((fresh[i] - w).abs() < 1e-12 && (p1[i] - w).abs() < 1e-12);
+                assert!((p2[i] - w).abs() < 1e-12);
+            }
+        }
+        // Operands too short for the stated dims are an error, not a read out of bounds.
+        let short = [0.0f64; 5];
+        let mut d = [0.0f64; 4];
+        let m = Mat::rows(&short, 3);
+        assert!(matmul((2, 2, 3), m, m, &mut d, 2, false).is_err());
+        assert!(matmul_new((2, 2, 3), m, m).is_err());
     }
 }

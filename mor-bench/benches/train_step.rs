@@ -69,8 +69,8 @@ fn bench(c: &mut Criterion) {
             );
             g.bench_function(name, |bch| {
                 bch.iter(|| {
-                    let out = model.forward(&x, RouteMode::Train).unwrap();
-                    let mut loss = MorModel::cross_entropy(&out.logits, &y).unwrap();
+                    let out = model.forward_loss(&x, &y, RouteMode::Train).unwrap();
+                    let mut loss = out.ce;
                     if let Some(r) = &out.router.loss {
                         loss = (loss + r).unwrap();
                     }

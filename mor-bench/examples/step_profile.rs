@@ -51,9 +51,11 @@ fn main() {
     let mut tot = [0f64; 4];
     for s in 0..steps + 1 {
         let t0 = Instant::now();
-        let out = model.forward(&x, RouteMode::Train).unwrap();
+        // The training path: LM head and loss as one op (`forward_loss`), so "forward"
+        // includes the head and the loss; "loss" is only reading the value.
+        let out = model.forward_loss(&x, &y, RouteMode::Train).unwrap();
         let t1 = Instant::now();
-        let loss = MorModel::cross_entropy(&out.logits, &y).unwrap();
+        let loss = out.ce;
         let _ = loss.to_scalar::<f32>().unwrap();
         let t2 = Instant::now();
         let grads = loss.backward().unwrap();

@@ -401,6 +401,15 @@ impl Backend for CpuBackend {
         Ok(h.contiguous()?.apply_op3(&pack.contiguous()?, &wo, op)?)
     }
 
+    fn linear_cross_entropy(&self, x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let d = validate::linear_cross_entropy(x, w, targets)?;
+        Self::on_cpu("linear_cross_entropy", &[x, w, targets])?;
+        let keep = x.track_op() || w.track_op();
+        let x = x.reshape((d.rows, d.inp))?.contiguous()?;
+        let op = dense::LinearCeOp::new(d, keep);
+        Ok(x.apply_op3(&w.contiguous()?, &targets.flatten_all()?.contiguous()?, op)?)
+    }
+
     fn mlp_block(
         &self,
         h: &Tensor,

@@ -26,6 +26,7 @@ pub use backend_registry::{build_backend, BackendCtx, BackendEntry, BackendPlugi
 
 pub mod cpu;
 pub mod cuda;
+pub mod loss;
 pub mod reference;
 pub mod testing;
 pub mod validate;
@@ -170,6 +171,22 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ) -> Result<Tensor> {
         let x = self.split_heads(x, heads)?;
         self.rope(&x, pos, cos, sin)
+    }
+
+    /// Mean cross-entropy of the logits `x · wᵀ` against `targets`: the language-model head
+    /// and its loss in one call, so that a backend may never hand the `[rows, vocab]` logits
+    /// (or their gradient) to the autograd graph.
+    ///
+    /// The default is [`linear`](Backend::linear) followed by
+    /// [`loss::cross_entropy`].
+    ///
+    /// # Shapes
+    /// `x: [.., d]`, `w: [vocab, d]`, `targets: [..]` (u32, one per row of `x`, each
+    /// `< vocab`) → scalar.
+    fn linear_cross_entropy(&self, x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let d = validate::linear_cross_entropy(x, w, targets)?;
+        let logits = self.linear(x, w)?.reshape((d.rows, d.out))?;
+        Ok(loss::cross_entropy(&logits, &targets.flatten_all()?)?)
     }
 
     /// The attention half of a pre-norm decoder layer (spec §1.1), residual included, with
@@ -322,6 +339,14 @@ macro_rules! forward_backend {
                 sin: &Tensor,
             ) -> Result<Tensor> {
                 (**self).rope_heads(x, heads, pos, cos, sin)
+            }
+            fn linear_cross_entropy(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                targets: &Tensor,
+            ) -> Result<Tensor> {
+                (**self).linear_cross_entropy(x, w, targets)
             }
             fn attention_block(
                 &self,

@@ -644,6 +644,51 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<LinearDims> {
     })
 }
 
+/// Checks the inputs of `linear_cross_entropy`: `x: [.., d]`, `w: [V, d]` as for
+/// [`linear`], and `targets` u32 with one element per row of `x`, each `< V`.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the first problem (the op is called `linear_cross_entropy`).
+pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<LinearDims> {
+    const OP: &str = "linear_cross_entropy";
+    float(OP, "x", x)?;
+    same_kind(OP, ("x", x), ("w", w))?;
+    let Some((&inp, lead)) = x.dims().split_last() else {
+        return Err(invalid(OP, "`x` must have at least one dimension"));
+    };
+    let [out, w_in] = dims::<2>(OP, "w", w, "[vocab, d]")?;
+    if w_in != inp {
+        return Err(invalid(
+            OP,
+            format!(
+                "`w` {:?} does not match the last dim of `x` {:?}",
+                w.dims(),
+                x.dims()
+            ),
+        ));
+    }
+    let rows: usize = lead.iter().product();
+    u32_tensor(OP, "targets", targets)?;
+    if targets.elem_count() != rows {
+        return Err(invalid(
+            OP,
+            format!(
+                "{} targets for {rows} rows of `x` {:?}",
+                targets.elem_count(),
+                x.dims()
+            ),
+        ));
+    }
+    let host = targets.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(bad) = host.iter().find(|&&t| t as usize >= out) {
+        return Err(invalid(
+            OP,
+            format!("target {bad} is outside the vocabulary of {out}"),
+        ));
+    }
+    Ok(LinearDims { rows, inp, out })
+}
+
 /// Checked dims of [`Backend::split_heads`](crate::Backend::split_heads) and
 /// [`Backend::merge_heads`](crate::Backend::merge_heads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -631,6 +631,93 @@ fn attention_block_rejects_bad_input() {
     }
 }
 
+fn lce_op(targets: Tensor) -> impl Fn(&dyn Backend, &[&Tensor]) -> Result<Tensor> {
+    move |be, t| be.linear_cross_entropy(t[0], t[1], &targets)
+}
+
+#[test]
+fn linear_cross_entropy_matches_finite_differences_and_closed_form() {
+    let x = randn(101, (2, 3, 4), DType::F64, &CPU).unwrap();
+    let w = randn(102, (7, 4), DType::F64, &CPU).unwrap();
+    let tg = u32s(vec![0, 6, 3, 3, 1, 5], (2, 3));
+    for be in both() {
+        fd_op(be.as_ref(), &[x.clone(), w.clone()], &lce_op(tg.clone()));
+        // All-zero head weights: uniform logits, loss ln V exactly.
+        let zero = Tensor::zeros((7, 4), DType::F32, &CPU).unwrap();
+        let l = be
+            .linear_cross_entropy(&x.to_dtype(DType::F32).unwrap(), &zero, &tg)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l as f64 - 7f64.ln()).abs() < 1e-6, "{}: {l}", be.name());
+    }
+}
+
+/// Threaded shapes against `reference`; a second backward pass through the same graph (the
+/// cpu op hands its kept exponentials to the first one) recomputes and agrees.
+#[test]
+fn linear_cross_entropy_threaded_paths_match_reference() {
+    let (n, d, v) = (300, 48, 1000);
+    let x = randn(111, (n, d), DType::F32, &CPU).unwrap();
+    let w = randn(112, (v, d), DType::F32, &CPU)
+        .unwrap()
+        .affine(0.2, 0.0)
+        .unwrap();
+    let mut rng = Rng::new(7);
+    let tg = Tensor::from_vec(
+        (0..n).map(|_| rng.below(v) as u32).collect::<Vec<_>>(),
+        n,
+        &CPU,
+    )
+    .unwrap();
+    let r = compare(&[x.clone(), w.clone()], &lce_op(tg.clone()), 1e-5, 1e-6);
+    assert!(r.is_ok(), "{}", r.unwrap_err());
+    let be = backend("cpu");
+    let vs = vars(&[x, w]);
+    let loss = be
+        .linear_cross_entropy(vs[0].as_tensor(), vs[1].as_tensor(), &tg)
+        .unwrap();
+    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
+    for v in &vs {
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-7);
+    }
+}
+
+#[test]
+fn linear_cross_entropy_rejects_bad_targets() {
+    let x = randn(121, (2, 4), DType::F32, &CPU).unwrap();
+    let w = randn(122, (5, 4), DType::F32, &CPU).unwrap();
+    for be in both() {
+        let e = be
+            .linear_cross_entropy(&x, &w, &u32s(vec![0, 5], (1, 2)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("linear_cross_entropy") && e.contains("target 5 is outside"),
+            "{e}"
+        );
+        let e = be
+            .linear_cross_entropy(&x, &w, &u32s(vec![0, 1, 2], (1, 3)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 targets for 2 rows"), "{e}");
+        let f = Tensor::new(&[0f32, 1.0], &CPU).unwrap();
+        let e = be.linear_cross_entropy(&x, &w, &f).unwrap_err().to_string();
+        assert!(e.contains("`targets` must be u32"), "{e}");
+        let w3 = randn(123, (5, 3), DType::F32, &CPU).unwrap();
+        let e = be
+            .linear_cross_entropy(&x, &w3, &u32s(vec![0, 1], (1, 2)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`w` [5, 3] does not match"), "{e}");
+    }
+}
+
 #[test]
 fn mlp_block_gradients_match_finite_differences() {
     let inputs = mlp_inputs(31, (2, 3, 5, 7), DType::F64);
@@ -854,6 +941,22 @@ proptest! {
         let op = attn_block_op(block_positions(seed, b, t), (hq, hkv), 3 * t, dh);
         let r = compare(&inputs, &op, F32_RTOL, F32_ATOL);
         prop_assert!(r.is_ok(), "b {b} t {t} hq {hq} hkv {hkv} dh {dh} d {d}: {}", r.unwrap_err());
+    }
+
+    #[test]
+    fn linear_cross_entropy_cpu_matches_reference(
+        n in 1usize..12,
+        d in 1usize..10,
+        v in 1usize..40,
+        seed in 0u64..1_000_000,
+    ) {
+        let x = randn(seed, (n, d), DType::F32, &CPU).unwrap();
+        let w = randn(seed + 1, (v, d), DType::F32, &CPU).unwrap();
+        let mut rng = Rng::new(seed);
+        let tg: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+        let tg = Tensor::from_vec(tg, n, &CPU).unwrap();
+        let r = compare(&[x, w], &lce_op(tg), F32_RTOL, F32_ATOL);
+        prop_assert!(r.is_ok(), "n {n} d {d} v {v}: {}", r.unwrap_err());
     }
 
     #[test]

@@ -74,6 +74,17 @@ pub struct ForwardOutput {
     pub depths: Vec<Vec<u8>>,
 }
 
+/// Output of [`MorModel::forward_loss`].
+#[derive(Debug)]
+pub struct LossOutput {
+    /// Mean next-token cross-entropy (scalar, differentiable).
+    pub ce: Tensor,
+    /// Router output (loss terms, stats); empty without a router.
+    pub router: RouterOutput,
+    /// Per row and position, the number of recursion steps the token ran (1..=N_r).
+    pub depths: Vec<Vec<u8>>,
+}
+
 /// The model.
 #[derive(Debug)]
 pub struct MorModel {
@@ -489,6 +500,35 @@ impl MorModel {
     /// # Shapes
     /// `ids: [b, t]` (u32) → logits `[b, t, vocab]`.
     pub fn forward(&self, ids: &Tensor, mode: RouteMode) -> Result<ForwardOutput> {
+        let (h, router, depths) = self.trunk(ids, mode)?;
+        let logits = self.backend.linear(&h, self.lm_head_weight().as_tensor())?;
+        Ok(ForwardOutput {
+            logits,
+            router,
+            depths,
+        })
+    }
+
+    /// Forward pass and mean next-token cross-entropy against `targets: [b, t]` (u32), for
+    /// training: the same loss as [`MorModel::cross_entropy`] of [`MorModel::forward`]'s
+    /// logits, but the LM head and the loss are one backend op
+    /// ([`Backend::linear_cross_entropy`]), so the `[b·t, vocab]` logits never enter the
+    /// autograd graph.
+    pub fn forward_loss(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        mode: RouteMode,
+    ) -> Result<LossOutput> {
+        let (h, router, depths) = self.trunk(ids, mode)?;
+        let ce =
+            self.backend
+                .linear_cross_entropy(&h, self.lm_head_weight().as_tensor(), targets)?;
+        Ok(LossOutput { ce, router, depths })
+    }
+
+    /// Everything up to and including the final norm: `[b, t, d]`, router output, depths.
+    fn trunk(&self, ids: &Tensor, mode: RouteMode) -> Result<(Tensor, RouterOutput, Vec<Vec<u8>>)> {
         let (b, t) = ids.dims2()?;
         if t == 0 || b == 0 {
             return Err(Error::msg("forward needs at least one token per row"));
@@ -535,14 +575,7 @@ impl MorModel {
         let h = self
             .backend
             .rms_norm(&h, self.final_norm.as_tensor(), self.cfg.model.rms_eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = self.backend.linear(&h, head.as_tensor())?;
-        let _ = n_r;
-        Ok(ForwardOutput {
-            logits,
-            router: router_out,
-            depths,
-        })
+        Ok((h, router_out, depths))
     }
 
     /// Slot indices of recursion step `step`, in order.

@@ -316,8 +316,8 @@ pub fn train(
             let batch = data.next_batch(s.micro_batch_seqs)?;
             let ids = Tensor::from_vec(batch.inputs, (batch.b, batch.t), &dev)?;
             let tg = Tensor::from_vec(batch.targets, (batch.b, batch.t), &dev)?;
-            let out = model.forward(&ids, RouteMode::Train)?;
-            let ce = MorModel::cross_entropy(&out.logits, &tg)?;
+            let out = model.forward_loss(&ids, &tg, RouteMode::Train)?;
+            let ce = out.ce;
             let mut loss = (&ce / accum as f64)?;
             if let Some(rl) = &out.router.loss {
                 // L_bal and L_z are invariant to accumulation (spec §3.3); a router that

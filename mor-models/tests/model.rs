@@ -98,6 +98,63 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
     }
 }
 
+/// `forward_loss` (LM head and loss as one fused op on the cpu backend) gives the loss and
+/// the gradients of `cross_entropy(forward(..).logits)`, for the model families.
+#[test]
+fn forward_loss_equals_cross_entropy_of_the_logits() {
+    for (name, c) in [
+        ("vanilla", vanilla()),
+        ("recursive-mcyc", recursive(3, "middle_cycle")),
+        ("mor-expert", mor("expert_choice", "recursion_wise")),
+        ("mor-token", mor("token_choice", "recursion_wise")),
+    ] {
+        let model = MorModel::new(&c).unwrap();
+        let (x, y) = (ids(2, 16, 5), ids(2, 16, 6));
+        let out = model.forward(&x, RouteMode::Train).unwrap();
+        let a = MorModel::cross_entropy(&out.logits, &y).unwrap();
+        let fused = model.forward_loss(&x, &y, RouteMode::Train).unwrap();
+        let (la, lb) = (
+            a.to_scalar::<f32>().unwrap(),
+            fused.ce.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (la - lb).abs() < 1e-5 * la.abs().max(1.0),
+            "{name}: {la} vs {lb}"
+        );
+        assert_eq!(out.depths, fused.depths, "{name}: same routing");
+        let (ga, gb) = (a.backward().unwrap(), fused.ce.backward().unwrap());
+        for (n, v) in model.named_vars() {
+            let (p, q) = (ga.get(v.as_tensor()), gb.get(v.as_tensor()));
+            let (Some(p), Some(q)) = (p, q) else {
+                assert!(
+                    p.is_none() && q.is_none(),
+                    "{name}: {n} has a gradient in one only"
+                );
+                continue;
+            };
+            let scale = p
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-4 * scale.max(1e-3),
+                "{name}: {n} differs by {diff} (scale {scale})"
+            );
+        }
+    }
+}
+
 /// Regression test for the lost weight tie of the reference implementation (spec §8,
 /// [I#17]): shared attention and MLP projections must be one storage per unique block.
 #[test]

@@ -207,3 +207,192 @@ impl CustomOp2 for LinearOp {
         Ok((x.track_op().then_some(dx), w.track_op().then_some(dw)))
     }
 }
+
+/// What the forward pass of [`LinearCeOp`] keeps: per row, `exp(logit − max)` in place of
+/// the logits, and `1 / Σ exp(logit − max)`.
+struct CeSaved<T> {
+    e: Vec<T>,
+    inv_sum: Vec<T>,
+}
+
+/// The language-model head and its cross-entropy as one op: inputs `x: [n, d]`,
+/// `w: [V, d]`, `targets: [n]` (u32) → the mean of `logsumexp(x wᵀ)_i − (x wᵀ)_{i, t_i}`.
+///
+/// Forward: one product for the logits, then per row (in parallel) the target logit, the
+/// max, `exp(logit − max)` in place and its sum. Backward: the kept exponentials become
+/// `dlogits = (softmax − onehot) · g / n` in place, and `dx = dlogits · w`,
+/// `dw = dlogitsᵀ · x` run side by side. The logits and their gradient never enter candle's
+/// graph, which would zero-fill and accumulate a `[n, V]` gradient buffer on the calling
+/// thread.
+#[derive(Debug)]
+pub(crate) struct LinearCeOp {
+    pub(crate) d: LinearDims,
+    keep: bool,
+    saved: std::sync::Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
+}
+
+impl LinearCeOp {
+    pub(crate) fn new(d: LinearDims, keep: bool) -> Self {
+        LinearCeOp {
+            d,
+            keep,
+            saved: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The per-row losses (f64) and what the backward pass needs.
+    fn fwd<T: Float>(&self, x: &[T], w: &[T], t: &[u32]) -> candle_core::Result<(f64, CeSaved<T>)> {
+        let LinearDims { rows, inp, out } = self.d;
+        let mut e = matmul_new((rows, out, inp), Mat::rows(x, inp), Mat::rows_t(w, inp))?;
+        let per_row: Vec<(f64, T)> = if out == 0 {
+            vec![(f64::NAN, T::ZERO); rows]
+        } else {
+            e.par_chunks_mut(out)
+                .zip(t.par_iter())
+                .with_min_len(16)
+                .map(|(row, &tg)| {
+                    let lt = row[tg as usize];
+                    let (m, s) = super::exp_shift_row(row);
+                    let loss = m.to_f64() + s.to_f64().ln() - lt.to_f64();
+                    (loss, T::ONE / s)
+                })
+                .collect()
+        };
+        let total = per_row.iter().map(|r| r.0).sum::<f64>();
+        let inv_sum = per_row.into_iter().map(|r| r.1).collect();
+        Ok((total / rows.max(1) as f64, CeSaved { e, inv_sum }))
+    }
+
+    /// `(dx, dw)` for the upstream gradient `g` of the mean loss.
+    fn bwd_slices<T: Float>(
+        &self,
+        (x, w, t): (&[T], &[T], &[u32]),
+        g: f64,
+        mut s: CeSaved<T>,
+    ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+        let LinearDims { rows, inp, out } = self.d;
+        let k = g / rows.max(1) as f64;
+        if out > 0 {
+            s.e.par_chunks_mut(out)
+                .zip(t.par_iter().zip(s.inv_sum.par_iter()))
+                .with_min_len(16)
+                .for_each(|(row, (&tg, &inv))| {
+                    let c = T::from_f64(k) * inv;
+                    for v in row.iter_mut() {
+                        *v *= c;
+                    }
+                    row[tg as usize] -= T::from_f64(k);
+                });
+        }
+        let dl = &s.e;
+        matmul_new_pair(
+            ((rows, inp, out), Mat::rows(dl, out), Mat::rows(w, inp)),
+            ((out, inp, rows), Mat::rows_t(dl, out), Mat::rows(x, inp)),
+        )
+    }
+
+    fn bwd_typed<T: Float>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        g: f64,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let t = targets.flatten_all()?.to_vec1::<u32>()?;
+        let saved = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .and_then(|b| b.downcast::<CeSaved<T>>().ok());
+        let (dx, dw) = with_slices::<T, _>(&[x, w], |s| {
+            let saved = match saved {
+                Some(b) => *b,
+                // Taken by an earlier backward pass through the same graph: recompute.
+                None => self.fwd(s[0], s[1], &t)?.1,
+            };
+            self.bwd_slices((s[0], s[1], &t), g, saved)
+        })?;
+        Ok((
+            Tensor::from_vec(dx, x.shape(), &Device::Cpu)?,
+            Tensor::from_vec(dw, w.shape(), &Device::Cpu)?,
+        ))
+    }
+}
+
+impl candle_core::CustomOp3 for LinearCeOp {
+    fn name(&self) -> &'static str {
+        "mor-linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let LinearDims { rows, inp, out } = self.d;
+        let t = match s3 {
+            CpuStorage::U32(t) => match l3.contiguous_offsets() {
+                Some((a, b)) if b - a == rows => &t[a..b],
+                _ => candle_core::bail!("{}: targets must be {rows} contiguous u32", self.name()),
+            },
+            _ => candle_core::bail!("{}: targets must be u32", self.name()),
+        };
+        if let Some(bad) = t.iter().find(|&&v| v as usize >= out) {
+            candle_core::bail!(
+                "{}: target {bad} is outside the vocabulary of {out}",
+                self.name()
+            );
+        }
+        let loss = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (loss, saved) = self.fwd(
+                    fwd_slice::<f32>(self.name(), s1, l1, &[rows, inp])?,
+                    fwd_slice::<f32>(self.name(), s2, l2, &[out, inp])?,
+                    t,
+                )?;
+                if self.keep {
+                    *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(saved));
+                }
+                CpuStorage::F32(vec![loss as f32])
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (loss, saved) = self.fwd(
+                    fwd_slice::<f64>(self.name(), s1, l1, &[rows, inp])?,
+                    fwd_slice::<f64>(self.name(), s2, l2, &[out, inp])?,
+                    t,
+                )?;
+                if self.keep {
+                    *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(saved));
+                }
+                CpuStorage::F64(vec![loss])
+            }
+            _ => return Err(bail_dtype(self.name(), s1)),
+        };
+        Ok((loss, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() && !w.track_op() {
+            return Ok((None, None, None));
+        }
+        let g = grad.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let (dx, dw) = match x.dtype() {
+            candle_core::DType::F32 => self.bwd_typed::<f32>(x, w, targets, g)?,
+            candle_core::DType::F64 => self.bwd_typed::<f64>(x, w, targets, g)?,
+            other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
+        };
+        Ok((x.track_op().then_some(dx), w.track_op().then_some(dw), None))
+    }
+}

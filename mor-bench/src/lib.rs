@@ -2,6 +2,10 @@
 //!
 //! - [`infer`]: the inference throughput and KV-memory harness of spec §5 behind
 //!   `cargo xtask bench infer` (vanilla against MoR with continuous depth-wise batching).
+//! - `benches/train_step.rs` (criterion) and `examples/step_profile.rs`: one training step
+//!   of the speed-target model, `cpu` against `reference`; `python/torch_train_step.py` is
+//!   the same model in PyTorch eager, for a comparison on the same machine
+//!   (`docs/performance.md`).
 
 pub mod infer;
 

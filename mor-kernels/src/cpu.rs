@@ -53,7 +53,8 @@ pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
 /// A raw pointer that rayon tasks may share; each task writes a disjoint range.
 #[derive(Clone, Copy)]
 struct SharedPtr<T>(*mut T);
-// SAFETY: only used by `rows_new`, whose tasks write disjoint ranges of one allocation.
+// SAFETY: used by `rows_new` and the row-split products, whose tasks write disjoint ranges
+// of one allocation.
 unsafe impl<T: Send> Send for SharedPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SharedPtr<T> {}
@@ -76,7 +77,11 @@ pub(crate) fn rows_new<T: simd::Float, R: Send>(
     row_len: usize,
     f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> (Vec<T>, Vec<R>) {
-    let n = rows * row_len;
+    // A tensor this large could not exist; the check keeps the block writes below inside
+    // the allocation even so.
+    let n = rows
+        .checked_mul(row_len)
+        .expect("rows_new: buffer size overflows usize");
     let mut v: Vec<T> = Vec::with_capacity(n);
     if n == 0 {
         return (v, Vec::new());

@@ -184,7 +184,9 @@ impl SpikeGuard {
 }
 
 /// Trains `model` in `run_dir` (metrics in `metrics.jsonl`, checkpoints in
-/// `checkpoints/`). With `resume`, continues from the latest checkpoint bit-identically.
+/// `checkpoints/`). With `resume`, continues from the latest checkpoint bit-identically
+/// when run with the same thread count (the `cpu` backend splits products into one row
+/// block per thread, and the blocking can change the last bits of a sum).
 ///
 /// `flops_per_token` is the forward FLOPs per token of spec §1.4 (for logging).
 pub fn train(

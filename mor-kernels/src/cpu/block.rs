@@ -61,8 +61,18 @@ impl<'a, T> Mat<'a, T> {
     }
 
     /// Whether every element of an `m × n` view lies inside `data`.
+    /// Strides and extents are checked without overflow, and must fit in `isize` (they are
+    /// passed to `gemm` as `isize`).
     fn fits(&self, m: usize, n: usize) -> bool {
-        m == 0 || n == 0 || (m - 1) * self.rs + (n - 1) * self.cs < self.data.len()
+        if m == 0 || n == 0 {
+            return true;
+        }
+        let small = |x: usize| x <= isize::MAX as usize;
+        let last = (m - 1)
+            .checked_mul(self.rs)
+            .zip((n - 1).checked_mul(self.cs))
+            .and_then(|(x, y)| x.checked_add(y));
+        small(self.rs) && small(self.cs) && last.is_some_and(|e| e < self.data.len())
     }
 }
 
@@ -99,7 +109,12 @@ pub(crate) fn matmul_scaled<T: Float>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let dst_fits = (m - 1) * dst_rs + n <= dst.len() && dst_rs >= n;
+    let dst_fits = dst_rs >= n
+        && dst_rs <= isize::MAX as usize
+        && (m - 1)
+            .checked_mul(dst_rs)
+            .and_then(|x| x.checked_add(n))
+            .is_some_and(|e| e <= dst.len());
     if !(a.fits(m, k) && b.fits(k, n) && dst_fits) {
         candle_core::bail!("mor matmul: operands too short for {m}×{k} · {k}×{n}");
     }
@@ -130,7 +145,9 @@ pub(crate) fn matmul_scaled<T: Float>(
 }
 
 /// How many row blocks to run a product in: one per thread when the product is large
-/// enough, blocks of at least 32 rows.
+/// enough, blocks of at least 32 rows. The blocking (and with it the `gemm` crate's own
+/// choice of inner blocking) depends on the thread count, so results can differ in the last
+/// bits between runs with different thread counts; with the same count they are identical.
 fn row_parts((m, n, k): (usize, usize, usize), threads: usize) -> usize {
     if threads > 1 && m * n * k >= GEMM_PAR_MIN {
         threads.min(m / 32).max(1)
@@ -359,6 +376,15 @@ fn cols_from_heads<T: Float>(
     .0
 }
 
+/// Takes the state a custom op's forward pass kept, if it is of type `S` (the lock is
+/// released before the backward pass runs).
+pub(crate) fn take_saved<S: 'static>(
+    slot: &Mutex<Option<Box<dyn Any + Send + Sync>>>,
+) -> Option<S> {
+    let kept = slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    kept.downcast::<S>().ok().map(|b| *b)
+}
+
 /// What the forward pass keeps for the backward pass.
 struct Saved<T> {
     /// `rms_norm(h)`, `[rows, d]`.
@@ -501,16 +527,13 @@ impl MlpOp {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (dh, dp, dd) = with_slices::<T, _>(&[h, pack, down, g], |s| {
             let (h, pack, down, g) = (s[0], s[1], s[2], s[3]);
-            let guard = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.as_ref().and_then(|b| b.downcast_ref::<Saved<T>>()) {
-                Some(saved) => self.backward(h, pack, down, g, saved),
-                None => {
-                    // Not kept (or taken by another dtype): recompute the forward.
-                    drop(guard);
-                    let (_, saved) = self.forward(h, pack, down)?;
-                    self.backward(h, pack, down, g, &saved)
-                }
-            }
+            // Taken, so the intermediates are freed as soon as the backward pass ends; a
+            // second backward pass through the same graph recomputes them.
+            let saved = match take_saved::<Saved<T>>(&self.saved) {
+                Some(saved) => saved,
+                None => self.forward(h, pack, down)?.1,
+            };
+            self.backward(h, pack, down, g, &saved)
         })?;
         Ok((
             Tensor::from_vec(dh, h.shape(), &Device::Cpu)?,
@@ -794,18 +817,11 @@ impl AttnBlockOp {
         let (dh, dp, dwo) = with_slices::<T, _>(&[h, pack, wo, g, &self.cos, &self.sin], |s| {
             let inputs = (s[0], s[1], s[2], s[3]);
             let tables = (s[4], s[5]);
-            let guard = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-            match guard
-                .as_ref()
-                .and_then(|b| b.downcast_ref::<AttnSaved<T>>())
-            {
-                Some(saved) => self.backward(inputs, tables, saved),
-                None => {
-                    drop(guard);
-                    let (_, saved) = self.forward(s[0], s[1], s[2], tables)?;
-                    self.backward(inputs, tables, &saved)
-                }
-            }
+            let saved = match take_saved::<AttnSaved<T>>(&self.saved) {
+                Some(saved) => saved,
+                None => self.forward(s[0], s[1], s[2], tables)?.1,
+            };
+            self.backward(inputs, tables, &saved)
         })?;
         Ok((
             Tensor::from_vec(dh, h.shape(), &Device::Cpu)?,

@@ -299,15 +299,10 @@ impl LinearCeOp {
         g: f64,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let t = targets.flatten_all()?.to_vec1::<u32>()?;
-        let saved = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .and_then(|b| b.downcast::<CeSaved<T>>().ok());
+        let saved = super::block::take_saved::<CeSaved<T>>(&self.saved);
         let (dx, dw) = with_slices::<T, _>(&[x, w], |s| {
             let saved = match saved {
-                Some(b) => *b,
+                Some(b) => b,
                 // Taken by an earlier backward pass through the same graph: recompute.
                 None => self.fwd(s[0], s[1], &t)?.1,
             };
@@ -337,7 +332,7 @@ impl candle_core::CustomOp3 for LinearCeOp {
         let LinearDims { rows, inp, out } = self.d;
         let t = match s3 {
             CpuStorage::U32(t) => match l3.contiguous_offsets() {
-                Some((a, b)) if b - a == rows => &t[a..b],
+                Some((a, b)) if b - a == rows && b <= t.len() => &t[a..b],
                 _ => candle_core::bail!("{}: targets must be {rows} contiguous u32", self.name()),
             },
             _ => candle_core::bail!("{}: targets must be u32", self.name()),

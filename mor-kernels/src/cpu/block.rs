@@ -385,6 +385,61 @@ pub(crate) fn take_saved<S: 'static>(
     kept.downcast::<S>().ok().map(|b| *b)
 }
 
+/// The `CustomOp3` impl of a fused layer half: dispatches its three inputs (one float dtype)
+/// to the op's `cpu_fwd_typed::<T>` and `bwd_typed::<T>`, and returns gradients only for
+/// the inputs that track them.
+macro_rules! fused_layer_op {
+    ($op:ty, $name:literal, $shape:expr) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                let args = ((s1, l1), (s2, l2), (s3, l3));
+                let out = match (s1, s2, s3) {
+                    (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                        self.cpu_fwd_typed::<f32>(args.0, args.1, args.2)?
+                    }
+                    (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                        self.cpu_fwd_typed::<f64>(args.0, args.1, args.2)?
+                    }
+                    _ => return Err(bail_dtype(self.name(), s1)),
+                };
+                Ok((out, ($shape)(self)))
+            }
+
+            fn bwd(
+                &self,
+                a: &Tensor,
+                b: &Tensor,
+                c: &Tensor,
+                _res: &Tensor,
+                grad: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                let (da, db, dc) = match a.dtype() {
+                    candle_core::DType::F32 => self.bwd_typed::<f32>(a, b, c, grad)?,
+                    candle_core::DType::F64 => self.bwd_typed::<f64>(a, b, c, grad)?,
+                    other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
+                };
+                Ok((
+                    a.track_op().then_some(da),
+                    b.track_op().then_some(db),
+                    c.track_op().then_some(dc),
+                ))
+            }
+        }
+    };
+}
+
 /// What the forward pass keeps for the backward pass.
 struct Saved<T> {
     /// `rms_norm(h)`, `[rows, d]`.
@@ -543,53 +598,9 @@ impl MlpOp {
     }
 }
 
-impl CustomOp3 for MlpOp {
-    fn name(&self) -> &'static str {
-        "mor-mlp-block"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let args = ((s1, l1), (s2, l2), (s3, l3));
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                self.cpu_fwd_typed::<f32>(args.0, args.1, args.2)?
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                self.cpu_fwd_typed::<f64>(args.0, args.1, args.2)?
-            }
-            _ => return Err(bail_dtype(self.name(), s1)),
-        };
-        Ok((out, Shape::from(self.out_shape.clone())))
-    }
-
-    fn bwd(
-        &self,
-        h: &Tensor,
-        pack: &Tensor,
-        down: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dh, dp, dd) = match h.dtype() {
-            candle_core::DType::F32 => self.bwd_typed::<f32>(h, pack, down, grad)?,
-            candle_core::DType::F64 => self.bwd_typed::<f64>(h, pack, down, grad)?,
-            other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
-        };
-        Ok((
-            h.track_op().then_some(dh),
-            pack.track_op().then_some(dp),
-            down.track_op().then_some(dd),
-        ))
-    }
-}
+fused_layer_op!(MlpOp, "mor-mlp-block", |op: &MlpOp| Shape::from(
+    op.out_shape.clone()
+));
 
 /// What the attention half keeps for its backward pass.
 struct AttnSaved<T> {
@@ -831,54 +842,10 @@ impl AttnBlockOp {
     }
 }
 
-impl CustomOp3 for AttnBlockOp {
-    fn name(&self) -> &'static str {
-        "mor-attention-block"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let args = ((s1, l1), (s2, l2), (s3, l3));
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                self.cpu_fwd_typed::<f32>(args.0, args.1, args.2)?
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                self.cpu_fwd_typed::<f64>(args.0, args.1, args.2)?
-            }
-            _ => return Err(bail_dtype(self.name(), s1)),
-        };
-        let AttnBlockDims { b, t, d, .. } = self.dims;
-        Ok((out, Shape::from((b, t, d))))
-    }
-
-    fn bwd(
-        &self,
-        h: &Tensor,
-        pack: &Tensor,
-        wo: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dh, dp, dwo) = match h.dtype() {
-            candle_core::DType::F32 => self.bwd_typed::<f32>(h, pack, wo, grad)?,
-            candle_core::DType::F64 => self.bwd_typed::<f64>(h, pack, wo, grad)?,
-            other => candle_core::bail!("{}: unsupported dtype {other:?}", self.name()),
-        };
-        Ok((
-            h.track_op().then_some(dh),
-            pack.track_op().then_some(dp),
-            wo.track_op().then_some(dwo),
-        ))
-    }
-}
+fused_layer_op!(AttnBlockOp, "mor-attention-block", |op: &AttnBlockOp| {
+    let AttnBlockDims { b, t, d, .. } = op.dims;
+    Shape::from((b, t, d))
+});
 
 #[cfg(test)]
 mod tests {

@@ -465,27 +465,7 @@ fn timed_run(
         )));
     }
     let (steady_tokens, steady_seconds) = steady.unwrap_or((tokens, seconds));
-    let s = engine.stats();
-    let delta = EngineStats {
-        iterations: s.iterations - before.iterations,
-        block_calls: s.block_calls - before.block_calls,
-        block_items: s.block_items - before.block_items,
-        mixed_depth_calls: s.mixed_depth_calls - before.mixed_depth_calls,
-        exit_calls: s.exit_calls - before.exit_calls,
-        exit_items: s.exit_items - before.exit_items,
-        tokens_generated: s.tokens_generated - before.tokens_generated,
-        stalls: s.stalls - before.stalls,
-        preemptions: s.preemptions - before.preemptions,
-        depth_histogram: s
-            .depth_histogram
-            .iter()
-            .zip(&before.depth_histogram)
-            .map(|(a, b)| a - b)
-            .collect(),
-        kv_bytes_finished: s.kv_bytes_finished - before.kv_bytes_finished,
-        kv_positions_finished: s.kv_positions_finished - before.kv_positions_finished,
-        peak_kv_bytes: s.peak_kv_bytes,
-    };
+    let delta = engine.stats().since(&before);
     Ok(Timed {
         tokens,
         seconds,
@@ -617,6 +597,14 @@ fn time_all(
                 s.name, s.setting, s.batch, cfg.rounds
             ));
             s.time(cfg, lens)?;
+            if let Some(t) = &s.best {
+                let st = &t.stats;
+                log(&format!(
+                    "  {:.2} s: block {:.2} exit {:.2} entry {:.2} route {:.2} (occupancy {:.1}, exit batch {:.1})",
+                    t.seconds, st.block_seconds, st.exit_seconds, st.entry_seconds, st.route_seconds,
+                    st.mean_block_occupancy(), st.exit_items as f64 / st.exit_calls.max(1) as f64
+                ));
+            }
         }
     }
     Ok(())

@@ -16,6 +16,10 @@
 //! - SwiGLU: [`CustomOp2`](candle_core::CustomOp2) on `(gate, up)`.
 //! - Token gather and weighted scatter-add: custom ops with the indices on the host.
 //!
+//! For decoding, [`PackedMatrix`] holds a weight packed once for products with a few rows,
+//! and [`rms_norm_rows`] / [`swiglu_rows`] run the same row kernels on host slices (no
+//! graph).
+//!
 //! Inputs are made contiguous before an op runs (a no-op for contiguous tensors, and
 //! differentiable), and every kernel re-checks the layout it receives, so a strided input can
 //! never be read wrongly. The conventions on padding, empty selections and table dtypes are
@@ -31,11 +35,16 @@ use serde::{Deserialize, Serialize};
 mod attention;
 mod block;
 mod dense;
+mod host;
 mod norm;
+mod packed;
 mod rope;
 mod simd;
 mod swiglu;
 mod tokens;
+
+pub use host::{rms_norm_rows, swiglu_rows};
+pub use packed::{PackedMatrix, PANEL};
 
 /// Work (in elements, or multiply-adds for attention) below which an op runs on the calling
 /// thread: below it, handing tasks to rayon costs more than it saves on two cores.

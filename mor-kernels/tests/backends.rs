@@ -933,7 +933,10 @@ proptest! {
         hkv in 1usize..3,
         ratio in prop_oneof![Just(1usize), Just(2)],
         half in 1usize..4,
-        d in 1usize..12,
+        // From 2: with d = 1 the RMSNorm output is ±1 whatever x, its input gradient is a
+        // difference of two equal terms scaled by 1/|x|: for a small |x| the two backends'
+        // f32 roundings of that cancellation differ by more than the f32 tolerance.
+        d in 2usize..12,
         seed in 0u64..1_000_000,
     ) {
         let (hq, dh) = (hkv * ratio, 2 * half);

@@ -28,6 +28,16 @@ pub struct Args {
     /// Mean generation length.
     #[arg(long)]
     gen_len: Option<f64>,
+    /// Layers of the base model before the Middle-Cycle depth fix (default 8; the paper's
+    /// 360M base has 32, giving 34 layers for MoR-4).
+    #[arg(long)]
+    base_layers: Option<usize>,
+    /// Context length of the models (default 256).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Interleaved timed rounds per model (the best is kept; default 2).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// A short run (smoke test).
     #[arg(long)]
     quick: bool,
@@ -59,6 +69,15 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     if let Some(g) = args.gen_len {
         cfg.gen_len_std = cfg.gen_len_std * g / cfg.gen_len_mean;
         cfg.gen_len_mean = g;
+    }
+    if let Some(l) = args.base_layers {
+        cfg.base_layers = l;
+    }
+    if let Some(c) = args.context {
+        cfg.context = c;
+    }
+    if let Some(r) = args.rounds {
+        cfg.rounds = r;
     }
     cfg.relative_max = !args.fixed_only;
     if let Some(e) = args.exit_fraction {

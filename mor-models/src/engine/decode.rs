@@ -167,7 +167,7 @@ impl<'m> Decoder<'m> {
         let cache = self.cache.as_mut();
         let mut h = r.embed(&[token])?;
         h = r.run_layers(cache, h, &tok, &[&r.prelude])?;
-        let h1 = r.unstack(&h)?.remove(0);
+        let h1 = h.clone();
         let mut hv = h1.clone();
         let mut gates = Vec::new();
         let mut depth = 0;
@@ -194,8 +194,7 @@ impl<'m> Decoder<'m> {
                     }
                 }
                 _ => {
-                    let hb = r.stack(&[&hv])?;
-                    let decision = r.route_expert(stage + 1, &hb)?.remove(0);
+                    let decision = r.route_expert(stage + 1, &hv)?.remove(0);
                     gates.extend(decision.gate);
                     match (decision.run, decision.gate) {
                         (true, g) => Merge::Gated(g.unwrap_or(1.0)),
@@ -203,15 +202,14 @@ impl<'m> Decoder<'m> {
                     }
                 }
             };
-            let y = r.run_layers(cache, r.stack(&[&hv])?, &tok, &[&r.stages[stage]])?;
-            let y = r.unstack(&y)?.remove(0);
+            let y = r.run_layers(cache, hv.clone(), &tok, &[&r.stages[stage]])?;
             r.merge(merge, stage, &mut hv, &y, Some(&h1))?;
             depth = r.stage_depth[stage];
         }
         if depth == 0 && r.needs_first_stage(cache) {
             return Err(r.first_stage_error());
         }
-        let h = r.run_layers(cache, r.stack(&[&hv])?, &tok, &[&r.coda])?;
+        let h = r.run_layers(cache, hv, &tok, &[&r.coda])?;
         let logits = r.head(&h)?.remove(0);
         self.pos += 1;
         Ok(TokenStep {

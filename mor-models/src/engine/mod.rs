@@ -47,6 +47,7 @@ use mor_kvcache::DecodeCache;
 use mor_router::RoutingKind;
 use runner::{Merge, Runner, Tok, TokenChoice};
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 /// Largest KV pool [`Engine::new`] sizes on its own (`kv_blocks = 0`): 1 GiB.
 pub const AUTO_POOL_BYTES: usize = 1 << 30;
@@ -223,9 +224,54 @@ pub struct EngineStats {
     pub kv_positions_finished: u64,
     /// Largest K/V bytes stored at once.
     pub peak_kv_bytes: u64,
+    /// Wall-clock seconds per phase: shared-block calls (with their KV appends).
+    pub block_seconds: f64,
+    /// Coda layers, LM head and sampling of exited tokens.
+    pub exit_seconds: f64,
+    /// Embeddings and prelude layers of entering tokens.
+    pub entry_seconds: f64,
+    /// Expert-choice routing decisions.
+    pub route_seconds: f64,
 }
 
 impl EngineStats {
+    /// The work done since `before` (an earlier copy of the same engine's counters);
+    /// `peak_kv_bytes` keeps the later value.
+    pub fn since(&self, before: &EngineStats) -> EngineStats {
+        EngineStats {
+            iterations: self.iterations - before.iterations.min(self.iterations),
+            block_calls: self.block_calls.saturating_sub(before.block_calls),
+            block_items: self.block_items.saturating_sub(before.block_items),
+            mixed_depth_calls: self
+                .mixed_depth_calls
+                .saturating_sub(before.mixed_depth_calls),
+            exit_calls: self.exit_calls.saturating_sub(before.exit_calls),
+            exit_items: self.exit_items.saturating_sub(before.exit_items),
+            tokens_generated: self
+                .tokens_generated
+                .saturating_sub(before.tokens_generated),
+            stalls: self.stalls.saturating_sub(before.stalls),
+            preemptions: self.preemptions.saturating_sub(before.preemptions),
+            depth_histogram: self
+                .depth_histogram
+                .iter()
+                .enumerate()
+                .map(|(d, a)| a.saturating_sub(before.depth_histogram.get(d).copied().unwrap_or(0)))
+                .collect(),
+            kv_bytes_finished: self
+                .kv_bytes_finished
+                .saturating_sub(before.kv_bytes_finished),
+            kv_positions_finished: self
+                .kv_positions_finished
+                .saturating_sub(before.kv_positions_finished),
+            peak_kv_bytes: self.peak_kv_bytes,
+            block_seconds: self.block_seconds - before.block_seconds,
+            exit_seconds: self.exit_seconds - before.exit_seconds,
+            entry_seconds: self.entry_seconds - before.entry_seconds,
+            route_seconds: self.route_seconds - before.route_seconds,
+        }
+    }
+
     /// Mean items per shared-block call.
     pub fn mean_block_occupancy(&self) -> f64 {
         self.block_items as f64 / self.block_calls.max(1) as f64
@@ -571,11 +617,17 @@ impl<'m> Engine<'m> {
                 self.slots.is_empty()
             };
         if flush {
+            let t = Instant::now();
             progress |= self.flush(&mut events)?;
+            self.stats.exit_seconds += t.elapsed().as_secs_f64();
         }
+        let t = Instant::now();
         progress |= self.process_entries()?;
+        self.stats.entry_seconds += t.elapsed().as_secs_f64();
         self.fill_and_route()?;
+        let t = Instant::now();
         progress |= self.run_block()?;
+        self.stats.block_seconds += t.elapsed().as_secs_f64();
         self.stats.peak_kv_bytes = self
             .stats
             .peak_kv_bytes
@@ -642,6 +694,7 @@ impl<'m> Engine<'m> {
     /// Decides the next step of every unrouted slot item; items that leave the recursion
     /// move to the exit buffer. Returns how many left.
     fn route_slots(&mut self) -> Result<usize> {
+        let t0 = Instant::now();
         let r = &self.runner;
         let mut leave = vec![false; self.slots.len()];
         // Expert-choice items grouped by step: one router call per group.
@@ -679,7 +732,7 @@ impl<'m> Engine<'m> {
                 .iter()
                 .map(|&i| self.slots[i].h.as_slice())
                 .collect();
-            let h = r.stack(&rows)?;
+            let h = r.stack(&rows);
             let dec = r.route_expert(stage + 1, &h)?;
             for (&i, d) in members.iter().zip(dec) {
                 if self.cfg.record_gates {
@@ -716,6 +769,7 @@ impl<'m> Engine<'m> {
             }
             self.slots = keep;
         }
+        self.stats.route_seconds += t0.elapsed().as_secs_f64();
         Ok(n_leave)
     }
 
@@ -757,7 +811,7 @@ impl<'m> Engine<'m> {
             .collect();
         let rows: Vec<&[f32]> = items.iter().map(|it| it.h.as_slice()).collect();
         let coda: Vec<&[usize]> = vec![&r.coda; n];
-        let h = r.run_layers(self.cache.as_mut(), r.stack(&rows)?, &toks, &coda)?;
+        let h = r.run_layers(self.cache.as_mut(), r.stack(&rows), &toks, &coda)?;
         self.stats.exit_calls += 1;
         self.stats.exit_items += n as u64;
         // Only the tokens whose next token is unknown need the LM head.
@@ -770,12 +824,9 @@ impl<'m> Engine<'m> {
             .collect();
         let mut logits: HashMap<usize, Vec<f32>> = HashMap::new();
         if !sample.is_empty() {
-            let idx = candle_core::Tensor::from_vec(
-                sample.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                sample.len(),
-                &candle_core::Device::Cpu,
-            )?;
-            let l = self.runner.head(&h.index_select(&idx, 0)?)?;
+            let d = self.runner.d;
+            let hs: Vec<&[f32]> = sample.iter().map(|&i| &h[i * d..(i + 1) * d]).collect();
+            let l = self.runner.head(&self.runner.stack(&hs))?;
             logits = sample.iter().copied().zip(l).collect();
         }
         let context = self.runner.context;
@@ -896,7 +947,7 @@ impl<'m> Engine<'m> {
             Some(RoutingKind::TokenChoice) => r.route_token(&h)?.into_iter().map(Some).collect(),
             _ => vec![None; n],
         };
-        for ((row, (id, pos)), tc) in r.unstack(&h)?.into_iter().zip(batch).zip(tcs) {
+        for ((row, (id, pos)), tc) in r.unstack(&h).into_iter().zip(batch).zip(tcs) {
             self.queue.push_back(Item {
                 id,
                 pos,
@@ -946,7 +997,7 @@ impl<'m> Engine<'m> {
             .iter()
             .map(|&i| r.stages[self.slots[i].stage].as_slice())
             .collect();
-        let y = r.run_layers(self.cache.as_mut(), r.stack(&rows)?, &toks, &slots)?;
+        let y = r.run_layers(self.cache.as_mut(), r.stack(&rows), &toks, &slots)?;
         self.stats.block_calls += 1;
         self.stats.block_items += run.len() as u64;
         let first_stage = self.slots[run[0]].stage;
@@ -954,14 +1005,14 @@ impl<'m> Engine<'m> {
             self.stats.mixed_depth_calls += 1;
         }
         let mut done = vec![false; self.slots.len()];
-        for (&i, y) in run.iter().zip(r.unstack(&y)?) {
+        for (&i, y) in run.iter().zip(y.chunks_exact(r.d)) {
             let it = &mut self.slots[i];
             let merge = it
                 .merge
                 .take()
                 .ok_or_else(|| Error::msg("unrouted item ran"))?;
             let stage = it.stage;
-            r.merge(merge, stage, &mut it.h, &y, Some(&it.h1))?;
+            r.merge(merge, stage, &mut it.h, y, Some(&it.h1))?;
             it.depth = r.stage_depth[it.stage];
             it.stage += 1;
             if it.stage >= r.max_stages {

@@ -13,10 +13,9 @@ use crate::model::MorModel;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use mor_core::plan::Segment;
-use mor_kernels::Backend;
+use mor_kernels::cpu::{rms_norm_rows, swiglu_rows, PackedMatrix};
 use mor_kvcache::{attend_into, DecodeCache, DecodeCacheSpec, DecodeMode, KvPolicy, PagedCache};
 use mor_router::{RouteMode, RoutingKind, Update};
-use std::sync::Arc;
 
 /// When an expert-choice token leaves the recursion (early exit).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -77,29 +76,32 @@ pub(crate) struct Tok {
     pub pos: u32,
 }
 
-/// Transposed, contiguous f32 weights of one unique block.
+/// The f32 weights of one unique block, packed for products with few rows.
 #[derive(Debug)]
 struct BlockWeights {
-    wq_t: Tensor,
-    wkv_t: Tensor,
-    wqkv_t: Tensor,
-    wo_t: Tensor,
-    wg_t: Tensor,
-    wu_t: Tensor,
-    wdown_t: Tensor,
+    /// `[q; k; v]`: one product when the token stores K/V at this slot.
+    qkv: PackedMatrix,
+    /// Queries alone (recursive sharing projects no K/V at steps >= 2, spec §4).
+    q: PackedMatrix,
+    /// `[k; v]` of the tokens that store.
+    kv: PackedMatrix,
+    o: PackedMatrix,
+    /// `[gate; up]`.
+    gate_up: PackedMatrix,
+    down: PackedMatrix,
 }
 
 /// Prepared weights and the plan's stages.
 #[derive(Debug)]
 pub(crate) struct Runner<'m> {
     pub model: &'m MorModel,
-    backend: Arc<dyn Backend>,
     blocks: Vec<BlockWeights>,
     /// Per slot: (attention norm, MLP norm) and a grouping key (equal keys = equal norms).
-    norms: Vec<(Tensor, Tensor, usize)>,
-    final_norm: Tensor,
-    embed: Tensor,
-    head_t: Tensor,
+    norms: Vec<(Vec<f32>, Vec<f32>, usize)>,
+    final_norm: Vec<f32>,
+    /// `[vocab, d]`.
+    embed: Vec<f32>,
+    head: PackedMatrix,
     cos: Vec<f32>,
     sin: Vec<f32>,
     pub d: usize,
@@ -107,7 +109,8 @@ pub(crate) struct Runner<'m> {
     hkv: usize,
     dh: usize,
     pub vocab: usize,
-    eps: f64,
+    eps: f32,
+    ff: usize,
     scale: f32,
     /// Context length (the trained `seq_len`).
     pub context: usize,
@@ -125,15 +128,21 @@ pub(crate) struct Runner<'m> {
     pub max_stages: usize,
 }
 
-fn f32_cpu(t: &Tensor) -> Result<Tensor> {
+/// The values of `t` as host f32 (row-major).
+fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.detach()
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?
-        .contiguous()?)
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
-fn transpose(t: &Tensor) -> Result<Tensor> {
-    Ok(f32_cpu(t)?.t()?.contiguous()?)
+/// Linear weights `[out_i, k]` stacked along the outputs, packed.
+fn packed(parts: &[&Tensor]) -> Result<PackedMatrix> {
+    let k = parts[0].dim(1)?;
+    let vals = parts.iter().map(|t| host(t)).collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+    Ok(PackedMatrix::stacked(&refs, k)?)
 }
 
 impl<'m> Runner<'m> {
@@ -157,13 +166,12 @@ impl<'m> Runner<'m> {
             let k = p.k.as_tensor();
             let v = p.v.as_tensor();
             blocks.push(BlockWeights {
-                wq_t: transpose(q)?,
-                wkv_t: transpose(&Tensor::cat(&[k, v], 0)?)?,
-                wqkv_t: transpose(&Tensor::cat(&[q, k, v], 0)?)?,
-                wo_t: transpose(p.o.as_tensor())?,
-                wg_t: transpose(p.gate.as_tensor())?,
-                wu_t: transpose(p.up.as_tensor())?,
-                wdown_t: transpose(p.down.as_tensor())?,
+                qkv: packed(&[q, k, v])?,
+                q: packed(&[q])?,
+                kv: packed(&[k, v])?,
+                o: packed(&[p.o.as_tensor()])?,
+                gate_up: packed(&[p.gate.as_tensor(), p.up.as_tensor()])?,
+                down: packed(&[p.down.as_tensor()])?,
             });
         }
         let mut norms = Vec::with_capacity(plan.num_slots());
@@ -176,11 +184,11 @@ impl<'m> Runner<'m> {
             } else {
                 plan.num_blocks + s
             };
-            norms.push((f32_cpu(a.as_tensor())?, f32_cpu(b.as_tensor())?, key));
+            norms.push((host(a.as_tensor())?, host(b.as_tensor())?, key));
         }
         let (cos, sin) = model.rope_tables();
-        let cos = f32_cpu(cos)?.flatten_all()?.to_vec1::<f32>()?;
-        let sin = f32_cpu(sin)?.flatten_all()?.to_vec1::<f32>()?;
+        let cos = host(cos)?;
+        let sin = host(sin)?;
         let slots_where = |f: &dyn Fn(&Segment) -> bool| -> Vec<usize> {
             (0..plan.num_slots())
                 .filter(|&s| f(&plan.slots[s].segment))
@@ -232,12 +240,11 @@ impl<'m> Runner<'m> {
         }
         Ok(Runner {
             model,
-            backend: model.backend().clone(),
             blocks,
             norms,
-            final_norm: f32_cpu(model.final_norm_weight().as_tensor())?,
-            embed: f32_cpu(model.embedding().as_tensor())?,
-            head_t: transpose(model.lm_head_weight().as_tensor())?,
+            final_norm: host(model.final_norm_weight().as_tensor())?,
+            embed: host(model.embedding().as_tensor())?,
+            head: packed(&[model.lm_head_weight().as_tensor()])?,
             cos,
             sin,
             d: m.hidden_size,
@@ -245,7 +252,8 @@ impl<'m> Runner<'m> {
             hkv: m.num_kv_heads,
             dh: m.head_dim,
             vocab: m.vocab_size,
-            eps: m.rms_eps,
+            eps: m.rms_eps as f32,
+            ff: m.intermediate_size,
             scale: 1.0 / (m.head_dim as f32).sqrt(),
             context: m.seq_len,
             prelude,
@@ -291,36 +299,56 @@ impl<'m> Runner<'m> {
         slots.iter().copied().filter(|&s| cache.writes(s)).collect()
     }
 
-    /// Hidden states `[n, d]` from host rows.
-    pub fn stack(&self, rows: &[&[f32]]) -> Result<Tensor> {
+    /// Hidden states `[n, d]` (row-major) from rows of `d`.
+    pub fn stack(&self, rows: &[&[f32]]) -> Vec<f32> {
         let mut flat = Vec::with_capacity(rows.len() * self.d);
         for r in rows {
             flat.extend_from_slice(r);
         }
-        Ok(Tensor::from_vec(flat, (rows.len(), self.d), &Device::Cpu)?)
+        flat
     }
 
-    /// Host rows of `h: [n, d]`.
-    pub fn unstack(&self, h: &Tensor) -> Result<Vec<Vec<f32>>> {
-        Ok(h.to_vec2::<f32>()?)
+    /// The rows of `h: [n, d]`.
+    pub fn unstack(&self, h: &[f32]) -> Vec<Vec<f32>> {
+        h.chunks_exact(self.d).map(<[f32]>::to_vec).collect()
+    }
+
+    /// `h: [n, d]` as a tensor `[n, 1, d]` (n one-token rows, for the routers).
+    fn rows_tensor(&self, h: &[f32]) -> Result<Tensor> {
+        Ok(Tensor::from_slice(
+            h,
+            (h.len() / self.d, 1, self.d),
+            &Device::Cpu,
+        )?)
     }
 
     /// Embeddings `[n, d]` of `ids`.
-    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
-            return Err(Error::msg(format!(
-                "token id {bad} is outside the vocabulary of {} ids",
-                self.vocab
-            )));
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut h = Vec::with_capacity(ids.len() * self.d);
+        for &i in ids {
+            let i = i as usize;
+            if i >= self.vocab {
+                return Err(Error::msg(format!(
+                    "token id {i} is outside the vocabulary of {} ids",
+                    self.vocab
+                )));
+            }
+            h.extend_from_slice(&self.embed[i * self.d..(i + 1) * self.d]);
         }
-        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
-        Ok(self.embed.index_select(&idx, 0)?)
+        Ok(h)
     }
 
-    /// Logits `[n, vocab]` of the final hidden states: final RMSNorm, LM head.
-    pub fn head(&self, h: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let x = self.backend.rms_norm(h, &self.final_norm, self.eps)?;
-        Ok(x.matmul(&self.head_t)?.to_vec2::<f32>()?)
+    /// Logits (one row of `vocab` per token) of the final hidden states `h: [n, d]`: final
+    /// RMSNorm, LM head.
+    pub fn head(&self, h: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let mut x = vec![0f32; h.len()];
+        rms_norm_rows(h, &self.final_norm, self.eps, &mut x)?;
+        let mut logits = vec![0f32; (h.len() / self.d) * self.vocab];
+        self.head.matmul(&x, &mut logits, false)?;
+        Ok(logits
+            .chunks_exact(self.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// Runs every token through the layer slots `slots[i]` (one list per token, all of the
@@ -331,15 +359,22 @@ impl<'m> Runner<'m> {
     /// error.
     ///
     /// # Shapes
-    /// `h: [n, d]` → `[n, d]`.
+    /// `h: [n, d]` → `[n, d]` (row-major).
     pub fn run_layers(
         &self,
         cache: &mut dyn DecodeCache,
-        h: Tensor,
+        h: Vec<f32>,
         toks: &[Tok],
         slots: &[&[usize]],
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<f32>> {
         let n = toks.len();
+        if h.len() != n * self.d {
+            return Err(Error::msg(format!(
+                "hidden states of {} values for {n} tokens of {}",
+                h.len(),
+                self.d
+            )));
+        }
         if n == 0 {
             return Ok(h);
         }
@@ -349,6 +384,7 @@ impl<'m> Runner<'m> {
                 "every token of a batch must run the same number of layer slots",
             ));
         }
+        let d = self.d;
         let mut h = h;
         for j in 0..depth {
             let slot_j: Vec<usize> = slots.iter().map(|s| s[j]).collect();
@@ -358,10 +394,10 @@ impl<'m> Runner<'m> {
             };
             let first = key(0);
             if (1..n).all(|i| key(i) == first) {
-                h = self.layer(cache, &h, toks, &slot_j)?;
+                self.layer(cache, &mut h, toks, &slot_j)?;
             } else {
                 // Tokens whose slots use different blocks (a non-cyclic plan mixed with
-                // another, or per-slot norms): one matmul group per block.
+                // another, or per-slot norms): one product group per block.
                 let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
                 for i in 0..n {
                     let k = key(i);
@@ -370,23 +406,18 @@ impl<'m> Runner<'m> {
                         None => groups.push((k, vec![i])),
                     }
                 }
-                let mut rows = self.unstack(&h)?;
                 for (_, members) in groups {
-                    let idx = Tensor::from_vec(
-                        members.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                        members.len(),
-                        &Device::Cpu,
-                    )?;
-                    let hg = h.index_select(&idx, 0)?;
+                    let mut hg: Vec<f32> = Vec::with_capacity(members.len() * d);
+                    for &i in &members {
+                        hg.extend_from_slice(&h[i * d..(i + 1) * d]);
+                    }
                     let tg: Vec<Tok> = members.iter().map(|&i| toks[i]).collect();
                     let sg: Vec<usize> = members.iter().map(|&i| slot_j[i]).collect();
-                    let out = self.unstack(&self.layer(cache, &hg, &tg, &sg)?)?;
-                    for (r, &i) in out.into_iter().zip(&members) {
-                        rows[i] = r;
+                    self.layer(cache, &mut hg, &tg, &sg)?;
+                    for (row, &i) in hg.chunks_exact(d).zip(&members) {
+                        h[i * d..(i + 1) * d].copy_from_slice(row);
                     }
                 }
-                let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
-                h = self.stack(&refs)?;
             }
         }
         Ok(h)
@@ -411,15 +442,15 @@ impl<'m> Runner<'m> {
         }
     }
 
-    /// One decoder layer (pre-norm attention and SwiGLU MLP, spec §1.1) for tokens whose
-    /// slots all use the same block and norms.
+    /// One decoder layer (pre-norm attention and SwiGLU MLP, spec §1.1), in place on `h:
+    /// [n, d]`, for tokens whose slots all use the same block and norms.
     fn layer(
         &self,
         cache: &mut dyn DecodeCache,
-        h: &Tensor,
+        h: &mut [f32],
         toks: &[Tok],
         slots: &[usize],
-    ) -> Result<Tensor> {
+    ) -> Result<()> {
         let n = toks.len();
         let plan = self.model.plan();
         let bw = &self.blocks[plan.slots[slots[0]].block];
@@ -432,63 +463,70 @@ impl<'m> Runner<'m> {
                 t.pos
             )));
         }
-        let x = self.backend.rms_norm(h, an, self.eps)?;
+        let mut x = vec![0f32; h.len()];
+        rms_norm_rows(h, an, self.eps, &mut x)?;
         let writes: Vec<bool> = slots.iter().map(|&s| cache.writes(s)).collect();
-        // Queries of every token; keys/values only where the cache stores them (recursive
-        // sharing projects no K/V at steps >= 2, spec §4).
-        let (mut q, kv): (Vec<f32>, Vec<Option<Vec<f32>>>) = if writes.iter().all(|&w| w) {
-            let qkv = x.matmul(&bw.wqkv_t)?.to_vec2::<f32>()?;
-            let mut q = Vec::with_capacity(n * qd);
-            let mut kv = Vec::with_capacity(n);
-            for row in qkv {
-                q.extend_from_slice(&row[..qd]);
-                kv.push(Some(row[qd..].to_vec()));
-            }
-            (q, kv)
-        } else {
-            let q = x.matmul(&bw.wq_t)?.flatten_all()?.to_vec1::<f32>()?;
-            let w_idx: Vec<u32> = (0..n as u32).filter(|&i| writes[i as usize]).collect();
-            let mut kv: Vec<Option<Vec<f32>>> = vec![None; n];
-            if !w_idx.is_empty() {
-                let idx = Tensor::from_vec(w_idx.clone(), w_idx.len(), &Device::Cpu)?;
-                let rows = x
-                    .index_select(&idx, 0)?
-                    .matmul(&bw.wkv_t)?
-                    .to_vec2::<f32>()?;
-                for (i, r) in w_idx.iter().zip(rows) {
-                    kv[*i as usize] = Some(r);
+        // Rows of `[q | k | v]` when every token stores K/V here; otherwise queries for
+        // all and `[k | v]` for the tokens that store (recursive sharing projects no K/V at
+        // steps >= 2, spec §4).
+        let all_write = writes.iter().all(|&w| w);
+        let (mut q, q_ld, kv, kv_ld, kv_row): (Vec<f32>, usize, Vec<f32>, usize, Vec<usize>) =
+            if all_write {
+                let mut qkv = vec![0f32; n * bw.qkv.n()];
+                bw.qkv.matmul(&x, &mut qkv, false)?;
+                let ld = bw.qkv.n();
+                (qkv, ld, Vec::new(), ld, (0..n).collect())
+            } else {
+                let mut q = vec![0f32; n * qd];
+                bw.q.matmul(&x, &mut q, false)?;
+                let w_idx: Vec<usize> = (0..n).filter(|&i| writes[i]).collect();
+                let mut xs = Vec::with_capacity(w_idx.len() * self.d);
+                for &i in &w_idx {
+                    xs.extend_from_slice(&x[i * self.d..(i + 1) * self.d]);
                 }
-            }
-            (q, kv)
-        };
+                let mut kv = vec![0f32; w_idx.len() * 2 * kvd];
+                bw.kv.matmul(&xs, &mut kv, false)?;
+                let mut row = vec![usize::MAX; n];
+                for (r, &i) in w_idx.iter().enumerate() {
+                    row[i] = r;
+                }
+                (q, qd, kv, 2 * kvd, row)
+            };
         let mut att = vec![0f32; n * qd];
+        let mut k = vec![0f32; kvd];
         for i in 0..n {
             let Tok { req, pos } = toks[i];
-            let qi = &mut q[i * qd..(i + 1) * qd];
+            let qi = &mut q[i * q_ld..i * q_ld + qd];
             self.rope(qi, pos);
-            if let Some(row) = &kv[i] {
-                let (k, v) = row.split_at(kvd);
-                let mut k = k.to_vec();
+            if writes[i] {
+                let row = if all_write {
+                    &q[i * q_ld + qd..(i + 1) * q_ld]
+                } else {
+                    &kv[kv_row[i] * kv_ld..(kv_row[i] + 1) * kv_ld]
+                };
+                let (kr, v) = row.split_at(kvd);
+                k.copy_from_slice(kr);
                 self.rope(&mut k, pos);
                 cache.append(req, slots[i], pos, &k, v)?;
             }
             let view = cache.view(req, slots[i])?;
             attend_into(
                 &view,
-                qi,
+                &q[i * q_ld..i * q_ld + qd],
                 pos,
                 self.hq,
                 self.scale,
                 &mut att[i * qd..(i + 1) * qd],
             )?;
         }
-        let att = Tensor::from_vec(att, (n, qd), &Device::Cpu)?;
-        let h = (h + att.matmul(&bw.wo_t)?)?;
-        let x = self.backend.rms_norm(&h, mn, self.eps)?;
-        let g = x.matmul(&bw.wg_t)?;
-        let u = x.matmul(&bw.wu_t)?;
-        let s = self.backend.swiglu(&g, &u)?;
-        Ok((&h + s.matmul(&bw.wdown_t)?)?)
+        bw.o.matmul(&att, h, true)?;
+        rms_norm_rows(h, mn, self.eps, &mut x)?;
+        let mut gu = vec![0f32; n * 2 * self.ff];
+        bw.gate_up.matmul(&x, &mut gu, false)?;
+        let mut s = vec![0f32; n * self.ff];
+        swiglu_rows(&gu, self.ff, &mut s)?;
+        bw.down.matmul(&s, h, true)?;
+        Ok(())
     }
 
     /// Expert-choice decisions of recursion step `step` for tokens with hidden states `h:
@@ -499,13 +537,13 @@ impl<'m> Runner<'m> {
     /// of a causal forward. [`ExitRule::GateThresholds`] runs it in
     /// [`RouteMode::FullSequence`], whose top-`max(1, ⌊cap·1⌋)` of a one-token row keeps
     /// the token, so the router returns the gate of every token; the thresholds then decide.
-    pub fn route_expert(&self, step: usize, h: &Tensor) -> Result<Vec<ExpertDecision>> {
+    pub fn route_expert(&self, step: usize, h: &[f32]) -> Result<Vec<ExpertDecision>> {
         let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
-        let n = h.dim(0)?;
+        let n = h.len() / self.d;
         if n == 0 {
             return Ok(Vec::new());
         }
-        let h3 = h.reshape((n, 1, self.d))?;
+        let h3 = self.rows_tensor(h)?;
         let mode = match self.exit {
             ExitRule::Router => RouteMode::Causal,
             ExitRule::GateThresholds(_) => RouteMode::FullSequence,
@@ -566,9 +604,9 @@ impl<'m> Runner<'m> {
     /// Token-choice decisions of tokens whose recursion input is `h1: [n, d]`: depth (0 when
     /// the router sends a token nowhere), gate and the intermediate gating flag, read from
     /// the router's own `route` calls.
-    pub fn route_token(&self, h1: &Tensor) -> Result<Vec<TokenChoice>> {
+    pub fn route_token(&self, h1: &[f32]) -> Result<Vec<TokenChoice>> {
         let router = self.model.router().ok_or_else(|| Error::msg("no router"))?;
-        let n = h1.dim(0)?;
+        let n = h1.len() / self.d;
         let mut out = vec![
             TokenChoice {
                 depth: 0,
@@ -580,7 +618,7 @@ impl<'m> Runner<'m> {
         if n == 0 {
             return Ok(out);
         }
-        let h3 = h1.reshape((n, 1, self.d))?;
+        let h3 = self.rows_tensor(h1)?;
         let mut st = router.begin(&h3, RouteMode::Causal)?;
         let mut active = vec![vec![0u32]; n];
         for s in 1..=self.stages.len() {

@@ -161,13 +161,21 @@ impl Sampler {
             let z: f64 = w.iter().map(|x| x.1).sum();
             return Ok(self.draw(w.into_iter().map(|(i, x)| (i, x / z))));
         }
+        // One `exp` per logit: the weights are kept and the uniform draw is scaled by their
+        // sum instead of normalising every weight.
         let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let z: f64 = logits.iter().map(|&l| ((l as f64 - m) / t).exp()).sum();
-        let iter = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l as f64 - m) / t).exp() / z));
-        Ok(self.draw(iter))
+        let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - m) / t).exp()).collect();
+        let z: f64 = w.iter().sum();
+        let u = self.rng.uniform() * z;
+        let mut acc = 0.0;
+        for (i, &x) in w.iter().enumerate() {
+            acc += x;
+            if u < acc {
+                return Ok(i as u32);
+            }
+        }
+        // Rounding left `acc` a hair below `u`: the last token.
+        Ok(w.len() as u32 - 1)
     }
 
     /// Draws from `(token, probability)` pairs summing to 1.

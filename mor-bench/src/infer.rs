@@ -2,8 +2,10 @@
 //!
 //! Protocol (spec §5, "Protocol", scaled down):
 //! - models: expert-choice MoR with `N_r = 2, 3, 4` (Middle-Cycle, recursion-wise caching)
-//!   and, for each, a vanilla model of the same unrolled depth (e.g. a 10-layer vanilla for
-//!   MoR-4 built as 1 + 2×4 + 1); random initialisation;
+//!   and, for each, a vanilla model of the same unrolled depth; by default the paper's
+//!   depths (a 32-layer base: MoR-2 is 1 + 15×2 + 1 = 32 layers, MoR-3 1 + 10×3 + 1 = 32,
+//!   MoR-4 1 + 8×4 + 1 = 34, each against a vanilla of as many layers) at the `small`
+//!   preset's width; random initialisation;
 //! - `requests` requests, no prompt prefix (a single start token, id 0), generation lengths
 //!   drawn from `Normal(gen_len_mean, gen_len_std)` with a seeded RNG, rounded, clamped to
 //!   `1..context`; tokens sampled at temperature 1 (seeded per request);
@@ -14,9 +16,13 @@
 //!   batching (the same engine: one block call runs all its layers). The batch size is both
 //!   the block's item slots and the number of concurrent requests (what the KV memory
 //!   bounds); exited MoR tokens gather until `exit_fraction` of the batch has left the
-//!   recursion before the coda, LM head and sampling run on them together (spec §5 step 3:
-//!   on a CPU the LM head and the unique layers are the expensive, cache-cold part, so
-//!   running them on a few tokens at a time costs more than it saves);
+//!   recursion before the coda, LM head and sampling run on them together (spec §5 step 3).
+//!   Tokens waiting there hold batch slots, so a small exit batch keeps the shared block
+//!   fuller; with the packed decode products a coda/head call on a few tokens costs little
+//!   more per token than on many (default 1/8 of the batch);
+//! - the engine counts the floating-point operations it does (projections, attention over
+//!   the caches, LM head), so each ratio is reported beside the ratio of arithmetic: on a
+//!   CPU, decoding at these batch sizes is compute-bound and that ratio is the ceiling;
 //! - a warm-up run is excluded; the timed run includes the KV cache updates (the paper
 //!   excludes them; here they are part of every layer call);
 //! - the thread count is pinned (default 1: decoding is fastest single-threaded on these
@@ -61,7 +67,8 @@ pub struct InferBenchConfig {
     pub seed: u64,
     /// Model preset (dimensions; `small` is d = 256, 4 heads (2 KV) of 64, vocab 4096).
     pub preset: String,
-    /// Layers of the base model before the Middle-Cycle depth fix.
+    /// Layers of the base model before the Middle-Cycle depth fix (32, the paper's 360M
+    /// depth: MoR-2 and MoR-3 have 32 layers, MoR-4 34, spec §5).
     pub base_layers: usize,
     /// Context length of the models.
     pub context: usize,
@@ -94,21 +101,22 @@ impl Default for InferBenchConfig {
             warmup_requests: 8,
             seed: 0,
             preset: "small".to_string(),
-            base_layers: 8,
+            base_layers: 32,
             context: 256,
             recursions: vec![2, 3, 4],
             block_tokens: 16,
             calib_requests: 24,
             calib_passes: 3,
             relative_max: true,
-            exit_fraction: 0.75,
+            exit_fraction: 0.125,
             rounds: 2,
         }
     }
 }
 
 impl InferBenchConfig {
-    /// A run of a few seconds (smoke test): fewer and shorter requests.
+    /// A run of a few seconds (smoke test): fewer and shorter requests, an 8-layer base
+    /// (10 layers for MoR-4).
     pub fn quick() -> Self {
         InferBenchConfig {
             requests: 16,
@@ -119,6 +127,7 @@ impl InferBenchConfig {
             calib_requests: 16,
             calib_passes: 3,
             rounds: 1,
+            base_layers: 8,
             ..Self::default()
         }
     }
@@ -217,6 +226,33 @@ pub struct ModelReport {
     pub mixed_depth_calls: u64,
     /// Requests preempted for KV memory.
     pub preemptions: u64,
+    /// Floating-point operations per generated token (projections, attention over the
+    /// caches, LM head; 2 per multiply-add), counted by the engine.
+    pub flops_per_token: f64,
+    /// Share of those in attention.
+    pub attention_flop_share: f64,
+    /// `flops_per_token(vanilla) / flops_per_token`: the throughput ratio a machine whose
+    /// time follows the arithmetic would show (the compute-bound ceiling).
+    pub flop_ratio_vs_vanilla: f64,
+    /// `throughput_ratio_vs_vanilla / flop_ratio_vs_vanilla`: above 1 when the model runs
+    /// its arithmetic faster than vanilla does (e.g. fuller or cheaper calls), below 1 when
+    /// its scheduling costs more than it saves.
+    pub throughput_over_flop_ratio: f64,
+    /// Seconds of the timed run by engine phase.
+    pub phase_seconds: PhaseSeconds,
+}
+
+/// Where a timed run spent its time (engine phases, spec §5's pipeline).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PhaseSeconds {
+    /// Shared-block calls (all layers for vanilla), KV appends included.
+    pub block: f64,
+    /// Coda layers, LM head and sampling of exited tokens.
+    pub exit: f64,
+    /// Embeddings and prelude layers of next tokens.
+    pub entry: f64,
+    /// Expert-choice routing decisions.
+    pub route: f64,
 }
 
 /// The whole benchmark.
@@ -511,13 +547,14 @@ impl Subject {
         }
     }
 
-    fn time(&mut self, cfg: &InferBenchConfig, lens: &[usize]) -> Result<()> {
+    /// One timed run (kept when it is the fastest so far); returns it.
+    fn time(&mut self, cfg: &InferBenchConfig, lens: &[usize]) -> Result<Timed> {
         let t = timed_run(&self.model, cfg, self.batch, self.exit(), lens)?;
         self.best_steady = self.best_steady.max(t.steady_tokens_per_s());
         if self.best.as_ref().is_none_or(|b| t.seconds < b.seconds) {
-            self.best = Some(t);
+            self.best = Some(t.clone());
         }
-        Ok(())
+        Ok(t)
     }
 
     fn report(&self, cfg: &InferBenchConfig, vanilla: Option<&ModelReport>) -> Result<ModelReport> {
@@ -561,6 +598,17 @@ impl Subject {
             mean_block_occupancy: t.stats.mean_block_occupancy(),
             mixed_depth_calls: t.stats.mixed_depth_calls,
             preemptions: t.stats.preemptions,
+            flops_per_token: t.stats.total_flops() as f64 / t.tokens.max(1) as f64,
+            attention_flop_share: t.stats.attention_flops as f64
+                / t.stats.total_flops().max(1) as f64,
+            flop_ratio_vs_vanilla: 1.0,
+            throughput_over_flop_ratio: 1.0,
+            phase_seconds: PhaseSeconds {
+                block: t.stats.block_seconds,
+                exit: t.stats.exit_seconds,
+                entry: t.stats.entry_seconds,
+                route: t.stats.route_seconds,
+            },
         };
         if let Some(v) = vanilla {
             r.vanilla = v.name.clone();
@@ -574,6 +622,9 @@ impl Subject {
             r.kv_recursion_ratio_vs_vanilla =
                 (r.kv_bytes_per_token - unique) / (v.kv_bytes_per_token - unique).max(1e-9);
             r.kv_ratio_over_formula = r.kv_recursion_ratio_vs_vanilla / r.kv_ratio_formula;
+            r.flop_ratio_vs_vanilla = v.flops_per_token / r.flops_per_token.max(1e-9);
+            r.throughput_over_flop_ratio =
+                r.throughput_ratio_vs_vanilla / r.flop_ratio_vs_vanilla.max(1e-9);
         }
         Ok(r)
     }
@@ -596,15 +647,20 @@ fn time_all(
                 "{} ({}, batch {}): timing, round {round}/{}",
                 s.name, s.setting, s.batch, cfg.rounds
             ));
-            s.time(cfg, lens)?;
-            if let Some(t) = &s.best {
-                let st = &t.stats;
-                log(&format!(
-                    "  {:.2} s: block {:.2} exit {:.2} entry {:.2} route {:.2} (occupancy {:.1}, exit batch {:.1})",
-                    t.seconds, st.block_seconds, st.exit_seconds, st.entry_seconds, st.route_seconds,
-                    st.mean_block_occupancy(), st.exit_items as f64 / st.exit_calls.max(1) as f64
-                ));
-            }
+            let t = s.time(cfg, lens)?;
+            let st = &t.stats;
+            log(&format!(
+                "  {:.2} s ({:.0} tokens/s): block {:.2} s, exit {:.2} s, entry {:.2} s, route {:.2} s; \
+                 {:.1} items per block call, {:.1} per exit call",
+                t.seconds,
+                t.tokens_per_s(),
+                st.block_seconds,
+                st.exit_seconds,
+                st.entry_seconds,
+                st.route_seconds,
+                st.mean_block_occupancy(),
+                st.exit_items as f64 / st.exit_calls.max(1) as f64
+            ));
         }
     }
     Ok(())
@@ -749,15 +805,16 @@ pub fn render_text(r: &InferBenchReport) -> String {
         c.batch_size
     ));
     s.push_str(&format!(
-        "{:<11} {:<12} {:>6} {:>5} {:>9} {:>7} {:>9} {:>7} {:>8} {:>7} {:>8} {:>7} {:>6}  {}\n",
+        "{:<11} {:<12} {:>6} {:>5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>6}  {}\n",
         "model",
         "setting",
         "layers",
         "batch",
         "tokens/s",
         "x van",
-        "steady/s",
-        "x van",
+        "steady",
+        "FLOP x",
+        "x/FLOP",
         "KV B/tok",
         "KV xvan",
         "KV rec x",
@@ -772,15 +829,16 @@ pub fn render_text(r: &InferBenchReport) -> String {
             .map(|x| format!("{x:.2}"))
             .collect();
         s.push_str(&format!(
-            "{:<11} {:<12} {:>6} {:>5} {:>9.1} {:>7.3} {:>9.1} {:>7.3} {:>8.0} {:>7.3} {:>8.3} {:>7.3} {:>6.1}  [{}]\n",
+            "{:<11} {:<12} {:>6} {:>5} {:>9.1} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.0} {:>7.3} {:>8.3} {:>7.3} {:>6.1}  [{}]\n",
             m.name,
             m.setting,
             m.layers,
             m.batch_size,
             m.tokens_per_s,
             m.throughput_ratio_vs_vanilla,
-            m.steady_tokens_per_s,
             m.steady_throughput_ratio_vs_vanilla,
+            m.flop_ratio_vs_vanilla,
+            m.throughput_over_flop_ratio,
             m.kv_bytes_per_token,
             m.kv_bytes_ratio_vs_vanilla,
             m.kv_recursion_ratio_vs_vanilla,
@@ -789,12 +847,35 @@ pub fn render_text(r: &InferBenchReport) -> String {
             dist.join(", ")
         ));
     }
+    s.push_str(&format!(
+        "\n{:<11} {:<12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}\n",
+        "model", "setting", "seconds", "block", "exit", "entry", "route", "attn FLOP"
+    ));
+    for m in &r.models {
+        let p = &m.phase_seconds;
+        s.push_str(&format!(
+            "{:<11} {:<12} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1}%\n",
+            m.name,
+            m.setting,
+            m.seconds,
+            p.block,
+            p.exit,
+            p.entry,
+            p.route,
+            100.0 * m.attention_flop_share
+        ));
+    }
     s.push_str(
         "\nx van: throughput over the vanilla model of equal unrolled depth (whole run; `steady`: \
-         while every batch slot had a request). KV B/tok: exact K/V bytes per token measured in the \
-         cache; KV xvan: over vanilla's, whole model; KV rec x: the same over the recursion blocks \
-         only, to compare with spec §4's (N_r+1)/(2N_r). Exit thresholds are calibrated per step on \
-         the untrained routers to the capacity schedule (target depth distribution 1/N_r each).\n",
+         while every batch slot had a request). FLOP x: vanilla's floating-point operations per \
+         generated token over this model's (projections, attention over the caches, LM head; \
+         counted by the engine), the ratio a purely compute-bound machine would show; x/FLOP: \
+         the measured ratio over it. KV B/tok: exact K/V bytes per token measured in the \
+         cache; KV xvan: over vanilla's, whole model; KV rec x: the same over the recursion \
+         blocks only, to compare with spec §4's (N_r+1)/(2N_r). Exit thresholds are calibrated \
+         per step on the untrained routers to the capacity schedule (target depth distribution \
+         1/N_r each). Seconds by phase: shared-block calls (all layers for vanilla), exit \
+         (coda, LM head, sampling), entry (embedding, prelude), routing.\n",
     );
     s
 }
@@ -914,7 +995,23 @@ mod tests {
             );
             assert!((m.depth_distribution.iter().sum::<f64>() - 1.0).abs() < 1e-9);
             assert_eq!(m.thresholds.len(), 3);
+            // Early exits do less arithmetic per token than vanilla's full depth.
+            assert!(
+                (m.flop_ratio_vs_vanilla - van.flops_per_token / m.flops_per_token).abs() < 1e-12
+            );
+            assert!(m.flop_ratio_vs_vanilla > 1.0, "{}", m.flop_ratio_vs_vanilla);
+            assert!(
+                (m.throughput_over_flop_ratio * m.flop_ratio_vs_vanilla
+                    - m.throughput_ratio_vs_vanilla)
+                    .abs()
+                    < 1e-12
+            );
+            let p = &m.phase_seconds;
+            assert!(p.block > 0.0 && p.exit > 0.0 && p.entry > 0.0);
+            assert!(p.block + p.exit + p.entry + p.route <= m.seconds * 1.001 + 1e-3);
         }
+        assert_eq!(van.flop_ratio_vs_vanilla, 1.0);
+        assert!(van.flops_per_token > 0.0 && van.attention_flop_share > 0.0);
         let max = &r.models[2];
         let want = (cfg.batch_size as f64 * van.kv_bytes_per_token / r.models[1].kv_bytes_per_token)
             .round() as usize;

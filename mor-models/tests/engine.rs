@@ -559,3 +559,55 @@ fn gate_thresholds_and_max_depth_control_the_exit() {
     )
     .is_err());
 }
+
+/// The engine's FLOP counters against a closed form: a vanilla model (every position runs
+/// every layer), one request of `P` prompt tokens generating `G`. Positions processed:
+/// `P + G − 1` (the last token is never fed back); per position and layer, `2·MACs` of the
+/// projections and `2·2·hq·dh·(pos + 1)` of attention (scores and weighted values over the
+/// position's own cache); `G` LM-head rows of `2·d·V`. A recursion-wise MoR model with
+/// every token forced to full depth counts the same work as its unrolled vanilla layers.
+#[test]
+fn flop_counters_match_the_closed_form() {
+    link();
+    let (p, g) = (5usize, 7usize);
+    let (d, hq, hkv, dh, ff, layers) = (32usize, 4usize, 2usize, 8usize, 48usize, 8usize);
+    let macs = d * hq * dh + 2 * d * hkv * dh + hq * dh * d + 2 * d * ff + ff * d;
+    let positions = p + g - 1;
+    let want_linear = (2 * macs * layers * positions) as u64;
+    let want_attention: u64 = (0..positions)
+        .map(|pos| (4 * hq * dh * (pos + 1) * layers) as u64)
+        .sum();
+    let want_head = (2 * d * VOCAB * g) as u64;
+    let check = |name: &str, model: &MorModel, exit: ExitRule| {
+        let mut e = Engine::new(
+            model,
+            EngineConfig {
+                batch_size: 2,
+                exit,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        e.submit(Request::greedy(random_ids(p, 3), g)).unwrap();
+        let done = e.run_to_completion().unwrap();
+        assert_eq!(done[0].tokens.len(), g, "{name}");
+        let s = e.stats();
+        assert_eq!(s.linear_flops, want_linear, "{name}: linear");
+        assert_eq!(s.attention_flops, want_attention, "{name}: attention");
+        assert_eq!(s.head_flops, want_head, "{name}: head");
+        assert_eq!(s.total_flops(), want_linear + want_attention + want_head);
+        // `since` of the same counters is zero work.
+        assert_eq!(s.since(s).total_flops(), 0, "{name}");
+    };
+    let v = MorModel::new(&vanilla()).unwrap();
+    check("vanilla", &v, ExitRule::Router);
+    // Middle-Cycle N_r = 3 over 8 base layers: 1 + 2·3 + 1 = 8 slots, all run when the
+    // thresholds never stop a token.
+    let m = MorModel::new(&mor("kind = \"expert_choice\"", "recursion_wise", "")).unwrap();
+    assert_eq!(m.plan().num_slots(), layers);
+    check(
+        "mor at full depth",
+        &m,
+        ExitRule::GateThresholds(vec![f64::NEG_INFINITY; 3]),
+    );
+}

@@ -28,8 +28,8 @@ pub struct Args {
     /// Mean generation length.
     #[arg(long)]
     gen_len: Option<f64>,
-    /// Layers of the base model before the Middle-Cycle depth fix (default 8; the paper's
-    /// 360M base has 32, giving 34 layers for MoR-4).
+    /// Layers of the base model before the Middle-Cycle depth fix (default 32, the paper's
+    /// 360M depth: 32 layers for MoR-2 and MoR-3, 34 for MoR-4).
     #[arg(long)]
     base_layers: Option<usize>,
     /// Context length of the models (default 256).
@@ -44,7 +44,7 @@ pub struct Args {
     /// Skip the relative-max batch setting.
     #[arg(long)]
     fixed_only: bool,
-    /// Share of the batch that gathers after exiting before the coda/head run (default 0.75).
+    /// Share of the batch that gathers after exiting before the coda/head run (default 0.125).
     #[arg(long)]
     exit_fraction: Option<f64>,
     /// Recursion counts of the MoR models (default 2, 3 and 4).

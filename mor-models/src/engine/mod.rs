@@ -232,6 +232,12 @@ pub struct EngineStats {
     pub entry_seconds: f64,
     /// Expert-choice routing decisions.
     pub route_seconds: f64,
+    /// Floating-point operations (2 per multiply-add) of the layers' projections.
+    pub linear_flops: u64,
+    /// Floating-point operations of attention over the caches (scores and weighted values).
+    pub attention_flops: u64,
+    /// Floating-point operations of the LM head.
+    pub head_flops: u64,
 }
 
 impl EngineStats {
@@ -269,7 +275,15 @@ impl EngineStats {
             exit_seconds: self.exit_seconds - before.exit_seconds,
             entry_seconds: self.entry_seconds - before.entry_seconds,
             route_seconds: self.route_seconds - before.route_seconds,
+            linear_flops: self.linear_flops.saturating_sub(before.linear_flops),
+            attention_flops: self.attention_flops.saturating_sub(before.attention_flops),
+            head_flops: self.head_flops.saturating_sub(before.head_flops),
         }
+    }
+
+    /// Floating-point operations of every kind.
+    pub fn total_flops(&self) -> u64 {
+        self.linear_flops + self.attention_flops + self.head_flops
     }
 
     /// Mean items per shared-block call.
@@ -632,6 +646,10 @@ impl<'m> Engine<'m> {
             .stats
             .peak_kv_bytes
             .max(self.cache.bytes_stored() as u64);
+        let f = self.runner.flops.get();
+        self.stats.linear_flops = f.linear;
+        self.stats.attention_flops = f.attention;
+        self.stats.head_flops = f.head;
         if !progress {
             self.relieve(&mut events)?;
         }

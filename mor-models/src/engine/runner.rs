@@ -91,10 +91,21 @@ struct BlockWeights {
     down: PackedMatrix,
 }
 
+/// Floating-point operations done so far (2 per multiply-add): layer projections, attention
+/// over the caches (scores and weighted values), LM head.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Flops {
+    pub linear: u64,
+    pub attention: u64,
+    pub head: u64,
+}
+
 /// Prepared weights and the plan's stages.
 #[derive(Debug)]
 pub(crate) struct Runner<'m> {
     pub model: &'m MorModel,
+    /// Work counters.
+    pub flops: std::cell::Cell<Flops>,
     blocks: Vec<BlockWeights>,
     /// Per slot: (attention norm, MLP norm) and a grouping key (equal keys = equal norms).
     norms: Vec<(Vec<f32>, Vec<f32>, usize)>,
@@ -240,6 +251,7 @@ impl<'m> Runner<'m> {
         }
         Ok(Runner {
             model,
+            flops: Default::default(),
             blocks,
             norms,
             final_norm: host(model.final_norm_weight().as_tensor())?,
@@ -345,6 +357,9 @@ impl<'m> Runner<'m> {
         rms_norm_rows(h, &self.final_norm, self.eps, &mut x)?;
         let mut logits = vec![0f32; (h.len() / self.d) * self.vocab];
         self.head.matmul(&x, &mut logits, false)?;
+        let mut f = self.flops.get();
+        f.head += 2 * (h.len() * self.vocab) as u64;
+        self.flops.set(f);
         Ok(logits
             .chunks_exact(self.vocab)
             .map(<[f32]>::to_vec)
@@ -492,6 +507,11 @@ impl<'m> Runner<'m> {
                 }
                 (q, qd, kv, 2 * kvd, row)
             };
+        let n_writes = writes.iter().filter(|&&w| w).count();
+        let macs = |m: &PackedMatrix| m.n() * m.k();
+        let mut linear = n * (macs(&bw.q) + macs(&bw.o) + macs(&bw.gate_up) + macs(&bw.down))
+            + n_writes * macs(&bw.kv);
+        let mut attention = 0usize;
         let mut att = vec![0f32; n * qd];
         let mut k = vec![0f32; kvd];
         for i in 0..n {
@@ -510,6 +530,7 @@ impl<'m> Runner<'m> {
                 cache.append(req, slots[i], pos, &k, v)?;
             }
             let view = cache.view(req, slots[i])?;
+            attention += 2 * qd * view.len();
             attend_into(
                 &view,
                 &q[i * q_ld..i * q_ld + qd],
@@ -526,6 +547,11 @@ impl<'m> Runner<'m> {
         let mut s = vec![0f32; n * self.ff];
         swiglu_rows(&gu, self.ff, &mut s)?;
         bw.down.matmul(&s, h, true)?;
+        linear *= 2;
+        let mut f = self.flops.get();
+        f.linear += linear as u64;
+        f.attention += 2 * attention as u64;
+        self.flops.set(f);
         Ok(())
     }
 

@@ -76,7 +76,9 @@ pub struct InferBenchConfig {
     pub recursions: Vec<usize>,
     /// Tokens per KV block.
     pub block_tokens: usize,
-    /// Requests of the threshold calibration (lengths drawn like the timed ones).
+    /// Requests of the threshold calibration (lengths drawn like the timed ones; 64 by
+    /// default: with fewer, the sampling error of the fitted quantiles shifts the realised
+    /// depth distribution by a few points).
     pub calib_requests: usize,
     /// Calibration passes (the first fits on full-depth gates, later ones re-fit).
     pub calib_passes: usize,
@@ -105,7 +107,7 @@ impl Default for InferBenchConfig {
             context: 256,
             recursions: vec![2, 3, 4],
             block_tokens: 16,
-            calib_requests: 24,
+            calib_requests: 64,
             calib_passes: 3,
             relative_max: true,
             exit_fraction: 0.125,
@@ -348,8 +350,10 @@ pub fn calibrate_thresholds(model: &MorModel, cfg: &InferBenchConfig) -> Result<
     let caps = capacities(n);
     let mut thresholds = vec![f64::NEG_INFINITY; n];
     for pass in 0..cfg.calib_passes.max(1) {
+        // A row's computation does not depend on its batch (the engine's products are
+        // batch-invariant), so the calibration runs at a batch of its own choosing.
         let ecfg = EngineConfig {
-            batch_size: cfg.batch_size,
+            batch_size: cfg.batch_size.max(CALIB_BATCH),
             block_tokens: cfg.block_tokens,
             exit: ExitRule::GateThresholds(thresholds.clone()),
             record_gates: true,
@@ -390,6 +394,9 @@ pub fn calibrate_thresholds(model: &MorModel, cfg: &InferBenchConfig) -> Result<
     }
     Ok(thresholds)
 }
+
+/// Batch of the calibration runs (at least).
+const CALIB_BATCH: usize = 64;
 
 /// The threshold that keeps the share `keep` of `g` (values `>=` it).
 fn quantile_threshold(g: &[f32], keep: f64) -> f64 {
@@ -448,67 +455,100 @@ fn engine_config(
     }
 }
 
-fn timed_run(
-    model: &MorModel,
-    cfg: &InferBenchConfig,
+/// Wall-clock time a model decodes before the next model of an interleaved run takes over.
+const SLICE_SECONDS: f64 = 0.2;
+
+/// One model's engine in an interleaved timed run: warmed up, the timed requests queued,
+/// the time of its own slices summed.
+struct Live<'m> {
+    engine: Engine<'m>,
     batch: usize,
-    exit: ExitRule,
-    lens: &[usize],
-) -> Result<Timed> {
-    let mut engine = Engine::new(model, engine_config(cfg, model, batch, exit))?;
-    let warm = gen_lengths(cfg, cfg.warmup_requests, "warmup");
-    for (i, &len) in warm.iter().enumerate() {
-        engine.submit(Request {
-            prompt: vec![0],
-            max_new_tokens: len,
-            sampling: sampling(cfg, 1_000_000 + i),
-            stop_token: None,
-        })?;
+    before: EngineStats,
+    seconds: f64,
+    tokens: u64,
+    steady: Option<(u64, f64)>,
+    failed: Option<String>,
+}
+
+impl<'m> Live<'m> {
+    /// Builds the engine, runs the (untimed) warm-up requests and queues the timed ones.
+    fn start(
+        model: &'m MorModel,
+        cfg: &InferBenchConfig,
+        batch: usize,
+        exit: ExitRule,
+        lens: &[usize],
+    ) -> Result<Self> {
+        let mut engine = Engine::new(model, engine_config(cfg, model, batch, exit))?;
+        let warm = gen_lengths(cfg, cfg.warmup_requests, "warmup");
+        for (i, &len) in warm.iter().enumerate() {
+            engine.submit(Request {
+                prompt: vec![0],
+                max_new_tokens: len,
+                sampling: sampling(cfg, 1_000_000 + i),
+                stop_token: None,
+            })?;
+        }
+        engine.run_to_completion()?;
+        let before = engine.stats().clone();
+        for (i, &len) in lens.iter().enumerate() {
+            engine.submit(Request {
+                prompt: vec![0],
+                max_new_tokens: len,
+                sampling: sampling(cfg, i),
+                stop_token: None,
+            })?;
+        }
+        Ok(Live {
+            engine,
+            batch,
+            before,
+            seconds: 0.0,
+            tokens: 0,
+            steady: None,
+            failed: None,
+        })
     }
-    engine.run_to_completion()?;
-    let before = engine.stats().clone();
-    for (i, &len) in lens.iter().enumerate() {
-        engine.submit(Request {
-            prompt: vec![0],
-            max_new_tokens: len,
-            sampling: sampling(cfg, i),
-            stop_token: None,
-        })?;
-    }
-    let t0 = Instant::now();
-    let mut done = Vec::new();
-    let mut tokens = 0u64;
-    let mut steady: Option<(u64, f64)> = None;
-    while !engine.is_idle() {
-        for ev in engine.step()? {
-            match ev {
-                Event::Token { .. } => tokens += 1,
-                Event::Finished(c) => done.push(c),
+
+    /// Decodes for about `budget` seconds (or until every request has finished).
+    fn slice(&mut self, budget: f64) -> Result<()> {
+        let t0 = Instant::now();
+        while !self.engine.is_idle() && t0.elapsed().as_secs_f64() < budget {
+            for ev in self.engine.step()? {
+                match ev {
+                    Event::Token { .. } => self.tokens += 1,
+                    Event::Finished(c) => {
+                        if let FinishReason::Error(e) = &c.finish {
+                            self.failed
+                                .get_or_insert(format!("request {} failed: {e}", c.id));
+                        }
+                    }
+                }
+            }
+            if self.steady.is_none()
+                && self.engine.pending_requests() == 0
+                && self.engine.active_requests() < self.batch
+            {
+                self.steady = Some((self.tokens, self.seconds + t0.elapsed().as_secs_f64()));
             }
         }
-        if steady.is_none() && engine.pending_requests() == 0 && engine.active_requests() < batch {
-            steady = Some((tokens, t0.elapsed().as_secs_f64()));
+        self.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Timed> {
+        if let Some(e) = self.failed {
+            return Err(Error::msg(e));
         }
+        let (steady_tokens, steady_seconds) = self.steady.unwrap_or((self.tokens, self.seconds));
+        Ok(Timed {
+            tokens: self.tokens,
+            seconds: self.seconds,
+            steady_tokens,
+            steady_seconds,
+            stats: self.engine.stats().since(&self.before),
+        })
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    if let Some(c) = done
-        .iter()
-        .find(|c| matches!(c.finish, FinishReason::Error(_)))
-    {
-        return Err(Error::msg(format!(
-            "request {} failed: {:?}",
-            c.id, c.finish
-        )));
-    }
-    let (steady_tokens, steady_seconds) = steady.unwrap_or((tokens, seconds));
-    let delta = engine.stats().since(&before);
-    Ok(Timed {
-        tokens,
-        seconds,
-        steady_tokens,
-        steady_seconds,
-        stats: delta,
-    })
 }
 
 fn param_count(model: &MorModel) -> usize {
@@ -547,14 +587,12 @@ impl Subject {
         }
     }
 
-    /// One timed run (kept when it is the fastest so far); returns it.
-    fn time(&mut self, cfg: &InferBenchConfig, lens: &[usize]) -> Result<Timed> {
-        let t = timed_run(&self.model, cfg, self.batch, self.exit(), lens)?;
+    /// Keeps `t` when it is the fastest run so far.
+    fn record(&mut self, t: &Timed) {
         self.best_steady = self.best_steady.max(t.steady_tokens_per_s());
         if self.best.as_ref().is_none_or(|b| t.seconds < b.seconds) {
             self.best = Some(t.clone());
         }
-        Ok(t)
     }
 
     fn report(&self, cfg: &InferBenchConfig, vanilla: Option<&ModelReport>) -> Result<ModelReport> {
@@ -630,9 +668,10 @@ impl Subject {
     }
 }
 
-/// Times every subject `rounds` times, interleaved (round 1 of every model, then round 2,
-/// ...), keeping each model's best run: on a shared machine the best of interleaved rounds
-/// is the least disturbed measurement.
+/// Times the subjects `which` together, `rounds` times: in each round every model decodes
+/// the same requests, the models taking turns of [`SLICE_SECONDS`] until all are done, so
+/// that the machine's drift over a round reaches every model alike; each model keeps its
+/// fastest round.
 fn time_all(
     subjects: &mut [Subject],
     which: &[usize],
@@ -640,18 +679,41 @@ fn time_all(
     lens: &[usize],
     log: &mut dyn FnMut(&str),
 ) -> Result<()> {
+    let models: Vec<Rc<MorModel>> = which
+        .iter()
+        .map(|&i| Rc::clone(&subjects[i].model))
+        .collect();
     for round in 1..=cfg.rounds.max(1) {
-        for &i in which {
-            let s = &mut subjects[i];
-            log(&format!(
-                "{} ({}, batch {}): timing, round {round}/{}",
-                s.name, s.setting, s.batch, cfg.rounds
-            ));
-            let t = s.time(cfg, lens)?;
+        let names: Vec<String> = which
+            .iter()
+            .map(|&i| {
+                format!(
+                    "{} ({}, batch {})",
+                    subjects[i].name, subjects[i].setting, subjects[i].batch
+                )
+            })
+            .collect();
+        log(&format!(
+            "round {round}/{}: timing {} in turns",
+            cfg.rounds,
+            names.join(", ")
+        ));
+        let mut lives = Vec::with_capacity(which.len());
+        for (&i, m) in which.iter().zip(&models) {
+            let s = &subjects[i];
+            lives.push(Live::start(m, cfg, s.batch, s.exit(), lens)?);
+        }
+        while lives.iter().any(|l| !l.engine.is_idle()) {
+            for l in lives.iter_mut() {
+                l.slice(SLICE_SECONDS)?;
+            }
+        }
+        for ((&i, l), name) in which.iter().zip(lives).zip(&names) {
+            let t = l.finish()?;
             let st = &t.stats;
             log(&format!(
-                "  {:.2} s ({:.0} tokens/s): block {:.2} s, exit {:.2} s, entry {:.2} s, route {:.2} s; \
-                 {:.1} items per block call, {:.1} per exit call",
+                "  {name}: {:.2} s ({:.0} tokens/s): block {:.2} s, exit {:.2} s, entry {:.2} s, \
+                 route {:.2} s; {:.1} items per block call, {:.1} per exit call",
                 t.seconds,
                 t.tokens_per_s(),
                 st.block_seconds,
@@ -661,9 +723,28 @@ fn time_all(
                 st.mean_block_occupancy(),
                 st.exit_items as f64 / st.exit_calls.max(1) as f64
             ));
+            subjects[i].record(&t);
         }
     }
     Ok(())
+}
+
+/// The report of every subject, in order: vanilla models against themselves, the others
+/// against their vanilla's fastest round.
+fn reports(subjects: &[Subject], cfg: &InferBenchConfig) -> Result<Vec<ModelReport>> {
+    let mut out: Vec<Option<ModelReport>> = vec![None; subjects.len()];
+    for (i, s) in subjects.iter().enumerate() {
+        if s.vanilla == i {
+            out[i] = Some(s.report(cfg, None)?);
+        }
+    }
+    for (i, s) in subjects.iter().enumerate() {
+        if s.vanilla != i {
+            let v = out[s.vanilla].clone();
+            out[i] = Some(s.report(cfg, v.as_ref())?);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// Runs the benchmark; `log` receives one line per step.
@@ -721,21 +802,7 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
     }
     let all: Vec<usize> = (0..subjects.len()).collect();
     time_all(&mut subjects, &all, cfg, &lens, log)?;
-    // Vanilla first (its own reference), then every MoR against its vanilla.
-    let mut reports: Vec<Option<ModelReport>> = vec![None; subjects.len()];
-    for (i, s) in subjects.iter().enumerate() {
-        if s.vanilla == i {
-            reports[i] = Some(s.report(cfg, None)?);
-        }
-    }
-    for (i, s) in subjects.iter().enumerate() {
-        if s.vanilla != i {
-            let v = reports[s.vanilla].clone();
-            reports[i] = Some(s.report(cfg, v.as_ref())?);
-        }
-    }
-    let fixed: Vec<ModelReport> = reports.into_iter().flatten().collect();
-    let mut models = fixed.clone();
+    let fixed = reports(&subjects, cfg)?;
     let kv_budget = subjects
         .iter()
         .zip(&fixed)
@@ -744,8 +811,12 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
         .fold(0.0, f64::max);
     if cfg.relative_max {
         // maxB from a fixed KV budget: B · (vanilla bytes per token / MoR bytes per token);
-        // vanilla keeps B, so its fixed-batch runs are its relative-max runs.
-        let mut extra: Vec<Subject> = Vec::new();
+        // vanilla keeps B, so its fixed-batch runs are its relative-max runs, and it takes
+        // turns with these models again (each model keeps its fastest round overall).
+        let vanillas: Vec<usize> = (0..subjects.len())
+            .filter(|&i| subjects[i].vanilla == i)
+            .collect();
+        let mut which = vanillas;
         for &m in &mors {
             let s = &subjects[m];
             let (mr, vr) = (&fixed[m], &fixed[s.vanilla]);
@@ -753,7 +824,7 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
                 / mr.kv_bytes_per_token.max(1e-9))
             .round() as usize)
                 .max(1);
-            extra.push(Subject {
+            let extra = Subject {
                 name: s.name.clone(),
                 setting: "relative_max",
                 model: Rc::clone(&s.model),
@@ -763,14 +834,13 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
                 batch: b,
                 best: None,
                 best_steady: 0.0,
-            });
+            };
+            which.push(subjects.len());
+            subjects.push(extra);
         }
-        let idx: Vec<usize> = (0..extra.len()).collect();
-        time_all(&mut extra, &idx, cfg, &lens, log)?;
-        for s in &extra {
-            models.push(s.report(cfg, Some(&fixed[s.vanilla]))?);
-        }
+        time_all(&mut subjects, &which, cfg, &lens, log)?;
     }
+    let models = reports(&subjects, cfg)?;
     Ok(InferBenchReport {
         config: cfg.clone(),
         gen_len_stats,

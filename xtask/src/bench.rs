@@ -38,6 +38,12 @@ pub struct Args {
     /// Interleaved timed rounds per model (the best is kept; default 2).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Requests decoded to calibrate the exit thresholds (default 64).
+    #[arg(long)]
+    calib_requests: Option<usize>,
+    /// Calibration passes (default 3).
+    #[arg(long)]
+    calib_passes: Option<usize>,
     /// A short run (smoke test).
     #[arg(long)]
     quick: bool,
@@ -78,6 +84,12 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(r) = args.rounds {
         cfg.rounds = r;
+    }
+    if let Some(n) = args.calib_requests {
+        cfg.calib_requests = n;
+    }
+    if let Some(n) = args.calib_passes {
+        cfg.calib_passes = n;
     }
     cfg.relative_max = !args.fixed_only;
     if let Some(e) = args.exit_fraction {

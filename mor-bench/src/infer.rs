@@ -350,8 +350,10 @@ pub fn calibrate_thresholds(model: &MorModel, cfg: &InferBenchConfig) -> Result<
     let caps = capacities(n);
     let mut thresholds = vec![f64::NEG_INFINITY; n];
     for pass in 0..cfg.calib_passes.max(1) {
-        // A row's computation does not depend on its batch (the engine's products are
-        // batch-invariant), so the calibration runs at a batch of its own choosing.
+        // The decode layers compute each row the same whatever its batch (packed
+        // products); the routers run on candle, whose products may round differently at
+        // another batch, far below the sampling error of the fitted quantiles. So the
+        // calibration runs at a batch of its own choosing.
         let ecfg = EngineConfig {
             batch_size: cfg.batch_size.max(CALIB_BATCH),
             block_tokens: cfg.block_tokens,
@@ -431,11 +433,15 @@ impl Timed {
     }
 }
 
+/// The engine of a timed run. Its KV pool holds `batch` requests of the longest timed
+/// length at every slot (no back-pressure, and no more memory than that: the engines of a
+/// round are alive together).
 fn engine_config(
     cfg: &InferBenchConfig,
     model: &MorModel,
     batch: usize,
     exit: ExitRule,
+    longest: usize,
 ) -> EngineConfig {
     let batching = if model.plan().num_recursions == 1 {
         Batching::SequenceWise
@@ -446,7 +452,7 @@ fn engine_config(
         batch_size: batch,
         max_active: batch,
         block_tokens: cfg.block_tokens,
-        kv_blocks: 0,
+        kv_blocks: batch * model.plan().num_slots() * (longest + 2).div_ceil(cfg.block_tokens),
         exit,
         max_depth: None,
         batching,
@@ -467,6 +473,8 @@ struct Live<'m> {
     seconds: f64,
     tokens: u64,
     steady: Option<(u64, f64)>,
+    /// Whether every batch slot has held a request at some point.
+    was_full: bool,
     failed: Option<String>,
 }
 
@@ -479,8 +487,9 @@ impl<'m> Live<'m> {
         exit: ExitRule,
         lens: &[usize],
     ) -> Result<Self> {
-        let mut engine = Engine::new(model, engine_config(cfg, model, batch, exit))?;
         let warm = gen_lengths(cfg, cfg.warmup_requests, "warmup");
+        let longest = lens.iter().chain(&warm).copied().max().unwrap_or(1);
+        let mut engine = Engine::new(model, engine_config(cfg, model, batch, exit, longest))?;
         for (i, &len) in warm.iter().enumerate() {
             engine.submit(Request {
                 prompt: vec![0],
@@ -506,6 +515,7 @@ impl<'m> Live<'m> {
             seconds: 0.0,
             tokens: 0,
             steady: None,
+            was_full: false,
             failed: None,
         })
     }
@@ -525,7 +535,9 @@ impl<'m> Live<'m> {
                     }
                 }
             }
+            self.was_full |= self.engine.active_requests() >= self.batch;
             if self.steady.is_none()
+                && self.was_full
                 && self.engine.pending_requests() == 0
                 && self.engine.active_requests() < self.batch
             {
@@ -811,12 +823,31 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
         .fold(0.0, f64::max);
     if cfg.relative_max {
         // maxB from a fixed KV budget: B · (vanilla bytes per token / MoR bytes per token);
-        // vanilla keeps B, so its fixed-batch runs are its relative-max runs, and it takes
-        // turns with these models again (each model keeps its fastest round overall).
-        let vanillas: Vec<usize> = (0..subjects.len())
+        // vanilla keeps B.
+        // Vanilla takes turns with these models too, as its own relative-max subject, so
+        // that each ratio compares runs of one phase.
+        let mut which = Vec::new();
+        let mut again: std::collections::HashMap<usize, usize> = Default::default();
+        for v in (0..subjects.len())
             .filter(|&i| subjects[i].vanilla == i)
-            .collect();
-        let mut which = vanillas;
+            .collect::<Vec<_>>()
+        {
+            let s = &subjects[v];
+            let copy = Subject {
+                name: s.name.clone(),
+                setting: "relative_max",
+                model: Rc::clone(&s.model),
+                cfg: s.cfg.clone(),
+                vanilla: subjects.len(),
+                thresholds: Vec::new(),
+                batch: s.batch,
+                best: None,
+                best_steady: 0.0,
+            };
+            again.insert(v, subjects.len());
+            which.push(subjects.len());
+            subjects.push(copy);
+        }
         for &m in &mors {
             let s = &subjects[m];
             let (mr, vr) = (&fixed[m], &fixed[s.vanilla]);
@@ -829,7 +860,7 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
                 setting: "relative_max",
                 model: Rc::clone(&s.model),
                 cfg: s.cfg.clone(),
-                vanilla: s.vanilla,
+                vanilla: again[&s.vanilla],
                 thresholds: s.thresholds.clone(),
                 batch: b,
                 best: None,
@@ -1026,6 +1057,7 @@ mod tests {
             [
                 ("vanilla-5", "fixed"),
                 ("mor-3", "fixed"),
+                ("vanilla-5", "relative_max"),
                 ("mor-3", "relative_max")
             ]
         );
@@ -1039,7 +1071,10 @@ mod tests {
         // Vanilla stores one entry per layer and position.
         assert_eq!(van.kv_bytes_per_token, vc.model.num_layers as f64 * e);
         assert_eq!(van.depth_distribution, vec![1.0]);
-        for m in &r.models[1..] {
+        // Each MoR setting against the vanilla run of its own phase.
+        for (m, van) in [(&r.models[1], &r.models[0]), (&r.models[3], &r.models[2])] {
+            assert_eq!(van.num_recursions, 1);
+            assert_eq!(van.rounds, cfg.rounds);
             assert_eq!(m.tokens as usize, total);
             assert!(
                 (m.throughput_ratio_vs_vanilla - m.tokens_per_s / van.tokens_per_s).abs() < 1e-12
@@ -1082,7 +1117,7 @@ mod tests {
         }
         assert_eq!(van.flop_ratio_vs_vanilla, 1.0);
         assert!(van.flops_per_token > 0.0 && van.attention_flop_share > 0.0);
-        let max = &r.models[2];
+        let max = &r.models[3];
         let want = (cfg.batch_size as f64 * van.kv_bytes_per_token / r.models[1].kv_bytes_per_token)
             .round() as usize;
         assert_eq!(max.batch_size, want);

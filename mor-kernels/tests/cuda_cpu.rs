@@ -182,7 +182,9 @@ fn row_blocks_are_whole_warps_within_limits() {
     for (rows, cols) in [(1u64, 1u64), (5460, 1024), (1 << 20, 576), (3, 100)] {
         let d = launch::row_loop(rows, cols).unwrap();
         let t = d.block.0;
-        assert!(t % 32 == 0 && t <= launch::ROW_LOOP_MAX_THREADS && t as u64 >= cols.min(256));
+        assert!(
+            t.is_multiple_of(32) && t <= launch::ROW_LOOP_MAX_THREADS && t as u64 >= cols.min(256)
+        );
         // Blocks stride over the rows: every row is visited, each by exactly one block.
         let iters = rows.div_ceil(d.blocks());
         assert!(d.blocks() * iters >= rows && d.blocks() <= rows);
@@ -197,7 +199,7 @@ fn check_topk_plan(rows: u64, n: u64, k: u64) {
     let p = TopkPlan::new(rows, n, k).unwrap();
     assert_eq!(p.dims.grid, (rows as u32, 1, 1));
     let t = p.dims.block.0;
-    assert!(t % launch::WARP == 0 && (32..=launch::MAX_THREADS_PER_BLOCK).contains(&t));
+    assert!(t.is_multiple_of(launch::WARP) && (32..=launch::MAX_THREADS_PER_BLOCK).contains(&t));
     assert_eq!(p.chunk, t as u64);
     // The chunks tile [0, n) without gaps or overlaps.
     assert!(

@@ -175,7 +175,7 @@ impl RunProgress {
             ));
             return None;
         }
-        let due = self.log_every > 0 && (step % self.log_every == 0 || step == st.total);
+        let due = self.log_every > 0 && (step.is_multiple_of(self.log_every) || step == st.total);
         if !due {
             return None;
         }

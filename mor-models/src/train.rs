@@ -197,7 +197,7 @@ pub fn train(
     resume: bool,
     flops_per_token: f64,
 ) -> Result<TrainSummary> {
-    if s.micro_batch_seqs == 0 || s.batch_seqs % s.micro_batch_seqs != 0 {
+    if s.micro_batch_seqs == 0 || !s.batch_seqs.is_multiple_of(s.micro_batch_seqs) {
         return Err(Error::msg(format!(
             "train.batch_seqs ({}) must be a multiple of train.micro_batch_seqs ({})",
             s.batch_seqs, s.micro_batch_seqs
@@ -454,7 +454,7 @@ pub fn train(
         .map_err(|e| Error::io(&metrics_path, e))?;
         bar.update(step as u64, loss_sum, rec.tokens_per_sec);
         let want_ckpt =
-            step == s.steps || (s.checkpoint_every > 0 && step % s.checkpoint_every == 0);
+            step == s.steps || (s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every));
         if want_ckpt {
             metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
             let mut model_t: Vec<(String, Tensor)> = main_vars

@@ -393,14 +393,14 @@ fn model_dims(raw: &RawConfig, p: &mut Problems) -> Option<ModelDims> {
         MAX_INTER,
     );
     p.range("model.seq_len", dims.seq_len, 1, MAX_SEQ);
-    if dims.head_dim % 2 != 0 {
+    if !dims.head_dim.is_multiple_of(2) {
         p.push(
             "model.head_dim",
             dims.head_dim,
             "an even number (RoPE rotates pairs of dimensions)",
         );
     }
-    if dims.num_kv_heads > 0 && dims.num_heads % dims.num_kv_heads != 0 {
+    if dims.num_kv_heads > 0 && !dims.num_heads.is_multiple_of(dims.num_kv_heads) {
         p.push(
             "model.num_kv_heads",
             dims.num_kv_heads,
@@ -443,7 +443,7 @@ fn train_fields(raw: &RawConfig, p: &mut Problems) -> Option<TrainConfig> {
     let micro_batch_seqs = t.micro_batch_seqs.unwrap_or(batch_seqs);
     p.range("train.batch_seqs", batch_seqs, 1, 1 << 24);
     p.range("train.micro_batch_seqs", micro_batch_seqs, 1, 1 << 24);
-    if micro_batch_seqs > 0 && batch_seqs % micro_batch_seqs != 0 {
+    if micro_batch_seqs > 0 && !batch_seqs.is_multiple_of(micro_batch_seqs) {
         p.push(
             "train.micro_batch_seqs",
             micro_batch_seqs,

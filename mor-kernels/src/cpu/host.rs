@@ -11,7 +11,7 @@ use crate::{Error, Result};
 /// `x` not a whole number of rows of `d`, `out` of another length, or an empty `w`.
 pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let d = w.len();
-    if d == 0 || x.len() % d != 0 || out.len() != x.len() {
+    if d == 0 || !x.len().is_multiple_of(d) || out.len() != x.len() {
         return Err(Error::Invalid {
             op: "rms_norm_rows",
             msg: format!(
@@ -32,7 +32,7 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) -> Result<
 /// `gate_up` not a whole number of rows of `2·f` with `f = out_row`, or `out` of another
 /// row count.
 pub fn swiglu_rows(gate_up: &[f32], f: usize, out: &mut [f32]) -> Result<()> {
-    if f == 0 || gate_up.len() % (2 * f) != 0 || out.len() != gate_up.len() / 2 {
+    if f == 0 || !gate_up.len().is_multiple_of(2 * f) || out.len() != gate_up.len() / 2 {
         return Err(Error::Invalid {
             op: "swiglu_rows",
             msg: format!(

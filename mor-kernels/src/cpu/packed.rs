@@ -110,7 +110,7 @@ impl PackedMatrix {
     /// `x` not a whole number of rows, or `y` not `m · n` long.
     pub fn matmul(&self, x: &[f32], y: &mut [f32], accumulate: bool) -> Result<()> {
         let (k, n) = (self.k, self.n);
-        if x.len() % k != 0 || y.len() != (x.len() / k) * n {
+        if !x.len().is_multiple_of(k) || y.len() != (x.len() / k) * n {
             return Err(Error::Invalid {
                 op: "PackedMatrix::matmul",
                 msg: format!(
@@ -389,6 +389,15 @@ mod tests {
             let a = PackedMatrix::new(&w, n, k).unwrap();
             let y0 = values(m * n, 9);
             let (mut fast, mut base) = (y0.clone(), y0);
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // Called directly: another test may force the dispatch to the baseline.
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                unsafe { avx2::panels(&a, &x, m, 0..n.div_ceil(PANEL), &mut fast, n, 0, acc) };
+            } else {
+                a.matmul(&x, &mut fast, acc).unwrap();
+            }
+            #[cfg(not(target_arch = "x86_64"))]
             a.matmul(&x, &mut fast, acc).unwrap();
             portable_panels(&a, &x, m, 0..n.div_ceil(PANEL), &mut base, n, 0, acc);
             assert_eq!(fast, base, "m {m} n {n} k {k}");
@@ -416,16 +425,44 @@ mod tests {
         let w = values(n * k, 4);
         let a = PackedMatrix::new(&w, n, k).unwrap();
         let x = values(m * k, 5);
-        let y0 = values(m * n, 6);
-        let mut serial = y0.clone();
-        a.panels_into(&x, m, 0..n.div_ceil(PANEL), &mut serial, n, 0, true);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        let mut par = y0;
-        pool.install(|| a.matmul(&x, &mut par, true)).unwrap();
-        assert_eq!(serial, par);
+        for accumulate in [false, true] {
+            let y0 = values(m * n, 6);
+            let mut serial = y0.clone();
+            a.panels_into(&x, m, 0..n.div_ceil(PANEL), &mut serial, n, 0, accumulate);
+            let mut par = y0;
+            pool.install(|| a.matmul(&x, &mut par, accumulate)).unwrap();
+            assert_eq!(serial, par, "accumulate {accumulate}");
+        }
+    }
+
+    /// A range of panels into a buffer whose column 0 is a later output column (the
+    /// threaded path's layout): both kernels, the same bits as the full product.
+    #[test]
+    fn a_panel_range_lands_at_its_columns() {
+        let (m, n, k) = (7, 50, 33);
+        let a = PackedMatrix::new(&values(n * k, 11), n, k).unwrap();
+        let x = values(m * k, 12);
+        let mut full = vec![0f32; m * n];
+        a.matmul(&x, &mut full, false).unwrap();
+        let (c0, width) = (PANEL, n - PANEL);
+        let mut part = vec![0f32; m * width];
+        portable_panels(&a, &x, m, 1..n.div_ceil(PANEL), &mut part, width, c0, false);
+        let mut fast = vec![0f32; m * width];
+        a.panels_into(&x, m, 1..n.div_ceil(PANEL), &mut fast, width, c0, false);
+        for r in 0..m {
+            assert_eq!(
+                part[r * width..(r + 1) * width],
+                full[r * n + c0..(r + 1) * n]
+            );
+            assert_eq!(
+                fast[r * width..(r + 1) * width],
+                full[r * n + c0..(r + 1) * n]
+            );
+        }
     }
 
     #[test]

@@ -326,7 +326,7 @@ impl DecodePlan {
                 format!("every size must be positive: {s:?}, part_tokens = {part_tokens}"),
             ));
         }
-        if s.q_heads % s.kv_heads != 0 {
+        if !s.q_heads.is_multiple_of(s.kv_heads) {
             return Err(invalid(
                 OP,
                 format!(

@@ -633,7 +633,7 @@ fn rope_tables_for(
     sin: &Tensor,
     dh: usize,
 ) -> Result<(Tensor, Tensor)> {
-    if dh % 2 != 0 || dh == 0 {
+    if !dh.is_multiple_of(2) || dh == 0 {
         return Err(invalid(
             op,
             format!("the head dimension {dh} must be even and positive"),

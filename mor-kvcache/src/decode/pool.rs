@@ -176,7 +176,7 @@ impl BlockPool {
 
     /// Whether storing one more token in `page` takes a new block.
     pub fn needs_block(&self, page: &Page) -> bool {
-        page.len % self.block_tokens == 0
+        page.len.is_multiple_of(self.block_tokens)
     }
 
     /// Appends one token to `page`.
@@ -234,7 +234,7 @@ impl BlockPool {
     /// [`Error::Invalid`] when `num_kv_heads` is 0 or does not divide the row length, or when
     /// `page` holds a block this pool does not have.
     pub fn view<'a>(&'a self, page: &'a Page, num_kv_heads: usize) -> Result<KvView<'a>> {
-        if num_kv_heads == 0 || self.row % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !self.row.is_multiple_of(num_kv_heads) {
             return Err(invalid(format!(
                 "{num_kv_heads} kv heads do not divide the row of {} floats",
                 self.row

@@ -226,7 +226,7 @@ pub fn attend_into(
     out: &mut [f32],
 ) -> Result<()> {
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
-    if hq == 0 || hq % hkv != 0 {
+    if hq == 0 || !hq.is_multiple_of(hkv) {
         return Err(invalid(format!(
             "{hq} query heads are not a positive multiple of {hkv} kv heads"
         )));

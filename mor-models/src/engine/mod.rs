@@ -245,7 +245,7 @@ impl EngineStats {
     /// `peak_kv_bytes` keeps the later value.
     pub fn since(&self, before: &EngineStats) -> EngineStats {
         EngineStats {
-            iterations: self.iterations - before.iterations.min(self.iterations),
+            iterations: self.iterations.saturating_sub(before.iterations),
             block_calls: self.block_calls.saturating_sub(before.block_calls),
             block_items: self.block_items.saturating_sub(before.block_items),
             mixed_depth_calls: self

@@ -23,6 +23,15 @@ const MR: usize = 6;
 /// Products (`m · n · k`) below this run on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 21;
 
+/// Where a range of panels writes: rows of `ld` values whose column 0 is output column
+/// `c0`, overwritten or (`accumulate`) added to.
+struct Dst<'a> {
+    y: &'a mut [f32],
+    ld: usize,
+    c0: usize,
+    accumulate: bool,
+}
+
 /// A linear layer's weight `W: [n, k]`, packed for [`PackedMatrix::matmul`].
 #[derive(Clone, PartialEq)]
 pub struct PackedMatrix {
@@ -127,7 +136,16 @@ impl PackedMatrix {
         let panels = n.div_ceil(PANEL);
         let threads = rayon::current_num_threads();
         if threads <= 1 || panels < 2 || m * n * k < PAR_MIN_WORK {
-            self.panels_into(x, m, 0..panels, y, n, 0, accumulate);
+            self.panels_into(
+                x,
+                0..panels,
+                Dst {
+                    y,
+                    ld: n,
+                    c0: 0,
+                    accumulate,
+                },
+            );
             return Ok(());
         }
         // One contiguous range of panels per task, each into its own [m, width] buffer,
@@ -146,7 +164,16 @@ impl PackedMatrix {
                         dst.copy_from_slice(&src[c0..c0 + width]);
                     }
                 }
-                self.panels_into(x, m, ps, &mut buf, width, c0, accumulate);
+                self.panels_into(
+                    x,
+                    ps,
+                    Dst {
+                        y: &mut buf,
+                        ld: width,
+                        c0,
+                        accumulate,
+                    },
+                );
                 (c0, buf)
             })
             .collect();
@@ -159,48 +186,36 @@ impl PackedMatrix {
         Ok(())
     }
 
-    /// Panels `ps` of the product into `y` (row stride `ldy`, whose column 0 is output
-    /// column `c0`).
-    #[allow(clippy::too_many_arguments)]
-    fn panels_into(
-        &self,
-        x: &[f32],
-        m: usize,
-        ps: std::ops::Range<usize>,
-        y: &mut [f32],
-        ldy: usize,
-        c0: usize,
-        accumulate: bool,
-    ) {
+    /// Panel `p`: its `k × PANEL` values, its first output column and its width (`PANEL`,
+    /// or less for the last panel).
+    fn panel(&self, p: usize) -> (&[f32], usize, usize) {
+        let col = p * PANEL;
+        (
+            &self.data[p * self.k * PANEL..(p + 1) * self.k * PANEL],
+            col,
+            PANEL.min(self.n - col),
+        )
+    }
+
+    /// Panels `ps` of the product of the rows `x` (`m × k`) into `out`.
+    fn panels_into(&self, x: &[f32], ps: std::ops::Range<usize>, out: Dst<'_>) {
         #[cfg(target_arch = "x86_64")]
         if super::simd::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (checked just above); the shapes were checked
-            // by `matmul` (x is [m, k], y holds m rows of `ldy` covering the panels' columns).
-            unsafe { avx2::panels(self, x, m, ps, y, ldy, c0, accumulate) };
+            // by `matmul` (out holds m rows of `ld` covering the panels' columns).
+            unsafe { avx2::panels(self, x, ps, out) };
             return;
         }
-        portable_panels(self, x, m, ps, y, ldy, c0, accumulate);
+        portable_panels(self, x, ps, out);
     }
 }
 
 /// The baseline kernel: the same chains of `a · b + c` per output, in the same order.
-#[allow(clippy::too_many_arguments)]
-fn portable_panels(
-    a: &PackedMatrix,
-    x: &[f32],
-    m: usize,
-    ps: std::ops::Range<usize>,
-    y: &mut [f32],
-    ldy: usize,
-    c0: usize,
-    accumulate: bool,
-) {
+fn portable_panels(a: &PackedMatrix, x: &[f32], ps: std::ops::Range<usize>, out: Dst<'_>) {
     let k = a.k;
     for p in ps {
-        let panel = &a.data[p * k * PANEL..(p + 1) * k * PANEL];
-        let col = p * PANEL;
-        let width = PANEL.min(a.n - col);
-        for r in 0..m {
+        let (panel, col, width) = a.panel(p);
+        for r in 0..x.len() / k {
             let xr = &x[r * k..(r + 1) * k];
             let mut acc = [0f32; PANEL];
             for (kk, &xv) in xr.iter().enumerate() {
@@ -209,9 +224,9 @@ fn portable_panels(
                     acc[j] = xv.mul_add(w[j], acc[j]);
                 }
             }
-            let out = &mut y[r * ldy + col - c0..r * ldy + col - c0 + width];
-            for (o, v) in out.iter_mut().zip(acc) {
-                *o = if accumulate { *o + v } else { v };
+            let start = r * out.ld + col - out.c0;
+            for (o, v) in out.y[start..start + width].iter_mut().zip(acc) {
+                *o = if out.accumulate { *o + v } else { v };
             }
         }
     }
@@ -219,34 +234,24 @@ fn portable_panels(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PackedMatrix, MR, PANEL};
+    use super::{Dst, PackedMatrix, MR, PANEL};
     use std::arch::x86_64::*;
 
     /// The AVX2+FMA kernel over panels `ps` (callable only where the CPU has both). Slices
-    /// are indexed with bounds checks; `x` holds `m × a.k` values, `y` `m` rows of `ldy`.
+    /// are indexed with bounds checks; `x` holds `m × a.k` values, `out` `m` rows.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn panels(
-        a: &PackedMatrix,
-        x: &[f32],
-        m: usize,
-        ps: std::ops::Range<usize>,
-        y: &mut [f32],
-        ldy: usize,
-        c0: usize,
-        accumulate: bool,
-    ) {
+    pub(super) fn panels(a: &PackedMatrix, x: &[f32], ps: std::ops::Range<usize>, out: Dst<'_>) {
         let k = a.k;
+        let m = x.len() / k;
         for p in ps {
-            let panel = &a.data[p * k * PANEL..(p + 1) * k * PANEL];
-            let col = p * PANEL;
-            let width = PANEL.min(a.n - col);
+            let (panel, col, width) = a.panel(p);
             let mut r0 = 0;
             while r0 < m {
                 let rows = MR.min(m - r0);
                 let xs = &x[r0 * k..(r0 + rows) * k];
-                let ys = &mut y[r0 * ldy..];
-                let off = col - c0;
+                let (ldy, accumulate) = (out.ld, out.accumulate);
+                let ys = &mut out.y[r0 * ldy..];
+                let off = col - out.c0;
                 match rows {
                     6 => tile::<6>(panel, xs, k, ys, ldy, off, width, accumulate),
                     5 => tile::<5>(panel, xs, k, ys, ldy, off, width, accumulate),
@@ -332,6 +337,15 @@ mod tests {
         y
     }
 
+    fn dst(y: &mut [f32], ld: usize, c0: usize, accumulate: bool) -> Dst<'_> {
+        Dst {
+            y,
+            ld,
+            c0,
+            accumulate,
+        }
+    }
+
     fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..len)
@@ -393,13 +407,13 @@ mod tests {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 // Called directly: another test may force the dispatch to the baseline.
                 // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                unsafe { avx2::panels(&a, &x, m, 0..n.div_ceil(PANEL), &mut fast, n, 0, acc) };
+                unsafe { avx2::panels(&a, &x, 0..n.div_ceil(PANEL), dst(&mut fast, n, 0, acc)) };
             } else {
                 a.matmul(&x, &mut fast, acc).unwrap();
             }
             #[cfg(not(target_arch = "x86_64"))]
             a.matmul(&x, &mut fast, acc).unwrap();
-            portable_panels(&a, &x, m, 0..n.div_ceil(PANEL), &mut base, n, 0, acc);
+            portable_panels(&a, &x, 0..n.div_ceil(PANEL), dst(&mut base, n, 0, acc));
             assert_eq!(fast, base, "m {m} n {n} k {k}");
         }
     }
@@ -432,7 +446,7 @@ mod tests {
         for accumulate in [false, true] {
             let y0 = values(m * n, 6);
             let mut serial = y0.clone();
-            a.panels_into(&x, m, 0..n.div_ceil(PANEL), &mut serial, n, 0, accumulate);
+            a.panels_into(&x, 0..n.div_ceil(PANEL), dst(&mut serial, n, 0, accumulate));
             let mut par = y0;
             pool.install(|| a.matmul(&x, &mut par, accumulate)).unwrap();
             assert_eq!(serial, par, "accumulate {accumulate}");
@@ -450,9 +464,14 @@ mod tests {
         a.matmul(&x, &mut full, false).unwrap();
         let (c0, width) = (PANEL, n - PANEL);
         let mut part = vec![0f32; m * width];
-        portable_panels(&a, &x, m, 1..n.div_ceil(PANEL), &mut part, width, c0, false);
+        portable_panels(
+            &a,
+            &x,
+            1..n.div_ceil(PANEL),
+            dst(&mut part, width, c0, false),
+        );
         let mut fast = vec![0f32; m * width];
-        a.panels_into(&x, m, 1..n.div_ceil(PANEL), &mut fast, width, c0, false);
+        a.panels_into(&x, 1..n.div_ceil(PANEL), dst(&mut fast, width, c0, false));
         for r in 0..m {
             assert_eq!(
                 part[r * width..(r + 1) * width],

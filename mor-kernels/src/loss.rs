@@ -190,24 +190,17 @@ mod tests {
         let b = reference(x.as_tensor(), &t);
         let (a0, b0) = (a.to_scalar::<f64>().unwrap(), b.to_scalar::<f64>().unwrap());
         assert!((a0 - b0).abs() < 1e-12, "{a0} vs {b0}");
-        let ga = a
-            .backward()
-            .unwrap()
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let gb = b
-            .backward()
-            .unwrap()
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let grad = |loss: &Tensor| {
+            loss.backward()
+                .unwrap()
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let (ga, gb) = (grad(&a), grad(&b));
         for i in 0..n * v {
             assert!(
                 (ga[i] - gb[i]).abs() < 1e-12,

@@ -620,16 +620,21 @@ pub struct LinearDims {
 /// # Errors
 /// [`Error::Invalid`] on a rank-0 `x`, a `w` that is not `[out, in]`, or a dtype mismatch.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<LinearDims> {
-    const OP: &str = "linear";
-    float(OP, "x", x)?;
-    same_kind(OP, ("x", x), ("w", w))?;
+    linear_dims("linear", x, w, "[out, in]")
+}
+
+/// The shape checks of [`linear`] under the name `op` (`w_shape` names `w`'s expected dims
+/// in the error).
+fn linear_dims(op: &'static str, x: &Tensor, w: &Tensor, w_shape: &str) -> Result<LinearDims> {
+    float(op, "x", x)?;
+    same_kind(op, ("x", x), ("w", w))?;
     let Some((&inp, lead)) = x.dims().split_last() else {
-        return Err(invalid(OP, "`x` must have at least one dimension"));
+        return Err(invalid(op, "`x` must have at least one dimension"));
     };
-    let [out, w_in] = dims::<2>(OP, "w", w, "[out, in]")?;
+    let [out, w_in] = dims::<2>(op, "w", w, w_shape)?;
     if w_in != inp {
         return Err(invalid(
-            OP,
+            op,
             format!(
                 "`w` {:?} does not match the last dim of `x` {:?}",
                 w.dims(),
@@ -651,23 +656,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<LinearDims> {
 /// [`Error::Invalid`] naming the first problem (the op is called `linear_cross_entropy`).
 pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<LinearDims> {
     const OP: &str = "linear_cross_entropy";
-    float(OP, "x", x)?;
-    same_kind(OP, ("x", x), ("w", w))?;
-    let Some((&inp, lead)) = x.dims().split_last() else {
-        return Err(invalid(OP, "`x` must have at least one dimension"));
-    };
-    let [out, w_in] = dims::<2>(OP, "w", w, "[vocab, d]")?;
-    if w_in != inp {
-        return Err(invalid(
-            OP,
-            format!(
-                "`w` {:?} does not match the last dim of `x` {:?}",
-                w.dims(),
-                x.dims()
-            ),
-        ));
-    }
-    let rows: usize = lead.iter().product();
+    let LinearDims { rows, inp, out } = linear_dims(OP, x, w, "[vocab, d]")?;
     u32_tensor(OP, "targets", targets)?;
     if targets.elem_count() != rows {
         return Err(invalid(

@@ -348,8 +348,12 @@ pub enum RouterMetric {
 pub struct EvalConfig {
     /// lm-eval-style JSONL task files.
     pub tasks: Vec<PathBuf>,
-    /// Validation batches per evaluation.
-    pub max_batches: usize,
+    /// At most this many validation batches per evaluation (`None`: the whole split,
+    /// bounded by `max_tokens`).
+    pub max_batches: Option<usize>,
+    /// At most this many predicted validation tokens per evaluation; the evaluation scores
+    /// the whole validation split up to this cap (and says when the cap cut it).
+    pub max_tokens: usize,
     /// Evaluate with the causal routing rule.
     pub causal: bool,
     /// Evaluate with the training-time full-sequence top-k (as the paper reports).

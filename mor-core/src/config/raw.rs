@@ -184,8 +184,10 @@ pub struct RawInfer {
 pub struct RawEval {
     /// lm-eval-style JSONL task files.
     pub tasks: Option<Vec<String>>,
-    /// Batches per evaluation.
+    /// At most this many validation batches (default: no limit beyond `max_tokens`).
     pub max_batches: Option<usize>,
+    /// At most this many predicted validation tokens per evaluation (default 1,048,576).
+    pub max_tokens: Option<usize>,
     /// Evaluate with the causal routing rule.
     pub causal: Option<bool>,
     /// Evaluate with the full-sequence top-k.

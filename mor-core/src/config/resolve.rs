@@ -799,8 +799,12 @@ fn infer_config(raw: &RawConfig, n_r: usize, p: &mut Problems) -> Option<InferCo
 fn eval_config(raw: &RawConfig, p: &mut Problems) -> Option<EvalConfig> {
     let e = &raw.eval;
     let before = p.0.len();
-    let max_batches = e.max_batches.unwrap_or(8);
-    p.range("eval.max_batches", max_batches, 1, 1 << 24);
+    let max_batches = e.max_batches;
+    if let Some(b) = max_batches {
+        p.range("eval.max_batches", b, 1, 1 << 24);
+    }
+    let max_tokens = e.max_tokens.unwrap_or(1 << 20);
+    p.range("eval.max_tokens", max_tokens, 1, 1 << 34);
     let tasks: Vec<std::path::PathBuf> = e
         .tasks
         .clone()
@@ -818,6 +822,7 @@ fn eval_config(raw: &RawConfig, p: &mut Problems) -> Option<EvalConfig> {
     (p.0.len() == before).then_some(EvalConfig {
         tasks,
         max_batches,
+        max_tokens,
         causal: e.causal.unwrap_or(true),
         full_sequence: e.full_sequence.unwrap_or(true),
         router_metrics,

@@ -3,18 +3,28 @@
 //! Every recursion step r = 1..N_r is an "expert" with its own router θ_r. At step r the
 //! router scores the tokens still active (those selected at step r−1), `z = θ_rᵀ(h/temp)`,
 //! `g = α·G(z)`, and keeps, per sequence, the `k_r = max(1, floor(cap_r·L))` candidates of
-//! largest `g` (hierarchical filtering). Kept positions are returned in ascending order, and
-//! the model merges the block output with `h ← h + g·f(h)` ([`Update::Residual`], Eq. 2.1).
+//! largest score (hierarchical filtering). Kept positions are returned in ascending order,
+//! and the model merges the block output with `h ← h + g·f(h)` ([`Update::Residual`],
+//! Eq. 2.1).
+//!
+//! Candidates are ranked by the logit `z`, not by `g`. Every `G` offered (sigmoid, tanh,
+//! identity, with `α > 0`) is increasing, so both give the same order in exact arithmetic;
+//! but `σ(z)` saturates to 1 in floating point for large `z` (in f32 from `z ≈ 17`), and a
+//! ranking by `g` would then break those ties by position (the earliest token wins) instead
+//! of by score.
 //!
 //! ```text
-//! step 1:  active = 0..L          ── top-k_1 by g ──▶ selected_1
-//! step 2:  active = selected_1    ── top-k_2 by g ──▶ selected_2 ⊆ selected_1
+//! step 1:  active = 0..L          ── top-k_1 by z ──▶ selected_1
+//! step 2:  active = selected_1    ── top-k_2 by z ──▶ selected_2 ⊆ selected_1
 //!  ...                                                   (k_r = max(1, ⌊cap_r·L⌋))
 //! ```
 //!
 //! Losses (spec §3.1, §3.3), summed over steps and weighted:
-//! - `sampling = "aux_loss"`: `aux_coeff · Σ_r BCEWithLogits(z_r, 1[kept])`, mean over the
-//!   candidates of step r;
+//! - `sampling = "aux_loss"`: `aux_coeff · aux_bce_scale · Σ_r BCEWithLogits(z_r, 1[kept])`,
+//!   mean over the candidates of step r. `aux_bce_scale` (default 1) mirrors the released
+//!   normalisation, in which the BCE was not divided by the per-device gradient
+//!   accumulation, so its effective weight was `aux_coeff × 16` (spec §3.3; the paper
+//!   configs set 16);
 //! - `sampling = "aux_router"`: a second router per step, of the same architecture, reads the
 //!   *detached* hidden states and is trained on the same targets by its own optimiser; its
 //!   loss (not multiplied by `aux_coeff`) is [`RouterOutput::aux_router_loss`];
@@ -227,9 +237,11 @@ pub struct ExpertChoiceParams {
     pub aux_coeff: f64,
     /// Learning-rate multiplier of the auxiliary router's optimiser.
     pub aux_router_lr_mult: f64,
-    /// Mirror the released normalisation, in which the aux BCE weight scales with gradient
-    /// accumulation (spec §3.3); see [`Router::aux_scale_with_grad_accum`].
-    pub aux_scale_with_grad_accum: bool,
+    /// Extra factor on the aux BCE term: its weight in the loss is `aux_coeff ·
+    /// aux_bce_scale` relative to the mean CE. The released code did not normalise the BCE by
+    /// the per-device gradient accumulation (16 micro-batches per GPU), so its effective
+    /// factor was 16 (spec §3.3, §8 discrepancy 4); default 1.
+    pub aux_bce_scale: f64,
     /// Add the router z-loss.
     pub z_loss: bool,
     /// Coefficient of the z-loss.
@@ -258,7 +270,7 @@ impl Default for ExpertChoiceParams {
             sampling: Sampling::AuxLoss,
             aux_coeff: 0.001,
             aux_router_lr_mult: 10.0,
-            aux_scale_with_grad_accum: true,
+            aux_bce_scale: 1.0,
             z_loss: false,
             z_coeff: 1e-3,
             gating: Gating::Weighted,
@@ -340,6 +352,7 @@ impl ExpertChoiceParams {
         check_positive(&mut out, "alpha", self.alpha);
         check_positive(&mut out, "temperature", self.temperature);
         check_non_negative(&mut out, "aux_coeff", self.aux_coeff);
+        check_non_negative(&mut out, "aux_bce_scale", self.aux_bce_scale);
         check_positive(&mut out, "aux_router_lr_mult", self.aux_router_lr_mult);
         check_non_negative(&mut out, "z_coeff", self.z_coeff);
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
@@ -496,7 +509,6 @@ pub struct ExpertChoiceRouter {
     seed: u64,
     forwards: AtomicU64,
     train_step: AtomicUsize,
-    grad_accum: AtomicUsize,
 }
 
 impl ExpertChoiceRouter {
@@ -606,7 +618,6 @@ impl RouterPlugin for ExpertChoiceRouter {
             seed: ctx.seed,
             forwards: AtomicU64::new(0),
             train_step: AtomicUsize::new(0),
-            grad_accum: AtomicUsize::new(1),
             params,
         })
     }
@@ -763,12 +774,13 @@ impl Router for ExpertChoiceRouter {
         let g = self.squash(&z)?;
         let g_host = to_host_f64(&g)?;
 
-        // Top-k by g among each row's candidates: the training selection and the BCE target.
+        // Top-k by z among each row's candidates: the training selection and the BCE target
+        // (ranked by the logit, not by the saturating gate; see the module docs).
         let mut target = vec![0f64; n];
         let mut topk: Vec<Vec<usize>> = Vec::with_capacity(b);
         for bi in 0..b {
             let (lo, hi) = (offsets[bi], offsets[bi + 1]);
-            let kept = top_k_ascending(&g_host[lo..hi], k);
+            let kept = top_k_ascending(&z_host[lo..hi], k);
             for &i in &kept {
                 target[lo + i] = 1.0;
             }
@@ -904,12 +916,7 @@ impl Router for ExpertChoiceRouter {
                 "bce".to_string(),
                 bce.to_dtype(DType::F64)?.to_scalar::<f64>()?,
             ));
-            let accum = if p.aux_scale_with_grad_accum {
-                self.grad_accum.load(Ordering::Relaxed).max(1)
-            } else {
-                1
-            };
-            parts.push((bce * (p.aux_coeff * accum as f64))?);
+            parts.push((bce * (p.aux_coeff * p.aux_bce_scale))?);
         }
         if let Some(z) = sum_scalars(&st.zsq)? {
             terms.push(("z".to_string(), z.to_dtype(DType::F64)?.to_scalar::<f64>()?));
@@ -937,14 +944,5 @@ impl Router for ExpertChoiceRouter {
 
     fn set_train_step(&self, train_step: usize) {
         self.train_step.store(train_step, Ordering::Relaxed);
-    }
-
-    fn aux_scale_with_grad_accum(&self) -> bool {
-        self.params.aux_scale_with_grad_accum
-    }
-
-    fn set_grad_accum(&self, micro_batches: usize) {
-        self.grad_accum
-            .store(micro_batches.max(1), Ordering::Relaxed);
     }
 }

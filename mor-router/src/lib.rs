@@ -337,16 +337,10 @@ pub trait Router: Send + Sync + fmt::Debug {
     fn load_buffers(&self, _buffers: &[(String, Tensor)]) -> Result<()> {
         Ok(())
     }
-    /// Whether the router's auxiliary BCE term mirrors the released normalisation, in which
-    /// its effective weight is `coeff × grad_accum` (spec §3.3, §8 discrepancy 4). When it
-    /// does, the trainer announces its accumulation factor with [`Router::set_grad_accum`]
-    /// and the router multiplies that term by it inside [`RouterOutput::loss`], so that a
-    /// trainer dividing every micro-batch loss by `grad_accum` reproduces the released
-    /// weighting. The default is `false`.
-    fn aux_scale_with_grad_accum(&self) -> bool {
-        false
-    }
-    /// Informs the router of the number of micro-batches accumulated per optimiser step
-    /// (see [`Router::aux_scale_with_grad_accum`]). The default ignores it.
+    /// Informs the router of the number of micro-batches accumulated per optimiser step. The
+    /// trainer divides every micro-batch loss by that number, so a router's loss terms are
+    /// weighted as means over the step; no built-in router needs it (the expert-choice BCE
+    /// factor of the released code is the explicit parameter `aux_bce_scale`, spec §3.3).
+    /// The default ignores it.
     fn set_grad_accum(&self, _micro_batches: usize) {}
 }

@@ -1,5 +1,6 @@
 //! Expert-choice router: selection against a naive reference, causal independence,
-//! gradients of gates and losses, warm-up, grad-accumulation scaling and bad input.
+//! gradients of gates and losses, warm-up, the aux BCE factor, ranking by logit and bad
+//! input.
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var};
@@ -50,7 +51,7 @@ fn naive_expert(h: &[Vec<Vec<f64>>], w: &[Vec<f64>], caps: &[f64], alpha: f64, t
                 .collect();
             let g: Vec<f64> = z.iter().map(|&z| alpha * sigmoid(z)).collect();
             let mut order: Vec<usize> = (0..z.len()).collect();
-            order.sort_by(|&a, &c| g[c].partial_cmp(&g[a]).unwrap().then(a.cmp(&c)));
+            order.sort_by(|&a, &c| z[c].partial_cmp(&z[a]).unwrap().then(a.cmp(&c)));
             let mut keep: Vec<usize> = order.into_iter().take(k).collect();
             keep.sort();
             for (i, &zi) in z.iter().enumerate() {
@@ -365,28 +366,50 @@ fn aux_router_trains_on_detached_states_with_its_own_vars() {
 }
 
 #[test]
-fn grad_accum_scales_only_the_bce_term_when_asked() {
+fn aux_bce_scale_multiplies_only_the_bce_term_and_ignores_grad_accum() {
     let (b, l, d, nr) = (1, 8, 3, 2);
     let c = ctx(d, nr, l, 0.7, 14);
     let h = hidden(b, l, d, 6);
-    for flag in [true, false] {
+    for scale in [1.0, 16.0] {
         let r = build(
             "expert_choice",
-            &format!("aux_scale_with_grad_accum = {flag}\nz_loss = true"),
+            &format!("aux_bce_scale = {scale:?}\nz_loss = true"),
             &c,
         );
-        assert_eq!(r.aux_scale_with_grad_accum(), flag);
         let base = forward(r.as_ref(), &h, nr, RouteMode::Train).unwrap().2;
-        r.set_grad_accum(4);
-        let scaled = forward(r.as_ref(), &h, nr, RouteMode::Train).unwrap().2;
+        // The trainer's accumulation factor no longer enters the router's loss: the BCE
+        // factor is the explicit parameter (spec §3.3).
+        r.set_grad_accum(64);
+        let out = forward(r.as_ref(), &h, nr, RouteMode::Train).unwrap().2;
         let (bce, z) = (base.terms[0].1, base.terms[1].1);
-        let want = if flag {
-            4.0 * 0.001 * bce + 1e-3 * z
-        } else {
-            0.001 * bce + 1e-3 * z
-        };
-        let got = scaled.loss.unwrap().to_scalar::<f64>().unwrap();
-        assert!((got - want).abs() < 1e-15, "flag {flag}: {got} vs {want}");
+        let want = scale * 0.001 * bce + 1e-3 * z;
+        for o in [&base, &out] {
+            let got = o.loss.as_ref().unwrap().to_scalar::<f64>().unwrap();
+            assert!((got - want).abs() < 1e-15, "scale {scale}: {got} vs {want}");
+        }
+    }
+    let e = mor_router::build_router("expert_choice", &table("aux_bce_scale = -1.0"), &c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("aux_bce_scale") && e.contains("-1"), "{e}");
+}
+
+/// Ranking is by the logit z: once σ(z) saturates to 1.0 (f64 from z ≈ 37), every gate is
+/// equal and a ranking by g = α·σ(z) would keep the earliest positions instead of the
+/// largest scores.
+#[test]
+fn top_k_ranks_by_logit_not_by_saturated_gate() {
+    let (l, d) = (4, 1);
+    let c = ctx(d, 1, l, 0.7, 3);
+    let r = build("expert_choice", "capacity = [0.5]", &c);
+    var(r.as_ref(), "router.1.w1")
+        .set(&Tensor::new(&[[1.0f64]], &Device::Cpu).unwrap())
+        .unwrap();
+    let h = Tensor::new(&[[[40.0f64], [60.0], [50.0], [70.0]]], &Device::Cpu).unwrap();
+    assert_eq!(sigmoid(40.0), sigmoid(70.0), "the gates saturate");
+    for mode in [RouteMode::Train, RouteMode::FullSequence] {
+        let (_, steps, _) = forward(r.as_ref(), &h, 1, mode).unwrap();
+        assert_eq!(steps[0].selected, vec![vec![1u32, 3]], "{mode:?}");
     }
 }
 

@@ -45,7 +45,7 @@ fn defaults_are_the_final_recipes() {
     let want = table(
         "router_arch = \"linear\"\nwide_mult = 2\nrouter_func = \"sigmoid\"\nalpha = 0.1\ntemperature = 1.0\n\
          capacity = \"auto\"\ncap_warmup_steps = 0\nsampling = \"aux_loss\"\naux_coeff = 0.001\n\
-         aux_router_lr_mult = 10.0\naux_scale_with_grad_accum = true\nz_loss = false\nz_coeff = 0.001\n\
+         aux_router_lr_mult = 10.0\naux_bce_scale = 1.0\nz_loss = false\nz_coeff = 0.001\n\
          gating = \"weighted\"\nrand_router = false\ninfer_rule = \"threshold\"\nthreshold = 0.5",
     );
     assert_eq!(t, want);

@@ -8,8 +8,15 @@
 //! attn   = 2·2·d_a·k(k+1)/2                 causal QKᵀ and AV, d_a = n_head·d_head
 //! KV-sharing step r >= 2: linear uses 2d² instead of 4d² (no K/V projection),
 //!                         attn = 2·2·d_a·k·(L+1)/2 (k queries over the full causal context)
+//! hybrid step r >= 2:     linear as recursion-wise (4d², it projects fresh K/V),
+//!                         attn = 2·2·d_a·k·(L+1)/2 (its queries read the full step-1 cache)
 //! FLOPs per token = Σ_slots (linear + attn) / L
 //! ```
+//!
+//! The hybrid row counts what the model computes: its step-r queries attend over the step-1
+//! K/V of every earlier position with the selected ones overwritten (spec §4), so the
+//! attention term is that of sharing; the spec's §1.4 rule gives no hybrid row, and
+//! counting it as recursion-wise (`k(k+1)/2`) would understate the attention it runs.
 //!
 //! Prelude and coda slots, and every slot when there is no router, run all `L` tokens;
 //! a slot of recursion step r runs `k_r = max(1, floor(cap_r·L))` tokens, with `cap_r` taken
@@ -72,25 +79,57 @@ pub fn step_tokens(
     }
 }
 
-/// FLOPs of one slot over one sequence (spec §1.4).
-fn slot_flops(dims: &ModelDims, slot: &Slot, k_steps: &[usize], kv_sharing: bool) -> f64 {
-    let l = dims.seq_len as f64;
-    let d = dims.hidden_size as f64;
-    let d_attn = (dims.num_heads * dims.head_dim) as f64;
-    let di = dims.intermediate_size as f64;
-    let (k, shared) = match slot.segment {
-        Segment::Prelude | Segment::Coda => (l, false),
+/// How one slot runs over a sequence: its active tokens, whether it reuses step-1 K/V
+/// (no K/V projection) and whether its queries read the full causal context.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SlotShape {
+    /// Tokens that run the slot (`k`).
+    pub(crate) k: f64,
+    /// The slot projects no K/V of its own (KV sharing at a step >= 2).
+    pub(crate) shared: bool,
+    /// The slot's queries attend over the full context (`L` keys) instead of the `k`
+    /// active tokens.
+    pub(crate) full_context: bool,
+}
+
+/// The [`SlotShape`] of `slot` under the per-step active tokens `k_steps` and `hints`.
+pub(crate) fn slot_shape(
+    dims: &ModelDims,
+    slot: &Slot,
+    k_steps: &[usize],
+    hints: &AccountingHints,
+) -> SlotShape {
+    match slot.segment {
+        Segment::Prelude | Segment::Coda => SlotShape {
+            k: dims.seq_len as f64,
+            shared: false,
+            full_context: false,
+        },
         Segment::Recursion { step, .. } => {
             let k = k_steps
                 .get(step.wrapping_sub(1))
                 .copied()
                 .unwrap_or(dims.seq_len) as f64;
-            (k, kv_sharing && step >= 2)
+            let later = step >= 2;
+            SlotShape {
+                k,
+                shared: hints.kv_sharing && later,
+                full_context: (hints.kv_sharing || hints.kv_full_context) && later,
+            }
         }
-    };
-    let proj = if shared { 2.0 } else { 4.0 };
+    }
+}
+
+/// FLOPs of one slot over one sequence (spec §1.4).
+fn slot_flops(dims: &ModelDims, shape: SlotShape) -> f64 {
+    let l = dims.seq_len as f64;
+    let d = dims.hidden_size as f64;
+    let d_attn = (dims.num_heads * dims.head_dim) as f64;
+    let di = dims.intermediate_size as f64;
+    let k = shape.k;
+    let proj = if shape.shared { 2.0 } else { 4.0 };
     let linear = 2.0 * (proj * d * d + 3.0 * d * di) * k;
-    let attn = if shared {
+    let attn = if shape.full_context {
         2.0 * 2.0 * d_attn * k * (l + 1.0) / 2.0
     } else {
         2.0 * 2.0 * d_attn * k * (k + 1.0) / 2.0
@@ -111,7 +150,7 @@ pub fn flops_per_token(
     let total: f64 = plan
         .slots
         .iter()
-        .map(|s| slot_flops(dims, s, &k_steps, hints.kv_sharing))
+        .map(|s| slot_flops(dims, slot_shape(dims, s, &k_steps, hints)))
         .sum();
     Ok(total / dims.seq_len as f64)
 }
@@ -202,7 +241,9 @@ pub fn hints(
         out = (info.accounting)(&r.params, ctx);
     }
     let info = registry::find(Family::KvPolicy, &kv.kind).map_err(|e| e.to_string())?;
-    out.kv_sharing |= (info.accounting)(&kv.params, ctx).kv_sharing;
+    let kv_hints = (info.accounting)(&kv.params, ctx);
+    out.kv_sharing |= kv_hints.kv_sharing;
+    out.kv_full_context |= kv_hints.kv_full_context;
     Ok(out)
 }
 

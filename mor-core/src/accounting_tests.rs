@@ -30,6 +30,7 @@ fn caps(n_r: usize) -> AccountingHints {
                 .collect(),
         ),
         kv_sharing: false,
+        kv_full_context: false,
     }
 }
 
@@ -227,7 +228,7 @@ fn budgets_warmup_and_active_tokens() {
         .contains("3 capacities for 4"));
     let bad = AccountingHints {
         capacities: Some(vec![1.0, 1.5]),
-        kv_sharing: false,
+        ..Default::default()
     };
     assert!(step_tokens(&bad, 2, 16)
         .unwrap_err()
@@ -289,11 +290,72 @@ proptest! {
         let dims = ModelDims { seq_len, ..ModelDims::micro() };
         let p = plan("middle_cycle", layers, n_r);
         let caps: Vec<f64> = raw_caps[..n_r].to_vec();
-        let hints = AccountingHints { capacities: routed.then(|| caps.clone()), kv_sharing };
+        let hints = AccountingHints { capacities: routed.then(|| caps.clone()), kv_sharing, ..Default::default() };
         let ours = flops_per_token(&dims, &p, &hints).unwrap();
         let naive = naive_flops_per_token(&dims, &p, routed.then_some(&caps[..]), kv_sharing);
         prop_assert!((ours - naive).abs() <= 1e-9 * naive, "{} vs {}", ours, naive);
     }
+}
+
+/// Hybrid sharing (spec §4) projects K/V at every step like recursion-wise caching, and its
+/// step-r queries read the full step-1 context like sharing: counted query by query, its
+/// FLOPs are the recursion-wise linear terms plus the sharing attention terms.
+#[test]
+fn hybrid_counts_full_context_attention_with_own_projections() {
+    let dims = ModelDims::smollm_360m();
+    let p = plan("middle_cycle", 32, 3);
+    let hybrid = AccountingHints {
+        kv_full_context: true,
+        ..caps(3)
+    };
+    let ours = flops_per_token(&dims, &p, &hybrid).unwrap();
+    // Query by query: every slot projects q/k/v/o (4d²); a step >= 2 query sees (L+1)/2
+    // keys on average, a step-1, prelude or coda query i sees i keys.
+    let (d, di, da, l) = (960.0, 2560.0, 960.0, 2048usize);
+    let mut naive = 0.0;
+    for slot in &p.slots {
+        let (k, step) = match slot.segment {
+            Segment::Recursion { step, .. } => ([2048, 1365, 682][step - 1], step),
+            _ => (l, 0),
+        };
+        for i in 1..=k {
+            naive += 2.0 * (4.0 * d * d + 3.0 * d * di);
+            let keys = if step >= 2 {
+                (l as f64 + 1.0) / 2.0
+            } else {
+                i as f64
+            };
+            naive += 2.0 * 2.0 * da * keys;
+        }
+    }
+    naive /= l as f64;
+    assert!((ours - naive).abs() <= 1e-12 * naive, "{ours} vs {naive}");
+    // Between recursion-wise (fewer keys) and sharing (fewer projections... but the same
+    // keys): recursion-wise < hybrid, and hybrid − sharing = the K/V projections of the 20
+    // step >= 2 slots, 2·2d²·k_r per token of those slots.
+    let rw = flops_per_token(&dims, &p, &caps(3)).unwrap();
+    let share = flops_per_token(
+        &dims,
+        &p,
+        &AccountingHints {
+            kv_sharing: true,
+            ..caps(3)
+        },
+    )
+    .unwrap();
+    assert!(rw < ours, "{rw} vs {ours}");
+    let kv_proj = 10.0 * 2.0 * 2.0 * d * d * (1365.0 + 682.0) / l as f64;
+    assert!(((ours - share) - kv_proj).abs() <= 1e-9 * ours);
+    // The hybrid attention the old rule left out: 2.3% of the total here.
+    let missing = (ours - rw) / ours;
+    assert!((0.02..0.035).contains(&missing), "{missing}");
+    // `kv_sharing` implies the full context.
+    let both = AccountingHints {
+        kv_sharing: true,
+        kv_full_context: true,
+        ..caps(3)
+    };
+    assert_eq!(flops_per_token(&dims, &p, &both).unwrap(), share);
 }
 
 #[test]

@@ -41,6 +41,7 @@ mod resolve;
 
 pub use overrides::{apply_override, parse_override};
 pub use presets::PRESETS;
+pub use resolve::available_cores;
 
 /// A plugin slot after resolution: its kind and its parameters with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -367,7 +368,7 @@ pub struct EvalConfig {
 pub struct RuntimeConfig {
     /// Backend slot.
     pub backend: PluginSpec,
-    /// Rayon threads (0 = rayon's choice).
+    /// Rayon threads (0 = rayon's choice; at most [`available_cores`]).
     pub threads: usize,
     /// Seed of all randomness.
     pub seed: u64,
@@ -390,7 +391,7 @@ pub struct ResolvedConfig {
     pub plan: RecursionPlan,
     /// Seed of all randomness.
     pub seed: u64,
-    /// Rayon threads (0 = rayon's choice).
+    /// Rayon threads (0 = rayon's choice; at most [`available_cores`]).
     pub threads: usize,
     /// Training settings.
     pub train: TrainConfig,

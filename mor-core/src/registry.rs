@@ -128,6 +128,10 @@ pub struct AccountingHints {
     /// For KV policies: steps >= 2 reuse the step-1 K/V (no K/V projection, queries attend
     /// over the full cached context; spec §1.4).
     pub kv_sharing: bool,
+    /// For KV policies: the queries of steps >= 2 attend over the full causal context (`L`
+    /// keys, `k·(L+1)/2` query-key pairs) although the step projects K/V of its own, as
+    /// hybrid sharing does (spec §4). Implied by `kv_sharing`.
+    pub kv_full_context: bool,
 }
 
 /// Deserializes `params` into `P`, returning the serde message on failure.

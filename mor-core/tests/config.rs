@@ -51,6 +51,7 @@ impl Plugin for FakeRouter {
         AccountingHints {
             capacities: Some(caps),
             kv_sharing: false,
+            kv_full_context: false,
         }
     }
 }
@@ -83,6 +84,7 @@ impl Plugin for FakeKvShare {
         AccountingHints {
             capacities: None,
             kv_sharing: true,
+            kv_full_context: false,
         }
     }
 }
@@ -647,5 +649,29 @@ proptest! {
     #[test]
     fn resolution_never_panics_on_tomlish_text(s in "(\\[(model|train|router)\\]\n)?([a-z_]{1,12} = (\"[a-z_]{0,8}\"|-?[0-9]{1,3}|\\{ ?kind = \"[a-z_]{1,14}\" ?\\})\n){0,6}") {
         let _ = Config::from_toml_str(&s);
+    }
+}
+
+/// `runtime.threads` is bounded by the machine's parallelism: 100000 threads would
+/// oversubscribe any machine (and once hung, then aborted); the error names the field, the
+/// value and the allowed range.
+#[test]
+fn threads_are_bounded_by_the_available_parallelism() {
+    let cores = mor_core::config::available_cores();
+    assert_eq!(
+        cores,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    for ok in [0, 1, cores] {
+        let c =
+            Config::from_toml_str(&tiny_with(&[("runtime.threads", (ok as i64).into())])).unwrap();
+        assert_eq!(c.threads, ok);
+    }
+    for bad in [cores + 1, 100_000] {
+        check_one(
+            &tiny_with(&[("runtime.threads", (bad as i64).into())]),
+            "runtime.threads",
+            &[&bad.to_string(), &format!("0..={cores}")],
+        );
     }
 }

@@ -306,6 +306,7 @@ impl Plugin for RecursiveSharing {
         AccountingHints {
             capacities: None,
             kv_sharing: true,
+            kv_full_context: true,
         }
     }
 }
@@ -388,10 +389,10 @@ register_kv_policy!(RecursiveSharing);
 /// time.
 ///
 /// # Accounting
-/// [`Plugin::accounting`] reports `kv_sharing = false`: hybrid projects K/V at every step,
-/// so spec §1.4's linear term is the recursion-wise one. Its attention covers the full
-/// context (`k·(L+1)/2` per step instead of `k·(k+1)/2`), which the accounting hints cannot
-/// express; [`KvPolicy::cost`] reports it (`cap_r` per step).
+/// [`Plugin::accounting`] reports `kv_sharing = false` and `kv_full_context = true`: hybrid
+/// projects K/V at every step, so spec §1.4's linear term is the recursion-wise one, and its
+/// step-r queries attend over the full context (`k·(L+1)/2` query-key pairs per step
+/// instead of `k·(k+1)/2`), as [`KvPolicy::cost`] reports (`cap_r` per step).
 #[derive(Debug, Clone)]
 pub struct Hybrid {
     num_recursions: usize,
@@ -436,6 +437,7 @@ impl Plugin for Hybrid {
         AccountingHints {
             capacities: None,
             kv_sharing: false,
+            kv_full_context: true,
         }
     }
 }

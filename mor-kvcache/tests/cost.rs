@@ -92,14 +92,16 @@ fn ctx(router: Option<&str>) -> CheckCtx {
 #[test]
 fn accounting_hints_mark_only_recursive_sharing() {
     let t = toml::Table::new();
-    for (name, sharing) in [
-        ("recursion_wise", false),
-        ("recursive_sharing", true),
-        ("hybrid", false),
+    // (policy, reuses step-1 K/V, queries of steps >= 2 read the full context)
+    for (name, sharing, full) in [
+        ("recursion_wise", false, false),
+        ("recursive_sharing", true, true),
+        ("hybrid", false, true),
     ] {
         let info = find(Family::KvPolicy, name).unwrap();
         let h = (info.accounting)(&t, &ctx(Some("expert_choice")));
         assert_eq!(h.kv_sharing, sharing, "{name}");
+        assert_eq!(h.kv_full_context, full, "{name}");
         assert_eq!(h.capacities, None);
     }
 }

@@ -569,6 +569,7 @@ impl Plugin for ExpertChoiceRouter {
         AccountingHints {
             capacities: Some(params.capacities(ctx.num_recursions)),
             kv_sharing: false,
+            kv_full_context: false,
         }
     }
 }

@@ -226,6 +226,7 @@ impl Plugin for TokenChoiceRouter {
         AccountingHints {
             capacities: Some(crate::expert_choice::auto_capacities(ctx.num_recursions)),
             kv_sharing: false,
+            kv_full_context: false,
         }
     }
 }

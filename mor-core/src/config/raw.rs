@@ -78,7 +78,7 @@ pub struct RawRecursion {
 pub struct RawRuntime {
     /// Backend slot: `"name"` or `{ kind = "name", .. }`.
     pub backend: Option<toml::Value>,
-    /// Rayon threads (0 = rayon's choice).
+    /// Rayon threads (0 = rayon's choice; at most the available parallelism).
     pub threads: Option<usize>,
     /// Seed of all randomness.
     pub seed: Option<u64>,

@@ -20,6 +20,12 @@ const MAX_INTER: usize = 1 << 20;
 const MAX_VOCAB: usize = 1 << 24;
 const MAX_SEQ: usize = 1 << 22;
 
+/// Threads this machine can run in parallel (`std::thread::available_parallelism`, 1 when
+/// unknown): the upper bound of `runtime.threads`.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Collects problems with short helpers.
 struct Problems(Vec<ConfigProblem>);
 
@@ -68,6 +74,16 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
     let infer = infer_config(&raw, n_r, &mut p);
     let eval = eval_config(&raw, &mut p);
     let threads = raw.runtime.threads.unwrap_or(0);
+    let cores = available_cores();
+    if threads > cores {
+        p.push(
+            "runtime.threads",
+            threads,
+            format!(
+                "an integer in 0..={cores}: 0 lets rayon choose, otherwise at most the {cores}                  threads this machine can run in parallel (more only oversubscribe the cores)"
+            ),
+        );
+    }
     let seed = raw.runtime.seed.unwrap_or(0);
 
     // Stage 2: plugin slots.

@@ -8,7 +8,11 @@
 //!   router buffers, and the size and FNV-1a hash of every file). It is written into a
 //!   temporary folder, every file fsynced, then renamed into place, the parent fsynced, and
 //!   only then does the `latest` pointer (itself replaced by rename) move to it. A crash at
-//!   any point leaves the previous checkpoint intact.
+//!   any point leaves the previous checkpoint intact. A `manifest.json` beside `state.json`
+//!   holds the size and hash of all three files, so `state.json` is covered too.
+//! - A run folder has a `manifest.json` of the same form: every file the run writes
+//!   (config, tokenizer, data record, weights, metrics, evaluation, summary) is recorded as it
+//!   is written, and readers check the files they load against it ([`verify_files`]).
 
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
@@ -17,8 +21,96 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Format version of `state.json`.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version of `state.json`. Version 2 checkpoints hold a `manifest.json` covering
+/// every file (`state.json` included); version 1 checkpoints (no manifest) still load.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The file listing the size and hash of every other file of a folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The contents of a `manifest.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// Size and hash per file name (relative to the folder).
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// Reads `dir/manifest.json`; `None` when there is none.
+pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let p = dir.join(MANIFEST_FILE);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let raw = fs::read(&p).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_slice(&raw)
+        .map(Some)
+        .map_err(|e| Error::Checkpoint {
+            path: p,
+            reason: format!("manifest.json is corrupt: {e}"),
+        })
+}
+
+/// Records the current size and hash of the files `names` of `dir` in `dir/manifest.json`
+/// (other entries are kept; the manifest is replaced atomically).
+pub fn record_files(dir: &Path, names: &[&str]) -> Result<()> {
+    let mut m = read_manifest(dir)?.unwrap_or_default();
+    for n in names {
+        m.files.insert(n.to_string(), digest(&dir.join(n))?);
+    }
+    let json = serde_json::to_vec_pretty(&m).map_err(|e| Error::msg(e.to_string()))?;
+    write_atomic(&dir.join(MANIFEST_FILE), &json)
+}
+
+/// Checks the files `names` of `dir` against `dir/manifest.json`: each must be listed and
+/// have its recorded size and hash. Without a manifest, `require` decides: refuse, or accept
+/// unchecked (folders written before manifests existed).
+pub fn verify_files(dir: &Path, names: &[&str], require: bool) -> Result<()> {
+    let Some(m) = read_manifest(dir)? else {
+        if require {
+            return Err(Error::Checkpoint {
+                path: dir.join(MANIFEST_FILE),
+                reason: "missing: the files of this folder cannot be checked for corruption \
+                         (written by an older version or not by mor)"
+                    .into(),
+            });
+        }
+        return Ok(());
+    };
+    for n in names {
+        let want = m.files.get(*n).ok_or_else(|| Error::Checkpoint {
+            path: dir.join(n),
+            reason: format!("not listed in {MANIFEST_FILE}, so it cannot be checked"),
+        })?;
+        check_digest(&dir.join(n), want)?;
+    }
+    Ok(())
+}
+
+fn check_digest(p: &Path, want: &FileDigest) -> Result<()> {
+    if !p.exists() {
+        return Err(Error::Checkpoint {
+            path: p.into(),
+            reason: "file missing".into(),
+        });
+    }
+    let got = digest(p)?;
+    if got.bytes != want.bytes {
+        return Err(Error::Checkpoint {
+            path: p.into(),
+            reason: format!(
+                "truncated or altered: {} bytes, expected {}",
+                got.bytes, want.bytes
+            ),
+        });
+    }
+    if got.fnv64 != want.fnv64 {
+        return Err(Error::Checkpoint {
+            path: p.into(),
+            reason: "contents do not match the recorded hash (corrupt)".into(),
+        });
+    }
+    Ok(())
+}
 
 /// Size and hash of one checkpoint file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -31,19 +123,49 @@ pub struct FileDigest {
 
 /// 64-bit FNV-1a of `data`.
 pub fn fnv64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    let mut h = Fnv64::default();
+    h.update(data);
+    h.0
 }
 
-fn digest(path: &Path) -> Result<FileDigest> {
-    let data = fs::read(path).map_err(|e| Error::io(path, e))?;
+/// 64-bit FNV-1a state fed in pieces: `Fnv64::default()`, then [`Fnv64::update`].
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv64(pub u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    /// Feeds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Size and FNV-1a hash of a file, read in 1 MiB pieces.
+pub fn digest(path: &Path) -> Result<FileDigest> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Fnv64::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
     Ok(FileDigest {
-        bytes: data.len() as u64,
-        fnv64: format!("{:016x}", fnv64(&data)),
+        bytes,
+        fnv64: format!("{:016x}", h.0),
     })
 }
 
@@ -160,7 +282,7 @@ pub fn assign_params(
 }
 
 /// Saves model weights (`model.safetensors`) and `config.json` into `dir`, atomically per
-/// file.
+/// file, and records both in `dir/manifest.json`.
 pub fn save_model(
     dir: &Path,
     vars: &[(String, Var)],
@@ -181,12 +303,16 @@ pub fn save_model(
             .unwrap_or_default()
             .as_bytes(),
     )?;
-    fsync_dir(dir)
+    fsync_dir(dir)?;
+    record_files(dir, &["model.safetensors", "config.json"])
 }
 
-/// Loads `model.safetensors` from `dir` into `vars`, refusing mismatches.
+/// Loads `model.safetensors` from `dir` into `vars`, refusing a file whose size or hash
+/// differs from `dir/manifest.json` (or that the manifest does not list) and mismatched
+/// tensors.
 pub fn load_model(dir: &Path, vars: &[(String, Var)]) -> Result<()> {
     let path = dir.join("model.safetensors");
+    verify_files(dir, &["model.safetensors"], true)?;
     let tensors = load_tensors(&path)?;
     assign_params(&path, vars, &tensors)
 }
@@ -255,6 +381,17 @@ pub fn save_checkpoint(
         f.write_all(&json).map_err(|e| Error::io(&p, e))?;
         f.sync_all().map_err(|e| Error::io(&p, e))?;
     }
+    let mut manifest = Manifest::default();
+    for f in ["model.safetensors", "optim.safetensors", "state.json"] {
+        manifest.files.insert(f.to_string(), digest(&tmp.join(f))?);
+    }
+    {
+        let p = tmp.join(MANIFEST_FILE);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::msg(e.to_string()))?;
+        let mut f = fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
+        f.write_all(&json).map_err(|e| Error::io(&p, e))?;
+        f.sync_all().map_err(|e| Error::io(&p, e))?;
+    }
     fsync_dir(&tmp)?;
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
@@ -298,10 +435,22 @@ pub fn latest_checkpoint(ckpt_root: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(ckpt_root.join(name)))
 }
 
-/// Reads and validates a checkpoint folder: state.json parses, format version matches,
-/// every listed file has its recorded size and hash, and both safetensors files parse.
+/// Reads and validates a checkpoint folder: `manifest.json` lists `state.json` and both
+/// tensor files with their sizes and hashes (format version 2; version 1 checkpoints have no
+/// manifest), state.json parses, its format version is known, every file has its recorded
+/// size and hash, and both safetensors files parse.
 pub fn load_checkpoint(dir: &Path) -> Result<(TrainState, CheckpointTensorsMap)> {
     let sp = dir.join("state.json");
+    let manifest = read_manifest(dir)?;
+    if let Some(m) = &manifest {
+        for f in ["state.json", "model.safetensors", "optim.safetensors"] {
+            let want = m.files.get(f).ok_or_else(|| Error::Checkpoint {
+                path: dir.join(MANIFEST_FILE),
+                reason: format!("does not list `{f}`"),
+            })?;
+            check_digest(&dir.join(f), want)?;
+        }
+    }
     let raw = fs::read(&sp).map_err(|e| Error::Checkpoint {
         path: sp.clone(),
         reason: format!("cannot read state.json: {e}"),
@@ -310,13 +459,19 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainState, CheckpointTensorsMap)>
         path: sp.clone(),
         reason: format!("state.json is corrupt: {e}"),
     })?;
-    if state.format_version != FORMAT_VERSION {
+    if state.format_version != FORMAT_VERSION && state.format_version != 1 {
         return Err(Error::Checkpoint {
             path: sp,
             reason: format!(
-                "format version {} is not supported (expected {FORMAT_VERSION})",
+                "format version {} is not supported (expected 1 or {FORMAT_VERSION})",
                 state.format_version
             ),
+        });
+    }
+    if manifest.is_none() && state.format_version != 1 {
+        return Err(Error::Checkpoint {
+            path: dir.join(MANIFEST_FILE),
+            reason: "missing (a version 2 checkpoint lists every file's hash there)".into(),
         });
     }
     for f in ["model.safetensors", "optim.safetensors"] {
@@ -324,33 +479,98 @@ pub fn load_checkpoint(dir: &Path) -> Result<(TrainState, CheckpointTensorsMap)>
             path: dir.into(),
             reason: format!("state.json does not list `{f}`"),
         })?;
-        let p = dir.join(f);
-        if !p.exists() {
-            return Err(Error::Checkpoint {
-                path: p,
-                reason: "file missing".into(),
-            });
-        }
-        let got = digest(&p)?;
-        if got.bytes != want.bytes {
-            return Err(Error::Checkpoint {
-                path: p,
-                reason: format!(
-                    "truncated or altered: {} bytes, expected {}",
-                    got.bytes, want.bytes
-                ),
-            });
-        }
-        if got.fnv64 != want.fnv64 {
-            return Err(Error::Checkpoint {
-                path: p,
-                reason: "contents do not match the recorded hash (corrupt)".into(),
-            });
-        }
+        check_digest(&dir.join(f), want)?;
     }
     let model = load_tensors(&dir.join("model.safetensors"))?;
     let optim = load_tensors(&dir.join("optim.safetensors"))?;
     Ok((state, CheckpointTensorsMap { model, optim }))
+}
+
+/// The checkpoint a resumed run continues from: the one `latest` names when the pointer
+/// exists (a refused checkpoint is then an error: nothing older is silently used), otherwise
+/// the newest `step-*` folder that loads and validates. Also returns the folders scanned past
+/// with the reason each was refused. `Ok(None)`: there is no checkpoint at all.
+///
+/// # Errors
+/// When `latest` is unreadable or its checkpoint is refused, or when checkpoints exist but
+/// none is valid (each refusal is listed).
+#[allow(clippy::type_complexity)]
+pub fn resume_checkpoint(
+    ckpt_root: &Path,
+) -> Result<Option<(PathBuf, TrainState, CheckpointTensorsMap, Vec<String>)>> {
+    if let Some(dir) = latest_checkpoint(ckpt_root)? {
+        let (s, t) = load_checkpoint(&dir)?;
+        return Ok(Some((dir, s, t, Vec::new())));
+    }
+    if !ckpt_root.exists() {
+        return Ok(None);
+    }
+    let mut names: Vec<String> = fs::read_dir(ckpt_root)
+        .map_err(|e| Error::io(ckpt_root, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    let mut refused = Vec::new();
+    for n in names.iter().rev() {
+        let dir = ckpt_root.join(n);
+        match load_checkpoint(&dir) {
+            Ok((s, t)) => return Ok(Some((dir, s, t, refused))),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    if refused.is_empty() {
+        return Ok(None);
+    }
+    Err(Error::Checkpoint {
+        path: ckpt_root.into(),
+        reason: format!(
+            "no `latest` pointer and no valid checkpoint:\n  - {}",
+            refused.join("\n  - ")
+        ),
+    })
+}
+
+/// Whether `name` is a temporary file or folder of [`write_atomic`], [`save_model`] or
+/// [`save_checkpoint`] (`.NAME.tmp-PID`).
+pub fn is_leftover_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the temporary files and folders (`.NAME.tmp-PID`) that an interrupted write left
+/// in a run folder and its `checkpoints/`, except this process's own. Call it only while
+/// holding the run folder's lock ([`crate::runlock::RunLock`]): no other process then
+/// writes there. Returns what was removed.
+pub fn remove_leftovers(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let own = format!(".tmp-{}", std::process::id());
+    let mut removed = Vec::new();
+    for dir in [run_dir.to_path_buf(), run_dir.join("checkpoints")] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if !is_leftover_name(&name) || name.ends_with(&own) {
+                continue;
+            }
+            let p = e.path();
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            r.map_err(|e| Error::io(&p, e))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
 }
 
 /// Tensors of a loaded checkpoint, by name.
@@ -418,6 +638,110 @@ mod tests {
         // keep = 2: a third checkpoint prunes the first.
         save_checkpoint(&root, state(3), &tensors, 2)?;
         assert!(!d1.exists());
+        let _ = fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
+    fn state_json_is_covered_by_the_manifest() -> Result<()> {
+        let root = tmpdir("state");
+        let t = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+        let tensors = CheckpointTensors {
+            model: vec![("w".into(), t.clone())],
+            optim: vec![("w.m".into(), t)],
+        };
+        let d = save_checkpoint(&root, state(4), &tensors, 2)?;
+        // Change the step in state.json, keeping it valid JSON of the same length.
+        let p = d.join("state.json");
+        let text = fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\"step\": 4"), "{text}");
+        fs::write(&p, text.replace("\"step\": 4", "\"step\": 9")).unwrap();
+        let err = load_checkpoint(&d).unwrap_err().to_string();
+        assert!(err.contains("state.json") && err.contains("hash"), "{err}");
+        // Without its manifest a version-2 checkpoint is refused too.
+        fs::write(&p, text).unwrap();
+        assert!(load_checkpoint(&d).is_ok());
+        fs::remove_file(d.join(MANIFEST_FILE)).unwrap();
+        let err = load_checkpoint(&d).unwrap_err().to_string();
+        assert!(err.contains("manifest.json"), "{err}");
+        let _ = fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
+    fn resume_scans_when_latest_is_missing() -> Result<()> {
+        let root = tmpdir("scan");
+        assert!(resume_checkpoint(&root)?.is_none());
+        let t = Tensor::new(&[1f32], &Device::Cpu)?;
+        let tensors = CheckpointTensors {
+            model: vec![("w".into(), t.clone())],
+            optim: vec![("w.m".into(), t)],
+        };
+        save_checkpoint(&root, state(2), &tensors, 5)?;
+        let d4 = save_checkpoint(&root, state(4), &tensors, 5)?;
+        fs::remove_file(root.join("latest")).unwrap();
+        let (dir, s, _, refused) = resume_checkpoint(&root)?.unwrap();
+        assert_eq!((dir, s.step, refused.len()), (d4.clone(), 4, 0));
+        // The newest one corrupt: the older valid one is used and the refusal reported.
+        let p = d4.join("model.safetensors");
+        let b = fs::read(&p).unwrap();
+        fs::write(&p, &b[..b.len() - 1]).unwrap();
+        let (dir, s, _, refused) = resume_checkpoint(&root)?.unwrap();
+        assert_eq!((dir, s.step), (root.join("step-0000002"), 2));
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].contains("step-0000004"), "{refused:?}");
+        let _ = fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
+    fn leftovers_are_recognised_and_removed() -> Result<()> {
+        assert!(is_leftover_name(".step-0000004.tmp-1234"));
+        assert!(is_leftover_name(".model.safetensors.tmp-77"));
+        assert!(!is_leftover_name("step-0000004"));
+        assert!(!is_leftover_name(".step-1.tmp-"));
+        assert!(!is_leftover_name("notes.tmp-12"));
+        let root = tmpdir("left");
+        let ck = root.join("checkpoints");
+        fs::create_dir_all(ck.join(".step-0000004.tmp-999999")).unwrap();
+        fs::write(ck.join(".step-0000004.tmp-999999/model.safetensors"), b"x").unwrap();
+        fs::write(root.join(".metrics.jsonl.tmp-999998"), b"x").unwrap();
+        let own = root.join(format!(".config.json.tmp-{}", std::process::id()));
+        fs::write(&own, b"x").unwrap();
+        fs::write(root.join("keep.txt"), b"x").unwrap();
+        let mut removed = remove_leftovers(&root)?;
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                root.join(".metrics.jsonl.tmp-999998"),
+                ck.join(".step-0000004.tmp-999999")
+            ]
+        );
+        assert!(own.exists() && root.join("keep.txt").exists());
+        let _ = fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
+    fn run_files_are_verified_against_the_manifest() -> Result<()> {
+        let root = tmpdir("manifest");
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("a.txt"), b"hello").unwrap();
+        // No manifest: refused when required, accepted otherwise.
+        assert!(verify_files(&root, &["a.txt"], true).is_err());
+        verify_files(&root, &["a.txt"], false)?;
+        record_files(&root, &["a.txt"])?;
+        verify_files(&root, &["a.txt"], true)?;
+        fs::write(root.join("a.txt"), b"hellO").unwrap();
+        let err = verify_files(&root, &["a.txt"], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.txt") && err.contains("hash"), "{err}");
+        let err = verify_files(&root, &["b.txt"], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not listed"), "{err}");
         let _ = fs::remove_dir_all(&root);
         Ok(())
     }

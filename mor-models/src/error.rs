@@ -50,6 +50,16 @@ pub enum Error {
         /// Path of the last good checkpoint (or "none").
         last_good: String,
     },
+    /// Another process holds the run folder's lock.
+    #[error(
+        "{path} is in use by another process ({holder}); wait for it to finish, or stop it, or choose another --out"
+    )]
+    RunLocked {
+        /// The run folder.
+        path: PathBuf,
+        /// Who holds the lock.
+        holder: String,
+    },
     /// Any other error, with its message.
     #[error("{0}")]
     Msg(String),

@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: the Llama-style decoder with recursion, routing and KV policies;
 //! - [`optim`], [`train`], [`checkpoint`]: AdamW, the training loop and atomic checkpoints;
+//! - [`runlock`], [`provenance`]: the run folder's exclusive lock and the record of its data;
 //! - [`eval`]: validation NLL / bits per byte with causal and full-sequence routing,
 //!   few-shot multiple choice, router metrics and depth traces;
 //! - [`engine`]: incremental decoding and the batched inference engine (KV caches per
@@ -21,7 +22,9 @@ pub mod eval;
 pub mod loss;
 pub mod optim;
 pub mod progress;
+pub mod provenance;
 pub mod report;
 pub mod run;
+pub mod runlock;
 pub mod tokenizer;
 pub mod train;

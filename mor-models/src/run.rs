@@ -1,13 +1,17 @@
 //! One run end to end: data → model → training → evaluation → summary, in a run folder.
 //!
 //! A run folder holds `config.toml` (the resolved config), `config.json`, `tokenizer.json`,
-//! `metrics.jsonl` (one line per optimiser step), `checkpoints/`, `model.safetensors`
-//! (final weights), `eval.json` and `summary.json` (written last: a run with a
-//! `summary.json` whose status is `done` is finished and is skipped by ablation reruns).
+//! `data.json` (the data it trains on, [`crate::provenance`]), `metrics.jsonl` (one line
+//! per optimiser step), `checkpoints/`, `model.safetensors` (final weights), `eval.json`,
+//! `summary.json` (a run with a `summary.json` whose status is `done` is finished) and
+//! `manifest.json` (size and hash of every other file, [`crate::checkpoint::verify_files`]).
+//! While a process works on it the folder holds `run.lock` ([`crate::runlock`]).
 
 use crate::data::{DataConfig, Dataset, TrainBatches};
 use crate::model::MorModel;
+use crate::provenance::{with_source, DataRecord, DATA_FILE};
 use crate::report::{Curve, CurvePoint, DepthTrace, RunSummary};
+use crate::runlock::{RunLock, LOCK_FILE};
 use crate::train::{self, SpikeAction, StepLog, TokenBatch, TrainData, TrainSettings};
 use crate::{Error, Result};
 use mor_core::config::ResolvedConfig;
@@ -178,9 +182,263 @@ pub struct RunOutcome {
     pub curve: Curve,
     /// Depth trace of one validation sample (MoR only).
     pub trace: Option<DepthTrace>,
+    /// The run was already finished (with the same config and data): nothing was trained
+    /// or written, the outcome is read from the folder.
+    pub already_finished: bool,
 }
 
+/// What a run folder holds.
+#[derive(Debug, Clone)]
+pub enum Existing {
+    /// No run yet (no `config.toml`).
+    New,
+    /// A run that started and has not finished.
+    Partial,
+    /// A finished run (`summary.json` with status `done`).
+    Finished(Box<RunSummary>),
+}
+
+/// A run folder checked against a config and data, without writing anything.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// What the folder holds.
+    pub existing: Existing,
+    /// Resolved config keys whose values differ between the folder's `config.toml` and the
+    /// new config, as `key: old -> new` (`data.source` is compared through the data record).
+    pub config_diffs: Vec<String>,
+    /// How the data differs from the one the run was trained on, when it does.
+    pub data_problem: Option<String>,
+    /// The data this invocation uses.
+    pub data: DataRecord,
+    /// Its settings.
+    pub data_config: DataConfig,
+}
+
+impl Inspection {
+    /// Whether the folder holds no run, or one with the same resolved config and data.
+    pub fn is_compatible(&self) -> bool {
+        self.config_diffs.is_empty() && self.data_problem.is_none()
+    }
+
+    /// The differences, one per line (empty when compatible).
+    pub fn problems(&self) -> String {
+        let mut lines: Vec<String> = self
+            .config_diffs
+            .iter()
+            .map(|d| format!("config {d}"))
+            .collect();
+        lines.extend(self.data_problem.iter().cloned());
+        lines.join("\n")
+    }
+}
+
+/// Resolved config keys whose values differ, as `key: old -> new`; the source TOML and
+/// `data.source` are left out.
+pub fn config_differences(old: &ResolvedConfig, new: &ResolvedConfig) -> Vec<String> {
+    fn flatten(
+        prefix: &str,
+        v: &serde_json::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, x, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let flat = |c: &ResolvedConfig| {
+        let mut v = serde_json::to_value(c).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("source");
+            if let Some(d) = m.get_mut("data").and_then(|d| d.as_object_mut()) {
+                d.remove("source");
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        flatten("", &v, &mut out);
+        out
+    };
+    let (a, b) = (flat(old), flat(new));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let absent = "(absent)".to_string();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} -> {}",
+                a.get(k).unwrap_or(&absent),
+                b.get(k).unwrap_or(&absent)
+            )
+        })
+        .collect()
+}
+
+/// Checks `opts.out` against `cfg` and the data without writing anything: what the folder
+/// holds, whether its config and data equal the new ones, and which data this invocation
+/// uses. The data of a run that records it (`data.json`) is that record's source unless
+/// `opts.data` (or a path in `cfg`'s `data.source`) names one, which must then hold the
+/// same contents.
+///
+/// # Errors
+/// When `opts.out` is a non-empty folder without a run, its `config.toml` is unreadable or
+/// corrupt, or the data cannot be read.
+pub fn inspect(cfg: &ResolvedConfig, opts: &RunOptions) -> Result<Inspection> {
+    use mor_core::config::{Config, DataSource};
+    let out = &opts.out;
+    if out.exists() && !out.is_dir() {
+        return Err(Error::msg(format!(
+            "--out {} is a file, not a run folder",
+            out.display()
+        )));
+    }
+    let cfg_path = out.join("config.toml");
+    let has_run = cfg_path.is_file();
+    if !has_run && out.is_dir() {
+        let mut others: Vec<String> = std::fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n != LOCK_FILE && !crate::checkpoint::is_leftover_name(n))
+            .collect();
+        others.sort();
+        if !others.is_empty() {
+            return Err(Error::msg(format!(
+                "{} is not empty and holds no run (no config.toml; it has {}); choose a new or empty --out",
+                out.display(),
+                others
+                    .iter()
+                    .take(3)
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let mut config_diffs = Vec::new();
+    let mut existing = Existing::New;
+    let mut recorded = None;
+    if has_run {
+        crate::checkpoint::verify_files(out, &["config.toml"], false)?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let old = Config::from_toml_str(&text)
+            .map_err(|e| Error::msg(format!("{}: {e}", cfg_path.display())))?;
+        config_diffs = config_differences(&old, cfg);
+        existing = match finished_summary(out) {
+            Some(s) => Existing::Finished(Box::new(s)),
+            None => Existing::Partial,
+        };
+        if out.join(DATA_FILE).exists() {
+            crate::checkpoint::verify_files(out, &[DATA_FILE], false)?;
+        }
+        recorded = DataRecord::read(out)?;
+    }
+    let base = data_config(cfg, None);
+    // The data named explicitly: `--data`, else a path in the config's `data.source`.
+    let named: Option<String> = match (&opts.data, &cfg.data.source) {
+        (Some(d), _) => Some(d.display().to_string()),
+        (None, DataSource::Path(p)) => Some(p.display().to_string()),
+        (None, DataSource::Builtin) => None,
+    };
+    let (dcfg, from_record) = match (&named, &recorded) {
+        (Some(n), _) => (with_source(&base, n), false),
+        (None, Some(r)) => (with_source(&base, &r.source), true),
+        (None, None) => (base, false),
+    };
+    let data = DataRecord::of(&dcfg).map_err(|e| match (&recorded, from_record) {
+        (Some(r), true) => Error::msg(format!(
+            "the data this run was trained on, {}, cannot be read: {e}; restore it, or pass --data with a copy of it",
+            r.source
+        )),
+        _ => e,
+    })?;
+    let data_problem = match &recorded {
+        Some(r) if !r.same_data(&data) => Some(format!(
+            "data differs from the data this run was trained on:\n  recorded: {}\n  now:      {}",
+            r.describe(),
+            data.describe()
+        )),
+        Some(_) => None,
+        None if has_run => Some(format!(
+            "{} does not record the data it was trained on (no {DATA_FILE}: written by an older version); pass --data with that data",
+            out.display()
+        ))
+        .filter(|_| named.is_none()),
+        None => None,
+    };
+    Ok(Inspection {
+        existing,
+        config_diffs,
+        data_problem,
+        data,
+        data_config: dcfg,
+    })
+}
+
+/// Prepares the data of an existing run folder `dir` without writing into it: the saved
+/// `tokenizer.json` is used from a copy, and the tokenizer `dcfg` resolves to must be that
+/// same tokenizer (byte for byte), else the run is refused.
+pub fn prepare_existing(dir: &Path, dcfg: &DataConfig) -> Result<Dataset> {
+    let tok = dir.join(crate::tokenizer::TOKENIZER_FILE);
+    let stage = std::env::temp_dir().join(format!(
+        "mor-stage-{}-{}",
+        std::process::id(),
+        STAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage).map_err(|e| Error::io(&stage, e))?;
+    let staged = stage.join(crate::tokenizer::TOKENIZER_FILE);
+    let result = (|| {
+        if tok.exists() {
+            std::fs::copy(&tok, &staged).map_err(|e| Error::io(&tok, e))?;
+        }
+        let ds = Dataset::prepare(dcfg, Some(&stage))?;
+        if tok.exists() {
+            let a = std::fs::read(&tok).map_err(|e| Error::io(&tok, e))?;
+            let b = std::fs::read(&staged).map_err(|e| Error::io(&staged, e))?;
+            if a != b {
+                return Err(Error::msg(format!(
+                    "data.tokenizer = {:?} gives another tokenizer than the run's {}; use the run's settings",
+                    dcfg.tokenizer,
+                    tok.display()
+                )));
+            }
+        }
+        Ok(ds)
+    })();
+    let _ = std::fs::remove_dir_all(&stage);
+    result
+}
+
+static STAGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Files a new run writes before training; removed again when the run fails before its
+/// first optimiser step.
+const SETUP_FILES: [&str; 5] = [
+    "config.toml",
+    "config.json",
+    DATA_FILE,
+    crate::tokenizer::TOKENIZER_FILE,
+    crate::checkpoint::MANIFEST_FILE,
+];
+
 /// Trains and evaluates `cfg` in `opts.out`.
+///
+/// Holds the folder's lock ([`RunLock`]) throughout. Everything is checked before anything
+/// is written ([`inspect`]): a folder holding a run with another resolved config or other
+/// data is refused with the differences; an unfinished run needs `opts.resume`; a finished
+/// one is never changed (with `opts.resume` its outcome is returned as it is). A command that
+/// fails before training leaves no new files in `opts.out` (nor the folder, if it created
+/// it).
 pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOutcome> {
     let out = &opts.out;
     if cfg.data.doc_masking {
@@ -188,20 +446,130 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
             "data.doc_masking = true is not supported by the model's attention yet; set it to false",
         ));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let existed = out.exists();
+    let lock = RunLock::acquire(out)?;
+    let mut setup = Setup::default();
+    let result = run_locked(cfg, name, opts, &mut setup);
+    if result.is_err() && !setup.training_started {
+        for f in &setup.written {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+    }
+    drop(lock);
+    if result.is_err() && !existed {
+        // Removes the folder only when empty.
+        let _ = std::fs::remove_dir(out);
+    }
+    result
+}
+
+#[derive(Default)]
+struct Setup {
+    written: Vec<&'static str>,
+    training_started: bool,
+}
+
+fn run_locked(
+    cfg: &ResolvedConfig,
+    name: &str,
+    opts: &RunOptions,
+    setup: &mut Setup,
+) -> Result<RunOutcome> {
+    let out = &opts.out;
+    let insp = inspect(cfg, opts)?;
+    if !insp.config_diffs.is_empty() {
+        return Err(Error::msg(format!(
+            "{} holds a run with another config; nothing was changed. Differing keys (run's -> given):\n  {}\nUse the run's own config (its config.toml), or choose another --out",
+            out.display(),
+            insp.config_diffs.join("\n  ")
+        )));
+    }
+    if let Some(p) = &insp.data_problem {
+        return Err(Error::msg(format!(
+            "{}: {p}\nnothing was changed",
+            out.display()
+        )));
+    }
+    let resuming = match &insp.existing {
+        Existing::Finished(s) => {
+            if !opts.resume {
+                return Err(Error::msg(format!(
+                    "{} holds a finished run ({} steps); it is kept as it is: choose another --out (with --resume it is only reported)",
+                    out.display(),
+                    s.steps
+                )));
+            }
+            let curve = read_curve(name, &out.join("metrics.jsonl")).unwrap_or(Curve {
+                run: name.to_string(),
+                points: Vec::new(),
+            });
+            let trace = std::fs::read_to_string(out.join("trace.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            return Ok(RunOutcome {
+                summary: (**s).clone(),
+                curve,
+                trace,
+                already_finished: true,
+            });
+        }
+        Existing::Partial if !opts.resume => {
+            return Err(Error::msg(format!(
+                "{} holds an unfinished run; pass --resume to continue it or choose another --out",
+                out.display()
+            )));
+        }
+        Existing::Partial => true,
+        Existing::New => false,
+    };
+    if resuming {
+        crate::checkpoint::remove_leftovers(out)?;
+        crate::checkpoint::verify_files(out, &[crate::tokenizer::TOKENIZER_FILE], false)?;
+    }
     set_threads(cfg.threads);
-    crate::checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
-    crate::checkpoint::write_atomic(
-        &out.join("config.json"),
-        cfg.to_json().unwrap_or_default().as_bytes(),
-    )?;
-    let dcfg = data_config(cfg, opts.data.as_deref());
-    let ds = Dataset::prepare(&dcfg, Some(out))?;
+    // The saved config names the data actually used (a `--data` override included).
+    let cfg = &if insp.data.source != "builtin" && !resuming {
+        let mut table = cfg.source.clone();
+        mor_core::config::apply_override(
+            &mut table,
+            "data.source",
+            toml::Value::String(insp.data.source.clone()),
+        )?;
+        mor_core::config::Config::from_table(table)?
+    } else {
+        cfg.clone()
+    };
     let model = MorModel::new(cfg)?;
     let acct = mor_core::accounting::report(cfg)?;
     let settings = train_settings(cfg, opts);
+    let ds = if resuming {
+        prepare_existing(out, &insp.data_config)?
+    } else {
+        Dataset::prepare(&insp.data_config, None)?
+    };
     let it = ds.train_batches(settings.micro_batch_seqs, None)?;
+    if !resuming {
+        setup.written.extend(SETUP_FILES);
+        use crate::checkpoint::write_atomic;
+        write_atomic(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
+        write_atomic(
+            &out.join("config.json"),
+            cfg.to_json().unwrap_or_default().as_bytes(),
+        )?;
+        insp.data.write(out)?;
+        ds.tokenizer().save(out)?;
+        crate::checkpoint::record_files(
+            out,
+            &[
+                "config.toml",
+                "config.json",
+                DATA_FILE,
+                crate::tokenizer::TOKENIZER_FILE,
+            ],
+        )?;
+    }
     let mut adapter = DataAdapter { it };
+    setup.training_started = true;
     let summary = train::train(
         &model,
         &mut adapter,
@@ -314,10 +682,12 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
             .unwrap_or_default()
             .as_bytes(),
     )?;
+    crate::checkpoint::record_files(out, &["metrics.jsonl", "eval.json", "summary.json"])?;
     Ok(RunOutcome {
         summary: row,
         curve,
         trace,
+        already_finished: false,
     })
 }
 

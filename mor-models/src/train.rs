@@ -235,8 +235,9 @@ pub fn train(
     let metrics_path = run_dir.join("metrics.jsonl");
 
     if resume {
-        if let Some(dir) = checkpoint::latest_checkpoint(&ckpt_root)? {
-            let (state, t) = checkpoint::load_checkpoint(&dir)?;
+        // The checkpoint `latest` names; without the pointer (lost, or a kill before it
+        // moved), the newest valid one; none: from the start.
+        if let Some((dir, state, t, _refused)) = checkpoint::resume_checkpoint(&ckpt_root)? {
             let all: Vec<NamedVar> = main_vars.iter().chain(aux_vars.iter()).cloned().collect();
             let mut params = t.model.clone();
             let buffers: Vec<(String, Tensor)> = params
@@ -273,8 +274,9 @@ pub fn train(
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0) as usize;
             last_good = Some(dir);
-            truncate_metrics(&metrics_path, step)?;
         }
+        // Every step after the resumed one is run again: the log keeps each step once.
+        truncate_metrics(&metrics_path, step)?;
     } else if ckpt_root.exists() {
         return Err(Error::msg(format!(
             "{} already holds checkpoints; pass --resume to continue or choose another --out",
@@ -356,37 +358,18 @@ pub fn train(
             tokens += (batch.b * batch.t) as u64;
         }
         let mut grads = grads.ok_or_else(|| Error::msg("no micro-batch ran"))?;
-        let gn = optim::grad_norm(&grads, &main_v)?;
-        if !gn.is_finite() {
-            let bad = main_vars
-                .iter()
-                .find(|(_, v)| {
-                    grads
-                        .get(v.as_tensor())
-                        .and_then(|g| {
-                            g.sqr()
-                                .ok()?
-                                .sum_all()
-                                .ok()?
-                                .to_dtype(candle_core::DType::F64)
-                                .ok()?
-                                .to_scalar::<f64>()
-                                .ok()
-                        })
-                        .map(|x| !x.is_finite())
-                        .unwrap_or(false)
-                })
-                .map(|(n, _)| n.clone())
-                .unwrap_or_else(|| "?".into());
-            return Err(Error::NonFinite {
-                what: format!("gradient of `{bad}`"),
-                step: step + 1,
-                last_good: last_good
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none".into()),
-            });
-        }
+        // Both optimisers' gradients are checked before either steps (spec §3.3: the aux
+        // router trains beside the model; a non-finite update of either stops the run).
+        let last = last_good
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into());
+        let gn = finite_grad_norm(&grads, &main_vars, step + 1, &last)?;
+        let an = if aux_vars.is_empty() {
+            0.0
+        } else {
+            finite_grad_norm(&grads, &aux_vars, step + 1, &last)?
+        };
         let spike = s.spike_action != SpikeAction::Off && guard.observe(loss_sum);
         if spike && s.spike_action == SpikeAction::Stop {
             return Err(Error::msg(format!(
@@ -405,8 +388,7 @@ pub fn train(
                 optim::scale_grads(&mut grads, &main_v, s.grad_clip / gn)?;
             }
             if !aux_v.is_empty() {
-                let an = optim::grad_norm(&grads, &aux_v)?;
-                if s.grad_clip > 0.0 && an > s.grad_clip && an.is_finite() {
+                if s.grad_clip > 0.0 && an > s.grad_clip {
                     optim::scale_grads(&mut grads, &aux_v, s.grad_clip / an)?;
                 }
                 aux_opt.step(&grads, lr * aux_mult)?;
@@ -498,6 +480,10 @@ pub fn train(
             last_good = Some(dir);
         }
     }
+    if ran == 0 {
+        // Resumed at the end: the loss of the last step is in the log.
+        final_loss = last_logged_loss(&metrics_path).unwrap_or(f64::NAN);
+    }
     bar.finish(&format!("loss {final_loss:.4}"));
     Ok(TrainSummary {
         steps: step,
@@ -513,6 +499,55 @@ pub fn train(
         router_stats: stats_tail,
         finished: step >= s.steps,
     })
+}
+
+/// The global gradient norm of `vars`, or [`Error::NonFinite`] naming the first parameter
+/// whose gradient is not finite (at optimiser step `step`, `last_good` the last checkpoint).
+pub fn finite_grad_norm(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[NamedVar],
+    step: usize,
+    last_good: &str,
+) -> Result<f64> {
+    let v: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let gn = optim::grad_norm(grads, &v)?;
+    if gn.is_finite() {
+        return Ok(gn);
+    }
+    let bad = vars
+        .iter()
+        .find(|(_, v)| {
+            grads
+                .get(v.as_tensor())
+                .and_then(|g| {
+                    g.sqr()
+                        .ok()?
+                        .sum_all()
+                        .ok()?
+                        .to_dtype(candle_core::DType::F64)
+                        .ok()?
+                        .to_scalar::<f64>()
+                        .ok()
+                })
+                .map(|x| !x.is_finite())
+                .unwrap_or(false)
+        })
+        .map(|(n, _)| n.clone())
+        .unwrap_or_else(|| "?".into());
+    Err(Error::NonFinite {
+        what: format!("gradient of `{bad}`"),
+        step,
+        last_good: last_good.to_string(),
+    })
+}
+
+/// The loss of the last line of `metrics.jsonl`.
+fn last_logged_loss(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<StepLog>(l).ok())
+        .map(|r| r.loss)
 }
 
 /// Drops metric lines after `step` (a resumed run rewrites them).
@@ -552,6 +587,32 @@ mod tests {
             g.push(5.0 + 0.05 * ((i % 3) as f64 - 1.0));
         }
         g
+    }
+
+    #[test]
+    fn a_non_finite_aux_gradient_stops_with_its_name() -> Result<()> {
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        let main = Var::from_tensor(&Tensor::ones(3, DType::F32, &dev)?)?;
+        let aux = Var::from_tensor(&Tensor::ones(2, DType::F32, &dev)?)?;
+        // d/dw of sum(w * c) is c: the main gradient is finite, the aux one holds a NaN.
+        let cm = Tensor::new(&[3f32, 0.0, 4.0], &dev)?;
+        let ca = Tensor::new(&[1f32, f32::NAN], &dev)?;
+        let loss = ((main.as_tensor() * &cm)?.sum_all()? + (aux.as_tensor() * &ca)?.sum_all()?)?;
+        let g = loss.backward()?;
+        let main_vars: Vec<NamedVar> = vec![("model.w".into(), main)];
+        let aux_vars: Vec<NamedVar> = vec![("aux_router.w".into(), aux)];
+        assert_eq!(finite_grad_norm(&g, &main_vars, 7, "none")?, 5.0);
+        let err = finite_grad_norm(&g, &aux_vars, 7, "ck/step-0000006")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gradient of `aux_router.w`")
+                && err.contains("at step 7")
+                && err.contains("step-0000006"),
+            "{err}"
+        );
+        Ok(())
     }
 
     #[test]

@@ -164,3 +164,222 @@ fn corrupt_checkpoint_is_refused_and_kept() {
     assert!(err.contains("--resume"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Every file under `dir` (relative path → bytes).
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn metric_steps(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn resume_without_latest_pointer_logs_each_step_once() {
+    let c = cfg("");
+    let a = dir("ptr-full");
+    run(&c, "full", &opts(&a)).unwrap();
+    // (1) Killed after step 3 (checkpoint at 2) and `latest` lost: the newest valid
+    // checkpoint is found. (2) Killed after step 1, before the first checkpoint: resume
+    // restarts from step 0. Either way the log holds steps 1..=6 once, with the same losses.
+    for (tag, stop, drop_latest) in [("ptr-lost", 3, true), ("ptr-early", 1, false)] {
+        let b = dir(tag);
+        let mut o = opts(&b);
+        o.stop_after = Some(stop);
+        assert!(run(&c, tag, &o).is_err());
+        if drop_latest {
+            std::fs::remove_file(b.join("checkpoints/latest")).unwrap();
+        } else {
+            assert!(
+                !b.join("checkpoints").exists(),
+                "{tag}: a checkpoint was written"
+            );
+        }
+        let mut o = opts(&b);
+        o.resume = true;
+        run(&c, tag, &o).unwrap();
+        assert_eq!(metric_steps(&b), (1..=6).collect::<Vec<_>>(), "{tag}");
+        assert_eq!(losses(&a), losses(&b), "{tag}");
+        assert_eq!(weights(&a), weights(&b), "{tag}");
+        let _ = std::fs::remove_dir_all(&b);
+    }
+    let _ = std::fs::remove_dir_all(&a);
+}
+
+#[test]
+fn an_existing_run_is_never_changed_by_a_refused_or_finished_command() {
+    let c = cfg("");
+    let out = dir("keep");
+    run(&c, "keep", &opts(&out)).unwrap();
+    let before = snapshot(&out);
+    assert!(before.contains_key(Path::new("manifest.json")));
+    // Another config, with or without --resume: refused naming the key, nothing written.
+    let other = cfg("lr = 0.5");
+    for resume in [false, true] {
+        let mut o = opts(&out);
+        o.resume = resume;
+        let err = run(&other, "keep", &o).unwrap_err().to_string();
+        assert!(
+            err.contains("train.lr") && err.contains("another config"),
+            "{err}"
+        );
+        assert_eq!(snapshot(&out), before, "resume = {resume}");
+    }
+    // The same config with --resume: reported as finished, nothing written.
+    let mut o = opts(&out);
+    o.resume = true;
+    let got = run(&c, "keep", &o).unwrap();
+    assert!(got.already_finished);
+    assert_eq!(got.summary.steps, 6);
+    assert_eq!(snapshot(&out), before);
+    // Without --resume: refused.
+    let err = run(&c, "keep", &opts(&out)).unwrap_err().to_string();
+    assert!(err.contains("finished"), "{err}");
+    assert_eq!(snapshot(&out), before);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_failed_start_leaves_no_files() {
+    let root = dir("nofiles");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("empty.txt"), "").unwrap();
+    let c = cfg("");
+    // A new folder: not created. An existing empty folder: stays empty.
+    let fresh = root.join("fresh");
+    let empty = root.join("empty-dir");
+    std::fs::create_dir_all(&empty).unwrap();
+    for out in [&fresh, &empty] {
+        let mut o = opts(out);
+        o.data = Some(root.join("empty.txt"));
+        assert!(run(&c, "x", &o).is_err());
+    }
+    assert!(!fresh.exists(), "the failed run created its folder");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+    // A folder that holds something else is refused before anything is written.
+    let other = root.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.md"), "mine").unwrap();
+    let err = run(&c, "x", &opts(&other)).unwrap_err().to_string();
+    assert!(
+        err.contains("holds no run") && err.contains("notes.md"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_locked_run_folder_is_refused_with_the_holder_pid() {
+    let c = cfg("");
+    let out = dir("locked");
+    let lock = mor_models::runlock::RunLock::acquire(&out).unwrap();
+    let err = run(&c, "l", &opts(&out)).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("PID {}", std::process::id())),
+        "{err}"
+    );
+    assert!(!out.join("config.toml").exists());
+    drop(lock);
+    // Released: the run goes ahead, and releases the lock when done.
+    run(&c, "l", &opts(&out)).unwrap();
+    assert!(!out.join(mor_models::runlock::LOCK_FILE).exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn resume_removes_leftover_temporary_checkpoints() {
+    let c = cfg("");
+    let out = dir("leftover");
+    let mut o = opts(&out);
+    o.stop_after = Some(3);
+    assert!(run(&c, "x", &o).is_err());
+    // What a SIGTERM or a full disk during a checkpoint leaves.
+    let tmp = out.join("checkpoints/.step-0000004.tmp-999999");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), b"partial").unwrap();
+    let tmp_file = out.join(".metrics.jsonl.tmp-999999");
+    std::fs::write(&tmp_file, b"partial").unwrap();
+    let mut o = opts(&out);
+    o.resume = true;
+    run(&c, "x", &o).unwrap();
+    assert!(!tmp.exists() && !tmp_file.exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn the_data_of_a_run_is_recorded_and_checked_on_resume() {
+    let root = dir("data");
+    std::fs::create_dir_all(&root).unwrap();
+    // A folder of 40 one-document files.
+    let data = root.join("corpus");
+    std::fs::create_dir_all(&data).unwrap();
+    let doc = |i: usize| format!("document {i}: the quick brown fox {} jumps\n", i * 7 % 13);
+    for i in 0..40 {
+        std::fs::write(data.join(format!("{i:02}.txt")), doc(i)).unwrap();
+    }
+    let bytes: usize = (0..40).map(|i| doc(i).len()).sum();
+    let c = cfg("");
+    let out = root.join("run");
+    let mut o = opts(&out);
+    o.data = Some(data.clone());
+    o.stop_after = Some(3);
+    let err = run(&c, "d", &o).unwrap_err().to_string();
+    assert!(err.contains("stopped after step 3"), "{err}");
+    let rec = mor_models::provenance::DataRecord::read(&out)
+        .unwrap()
+        .unwrap();
+    let abs = std::fs::canonicalize(&data).unwrap();
+    assert_eq!(rec.source, abs.display().to_string());
+    assert_eq!((rec.files, rec.bytes), (40, bytes as u64));
+    let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(saved.contains(&abs.display().to_string()), "{saved}");
+    // A file changes: resume (without --data, so the recorded data) is refused.
+    std::fs::write(data.join("07.txt"), doc(7).replace("fox", "cat")).unwrap();
+    let mut o = opts(&out);
+    o.resume = true;
+    let err = run(&c, "d", &o).unwrap_err().to_string();
+    assert!(err.contains("data differs"), "{err}");
+    // Another --data is refused too.
+    let other = root.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for i in 0..20 {
+        std::fs::write(other.join(format!("{i:02}.txt")), doc(i)).unwrap();
+    }
+    o.data = Some(other);
+    let err = run(&c, "d", &o).unwrap_err().to_string();
+    assert!(err.contains("data differs"), "{err}");
+    // Restored: the resumed run trains on the recorded data, as an uninterrupted one does.
+    std::fs::write(data.join("07.txt"), doc(7)).unwrap();
+    o.data = None;
+    run(&c, "d", &o).unwrap();
+    let full = root.join("full");
+    let mut f = opts(&full);
+    f.data = Some(data.clone());
+    run(&c, "d", &f).unwrap();
+    assert_eq!(losses(&out), losses(&full));
+    let _ = std::fs::remove_dir_all(&root);
+}

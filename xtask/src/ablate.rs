@@ -15,14 +15,17 @@
 //! "router.kind" = ["expert_choice", "token_choice"]
 //! ```
 //!
-//! `"router" = "none"` removes the router (vanilla and recursive baselines). Runs whose
-//! folder already holds a finished `summary.json` are skipped on a rerun.
+//! `"router" = "none"` removes the router (vanilla and recursive baselines). On a rerun, a
+//! run whose folder holds a finished run with the same resolved config and data (content
+//! fingerprint) is reused and an unfinished one resumed; a folder whose config or data
+//! differ is refused before anything trains, naming the differing keys, unless `--force`
+//! moves it aside (to `NAME.old-<unix time>`, kept) and trains the run again.
 
 use anyhow::{bail, Context};
 use mor_core::config::{apply_override, Config};
 use mor_models::progress::AblationProgress;
 use mor_models::report::{self, RunSummary};
-use mor_models::run::{finished_summary, read_curve, run, EvalResults, RunOptions};
+use mor_models::run::{inspect, read_curve, run, EvalResults, RunOptions};
 use std::path::PathBuf;
 
 /// Flags of `ablate`.
@@ -46,6 +49,10 @@ pub struct Args {
     /// No progress bars: a plain progress line every few steps instead (for log files).
     #[arg(long)]
     quiet: bool,
+    /// Train again the runs whose folder holds a run of another config or other data: each
+    /// such folder is first renamed to `NAME.old-<unix time>` (nothing is deleted).
+    #[arg(long)]
+    force: bool,
 }
 
 const QUICK: &str = include_str!("../../configs/grids/quick.toml");
@@ -139,6 +146,11 @@ pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
             let values = values
                 .as_array()
                 .with_context(|| format!("{origin}: axes.\"{key}\" must be an array of values"))?;
+            if values.is_empty() {
+                bail!(
+                    "{origin}: axis `{key}` has no values; give at least one (or remove the axis)"
+                );
+            }
             let mut next = Vec::new();
             for r in &runs {
                 for v in values {
@@ -153,6 +165,9 @@ pub fn expand(text: &str, origin: &str) -> anyhow::Result<Vec<GridRun>> {
             }
             runs = next;
         }
+    }
+    if runs.is_empty() {
+        bail!("{origin}: `runs` is empty; give at least one [[runs]] (or none, to run `[base]`)");
     }
     let mut seen = std::collections::HashSet::new();
     for r in &runs {
@@ -226,6 +241,61 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let opts_for = |dir: PathBuf, label: String| RunOptions {
+        out: dir,
+        data: args.data.clone(),
+        resume: true,
+        quiet: args.quiet,
+        label,
+        stop_after: None,
+        skip_eval: false,
+    };
+    // Before training anything: every existing run folder must hold the same resolved
+    // config and data as the grid now gives, or be moved aside with --force.
+    let mut stale = Vec::new();
+    for (r, cfg) in runs.iter().zip(&configs) {
+        let dir = out.join(&r.name);
+        if !dir.join("config.toml").exists() {
+            continue;
+        }
+        let insp = inspect(cfg, &opts_for(dir.clone(), String::new()))
+            .with_context(|| format!("run `{}` in {}", r.name, dir.display()))?;
+        if !insp.is_compatible() {
+            stale.push((r.name.clone(), dir, insp.problems()));
+        }
+    }
+    if !stale.is_empty() && !args.force {
+        let list: Vec<String> = stale
+            .iter()
+            .map(|(n, _, p)| format!("run `{n}`:\n    {}", p.replace('\n', "\n    ")))
+            .collect();
+        bail!(
+            "{} existing run(s) in {} were trained with another config or other data, so their results would be stale:\n{}\n\
+             rerun with --force to move them aside (to NAME.old-<unix time>) and train them again, or choose another --out",
+            stale.len(),
+            out.display(),
+            list.join("\n")
+        );
+    }
+    for (name, dir, _) in &stale {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut aside = out.join(format!("{name}.old-{stamp}"));
+        let mut k = 1;
+        while aside.exists() {
+            aside = out.join(format!("{name}.old-{stamp}-{k}"));
+            k += 1;
+        }
+        std::fs::rename(dir, &aside).with_context(|| {
+            format!("cannot move {} aside to {}", dir.display(), aside.display())
+        })?;
+        eprintln!(
+            "{name}: config or data changed; the old run was moved to {}",
+            aside.display()
+        );
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let started = std::time::Instant::now();
     let progress = AblationProgress::new(runs.len(), args.quiet);
@@ -234,40 +304,26 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let mut traces = Vec::new();
     for (r, cfg) in runs.iter().zip(&configs) {
         let dir = out.join(&r.name);
-        if let Some(s) = finished_summary(&dir) {
-            eprintln!("{}: already finished, skipped", r.name);
-            if let Ok(c) = read_curve(&r.name, &dir.join("metrics.jsonl")) {
-                curves.push(c);
-            }
-            if let Ok(t) = std::fs::read_to_string(dir.join("trace.json")) {
-                if let Ok(t) = serde_json::from_str(&t) {
-                    traces.push(t);
-                }
-            }
-            summaries.push(s);
-            continue;
-        }
-        let resume = dir.join("checkpoints").exists();
         let bar = progress.start_run(&r.name, cfg.train.steps);
         let label = bar.label().to_string();
         drop(bar);
-        let opts = RunOptions {
-            out: dir.clone(),
-            data: args.data.clone(),
-            resume,
-            quiet: args.quiet,
-            label,
-            stop_after: None,
-            skip_eval: false,
-        };
+        let opts = opts_for(dir.clone(), label);
         match run(cfg, &r.name, &opts) {
             Ok(o) => {
                 progress.finish_run(&r.name, true);
-                if let Some(t) = &o.trace {
+                if o.already_finished {
+                    eprintln!(
+                        "{}: already finished with the same config and data, reused",
+                        r.name
+                    );
+                } else if let Some(t) = &o.trace {
                     let _ = std::fs::write(
                         dir.join("trace.json"),
                         serde_json::to_string(t).unwrap_or_default(),
                     );
+                    let _ = mor_models::checkpoint::record_files(&dir, &["trace.json"]);
+                }
+                if let Some(t) = &o.trace {
                     traces.push(t.clone());
                 }
                 curves.push(o.curve);
@@ -423,14 +479,20 @@ mod tests {
             report::DepthTrace {
                 run: "mor_expert_mcyc_nr3".into(),
                 tokens: vec![tok(3, 0)],
+                rule: Default::default(),
+                sequence: None,
             },
             report::DepthTrace {
                 run: "mor_token_mcyc_nr3".into(),
                 tokens: vec![tok(1, 0), tok(3, 1), tok(2, 1)],
+                rule: Default::default(),
+                sequence: None,
             },
             report::DepthTrace {
                 run: "vanilla".into(),
                 tokens: vec![tok(1, 0)],
+                rule: Default::default(),
+                sequence: None,
             },
         ];
         let data = report_data(&dir, &[evaluated, traced, vanilla], &[], &traces);
@@ -515,6 +577,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("two runs are named `a`"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_axis_or_run_list_is_an_error() {
+        let e = expand(
+            "[base]\n[axes]\n\"train.lr\" = [1e-3]\n\"router.kind\" = []\n",
+            "g",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("axis `router.kind` has no values"), "{e}");
+        let e = expand("runs = []\n[base]\n", "g").unwrap_err().to_string();
+        assert!(e.contains("`runs` is empty"), "{e}");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use anyhow::Context;
 use mor_core::config::Config;
-use mor_models::data::Dataset;
-use mor_models::run::{data_config, evaluate, set_threads};
+use mor_models::provenance::{with_source, DataRecord, DATA_FILE};
+use mor_models::run::{data_config, evaluate, prepare_existing, set_threads};
 use mor_models::MorModel;
 use std::path::PathBuf;
 
@@ -16,7 +16,9 @@ pub struct Args {
     /// tokenizer.json).
     #[arg(long)]
     run: PathBuf,
-    /// Evaluate on this data instead of the run's own validation split.
+    /// Evaluate on this data instead of the run's own validation split. Without it, the
+    /// data the run was trained on (recorded in its `data.json`) is used, and refused when it
+    /// is missing or its contents changed.
     #[arg(long)]
     data: Option<PathBuf>,
     /// lm-eval-style JSONL task files (`{"context", "choices", "gold"}` per line).
@@ -30,6 +32,8 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let cfg_path = dir.join("config.toml");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{} is not a run folder (no config.toml)", dir.display()))?;
+    mor_models::checkpoint::verify_files(dir, &["config.toml", "tokenizer.json"], true)
+        .with_context(|| format!("{} is damaged", dir.display()))?;
     let cfg = Config::from_toml_str(&text).with_context(|| cfg_path.display().to_string())?;
     set_threads(cfg.threads);
     if let Some(d) = &args.data {
@@ -43,15 +47,52 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         }
     }
     let model = MorModel::new(&cfg)?;
-    mor_models::checkpoint::load_model(dir, &model.named_vars())?;
-    let mut dcfg = data_config(&cfg, args.data.as_deref());
-    if args.data.is_some() {
-        // Evaluate the whole given corpus.
-        dcfg.val_fraction = dcfg.val_fraction.max(0.5);
-    }
-    let ds = Dataset::prepare(&dcfg, Some(dir)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    mor_models::checkpoint::load_model(dir, &model.named_vars())
+        .with_context(|| format!("loading the weights of {}", dir.display()))?;
+    let dcfg = match &args.data {
+        Some(d) => {
+            let mut dcfg = data_config(&cfg, Some(d));
+            // Evaluate the whole given corpus.
+            dcfg.val_fraction = dcfg.val_fraction.max(0.5);
+            dcfg
+        }
+        None => recorded_data(dir, &cfg)?,
+    };
+    let ds = prepare_existing(dir, &dcfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let name = dir.file_name().and_then(|s| s.to_str()).unwrap_or("run");
     let (ev, _) = evaluate(&model, &ds, &cfg, name, &args.tasks)?;
     println!("{}", serde_json::to_string_pretty(&ev)?);
     Ok(())
+}
+
+/// The data settings of the data `dir`'s run was trained on, checked against its record.
+fn recorded_data(
+    dir: &std::path::Path,
+    cfg: &mor_core::config::ResolvedConfig,
+) -> anyhow::Result<mor_models::data::DataConfig> {
+    mor_models::checkpoint::verify_files(dir, &[DATA_FILE], true).with_context(|| {
+        format!(
+            "{} does not record the data it was trained on; pass --data PATH to evaluate on given data",
+            dir.display()
+        )
+    })?;
+    let rec =
+        DataRecord::read(dir)?.with_context(|| format!("{}: no {DATA_FILE}", dir.display()))?;
+    let dcfg = with_source(&data_config(cfg, None), &rec.source);
+    let now = DataRecord::of(&dcfg).map_err(|e| {
+        anyhow::anyhow!(
+            "the data {} was trained on, {}, cannot be read: {e}; restore it, or pass --data PATH",
+            dir.display(),
+            rec.source
+        )
+    })?;
+    if !rec.same_data(&now) {
+        anyhow::bail!(
+            "the data {} was trained on has changed:\n  recorded: {}\n  now:      {}\npass --data PATH to evaluate on other data",
+            dir.display(),
+            rec.describe(),
+            now.describe()
+        );
+    }
+    Ok(dcfg)
 }

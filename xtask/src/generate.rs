@@ -81,6 +81,13 @@ const COLOURS: [&str; 6] = [
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let dir = &args.run;
     let cfg = load_run_config(dir)?;
+    let cfg_file = if dir.join("config.toml").exists() {
+        "config.toml"
+    } else {
+        "config.json"
+    };
+    mor_models::checkpoint::verify_files(dir, &[cfg_file, "tokenizer.json"], true)
+        .with_context(|| format!("{} is damaged", dir.display()))?;
     mor_models::run::set_threads(args.threads);
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let model = MorModel::new(&cfg)?;
@@ -138,6 +145,14 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
                     if let FinishReason::Error(e) = &c.finish {
                         anyhow::bail!("generation failed: {e}");
                     }
+                    if c.finish == FinishReason::Context {
+                        eprintln!(
+                            "stopped at the context limit (model.seq_len = {} tokens, prompt included) after {} of {} tokens",
+                            cfg.model.seq_len,
+                            c.tokens.len(),
+                            args.max_tokens
+                        );
+                    }
                     if args.show_depth || args.color {
                         let n = c.depths.len().max(1) as f64;
                         let mean = c.depths.iter().map(|&d| d as f64).sum::<f64>() / n;
@@ -174,6 +189,12 @@ mod tests {
             std::fs::write(dir.join("config.toml"), cfg.to_toml_string()).unwrap();
         }
         Tokenizer::byte_level().save(&dir).unwrap();
+        let names: &[&str] = if with_toml {
+            &["config.toml", "tokenizer.json"]
+        } else {
+            &["tokenizer.json"]
+        };
+        mor_models::checkpoint::record_files(&dir, names).unwrap();
         dir
     }
 

@@ -18,7 +18,9 @@ pub struct Args {
     /// Run folder (default: `runs/<config name>`).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue from the run folder's latest checkpoint.
+    /// Continue the run in `--out` from its latest valid checkpoint (its config must resolve
+    /// to the same values, and its data, recorded in `data.json`, is used unless `--data`
+    /// names the same contents). A finished run is only reported, never changed.
     #[arg(long)]
     resume: bool,
     /// Override a config key, e.g. `--set train.lr=1e-3` (repeatable).
@@ -62,6 +64,13 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let outcome =
         run(&cfg, &name, &opts).with_context(|| format!("run `{name}` in {}", out.display()))?;
     let s = &outcome.summary;
+    if outcome.already_finished {
+        eprintln!(
+            "{}: the run is already finished ({} steps); nothing was changed",
+            out.display(),
+            s.steps
+        );
+    }
     println!(
         "{name}: {} steps, {} tokens, val NLL {:.4}{}, {:.0} tokens/s, {:.0}s -> {}",
         s.steps,

@@ -29,8 +29,13 @@
 //! forward and backward (3×) would give 3146 steps instead, which is not what was run.
 
 use crate::config::{Budget, ModelDims, PluginSpec, ResolvedConfig};
+
+mod memory;
 use crate::plan::{RecursionPlan, Segment, Slot};
 use crate::registry::{self, AccountingHints, CheckCtx, Family};
+pub use memory::{
+    available_memory, check_fits, human_bytes, memory_estimate, parse_meminfo, MemoryEstimate,
+};
 use serde::{Deserialize, Serialize};
 
 /// Tokens that run a step of capacity `cap` in a sequence of `seq_len`:
@@ -339,6 +344,8 @@ pub struct Report {
     pub warmup_steps: u64,
     /// Trapezoid cooldown steps.
     pub decay_steps: u64,
+    /// Estimated training memory (see [`memory_estimate`]).
+    pub memory: MemoryEstimate,
 }
 
 /// Builds the report of `cfg`.
@@ -380,6 +387,7 @@ pub fn report(cfg: &ResolvedConfig) -> crate::Result<Report> {
         flops: tokens as f64 * fpt,
         warmup_steps: cfg.train.warmup_steps,
         decay_steps: cfg.train.decay_steps(),
+        memory: memory_estimate(cfg),
     })
 }
 

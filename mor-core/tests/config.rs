@@ -675,3 +675,69 @@ fn threads_are_bounded_by_the_available_parallelism() {
         );
     }
 }
+
+/// The training memory estimate against its closed form (module docs of
+/// `mor_core::accounting::memory`) for a model small enough to count by hand.
+#[test]
+fn memory_estimate_closed_form_and_refusal() {
+    use mor_core::accounting::{check_fits, memory_estimate, parse_meminfo, MemoryEstimate};
+    let c = Config::from_toml_str(
+        "[model]\nvocab_size = 10\nhidden_size = 4\nnum_layers = 2\nnum_heads = 2\n\
+         num_kv_heads = 1\nhead_dim = 2\nintermediate_size = 6\nseq_len = 3\n\
+         [train]\nbatch_seqs = 2\nmicro_batch_seqs = 1\nbudget = { steps = 1 }\n",
+    )
+    .unwrap();
+    // Per block: q, o 2·4·4 + k, v 2·4·2 + MLP 3·4·6 + two norms 2·4 = 128; two blocks,
+    // the final norm (4) and the tied embedding (10·4): 300 parameters of 4 bytes.
+    // Per slot (k = c = L = 3): 3·(6·4 + 2·4 + 2·2 + 4·6 + 2·3) = 198 values; two slots plus
+    // embedding and final norm outputs 2·3·4: 420 per sequence, micro-batch 1.
+    // Logits and their gradient: 2·1·3·10 = 60. Accumulation 2 keeps two gradient copies.
+    let want = MemoryEstimate {
+        parameters: 1200,
+        gradients: 2400,
+        optimizer: 2400,
+        activations: 1680,
+        logits: 240,
+        total: 7920,
+    };
+    assert_eq!(memory_estimate(&c), want);
+    assert!(check_fits(&c, 7920).is_ok());
+    let e = check_fits(&c, 7919).unwrap_err();
+    assert!(e.contains("7920 bytes") && e.contains("7919 bytes"), "{e}");
+
+    // The example of a model far too large: refused with the model's size, the estimate and
+    // the memory available.
+    let big = Config::from_toml_str(&tiny_with(&[
+        ("model.hidden_size", 100_000.into()),
+        ("model.num_layers", 200.into()),
+    ]))
+    .unwrap();
+    let est = memory_estimate(&big);
+    // Parameters as counted by the plan, and the three d → 1 routers: 4 bytes each.
+    let n = mor_core::accounting::param_counts(&big.model, &big.plan, true);
+    assert_eq!(
+        est.parameters,
+        4 * (n.non_embedding + n.embedding + 3 * 100_000)
+    );
+    assert_eq!(est.optimizer, 2 * est.parameters);
+    let sixteen_gib = 16u64 << 30;
+    assert!(est.total > 16 * sixteen_gib, "{est:?}");
+    let e = check_fits(&big, sixteen_gib).unwrap_err();
+    for needle in [
+        "hidden_size 100000",
+        "num_layers 200",
+        &format!("{} bytes", est.total),
+        &format!("{sixteen_gib} bytes"),
+        "16.0 GiB",
+    ] {
+        assert!(e.contains(needle), "`{needle}` not in: {e}");
+    }
+
+    let text = "MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   16000000 kB\n";
+    assert_eq!(parse_meminfo(text), Some(16_000_000 * 1024));
+    assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+    assert_eq!(parse_meminfo("MemAvailable: lots kB\n"), None);
+    if cfg!(target_os = "linux") {
+        assert!(mor_core::accounting::available_memory().is_some_and(|b| b > 0));
+    }
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask plan --config FILE [--json] [--set key=value ...]`: resolves a config and
 //! shows its slot → block table, unique, non-embedding and embedding parameters, forward
-//! FLOPs per token (spec §1.4) and the steps and tokens of its budget (spec §1.3).
+//! FLOPs per token (spec §1.4), the steps and tokens of its budget (spec §1.3) and the
+//! estimated training memory (`mor_core::accounting::memory_estimate`).
 
 use anyhow::Context;
 use mor_core::accounting::{self, Report};
@@ -143,6 +144,13 @@ fn print_text(path: &std::path::Path, cfg: &ResolvedConfig, r: &Report) {
     println!(
         "flops    {:.1} forward FLOPs per token (spec §1.4)",
         r.flops_per_token
+    );
+    let available = accounting::available_memory()
+        .map(|b| format!("{} available", accounting::human_bytes(b)))
+        .unwrap_or_else(|| "available memory unknown".to_string());
+    println!(
+        "memory   training needs about {}; {available}",
+        r.memory.summary()
     );
     let budget = match r.budget {
         Budget::Steps(s) => format!("{s} steps"),

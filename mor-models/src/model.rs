@@ -560,13 +560,10 @@ impl MorModel {
         let (h, router_out) = if !plan.is_cyclic() {
             // Non-cyclic plans (sequence sharing) only exist for the recursive baseline:
             // every token runs every recursion slot in plan order.
-            let rec: Vec<usize> = (0..plan.num_slots())
-                .filter(|&s| matches!(plan.slots[s].segment, Segment::Recursion { .. }))
-                .collect();
             for row in depths.iter_mut() {
                 row.iter_mut().for_each(|x| *x = n_r as u8);
             }
-            (self.run_full_slots(h, &pos, &rec)?, RouterOutput::default())
+            (self.sequence_recursion(h, &pos)?, RouterOutput::default())
         } else {
             self.recursion(h, &pos, mode, &mut depths)?
         };
@@ -575,6 +572,39 @@ impl MorModel {
             .backend
             .rms_norm(&h, self.final_norm.as_tensor(), self.cfg.model.rms_eps)?;
         Ok((h, router_out, depths))
+    }
+
+    /// The recursion slots of a non-cyclic plan (sequence, middle_sequence), in plan order,
+    /// every token at every slot. The KV policy applies as in the cyclic path, by block
+    /// layer: the slot of step r >= 2 and layer j reads the step-1 K/V of layer j when the
+    /// policy keeps step 1 (spec §4: "layer j of step r ≥ 2 reuses the step-1 K/V of
+    /// layer j"); under sequence sharing that is the first of the consecutive applications
+    /// of the same block.
+    fn sequence_recursion(&self, mut h: Tensor, pos: &Tensor) -> Result<Tensor> {
+        let keeps_first = self.kv.keeps_first_step();
+        let mut first_kv: std::collections::HashMap<usize, StepKv> = Default::default();
+        for (slot, s) in self.cfg.plan.slots.iter().enumerate() {
+            let Segment::Recursion { step, layer } = s.segment else {
+                continue;
+            };
+            let first = if step >= 2 && keeps_first {
+                Some(first_kv.get(&layer).ok_or_else(|| {
+                    Error::msg(format!(
+                        "slot {slot} (step {step}, layer {layer}) reuses the step-1 K/V of layer                          {layer}, which no earlier slot computed"
+                    ))
+                })?)
+            } else {
+                None
+            };
+            let (ny, fresh) = self.layer(&h, pos, slot, s.block, Some((step, first)))?;
+            if step == 1 && keeps_first {
+                let fresh = fresh
+                    .ok_or_else(|| Error::msg("KV policy kept step 1 but did not project it"))?;
+                first_kv.insert(layer, fresh);
+            }
+            h = ny;
+        }
+        Ok(h)
     }
 
     /// Slot indices of recursion step `step`, in order.

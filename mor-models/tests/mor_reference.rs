@@ -461,3 +461,198 @@ fn f64_forward_agrees_with_the_f64_reference_to_1e_12() {
         }
     }
 }
+
+/// The recursive baseline (no router) in plain loops: every token runs every slot in plan
+/// order; under `recursive_sharing` the slot of step r >= 2 and block layer j reads the
+/// step-1 K/V of layer j and projects none (spec §4), under `hybrid` it reads them with
+/// every position overwritten by its fresh K/V (all tokens are selected).
+fn naive_recursive(model: &MorModel, ids: &[Vec<u32>], kv: &str) -> Vec<Vec<Vec<f64>>> {
+    let cfg = model.config();
+    let m = &cfg.model;
+    let dims = Dims {
+        hq: m.num_heads,
+        hkv: m.num_kv_heads,
+        dh: m.head_dim,
+        eps: m.rms_eps,
+        theta: m.rope_theta,
+    };
+    let mut w = W { t: HashMap::new() };
+    for (n, v) in model.named_vars() {
+        let t = v.as_tensor();
+        w.t.insert(
+            n,
+            (
+                t.dims().to_vec(),
+                t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            ),
+        );
+    }
+    let d = m.hidden_size;
+    let emb = w.get("model.embed_tokens.weight").1.clone();
+    let mut out = Vec::new();
+    for row in ids {
+        let mut h: Vec<Vec<f64>> = row
+            .iter()
+            .map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec())
+            .collect();
+        let mut first: HashMap<usize, Kv> = HashMap::new();
+        for s in &cfg.plan.slots {
+            let b = s.block;
+            let a = w
+                .get(&format!("model.layers.{b}.input_layernorm.weight"))
+                .1
+                .clone();
+            let n2 = w
+                .get(&format!("model.layers.{b}.post_attention_layernorm.weight"))
+                .1
+                .clone();
+            let (step, lj) = match s.segment {
+                Segment::Recursion { step, layer } => (step, layer),
+                _ => (0, usize::MAX),
+            };
+            let shares = step >= 2 && kv != "recursion_wise";
+            let project = !(shares && kv == "recursive_sharing");
+            let base = first.get(&lj).cloned();
+            let kv_for = |fresh: &Kv| -> Kv {
+                match (shares, kv) {
+                    (false, _) => fresh.clone(),
+                    (true, "recursive_sharing") => base.clone().unwrap(),
+                    // Hybrid with every token selected: every step-1 entry is overwritten.
+                    _ => {
+                        let mut b = base.clone().unwrap();
+                        for f in fresh {
+                            if let Some(e) = b.iter_mut().find(|e| e.0 == f.0) {
+                                *e = f.clone();
+                            }
+                        }
+                        b
+                    }
+                }
+            };
+            let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
+            let (y, fresh) = layer(
+                &w,
+                &format!("model.layers.{b}"),
+                (&a, &n2),
+                &xs,
+                &dims,
+                project,
+                &kv_for,
+            );
+            if step == 1 {
+                first.insert(lj, fresh);
+            }
+            h = y;
+        }
+        let fw = w.get("model.norm.weight").1.clone();
+        out.push(
+            h.iter()
+                .map(|x| {
+                    let n = rmsnorm(x, &fw, m.rms_eps);
+                    (0..m.vocab_size)
+                        .map(|v| (0..d).map(|c| n[c] * emb[v * d + c]).sum())
+                        .collect()
+                })
+                .collect(),
+        );
+    }
+    out
+}
+
+fn recursive_config(sharing: &str, kv: &str) -> mor_core::config::ResolvedConfig {
+    let toml = format!(
+        r#"
+[model]
+preset = "micro"
+vocab_size = 64
+hidden_size = 16
+num_heads = 4
+num_kv_heads = 2
+head_dim = 4
+intermediate_size = 24
+num_layers = 8
+seq_len = 16
+[recursion]
+num_recursions = 3
+sharing = {{ kind = "{sharing}" }}
+[kv]
+kind = "{kv}"
+[runtime]
+backend = {{ kind = "reference" }}
+seed = 13
+[train]
+budget = {{ steps = 1 }}
+batch_seqs = 2
+micro_batch_seqs = 2
+"#
+    );
+    Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Recursive KV sharing is what the model computes for every sharing plan, the non-cyclic
+/// `sequence` and `middle_sequence` included (they once ignored it while the accounting
+/// counted it): the logits equal the naive sharing reference and differ from the
+/// recursion-wise ones, and the FLOPs accounting is lower by exactly the K/V projections of
+/// the step >= 2 slots, `2·(4d² − 2d²)` per token each (spec §1.4).
+#[test]
+fn recursive_sharing_runs_and_is_counted_under_every_plan() {
+    let mut rng = mor_core::rng::Rng::new(9);
+    let (b, t) = (2usize, 11usize);
+    let ids: Vec<Vec<u32>> = (0..b)
+        .map(|_| (0..t).map(|_| rng.below(64) as u32).collect())
+        .collect();
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
+    for plan in ["cycle", "sequence", "middle_cycle", "middle_sequence"] {
+        let mut logits = HashMap::new();
+        for kv in ["recursion_wise", "recursive_sharing", "hybrid"] {
+            let cfg = recursive_config(plan, kv);
+            let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
+            let fast = model
+                .forward(&x, RouteMode::Train)
+                .unwrap()
+                .logits
+                .to_vec3::<f64>()
+                .unwrap();
+            let naive = naive_recursive(&model, &ids, kv);
+            let worst = fast
+                .iter()
+                .flatten()
+                .flatten()
+                .zip(naive.iter().flatten().flatten())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f64, f64::max);
+            assert!(worst < 1e-12, "{plan}/{kv}: max |fast - naive| = {worst:e}");
+            logits.insert(kv, fast);
+        }
+        // Hybrid with every token selected overwrites every step-1 entry: recursion-wise.
+        let diff = |a: &str, b: &str| {
+            logits[a]
+                .iter()
+                .flatten()
+                .flatten()
+                .zip(logits[b].iter().flatten().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f64, f64::max)
+        };
+        assert!(diff("recursion_wise", "hybrid") < 1e-12, "{plan}");
+        assert!(diff("recursion_wise", "recursive_sharing") > 1e-6, "{plan}");
+
+        let flops = |kv: &str| {
+            mor_core::accounting::report(&recursive_config(plan, kv))
+                .unwrap()
+                .flops_per_token
+        };
+        let cfg = recursive_config(plan, "recursive_sharing");
+        let later = cfg
+            .plan
+            .slots
+            .iter()
+            .filter(|s| matches!(s.segment, Segment::Recursion { step, .. } if step >= 2))
+            .count() as f64;
+        let d = cfg.model.hidden_size as f64;
+        let saved = flops("recursion_wise") - flops("recursive_sharing");
+        assert_eq!(saved, later * 2.0 * 2.0 * d * d, "{plan}");
+        assert!(later > 0.0, "{plan}");
+    }
+}

@@ -42,8 +42,22 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const BYTE_VOCAB_SIZE: usize = 257;
 
 /// The most text a BPE is trained on; a bigger training split is truncated (whole documents,
-/// in order) to keep training within seconds.
+/// in order; the first document's leading chunks when it alone is larger) to keep training
+/// within seconds.
 pub const BPE_TRAIN_MAX_BYTES: usize = 32 << 20;
+
+/// Longest piece of text handed to the Hugging Face pipeline at once by a tokenizer whose
+/// pre-tokenization is chunk-exact (see [`Tokenizer::is_chunk_exact`]): longer texts are
+/// encoded, and a BPE is trained, chunk by chunk (see [`text_chunks`]), which bounds the
+/// pipeline's working memory (tens of bytes per input byte) by a constant instead of by the
+/// longest line.
+pub const CHUNK_BYTES: usize = 32 << 10;
+
+/// Longest piece of text encoded at once by a tokenizer that is not chunk-exact (other
+/// normalizers or pre-tokenizers may depend on where a text starts, e.g. a prepended `▁`):
+/// texts up to this size are encoded whole, exactly as before; longer ones chunk by chunk,
+/// where the tokens next to a cut may differ from encoding the whole text.
+pub const WHOLE_TEXT_MAX_BYTES: usize = 1 << 20;
 
 /// End-of-text names looked for, in order, in a given `tokenizer.json`.
 const EOS_CANDIDATES: [&str; 5] = [EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>"];
@@ -98,6 +112,62 @@ impl Encoding {
     }
 }
 
+/// Where `text` may be cut so that every piece pre-tokenizes as it does inside the whole text:
+/// between a non-whitespace character and a whitespace character. The GPT-2 byte-level
+/// pattern (`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`)
+/// puts whitespace only in whitespace-only pieces or as the single leading space of a piece,
+/// so a piece starts there; and a piece that ends with non-whitespace is matched the same
+/// whether more text follows or not. (A cut after whitespace would not be exact: `\s+(?!\S)`
+/// takes a whole run of whitespace at the end of a text but leaves its last character for the
+/// next piece when text follows.)
+fn is_cut(text: &str, p: usize) -> bool {
+    match (text[..p].chars().next_back(), text[p..].chars().next()) {
+        (Some(prev), Some(next)) => !prev.is_whitespace() && next.is_whitespace(),
+        _ => false,
+    }
+}
+
+/// Splits `text` into consecutive pieces of at most `max_bytes` bytes (at least 4), each
+/// returned with its byte offset in `text`. A piece ends at the last position in the second
+/// half of its allowed length where whitespace follows non-whitespace (there the GPT-2
+/// byte-level pre-tokenizer cuts anyway, so each piece tokenizes as inside the whole text);
+/// without one (a run without whitespace, or of whitespace, longer than `max_bytes / 2`), at
+/// the last character boundary that fits. A text of at most `max_bytes` bytes is one piece.
+/// The pieces concatenate to `text`.
+///
+/// # Examples
+/// ```
+/// use mor_models::tokenizer::text_chunks;
+///
+/// let chunks: Vec<(usize, &str)> = text_chunks("one two three four", 8).collect();
+/// assert_eq!(chunks, [(0, "one two"), (7, " three"), (13, " four")]);
+/// ```
+pub fn text_chunks(text: &str, max_bytes: usize) -> impl Iterator<Item = (usize, &str)> + '_ {
+    let max = max_bytes.max(4);
+    let mut start = 0usize;
+    std::iter::from_fn(move || {
+        if start >= text.len() {
+            return None;
+        }
+        let end = if text.len() - start <= max {
+            text.len()
+        } else {
+            let mut hi = start + max;
+            while !text.is_char_boundary(hi) {
+                hi -= 1;
+            }
+            let lo = (start + max / 2).max(start + 1);
+            (lo..=hi)
+                .rev()
+                .find(|&p| text.is_char_boundary(p) && is_cut(text, p))
+                .unwrap_or(hi)
+        };
+        let piece = (start, &text[start..end]);
+        start = end;
+        Some(piece)
+    })
+}
+
 #[derive(Clone)]
 enum Inner {
     Byte,
@@ -111,6 +181,7 @@ pub struct Tokenizer {
     inner: Inner,
     eos_id: u32,
     vocab_size: usize,
+    chunk_exact: bool,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -119,6 +190,7 @@ impl fmt::Debug for Tokenizer {
             .field("kind", &self.kind())
             .field("vocab_size", &self.vocab_size)
             .field("eos_id", &self.eos_id)
+            .field("chunk_exact", &self.chunk_exact)
             .finish()
     }
 }
@@ -153,6 +225,7 @@ impl Tokenizer {
             inner: Inner::Byte,
             eos_id: (BYTE_VOCAB_SIZE - 1) as u32,
             vocab_size: BYTE_VOCAB_SIZE,
+            chunk_exact: true,
         }
     }
 
@@ -160,7 +233,11 @@ impl Tokenizer {
     /// `docs`, with `<|endoftext|>` as id 0 and at most `vocab_size` entries. Training is
     /// deterministic: merges are taken by count, ties by the smaller pair of ids, and the
     /// initial alphabet is the 256 byte characters in a fixed order. Only the first
-    /// [`BPE_TRAIN_MAX_BYTES`] of text (whole documents) are used.
+    /// [`BPE_TRAIN_MAX_BYTES`] of text (whole documents, or the first document's leading
+    /// chunks when it alone is larger) are used. Documents are fed to the trainer in chunks of
+    /// at most [`CHUNK_BYTES`] cut where the pre-tokenizer cuts anyway ([`text_chunks`]), so
+    /// the word counts, and hence the merges, are those of the whole documents while the
+    /// trainer's memory does not grow with the longest line.
     ///
     /// # Errors
     /// When `vocab_size` is below 257 (EOS plus the byte alphabet) or training fails.
@@ -177,11 +254,29 @@ impl Tokenizer {
         let take = docs
             .iter()
             .take_while(|d| {
-                let fits = used == 0 || used + d.as_ref().len() <= BPE_TRAIN_MAX_BYTES;
                 used += d.as_ref().len();
-                fits
+                used <= BPE_TRAIN_MAX_BYTES
             })
             .count();
+        let pieces: Vec<&str> = if take > 0 {
+            docs[..take]
+                .iter()
+                .flat_map(|d| text_chunks(d.as_ref(), CHUNK_BYTES))
+                .map(|(_, c)| c)
+                .collect()
+        } else {
+            // The first document alone is over the cap: its leading chunks up to the cap.
+            let mut used = 0usize;
+            docs.iter()
+                .take(1)
+                .flat_map(|d| text_chunks(d.as_ref(), CHUNK_BYTES))
+                .map(|(_, c)| c)
+                .take_while(|c| {
+                    used += c.len();
+                    used == c.len() || used <= BPE_TRAIN_MAX_BYTES
+                })
+                .collect()
+        };
         let mut trainer = BpeTrainerBuilder::new()
             .show_progress(false)
             .vocab_size(vocab_size)
@@ -203,7 +298,7 @@ impl Tokenizer {
         .with_decoder(Some(ByteLevelDecoder::new(false, false, true)))
         .build()
         .map_err(|e| tok_err("cannot build the BPE", e))?;
-        tok.train(&mut trainer, docs[..take].iter().map(|d| d.as_ref()))
+        tok.train(&mut trainer, pieces.into_iter())
             .map_err(|e| tok_err("BPE training failed", e))?;
         let json = tok
             .to_string(false)
@@ -263,10 +358,12 @@ impl Tokenizer {
                 ))
             })?;
         let vocab_size = tok.get_vocab_size(true).max(eos_id as usize + 1);
+        let chunk_exact = hf_is_chunk_exact(&tok);
         Ok(Tokenizer {
             inner: Inner::Hf(Arc::new(tok)),
             eos_id,
             vocab_size,
+            chunk_exact,
         })
     }
 
@@ -315,6 +412,64 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// Whether texts can be cut at the positions of [`text_chunks`] without changing their
+    /// tokens: true for the byte-level fallback and for Hugging Face tokenizers without a
+    /// normaliser whose pre-tokenizer is the GPT-2 byte-level one (regex on, no prefix space)
+    /// and whose added tokens hold no whitespace and strip none (the BPE trained here, GPT-2
+    /// style files). Such tokenizers encode long texts in pieces of [`CHUNK_BYTES`], the
+    /// others in pieces of [`WHOLE_TEXT_MAX_BYTES`].
+    pub fn is_chunk_exact(&self) -> bool {
+        self.chunk_exact
+    }
+
+    /// The pieces `text` is encoded in (offset and text), see [`Tokenizer::is_chunk_exact`].
+    pub fn encoding_chunks<'t>(&self, text: &'t str) -> Vec<(usize, &'t str)> {
+        let max = if self.chunk_exact {
+            CHUNK_BYTES
+        } else {
+            WHOLE_TEXT_MAX_BYTES
+        };
+        text_chunks(text, max).collect()
+    }
+
+    /// Encodes each piece of [`Tokenizer::encoding_chunks`] (in parallel) and maps it with
+    /// `f(offset, piece, encoding)`; the results are in text order. The working memory of the
+    /// tokenizer is bounded by the piece size, whatever the length of `text`.
+    ///
+    /// # Errors
+    /// When the underlying Hugging Face tokenizer or `f` fails.
+    pub fn encode_pieces<T: Send>(
+        &self,
+        text: &str,
+        f: impl Fn(usize, &str, Encoding) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        use rayon::prelude::*;
+        let one = |&(start, piece): &(usize, &str)| -> Result<T> {
+            let enc = match &self.inner {
+                Inner::Byte => Encoding {
+                    ids: piece.bytes().map(u32::from).collect(),
+                    offsets: (0..piece.len()).map(|i| (i, i + 1)).collect(),
+                },
+                Inner::Hf(t) => {
+                    let enc = t
+                        .encode(piece, false)
+                        .map_err(|e| tok_err("encode failed", e))?;
+                    Encoding {
+                        ids: enc.get_ids().to_vec(),
+                        offsets: enc.get_offsets().to_vec(),
+                    }
+                }
+            };
+            f(start, piece, enc)
+        };
+        let chunks = self.encoding_chunks(text);
+        if chunks.len() <= 1 {
+            chunks.iter().map(one).collect()
+        } else {
+            chunks.par_iter().map(one).collect()
+        }
+    }
+
     /// Token ids of `text` (no EOS appended).
     ///
     /// # Errors
@@ -322,11 +477,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match &self.inner {
             Inner::Byte => Ok(text.bytes().map(u32::from).collect()),
-            Inner::Hf(t) => Ok(t
-                .encode(text, false)
-                .map_err(|e| tok_err("encode failed", e))?
-                .get_ids()
-                .to_vec()),
+            Inner::Hf(_) => Ok(concat(self.encode_pieces(text, |_, _, enc| Ok(enc.ids))?)),
         }
     }
 
@@ -340,13 +491,17 @@ impl Tokenizer {
                 ids: text.bytes().map(u32::from).collect(),
                 offsets: (0..text.len()).map(|i| (i, i + 1)).collect(),
             }),
-            Inner::Hf(t) => {
-                let enc = t
-                    .encode(text, false)
-                    .map_err(|e| tok_err("encode failed", e))?;
+            Inner::Hf(_) => {
+                let parts = self.encode_pieces(text, |start, _, mut enc| {
+                    for o in &mut enc.offsets {
+                        *o = (o.0 + start, o.1 + start);
+                    }
+                    Ok(enc)
+                })?;
+                let (ids, offsets) = parts.into_iter().map(|e| (e.ids, e.offsets)).unzip();
                 Ok(Encoding {
-                    ids: enc.get_ids().to_vec(),
-                    offsets: enc.get_offsets().to_vec(),
+                    ids: concat(ids),
+                    offsets: concat(offsets),
                 })
             }
         }
@@ -403,6 +558,34 @@ impl Tokenizer {
             }
         }
     }
+}
+
+/// The parts concatenated into one vector of exactly their total length.
+pub(crate) fn concat<T: Copy>(parts: Vec<Vec<T>>) -> Vec<T> {
+    if parts.len() == 1 {
+        return parts.into_iter().next().unwrap_or_default();
+    }
+    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for p in parts {
+        out.extend_from_slice(&p);
+    }
+    out
+}
+
+/// See [`Tokenizer::is_chunk_exact`].
+fn hf_is_chunk_exact(t: &tokenizers::Tokenizer) -> bool {
+    let byte_level = matches!(
+        t.get_pre_tokenizer(),
+        Some(tokenizers::pre_tokenizers::PreTokenizerWrapper::ByteLevel(b)) if b.use_regex && !b.add_prefix_space
+    );
+    byte_level
+        && t.get_normalizer().is_none()
+        && t.get_added_tokens_decoder().values().all(|a| {
+            !a.lstrip
+                && !a.rstrip
+                && !a.content.is_empty()
+                && !a.content.chars().any(char::is_whitespace)
+        })
 }
 
 /// The `tokenizer.json` rendition of the byte-level fallback.

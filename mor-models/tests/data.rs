@@ -5,10 +5,13 @@ use mor_core::rng::Rng;
 use mor_models::data::readers::{self, FileKind};
 use mor_models::data::{
     builtin_doc, builtin_docs, builtin_mc_tasks, label_tokens, load_mc_tasks, split_documents,
-    DataConfig, DataCursor, Dataset, PackedSplit, SpanKind, TokenizedDoc, BUILTIN_TASKS, COMPUTED,
-    CONTENT, EASY,
+    CorpusStats, DataConfig, DataCursor, Dataset, PackedSplit, SpanKind, TokenizedDoc,
+    BUILTIN_TASKS, COMPUTED, CONTENT, EASY,
 };
-use mor_models::tokenizer::{Tokenizer, TokenizerKind, BYTE_VOCAB_SIZE, EOS_TOKEN, TOKENIZER_FILE};
+use mor_models::tokenizer::{
+    text_chunks, Tokenizer, TokenizerKind, BYTE_VOCAB_SIZE, CHUNK_BYTES, EOS_TOKEN, TOKENIZER_FILE,
+    WHOLE_TEXT_MAX_BYTES,
+};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -652,6 +655,192 @@ proptest! {
     }
 }
 
+/// The raw Hugging Face tokenizer behind `tok`, to encode a text whole, as before texts were
+/// cut into pieces.
+fn raw_hf(tok: &Tokenizer) -> tokenizers::Tokenizer {
+    tokenizers::Tokenizer::from_str(&tok.to_json().unwrap()).unwrap()
+}
+
+/// Ids and offsets of `text` encoded whole by `hf`.
+fn whole_encoding(hf: &tokenizers::Tokenizer, text: &str) -> (Vec<u32>, Vec<(usize, usize)>) {
+    let enc = hf.encode(text, false).unwrap();
+    (enc.get_ids().to_vec(), enc.get_offsets().to_vec())
+}
+
+const WORDS: [&str; 17] = [
+    "the",
+    "Ünï",
+    "日本",
+    "42",
+    "1907",
+    "it's",
+    "'ll",
+    "'d",
+    "(x)",
+    "--",
+    "a.b",
+    "é",
+    "🙂",
+    "x1",
+    "'",
+    "<|endoftext|>",
+    "«»",
+];
+const SPACES: [&str; 11] = [
+    " ", "  ", "\n", "\n\n", " \n", "\n ", "\t", " \t ", "\r\n", "\u{a0}", "\u{3000}",
+];
+
+/// Text of words (letters, digits, punctuation, contractions, non-ASCII) and short runs of
+/// whitespace of every kind the byte-level pattern treats specially.
+fn wordy_text() -> impl Strategy<Value = String> {
+    let word = prop::sample::select(WORDS.to_vec());
+    let space = prop::sample::select(SPACES.to_vec());
+    prop::collection::vec((space, word), 0..80).prop_map(|parts| {
+        parts
+            .into_iter()
+            .map(|(s, w)| format!("{s}{w}"))
+            .collect::<String>()
+    })
+}
+
+/// A BPE trained on built-in documents and on every word after every whitespace run, so it
+/// has merges of whitespace runs ("\n\n", "  ", ...) whose tokens change if a text is cut
+/// at the wrong place.
+fn shared_bpe() -> &'static Tokenizer {
+    static TOK: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+    TOK.get_or_init(|| {
+        let mut texts: Vec<String> = builtin_docs(1, 60).into_iter().map(|d| d.text).collect();
+        for s in SPACES {
+            for w in WORDS {
+                texts.push(format!("{w}{s}{w}{s}{w}{s}{s}{w}{s}{s}{s}{w}").repeat(3));
+            }
+        }
+        Tokenizer::train_bpe(&texts, 700).unwrap()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The pieces concatenate to the text, at their offsets, each within the size.
+    #[test]
+    fn text_chunks_cover_the_text_within_the_size(
+        s in "[ a\n\té日🙂]{0,120}",
+        max in 1usize..40,
+    ) {
+        let mut joined = String::new();
+        for (offset, piece) in text_chunks(&s, max) {
+            prop_assert_eq!(offset, joined.len());
+            prop_assert!(!piece.is_empty() && piece.len() <= max.max(4));
+            joined.push_str(piece);
+        }
+        prop_assert_eq!(joined, s);
+    }
+
+    /// Encoding the pieces of a text one by one gives exactly the tokens and offsets of the
+    /// whole text (the cut points are where the pre-tokenizer cuts anyway), and so does the
+    /// tokenizer, which works in pieces on long texts.
+    #[test]
+    fn pieces_encode_exactly_as_the_whole_text(text in wordy_text(), max in 40usize..120) {
+        let tok = shared_bpe();
+        let hf = raw_hf(tok);
+        let (ids, offsets) = whole_encoding(&hf, &text);
+        let (mut got_ids, mut got_offsets) = (Vec::new(), Vec::new());
+        for (start, piece) in text_chunks(&text, max) {
+            let (i, o) = whole_encoding(&hf, piece);
+            got_ids.extend(i);
+            got_offsets.extend(o.into_iter().map(|(a, b)| (a + start, b + start)));
+        }
+        prop_assert_eq!(&got_ids, &ids);
+        prop_assert_eq!(&got_offsets, &offsets);
+        let enc = tok.encode_with_offsets(&text).unwrap();
+        prop_assert_eq!(enc.ids, ids);
+        prop_assert_eq!(enc.offsets, offsets);
+    }
+}
+
+/// Some built-in documents joined into one text of `n` bytes or more, with their labels.
+fn long_labelled_text(n: usize) -> (String, Vec<u8>) {
+    let (mut text, mut labels) = (String::new(), Vec::new());
+    let mut i = 0;
+    while text.len() < n {
+        let d = builtin_doc(5, i);
+        text.push_str(&d.text);
+        labels.extend_from_slice(&d.labels);
+        text.push(' ');
+        labels.push(EASY);
+        i += 1;
+    }
+    (text, labels)
+}
+
+#[test]
+fn long_texts_tokenize_and_train_as_whole_texts() {
+    let tok = shared_bpe();
+    assert!(tok.is_chunk_exact() && Tokenizer::byte_level().is_chunk_exact());
+    let hf = raw_hf(tok);
+    // A text several pieces long: the same ids, offsets, byte counts and labels as encoding
+    // it whole.
+    let (text, labels) = long_labelled_text(3 * CHUNK_BYTES + 1000);
+    assert!(tok.encoding_chunks(&text).len() >= 4);
+    let (ids, offsets) = whole_encoding(&hf, &text);
+    assert_eq!(tok.encode(&text).unwrap(), ids);
+    let enc = tok.encode_with_offsets(&text).unwrap();
+    assert_eq!((&enc.ids, &enc.offsets), (&ids, &offsets));
+    let whole = mor_models::tokenizer::Encoding {
+        ids: ids.clone(),
+        offsets: offsets.clone(),
+    };
+    let doc = TokenizedDoc::from_text(tok, &text, Some(&labels)).unwrap();
+    assert_eq!(doc.ids, ids);
+    assert_eq!(doc.bytes, whole.byte_counts(text.len()));
+    assert_eq!(
+        doc.labels.unwrap(),
+        label_tokens(&text, &labels, &whole.offsets)
+    );
+    // The byte-level tokenizer: one token per byte, each counting one byte and carrying its
+    // byte's label.
+    let doc = TokenizedDoc::from_text(&Tokenizer::byte_level(), &text, Some(&labels)).unwrap();
+    assert_eq!(doc.ids, text.bytes().map(u32::from).collect::<Vec<_>>());
+    assert_eq!(doc.bytes, vec![1; text.len()]);
+    assert_eq!(doc.labels.unwrap(), labels);
+    // Training on the pieces of a text learns the merges of the whole text: for a text of
+    // one piece (trained whole) and for a text of several (trained in pieces).
+    for n in [CHUNK_BYTES / 2, 3 * CHUNK_BYTES] {
+        let (text, _) = long_labelled_text(n);
+        let pieces: Vec<&str> = text_chunks(&text, 300).map(|(_, p)| p).collect();
+        assert!(pieces.len() > 10);
+        assert_eq!(
+            Tokenizer::train_bpe(&[text.as_str()], 400)
+                .unwrap()
+                .to_json()
+                .unwrap(),
+            Tokenizer::train_bpe(&pieces, 400)
+                .unwrap()
+                .to_json()
+                .unwrap(),
+            "text of {} bytes",
+            text.len()
+        );
+    }
+}
+
+#[test]
+fn tokenizers_with_a_normalizer_encode_texts_up_to_a_mebibyte_whole() {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&shared_bpe().to_json().unwrap()).unwrap();
+    json["normalizer"] = serde_json::json!({ "type": "Lowercase" });
+    let tok = Tokenizer::from_json_str(&json.to_string(), "lowercase BPE").unwrap();
+    assert!(!tok.is_chunk_exact());
+    let (text, _) = long_labelled_text(3 * CHUNK_BYTES);
+    assert_eq!(tok.encoding_chunks(&text), vec![(0, text.as_str())]);
+    let (ids, _) = whole_encoding(&raw_hf(&tok), &text);
+    assert_eq!(tok.encode(&text).unwrap(), ids);
+    let big = "word ".repeat(WHOLE_TEXT_MAX_BYTES / 5 + 10);
+    let chunks = tok.encoding_chunks(&big);
+    assert!(chunks.len() == 2 && chunks.iter().all(|c| c.1.len() <= WHOLE_TEXT_MAX_BYTES));
+}
+
 #[test]
 fn tokenizer_file_errors_are_clear() {
     let dir = temp_dir("tokerr");
@@ -1067,6 +1256,26 @@ fn mc_task_files_parse_and_name_bad_lines() {
             "choices[1] is not a string",
         ),
         ("[1, 2]", "expected a JSON object"),
+        (
+            "{\"context\": \"\", \"choices\": [\" a\", \" b\"], \"gold\": 0}",
+            "field `context` is \"\": it must hold text",
+        ),
+        (
+            "{\"context\": \" \\n\", \"choices\": [\" a\", \" b\"], \"gold\": 0}",
+            "field `context` is \" \\n\": it must hold text",
+        ),
+        (
+            "{\"context\": \"x\", \"choices\": [\" a\", \"\"], \"gold\": 0}",
+            "choices[1] is \"\": every choice must hold text",
+        ),
+        (
+            "{\"context\": \"x\", \"choices\": [\"  \", \" b\"], \"gold\": 1}",
+            "choices[0] is \"  \": every choice must hold text",
+        ),
+        (
+            "{\"context\": \"x\", \"choices\": [], \"gold\": 0}",
+            "`choices` needs at least 2 entries, got 0",
+        ),
     ];
     for (line, want) in cases {
         let g = dir.join("bad.jsonl");
@@ -1080,6 +1289,76 @@ fn mc_task_files_parse_and_name_bad_lines() {
         assert!(msg.contains("bad.jsonl:2:") && msg.contains(want), "{msg}");
     }
     assert!(err_string(load_mc_tasks(&dir.join("none.jsonl"))).contains("does not exist"));
+}
+
+// ----------------------------------------------------------------------------------------
+// Corpus statistics.
+
+#[test]
+fn corpus_stats_match_an_independent_count() {
+    let dir = temp_dir("stats");
+    // Three documents of distinct lengths; one is held out for validation.
+    let texts = [
+        "Short one.".to_string(),
+        "A second document, somewhat longer than the first.".to_string(),
+        "The third document is the longest of all three: ".repeat(3),
+    ];
+    for (i, t) in texts.iter().enumerate() {
+        write(&dir.join(format!("{i}.txt")), t);
+    }
+    let total_bytes: usize = texts.iter().map(String::len).sum();
+    for (tokenizer, vocab) in [("byte", 300), ("bpe", 320)] {
+        let cfg = DataConfig {
+            source: dir.display().to_string(),
+            tokenizer: tokenizer.into(),
+            val_fraction: 0.34,
+            seq_len: 8,
+            vocab_size: vocab,
+            ..DataConfig::default()
+        };
+        let data = Dataset::prepare(&cfg, None).unwrap();
+        let s = data.corpus_stats();
+        assert_eq!(s.source, dir.display().to_string());
+        assert_eq!(s.tokenizer_choice, tokenizer);
+        assert_eq!((s.documents, s.train_documents, s.val_documents), (3, 2, 1));
+        assert_eq!(s.vocab_size, vocab);
+        assert_eq!(s.tokenizer_vocab, data.tokenizer().vocab_size());
+        // Each document's tokens, counted here with the dataset's tokenizer, plus one EOS.
+        let counts: Vec<(usize, usize)> = texts
+            .iter()
+            .map(|t| (data.tokenizer().encode(t).unwrap().len() + 1, t.len()))
+            .collect();
+        let held_out: Vec<&(usize, usize)> = counts
+            .iter()
+            .filter(|&&(_, bytes)| bytes as u64 == s.val_bytes)
+            .collect();
+        assert_eq!(held_out.len(), 1, "{s}");
+        assert_eq!(s.val_tokens, held_out[0].0);
+        assert_eq!(
+            s.train_tokens + s.val_tokens,
+            counts.iter().map(|c| c.0).sum::<usize>()
+        );
+        assert_eq!(s.train_bytes + s.val_bytes, total_bytes as u64);
+        if tokenizer == "byte" {
+            assert_eq!(s.tokenizer, "byte");
+            assert_eq!(s.train_tokens + s.val_tokens, total_bytes + 3);
+        } else {
+            assert_eq!(s.tokenizer, "hf");
+            assert!(s.train_tokens + s.val_tokens < total_bytes);
+        }
+        let line = s.to_string();
+        assert!(
+            line.contains("3 documents (2 train / 1 val)")
+                && line.contains(&format!(
+                    "tokens {} train / {} val",
+                    s.train_tokens, s.val_tokens
+                ))
+                && line.contains(&format!("model vocabulary {vocab}")),
+            "{line}"
+        );
+        let back: CorpusStats = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
 }
 
 // ----------------------------------------------------------------------------------------

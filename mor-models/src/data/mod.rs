@@ -25,6 +25,13 @@
 //! `shuffle = false`); an epoch yields `floor(rows / b)` batches and a new epoch reshuffles.
 //! The cursor is serialisable, so a checkpoint resumes at the exact batch.
 //!
+//! # Memory
+//! Preparing a corpus needs a small multiple of its size, whatever its line lengths: the
+//! readers hold a file once (plus its documents), long texts are tokenized and a BPE trained
+//! in pieces of [`crate::tokenizer::CHUNK_BYTES`] cut where the pre-tokenizer cuts anyway (the
+//! tokens are those of the whole text), each text is freed once tokenized, and packing moves or
+//! copies the tokens once. The packed splits keep two `u32` per token (id and byte count).
+//!
 //! # Bits per byte
 //! Every token carries the number of UTF-8 bytes of text it stands for (EOS: 0), computed
 //! from the tokenizer's offsets so the counts of a document sum to its byte length.
@@ -45,7 +52,7 @@ pub use builtin::{
 pub use error::{Error, Result};
 pub use tasks::{load_mc_tasks, McTask, McTaskSet};
 
-use crate::tokenizer::{Tokenizer, BYTE_VOCAB_SIZE, TOKENIZER_FILE};
+use crate::tokenizer::{concat, Tokenizer, TokenizerKind, BYTE_VOCAB_SIZE, TOKENIZER_FILE};
 use mor_core::rng::Rng;
 use rayon::prelude::*;
 use readers::FileKind;
@@ -212,24 +219,145 @@ impl TokenizedDoc {
     /// # Errors
     /// When the tokenizer fails, or `labels` does not have one entry per byte.
     pub fn from_text(tok: &Tokenizer, text: &str, labels: Option<&[u8]>) -> Result<Self> {
-        let enc = tok.encode_with_offsets(text)?;
-        let bytes = enc.byte_counts(text.len());
-        let labels = match labels {
-            Some(l) if l.len() != text.len() => {
-                return Err(Error::TooSmall(format!(
-                    "a labelled document has {} labels for {} bytes",
-                    l.len(),
-                    text.len()
-                )))
-            }
-            Some(l) => Some(label_tokens(text, l, &enc.offsets)),
-            None => None,
-        };
+        if let Some(l) = labels.filter(|l| l.len() != text.len()) {
+            return Err(Error::TooSmall(format!(
+                "a labelled document has {} labels for {} bytes",
+                l.len(),
+                text.len()
+            )));
+        }
+        if tok.kind() == TokenizerKind::Byte {
+            // One token per byte: each counts one byte and carries that byte's label.
+            return Ok(TokenizedDoc {
+                ids: text.bytes().map(u32::from).collect(),
+                bytes: vec![1; text.len()],
+                labels: labels.map(<[u8]>::to_vec),
+            });
+        }
+        // Piece by piece, keeping only ids, byte counts and labels of each piece (the offsets
+        // are three times their size): memory stays a small multiple of the text.
+        let parts = tok.encode_pieces(text, |start, piece, enc| {
+            let bytes = enc.byte_counts(piece.len());
+            let labels =
+                labels.map(|l| label_tokens(piece, &l[start..start + piece.len()], &enc.offsets));
+            Ok((enc.ids, bytes, labels))
+        })?;
+        let mut ids = Vec::with_capacity(parts.len());
+        let mut bytes = Vec::with_capacity(parts.len());
+        let mut token_labels = Vec::with_capacity(parts.len());
+        for (i, b, l) in parts {
+            ids.push(i);
+            bytes.push(b);
+            token_labels.extend(l);
+        }
         Ok(TokenizedDoc {
-            ids: enc.ids,
-            bytes,
-            labels,
+            ids: concat(ids),
+            bytes: concat(bytes),
+            labels: labels.map(|_| concat(token_labels)),
         })
+    }
+}
+
+/// Checks `seq_len` and that every document has one byte count (and label) per id.
+fn check_docs(docs: &[TokenizedDoc], seq_len: usize) -> Result<()> {
+    if seq_len == 0 {
+        return Err(Error::Config {
+            field: "seq_len",
+            msg: "must be at least 1".into(),
+        });
+    }
+    for (i, d) in docs.iter().enumerate() {
+        if d.bytes.len() != d.ids.len() || d.labels.as_ref().is_some_and(|l| l.len() != d.ids.len())
+        {
+            return Err(Error::TooSmall(format!(
+                "document {i}: {} ids, {} byte counts, {:?} labels",
+                d.ids.len(),
+                d.bytes.len(),
+                d.labels.as_ref().map(Vec::len)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the stream of a [`PackedSplit`] document by document, in vectors sized up front.
+struct Packer {
+    ids: Vec<u32>,
+    bytes: Vec<u32>,
+    labels: Option<Vec<u8>>,
+    doc_ends: Vec<usize>,
+    text_bytes: u64,
+}
+
+impl Packer {
+    /// A packer with room for `tokens` stream tokens (EOS included) of `docs` documents;
+    /// labels are kept when `with_labels`.
+    fn with_capacity(tokens: usize, docs: usize, with_labels: bool) -> Self {
+        Packer {
+            ids: Vec::with_capacity(tokens),
+            bytes: Vec::with_capacity(tokens),
+            labels: with_labels.then(|| Vec::with_capacity(tokens)),
+            doc_ends: Vec::with_capacity(docs),
+            text_bytes: 0,
+        }
+    }
+
+    /// A packer sized for `docs` (labels kept only when every document has them).
+    fn new(docs: &[TokenizedDoc]) -> Self {
+        let total: usize = docs.iter().map(|d| d.ids.len() + 1).sum();
+        let with_labels = !docs.is_empty() && docs.iter().all(|d| d.labels.is_some());
+        Packer::with_capacity(total, docs.len(), with_labels)
+    }
+
+    /// Appends one document and its EOS.
+    fn push(&mut self, ids: &[u32], bytes: &[u32], labels: Option<&[u8]>, eos_id: u32) {
+        self.ids.extend_from_slice(ids);
+        self.bytes.extend_from_slice(bytes);
+        if let (Some(all), Some(l)) = (self.labels.as_mut(), labels) {
+            all.extend_from_slice(l);
+        }
+        self.close_doc(eos_id);
+    }
+
+    /// Appends one document of the byte-level tokenizer (one token per byte, each counting
+    /// one byte and carrying that byte's label) and its EOS, as
+    /// [`TokenizedDoc::from_text`] with the byte-level tokenizer would give it.
+    fn push_bytes(&mut self, text: &str, labels: Option<&[u8]>, eos_id: u32) {
+        self.ids.extend(text.bytes().map(u32::from));
+        self.bytes.extend(std::iter::repeat_n(1, text.len()));
+        if let (Some(all), Some(l)) = (self.labels.as_mut(), labels) {
+            all.extend_from_slice(l);
+        }
+        self.close_doc(eos_id);
+    }
+
+    /// Appends EOS after the document whose tokens were just added.
+    fn close_doc(&mut self, eos_id: u32) {
+        let start = self.doc_ends.last().map_or(0, |&e| e + 1);
+        self.text_bytes += self.bytes[start..].iter().map(|&b| b as u64).sum::<u64>();
+        if let Some(all) = self.labels.as_mut() {
+            all.push(EOS_LABEL);
+        }
+        self.ids.push(eos_id);
+        self.bytes.push(0);
+        self.doc_ends.push(self.ids.len() - 1);
+    }
+
+    fn finish(self, seq_len: usize) -> PackedSplit {
+        let rows = if self.ids.len() > seq_len {
+            (self.ids.len() - 1) / seq_len
+        } else {
+            0
+        };
+        PackedSplit {
+            ids: self.ids,
+            bytes: self.bytes,
+            labels: self.labels,
+            doc_ends: self.doc_ends,
+            seq_len,
+            rows,
+            text_bytes: self.text_bytes,
+        }
     }
 }
 
@@ -253,55 +381,44 @@ impl PackedSplit {
     /// # Errors
     /// When `seq_len` is 0 or a document's byte or label count does not match its ids.
     pub fn pack(docs: &[TokenizedDoc], eos_id: u32, seq_len: usize) -> Result<Self> {
-        if seq_len == 0 {
-            return Err(Error::Config {
-                field: "seq_len",
-                msg: "must be at least 1".into(),
-            });
+        check_docs(docs, seq_len)?;
+        let mut p = Packer::new(docs);
+        for d in docs {
+            p.push(&d.ids, &d.bytes, d.labels.as_deref(), eos_id);
         }
-        let total: usize = docs.iter().map(|d| d.ids.len() + 1).sum();
-        let with_labels = !docs.is_empty() && docs.iter().all(|d| d.labels.is_some());
-        let mut ids = Vec::with_capacity(total);
-        let mut bytes = Vec::with_capacity(total);
-        let mut labels = with_labels.then(|| Vec::with_capacity(total));
-        let mut doc_ends = Vec::with_capacity(docs.len());
-        let mut text_bytes = 0u64;
-        for (i, d) in docs.iter().enumerate() {
-            if d.bytes.len() != d.ids.len()
-                || d.labels.as_ref().is_some_and(|l| l.len() != d.ids.len())
-            {
-                return Err(Error::TooSmall(format!(
-                    "document {i}: {} ids, {} byte counts, {:?} labels",
-                    d.ids.len(),
-                    d.bytes.len(),
-                    d.labels.as_ref().map(Vec::len)
-                )));
+        Ok(p.finish(seq_len))
+    }
+
+    /// [`PackedSplit::pack`] of documents it may consume: the result is the same, but a
+    /// single document's vectors become the stream without a copy, and each document is freed
+    /// once copied, so packing needs at most twice the tokens' memory (once for one document).
+    ///
+    /// # Errors
+    /// As [`PackedSplit::pack`].
+    pub fn pack_owned(docs: Vec<TokenizedDoc>, eos_id: u32, seq_len: usize) -> Result<Self> {
+        check_docs(&docs, seq_len)?;
+        if docs.len() == 1 {
+            let d = docs.into_iter().next().unwrap_or_default();
+            let mut p = Packer {
+                text_bytes: 0,
+                ids: d.ids,
+                bytes: d.bytes,
+                labels: d.labels,
+                doc_ends: Vec::with_capacity(1),
+            };
+            p.ids.reserve_exact(1);
+            p.bytes.reserve_exact(1);
+            if let Some(l) = p.labels.as_mut() {
+                l.reserve_exact(1);
             }
-            ids.extend_from_slice(&d.ids);
-            bytes.extend_from_slice(&d.bytes);
-            text_bytes += d.bytes.iter().map(|&b| b as u64).sum::<u64>();
-            if let (Some(all), Some(l)) = (labels.as_mut(), d.labels.as_ref()) {
-                all.extend_from_slice(l);
-                all.push(EOS_LABEL);
-            }
-            ids.push(eos_id);
-            bytes.push(0);
-            doc_ends.push(ids.len() - 1);
+            p.close_doc(eos_id);
+            return Ok(p.finish(seq_len));
         }
-        let rows = if ids.len() > seq_len {
-            (ids.len() - 1) / seq_len
-        } else {
-            0
-        };
-        Ok(PackedSplit {
-            ids,
-            bytes,
-            labels,
-            doc_ends,
-            seq_len,
-            rows,
-            text_bytes,
-        })
+        let mut p = Packer::new(&docs);
+        for d in docs {
+            p.push(&d.ids, &d.bytes, d.labels.as_deref(), eos_id);
+        }
+        Ok(p.finish(seq_len))
     }
 
     /// The whole token stream (documents with EOS appended, in order).
@@ -634,6 +751,60 @@ impl std::fmt::Display for DataStats {
     }
 }
 
+/// The size of a prepared corpus and its tokenizer, for reports (printed at the start of a run
+/// and stored with its results). Taken from the packed splits, without reading the data
+/// again: see [`Dataset::corpus_stats`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusStats {
+    /// The source as configured (`builtin` or a path).
+    pub source: String,
+    /// Non-empty documents of the corpus (training plus validation).
+    pub documents: usize,
+    /// Documents of the training split.
+    pub train_documents: usize,
+    /// Documents of the validation split.
+    pub val_documents: usize,
+    /// Tokens of the training stream, one EOS per document included.
+    pub train_tokens: usize,
+    /// Tokens of the validation stream, one EOS per document included.
+    pub val_tokens: usize,
+    /// UTF-8 bytes of the training text.
+    pub train_bytes: u64,
+    /// UTF-8 bytes of the validation text.
+    pub val_bytes: u64,
+    /// The tokenizer's kind: `byte` (256 bytes + EOS) or `hf` (a Hugging Face tokenizer, e.g.
+    /// the BPE trained on the corpus).
+    pub tokenizer: String,
+    /// The tokenizer as configured (`auto`, `byte`, `bpe` or a path).
+    pub tokenizer_choice: String,
+    /// Ids the tokenizer can produce.
+    pub tokenizer_vocab: usize,
+    /// The model's vocabulary size (at least `tokenizer_vocab`).
+    pub vocab_size: usize,
+}
+
+impl std::fmt::Display for CorpusStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "corpus {}: {} documents ({} train / {} val), tokens {} train / {} val, \
+             bytes {} train / {} val; tokenizer {} ({}): {} ids, model vocabulary {}",
+            self.source,
+            self.documents,
+            self.train_documents,
+            self.val_documents,
+            self.train_tokens,
+            self.val_tokens,
+            self.train_bytes,
+            self.val_bytes,
+            self.tokenizer,
+            self.tokenizer_choice,
+            self.tokenizer_vocab,
+            self.vocab_size
+        )
+    }
+}
+
 /// A prepared corpus: the tokenizer, the packed training and validation splits, and counts.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -697,7 +868,7 @@ impl Dataset {
     pub fn prepare(cfg: &DataConfig, out_dir: Option<&Path>) -> Result<Dataset> {
         cfg.validate()?;
         let source = cfg.source();
-        let (tokenizer, train_docs, val_docs, tokenize_secs) = match &source {
+        let (tokenizer, train, val, tokenize_secs) = match &source {
             Source::Builtin => {
                 let docs = builtin_docs(cfg.seed, cfg.builtin_docs)
                     .into_iter()
@@ -736,9 +907,6 @@ impl Dataset {
                 ),
             });
         }
-        let eos = tokenizer.eos_id();
-        let train = PackedSplit::pack(&train_docs, eos, cfg.seq_len)?;
-        let val = PackedSplit::pack(&val_docs, eos, cfg.seq_len)?;
         let need = cfg.seq_len + 1;
         if train.num_rows() == 0 {
             return Err(Error::TooSmall(format!(
@@ -746,21 +914,21 @@ impl Dataset {
                 train.tokens().len()
             )));
         }
-        if !val_docs.is_empty() && val.num_rows() == 0 {
+        if val.num_documents() > 0 && val.num_rows() == 0 {
             return Err(Error::TooSmall(format!(
                 "the validation split has {} tokens ({} documents), fewer than seq_len + 1 = {need}; \
                  raise val_fraction (or builtin_docs) or shorten seq_len",
                 val.tokens().len(),
-                val_docs.len()
+                val.num_documents()
             )));
         }
         if let Some(dir) = out_dir {
             tokenizer.save(dir)?;
         }
         let stats = DataStats {
-            documents: train_docs.len() + val_docs.len(),
-            train_documents: train_docs.len(),
-            val_documents: val_docs.len(),
+            documents: train.num_documents() + val.num_documents(),
+            train_documents: train.num_documents(),
+            val_documents: val.num_documents(),
             train_tokens: train.tokens().len(),
             val_tokens: val.tokens().len(),
             train_bytes: train.text_bytes(),
@@ -782,13 +950,16 @@ impl Dataset {
         })
     }
 
-    /// Text path: drop empty documents, split, resolve the tokenizer, tokenize.
+    /// Text path: drop empty documents, split, resolve the tokenizer, tokenize and pack.
+    /// Each text is freed once tokenized, long texts are tokenized piece by piece
+    /// ([`TokenizedDoc::from_text`]) and the byte-level tokenizer writes straight into the
+    /// stream, so memory stays a small multiple of the corpus for any line length.
     fn tokenize_text(
         cfg: &DataConfig,
         docs: Vec<TextDoc>,
         out_dir: Option<&Path>,
         source_path: Option<&Path>,
-    ) -> Result<(Tokenizer, Vec<TokenizedDoc>, Vec<TokenizedDoc>, f64)> {
+    ) -> Result<(Tokenizer, PackedSplit, PackedSplit, f64)> {
         let docs: Vec<TextDoc> = docs
             .into_iter()
             .filter(|d| !d.text.trim().is_empty())
@@ -803,25 +974,48 @@ impl Dataset {
             train_idx.iter().map(|&i| docs[i].text.as_str()).collect()
         })?;
         let start = Instant::now();
-        let tokenize = |idx: &[usize]| -> Result<Vec<TokenizedDoc>> {
-            idx.par_iter()
-                .map(|&i| {
-                    TokenizedDoc::from_text(&tokenizer, &docs[i].text, docs[i].labels.as_deref())
-                })
-                .collect()
+        let eos = tokenizer.eos_id();
+        let mut slots: Vec<Option<TextDoc>> = docs.into_iter().map(Some).collect();
+        let mut pack = |idx: &[usize]| -> Result<PackedSplit> {
+            let texts: Vec<TextDoc> = idx.iter().filter_map(|&i| slots[i].take()).collect();
+            if tokenizer.kind() != TokenizerKind::Byte {
+                let docs = texts
+                    .into_par_iter()
+                    .map(|d| TokenizedDoc::from_text(&tokenizer, &d.text, d.labels.as_deref()))
+                    .collect::<Result<Vec<_>>>()?;
+                return PackedSplit::pack_owned(docs, eos, cfg.seq_len);
+            }
+            if let Some(d) = texts
+                .iter()
+                .find(|d| d.labels.as_ref().is_some_and(|l| l.len() != d.text.len()))
+            {
+                return Err(Error::TooSmall(format!(
+                    "a labelled document has {} labels for {} bytes",
+                    d.labels.as_ref().map_or(0, Vec::len),
+                    d.text.len()
+                )));
+            }
+            let tokens = texts.iter().map(|d| d.text.len() + 1).sum();
+            let with_labels = !texts.is_empty() && texts.iter().all(|d| d.labels.is_some());
+            let mut p = Packer::with_capacity(tokens, texts.len(), with_labels);
+            for d in texts {
+                p.push_bytes(&d.text, d.labels.as_deref(), eos);
+            }
+            Ok(p.finish(cfg.seq_len))
         };
-        let train = tokenize(&train_idx)?;
-        let val = tokenize(&val_idx)?;
+        let train = pack(&train_idx)?;
+        let val = pack(&val_idx)?;
         Ok((tokenizer, train, val, start.elapsed().as_secs_f64()))
     }
 
-    /// Token-file path: resolve the tokenizer (it cannot be trained), read, check ids, split.
+    /// Token-file path: resolve the tokenizer (it cannot be trained), read, check ids, split
+    /// and pack.
     fn read_tokens(
         cfg: &DataConfig,
         path: &Path,
         files: &[(PathBuf, FileKind)],
         out_dir: Option<&Path>,
-    ) -> Result<(Tokenizer, Vec<TokenizedDoc>, Vec<TokenizedDoc>, f64)> {
+    ) -> Result<(Tokenizer, PackedSplit, PackedSplit, f64)> {
         let tokenizer = resolve_tokenizer(cfg, out_dir, Some(path), true, Vec::new)?;
         let start = Instant::now();
         let limit = tokenizer.vocab_size().min(cfg.vocab_size) as u32;
@@ -861,12 +1055,14 @@ impl Dataset {
         let (train_idx, val_idx) = split_documents(docs.len(), cfg.val_fraction, cfg.seed)?;
         let mut slots: Vec<Option<TokenizedDoc>> = docs.into_iter().map(Some).collect();
         let mut take = |idx: &[usize]| {
-            idx.iter()
+            let docs = idx
+                .iter()
                 .filter_map(|&i| slots[i].take())
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            PackedSplit::pack_owned(docs, eos, cfg.seq_len)
         };
-        let train = take(&train_idx);
-        let val = take(&val_idx);
+        let train = take(&train_idx)?;
+        let val = take(&val_idx)?;
         Ok((tokenizer, train, val, start.elapsed().as_secs_f64()))
     }
 
@@ -883,6 +1079,34 @@ impl Dataset {
     /// Counts of documents, tokens, bytes and rows.
     pub fn stats(&self) -> &DataStats {
         &self.stats
+    }
+
+    /// The corpus and tokenizer sizes for reports, from the packed splits (no data is read).
+    ///
+    /// # Examples
+    /// ```
+    /// use mor_models::data::{DataConfig, Dataset};
+    ///
+    /// let cfg = DataConfig { tokenizer: "byte".into(), builtin_docs: 20, seq_len: 32, vocab_size: 300, ..DataConfig::default() };
+    /// let stats = Dataset::prepare(&cfg, None).unwrap().corpus_stats();
+    /// assert_eq!(stats.documents, 20);
+    /// assert_eq!((stats.tokenizer_vocab, stats.vocab_size), (257, 300));
+    /// ```
+    pub fn corpus_stats(&self) -> CorpusStats {
+        CorpusStats {
+            source: self.cfg.source.clone(),
+            documents: self.train.num_documents() + self.val.num_documents(),
+            train_documents: self.train.num_documents(),
+            val_documents: self.val.num_documents(),
+            train_tokens: self.train.tokens().len(),
+            val_tokens: self.val.tokens().len(),
+            train_bytes: self.train.text_bytes(),
+            val_bytes: self.val.text_bytes(),
+            tokenizer: self.tokenizer.kind().to_string(),
+            tokenizer_choice: self.cfg.tokenizer.clone(),
+            tokenizer_vocab: self.tokenizer.vocab_size(),
+            vocab_size: self.cfg.vocab_size,
+        }
     }
 
     /// The packed training split.

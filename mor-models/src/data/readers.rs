@@ -14,6 +14,10 @@
 //!   version 1 for `u16` ids, or magic `20240801` with version 7 for `u32` ids; then the token
 //!   count), followed by the ids; documents are separated by the EOS id as above.
 //!
+//! Each reader holds a file once plus its documents (a `.txt` of one paragraph is trimmed in
+//! place, a JSONL text is moved out of its parsed line, token documents are allocated at their
+//! exact length), so memory stays within about twice the file for any line length.
+//!
 //! A folder is walked recursively in sorted path order, so the document order is
 //! deterministic; files with other extensions are ignored. Text and token files cannot be
 //! mixed in one source.
@@ -151,31 +155,55 @@ fn read_utf8(path: &Path) -> Result<String> {
 }
 
 /// A `.txt` file: one document, or paragraphs when it is larger than [`TXT_SPLIT_BYTES`].
+/// Needs at most twice the file's size in memory (once when it is a single paragraph), for
+/// any line length.
 pub fn read_txt(path: &Path) -> Result<Vec<String>> {
-    let text = read_utf8(path)?;
+    let mut text = read_utf8(path)?;
     if text.len() <= TXT_SPLIT_BYTES {
         return Ok(vec![text]);
     }
-    Ok(split_paragraphs(&text))
+    let ranges = paragraph_ranges(&text);
+    if let [only] = ranges[..] {
+        // One paragraph: trim the text in place instead of copying it.
+        text.truncate(only.1);
+        text.drain(..only.0);
+        return Ok(vec![text]);
+    }
+    Ok(ranges
+        .into_iter()
+        .map(|(s, e)| text[s..e].to_string())
+        .collect())
 }
 
 /// Splits text at blank (whitespace-only) lines; each paragraph keeps its inner newlines.
 pub fn split_paragraphs(text: &str) -> Vec<String> {
+    paragraph_ranges(text)
+        .into_iter()
+        .map(|(s, e)| text[s..e].to_string())
+        .collect()
+}
+
+/// The byte ranges of the paragraphs of [`split_paragraphs`]: maximal runs of non-blank
+/// lines, without trailing whitespace.
+fn paragraph_ranges(text: &str) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    let mut cur = String::new();
-    for line in text.split_inclusive('\n') {
-        if line.trim().is_empty() {
-            if !cur.trim().is_empty() {
-                out.push(std::mem::take(&mut cur).trim_end().to_string());
-            }
-            cur.clear();
-        } else {
-            cur.push_str(line);
+    let mut cur: Option<(usize, usize)> = None;
+    let mut pos = 0usize;
+    let mut close = |cur: &mut Option<(usize, usize)>| {
+        if let Some((s, e)) = cur.take() {
+            out.push((s, s + text[s..e].trim_end().len()));
         }
+    };
+    for line in text.split_inclusive('\n') {
+        let end = pos + line.len();
+        if line.trim().is_empty() {
+            close(&mut cur);
+        } else {
+            cur = Some((cur.map_or(pos, |c| c.0), end));
+        }
+        pos = end;
     }
-    if !cur.trim().is_empty() {
-        out.push(cur.trim_end().to_string());
-    }
+    close(&mut cur);
     out
 }
 
@@ -194,15 +222,16 @@ pub fn read_jsonl(path: &Path, text_column: &str) -> Result<Vec<String>> {
         };
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| err("expected a JSON object".into()))?;
-        match obj.get(text_column) {
-            Some(serde_json::Value::String(s)) => out.push(s.clone()),
+        let serde_json::Value::Object(mut obj) = v else {
+            return Err(err("expected a JSON object".into()));
+        };
+        // Moved out, not copied: a long text is held once besides the file.
+        match obj.remove(text_column) {
+            Some(serde_json::Value::String(s)) => out.push(s),
             Some(other) => {
                 return Err(err(format!(
                     "field `{text_column}` is not a string (found {})",
-                    json_kind(other)
+                    json_kind(&other)
                 )))
             }
             None => {
@@ -356,26 +385,33 @@ pub fn read_token_file(path: &Path, kind: FileKind, eos_id: u32) -> Result<Vec<V
             body.len()
         )));
     }
-    let ids = body.chunks_exact(width).map(|c| {
+    let decode = |c: &[u8]| {
         if width == 2 {
             u16::from_le_bytes([c[0], c[1]]) as u32
         } else {
             u32::from_le_bytes([c[0], c[1], c[2], c[3]])
         }
-    });
+    };
+    // Each document is collected from its own slice of the file, at its exact length, so the
+    // documents take exactly `4 / width` times the file's ids.
+    let n = body.len() / width;
     let mut docs = Vec::new();
-    let mut cur = Vec::new();
-    for id in ids {
-        if id == eos_id {
-            if !cur.is_empty() {
-                docs.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(id);
+    let mut doc_start = 0usize;
+    let ends = body
+        .chunks_exact(width)
+        .enumerate()
+        .filter(|&(_, c)| decode(c) == eos_id)
+        .map(|(i, _)| i)
+        .chain(std::iter::once(n));
+    for end in ends {
+        if end > doc_start {
+            let doc: Vec<u32> = body[doc_start * width..end * width]
+                .chunks_exact(width)
+                .map(decode)
+                .collect();
+            docs.push(doc);
         }
-    }
-    if !cur.is_empty() {
-        docs.push(cur);
+        doc_start = end + 1;
     }
     Ok(docs)
 }

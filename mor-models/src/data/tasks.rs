@@ -27,7 +27,8 @@ pub struct McTaskSet {
 }
 
 /// Parses one JSON line `{"context": str, "choices": [str], "gold": int}`; other fields are
-/// ignored. Returns the message of what is wrong.
+/// ignored. The context and every choice must hold non-whitespace text. Returns the message
+/// of what is wrong.
 fn parse_line(line: &str) -> std::result::Result<McTask, String> {
     let v: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
@@ -37,6 +38,14 @@ fn parse_line(line: &str) -> std::result::Result<McTask, String> {
         Some(_) => return Err("field `context` is not a string".into()),
         None => return Err("missing field `context`".into()),
     };
+    // An empty context or choice has no token to score: every choice would get the same
+    // (zero) log-likelihood and the item would count as right, so it is refused.
+    if context.trim().is_empty() {
+        return Err(format!(
+            "field `context` is {:?}: it must hold text (not empty or only whitespace)",
+            context
+        ));
+    }
     let choices = match obj.get("choices") {
         Some(serde_json::Value::Array(xs)) => xs
             .iter()
@@ -50,6 +59,15 @@ fn parse_line(line: &str) -> std::result::Result<McTask, String> {
         Some(_) => return Err("field `choices` is not an array".into()),
         None => return Err("missing field `choices`".into()),
     };
+    if let Some((i, c)) = choices
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.trim().is_empty())
+    {
+        return Err(format!(
+            "choices[{i}] is {c:?}: every choice must hold text (not empty or only whitespace)"
+        ));
+    }
     if choices.len() < 2 {
         return Err(format!(
             "`choices` needs at least 2 entries, got {}",
@@ -79,8 +97,9 @@ fn parse_line(line: &str) -> std::result::Result<McTask, String> {
 /// per line (blank lines are skipped). The set is named after the file stem.
 ///
 /// # Errors
-/// When the file cannot be read, a line is not valid, or the file has no item; the message
-/// names the file and the 1-based line.
+/// When the file cannot be read, a line is not valid (including an empty or whitespace-only
+/// `context` or choice), or the file has no item; the message names the file, the 1-based
+/// line and the field.
 pub fn load_mc_tasks(path: &Path) -> Result<McTaskSet> {
     if !path.exists() {
         return Err(Error::MissingPath {

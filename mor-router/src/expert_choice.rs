@@ -53,8 +53,8 @@
 
 use crate::metrics::RouterStats;
 use crate::net::{
-    bce_with_logits_mean, counter_uniform, sigmoid_f64, to_host_f64, top_k_ascending, RouterArch,
-    RouterNet,
+    bce_with_logits_mean, counter_uniform, draws_buffer, read_draws, sigmoid_f64, to_host_f64,
+    top_k_ascending, RouterArch, RouterNet,
 };
 use crate::registry::{RouterCtx, RouterPlugin};
 use crate::{
@@ -189,7 +189,9 @@ pub fn tokens_kept(cap: f64, seq_len: usize) -> usize {
 }
 
 /// Capacity during the cosine capacity warm-up (spec §3.1):
-/// `cap_t = cap + (1 − cap)·½(1 + cos(π·min(1, t/T)))`; `cap` itself when `T = 0`.
+/// `cap_t = cap + (1 − cap)·½(1 + cos(π·min(1, t/T)))`; `cap` itself when `T = 0`. Here `t`
+/// and `T` count optimiser steps (`cap_warmup_steps`), where the reference code counts
+/// forward calls; the two agree without gradient accumulation.
 pub fn warmup_capacity(cap: f64, train_step: usize, warmup_steps: usize) -> f64 {
     if warmup_steps == 0 {
         return cap;
@@ -229,7 +231,10 @@ pub struct ExpertChoiceParams {
     pub temperature: f64,
     /// Fraction of the sequence kept at each step.
     pub capacity: Capacity,
-    /// Steps of cosine capacity warm-up from 1 to `cap_r`; 0 = off.
+    /// Length `T` of the cosine capacity warm-up from 1 to `cap_r`, in **optimiser steps**;
+    /// 0 = off (the final recipe). The reference code counts forward calls (spec §3.1):
+    /// with `A` micro-batches per optimiser step, its `T` forward calls are `T / A` steps
+    /// here, and every micro-batch of one step uses the same capacity.
     pub cap_warmup_steps: usize,
     /// Auxiliary objective for causal decisions.
     pub sampling: Sampling,
@@ -945,5 +950,27 @@ impl Router for ExpertChoiceRouter {
 
     fn set_train_step(&self, train_step: usize) {
         self.train_step.store(train_step, Ordering::Relaxed);
+    }
+
+    /// With `rand_router`, the draw counter ([`crate::DRAWS_BUFFER`]): the random
+    /// scores of a forward depend on it, so a resumed run needs it to draw what an
+    /// uninterrupted run draws.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        if self.params.rand_router {
+            draws_buffer(self.forwards.load(Ordering::Relaxed))
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Restores the draw counter saved by [`Router::buffers`]; other names are ignored.
+    ///
+    /// # Errors
+    /// A counter buffer that is not one count >= 0.
+    fn load_buffers(&self, buffers: &[(String, Tensor)]) -> Result<()> {
+        if let Some(c) = read_draws(buffers, NAME)? {
+            self.forwards.store(c, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }

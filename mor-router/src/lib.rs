@@ -96,7 +96,7 @@ pub mod metrics;
 pub use metrics::RouterStats;
 
 mod net;
-pub use net::RouterArch;
+pub use net::{RouterArch, DRAWS_BUFFER};
 
 pub mod expert_choice;
 pub use expert_choice::{ExpertChoiceParams, ExpertChoiceRouter};

@@ -595,10 +595,17 @@ impl Router for TokenChoiceRouter {
     fn buffers(&self) -> Vec<(String, Tensor)> {
         let b = self.bias();
         let n = b.len();
-        match Tensor::from_vec(b, n, &self.device) {
+        let mut out = match Tensor::from_vec(b, n, &self.device) {
             Ok(t) => vec![(BIAS_BUFFER.to_string(), t)],
             Err(_) => Vec::new(),
+        };
+        if self.params.rand_router {
+            // The random scores depend on the draw counter (see `crate::DRAWS_BUFFER`).
+            out.extend(crate::net::draws_buffer(
+                self.forwards.load(Ordering::Relaxed),
+            ));
         }
+        out
     }
 
     /// Restores the loss-free bias from [`BIAS_BUFFER`]; other names are ignored.
@@ -606,6 +613,9 @@ impl Router for TokenChoiceRouter {
     /// # Errors
     /// A bias of a length other than N_r.
     fn load_buffers(&self, buffers: &[(String, Tensor)]) -> Result<()> {
+        if let Some(c) = crate::net::read_draws(buffers, NAME)? {
+            self.forwards.store(c, Ordering::Relaxed);
+        }
         let Some((_, t)) = buffers.iter().find(|(n, _)| n == BIAS_BUFFER) else {
             return Ok(());
         };

@@ -564,3 +564,50 @@ fn bad_input_is_an_error_not_a_panic() {
     );
     r.finish(st).unwrap();
 }
+
+/// The random routers' draws depend on a counter of forwards; it is a checkpoint buffer, so
+/// a router restored from another's buffers draws what the original draws next.
+#[test]
+fn random_router_draw_counter_is_a_buffer_and_resumes_bit_exactly() {
+    let (b, l, d, nr) = (2, 9, 3, 3);
+    let c = ctx(d, nr, l, 0.7, 16);
+    let h = hidden(b, l, d, 8);
+    for (name, params) in [
+        ("expert_choice", "rand_router = true"),
+        ("token_choice", "rand_router = true"),
+    ] {
+        let run = build(name, params, &c);
+        for _ in 0..3 {
+            forward(run.as_ref(), &h, nr, RouteMode::Train).unwrap();
+        }
+        let saved = run.buffers();
+        let draws = saved
+            .iter()
+            .find(|(n, _)| n == mor_router::DRAWS_BUFFER)
+            .unwrap_or_else(|| panic!("{name}: no draw counter in {saved:?}"));
+        assert_eq!(draws.1.to_vec1::<i64>().unwrap(), [3], "{name}");
+        let next = forward(run.as_ref(), &h, nr, RouteMode::Train).unwrap().1;
+
+        let resumed = build(name, params, &c);
+        resumed.load_buffers(&saved).unwrap();
+        let again = forward(resumed.as_ref(), &h, nr, RouteMode::Train)
+            .unwrap()
+            .1;
+        let sel = |s: &[mor_router::StepRouting]| {
+            s.iter().map(|x| x.selected.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(sel(&next), sel(&again), "{name}: resumed draws differ");
+        // A fresh router (counter 0) draws differently: the test can tell.
+        let fresh = build(name, params, &c);
+        let first = forward(fresh.as_ref(), &h, nr, RouteMode::Train).unwrap().1;
+        assert_ne!(sel(&next), sel(&first), "{name}");
+        // A learned router has no draw counter; a bad counter is an error.
+        let bad = vec![(
+            mor_router::DRAWS_BUFFER.to_string(),
+            Tensor::new(&[-1i64], &Device::Cpu).unwrap(),
+        )];
+        assert!(resumed.load_buffers(&bad).is_err(), "{name}");
+    }
+    let learned = build("expert_choice", "", &c);
+    assert!(learned.buffers().is_empty());
+}

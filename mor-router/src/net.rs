@@ -214,6 +214,42 @@ pub(crate) fn to_host_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
+/// Name of the buffer that holds a random router's draw counter (the forwards drawn so
+/// far), so that a resumed run draws what an uninterrupted one would.
+pub const DRAWS_BUFFER: &str = "rand_draws";
+
+/// The draw counter as a checkpoint buffer: one i64.
+pub(crate) fn draws_buffer(count: u64) -> Vec<(String, candle_core::Tensor)> {
+    match candle_core::Tensor::new(&[count as i64], &candle_core::Device::Cpu) {
+        Ok(t) => vec![(DRAWS_BUFFER.to_string(), t)],
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The draw counter in `buffers`, if saved.
+///
+/// # Errors
+/// A buffer of the wrong shape or a negative count.
+pub(crate) fn read_draws(
+    buffers: &[(String, candle_core::Tensor)],
+    router: &'static str,
+) -> crate::Result<Option<u64>> {
+    let Some((_, t)) = buffers.iter().find(|(n, _)| n == DRAWS_BUFFER) else {
+        return Ok(None);
+    };
+    let v = t
+        .to_dtype(candle_core::DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    match v[..] {
+        [c] if c >= 0.0 && c.fract() == 0.0 => Ok(Some(c as u64)),
+        _ => Err(crate::Error::Invalid {
+            router,
+            msg: format!("buffer `{DRAWS_BUFFER}` must hold one count >= 0, got {v:?}"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,41 +293,5 @@ mod tests {
         assert!((l[0] - 2f64.ln()).abs() < 1e-12);
         assert!((l[1] - (1f64.exp() + 3f64.exp()).ln()).abs() < 1e-12);
         Ok(())
-    }
-}
-
-/// Name of the buffer that holds a random router's draw counter (the forwards drawn so
-/// far), so that a resumed run draws what an uninterrupted one would.
-pub const DRAWS_BUFFER: &str = "rand_draws";
-
-/// The draw counter as a checkpoint buffer: one i64.
-pub(crate) fn draws_buffer(count: u64) -> Vec<(String, candle_core::Tensor)> {
-    match candle_core::Tensor::new(&[count as i64], &candle_core::Device::Cpu) {
-        Ok(t) => vec![(DRAWS_BUFFER.to_string(), t)],
-        Err(_) => Vec::new(),
-    }
-}
-
-/// The draw counter in `buffers`, if saved.
-///
-/// # Errors
-/// A buffer of the wrong shape or a negative count.
-pub(crate) fn read_draws(
-    buffers: &[(String, candle_core::Tensor)],
-    router: &'static str,
-) -> crate::Result<Option<u64>> {
-    let Some((_, t)) = buffers.iter().find(|(n, _)| n == DRAWS_BUFFER) else {
-        return Ok(None);
-    };
-    let v = t
-        .to_dtype(candle_core::DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    match v[..] {
-        [c] if c >= 0.0 && c.fract() == 0.0 => Ok(Some(c as u64)),
-        _ => Err(crate::Error::Invalid {
-            router,
-            msg: format!("buffer `{DRAWS_BUFFER}` must hold one count >= 0, got {v:?}"),
-        }),
     }
 }

@@ -73,6 +73,14 @@ fn cases() -> Vec<(&'static str, ResolvedConfig)> {
         ("recursive/recursive_sharing", recursive("middle_cycle", 3, "recursive_sharing")),
         ("recursive/hybrid", recursive("middle_cycle", 3, "hybrid")),
         ("recursive-sequence", recursive("sequence", 2, "recursion_wise")),
+        (
+            "recursive-sequence/recursive_sharing",
+            recursive("sequence", 2, "recursive_sharing"),
+        ),
+        (
+            "recursive-middle_sequence/recursive_sharing",
+            recursive("middle_sequence", 3, "recursive_sharing"),
+        ),
         ("expert/recursion_wise", mor(ec, "recursion_wise", "")),
         ("expert/recursive_sharing", mor(ec, "recursive_sharing", "")),
         ("expert/hybrid", mor(ec, "hybrid", "")),
@@ -258,6 +266,10 @@ fn depthwise_batched_engine_equals_sequential_greedy_decoding() {
         (
             "recursive-sequence",
             recursive("sequence", 2, "recursion_wise"),
+        ),
+        (
+            "recursive-sequence/recursive_sharing",
+            recursive("sequence", 2, "recursive_sharing"),
         ),
     ];
     let reqs = requests(9, 7);

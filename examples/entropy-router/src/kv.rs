@@ -177,6 +177,7 @@ impl Plugin for StridedKv {
         AccountingHints {
             capacities: None,
             kv_sharing: params.stride == 1,
+            ..Default::default()
         }
     }
 }

@@ -244,6 +244,7 @@ impl Plugin for EntropyRouter {
         AccountingHints {
             capacities: Some(params.capacities(ctx.num_recursions)),
             kv_sharing: false,
+            ..Default::default()
         }
     }
 }

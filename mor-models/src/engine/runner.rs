@@ -14,7 +14,7 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use mor_core::plan::Segment;
 use mor_kernels::cpu::{rms_norm_rows, swiglu_rows, PackedMatrix};
-use mor_kvcache::{attend_into, DecodeCache, DecodeCacheSpec, DecodeMode, KvPolicy, PagedCache};
+use mor_kvcache::{attend_into, DecodeCache, DecodeCacheSpec, DecodeMode, KvPolicy};
 use mor_router::{RouteMode, RoutingKind, Update};
 
 /// When an expert-choice token leaves the recursion (early exit).
@@ -294,16 +294,9 @@ impl<'m> Runner<'m> {
             block_tokens,
             max_blocks,
         };
-        let policy = self.model.kv_policy();
-        if self.model.plan().is_cyclic() {
-            Ok(policy.new_decode_cache(&spec)?)
-        } else {
-            Ok(Box::new(PagedCache::new(
-                policy.name(),
-                DecodeMode::RecursionWise,
-                &spec,
-            )?))
-        }
+        // Every plan: under recursive sharing the cache maps a step >= 2 slot to the step-1
+        // slot of the same layer, as the model's forward does (spec §4).
+        Ok(self.model.kv_policy().new_decode_cache(&spec)?)
     }
 
     /// The slots a token of stage `s` writes to in `cache`.

@@ -383,3 +383,24 @@ fn the_data_of_a_run_is_recorded_and_checked_on_resume() {
     assert_eq!(losses(&out), losses(&full));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn resume_with_a_trained_bpe_tokenizer() {
+    // The run's tokenizer.json is reused on resume and must come back byte for byte.
+    let c = Config::from_toml_str(
+        &cfg("")
+            .to_toml_string()
+            .replace("tokenizer = \"byte\"", "tokenizer = \"bpe\""),
+    )
+    .unwrap();
+    let out = dir("bpe");
+    let mut o = opts(&out);
+    o.stop_after = Some(3);
+    assert!(run(&c, "b", &o).is_err());
+    let tok = std::fs::read(out.join("tokenizer.json")).unwrap();
+    let mut o = opts(&out);
+    o.resume = true;
+    run(&c, "b", &o).unwrap();
+    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), tok);
+    let _ = std::fs::remove_dir_all(&out);
+}

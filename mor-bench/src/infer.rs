@@ -134,10 +134,20 @@ impl InferBenchConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks every field before anything is built or timed.
+    ///
+    /// # Errors
+    /// A message naming the field, its value and what is allowed.
+    pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::msg(m));
         if self.requests == 0 || self.batch_size == 0 || self.block_tokens == 0 {
             return bad("requests, batch_size and block_tokens must be >= 1".into());
+        }
+        if self.rounds == 0 {
+            return bad(
+                "rounds 0: at least 1 timed round is needed (the numbers are the best round's)"
+                    .into(),
+            );
         }
         if !(self.gen_len_mean.is_finite() && self.gen_len_mean >= 1.0) {
             return bad(format!(
@@ -1001,6 +1011,26 @@ mod tests {
             calib_passes: 3,
             ..InferBenchConfig::default()
         }
+    }
+
+    #[test]
+    fn zero_rounds_are_refused() {
+        let e = run(
+            &InferBenchConfig {
+                rounds: 0,
+                ..tiny()
+            },
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rounds 0") && e.contains("at least 1"), "{e}");
+        assert!(InferBenchConfig {
+            rounds: 1,
+            ..tiny()
+        }
+        .check()
+        .is_ok());
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     if !args.recursions.is_empty() {
         cfg.recursions = args.recursions.clone();
     }
+    // Every flag is checked before the thread pool is set or a model is built.
+    cfg.check()?;
     mor_models::run::set_threads(cfg.threads);
     let report = run(&cfg, &mut |line| eprintln!("bench: {line}"))?;
     if args.json {
@@ -106,4 +108,30 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         print!("{}", render_text(&report));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(flags: &[&str]) -> Args {
+        let mut argv = vec!["bench", "infer"];
+        argv.extend_from_slice(flags);
+        Cli::try_parse_from(argv).expect("flags parse").args
+    }
+
+    #[test]
+    fn zero_rounds_are_an_error() {
+        let e = run_cmd(&parse(&["--quick", "--rounds", "0"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rounds 0"), "{e}");
+    }
 }

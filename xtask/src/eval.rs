@@ -33,7 +33,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{} is not a run folder (no config.toml)", dir.display()))?;
     mor_models::checkpoint::verify_files(dir, &["config.toml", "tokenizer.json"], true)
-        .with_context(|| format!("{} is damaged", dir.display()))?;
+        .with_context(|| format!("cannot trust the files of {}", dir.display()))?;
     let cfg = Config::from_toml_str(&text).with_context(|| cfg_path.display().to_string())?;
     set_threads(cfg.threads);
     if let Some(d) = &args.data {

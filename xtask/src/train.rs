@@ -15,7 +15,9 @@ pub struct Args {
     /// (overrides `data.source`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Run folder (default: `runs/<config name>`).
+    /// Run folder (default: `runs/<config name>`). It must be new or empty, or hold a run of
+    /// this config (then pass --resume); a finished run is never changed. Held exclusively
+    /// (`run.lock`) while training: a second `train` on it is refused.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in `--out` from its latest valid checkpoint (its config must resolve

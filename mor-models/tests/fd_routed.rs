@@ -41,7 +41,7 @@ seq_len = 12
 num_recursions = 3
 sharing = {{ kind = "middle_cycle" }}
 [router]
-kind = "{router}"
+{router}
 [runtime]
 backend = {{ kind = "{backend}" }}
 seed = 7
@@ -152,7 +152,8 @@ fn fd_check(model: &MorModel, vars: &[(String, Var)], which: Loss, what: &str) -
     (worst, checked)
 }
 
-fn check(router: &str) {
+/// `router` is the body of the `[router]` table.
+fn check(router: &str, with_aux: bool) {
     for backend in ["reference", "cpu"] {
         let cfg = config(router, backend);
         let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
@@ -163,12 +164,13 @@ fn check(router: &str) {
             "the router's parameters are among the model's: {:?}",
             vars.iter().map(|(n, _)| n).collect::<Vec<_>>()
         );
-        let what = format!("{router}/{backend}");
+        let what = format!("{}/{backend}", router.replace('\n', " "));
         let (worst, checked) = fd_check(&model, &vars, Loss::Main, &what);
         assert!(checked >= vars.len(), "{what}: {checked} coordinates");
         println!("{what}: {checked} coordinates, worst relative error {worst:e}");
         let aux = model.aux_named_vars();
-        if !aux.is_empty() {
+        assert_eq!(!aux.is_empty(), with_aux, "{what}: auxiliary router");
+        if with_aux {
             let (worst, checked) = fd_check(&model, &aux, Loss::Aux, &format!("{what}/aux"));
             println!("{what}/aux: {checked} coordinates, worst relative error {worst:e}");
         }
@@ -177,10 +179,17 @@ fn check(router: &str) {
 
 #[test]
 fn expert_choice_gradients_match_finite_differences() {
-    check("expert_choice");
+    check("kind = \"expert_choice\"", false);
+}
+
+/// Sampling by an auxiliary router: its parameters are checked against its own loss (its
+/// inputs are detached, so the main loss does not reach them and its loss not the model).
+#[test]
+fn expert_choice_with_an_auxiliary_router_gradients_match_finite_differences() {
+    check("kind = \"expert_choice\"\nsampling = \"aux_router\"", true);
 }
 
 #[test]
 fn token_choice_gradients_match_finite_differences() {
-    check("token_choice");
+    check("kind = \"token_choice\"", false);
 }

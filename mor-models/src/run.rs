@@ -446,6 +446,11 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
             "data.doc_masking = true is not supported by the model's attention yet; set it to false",
         ));
     }
+    // Refuse a model that cannot fit before anything is written (the estimate counts
+    // parameters, gradients, AdamW moments and one micro-batch's activations).
+    if let Some(avail) = mor_core::accounting::available_memory() {
+        mor_core::accounting::check_fits(cfg, avail).map_err(Error::msg)?;
+    }
     let existed = out.exists();
     let lock = RunLock::acquire(out)?;
     let mut setup = Setup::default();
@@ -548,6 +553,10 @@ fn run_locked(
         Dataset::prepare(&insp.data_config, None)?
     };
     let it = ds.train_batches(settings.micro_batch_seqs, None)?;
+    let corpus = ds.corpus_stats();
+    if !opts.quiet {
+        eprintln!("{name}: {corpus}");
+    }
     if !resuming {
         setup.written.extend(SETUP_FILES);
         use crate::checkpoint::write_atomic;
@@ -636,6 +645,7 @@ fn run_locked(
         serde_json::json!(summary.final_loss),
     );
     extra.insert("threads".into(), serde_json::json!(cfg.threads));
+    extra.insert("corpus".into(), serde_json::json!(corpus));
     if let Some(c) = &ev.causal {
         extra.insert(
             "depth_fractions_causal".into(),

@@ -324,9 +324,8 @@ pub fn train(
             let ce = out.ce;
             let mut loss = (&ce / accum as f64)?;
             if let Some(rl) = &out.router.loss {
-                // L_bal and L_z are invariant to accumulation (spec §3.3); a router that
-                // mirrors the released expert BCE scaling multiplies that term by `accum`
-                // itself (`Router::set_grad_accum`).
+                // L_bal and L_z are invariant to accumulation (spec §3.3); the expert BCE
+                // factor of the released code is the router parameter `aux_bce_scale`.
                 loss = (loss + (rl / accum as f64)?)?;
             }
             if let Some(al) = &out.router.aux_router_loss {

@@ -273,3 +273,31 @@ fn ablate_never_reports_a_stale_run() {
     assert!(cfg_now.contains("seed = 8"), "{cfg_now}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn a_model_too_large_for_memory_is_refused_before_anything_is_written() {
+    let root = tmp("mem");
+    let cfg = root.join("huge.toml");
+    let text = CONFIG
+        .replace("hidden_size = 32", "hidden_size = 100000")
+        .replace("num_layers = 5", "num_layers = 200");
+    std::fs::write(&cfg, text).unwrap();
+    let out = root.join("run");
+    let o = train(&cfg, &out, &[]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "a 200-layer d=100000 model was accepted"
+    );
+    assert!(
+        err.contains("hidden_size 100000") && err.contains("num_layers 200"),
+        "{err}"
+    );
+    assert!(err.contains("available"), "{err}");
+    assert!(
+        !out.exists(),
+        "the refused command created {}",
+        out.display()
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use mor_models::progress::{format_duration, format_rate, AblationProgress, RunProgress};
 use mor_models::report::{
     csv_field, depth_by_difficulty, escape_xml, format_exact, format_sci, humanize_count,
-    log_ticks, markdown_table, nice_step, nice_ticks, tick_label, write_report, Curve, CurvePoint,
-    DepthByDifficulty, DepthTrace, ReportData, RunSummary, TraceToken, CSV_HEADERS, TABLE_HEADERS,
+    log_ticks, markdown_table, nice_step, nice_ticks, tick_label, write_report, write_report_data,
+    Curve, CurvePoint, DepthByDifficulty, DepthCorrelation, DepthTrace, DifficultyMeasure,
+    DifficultyStat, ReportData, RunSummary, TraceRule, TraceToken, CSV_HEADERS, TABLE_HEADERS,
 };
 use proptest::prelude::*;
 
@@ -63,7 +64,7 @@ fn runs() -> Vec<RunSummary> {
     };
     let mut extra = BTreeMap::new();
     extra.insert("seed".to_string(), serde_json::json!(42));
-    let expert = RunSummary {
+    let mut expert = RunSummary {
         router: "expert_choice".into(),
         kv_policy: "recursion_wise".into(),
         sharing: "middle_cycle".into(),
@@ -79,6 +80,7 @@ fn runs() -> Vec<RunSummary> {
         extra,
         ..run("mor_expert_nr3", "mor", 2.7511)
     };
+    expert.set_nll_stderrs(Some(0.0123), Some(0.00004));
     // A name with a comma and quotes exercises CSV quoting.
     let token = RunSummary {
         router: "token_choice".into(),
@@ -140,14 +142,17 @@ fn traces() -> Vec<DepthTrace> {
                 t(" & \"quoted\" 'x'", 3, Some(2)),
                 t("\n", 2, None),
             ],
+            ..Default::default()
         },
         DepthTrace {
             run: "mor \"token\", nr4".into(),
             tokens: vec![t("a", 4, Some(1)), t("b", 1, Some(0)), t("c", 2, Some(1))],
+            ..Default::default()
         },
         DepthTrace {
             run: "unlabelled".into(),
             tokens: vec![t("x", 1, None)],
+            ..Default::default()
         },
     ]
 }
@@ -440,8 +445,9 @@ fn markdown_table_has_the_right_values_in_the_right_columns() {
     assert_eq!(cell(1, "FLOPs"), "3.12e13");
     assert_eq!(cell(1, "tokens"), "1.6M");
     // Expert-choice MoR has the best NLL among finished runs: bold.
-    assert_eq!(cell(2, "NLL"), "**2.7511**");
-    assert_eq!(cell(2, "NLL (causal)"), "2.8123");
+    // With its standard error beside it (more decimals for a tiny one).
+    assert_eq!(cell(2, "NLL"), "**2.751 ± 0.012**");
+    assert_eq!(cell(2, "NLL (causal)"), "2.812340 ± 0.000040");
     assert_eq!(
         cell(2, "bits/byte"),
         format!("{:.4}", runs[2].bits_per_byte)
@@ -545,6 +551,8 @@ fn csv_parses_back_to_the_same_numbers() {
         assert_eq!(num(row, "train_flops"), Some(r.train_flops));
         assert!(same(num(row, "val_nll").unwrap(), r.val_nll), "{}", r.name);
         assert_eq!(num(row, "val_nll_causal"), r.val_nll_causal);
+        assert_eq!(num(row, "val_nll_stderr"), r.val_nll_stderr());
+        assert_eq!(num(row, "val_nll_causal_stderr"), r.val_nll_causal_stderr());
         assert!(
             same(num(row, "bits_per_byte").unwrap(), r.bits_per_byte),
             "{}",
@@ -910,6 +918,261 @@ fn nice_ticks_closed_forms() {
     assert_eq!(tick_label(0.005, 0.005), "0.005");
 }
 
+#[test]
+fn csv_has_the_standard_errors_next_to_their_nll() {
+    let i = CSV_HEADERS.iter().position(|h| *h == "val_nll").unwrap();
+    assert_eq!(CSV_HEADERS[i + 1], "val_nll_stderr");
+    let j = CSV_HEADERS
+        .iter()
+        .position(|h| *h == "val_nll_causal")
+        .unwrap();
+    assert_eq!(CSV_HEADERS[j + 1], "val_nll_causal_stderr");
+    let csv = mor_models::report::csv_table(&runs());
+    let rows = parse_csv(&csv);
+    // The expert run has both; the vanilla run has none (empty fields).
+    assert_eq!(rows[3][i + 1], "0.0123");
+    assert_eq!(rows[3][j + 1], "4e-5");
+    assert_eq!(rows[1][i + 1], "");
+}
+
+fn by_nll(run: &str, depths: [f64; 5], pearson: Option<f64>) -> DepthByDifficulty {
+    DepthByDifficulty {
+        run: run.into(),
+        by_label: depths
+            .iter()
+            .enumerate()
+            .map(|(q, &d)| DifficultyStat {
+                difficulty: q as u8,
+                count: 20,
+                mean_depth: d,
+            })
+            .collect(),
+        unlabelled: 0,
+        measure: DifficultyMeasure::ReferenceNll {
+            reference: "vanilla".into(),
+            rule: TraceRule::FullSequence,
+            edges: vec![0.01, 1.5, 2.25, 3.0, 4.5, 11.0],
+        },
+        correlations: vec![
+            DepthCorrelation {
+                rule: TraceRule::FullSequence,
+                tokens: 100,
+                pearson,
+                spearman: Some(0.25),
+            },
+            DepthCorrelation {
+                rule: TraceRule::Causal,
+                tokens: 100,
+                pearson: Some(-0.125),
+                spearman: None,
+            },
+        ],
+    }
+}
+
+#[test]
+fn depth_by_reference_nll_is_tabled_and_plotted_without_labels() {
+    let dir = out_dir("by-nll");
+    let data = ReportData {
+        runs: runs(),
+        curves: Vec::new(),
+        traces: Vec::new(),
+        depth_by_difficulty: vec![
+            by_nll("mor_expert_nr3", [1.25, 1.5, 2.0, 2.5, 2.75], Some(0.5)),
+            by_nll("mor \"token\", nr4", [2.0, 2.0, 2.0, 2.0, 2.0], None),
+        ],
+    };
+    let files = write_report_data(&dir, &data).unwrap();
+    let md = std::fs::read_to_string(&files.results_md).unwrap();
+    let header = md
+        .lines()
+        .find(|l| l.starts_with("| run | reference |"))
+        .expect("quintile table");
+    assert_eq!(
+        md_cells(header),
+        [
+            "run",
+            "reference",
+            "depths",
+            "Q1",
+            "Q2",
+            "Q3",
+            "Q4",
+            "Q5",
+            "r (full seq.)",
+            "ρ (full seq.)",
+            "r (causal)",
+            "ρ (causal)"
+        ]
+    );
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| mor_expert_nr3 | vanilla |"))
+        .expect("quintile row");
+    assert_eq!(
+        md_cells(row),
+        [
+            "mor_expert_nr3",
+            "vanilla",
+            "full seq.",
+            "1.25 (n=20)",
+            "1.50 (n=20)",
+            "2.00 (n=20)",
+            "2.50 (n=20)",
+            "2.75 (n=20)",
+            "+0.500",
+            "+0.250",
+            "-0.125",
+            "–"
+        ]
+    );
+    // A constant depth has no Pearson correlation.
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| mor \"token\", nr4 | vanilla |"))
+        .unwrap();
+    assert_eq!(md_cells(row)[8], "–");
+    assert!(md.contains(
+        "NLL bounds of the quintiles under vanilla (nats): Q1 0.01–1.50, Q2 1.50–2.25, \
+         Q3 2.25–3.00, Q4 3.00–4.50, Q5 4.50–11.00."
+    ));
+    assert!(!md.contains("No depth trace carries difficulty labels"));
+    // The plot draws the quintiles: one line per run, five points each, ticks Q1..Q5.
+    let svg = std::fs::read_to_string(&files.depth_vs_difficulty_svg).unwrap();
+    let els = check_xml(&svg).unwrap();
+    assert_eq!(with_class(&els, "curve").len(), 2);
+    assert_eq!(with_class(&els, "point").len(), 10);
+    assert!(!svg.contains("class=\"no-data\""));
+    for q in 1..=5 {
+        assert!(svg.contains(&format!(">Q{q}<")), "no tick Q{q}");
+    }
+    assert!(svg.contains("NLL under vanilla"));
+
+    // With labelled entries too, the plot keeps the labels and the report has both tables.
+    let mut both = data.clone();
+    both.depth_by_difficulty
+        .extend(mor_models::report::depth_by_difficulty(&traces()));
+    write_report_data(&dir, &both).unwrap();
+    let md = std::fs::read_to_string(&files.results_md).unwrap();
+    assert!(md.contains("| run | difficulty 0 |") && md.contains("| run | reference |"));
+    let svg = std::fs::read_to_string(&files.depth_vs_difficulty_svg).unwrap();
+    let els = check_xml(&svg).unwrap();
+    assert_eq!(with_class(&els, "point").len(), 3 + 2);
+    assert!(!svg.contains(">Q1<"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A trace of `depths` (token text = its position) under `rule` for validation row `seq`.
+fn sample(run: &str, seq: usize, rule: TraceRule, depths: &[u8]) -> DepthTrace {
+    DepthTrace {
+        run: run.into(),
+        tokens: depths
+            .iter()
+            .enumerate()
+            .map(|(i, &depth)| TraceToken {
+                text: format!("t{i} "),
+                depth,
+                difficulty: None,
+            })
+            .collect(),
+        rule,
+        sequence: Some(seq),
+    }
+}
+
+#[test]
+fn html_shows_every_sample_sequence_and_both_rules_when_they_differ() {
+    let traces = vec![
+        sample("mor", 0, TraceRule::Both, &[1, 2, 3, 1]),
+        sample("mor", 5, TraceRule::FullSequence, &[3, 2, 1, 1]),
+        sample("mor", 5, TraceRule::Causal, &[1, 2, 2, 1]),
+        sample("mor", 10, TraceRule::Both, &[2, 2, 2, 2]),
+        sample("mor", 15, TraceRule::Both, &[1, 1, 1, 3]),
+        sample("other", 0, TraceRule::Causal, &[1, 3]),
+    ];
+    let dir = out_dir("html-samples");
+    let files = write_report(&dir, &[], &[], &traces).unwrap();
+    let html = std::fs::read_to_string(&files.depth_tokens_html).unwrap();
+    let els = check_xml(&html).unwrap();
+    // Two runs; four sample sequences of `mor` and one of `other`.
+    assert_eq!(with_class(&els, "trace").len(), 2);
+    let samples: Vec<String> = with_class(&els, "sample")
+        .iter()
+        .map(|e| e.attrs["data-sequence"].clone())
+        .collect();
+    assert_eq!(samples, ["0", "5", "10", "15", "0"]);
+    // One text block per trace, each naming its rule.
+    let rules: Vec<String> = with_class(&els, "text")
+        .iter()
+        .map(|e| e.attrs["data-rule"].clone())
+        .collect();
+    assert_eq!(
+        rules,
+        ["both", "full_sequence", "causal", "both", "both", "causal"]
+    );
+    assert_eq!(with_class(&els, "tok").len(), 4 * 5 + 2);
+    // Sequence 5 differs at tokens 0 and 2, marked in both renderings with the other depth.
+    let differs: Vec<String> = els
+        .iter()
+        .filter(|e| {
+            e.attrs
+                .get("class")
+                .is_some_and(|c| c.ends_with(" differs"))
+        })
+        .map(|e| format!("{} | {}", e.attrs["class"], unescape(&e.attrs["title"])))
+        .collect();
+    assert_eq!(
+        differs,
+        [
+            "tok d3 differs | depth 3 (causal rule: 1)",
+            "tok d1 differs | depth 1 (causal rule: 2)",
+            "tok d1 differs | depth 1 (full-sequence rule: 3)",
+            "tok d2 differs | depth 2 (full-sequence rule: 1)",
+        ]
+    );
+    assert!(html.contains("full-sequence rule: 4 tokens, mean depth 1.75; 2 of 4 tokens get another depth under the causal rule"));
+    assert!(html.contains("full-sequence and causal rules (identical depths): 4 tokens"));
+    assert!(html.contains("<h3>validation sequence 15</h3>"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn depth_by_difficulty_merges_a_runs_samples_under_one_rule() {
+    let lab = |mut t: DepthTrace, labels: &[u8]| {
+        for (k, &l) in t.tokens.iter_mut().zip(labels) {
+            k.difficulty = Some(l);
+        }
+        t
+    };
+    let traces = vec![
+        lab(sample("mor", 0, TraceRule::FullSequence, &[3, 1]), &[1, 0]),
+        lab(sample("mor", 0, TraceRule::Causal, &[2, 2]), &[1, 0]),
+        lab(sample("mor", 4, TraceRule::Both, &[1, 2]), &[1, 0]),
+        lab(
+            sample("causal_only", 0, TraceRule::Causal, &[2, 3]),
+            &[0, 0],
+        ),
+        lab(sample("causal_only", 1, TraceRule::Causal, &[1]), &[0]),
+    ];
+    let d = depth_by_difficulty(&traces);
+    assert_eq!(d.len(), 2);
+    // Full-sequence depths of both samples: label 0 → (1 + 2) / 2, label 1 → (3 + 1) / 2.
+    assert_eq!(d[0].run, "mor");
+    let got: Vec<(u8, u64, f64)> = d[0]
+        .by_label
+        .iter()
+        .map(|s| (s.difficulty, s.count, s.mean_depth))
+        .collect();
+    assert_eq!(got, [(0, 2, 1.5), (1, 2, 2.0)]);
+    // Only causal traces: all of them, label 0 → (2 + 3 + 1) / 3.
+    assert_eq!(d[1].run, "causal_only");
+    assert_eq!(d[1].by_label.len(), 1);
+    assert_eq!(
+        (d[1].by_label[0].count, d[1].by_label[0].mean_depth),
+        (3, 2.0)
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -937,6 +1200,7 @@ proptest! {
         let trace = DepthTrace {
             run: "r".into(),
             tokens: tokens.iter().map(|&(depth, difficulty)| TraceToken { text: "t".into(), depth, difficulty }).collect(),
+            ..Default::default()
         };
         let got = DepthByDifficulty::from_trace(&trace);
         let mut expect = Vec::new();

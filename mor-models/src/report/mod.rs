@@ -32,6 +32,7 @@
 
 mod format;
 mod html;
+mod scores;
 mod svg;
 mod table;
 mod ticks;
@@ -46,12 +47,17 @@ pub use format::{
     csv_field, escape_xml, format_exact, format_fixed, format_percent, format_sci, humanize_count,
     markdown_cell, or_missing, MISSING,
 };
+pub use scores::{
+    average_ranks, depth_by_reference_nll, pearson, quintiles, spearman, targets_hash, RuleScores,
+    TokenScores, QUINTILES,
+};
 pub use svg::PALETTE;
-pub use table::{csv_table, markdown_table, CSV_HEADERS, TABLE_HEADERS};
+pub use table::{csv_table, format_nll, markdown_table, CSV_HEADERS, TABLE_HEADERS};
 pub use ticks::{log_ticks, nice_step, nice_ticks, tick_label, NiceTicks};
 pub use types::{
-    depth_by_difficulty, Curve, CurvePoint, DepthByDifficulty, DepthTrace, DifficultyStat,
-    ReportData, RunSummary, TraceToken,
+    depth_by_difficulty, Curve, CurvePoint, DepthByDifficulty, DepthCorrelation, DepthTrace,
+    DifficultyMeasure, DifficultyStat, ReportData, RunSummary, TraceRule, TraceToken,
+    NLL_CAUSAL_STDERR_KEY, NLL_STDERR_KEY, VAL_TOKENS_SCORED_KEY, VAL_TOKENS_SPLIT_KEY,
 };
 
 /// File names inside the report folder.
@@ -213,10 +219,39 @@ pub fn results_markdown(data: &ReportData) -> String {
          per token with full-sequence routing; \"NLL (causal)\" uses the causal inference rule. \
          params counts non-embedding parameters; FLOPs and tokens are for training; acc, \
          acc_norm, dead% and samp.acc are percentages. The best NLL of the finished runs is in \
-         bold; `{MISSING}` marks a value that was not measured.\n",
+         bold; `{MISSING}` marks a value that was not measured. `a ± s` is an NLL with its \
+         standard error over validation sequences (the standard deviation of the \
+         per-sequence mean NLLs over the square root of their number); two NLLs closer than \
+         about 2·sqrt(s₁² + s₂²) are not distinguishable from noise (conservative: the runs \
+         are scored on the same tokens).\n",
         runs.len(),
         runs.len() - done
     );
+    let coverage: Vec<(u64, u64)> = runs
+        .iter()
+        .filter_map(|r| {
+            let get = |k: &str| r.extra.get(k).and_then(|v| v.as_u64());
+            Some((get(VAL_TOKENS_SCORED_KEY)?, get(VAL_TOKENS_SPLIT_KEY)?))
+        })
+        .collect();
+    if let Some(&(scored, split)) = coverage.first() {
+        if coverage.iter().all(|&c| c == (scored, split)) {
+            let whole = if scored == split {
+                " (the whole split)"
+            } else {
+                " (cut by eval.max_tokens or eval.max_batches)"
+            };
+            let _ = writeln!(
+                out,
+                "Every NLL is over {scored} of the {split} predicted validation tokens{whole}.\n"
+            );
+        } else {
+            out.push_str(
+                "The runs were scored on different numbers of validation tokens (see \
+                 `val_tokens_scored` in results.json).\n\n",
+            );
+        }
+    }
     out.push_str(&markdown_table(runs));
 
     let failed: Vec<&RunSummary> = runs.iter().filter(|r| !r.is_done()).collect();
@@ -267,17 +302,21 @@ pub fn results_markdown(data: &ReportData) -> String {
     }
 
     out.push_str("\n## Depth vs difficulty\n\n");
-    if data.depth_by_difficulty.is_empty() {
-        out.push_str("No depth trace carries difficulty labels.\n");
-    } else {
+    let (labelled, by_nll) = split_by_measure(&data.depth_by_difficulty);
+    if labelled.is_empty() && by_nll.is_empty() {
+        out.push_str(
+            "No depth trace carries difficulty labels, and no reference run's per-token NLL \
+             was available.\n",
+        );
+    }
+    if !labelled.is_empty() {
         out.push_str(
             "Mean recursion depth of the tokens with each difficulty label (higher is \
              harder), with the token count: over the whole validation split with \
              full-sequence routing for evaluated runs, otherwise over the sample trace. The \
              paper finds that tokens which are harder to predict receive more recursions.\n\n",
         );
-        let mut labels: Vec<u8> = data
-            .depth_by_difficulty
+        let mut labels: Vec<u8> = labelled
             .iter()
             .flat_map(|d| d.by_label.iter().map(|s| s.difficulty))
             .collect();
@@ -290,7 +329,7 @@ pub fn results_markdown(data: &ReportData) -> String {
         out.push_str("\n|---|");
         out.push_str(&"---:|".repeat(labels.len()));
         out.push('\n');
-        for d in &data.depth_by_difficulty {
+        for d in &labelled {
             let _ = write!(out, "| {} |", markdown_cell(&d.run));
             for &l in &labels {
                 let cell = d
@@ -303,6 +342,12 @@ pub fn results_markdown(data: &ReportData) -> String {
             }
             out.push('\n');
         }
+    }
+    if !by_nll.is_empty() {
+        if !labelled.is_empty() {
+            out.push('\n');
+        }
+        depth_by_nll_markdown(&mut out, &by_nll);
     }
 
     out.push_str("\n## Plots\n\n");
@@ -319,4 +364,106 @@ pub fn results_markdown(data: &ReportData) -> String {
         "Tokens coloured by depth: [{DEPTH_TOKENS_HTML}]({DEPTH_TOKENS_HTML})"
     );
     out
+}
+
+/// Entries by measure: the corpus's labels, and quintiles of a reference run's NLL.
+pub(crate) fn split_by_measure(
+    stats: &[DepthByDifficulty],
+) -> (Vec<&DepthByDifficulty>, Vec<&DepthByDifficulty>) {
+    stats
+        .iter()
+        .partition(|d| matches!(d.measure, DifficultyMeasure::Labels))
+}
+
+/// The quintile table: mean depth per quintile of the reference NLL, and the correlations.
+fn depth_by_nll_markdown(out: &mut String, entries: &[&DepthByDifficulty]) {
+    let _ = writeln!(
+        out,
+        "Difficulty as the token's NLL under the reference run on the same validation tokens, \
+         in {QUINTILES} quintiles by rank (Q1 easiest, Q{QUINTILES} hardest): mean recursion \
+         depth of the tokens in each quintile, and the correlation over tokens between depth \
+         and that NLL (Pearson r; Spearman ρ with tied depths at their mean rank) for each \
+         routing rule. A positive correlation means harder tokens receive more recursions, \
+         as the paper finds.\n"
+    );
+    let rules: Vec<TraceRule> = [TraceRule::FullSequence, TraceRule::Causal]
+        .into_iter()
+        .filter(|r| {
+            entries
+                .iter()
+                .any(|d| d.correlations.iter().any(|c| c.rule == *r))
+        })
+        .collect();
+    let short = |r: TraceRule| match r {
+        TraceRule::FullSequence => "full seq.",
+        TraceRule::Causal => "causal",
+        TraceRule::Both => "both",
+    };
+    out.push_str("| run | reference | depths |");
+    for q in 1..=QUINTILES {
+        let _ = write!(out, " Q{q} |");
+    }
+    for &r in &rules {
+        let _ = write!(out, " r ({0}) | ρ ({0}) |", short(r));
+    }
+    out.push_str("\n|---|---|---|");
+    out.push_str(&"---:|".repeat(QUINTILES + 2 * rules.len()));
+    out.push('\n');
+    let corr = |x: Option<f64>| x.map_or_else(|| MISSING.to_string(), |v| format!("{v:+.3}"));
+    for d in entries {
+        let (reference, rule) = match &d.measure {
+            DifficultyMeasure::ReferenceNll {
+                reference, rule, ..
+            } => (reference.as_str(), *rule),
+            DifficultyMeasure::Labels => ("", TraceRule::Both),
+        };
+        let _ = write!(
+            out,
+            "| {} | {} | {} |",
+            markdown_cell(&d.run),
+            markdown_cell(reference),
+            short(rule)
+        );
+        for q in 0..QUINTILES {
+            let cell = d
+                .by_label
+                .iter()
+                .find(|s| usize::from(s.difficulty) == q)
+                .map(|s| format!("{:.2} (n={})", s.mean_depth, s.count))
+                .unwrap_or_else(|| MISSING.to_string());
+            let _ = write!(out, " {cell} |");
+        }
+        for &r in &rules {
+            let c = d.correlations.iter().find(|c| c.rule == r);
+            let _ = write!(
+                out,
+                " {} | {} |",
+                corr(c.and_then(|c| c.pearson)),
+                corr(c.and_then(|c| c.spearman))
+            );
+        }
+        out.push('\n');
+    }
+    // The quintile bounds, once per reference run.
+    let mut seen: Vec<&str> = Vec::new();
+    for d in entries {
+        if let DifficultyMeasure::ReferenceNll {
+            reference, edges, ..
+        } = &d.measure
+        {
+            if seen.contains(&reference.as_str()) || edges.len() != QUINTILES + 1 {
+                continue;
+            }
+            seen.push(reference);
+            let parts: Vec<String> = (0..QUINTILES)
+                .map(|q| format!("Q{} {:.2}–{:.2}", q + 1, edges[q], edges[q + 1]))
+                .collect();
+            let _ = writeln!(
+                out,
+                "\nNLL bounds of the quintiles under {} (nats): {}.",
+                markdown_cell(reference),
+                parts.join(", ")
+            );
+        }
+    }
 }

@@ -705,7 +705,28 @@ pub(crate) fn depth_histogram_svg(runs: &[RunSummary], colours: &RunColours) -> 
 
 /// `depth_vs_difficulty.svg`: mean recursion depth per difficulty label, one polyline with
 /// markers per run.
+/// Mean depth per difficulty group: the corpus's labels where any run has them, otherwise
+/// the quintiles of a reference run's NLL (labelled `Q1`..`Q5`).
 pub(crate) fn depth_vs_difficulty_svg(stats: &[DepthByDifficulty], colours: &RunColours) -> String {
+    let (labelled, by_nll) = super::split_by_measure(stats);
+    let (stats, x_title, tick): (Vec<&DepthByDifficulty>, String, fn(u8) -> String) =
+        if labelled.is_empty() && !by_nll.is_empty() {
+            let reference = match &by_nll[0].measure {
+                super::DifficultyMeasure::ReferenceNll { reference, .. } => reference.clone(),
+                super::DifficultyMeasure::Labels => String::new(),
+            };
+            (
+                by_nll,
+                format!("quintile of the token's NLL under {reference} (Q5 hardest)"),
+                |l| format!("Q{}", u32::from(l) + 1),
+            )
+        } else {
+            (
+                labelled,
+                "difficulty label (higher is harder)".to_string(),
+                |l| l.to_string(),
+            )
+        };
     let legend: Vec<(String, Swatch)> = stats
         .iter()
         .map(|s| {
@@ -736,8 +757,8 @@ pub(crate) fn depth_vs_difficulty_svg(stats: &[DepthByDifficulty], colours: &Run
     );
     plot.y_axis(&y);
     if labels.is_empty() {
-        plot.x_title("difficulty label (higher is harder)");
-        plot.no_data("no trace with difficulty labels");
+        plot.x_title(&x_title);
+        plot.no_data("no difficulty labels and no reference NLL");
         plot.axis_lines();
         return plot.finish();
     }
@@ -747,9 +768,9 @@ pub(crate) fn depth_vs_difficulty_svg(stats: &[DepthByDifficulty], colours: &Run
         LEFT + (i as f64 + 0.5) * band
     };
     for &l in &labels {
-        plot.x_tick(cx(l), &l.to_string());
+        plot.x_tick(cx(l), &tick(l));
     }
-    plot.x_title("difficulty label (higher is harder)");
+    plot.x_title(&x_title);
     for s in stats {
         let colour = colours.colour(&s.run);
         let pts: Vec<String> = s
@@ -772,7 +793,7 @@ pub(crate) fn depth_vs_difficulty_svg(stats: &[DepthByDifficulty], colours: &Run
                 cx(l.difficulty),
                 plot.py(&y, l.mean_depth),
                 escape_xml(&s.run),
-                l.difficulty,
+                tick(l.difficulty),
                 l.mean_depth,
                 l.count
             );

@@ -9,13 +9,45 @@ use super::format::{
 };
 use super::types::RunSummary;
 
-/// One column: its Markdown header, its CSV header and how to render a run in each.
+/// One column: its Markdown header, its CSV header and how to render a run in each; a
+/// column with a standard error (`se`) has it beside the value in Markdown and in a CSV
+/// column of its own right after the value's.
 struct Column {
     header: &'static str,
     csv: &'static str,
     numeric: bool,
     human: fn(&RunSummary) -> String,
     exact: fn(&RunSummary) -> String,
+    se: Option<(&'static str, fn(&RunSummary) -> Option<f64>)>,
+}
+
+/// An NLL with its standard error, `4.123 ± 0.012`: three decimals, more (up to six) when
+/// the standard error is below 0.005, so that it keeps two significant digits; four
+/// decimals and no `±` without a standard error; `NaN` for a non-finite NLL.
+///
+/// # Examples
+///
+/// ```
+/// use mor_models::report::format_nll;
+/// assert_eq!(format_nll(4.12345, Some(0.0123)), "4.123 ± 0.012");
+/// assert_eq!(format_nll(4.12345, Some(0.00004)), "4.123450 ± 0.000040");
+/// assert_eq!(format_nll(4.12345, None), "4.1235");
+/// ```
+pub fn format_nll(nll: f64, se: Option<f64>) -> String {
+    match se.filter(|s| s.is_finite() && *s >= 0.0) {
+        Some(se) if nll.is_finite() => {
+            let mut decimals = 3usize;
+            while decimals < 6 && se > 0.0 && se < 0.5 * 10f64.powi(-(decimals as i32) + 1) {
+                decimals += 1;
+            }
+            format!(
+                "{} ± {}",
+                format_fixed(nll, decimals),
+                format_fixed(se, decimals)
+            )
+        }
+        _ => format_fixed(nll, 4),
+    }
 }
 
 fn text_or_missing(s: &str) -> String {
@@ -46,6 +78,7 @@ const COLUMNS: [Column; 20] = [
         numeric: false,
         human: |r| text_or_missing(&r.name),
         exact: |r| r.name.clone(),
+        se: None,
     },
     Column {
         header: "model",
@@ -53,6 +86,7 @@ const COLUMNS: [Column; 20] = [
         numeric: false,
         human: |r| text_or_missing(&r.model),
         exact: |r| r.model.clone(),
+        se: None,
     },
     Column {
         header: "router",
@@ -60,6 +94,7 @@ const COLUMNS: [Column; 20] = [
         numeric: false,
         human: |r| text_or_missing(&r.router),
         exact: |r| r.router.clone(),
+        se: None,
     },
     Column {
         header: "KV policy",
@@ -67,6 +102,7 @@ const COLUMNS: [Column; 20] = [
         numeric: false,
         human: |r| text_or_missing(&r.kv_policy),
         exact: |r| r.kv_policy.clone(),
+        se: None,
     },
     Column {
         header: "sharing",
@@ -74,6 +110,7 @@ const COLUMNS: [Column; 20] = [
         numeric: false,
         human: |r| text_or_missing(&r.sharing),
         exact: |r| r.sharing.clone(),
+        se: None,
     },
     Column {
         header: "N_r",
@@ -81,6 +118,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| r.num_recursions.to_string(),
         exact: |r| r.num_recursions.to_string(),
+        se: None,
     },
     Column {
         header: "params",
@@ -88,6 +126,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| humanize_count(r.params_non_embedding),
         exact: |r| r.params_non_embedding.to_string(),
+        se: None,
     },
     Column {
         header: "FLOPs",
@@ -95,6 +134,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| format_sci(r.train_flops),
         exact: |r| format_exact(r.train_flops),
+        se: None,
     },
     Column {
         header: "tokens",
@@ -102,20 +142,27 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| humanize_count(r.train_tokens),
         exact: |r| r.train_tokens.to_string(),
+        se: None,
     },
     Column {
         header: "NLL",
         csv: "val_nll",
         numeric: true,
-        human: |r| format_fixed(r.val_nll, 4),
+        human: |r| format_nll(r.val_nll, r.val_nll_stderr()),
         exact: |r| format_exact(r.val_nll),
+        se: Some(("val_nll_stderr", RunSummary::val_nll_stderr)),
     },
     Column {
         header: "NLL (causal)",
         csv: "val_nll_causal",
         numeric: true,
-        human: |r| or_missing(r.val_nll_causal, |x| format_fixed(x, 4)),
+        human: |r| {
+            or_missing(r.val_nll_causal, |x| {
+                format_nll(x, r.val_nll_causal_stderr())
+            })
+        },
         exact: |r| opt_exact(r.val_nll_causal),
+        se: Some(("val_nll_causal_stderr", RunSummary::val_nll_causal_stderr)),
     },
     Column {
         header: "bits/byte",
@@ -123,6 +170,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| format_fixed(r.bits_per_byte, 4),
         exact: |r| format_exact(r.bits_per_byte),
+        se: None,
     },
     Column {
         header: "acc",
@@ -130,6 +178,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| or_missing(r.accuracy, format_percent),
         exact: |r| opt_exact(r.accuracy),
+        se: None,
     },
     Column {
         header: "acc_norm",
@@ -137,6 +186,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| or_missing(r.acc_norm, format_percent),
         exact: |r| opt_exact(r.acc_norm),
+        se: None,
     },
     Column {
         header: "dead%",
@@ -144,6 +194,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| or_missing(r.dead_token_ratio, format_percent),
         exact: |r| opt_exact(r.dead_token_ratio),
+        se: None,
     },
     Column {
         header: "samp.acc",
@@ -151,6 +202,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| or_missing(r.sampling_acc, format_percent),
         exact: |r| opt_exact(r.sampling_acc),
+        se: None,
     },
     Column {
         header: "MaxVio",
@@ -158,6 +210,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| or_missing(r.maxvio, |x| format_fixed(x, 3)),
         exact: |r| opt_exact(r.maxvio),
+        se: None,
     },
     Column {
         header: "entropy",
@@ -165,6 +218,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| or_missing(r.entropy, |x| format_fixed(x, 3)),
         exact: |r| opt_exact(r.entropy),
+        se: None,
     },
     Column {
         header: "tokens/s",
@@ -172,6 +226,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| format_magnitude(r.train_tokens_per_sec),
         exact: |r| format_exact(r.train_tokens_per_sec),
+        se: None,
     },
     Column {
         header: "wall (s)",
@@ -179,6 +234,7 @@ const COLUMNS: [Column; 20] = [
         numeric: true,
         human: |r| format_magnitude(r.wall_secs),
         exact: |r| format_exact(r.wall_secs),
+        se: None,
     },
 ];
 
@@ -196,15 +252,22 @@ pub const TABLE_HEADERS: [&str; 20] = {
     out
 };
 
-/// Headers of `results.csv`: the table's columns under machine-readable names, then `status`.
-pub const CSV_HEADERS: [&str; 21] = {
-    let mut out = [""; 21];
-    let mut i = 0;
+/// Headers of `results.csv`: the table's columns under machine-readable names (each
+/// standard error in a column of its own right after its value, `val_nll_stderr` and
+/// `val_nll_causal_stderr`), then `status`.
+pub const CSV_HEADERS: [&str; 23] = {
+    let mut out = [""; 23];
+    let (mut i, mut k) = (0, 0);
     while i < COLUMNS.len() {
-        out[i] = COLUMNS[i].csv;
+        out[k] = COLUMNS[i].csv;
+        k += 1;
+        if let Some((h, _)) = COLUMNS[i].se {
+            out[k] = h;
+            k += 1;
+        }
         i += 1;
     }
-    out[20] = "status";
+    out[k] = "status";
     out
 };
 
@@ -263,7 +326,13 @@ pub fn csv_table(runs: &[RunSummary]) -> String {
     out.push_str(&header.join(","));
     out.push_str("\r\n");
     for run in runs {
-        let mut cells: Vec<String> = COLUMNS.iter().map(|c| csv_field(&(c.exact)(run))).collect();
+        let mut cells: Vec<String> = Vec::with_capacity(CSV_HEADERS.len());
+        for c in &COLUMNS {
+            cells.push(csv_field(&(c.exact)(run)));
+            if let Some((_, se)) = c.se {
+                cells.push(se(run).map(format_exact).unwrap_or_default());
+            }
+        }
         cells.push(csv_field(&run.status));
         out.push_str(&cells.join(","));
         out.push_str("\r\n");

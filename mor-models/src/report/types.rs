@@ -88,10 +88,59 @@ pub struct RunSummary {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+/// Key in [`RunSummary::extra`] of the standard error of [`RunSummary::val_nll`].
+pub const NLL_STDERR_KEY: &str = "val_nll_stderr";
+/// Key in [`RunSummary::extra`] of the standard error of [`RunSummary::val_nll_causal`].
+pub const NLL_CAUSAL_STDERR_KEY: &str = "val_nll_causal_stderr";
+/// Key in [`RunSummary::extra`] of the number of predicted validation tokens scored.
+pub const VAL_TOKENS_SCORED_KEY: &str = "val_tokens_scored";
+/// Key in [`RunSummary::extra`] of the number of predicted tokens of the validation split.
+pub const VAL_TOKENS_SPLIT_KEY: &str = "val_tokens_split";
+
 impl RunSummary {
     /// Whether the run finished (its status is `"done"`).
     pub fn is_done(&self) -> bool {
         self.status == "done"
+    }
+
+    /// Standard error of [`Self::val_nll`] (over per-sequence means, see
+    /// [`crate::eval::NllReport::nll_stderr`]), kept in [`Self::extra`] under
+    /// [`NLL_STDERR_KEY`]; `None` when it was not measured.
+    pub fn val_nll_stderr(&self) -> Option<f64> {
+        self.extra.get(NLL_STDERR_KEY).and_then(|v| v.as_f64())
+    }
+
+    /// Standard error of [`Self::val_nll_causal`], kept in [`Self::extra`] under
+    /// [`NLL_CAUSAL_STDERR_KEY`].
+    pub fn val_nll_causal_stderr(&self) -> Option<f64> {
+        self.extra
+            .get(NLL_CAUSAL_STDERR_KEY)
+            .and_then(|v| v.as_f64())
+    }
+
+    /// Records the standard errors of both NLLs in [`Self::extra`] (a `None` or non-finite
+    /// value removes the entry).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use mor_models::report::RunSummary;
+    /// # fn row() -> RunSummary { serde_json::from_str(r#"{"name":"r","model":"mor","router":"-","kv_policy":"-","sharing":"-","num_recursions":1,"params_non_embedding":0,"params_embedding":0,"flops_per_token":0,"train_flops":0,"train_tokens":0,"steps":0,"val_nll":4.0,"bits_per_byte":1.0,"train_tokens_per_sec":0,"wall_secs":0,"status":"done"}"#).unwrap() }
+    /// let mut r = row();
+    /// r.set_nll_stderrs(Some(0.012), None);
+    /// assert_eq!((r.val_nll_stderr(), r.val_nll_causal_stderr()), (Some(0.012), None));
+    /// ```
+    pub fn set_nll_stderrs(&mut self, full: Option<f64>, causal: Option<f64>) {
+        for (key, value) in [(NLL_STDERR_KEY, full), (NLL_CAUSAL_STDERR_KEY, causal)] {
+            match value.filter(|x| x.is_finite()) {
+                Some(x) => {
+                    self.extra.insert(key.to_string(), serde_json::json!(x));
+                }
+                None => {
+                    self.extra.remove(key);
+                }
+            }
+        }
     }
 }
 
@@ -135,15 +184,47 @@ pub struct TraceToken {
     pub difficulty: Option<u8>,
 }
 
+/// The routing rule a depth trace was recorded with (spec §6, §8 item 5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceRule {
+    /// The training-time top-k over the whole sequence (not causal).
+    FullSequence,
+    /// The rule decoding uses (a token's depth depends only on earlier tokens). Traces written
+    /// without a rule were recorded with it.
+    #[default]
+    Causal,
+    /// Both rules gave every token of the sample the same depth.
+    Both,
+}
+
+impl TraceRule {
+    /// How the report names the rule.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TraceRule::FullSequence => "full-sequence rule",
+            TraceRule::Causal => "causal rule",
+            TraceRule::Both => "full-sequence and causal rules (identical depths)",
+        }
+    }
+}
+
 /// Per-token recursion depths of one run on a sample text (spec §7, Figure 1 right).
 ///
-/// The depth shown at position `t` is the compute spent to predict token `t + 1`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The depth shown at position `t` is the compute spent to predict token `t + 1`. A run may
+/// have several traces: one per sample sequence and routing rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DepthTrace {
     /// Name of the run (matches [`RunSummary::name`]).
     pub run: String,
     /// The sample's tokens in order.
     pub tokens: Vec<TraceToken>,
+    /// The routing rule the depths come from.
+    #[serde(default)]
+    pub rule: TraceRule,
+    /// Index of the validation sequence (row) the sample is, when it is one.
+    #[serde(default)]
+    pub sequence: Option<usize>,
 }
 
 /// Mean depth of the tokens that carry one difficulty label.
@@ -157,6 +238,43 @@ pub struct DifficultyStat {
     pub mean_depth: f64,
 }
 
+/// What the difficulty of a token is measured by.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DifficultyMeasure {
+    /// The corpus's own difficulty labels (the built-in corpus).
+    #[default]
+    Labels,
+    /// The token's NLL under a reference run (the ablation's vanilla model) on the same
+    /// validation tokens, in quintiles: label `q` (0..=4) holds the tokens whose rank of that
+    /// NLL is in the `q`-th fifth (0 easiest, 4 hardest).
+    ReferenceNll {
+        /// Name of the reference run.
+        reference: String,
+        /// The routing rule of the depths averaged per quintile.
+        rule: TraceRule,
+        /// Quintile bounds of the reference NLL (nats): quintile `q` spans
+        /// `edges[q]..=edges[q + 1]` (six values, the first the minimum, the last the
+        /// maximum).
+        edges: Vec<f64>,
+    },
+}
+
+/// Correlation over tokens between recursion depth and the reference NLL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DepthCorrelation {
+    /// The routing rule of the depths.
+    pub rule: TraceRule,
+    /// Tokens correlated.
+    pub tokens: u64,
+    /// Pearson correlation (`None` when depth or NLL is constant).
+    #[serde(default, with = "opt_float")]
+    pub pearson: Option<f64>,
+    /// Spearman rank correlation, ties at their average rank (`None` when constant).
+    #[serde(default, with = "opt_float")]
+    pub spearman: Option<f64>,
+}
+
 /// Mean recursion depth per difficulty label for one run (spec §7: depth follows next-token
 /// predictability).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +285,13 @@ pub struct DepthByDifficulty {
     pub by_label: Vec<DifficultyStat>,
     /// Tokens of the trace without a difficulty label.
     pub unlabelled: u64,
+    /// What the labels are: the corpus's labels or quintiles of a reference run's NLL.
+    #[serde(default)]
+    pub measure: DifficultyMeasure,
+    /// Correlations between depth and the reference NLL, one per routing rule (only with
+    /// [`DifficultyMeasure::ReferenceNll`]).
+    #[serde(default)]
+    pub correlations: Vec<DepthCorrelation>,
 }
 
 impl DepthByDifficulty {
@@ -177,7 +302,7 @@ impl DepthByDifficulty {
     /// ```
     /// use mor_models::report::{DepthByDifficulty, DepthTrace, TraceToken};
     /// let tok = |depth, difficulty| TraceToken { text: "a".into(), depth, difficulty };
-    /// let trace = DepthTrace { run: "r".into(), tokens: vec![tok(1, Some(0)), tok(3, Some(2)), tok(2, Some(2)), tok(1, None)] };
+    /// let trace = DepthTrace { run: "r".into(), tokens: vec![tok(1, Some(0)), tok(3, Some(2)), tok(2, Some(2)), tok(1, None)], ..Default::default() };
     /// let d = DepthByDifficulty::from_trace(&trace);
     /// assert_eq!(d.by_label.len(), 2);
     /// assert_eq!((d.by_label[1].difficulty, d.by_label[1].count, d.by_label[1].mean_depth), (2, 2, 2.5));
@@ -208,6 +333,8 @@ impl DepthByDifficulty {
             run: trace.run.clone(),
             by_label,
             unlabelled,
+            measure: DifficultyMeasure::Labels,
+            correlations: Vec::new(),
         }
     }
 
@@ -237,6 +364,8 @@ impl DepthByDifficulty {
             run: run.to_string(),
             by_label,
             unlabelled: 0,
+            measure: DifficultyMeasure::Labels,
+            correlations: Vec::new(),
         }
     }
 
@@ -249,12 +378,34 @@ impl DepthByDifficulty {
     }
 }
 
-/// Aggregates every trace that has at least one labelled token.
+/// Depth per difficulty label of each run whose traces carry labels: one entry per run, in
+/// the order runs first appear, over all of the run's sample sequences under one rule — the
+/// full-sequence rule where the run has such traces (as the validation-split table uses),
+/// otherwise the causal rule.
 pub fn depth_by_difficulty(traces: &[DepthTrace]) -> Vec<DepthByDifficulty> {
-    traces
-        .iter()
-        .map(DepthByDifficulty::from_trace)
-        .filter(|d| !d.by_label.is_empty())
+    let mut runs: Vec<&str> = Vec::new();
+    for t in traces {
+        if !runs.contains(&t.run.as_str()) {
+            runs.push(&t.run);
+        }
+    }
+    runs.into_iter()
+        .filter_map(|run| {
+            let mine: Vec<&DepthTrace> = traces.iter().filter(|t| t.run == run).collect();
+            let full = mine.iter().any(|t| t.rule != TraceRule::Causal);
+            let tokens = mine
+                .iter()
+                .filter(|t| (t.rule != TraceRule::Causal) == full)
+                .flat_map(|t| t.tokens.iter().cloned())
+                .collect();
+            let merged = DepthTrace {
+                run: run.to_string(),
+                tokens,
+                ..Default::default()
+            };
+            let d = DepthByDifficulty::from_trace(&merged);
+            (!d.by_label.is_empty()).then_some(d)
+        })
         .collect()
 }
 

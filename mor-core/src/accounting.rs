@@ -176,6 +176,20 @@ pub struct ParamCounts {
 /// With `ln_share = false` every slot has its own two norms, while the projections stay
 /// shared (spec §2, "What is shared").
 pub fn param_counts(dims: &ModelDims, plan: &RecursionPlan, ln_share: bool) -> ParamCounts {
+    param_counts_with(dims, plan, ln_share, false)
+}
+
+/// As [`param_counts`], under a KV policy that makes steps >= 2 reuse the step-1 K/V when
+/// `kv_sharing` ([`AccountingHints::kv_sharing`]): a block that runs only at steps >= 2
+/// then has no K/V projections (spec §4: sharing "saves the K/V projections at r ≥ 2"), as
+/// in a vanilla model with KV sharing, whose layers of step r >= 2 read the K/V of other
+/// layers. The model lists the same parameters (`MorModel::named_vars`).
+pub fn param_counts_with(
+    dims: &ModelDims,
+    plan: &RecursionPlan,
+    ln_share: bool,
+    kv_sharing: bool,
+) -> ParamCounts {
     let d = dims.hidden_size as u64;
     let q = (dims.num_heads * dims.head_dim) as u64;
     let kv = (dims.num_kv_heads * dims.head_dim) as u64;
@@ -187,7 +201,13 @@ pub fn param_counts(dims: &ModelDims, plan: &RecursionPlan, ln_share: bool) -> P
     } else {
         plan.num_slots()
     } as u64;
-    let non_embedding = plan.num_blocks as u64 * (attn + mlp) + norm_sets * 2 * d + d;
+    let no_kv = plan
+        .kv_projecting_blocks(kv_sharing)
+        .iter()
+        .filter(|&&p| !p)
+        .count() as u64;
+    let non_embedding =
+        plan.num_blocks as u64 * (attn + mlp) - no_kv * d * kv * 2 + norm_sets * 2 * d + d;
     let emb = dims.vocab_size as u64 * d;
     ParamCounts {
         non_embedding,
@@ -358,7 +378,7 @@ pub fn report(cfg: &ResolvedConfig) -> crate::Result<Report> {
     let fpt = flops_per_token(&cfg.model, &cfg.plan, &h).map_err(crate::Error::Plan)?;
     let k =
         step_tokens(&h, cfg.plan.num_recursions, cfg.model.seq_len).map_err(crate::Error::Plan)?;
-    let params = param_counts(&cfg.model, &cfg.plan, cfg.recursion.ln_share);
+    let params = param_counts_with(&cfg.model, &cfg.plan, cfg.recursion.ln_share, h.kv_sharing);
     let router = router_params(
         &cfg.model,
         cfg.recursion.num_recursions,

@@ -26,10 +26,12 @@
 //! Defaults: `num_recursions = 1`; `sharing` is `none` when `N_r = 1` and `middle_cycle`
 //! otherwise (the paper uses Middle-Cycle for every MoR and Recursive model, spec §2); no
 //! `[router]` (or `kind = "none"`) means no routing; `kv = recursion_wise`;
+//! `kv.share_pattern`/`kv.share_loops` unset (no KV sharing pattern in a vanilla model);
 //! `backend = cpu`; the `[train]` defaults are the paper's recipe (spec §1.3) with a
 //! CPU-sized batch and a budget of 1000 steps.
 
 use crate::plan::{DepthFix, RecursionPlan};
+pub use crate::plan::{KvShare, KvSharePattern};
 use crate::registry::CheckCtx;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -92,6 +94,11 @@ pub struct RecursionConfig {
     pub ln_share: bool,
     /// Depth fix.
     pub depth_fix: DepthFix,
+    /// KV sharing of a vanilla model (`kv.share_pattern`, `kv.share_loops`; spec §4, §9):
+    /// the plan then carries the pattern's (step, layer) labels with `N_r = loops` while
+    /// `num_recursions` stays 1 (every layer keeps its own parameters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_share: Option<KvShare>,
 }
 
 /// The training budget as written (spec §1.3): exactly one of steps, tokens or FLOPs.

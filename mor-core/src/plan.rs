@@ -43,6 +43,138 @@ pub struct Slot {
     pub segment: Segment,
 }
 
+/// The layer pattern of KV sharing in a vanilla model (spec §4: the paper also shares K/V
+/// in Vanilla models with the `Seq`, `Cyc` and `M-Cyc` patterns and a loop count; spec §9,
+/// `kv.share_pattern`). The layers keep their own parameters; only the K/V are shared, along
+/// the slot labels the named sharing strategy (spec §2) would give with `N_r = loops`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvSharePattern {
+    /// `Seq`: groups of `loops` consecutive layers; the first of each group computes K/V
+    /// and the other `loops − 1` reuse them (layer ℓ reads layer `⌊ℓ/loops⌋·loops`).
+    Sequence,
+    /// `Cyc`: the first `L/loops` layers compute K/V and layer ℓ reads layer
+    /// `ℓ mod (L/loops)`.
+    Cycle,
+    /// `M-Cyc`: the first and last layers keep their own K/V; the `L−2` middle layers share
+    /// as `Cyc` (layer ℓ reads layer `1 + (ℓ−1) mod ((L−2)/loops)`).
+    MiddleCycle,
+    /// The first and last layers keep their own K/V; the `L−2` middle layers share as `Seq`.
+    MiddleSequence,
+}
+
+impl KvSharePattern {
+    /// The values `kv.share_pattern` accepts (spec §9 spells Sequence `seq`).
+    pub const ALLOWED: &'static str =
+        "`seq` (or `sequence`), `cycle`, `middle_cycle`, `middle_sequence`, or `auto` (no sharing pattern)";
+
+    /// Reads a `kv.share_pattern` value; `None` for an unknown one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "seq" | "sequence" => Self::Sequence,
+            "cycle" => Self::Cycle,
+            "middle_cycle" => Self::MiddleCycle,
+            "middle_sequence" => Self::MiddleSequence,
+            _ => return None,
+        })
+    }
+
+    /// The sharing strategy (spec §2) whose slot labels the pattern uses.
+    pub fn strategy(self) -> &'static str {
+        match self {
+            Self::Sequence => "sequence",
+            Self::Cycle => "cycle",
+            Self::MiddleCycle => "middle_cycle",
+            Self::MiddleSequence => "middle_sequence",
+        }
+    }
+
+    /// Whether the first and last layers stay outside the pattern.
+    pub fn is_middle(self) -> bool {
+        matches!(self, Self::MiddleCycle | Self::MiddleSequence)
+    }
+}
+
+/// KV sharing in a vanilla model: `loops` layers read the K/V of one (spec §4, §9
+/// `kv.share_pattern`, `kv.share_loops`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvShare {
+    /// The pattern.
+    pub pattern: KvSharePattern,
+    /// Layers per shared K/V (the loop count, >= 2).
+    pub loops: usize,
+}
+
+impl KvShare {
+    /// The plan of a vanilla model of `num_layers` unique layers whose K/V are shared by
+    /// this pattern: the slots carry the (step, layer) labels of the pattern's strategy with
+    /// `N_r = loops` (spec §2), every slot keeps its own block (`block = slot`), so that a
+    /// KV policy that reuses step-1 K/V (spec §4) makes slot (step r >= 2, layer j) read the
+    /// K/V of slot (step 1, layer j). The layer count is not changed: the layers the pattern
+    /// groups (`L`, or `L − 2` for the Middle patterns) must divide by `loops`.
+    ///
+    /// # Errors
+    /// A sentence when `loops < 2` or the layers do not divide.
+    ///
+    /// # Examples
+    /// ```
+    /// use mor_core::plan::{KvShare, KvSharePattern, Segment};
+    /// // Vanilla 6 layers, Cyc2: layers 3, 4, 5 read the K/V of layers 0, 1, 2.
+    /// let plan = KvShare { pattern: KvSharePattern::Cycle, loops: 2 }.vanilla_plan(6)?;
+    /// let blocks: Vec<usize> = plan.slots.iter().map(|s| s.block).collect();
+    /// assert_eq!(blocks, [0, 1, 2, 3, 4, 5]);
+    /// assert_eq!(plan.slots[4].segment, Segment::Recursion { step: 2, layer: 1 });
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn vanilla_plan(&self, num_layers: usize) -> Result<RecursionPlan, String> {
+        let loops = self.loops;
+        if loops < 2 {
+            return Err(format!(
+                "share_loops = {loops}: KV sharing needs at least 2 layers per shared K/V"
+            ));
+        }
+        let grouped = if self.pattern.is_middle() {
+            if num_layers < 3 {
+                return Err(format!(
+                    "pattern `{}` keeps the first and last layers apart and needs at least 3 layers; \
+                     got num_layers = {num_layers}",
+                    self.pattern.strategy()
+                ));
+            }
+            num_layers - 2
+        } else {
+            num_layers
+        };
+        if grouped < loops || !grouped.is_multiple_of(loops) {
+            return Err(format!(
+                "share_loops = {loops} does not divide the {grouped} layers the `{}` pattern groups",
+                self.pattern.strategy()
+            ));
+        }
+        let req = PlanRequest {
+            num_layers,
+            num_recursions: loops,
+            depth_fix: DepthFix::Subsample,
+        };
+        let mut plan = crate::sharing::plan(self.pattern.strategy(), &toml::Table::new(), &req)
+            .map_err(|e| e.to_string())?;
+        for (i, s) in plan.slots.iter_mut().enumerate() {
+            s.block = i;
+        }
+        plan.num_blocks = plan.slots.len();
+        plan.strategy = format!("none+kv_{}{loops}", self.pattern.strategy());
+        plan.validate()?;
+        if plan.num_slots() != num_layers {
+            return Err(format!(
+                "the `{}` pattern planned {} layers for num_layers = {num_layers}",
+                self.pattern.strategy(),
+                plan.num_slots()
+            ));
+        }
+        Ok(plan)
+    }
+}
+
 /// What a sharing strategy is asked to plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanRequest {
@@ -121,6 +253,26 @@ impl RecursionPlan {
             }
         }
         uses
+    }
+
+    /// Per block, whether the model computes K/V with its K/V projections. Every block
+    /// does, except, when `later_steps_share` (the KV policy makes steps >= 2 reuse the
+    /// step-1 K/V and project none, spec §4), a block whose every slot is at a recursion
+    /// step >= 2: its K/V projections are never used. Only vanilla KV sharing
+    /// ([`KvShare::vanilla_plan`]) has such blocks; a recursive plan runs every block at
+    /// step 1 or outside the recursion.
+    pub fn kv_projecting_blocks(&self, later_steps_share: bool) -> Vec<bool> {
+        let mut out = vec![false; self.num_blocks];
+        for s in &self.slots {
+            let projects = match s.segment {
+                Segment::Recursion { step, .. } => step == 1 || !later_steps_share,
+                Segment::Prelude | Segment::Coda => true,
+            };
+            if let Some(b) = out.get_mut(s.block) {
+                *b |= projects;
+            }
+        }
+        out
     }
 
     /// Checks the [`SharingStrategy`](crate::sharing::SharingStrategy) contract: at least

@@ -13,6 +13,10 @@
 //! ```
 //!
 //! - Vanilla is the plan of sharing `none`: one "recursion step" of every layer, no router.
+//!   With KV sharing (`kv.share_pattern`, spec §4) its unique layers carry the (step, layer)
+//!   labels of a Seq/Cyc pattern with `N_r = loops`, and the KV policy makes the layer of
+//!   step r >= 2 read the step-1 K/V of its layer index, in the cyclic path (Cyc, M-Cyc) or
+//!   the plan order of the sequence path (Seq) like the recursive baseline.
 //! - The recursive baseline (spec §2) has a plan with `N_r` steps and no router: every token
 //!   runs every step with the plain update `h ← block(h)`.
 //! - MoR adds a [`Router`]; its [`Update`] rule says how the block output is merged.
@@ -95,6 +99,9 @@ pub struct MorModel {
     embed: Var,
     lm_head: Option<Var>,
     blocks: Vec<LayerParams>,
+    /// Per block, whether its K/V projections are used (see
+    /// [`RecursionPlan::kv_projecting_blocks`]); the unused ones are not parameters.
+    kv_blocks: Vec<bool>,
     slot_norms: Option<Vec<SlotNorms>>,
     final_norm: Var,
     cos: Tensor,
@@ -280,6 +287,10 @@ impl MorModel {
             }
         };
         let (cos, sin) = rope_tables(m.seq_len.max(1) * 4, dh, m.rope_theta, dtype, dev)?;
+        // Steps >= 2 reuse the step-1 K/V and project none (spec §4): in a vanilla model with
+        // KV sharing the blocks of those slots have K/V projections that nothing reads.
+        let later_steps_share = kv.keeps_first_step() && !kv.projects_kv(2);
+        let kv_blocks = cfg.plan.kv_projecting_blocks(later_steps_share);
         Ok(MorModel {
             cfg: cfg.clone(),
             backend,
@@ -288,6 +299,7 @@ impl MorModel {
             embed,
             lm_head,
             blocks,
+            kv_blocks,
             slot_norms,
             final_norm,
             cos,
@@ -332,7 +344,9 @@ impl MorModel {
     }
 
     /// Every trainable parameter of the main optimiser with its checkpoint name
-    /// (Llama-style names for the unique blocks), each storage listed once.
+    /// (Llama-style names for the unique blocks), each storage listed once. The K/V
+    /// projections of a block that never computes K/V (a layer of step r >= 2 in a vanilla
+    /// model with KV sharing, spec §4) are not listed: nothing reads them.
     pub fn named_vars(&self) -> Vec<NamedVar> {
         let mut v: Vec<NamedVar> = vec![("model.embed_tokens.weight".into(), self.embed.clone())];
         for (b, p) in self.blocks.iter().enumerate() {
@@ -342,8 +356,10 @@ impl MorModel {
                 v.push((n("post_attention_layernorm.weight"), p.mlp_norm.clone()));
             }
             v.push((n("self_attn.q_proj.weight"), p.q.clone()));
-            v.push((n("self_attn.k_proj.weight"), p.k.clone()));
-            v.push((n("self_attn.v_proj.weight"), p.v.clone()));
+            if self.kv_blocks.get(b).copied().unwrap_or(true) {
+                v.push((n("self_attn.k_proj.weight"), p.k.clone()));
+                v.push((n("self_attn.v_proj.weight"), p.v.clone()));
+            }
             v.push((n("self_attn.o_proj.weight"), p.o.clone()));
             v.push((n("mlp.gate_proj.weight"), p.gate.clone()));
             v.push((n("mlp.up_proj.weight"), p.up.clone()));
@@ -558,8 +574,9 @@ impl MorModel {
         let n_r = plan.num_recursions;
         let mut depths = vec![vec![0u8; t]; b];
         let (h, router_out) = if !plan.is_cyclic() {
-            // Non-cyclic plans (sequence sharing) only exist for the recursive baseline:
-            // every token runs every recursion slot in plan order.
+            // Non-cyclic plans (sequence sharing, and the Seq patterns of vanilla KV sharing)
+            // only exist without a router: every token runs every recursion slot in plan
+            // order.
             for row in depths.iter_mut() {
                 row.iter_mut().for_each(|x| *x = n_r as u8);
             }

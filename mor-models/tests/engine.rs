@@ -1,6 +1,7 @@
 //! Inference: incremental decoding equals one causal full forward for every KV policy and
-//! router, and the batched engine (continuous depth-wise batching, back-pressure,
-//! preemption) produces token for token what decoding each request alone produces.
+//! router (vanilla models with KV sharing included), and the batched engine (continuous
+//! depth-wise batching, back-pressure, preemption) produces token for token what decoding
+//! each request alone produces.
 
 use candle_core::{Device, Tensor};
 use mor_core::config::{Config, ResolvedConfig};
@@ -50,6 +51,16 @@ fn vanilla() -> ResolvedConfig {
     cfg("num_recursions = 1\nsharing = { kind = \"none\" }", "")
 }
 
+/// Vanilla (8 unique layers) with its K/V shared by `pattern` over `loops` layers (spec §4).
+fn vanilla_kv(pattern: &str, loops: usize) -> ResolvedConfig {
+    cfg(
+        "num_recursions = 1\nsharing = { kind = \"none\" }",
+        &format!(
+            "[kv]\nkind = \"recursive_sharing\"\nshare_pattern = \"{pattern}\"\nshare_loops = {loops}"
+        ),
+    )
+}
+
 fn recursive(sharing: &str, n: usize, kv: &str) -> ResolvedConfig {
     cfg(
         &format!("num_recursions = {n}\nsharing = {{ kind = \"{sharing}\" }}"),
@@ -69,6 +80,10 @@ fn cases() -> Vec<(&'static str, ResolvedConfig)> {
     let tc = "kind = \"token_choice\"";
     vec![
         ("vanilla", vanilla()),
+        ("vanilla-kv/cycle2", vanilla_kv("cycle", 2)),
+        ("vanilla-kv/seq2", vanilla_kv("seq", 2)),
+        ("vanilla-kv/middle_cycle3", vanilla_kv("middle_cycle", 3)),
+        ("vanilla-kv/seq4", vanilla_kv("seq", 4)),
         ("recursive/recursion_wise", recursive("middle_cycle", 3, "recursion_wise")),
         ("recursive/recursive_sharing", recursive("middle_cycle", 3, "recursive_sharing")),
         ("recursive/hybrid", recursive("middle_cycle", 3, "hybrid")),
@@ -263,6 +278,8 @@ fn depthwise_batched_engine_equals_sequential_greedy_decoding() {
             mor("kind = \"token_choice\"", "recursive_sharing", ""),
         ),
         ("vanilla", vanilla()),
+        ("vanilla-kv/cycle2", vanilla_kv("cycle", 2)),
+        ("vanilla-kv/seq2", vanilla_kv("seq", 2)),
         (
             "recursive-sequence",
             recursive("sequence", 2, "recursion_wise"),
@@ -622,4 +639,32 @@ fn flop_counters_match_the_closed_form() {
         &m,
         ExitRule::GateThresholds(vec![f64::NEG_INFINITY; 3]),
     );
+    // Vanilla with KV sharing (spec §4): each sharing layer skips its K/V projections,
+    // `2·(2·d·hkv·dh)` per position, and attends over the same number of cached positions.
+    for (pattern, loops, sharing_layers) in [("cycle", 2, 4), ("seq", 4, 6), ("middle_cycle", 3, 4)]
+    {
+        let model = MorModel::new(&vanilla_kv(pattern, loops)).unwrap();
+        let mut e = Engine::new(
+            &model,
+            EngineConfig {
+                batch_size: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        e.submit(Request::greedy(random_ids(p, 3), g)).unwrap();
+        e.run_to_completion().unwrap();
+        let s = e.stats();
+        let saved = (2 * 2 * d * hkv * dh * sharing_layers * positions) as u64;
+        assert_eq!(
+            s.linear_flops,
+            want_linear - saved,
+            "{pattern}{loops}: linear"
+        );
+        assert_eq!(
+            s.attention_flops, want_attention,
+            "{pattern}{loops}: attention"
+        );
+        assert_eq!(s.head_flops, want_head, "{pattern}{loops}: head");
+    }
 }

@@ -72,8 +72,6 @@ fn layer(
     kv_for: &dyn Fn(&Kv) -> Kv,
 ) -> (Vec<Vec<f64>>, Kv) {
     let q_w = w.get(&format!("{prefix}.self_attn.q_proj.weight"));
-    let k_w = w.get(&format!("{prefix}.self_attn.k_proj.weight"));
-    let v_w = w.get(&format!("{prefix}.self_attn.v_proj.weight"));
     let o_w = w.get(&format!("{prefix}.self_attn.o_proj.weight"));
     let (hq, hkv, dh) = (dims.hq, dims.hkv, dims.dh);
     let normed: Vec<Vec<f64>> = xs
@@ -82,6 +80,9 @@ fn layer(
         .collect();
     let mut fresh: Kv = Vec::new();
     if project {
+        // Read only here: a layer that projects no K/V may have no K/V weights at all.
+        let k_w = w.get(&format!("{prefix}.self_attn.k_proj.weight"));
+        let v_w = w.get(&format!("{prefix}.self_attn.v_proj.weight"));
         for (i, (p, _)) in xs.iter().enumerate() {
             let k = matvec(k_w, &normed[i]);
             let v = matvec(v_w, &normed[i]);
@@ -654,5 +655,207 @@ fn recursive_sharing_runs_and_is_counted_under_every_plan() {
         let saved = flops("recursion_wise") - flops("recursive_sharing");
         assert_eq!(saved, later * 2.0 * 2.0 * d * d, "{plan}");
         assert!(later > 0.0, "{plan}");
+    }
+}
+
+/// The layer whose K/V layer `l` of an `n`-layer vanilla model reads under KV sharing with
+/// `pattern` and `loops` (spec §4), from spec §2's mappings, not from the plan: Cycle
+/// `l mod (L/N)`, Sequence `⌊l/N⌋·N`, Middle-Cycle `1 + (l−1) mod ((L−2)/N)`,
+/// Middle-Sequence `1 + ⌊(l−1)/N⌋·N`; the first and last layers of the Middle patterns
+/// read their own.
+fn kv_source(pattern: &str, n: usize, loops: usize, l: usize) -> usize {
+    if pattern.starts_with("middle_") && (l == 0 || l == n - 1) {
+        return l;
+    }
+    match pattern {
+        "cycle" => l % (n / loops),
+        "seq" => l / loops * loops,
+        "middle_cycle" => 1 + (l - 1) % ((n - 2) / loops),
+        "middle_sequence" => 1 + (l - 1) / loops * loops,
+        other => panic!("unknown pattern {other}"),
+    }
+}
+
+/// A vanilla model in plain loops, layer after layer, every layer with its own weights:
+/// layer `l` computes K/V when `kv_source(l) = l`, and otherwise attends with its own
+/// queries over the K/V layer `kv_source(l)` computed (spec §4: no K/V projection, the full
+/// causal context). `pattern = None`: no sharing.
+fn naive_vanilla(
+    model: &MorModel,
+    ids: &[Vec<u32>],
+    pattern: Option<(&str, usize)>,
+) -> Vec<Vec<Vec<f64>>> {
+    let cfg = model.config();
+    let m = &cfg.model;
+    let n = m.num_layers;
+    let dims = Dims {
+        hq: m.num_heads,
+        hkv: m.num_kv_heads,
+        dh: m.head_dim,
+        eps: m.rms_eps,
+        theta: m.rope_theta,
+    };
+    let mut w = W { t: HashMap::new() };
+    for (name, v) in model.named_vars() {
+        let t = v.as_tensor();
+        w.t.insert(
+            name,
+            (
+                t.dims().to_vec(),
+                t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            ),
+        );
+    }
+    let d = m.hidden_size;
+    let emb = w.get("model.embed_tokens.weight").1.clone();
+    let mut out = Vec::new();
+    for row in ids {
+        let mut h: Vec<Vec<f64>> = row
+            .iter()
+            .map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec())
+            .collect();
+        let mut computed: HashMap<usize, Kv> = HashMap::new();
+        for l in 0..n {
+            let src = pattern.map_or(l, |(p, loops)| kv_source(p, n, loops, l));
+            let a = w
+                .get(&format!("model.layers.{l}.input_layernorm.weight"))
+                .1
+                .clone();
+            let n2 = w
+                .get(&format!("model.layers.{l}.post_attention_layernorm.weight"))
+                .1
+                .clone();
+            let reused = (src != l).then(|| computed[&src].clone());
+            let kv_for = |fresh: &Kv| -> Kv { reused.clone().unwrap_or_else(|| fresh.clone()) };
+            let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
+            let (y, fresh) = layer(
+                &w,
+                &format!("model.layers.{l}"),
+                (&a, &n2),
+                &xs,
+                &dims,
+                src == l,
+                &kv_for,
+            );
+            if src == l {
+                computed.insert(l, fresh);
+            }
+            h = y;
+        }
+        let fw = w.get("model.norm.weight").1.clone();
+        out.push(
+            h.iter()
+                .map(|x| {
+                    let nx = rmsnorm(x, &fw, m.rms_eps);
+                    (0..m.vocab_size)
+                        .map(|v| (0..d).map(|c| nx[c] * emb[v * d + c]).sum())
+                        .collect()
+                })
+                .collect(),
+        );
+    }
+    out
+}
+
+fn vanilla_config(kv: &str, backend: &str) -> mor_core::config::ResolvedConfig {
+    let toml = format!(
+        r#"
+[model]
+preset = "micro"
+vocab_size = 64
+hidden_size = 16
+num_heads = 4
+num_kv_heads = 2
+head_dim = 4
+intermediate_size = 24
+num_layers = 8
+seq_len = 16
+[recursion]
+num_recursions = 1
+sharing = {{ kind = "none" }}
+[kv]
+{kv}
+[runtime]
+backend = {{ kind = "{backend}" }}
+seed = 13
+[train]
+budget = {{ steps = 1 }}
+batch_seqs = 2
+micro_batch_seqs = 2
+"#
+    );
+    Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Vanilla models with KV sharing (spec §4, the vanilla rows of §6.4 (d)) under every
+/// pattern, the Seq ones (run in plan order) and the Cyc ones (run step by step) included:
+/// the logits equal the naive layer-by-layer reference, which follows spec §2's mappings
+/// rather than the plan, on both backends; sharing changes them (the unshared model with
+/// the same weights agrees with the unshared reference and differs).
+#[test]
+fn vanilla_kv_sharing_matches_a_naive_layer_by_layer_reference() {
+    let mut rng = mor_core::rng::Rng::new(21);
+    let (b, t) = (2usize, 11usize);
+    let ids: Vec<Vec<u32>> = (0..b)
+        .map(|_| (0..t).map(|_| rng.below(64) as u32).collect())
+        .collect();
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
+    let worst = |a: &[Vec<Vec<f64>>], b: &[Vec<Vec<f64>>]| {
+        a.iter()
+            .flatten()
+            .flatten()
+            .zip(b.iter().flatten().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f64, f64::max)
+    };
+    for backend in ["reference", "cpu"] {
+        let plain = MorModel::new_with(
+            &vanilla_config("kind = \"recursion_wise\"", backend),
+            DType::F64,
+            Device::Cpu,
+        )
+        .unwrap();
+        let plain_logits = plain
+            .forward(&x, RouteMode::Train)
+            .unwrap()
+            .logits
+            .to_vec3::<f64>()
+            .unwrap();
+        let e = worst(&plain_logits, &naive_vanilla(&plain, &ids, None));
+        assert!(e < 1e-12, "{backend}/unshared: {e:e}");
+        for (pattern, loops) in [
+            ("cycle", 2),
+            ("cycle", 4),
+            ("seq", 2),
+            ("seq", 4),
+            ("middle_cycle", 3),
+            ("middle_sequence", 2),
+        ] {
+            let cfg = vanilla_config(
+                &format!(
+                    "kind = \"recursive_sharing\"\nshare_pattern = \"{pattern}\"\nshare_loops = {loops}"
+                ),
+                backend,
+            );
+            let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
+            let fast = model
+                .forward(&x, RouteMode::Train)
+                .unwrap()
+                .logits
+                .to_vec3::<f64>()
+                .unwrap();
+            let naive = naive_vanilla(&model, &ids, Some((pattern, loops)));
+            let e = worst(&fast, &naive);
+            assert!(
+                e < 1e-12,
+                "{backend}/{pattern}{loops}: max |fast - naive| = {e:e}"
+            );
+            let changed = worst(&fast, &plain_logits);
+            assert!(
+                changed > 1e-6,
+                "{backend}/{pattern}{loops}: sharing left the logits unchanged ({changed:e})"
+            );
+        }
     }
 }

@@ -24,7 +24,7 @@
 //! It is an estimate of the peak, not a measurement: fused backends keep less (they never
 //! store the attention probabilities), the allocator and the data pipeline add some.
 
-use super::{hints, param_counts, router_params, slot_shape, step_tokens};
+use super::{hints, param_counts_with, router_params, slot_shape, step_tokens};
 use crate::config::ResolvedConfig;
 use serde::{Deserialize, Serialize};
 
@@ -57,12 +57,12 @@ fn bytes(x: f64) -> u64 {
 /// The training memory estimate of `cfg` (see the module docs).
 pub fn memory_estimate(cfg: &ResolvedConfig) -> MemoryEstimate {
     let m = &cfg.model;
-    let params = param_counts(m, &cfg.plan, cfg.recursion.ln_share);
+    let h = hints(cfg.router.as_ref(), &cfg.kv, &cfg.check_ctx()).unwrap_or_default();
+    let params = param_counts_with(m, &cfg.plan, cfg.recursion.ln_share, h.kv_sharing);
     let n_params = params.non_embedding as f64
         + params.embedding as f64
         + router_params(m, cfg.recursion.num_recursions, cfg.router.as_ref()) as f64;
     let accum = cfg.train.grad_accum();
-    let h = hints(cfg.router.as_ref(), &cfg.kv, &cfg.check_ctx()).unwrap_or_default();
     let k_steps = step_tokens(&h, cfg.plan.num_recursions, m.seq_len)
         .unwrap_or_else(|_| vec![m.seq_len; cfg.plan.num_recursions]);
     let (d, di, l) = (

@@ -3,8 +3,9 @@
 
 use super::raw::{self, render, RawConfig, RawSlot};
 use super::{
-    Budget, Config, DataConfig, DataSource, EvalConfig, InferConfig, ModelDims, PluginSpec,
-    Precision, RecursionConfig, ResolvedConfig, TokenizerSpec, TrainConfig, Warmup, PRESETS,
+    Budget, Config, DataConfig, DataSource, EvalConfig, InferConfig, KvShare, KvSharePattern,
+    ModelDims, PluginSpec, Precision, RecursionConfig, ResolvedConfig, TokenizerSpec, TrainConfig,
+    Warmup, PRESETS,
 };
 use crate::accounting;
 use crate::error::{ConfigProblem, Error, Result};
@@ -71,7 +72,18 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
     let model = model_dims(&raw, &mut p);
     let train = train_fields(&raw, &mut p);
     let data = data_config(&raw, &mut p);
-    let infer = infer_config(&raw, n_r, &mut p);
+    // `kv.share_pattern` and `kv.share_loops` (spec §9) are read here and removed before the
+    // KV policy validates its own parameters.
+    let mut kv_slot = raw
+        .kv
+        .clone()
+        .unwrap_or_else(|| default_slot("kv", "recursion_wise"));
+    let kv_share = kv_share_keys(&mut kv_slot.params, &mut p);
+    // A vanilla model with KV sharing runs `loops` labelled steps, all of them always.
+    let infer = match kv_share {
+        Some(share) if n_r == 1 => infer_config(&raw, share.loops, true, &mut p),
+        _ => infer_config(&raw, n_r, false, &mut p),
+    };
     let eval = eval_config(&raw, &mut p);
     let threads = raw.runtime.threads.unwrap_or(0);
     let cores = available_cores();
@@ -92,6 +104,21 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         Some(v) => raw::slot("recursion.sharing", v, &mut p.0),
         None => Some(default_slot("recursion.sharing", default_sharing)),
     };
+    if let (Some(share), Some(slot)) = (&kv_share, &sharing_slot) {
+        if slot.kind != "none" {
+            p.push(
+                "kv.share_pattern",
+                format!("\"{}\"", share.pattern.strategy()),
+                format!(
+                    "a sharing pattern applies to vanilla models only (recursion.sharing = \"none\", \
+                     num_recursions = 1); this model recurses with sharing `{}`, whose steps >= 2 \
+                     already reuse the step-1 K/V under `kv.kind = \"recursive_sharing\"` (spec §4): \
+                     remove kv.share_pattern and kv.share_loops",
+                    slot.kind
+                ),
+            );
+        }
+    }
     let sharing = sharing_slot.and_then(|s| plugin(Family::SharingStrategy, &s, &mut p));
     let mut router_ok = true;
     let router = match &raw.router {
@@ -112,13 +139,7 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         }
         None => None,
     };
-    let kv = plugin(
-        Family::KvPolicy,
-        raw.kv
-            .as_ref()
-            .unwrap_or(&default_slot("kv", "recursion_wise")),
-        &mut p,
-    );
+    let kv = plugin(Family::KvPolicy, &kv_slot, &mut p);
     let backend_slot = match &raw.runtime.backend {
         Some(v) => raw::slot("runtime.backend", v, &mut p.0),
         None => Some(default_slot("runtime.backend", "cpu")),
@@ -151,8 +172,12 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         sharing,
         ln_share: raw.recursion.ln_share.unwrap_or(true),
         depth_fix: raw.recursion.depth_fix.unwrap_or_default(),
+        kv_share,
     };
-    let plan = build_plan(&model, &recursion, &mut p);
+    let plan = match kv_share {
+        Some(share) => vanilla_kv_share_plan(&model, share, &mut p),
+        None => build_plan(&model, &recursion, &mut p),
+    };
     let ctx = CheckCtx {
         num_recursions: n_r,
         seq_len: model.seq_len,
@@ -186,6 +211,19 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         plugin_checks(r, "router", Family::Router, &ctx, &mut p);
     }
     plugin_checks(&kv, "kv", Family::KvPolicy, &ctx, &mut p);
+    if kv_share.is_some() {
+        match accounting::hints(None, &kv, &ctx) {
+            Ok(h) if h.kv_sharing => {}
+            Ok(_) => p.push(
+                "kv.kind",
+                format!("\"{}\"", kv.kind),
+                "a KV policy whose steps >= 2 reuse the step-1 K/V and project none: \
+                 `recursive_sharing` (kv.share_pattern shares K/V between layers, spec §4); \
+                 remove kv.share_pattern and kv.share_loops for a vanilla model without sharing",
+            ),
+            Err(msg) => p.push("kv.kind", format!("\"{}\"", kv.kind), msg),
+        }
+    }
     plugin_checks(&backend, "runtime.backend", Family::Backend, &ctx, &mut p);
     let Some(plan) = plan else {
         return Err(Error::Config(p.0));
@@ -311,6 +349,103 @@ fn build_plan(model: &ModelDims, rec: &RecursionConfig, p: &mut Problems) -> Opt
             );
             None
         }
+    }
+}
+
+/// The plan of a vanilla model with KV sharing ([`KvShare::vanilla_plan`]).
+fn vanilla_kv_share_plan(
+    model: &ModelDims,
+    share: KvShare,
+    p: &mut Problems,
+) -> Option<RecursionPlan> {
+    match share.vanilla_plan(model.num_layers) {
+        Ok(plan) => Some(plan),
+        Err(msg) => {
+            let grouped = if share.pattern.is_middle() {
+                format!("num_layers − 2 = {}", model.num_layers.saturating_sub(2))
+            } else {
+                format!("num_layers = {}", model.num_layers)
+            };
+            if share.pattern.is_middle() && model.num_layers < 3 {
+                p.push("model.num_layers", model.num_layers, msg);
+            } else {
+                p.push(
+                    "kv.share_loops",
+                    share.loops,
+                    format!(
+                        "a divisor of {grouped}, at least 2 (the `{}` pattern groups the layers \
+                         evenly and never adds any; the paper runs Seq2/Cyc2 on 32 layers and \
+                         Seq3/Cyc3 on 30): {msg}",
+                        share.pattern.strategy()
+                    ),
+                );
+            }
+            None
+        }
+    }
+}
+
+/// Reads and removes `share_pattern` and `share_loops` from the `[kv]` parameters (spec §9):
+/// both set gives the vanilla KV sharing; neither (or `"auto"`) none.
+fn kv_share_keys(params: &mut toml::Table, p: &mut Problems) -> Option<KvShare> {
+    let pattern = params.remove("share_pattern");
+    let loops = params.remove("share_loops");
+    let pattern = match pattern {
+        None => None,
+        Some(toml::Value::String(s)) if s == "auto" => None,
+        Some(toml::Value::String(s)) => match KvSharePattern::parse(&s) {
+            Some(x) => Some(x),
+            None => {
+                p.push(
+                    "kv.share_pattern",
+                    format!("\"{s}\""),
+                    format!("one of {}", KvSharePattern::ALLOWED),
+                );
+                return None;
+            }
+        },
+        Some(other) => {
+            p.push(
+                "kv.share_pattern",
+                render(&other),
+                format!("one of {}", KvSharePattern::ALLOWED),
+            );
+            return None;
+        }
+    };
+    const LOOPS: &str = "an integer in 2..=num_layers: how many layers share one K/V (the paper's \
+                         Seq2/Cyc2 and Seq3/Cyc3 rows use 2 and 3), or \"auto\" (unset)";
+    let loops = match loops {
+        None => None,
+        Some(toml::Value::String(s)) if s == "auto" => None,
+        Some(toml::Value::Integer(n)) if (2..=MAX_LAYERS as i64).contains(&n) => Some(n as usize),
+        Some(other) => {
+            p.push("kv.share_loops", render(&other), LOOPS);
+            return None;
+        }
+    };
+    match (pattern, loops) {
+        (Some(pattern), Some(loops)) => Some(KvShare { pattern, loops }),
+        (Some(_), None) => {
+            p.push(
+                "kv.share_loops",
+                "(missing)",
+                format!("{LOOPS}; required with kv.share_pattern"),
+            );
+            None
+        }
+        (None, Some(loops)) => {
+            p.push(
+                "kv.share_loops",
+                loops,
+                format!(
+                    "set only together with kv.share_pattern ({})",
+                    KvSharePattern::ALLOWED
+                ),
+            );
+            None
+        }
+        (None, None) => None,
     }
 }
 
@@ -747,7 +882,14 @@ fn data_config(raw: &RawConfig, p: &mut Problems) -> Option<DataConfig> {
     })
 }
 
-fn infer_config(raw: &RawConfig, n_r: usize, p: &mut Problems) -> Option<InferConfig> {
+/// `n_r`: the plan's recursion steps; `all_steps`: every token must run all of them (a
+/// vanilla model with KV sharing, whose "steps" are its own layers).
+fn infer_config(
+    raw: &RawConfig,
+    n_r: usize,
+    all_steps: bool,
+    p: &mut Problems,
+) -> Option<InferConfig> {
     let i = &raw.infer;
     let before = p.0.len();
     let batch_size = i.batch_size.unwrap_or(32);
@@ -766,7 +908,21 @@ fn infer_config(raw: &RawConfig, n_r: usize, p: &mut Problems) -> Option<InferCo
     let max_depth = match &i.max_depth {
         None => n_r,
         Some(toml::Value::String(s)) if s == "n_r" || s == "N_r" => n_r,
-        Some(toml::Value::Integer(d)) if *d >= 1 && (*d as u64) <= n_r as u64 => *d as usize,
+        Some(toml::Value::Integer(d)) if all_steps && *d as u64 == n_r as u64 => n_r,
+        Some(toml::Value::Integer(d)) if !all_steps && *d >= 1 && (*d as u64) <= n_r as u64 => {
+            *d as usize
+        }
+        Some(other) if all_steps => {
+            p.push(
+                "infer.max_depth",
+                render(other),
+                format!(
+                    "\"n_r\" or {n_r}: a vanilla model with KV sharing runs all of its layers \
+                     (kv.share_loops = {n_r} labelled steps); a smaller depth would skip layers"
+                ),
+            );
+            n_r
+        }
         Some(other) => {
             p.push(
                 "infer.max_depth",

@@ -3,6 +3,8 @@
 //! A run folder holds `config.toml` (the resolved config), `config.json`, `tokenizer.json`,
 //! `data.json` (the data it trains on, [`crate::provenance`]), `metrics.jsonl` (one line
 //! per optimiser step), `checkpoints/`, `model.safetensors` (final weights), `eval.json`,
+//! `traces.json` (depth traces of sample validation sequences), `token_scores.bin` (each
+//! validation token's NLL and depth, [`crate::eval::save_token_scores`]),
 //! `summary.json` (a run with a `summary.json` whose status is `done` is finished) and
 //! `manifest.json` (size and hash of every other file, [`crate::checkpoint::verify_files`]).
 //! While a process works on it the folder holds `run.lock` ([`crate::runlock`]).
@@ -18,7 +20,7 @@ use mor_core::config::ResolvedConfig;
 use std::path::{Path, PathBuf};
 
 mod evaluate;
-pub use evaluate::{evaluate, EvalResults};
+pub use evaluate::{evaluate, evaluate_all, EvalResults, Evaluation, TRACE_SEQUENCES};
 
 /// How to run.
 #[derive(Debug, Clone, Default)]
@@ -180,8 +182,9 @@ pub struct RunOutcome {
     pub summary: RunSummary,
     /// Loss curve.
     pub curve: Curve,
-    /// Depth trace of one validation sample (MoR only).
-    pub trace: Option<DepthTrace>,
+    /// Depth traces of the sample validation sequences (MoR only): per sequence one per
+    /// routing rule, or one when both rules agree.
+    pub traces: Vec<DepthTrace>,
     /// The run was already finished (with the same config and data): nothing was trained
     /// or written, the outcome is read from the folder.
     pub already_finished: bool,
@@ -508,13 +511,11 @@ fn run_locked(
                 run: name.to_string(),
                 points: Vec::new(),
             });
-            let trace = std::fs::read_to_string(out.join("trace.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok());
+            let traces = read_traces(out);
             return Ok(RunOutcome {
                 summary: (**s).clone(),
                 curve,
-                trace,
+                traces,
                 already_finished: true,
             });
         }
@@ -600,17 +601,33 @@ fn run_locked(
         &serde_json::to_value(cfg).unwrap_or_default(),
     )?;
 
-    let (ev, trace) = if opts.skip_eval {
-        (EvalResults::default(), None)
+    let evaluated = !opts.skip_eval;
+    let (ev, traces, scores) = if evaluated {
+        let e = evaluate_all(&model, &ds, cfg, name, &[])?;
+        (e.results, e.traces, Some(e.scores))
     } else {
-        evaluate(&model, &ds, cfg, name, &[])?
+        (EvalResults::default(), Vec::new(), None)
     };
+    if evaluated && !opts.quiet {
+        eprintln!("{name}: {}", ev.coverage());
+    }
     crate::checkpoint::write_atomic(
         &out.join("eval.json"),
         serde_json::to_string_pretty(&ev)
             .unwrap_or_default()
             .as_bytes(),
     )?;
+    let mut recorded = vec!["metrics.jsonl", "eval.json", "summary.json"];
+    if let Some(s) = &scores {
+        crate::eval::save_token_scores(out, s)?;
+        crate::checkpoint::write_atomic(
+            &out.join(TRACES_FILE),
+            serde_json::to_string(&traces)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        recorded.extend([crate::eval::TOKEN_SCORES_FILE, TRACES_FILE]);
+    }
 
     let full = ev.full_sequence.clone().unwrap_or_default();
     let stats = ev
@@ -646,13 +663,23 @@ fn run_locked(
     );
     extra.insert("threads".into(), serde_json::json!(cfg.threads));
     extra.insert("corpus".into(), serde_json::json!(corpus));
+    if evaluated {
+        extra.insert(
+            crate::report::VAL_TOKENS_SCORED_KEY.into(),
+            serde_json::json!(ev.scored_tokens),
+        );
+        extra.insert(
+            crate::report::VAL_TOKENS_SPLIT_KEY.into(),
+            serde_json::json!(ev.split_tokens),
+        );
+    }
     if let Some(c) = &ev.causal {
         extra.insert(
             "depth_fractions_causal".into(),
             serde_json::json!(c.depth_fractions),
         );
     }
-    let row = RunSummary {
+    let mut row = RunSummary {
         name: name.to_string(),
         model: model_kind.into(),
         router: cfg
@@ -686,19 +713,41 @@ fn run_locked(
         extra,
     };
     let _ = m;
+    row.set_nll_stderrs(
+        full.nll_stderr,
+        ev.causal.as_ref().and_then(|c| c.nll_stderr),
+    );
     crate::checkpoint::write_atomic(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&row)
             .unwrap_or_default()
             .as_bytes(),
     )?;
-    crate::checkpoint::record_files(out, &["metrics.jsonl", "eval.json", "summary.json"])?;
+    crate::checkpoint::record_files(out, &recorded)?;
     Ok(RunOutcome {
         summary: row,
         curve,
-        trace,
+        traces,
         already_finished: false,
     })
+}
+
+/// The file of a run's depth traces (a JSON list of [`DepthTrace`]).
+pub const TRACES_FILE: &str = "traces.json";
+
+/// A run's depth traces: `traces.json`, or the single `trace.json` of older runs.
+pub fn read_traces(dir: &Path) -> Vec<DepthTrace> {
+    if let Some(v) = std::fs::read_to_string(dir.join(TRACES_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+    {
+        return v;
+    }
+    std::fs::read_to_string(dir.join("trace.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<DepthTrace>(&t).ok())
+        .into_iter()
+        .collect()
 }
 
 /// Reads `metrics.jsonl` into a loss curve.

@@ -316,16 +316,8 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
                         "{}: already finished with the same config and data, reused",
                         r.name
                     );
-                } else if let Some(t) = &o.trace {
-                    let _ = std::fs::write(
-                        dir.join("trace.json"),
-                        serde_json::to_string(t).unwrap_or_default(),
-                    );
-                    let _ = mor_models::checkpoint::record_files(&dir, &["trace.json"]);
                 }
-                if let Some(t) = &o.trace {
-                    traces.push(t.clone());
-                }
+                traces.extend(o.traces.iter().cloned());
                 curves.push(o.curve);
                 summaries.push(o.summary);
             }
@@ -365,10 +357,11 @@ fn report_data(
     curves: &[report::Curve],
     traces: &[report::DepthTrace],
 ) -> report::ReportData {
-    // Depth per difficulty over the whole validation split (eval.json) where the run was
-    // evaluated on labelled data; the sample trace otherwise. Only routed runs: the depth of
-    // every token of a vanilla or recursive model is fixed.
-    let depth_by_difficulty = summaries
+    // Depth per difficulty label over the whole validation split (eval.json) where the run
+    // was evaluated on labelled data; the sample traces otherwise. Only routed runs: the
+    // depth of every token of a vanilla or recursive model is fixed.
+    let from_traces = report::depth_by_difficulty(traces);
+    let mut depth_by_difficulty: Vec<report::DepthByDifficulty> = summaries
         .iter()
         .filter(|s| s.model == "mor")
         .filter_map(|s| {
@@ -381,14 +374,36 @@ fn report_data(
                 .map(|n| report::DepthByDifficulty::from_means(&s.name, &n.depth_by_difficulty))
                 .filter(|d| !d.by_label.is_empty());
             from_eval.or_else(|| {
-                traces
+                from_traces
                     .iter()
-                    .find(|t| t.run == s.name)
-                    .map(report::DepthByDifficulty::from_trace)
-                    .filter(|d| !d.by_label.is_empty())
+                    .find(|d| d.run == s.name && !d.by_label.is_empty())
+                    .cloned()
             })
         })
         .collect();
+    // Difficulty as each token's NLL under the ablation's vanilla run on the same validation
+    // tokens (token_scores.bin), in quintiles, for every finished routed run: this works on
+    // any text; the labels of the built-in corpus are kept beside it.
+    let reference = summaries
+        .iter()
+        .find(|s| s.model == "vanilla" && s.is_done())
+        .and_then(|v| {
+            Some((
+                v,
+                mor_models::eval::load_token_scores(&out.join(&v.name)).ok()?,
+            ))
+        });
+    if let Some((v, ref_scores)) = &reference {
+        for s in summaries.iter().filter(|s| s.model == "mor" && s.is_done()) {
+            let Ok(scores) = mor_models::eval::load_token_scores(&out.join(&s.name)) else {
+                continue;
+            };
+            match report::depth_by_reference_nll(&v.name, ref_scores, &s.name, &scores) {
+                Ok(d) => depth_by_difficulty.push(d),
+                Err(e) => eprintln!("{}: no depth against the NLL of {}: {e}", s.name, v.name),
+            }
+        }
+    }
     report::ReportData {
         runs: summaries.to_vec(),
         curves: curves.to_vec(),
@@ -442,6 +457,57 @@ fn failed_summary(name: &str, cfg: &mor_core::config::ResolvedConfig, msg: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_against_the_vanilla_nll_comes_from_token_scores() {
+        use mor_models::report::{RuleScores, TokenScores};
+        let dir = std::env::temp_dir().join(format!("mor-ablate-refnll-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = mor_models::builtin::link();
+        let runs = expand(QUICK, "quick").unwrap();
+        let cfg = |name: &str| {
+            Config::from_table(runs.iter().find(|r| r.name == name).unwrap().table.clone()).unwrap()
+        };
+        let done = |name: &str| RunSummary {
+            status: "done".into(),
+            ..failed_summary(name, &cfg(name), "x")
+        };
+        let nll: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let hash = mor_models::report::targets_hash(&[1, 2, 3]);
+        let scores = |depth: Option<Vec<u8>>| TokenScores {
+            row_len: 5,
+            targets_hash: hash,
+            full_sequence: Some(RuleScores {
+                nll: nll.clone(),
+                depth,
+            }),
+            causal: None,
+        };
+        for (name, s) in [
+            ("vanilla", scores(None)),
+            (
+                "mor_expert_mcyc_nr3",
+                scores(Some(vec![1, 1, 1, 2, 2, 2, 3, 3, 3, 3])),
+            ),
+        ] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            mor_models::eval::save_token_scores(&dir.join(name), &s).unwrap();
+        }
+        let data = report_data(
+            &dir,
+            &[done("vanilla"), done("mor_expert_mcyc_nr3")],
+            &[],
+            &[],
+        );
+        assert_eq!(data.depth_by_difficulty.len(), 1);
+        let d = &data.depth_by_difficulty[0];
+        // Quintiles by the vanilla NLL are tokens (0,1) (2,3) (4,5) (6,7) (8,9).
+        let means: Vec<f64> = d.by_label.iter().map(|s| s.mean_depth).collect();
+        assert_eq!(means, [1.0, 1.5, 2.0, 3.0, 3.0]);
+        assert!(matches!(&d.measure,
+            report::DifficultyMeasure::ReferenceNll { reference, .. } if reference == "vanilla"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn depth_by_difficulty_prefers_the_validation_split() {

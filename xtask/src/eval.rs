@@ -61,6 +61,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let ds = prepare_existing(dir, &dcfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let name = dir.file_name().and_then(|s| s.to_str()).unwrap_or("run");
     let (ev, _) = evaluate(&model, &ds, &cfg, name, &args.tasks)?;
+    eprintln!("{name}: {}", ev.coverage());
     println!("{}", serde_json::to_string_pretty(&ev)?);
     Ok(())
 }

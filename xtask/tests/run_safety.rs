@@ -7,43 +7,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const CONFIG: &str = r#"
-[model]
-preset = "micro"
-vocab_size = 300
-hidden_size = 32
-num_heads = 4
-num_kv_heads = 2
-head_dim = 8
-intermediate_size = 48
-num_layers = 5
-seq_len = 16
-[recursion]
-num_recursions = 3
-sharing = { kind = "middle_cycle" }
-[router]
-kind = "expert_choice"
-[runtime]
-seed = 7
-threads = 1
-[data]
-source = "builtin"
-builtin_docs = 80
-tokenizer = "byte"
-[eval]
-max_batches = 1
-[train]
-budget = { steps = 3 }
-batch_seqs = 4
-micro_batch_seqs = 4
-checkpoint_every = 2
-"#;
+mod common;
+
+/// The run these tests train: 3 steps, a checkpoint every 2.
+fn config() -> String {
+    common::config(3, 2)
+}
 
 fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mor-safety-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp("safety", tag)
 }
 
 fn xtask(args: &[&str], paths: &[(&str, &Path)]) -> Output {
@@ -89,7 +61,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 fn another_config_or_a_finished_run_changes_nothing() {
     let root = tmp("cfg");
     let cfg = root.join("tiny.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     let out = root.join("run");
     let o = train(&cfg, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -97,7 +69,7 @@ fn another_config_or_a_finished_run_changes_nothing() {
     let other = root.join("other.toml");
     std::fs::write(
         &other,
-        CONFIG.replace("hidden_size = 32", "hidden_size = 48"),
+        config().replace("hidden_size = 32", "hidden_size = 48"),
     )
     .unwrap();
     for extra in [&[][..], &["--resume"][..]] {
@@ -119,7 +91,7 @@ fn another_config_or_a_finished_run_changes_nothing() {
 fn a_held_run_folder_is_refused_with_the_pid() {
     let root = tmp("lock");
     let cfg = root.join("tiny.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     let out = root.join("run");
     let lock = mor_models::runlock::RunLock::acquire(&out).unwrap();
     let o = train(&cfg, &out, &[]);
@@ -153,7 +125,7 @@ fn eval_uses_the_recorded_data_and_refuses_corrupt_weights() {
         std::fs::write(data.join(format!("{i:02}.txt")), doc(i)).unwrap();
     }
     let cfg = root.join("tiny.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     let out = root.join("run");
     let o = xtask(
         &["train", "--quiet"],
@@ -194,7 +166,7 @@ fn eval_uses_the_recorded_data_and_refuses_corrupt_weights() {
 fn generate_says_when_it_stops_at_the_context_limit() {
     let root = tmp("ctx");
     let cfg = root.join("tiny.toml");
-    std::fs::write(&cfg, CONFIG.replace("steps = 3", "steps = 1")).unwrap();
+    std::fs::write(&cfg, common::config(1, 2)).unwrap();
     let out = root.join("run");
     assert!(train(&cfg, &out, &[]).status.success());
     let o = xtask(
@@ -219,15 +191,14 @@ fn generate_says_when_it_stops_at_the_context_limit() {
 #[test]
 fn ablate_never_reports_a_stale_run() {
     let root = tmp("ablate");
-    let base = CONFIG
+    let base = common::config(2, 2)
         .replace("[model]", "[base.model]")
         .replace("[recursion]", "[base.recursion]")
         .replace("[router]", "[base.router]")
         .replace("[runtime]", "[base.runtime]")
         .replace("[data]", "[base.data]")
         .replace("[eval]", "[base.eval]")
-        .replace("[train]", "[base.train]")
-        .replace("steps = 3", "steps = 2");
+        .replace("[train]", "[base.train]");
     let grid = root.join("g.toml");
     std::fs::write(&grid, &base).unwrap();
     let out = root.join("abl");
@@ -278,7 +249,7 @@ fn ablate_never_reports_a_stale_run() {
 fn a_model_too_large_for_memory_is_refused_before_anything_is_written() {
     let root = tmp("mem");
     let cfg = root.join("huge.toml");
-    let text = CONFIG
+    let text = config()
         .replace("hidden_size = 32", "hidden_size = 100000")
         .replace("num_layers = 5", "num_layers = 200");
     std::fs::write(&cfg, text).unwrap();

@@ -5,43 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const CONFIG: &str = r#"
-[model]
-preset = "micro"
-vocab_size = 300
-hidden_size = 32
-num_heads = 4
-num_kv_heads = 2
-head_dim = 8
-intermediate_size = 48
-num_layers = 5
-seq_len = 16
-[recursion]
-num_recursions = 3
-sharing = { kind = "middle_cycle" }
-[router]
-kind = "expert_choice"
-[runtime]
-seed = 7
-threads = 1
-[data]
-source = "builtin"
-builtin_docs = 80
-tokenizer = "byte"
-[eval]
-max_batches = 1
-[train]
-budget = { steps = 40 }
-batch_seqs = 4
-micro_batch_seqs = 4
-checkpoint_every = 4
-"#;
+mod common;
+
+/// The run these tests train: 40 steps, a checkpoint every 4.
+fn config() -> String {
+    common::config(40, 4)
+}
 
 fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mor-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp("cli", tag)
 }
 
 fn xtask() -> Command {
@@ -64,7 +36,7 @@ fn losses(out: &Path) -> Vec<f64> {
 fn sigkill_then_resume_matches_an_uninterrupted_run() {
     let root = tmp("kill");
     let cfg = root.join("tiny.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    std::fs::write(&cfg, config()).unwrap();
     let a = root.join("a");
     let st = xtask()
         .args(["train", "--quiet", "--config"])
@@ -149,16 +121,16 @@ fn bad_input_is_a_clear_error() {
     // A missing data path.
     fails_with(
         &["--data", "/definitely/not/here"],
-        CONFIG,
+        &config(),
         &["/definitely/not/here", "no such file"],
     );
     // A config typo.
-    let typo = CONFIG.replace("checkpoint_every", "checkpoint_evry");
+    let typo = config().replace("checkpoint_every", "checkpoint_evry");
     fails_with(&[], &typo, &["checkpoint_evry"]);
     // An empty corpus: a folder whose only text file is empty.
     let root = tmp("empty");
     std::fs::write(root.join("empty.txt"), "").unwrap();
-    let cfg = CONFIG.replace(
+    let cfg = config().replace(
         "source = \"builtin\"",
         &format!("source = \"{}\"", root.display()),
     );
@@ -170,7 +142,7 @@ fn bad_input_is_a_clear_error() {
 fn a_finished_run_is_not_overwritten() {
     let root = tmp("keep");
     let cfg = root.join("tiny.toml");
-    std::fs::write(&cfg, CONFIG.replace("steps = 40", "steps = 4")).unwrap();
+    std::fs::write(&cfg, common::config(4, 4)).unwrap();
     let out = root.join("run");
     let st = xtask()
         .args(["train", "--quiet", "--config"])

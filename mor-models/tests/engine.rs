@@ -3,8 +3,11 @@
 //! depth-wise batching, back-pressure, preemption) produces token for token what decoding
 //! each request alone produces.
 
+mod common;
+
 use candle_core::{Device, Tensor};
-use mor_core::config::{Config, ResolvedConfig};
+use common::{Micro, VANILLA};
+use mor_core::config::ResolvedConfig;
 use mor_models::engine::{
     encode_prompt, Batching, DecodeOptions, Decoder, Engine, EngineConfig, ExitRule, FinishReason,
     Request, SamplingParams,
@@ -19,42 +22,23 @@ const CONTEXT: usize = 24;
 /// A tiny model: d = 32, 4 heads (2 KV) of 8, 8 layers, context 24. `init_std = 0.2` makes
 /// logits O(1) and router logits far from the threshold, so a 1e-4 tolerance is meaningful.
 fn cfg(recursion: &str, extra: &str) -> ResolvedConfig {
-    let text = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = {VOCAB}
-hidden_size = 32
-num_heads = 4
-num_kv_heads = 2
-head_dim = 8
-intermediate_size = 48
-num_layers = 8
-seq_len = {CONTEXT}
-init_std = 0.2
-[runtime]
-backend = {{ kind = "cpu" }}
-seed = 5
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-[recursion]
-{recursion}
-{extra}
-"#
-    );
-    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    Micro {
+        model: "init_std = 0.2",
+        runtime: &common::runtime("cpu", 5),
+        tables: &format!("[recursion]\n{recursion}\n{extra}"),
+        ..common::micro(VOCAB, 32, 8, CONTEXT)
+    }
+    .resolve()
 }
 
 fn vanilla() -> ResolvedConfig {
-    cfg("num_recursions = 1\nsharing = { kind = \"none\" }", "")
+    cfg(VANILLA, "")
 }
 
 /// Vanilla (8 unique layers) with its K/V shared by `pattern` over `loops` layers (spec §4).
 fn vanilla_kv(pattern: &str, loops: usize) -> ResolvedConfig {
     cfg(
-        "num_recursions = 1\nsharing = { kind = \"none\" }",
+        VANILLA,
         &format!(
             "[kv]\nkind = \"recursive_sharing\"\nshare_pattern = \"{pattern}\"\nshare_loops = {loops}"
         ),

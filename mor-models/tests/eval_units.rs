@@ -4,8 +4,11 @@
 //! `acc` and `acc_norm` differ by construction, and depth traces against the forward's
 //! depths and causality.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
-use mor_core::config::{Config, ResolvedConfig};
+use common::{Micro, MOR_RECURSION};
+use mor_core::config::ResolvedConfig;
 use mor_models::eval::{depth_trace, evaluate_mc, evaluate_nll, EvalBatch, McItem};
 use mor_models::model::MorModel;
 use mor_router::RouteMode;
@@ -14,33 +17,12 @@ const V: usize = 32;
 const SEQ: usize = 12;
 
 fn config(router: &str) -> ResolvedConfig {
-    let text = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = {V}
-hidden_size = 16
-num_heads = 4
-num_kv_heads = 2
-head_dim = 4
-intermediate_size = 24
-num_layers = 5
-seq_len = {SEQ}
-[recursion]
-num_recursions = 3
-sharing = {{ kind = "middle_cycle" }}
-[router]
-kind = "{router}"
-[runtime]
-backend = {{ kind = "cpu" }}
-seed = 5
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-"#
-    );
-    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    Micro {
+        runtime: &common::runtime("cpu", 5),
+        tables: &format!("{MOR_RECURSION}\n[router]\nkind = \"{router}\""),
+        ..common::micro(V, 16, 5, SEQ)
+    }
+    .resolve()
 }
 
 fn model(router: &str) -> MorModel {
@@ -48,8 +30,7 @@ fn model(router: &str) -> MorModel {
 }
 
 fn ids(n: usize, seed: u64) -> Vec<u32> {
-    let mut r = mor_core::rng::Rng::new(seed);
-    (0..n).map(|_| r.below(V) as u32).collect()
+    common::random_ids(n, V, seed)
 }
 
 fn batch(b: usize, t: usize, seed: u64, bytes: u64, labels: bool) -> EvalBatch {

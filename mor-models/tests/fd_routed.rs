@@ -7,8 +7,11 @@
 //! a perturbation keeps every selection. Each perturbed forward asserts that the tokens'
 //! depths (which fix every step's selection, selections being nested) are unchanged.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
-use mor_core::config::{Config, ResolvedConfig};
+use common::{Micro, MOR_RECURSION};
+use mor_core::config::ResolvedConfig;
 use mor_models::model::MorModel;
 use mor_router::RouteMode;
 
@@ -25,39 +28,16 @@ const TOL: f64 = 1e-6;
 const PER_PARAM: usize = 5;
 
 fn config(router: &str, backend: &str) -> ResolvedConfig {
-    let text = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = 32
-hidden_size = 16
-num_heads = 4
-num_kv_heads = 2
-head_dim = 4
-intermediate_size = 24
-num_layers = 5
-seq_len = 12
-[recursion]
-num_recursions = 3
-sharing = {{ kind = "middle_cycle" }}
-[router]
-{router}
-[runtime]
-backend = {{ kind = "{backend}" }}
-seed = 7
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-"#
-    );
-    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    Micro {
+        runtime: &common::runtime(backend, 7),
+        tables: &format!("{MOR_RECURSION}\n[router]\n{router}"),
+        ..common::micro(32, 16, 5, 12)
+    }
+    .resolve()
 }
 
 fn ids(b: usize, t: usize, seed: u64) -> Tensor {
-    let mut r = mor_core::rng::Rng::new(seed);
-    let v: Vec<u32> = (0..b * t).map(|_| r.below(32) as u32).collect();
-    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+    common::id_tensor(b, t, 32, seed)
 }
 
 /// Which loss a check differentiates.

@@ -1,42 +1,27 @@
 //! Model invariants: gradients reach every parameter, tied parameters share one storage,
 //! N_r = 1 equals vanilla, save → load is exact, causality, and a tiny model overfits.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use mor_core::config::{Config, ResolvedConfig};
+use common::{Micro, VANILLA};
+use mor_core::config::ResolvedConfig;
 use mor_models::model::MorModel;
 use mor_models::optim::{AdamW, AdamWConfig};
 use mor_router::RouteMode;
 
-fn cfg(extra: &str) -> ResolvedConfig {
-    let text = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = 64
-hidden_size = 32
-num_heads = 4
-num_kv_heads = 2
-head_dim = 8
-intermediate_size = 48
-num_layers = 5
-seq_len = 16
-[runtime]
-backend = {{ kind = "cpu" }}
-seed = 3
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-{extra}
-"#
-    );
-    // `extra` may re-open sections; TOML forbids duplicate tables, so callers pass whole
-    // sections that are not above.
-    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+/// `tables`: the `[recursion]` table and what the model needs beyond it.
+fn cfg(tables: &str) -> ResolvedConfig {
+    Micro {
+        runtime: &common::runtime("cpu", 3),
+        tables,
+        ..common::micro(64, 32, 5, 16)
+    }
+    .resolve()
 }
 
 fn vanilla() -> ResolvedConfig {
-    cfg("[recursion]\nnum_recursions = 1\nsharing = { kind = \"none\" }\n")
+    cfg(&format!("[recursion]\n{VANILLA}\n"))
 }
 
 fn recursive(n: usize, sharing: &str) -> ResolvedConfig {
@@ -52,9 +37,7 @@ fn mor(router: &str, kv: &str) -> ResolvedConfig {
 }
 
 fn ids(b: usize, t: usize, seed: u64) -> Tensor {
-    let mut r = mor_core::rng::Rng::new(seed);
-    let v: Vec<u32> = (0..b * t).map(|_| r.below(64) as u32).collect();
-    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+    common::id_tensor(b, t, 64, seed)
 }
 
 #[test]

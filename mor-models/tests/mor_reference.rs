@@ -3,8 +3,11 @@
 //! the fast path must match on random inputs under every KV policy and both routers
 //! (spec §3.1 pseudocode, §3.2, §4).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use mor_core::config::Config;
+use common::{Micro, MOR_RECURSION, VANILLA};
+use mor_core::config::ResolvedConfig;
 use mor_core::plan::Segment;
 use mor_models::MorModel;
 use mor_router::RouteMode;
@@ -58,6 +61,157 @@ struct Dims {
 
 /// Per-token K/V of one layer (RoPE applied): (pos, k [hkv*dh], v [hkv*dh]).
 type Kv = Vec<(usize, Vec<f64>, Vec<f64>)>;
+
+/// A model's weights read once as f64 and its dimensions: what the naive references below
+/// compute with (embedding, norms, layers, LM head), never the model's own forward.
+struct Naive {
+    w: W,
+    dims: Dims,
+    d: usize,
+    vocab: usize,
+    emb: Vec<f64>,
+}
+
+impl Naive {
+    fn of(model: &MorModel) -> Naive {
+        let m = &model.config().model;
+        let mut w = W { t: HashMap::new() };
+        for (n, v) in model.named_vars() {
+            let t = v.as_tensor();
+            w.t.insert(
+                n,
+                (
+                    t.dims().to_vec(),
+                    t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                ),
+            );
+        }
+        let emb = w.get("model.embed_tokens.weight").1.clone();
+        Naive {
+            w,
+            dims: Dims {
+                hq: m.num_heads,
+                hkv: m.num_kv_heads,
+                dh: m.head_dim,
+                eps: m.rms_eps,
+                theta: m.rope_theta,
+            },
+            d: m.hidden_size,
+            vocab: m.vocab_size,
+            emb,
+        }
+    }
+
+    /// The embeddings of one row of ids.
+    fn embed(&self, row: &[u32]) -> Vec<Vec<f64>> {
+        let d = self.d;
+        row.iter()
+            .map(|&id| self.emb[id as usize * d..(id as usize + 1) * d].to_vec())
+            .collect()
+    }
+
+    /// Block `b` on the tokens `xs` (position, hidden): its two norms' weights read here.
+    fn block(
+        &self,
+        b: usize,
+        xs: &[(usize, Vec<f64>)],
+        project: bool,
+        kv_for: &dyn Fn(&Kv) -> Kv,
+    ) -> (Vec<Vec<f64>>, Kv) {
+        let norm = |n: &str| {
+            self.w
+                .get(&format!("model.layers.{b}.{n}.weight"))
+                .1
+                .clone()
+        };
+        let (a, n2) = (norm("input_layernorm"), norm("post_attention_layernorm"));
+        layer(
+            &self.w,
+            &format!("model.layers.{b}"),
+            (&a, &n2),
+            xs,
+            &self.dims,
+            project,
+            kv_for,
+        )
+    }
+
+    /// Block `b` on every token of `h` (positions 0, 1, …).
+    fn block_all(
+        &self,
+        b: usize,
+        h: &[Vec<f64>],
+        project: bool,
+        kv_for: &dyn Fn(&Kv) -> Kv,
+    ) -> (Vec<Vec<f64>>, Kv) {
+        let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
+        self.block(b, &xs, project, kv_for)
+    }
+
+    /// Final norm and the tied LM head: the logits of every token of `h`.
+    fn logits(&self, h: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let fw = &self.w.get("model.norm.weight").1;
+        let d = self.d;
+        h.iter()
+            .map(|x| {
+                let n = rmsnorm(x, fw, self.dims.eps);
+                (0..self.vocab)
+                    .map(|v| (0..d).map(|c| n[c] * self.emb[v * d + c]).sum())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Hybrid K/V: the step-1 entries `base` with every position that has a fresh entry
+/// overwritten by it.
+fn overwrite(mut base: Kv, fresh: &Kv) -> Kv {
+    for f in fresh {
+        if let Some(e) = base.iter_mut().find(|e| e.0 == f.0) {
+            *e = f.clone();
+        }
+    }
+    base
+}
+
+/// The largest `|a − b|` over two sets of logits.
+fn max_abs_diff(a: &[Vec<Vec<f64>>], b: &[Vec<Vec<f64>>]) -> f64 {
+    let n = |x: &[Vec<Vec<f64>>]| x.iter().flatten().flatten().count();
+    assert_eq!(n(a), n(b), "logits of different sizes");
+    a.iter()
+        .flatten()
+        .flatten()
+        .zip(b.iter().flatten().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f64, f64::max)
+}
+
+/// An f64 CPU model of `cfg` and its logits on `x` (the fast path under test).
+fn f64_logits(cfg: &ResolvedConfig, x: &Tensor) -> (MorModel, Vec<Vec<Vec<f64>>>) {
+    let model = MorModel::new_with(cfg, DType::F64, Device::Cpu).unwrap();
+    let out = model.forward(x, RouteMode::Train).unwrap();
+    let logits = out.logits.to_vec3::<f64>().unwrap();
+    (model, logits)
+}
+
+/// `b` rows of `t` random ids below 64 from `seed`, and the same as a `[b, t]` tensor.
+fn random_rows(seed: u64, b: usize, t: usize) -> (Vec<Vec<u32>>, Tensor) {
+    let flat = common::random_ids(b * t, 64, seed);
+    let rows = flat.chunks(t).map(<[u32]>::to_vec).collect();
+    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
+    (rows, x)
+}
+
+/// A micro model of `layers` layers (d = 16, 64 ids, context 16) on `backend` with `seed`;
+/// `tables`: its `[recursion]`, `[router]` and `[kv]` tables.
+fn micro_config(layers: usize, backend: &str, seed: u64, tables: &str) -> ResolvedConfig {
+    Micro {
+        runtime: &common::runtime(backend, seed),
+        tables,
+        ..common::micro(64, 16, layers, 16)
+    }
+    .resolve()
+}
 
 /// One decoder layer on tokens `xs` (position, hidden) with attention over `keys(j)`.
 /// `kv_override`: for each query the keys/values it attends to (already causal-filtered by
@@ -162,61 +316,18 @@ enum Kind {
 }
 
 fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Vec<Vec<Vec<f64>>> {
-    let cfg = model.config();
-    let m = &cfg.model;
-    let dims = Dims {
-        hq: m.num_heads,
-        hkv: m.num_kv_heads,
-        dh: m.head_dim,
-        eps: m.rms_eps,
-        theta: m.rope_theta,
-    };
-    let mut w = W { t: HashMap::new() };
-    for (n, v) in model.named_vars() {
-        let t = v.as_tensor();
-        w.t.insert(
-            n,
-            (
-                t.dims().to_vec(),
-                t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-            ),
-        );
-    }
-    let d = m.hidden_size;
-    let emb = w.get("model.embed_tokens.weight").1.clone();
-    let plan = cfg.plan.clone();
+    let nv = Naive::of(model);
+    let w = &nv.w;
+    let d = nv.d;
+    let plan = model.config().plan.clone();
     let n_r = plan.num_recursions;
-    let norms = |b: usize| {
-        (
-            w.get(&format!("model.layers.{b}.input_layernorm.weight"))
-                .1
-                .clone(),
-            w.get(&format!("model.layers.{b}.post_attention_layernorm.weight"))
-                .1
-                .clone(),
-        )
-    };
     let mut all_logits = Vec::new();
     for row in ids {
         let t = row.len();
-        let mut h: Vec<Vec<f64>> = row
-            .iter()
-            .map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec())
-            .collect();
+        let mut h = nv.embed(row);
         let run_full = |h: &mut Vec<Vec<f64>>, seg: Segment| {
             for s in plan.slots.iter().filter(|s| s.segment == seg) {
-                let (a, b) = norms(s.block);
-                let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
-                let (y, _) = layer(
-                    &w,
-                    &format!("model.layers.{}", s.block),
-                    (&a, &b),
-                    &xs,
-                    &dims,
-                    true,
-                    &|f: &Kv| f.clone(),
-                );
-                *h = y;
+                *h = nv.block_all(s.block, h, true, &|f: &Kv| f.clone()).0;
             }
         };
         run_full(&mut h, Segment::Prelude);
@@ -282,7 +393,6 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
                 .filter(|s| matches!(s.segment, Segment::Recursion { step: r, .. } if r == step))
                 .enumerate()
             {
-                let (a, b) = norms(s.block);
                 let project = !(kv == "recursive_sharing" && step >= 2);
                 let first_j: Option<Kv> = if step >= 2 {
                     first.get(j).cloned()
@@ -293,27 +403,11 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
                     match (kv, step) {
                         ("recursion_wise", _) | (_, 1) => fresh.clone(),
                         ("recursive_sharing", _) => first_j.clone().unwrap(),
-                        ("hybrid", _) => {
-                            let mut base = first_j.clone().unwrap();
-                            for f in fresh {
-                                if let Some(e) = base.iter_mut().find(|e| e.0 == f.0) {
-                                    *e = f.clone();
-                                }
-                            }
-                            base
-                        }
+                        ("hybrid", _) => overwrite(first_j.clone().unwrap(), fresh),
                         _ => unreachable!(),
                     }
                 };
-                let (y, fresh) = layer(
-                    &w,
-                    &format!("model.layers.{}", s.block),
-                    (&a, &b),
-                    &xs,
-                    &dims,
-                    project,
-                    &kv_for,
-                );
+                let (y, fresh) = nv.block(s.block, &xs, project, &kv_for);
                 if step == 1 {
                     first.push(fresh);
                 }
@@ -341,80 +435,25 @@ fn naive_forward(model: &MorModel, ids: &[Vec<u32>], kind: Kind, kv: &str) -> Ve
             active = sel;
         }
         run_full(&mut h, Segment::Coda);
-        let fw = w.get("model.norm.weight").1.clone();
-        let logits: Vec<Vec<f64>> = h
-            .iter()
-            .map(|x| {
-                let n = rmsnorm(x, &fw, m.rms_eps);
-                (0..m.vocab_size)
-                    .map(|v| (0..d).map(|c| n[c] * emb[v * d + c]).sum())
-                    .collect()
-            })
-            .collect();
-        all_logits.push(logits);
+        all_logits.push(nv.logits(&h));
     }
     all_logits
 }
 
-fn config(kind: Kind, kv: &str, backend: &str) -> mor_core::config::ResolvedConfig {
+fn config(kind: Kind, kv: &str, backend: &str) -> ResolvedConfig {
     let router = match kind {
         Kind::Expert => "kind = \"expert_choice\"",
         Kind::Token => "kind = \"token_choice\"\nz_loss = false",
     };
-    let toml = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = 64
-hidden_size = 16
-num_heads = 4
-num_kv_heads = 2
-head_dim = 4
-intermediate_size = 24
-num_layers = 5
-seq_len = 16
-[recursion]
-num_recursions = 3
-sharing = {{ kind = "middle_cycle" }}
-[router]
-{router}
-[kv]
-kind = "{kv}"
-[runtime]
-backend = {{ kind = "{backend}" }}
-seed = 11
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-"#
-    );
-    Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"))
+    let tables = format!("{MOR_RECURSION}\n[router]\n{router}\n[kv]\nkind = \"{kv}\"");
+    micro_config(5, backend, 11, &tables)
 }
 
 /// The largest `|fast − naive|` over the logits of an f64 model.
 fn worst_error(kind: Kind, kv: &str, backend: &str) -> f64 {
-    let cfg = config(kind, kv, backend);
-    let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
-    let mut rng = mor_core::rng::Rng::new(5);
-    let (b, t) = (2usize, 13usize);
-    let ids: Vec<Vec<u32>> = (0..b)
-        .map(|_| (0..t).map(|_| rng.below(64) as u32).collect())
-        .collect();
-    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
-    let out = model.forward(&x, RouteMode::Train).unwrap();
-    let fast = out.logits.to_vec3::<f64>().unwrap();
-    let naive = naive_forward(&model, &ids, kind, kv);
-    let mut worst = 0f64;
-    for r in 0..b {
-        for i in 0..t {
-            for v in 0..64 {
-                worst = worst.max((fast[r][i][v] - naive[r][i][v]).abs());
-            }
-        }
-    }
-    worst
+    let (ids, x) = random_rows(5, 2, 13);
+    let (model, fast) = f64_logits(&config(kind, kv, backend), &x);
+    max_abs_diff(&fast, &naive_forward(&model, &ids, kind, kv))
 }
 
 fn check(kind: Kind, kv: &str, backend: &str) {
@@ -468,45 +507,12 @@ fn f64_forward_agrees_with_the_f64_reference_to_1e_12() {
 /// step-1 K/V of layer j and projects none (spec §4), under `hybrid` it reads them with
 /// every position overwritten by its fresh K/V (all tokens are selected).
 fn naive_recursive(model: &MorModel, ids: &[Vec<u32>], kv: &str) -> Vec<Vec<Vec<f64>>> {
-    let cfg = model.config();
-    let m = &cfg.model;
-    let dims = Dims {
-        hq: m.num_heads,
-        hkv: m.num_kv_heads,
-        dh: m.head_dim,
-        eps: m.rms_eps,
-        theta: m.rope_theta,
-    };
-    let mut w = W { t: HashMap::new() };
-    for (n, v) in model.named_vars() {
-        let t = v.as_tensor();
-        w.t.insert(
-            n,
-            (
-                t.dims().to_vec(),
-                t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-            ),
-        );
-    }
-    let d = m.hidden_size;
-    let emb = w.get("model.embed_tokens.weight").1.clone();
+    let nv = Naive::of(model);
     let mut out = Vec::new();
     for row in ids {
-        let mut h: Vec<Vec<f64>> = row
-            .iter()
-            .map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec())
-            .collect();
+        let mut h = nv.embed(row);
         let mut first: HashMap<usize, Kv> = HashMap::new();
-        for s in &cfg.plan.slots {
-            let b = s.block;
-            let a = w
-                .get(&format!("model.layers.{b}.input_layernorm.weight"))
-                .1
-                .clone();
-            let n2 = w
-                .get(&format!("model.layers.{b}.post_attention_layernorm.weight"))
-                .1
-                .clone();
+        for s in &model.config().plan.slots {
             let (step, lj) = match s.segment {
                 Segment::Recursion { step, layer } => (step, layer),
                 _ => (0, usize::MAX),
@@ -519,75 +525,25 @@ fn naive_recursive(model: &MorModel, ids: &[Vec<u32>], kv: &str) -> Vec<Vec<Vec<
                     (false, _) => fresh.clone(),
                     (true, "recursive_sharing") => base.clone().unwrap(),
                     // Hybrid with every token selected: every step-1 entry is overwritten.
-                    _ => {
-                        let mut b = base.clone().unwrap();
-                        for f in fresh {
-                            if let Some(e) = b.iter_mut().find(|e| e.0 == f.0) {
-                                *e = f.clone();
-                            }
-                        }
-                        b
-                    }
+                    _ => overwrite(base.clone().unwrap(), fresh),
                 }
             };
-            let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
-            let (y, fresh) = layer(
-                &w,
-                &format!("model.layers.{b}"),
-                (&a, &n2),
-                &xs,
-                &dims,
-                project,
-                &kv_for,
-            );
+            let (y, fresh) = nv.block_all(s.block, &h, project, &kv_for);
             if step == 1 {
                 first.insert(lj, fresh);
             }
             h = y;
         }
-        let fw = w.get("model.norm.weight").1.clone();
-        out.push(
-            h.iter()
-                .map(|x| {
-                    let n = rmsnorm(x, &fw, m.rms_eps);
-                    (0..m.vocab_size)
-                        .map(|v| (0..d).map(|c| n[c] * emb[v * d + c]).sum())
-                        .collect()
-                })
-                .collect(),
-        );
+        out.push(nv.logits(&h));
     }
     out
 }
 
-fn recursive_config(sharing: &str, kv: &str) -> mor_core::config::ResolvedConfig {
-    let toml = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = 64
-hidden_size = 16
-num_heads = 4
-num_kv_heads = 2
-head_dim = 4
-intermediate_size = 24
-num_layers = 8
-seq_len = 16
-[recursion]
-num_recursions = 3
-sharing = {{ kind = "{sharing}" }}
-[kv]
-kind = "{kv}"
-[runtime]
-backend = {{ kind = "reference" }}
-seed = 13
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-"#
+fn recursive_config(sharing: &str, kv: &str) -> ResolvedConfig {
+    let tables = format!(
+        "[recursion]\nnum_recursions = 3\nsharing = {{ kind = \"{sharing}\" }}\n[kv]\nkind = \"{kv}\""
     );
-    Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"))
+    micro_config(8, "reference", 13, &tables)
 }
 
 /// Recursive KV sharing is what the model computes for every sharing plan, the non-cyclic
@@ -597,45 +553,18 @@ micro_batch_seqs = 2
 /// the step >= 2 slots, `2·(4d² − 2d²)` per token each (spec §1.4).
 #[test]
 fn recursive_sharing_runs_and_is_counted_under_every_plan() {
-    let mut rng = mor_core::rng::Rng::new(9);
-    let (b, t) = (2usize, 11usize);
-    let ids: Vec<Vec<u32>> = (0..b)
-        .map(|_| (0..t).map(|_| rng.below(64) as u32).collect())
-        .collect();
-    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
+    let (ids, x) = random_rows(9, 2, 11);
     for plan in ["cycle", "sequence", "middle_cycle", "middle_sequence"] {
         let mut logits = HashMap::new();
         for kv in ["recursion_wise", "recursive_sharing", "hybrid"] {
             let cfg = recursive_config(plan, kv);
-            let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
-            let fast = model
-                .forward(&x, RouteMode::Train)
-                .unwrap()
-                .logits
-                .to_vec3::<f64>()
-                .unwrap();
-            let naive = naive_recursive(&model, &ids, kv);
-            let worst = fast
-                .iter()
-                .flatten()
-                .flatten()
-                .zip(naive.iter().flatten().flatten())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f64, f64::max);
+            let (model, fast) = f64_logits(&cfg, &x);
+            let worst = max_abs_diff(&fast, &naive_recursive(&model, &ids, kv));
             assert!(worst < 1e-12, "{plan}/{kv}: max |fast - naive| = {worst:e}");
             logits.insert(kv, fast);
         }
         // Hybrid with every token selected overwrites every step-1 entry: recursion-wise.
-        let diff = |a: &str, b: &str| {
-            logits[a]
-                .iter()
-                .flatten()
-                .flatten()
-                .zip(logits[b].iter().flatten().flatten())
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f64, f64::max)
-        };
+        let diff = |a: &str, b: &str| max_abs_diff(&logits[a], &logits[b]);
         assert!(diff("recursion_wise", "hybrid") < 1e-12, "{plan}");
         assert!(diff("recursion_wise", "recursive_sharing") > 1e-6, "{plan}");
 
@@ -685,106 +614,34 @@ fn naive_vanilla(
     ids: &[Vec<u32>],
     pattern: Option<(&str, usize)>,
 ) -> Vec<Vec<Vec<f64>>> {
-    let cfg = model.config();
-    let m = &cfg.model;
-    let n = m.num_layers;
-    let dims = Dims {
-        hq: m.num_heads,
-        hkv: m.num_kv_heads,
-        dh: m.head_dim,
-        eps: m.rms_eps,
-        theta: m.rope_theta,
-    };
-    let mut w = W { t: HashMap::new() };
-    for (name, v) in model.named_vars() {
-        let t = v.as_tensor();
-        w.t.insert(
-            name,
-            (
-                t.dims().to_vec(),
-                t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-            ),
-        );
-    }
-    let d = m.hidden_size;
-    let emb = w.get("model.embed_tokens.weight").1.clone();
+    let nv = Naive::of(model);
+    let n = model.config().model.num_layers;
     let mut out = Vec::new();
     for row in ids {
-        let mut h: Vec<Vec<f64>> = row
-            .iter()
-            .map(|&id| emb[id as usize * d..(id as usize + 1) * d].to_vec())
-            .collect();
+        let mut h = nv.embed(row);
         let mut computed: HashMap<usize, Kv> = HashMap::new();
         for l in 0..n {
             let src = pattern.map_or(l, |(p, loops)| kv_source(p, n, loops, l));
-            let a = w
-                .get(&format!("model.layers.{l}.input_layernorm.weight"))
-                .1
-                .clone();
-            let n2 = w
-                .get(&format!("model.layers.{l}.post_attention_layernorm.weight"))
-                .1
-                .clone();
             let reused = (src != l).then(|| computed[&src].clone());
             let kv_for = |fresh: &Kv| -> Kv { reused.clone().unwrap_or_else(|| fresh.clone()) };
-            let xs: Vec<(usize, Vec<f64>)> = h.iter().cloned().enumerate().collect();
-            let (y, fresh) = layer(
-                &w,
-                &format!("model.layers.{l}"),
-                (&a, &n2),
-                &xs,
-                &dims,
-                src == l,
-                &kv_for,
-            );
+            let (y, fresh) = nv.block_all(l, &h, src == l, &kv_for);
             if src == l {
                 computed.insert(l, fresh);
             }
             h = y;
         }
-        let fw = w.get("model.norm.weight").1.clone();
-        out.push(
-            h.iter()
-                .map(|x| {
-                    let nx = rmsnorm(x, &fw, m.rms_eps);
-                    (0..m.vocab_size)
-                        .map(|v| (0..d).map(|c| nx[c] * emb[v * d + c]).sum())
-                        .collect()
-                })
-                .collect(),
-        );
+        out.push(nv.logits(&h));
     }
     out
 }
 
-fn vanilla_config(kv: &str, backend: &str) -> mor_core::config::ResolvedConfig {
-    let toml = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = 64
-hidden_size = 16
-num_heads = 4
-num_kv_heads = 2
-head_dim = 4
-intermediate_size = 24
-num_layers = 8
-seq_len = 16
-[recursion]
-num_recursions = 1
-sharing = {{ kind = "none" }}
-[kv]
-{kv}
-[runtime]
-backend = {{ kind = "{backend}" }}
-seed = 13
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-"#
-    );
-    Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}"))
+fn vanilla_config(kv: &str, backend: &str) -> ResolvedConfig {
+    micro_config(
+        8,
+        backend,
+        13,
+        &format!("[recursion]\n{VANILLA}\n[kv]\n{kv}"),
+    )
 }
 
 /// Vanilla models with KV sharing (spec §4, the vanilla rows of §6.4 (d)) under every
@@ -794,35 +651,11 @@ micro_batch_seqs = 2
 /// the same weights agrees with the unshared reference and differs).
 #[test]
 fn vanilla_kv_sharing_matches_a_naive_layer_by_layer_reference() {
-    let mut rng = mor_core::rng::Rng::new(21);
-    let (b, t) = (2usize, 11usize);
-    let ids: Vec<Vec<u32>> = (0..b)
-        .map(|_| (0..t).map(|_| rng.below(64) as u32).collect())
-        .collect();
-    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-    let x = Tensor::from_vec(flat, (b, t), &Device::Cpu).unwrap();
-    let worst = |a: &[Vec<Vec<f64>>], b: &[Vec<Vec<f64>>]| {
-        a.iter()
-            .flatten()
-            .flatten()
-            .zip(b.iter().flatten().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f64, f64::max)
-    };
+    let (ids, x) = random_rows(21, 2, 11);
     for backend in ["reference", "cpu"] {
-        let plain = MorModel::new_with(
-            &vanilla_config("kind = \"recursion_wise\"", backend),
-            DType::F64,
-            Device::Cpu,
-        )
-        .unwrap();
-        let plain_logits = plain
-            .forward(&x, RouteMode::Train)
-            .unwrap()
-            .logits
-            .to_vec3::<f64>()
-            .unwrap();
-        let e = worst(&plain_logits, &naive_vanilla(&plain, &ids, None));
+        let (plain, plain_logits) =
+            f64_logits(&vanilla_config("kind = \"recursion_wise\"", backend), &x);
+        let e = max_abs_diff(&plain_logits, &naive_vanilla(&plain, &ids, None));
         assert!(e < 1e-12, "{backend}/unshared: {e:e}");
         for (pattern, loops) in [
             ("cycle", 2),
@@ -838,20 +671,14 @@ fn vanilla_kv_sharing_matches_a_naive_layer_by_layer_reference() {
                 ),
                 backend,
             );
-            let model = MorModel::new_with(&cfg, DType::F64, Device::Cpu).unwrap();
-            let fast = model
-                .forward(&x, RouteMode::Train)
-                .unwrap()
-                .logits
-                .to_vec3::<f64>()
-                .unwrap();
+            let (model, fast) = f64_logits(&cfg, &x);
             let naive = naive_vanilla(&model, &ids, Some((pattern, loops)));
-            let e = worst(&fast, &naive);
+            let e = max_abs_diff(&fast, &naive);
             assert!(
                 e < 1e-12,
                 "{backend}/{pattern}{loops}: max |fast - naive| = {e:e}"
             );
-            let changed = worst(&fast, &plain_logits);
+            let changed = max_abs_diff(&fast, &plain_logits);
             assert!(
                 changed > 1e-6,
                 "{backend}/{pattern}{loops}: sharing left the logits unchanged ({changed:e})"

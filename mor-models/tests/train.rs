@@ -1,45 +1,26 @@
 //! Training loop guarantees: resume is bit-identical, NaN/Inf stops with the step and the
 //! last good checkpoint kept, corrupt checkpoints are refused without being overwritten.
 
+use common::{Micro, MOR_RECURSION};
+mod common;
+
 use mor_core::config::{Config, ResolvedConfig};
 use mor_models::run::{run, RunOptions};
 use std::path::{Path, PathBuf};
 
 fn cfg(extra_train: &str) -> ResolvedConfig {
-    let text = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = 300
-hidden_size = 32
-num_heads = 4
-num_kv_heads = 2
-head_dim = 8
-intermediate_size = 48
-num_layers = 5
-seq_len = 16
-[recursion]
-num_recursions = 3
-sharing = {{ kind = "middle_cycle" }}
-[router]
-kind = "expert_choice"
-[runtime]
-seed = 5
-[data]
-source = "builtin"
-builtin_docs = 60
-tokenizer = "byte"
-[eval]
-max_batches = 1
-[train]
-budget = {{ steps = 6 }}
-batch_seqs = 4
-micro_batch_seqs = 2
-checkpoint_every = 2
-{extra_train}
-"#
+    let train = format!(
+        "budget = {{ steps = 6 }}\nbatch_seqs = 4\nmicro_batch_seqs = 2\ncheckpoint_every = 2\n{extra_train}"
     );
-    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
+    Micro {
+        runtime: "seed = 5",
+        train: &train,
+        tables: &format!(
+            "{MOR_RECURSION}\n[router]\nkind = \"expert_choice\"\n[data]\nsource = \"builtin\"\nbuiltin_docs = 60\ntokenizer = \"byte\"\n[eval]\nmax_batches = 1"
+        ),
+        ..common::micro(300, 32, 5, 16)
+    }
+    .resolve()
 }
 
 fn dir(tag: &str) -> PathBuf {

@@ -4,6 +4,9 @@
 //! against the spec's layer mappings, the FLOPs and parameter accounting against closed
 //! forms, and the paper configs of the table's vanilla rows.
 
+use common::{Micro, VANILLA};
+mod common;
+
 use mor_core::config::{Config, ResolvedConfig};
 use mor_core::plan::Segment;
 use mor_models::MorModel;
@@ -24,35 +27,13 @@ fn paper(name: &str) -> ResolvedConfig {
 /// A small model of `layers` layers with `recursion` and `kv` sections.
 fn small(layers: usize, recursion: &str, kv: &str, extra: &str) -> Result<ResolvedConfig, String> {
     link();
-    let text = format!(
-        r#"
-[model]
-preset = "micro"
-vocab_size = 64
-hidden_size = 16
-num_heads = 4
-num_kv_heads = 2
-head_dim = 4
-intermediate_size = 24
-num_layers = {layers}
-seq_len = 16
-[recursion]
-{recursion}
-[kv]
-{kv}
-[runtime]
-backend = {{ kind = "reference" }}
-[train]
-budget = {{ steps = 1 }}
-batch_seqs = 2
-micro_batch_seqs = 2
-{extra}
-"#
-    );
-    Config::from_toml_str(&text).map_err(|e| e.to_string())
+    Micro {
+        runtime: "backend = { kind = \"reference\" }",
+        tables: &format!("[recursion]\n{recursion}\n[kv]\n{kv}\n{extra}"),
+        ..common::micro(64, 16, layers, 16)
+    }
+    .try_resolve()
 }
-
-const VANILLA: &str = "num_recursions = 1\nsharing = { kind = \"none\" }";
 
 fn shared(layers: usize, pattern: &str, loops: usize) -> ResolvedConfig {
     small(

@@ -1,0 +1,121 @@
+//! Helpers shared by the `mor-models` integration tests: micro model configs and random
+//! token ids. Each test file uses some of them.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use mor_core::config::{Config, ResolvedConfig};
+
+/// The `[train]` keys of a config that is built rather than trained: one step of two
+/// sequences.
+pub const ONE_STEP: &str = "budget = { steps = 1 }\nbatch_seqs = 2\nmicro_batch_seqs = 2";
+
+/// The `[recursion]` table of the MoR models: three recursions, Middle-Cycle sharing.
+pub const MOR_RECURSION: &str =
+    "[recursion]\nnum_recursions = 3\nsharing = { kind = \"middle_cycle\" }";
+
+/// The `[recursion]` keys of a vanilla model: one pass, no sharing.
+pub const VANILLA: &str = "num_recursions = 1\nsharing = { kind = \"none\" }";
+
+/// A micro model config: `hidden` wide with 4 heads (2 K/V heads) of `hidden / 4` and an
+/// MLP of `3·hidden / 2`, `layers` layers, `vocab` ids, context `seq_len`; the other tables
+/// as given.
+#[derive(Clone, Copy, Debug)]
+pub struct Micro<'a> {
+    /// `model.vocab_size`.
+    pub vocab: usize,
+    /// `model.hidden_size`.
+    pub hidden: usize,
+    /// `model.num_layers`.
+    pub layers: usize,
+    /// `model.seq_len`.
+    pub seq_len: usize,
+    /// Further `[model]` keys.
+    pub model: &'a str,
+    /// The `[runtime]` keys (no table when empty).
+    pub runtime: &'a str,
+    /// The `[train]` keys.
+    pub train: &'a str,
+    /// Whole tables after `[train]` (`[recursion]`, `[router]`, `[kv]`, `[data]`, …).
+    pub tables: &'a str,
+}
+
+/// A [`Micro`] config with no runtime keys, [`ONE_STEP`] training and no other tables.
+pub const fn micro(vocab: usize, hidden: usize, layers: usize, seq_len: usize) -> Micro<'static> {
+    Micro {
+        vocab,
+        hidden,
+        layers,
+        seq_len,
+        model: "",
+        runtime: "",
+        train: ONE_STEP,
+        tables: "",
+    }
+}
+
+impl Micro<'_> {
+    /// The config's TOML text.
+    pub fn toml(&self) -> String {
+        let Micro {
+            vocab,
+            hidden,
+            layers,
+            seq_len,
+            model,
+            runtime,
+            train,
+            tables,
+        } = *self;
+        let (head_dim, intermediate) = (hidden / 4, hidden * 3 / 2);
+        let runtime = if runtime.is_empty() {
+            String::new()
+        } else {
+            format!("[runtime]\n{runtime}\n")
+        };
+        format!(
+            r#"
+[model]
+preset = "micro"
+vocab_size = {vocab}
+hidden_size = {hidden}
+num_heads = 4
+num_kv_heads = 2
+head_dim = {head_dim}
+intermediate_size = {intermediate}
+num_layers = {layers}
+seq_len = {seq_len}
+{model}
+{runtime}[train]
+{train}
+{tables}
+"#
+        )
+    }
+
+    /// The resolved config, or the resolution error as text.
+    pub fn try_resolve(&self) -> Result<ResolvedConfig, String> {
+        Config::from_toml_str(&self.toml()).map_err(|e| e.to_string())
+    }
+
+    /// The resolved config; panics with the error and the text.
+    pub fn resolve(&self) -> ResolvedConfig {
+        let text = self.toml();
+        Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+}
+
+/// `[runtime]` keys: the backend `backend` and the seed `seed`.
+pub fn runtime(backend: &str, seed: u64) -> String {
+    format!("backend = {{ kind = \"{backend}\" }}\nseed = {seed}")
+}
+
+/// `n` token ids below `vocab`, drawn from `Rng::new(seed)`.
+pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut r = mor_core::rng::Rng::new(seed);
+    (0..n).map(|_| r.below(vocab) as u32).collect()
+}
+
+/// A `[b, t]` CPU tensor of [`random_ids`]`(b·t, vocab, seed)`, row after row.
+pub fn id_tensor(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
+    Tensor::from_vec(random_ids(b * t, vocab, seed), (b, t), &Device::Cpu).unwrap()
+}

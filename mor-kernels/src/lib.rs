@@ -14,7 +14,7 @@
 
 #![warn(missing_docs)]
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::fmt;
 use std::sync::Arc;
 
@@ -375,11 +375,25 @@ macro_rules! forward_backend {
 
 forward_backend!(Arc, Box);
 
-/// RoPE cos/sin tables `[max_pos, dh/2]` for theta (spec §1.1: theta 1e4, no scaling).
+/// RoPE cos/sin tables `[max_pos, dh/2]` for theta (spec §1.1: theta 1e4, no scaling), in
+/// f32: [`rope_tables_in`] with `DType::F32`.
 pub fn rope_tables(
     max_pos: usize,
     head_dim: usize,
     theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    rope_tables_in(max_pos, head_dim, theta, DType::F32, device)
+}
+
+/// RoPE tables `(cos, sin)`, each `[max_pos, head_dim / 2]`, in `dtype`: entry `(p, i)` is
+/// `cos/sin(p · θ^(−2i/head_dim))` (spec §1.1, HF rotate_half form), computed in f64 and
+/// rounded once to `dtype` (f64 tables keep an f64 forward in f64 throughout).
+pub fn rope_tables_in(
+    max_pos: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
@@ -389,13 +403,13 @@ pub fn rope_tables(
         for i in 0..half {
             let inv = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
             let a = p as f64 * inv;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
+            cos.push(a.cos());
+            sin.push(a.sin());
         }
     }
     Ok((
-        Tensor::from_vec(cos, (max_pos, half), device)?,
-        Tensor::from_vec(sin, (max_pos, half), device)?,
+        Tensor::from_vec(cos, (max_pos, half), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (max_pos, half), device)?.to_dtype(dtype)?,
     ))
 }
 

@@ -146,23 +146,30 @@ impl Fnv64 {
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
     }
+
+    /// Feeds everything `r` yields, read in 1 MiB pieces; returns the number of bytes fed.
+    ///
+    /// # Errors
+    /// A read error, naming `path` (what `r` reads).
+    pub fn update_from(&mut self, r: &mut impl std::io::Read, path: &Path) -> Result<u64> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = r.read(&mut buf).map_err(|e| Error::io(path, e))?;
+            if n == 0 {
+                return Ok(bytes);
+            }
+            self.update(&buf[..n]);
+            bytes += n as u64;
+        }
+    }
 }
 
 /// Size and FNV-1a hash of a file, read in 1 MiB pieces.
 pub fn digest(path: &Path) -> Result<FileDigest> {
-    use std::io::Read;
     let mut f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = Fnv64::default();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        bytes += n as u64;
-    }
+    let bytes = h.update_from(&mut f, path)?;
     Ok(FileDigest {
         bytes,
         fnv64: format!("{:016x}", h.0),

@@ -286,7 +286,10 @@ impl MorModel {
                 Some(mor_router::build_router(&spec.kind, &spec.params, &ctx)?)
             }
         };
-        let (cos, sin) = rope_tables(m.seq_len.max(1) * 4, dh, m.rope_theta, dtype, dev)?;
+        // f64 tables for an f64 model: f32 ones would cap an f64 forward's agreement with an
+        // f64 reference at about 1e-10.
+        let (cos, sin) =
+            mor_kernels::rope_tables_in(m.seq_len.max(1) * 4, dh, m.rope_theta, dtype, dev)?;
         // Steps >= 2 reuse the step-1 K/V and project none (spec §4): in a vanilla model with
         // KV sharing the blocks of those slots have K/V projections that nothing reads.
         let later_steps_share = kv.keeps_first_step() && !kv.projects_kv(2);
@@ -875,35 +878,6 @@ impl MorModel {
     pub fn rope_tables(&self) -> (&Tensor, &Tensor) {
         (&self.cos, &self.sin)
     }
-}
-
-/// RoPE tables `(cos, sin)`, each `[max_pos, head_dim / 2]`, in `dtype`: entry `(p, i)` is
-/// `cos/sin(p · θ^(−2i/head_dim))` (spec §1.1, HF rotate_half form), computed in f64 and
-/// rounded once to `dtype`. The f32 tables equal `mor_kernels::rope_tables`; an f64 model
-/// gets f64 tables (an f32 table would cap an f64 forward's agreement with an f64
-/// reference at about 1e-10).
-fn rope_tables(
-    max_pos: usize,
-    head_dim: usize,
-    theta: f64,
-    dtype: DType,
-    dev: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(max_pos * half);
-    let mut sin = Vec::with_capacity(max_pos * half);
-    for p in 0..max_pos {
-        for i in 0..half {
-            let inv = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-            let a = p as f64 * inv;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (max_pos, half), dev)?.to_dtype(dtype)?,
-        Tensor::from_vec(sin, (max_pos, half), dev)?.to_dtype(dtype)?,
-    ))
 }
 
 /// Spreads a flat gate `[n_valid]` into `[b, kmax]` with zeros at padded slots.

@@ -10,7 +10,6 @@
 use crate::checkpoint::Fnv64;
 use crate::data::{readers, DataConfig, Source};
 use crate::{Error, Result};
-use std::io::Read;
 use std::path::Path;
 
 /// The file name of the record inside a run folder.
@@ -69,7 +68,6 @@ impl DataRecord {
                     abs.parent().map(Path::to_path_buf).unwrap_or_default()
                 };
                 let mut bytes = 0u64;
-                let mut buf = vec![0u8; 1 << 20];
                 for (f, _) in &files {
                     let fabs = std::fs::canonicalize(f).map_err(|e| Error::io(f, e))?;
                     let rel = fabs.strip_prefix(&base).unwrap_or(&fabs);
@@ -79,16 +77,7 @@ impl DataRecord {
                     let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
                     let len = file.metadata().map_err(|e| Error::io(f, e))?.len();
                     h.update(&len.to_le_bytes());
-                    let mut read = 0u64;
-                    loop {
-                        let n = file.read(&mut buf).map_err(|e| Error::io(f, e))?;
-                        if n == 0 {
-                            break;
-                        }
-                        h.update(&buf[..n]);
-                        read += n as u64;
-                    }
-                    bytes += read;
+                    bytes += h.update_from(&mut file, f)?;
                 }
                 Ok(DataRecord {
                     source: abs.display().to_string(),

@@ -165,10 +165,10 @@ struct Plot {
     y1: f64,
 }
 
-const WIDTH: f64 = 780.0;
+const WIDTH: f64 = 830.0;
 const HEIGHT: f64 = 460.0;
 const LEFT: f64 = 74.0;
-const RIGHT: f64 = 210.0;
+const RIGHT: f64 = 260.0;
 const TOP: f64 = 46.0;
 const BOTTOM: f64 = 58.0;
 const LEGEND_ROW: f64 = 18.0;
@@ -328,7 +328,7 @@ impl Plot {
                 r#"<text class="legend-label" x="{:.1}" y="{:.1}">{}<title>{}</title></text>"#,
                 x + 30.0,
                 y + 4.0,
-                escape_xml(&truncate(name, 24)),
+                escape_xml(&truncate(name, 28)),
                 escape_xml(name)
             );
         }

@@ -143,9 +143,23 @@ pub enum Warmup {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
-    /// f32 everywhere (the only precision on CPU for now; bf16 is reserved).
+    /// f32 everywhere.
     #[default]
     F32,
+    /// Mixed precision: f32 master weights and optimiser state; the matrix products take
+    /// bf16 inputs and accumulate in f32; norms, softmax, RoPE, residuals, router scores
+    /// and the loss stay in f32. Needs a backend that implements it (`cpu`).
+    Bf16,
+}
+
+impl Precision {
+    /// The name used in configs (`"f32"`, `"bf16"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 /// What the loss-spike detector does when a step's loss z-score exceeds the threshold.

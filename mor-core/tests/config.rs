@@ -273,10 +273,12 @@ fn misspelled_fields_name_their_path_and_the_expected_ones() {
         &["-8", "usize"],
     );
     check_one(
-        &tiny_with(&[("train.precision", "bf16".into())]),
+        &tiny_with(&[("train.precision", "fp8".into())]),
         "train.precision",
-        &["reserved", "`f32`"],
+        &["\"fp8\"", "`f32`", "`bf16`"],
     );
+    let c = Config::from_toml_str(&tiny_with(&[("train.precision", "bf16".into())])).unwrap();
+    assert_eq!(c.train.precision, mor_core::config::Precision::Bf16);
     check_one(
         &tiny_with(&[(
             "eval.router_metrics",

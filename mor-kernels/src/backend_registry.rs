@@ -2,15 +2,60 @@
 
 use crate::{Backend, Result};
 use candle_core::Device;
+use mor_core::config::Precision;
 use mor_core::registry::{Family, Plugin};
 use std::fmt;
 use std::sync::Arc;
 
 /// What a backend is built with.
+///
+/// Built with [`BackendCtx::new`] (and [`BackendCtx::with_precision`]), so that fields can be
+/// added without breaking third-party backends.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BackendCtx {
     /// Device requested by the run (`Device::Cpu` unless a GPU run asks otherwise).
     pub device: Device,
+    /// Numeric precision of the run's products (`train.precision`). A backend that does not
+    /// implement a precision refuses it in `build`, naming the backends that do.
+    pub precision: Precision,
+}
+
+impl BackendCtx {
+    /// A context on `device`, in f32.
+    pub fn new(device: Device) -> Self {
+        BackendCtx {
+            device,
+            precision: Precision::F32,
+        }
+    }
+
+    /// The same context with `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// `Err` naming `backend` and the backends that implement bf16, unless the context asks
+    /// for f32.
+    pub fn require_f32(&self, backend: &str) -> Result<()> {
+        if self.precision == Precision::F32 {
+            return Ok(());
+        }
+        let alternative = if backend == "cpu" {
+            ""
+        } else {
+            ", or backend.kind = \"cpu\""
+        };
+        Err(crate::Error::Invalid {
+            op: "build",
+            msg: format!(
+                "train.precision = \"{}\" is not implemented by the `{backend}` backend; \
+                 use train.precision = \"f32\"{alternative}",
+                self.precision.as_str()
+            ),
+        })
+    }
 }
 
 /// A registrable backend.

@@ -261,6 +261,7 @@ impl Plugin for CpuBackend {
 
 impl BackendPlugin for CpuBackend {
     fn build(_params: CpuParams, ctx: &BackendCtx) -> Result<Self> {
+        ctx.require_f32("cpu")?;
         if !ctx.device.is_cpu() {
             return Err(Error::Invalid {
                 op: "build",

@@ -52,7 +52,7 @@ pub const PAD_POS: u32 = u32::MAX;
 /// use candle_core::{Device, Tensor};
 /// use mor_kernels::{build_backend, Backend, BackendCtx};
 ///
-/// let be = build_backend("cpu", &toml::Table::new(), &BackendCtx { device: Device::Cpu })?;
+/// let be = build_backend("cpu", &toml::Table::new(), &BackendCtx::new(Device::Cpu))?;
 /// let h = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((1, 4, 3))?; // [b, l, d]
 /// let idx = Tensor::new(&[[1u32, 3]], &Device::Cpu)?; // the selected tokens, ascending
 /// let x = be.gather_tokens(&h, &idx)?; // [1, 2, 3]

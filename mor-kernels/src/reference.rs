@@ -49,6 +49,8 @@ impl Plugin for ReferenceBackend {
 
 impl BackendPlugin for ReferenceBackend {
     fn build(_params: ReferenceParams, ctx: &BackendCtx) -> Result<Self> {
+        // The oracle computes in the dtype of its tensors; it has no mixed precision.
+        ctx.require_f32("reference")?;
         Ok(ReferenceBackend::new(ctx.device.clone()))
     }
 }

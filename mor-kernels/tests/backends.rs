@@ -18,7 +18,7 @@ const FD_EPS: f64 = 1e-5;
 const FD_TOL: f64 = 1e-6;
 
 fn backend(name: &str) -> Arc<dyn Backend> {
-    build_backend(name, &toml::Table::new(), &BackendCtx { device: CPU }).expect("backend builds")
+    build_backend(name, &toml::Table::new(), &BackendCtx::new(CPU)).expect("backend builds")
 }
 
 fn both() -> [Arc<dyn Backend>; 2] {
@@ -546,7 +546,7 @@ fn backends_are_registered_and_reject_unknown_params() {
         assert_eq!(backend(name).name(), name);
         let mut bad = toml::Table::new();
         bad.insert("threads".into(), toml::Value::Integer(2));
-        let err = build_backend(name, &bad, &BackendCtx { device: CPU }).unwrap_err();
+        let err = build_backend(name, &bad, &BackendCtx::new(CPU)).unwrap_err();
         assert!(err.to_string().contains("threads"), "{err}");
     }
 }

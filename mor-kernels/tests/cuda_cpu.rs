@@ -442,20 +442,20 @@ fn cuda_backend_without_the_feature_says_how_to_get_it() {
     if cuda::COMPILED {
         // Built with the feature: the message must never ask for it; without a GPU the
         // error is a CUDA error, not a panic.
-        match build_backend("cuda", &toml::Table::new(), &BackendCtx { device: CPU }) {
+        match build_backend("cuda", &toml::Table::new(), &BackendCtx::new(CPU)) {
             Ok(be) => assert_eq!(be.name(), "cuda"),
             Err(e) => assert!(matches!(e, Error::Cuda(_)), "{e:?}"),
         }
         assert!(cuda::embedded_module(KernelModule::Router).is_some());
         return;
     }
-    let err = build_backend("cuda", &toml::Table::new(), &BackendCtx { device: CPU }).unwrap_err();
+    let err = build_backend("cuda", &toml::Table::new(), &BackendCtx::new(CPU)).unwrap_err();
     assert!(matches!(err, Error::NotCompiledWithCuda), "{err:?}");
     assert!(err.to_string().contains("--features cuda"), "{err}");
     let mut params = toml::Table::new();
     params.insert("ordinal".into(), toml::Value::Integer(1));
     assert!(matches!(
-        build_backend("cuda", &params, &BackendCtx { device: CPU }),
+        build_backend("cuda", &params, &BackendCtx::new(CPU)),
         Err(Error::NotCompiledWithCuda)
     ));
     assert!(matches!(
@@ -507,7 +507,7 @@ fn cuda_backend_rejects_unknown_parameters() {
     use mor_kernels::{build_backend, BackendCtx};
     let mut params = toml::Table::new();
     params.insert("device".into(), toml::Value::Integer(0));
-    let err = build_backend("cuda", &params, &BackendCtx { device: CPU })
+    let err = build_backend("cuda", &params, &BackendCtx::new(CPU))
         .unwrap_err()
         .to_string();
     assert!(

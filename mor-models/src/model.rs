@@ -145,9 +145,7 @@ impl MorModel {
         let backend = mor_kernels::build_backend(
             &cfg.backend.kind,
             &cfg.backend.params,
-            &BackendCtx {
-                device: device.clone(),
-            },
+            &BackendCtx::new(device.clone()).with_precision(cfg.train.precision),
         )?;
         let kv = mor_kvcache::build_kv_policy(
             &cfg.kv.kind,

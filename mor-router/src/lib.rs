@@ -34,7 +34,7 @@
 //! let backend = mor_kernels::build_backend(
 //!     "reference",
 //!     &toml::Table::new(),
-//!     &BackendCtx { device: device.clone() },
+//!     &BackendCtx::new(device.clone()),
 //! )?;
 //! // Hidden size d = 8, N_r = 3 recursion steps, sequence length L = 6.
 //! let ctx = RouterCtx::new(8, 3, 6, device.clone(), backend);

@@ -14,9 +14,7 @@ fn backend() -> Arc<dyn mor_kernels::Backend> {
     mor_kernels::build_backend(
         "reference",
         &toml::Table::new(),
-        &mor_kernels::BackendCtx {
-            device: Device::Cpu,
-        },
+        &mor_kernels::BackendCtx::new(Device::Cpu),
     )
     .unwrap()
 }

@@ -677,13 +677,13 @@ fn train_fields(raw: &RawConfig, p: &mut Problems) -> Option<TrainConfig> {
     );
     let precision = match t.precision.as_deref() {
         None | Some("f32") => Precision::F32,
+        Some("bf16") => Precision::Bf16,
         Some(other) => {
-            let why = if other == "bf16" {
-                "bf16 is reserved and not supported yet; allowed: `f32`"
-            } else {
-                "allowed: `f32`"
-            };
-            p.push("train.precision", format!("\"{other}\""), why);
+            p.push(
+                "train.precision",
+                format!("\"{other}\""),
+                "allowed: `f32`, `bf16` (bf16 products with f32 accumulation and f32 master weights)",
+            );
             Precision::F32
         }
     };

@@ -79,6 +79,7 @@ impl Plugin for CudaBackend {
 
 impl BackendPlugin for CudaBackend {
     fn build(params: CudaParams, ctx: &BackendCtx) -> Result<Self> {
+        ctx.require_f32("cuda")?;
         match params.ordinal {
             None if ctx.device.is_cuda() => CudaBackend::on_device(ctx.device.clone()),
             ordinal => CudaBackend::new(ordinal.unwrap_or(0)),

@@ -43,7 +43,7 @@ mod resolve;
 
 pub use overrides::{apply_override, parse_override};
 pub use presets::PRESETS;
-pub use resolve::available_cores;
+pub use resolve::{available_cores, check_threads};
 
 /// A plugin slot after resolution: its kind and its parameters with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -654,9 +654,10 @@ proptest! {
     }
 }
 
-/// `runtime.threads` is bounded by the machine's parallelism: 100000 threads would
-/// oversubscribe any machine (and once hung, then aborted); the error names the field, the
-/// value and the allowed range.
+/// `runtime.threads` is bounded by the machine's parallelism when a run starts
+/// (`check_threads`): 100000 threads would oversubscribe any machine (and once hung, then
+/// aborted); the error names the field, the value and the allowed range. Resolution itself
+/// accepts any count, so a run trained on a larger machine still resolves on this one.
 #[test]
 fn threads_are_bounded_by_the_available_parallelism() {
     let cores = mor_core::config::available_cores();
@@ -665,16 +666,21 @@ fn threads_are_bounded_by_the_available_parallelism() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     for ok in [0, 1, cores] {
+        mor_core::config::check_threads(ok).unwrap();
+    }
+    for n in [0, 1, cores, cores + 1, 100_000] {
         let c =
-            Config::from_toml_str(&tiny_with(&[("runtime.threads", (ok as i64).into())])).unwrap();
-        assert_eq!(c.threads, ok);
+            Config::from_toml_str(&tiny_with(&[("runtime.threads", (n as i64).into())])).unwrap();
+        assert_eq!(c.threads, n);
     }
     for bad in [cores + 1, 100_000] {
-        check_one(
-            &tiny_with(&[("runtime.threads", (bad as i64).into())]),
-            "runtime.threads",
-            &[&bad.to_string(), &format!("0..={cores}")],
-        );
+        let err = mor_core::config::check_threads(bad)
+            .unwrap_err()
+            .to_string();
+        for want in ["runtime.threads", &bad.to_string(), &format!("0..={cores}")] {
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+        assert!(!err.contains("  threads"), "stray spaces in {err:?}");
     }
 }
 

@@ -56,9 +56,20 @@ pub fn prefer_rayon_threads() {
     }
 }
 
-/// Applies the thread count of the run (0 = leave the default).
+/// Applies the thread count of the run (0 = leave the default). A count above the
+/// machine's parallelism (a run trained on a larger machine) is lowered to it, with a notice
+/// on stderr; a new run refuses it instead ([`mor_core::config::check_threads`]).
 pub fn set_threads(n: usize) {
     prefer_rayon_threads();
+    let cores = mor_core::config::available_cores();
+    let n = if n > cores {
+        eprintln!(
+            "note: runtime.threads = {n} but this machine runs {cores} threads in parallel; using {cores}"
+        );
+        cores
+    } else {
+        n
+    };
     if n > 0 {
         // candle reads RAYON_NUM_THREADS on every matmul; rayon's pool is built once.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -485,6 +496,9 @@ fn run_locked(
 ) -> Result<RunOutcome> {
     let out = &opts.out;
     let insp = inspect(cfg, opts)?;
+    if matches!(insp.existing, Existing::New) {
+        mor_core::config::check_threads(cfg.threads)?;
+    }
     if !insp.config_diffs.is_empty() {
         return Err(Error::msg(format!(
             "{} holds a run with another config; nothing was changed. Differing keys (run's -> given):\n  {}\nUse the run's own config (its config.toml), or choose another --out",

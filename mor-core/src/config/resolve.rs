@@ -27,6 +27,27 @@ pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// `Err` naming `runtime.threads`, the value and the allowed range when `threads` exceeds
+/// [`available_cores`]: a new run refuses to oversubscribe the machine (100000 threads once
+/// hung, then aborted). Commands on an existing run clamp instead (`set_threads` of
+/// `mor-models`).
+///
+/// # Errors
+/// [`Error::Config`](crate::Error::Config) with the one problem.
+pub fn check_threads(threads: usize) -> crate::Result<()> {
+    let cores = available_cores();
+    if threads <= cores {
+        return Ok(());
+    }
+    Err(crate::Error::Config(vec![ConfigProblem {
+        field: "runtime.threads".into(),
+        value: threads.to_string(),
+        allowed: format!(
+            "an integer in 0..={cores}: 0 lets rayon choose, otherwise at most the {cores} threads this machine can run in parallel (more only oversubscribe the cores)"
+        ),
+    }]))
+}
+
 /// Collects problems with short helpers.
 struct Problems(Vec<ConfigProblem>);
 
@@ -85,17 +106,9 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         _ => infer_config(&raw, n_r, false, &mut p),
     };
     let eval = eval_config(&raw, &mut p);
+    // Bounded by the machine only when a run starts ([`check_threads`]): a run trained with
+    // 16 threads is still evaluated, resumed and decoded on a smaller machine.
     let threads = raw.runtime.threads.unwrap_or(0);
-    let cores = available_cores();
-    if threads > cores {
-        p.push(
-            "runtime.threads",
-            threads,
-            format!(
-                "an integer in 0..={cores}: 0 lets rayon choose, otherwise at most the {cores}                  threads this machine can run in parallel (more only oversubscribe the cores)"
-            ),
-        );
-    }
     let seed = raw.runtime.seed.unwrap_or(0);
 
     // Stage 2: plugin slots.

@@ -36,6 +36,7 @@ mod attention;
 mod block;
 mod dense;
 mod host;
+pub mod isa;
 mod norm;
 mod packed;
 mod rope;

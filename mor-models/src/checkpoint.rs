@@ -63,7 +63,8 @@ pub fn record_files(dir: &Path, names: &[&str]) -> Result<()> {
 
 /// Checks the files `names` of `dir` against `dir/manifest.json`: each must be listed and
 /// have its recorded size and hash. Without a manifest, `require` decides: refuse, or accept
-/// unchecked (folders written before manifests existed).
+/// unchecked with a one-line notice on stderr (once per folder; runs written before
+/// manifests existed stay usable).
 pub fn verify_files(dir: &Path, names: &[&str], require: bool) -> Result<()> {
     let Some(m) = read_manifest(dir)? else {
         if require {
@@ -73,6 +74,15 @@ pub fn verify_files(dir: &Path, names: &[&str], require: bool) -> Result<()> {
                          (written by an older version or not by mor)"
                     .into(),
             });
+        }
+        static NOTED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+        if !noted.iter().any(|d| d == dir) {
+            noted.push(dir.to_path_buf());
+            eprintln!(
+                "note: {} has no {MANIFEST_FILE} (written by an older version): its files are used without a corruption check",
+                dir.display()
+            );
         }
         return Ok(());
     };
@@ -316,10 +326,10 @@ pub fn save_model(
 
 /// Loads `model.safetensors` from `dir` into `vars`, refusing a file whose size or hash
 /// differs from `dir/manifest.json` (or that the manifest does not list) and mismatched
-/// tensors.
+/// tensors. A folder without a manifest (an older version's run) loads with a notice.
 pub fn load_model(dir: &Path, vars: &[(String, Var)]) -> Result<()> {
     let path = dir.join("model.safetensors");
-    verify_files(dir, &["model.safetensors"], true)?;
+    verify_files(dir, &["model.safetensors"], false)?;
     let tensors = load_tensors(&path)?;
     assign_params(&path, vars, &tensors)
 }

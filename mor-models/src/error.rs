@@ -52,7 +52,7 @@ pub enum Error {
     },
     /// Another process holds the run folder's lock.
     #[error(
-        "{path} is in use by another process ({holder}); wait for it to finish, or stop it, or choose another --out"
+        "{path} is in use by another process ({holder}); wait for it to finish, or stop it, or choose another --out (if that process no longer runs, remove {path}/run.lock)"
     )]
     RunLocked {
         /// The run folder.

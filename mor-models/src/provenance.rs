@@ -62,15 +62,16 @@ impl DataRecord {
             Source::Path(p) => {
                 let files = readers::list_files(&p)?;
                 let abs = std::fs::canonicalize(&p).map_err(|e| Error::io(&p, e))?;
-                let base = if abs.is_dir() {
-                    abs.clone()
-                } else {
-                    abs.parent().map(Path::to_path_buf).unwrap_or_default()
-                };
                 let mut bytes = 0u64;
                 for (f, _) in &files {
-                    let fabs = std::fs::canonicalize(f).map_err(|e| Error::io(f, e))?;
-                    let rel = fabs.strip_prefix(&base).unwrap_or(&fabs);
+                    // The path as the folder lists it (a symbolic link inside the folder is
+                    // named by its own name, not its target's), so a moved copy of the same
+                    // folder gives the same fingerprint.
+                    let rel = if p.is_dir() {
+                        f.strip_prefix(&p).unwrap_or(f)
+                    } else {
+                        Path::new(f.file_name().unwrap_or_default())
+                    };
                     let rel = rel.to_string_lossy();
                     h.update(&(rel.len() as u64).to_le_bytes());
                     h.update(rel.as_bytes());
@@ -187,6 +188,29 @@ mod tests {
             .to_string();
         assert!(err.contains("gone"), "{err}");
         let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    /// A file linked into the data folder by a relative symbolic link is named by its name
+    /// in the folder: moving the whole tree (folder and link targets) keeps the fingerprint.
+    #[cfg(unix)]
+    #[test]
+    fn a_linked_file_keeps_its_fingerprint_when_the_tree_moves() -> Result<()> {
+        let base = std::env::temp_dir().join(format!("mor-prov-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let one = base.join("one");
+        std::fs::create_dir_all(one.join("data")).unwrap();
+        std::fs::create_dir_all(one.join("shared")).unwrap();
+        std::fs::write(one.join("data/a.txt"), "alpha\n").unwrap();
+        std::fs::write(one.join("shared/t.txt"), "tau\n").unwrap();
+        std::os::unix::fs::symlink("../shared/t.txt", one.join("data/link.txt")).unwrap();
+        let before = DataRecord::of(&cfg(&one.join("data").display().to_string()))?;
+        assert_eq!((before.files, before.bytes), (2, 10));
+        let two = base.join("two");
+        std::fs::rename(&one, &two).unwrap();
+        let after = DataRecord::of(&cfg(&two.join("data").display().to_string()))?;
+        assert!(before.same_data(&after), "{before:?} vs {after:?}");
+        let _ = std::fs::remove_dir_all(&base);
         Ok(())
     }
 

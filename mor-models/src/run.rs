@@ -249,6 +249,15 @@ impl Inspection {
 /// Resolved config keys whose values differ, as `key: old -> new`; the source TOML and
 /// `data.source` are left out.
 pub fn config_differences(old: &ResolvedConfig, new: &ResolvedConfig) -> Vec<String> {
+    let old = serde_json::to_value(old).unwrap_or_default();
+    json_differences(&[&old], &serde_json::to_value(new).unwrap_or_default())
+}
+
+/// As [`config_differences`], on resolved configs as JSON values. The old value of a key is
+/// taken from the first of `olds` that has it: a run's saved `config.json` (the config as it
+/// was resolved when the run started, so a changed default is seen), then its `config.toml`
+/// resolved today (for keys that a newer version added).
+pub fn json_differences(olds: &[&serde_json::Value], new: &serde_json::Value) -> Vec<String> {
     fn flatten(
         prefix: &str,
         v: &serde_json::Value,
@@ -270,8 +279,8 @@ pub fn config_differences(old: &ResolvedConfig, new: &ResolvedConfig) -> Vec<Str
             }
         }
     }
-    let flat = |c: &ResolvedConfig| {
-        let mut v = serde_json::to_value(c).unwrap_or_default();
+    let flat = |v: &serde_json::Value| {
+        let mut v = v.clone();
         if let Some(m) = v.as_object_mut() {
             m.remove("source");
             if let Some(d) = m.get_mut("data").and_then(|d| d.as_object_mut()) {
@@ -282,7 +291,11 @@ pub fn config_differences(old: &ResolvedConfig, new: &ResolvedConfig) -> Vec<Str
         flatten("", &v, &mut out);
         out
     };
-    let (a, b) = (flat(old), flat(new));
+    let mut a = std::collections::BTreeMap::new();
+    for o in olds.iter().rev() {
+        a.extend(flat(o));
+    }
+    let b = flat(new);
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let absent = "(absent)".to_string();
     keys.into_iter()
@@ -346,7 +359,20 @@ pub fn inspect(cfg: &ResolvedConfig, opts: &RunOptions) -> Result<Inspection> {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let old = Config::from_toml_str(&text)
             .map_err(|e| Error::msg(format!("{}: {e}", cfg_path.display())))?;
-        config_diffs = config_differences(&old, cfg);
+        let old = serde_json::to_value(&old).unwrap_or_default();
+        let json_path = out.join("config.json");
+        let saved: Option<serde_json::Value> = if json_path.is_file() {
+            crate::checkpoint::verify_files(out, &["config.json"], false)?;
+            let raw = std::fs::read(&json_path).map_err(|e| Error::io(&json_path, e))?;
+            Some(
+                serde_json::from_slice(&raw)
+                    .map_err(|e| Error::msg(format!("{}: corrupt: {e}", json_path.display())))?,
+            )
+        } else {
+            None
+        };
+        let olds: Vec<&serde_json::Value> = saved.iter().chain([&old]).collect();
+        config_diffs = json_differences(&olds, &serde_json::to_value(cfg).unwrap_or_default());
         existing = match finished_summary(out) {
             Some(s) => Existing::Finished(Box::new(s)),
             None => Existing::Partial,
@@ -382,11 +408,14 @@ pub fn inspect(cfg: &ResolvedConfig, opts: &RunOptions) -> Result<Inspection> {
             data.describe()
         )),
         Some(_) => None,
-        None if has_run => Some(format!(
-            "{} does not record the data it was trained on (no {DATA_FILE}: written by an older version); pass --data with that data",
+        // A finished run that does not record its data cannot be shown to match any data:
+        // its results are never reused as the results of this data.
+        None if matches!(existing, Existing::Finished(_)) => Some(format!(
+            "{} does not record the data it was trained on (no {DATA_FILE}: written by an older version), so its results cannot be matched to this data",
             out.display()
-        ))
-        .filter(|_| named.is_none()),
+        )),
+        // An unfinished one continues on the data named (`--data`, a path in the config, or
+        // the built-in corpus its config describes), which is then recorded.
         None => None,
     };
     Ok(Inspection {
@@ -465,8 +494,8 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
     if let Some(avail) = mor_core::accounting::available_memory() {
         mor_core::accounting::check_fits(cfg, avail).map_err(Error::msg)?;
     }
-    let existed = out.exists();
     let lock = RunLock::acquire(out)?;
+    let created = lock.created().to_vec();
     let mut setup = Setup::default();
     let result = run_locked(cfg, name, opts, &mut setup);
     if result.is_err() && !setup.training_started {
@@ -475,9 +504,9 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
         }
     }
     drop(lock);
-    if result.is_err() && !existed {
-        // Removes the folder only when empty.
-        let _ = std::fs::remove_dir(out);
+    if result.is_err() {
+        // The folders this command created (`--out` and missing parents), when empty.
+        crate::runlock::remove_empty(&created);
     }
     result
 }
@@ -542,6 +571,13 @@ fn run_locked(
         Existing::Partial => true,
         Existing::New => false,
     };
+    // The task files of the final evaluation are read now, so a bad one is refused before
+    // any training rather than after it.
+    if !opts.skip_eval {
+        for p in &cfg.eval.tasks {
+            crate::data::tasks::load_mc_tasks(p)?;
+        }
+    }
     if resuming {
         crate::checkpoint::remove_leftovers(out)?;
         crate::checkpoint::verify_files(out, &[crate::tokenizer::TOKENIZER_FILE], false)?;
@@ -591,6 +627,33 @@ fn run_locked(
                 crate::tokenizer::TOKENIZER_FILE,
             ],
         )?;
+    }
+    if resuming {
+        // A run started by an older version: record what it lacks (its data, its resolved
+        // config, the hashes of its setup files), so later commands can check them.
+        use crate::checkpoint::write_atomic;
+        if !out.join(DATA_FILE).exists() {
+            insp.data.write(out)?;
+        }
+        if !out.join("config.json").exists() {
+            write_atomic(
+                &out.join("config.json"),
+                cfg.to_json().unwrap_or_default().as_bytes(),
+            )?;
+        }
+        let manifest = crate::checkpoint::read_manifest(out)?.unwrap_or_default();
+        let missing: Vec<&str> = [
+            "config.toml",
+            "config.json",
+            DATA_FILE,
+            crate::tokenizer::TOKENIZER_FILE,
+        ]
+        .into_iter()
+        .filter(|n| !manifest.files.contains_key(*n) && out.join(n).exists())
+        .collect();
+        if !missing.is_empty() {
+            crate::checkpoint::record_files(out, &missing)?;
+        }
     }
     let mut adapter = DataAdapter { it };
     setup.training_started = true;

@@ -74,6 +74,14 @@ pub struct RunLock {
     path: PathBuf,
     file: Option<fs::File>,
     taken_over: Option<LockHolder>,
+    created: Vec<PathBuf>,
+}
+
+/// Whether `e` means that the file system has no usable file locks (NFS without a lock
+/// daemon, some FUSE mounts): `Unsupported`, or ENOLCK, ENOSYS, EOPNOTSUPP on Linux.
+fn locks_unsupported(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Unsupported
+        || (cfg!(target_os = "linux") && matches!(e.raw_os_error(), Some(37 | 38 | 95)))
 }
 
 impl RunLock {
@@ -83,7 +91,23 @@ impl RunLock {
     /// [`Error::RunLocked`] naming the holder when another live process holds it; an io
     /// error when the folder or the lock file cannot be created.
     pub fn acquire(dir: &Path) -> Result<RunLock> {
+        // The folders this call creates, outermost first (see `created`).
+        let mut created = Vec::new();
+        let mut missing = Some(dir);
+        while let Some(d) = missing.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            created.push(d.to_path_buf());
+            missing = d.parent();
+        }
+        created.reverse();
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let result = Self::acquire_in(dir, created.clone());
+        if result.is_err() {
+            remove_empty(&created);
+        }
+        result
+    }
+
+    fn acquire_in(dir: &Path, created: Vec<PathBuf>) -> Result<RunLock> {
         let path = dir.join(LOCK_FILE);
         for _ in 0..16 {
             let mut file = fs::OpenOptions::new()
@@ -99,7 +123,7 @@ impl RunLock {
                 Err(fs::TryLockError::WouldBlock) => {
                     return Err(locked(dir, previous.as_ref()));
                 }
-                Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+                Err(fs::TryLockError::Error(e)) if locks_unsupported(&e) => {
                     // No file locks here: fall back to the PID of the holder.
                     if let Some(h) = &previous {
                         if h.pid != std::process::id()
@@ -127,6 +151,7 @@ impl RunLock {
                 path,
                 file: Some(file),
                 taken_over: previous,
+                created,
             });
         }
         Err(Error::msg(format!(
@@ -140,12 +165,65 @@ impl RunLock {
     pub fn taken_over(&self) -> Option<&LockHolder> {
         self.taken_over.as_ref()
     }
+
+    /// Moves the held run folder to `to` (a path on the same file system that does not
+    /// exist yet) while holding its lock, then releases the lock, so no other process can
+    /// be writing into the folder while it moves; the moved folder keeps no `run.lock`.
+    ///
+    /// # Errors
+    /// The rename's io error (the folder stays where it was; the lock is released).
+    pub fn rename_folder(mut self, to: &Path) -> Result<()> {
+        let dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        if to.exists() {
+            return Err(Error::msg(format!(
+                "cannot move {} to {}: the target exists",
+                dir.display(),
+                to.display()
+            )));
+        }
+        fs::rename(&dir, to).map_err(|e| {
+            Error::msg(format!(
+                "cannot move {} to {}: {e}",
+                dir.display(),
+                to.display()
+            ))
+        })?;
+        self.path = to.join(LOCK_FILE);
+        Ok(())
+    }
+
+    /// The folders [`RunLock::acquire`] created (the run folder and any missing parents),
+    /// outermost first: a command that fails before writing anything removes them again
+    /// with [`remove_empty`] after releasing the lock.
+    pub fn created(&self) -> &[PathBuf] {
+        &self.created
+    }
+}
+
+/// Removes each folder of `dirs` (outermost first, as [`RunLock::created`] lists them) that
+/// is empty, innermost first; a folder holding anything is kept, and so are its parents.
+pub fn remove_empty(dirs: &[PathBuf]) {
+    for d in dirs.iter().rev() {
+        if fs::remove_dir(d).is_err() {
+            return;
+        }
+    }
 }
 
 impl Drop for RunLock {
     fn drop(&mut self) {
-        // Remove the file while still holding the lock, then close (which unlocks).
-        let _ = fs::remove_file(&self.path);
+        // Remove the file while still holding the lock, then close (which unlocks). Only
+        // when the file at the path is still ours: a user who deleted a lock they believed
+        // stale may have let another process create and take a new one there.
+        if let Some(f) = &self.file {
+            if same_file(f, &self.path) {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
         drop(self.file.take());
     }
 }
@@ -211,6 +289,83 @@ mod tests {
         drop(b);
         let _ = fs::remove_dir_all(&d);
         Ok(())
+    }
+
+    /// A lock file replaced under a holder (deleted by hand, then taken by another process)
+    /// belongs to the new holder: releasing the old lock leaves it in place.
+    #[test]
+    fn release_keeps_a_lock_file_that_is_not_its_own() -> Result<()> {
+        let d = tmpdir("replaced");
+        let a = RunLock::acquire(&d)?;
+        fs::remove_file(d.join(LOCK_FILE)).unwrap();
+        let other = LockHolder {
+            pid: 4_000_001,
+            host: host_name(),
+            since_unix: 2,
+        };
+        fs::write(d.join(LOCK_FILE), serde_json::to_vec(&other).unwrap()).unwrap();
+        drop(a);
+        let now: LockHolder =
+            serde_json::from_str(&fs::read_to_string(d.join(LOCK_FILE)).unwrap()).unwrap();
+        assert_eq!(now, other);
+        let _ = fs::remove_dir_all(&d);
+        Ok(())
+    }
+
+    /// `created` lists exactly the folders the lock made, and `remove_empty` removes them
+    /// again when nothing was written, while a pre-existing parent stays.
+    #[test]
+    fn created_parents_are_listed_and_removed_when_empty() -> Result<()> {
+        let base = tmpdir("parents");
+        fs::create_dir_all(&base).unwrap();
+        let dir = base.join("a").join("b").join("c");
+        let l = RunLock::acquire(&dir)?;
+        assert_eq!(
+            l.created(),
+            &[base.join("a"), base.join("a/b"), base.join("a/b/c")]
+        );
+        let created = l.created().to_vec();
+        drop(l);
+        remove_empty(&created);
+        assert!(!base.join("a").exists());
+        assert!(base.exists());
+        // A folder that received a file is kept, with its parents.
+        let l = RunLock::acquire(&dir)?;
+        let created = l.created().to_vec();
+        fs::write(dir.join("x"), b"1").unwrap();
+        drop(l);
+        remove_empty(&created);
+        assert!(dir.join("x").exists());
+        let _ = fs::remove_dir_all(&base);
+        Ok(())
+    }
+
+    /// `rename_folder` moves the folder with its files and leaves no lock behind.
+    #[test]
+    fn a_held_folder_moves_without_its_lock() -> Result<()> {
+        let base = tmpdir("rename");
+        let (from, to) = (base.join("run"), base.join("run.old"));
+        let l = RunLock::acquire(&from)?;
+        fs::write(from.join("weights"), b"w").unwrap();
+        l.rename_folder(&to)?;
+        assert!(!from.exists());
+        assert_eq!(fs::read(to.join("weights")).unwrap(), b"w");
+        assert!(!to.join(LOCK_FILE).exists());
+        // An existing target is refused and the folder stays where it was, unlocked.
+        let l = RunLock::acquire(&from)?;
+        assert!(l.rename_folder(&to).is_err());
+        assert!(from.exists() && !from.join(LOCK_FILE).exists());
+        let _ = fs::remove_dir_all(&base);
+        Ok(())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn locks_unsupported_matches_the_linux_codes() {
+        for code in [37, 38, 95] {
+            assert!(locks_unsupported(&std::io::Error::from_raw_os_error(code)));
+        }
+        assert!(!locks_unsupported(&std::io::Error::from_raw_os_error(13)));
     }
 
     #[test]

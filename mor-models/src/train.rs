@@ -237,7 +237,14 @@ pub fn train(
     if resume {
         // The checkpoint `latest` names; without the pointer (lost, or a kill before it
         // moved), the newest valid one; none: from the start.
-        if let Some((dir, state, t, _refused)) = checkpoint::resume_checkpoint(&ckpt_root)? {
+        if let Some((dir, state, t, refused)) = checkpoint::resume_checkpoint(&ckpt_root)? {
+            // Newer checkpoints that failed their checks are kept on disk, but said.
+            for r in &refused {
+                eprintln!("warning: skipped a newer checkpoint that is not valid: {r}");
+            }
+            if !refused.is_empty() {
+                eprintln!("resuming from {}", dir.display());
+            }
             let all: Vec<NamedVar> = main_vars.iter().chain(aux_vars.iter()).cloned().collect();
             let mut params = t.model.clone();
             let buffers: Vec<(String, Tensor)> = params
@@ -491,7 +498,9 @@ pub fn train(
         tokens_per_sec: if timed_secs > 0.0 {
             timed_tokens as f64 / timed_secs
         } else {
-            0.0
+            // Too few steps ran in this invocation to time one (a resume near the end):
+            // the rate of the steps logged before.
+            logged_throughput(&metrics_path).unwrap_or(0.0)
         },
         wall_secs: start.elapsed().as_secs_f64(),
         skipped_steps: skipped,
@@ -547,6 +556,23 @@ fn last_logged_loss(path: &Path) -> Option<f64> {
         .rev()
         .find_map(|l| serde_json::from_str::<StepLog>(l).ok())
         .map(|r| r.loss)
+}
+
+/// The median training rate (tokens/s) of the logged steps after the first (whose time
+/// includes warming up), if any.
+fn logged_throughput(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut rates: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StepLog>(l).ok())
+        .filter(|r| r.step > 1 && r.tokens_per_sec.is_finite() && r.tokens_per_sec > 0.0)
+        .map(|r| r.tokens_per_sec)
+        .collect();
+    if rates.is_empty() {
+        return None;
+    }
+    rates.sort_by(f64::total_cmp);
+    Some(rates[rates.len() / 2])
 }
 
 /// Drops metric lines after `step` (a resumed run rewrites them).

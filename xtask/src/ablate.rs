@@ -288,9 +288,11 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             aside = out.join(format!("{name}.old-{stamp}-{k}"));
             k += 1;
         }
-        std::fs::rename(dir, &aside).with_context(|| {
-            format!("cannot move {} aside to {}", dir.display(), aside.display())
-        })?;
+        // Under the run's lock: a process still training into the folder refuses the move
+        // (naming its PID) instead of losing its files.
+        mor_models::runlock::RunLock::acquire(dir)
+            .and_then(|lock| lock.rename_folder(&aside))
+            .with_context(|| format!("cannot move {} aside", dir.display()))?;
         eprintln!(
             "{name}: config or data changed; the old run was moved to {}",
             aside.display()

@@ -32,12 +32,13 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let cfg_path = dir.join("config.toml");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{} is not a run folder (no config.toml)", dir.display()))?;
-    mor_models::checkpoint::verify_files(dir, &["config.toml", "tokenizer.json"], true)
+    mor_models::checkpoint::verify_files(dir, &["config.toml", "tokenizer.json"], false)
         .with_context(|| format!("cannot trust the files of {}", dir.display()))?;
     let cfg = Config::from_toml_str(&text).with_context(|| cfg_path.display().to_string())?;
     set_threads(cfg.threads);
     if let Some(d) = &args.data {
-        if !d.exists() {
+        // `builtin` names the generated corpus, as `data.source = "builtin"` does.
+        if d.as_os_str() != "builtin" && !d.exists() {
             anyhow::bail!("--data {}: no such file or folder", d.display());
         }
     }
@@ -52,8 +53,16 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let dcfg = match &args.data {
         Some(d) => {
             let mut dcfg = data_config(&cfg, Some(d));
-            // Evaluate the whole given corpus.
-            dcfg.val_fraction = dcfg.val_fraction.max(0.5);
+            let recorded = DataRecord::read(dir)?;
+            let now = DataRecord::of(&dcfg)?;
+            if recorded.is_some_and(|r| r.same_data(&now)) {
+                // The run's own data (moved or copied): its own validation split, as
+                // `eval --run` alone would score it.
+                eprintln!("--data {} holds the data this run was trained on: scoring its validation split", d.display());
+            } else {
+                // Other data: score a larger share of it.
+                dcfg.val_fraction = dcfg.val_fraction.max(0.5);
+            }
             dcfg
         }
         None => recorded_data(dir, &cfg)?,
@@ -71,7 +80,7 @@ fn recorded_data(
     dir: &std::path::Path,
     cfg: &mor_core::config::ResolvedConfig,
 ) -> anyhow::Result<mor_models::data::DataConfig> {
-    mor_models::checkpoint::verify_files(dir, &[DATA_FILE], true).with_context(|| {
+    mor_models::checkpoint::verify_files(dir, &[DATA_FILE], false).with_context(|| {
         format!(
             "{} does not record the data it was trained on; pass --data PATH to evaluate on given data",
             dir.display()

@@ -12,7 +12,7 @@ pub struct Args {
     #[arg(long, short)]
     config: PathBuf,
     /// Training data: a file or folder of .txt / .jsonl / .parquet / token files
-    /// (overrides `data.source`).
+    /// (overrides `data.source`), or `builtin` for the generated corpus.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Run folder (default: `runs/<config name>`). It must be new or empty, or hold a run of
@@ -50,7 +50,8 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&name));
     if let Some(d) = &args.data {
-        if !d.exists() {
+        // `builtin` names the generated corpus, as `data.source = "builtin"` does.
+        if d.as_os_str() != "builtin" && !d.exists() {
             anyhow::bail!("--data {}: no such file or folder", d.display());
         }
     }

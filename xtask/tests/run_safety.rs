@@ -144,6 +144,15 @@ fn eval_uses_the_recorded_data_and_refuses_corrupt_weights() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("has changed"), "{}", stderr(&o));
     std::fs::write(data.join("03.txt"), doc(3)).unwrap();
+    // A moved copy of the same data given with --data: scored like the run's own data.
+    let copy = root.join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for i in 0..60 {
+        std::fs::write(copy.join(format!("{i:02}.txt")), doc(i)).unwrap();
+    }
+    let o = xtask(&["eval"], &[("--run", &out), ("--data", &copy)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(nll(&String::from_utf8_lossy(&o.stdout)), trained);
     // One flipped byte in the weights: eval and generate refuse, naming the file.
     let w = out.join("model.safetensors");
     let mut bytes = std::fs::read(&w).unwrap();
@@ -225,6 +234,17 @@ fn ablate_never_reports_a_stale_run() {
         "{err}"
     );
     assert_eq!(snapshot(&out.join("base")), before);
+    // --force while another process holds the run: refused with its PID, nothing moved.
+    let lock = mor_models::runlock::RunLock::acquire(&out.join("base")).unwrap();
+    let o = ablate(&["--force"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("PID {}", std::process::id())),
+        "{err}"
+    );
+    drop(lock);
+    assert_eq!(snapshot(&out.join("base")), before);
     // --force: the old run is moved aside intact and the run trained again.
     let o = ablate(&["--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -270,5 +290,177 @@ fn a_model_too_large_for_memory_is_refused_before_anything_is_written() {
         "the refused command created {}",
         out.display()
     );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A new run whose settings cannot work is refused before anything is written, and a
+/// nested `--out` leaves none of the folders it would have created: more threads than the
+/// machine has, and a task file of the final evaluation that does not exist (before, it
+/// was read only after training).
+#[test]
+fn a_bad_new_run_is_refused_before_anything_is_written() {
+    let root = tmp("badnew");
+    let cfg = root.join("threads.toml");
+    std::fs::write(&cfg, config().replace("threads = 1", "threads = 100000")).unwrap();
+    let out = root.join("a").join("b").join("run");
+    let o = train(&cfg, &out, &[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("runtime.threads") && err.contains("100000"),
+        "{err}"
+    );
+    assert!(
+        !root.join("a").exists(),
+        "the refused run left {}",
+        root.join("a").display()
+    );
+    let missing = root.join("missing.jsonl");
+    let cfg = root.join("tasks.toml");
+    std::fs::write(
+        &cfg,
+        config().replace(
+            "[eval]\n",
+            &format!("[eval]\ntasks = [{:?}]\n", missing.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let o = train(&cfg, &out, &[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("missing.jsonl"), "{err}");
+    assert!(
+        !root.join("a").exists(),
+        "the refused run left {}",
+        root.join("a").display()
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The saved `config.json` (the config as resolved when the run started) is what a rerun
+/// is compared with, so a default that changed since is seen; and a finished run that does
+/// not record its data is never reused as a run on the data given.
+#[test]
+fn reuse_compares_the_saved_resolved_config_and_needs_the_data_record() {
+    let root = tmp("reuse");
+    let cfg = root.join("tiny.toml");
+    std::fs::write(&cfg, common::config(1, 2)).unwrap();
+    let out = root.join("run");
+    let o = train(&cfg, &out, &["--data", "builtin"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // As if the default of `train.min_lr_ratio` had been 0.2 when the run was trained.
+    let json_path = out.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(v["train"]["min_lr_ratio"], serde_json::json!(0.1));
+    v["train"]["min_lr_ratio"] = serde_json::json!(0.2);
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    mor_models::checkpoint::record_files(&out, &["config.json"]).unwrap();
+    let before = snapshot(&out);
+    let o = train(&cfg, &out, &["--resume"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("train.min_lr_ratio: 0.2 -> 0.1"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(snapshot(&out), before);
+    // Back to the true value; then without its data record the finished run cannot be
+    // matched to any data, even one named explicitly.
+    v["train"]["min_lr_ratio"] = serde_json::json!(0.1);
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    mor_models::checkpoint::record_files(&out, &["config.json"]).unwrap();
+    let o = train(&cfg, &out, &["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("already finished"), "{}", stderr(&o));
+    std::fs::remove_file(out.join("data.json")).unwrap();
+    let o = train(&cfg, &out, &["--resume", "--data", "builtin"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not record the data"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A run written before manifests and data records existed (simulated by removing them):
+/// `train --resume` continues it on the built-in corpus its config names and records what it
+/// lacked; `eval` and `generate` use a run without a manifest, with a notice.
+#[test]
+fn a_run_from_an_older_version_stays_usable() {
+    let root = tmp("older");
+    let cfg = root.join("tiny.toml");
+    std::fs::write(&cfg, config()).unwrap();
+    let out = root.join("run");
+    let o = train(&cfg, &out, &["--stop-after", "2"]);
+    assert!(!o.status.success(), "stopped early");
+    for f in ["manifest.json", "data.json", "config.json"] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    let o = train(&cfg, &out, &["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = mor_models::checkpoint::read_manifest(&out)
+        .unwrap()
+        .unwrap();
+    for f in [
+        "config.toml",
+        "config.json",
+        "data.json",
+        "tokenizer.json",
+        "model.safetensors",
+    ] {
+        assert!(
+            m.files.contains_key(f),
+            "{f} not recorded: {:?}",
+            m.files.keys()
+        );
+    }
+    // One step ran in the resumed invocation: the rate comes from the logged steps.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert!(
+        summary["train_tokens_per_sec"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    std::fs::remove_file(out.join("manifest.json")).unwrap();
+    for args in [
+        &["eval"][..],
+        &["generate", "--prompt", "ab", "--max-tokens", "2"][..],
+    ] {
+        let o = xtask(args, &[("--run", &out)]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no manifest.json"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A newer checkpoint that fails its checks is skipped on resume, and said.
+#[test]
+fn a_skipped_checkpoint_is_reported() {
+    let root = tmp("skipped");
+    let cfg = root.join("tiny.toml");
+    std::fs::write(&cfg, common::config(5, 2)).unwrap();
+    let out = root.join("run");
+    assert!(!train(&cfg, &out, &["--stop-after", "4"]).status.success());
+    let ck = out.join("checkpoints");
+    std::fs::remove_file(ck.join("latest")).unwrap();
+    let w = ck.join("step-0000004").join("model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let mid = bytes.len() - 3;
+    bytes[mid] ^= 1;
+    std::fs::write(&w, bytes).unwrap();
+    let o = train(&cfg, &out, &["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("skipped a newer checkpoint") && err.contains("step-0000004"),
+        "{err}"
+    );
+    assert!(err.contains("step-0000002"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -292,8 +292,10 @@ pub fn assign_params(
             ),
         });
     }
+    // Checkpoints are read on the host; each tensor goes to its parameter's device, so a
+    // model trained on one device loads on another.
     for (name, var) in vars {
-        var.set(&tensors[name])?;
+        var.set(&tensors[name].to_device(var.device())?)?;
     }
     Ok(())
 }

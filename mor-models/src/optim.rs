@@ -149,7 +149,8 @@ impl AdamW {
                         p.var.as_tensor().dims()
                     )));
                 }
-                *slot = x.to_dtype(p.var.dtype())?;
+                // Checkpoints are read on the host: the moments go to the parameter's device.
+                *slot = x.to_dtype(p.var.dtype())?.to_device(p.var.device())?;
             }
         }
         self.t = t;

@@ -3,22 +3,44 @@
 //!
 //! A general GEMM packs both operands on every call; at decode time the weights never
 //! change, so [`PackedMatrix`] packs them once, in column panels of [`PANEL`] outputs laid
-//! out `k`-major (`panel[kk][j] = W[p·PANEL + j][kk]`), and the product streams each panel
-//! once per call while the `x` rows stay in cache. The AVX2+FMA kernel keeps a tile of
-//! `6 × 16` outputs in twelve registers.
+//! out `k`-major, and the product streams each panel once per row tile while the `x` rows
+//! stay in cache.
 //!
-//! Every output is one fused multiply-add chain over `kk = 0..k` in order, whatever `m`, the
-//! row's place in the batch or the thread count: a row's result does not depend on the
-//! other rows it is batched with (the engine's batched decoding equals decoding each request
-//! alone, bit for bit).
+//! Two storage precisions ([`Precision`]):
+//! - **f32**: `panel[kk][j] = W[p·PANEL + j][kk]`. Every output is one fused multiply-add
+//!   chain over `kk = 0..k` in order. Kernels: AVX-512 (tiles of up to 12 rows × 16
+//!   outputs), AVX2+FMA (6 × 16) and portable; all give the same bits.
+//! - **bf16**: the weights rounded to bf16 (round to nearest even), stored in pairs along `k`
+//!   (`panel[q][j] = (W[j][2q], W[j][2q+1])`, the even element in the low half), the layout
+//!   of `VDPBF16PS`. The `x` rows are rounded to bf16 the same way on every call; products
+//!   of two bf16 values are exact in f32 and accumulate in f32. Every output is one chain
+//!   over the pairs `q = 0..⌈k/2⌉` in order, each pair adding its odd product and then its
+//!   even product, each addition rounded once (the order `VDPBF16PS` specifies). Kernels:
+//!   AVX512_BF16 (`VDPBF16PS`, tiles of up to 12 rows × 16 outputs), AVX2+FMA and portable
+//!   (the same chains as fused multiply-adds). Rounding to bf16 flushes subnormal inputs
+//!   to zero, as the instruction does. The tiers agree bit for bit, except that
+//!   `VDPBF16PS` also flushes a subnormal partial sum (|s| < 2⁻¹²⁶ ≈ 1.2·10⁻³⁸) to zero,
+//!   which the fallbacks do not: there they can differ by less than 2⁻¹²⁶ per addition.
+//!
+//! The kernel is chosen at run time by [`isa::tier`] (the environment variable
+//! `MOR_CPU_TIER` lowers it), never above what the CPU supports.
+//!
+//! In both precisions a row's result does not depend on `m`, the row's place in the batch,
+//! the tile it falls in, or the thread count: the engine's batched decoding equals decoding
+//! each request alone, bit for bit.
 
+use super::isa::{self, Tier};
 use crate::{Error, Result};
+pub use mor_core::config::Precision;
 
-/// Output columns per packed panel (two AVX2 registers of f32).
+/// Output columns per packed panel (two AVX2 registers, or one AVX-512 register, of f32).
 pub const PANEL: usize = 16;
 
-/// Rows of a register tile.
+/// Rows of an AVX2 register tile.
 const MR: usize = 6;
+
+/// Rows of an AVX-512 register tile (12 accumulators of the 32 registers).
+const MR512: usize = 12;
 
 /// Products (`m · n · k`) below this run on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 21;
@@ -32,13 +54,31 @@ struct Dst<'a> {
     accumulate: bool,
 }
 
+/// The packed values.
+#[derive(Clone, PartialEq)]
+enum Data {
+    /// `n.div_ceil(PANEL)` panels of `k × PANEL` f32, zero-padded past `n`.
+    F32(Vec<f32>),
+    /// `n.div_ceil(PANEL)` panels of `⌈k/2⌉ × PANEL` pairs of bf16 (even `k` index in the
+    /// low 16 bits), zero-padded past `n` and past `k`.
+    Bf16(Vec<u32>),
+}
+
+/// The `x` rows as the kernels read them.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// `m × k` f32.
+    F32(&'a [f32]),
+    /// `m × ⌈k/2⌉` pairs of bf16.
+    Bf16(&'a [u32]),
+}
+
 /// A linear layer's weight `W: [n, k]`, packed for [`PackedMatrix::matmul`].
 #[derive(Clone, PartialEq)]
 pub struct PackedMatrix {
     k: usize,
     n: usize,
-    /// `n.div_ceil(PANEL)` panels of `k × PANEL`, zero-padded past `n`.
-    data: Vec<f32>,
+    data: Data,
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -46,17 +86,63 @@ impl std::fmt::Debug for PackedMatrix {
         f.debug_struct("PackedMatrix")
             .field("n", &self.n)
             .field("k", &self.k)
+            .field("precision", &self.precision())
             .finish()
     }
 }
 
+/// `v` rounded to bf16 (round to nearest even; a subnormal becomes a zero of its sign, a
+/// NaN stays a NaN), as the 16 high bits of an f32.
+fn bf16_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return (b >> 16) | 0x40;
+    }
+    if b & 0x7f80_0000 == 0 {
+        return (b >> 16) & 0x8000;
+    }
+    (b + 0x7fff + ((b >> 16) & 1)) >> 16
+}
+
+/// Row `xr` (`k` values) as `⌈k/2⌉` bf16 pairs appended to `out`.
+fn push_pairs(xr: &[f32], out: &mut Vec<u32>) {
+    let mut it = xr.chunks_exact(2);
+    for c in &mut it {
+        out.push(bf16_bits(c[0]) | (bf16_bits(c[1]) << 16));
+    }
+    if let [last] = it.remainder() {
+        out.push(bf16_bits(*last));
+    }
+}
+
+/// The f32 values of the odd (high) and even (low) halves of a pair.
+#[inline(always)]
+fn halves(p: u32) -> (f32, f32) {
+    (f32::from_bits(p & 0xffff_0000), f32::from_bits(p << 16))
+}
+
+thread_local! {
+    /// Reused buffer of the bf16 pairs of `x` (taken out while in use, so a nested call
+    /// on the same thread only allocates).
+    static PAIRS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl PackedMatrix {
     /// Packs `w`, `n` rows of `k` values (row-major, as a linear layer's `[out, in]`
-    /// weight).
+    /// weight), in f32.
     ///
     /// # Errors
     /// `w.len() != n · k`, or `n` or `k` zero.
     pub fn new(w: &[f32], n: usize, k: usize) -> Result<Self> {
+        Self::with_precision(w, n, k, Precision::F32)
+    }
+
+    /// Packs `w` (`[n, k]`, row-major) in `precision`: f32, or bf16 rounded to nearest
+    /// even (the products then round `x` to bf16 too and accumulate in f32).
+    ///
+    /// # Errors
+    /// `w.len() != n · k`, or `n` or `k` zero.
+    pub fn with_precision(w: &[f32], n: usize, k: usize, precision: Precision) -> Result<Self> {
         if n == 0 || k == 0 || n.checked_mul(k) != Some(w.len()) {
             return Err(Error::Invalid {
                 op: "PackedMatrix::new",
@@ -67,23 +153,55 @@ impl PackedMatrix {
             });
         }
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * k * PANEL];
-        for (col, row) in w.chunks_exact(k).enumerate() {
-            let (p, j) = (col / PANEL, col % PANEL);
-            let panel = &mut data[p * k * PANEL..(p + 1) * k * PANEL];
-            for (kk, &v) in row.iter().enumerate() {
-                panel[kk * PANEL + j] = v;
+        let data = match precision {
+            Precision::F32 => {
+                let mut data = vec![0f32; panels * k * PANEL];
+                for (col, row) in w.chunks_exact(k).enumerate() {
+                    let (p, j) = (col / PANEL, col % PANEL);
+                    let panel = &mut data[p * k * PANEL..(p + 1) * k * PANEL];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * PANEL + j] = v;
+                    }
+                }
+                Data::F32(data)
             }
-        }
+            Precision::Bf16 => {
+                let kp = k.div_ceil(2);
+                let mut data = vec![0u32; panels * kp * PANEL];
+                let mut pairs = Vec::with_capacity(kp);
+                for (col, row) in w.chunks_exact(k).enumerate() {
+                    let (p, j) = (col / PANEL, col % PANEL);
+                    let panel = &mut data[p * kp * PANEL..(p + 1) * kp * PANEL];
+                    pairs.clear();
+                    push_pairs(row, &mut pairs);
+                    for (q, &v) in pairs.iter().enumerate() {
+                        panel[q * PANEL + j] = v;
+                    }
+                }
+                Data::Bf16(data)
+            }
+        };
         Ok(PackedMatrix { k, n, data })
     }
 
     /// Packs the rows of several weights stacked (`[n₁ + n₂ + …, k]`), e.g. the query, key
-    /// and value projections as one product.
+    /// and value projections as one product, in f32.
     ///
     /// # Errors
     /// A part whose length is not a multiple of `k`, or no rows at all.
     pub fn stacked(parts: &[&[f32]], k: usize) -> Result<Self> {
+        Self::stacked_with_precision(parts, k, Precision::F32)
+    }
+
+    /// [`PackedMatrix::stacked`] in `precision` (see [`PackedMatrix::with_precision`]).
+    ///
+    /// # Errors
+    /// A part whose length is not a multiple of `k`, or no rows at all.
+    pub fn stacked_with_precision(
+        parts: &[&[f32]],
+        k: usize,
+        precision: Precision,
+    ) -> Result<Self> {
         let mut w = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
         for p in parts {
             if k == 0 || p.len() % k != 0 {
@@ -98,7 +216,7 @@ impl PackedMatrix {
             w.extend_from_slice(p);
         }
         let n = w.len() / k.max(1);
-        Self::new(&w, n, k)
+        Self::with_precision(&w, n, k, precision)
     }
 
     /// Inputs per row (`k`).
@@ -111,13 +229,44 @@ impl PackedMatrix {
         self.n
     }
 
+    /// The storage precision.
+    pub fn precision(&self) -> Precision {
+        match self.data {
+            Data::F32(_) => Precision::F32,
+            Data::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    /// Bytes of packed weights (padding included): what a product streams.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(d) => d.len() * 4,
+            Data::Bf16(d) => d.len() * 4,
+        }
+    }
+
+    /// `v` rounded to bf16 as the bf16 products round their inputs (to nearest even,
+    /// subnormals to zero), returned as the f32 of equal value.
+    pub fn round_bf16(v: f32) -> f32 {
+        f32::from_bits(bf16_bits(v) << 16)
+    }
+
     /// `y = x · Wᵀ` (or `y += x · Wᵀ` when `accumulate`) for `x: [m, k]`, `y: [m, n]`,
     /// both row-major; `m = x.len() / k`. Splits the panels over the rayon threads when the
-    /// product is large enough to pay for it.
+    /// product is large enough to pay for it. Uses the kernels of [`isa::tier`].
     ///
     /// # Errors
     /// `x` not a whole number of rows, or `y` not `m · n` long.
     pub fn matmul(&self, x: &[f32], y: &mut [f32], accumulate: bool) -> Result<()> {
+        self.matmul_at(isa::tier(), x, y, accumulate)
+    }
+
+    /// [`PackedMatrix::matmul`] with the kernels of `tier`, lowered to what the CPU
+    /// supports ([`isa::detected`]): the way to run (and compare) every tier in one process.
+    ///
+    /// # Errors
+    /// `x` not a whole number of rows, or `y` not `m · n` long.
+    pub fn matmul_at(&self, tier: Tier, x: &[f32], y: &mut [f32], accumulate: bool) -> Result<()> {
         let (k, n) = (self.k, self.n);
         if !x.len().is_multiple_of(k) || y.len() != (x.len() / k) * n {
             return Err(Error::Invalid {
@@ -133,10 +282,30 @@ impl PackedMatrix {
         if m == 0 {
             return Ok(());
         }
+        let tier = tier.min(isa::detected());
+        match self.data {
+            Data::F32(_) => self.matmul_rows(tier, Rows::F32(x), m, y, accumulate),
+            Data::Bf16(_) => {
+                let mut pairs = PAIRS.take();
+                pairs.clear();
+                for xr in x.chunks_exact(k) {
+                    push_pairs(xr, &mut pairs);
+                }
+                self.matmul_rows(tier, Rows::Bf16(&pairs), m, y, accumulate);
+                PAIRS.set(pairs);
+            }
+        }
+        Ok(())
+    }
+
+    /// The product of `m` checked rows, serial or over the rayon threads.
+    fn matmul_rows(&self, tier: Tier, x: Rows<'_>, m: usize, y: &mut [f32], accumulate: bool) {
+        let (k, n) = (self.k, self.n);
         let panels = n.div_ceil(PANEL);
         let threads = rayon::current_num_threads();
         if threads <= 1 || panels < 2 || m * n * k < PAR_MIN_WORK {
             self.panels_into(
+                tier,
                 x,
                 0..panels,
                 Dst {
@@ -146,7 +315,7 @@ impl PackedMatrix {
                     accumulate,
                 },
             );
-            return Ok(());
+            return;
         }
         // One contiguous range of panels per task, each into its own [m, width] buffer,
         // then copied into y (m·n copies against m·n·k products).
@@ -165,6 +334,7 @@ impl PackedMatrix {
                     }
                 }
                 self.panels_into(
+                    tier,
                     x,
                     ps,
                     Dst {
@@ -183,38 +353,87 @@ impl PackedMatrix {
                 dst[c0..c0 + width].copy_from_slice(src);
             }
         }
-        Ok(())
     }
 
-    /// Panel `p`: its `k × PANEL` values, its first output column and its width (`PANEL`,
-    /// or less for the last panel).
-    fn panel(&self, p: usize) -> (&[f32], usize, usize) {
+    /// Panel `p` of an f32 matrix: its `k × PANEL` values, its first output column and its
+    /// width (`PANEL`, or less for the last panel).
+    fn panel_f32(&self, p: usize) -> (&[f32], usize, usize) {
+        let Data::F32(data) = &self.data else {
+            unreachable!("an f32 panel of a bf16 matrix")
+        };
         let col = p * PANEL;
         (
-            &self.data[p * self.k * PANEL..(p + 1) * self.k * PANEL],
+            &data[p * self.k * PANEL..(p + 1) * self.k * PANEL],
             col,
             PANEL.min(self.n - col),
         )
     }
 
-    /// Panels `ps` of the product of the rows `x` (`m × k`) into `out`.
-    fn panels_into(&self, x: &[f32], ps: std::ops::Range<usize>, out: Dst<'_>) {
-        #[cfg(target_arch = "x86_64")]
-        if super::simd::has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above); the shapes were checked
-            // by `matmul` (out holds m rows of `ld` covering the panels' columns).
-            unsafe { avx2::panels(self, x, ps, out) };
-            return;
+    /// Panel `p` of a bf16 matrix: its `⌈k/2⌉ × PANEL` pairs, first column and width.
+    fn panel_bf16(&self, p: usize) -> (&[u32], usize, usize) {
+        let Data::Bf16(data) = &self.data else {
+            unreachable!("a bf16 panel of an f32 matrix")
+        };
+        let kp = self.k.div_ceil(2);
+        let col = p * PANEL;
+        (
+            &data[p * kp * PANEL..(p + 1) * kp * PANEL],
+            col,
+            PANEL.min(self.n - col),
+        )
+    }
+
+    /// Panels `ps` of the product of the rows `x` into `out`, with the kernels of `tier`
+    /// (at most [`isa::detected`]). `x` matches the storage precision.
+    fn panels_into(&self, tier: Tier, x: Rows<'_>, ps: std::ops::Range<usize>, out: Dst<'_>) {
+        let tier = tier.min(isa::detected());
+        match x {
+            Rows::F32(x) => {
+                #[cfg(target_arch = "x86_64")]
+                if tier >= Tier::Avx512 {
+                    // SAFETY: the CPU has AVX-512 F (the tier is at most the detected one);
+                    // the shapes were checked by `matmul_at`.
+                    unsafe { avx512::panels(self, x, ps, out) };
+                    return;
+                } else if tier >= Tier::Avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (as above).
+                    unsafe { avx2::panels(self, x, ps, out) };
+                    return;
+                }
+                portable_panels(self, x, ps, out);
+            }
+            Rows::Bf16(x) => {
+                #[cfg(target_arch = "x86_64")]
+                if tier >= Tier::Avx512Bf16 {
+                    // SAFETY: the CPU has AVX-512 F and AVX512_BF16 (as above).
+                    unsafe { avx512bf16::panels(self, x, ps, out) };
+                    return;
+                } else if tier >= Tier::Avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (as above).
+                    unsafe { avx2::panels_bf16(self, x, ps, out) };
+                    return;
+                }
+                portable_panels_bf16(self, x, ps, out);
+            }
         }
-        portable_panels(self, x, ps, out);
     }
 }
 
-/// The baseline kernel: the same chains of `a · b + c` per output, in the same order.
-fn portable_panels(a: &PackedMatrix, x: &[f32], ps: std::ops::Range<usize>, out: Dst<'_>) {
+/// Writes (or adds) the `width` first values of `acc` at `out`'s row `r`, column `col`.
+#[inline(always)]
+fn store_row(out: &mut Dst<'_>, r: usize, col: usize, width: usize, acc: &[f32; PANEL]) {
+    let start = r * out.ld + col - out.c0;
+    let accumulate = out.accumulate;
+    for (o, &v) in out.y[start..start + width].iter_mut().zip(acc) {
+        *o = if accumulate { *o + v } else { v };
+    }
+}
+
+/// The baseline f32 kernel: the same chains of `a · b + c` per output, in the same order.
+fn portable_panels(a: &PackedMatrix, x: &[f32], ps: std::ops::Range<usize>, mut out: Dst<'_>) {
     let k = a.k;
     for p in ps {
-        let (panel, col, width) = a.panel(p);
+        let (panel, col, width) = a.panel_f32(p);
         for r in 0..x.len() / k {
             let xr = &x[r * k..(r + 1) * k];
             let mut acc = [0f32; PANEL];
@@ -224,48 +443,77 @@ fn portable_panels(a: &PackedMatrix, x: &[f32], ps: std::ops::Range<usize>, out:
                     acc[j] = xv.mul_add(w[j], acc[j]);
                 }
             }
-            let start = r * out.ld + col - out.c0;
-            for (o, v) in out.y[start..start + width].iter_mut().zip(acc) {
-                *o = if out.accumulate { *o + v } else { v };
-            }
+            store_row(&mut out, r, col, width, &acc);
         }
     }
 }
 
+/// The baseline bf16 kernel: per pair, the odd product then the even one, each one fused
+/// multiply-add (exact product, one rounding), as `VDPBF16PS` specifies.
+fn portable_panels_bf16(a: &PackedMatrix, x: &[u32], ps: std::ops::Range<usize>, mut out: Dst<'_>) {
+    let kp = a.k.div_ceil(2);
+    for p in ps {
+        let (panel, col, width) = a.panel_bf16(p);
+        for r in 0..x.len() / kp {
+            let xr = &x[r * kp..(r + 1) * kp];
+            let mut acc = [0f32; PANEL];
+            for (q, &xq) in xr.iter().enumerate() {
+                let (xo, xe) = halves(xq);
+                let w = &panel[q * PANEL..(q + 1) * PANEL];
+                for j in 0..PANEL {
+                    let (wo, we) = halves(w[j]);
+                    acc[j] = xe.mul_add(we, xo.mul_add(wo, acc[j]));
+                }
+            }
+            store_row(&mut out, r, col, width, &acc);
+        }
+    }
+}
+
+/// Calls `$tile::<R>($($arg),*)` for `R = $rows` (1 ..= the largest listed).
+macro_rules! by_rows {
+    ($rows:expr, $tile:ident, [$($r:literal),*], $args:tt) => {
+        match $rows {
+            $($r => $tile::<$r> $args,)*
+            _ => unreachable!("a tile of {} rows", $rows),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Dst, PackedMatrix, MR, PANEL};
+    use super::{halves, store_row, Dst, PackedMatrix, MR, PANEL};
     use std::arch::x86_64::*;
 
-    /// The AVX2+FMA kernel over panels `ps` (callable only where the CPU has both). Slices
-    /// are indexed with bounds checks; `x` holds `m × a.k` values, `out` `m` rows.
+    /// The AVX2+FMA f32 kernel over panels `ps` (callable only where the CPU has both).
+    /// `x` holds `m × a.k` values, `out` `m` rows.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn panels(a: &PackedMatrix, x: &[f32], ps: std::ops::Range<usize>, out: Dst<'_>) {
+    pub(super) fn panels(
+        a: &PackedMatrix,
+        x: &[f32],
+        ps: std::ops::Range<usize>,
+        mut out: Dst<'_>,
+    ) {
         let k = a.k;
         let m = x.len() / k;
         for p in ps {
-            let (panel, col, width) = a.panel(p);
+            let (panel, col, width) = a.panel_f32(p);
             let mut r0 = 0;
             while r0 < m {
                 let rows = MR.min(m - r0);
                 let xs = &x[r0 * k..(r0 + rows) * k];
-                let (ldy, accumulate) = (out.ld, out.accumulate);
-                let ys = &mut out.y[r0 * ldy..];
-                let off = col - out.c0;
-                match rows {
-                    6 => tile::<6>(panel, xs, k, ys, ldy, off, width, accumulate),
-                    5 => tile::<5>(panel, xs, k, ys, ldy, off, width, accumulate),
-                    4 => tile::<4>(panel, xs, k, ys, ldy, off, width, accumulate),
-                    3 => tile::<3>(panel, xs, k, ys, ldy, off, width, accumulate),
-                    2 => tile::<2>(panel, xs, k, ys, ldy, off, width, accumulate),
-                    _ => tile::<1>(panel, xs, k, ys, ldy, off, width, accumulate),
-                }
+                by_rows!(
+                    rows,
+                    tile,
+                    [1, 2, 3, 4, 5, 6],
+                    (panel, xs, k, &mut out, r0, col, width)
+                );
                 r0 += rows;
             }
         }
     }
 
-    /// `R` rows × one panel.
+    /// `R` rows × one f32 panel.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -273,11 +521,10 @@ mod avx2 {
         panel: &[f32],
         xs: &[f32],
         k: usize,
-        ys: &mut [f32],
-        ldy: usize,
-        off: usize,
+        out: &mut Dst<'_>,
+        r0: usize,
+        col: usize,
         width: usize,
-        accumulate: bool,
     ) {
         // Bounds the raw reads below: the panel has k × PANEL values, xs R rows of k.
         assert!(panel.len() >= k * PANEL && xs.len() >= R * k);
@@ -300,29 +547,244 @@ mod avx2 {
             }
         }
         for (r, acc_r) in acc.iter().enumerate() {
-            let mut out = [0f32; PANEL];
-            let (lo, hi) = out.split_at_mut(8);
+            let mut row = [0f32; PANEL];
+            let (lo, hi) = row.split_at_mut(8);
             // SAFETY: each half holds 8 f32.
             unsafe {
                 _mm256_storeu_ps(lo.as_mut_ptr(), acc_r[0]);
                 _mm256_storeu_ps(hi.as_mut_ptr(), acc_r[1]);
             }
-            let dst = &mut ys[r * ldy + off..r * ldy + off + width];
-            if accumulate {
-                for (d, v) in dst.iter_mut().zip(out) {
-                    *d += v;
-                }
-            } else {
-                dst.copy_from_slice(&out[..width]);
+            store_row(out, r0 + r, col, width, &row);
+        }
+    }
+
+    /// The AVX2+FMA bf16 kernel over panels `ps`: the chains of
+    /// [`super::portable_panels_bf16`]. `x` holds `m × ⌈a.k/2⌉` pairs.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn panels_bf16(
+        a: &PackedMatrix,
+        x: &[u32],
+        ps: std::ops::Range<usize>,
+        mut out: Dst<'_>,
+    ) {
+        let kp = a.k.div_ceil(2);
+        let m = x.len() / kp;
+        for p in ps {
+            let (panel, col, width) = a.panel_bf16(p);
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = MR.min(m - r0);
+                let xs = &x[r0 * kp..(r0 + rows) * kp];
+                by_rows!(
+                    rows,
+                    tile_bf16,
+                    [1, 2, 3, 4, 5, 6],
+                    (panel, xs, kp, &mut out, r0, col, width)
+                );
+                r0 += rows;
             }
+        }
+    }
+
+    /// `R` rows × one bf16 panel.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn tile_bf16<const R: usize>(
+        panel: &[u32],
+        xs: &[u32],
+        kp: usize,
+        out: &mut Dst<'_>,
+        r0: usize,
+        col: usize,
+        width: usize,
+    ) {
+        assert!(panel.len() >= kp * PANEL && xs.len() >= R * kp);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let wp = panel.as_ptr();
+        let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        for q in 0..kp {
+            // SAFETY: q < kp, so the 16 pairs at q·PANEL are inside the panel.
+            let (v0, v1) = unsafe {
+                (
+                    _mm256_loadu_si256(wp.add(q * PANEL).cast()),
+                    _mm256_loadu_si256(wp.add(q * PANEL + 8).cast()),
+                )
+            };
+            let wo0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi));
+            let wo1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi));
+            let we0 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v0));
+            let we1 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v1));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let (xo, xe) = halves(xs[r * kp + q]);
+                let (xo, xe) = (_mm256_set1_ps(xo), _mm256_set1_ps(xe));
+                acc_r[0] = _mm256_fmadd_ps(xe, we0, _mm256_fmadd_ps(xo, wo0, acc_r[0]));
+                acc_r[1] = _mm256_fmadd_ps(xe, we1, _mm256_fmadd_ps(xo, wo1, acc_r[1]));
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let mut row = [0f32; PANEL];
+            let (lo, hi) = row.split_at_mut(8);
+            // SAFETY: each half holds 8 f32.
+            unsafe {
+                _mm256_storeu_ps(lo.as_mut_ptr(), acc_r[0]);
+                _mm256_storeu_ps(hi.as_mut_ptr(), acc_r[1]);
+            }
+            store_row(out, r0 + r, col, width, &row);
         }
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{store_row, Dst, PackedMatrix, MR512, PANEL};
+    use std::arch::x86_64::*;
+
+    /// The AVX-512 f32 kernel over panels `ps` (callable only where the CPU has AVX-512 F):
+    /// the chains of [`super::portable_panels`], tiles of up to [`MR512`] rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn panels(
+        a: &PackedMatrix,
+        x: &[f32],
+        ps: std::ops::Range<usize>,
+        mut out: Dst<'_>,
+    ) {
+        let k = a.k;
+        let m = x.len() / k;
+        for p in ps {
+            let (panel, col, width) = a.panel_f32(p);
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = MR512.min(m - r0);
+                let xs = &x[r0 * k..(r0 + rows) * k];
+                by_rows!(
+                    rows,
+                    tile,
+                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                    (panel, xs, k, &mut out, r0, col, width)
+                );
+                r0 += rows;
+            }
+        }
+    }
+
+    /// `R` rows × one f32 panel (one register per row).
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn tile<const R: usize>(
+        panel: &[f32],
+        xs: &[f32],
+        k: usize,
+        out: &mut Dst<'_>,
+        r0: usize,
+        col: usize,
+        width: usize,
+    ) {
+        assert!(panel.len() >= k * PANEL && xs.len() >= R * k);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let wp = panel.as_ptr();
+        let xp = xs.as_ptr();
+        for kk in 0..k {
+            // SAFETY: kk < k, so the 16 values at kk·PANEL are inside the panel.
+            let w = unsafe { _mm512_loadu_ps(wp.add(kk * PANEL)) };
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: r < R and kk < k, inside xs.
+                let xb = _mm512_set1_ps(unsafe { *xp.add(r * k + kk) });
+                *acc_r = _mm512_fmadd_ps(xb, w, *acc_r);
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let mut row = [0f32; PANEL];
+            // SAFETY: the row holds 16 f32.
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_r) };
+            store_row(out, r0 + r, col, width, &row);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use super::{store_row, Dst, PackedMatrix, MR512, PANEL};
+    use std::arch::x86_64::*;
+
+    /// The `VDPBF16PS` kernel over panels `ps` (callable only where the CPU has AVX-512 F
+    /// and AVX512_BF16). `x` holds `m × ⌈a.k/2⌉` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn panels(
+        a: &PackedMatrix,
+        x: &[u32],
+        ps: std::ops::Range<usize>,
+        mut out: Dst<'_>,
+    ) {
+        let kp = a.k.div_ceil(2);
+        let m = x.len() / kp;
+        for p in ps {
+            let (panel, col, width) = a.panel_bf16(p);
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = MR512.min(m - r0);
+                let xs = &x[r0 * kp..(r0 + rows) * kp];
+                by_rows!(
+                    rows,
+                    tile,
+                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                    (panel, xs, kp, &mut out, r0, col, width)
+                );
+                r0 += rows;
+            }
+        }
+    }
+
+    /// `R` rows × one bf16 panel: per pair of `k`, one `VDPBF16PS` per row.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn tile<const R: usize>(
+        panel: &[u32],
+        xs: &[u32],
+        kp: usize,
+        out: &mut Dst<'_>,
+        r0: usize,
+        col: usize,
+        width: usize,
+    ) {
+        assert!(panel.len() >= kp * PANEL && xs.len() >= R * kp);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let wp = panel.as_ptr();
+        let xp = xs.as_ptr();
+        for q in 0..kp {
+            // SAFETY: q < kp, so the 16 pairs at q·PANEL are inside the panel; __m512i and
+            // __m512bh are both 64 bytes of lanes.
+            let w: __m512bh =
+                unsafe { std::mem::transmute(_mm512_loadu_si512(wp.add(q * PANEL).cast())) };
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: r < R and q < kp, inside xs; the transmute as above.
+                let xb: __m512bh =
+                    unsafe { std::mem::transmute(_mm512_set1_epi32(*xp.add(r * kp + q) as i32)) };
+                *acc_r = _mm512_dpbf16_ps(*acc_r, xb, w);
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let mut row = [0f32; PANEL];
+            // SAFETY: the row holds 16 f32.
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_r) };
+            store_row(out, r0 + r, col, width, &row);
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The tiers this CPU can run, lowest first.
+    fn tiers() -> Vec<Tier> {
+        Tier::ALL
+            .into_iter()
+            .filter(|&t| t <= isa::detected())
+            .collect()
+    }
 
     /// The product in f64, one dot product per output (a separate reference).
     fn naive(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
@@ -342,6 +804,24 @@ mod tests {
         let ax: Vec<f32> = x.iter().map(|v| v.abs()).collect();
         let aw: Vec<f32> = w.iter().map(|v| v.abs()).collect();
         naive(&ax, &aw, m, n, k)
+    }
+
+    /// bf16 rounding written from its definition: the nearest multiple of
+    /// 2^(e - 7) (ties to the even mantissa), in f64.
+    fn bf16_ref(v: f32) -> f32 {
+        if v == 0.0 || v.abs() < f32::MIN_POSITIVE {
+            return 0.0f32.copysign(v);
+        }
+        let e = (v.abs() as f64).log2().floor();
+        let ulp = 2f64.powf(e - 7.0);
+        let q = v as f64 / ulp;
+        let (fl, fr) = (q.floor(), q - q.floor());
+        let r = if fr > 0.5 || (fr == 0.5 && fl % 2.0 != 0.0) {
+            fl + 1.0
+        } else {
+            fl
+        };
+        (r * ulp) as f32
     }
 
     fn dst(y: &mut [f32], ld: usize, c0: usize, accumulate: bool) -> Dst<'_> {
@@ -365,83 +845,152 @@ mod tests {
             .collect()
     }
 
-    fn check(m: usize, n: usize, k: usize, accumulate: bool) {
+    /// The product at `tier` and `precision` against the f64 reference (on bf16-rounded
+    /// inputs for bf16); returns it.
+    fn check(
+        tier: Tier,
+        precision: Precision,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Vec<f32> {
         let x = values(m * k, 1 + m as u64);
         let w = values(n * k, 2 + n as u64);
         let y0 = values(m * n, 3);
-        let a = PackedMatrix::new(&w, n, k).unwrap();
+        let a = PackedMatrix::with_precision(&w, n, k, precision).unwrap();
         let mut y = y0.clone();
-        a.matmul(&x, &mut y, accumulate).unwrap();
-        let want = naive(&x, &w, m, n, k);
-        let mag = naive_magnitudes(&x, &w, m, n, k);
+        a.matmul_at(tier, &x, &mut y, accumulate).unwrap();
+        let (xr, wr): (Vec<f32>, Vec<f32>) = match precision {
+            Precision::F32 => (x, w),
+            Precision::Bf16 => (
+                x.iter().map(|&v| bf16_ref(v)).collect(),
+                w.iter().map(|&v| bf16_ref(v)).collect(),
+            ),
+        };
+        let want = naive(&xr, &wr, m, n, k);
+        let mag = naive_magnitudes(&xr, &wr, m, n, k);
         for i in 0..m * n {
             let base = if accumulate { y0[i] as f64 } else { 0.0 };
             let e = (y[i] as f64 - (want[i] + base)).abs();
             // A sum of k products and the base in f32 errs by at most γ_{k+2} times the sum
-            // of the magnitudes of its terms (Higham §3.1; the products rounded or fused),
-            // whatever the cancellation; γ_n = n u / (1 - n u) < (n + 1) u here.
+            // of the magnitudes of its terms (Higham §3.1; the products exact or fused),
+            // whatever the cancellation; γ_n = n u / (1 - n u) < (n + 1) u here. The bf16
+            // chains add ⌈k/2⌉ pairs, one or two products each: at most k + 1 additions.
             let u = f32::EPSILON as f64 / 2.0;
             assert!(
-                e <= (k as f64 + 3.0) * u * (mag[i] + base.abs()),
-                "m {m} n {n} k {k} [{i}]: {} vs {}",
+                e <= (k as f64 + 4.0) * u * (mag[i] + base.abs()),
+                "{tier} {precision:?} m {m} n {n} k {k} [{i}]: {} vs {}",
                 y[i],
                 want[i] + base
             );
         }
+        y
     }
 
     #[test]
-    fn matches_a_naive_product_on_edge_shapes() {
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (1, 16, 8),
-            (7, 17, 5),
-            (6, 33, 64),
-            (13, 15, 3),
-            (32, 48, 256),
+    fn bf16_rounding_is_to_nearest_even() {
+        let one = 1.0f32;
+        let ulp = 2f32.powi(-7);
+        for (v, want) in [
+            (one, one),
+            (one + ulp / 2.0, one),             // a tie, to even (down)
+            (one + ulp * 1.5, one + 2.0 * ulp), // a tie, to even (up)
+            (one + ulp / 2.0 + 2f32.powi(-20), one + ulp),
+            (-3.0e-39, -0.0), // subnormal: a zero of its sign
+            (f32::INFINITY, f32::INFINITY),
+            (f32::MAX, f32::INFINITY), // rounds past the largest bf16
         ] {
-            check(m, n, k, false);
-            check(m, n, k, true);
+            assert_eq!(
+                PackedMatrix::round_bf16(v).to_bits(),
+                want.to_bits(),
+                "{v:e}"
+            );
+        }
+        assert!(PackedMatrix::round_bf16(f32::NAN).is_nan());
+        for v in values(2000, 21).into_iter().map(|v| v * 1.0e5) {
+            assert_eq!(PackedMatrix::round_bf16(v), bf16_ref(v), "{v:e}");
         }
     }
 
-    /// The baseline kernel (run on CPUs without AVX2/FMA) gives the same bits as the
-    /// dispatched one: both are the same fused chains in the same order.
     #[test]
-    fn baseline_kernel_gives_the_same_bits() {
-        for &(m, n, k, acc) in &[(7, 19, 9, false), (3, 40, 33, true), (13, 16, 64, false)] {
-            let x = values(m * k, 7);
-            let w = values(n * k, 8);
-            let a = PackedMatrix::new(&w, n, k).unwrap();
-            let y0 = values(m * n, 9);
-            let (mut fast, mut base) = (y0.clone(), y0);
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // Called directly: another test may force the dispatch to the baseline.
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                unsafe { avx2::panels(&a, &x, 0..n.div_ceil(PANEL), dst(&mut fast, n, 0, acc)) };
-            } else {
-                a.matmul(&x, &mut fast, acc).unwrap();
+    fn every_tier_matches_a_naive_product_on_edge_shapes() {
+        for tier in tiers() {
+            for precision in [Precision::F32, Precision::Bf16] {
+                for &(m, n, k) in &[
+                    (1, 1, 1),
+                    (1, 16, 8),
+                    (7, 17, 5),
+                    (6, 33, 64),
+                    (13, 15, 3),
+                    (25, 31, 9),
+                    (32, 48, 256),
+                ] {
+                    check(tier, precision, m, n, k, false);
+                    check(tier, precision, m, n, k, true);
+                }
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            a.matmul(&x, &mut fast, acc).unwrap();
-            portable_panels(&a, &x, 0..n.div_ceil(PANEL), dst(&mut base, n, 0, acc));
-            assert_eq!(fast, base, "m {m} n {n} k {k}");
         }
     }
 
+    /// Every tier gives the same bits: the same chains in the same order (for bf16, the
+    /// `VDPBF16PS` order; no partial sum is subnormal here).
+    #[test]
+    fn every_tier_gives_the_same_bits() {
+        let all = tiers();
+        for precision in [Precision::F32, Precision::Bf16] {
+            for &(m, n, k, acc) in &[
+                (7, 19, 9, false),
+                (3, 40, 33, true),
+                (13, 16, 64, false),
+                (30, 50, 101, true),
+            ] {
+                let x = values(m * k, 7);
+                let a = PackedMatrix::with_precision(&values(n * k, 8), n, k, precision).unwrap();
+                let y0 = values(m * n, 9);
+                let mut base = y0.clone();
+                a.matmul_at(Tier::Portable, &x, &mut base, acc).unwrap();
+                for &t in &all {
+                    let mut y = y0.clone();
+                    a.matmul_at(t, &x, &mut y, acc).unwrap();
+                    assert_eq!(y, base, "{t} {precision:?} m {m} n {n} k {k}");
+                }
+            }
+        }
+    }
+
+    /// A row's result does not depend on how many rows it is batched with nor on its place
+    /// (so on which tile and which tile size it falls in), at every tier and precision.
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
         let (n, k) = (40, 70);
         let w = values(n * k, 9);
-        let a = PackedMatrix::new(&w, n, k).unwrap();
-        let x = values(13 * k, 10);
-        let mut all = vec![0f32; 13 * n];
-        a.matmul(&x, &mut all, false).unwrap();
-        for r in 0..13 {
-            let mut one = vec![0f32; n];
-            a.matmul(&x[r * k..(r + 1) * k], &mut one, false).unwrap();
-            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        let x = values(30 * k, 10);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let a = PackedMatrix::with_precision(&w, n, k, precision).unwrap();
+            for tier in tiers() {
+                let mut alone = Vec::new();
+                for r in 0..30 {
+                    let mut one = vec![0f32; n];
+                    a.matmul_at(tier, &x[r * k..(r + 1) * k], &mut one, false)
+                        .unwrap();
+                    alone.push(one);
+                }
+                for m in [2, 5, 7, 12, 13, 25, 30] {
+                    for start in [0, 30 - m] {
+                        let mut all = vec![0f32; m * n];
+                        a.matmul_at(tier, &x[start * k..(start + m) * k], &mut all, false)
+                            .unwrap();
+                        for r in 0..m {
+                            assert_eq!(
+                                alone[start + r],
+                                all[r * n..(r + 1) * n],
+                                "{tier} {precision:?} m {m} row {r}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -449,70 +998,117 @@ mod tests {
     fn threaded_product_equals_the_serial_one() {
         let (m, n, k) = (40, 300, 256);
         let w = values(n * k, 4);
-        let a = PackedMatrix::new(&w, n, k).unwrap();
         let x = values(m * k, 5);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        for accumulate in [false, true] {
-            let y0 = values(m * n, 6);
-            let mut serial = y0.clone();
-            a.panels_into(&x, 0..n.div_ceil(PANEL), dst(&mut serial, n, 0, accumulate));
-            let mut par = y0;
-            pool.install(|| a.matmul(&x, &mut par, accumulate)).unwrap();
-            assert_eq!(serial, par, "accumulate {accumulate}");
+        for precision in [Precision::F32, Precision::Bf16] {
+            let a = PackedMatrix::with_precision(&w, n, k, precision).unwrap();
+            for accumulate in [false, true] {
+                let y0 = values(m * n, 6);
+                let mut serial = y0.clone();
+                let one = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap();
+                one.install(|| a.matmul(&x, &mut serial, accumulate))
+                    .unwrap();
+                let mut par = y0;
+                pool.install(|| a.matmul(&x, &mut par, accumulate)).unwrap();
+                assert_eq!(serial, par, "{precision:?} accumulate {accumulate}");
+            }
         }
     }
 
     /// A range of panels into a buffer whose column 0 is a later output column (the
-    /// threaded path's layout): both kernels, the same bits as the full product.
+    /// threaded path's layout): every kernel, the same bits as the full product.
     #[test]
     fn a_panel_range_lands_at_its_columns() {
         let (m, n, k) = (7, 50, 33);
-        let a = PackedMatrix::new(&values(n * k, 11), n, k).unwrap();
         let x = values(m * k, 12);
-        let mut full = vec![0f32; m * n];
-        a.matmul(&x, &mut full, false).unwrap();
-        let (c0, width) = (PANEL, n - PANEL);
-        let mut part = vec![0f32; m * width];
-        portable_panels(
-            &a,
-            &x,
-            1..n.div_ceil(PANEL),
-            dst(&mut part, width, c0, false),
-        );
-        let mut fast = vec![0f32; m * width];
-        a.panels_into(&x, 1..n.div_ceil(PANEL), dst(&mut fast, width, c0, false));
-        for r in 0..m {
-            assert_eq!(
-                part[r * width..(r + 1) * width],
-                full[r * n + c0..(r + 1) * n]
-            );
-            assert_eq!(
-                fast[r * width..(r + 1) * width],
-                full[r * n + c0..(r + 1) * n]
-            );
+        for precision in [Precision::F32, Precision::Bf16] {
+            let a = PackedMatrix::with_precision(&values(n * k, 11), n, k, precision).unwrap();
+            let mut full = vec![0f32; m * n];
+            a.matmul(&x, &mut full, false).unwrap();
+            let mut pairs = Vec::new();
+            for xr in x.chunks_exact(k) {
+                push_pairs(xr, &mut pairs);
+            }
+            let rows = match precision {
+                Precision::F32 => Rows::F32(&x),
+                Precision::Bf16 => Rows::Bf16(&pairs),
+            };
+            let (c0, width) = (PANEL, n - PANEL);
+            for tier in tiers() {
+                let mut part = vec![0f32; m * width];
+                a.panels_into(
+                    tier,
+                    rows,
+                    1..n.div_ceil(PANEL),
+                    dst(&mut part, width, c0, false),
+                );
+                for r in 0..m {
+                    assert_eq!(
+                        part[r * width..(r + 1) * width],
+                        full[r * n + c0..(r + 1) * n],
+                        "{tier} {precision:?}"
+                    );
+                }
+            }
         }
+    }
+
+    /// bf16 storage halves the packed bytes, and its products differ from f32's (the
+    /// inputs are rounded), by no more than bf16's rounding allows.
+    #[test]
+    fn bf16_storage_is_half_the_size_and_rounds_its_inputs() {
+        let (m, n, k) = (3, 32, 64);
+        let w = values(n * k, 13);
+        let x = values(m * k, 14);
+        let f = PackedMatrix::new(&w, n, k).unwrap();
+        let b = PackedMatrix::with_precision(&w, n, k, Precision::Bf16).unwrap();
+        assert_eq!((f.bytes(), b.bytes()), (n * k * 4, n * k * 2));
+        assert_eq!(b.precision(), Precision::Bf16);
+        let (mut yf, mut yb) = (vec![0f32; m * n], vec![0f32; m * n]);
+        f.matmul(&x, &mut yf, false).unwrap();
+        b.matmul(&x, &mut yb, false).unwrap();
+        let mag = naive_magnitudes(&x, &w, m, n, k);
+        let mut differ = 0;
+        for i in 0..m * n {
+            // Each product of two inputs rounded to 8 bits errs by at most 2·2⁻⁸ relative.
+            assert!(((yf[i] - yb[i]) as f64).abs() <= 2.0 * 2f64.powi(-8) * mag[i] * 1.01);
+            differ += usize::from(yf[i] != yb[i]);
+        }
+        assert!(differ > m * n / 2, "only {differ} outputs differ");
     }
 
     #[test]
     fn bad_shapes_are_refused() {
-        assert!(PackedMatrix::new(&[1.0; 6], 4, 2).is_err());
-        assert!(PackedMatrix::new(&[], 0, 2).is_err());
-        let a = PackedMatrix::new(&[1.0; 6], 3, 2).unwrap();
-        assert!(a.matmul(&[1.0; 3], &mut [0.0; 3], false).is_err());
-        assert!(a.matmul(&[1.0; 4], &mut [0.0; 5], false).is_err());
-        assert!(PackedMatrix::stacked(&[&[1.0; 4], &[1.0; 3]], 2).is_err());
-        let s = PackedMatrix::stacked(&[&[1.0; 4], &[2.0; 2]], 2).unwrap();
-        assert_eq!((s.n(), s.k()), (3, 2));
+        for p in [Precision::F32, Precision::Bf16] {
+            assert!(PackedMatrix::with_precision(&[1.0; 6], 4, 2, p).is_err());
+            assert!(PackedMatrix::with_precision(&[], 0, 2, p).is_err());
+            let a = PackedMatrix::with_precision(&[1.0; 6], 3, 2, p).unwrap();
+            assert!(a.matmul(&[1.0; 3], &mut [0.0; 3], false).is_err());
+            assert!(a.matmul(&[1.0; 4], &mut [0.0; 5], false).is_err());
+            assert!(PackedMatrix::stacked_with_precision(&[&[1.0; 4], &[1.0; 3]], 2, p).is_err());
+            let s = PackedMatrix::stacked_with_precision(&[&[1.0; 4], &[2.0; 2]], 2, p).unwrap();
+            assert_eq!((s.n(), s.k(), s.precision()), (3, 2, p));
+        }
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
-        fn any_shape_matches_the_naive_product(m in 1usize..20, n in 1usize..50, k in 1usize..40, acc in any::<bool>()) {
-            check(m, n, k, acc);
+        fn any_shape_matches_the_naive_product(
+            m in 1usize..30, n in 1usize..50, k in 1usize..40, acc in any::<bool>(),
+            bf16 in any::<bool>(), t in 0usize..4,
+        ) {
+            let tier = Tier::ALL[t].min(isa::detected());
+            let p = if bf16 { Precision::Bf16 } else { Precision::F32 };
+            let y = check(tier, p, m, n, k, acc);
+            let y0 = check(Tier::Portable, p, m, n, k, acc);
+            prop_assert_eq!(y, y0);
         }
     }
 }

@@ -25,6 +25,10 @@
 //!   CPU, decoding at these batch sizes is compute-bound and that ratio is the ceiling;
 //! - a warm-up run is excluded; the timed run includes the KV cache updates (the paper
 //!   excludes them; here they are part of every layer call);
+//! - every model runs in each precision of `precisions` (the engine's packed weights in f32,
+//!   or in bf16 with f32 accumulation) and at each fixed batch (`batch_size` and
+//!   `extra_batches`), all interleaved in one phase; bf16 rows also report their ratio
+//!   over the f32 row of the same model, setting and batch;
 //! - the thread count is pinned (default 1: decoding is fastest single-threaded on these
 //!   machines, TOOLCHAIN.md §2).
 //!
@@ -38,7 +42,7 @@
 //! ([`ExitRule::GateThresholds`]). The realised depth distribution of the timed run is
 //! reported next to the target (`1/N_r` per depth).
 
-use mor_core::config::{Config, ResolvedConfig};
+use mor_core::config::{Config, Precision, ResolvedConfig};
 use mor_core::rng::Rng;
 use mor_models::engine::{
     Batching, Engine, EngineConfig, EngineStats, Event, ExitRule, FinishReason, Request,
@@ -59,6 +63,14 @@ pub struct InferBenchConfig {
     pub gen_len_std: f64,
     /// The fixed batch size (setting 1) and the vanilla batch of setting 2.
     pub batch_size: usize,
+    /// More fixed batch sizes, each timed as its own setting beside `batch_size` (empty:
+    /// `batch_size` only). The relative-max setting scales `batch_size`.
+    #[serde(default)]
+    pub extra_batches: Vec<usize>,
+    /// Precisions of the engine's packed weights, each model timed in every one (`bf16`:
+    /// products with bf16 inputs and f32 accumulation).
+    #[serde(default = "default_precisions")]
+    pub precisions: Vec<Precision>,
     /// Rayon / matmul threads.
     pub threads: usize,
     /// Requests of the untimed warm-up run.
@@ -92,6 +104,10 @@ pub struct InferBenchConfig {
     pub exit_fraction: f64,
 }
 
+fn default_precisions() -> Vec<Precision> {
+    vec![Precision::F32]
+}
+
 impl Default for InferBenchConfig {
     fn default() -> Self {
         InferBenchConfig {
@@ -99,6 +115,8 @@ impl Default for InferBenchConfig {
             gen_len_mean: 96.0,
             gen_len_std: 24.0,
             batch_size: 32,
+            extra_batches: Vec::new(),
+            precisions: default_precisions(),
             threads: 1,
             warmup_requests: 8,
             seed: 0,
@@ -134,6 +152,17 @@ impl InferBenchConfig {
         }
     }
 
+    /// The fixed batch sizes timed: `batch_size`, then the `extra_batches` not yet listed.
+    pub fn fixed_batches(&self) -> Vec<usize> {
+        let mut batches = vec![self.batch_size];
+        for &b in &self.extra_batches {
+            if !batches.contains(&b) {
+                batches.push(b);
+            }
+        }
+        batches
+    }
+
     /// Checks every field before anything is built or timed.
     ///
     /// # Errors
@@ -142,6 +171,15 @@ impl InferBenchConfig {
         let bad = |m: String| Err(Error::msg(m));
         if self.requests == 0 || self.batch_size == 0 || self.block_tokens == 0 {
             return bad("requests, batch_size and block_tokens must be >= 1".into());
+        }
+        if self.extra_batches.contains(&0) {
+            return bad(format!(
+                "extra_batches {:?}: every batch size must be >= 1",
+                self.extra_batches
+            ));
+        }
+        if self.precisions.is_empty() {
+            return bad("precisions is empty: give at least one of f32, bf16".into());
         }
         if self.rounds == 0 {
             return bad(
@@ -188,6 +226,9 @@ impl InferBenchConfig {
 pub struct ModelReport {
     /// `vanilla-L` or `mor-N`.
     pub name: String,
+    /// Precision of the packed weights.
+    #[serde(default)]
+    pub precision: Precision,
     /// Batch setting: `fixed` or `relative_max`.
     pub setting: String,
     /// `N_r` (1 for vanilla).
@@ -213,6 +254,10 @@ pub struct ModelReport {
     pub vanilla: String,
     /// `tokens_per_s / tokens_per_s(vanilla)` in the same setting.
     pub throughput_ratio_vs_vanilla: f64,
+    /// Throughput over the f32 run of the same model, setting and batch (bf16 rows, when
+    /// f32 was timed too).
+    #[serde(default)]
+    pub throughput_ratio_vs_f32: Option<f64>,
     /// `steady_tokens_per_s / steady_tokens_per_s(vanilla)`.
     pub steady_throughput_ratio_vs_vanilla: f64,
     /// Exact K/V bytes per generated position (measured in the cache).
@@ -450,6 +495,7 @@ fn engine_config(
     cfg: &InferBenchConfig,
     model: &MorModel,
     batch: usize,
+    precision: Precision,
     exit: ExitRule,
     longest: usize,
 ) -> EngineConfig {
@@ -468,6 +514,7 @@ fn engine_config(
         batching,
         record_gates: false,
         exit_batch: ((cfg.exit_fraction * batch as f64).round() as usize).clamp(1, batch),
+        precision,
     }
 }
 
@@ -494,12 +541,16 @@ impl<'m> Live<'m> {
         model: &'m MorModel,
         cfg: &InferBenchConfig,
         batch: usize,
+        precision: Precision,
         exit: ExitRule,
         lens: &[usize],
     ) -> Result<Self> {
         let warm = gen_lengths(cfg, cfg.warmup_requests, "warmup");
         let longest = lens.iter().chain(&warm).copied().max().unwrap_or(1);
-        let mut engine = Engine::new(model, engine_config(cfg, model, batch, exit, longest))?;
+        let mut engine = Engine::new(
+            model,
+            engine_config(cfg, model, batch, precision, exit, longest),
+        )?;
         for (i, &len) in warm.iter().enumerate() {
             engine.submit(Request {
                 prompt: vec![0],
@@ -596,6 +647,7 @@ struct Subject {
     vanilla: usize,
     thresholds: Vec<f64>,
     batch: usize,
+    precision: Precision,
     best: Option<Timed>,
     best_steady: f64,
 }
@@ -630,6 +682,7 @@ impl Subject {
             .collect();
         let mut r = ModelReport {
             name: self.name.clone(),
+            precision: self.precision,
             setting: self.setting.to_string(),
             num_recursions: n,
             layers: self.model.plan().num_slots(),
@@ -642,6 +695,7 @@ impl Subject {
             steady_tokens_per_s: self.best_steady,
             vanilla: self.name.clone(),
             throughput_ratio_vs_vanilla: 1.0,
+            throughput_ratio_vs_f32: None,
             steady_throughput_ratio_vs_vanilla: 1.0,
             kv_bytes_per_token: t.stats.kv_bytes_per_token(),
             kv_bytes_ratio_vs_vanilla: 1.0,
@@ -710,8 +764,11 @@ fn time_all(
             .iter()
             .map(|&i| {
                 format!(
-                    "{} ({}, batch {})",
-                    subjects[i].name, subjects[i].setting, subjects[i].batch
+                    "{} ({}, {}, batch {})",
+                    subjects[i].name,
+                    precision_name(subjects[i].precision),
+                    subjects[i].setting,
+                    subjects[i].batch
                 )
             })
             .collect();
@@ -723,7 +780,7 @@ fn time_all(
         let mut lives = Vec::with_capacity(which.len());
         for (&i, m) in which.iter().zip(&models) {
             let s = &subjects[i];
-            lives.push(Live::start(m, cfg, s.batch, s.exit(), lens)?);
+            lives.push(Live::start(m, cfg, s.batch, s.precision, s.exit(), lens)?);
         }
         while lives.iter().any(|l| !l.engine.is_idle()) {
             for l in lives.iter_mut() {
@@ -769,7 +826,52 @@ fn reports(subjects: &[Subject], cfg: &InferBenchConfig) -> Result<Vec<ModelRepo
     Ok(out.into_iter().flatten().collect())
 }
 
+/// `f32` or `bf16`, as the command line spells it.
+pub fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    }
+}
+
+/// A model of the benchmark, built once and timed in every setting.
+struct Base {
+    name: String,
+    model: Rc<MorModel>,
+    cfg: ResolvedConfig,
+    /// Index (in the bases) of the vanilla model it is compared with (itself for vanilla).
+    vanilla: usize,
+    thresholds: Vec<f64>,
+}
+
+impl Base {
+    fn subject(
+        &self,
+        setting: &'static str,
+        vanilla: usize,
+        batch: usize,
+        p: Precision,
+    ) -> Subject {
+        Subject {
+            name: self.name.clone(),
+            setting,
+            model: Rc::clone(&self.model),
+            cfg: self.cfg.clone(),
+            vanilla,
+            thresholds: self.thresholds.clone(),
+            batch,
+            precision: p,
+            best: None,
+            best_steady: 0.0,
+        }
+    }
+}
+
 /// Runs the benchmark; `log` receives one line per step.
+///
+/// Every model is timed at every fixed batch (`batch_size`, then `extra_batches`) in every
+/// precision, all interleaved in one phase; the relative-max setting (scaled from
+/// `batch_size`) forms a second phase, per precision, with the vanilla models again.
 ///
 /// # Errors
 /// Bad settings or a failing model.
@@ -784,43 +886,45 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
         *lens.iter().max().unwrap_or(&0),
     );
     // Build every model: each MoR and the vanilla of its unrolled depth (shared when equal).
-    let mut subjects: Vec<Subject> = Vec::new();
-    let mut mors = Vec::new();
+    let mut bases: Vec<Base> = Vec::new();
     for &n in &cfg.recursions {
         let (mc, vc) = configs(cfg, n)?;
         let vname = format!("vanilla-{}", vc.model.num_layers);
-        let v = match subjects.iter().position(|s| s.name == vname) {
+        let v = match bases.iter().position(|s| s.name == vname) {
             Some(v) => v,
             None => {
-                subjects.push(Subject {
+                bases.push(Base {
                     name: vname,
-                    setting: "fixed",
                     model: Rc::new(MorModel::new(&vc)?),
                     cfg: vc,
-                    vanilla: subjects.len(),
+                    vanilla: bases.len(),
                     thresholds: Vec::new(),
-                    batch: cfg.batch_size,
-                    best: None,
-                    best_steady: 0.0,
                 });
-                subjects.len() - 1
+                bases.len() - 1
             }
         };
         let model = MorModel::new(&mc)?;
         log(&format!("mor-{n}: calibrating exit thresholds"));
         let thresholds = calibrate_thresholds(&model, cfg)?;
-        mors.push(subjects.len());
-        subjects.push(Subject {
+        bases.push(Base {
             name: format!("mor-{n}"),
-            setting: "fixed",
             model: Rc::new(model),
             cfg: mc,
             vanilla: v,
             thresholds,
-            batch: cfg.batch_size,
-            best: None,
-            best_steady: 0.0,
         });
+    }
+    let batches = cfg.fixed_batches();
+    // One group of subjects (every base) per precision and fixed batch; the group of
+    // precision i at `batch_size` starts at i · batches.len() · bases.len().
+    let mut subjects: Vec<Subject> = Vec::new();
+    for &p in &cfg.precisions {
+        for &b in &batches {
+            let first = subjects.len();
+            for base in &bases {
+                subjects.push(base.subject("fixed", first + base.vanilla, b, p));
+            }
+        }
     }
     let all: Vec<usize> = (0..subjects.len()).collect();
     time_all(&mut subjects, &all, cfg, &lens, log)?;
@@ -828,60 +932,55 @@ pub fn run(cfg: &InferBenchConfig, log: &mut dyn FnMut(&str)) -> Result<InferBen
     let kv_budget = subjects
         .iter()
         .zip(&fixed)
-        .filter(|(s, _)| s.model.plan().num_recursions == 1)
+        .filter(|(s, _)| s.model.plan().num_recursions == 1 && s.batch == cfg.batch_size)
         .map(|(_, r)| r.kv_bytes_per_token * cfg.batch_size as f64 * mean)
         .fold(0.0, f64::max);
     if cfg.relative_max {
         // maxB from a fixed KV budget: B · (vanilla bytes per token / MoR bytes per token);
-        // vanilla keeps B.
-        // Vanilla takes turns with these models too, as its own relative-max subject, so
-        // that each ratio compares runs of one phase.
+        // vanilla keeps B. Vanilla takes turns with these models too, as its own
+        // relative-max subject, so that each ratio compares runs of one phase.
         let mut which = Vec::new();
-        let mut again: std::collections::HashMap<usize, usize> = Default::default();
-        for v in (0..subjects.len())
-            .filter(|&i| subjects[i].vanilla == i)
-            .collect::<Vec<_>>()
-        {
-            let s = &subjects[v];
-            let copy = Subject {
-                name: s.name.clone(),
-                setting: "relative_max",
-                model: Rc::clone(&s.model),
-                cfg: s.cfg.clone(),
-                vanilla: subjects.len(),
-                thresholds: Vec::new(),
-                batch: s.batch,
-                best: None,
-                best_steady: 0.0,
-            };
-            again.insert(v, subjects.len());
-            which.push(subjects.len());
-            subjects.push(copy);
-        }
-        for &m in &mors {
-            let s = &subjects[m];
-            let (mr, vr) = (&fixed[m], &fixed[s.vanilla]);
-            let b = ((cfg.batch_size as f64 * vr.kv_bytes_per_token
-                / mr.kv_bytes_per_token.max(1e-9))
-            .round() as usize)
-                .max(1);
-            let extra = Subject {
-                name: s.name.clone(),
-                setting: "relative_max",
-                model: Rc::clone(&s.model),
-                cfg: s.cfg.clone(),
-                vanilla: again[&s.vanilla],
-                thresholds: s.thresholds.clone(),
-                batch: b,
-                best: None,
-                best_steady: 0.0,
-            };
-            which.push(subjects.len());
-            subjects.push(extra);
+        for pi in 0..cfg.precisions.len() {
+            let p = cfg.precisions[pi];
+            let g0 = pi * batches.len() * bases.len();
+            let mut again = std::collections::HashMap::new();
+            for (j, base) in bases.iter().enumerate().filter(|(j, b)| b.vanilla == *j) {
+                again.insert(j, subjects.len());
+                which.push(subjects.len());
+                subjects.push(base.subject("relative_max", subjects.len(), cfg.batch_size, p));
+            }
+            for (j, base) in bases.iter().enumerate().filter(|(j, b)| b.vanilla != *j) {
+                let (mr, vr) = (&fixed[g0 + j], &fixed[g0 + base.vanilla]);
+                let b = ((cfg.batch_size as f64 * vr.kv_bytes_per_token
+                    / mr.kv_bytes_per_token.max(1e-9))
+                .round() as usize)
+                    .max(1);
+                which.push(subjects.len());
+                subjects.push(base.subject("relative_max", again[&base.vanilla], b, p));
+            }
         }
         time_all(&mut subjects, &which, cfg, &lens, log)?;
     }
-    let models = reports(&subjects, cfg)?;
+    let mut models = reports(&subjects, cfg)?;
+    // bf16 (or any other precision) against f32: the same model, setting and batch.
+    let f32_rates: Vec<(String, String, usize, f64)> = models
+        .iter()
+        .filter(|m| m.precision == Precision::F32)
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.setting.clone(),
+                m.batch_size,
+                m.tokens_per_s,
+            )
+        })
+        .collect();
+    for m in models.iter_mut().filter(|m| m.precision != Precision::F32) {
+        m.throughput_ratio_vs_f32 = f32_rates
+            .iter()
+            .find(|(n, s, b, _)| *n == m.name && *s == m.setting && *b == m.batch_size)
+            .map(|(.., t)| m.tokens_per_s / t.max(1e-9));
+    }
     Ok(InferBenchReport {
         config: cfg.clone(),
         gen_len_stats,
@@ -896,8 +995,8 @@ pub fn render_text(r: &InferBenchReport) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "inference throughput (spec §5, CPU scale): preset {}, context {}, threads {}, {} requests, \
-         generation length ~ N({}, {}) -> mean {:.1}, min {}, max {}; fixed batch {}; best of {} \
-         interleaved round(s)\n",
+         generation length ~ N({}, {}) -> mean {:.1}, min {}, max {}; fixed batch {}; precision {}; best \
+         of {} interleaved round(s)\n",
         c.preset,
         c.context,
         c.threads,
@@ -907,7 +1006,16 @@ pub fn render_text(r: &InferBenchReport) -> String {
         r.gen_len_stats.0,
         r.gen_len_stats.1,
         r.gen_len_stats.2,
-        c.batch_size,
+        c.fixed_batches()
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        c.precisions
+            .iter()
+            .map(|&p| precision_name(p))
+            .collect::<Vec<_>>()
+            .join(", "),
         c.rounds
     ));
     s.push_str(&format!(
@@ -916,8 +1024,9 @@ pub fn render_text(r: &InferBenchReport) -> String {
         c.batch_size
     ));
     s.push_str(&format!(
-        "{:<11} {:<12} {:>6} {:>5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>6}  {}\n",
+        "{:<11} {:<5} {:<12} {:>6} {:>5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>6}  {}\n",
         "model",
+        "prec",
         "setting",
         "layers",
         "batch",
@@ -940,8 +1049,9 @@ pub fn render_text(r: &InferBenchReport) -> String {
             .map(|x| format!("{x:.2}"))
             .collect();
         s.push_str(&format!(
-            "{:<11} {:<12} {:>6} {:>5} {:>9.1} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.0} {:>7.3} {:>8.3} {:>7.3} {:>6.1}  [{}]\n",
+            "{:<11} {:<5} {:<12} {:>6} {:>5} {:>9.1} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.0} {:>7.3} {:>8.3} {:>7.3} {:>6.1}  [{}]\n",
             m.name,
+            precision_name(m.precision),
             m.setting,
             m.layers,
             m.batch_size,
@@ -959,15 +1069,26 @@ pub fn render_text(r: &InferBenchReport) -> String {
         ));
     }
     s.push_str(&format!(
-        "\n{:<11} {:<12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}\n",
-        "model", "setting", "seconds", "block", "exit", "entry", "route", "attn FLOP"
+        "\n{:<11} {:<5} {:<12} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}\n",
+        "model",
+        "prec",
+        "setting",
+        "batch",
+        "seconds",
+        "block",
+        "exit",
+        "entry",
+        "route",
+        "attn FLOP"
     ));
     for m in &r.models {
         let p = &m.phase_seconds;
         s.push_str(&format!(
-            "{:<11} {:<12} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1}%\n",
+            "{:<11} {:<5} {:<12} {:>5} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1}%\n",
             m.name,
+            precision_name(m.precision),
             m.setting,
+            m.batch_size,
             m.seconds,
             p.block,
             p.exit,
@@ -976,8 +1097,31 @@ pub fn render_text(r: &InferBenchReport) -> String {
             100.0 * m.attention_flop_share
         ));
     }
+    let vs_f32: Vec<String> = r
+        .models
+        .iter()
+        .filter_map(|m| {
+            m.throughput_ratio_vs_f32.map(|x| {
+                format!(
+                    "{:<11} {:<5} {:<12} {:>5} {:>8.3}\n",
+                    m.name,
+                    precision_name(m.precision),
+                    m.setting,
+                    m.batch_size,
+                    x
+                )
+            })
+        })
+        .collect();
+    if !vs_f32.is_empty() {
+        s.push_str(&format!(
+            "\n{:<11} {:<5} {:<12} {:>5} {:>8}\n",
+            "model", "prec", "setting", "batch", "x f32"
+        ));
+        s.push_str(&vs_f32.concat());
+    }
     s.push_str(
-        "\nx van: throughput over the vanilla model of equal unrolled depth (whole run; `steady`: \
+        "\nx van: throughput over the vanilla model of equal unrolled depth, same precision and batch (whole run; `steady`: \
          while every batch slot had a request). FLOP x: vanilla's floating-point operations per \
          generated token over this model's (projections, attention over the caches, LM head; \
          counted by the engine), the ratio a purely compute-bound machine would show; x/FLOP: \
@@ -986,7 +1130,9 @@ pub fn render_text(r: &InferBenchReport) -> String {
          blocks only, to compare with spec §4's (N_r+1)/(2N_r). Exit thresholds are calibrated \
          per step on the untrained routers to the capacity schedule (target depth distribution \
          1/N_r each). Seconds by phase: shared-block calls (all layers for vanilla), exit \
-         (coda, LM head, sampling), entry (embedding, prelude), routing.\n",
+         (coda, LM head, sampling), entry (embedding, prelude), routing. x f32: throughput \
+         over the f32 run of the same model, setting and batch (prec: precision of the packed \
+         weights; bf16 products round their inputs to bf16 and accumulate in f32).\n",
     );
     s
 }
@@ -1071,6 +1217,82 @@ mod tests {
                 "depth {d}: share {share} ({hist:?})"
             );
         }
+    }
+
+    /// Several fixed batches and both precisions: one row per model, precision and batch,
+    /// each MoR row against the vanilla of its own precision and batch, each bf16 row
+    /// against the f32 row of its model and batch.
+    #[test]
+    fn batches_and_precisions_each_get_their_rows() {
+        let cfg = InferBenchConfig {
+            requests: 4,
+            extra_batches: vec![1, 3],
+            precisions: vec![Precision::F32, Precision::Bf16],
+            relative_max: false,
+            ..tiny()
+        };
+        let r = run(&cfg, &mut |_| {}).unwrap();
+        let rows: Vec<(&str, Precision, usize)> = r
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), m.precision, m.batch_size))
+            .collect();
+        let mut want = Vec::new();
+        for p in [Precision::F32, Precision::Bf16] {
+            for b in [3, 1] {
+                want.push(("vanilla-5", p, b));
+                want.push(("mor-3", p, b));
+            }
+        }
+        assert_eq!(rows, want);
+        for m in &r.models {
+            let v = r
+                .models
+                .iter()
+                .find(|v| {
+                    v.name == "vanilla-5"
+                        && v.precision == m.precision
+                        && v.batch_size == m.batch_size
+                })
+                .unwrap();
+            assert_eq!(
+                m.throughput_ratio_vs_vanilla,
+                m.tokens_per_s / v.tokens_per_s
+            );
+            let f = r
+                .models
+                .iter()
+                .find(|f| {
+                    f.name == m.name
+                        && f.precision == Precision::F32
+                        && f.batch_size == m.batch_size
+                })
+                .unwrap();
+            match m.precision {
+                Precision::F32 => assert_eq!(m.throughput_ratio_vs_f32, None),
+                Precision::Bf16 => assert_eq!(
+                    m.throughput_ratio_vs_f32,
+                    Some(m.tokens_per_s / f.tokens_per_s)
+                ),
+            }
+        }
+        let text = render_text(&r);
+        assert!(
+            text.contains("fixed batch 3, 1; precision f32, bf16"),
+            "{text}"
+        );
+        assert!(text.contains("x f32"), "{text}");
+        let bad = InferBenchConfig {
+            extra_batches: vec![4, 0],
+            ..tiny()
+        };
+        let e = bad.check().unwrap_err().to_string();
+        assert!(e.contains("extra_batches [4, 0]"), "{e}");
+        let none = InferBenchConfig {
+            precisions: vec![],
+            ..tiny()
+        };
+        assert!(none.check().unwrap_err().to_string().contains("f32, bf16"));
     }
 
     #[test]

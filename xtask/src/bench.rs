@@ -1,11 +1,13 @@
-//! `cargo xtask bench infer [--json] [--threads N] [--requests N] [--batch N] [--gen-len N]
-//! [--quick]`: the inference throughput benchmark of spec §5 at CPU scale (the harness is
-//! `mor_bench::infer`): tokens/s of vanilla and of expert-choice MoR with `N_r = 2, 3, 4`
-//! (continuous depth-wise batching, calibrated early exits), their ratios, the measured KV
-//! bytes per token against spec §4's `(N_r + 1)/(2 N_r)`, at a fixed batch and at the
-//! largest batch a KV budget holds.
+//! `cargo xtask bench infer [--json] [--threads N] [--requests N] [--batch B,…,max]
+//! [--precision f32,bf16] [--gen-len N] [--quick]`: the inference throughput benchmark of
+//! spec §5 at CPU scale (the harness is `mor_bench::infer`): tokens/s of vanilla and of
+//! expert-choice MoR with `N_r = 2, 3, 4` (continuous depth-wise batching, calibrated early
+//! exits), their ratios, the measured KV bytes per token against spec §4's
+//! `(N_r + 1)/(2 N_r)`, at fixed batches and at the largest batch a KV budget holds, with
+//! the engine's weights in f32 and/or bf16.
 
 use mor_bench::infer::{render_text, run, InferBenchConfig};
+use mor_core::config::Precision;
 
 /// Flags of `bench`.
 #[derive(Debug, clap::Args)]
@@ -22,9 +24,15 @@ pub struct Args {
     /// Timed requests per run.
     #[arg(long)]
     requests: Option<usize>,
-    /// Fixed batch size.
-    #[arg(long)]
-    batch: Option<usize>,
+    /// Batch sizes, comma-separated: fixed batches and `max`, the relative-max batch
+    /// (scaled from the largest fixed batch by the KV budget), e.g. `1,4,32,max`. Without
+    /// `max` only the fixed batches run; without the flag, 32 and `max`.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<String>,
+    /// Precisions of the engine's packed weights, comma-separated: `f32`, `bf16` (bf16
+    /// inputs, f32 accumulation). Each is timed, interleaved with the others (default f32).
+    #[arg(long, value_delimiter = ',')]
+    precision: Vec<String>,
     /// Mean generation length.
     #[arg(long)]
     gen_len: Option<f64>,
@@ -60,6 +68,19 @@ pub struct Args {
 
 /// Runs `bench`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
+    let cfg = config(args)?;
+    mor_models::run::set_threads(cfg.threads);
+    let report = run(&cfg, &mut |line| eprintln!("bench: {line}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_text(&report));
+    }
+    Ok(())
+}
+
+/// The benchmark's settings from the flags, every one checked.
+fn config(args: &Args) -> anyhow::Result<InferBenchConfig> {
     let mut cfg = if args.quick {
         InferBenchConfig::quick()
     } else {
@@ -69,8 +90,43 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     if let Some(n) = args.requests {
         cfg.requests = n;
     }
-    if let Some(b) = args.batch {
-        cfg.batch_size = b;
+    cfg.relative_max = !args.fixed_only;
+    if !args.batch.is_empty() {
+        let mut fixed = Vec::new();
+        let mut max = false;
+        for b in &args.batch {
+            match b.trim() {
+                "max" => max = true,
+                v => match v.parse::<usize>() {
+                    Ok(n) if n >= 1 => fixed.push(n),
+                    _ => anyhow::bail!(
+                        "--batch {b:?} is not a batch size: give numbers >= 1 or `max`, \
+                         e.g. --batch 1,4,32,max"
+                    ),
+                },
+            }
+        }
+        if max && args.fixed_only {
+            anyhow::bail!("--batch max asks for the relative-max batch, which --fixed-only skips");
+        }
+        if let Some(&largest) = fixed.iter().max() {
+            cfg.batch_size = largest;
+        }
+        cfg.extra_batches = fixed.into_iter().filter(|&b| b != cfg.batch_size).collect();
+        cfg.relative_max = max;
+    }
+    if !args.precision.is_empty() {
+        cfg.precisions = Vec::new();
+        for p in &args.precision {
+            let p = match p.trim() {
+                "f32" => Precision::F32,
+                "bf16" => Precision::Bf16,
+                _ => anyhow::bail!("--precision {p:?} is not a precision: use f32 or bf16"),
+            };
+            if !cfg.precisions.contains(&p) {
+                cfg.precisions.push(p);
+            }
+        }
     }
     if let Some(g) = args.gen_len {
         cfg.gen_len_std = cfg.gen_len_std * g / cfg.gen_len_mean;
@@ -91,7 +147,6 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     if let Some(n) = args.calib_passes {
         cfg.calib_passes = n;
     }
-    cfg.relative_max = !args.fixed_only;
     if let Some(e) = args.exit_fraction {
         cfg.exit_fraction = e;
     }
@@ -100,14 +155,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     }
     // Every flag is checked before the thread pool is set or a model is built.
     cfg.check()?;
-    mor_models::run::set_threads(cfg.threads);
-    let report = run(&cfg, &mut |line| eprintln!("bench: {line}"))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render_text(&report));
-    }
-    Ok(())
+    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -125,6 +173,36 @@ mod tests {
         let mut argv = vec!["bench", "infer"];
         argv.extend_from_slice(flags);
         Cli::try_parse_from(argv).expect("flags parse").args
+    }
+
+    #[test]
+    fn batch_and_precision_lists_are_parsed_and_checked() {
+        let err = |flags: &[&str]| run_cmd(&parse(flags)).unwrap_err().to_string();
+        let e = err(&["--quick", "--batch", "4,x"]);
+        assert!(e.contains("\"x\"") && e.contains("max"), "{e}");
+        let e = err(&["--quick", "--batch", "0"]);
+        assert!(e.contains("\"0\""), "{e}");
+        let e = err(&["--quick", "--batch", "max", "--fixed-only"]);
+        assert!(e.contains("--fixed-only"), "{e}");
+        let e = err(&["--quick", "--precision", "f16"]);
+        assert!(e.contains("\"f16\"") && e.contains("f32 or bf16"), "{e}");
+        let c = config(&parse(&[
+            "--batch",
+            "1,4,32,max",
+            "--precision",
+            "f32,bf16",
+        ]))
+        .unwrap();
+        assert_eq!((c.batch_size, c.extra_batches.clone()), (32, vec![1, 4]));
+        assert!(c.relative_max);
+        assert_eq!(c.fixed_batches(), [32, 1, 4]);
+        assert_eq!(c.precisions, [Precision::F32, Precision::Bf16]);
+        let c = config(&parse(&["--batch", "8", "--precision", "bf16"])).unwrap();
+        assert_eq!((c.batch_size, c.relative_max), (8, false));
+        assert_eq!(c.precisions, [Precision::Bf16]);
+        let c = config(&parse(&[])).unwrap();
+        assert_eq!((c.batch_size, c.relative_max), (32, true));
+        assert_eq!(c.precisions, [Precision::F32]);
     }
 
     #[test]

@@ -44,6 +44,7 @@ use super::runner::{ExitRule, Merge, Runner, Tok};
 use super::sampling::{Sampler, SamplingParams};
 use crate::model::MorModel;
 use crate::{Error, Result};
+use mor_core::config::Precision;
 use mor_kvcache::DecodeCache;
 use mor_router::RoutingKind;
 
@@ -56,6 +57,9 @@ pub struct DecodeOptions {
     pub max_depth: Option<usize>,
     /// Tokens per cache block.
     pub block_tokens: usize,
+    /// Precision of the packed weights (`Bf16`: products with bf16 inputs and f32
+    /// accumulation; everything else stays f32).
+    pub precision: Precision,
 }
 
 impl Default for DecodeOptions {
@@ -64,6 +68,7 @@ impl Default for DecodeOptions {
             exit: ExitRule::Router,
             max_depth: None,
             block_tokens: 16,
+            precision: Precision::F32,
         }
     }
 }
@@ -116,7 +121,7 @@ impl<'m> Decoder<'m> {
         if opts.block_tokens == 0 {
             return Err(Error::msg("block_tokens must be >= 1"));
         }
-        let runner = Runner::new(model, opts.exit.clone(), opts.max_depth)?;
+        let runner = Runner::new(model, opts.exit.clone(), opts.max_depth, opts.precision)?;
         let blocks = runner.context.div_ceil(opts.block_tokens) * model.plan().num_slots();
         let mut cache = runner.new_cache(opts.block_tokens, blocks)?;
         cache.start(REQ)?;

@@ -37,6 +37,7 @@ mod runner;
 mod sampling;
 
 pub use decode::{DecodeOptions, Decoder, TokenStep};
+pub use mor_core::config::Precision;
 pub use runner::ExitRule;
 pub use sampling::{argmax, Sampler, SamplingParams};
 
@@ -93,6 +94,12 @@ pub struct EngineConfig {
     /// sampling run on them together (spec §5, step 3). `1` refills block slots as soon as
     /// possible; larger values trade block occupancy for larger, cheaper exit batches.
     pub exit_batch: usize,
+    /// Precision of the packed weights of the layers and the LM head: `F32`, or `Bf16`
+    /// (the weights rounded to bf16 once, the products' inputs rounded to bf16, f32
+    /// accumulation, half the bytes streamed per product). Embeddings, norms, attention
+    /// and its KV cache, routers and the residual stream stay f32. Batched decoding equals
+    /// sequential decoding, token for token, in either precision.
+    pub precision: Precision,
 }
 
 impl Default for EngineConfig {
@@ -107,6 +114,7 @@ impl Default for EngineConfig {
             batching: Batching::DepthWise,
             record_gates: false,
             exit_batch: 1,
+            precision: Precision::F32,
         }
     }
 }
@@ -427,7 +435,7 @@ impl<'m> Engine<'m> {
         if cfg.max_active == 0 {
             cfg.max_active = cfg.batch_size;
         }
-        let runner = Runner::new(model, cfg.exit.clone(), cfg.max_depth)?;
+        let runner = Runner::new(model, cfg.exit.clone(), cfg.max_depth, cfg.precision)?;
         let blocks = if cfg.kv_blocks == 0 {
             // Every active request at full context in every slot, capped at AUTO_POOL_BYTES
             // (beyond it, back-pressure takes over).

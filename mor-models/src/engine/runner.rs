@@ -12,6 +12,7 @@
 use crate::model::MorModel;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use mor_core::config::Precision;
 use mor_core::plan::Segment;
 use mor_kernels::cpu::{rms_norm_rows, swiglu_rows, PackedMatrix};
 use mor_kvcache::{attend_into, DecodeCache, DecodeCacheSpec, DecodeMode, KvPolicy};
@@ -76,7 +77,8 @@ pub(crate) struct Tok {
     pub pos: u32,
 }
 
-/// The f32 weights of one unique block, packed for products with few rows.
+/// The weights of one unique block, packed (in the engine's precision) for products with
+/// few rows.
 #[derive(Debug)]
 struct BlockWeights {
     /// `[q; k; v]`: one product when the token stores K/V at this slot.
@@ -148,21 +150,28 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-/// Linear weights `[out_i, k]` stacked along the outputs, packed.
-fn packed(parts: &[&Tensor]) -> Result<PackedMatrix> {
+/// Linear weights `[out_i, k]` stacked along the outputs, packed in `precision`.
+fn packed(parts: &[&Tensor], precision: Precision) -> Result<PackedMatrix> {
     let k = parts[0].dim(1)?;
     let vals = parts.iter().map(|t| host(t)).collect::<Result<Vec<_>>>()?;
     let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
-    Ok(PackedMatrix::stacked(&refs, k)?)
+    Ok(PackedMatrix::stacked_with_precision(&refs, k, precision)?)
 }
 
 impl<'m> Runner<'m> {
-    /// Prepares `model` for decoding.
+    /// Prepares `model` for decoding, its linear weights (layers and LM head) packed in
+    /// `precision` (bf16: the products round their inputs to bf16 and accumulate in f32;
+    /// embeddings, norms, attention, routers and the residual stream stay f32).
     ///
     /// # Errors
     /// A model on a device other than the CPU, a router on a non-cyclic plan, bad
     /// `max_depth` or exit thresholds.
-    pub fn new(model: &'m MorModel, exit: ExitRule, max_depth: Option<usize>) -> Result<Self> {
+    pub fn new(
+        model: &'m MorModel,
+        exit: ExitRule,
+        max_depth: Option<usize>,
+        precision: Precision,
+    ) -> Result<Self> {
         if !model.embedding().as_tensor().device().is_cpu() {
             return Err(Error::msg(
                 "the inference engine runs on the CPU; build the model with Device::Cpu",
@@ -177,12 +186,12 @@ impl<'m> Runner<'m> {
             let k = p.k.as_tensor();
             let v = p.v.as_tensor();
             blocks.push(BlockWeights {
-                qkv: packed(&[q, k, v])?,
-                q: packed(&[q])?,
-                kv: packed(&[k, v])?,
-                o: packed(&[p.o.as_tensor()])?,
-                gate_up: packed(&[p.gate.as_tensor(), p.up.as_tensor()])?,
-                down: packed(&[p.down.as_tensor()])?,
+                qkv: packed(&[q, k, v], precision)?,
+                q: packed(&[q], precision)?,
+                kv: packed(&[k, v], precision)?,
+                o: packed(&[p.o.as_tensor()], precision)?,
+                gate_up: packed(&[p.gate.as_tensor(), p.up.as_tensor()], precision)?,
+                down: packed(&[p.down.as_tensor()], precision)?,
             });
         }
         let mut norms = Vec::with_capacity(plan.num_slots());
@@ -256,7 +265,7 @@ impl<'m> Runner<'m> {
             norms,
             final_norm: host(model.final_norm_weight().as_tensor())?,
             embed: host(model.embedding().as_tensor())?,
-            head: packed(&[model.lm_head_weight().as_tensor()])?,
+            head: packed(&[model.lm_head_weight().as_tensor()], precision)?,
             cos,
             sin,
             d: m.hidden_size,

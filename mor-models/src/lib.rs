@@ -7,6 +7,7 @@
 //!   few-shot multiple choice, router metrics and depth traces;
 //! - [`engine`]: incremental decoding and the batched inference engine (KV caches per
 //!   policy, causal routing, early exit, continuous depth-wise batching, sampling);
+//! - [`hf`]: Hugging Face Llama-family import and export;
 //! - [`builtin`]: links every built-in plugin crate.
 
 pub mod error;
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod engine;
 pub mod eval;
+pub mod hf;
 pub mod loss;
 pub mod optim;
 pub mod progress;

@@ -8,15 +8,16 @@
 //!
 //! Two storage precisions ([`Precision`]):
 //! - **f32**: `panel[kk][j] = W[p·PANEL + j][kk]`. Every output is one fused multiply-add
-//!   chain over `kk = 0..k` in order. Kernels: AVX-512 (tiles of up to 12 rows × 16
-//!   outputs), AVX2+FMA (6 × 16) and portable; all give the same bits.
+//!   chain over `kk = 0..k` in order. Kernels: AVX-512 (tiles of up to 6 rows × 4 panels
+//!   of 16 outputs, or 1-2 rows × 8 panels), AVX2+FMA (6 × 16) and portable; all give the
+//!   same bits.
 //! - **bf16**: the weights rounded to bf16 (round to nearest even), stored in pairs along `k`
 //!   (`panel[q][j] = (W[j][2q], W[j][2q+1])`, the even element in the low half), the layout
 //!   of `VDPBF16PS`. The `x` rows are rounded to bf16 the same way on every call; products
 //!   of two bf16 values are exact in f32 and accumulate in f32. Every output is one chain
 //!   over the pairs `q = 0..⌈k/2⌉` in order, each pair adding its odd product and then its
 //!   even product, each addition rounded once (the order `VDPBF16PS` specifies). Kernels:
-//!   AVX512_BF16 (`VDPBF16PS`, tiles of up to 12 rows × 16 outputs), AVX2+FMA and portable
+//!   AVX512_BF16 (`VDPBF16PS`, the AVX-512 tile shapes), AVX2+FMA and portable
 //!   (the same chains as fused multiply-adds). Rounding to bf16 flushes subnormal inputs
 //!   to zero, as the instruction does. The tiers agree bit for bit, except that
 //!   `VDPBF16PS` also flushes a subnormal partial sum (|s| < 2⁻¹²⁶ ≈ 1.2·10⁻³⁸) to zero,
@@ -39,8 +40,9 @@ pub const PANEL: usize = 16;
 /// Rows of an AVX2 register tile.
 const MR: usize = 6;
 
-/// Rows of an AVX-512 register tile (12 accumulators of the 32 registers).
-const MR512: usize = 12;
+/// Rows of an AVX-512 register tile of 4 panels (24 accumulators of the 32 registers).
+#[cfg(target_arch = "x86_64")]
+const MR512: usize = 6;
 
 /// Products (`m · n · k`) below this run on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 21;
@@ -289,6 +291,13 @@ impl PackedMatrix {
                 let mut pairs = PAIRS.take();
                 pairs.clear();
                 for xr in x.chunks_exact(k) {
+                    #[cfg(target_arch = "x86_64")]
+                    if tier >= Tier::Avx512Bf16 {
+                        // SAFETY: the CPU has AVX-512 F and AVX512_BF16 (the tier is at
+                        // most the detected one).
+                        unsafe { avx512bf16::push_pairs(xr, &mut pairs) };
+                        continue;
+                    }
                     push_pairs(xr, &mut pairs);
                 }
                 self.matmul_rows(tier, Rows::Bf16(&pairs), m, y, accumulate);
@@ -635,13 +644,78 @@ mod avx2 {
     }
 }
 
+/// The AVX-512 tile shape for `m` rows: (rows per tile, panels per group). Every output
+/// is its own chain whatever the shape, so the shape only sets how many independent chains
+/// are in flight (`rows × panels`): one row alone still runs eight.
+#[cfg(target_arch = "x86_64")]
+fn shape512(m: usize) -> (usize, usize) {
+    match m {
+        1 => (1, 8),
+        2 => (2, 8),
+        3..=8 => (MR512, 4),
+        _ => (2 * MR512, 2),
+    }
+}
+
+/// Calls `$tile::<R, $p>($args)` for `R = $rows`, one of the listed literals.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows_p {
+    ($rows:expr, $tile:ident, [$($r:literal),*], $p:literal, $args:tt) => {
+        match $rows {
+            $($r => $tile::<$r, $p> $args,)*
+            _ => unreachable!("a tile of {} rows", $rows),
+        }
+    };
+}
+
+/// Walks panels `ps` in groups of `pw` (then single panels) and rows in tiles of at most
+/// `rmax`, calling `$tile::<R, P>(a, first panel, rows of x, row length, out, first row)`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! walk_tiles {
+    ($a:expr, $x:expr, $len:expr, $ps:expr, $out:expr, $tile:ident) => {{
+        let (a, x, len) = ($a, $x, $len);
+        let m = x.len() / len;
+        let (rmax, pw) = super::shape512(m);
+        let mut p = $ps.start;
+        while p < $ps.end {
+            let np = if $ps.end - p >= pw { pw } else { 1 };
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = rmax.min(m - r0);
+                let xs = &x[r0 * len..(r0 + rows) * len];
+                let out = &mut *$out;
+                match np {
+                    8 => by_rows_p!(rows, $tile, [1, 2], 8, (a, p, xs, len, out, r0)),
+                    2 => by_rows_p!(
+                        rows,
+                        $tile,
+                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                        2,
+                        (a, p, xs, len, out, r0)
+                    ),
+                    4 => by_rows_p!(rows, $tile, [1, 2, 3, 4, 5, 6], 4, (a, p, xs, len, out, r0)),
+                    _ => by_rows_p!(
+                        rows,
+                        $tile,
+                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                        1,
+                        (a, p, xs, len, out, r0)
+                    ),
+                }
+                r0 += rows;
+            }
+            p += np;
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{store_row, Dst, PackedMatrix, MR512, PANEL};
+    use super::{store_row, Dst, PackedMatrix, PANEL};
     use std::arch::x86_64::*;
 
     /// The AVX-512 f32 kernel over panels `ps` (callable only where the CPU has AVX-512 F):
-    /// the chains of [`super::portable_panels`], tiles of up to [`MR512`] rows.
+    /// the chains of [`super::portable_panels`], tiles of [`super::shape512`].
     #[target_feature(enable = "avx512f")]
     pub(super) fn panels(
         a: &PackedMatrix,
@@ -649,63 +723,54 @@ mod avx512 {
         ps: std::ops::Range<usize>,
         mut out: Dst<'_>,
     ) {
-        let k = a.k;
-        let m = x.len() / k;
-        for p in ps {
-            let (panel, col, width) = a.panel_f32(p);
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = MR512.min(m - r0);
-                let xs = &x[r0 * k..(r0 + rows) * k];
-                by_rows!(
-                    rows,
-                    tile,
-                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
-                    (panel, xs, k, &mut out, r0, col, width)
-                );
-                r0 += rows;
-            }
-        }
+        walk_tiles!(a, x, a.k, ps, &mut out, tile);
     }
 
-    /// `R` rows × one f32 panel (one register per row).
+    /// `R` rows × panels `p0..p0 + P` (one register per row and panel).
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn tile<const R: usize>(
-        panel: &[f32],
+    fn tile<const R: usize, const P: usize>(
+        a: &PackedMatrix,
+        p0: usize,
         xs: &[f32],
         k: usize,
         out: &mut Dst<'_>,
         r0: usize,
-        col: usize,
-        width: usize,
     ) {
-        assert!(panel.len() >= k * PANEL && xs.len() >= R * k);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let wp = panel.as_ptr();
+        assert!(xs.len() >= R * k);
+        let panels: [(&[f32], usize, usize); P] = std::array::from_fn(|i| a.panel_f32(p0 + i));
+        let wp: [*const f32; P] = std::array::from_fn(|i| {
+            assert!(panels[i].0.len() >= k * PANEL);
+            panels[i].0.as_ptr()
+        });
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
         let xp = xs.as_ptr();
         for kk in 0..k {
-            // SAFETY: kk < k, so the 16 values at kk·PANEL are inside the panel.
-            let w = unsafe { _mm512_loadu_ps(wp.add(kk * PANEL)) };
+            // SAFETY: kk < k, so the 16 values at kk·PANEL are inside each panel.
+            let w: [__m512; P] =
+                std::array::from_fn(|i| unsafe { _mm512_loadu_ps(wp[i].add(kk * PANEL)) });
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 // SAFETY: r < R and kk < k, inside xs.
                 let xb = _mm512_set1_ps(unsafe { *xp.add(r * k + kk) });
-                *acc_r = _mm512_fmadd_ps(xb, w, *acc_r);
+                for (acc_rp, &wi) in acc_r.iter_mut().zip(&w) {
+                    *acc_rp = _mm512_fmadd_ps(xb, wi, *acc_rp);
+                }
             }
         }
         for (r, acc_r) in acc.iter().enumerate() {
-            let mut row = [0f32; PANEL];
-            // SAFETY: the row holds 16 f32.
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_r) };
-            store_row(out, r0 + r, col, width, &row);
+            for (acc_rp, &(_, col, width)) in acc_r.iter().zip(&panels) {
+                let mut row = [0f32; PANEL];
+                // SAFETY: the row holds 16 f32.
+                unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_rp) };
+                store_row(out, r0 + r, col, width, &row);
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
-    use super::{store_row, Dst, PackedMatrix, MR512, PANEL};
+    use super::{store_row, Dst, PackedMatrix, PANEL};
     use std::arch::x86_64::*;
 
     /// The `VDPBF16PS` kernel over panels `ps` (callable only where the CPU has AVX-512 F
@@ -717,62 +782,79 @@ mod avx512bf16 {
         ps: std::ops::Range<usize>,
         mut out: Dst<'_>,
     ) {
-        let kp = a.k.div_ceil(2);
-        let m = x.len() / kp;
-        for p in ps {
-            let (panel, col, width) = a.panel_bf16(p);
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = MR512.min(m - r0);
-                let xs = &x[r0 * kp..(r0 + rows) * kp];
-                by_rows!(
-                    rows,
-                    tile,
-                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
-                    (panel, xs, kp, &mut out, r0, col, width)
+        walk_tiles!(a, x, a.k.div_ceil(2), ps, &mut out, tile);
+    }
+
+    /// [`super::push_pairs`] with `VCVTNEPS2BF16` (the same rounding: to nearest even,
+    /// subnormal inputs to zero, NaN to a quiet NaN), 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn push_pairs(xr: &[f32], out: &mut Vec<u32>) {
+        let start = out.len();
+        out.resize(start + xr.len().div_ceil(2), 0);
+        let body = xr.len() / 16 * 16;
+        let dst = out[start..].as_mut_ptr().cast::<u16>();
+        for i in (0..body).step_by(16) {
+            // SAFETY: i + 16 <= xr.len(); the destination holds ⌈len/2⌉ u32, i.e. at least
+            // len u16, past index i + 15; __m256bh and __m256i are both 32 bytes of lanes.
+            unsafe {
+                let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(xr.as_ptr().add(i)));
+                _mm256_storeu_si256(
+                    dst.add(i).cast(),
+                    std::mem::transmute::<__m256bh, __m256i>(v),
                 );
-                r0 += rows;
             }
+        }
+        for (i, &v) in xr.iter().enumerate().skip(body) {
+            // SAFETY: i < len, inside the destination as above.
+            unsafe { *dst.add(i) = super::bf16_bits(v) as u16 };
         }
     }
 
-    /// `R` rows × one bf16 panel: per pair of `k`, one `VDPBF16PS` per row.
+    /// `R` rows × panels `p0..p0 + P`: per pair of `k`, one `VDPBF16PS` per row and panel.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn tile<const R: usize>(
-        panel: &[u32],
+    fn tile<const R: usize, const P: usize>(
+        a: &PackedMatrix,
+        p0: usize,
         xs: &[u32],
         kp: usize,
         out: &mut Dst<'_>,
         r0: usize,
-        col: usize,
-        width: usize,
     ) {
-        assert!(panel.len() >= kp * PANEL && xs.len() >= R * kp);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let wp = panel.as_ptr();
+        assert!(xs.len() >= R * kp);
+        let panels: [(&[u32], usize, usize); P] = std::array::from_fn(|i| a.panel_bf16(p0 + i));
+        let wp: [*const u32; P] = std::array::from_fn(|i| {
+            assert!(panels[i].0.len() >= kp * PANEL);
+            panels[i].0.as_ptr()
+        });
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
         let xp = xs.as_ptr();
         for q in 0..kp {
-            // SAFETY: q < kp, so the 16 pairs at q·PANEL are inside the panel; __m512i and
+            // SAFETY: q < kp, so the 16 pairs at q·PANEL are inside each panel; __m512i and
             // __m512bh are both 64 bytes of lanes.
-            let w: __m512bh =
-                unsafe { std::mem::transmute(_mm512_loadu_si512(wp.add(q * PANEL).cast())) };
+            let w: [__m512bh; P] = std::array::from_fn(|i| unsafe {
+                std::mem::transmute(_mm512_loadu_si512(wp[i].add(q * PANEL).cast()))
+            });
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 // SAFETY: r < R and q < kp, inside xs; the transmute as above.
                 let xb: __m512bh =
                     unsafe { std::mem::transmute(_mm512_set1_epi32(*xp.add(r * kp + q) as i32)) };
-                *acc_r = _mm512_dpbf16_ps(*acc_r, xb, w);
+                for (acc_rp, &wi) in acc_r.iter_mut().zip(&w) {
+                    *acc_rp = _mm512_dpbf16_ps(*acc_rp, xb, wi);
+                }
             }
         }
         for (r, acc_r) in acc.iter().enumerate() {
-            let mut row = [0f32; PANEL];
-            // SAFETY: the row holds 16 f32.
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_r) };
-            store_row(out, r0 + r, col, width, &row);
+            for (acc_rp, &(_, col, width)) in acc_r.iter().zip(&panels) {
+                let mut row = [0f32; PANEL];
+                // SAFETY: the row holds 16 f32.
+                unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_rp) };
+                store_row(out, r0 + r, col, width, &row);
+            }
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -913,6 +995,43 @@ mod tests {
         }
     }
 
+    /// The vector conversion of the rows (`VCVTNEPS2BF16`) gives the scalar one's bits,
+    /// special values included, at every length (body of 16 and tail).
+    #[test]
+    fn vector_rounding_of_the_rows_matches_the_scalar_one() {
+        #[cfg(target_arch = "x86_64")]
+        if isa::detected() >= Tier::Avx512Bf16 {
+            let mut x = values(1000, 31);
+            let special = [
+                0.0,
+                -0.0,
+                1.0e-40,
+                -3.0e-39,
+                f32::MIN_POSITIVE,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                -f32::MAX,
+                1.0 + 2f32.powi(-8),
+                1.0 + 3.0 * 2f32.powi(-8),
+            ];
+            for (i, v) in special.into_iter().enumerate() {
+                x[i * 7] = v;
+            }
+            for (i, v) in x.iter_mut().enumerate().skip(200).take(300) {
+                *v *= 2f32.powi((i % 60) as i32 - 30);
+            }
+            x[900] = f32::NAN;
+            for len in [1, 15, 16, 17, 33, 1000] {
+                let (mut a, mut b) = (vec![7u32], vec![7u32]);
+                push_pairs(&x[..len], &mut a);
+                // SAFETY: the CPU has AVX-512 F and AVX512_BF16 (checked just above).
+                unsafe { avx512bf16::push_pairs(&x[..len], &mut b) };
+                assert_eq!(a, b, "len {len}");
+            }
+        }
+    }
+
     #[test]
     fn every_tier_matches_a_naive_product_on_edge_shapes() {
         for tier in tiers() {
@@ -944,6 +1063,9 @@ mod tests {
                 (3, 40, 33, true),
                 (13, 16, 64, false),
                 (30, 50, 101, true),
+                (1, 150, 40, false),
+                (2, 130, 33, true),
+                (5, 140, 20, false),
             ] {
                 let x = values(m * k, 7);
                 let a = PackedMatrix::with_precision(&values(n * k, 8), n, k, precision).unwrap();
@@ -963,7 +1085,8 @@ mod tests {
     /// (so on which tile and which tile size it falls in), at every tier and precision.
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
-        let (n, k) = (40, 70);
+        // 9 panels: groups of 8 or 4 and single panels, depending on m.
+        let (n, k) = (140, 70);
         let w = values(n * k, 9);
         let x = values(30 * k, 10);
         for precision in [Precision::F32, Precision::Bf16] {

@@ -29,12 +29,14 @@
 use crate::validate;
 use crate::{Backend, BackendCtx, BackendPlugin, Error, Result};
 use candle_core::{CpuStorage, Device, Layout, Storage, Tensor};
+use mor_core::config::Precision;
 use mor_core::registry::{Family, Plugin};
 use serde::{Deserialize, Serialize};
 
 mod attention;
 mod block;
 mod dense;
+mod gemm;
 mod host;
 pub mod isa;
 mod norm;
@@ -44,6 +46,7 @@ mod simd;
 mod swiglu;
 mod tokens;
 
+pub use gemm::{bf16_bits, bf16_value, matmul_with, round_bf16, Kernel};
 pub use host::{rms_norm_rows, swiglu_rows};
 pub use packed::{PackedMatrix, PANEL};
 
@@ -208,6 +211,8 @@ pub fn exp_shift_row_f32(row: &mut [f32]) -> (f32, f32) {
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     device: Device,
+    /// Precision of the products; everything else computes in the tensors' dtype.
+    prec: gemm::Prec,
 }
 
 /// Parameters of the `cpu` backend: there are none, and any field is rejected.
@@ -220,6 +225,32 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend {
             device: Device::Cpu,
+            prec: gemm::Prec::F32,
+        }
+    }
+
+    /// The cpu backend with its products in `precision`: with [`Precision::Bf16`], every
+    /// product of an f32 op (linear forward and backward, the attention scores and values,
+    /// the layer halves' projections, the LM head) rounds its inputs to bf16 and
+    /// accumulates in f32 (`VDPBF16PS` on CPUs with AVX512_BF16, a portable emulation with
+    /// a one-line notice elsewhere). Norms, softmax, RoPE, residuals, routing and the loss
+    /// stay in f32, and so do the weights and every tensor, so checkpoints are the same in
+    /// both precisions.
+    pub fn with_precision(precision: Precision) -> Self {
+        CpuBackend {
+            device: Device::Cpu,
+            prec: match precision {
+                Precision::F32 => gemm::Prec::F32,
+                Precision::Bf16 => gemm::Prec::Bf16,
+            },
+        }
+    }
+
+    /// The precision of the backend's products.
+    pub fn precision(&self) -> Precision {
+        match self.prec {
+            gemm::Prec::F32 => Precision::F32,
+            gemm::Prec::Bf16 => Precision::Bf16,
         }
     }
 
@@ -262,7 +293,6 @@ impl Plugin for CpuBackend {
 
 impl BackendPlugin for CpuBackend {
     fn build(_params: CpuParams, ctx: &BackendCtx) -> Result<Self> {
-        ctx.require_f32("cpu")?;
         if !ctx.device.is_cpu() {
             return Err(Error::Invalid {
                 op: "build",
@@ -272,7 +302,7 @@ impl BackendPlugin for CpuBackend {
                 ),
             });
         }
-        Ok(CpuBackend::new())
+        Ok(CpuBackend::with_precision(ctx.precision))
     }
 }
 
@@ -325,7 +355,7 @@ impl Backend for CpuBackend {
     ) -> Result<Tensor> {
         let d = validate::attention(q, k, v, q_pos, k_pos)?;
         Self::on_cpu("attention", &[q, k, v])?;
-        let op = attention::AttentionOp::new(&d);
+        let op = attention::AttentionOp::new(&d).with_prec(self.prec);
         Ok(q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
     }
@@ -384,7 +414,11 @@ impl Backend for CpuBackend {
         if let Some(last) = out_shape.last_mut() {
             *last = d.out;
         }
-        let op = dense::LinearOp { d, out_shape };
+        let op = dense::LinearOp {
+            d,
+            out_shape,
+            prec: self.prec,
+        };
         Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
     }
 
@@ -413,7 +447,7 @@ impl Backend for CpuBackend {
         let keep = h.track_op() || pack.track_op() || wo.track_op();
         let cos = cos.to_dtype(h.dtype())?.contiguous()?;
         let sin = sin.to_dtype(h.dtype())?.contiguous()?;
-        let op = block::AttnBlockOp::new(dims, w.eps, cos, sin, keep);
+        let op = block::AttnBlockOp::new(dims, w.eps, cos, sin, keep).with_prec(self.prec);
         Ok(h.contiguous()?.apply_op3(&pack.contiguous()?, &wo, op)?)
     }
 
@@ -422,7 +456,7 @@ impl Backend for CpuBackend {
         Self::on_cpu("linear_cross_entropy", &[x, w, targets])?;
         let keep = x.track_op() || w.track_op();
         let x = x.reshape((d.rows, d.inp))?.contiguous()?;
-        let op = dense::LinearCeOp::new(d, keep);
+        let op = dense::LinearCeOp::new(d, keep).with_prec(self.prec);
         Ok(x.apply_op3(&w.contiguous()?, &targets.flatten_all()?.contiguous()?, op)?)
     }
 
@@ -442,7 +476,7 @@ impl Backend for CpuBackend {
         let pack = Tensor::cat(&[&norm_w.reshape((1, dims.d))?, gate, up], 0)?;
         let down = down.contiguous()?;
         let keep = h.track_op() || pack.track_op() || down.track_op();
-        let op = block::MlpOp::new(dims, eps, h.dims().to_vec(), keep);
+        let op = block::MlpOp::new(dims, eps, h.dims().to_vec(), keep).with_prec(self.prec);
         Ok(h.contiguous()?.apply_op3(&pack.contiguous()?, &down, op)?)
     }
 

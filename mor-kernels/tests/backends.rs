@@ -1579,8 +1579,10 @@ fn attention_block_regression_cancellation_in_q_gradient() {
     let op = attn_block_op(block_positions(seed, b, t), (hq, hkv), 3 * t, dh);
     let plain = quantities(backend("cpu").as_ref(), &inputs, &op, None).unwrap();
     let reference = quantities(backend("reference").as_ref(), &inputs, &op, None).unwrap();
+    // How far past the plain tolerance the element lands depends on the product kernel's
+    // rounding (1.2 times it with the `gemm` crate's AVX2 kernel, well inside it with the
+    // AVX-512 kernel); the conditioning bound below holds for every kernel.
     let c = closeness(&plain[3], &reference[3], F32_RTOL, F32_ATOL).unwrap();
-    assert!(c.ratio > 1.0 && c.index == 9, "{c:?}");
     let s = conditioning(&inputs, &op);
     let diff = (c.values.0 - c.values.1).abs();
     println!(
@@ -1643,8 +1645,11 @@ fn attention_block_regression_single_visible_key() {
     let plain = quantities(backend("cpu").as_ref(), &inputs, &op, None).unwrap();
     let reference = quantities(backend("reference").as_ref(), &inputs, &op, None).unwrap();
     assert!(flat(&reference[3]).iter().all(|&g| g == 0.0));
+    // The rounding left depends on the product kernel (1.6 times the plain tolerance with
+    // the `gemm` crate's AVX2 kernel, none with the AVX-512 kernel); the normwise bound
+    // below holds for every kernel.
     let c = closeness(&plain[3], &reference[3], F32_RTOL, F32_ATOL).unwrap();
-    assert!(c.ratio > 1.0, "{c:?}");
+    println!("{c:?}");
     assert!(conditioning(&inputs, &op)[3].iter().all(|&s| s == 0.0));
     let r = compare(&inputs, &op, F32_RTOL, F32_ATOL);
     assert!(r.is_ok(), "{}", r.unwrap_err());

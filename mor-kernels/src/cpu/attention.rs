@@ -20,6 +20,7 @@
 //! `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K / sqrt(dh)`, `dK += dSᵀ Q`, `dV += Pᵀ dO`.
 
 use super::block::{matmul_scaled, Mat};
+use super::gemm::Prec;
 use super::simd::{dot, exp_shift_sum, max, multiversion, Float};
 use super::{bail_dtype, fwd_slice, with_slices, PAR_MIN_WORK};
 use crate::validate::AttnDims;
@@ -90,6 +91,8 @@ pub(crate) struct AttentionOp {
     pub(crate) s: usize,
     pub(crate) dh: usize,
     pub(crate) vis: Visibility,
+    /// Precision of the products (`QKᵀ`, `PV` and their backward).
+    pub(crate) prec: Prec,
     /// Log-sum-exp of the scaled scores of each query row `[b, hq, t]`, from the forward pass.
     lse: OnceLock<CpuStorage>,
 }
@@ -104,8 +107,15 @@ impl AttentionOp {
             s: d.s,
             dh: d.dh,
             vis: Visibility::new(d),
+            prec: Prec::F32,
             lse: OnceLock::new(),
         }
+    }
+
+    /// The same op with products in `prec`.
+    pub(crate) fn with_prec(mut self, prec: Prec) -> Self {
+        self.prec = prec;
+        self
     }
 
     fn scale(&self) -> f64 {
@@ -162,6 +172,7 @@ impl AttentionOp {
                         &v[kv..kv + s * dh],
                         self.vis.keys(bi, s),
                         dh,
+                        self.prec,
                     );
                     let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
                     group_fwd(
@@ -232,7 +243,13 @@ impl AttentionOp {
                 let bi = bk / hkv;
                 let kv = bk * s * dh;
                 let keys = self.vis.keys(bi, s);
-                let packed = Packed::new(&k[kv..kv + s * dh], &v[kv..kv + s * dh], keys, dh);
+                let packed = Packed::new(
+                    &k[kv..kv + s * dh],
+                    &v[kv..kv + s * dh],
+                    keys,
+                    dh,
+                    self.prec,
+                );
                 let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
                 let r = bk * gq..(bk + 1) * gq;
                 let io = GroupIo {
@@ -261,11 +278,13 @@ struct Packed<T> {
     n: usize,
     kp: Vec<T>,
     vp: Vec<T>,
+    /// Precision of the products against these keys.
+    prec: Prec,
 }
 
 impl<T: Float> Packed<T> {
     /// Packs `keys` (indices into the rows of `k` and `v`, `[s, dh]` each).
-    fn new(k: &[T], v: &[T], keys: &[u32], dh: usize) -> Self {
+    fn new(k: &[T], v: &[T], keys: &[u32], dh: usize, prec: Prec) -> Self {
         let n = keys.len();
         let mut kp = Vec::with_capacity(n * dh);
         let mut vp = Vec::with_capacity(n * dh);
@@ -274,7 +293,7 @@ impl<T: Float> Packed<T> {
             kp.extend_from_slice(&k[r.clone()]);
             vp.extend_from_slice(&v[r]);
         }
-        Packed { n, kp, vp }
+        Packed { n, kp, vp, prec }
     }
 }
 
@@ -321,6 +340,7 @@ fn group_fwd_impl<T: Float, const FMA: bool>(
             }
             // S = scale · Q Kᵀ over the first nmax packed keys.
             matmul_scaled(
+                p.prec,
                 (rows, nmax, dh),
                 Mat::rows(&q[base * dh..], dh),
                 Mat::rows_t(&p.kp, dh),
@@ -345,6 +365,7 @@ fn group_fwd_impl<T: Float, const FMA: bool>(
             }
             // O = P V.
             matmul_scaled(
+                p.prec,
                 (rows, dh, nmax),
                 Mat::rows(&sc, ld),
                 Mat::rows(&p.vp, dh),
@@ -403,6 +424,7 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
             let (qb, gb) = (&io.q[base * dh..], &io.g[base * dh..]);
             // P = exp(S − lse), recomputed; dP = dO Vᵀ.
             matmul_scaled(
+                p.prec,
                 (rows, nmax, dh),
                 Mat::rows(qb, dh),
                 Mat::rows_t(&p.kp, dh),
@@ -411,6 +433,7 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
                 (scale, 1),
             )?;
             matmul_scaled(
+                p.prec,
                 (rows, nmax, dh),
                 Mat::rows(gb, dh),
                 Mat::rows_t(&p.vp, dh),
@@ -441,6 +464,7 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
             }
             // dQ = scale · dS K; dK += scale · dSᵀ Q; dV += Pᵀ dO.
             matmul_scaled(
+                p.prec,
                 (rows, dh, nmax),
                 Mat::rows(&dp, ld),
                 Mat::rows(&p.kp, dh),
@@ -449,6 +473,7 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
                 (scale, 1),
             )?;
             matmul_scaled(
+                p.prec,
                 (nmax, dh, rows),
                 Mat::rows_t(&dp, ld),
                 Mat::rows(qb, dh),
@@ -457,6 +482,7 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
                 (scale, 1),
             )?;
             matmul_scaled(
+                p.prec,
                 (nmax, dh, rows),
                 Mat::rows_t(&pm, ld),
                 Mat::rows(gb, dh),

@@ -20,6 +20,7 @@
 //! operands instead of transposed copies and the residual accumulated in place.
 
 use super::attention::AttentionOp;
+use super::gemm::{self, Kernel, Prec, MR};
 use super::norm::{rows_bwd, rows_fwd};
 use super::rope::RopeOp;
 use super::simd::Float;
@@ -63,7 +64,7 @@ impl<'a, T> Mat<'a, T> {
     /// Whether every element of an `m × n` view lies inside `data`.
     /// Strides and extents are checked without overflow, and must fit in `isize` (they are
     /// passed to `gemm` as `isize`).
-    fn fits(&self, m: usize, n: usize) -> bool {
+    pub(crate) fn fits(&self, m: usize, n: usize) -> bool {
         if m == 0 || n == 0 {
             return true;
         }
@@ -76,12 +77,24 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
+/// The same view with f32 elements, when `T` is f32.
+fn as_f32<T: Float>(m: Mat<'_, T>) -> Option<Mat<'_, f32>> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| Mat {
+        // SAFETY: `T` is f32 (same type, checked above), so the slice is reinterpreted as
+        // itself.
+        data: unsafe { std::slice::from_raw_parts(m.data.as_ptr().cast::<f32>(), m.data.len()) },
+        rs: m.rs,
+        cs: m.cs,
+    })
+}
+
 /// `dst[i, j] (+)= Σ_k a[i, k] · b[k, j]` for an `m × n` row-major `dst` with row stride
 /// `dst_rs`; adds to `dst` when `accumulate`, overwrites it otherwise.
 ///
 /// # Errors
 /// When an operand or the destination is too short for the given dims and strides.
 pub(crate) fn matmul<T: Float>(
+    prec: Prec,
     dims: (usize, usize, usize),
     a: Mat<'_, T>,
     b: Mat<'_, T>,
@@ -90,7 +103,15 @@ pub(crate) fn matmul<T: Float>(
     accumulate: bool,
 ) -> candle_core::Result<()> {
     let threads = rayon::current_num_threads();
-    matmul_scaled(dims, a, b, (dst, dst_rs), accumulate, (T::ONE, threads))
+    matmul_scaled(
+        prec,
+        dims,
+        a,
+        b,
+        (dst, dst_rs),
+        accumulate,
+        (T::ONE, threads),
+    )
 }
 
 /// `dst (+)= scale · a · b` on up to `threads` row blocks; [`matmul`] with `scale = 1` and
@@ -99,6 +120,7 @@ pub(crate) fn matmul<T: Float>(
 /// # Errors
 /// As [`matmul`].
 pub(crate) fn matmul_scaled<T: Float>(
+    prec: Prec,
     (m, n, k): (usize, usize, usize),
     a: Mat<'_, T>,
     b: Mat<'_, T>,
@@ -132,6 +154,7 @@ pub(crate) fn matmul_scaled<T: Float>(
     // `dst_rs >= n`); `dst` is borrowed mutably, so it aliases neither operand.
     unsafe {
         gemm_rows_split(
+            prec,
             (m, n, k),
             SharedPtr(dst.as_mut_ptr()),
             dst_rs,
@@ -166,6 +189,7 @@ fn row_parts((m, n, k): (usize, usize, usize), threads: usize) -> usize {
 /// valid for writes (and reads when `accumulate`) of `m` rows of `n` elements spaced
 /// `dst_rs >= n` apart, and nothing else may access those rows meanwhile.
 unsafe fn gemm_rows_split<T: Float>(
+    prec: Prec,
     (m, n, k): (usize, usize, usize),
     dst: SharedPtr<T>,
     dst_rs: usize,
@@ -174,11 +198,38 @@ unsafe fn gemm_rows_split<T: Float>(
     b: Mat<'_, T>,
     (parts, scale): (usize, T),
 ) {
+    // The own packed kernels take f32 operands: f32 products at the AVX-512 tier and every
+    // bf16 product (f64 operands are never rounded to bf16).
+    let own = match (as_f32(a), as_f32(b)) {
+        (Some(a32), Some(b32)) => Kernel::for_prec(prec).map(|kern| (kern, a32, b32)),
+        _ => None,
+    };
     let block = |r0: usize, rows: usize| {
+        if let Some((kern, a32, b32)) = own {
+            let scale32 = scale.to_f64() as f32;
+            let a_rows = Mat {
+                data: &a32.data[r0 * a32.rs..],
+                ..a32
+            };
+            // SAFETY: as below; `T` is f32 here (checked by `as_f32`), so the destination
+            // pointer is an f32 pointer; the kernel's tier is at most the CPU's.
+            unsafe {
+                gemm::gemm(
+                    kern,
+                    (rows, n, k),
+                    (dst.get().add(r0 * dst_rs).cast::<f32>(), dst_rs),
+                    accumulate,
+                    a_rows,
+                    b32,
+                    scale32,
+                )
+            };
+            return;
+        }
         // SAFETY: rows `r0 .. r0 + rows` lie inside the views (caller's contract); blocks
         // are disjoint, so each task writes its own rows only.
         unsafe {
-            gemm::gemm(
+            ::gemm::gemm(
                 rows,
                 n,
                 k,
@@ -197,7 +248,7 @@ unsafe fn gemm_rows_split<T: Float>(
                 false,
                 false,
                 false,
-                gemm::Parallelism::None,
+                ::gemm::Parallelism::None,
             )
         }
     };
@@ -205,8 +256,9 @@ unsafe fn gemm_rows_split<T: Float>(
         block(0, m);
         return;
     }
-    // Blocks of whole microkernel tiles (16 rows).
-    let per = m.div_ceil(parts).div_ceil(16) * 16;
+    // Blocks of whole microkernel tiles (`MR` rows for the own kernels, 16 for `gemm`).
+    let tile = if own.is_some() { MR } else { 16 };
+    let per = m.div_ceil(parts).div_ceil(tile) * tile;
     use rayon::prelude::*;
     (0..m.div_ceil(per))
         .into_par_iter()
@@ -220,11 +272,12 @@ unsafe fn gemm_rows_split<T: Float>(
 /// # Errors
 /// As [`matmul`].
 pub(crate) fn matmul_new<T: Float>(
+    prec: Prec,
     dims: (usize, usize, usize),
     a: Mat<'_, T>,
     b: Mat<'_, T>,
 ) -> candle_core::Result<Vec<T>> {
-    matmul_new_in(dims, a, b, rayon::current_num_threads())
+    matmul_new_in(prec, dims, a, b, rayon::current_num_threads())
 }
 
 /// Two independent products, each on half the threads (one each on two cores): the pairs of
@@ -235,22 +288,27 @@ pub(crate) fn matmul_new<T: Float>(
 /// As [`matmul`].
 #[allow(clippy::type_complexity)]
 pub(crate) fn matmul_new_pair<T: Float>(
+    prec: Prec,
     (d1, a1, b1): ((usize, usize, usize), Mat<'_, T>, Mat<'_, T>),
     (d2, a2, b2): ((usize, usize, usize), Mat<'_, T>, Mat<'_, T>),
 ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
     let threads = rayon::current_num_threads();
     if threads < 2 {
-        return Ok((matmul_new_in(d1, a1, b1, 1)?, matmul_new_in(d2, a2, b2, 1)?));
+        return Ok((
+            matmul_new_in(prec, d1, a1, b1, 1)?,
+            matmul_new_in(prec, d2, a2, b2, 1)?,
+        ));
     }
     let half = threads / 2;
     let (r1, r2) = rayon::join(
-        || matmul_new_in(d1, a1, b1, half),
-        || matmul_new_in(d2, a2, b2, threads - half),
+        || matmul_new_in(prec, d1, a1, b1, half),
+        || matmul_new_in(prec, d2, a2, b2, threads - half),
     );
     Ok((r1?, r2?))
 }
 
 fn matmul_new_in<T: Float>(
+    prec: Prec,
     (m, n, k): (usize, usize, usize),
     a: Mat<'_, T>,
     b: Mat<'_, T>,
@@ -269,6 +327,7 @@ fn matmul_new_in<T: Float>(
     // through the raw pointer before `set_len`.
     unsafe {
         gemm_rows_split(
+            prec,
             (m, n, k),
             SharedPtr(dst.as_mut_ptr()),
             n,
@@ -458,6 +517,8 @@ pub(crate) struct MlpOp {
     out_shape: Vec<usize>,
     /// Whether to keep the intermediates (only when a gradient can flow).
     keep: bool,
+    /// Precision of the products (the norm, gate and residual stay in the tensors' dtype).
+    prec: Prec,
     saved: Mutex<Option<Box<dyn Any + Send + Sync>>>,
 }
 
@@ -477,8 +538,15 @@ impl MlpOp {
             eps,
             out_shape,
             keep,
+            prec: Prec::F32,
             saved: Mutex::new(None),
         }
+    }
+
+    /// The same op with products in `prec`.
+    pub(crate) fn with_prec(mut self, prec: Prec) -> Self {
+        self.prec = prec;
+        self
     }
 
     fn forward<T: Float>(
@@ -492,7 +560,12 @@ impl MlpOp {
         let (w, wgu) = pack.split_at(d);
         let n = norm_fwd(h, w, eps, rows, d);
         // Z = n · [gate; up]ᵀ
-        let z = matmul_new((rows, f2, d), Mat::rows(&n, d), Mat::rows_t(wgu, d))?;
+        let z = matmul_new(
+            self.prec,
+            (rows, f2, d),
+            Mat::rows(&n, d),
+            Mat::rows_t(wgu, d),
+        )?;
         // A = silu(Z_g) ⊙ Z_u
         let (a, _) = rows_new(rows, ff, |r0, a| {
             for (k, ar) in a.chunks_exact_mut(ff).enumerate() {
@@ -504,6 +577,7 @@ impl MlpOp {
         // out = h + A · downᵀ
         let mut out = copy_rows(h, rows, d);
         matmul(
+            self.prec,
             (rows, d, ff),
             Mat::rows(&a, ff),
             Mat::rows_t(down, ff),
@@ -528,6 +602,7 @@ impl MlpOp {
         let (w, wgu) = pack.split_at(d);
         // dDown = Gᵀ · A and dA = G · down, then dZ = swiglu′(Z) ⊙ dA
         let (d_down, da) = matmul_new_pair(
+            self.prec,
             ((d, ff, rows), Mat::rows_t(g, d), Mat::rows(&s.a, ff)),
             ((rows, ff, d), Mat::rows(g, d), Mat::rows(down, ff)),
         )?;
@@ -542,6 +617,7 @@ impl MlpOp {
         drop(da);
         // d[gate; up] = dZᵀ · n and dn = dZ · [gate; up]
         let (dgu, dn) = matmul_new_pair(
+            self.prec,
             ((f2, d, rows), Mat::rows_t(&dz, f2), Mat::rows(&s.n, d)),
             ((rows, d, f2), Mat::rows(&dz, f2), Mat::rows(wgu, d)),
         )?;
@@ -640,6 +716,8 @@ pub(crate) struct AttnBlockOp {
     cos: Tensor,
     sin: Tensor,
     keep: bool,
+    /// Precision of the projections (the attention op carries its own copy).
+    prec: Prec,
     saved: Mutex<Option<Box<dyn Any + Send + Sync>>>,
 }
 
@@ -676,8 +754,16 @@ impl AttnBlockOp {
             cos,
             sin,
             keep,
+            prec: Prec::F32,
             saved: Mutex::new(None),
         }
+    }
+
+    /// The same op with products in `prec` (the projections and the attention).
+    pub(crate) fn with_prec(mut self, prec: Prec) -> Self {
+        self.prec = prec;
+        self.attn.prec = prec;
+        self
     }
 
     /// `(rows, d, hq·dh, hkv·dh)`.
@@ -708,7 +794,12 @@ impl AttnBlockOp {
         let width = nq + 2 * nk;
         let (w, wqkv) = pack.split_at(d);
         let n = norm_fwd(h, w, T::from_f64(self.eps), rows, d);
-        let qkv = matmul_new((rows, width, d), Mat::rows(&n, d), Mat::rows_t(wqkv, d))?;
+        let qkv = matmul_new(
+            self.prec,
+            (rows, width, d),
+            Mat::rows(&n, d),
+            Mat::rows_t(wqkv, d),
+        )?;
         let q = self.rope_q.rotate(
             &heads_from_cols(&qkv, width, 0, (b, t, hq, dh)),
             cos,
@@ -727,6 +818,7 @@ impl AttnBlockOp {
         let merged = cols_from_heads(&[(&o, 0, hq)], nq, (b, t, dh));
         let mut out = copy_rows(h, rows, d);
         matmul(
+            self.prec,
             (rows, d, nq),
             Mat::rows(&merged, nq),
             Mat::rows_t(wo, nq),
@@ -761,6 +853,7 @@ impl AttnBlockOp {
         let (w, wqkv) = pack.split_at(d);
         // d o-proj = Gᵀ · merged, d merged = G · o-proj
         let (d_wo, d_merged) = matmul_new_pair(
+            self.prec,
             ((d, nq, rows), Mat::rows_t(g, d), Mat::rows(&s.merged, nq)),
             ((rows, nq, d), Mat::rows(g, d), Mat::rows(wo, nq)),
         )?;
@@ -779,6 +872,7 @@ impl AttnBlockOp {
         );
         drop((dq, dk, dv));
         let (d_wqkv, dn) = matmul_new_pair(
+            self.prec,
             (
                 (width, d, rows),
                 Mat::rows_t(&d_qkv, width),
@@ -903,11 +997,27 @@ mod tests {
                 pool.install(|| {
                     // dst rows padded to n + 3, pre-filled with 1 for the accumulating case.
                     let mut d = vec![1.0; m * (n + 3)];
-                    matmul_scaled((m, n, k), am, bm, (&mut d, n + 3), true, (0.5, threads))
-                        .unwrap();
+                    matmul_scaled(
+                        Prec::F32,
+                        (m, n, k),
+                        am,
+                        bm,
+                        (&mut d, n + 3),
+                        true,
+                        (0.5, threads),
+                    )
+                    .unwrap();
                     let mut e = vec![f64::NAN; m * (n + 3)];
-                    matmul_scaled((m, n, k), am, bm, (&mut e, n + 3), false, (1.0, threads))
-                        .unwrap();
+                    matmul_scaled(
+                        Prec::F32,
+                        (m, n, k),
+                        am,
+                        bm,
+                        (&mut e, n + 3),
+                        false,
+                        (1.0, threads),
+                    )
+                    .unwrap();
                     for i in 0..m {
                         for j in 0..n {
                             let w = want[i * n + j];
@@ -917,9 +1027,11 @@ mod tests {
                     }
                 });
             }
-            let fresh = pool.install(|| matmul_new((m, n, k), am, bm)).unwrap();
+            let fresh = pool
+                .install(|| matmul_new(Prec::F32, (m, n, k), am, bm))
+                .unwrap();
             let (p1, p2) = pool
-                .install(|| matmul_new_pair(((m, n, k), am, bm), ((m, n, k), am, bm)))
+                .install(|| matmul_new_pair(Prec::F32, ((m, n, k), am, bm), ((m, n, k), am, bm)))
                 .unwrap();
             for (i, &w) in want.iter().enumerate() {
                 assert!((fresh[i] - w).abs() < 1e-12 && (p1[i] - w).abs() < 1e-12);
@@ -930,7 +1042,7 @@ mod tests {
         let short = [0.0f64; 5];
         let mut d = [0.0f64; 4];
         let m = Mat::rows(&short, 3);
-        assert!(matmul((2, 2, 3), m, m, &mut d, 2, false).is_err());
-        assert!(matmul_new((2, 2, 3), m, m).is_err());
+        assert!(matmul(Prec::F32, (2, 2, 3), m, m, &mut d, 2, false).is_err());
+        assert!(matmul_new(Prec::F32, (2, 2, 3), m, m).is_err());
     }
 }

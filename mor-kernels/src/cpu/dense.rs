@@ -15,6 +15,7 @@
 //! operands, so no transposed copy is made.
 
 use super::block::{matmul_new, matmul_new_pair, Mat};
+use super::gemm::Prec;
 use super::simd::Float;
 use super::{bail_dtype, fwd_slice, rows_per_task, with_slices, PAR_MIN_WORK};
 use crate::validate::{HeadDims, LinearDims};
@@ -124,12 +125,19 @@ pub(crate) struct LinearOp {
     pub(crate) d: LinearDims,
     /// Shape of the output: the leading dims of `x`, then `out`.
     pub(crate) out_shape: Vec<usize>,
+    /// Precision of the products.
+    pub(crate) prec: Prec,
 }
 
 impl LinearOp {
     fn fwd<T: Float>(&self, x: &[T], w: &[T]) -> candle_core::Result<Vec<T>> {
         let LinearDims { rows, inp, out } = self.d;
-        matmul_new((rows, out, inp), Mat::rows(x, inp), Mat::rows_t(w, inp))
+        matmul_new(
+            self.prec,
+            (rows, out, inp),
+            Mat::rows(x, inp),
+            Mat::rows_t(w, inp),
+        )
     }
 
     /// `(dx, dw) = (g · w, gᵀ · x)`.
@@ -143,6 +151,7 @@ impl LinearOp {
         let (dx, dw) = with_slices::<T, _>(&[x, w, g], |s| {
             let (x, w, g) = (s[0], s[1], s[2]);
             matmul_new_pair(
+                self.prec,
                 ((rows, inp, out), Mat::rows(g, out), Mat::rows(w, inp)),
                 ((out, inp, rows), Mat::rows_t(g, out), Mat::rows(x, inp)),
             )
@@ -228,6 +237,8 @@ struct CeSaved<T> {
 pub(crate) struct LinearCeOp {
     pub(crate) d: LinearDims,
     keep: bool,
+    /// Precision of the products (the softmax and the loss stay in the tensors' dtype).
+    prec: Prec,
     saved: std::sync::Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
 }
 
@@ -236,14 +247,26 @@ impl LinearCeOp {
         LinearCeOp {
             d,
             keep,
+            prec: Prec::F32,
             saved: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The same op with products in `prec`.
+    pub(crate) fn with_prec(mut self, prec: Prec) -> Self {
+        self.prec = prec;
+        self
     }
 
     /// The per-row losses (f64) and what the backward pass needs.
     fn fwd<T: Float>(&self, x: &[T], w: &[T], t: &[u32]) -> candle_core::Result<(f64, CeSaved<T>)> {
         let LinearDims { rows, inp, out } = self.d;
-        let mut e = matmul_new((rows, out, inp), Mat::rows(x, inp), Mat::rows_t(w, inp))?;
+        let mut e = matmul_new(
+            self.prec,
+            (rows, out, inp),
+            Mat::rows(x, inp),
+            Mat::rows_t(w, inp),
+        )?;
         let per_row: Vec<(f64, T)> = if out == 0 {
             vec![(f64::NAN, T::ZERO); rows]
         } else {
@@ -286,6 +309,7 @@ impl LinearCeOp {
         }
         let dl = &s.e;
         matmul_new_pair(
+            self.prec,
             ((rows, inp, out), Mat::rows(dl, out), Mat::rows(w, inp)),
             ((out, inp, rows), Mat::rows_t(dl, out), Mat::rows(x, inp)),
         )

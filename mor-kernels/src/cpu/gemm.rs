@@ -1,0 +1,491 @@
+//! Packed matrix products of the `cpu` backend's training ops, chosen by [`isa::tier`].
+//!
+//! `dst (+)= scale · a · b` over strided operands ([`Mat`]), single-threaded (the callers
+//! split rows across rayon tasks). Three kernels share one packing scheme (GotoBLAS-style:
+//! `a` packed in tiles of [`MR`] rows, `b` in panels of [`NR`] columns, `k` blocked by
+//! [`KC`] and `n` by [`NC`] so that a packed block of `b` stays in L2):
+//!
+//! * [`Kernel::F32Avx512`]: f32 inputs, an `MR × NR = 12 × 32` tile of zmm accumulators
+//!   (24 registers), one FMA per `(row, 16 columns, k)`;
+//! * [`Kernel::Bf16Avx512`]: inputs rounded to bf16 (round-to-nearest-even, subnormals
+//!   flushed to zero, as `VCVTNE2PS2BF16` does) while packing, stored as pairs along `k`,
+//!   and accumulated in f32 with `VDPBF16PS` (each instruction adds
+//!   `a[2p+1]·b[2p+1] + a[2p]·b[2p]` to 16 f32 lanes);
+//! * [`Kernel::Bf16Portable`]: the same packed bf16 pairs with the same f32 arithmetic in
+//!   plain Rust (the products of two bf16 values are exact in f32; each addition rounds),
+//!   for CPUs without AVX512_BF16.
+//!
+//! The f32 products below the AVX-512 tier stay on the `gemm` crate (see `block.rs`).
+
+use super::block::Mat;
+use super::isa::{self, Tier};
+use std::cell::RefCell;
+
+/// Rows of a microkernel tile.
+pub(crate) const MR: usize = 12;
+/// Columns of a microkernel tile (two zmm registers of f32).
+pub(crate) const NR: usize = 32;
+/// Depth of a packed block (even, so bf16 pairs never straddle blocks).
+const KC: usize = 256;
+/// Columns of a packed block of `b` (a multiple of [`NR`]).
+const NC: usize = 1024;
+
+/// The numeric precision of a product's inputs (accumulation is always f32 or wider).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Prec {
+    /// Inputs as they are.
+    #[default]
+    F32,
+    /// f32 inputs rounded to bf16, products accumulated in f32. f64 inputs are not rounded.
+    Bf16,
+}
+
+/// A packed-product kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// f32 with AVX-512 FMAs (needs [`Tier::Avx512`]).
+    F32Avx512,
+    /// bf16 inputs, f32 accumulation with `VDPBF16PS` (needs [`Tier::Avx512Bf16`]).
+    Bf16Avx512,
+    /// bf16 inputs, f32 accumulation, plain Rust (any CPU).
+    Bf16Portable,
+}
+
+impl Kernel {
+    /// Whether the kernel packs its inputs as bf16.
+    pub fn is_bf16(self) -> bool {
+        !matches!(self, Kernel::F32Avx512)
+    }
+
+    /// The lowest tier the kernel runs on.
+    pub fn tier(self) -> Tier {
+        match self {
+            Kernel::F32Avx512 => Tier::Avx512,
+            Kernel::Bf16Avx512 => Tier::Avx512Bf16,
+            Kernel::Bf16Portable => Tier::Portable,
+        }
+    }
+
+    /// The kernel for `prec` at the current tier, or `None` for an f32 product below
+    /// [`Tier::Avx512`] (which the `gemm` crate computes).
+    pub(crate) fn for_prec(prec: Prec) -> Option<Kernel> {
+        let tier = isa::tier();
+        match prec {
+            Prec::F32 if tier >= Tier::Avx512 => Some(Kernel::F32Avx512),
+            Prec::F32 => None,
+            Prec::Bf16 if tier.has_bf16() => Some(Kernel::Bf16Avx512),
+            Prec::Bf16 => {
+                notice_portable_bf16();
+                Some(Kernel::Bf16Portable)
+            }
+        }
+    }
+}
+
+/// The one-line notice that bf16 products run the portable emulation.
+fn notice_portable_bf16() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "mor: bf16 products run a portable emulation (CPU tier {}, no AVX512_BF16); \
+             results are the same up to rounding, but slower",
+            isa::tier()
+        );
+    });
+}
+
+/// `x` rounded to bf16 (nearest, ties to even), as its 16 bits. Subnormal inputs become a
+/// signed zero and NaN stays a (quiet) NaN, as with `VCVTNE2PS2BF16`.
+#[inline]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7f80_0000 == 0 {
+        return ((b >> 16) & 0x8000) as u16;
+    }
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x0040;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+#[inline]
+pub fn bf16_value(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// `x` rounded to bf16 and back ([`bf16_bits`]).
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_value(bf16_bits(x))
+}
+
+thread_local! {
+    static PACK: RefCell<(Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Packs `nx` "rows" of a strided source (element `(x, kk)` at `src[x·sx + kk·sk]`), depth
+/// `k0 .. k0 + kc`, into tiles of `w` rows: `out[(tile · kc + p) · w + i]`, zero-padded.
+fn pack_f32(
+    src: &[f32],
+    (sx, sk): (usize, usize),
+    nx: usize,
+    (k0, kc): (usize, usize),
+    w: usize,
+    out: &mut Vec<f32>,
+) {
+    let tiles = nx.div_ceil(w);
+    out.clear();
+    out.resize(tiles * kc * w, 0.0);
+    for x in 0..nx {
+        let (t, i) = (x / w, x % w);
+        let base = x * sx + k0 * sk;
+        let o = &mut out[t * kc * w + i..];
+        for p in 0..kc {
+            o[p * w] = src[base + p * sk];
+        }
+    }
+}
+
+/// [`pack_f32`] in bf16 pairs along the depth: `out[(tile · kp + p) · w + i]` holds the
+/// elements at depths `2p` (low half) and `2p + 1` (high half), `kp = ⌈kc / 2⌉`.
+fn pack_bf16(
+    src: &[f32],
+    (sx, sk): (usize, usize),
+    nx: usize,
+    (k0, kc): (usize, usize),
+    w: usize,
+    out: &mut Vec<u32>,
+) {
+    let tiles = nx.div_ceil(w);
+    let kp = kc.div_ceil(2);
+    out.clear();
+    out.resize(tiles * kp * w, 0);
+    for x in 0..nx {
+        let (t, i) = (x / w, x % w);
+        let base = x * sx + k0 * sk;
+        let o = &mut out[t * kp * w + i..];
+        for p in 0..kc / 2 {
+            let lo = bf16_bits(src[base + 2 * p * sk]) as u32;
+            let hi = bf16_bits(src[base + (2 * p + 1) * sk]) as u32;
+            o[p * w] = lo | (hi << 16);
+        }
+        if kc % 2 == 1 {
+            o[(kp - 1) * w] = bf16_bits(src[base + (kc - 1) * sk]) as u32;
+        }
+    }
+}
+
+/// The destination of one tile: `rows × cols` at `ptr`, rows `rs` apart.
+struct Tile {
+    ptr: *mut f32,
+    rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+    scale: f32,
+}
+
+/// `dst (+)= scale · a · b` for `a: m × k`, `b: k × n`, on the calling thread.
+///
+/// # Safety
+/// `a` and `b` must hold every element of their views, `dst` must be valid for reads and
+/// writes of `m` rows of `n` elements spaced `dst_rs >= n` apart, and must not alias the
+/// operands; `kernel.tier() <= isa::detected()`.
+pub(crate) unsafe fn gemm(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    a: Mat<'_, f32>,
+    b: Mat<'_, f32>,
+    scale: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                // SAFETY: row `r` of `dst` is valid for `n` writes (caller's contract).
+                unsafe { std::ptr::write_bytes(dst.add(r * dst_rs), 0, n) };
+            }
+        }
+        return;
+    }
+    PACK.with_borrow_mut(|(af, bf, ah, bh)| {
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let add = accumulate || k0 > 0;
+            if kernel.is_bf16() {
+                pack_bf16(a.data, (a.rs, a.cs), m, (k0, kc), MR, ah);
+            } else {
+                pack_f32(a.data, (a.rs, a.cs), m, (k0, kc), MR, af);
+            }
+            for n0 in (0..n).step_by(NC) {
+                let nc = NC.min(n - n0);
+                let bsub = &b.data[n0 * b.cs..];
+                if kernel.is_bf16() {
+                    pack_bf16(bsub, (b.cs, b.rs), nc, (k0, kc), NR, bh);
+                } else {
+                    pack_f32(bsub, (b.cs, b.rs), nc, (k0, kc), NR, bf);
+                }
+                let kd = if kernel.is_bf16() { kc.div_ceil(2) } else { kc };
+                for t in 0..m.div_ceil(MR) {
+                    for j in 0..nc.div_ceil(NR) {
+                        let tile = Tile {
+                            // SAFETY: in bounds of `dst` (row `t·MR < m`, column `n0 + j·NR < n`).
+                            ptr: unsafe { dst.add(t * MR * dst_rs + n0 + j * NR) },
+                            rs: dst_rs,
+                            rows: MR.min(m - t * MR),
+                            cols: NR.min(nc - j * NR),
+                            add,
+                            scale,
+                        };
+                        let (ao, bo) = (t * kd * MR, j * kd * NR);
+                        // SAFETY: the packed tiles hold `kd · MR` and `kd · NR` elements from
+                        // `ao` and `bo`; the tile's rows and columns lie inside `dst`; the
+                        // kernel's tier is available (caller's contract).
+                        unsafe {
+                            match kernel {
+                                #[cfg(target_arch = "x86_64")]
+                                Kernel::F32Avx512 => x86::f32_tile(kd, &af[ao..], &bf[bo..], &tile),
+                                #[cfg(target_arch = "x86_64")]
+                                Kernel::Bf16Avx512 => {
+                                    x86::bf16_tile(kd, &ah[ao..], &bh[bo..], &tile)
+                                }
+                                #[cfg(not(target_arch = "x86_64"))]
+                                Kernel::F32Avx512 | Kernel::Bf16Avx512 => {
+                                    unreachable!("AVX-512 kernels exist on x86_64 only")
+                                }
+                                Kernel::Bf16Portable => {
+                                    bf16_tile_portable(kd, &ah[ao..], &bh[bo..], &tile)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Writes an `MR × NR` accumulator tile into `tile` (`dst (+)= scale · acc`).
+///
+/// # Safety
+/// `tile` must describe valid, writable memory.
+unsafe fn store_tile(acc: &[f32; MR * NR], tile: &Tile) {
+    for i in 0..tile.rows {
+        // SAFETY: row `i < rows` of the tile holds `cols` elements (caller's contract).
+        let row = unsafe { std::slice::from_raw_parts_mut(tile.ptr.add(i * tile.rs), tile.cols) };
+        let src = &acc[i * NR..i * NR + tile.cols];
+        if tile.add {
+            for (d, &s) in row.iter_mut().zip(src) {
+                *d += tile.scale * s;
+            }
+        } else {
+            for (d, &s) in row.iter_mut().zip(src) {
+                *d = tile.scale * s;
+            }
+        }
+    }
+}
+
+/// The portable bf16 tile: `acc += a[2p+1]·b[2p+1]`, then `+= a[2p]·b[2p]`, in f32 (the
+/// order `VDPBF16PS` documents).
+///
+/// # Safety
+/// As [`store_tile`]; `a` and `b` hold `kp · MR` and `kp · NR` pairs.
+unsafe fn bf16_tile_portable(kp: usize, a: &[u32], b: &[u32], tile: &Tile) {
+    let mut acc = [0f32; MR * NR];
+    let (a, b) = (&a[..kp * MR], &b[..kp * NR]);
+    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        let mut b0 = [0f32; NR];
+        let mut b1 = [0f32; NR];
+        for c in 0..NR {
+            b0[c] = bf16_value(bp[c] as u16);
+            b1[c] = bf16_value((bp[c] >> 16) as u16);
+        }
+        for (i, &av) in ap.iter().enumerate() {
+            let (a0, a1) = (bf16_value(av as u16), bf16_value((av >> 16) as u16));
+            let row = &mut acc[i * NR..(i + 1) * NR];
+            for c in 0..NR {
+                row[c] = (row[c] + a1 * b1[c]) + a0 * b0[c];
+            }
+        }
+    }
+    // SAFETY: caller's contract.
+    unsafe { store_tile(&acc, tile) };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Tile, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Adds (or writes) `scale · c` into the tile, masked to its columns.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(c: &[__m512; 2 * MR], tile: &Tile) {
+        let m0: __mmask16 = if tile.cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << tile.cols) - 1
+        };
+        let m1: __mmask16 = if tile.cols >= NR {
+            0xffff
+        } else if tile.cols > 16 {
+            (1u16 << (tile.cols - 16)) - 1
+        } else {
+            0
+        };
+        let s = _mm512_set1_ps(tile.scale);
+        for i in 0..MR {
+            if i < tile.rows {
+                // SAFETY: row `i` of the tile is valid for `cols` elements; the masks keep
+                // every access inside them.
+                unsafe {
+                    let p = tile.ptr.add(i * tile.rs);
+                    let (mut v0, mut v1) =
+                        (_mm512_mul_ps(c[2 * i], s), _mm512_mul_ps(c[2 * i + 1], s));
+                    if tile.add {
+                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
+                        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.add(16)));
+                    }
+                    _mm512_mask_storeu_ps(p, m0, v0);
+                    _mm512_mask_storeu_ps(p.add(16), m1, v1);
+                }
+            }
+        }
+    }
+
+    /// The f32 `MR × NR` tile over `kc` packed depths.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; `a`, `b` hold `kc · MR`, `kc · NR` elements; the tile
+    /// is valid memory.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn f32_tile(kc: usize, a: &[f32], b: &[f32], tile: &Tile) {
+        let (a, b) = (&a[..kc * MR], &b[..kc * NR]);
+        let mut c = [_mm512_setzero_ps(); 2 * MR];
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for p in 0..kc {
+            // SAFETY: `p < kc`, so the loads stay inside `a` and `b` (checked by the slicing).
+            unsafe {
+                let b0 = _mm512_loadu_ps(pb.add(p * NR));
+                let b1 = _mm512_loadu_ps(pb.add(p * NR + 16));
+                for i in 0..MR {
+                    let av = _mm512_set1_ps(*pa.add(p * MR + i));
+                    c[2 * i] = _mm512_fmadd_ps(av, b0, c[2 * i]);
+                    c[2 * i + 1] = _mm512_fmadd_ps(av, b1, c[2 * i + 1]);
+                }
+            }
+        }
+        // SAFETY: caller's contract.
+        unsafe { store(&c, tile) };
+    }
+
+    /// The bf16 `MR × NR` tile over `kp` packed pairs, with `VDPBF16PS`.
+    ///
+    /// # Safety
+    /// AVX-512 F and BF16 must be available; `a`, `b` hold `kp · MR`, `kp · NR` pairs; the
+    /// tile is valid memory.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn bf16_tile(kp: usize, a: &[u32], b: &[u32], tile: &Tile) {
+        let (a, b) = (&a[..kp * MR], &b[..kp * NR]);
+        let mut c = [_mm512_setzero_ps(); 2 * MR];
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for p in 0..kp {
+            // SAFETY: `p < kp`, so the loads stay inside `a` and `b` (checked by the slicing);
+            // `__m512i` and `__m512bh` are both 64 plain bytes.
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(p * NR).cast()));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(pb.add(p * NR + 16).cast()));
+                for i in 0..MR {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*pa.add(p * MR + i) as i32));
+                    c[2 * i] = _mm512_dpbf16_ps(c[2 * i], av, b0);
+                    c[2 * i + 1] = _mm512_dpbf16_ps(c[2 * i + 1], av, b1);
+                }
+            }
+        }
+        // SAFETY: caller's contract.
+        unsafe { store(&c, tile) };
+    }
+}
+
+impl Kernel {
+    /// Every kernel, lowest tier first.
+    pub const ALL: [Kernel; 3] = [Kernel::Bf16Portable, Kernel::F32Avx512, Kernel::Bf16Avx512];
+
+    /// The kernels this CPU can run ([`isa::detected`], ignoring `MOR_CPU_TIER`).
+    pub fn available() -> Vec<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.tier() <= isa::detected())
+            .collect()
+    }
+}
+
+/// `dst (+)= scale · a · b` on the calling thread with the given kernel, for tests and
+/// benches. Operands are `(data, row stride, column stride)`; `dst` is row-major with row
+/// stride `dst_rs`; `accumulate` adds to `dst` instead of overwriting it.
+///
+/// # Errors
+/// When the CPU lacks the kernel's instructions, or an operand or `dst` is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (dst, dst_rs): (&mut [f32], usize),
+    accumulate: bool,
+    scale: f32,
+) -> Result<(), String> {
+    if kernel.tier() > isa::detected() {
+        return Err(format!(
+            "kernel {kernel:?} needs CPU tier {}, this CPU has {}",
+            kernel.tier(),
+            isa::detected()
+        ));
+    }
+    let (a, b) = (
+        Mat {
+            data: a.0,
+            rs: a.1,
+            cs: a.2,
+        },
+        Mat {
+            data: b.0,
+            rs: b.1,
+            cs: b.2,
+        },
+    );
+    let dst_fits = m == 0
+        || n == 0
+        || (dst_rs >= n
+            && (m - 1)
+                .checked_mul(dst_rs)
+                .and_then(|x| x.checked_add(n))
+                .is_some_and(|e| e <= dst.len()));
+    if !(a.fits(m, k) && b.fits(k, n) && dst_fits) {
+        return Err(format!("operands too short for {m}×{k} · {k}×{n}"));
+    }
+    // SAFETY: bounds checked above; `dst` is borrowed mutably, so it aliases neither
+    // operand; the kernel's tier is available.
+    unsafe {
+        gemm(
+            kernel,
+            (m, n, k),
+            (dst.as_mut_ptr(), dst_rs),
+            accumulate,
+            a,
+            b,
+            scale,
+        )
+    };
+    Ok(())
+}

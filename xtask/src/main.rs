@@ -13,8 +13,10 @@ use mor_example_entropy_router as _;
 mod ablate;
 mod bench;
 mod eval;
+mod export;
 mod generate;
 mod gpu_check;
+mod import;
 mod list;
 mod plan;
 mod train;
@@ -49,6 +51,10 @@ enum Command {
     Generate(generate::Args),
     /// Run a benchmark (`infer`: inference throughput and KV memory, spec §5).
     Bench(bench::Args),
+    /// Import a Hugging Face Llama-family folder as a vanilla mor run folder.
+    Import(import::Args),
+    /// Export a vanilla run as a Hugging Face Llama folder (`--format hf`).
+    Export(export::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,5 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::GpuCheck(args) => gpu_check::run_cmd(&args),
         Command::Generate(args) => generate::run_cmd(&args),
         Command::Bench(args) => bench::run_cmd(&args),
+        Command::Import(args) => import::run_cmd(&args),
+        Command::Export(args) => export::run_cmd(&args),
     }
 }

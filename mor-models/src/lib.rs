@@ -22,6 +22,7 @@ pub mod engine;
 pub mod eval;
 pub mod hf;
 pub mod loss;
+pub mod official;
 pub mod optim;
 pub mod progress;
 pub mod provenance;

@@ -395,6 +395,169 @@ pub struct RuntimeConfig {
     pub seed: u64,
 }
 
+/// How a recursive or MoR model's unique blocks are filled from a pretrained model
+/// (uptraining, spec §2; the official code's `recursive.initialization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitMethod {
+    /// Shared block `i` ← layer `round(linspace(first, last, B_d))[i]` of the shared range.
+    Stepwise,
+    /// Each shared block ← the mean of the layers its slots would have in the unrolled
+    /// pretrained stack (needs as many pretrained layers in the shared range as slots).
+    Average,
+    /// Shared block `i` ← the `i`-th layer of the shared range.
+    Lower,
+    /// Shared block `i` ← the `i`-th of the last `B_d` layers of the shared range.
+    Upper,
+    /// Shared block `i` ← the `i`-th of a sorted random subset of the shared range (drawn
+    /// from the config seed).
+    Random,
+}
+
+impl InitMethod {
+    /// Every method, in the order of spec §2.
+    pub const ALL: [InitMethod; 5] = [
+        InitMethod::Stepwise,
+        InitMethod::Average,
+        InitMethod::Lower,
+        InitMethod::Upper,
+        InitMethod::Random,
+    ];
+
+    /// The name used in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitMethod::Stepwise => "stepwise",
+            InitMethod::Average => "average",
+            InitMethod::Lower => "lower",
+            InitMethod::Upper => "upper",
+            InitMethod::Random => "random",
+        }
+    }
+}
+
+/// `[init]`: start from a pretrained model instead of random weights (spec §2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// A Hugging Face Llama folder or a vanilla mor run folder.
+    pub from: PathBuf,
+    /// How the unique blocks are filled.
+    pub method: InitMethod,
+}
+
+/// `round` of numpy (half to even), as the official code's `round(np.linspace(..))`.
+fn round_half_even(x: f64) -> usize {
+    let f = x.floor();
+    let d = x - f;
+    let r = if d > 0.5 || (d == 0.5 && f % 2.0 != 0.0) {
+        f + 1.0
+    } else {
+        f
+    };
+    r.max(0.0) as usize
+}
+
+/// The pretrained layers each unique block of `plan` is filled from, for a pretrained
+/// model of `pretrained_layers` layers (spec §2, uptraining initialisation). Entry `b`
+/// lists the layers whose mean fills block `b` (one layer for every method but
+/// `average`).
+///
+/// Prelude blocks take the first pretrained layers and coda blocks the last ones (the
+/// Middle-* strategies keep the first and last layer unique); the shared blocks (the
+/// recursion slots, numbered by first use) take their layers from the range between:
+/// - `stepwise`: `round(linspace(0, R−1, B))` (half to even, as numpy);
+/// - `lower` / `upper`: the first / last `B` layers of the range;
+/// - `random`: a sorted random `B`-subset of the range (`seed`);
+/// - `average`: the range unrolled over the recursion slots in plan order (Cycle with
+///   `B = 2`, `N_r = 3` averages layers {0, 2, 4} and {1, 3, 5}; Sequence {0, 1, 2} and
+///   {3, 4, 5}), so the range must hold exactly one layer per recursion slot and each
+///   block must have at least two slots.
+///
+/// # Errors
+/// A message for `init.method` or `init.from` when the pretrained depth cannot be mapped
+/// onto the plan this way.
+pub fn init_sources(
+    plan: &RecursionPlan,
+    pretrained_layers: usize,
+    method: InitMethod,
+    seed: u64,
+) -> Result<Vec<Vec<usize>>, String> {
+    use crate::plan::Segment;
+    let p = pretrained_layers;
+    let prelude: Vec<usize> = plan.prelude();
+    let coda: Vec<usize> = plan.coda();
+    let mut shared: Vec<usize> = Vec::new();
+    let mut positions: Vec<Vec<usize>> = vec![Vec::new(); plan.num_blocks];
+    let mut q = 0;
+    for s in &plan.slots {
+        if let Segment::Recursion { .. } = s.segment {
+            if !shared.contains(&s.block) {
+                shared.push(s.block);
+            }
+            positions[s.block].push(q);
+            q += 1;
+        }
+    }
+    let (a, c, b) = (prelude.len(), coda.len(), shared.len());
+    if p < a + c + b.max(1) {
+        return Err(format!(
+            "the pretrained model has {p} layers; this plan needs at least {} ({a} before the recursion, {b} shared, {c} after)",
+            a + c + b.max(1)
+        ));
+    }
+    let r = p - a - c;
+    let mut src = vec![Vec::new(); plan.num_blocks];
+    for (k, &blk) in prelude.iter().enumerate() {
+        src[blk] = vec![k];
+    }
+    for (k, &blk) in coda.iter().enumerate() {
+        src[blk] = vec![p - c + k];
+    }
+    let picks: Vec<Vec<usize>> = match method {
+        InitMethod::Average => {
+            if r != q {
+                return Err(format!(
+                    "`average` needs one pretrained layer per recursion slot: the plan has {q} recursion slots, the pretrained model has {r} layers for them ({p} in all, {a} before and {c} after the recursion)"
+                ));
+            }
+            if let Some(&blk) = shared.iter().find(|&&blk| positions[blk].len() < 2) {
+                return Err(format!(
+                    "`average` needs at least two tied layers per block; block {blk} has one (N_r = {}); use stepwise, lower, upper or random",
+                    plan.num_recursions
+                ));
+            }
+            shared.iter().map(|&blk| positions[blk].clone()).collect()
+        }
+        InitMethod::Stepwise => (0..b)
+            .map(|i| {
+                let x = if b == 1 {
+                    0.0
+                } else {
+                    i as f64 * (r - 1) as f64 / (b - 1) as f64
+                };
+                vec![round_half_even(x)]
+            })
+            .collect(),
+        InitMethod::Lower => (0..b).map(|i| vec![i]).collect(),
+        InitMethod::Upper => (0..b).map(|i| vec![r - b + i]).collect(),
+        InitMethod::Random => {
+            let mut rng = crate::rng::Rng::derive(seed, "init.random");
+            let mut all: Vec<usize> = (0..r).collect();
+            rng.shuffle(&mut all);
+            let mut pick = all[..b].to_vec();
+            pick.sort_unstable();
+            pick.into_iter().map(|i| vec![i]).collect()
+        }
+    };
+    for (&blk, layers) in shared.iter().zip(picks) {
+        src[blk] = layers.into_iter().map(|l| a + l).collect();
+    }
+    if let Some(blk) = src.iter().position(Vec::is_empty) {
+        return Err(format!("block {blk} is used by no slot of the plan"));
+    }
+    Ok(src)
+}
+
 /// A fully resolved run configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedConfig {
@@ -422,6 +585,9 @@ pub struct ResolvedConfig {
     pub infer: InferConfig,
     /// Evaluation settings.
     pub eval: EvalConfig,
+    /// Uptraining initialisation (`[init]`); `None` starts from random weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitConfig>,
     /// The TOML the config was resolved from (after overrides), to save with a run.
     pub source: toml::Table,
 }

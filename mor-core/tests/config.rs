@@ -749,3 +749,205 @@ fn memory_estimate_closed_form_and_refusal() {
         assert!(mor_core::accounting::available_memory().is_some_and(|b| b > 0));
     }
 }
+
+/// A micro model of `layers` layers with sharing `sharing` and `N_r = nr` (+ `extra` TOML).
+fn uptrain_cfg(
+    layers: usize,
+    sharing: &str,
+    nr: usize,
+    extra: &str,
+) -> mor_core::Result<mor_core::config::ResolvedConfig> {
+    Config::from_toml_str(&format!(
+        "[model]\npreset = \"micro\"\nnum_layers = {layers}\n[recursion]\nnum_recursions = {nr}\nsharing = \"{sharing}\"\n{extra}"
+    ))
+}
+
+fn sources(
+    layers: usize,
+    sharing: &str,
+    nr: usize,
+    pretrained: usize,
+    m: mor_core::config::InitMethod,
+) -> Result<Vec<Vec<usize>>, String> {
+    let c = uptrain_cfg(layers, sharing, nr, "").unwrap();
+    mor_core::config::init_sources(&c.plan, pretrained, m, 7)
+}
+
+#[test]
+fn uptraining_maps_pretrained_layers_per_method_and_sharing() {
+    use mor_core::config::InitMethod::*;
+    let v = |x: &[&[usize]]| x.iter().map(|s| s.to_vec()).collect::<Vec<_>>();
+    // 6 pretrained layers -> Cycle N_r = 2 (3 shared blocks, slots (0,1,2)(0,1,2)):
+    // stepwise = round(linspace(0, 5, 3)) = round(0, 2.5, 5) = 0, 2, 5 (half to even).
+    assert_eq!(
+        sources(6, "cycle", 2, 6, Stepwise).unwrap(),
+        v(&[&[0], &[2], &[5]])
+    );
+    assert_eq!(
+        sources(6, "cycle", 2, 6, Lower).unwrap(),
+        v(&[&[0], &[1], &[2]])
+    );
+    assert_eq!(
+        sources(6, "cycle", 2, 6, Upper).unwrap(),
+        v(&[&[3], &[4], &[5]])
+    );
+    assert_eq!(
+        sources(6, "cycle", 2, 6, Average).unwrap(),
+        v(&[&[0, 3], &[1, 4], &[2, 5]])
+    );
+    // Sequence N_r = 2 (slots (0,0)(1,1)(2,2)): averages neighbours.
+    assert_eq!(
+        sources(6, "sequence", 2, 6, Average).unwrap(),
+        v(&[&[0, 1], &[2, 3], &[4, 5]])
+    );
+    assert_eq!(
+        sources(6, "sequence", 2, 6, Stepwise).unwrap(),
+        v(&[&[0], &[2], &[5]])
+    );
+    assert_eq!(
+        sources(6, "sequence", 2, 6, Upper).unwrap(),
+        v(&[&[3], &[4], &[5]])
+    );
+    // Middle-Cycle N_r = 2 (blocks: first, 2 shared, last): first and last layers stay,
+    // the shared range is layers 1..=4: stepwise linspace(1, 4, 2) = 1, 4.
+    assert_eq!(
+        sources(6, "middle_cycle", 2, 6, Stepwise).unwrap(),
+        v(&[&[0], &[1], &[4], &[5]])
+    );
+    assert_eq!(
+        sources(6, "middle_cycle", 2, 6, Lower).unwrap(),
+        v(&[&[0], &[1], &[2], &[5]])
+    );
+    assert_eq!(
+        sources(6, "middle_cycle", 2, 6, Upper).unwrap(),
+        v(&[&[0], &[3], &[4], &[5]])
+    );
+    assert_eq!(
+        sources(6, "middle_cycle", 2, 6, Average).unwrap(),
+        v(&[&[0], &[1, 3], &[2, 4], &[5]])
+    );
+    assert_eq!(
+        sources(6, "middle_sequence", 2, 6, Average).unwrap(),
+        v(&[&[0], &[1, 2], &[3, 4], &[5]])
+    );
+    assert_eq!(
+        sources(6, "middle_sequence", 2, 6, Stepwise).unwrap(),
+        v(&[&[0], &[1], &[4], &[5]])
+    );
+    // A deeper pretrained model: 12 layers -> Middle-Cycle with 2 shared blocks:
+    // linspace(1, 10, 2) = 1, 10; the last block takes layer 11.
+    assert_eq!(
+        sources(6, "middle_cycle", 2, 12, Stepwise).unwrap(),
+        v(&[&[0], &[1], &[10], &[11]])
+    );
+    // linspace(0, 4, 5) = 0..4; linspace(0, 5, 4) = 0, 1.67, 3.33, 5 -> 0, 2, 3, 5.
+    assert_eq!(
+        sources(8, "cycle", 2, 6, Stepwise).unwrap(),
+        v(&[&[0], &[2], &[3], &[5]])
+    );
+    // N_r = 3 Cycle on 9 layers from 9: average of {0,3,6}, {1,4,7}, {2,5,8}.
+    assert_eq!(
+        sources(9, "cycle", 3, 9, Average).unwrap(),
+        v(&[&[0, 3, 6], &[1, 4, 7], &[2, 5, 8]])
+    );
+
+    // random: a sorted subset of the shared range, fixed by the seed.
+    for sharing in ["cycle", "sequence", "middle_cycle", "middle_sequence"] {
+        let c = uptrain_cfg(6, sharing, 2, "").unwrap();
+        let a = mor_core::config::init_sources(&c.plan, 10, Random, 3).unwrap();
+        assert_eq!(
+            a,
+            mor_core::config::init_sources(&c.plan, 10, Random, 3).unwrap()
+        );
+        let middle = sharing.starts_with("middle");
+        let shared: Vec<usize> = a[usize::from(middle)..a.len() - usize::from(middle)]
+            .iter()
+            .map(|s| {
+                assert_eq!(s.len(), 1);
+                s[0]
+            })
+            .collect();
+        assert!(
+            shared.windows(2).all(|w| w[0] < w[1]),
+            "{sharing}: {shared:?}"
+        );
+        let (lo, hi) = if middle { (1, 8) } else { (0, 9) };
+        assert!(
+            shared.iter().all(|&l| (lo..=hi).contains(&l)),
+            "{sharing}: {shared:?}"
+        );
+        let seeds: std::collections::BTreeSet<_> = (0..20)
+            .map(|s| mor_core::config::init_sources(&c.plan, 10, Random, s).unwrap())
+            .collect();
+        assert!(seeds.len() > 1, "{sharing}: random ignores the seed");
+    }
+}
+
+#[test]
+fn uptraining_refuses_mappings_that_do_not_fit() {
+    use mor_core::config::InitMethod::*;
+    // average needs exactly one pretrained layer per recursion slot.
+    let e = sources(6, "middle_cycle", 2, 12, Average).unwrap_err();
+    assert!(
+        e.contains("4 recursion slots") && e.contains("10 layers"),
+        "{e}"
+    );
+    // Too few pretrained layers for the shared blocks.
+    let e = sources(6, "cycle", 2, 2, Lower).unwrap_err();
+    assert!(e.contains("2 layers") && e.contains("at least 3"), "{e}");
+    // A vanilla target has one layer per block: `average` is a config error naming the field.
+    let e = uptrain_cfg(
+        4,
+        "none",
+        1,
+        "[init]\nfrom = \"pre\"\nmethod = \"average\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("init.method") && e.contains("at least two tied layers"),
+        "{e}"
+    );
+    let e = uptrain_cfg(6, "cycle", 2, "[init]\nmethod = \"upper\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("init.from") && e.contains("(missing)"), "{e}");
+    let e = uptrain_cfg(
+        6,
+        "cycle",
+        2,
+        "[init]\nfrom = \"pre\"\nmethod = \"middle\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("init.method") && e.contains("stepwise"), "{e}");
+    let e = uptrain_cfg(6, "cycle", 2, "[init]\nfrom = \"pre\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("init.method") && e.contains("(missing)"), "{e}");
+    let e = uptrain_cfg(
+        6,
+        "cycle",
+        2,
+        "[init]\nfrom = \"pre\"\nmethod = \"lower\"\nlayers = 3\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("init.layers"), "{e}");
+    // A fitting [init] resolves; without one nothing changes.
+    let c = uptrain_cfg(
+        6,
+        "cycle",
+        2,
+        "[init]\nfrom = \"pre\"\nmethod = \"average\"\n",
+    )
+    .unwrap();
+    let i = c.init.unwrap();
+    assert_eq!((i.from.to_str(), i.method), (Some("pre"), Average));
+    let c = uptrain_cfg(6, "cycle", 2, "").unwrap();
+    assert!(c.init.is_none());
+    assert!(
+        !c.to_json().unwrap().contains("\"init\""),
+        "config.json of a config without [init] changed"
+    );
+}

@@ -11,10 +11,10 @@ use crate::plan::DepthFix;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Batching, RouterMetric, Schedule, SpikeAction};
+use super::{Batching, InitMethod, RouterMetric, Schedule, SpikeAction};
 
 /// The top-level sections a config may have.
-pub const SECTIONS: [&str; 9] = [
+pub const SECTIONS: [&str; 10] = [
     "model",
     "recursion",
     "router",
@@ -24,6 +24,7 @@ pub const SECTIONS: [&str; 9] = [
     "data",
     "infer",
     "eval",
+    "init",
 ];
 
 /// `[model]` as written.
@@ -56,6 +57,16 @@ pub struct RawModel {
     pub init_std: Option<f64>,
     /// Tie the LM head to the embedding.
     pub tie_embeddings: Option<bool>,
+}
+
+/// `[init]` as written (uptraining, spec §2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInit {
+    /// A Hugging Face Llama folder or a vanilla mor run folder.
+    pub from: Option<String>,
+    /// `stepwise`, `average`, `lower`, `upper` or `random`.
+    pub method: Option<InitMethod>,
 }
 
 /// `[recursion]` as written.
@@ -228,6 +239,8 @@ pub struct RawConfig {
     pub infer: RawInfer,
     /// `[eval]`.
     pub eval: RawEval,
+    /// `[init]`, if present.
+    pub init: Option<RawInit>,
 }
 
 /// Renders a TOML value for a message, shortened to about 80 characters.
@@ -405,6 +418,9 @@ pub fn parse_sections(root: &toml::Table) -> (RawConfig, Vec<ConfigProblem>) {
         data: section(root, "data", &mut problems),
         infer: section(root, "infer", &mut problems),
         eval: section(root, "eval", &mut problems),
+        init: root
+            .contains_key("init")
+            .then(|| section(root, "init", &mut problems)),
     };
     (raw, problems)
 }

@@ -2,6 +2,7 @@
 //! the recursion plan and the budget.
 
 use super::raw::{self, render, RawConfig, RawSlot};
+use super::{init_sources, InitConfig, InitMethod};
 use super::{
     Budget, Config, DataConfig, DataSource, EvalConfig, InferConfig, KvShare, KvSharePattern,
     ModelDims, PluginSpec, Precision, RecursionConfig, ResolvedConfig, TokenizerSpec, TrainConfig,
@@ -11,6 +12,7 @@ use crate::accounting;
 use crate::error::{ConfigProblem, Error, Result};
 use crate::plan::{PlanRequest, RecursionPlan};
 use crate::registry::{self, CheckCtx, Family};
+use std::path::PathBuf;
 
 /// Upper bounds that keep planning and accounting far from overflow and huge allocations.
 const MAX_LAYERS: usize = 4096;
@@ -244,6 +246,10 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
     p.into_result()?;
 
     let mut p = Problems(Vec::new());
+    let init = raw
+        .init
+        .as_ref()
+        .and_then(|i| init_config(i, &plan, seed, &mut p));
     let train = match finish_train(train, &model, &plan, router.as_ref(), &kv, &ctx, &mut p) {
         Some(t) if p.0.is_empty() => t,
         _ => return Err(Error::Config(p.0)),
@@ -261,7 +267,49 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         data,
         infer,
         eval,
+        init,
         source: table,
+    })
+}
+
+/// `[init]` (uptraining, spec §2): both keys are needed, and `average` needs at least two
+/// tied slots per shared block. The pretrained depth is checked against the plan when the
+/// model is initialised (`init_sources`).
+fn init_config(
+    raw: &raw::RawInit,
+    plan: &RecursionPlan,
+    seed: u64,
+    p: &mut Problems,
+) -> Option<InitConfig> {
+    let methods = InitMethod::ALL
+        .map(|m| format!("\"{}\"", m.as_str()))
+        .join(", ");
+    let from = match raw.from.as_deref() {
+        Some(f) if !f.trim().is_empty() => Some(PathBuf::from(f)),
+        other => {
+            p.push(
+                "init.from",
+                other.map_or("(missing)".to_string(), |f| format!("\"{f}\"")),
+                "a Hugging Face Llama folder or a vanilla mor run folder",
+            );
+            None
+        }
+    };
+    let Some(method) = raw.method else {
+        p.push("init.method", "(missing)", format!("one of {methods}"));
+        return None;
+    };
+    if method == InitMethod::Average {
+        // With one pretrained layer per recursion slot only the tying itself can fail.
+        let layers = plan.slots.len();
+        if let Err(why) = init_sources(plan, layers, method, seed) {
+            p.push("init.method", "\"average\"", why);
+            return None;
+        }
+    }
+    Some(InitConfig {
+        from: from?,
+        method,
     })
 }
 

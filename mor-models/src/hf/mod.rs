@@ -6,6 +6,8 @@
 //!   tensor, and gives a vanilla [`MorModel`](crate::MorModel) or a mor run folder
 //!   ([`HfImport::write_run`]).
 //! - [`export_hf`] writes a vanilla model back as a `LlamaForCausalLM` folder.
+//! - [`apply_init`] fills a recursive or MoR model from a pretrained one (`[init]`,
+//!   uptraining, spec §2).
 //!
 //! Layout notes. mor's parameter names are Llama's (`model.layers.{i}.self_attn.q_proj.weight`,
 //! …), with the same `[out, in]` orientation. Both use rotate-half RoPE on each head
@@ -17,7 +19,11 @@
 pub mod config;
 pub mod export;
 pub mod import;
+pub mod init;
 
 pub use config::{HfConfig, MODEL_TYPES};
 pub use export::{export_hf, hf_refusal, hf_tensors};
 pub use import::{read_hf, write_dir_atomically, HfImport, INDEX_FILE, WEIGHTS_FILE};
+pub use init::{
+    apply_init, init_mapping, pretrained_layers, read_pretrained, InitReport, Pretrained,
+};

@@ -220,8 +220,27 @@ fn yaml_scalar(s: &str) -> Value {
 /// A line that is not `key: value` or `key:`, or an indentation that does not nest; the
 /// message names `path` and the line.
 pub fn parse_yaml(text: &str, path: &Path) -> Result<Value> {
-    // (indent, map) stack; the map at depth k is filled until a line is indented less.
-    let mut stack: Vec<(usize, Map<String, Value>, String)> = vec![(0, Map::new(), String::new())];
+    /// A mapping being filled: its indentation, entries, own key in the parent, and the
+    /// last key that opened a nested mapping.
+    struct Frame {
+        indent: usize,
+        map: Map<String, Value>,
+        key: String,
+        open: String,
+    }
+    fn close(stack: &mut Vec<Frame>) {
+        if let Some(f) = stack.pop() {
+            if let Some(parent) = stack.last_mut() {
+                parent.map.insert(f.key, Value::Object(f.map));
+            }
+        }
+    }
+    let mut stack = vec![Frame {
+        indent: 0,
+        map: Map::new(),
+        key: String::new(),
+        open: String::new(),
+    }];
     let mut pending_indent: Option<usize> = None;
     for (no, raw) in text.lines().enumerate() {
         let line = match raw.find(" #") {
@@ -238,41 +257,42 @@ pub fn parse_yaml(text: &str, path: &Path) -> Result<Value> {
         };
         if let Some(p) = pending_indent.take() {
             if indent > p {
-                let parent_key = stack.last().map(|s| s.2.clone()).unwrap_or_default();
-                stack.push((indent, Map::new(), parent_key));
+                let key = stack.last().map(|f| f.open.clone()).unwrap_or_default();
+                stack.push(Frame {
+                    indent,
+                    map: Map::new(),
+                    key,
+                    open: String::new(),
+                });
             }
         }
-        while stack.len() > 1 && indent < stack.last().map(|s| s.0).unwrap_or(0) {
-            let (_, map, key) = stack.pop().unwrap_or_default();
-            if let Some(parent) = stack.last_mut() {
-                parent.1.insert(key, Value::Object(map));
-            }
+        while stack.len() > 1 && indent < stack.last().map(|f| f.indent).unwrap_or(0) {
+            close(&mut stack);
         }
-        if indent != stack.last().map(|s| s.0).unwrap_or(0) {
+        if indent != stack.last().map(|f| f.indent).unwrap_or(0) {
             return Err(bad("indentation does not match an enclosing mapping"));
         }
         let Some((k, v)) = line.trim().split_once(':') else {
             return Err(bad("expected `key: value`"));
         };
         let key = k.trim().to_string();
-        if v.trim().is_empty() {
-            // A nested mapping follows (or an empty value).
-            if let Some(top) = stack.last_mut() {
-                top.1.insert(key.clone(), Value::Null);
-                top.2 = key;
+        if let Some(top) = stack.last_mut() {
+            if v.trim().is_empty() {
+                // A nested mapping follows (or the value is empty: null).
+                top.map.insert(key.clone(), Value::Null);
+                top.open = key;
+                pending_indent = Some(indent);
+            } else {
+                top.map.insert(key, yaml_scalar(v));
             }
-            pending_indent = Some(indent);
-        } else if let Some(top) = stack.last_mut() {
-            top.1.insert(key, yaml_scalar(v));
         }
     }
     while stack.len() > 1 {
-        let (_, map, key) = stack.pop().unwrap_or_default();
-        if let Some(parent) = stack.last_mut() {
-            parent.1.insert(key, Value::Object(map));
-        }
+        close(&mut stack);
     }
-    Ok(Value::Object(stack.pop().map(|s| s.1).unwrap_or_default()))
+    Ok(Value::Object(
+        stack.pop().map(|f| f.map).unwrap_or_default(),
+    ))
 }
 
 fn get<'a>(v: &'a Value, path: &str) -> &'a Value {

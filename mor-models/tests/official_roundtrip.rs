@@ -415,3 +415,31 @@ mor:
         "model.layers.1.block.0.self_attn.q_proj.weight"
     );
 }
+
+/// `tests/fixtures/official_expert_mc`: the `expert_mc` export of this file and the
+/// `pytorch_model.bin` that `python/check_official_layout.py` saved from the official module
+/// tree after a strict load (tied positions share one storage, as in the released
+/// checkpoints). The PyTorch file reads back to the same parameters and logits as the
+/// safetensors file and as the model that was exported.
+#[test]
+fn torch_checkpoint_with_shared_storage_reads_like_safetensors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official_expert_mc");
+    let from_bin = read_official(&dir.join("pytorch_model.bin"), None).unwrap();
+    assert!(from_bin.path.ends_with("pytorch_model.bin"));
+    let from_st = read_official(&dir.join("model.safetensors"), None).unwrap();
+    let (a, b) = (from_bin.model().unwrap(), from_st.model().unwrap());
+    assert_eq!(params(&a), params(&b));
+    let c = cfg(
+        "",
+        &format!(
+            "{}[router]\nkind = \"expert_choice\"\n",
+            rec(2, "middle_cycle")
+        ),
+    );
+    let original = random_model(&c);
+    assert_eq!(params(&a), params(&original));
+    assert_eq!(
+        logits(&a, RouteMode::FullSequence),
+        logits(&original, RouteMode::FullSequence)
+    );
+}

@@ -11,7 +11,7 @@ use super::names::{official_shape, RouterKeys};
 use crate::hf::HfConfig;
 use crate::{Error, Result};
 use mor_core::config::{Config, ResolvedConfig};
-use mor_router::expert_choice::{Capacity, Gating, RouterFunc, Sampling};
+use mor_router::expert_choice::{Gating, RouterFunc, Sampling};
 use mor_router::token_choice::{Balancing, TokenRouterFunc};
 use mor_router::RouterArch;
 use serde_json::{json, Map, Value};
@@ -62,12 +62,10 @@ pub fn official_settings(cfg: &ResolvedConfig, name: &str) -> Result<Value> {
         RouterKeys::Expert(p) => json!({
             "enable": true,
             "type": "expert",
-            "capacity": match &p.capacity {
-                Capacity::Auto => Value::Null,
-                Capacity::List(v) => Value::String(
-                    v.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(","),
-                ),
-            },
+            // Always explicit: the official transform splits the string (spec §3.1).
+            "capacity": Value::String(
+                p.capacities(n_r).iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(","),
+            ),
             "rand_router": p.rand_router,
             "router_type": arch_name(p.router_arch),
             "z_loss": p.z_loss,

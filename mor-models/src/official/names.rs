@@ -1,10 +1,10 @@
 //! The mapping between mor's parameter names and the official code's `state_dict` keys.
 //!
 //! The official code keeps one decoder-layer module per unrolled position and ties the
-//! shared positions' weights by aliasing `nn.Parameter`s (spec §2, [C]
+//! shared positions' weights by aliasing `nn.Parameter`s (spec §2, \[C\]
 //! `model/sharing_strategy/llama.py`), so its `state_dict` lists every position: a shared
 //! mor tensor appears under every key that aliases it. The MoR transforms nest the
-//! positions ([C] `model/mor_model/modeling_llama.py`):
+//! positions (\[C\] `model/mor_model/modeling_llama.py`):
 //!
 //! - vanilla and recursive models: `model.layers.{i}.*` for every position `i`;
 //! - expert-choice (spec §3.1): one module per recursion step `r` holding `block.{j}` and

@@ -2,7 +2,7 @@
 //! config, and back.
 //!
 //! The official checkpoints keep every recursion and router setting in the training YAML,
-//! none in `config.json` ([C] `util/config.py`, `overwrite_eval_config`). The export writes
+//! none in `config.json` (\[C\] `util/config.py`, `overwrite_eval_config`). The export writes
 //! the fields that decide the `state_dict` keys or the computation as `mor_config.json`
 //! and the same fields as `mor_config.yaml` (a fragment of a `conf/pretrain/<name>.yaml`);
 //! the import reads either to rebuild the mor config.
@@ -36,7 +36,7 @@ fn arch_name(a: RouterArch) -> &'static str {
 ///
 /// # Errors
 /// When the official code cannot express the model (see
-/// [`official_shape`](super::names::official_shape)) or its KV policy.
+/// [`official_shape`]) or its KV policy.
 pub fn official_settings(cfg: &ResolvedConfig, name: &str) -> Result<Value> {
     let (_, router) = official_shape(cfg)?;
     let m = &cfg.model;

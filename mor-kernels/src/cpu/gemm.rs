@@ -121,60 +121,162 @@ pub fn round_bf16(x: f32) -> f32 {
 }
 
 thread_local! {
-    static PACK: RefCell<(Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+    static PACK: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Packs `nx` "rows" of a strided source (element `(x, kk)` at `src[x·sx + kk·sk]`), depth
-/// `k0 .. k0 + kc`, into tiles of `w` rows: `out[(tile · kc + p) · w + i]`, zero-padded.
-fn pack_f32(
-    src: &[f32],
-    (sx, sk): (usize, usize),
+/// [`bf16_bits`] without branches (as a `u32`), so that packing loops vectorise.
+#[inline(always)]
+fn bf16_bits_vec(x: f32) -> u32 {
+    let b = x.to_bits();
+    let abs = b & 0x7fff_ffff;
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b >> 16) | 0x0040;
+    let zero = (b >> 16) & 0x8000;
+    let r = if abs < 0x0080_0000 { zero } else { rounded };
+    if abs > 0x7f80_0000 {
+        nan
+    } else {
+        r
+    }
+}
+
+/// A packing source: "rows" `x` of a strided matrix (element `(x, kk)` at
+/// `data[x·sx + kk·sk]`), depths `k0 .. k0 + kc`.
+#[derive(Clone, Copy)]
+struct Src<'a> {
+    data: &'a [f32],
+    sx: usize,
+    sk: usize,
     nx: usize,
-    (k0, kc): (usize, usize),
-    w: usize,
-    out: &mut Vec<f32>,
-) {
-    let tiles = nx.div_ceil(w);
-    out.clear();
-    out.resize(tiles * kc * w, 0.0);
-    for x in 0..nx {
-        let (t, i) = (x / w, x % w);
-        let base = x * sx + k0 * sk;
-        let o = &mut out[t * kc * w + i..];
-        for p in 0..kc {
-            o[p * w] = src[base + p * sk];
+    k0: usize,
+    kc: usize,
+}
+
+/// Packs `src` into tiles of `w` rows: `out[(tile · kd + p) · w + i]`, zero-padded, with
+/// `kd = kc` for f32 and, for bf16 (`PAIRS`), `kd = ⌈kc / 2⌉` pairs whose low half is depth
+/// `2p` and high half depth `2p + 1`. Reads run along the source's contiguous direction.
+#[inline(always)]
+fn pack_body<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut [u32]) {
+    let Src {
+        data,
+        sx,
+        sk,
+        nx,
+        k0,
+        kc,
+    } = src;
+    let cvt = |x: f32| if PAIRS { bf16_bits_vec(x) } else { x.to_bits() };
+    let kd = if PAIRS { kc.div_ceil(2) } else { kc };
+    let full = if PAIRS { kc / 2 } else { kc };
+    if sx == 1 && sk != 1 {
+        // Contiguous along x: a tile's `w` rows at one depth are one run.
+        for t in 0..nx.div_ceil(w) {
+            let (x0, wv) = (t * w, w.min(nx - t * w));
+            let tile = &mut out[t * kd * w..(t + 1) * kd * w];
+            for (p, o) in tile.chunks_exact_mut(w).enumerate().take(full) {
+                let o = &mut o[..wv];
+                if PAIRS {
+                    let lo = &data[x0 + (k0 + 2 * p) * sk..][..wv];
+                    let hi = &data[x0 + (k0 + 2 * p + 1) * sk..][..wv];
+                    for ((o, &l), &h) in o.iter_mut().zip(lo).zip(hi) {
+                        *o = cvt(l) | (cvt(h) << 16);
+                    }
+                } else {
+                    let r = &data[x0 + (k0 + p) * sk..][..wv];
+                    for (o, &v) in o.iter_mut().zip(r) {
+                        *o = cvt(v);
+                    }
+                }
+            }
+            if PAIRS && kc % 2 == 1 {
+                let lo = &data[x0 + (k0 + kc - 1) * sk..][..wv];
+                for (o, &l) in tile[(kd - 1) * w..][..wv].iter_mut().zip(lo) {
+                    *o = cvt(l);
+                }
+            }
+        }
+    } else if PAIRS && sk == 1 {
+        // Contiguous along the depth: each row of a tile is rounded into `tmp` as a run of
+        // bf16 values (vectorised), which read as `u32` are its pairs; the tile is then
+        // transposed into the packed order.
+        let kp = kd;
+        let mut tmp = vec![0u16; w * 2 * kp];
+        for t in 0..nx.div_ceil(w) {
+            let (x0, wv) = (t * w, w.min(nx - t * w));
+            for i in 0..wv {
+                let row = &data[(x0 + i) * sx + k0..][..kc];
+                let dst = &mut tmp[i * 2 * kp..(i + 1) * 2 * kp];
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = bf16_bits_vec(v) as u16;
+                }
+                if kc % 2 == 1 {
+                    dst[kc] = 0;
+                }
+            }
+            let tile = &mut out[t * kd * w..(t + 1) * kd * w];
+            for (p, o) in tile.chunks_exact_mut(w).enumerate() {
+                for (i, o) in o[..wv].iter_mut().enumerate() {
+                    let j = i * 2 * kp + 2 * p;
+                    *o = tmp[j] as u32 | ((tmp[j + 1] as u32) << 16);
+                }
+            }
+        }
+    } else {
+        // Contiguous along the depth (or neither): one source row at a time.
+        for x in 0..nx {
+            let (t, i) = (x / w, x % w);
+            let base = x * sx + k0 * sk;
+            let o = out[t * kd * w + i..].iter_mut().step_by(w);
+            if PAIRS {
+                if sk == 1 {
+                    let row = &data[base..base + kc];
+                    for (o, pair) in o.zip(row.chunks_exact(2)) {
+                        *o = cvt(pair[0]) | (cvt(pair[1]) << 16);
+                    }
+                } else {
+                    for (p, o) in o.take(full).enumerate() {
+                        *o = cvt(data[base + 2 * p * sk])
+                            | (cvt(data[base + (2 * p + 1) * sk]) << 16);
+                    }
+                }
+                if kc % 2 == 1 {
+                    out[(t * kd + kd - 1) * w + i] = cvt(data[base + (kc - 1) * sk]);
+                }
+            } else if sk == 1 {
+                for (o, &v) in o.zip(&data[base..base + kc]) {
+                    *o = cvt(v);
+                }
+            } else {
+                for (p, o) in o.take(kc).enumerate() {
+                    *o = cvt(data[base + p * sk]);
+                }
+            }
         }
     }
 }
 
-/// [`pack_f32`] in bf16 pairs along the depth: `out[(tile · kp + p) · w + i]` holds the
-/// elements at depths `2p` (low half) and `2p + 1` (high half), `kp = ⌈kc / 2⌉`.
-fn pack_bf16(
-    src: &[f32],
-    (sx, sk): (usize, usize),
-    nx: usize,
-    (k0, kc): (usize, usize),
-    w: usize,
-    out: &mut Vec<u32>,
-) {
-    let tiles = nx.div_ceil(w);
-    let kp = kc.div_ceil(2);
+/// [`pack_body`] compiled for AVX-512 (wider vectors for the conversion loops).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, DQ, VL, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn pack_avx512<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut [u32]) {
+    pack_body::<PAIRS>(src, w, out)
+}
+
+/// Packs `src` (see [`pack_body`]) into `out`, resized to whole tiles.
+fn pack<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut Vec<u32>) {
+    let kd = if PAIRS { src.kc.div_ceil(2) } else { src.kc };
     out.clear();
-    out.resize(tiles * kp * w, 0);
-    for x in 0..nx {
-        let (t, i) = (x / w, x % w);
-        let base = x * sx + k0 * sk;
-        let o = &mut out[t * kp * w + i..];
-        for p in 0..kc / 2 {
-            let lo = bf16_bits(src[base + 2 * p * sk]) as u32;
-            let hi = bf16_bits(src[base + (2 * p + 1) * sk]) as u32;
-            o[p * w] = lo | (hi << 16);
-        }
-        if kc % 2 == 1 {
-            o[(kp - 1) * w] = bf16_bits(src[base + (kc - 1) * sk]) as u32;
-        }
+    out.resize(src.nx.div_ceil(w) * kd * w, 0);
+    #[cfg(target_arch = "x86_64")]
+    if isa::detected() >= Tier::Avx512 {
+        // SAFETY: the CPU has AVX-512 (checked).
+        unsafe { pack_avx512::<PAIRS>(src, w, out) };
+        return;
     }
+    pack_body::<PAIRS>(src, w, out)
 }
 
 /// The destination of one tile: `rows × cols` at `ptr`, rows `rs` apart.
@@ -214,22 +316,38 @@ pub(crate) unsafe fn gemm(
         }
         return;
     }
-    PACK.with_borrow_mut(|(af, bf, ah, bh)| {
+    PACK.with_borrow_mut(|(ap, bp)| {
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let add = accumulate || k0 > 0;
+            let asrc = Src {
+                data: a.data,
+                sx: a.rs,
+                sk: a.cs,
+                nx: m,
+                k0,
+                kc,
+            };
             if kernel.is_bf16() {
-                pack_bf16(a.data, (a.rs, a.cs), m, (k0, kc), MR, ah);
+                pack::<true>(asrc, MR, ap);
             } else {
-                pack_f32(a.data, (a.rs, a.cs), m, (k0, kc), MR, af);
+                pack::<false>(asrc, MR, ap);
             }
             for n0 in (0..n).step_by(NC) {
                 let nc = NC.min(n - n0);
                 let bsub = &b.data[n0 * b.cs..];
+                let bsrc = Src {
+                    data: bsub,
+                    sx: b.cs,
+                    sk: b.rs,
+                    nx: nc,
+                    k0,
+                    kc,
+                };
                 if kernel.is_bf16() {
-                    pack_bf16(bsub, (b.cs, b.rs), nc, (k0, kc), NR, bh);
+                    pack::<true>(bsrc, NR, bp);
                 } else {
-                    pack_f32(bsub, (b.cs, b.rs), nc, (k0, kc), NR, bf);
+                    pack::<false>(bsrc, NR, bp);
                 }
                 let kd = if kernel.is_bf16() { kc.div_ceil(2) } else { kc };
                 for t in 0..m.div_ceil(MR) {
@@ -250,17 +368,17 @@ pub(crate) unsafe fn gemm(
                         unsafe {
                             match kernel {
                                 #[cfg(target_arch = "x86_64")]
-                                Kernel::F32Avx512 => x86::f32_tile(kd, &af[ao..], &bf[bo..], &tile),
+                                Kernel::F32Avx512 => x86::f32_tile(kd, &ap[ao..], &bp[bo..], &tile),
                                 #[cfg(target_arch = "x86_64")]
                                 Kernel::Bf16Avx512 => {
-                                    x86::bf16_tile(kd, &ah[ao..], &bh[bo..], &tile)
+                                    x86::bf16_tile(kd, &ap[ao..], &bp[bo..], &tile)
                                 }
                                 #[cfg(not(target_arch = "x86_64"))]
                                 Kernel::F32Avx512 | Kernel::Bf16Avx512 => {
                                     unreachable!("AVX-512 kernels exist on x86_64 only")
                                 }
                                 Kernel::Bf16Portable => {
-                                    bf16_tile_portable(kd, &ah[ao..], &bh[bo..], &tile)
+                                    bf16_tile_portable(kd, &ap[ao..], &bp[bo..], &tile)
                                 }
                             }
                         }
@@ -360,16 +478,17 @@ mod x86 {
         }
     }
 
-    /// The f32 `MR × NR` tile over `kc` packed depths.
+    /// The f32 `MR × NR` tile over `kc` packed depths (f32 bits).
     ///
     /// # Safety
     /// AVX-512 F must be available; `a`, `b` hold `kc · MR`, `kc · NR` elements; the tile
     /// is valid memory.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn f32_tile(kc: usize, a: &[f32], b: &[f32], tile: &Tile) {
+    pub(super) unsafe fn f32_tile(kc: usize, a: &[u32], b: &[u32], tile: &Tile) {
         let (a, b) = (&a[..kc * MR], &b[..kc * NR]);
         let mut c = [_mm512_setzero_ps(); 2 * MR];
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // The packed f32 values are stored as their bits.
+        let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
         for p in 0..kc {
             // SAFETY: `p < kc`, so the loads stay inside `a` and `b` (checked by the slicing).
             unsafe {
@@ -488,4 +607,34 @@ pub fn matmul_with(
         )
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The branch-free rounding of the packing loops equals [`bf16_bits`] on every class of
+    /// input: a sweep of bit patterns (normals, subnormals, infinities, NaNs, both signs).
+    #[test]
+    fn branch_free_rounding_matches_the_scalar_one() {
+        let specials = [
+            0u32,
+            0x8000_0000,
+            0x0000_0001,
+            0x007f_ffff,
+            0x0080_0000,
+            0x7f7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x3f80_8000,
+            0x3f81_8000,
+        ];
+        for b in specials.into_iter().chain((0..=u32::MAX).step_by(65_521)) {
+            let x = f32::from_bits(b);
+            assert_eq!(bf16_bits_vec(x), bf16_bits(x) as u32, "bits {b:#010x}");
+        }
+    }
 }

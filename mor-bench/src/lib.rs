@@ -1,13 +1,19 @@
 //! Benchmarks of mor.
 //!
 //! - [`infer`]: the inference throughput and KV-memory harness of spec §5 behind
-//!   `cargo xtask bench infer` (vanilla against MoR with continuous depth-wise batching).
+//!   `cargo xtask bench infer` (vanilla against MoR with continuous depth-wise batching),
+//!   with the engine's packed weights in f32 or bf16, at several batch sizes.
+//! - [`train`]: the training cost of one model (step time, tokens/s, peak resident memory)
+//!   behind `cargo xtask bench train`.
+//! - `benches/decode_matmul.rs` (criterion): the packed decode products in f32 and bf16 with
+//!   the kernels of every instruction-set tier this CPU runs, against candle's `matmul`.
 //! - `benches/train_step.rs` (criterion) and `examples/step_profile.rs`: one training step
 //!   of the speed-target model, `cpu` against `reference`; `python/torch_train_step.py` is
 //!   the same model in PyTorch eager, for a comparison on the same machine
 //!   (`docs/performance.md`).
 
 pub mod infer;
+pub mod train;
 
 /// Keeps memory freed to mimalloc mapped instead of returning it to the OS.
 ///

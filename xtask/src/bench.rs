@@ -5,16 +5,32 @@
 //! exits), their ratios, the measured KV bytes per token against spec §4's
 //! `(N_r + 1)/(2 N_r)`, at fixed batches and at the largest batch a KV budget holds, with
 //! the engine's weights in f32 and/or bf16.
+//!
+//! `cargo xtask bench train [--json] [--steps N] [--threads N] [--precision f32,bf16]`: the
+//! training cost of every model of the quick preset (`configs/grids/quick.toml`) at its
+//! own batch (equal tokens per step for all): median step time, tokens/s and peak resident
+//! memory, each model in a process of its own; and MoR-2 (expert-choice, Middle-Cycle)
+//! against the vanilla model of the same depth (the paper reports 0.81x time and 0.75x
+//! peak memory). A precision the backend refuses is reported as not available.
 
+use anyhow::Context;
 use mor_bench::infer::{render_text, run, InferBenchConfig};
-use mor_core::config::Precision;
+use mor_bench::train::{time_training, TrainModelReport};
+use mor_core::config::{Config, Precision};
 
 /// Flags of `bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Which benchmark (`infer`).
-    #[arg(value_parser = ["infer"])]
+    /// Which benchmark (`infer`: decode throughput; `train`: training cost).
+    #[arg(value_parser = ["infer", "train"])]
     which: String,
+    /// `train`: timed steps per model (after one untimed step; default 5).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// `train`: run only this grid run, in this process, and print its report as JSON
+    /// (what `bench train` starts once per model).
+    #[arg(long, hide = true)]
+    child_run: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -68,6 +84,9 @@ pub struct Args {
 
 /// Runs `bench`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
+    if args.which == "train" {
+        return train_cmd(args);
+    }
     let cfg = config(args)?;
     mor_models::run::set_threads(cfg.threads);
     let report = run(&cfg, &mut |line| eprintln!("bench: {line}"))?;
@@ -206,10 +225,243 @@ mod tests {
     }
 
     #[test]
+    fn train_flags_are_checked_and_runs_resolve_in_both_precisions() {
+        let mut argv = vec!["bench", "train"];
+        argv.extend_from_slice(&["--steps", "0"]);
+        let a = Cli::try_parse_from(argv).unwrap().args;
+        assert!(run_cmd(&a).unwrap_err().to_string().contains("--steps 0"));
+        let a = Cli::try_parse_from([
+            "bench",
+            "train",
+            "--child-run",
+            "nope",
+            "--precision",
+            "f32",
+        ])
+        .unwrap()
+        .args;
+        let e = run_cmd(&a).unwrap_err().to_string();
+        assert!(e.contains("\"nope\"") && e.contains("quick"), "{e}");
+        for p in [Precision::F32, Precision::Bf16] {
+            let runs = quick_runs(p).unwrap();
+            assert!(runs.iter().any(|(n, _)| n == "vanilla"));
+            assert!(runs.iter().any(|(n, _)| n == "mor_expert_mcyc_nr2"));
+            assert!(runs.iter().all(|(_, c)| c.train.precision == p));
+        }
+    }
+
+    #[test]
     fn zero_rounds_are_an_error() {
         let e = run_cmd(&parse(&["--quick", "--rounds", "0"]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("rounds 0"), "{e}");
     }
+}
+
+/// The quick preset's grid.
+const QUICK: &str = include_str!("../../configs/grids/quick.toml");
+
+/// The quick preset's runs, resolved in `precision`.
+fn quick_runs(
+    precision: Precision,
+) -> anyhow::Result<Vec<(String, mor_core::config::ResolvedConfig)>> {
+    let _ = mor_models::builtin::link();
+    let name = match precision {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    };
+    crate::ablate::expand(QUICK, "quick")?
+        .into_iter()
+        .map(|mut r| {
+            let train = r
+                .table
+                .entry("train")
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            if let toml::Value::Table(t) = train {
+                t.insert("precision".into(), toml::Value::String(name.into()));
+            }
+            let cfg =
+                Config::from_table(r.table).with_context(|| format!("quick run {}", r.name))?;
+            Ok((r.name, cfg))
+        })
+        .collect()
+}
+
+/// A model that could not be timed in a precision, and why.
+#[derive(Debug, serde::Serialize)]
+struct Unavailable {
+    name: String,
+    precision: Precision,
+    reason: String,
+}
+
+/// MoR-2 against the vanilla model of the same depth, at equal tokens per step.
+#[derive(Debug, serde::Serialize)]
+struct Mor2VsVanilla {
+    precision: Precision,
+    mor: String,
+    vanilla: String,
+    step_time_ratio: f64,
+    peak_rss_ratio: Option<f64>,
+    peak_rss_above_start_ratio: Option<f64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct TrainBenchReport {
+    threads: usize,
+    steps: usize,
+    models: Vec<TrainModelReport>,
+    not_available: Vec<Unavailable>,
+    mor2_vs_vanilla: Vec<Mor2VsVanilla>,
+}
+
+/// `bench train`: each model in a child process (`--child-run`), or, in the child, one.
+fn train_cmd(args: &Args) -> anyhow::Result<()> {
+    let steps = args.steps.unwrap_or(5);
+    if steps == 0 {
+        anyhow::bail!("--steps 0: at least 1 timed step is needed");
+    }
+    let mut precisions = Vec::new();
+    for p in &args.precision {
+        precisions.push(match p.trim() {
+            "f32" => Precision::F32,
+            "bf16" => Precision::Bf16,
+            _ => anyhow::bail!("--precision {p:?} is not a precision: use f32 or bf16"),
+        });
+    }
+    if precisions.is_empty() {
+        precisions = vec![Precision::F32, Precision::Bf16];
+    }
+    let threads = args.threads.max(1);
+    if let Some(name) = &args.child_run {
+        let p = precisions[0];
+        let (_, cfg) = quick_runs(p)?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("--child-run {name:?} is not a run of the quick preset"))?;
+        mor_models::run::set_threads(threads);
+        let r = time_training(&cfg, name, steps)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("the path of this program")?;
+    let mut models = Vec::new();
+    let mut not_available = Vec::new();
+    for &p in &precisions {
+        let pname = if p == Precision::F32 { "f32" } else { "bf16" };
+        for (name, _) in quick_runs(p)? {
+            eprintln!("bench: training {name} ({pname}), {steps} timed steps");
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "train", "--child-run", &name, "--precision", pname])
+                .args([
+                    "--steps",
+                    &steps.to_string(),
+                    "--threads",
+                    &threads.to_string(),
+                ])
+                .output()
+                .context("starting a benchmark process")?;
+            if out.status.success() {
+                let line = String::from_utf8_lossy(&out.stdout);
+                let r: TrainModelReport = serde_json::from_str(line.trim())
+                    .with_context(|| format!("the report of {name}: {line}"))?;
+                models.push(r);
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                let reason = err
+                    .lines()
+                    .rfind(|l| !l.trim().is_empty())
+                    .unwrap_or("failed without a message")
+                    .to_string();
+                if p == Precision::F32 {
+                    anyhow::bail!("training {name} in f32 failed: {reason}");
+                }
+                eprintln!("bench: {name} ({pname}) not available: {reason}");
+                not_available.push(Unavailable {
+                    name,
+                    precision: p,
+                    reason,
+                });
+            }
+        }
+    }
+    let mut mor2_vs_vanilla = Vec::new();
+    for &p in &precisions {
+        let find = |n: &str| models.iter().find(|m| m.name == n && m.precision == p);
+        if let (Some(m), Some(v)) = (find("mor_expert_mcyc_nr2"), find("vanilla")) {
+            let ratio =
+                |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a as f64 / b.max(1) as f64);
+            mor2_vs_vanilla.push(Mor2VsVanilla {
+                precision: p,
+                mor: m.name.clone(),
+                vanilla: v.name.clone(),
+                step_time_ratio: m.step_seconds / v.step_seconds.max(1e-12),
+                peak_rss_ratio: ratio(m.peak_rss_bytes, v.peak_rss_bytes),
+                peak_rss_above_start_ratio: ratio(
+                    m.peak_rss_above_start_bytes,
+                    v.peak_rss_above_start_bytes,
+                ),
+            });
+        }
+    }
+    let report = TrainBenchReport {
+        threads,
+        steps,
+        models,
+        not_available,
+        mor2_vs_vanilla,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_train(&report));
+    }
+    Ok(())
+}
+
+fn render_train(r: &TrainBenchReport) -> String {
+    let mib = |b: Option<u64>| {
+        b.map(|b| format!("{:.1}", b as f64 / (1 << 20) as f64))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut s = format!(
+        "training cost, quick preset ({} threads, median of {} steps after one untimed)\n\n{:<26} {:<5} {:>9} {:>7} {:>9} {:>10} {:>10} {:>12}\n",
+        r.threads, r.steps, "model", "prec", "params", "tokens", "step s", "tokens/s", "peak MiB", "above start"
+    );
+    for m in &r.models {
+        s.push_str(&format!(
+            "{:<26} {:<5} {:>9} {:>7} {:>9.4} {:>10.0} {:>10} {:>12}\n",
+            m.name,
+            if m.precision == Precision::F32 {
+                "f32"
+            } else {
+                "bf16"
+            },
+            m.params,
+            m.tokens_per_step,
+            m.step_seconds,
+            m.tokens_per_s,
+            mib(m.peak_rss_bytes),
+            mib(m.peak_rss_above_start_bytes)
+        ));
+    }
+    for u in &r.not_available {
+        s.push_str(&format!(
+            "{} ({:?}): not available: {}\n",
+            u.name, u.precision, u.reason
+        ));
+    }
+    for c in &r.mor2_vs_vanilla {
+        s.push_str(&format!(
+            "\n{} against {} ({:?}, equal tokens per step): step time x{:.3} (paper: 0.81), peak memory x{} (above start x{}; paper: 0.75)\n",
+            c.mor,
+            c.vanilla,
+            c.precision,
+            c.step_time_ratio,
+            c.peak_rss_ratio.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
+            c.peak_rss_above_start_ratio.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
+        ));
+    }
+    s
 }

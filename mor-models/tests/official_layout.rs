@@ -424,3 +424,32 @@ fn settings_the_official_code_lacks_are_refused() {
     );
     assert!(e.contains("KV sharing"), "{e}");
 }
+
+/// The KV policies map to the official `kv_sharing` fields and back: recursive sharing is
+/// `enable`, the hybrid policy adds `update_cache` (spec §4).
+#[test]
+fn kv_policies_map_to_official_kv_sharing_and_back() {
+    use mor_models::official::{config_from_settings, official_settings};
+    for (kv, enable, update) in [
+        ("recursion_wise", false, false),
+        ("recursive_sharing", true, false),
+        ("hybrid", true, true),
+    ] {
+        let c = cfg(
+            6,
+            &format!(
+                "{}[router]\nkind = \"expert_choice\"\n[kv]\nkind = \"{kv}\"\n",
+                rec(2, "middle_cycle")
+            ),
+        );
+        let s = official_settings(&c, "x").unwrap();
+        assert_eq!(s["kv_sharing"]["enable"], enable, "{kv}");
+        assert_eq!(s["kv_sharing"]["update_cache"], update, "{kv}");
+        assert_eq!(s["model_config"]["num_hidden_layers"], 6);
+        assert_eq!(s["mor"]["capacity"], "1.0,0.5");
+        let back = config_from_settings(&s, None, std::path::Path::new("x.json")).unwrap();
+        assert_eq!(back.kv.kind, kv);
+        assert_eq!(back.plan, c.plan);
+        assert_eq!(back.router.as_ref().unwrap().kind, "expert_choice");
+    }
+}

@@ -97,7 +97,9 @@ pub fn export_official(model: &MorModel, tokenizer: &Tokenizer, out: &Path) -> R
     let mut hf = HfConfig::from_mor(cfg, None, Some(u64::from(tokenizer.eos_id())));
     hf.num_layers = cfg.plan.num_slots();
     let mut hf_json = hf.to_json();
-    hf_json["architectures"] = serde_json::json!(["MoRLlamaForCausalLM"]);
+    if cfg.router.is_some() {
+        hf_json["architectures"] = serde_json::json!(["MoRLlamaForCausalLM"]);
+    }
     write_dir_atomically(out, |tmp| {
         let write = |file: &str, text: String| -> Result<()> {
             let p = tmp.join(file);

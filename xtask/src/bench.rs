@@ -448,16 +448,18 @@ fn render_train(r: &TrainBenchReport) -> String {
     }
     for u in &r.not_available {
         s.push_str(&format!(
-            "{} ({:?}): not available: {}\n",
-            u.name, u.precision, u.reason
+            "{} ({}): not available: {}\n",
+            u.name,
+            mor_bench::infer::precision_name(u.precision),
+            u.reason
         ));
     }
     for c in &r.mor2_vs_vanilla {
         s.push_str(&format!(
-            "\n{} against {} ({:?}, equal tokens per step): step time x{:.3} (paper: 0.81), peak memory x{} (above start x{}; paper: 0.75)\n",
+            "\n{} against {} ({}, equal tokens per step): step time x{:.3} (paper: 0.81), peak memory x{} (above start x{}; paper: 0.75)\n",
             c.mor,
             c.vanilla,
-            c.precision,
+            mor_bench::infer::precision_name(c.precision),
             c.step_time_ratio,
             c.peak_rss_ratio.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
             c.peak_rss_above_start_ratio.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),

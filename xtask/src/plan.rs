@@ -67,7 +67,39 @@ fn segment(s: &Segment) -> String {
     }
 }
 
-fn print_text(path: &std::path::Path, cfg: &ResolvedConfig, r: &Report) {
+/// `[init]`: which pretrained layers fill which unique block (spec §2), e.g.
+/// `block 1 <- layers 1+3 (mean)`; `None` without `[init]`.
+///
+/// # Errors
+/// When the pretrained model cannot be read or the method does not fit the plan.
+fn init_lines(cfg: &ResolvedConfig) -> anyhow::Result<Option<String>> {
+    let Some(init) = &cfg.init else {
+        return Ok(None);
+    };
+    let layers = mor_models::hf::pretrained_layers(&init.from)?;
+    let sources = mor_models::hf::init_mapping(cfg, init, layers)?;
+    let mut out = format!(
+        "init     {} from {} ({layers} pretrained layers; routers start fresh)",
+        init.method.as_str(),
+        init.from.display()
+    );
+    for (b, src) in sources.iter().enumerate() {
+        let what = match src.as_slice() {
+            [one] => format!("layer {one}"),
+            many => format!(
+                "layers {} (mean)",
+                many.iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            ),
+        };
+        out.push_str(&format!("\n  block {b:>3} <- {what}"));
+    }
+    Ok(Some(out))
+}
+
+fn print_text(path: &std::path::Path, cfg: &ResolvedConfig, r: &Report, init: Option<&str>) {
     let m = &cfg.model;
     println!("config   {}", path.display());
     println!(
@@ -131,6 +163,9 @@ fn print_text(path: &std::path::Path, cfg: &ResolvedConfig, r: &Report) {
             ""
         }
     );
+    if let Some(init) = init {
+        println!("{init}");
+    }
     println!(
         "params   non-embedding {} ({}), embedding {} ({}), router {}, total {} ({})",
         thousands(r.non_embedding_params),
@@ -174,10 +209,11 @@ fn print_text(path: &std::path::Path, cfg: &ResolvedConfig, r: &Report) {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let cfg = load(&args.config, &args.overrides)?;
     let report = accounting::report(&cfg)?;
+    let init = init_lines(&cfg)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_text(&args.config, &cfg, &report);
+        print_text(&args.config, &cfg, &report, init.as_deref());
     }
     Ok(())
 }

@@ -64,3 +64,76 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_then_export_through_the_commands() {
+        let _ = mor_models::builtin::link();
+        let tmp = std::env::temp_dir().join(format!("mor-xtask-hf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../mor-models/tests/fixtures/hf_tiny");
+        let run = tmp.join("run");
+        crate::import::run_cmd(&crate::import::Args {
+            hf: fixture.clone(),
+            out: run.clone(),
+        })
+        .unwrap();
+        // An import into a run folder that holds something is refused.
+        let e = crate::import::run_cmd(&crate::import::Args {
+            hf: fixture.clone(),
+            out: run.clone(),
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("not an empty folder"), "{e:#}");
+        let e = run_cmd(&Args {
+            run: run.clone(),
+            out: tmp.join("official"),
+            format: Format::Official,
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("not supported yet"), "{e}");
+        assert!(!tmp.join("official").exists());
+        let out = tmp.join("hf");
+        run_cmd(&Args {
+            run: run.clone(),
+            out: out.clone(),
+            format: Format::Hf,
+        })
+        .unwrap();
+        // The export holds the fixture's weights bit for bit.
+        let a = mor_models::hf::read_hf(&fixture).unwrap();
+        let b = mor_models::hf::read_hf(&out).unwrap();
+        for (n, t) in &a.tensors {
+            let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = b.tensors[n]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(x, y, "{n}");
+        }
+        // A recursive run is refused, naming the reason.
+        let rec = tmp.join("rec");
+        std::fs::create_dir_all(&rec).unwrap();
+        std::fs::write(
+            rec.join("config.toml"),
+            "[model]\npreset = \"micro\"\n[recursion]\nnum_recursions = 2\nsharing = \"cycle\"\n",
+        )
+        .unwrap();
+        let e = run_cmd(&Args {
+            run: rec,
+            out: tmp.join("rec-hf"),
+            format: Format::Hf,
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("recursive") && e.to_string().contains("`official`"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}

@@ -13,10 +13,10 @@ pub struct Args {
     /// A Hugging Face model folder: config.json, model.safetensors (or
     /// model.safetensors.index.json with its shards) and tokenizer.json.
     #[arg(long)]
-    hf: PathBuf,
+    pub(crate) hf: PathBuf,
     /// The run folder to write (must not exist, or be empty).
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// Runs `import`.

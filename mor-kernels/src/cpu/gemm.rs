@@ -195,6 +195,19 @@ fn pack_body<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut [u32]) {
                 }
             }
         }
+    } else if !PAIRS && sk == 1 {
+        // f32, contiguous along the depth: `w` rows read side by side, written in the packed
+        // (depth-major) order one depth at a time.
+        for t in 0..nx.div_ceil(w) {
+            let (x0, wv) = (t * w, w.min(nx - t * w));
+            let rows: Vec<&[f32]> = (0..wv).map(|i| &data[(x0 + i) * sx + k0..][..kc]).collect();
+            let tile = &mut out[t * kd * w..(t + 1) * kd * w];
+            for (p, o) in tile.chunks_exact_mut(w).enumerate() {
+                for (o, r) in o.iter_mut().zip(&rows) {
+                    *o = r[p].to_bits();
+                }
+            }
+        }
     } else if PAIRS && sk == 1 {
         // Contiguous along the depth: each row of a tile is rounded into `tmp` as a run of
         // bf16 values (vectorised), which read as `u32` are its pairs; the tile is then

@@ -1,7 +1,8 @@
 //! Splits one training step of the speed-target model (d=256, 4 layers, 4 heads,
-//! batch 8 × 256, vocabulary 4096, f32) into forward, loss, backward and optimiser time.
+//! batch 8 × 256, vocabulary 4096) into forward, loss, backward and optimiser time, in f32
+//! or bf16 (`train.precision`: bf16 products with f32 accumulation, everything else f32).
 //!
-//! `cargo run --release -p mor-bench --example step_profile [cpu|reference] [steps]`
+//! `cargo run --release -p mor-bench --example step_profile [cpu|reference] [steps] [f32|bf16]`
 
 use candle_core::{Device, Tensor};
 use mor_core::config::Config;
@@ -19,9 +20,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let backend = args.get(1).map(String::as_str).unwrap_or("cpu");
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let precision = args.get(3).map(String::as_str).unwrap_or("f32");
     let (b, t) = (8usize, 256usize);
     let text = format!(
-        "[model]\npreset = \"small\"\nvocab_size = 4096\nhidden_size = 256\nnum_layers = 4\nnum_heads = 4\nnum_kv_heads = 4\nhead_dim = 64\nintermediate_size = 704\nseq_len = {t}\n[recursion]\nnum_recursions = 1\nsharing = {{ kind = \"none\" }}\n[runtime]\nbackend = {{ kind = \"{backend}\" }}\n[train]\nbudget = {{ steps = 1 }}\nbatch_seqs = {b}\nmicro_batch_seqs = {b}\n"
+        "[model]\npreset = \"small\"\nvocab_size = 4096\nhidden_size = 256\nnum_layers = 4\nnum_heads = 4\nnum_kv_heads = 4\nhead_dim = 64\nintermediate_size = 704\nseq_len = {t}\n[recursion]\nnum_recursions = 1\nsharing = {{ kind = \"none\" }}\n[runtime]\nbackend = {{ kind = \"{backend}\" }}\n[train]\nbudget = {{ steps = 1 }}\nprecision = \"{precision}\"\nbatch_seqs = {b}\nmicro_batch_seqs = {b}\n"
     );
     let cfg = Config::from_toml_str(&text).unwrap();
     let model = MorModel::new(&cfg).unwrap();
@@ -49,6 +51,7 @@ fn main() {
     )
     .unwrap();
     let mut tot = [0f64; 4];
+    let mut first_loss = f32::NAN;
     for s in 0..steps + 1 {
         let t0 = Instant::now();
         // The training path: LM head and loss as one op (`forward_loss`), so "forward"
@@ -56,7 +59,10 @@ fn main() {
         let out = model.forward_loss(&x, &y, RouteMode::Train).unwrap();
         let t1 = Instant::now();
         let loss = out.ce;
-        let _ = loss.to_scalar::<f32>().unwrap();
+        let value = loss.to_scalar::<f32>().unwrap();
+        if s == 0 {
+            first_loss = value;
+        }
         let t2 = Instant::now();
         let grads = loss.backward().unwrap();
         let t3 = Instant::now();
@@ -71,7 +77,7 @@ fn main() {
     let n = steps as f64;
     let step: f64 = tot.iter().sum::<f64>() / n;
     println!(
-        "{backend}: forward {:.3}s, loss {:.3}s, backward {:.3}s, optimiser {:.3}s, step {:.3}s = {:.0} tokens/s (threads: {})",
+        "{backend} {precision}: forward {:.3}s, loss {:.3}s, backward {:.3}s, optimiser {:.3}s, step {:.3}s = {:.0} tokens/s (threads: {}), first loss {first_loss:.5}",
         tot[0] / n,
         tot[1] / n,
         tot[2] / n,

@@ -6,10 +6,16 @@ no GQA), SwiGLU 704, RMSNorm eps 1e-5, RoPE theta 1e4 (non-interleaved), tied em
 N(0, 0.02) init, vocabulary 4096, batch 8 x 256, f32, AdamW (lr 1e-3, betas 0.9/0.95,
 weight decay 0.1), fused cross-entropy from PyTorch.
 
-    python3 torch_train_step.py [steps] [manual|sdpa] [threads]
+    python3 torch_train_step.py [steps] [manual|sdpa] [threads] [--amp]
+
+`--amp` runs the forward pass and the loss under `torch.autocast("cpu", dtype=torch.bfloat16)`
+(PyTorch's mixed precision: bf16 matrix products, f32 master weights and optimiser), the
+counterpart of `step_profile cpu STEPS bf16`.
 
 Prints the same line format as `step_profile`. Needs only `torch`.
 """
+
+import contextlib
 
 import math
 import sys
@@ -18,9 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-ATTN = sys.argv[2] if len(sys.argv) > 2 else "manual"
-THREADS = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+AMP = "--amp" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a != "--amp"]
+STEPS = int(ARGS[0]) if len(ARGS) > 0 else 5
+ATTN = ARGS[1] if len(ARGS) > 1 else "manual"
+THREADS = int(ARGS[2]) if len(ARGS) > 2 else 2
 torch.set_num_threads(THREADS)
 torch.manual_seed(1)
 
@@ -112,10 +120,13 @@ ids = torch.randint(0, V, (B, T))
 tgt = (ids + 1) % V
 tot = [0.0] * 4
 for s in range(STEPS + 1):
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if AMP else contextlib.nullcontext()
     t0 = time.perf_counter()
-    logits = model(ids)
+    with amp:
+        logits = model(ids)
     t1 = time.perf_counter()
-    loss = F.cross_entropy(logits.view(-1, V), tgt.view(-1))
+    with amp:
+        loss = F.cross_entropy(logits.view(-1, V), tgt.view(-1))
     loss.item()
     t2 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
@@ -129,6 +140,6 @@ for s in range(STEPS + 1):
 n = STEPS
 step = sum(tot) / n
 print(
-    f"torch-{ATTN}: forward {tot[0]/n:.3f}s, loss {tot[1]/n:.3f}s, backward {tot[2]/n:.3f}s, "
+    f"torch-{ATTN}{'-amp' if AMP else ''}: forward {tot[0]/n:.3f}s, loss {tot[1]/n:.3f}s, backward {tot[2]/n:.3f}s, "
     f"optimiser {tot[3]/n:.3f}s, step {step:.3f}s = {B*T/step:.0f} tokens/s (threads: {THREADS})"
 )

@@ -307,13 +307,99 @@ pub fn save_model(
     vars: &[(String, Var)],
     config_json: &serde_json::Value,
 ) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
     let tensors: Vec<(String, Tensor)> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    save_tensors(&tmp, &tensors)?;
+    save_model_tensors(dir, &tensors, config_json)
+}
+
+/// Prefix of router buffers (e.g. the loss-free balancing bias) among model tensors.
+pub const BUFFER_PREFIX: &str = "buffer.";
+
+/// Everything a trained model computes with: its parameters, the auxiliary router's
+/// parameters, and the router's buffers (named with [`BUFFER_PREFIX`]).
+pub fn model_tensors(model: &crate::MorModel) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = model
+        .named_vars()
+        .into_iter()
+        .chain(model.aux_named_vars())
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    if let Some(r) = model.router() {
+        out.extend(
+            r.buffers()
+                .into_iter()
+                .map(|(n, t)| (format!("{BUFFER_PREFIX}{n}"), t)),
+        );
+    }
+    out
+}
+
+/// [`save_model`] of every tensor of [`model_tensors`]: a run folder's model, from which
+/// `eval`, `generate` and `export` compute exactly what the trained model computed.
+pub fn save_run_model(
+    dir: &Path,
+    model: &crate::MorModel,
+    config_json: &serde_json::Value,
+) -> Result<()> {
+    save_model_tensors(dir, &model_tensors(model), config_json)
+}
+
+/// Loads a model saved by [`save_run_model`] into `model`: its parameters, its auxiliary
+/// router and its router buffers, checked as [`load_model`] checks them. A model saved by
+/// an older version without its auxiliary router or buffers loads with a notice.
+pub fn load_run_model(dir: &Path, model: &crate::MorModel) -> Result<()> {
+    let path = dir.join("model.safetensors");
+    verify_files(dir, &["model.safetensors"], false)?;
+    let mut tensors = load_tensors(&path)?;
+    let buffer_names: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with(BUFFER_PREFIX))
+        .cloned()
+        .collect();
+    let buffers: Vec<(String, Tensor)> = buffer_names
+        .iter()
+        .filter_map(|k| {
+            let t = tensors.remove(k)?;
+            Some((k[BUFFER_PREFIX.len()..].to_string(), t))
+        })
+        .collect();
+    let mut vars = model.named_vars();
+    let aux = model.aux_named_vars();
+    if aux.iter().any(|(n, _)| tensors.contains_key(n)) {
+        vars.extend(aux);
+    } else if !aux.is_empty() {
+        eprintln!(
+            "note: {} holds no auxiliary router (saved by an older version): causal routing uses an untrained one",
+            path.display()
+        );
+    }
+    assign_params(&path, &vars, &tensors)?;
+    if let Some(r) = model.router() {
+        let expected = r.buffers();
+        if !expected.is_empty() && buffers.is_empty() {
+            eprintln!(
+                "note: {} holds no router buffers (saved by an older version): they keep their initial values",
+                path.display()
+            );
+        }
+        r.load_buffers(&buffers).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            reason: format!("router buffers: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+fn save_model_tensors(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    config_json: &serde_json::Value,
+) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
+    save_tensors(&tmp, tensors)?;
     let dst = dir.join("model.safetensors");
     fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
     write_atomic(

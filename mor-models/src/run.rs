@@ -596,6 +596,24 @@ fn run_locked(
         cfg.clone()
     };
     let model = MorModel::new(cfg)?;
+    // `[init]` (uptraining, spec §2): the blocks start from a pretrained model's layers,
+    // routers fresh. A resumed run takes its weights from its checkpoint instead.
+    if !resuming {
+        if let Some(r) = crate::hf::apply_init(&model)? {
+            if !opts.quiet {
+                eprintln!(
+                    "{name}: initialised by `{}` from {} ({} pretrained layers): blocks <- {:?}",
+                    r.method.as_str(),
+                    cfg.init
+                        .as_ref()
+                        .map(|i| i.from.display().to_string())
+                        .unwrap_or_default(),
+                    r.pretrained_layers,
+                    r.sources
+                );
+            }
+        }
+    }
     let acct = mor_core::accounting::report(cfg)?;
     let settings = train_settings(cfg, opts);
     let ds = if resuming {
@@ -672,11 +690,7 @@ fn run_locked(
             summary.steps, settings.steps
         )));
     }
-    crate::checkpoint::save_model(
-        out,
-        &model.named_vars(),
-        &serde_json::to_value(cfg).unwrap_or_default(),
-    )?;
+    crate::checkpoint::save_run_model(out, &model, &serde_json::to_value(cfg).unwrap_or_default())?;
 
     let evaluated = !opts.skip_eval;
     let (ev, traces, scores) = if evaluated {

@@ -189,7 +189,7 @@ fn recursive_models_and_busy_folders_are_refused() {
         let model = MorModel::new(&cfg).unwrap();
         let out = tmp.0.join(what);
         let e = export_hf(&model, &Tokenizer::byte_level(), &out).unwrap_err().to_string();
-        assert!(e.contains(&format!("a {what} model")) && e.contains("`official`"), "{e}");
+        assert!(e.contains(&format!("a {what} model")) && e.contains("--format official"), "{e}");
         assert!(!out.exists());
     }
     let model = MorModel::new(&vanilla("")).unwrap();

@@ -241,6 +241,24 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // Every `[init]` source must exist and fit its run before anything trains.
+    let mut misfits = Vec::new();
+    for (r, c) in runs.iter().zip(&configs) {
+        if let Some(init) = &c.init {
+            if let Err(e) = mor_models::hf::pretrained_layers(&init.from)
+                .and_then(|n| mor_models::hf::init_mapping(c, init, n))
+            {
+                misfits.push(format!("run `{}`: {e}", r.name));
+            }
+        }
+    }
+    if !misfits.is_empty() {
+        bail!(
+            "{} run(s) cannot be initialised from their `[init]` source; nothing was trained:\n{}",
+            misfits.len(),
+            misfits.join("\n")
+        );
+    }
     let opts_for = |dir: PathBuf, label: String| RunOptions {
         out: dir,
         data: args.data.clone(),

@@ -48,7 +48,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         }
     }
     let model = MorModel::new(&cfg)?;
-    mor_models::checkpoint::load_model(dir, &model.named_vars())
+    mor_models::checkpoint::load_run_model(dir, &model)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
     let dcfg = match &args.data {
         Some(d) => {

@@ -1,8 +1,14 @@
-//! `cargo xtask export --run DIR --out DIR [--format hf]`: writes a trained vanilla run as a
-//! Hugging Face Llama folder (`config.json`, `model.safetensors`, `tokenizer.json`,
-//! `generation_config.json`) that `LlamaForCausalLM.from_pretrained` loads. The folder is
-//! written under a temporary name and renamed at the end; an existing non-empty `--out` is
-//! refused.
+//! `cargo xtask export --run DIR --out DIR [--format hf|official]`:
+//!
+//! - `hf`: a trained vanilla run as a Hugging Face Llama folder (`config.json`,
+//!   `model.safetensors`, `tokenizer.json`, `generation_config.json`) that
+//!   `LlamaForCausalLM.from_pretrained` loads;
+//! - `official`: any model the reference MoR code can express (vanilla, recursive, MoR) in
+//!   its `state_dict` layout, with its settings (`mor_config.json` / `.yaml`), `config.json`
+//!   and `tokenizer.json` (docs/official-layout.md).
+//!
+//! The folder is written under a temporary name and renamed at the end; an existing
+//! non-empty `--out` is refused.
 
 use anyhow::Context;
 use mor_models::tokenizer::Tokenizer;
@@ -14,7 +20,9 @@ use std::path::PathBuf;
 pub enum Format {
     /// A Hugging Face `LlamaForCausalLM` folder (vanilla models only).
     Hf,
-    /// The official MoR code's checkpoint layout (not supported yet).
+    /// The official MoR code's `state_dict` layout (every unrolled layer, tied aliases as
+    /// copies, its router names), with mor_config.json/.yaml, config.json and
+    /// tokenizer.json; docs/official-layout.md converts it to pytorch_model.bin.
     Official,
 }
 
@@ -34,16 +42,19 @@ pub struct Args {
 
 /// Runs `export`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
-    if args.format == Format::Official {
-        anyhow::bail!(
-            "--format official (the official MoR checkpoint layout) is not supported yet; use --format hf for a vanilla model"
-        );
-    }
     let dir = &args.run;
     let cfg = crate::generate::load_run_config(dir)?;
     let model = MorModel::new(&cfg)?;
-    if let Some(why) = mor_models::hf::hf_refusal(&model) {
-        anyhow::bail!("cannot export {} as hf: {why}", dir.display());
+    match args.format {
+        Format::Hf => {
+            if let Some(why) = mor_models::hf::hf_refusal(&model) {
+                anyhow::bail!("cannot export {} as hf: {why}", dir.display());
+            }
+        }
+        Format::Official => {
+            mor_models::official::official_shape(&cfg)
+                .with_context(|| format!("cannot export {} as official", dir.display()))?;
+        }
     }
     let cfg_file = if dir.join("config.toml").exists() {
         "config.toml"
@@ -52,13 +63,19 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     };
     mor_models::checkpoint::verify_files(dir, &[cfg_file, "tokenizer.json"], false)
         .with_context(|| format!("cannot trust the files of {}", dir.display()))?;
-    mor_models::checkpoint::load_model(dir, &model.named_vars())
+    mor_models::checkpoint::load_run_model(dir, &model)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    mor_models::hf::export_hf(&model, &tok, &args.out)
+    let written = match args.format {
+        Format::Hf => mor_models::hf::export_hf(&model, &tok, &args.out)
+            .map(|_| "a Hugging Face Llama folder"),
+        Format::Official => mor_models::official::export_official(&model, &tok, &args.out)
+            .map(|_| "the official MoR checkpoint layout"),
+    };
+    let what = written
         .with_context(|| format!("cannot export {} to {}", dir.display(), args.out.display()))?;
     println!(
-        "exported {} as a Hugging Face Llama folder: {}",
+        "exported {} as {what}: {}",
         dir.display(),
         args.out.display()
     );
@@ -77,26 +94,46 @@ mod tests {
         let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../mor-models/tests/fixtures/hf_tiny");
         let run = tmp.join("run");
-        crate::import::run_cmd(&crate::import::Args {
-            hf: fixture.clone(),
-            out: run.clone(),
-        })
-        .unwrap();
+        let hf_args = |out: &std::path::Path| crate::import::Args {
+            hf: Some(fixture.clone()),
+            official: None,
+            config: None,
+            official_yaml: None,
+            tokenizer: None,
+            out: out.to_path_buf(),
+        };
+        crate::import::run_cmd(&hf_args(&run)).unwrap();
         // An import into a run folder that holds something is refused.
-        let e = crate::import::run_cmd(&crate::import::Args {
-            hf: fixture.clone(),
-            out: run.clone(),
-        })
-        .unwrap_err();
+        let e = crate::import::run_cmd(&hf_args(&run)).unwrap_err();
         assert!(format!("{e:#}").contains("not an empty folder"), "{e:#}");
-        let e = run_cmd(&Args {
+        // The official layout, and back through `import --official`: the same weights.
+        run_cmd(&Args {
             run: run.clone(),
             out: tmp.join("official"),
             format: Format::Official,
         })
-        .unwrap_err();
-        assert!(e.to_string().contains("not supported yet"), "{e}");
-        assert!(!tmp.join("official").exists());
+        .unwrap();
+        let back = tmp.join("back");
+        crate::import::run_cmd(&crate::import::Args {
+            hf: None,
+            official: Some(tmp.join("official")),
+            config: None,
+            official_yaml: None,
+            tokenizer: None,
+            out: back.clone(),
+        })
+        .unwrap();
+        let a = mor_models::checkpoint::load_tensors(&run.join("model.safetensors")).unwrap();
+        let b = mor_models::checkpoint::load_tensors(&back.join("model.safetensors")).unwrap();
+        assert_eq!(
+            a.keys().collect::<std::collections::BTreeSet<_>>(),
+            b.keys().collect::<std::collections::BTreeSet<_>>()
+        );
+        for (n, t) in &a {
+            let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = b[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(x, y, "{n}");
+        }
         let out = tmp.join("hf");
         run_cmd(&Args {
             run: run.clone(),
@@ -131,7 +168,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(
-            e.to_string().contains("recursive") && e.to_string().contains("`official`"),
+            e.to_string().contains("recursive") && e.to_string().contains("`--format official`"),
             "{e}"
         );
         std::fs::remove_dir_all(&tmp).unwrap();

@@ -91,7 +91,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     mor_models::run::set_threads(args.threads);
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let model = MorModel::new(&cfg)?;
-    mor_models::checkpoint::load_model(dir, &model.named_vars())
+    mor_models::checkpoint::load_run_model(dir, &model)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
     let prompt = encode_prompt(&tok, args.prompt.as_encoded_bytes())?;
     let sampling = SamplingParams {

@@ -464,3 +464,42 @@ fn a_skipped_checkpoint_is_reported() {
     assert!(err.contains("step-0000002"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A run folder's model is the trained model whole: `eval --run` scores exactly what the
+/// training run's own evaluation scored, for an expert-choice model whose causal routing
+/// uses its auxiliary router (`infer_rule = "aux_router"`), and a token-choice model with the loss-free balancing bias
+/// (before, both were saved without them and reloaded untrained).
+#[test]
+fn a_saved_run_keeps_its_auxiliary_router_and_router_buffers() {
+    let root = tmp("whole");
+    let expert = config().replace(
+        "kind = \"expert_choice\"",
+        "kind = \"expert_choice\"\nsampling = \"aux_router\"\ninfer_rule = \"aux_router\"",
+    );
+    let token = config().replace(
+        "kind = \"expert_choice\"",
+        "kind = \"token_choice\"\nbalancing = \"loss_free\"\nbal_warmup_steps = 0",
+    );
+    for (tag, text) in [("expert", expert), ("token", token)] {
+        let cfg = root.join(format!("{tag}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        let out = root.join(tag);
+        let o = train(&cfg, &out, &[]);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+        let o = xtask(&["eval"], &[("--run", &out)]);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        let now: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for key in ["full_sequence", "causal"] {
+            assert_eq!(now[key]["nll"], saved[key]["nll"], "{tag} {key}");
+        }
+        let names = mor_models::checkpoint::load_tensors(&out.join("model.safetensors"))
+            .unwrap()
+            .into_keys()
+            .collect::<Vec<_>>();
+        let want = if tag == "token" { "buffer." } else { "aux" };
+        assert!(names.iter().any(|n| n.contains(want)), "{tag}: {names:?}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

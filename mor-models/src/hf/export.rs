@@ -18,7 +18,7 @@ pub fn hf_refusal(model: &MorModel) -> Option<String> {
         || cfg.router.is_some();
     if recursive {
         return Some(format!(
-            "a {} model (sharing `{}`, N_r = {}{}) has no Hugging Face Llama equivalent: the `hf` format holds vanilla models only, and the `official` format (MoR layout) is not supported yet",
+            "a {} model (sharing `{}`, N_r = {}{}) has no Hugging Face Llama equivalent: the `hf` format holds vanilla models only; use `--format official` for recursive and MoR models",
             if cfg.router.is_some() { "MoR" } else { "recursive" },
             cfg.recursion.sharing.kind,
             cfg.recursion.num_recursions,

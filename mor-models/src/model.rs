@@ -107,6 +107,8 @@ pub struct MorModel {
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
+    /// Test-time depth cap ([`MorModel::set_max_depth`]); 0 = every recursion step.
+    max_depth: std::sync::atomic::AtomicUsize,
 }
 
 /// A named parameter.
@@ -306,7 +308,47 @@ impl MorModel {
             cos,
             sin,
             dtype,
+            max_depth: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Caps the recursion depth of every later forward at `depth` steps (test-time depth,
+    /// spec Fig. 5c); `None` restores all N_r steps. Expert-choice routing stops after step
+    /// `depth`; a token-choice token assigned a deeper depth finishes at step `depth` (its
+    /// update is the finishing one, `H¹ + g·y`), as the decode engine's `max_depth` does.
+    ///
+    /// # Errors
+    /// `depth` outside `1..=N_r`, or below N_r for a plan that is not cyclic (sequence
+    /// sharing has no early exit).
+    pub fn set_max_depth(&self, depth: Option<usize>) -> Result<()> {
+        let n_r = self.cfg.plan.num_recursions;
+        let d = match depth {
+            None => 0,
+            Some(d) if d == n_r => 0,
+            Some(d) if (1..n_r).contains(&d) && self.cfg.plan.is_cyclic() => d,
+            Some(d) => {
+                return Err(Error::msg(format!(
+                    "max depth {d} is not allowed for this model: use 1..={n_r}{}",
+                    if self.cfg.plan.is_cyclic() {
+                        ""
+                    } else {
+                        " (a non-cyclic plan allows only N_r)"
+                    }
+                )))
+            }
+        };
+        self.max_depth
+            .store(d, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The recursion steps a forward runs at most: the cap of
+    /// [`MorModel::set_max_depth`], else N_r.
+    pub fn max_depth(&self) -> usize {
+        match self.max_depth.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => self.cfg.plan.num_recursions,
+            d => d,
+        }
     }
 
     /// The config the model was built from.
@@ -650,6 +692,7 @@ impl MorModel {
         let (b, t, _) = h.dims3()?;
         let dev = h.device().clone();
         let n_r = self.cfg.plan.num_recursions;
+        let cap = self.max_depth();
         let h1 = h.clone();
         let mut active: Vec<Vec<u32>> = vec![(0..t as u32).collect(); b];
         let mut state = match &self.router {
@@ -658,11 +701,19 @@ impl MorModel {
         };
         let keeps_first = self.kv.keeps_first_step();
         let mut first_kv: Vec<StepKv> = Vec::new();
-        for step in 1..=n_r {
-            let routing = match (&self.router, state.as_mut()) {
+        for step in 1..=cap.min(n_r) {
+            let mut routing = match (&self.router, state.as_mut()) {
                 (Some(r), Some(st)) => Some(r.route(step, &h, &active, st, mode)?),
                 _ => None,
             };
+            // At the depth cap every token-choice token still running finishes here.
+            if step == cap && cap < n_r {
+                if let Some(Update::TokenChoice { finishing, .. }) =
+                    routing.as_mut().map(|r| &mut r.update)
+                {
+                    finishing.iter_mut().for_each(|f| *f = true);
+                }
+            }
             let selected: Vec<Vec<u32>> = match &routing {
                 Some(rt) => rt.selected.clone(),
                 None => active.clone(),

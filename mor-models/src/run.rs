@@ -20,7 +20,9 @@ use mor_core::config::ResolvedConfig;
 use std::path::{Path, PathBuf};
 
 mod evaluate;
-pub use evaluate::{evaluate, evaluate_all, EvalResults, Evaluation, TRACE_SEQUENCES};
+pub use evaluate::{
+    evaluate, evaluate_all, DepthNll, EvalResults, Evaluation, DEPTH_SWEEP_TOKENS, TRACE_SEQUENCES,
+};
 
 /// How to run.
 #[derive(Debug, Clone, Default)]
@@ -768,6 +770,12 @@ fn run_locked(
         extra.insert(
             "depth_fractions_causal".into(),
             serde_json::json!(c.depth_fractions),
+        );
+    }
+    if !ev.nll_by_max_depth.is_empty() {
+        extra.insert(
+            crate::report::NLL_BY_MAX_DEPTH_KEY.into(),
+            serde_json::json!(ev.nll_by_max_depth),
         );
     }
     let mut row = RunSummary {

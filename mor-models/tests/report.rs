@@ -473,6 +473,45 @@ fn markdown_table_has_the_right_values_in_the_right_columns() {
 }
 
 #[test]
+fn markdown_report_tabulates_the_test_time_depth_sweep() {
+    let dir = out_dir("md-sweep");
+    let mut rs = runs();
+    rs[1].extra.insert(
+        mor_models::report::NLL_BY_MAX_DEPTH_KEY.into(),
+        serde_json::json!([
+            {"max_depth": 1, "nll": 3.25, "tokens": 64},
+            {"max_depth": 2, "nll": 3.125, "tokens": 64},
+            {"max_depth": 3, "nll": 3.0625, "tokens": 64}
+        ]),
+    );
+    assert_eq!(
+        rs[1].nll_by_max_depth(),
+        vec![(1, 3.25), (2, 3.125), (3, 3.0625)]
+    );
+    let files = write_report(&dir, &rs, &curves(), &traces()).unwrap();
+    let md = std::fs::read_to_string(&files.results_md).unwrap();
+    assert!(md.contains("## NLL by test-time depth"), "{md}");
+    let header = md
+        .lines()
+        .find(|l| l.starts_with("| run | d <= 1"))
+        .expect("sweep table");
+    assert_eq!(md_cells(header), ["run", "d <= 1", "d <= 2", "d <= 3"]);
+    let name = rs[1].name.clone();
+    let row = md
+        .lines()
+        .find(|l| l.starts_with(&format!("| {name} | 3.2500")))
+        .expect("sweep row");
+    assert_eq!(md_cells(row), [name.as_str(), "3.2500", "3.1250", "3.0625"]);
+    // Runs without a sweep: no section.
+    let dir2 = out_dir("md-nosweep");
+    let files = write_report(&dir2, &runs(), &curves(), &traces()).unwrap();
+    let md = std::fs::read_to_string(&files.results_md).unwrap();
+    assert!(!md.contains("test-time depth"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&dir2).unwrap();
+}
+
+#[test]
 fn markdown_report_lists_failures_and_depth_sections() {
     let dir = out_dir("md-sections");
     let files = write_report(&dir, &runs(), &curves(), &traces()).unwrap();

@@ -24,6 +24,10 @@ pub struct Args {
     /// lm-eval-style JSONL task files (`{"context", "choices", "gold"}` per line).
     #[arg(long)]
     tasks: Vec<PathBuf>,
+    /// Test-time depth (spec Fig. 5c): score with at most this many recursion steps per
+    /// token (1..=N_r; a token-choice token assigned deeper finishes at this step).
+    #[arg(long)]
+    max_depth: Option<usize>,
 }
 
 /// Runs `eval`.
@@ -50,6 +54,15 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let model = MorModel::new(&cfg)?;
     mor_models::checkpoint::load_run_model(dir, &model)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
+    if let Some(d) = args.max_depth {
+        model
+            .set_max_depth(Some(d))
+            .map_err(|e| anyhow::anyhow!("--max-depth: {e}"))?;
+        eprintln!(
+            "scoring with at most {d} of {} recursion steps",
+            cfg.plan.num_recursions
+        );
+    }
     let dcfg = match &args.data {
         Some(d) => {
             let mut dcfg = data_config(&cfg, Some(d));

@@ -51,6 +51,10 @@ pub struct Args {
     /// Rayon / matmul threads (decoding is fastest with 1 on small machines).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Test-time depth: at most this many recursion steps per token (1..=N_r; default
+    /// `infer.max_depth` of the run's config).
+    #[arg(long)]
+    max_depth: Option<usize>,
 }
 
 /// Reads a run's config: `config.toml` when present, else the resolved `config.json`.
@@ -102,7 +106,14 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     };
     let ecfg = EngineConfig {
         batch_size: 1,
-        max_depth: Some(cfg.infer.max_depth.clamp(1, cfg.plan.num_recursions)),
+        max_depth: Some(match args.max_depth {
+            Some(d) if (1..=cfg.plan.num_recursions).contains(&d) => d,
+            Some(d) => anyhow::bail!(
+                "--max-depth {d}: use 1..={} (the model's N_r)",
+                cfg.plan.num_recursions
+            ),
+            None => cfg.infer.max_depth.clamp(1, cfg.plan.num_recursions),
+        }),
         ..Default::default()
     };
     let mut engine = Engine::new(&model, ecfg)?;
@@ -212,6 +223,7 @@ mod tests {
             color: true,
             stop_at_eos: false,
             threads: 1,
+            max_depth: None,
         }
     }
 

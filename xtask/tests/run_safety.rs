@@ -494,6 +494,23 @@ fn a_saved_run_keeps_its_auxiliary_router_and_router_buffers() {
         for key in ["full_sequence", "causal"] {
             assert_eq!(now[key]["nll"], saved[key]["nll"], "{tag} {key}");
         }
+        // Test-time depth: the sweep's full depth is the causal NLL (the scored split is
+        // one batch, smaller than the sweep's token limit), depth 1 differs, and
+        // `eval --max-depth 1` scores what the sweep scored at depth 1.
+        let sweep = saved["nll_by_max_depth"].as_array().unwrap();
+        assert_eq!(sweep.len(), 3, "{tag}: {sweep:?}");
+        assert_eq!(sweep[2]["nll"], saved["causal"]["nll"], "{tag}");
+        assert_ne!(sweep[0]["nll"], sweep[2]["nll"], "{tag}");
+        let o = xtask(&["eval", "--max-depth", "1"], &[("--run", &out)]);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        let d1: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(d1["causal"]["nll"], sweep[0]["nll"], "{tag}");
+        let o = xtask(&["eval", "--max-depth", "4"], &[("--run", &out)]);
+        assert!(
+            !o.status.success() && stderr(&o).contains("1..=3"),
+            "{}",
+            stderr(&o)
+        );
         let names = mor_models::checkpoint::load_tensors(&out.join("model.safetensors"))
             .unwrap()
             .into_keys()

@@ -57,7 +57,8 @@ pub use ticks::{log_ticks, nice_step, nice_ticks, tick_label, NiceTicks};
 pub use types::{
     depth_by_difficulty, Curve, CurvePoint, DepthByDifficulty, DepthCorrelation, DepthTrace,
     DifficultyMeasure, DifficultyStat, ReportData, RunSummary, TraceRule, TraceToken,
-    NLL_CAUSAL_STDERR_KEY, NLL_STDERR_KEY, VAL_TOKENS_SCORED_KEY, VAL_TOKENS_SPLIT_KEY,
+    NLL_BY_MAX_DEPTH_KEY, NLL_CAUSAL_STDERR_KEY, NLL_STDERR_KEY, VAL_TOKENS_SCORED_KEY,
+    VAL_TOKENS_SPLIT_KEY,
 };
 
 /// File names inside the report folder.
@@ -294,6 +295,44 @@ pub fn results_markdown(data: &ReportData) -> String {
                     .tokens_per_depth
                     .get(d)
                     .map(|&n| format_percent(n as f64 / total))
+                    .unwrap_or_else(|| MISSING.to_string());
+                let _ = write!(out, " {cell} |");
+            }
+            out.push('\n');
+        }
+    }
+
+    let swept: Vec<(&RunSummary, Vec<(usize, f64)>)> = runs
+        .iter()
+        .map(|r| (r, r.nll_by_max_depth()))
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    if !swept.is_empty() {
+        out.push_str("\n## NLL by test-time depth\n\n");
+        out.push_str(
+            "Causal validation NLL when every token runs at most d recursion steps (spec \
+             Fig. 5c; the last column is the trained model), on the first scored tokens \
+             of the validation split.\n\n",
+        );
+        let max_d = swept
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|p| p.0))
+            .max()
+            .unwrap_or(0);
+        out.push_str("| run |");
+        for d in 1..=max_d {
+            let _ = write!(out, " d <= {d} |");
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---:|".repeat(max_d));
+        out.push('\n');
+        for (r, v) in swept {
+            let _ = write!(out, "| {} |", markdown_cell(&r.name));
+            for d in 1..=max_d {
+                let cell = v
+                    .iter()
+                    .find(|p| p.0 == d)
+                    .map(|p| format_fixed(p.1, 4))
                     .unwrap_or_else(|| MISSING.to_string());
                 let _ = write!(out, " {cell} |");
             }

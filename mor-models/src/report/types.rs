@@ -88,6 +88,10 @@ pub struct RunSummary {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+/// Key in [`RunSummary::extra`] of the test-time depth sweep: a list of
+/// `{max_depth, nll, tokens}` (causal NLL with at most `max_depth` recursion steps).
+pub const NLL_BY_MAX_DEPTH_KEY: &str = "nll_by_max_depth";
+
 /// Key in [`RunSummary::extra`] of the standard error of [`RunSummary::val_nll`].
 pub const NLL_STDERR_KEY: &str = "val_nll_stderr";
 /// Key in [`RunSummary::extra`] of the standard error of [`RunSummary::val_nll_causal`].
@@ -108,6 +112,21 @@ impl RunSummary {
     /// [`NLL_STDERR_KEY`]; `None` when it was not measured.
     pub fn val_nll_stderr(&self) -> Option<f64> {
         self.extra.get(NLL_STDERR_KEY).and_then(|v| v.as_f64())
+    }
+
+    /// The test-time depth sweep kept in [`Self::extra`] under [`NLL_BY_MAX_DEPTH_KEY`]:
+    /// `(max_depth, causal NLL)`, empty when the run has none.
+    pub fn nll_by_max_depth(&self) -> Vec<(usize, f64)> {
+        let Some(list) = self
+            .extra
+            .get(NLL_BY_MAX_DEPTH_KEY)
+            .and_then(|v| v.as_array())
+        else {
+            return Vec::new();
+        };
+        list.iter()
+            .filter_map(|p| Some((p["max_depth"].as_u64()? as usize, p["nll"].as_f64()?)))
+            .collect()
     }
 
     /// Standard error of [`Self::val_nll_causal`], kept in [`Self::extra`] under

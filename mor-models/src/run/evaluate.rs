@@ -46,6 +46,26 @@ pub struct EvalResults {
     /// Set when `eval.max_tokens` or `eval.max_batches` cut the split: which limit did.
     #[serde(default)]
     pub cap_note: Option<String>,
+    /// Test-time depth (spec Fig. 5c), routed models with a cyclic plan: the causal NLL
+    /// with at most `d` recursion steps per token, for `d = 1..N_r` (the last entry is the
+    /// uncapped model), on the first [`DEPTH_SWEEP_TOKENS`] scored tokens at most.
+    #[serde(default)]
+    pub nll_by_max_depth: Vec<DepthNll>,
+}
+
+/// Predicted tokens the test-time depth sweep scores at most (the first rows of the scored
+/// validation split): N_r - 1 extra causal passes over them.
+pub const DEPTH_SWEEP_TOKENS: usize = 1 << 15;
+
+/// One point of the test-time depth sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DepthNll {
+    /// Maximum recursion steps per token.
+    pub max_depth: usize,
+    /// Causal NLL per predicted token (nats).
+    pub nll: f64,
+    /// Predicted tokens scored.
+    pub tokens: u64,
 }
 
 impl EvalResults {
@@ -150,6 +170,39 @@ fn validation_batches(
     Ok((batches, rows, note))
 }
 
+/// The causal NLL at every maximum depth `1..=N_r` on the first [`DEPTH_SWEEP_TOKENS`]
+/// predicted tokens of `batches` (whole rows, at least one). The model's depth cap is
+/// restored afterwards.
+fn depth_sweep(model: &MorModel, batches: &[EvalBatch], t: usize) -> Result<Vec<DepthNll>> {
+    let rows_wanted = (DEPTH_SWEEP_TOKENS / t.max(1)).max(1);
+    let mut subset = Vec::new();
+    let mut rows = 0;
+    for b in batches {
+        if rows >= rows_wanted {
+            break;
+        }
+        subset.push(b.clone());
+        rows += b.b;
+    }
+    let before = model.max_depth();
+    let n_r = model.config().plan.num_recursions;
+    let mut out = Vec::with_capacity(n_r);
+    let result = (|| {
+        for d in 1..=n_r {
+            model.set_max_depth(Some(d))?;
+            let (r, _) = eval::score_tokens(model, &subset, RouteMode::Causal)?;
+            out.push(DepthNll {
+                max_depth: d,
+                nll: r.nll,
+                tokens: r.tokens,
+            });
+        }
+        Ok(())
+    })();
+    model.set_max_depth(Some(before))?;
+    result.map(|()| out)
+}
+
 /// Evaluates a model on a dataset's validation split (NLL with full-sequence and causal
 /// routing, bits per byte, router metrics), on few-shot task sets (the built-in ones for the
 /// built-in corpus, the config's `eval.tasks`, and `extra_tasks`), and records the depth
@@ -203,6 +256,9 @@ pub fn evaluate_all(
         let (r, s) = eval::score_tokens(model, &batches, RouteMode::Causal)?;
         ev.causal = Some(r);
         causal_scores = Some(s);
+        if cfg.plan.is_cyclic() && cfg.plan.num_recursions > 1 {
+            ev.nll_by_max_depth = depth_sweep(model, &batches, t)?;
+        }
     }
     let targets: Vec<u32> = batches
         .iter()

@@ -135,20 +135,24 @@ fn ones_var(shape: &[usize], dtype: DType, dev: &Device) -> Result<Var> {
 
 impl MorModel {
     /// Builds a freshly initialised model from a resolved config (N(0, init_std) weights,
-    /// RMSNorm weights at 1, drawn from the config seed; spec §1.1).
+    /// RMSNorm weights at 1, drawn from the config seed; spec §1.1), on the device of the
+    /// config's backend (`backend.kind`; the CPU unless that backend runs elsewhere).
     pub fn new(cfg: &ResolvedConfig) -> Result<Self> {
         Self::new_with(cfg, DType::F32, Device::Cpu)
     }
 
-    /// As [`MorModel::new`], with an explicit dtype (f64 is used by gradient checks) and
-    /// device.
-    pub fn new_with(cfg: &ResolvedConfig, dtype: DType, device: Device) -> Result<Self> {
+    /// As [`MorModel::new`], with an explicit dtype (f64 is used by gradient checks) and a
+    /// requested device. The backend is built for the request and has the last word: the
+    /// parameters, RoPE tables and router live on [`Backend::device`] (one source of truth;
+    /// e.g. the `cuda` backend given an `ordinal` picks its GPU whatever was requested).
+    pub fn new_with(cfg: &ResolvedConfig, dtype: DType, requested: Device) -> Result<Self> {
         let m = &cfg.model;
         let backend = mor_kernels::build_backend(
             &cfg.backend.kind,
             &cfg.backend.params,
-            &BackendCtx::new(device.clone()).with_precision(cfg.train.precision),
+            &BackendCtx::new(requested).with_precision(cfg.train.precision),
         )?;
+        let device = backend.device().clone();
         let kv = mor_kvcache::build_kv_policy(
             &cfg.kv.kind,
             &cfg.kv.params,

@@ -49,11 +49,14 @@ enum Command {
     GpuCheck(gpu_check::Args),
     /// Generate text from a trained run, streaming tokens (optionally with their depths).
     Generate(generate::Args),
-    /// Run a benchmark (`infer`: inference throughput and KV memory, spec §5).
+    /// Run a benchmark (`infer`: decode throughput and KV memory, spec §5; `train`: training
+    /// step time, tokens/s and peak memory per model).
     Bench(bench::Args),
-    /// Import a Hugging Face Llama-family folder as a vanilla mor run folder.
+    /// Import a Hugging Face Llama-family folder (`--hf`) or a checkpoint in the official MoR
+    /// layout (`--official`) as a mor run folder.
     Import(import::Args),
-    /// Export a vanilla run as a Hugging Face Llama folder (`--format hf`).
+    /// Export a run as a Hugging Face Llama folder (`--format hf`, vanilla models) or in the
+    /// official MoR checkpoint layout (`--format official`).
     Export(export::Args),
 }
 

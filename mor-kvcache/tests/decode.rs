@@ -689,3 +689,6 @@ fn vanilla_is_a_plain_per_layer_cache() {
     assert_eq!(c.tokens_stored(), 15);
     assert_eq!(c.bytes_used(), 3 * 3 * c.block_bytes());
 }
+
+#[path = "decode_tiers.rs"]
+mod tiers;

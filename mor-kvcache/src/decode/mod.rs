@@ -33,7 +33,7 @@ mod view;
 
 pub use paged::PagedCache;
 pub use pool::{BlockPool, Page};
-pub use view::{attend, attend_into, DenseKv, KvIter, KvToken, KvView};
+pub use view::{attend, attend_into, attend_into_tier, DenseKv, KvIter, KvToken, KvView};
 
 /// What a decode cache is built for.
 #[derive(Debug, Clone, PartialEq, Eq)]

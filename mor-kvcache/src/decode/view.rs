@@ -3,6 +3,7 @@
 use super::{BlockPool, Page};
 use crate::{Error, Result, StepKv};
 use candle_core::{Device, Tensor};
+use mor_kernels::cpu::isa::{detected, tier, Tier};
 
 const ATTEND: &str = "attend";
 
@@ -225,6 +226,46 @@ pub fn attend_into(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    check_shapes(view, q, hq, out)?;
+    attend_checked(view, q, q_pos, hq, scale, out, tier());
+    Ok(())
+}
+
+/// [`attend_into`] at instruction-set tier `tier` instead of the one chosen at run time
+/// ([`mor_kernels::cpu::isa::tier`], lowered by `MOR_CPU_TIER`), so that one process can
+/// compare the versions.
+///
+/// The tiers agree to float rounding, not bit for bit: [`Tier::Portable`] and
+/// [`Tier::Avx2`] run the same loop (multiply then add, libm `exp`) and give identical
+/// results; [`Tier::Avx512`] and above (when `dh` is a multiple of 16) fuse the multiply-adds
+/// and use a polynomial `exp` (relative error about `2e-7`), so their outputs differ from the
+/// lower tiers by a few ulp of the weights (`|Δ| ≤ 1e-5 · (1 + |out|)` in the tests). Within
+/// one tier the result depends only on the query and the view (batch-invariant).
+///
+/// # Errors
+/// As [`attend_into`], and [`Error::Invalid`] when this CPU does not support `tier`.
+pub fn attend_into_tier(
+    view: &KvView<'_>,
+    q: &[f32],
+    q_pos: u32,
+    hq: usize,
+    scale: f32,
+    out: &mut [f32],
+    tier: Tier,
+) -> Result<()> {
+    if tier > detected() {
+        return Err(invalid(format!(
+            "tier {tier} is above what this CPU supports ({})",
+            detected()
+        )));
+    }
+    check_shapes(view, q, hq, out)?;
+    attend_checked(view, q, q_pos, hq, scale, out, tier);
+    Ok(())
+}
+
+/// Validates the head counts and the lengths of `q` and `out`.
+fn check_shapes(view: &KvView<'_>, q: &[f32], hq: usize, out: &[f32]) -> Result<()> {
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
     if hq == 0 || !hq.is_multiple_of(hkv) {
         return Err(invalid(format!(
@@ -238,15 +279,35 @@ pub fn attend_into(
             out.len()
         )));
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of
-        // `attend_avx2`.
-        unsafe { attend_avx2(view, q, q_pos, hq, scale, out) };
-        return Ok(());
-    }
-    attend_kernel(view, q, q_pos, hq, scale, out);
     Ok(())
+}
+
+/// Runs the version of `tier` on validated shapes (`tier` at most [`detected`]).
+fn attend_checked(
+    view: &KvView<'_>,
+    q: &[f32],
+    q_pos: u32,
+    hq: usize,
+    scale: f32,
+    out: &mut [f32],
+    tier: Tier,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if tier >= Tier::Avx512 && view.head_dim.is_multiple_of(16) {
+            // SAFETY: `tier` is at most the detected tier, and Tier::Avx512 implies AVX-512
+            // F/BW/DQ/VL, AVX2 and FMA; `dh` is a multiple of 16 as `attend_avx512` needs.
+            unsafe { attend_avx512(view, q, q_pos, hq, scale, out) };
+            return;
+        }
+        if tier >= Tier::Avx2 {
+            // SAFETY: Tier::Avx2 (or above) implies the CPU supports AVX2.
+            unsafe { attend_avx2(view, q, q_pos, hq, scale, out) };
+            return;
+        }
+    }
+    let _ = tier;
+    attend_kernel(view, q, q_pos, hq, scale, out);
 }
 
 /// [`attend_kernel`] compiled with AVX2 enabled (8-wide vectors for the dot products and
@@ -272,7 +333,6 @@ unsafe fn attend_avx2(
 fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32, out: &mut [f32]) {
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
     let group = hq / hkv;
-    let row = hkv * dh;
     let pool = view.pool;
     let bt = pool.block_tokens();
     out.fill(0.0);
@@ -293,18 +353,15 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
         if n == 0 {
             break;
         }
-        rows.clear();
-        for t in 0..n {
-            match (next_overlay, view.overlay) {
-                (Some(op), Some(ov)) if op == pos[t] => {
-                    let (_, k, v) = pool.token(ov, o);
-                    o += 1;
-                    next_overlay = (o < ov.len()).then(|| pool.pos_at(ov, o));
-                    rows.push((k, v));
-                }
-                _ => rows.push((&ks[t * row..(t + 1) * row], &vs[t * row..(t + 1) * row])),
-            }
-        }
+        collect_rows(
+            view,
+            &pos[..n],
+            ks,
+            vs,
+            &mut o,
+            &mut next_overlay,
+            &mut rows,
+        );
         // Scores and the block maximum per head.
         for (t, (k, _)) in rows.iter().enumerate() {
             let st = &mut scores[t * hq..(t + 1) * hq];
@@ -348,6 +405,196 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
             acc.fill(0.0);
         }
     }
+}
+
+/// The K and V rows of the visible tokens `pos` of one base block (`ks`, `vs`), with the
+/// overlay entries (cursor `o`, next overlay position `next_overlay`) shown in place of the
+/// base entries at the same positions.
+#[inline(always)]
+fn collect_rows<'a>(
+    view: &KvView<'a>,
+    pos: &[u32],
+    ks: &'a [f32],
+    vs: &'a [f32],
+    o: &mut usize,
+    next_overlay: &mut Option<u32>,
+    rows: &mut Vec<(&'a [f32], &'a [f32])>,
+) {
+    let pool = view.pool;
+    let row = view.num_kv_heads * view.head_dim;
+    rows.clear();
+    for (t, &p) in pos.iter().enumerate() {
+        match (*next_overlay, view.overlay) {
+            (Some(op), Some(ov)) if op == p => {
+                let (_, k, v) = pool.token(ov, *o);
+                *o += 1;
+                *next_overlay = (*o < ov.len()).then(|| pool.pos_at(ov, *o));
+                rows.push((k, v));
+            }
+            _ => rows.push((&ks[t * row..(t + 1) * row], &vs[t * row..(t + 1) * row])),
+        }
+    }
+}
+
+/// The AVX-512 version of [`attend_kernel`] for `dh` a multiple of 16: 16-wide fused
+/// multiply-adds for the scores and the weighted values (each output chunk stays in a
+/// register across the tokens of a block), and a vectorised `exp` over each head's block
+/// scores. Same block order and online-softmax rescaling as [`attend_kernel`].
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/DQ/VL, AVX2 and FMA, and `view.head_dim` must be a
+/// multiple of 16; shapes as validated by [`check_shapes`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn attend_avx512(
+    view: &KvView<'_>,
+    q: &[f32],
+    q_pos: u32,
+    hq: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (hkv, dh) = (view.num_kv_heads, view.head_dim);
+    let group = hq / hkv;
+    let nc = dh / 16;
+    let pool = view.pool;
+    let bt = pool.block_tokens();
+    // Per-head score rows padded to whole vectors: scores[i * bs + t].
+    let bs = bt.div_ceil(16) * 16;
+    out.fill(0.0);
+    let mut max = vec![f32::NEG_INFINITY; hq];
+    let mut sum = vec![0f32; hq];
+    let mut scores = vec![0f32; hq * bs];
+    let mut rows: Vec<(&[f32], &[f32])> = Vec::with_capacity(bt);
+    let mut o = 0usize;
+    let mut next_overlay = view
+        .overlay
+        .and_then(|ov| (!ov.is_empty()).then(|| pool.pos_at(ov, 0)));
+    for b in 0..view.base.blocks().len() {
+        let (pos, ks, vs) = pool.block(view.base, b);
+        let n = pos.iter().take_while(|&&p| p <= q_pos).count();
+        if n == 0 {
+            break;
+        }
+        collect_rows(
+            view,
+            &pos[..n],
+            ks,
+            vs,
+            &mut o,
+            &mut next_overlay,
+            &mut rows,
+        );
+        // Scores: q_i · k_t for every query head of the group of kv head g.
+        for (t, (k, _)) in rows.iter().enumerate() {
+            for g in 0..hkv {
+                let kh = &k[g * dh..(g + 1) * dh];
+                for i in g * group..(g + 1) * group {
+                    let qi = &q[i * dh..(i + 1) * dh];
+                    let mut acc = _mm512_setzero_ps();
+                    for c in 0..nc {
+                        // SAFETY: c·16 + 16 <= dh = qi.len() = kh.len().
+                        let (a, kk) = unsafe {
+                            (
+                                _mm512_loadu_ps(qi.as_ptr().add(c * 16)),
+                                _mm512_loadu_ps(kh.as_ptr().add(c * 16)),
+                            )
+                        };
+                        acc = _mm512_fmadd_ps(a, kk, acc);
+                    }
+                    scores[i * bs + t] = _mm512_reduce_add_ps(acc) * scale;
+                }
+            }
+        }
+        for i in 0..hq {
+            let g = i / group;
+            let s = &mut scores[i * bs..(i + 1) * bs];
+            let m = s[..n].iter().fold(max[i], |m, &x| m.max(x));
+            let acc = &mut out[i * dh..(i + 1) * dh];
+            if m > max[i] {
+                let c = (max[i] - m).exp();
+                sum[i] *= c;
+                acc.iter_mut().for_each(|a| *a *= c);
+                max[i] = m;
+            }
+            // Weights exp(s - max) over whole vectors (the padding lanes are not used).
+            let mv = _mm512_set1_ps(max[i]);
+            for ch in s.chunks_exact_mut(16).take(n.div_ceil(16)) {
+                // SAFETY: `ch` holds 16 floats.
+                unsafe {
+                    let x = _mm512_loadu_ps(ch.as_ptr());
+                    _mm512_storeu_ps(ch.as_mut_ptr(), exp512(_mm512_sub_ps(x, mv)));
+                }
+            }
+            sum[i] += s[..n].iter().sum::<f32>();
+            for c in 0..nc {
+                // SAFETY: c·16 + 16 <= dh = acc.len(), and every V row holds hkv·dh floats.
+                unsafe {
+                    let ap = acc.as_mut_ptr().add(c * 16);
+                    let mut a = _mm512_loadu_ps(ap);
+                    for (t, (_, v)) in rows.iter().enumerate() {
+                        let vv = _mm512_loadu_ps(v.as_ptr().add(g * dh + c * 16));
+                        a = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), vv, a);
+                    }
+                    _mm512_storeu_ps(ap, a);
+                }
+            }
+        }
+        if n < pos.len() {
+            break;
+        }
+    }
+    for i in 0..hq {
+        let acc = &mut out[i * dh..(i + 1) * dh];
+        if sum[i] > 0.0 {
+            let inv = 1.0 / sum[i];
+            acc.iter_mut().for_each(|a| *a *= inv);
+        } else {
+            acc.fill(0.0);
+        }
+    }
+}
+
+/// 16-lane `expf` (Cephes: range reduction by `ln 2`, degree-6 polynomial; inputs clamped to
+/// `[-87, 88]`, a NaN lane becomes `exp(-87)`), relative error about `2e-7`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let xc = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let shift = _mm512_set1_ps(12_582_912.0); // 1.5 · 2^23: adding it rounds to an integer.
+    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), shift);
+    let n = _mm512_sub_ps(t, shift);
+    let r = _mm512_fmadd_ps(
+        n,
+        _mm512_set1_ps(2.121_944_4e-4),
+        _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), xc),
+    );
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_2e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let y = _mm512_fmadd_ps(
+        p,
+        _mm512_mul_ps(r, r),
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
+    // 2^n from the integer in the low mantissa bits of t.
+    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000)),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(e))
 }
 
 /// `y += a · x`.

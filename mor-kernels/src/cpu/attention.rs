@@ -13,14 +13,18 @@
 //! Work is split by (batch, key/value head): each task packs its keys and values once (in
 //! visibility order), runs the query heads of its group, and owns the key and value
 //! gradients it accumulates, so no two threads write the same row. The products of a block
-//! are single-threaded `gemm` calls with strided operands (transposes are views).
+//! are single-threaded `gemm` calls with strided operands (transposes are views). When they
+//! run on the own packed kernels (f32 operands at the AVX-512 tier, every bf16 product), the
+//! task also packs `Kᵀ`, `V` (and for the backward pass `Vᵀ`, `K`) once into the kernels'
+//! panels (bf16 pairs or f32), and every query block multiplies against a leading block of
+//! them instead of packing its keys and values again.
 //!
 //! Per block, with the scores scaled by `1/sqrt(dh)` (spec §1.1): forward `S = Q Kᵀ`,
 //! `P = softmax(S)`, `O = P V`; backward `P = exp(S − lse)`, `dP = dO Vᵀ`,
 //! `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K / sqrt(dh)`, `dK += dSᵀ Q`, `dV += Pᵀ dO`.
 
-use super::block::{matmul_scaled, Mat};
-use super::gemm::Prec;
+use super::block::{as_f32, matmul_scaled, Mat};
+use super::gemm::{gemm_packed_b, Kernel, PackedB, Prec};
 use super::simd::{dot, exp_shift_sum, max, multiversion, Float};
 use super::{bail_dtype, fwd_slice, with_slices, PAR_MIN_WORK};
 use crate::validate::AttnDims;
@@ -93,6 +97,10 @@ pub(crate) struct AttentionOp {
     pub(crate) vis: Visibility,
     /// Precision of the products (`QKᵀ`, `PV` and their backward).
     pub(crate) prec: Prec,
+    /// Whether each (batch, key/value head) packs its keys and values once as product
+    /// operands for all its query blocks (otherwise every block product packs them again;
+    /// the results are the same bit for bit).
+    pub(crate) prepack: bool,
     /// Log-sum-exp of the scaled scores of each query row `[b, hq, t]`, from the forward pass.
     lse: OnceLock<CpuStorage>,
 }
@@ -108,6 +116,7 @@ impl AttentionOp {
             dh: d.dh,
             vis: Visibility::new(d),
             prec: Prec::F32,
+            prepack: true,
             lse: OnceLock::new(),
         }
     }
@@ -173,7 +182,8 @@ impl AttentionOp {
                         self.vis.keys(bi, s),
                         dh,
                         self.prec,
-                    );
+                        (self.prepack, false),
+                    )?;
                     let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
                     group_fwd(
                         &q[bk * gq..(bk + 1) * gq],
@@ -249,7 +259,8 @@ impl AttentionOp {
                     keys,
                     dh,
                     self.prec,
-                );
+                    (self.prepack, true),
+                )?;
                 let n_vis = &self.vis.n_vis[bi * t..(bi + 1) * t];
                 let r = bk * gq..(bk + 1) * gq;
                 let io = GroupIo {
@@ -273,18 +284,36 @@ impl AttentionOp {
 }
 
 /// The keys and values of one (batch, key/value head), packed in visibility order:
-/// `kp`, `vp: [n, dh]` row-major.
+/// `kp`, `vp: [n, dh]` row-major; for the own packed kernels (f32 operands), also packed
+/// once as the right operands of the block products, which every block of queries reuses.
 struct Packed<T> {
     n: usize,
     kp: Vec<T>,
     vp: Vec<T>,
     /// Precision of the products against these keys.
     prec: Prec,
+    /// `Kᵀ` (`dh × n`), right operand of `S = Q Kᵀ`.
+    kt: Option<PackedB>,
+    /// `V` (`n × dh`), right operand of `O = P V`.
+    vn: Option<PackedB>,
+    /// `Vᵀ` (`dh × n`), right operand of `dP = dO Vᵀ` (backward only).
+    vt: Option<PackedB>,
+    /// `K` (`n × dh`), right operand of `dQ = dS K` (backward only).
+    kn: Option<PackedB>,
 }
 
 impl<T: Float> Packed<T> {
-    /// Packs `keys` (indices into the rows of `k` and `v`, `[s, dh]` each).
-    fn new(k: &[T], v: &[T], keys: &[u32], dh: usize, prec: Prec) -> Self {
+    /// Packs `keys` (indices into the rows of `k` and `v`, `[s, dh]` each); with `prepack`,
+    /// also the product operands the forward pass (and with `backward`, the backward pass)
+    /// needs, when the products run on the own packed kernels.
+    fn new(
+        k: &[T],
+        v: &[T],
+        keys: &[u32],
+        dh: usize,
+        prec: Prec,
+        (prepack, backward): (bool, bool),
+    ) -> candle_core::Result<Self> {
         let n = keys.len();
         let mut kp = Vec::with_capacity(n * dh);
         let mut vp = Vec::with_capacity(n * dh);
@@ -293,8 +322,90 @@ impl<T: Float> Packed<T> {
             kp.extend_from_slice(&k[r.clone()]);
             vp.extend_from_slice(&v[r]);
         }
-        Packed { n, kp, vp, prec }
+        let mut p = Packed {
+            n,
+            kp,
+            vp,
+            prec,
+            kt: None,
+            vn: None,
+            vt: None,
+            kn: None,
+        };
+        let kernel = Kernel::for_prec(prec);
+        if let (true, Some(kern), Some(kf), Some(vf)) = (
+            prepack && n > 0 && dh > 0,
+            kernel,
+            as_f32(Mat::rows(&p.kp, dh)),
+            as_f32(Mat::rows(&p.vp, dh)),
+        ) {
+            let pack = |m: Mat<'_, f32>, kk, nn| {
+                PackedB::new(kern, m, kk, nn).map_err(candle_core::Error::Msg)
+            };
+            let (kt_m, vt_m) = (
+                Mat {
+                    rs: 1,
+                    cs: dh,
+                    ..kf
+                },
+                Mat {
+                    rs: 1,
+                    cs: dh,
+                    ..vf
+                },
+            );
+            p.kt = Some(pack(kt_m, dh, n)?);
+            p.vn = Some(pack(vf, n, dh)?);
+            if backward {
+                p.vt = Some(pack(vt_m, dh, n)?);
+                p.kn = Some(pack(kf, n, dh)?);
+            }
+        }
+        Ok(p)
     }
+}
+
+/// `dst (+)= scale · a · b` for `a: m × k`, `b: k × n` (as [`matmul_scaled`] on one
+/// thread), with `b` taken from its packing `pb` when there is one (f32 operands only).
+#[allow(clippy::too_many_arguments)]
+fn prod<T: Float>(
+    prec: Prec,
+    (m, n, k): (usize, usize, usize),
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    pb: Option<&PackedB>,
+    (dst, dst_rs): (&mut [T], usize),
+    accumulate: bool,
+    scale: T,
+) -> candle_core::Result<()> {
+    if let (Some(pb), Some(a32)) = (pb, as_f32(a)) {
+        let dst_fits = m == 0
+            || n == 0
+            || (dst_rs >= n
+                && (m - 1)
+                    .checked_mul(dst_rs)
+                    .and_then(|x| x.checked_add(n))
+                    .is_some_and(|e| e <= dst.len()));
+        if !(a32.fits(m, k) && dst_fits && k <= pb.k() && n <= pb.n()) {
+            candle_core::bail!("mor attention: operands too short for {m}×{k} · {k}×{n}");
+        }
+        debug_assert_eq!(Some(pb.kernel()), Kernel::for_prec(prec));
+        // SAFETY: bounds checked above; `T` is f32 (checked by `as_f32`); `dst` is borrowed
+        // mutably, so it aliases neither operand; the packing's kernel was chosen for this
+        // CPU's tier.
+        unsafe {
+            gemm_packed_b(
+                (m, n, k),
+                (dst.as_mut_ptr().cast::<f32>(), dst_rs),
+                accumulate,
+                a32,
+                pb,
+                scale.to_f64() as f32,
+            )
+        };
+        return Ok(());
+    }
+    matmul_scaled(prec, (m, n, k), a, b, (dst, dst_rs), accumulate, (scale, 1))
 }
 
 /// Query rows per block: the scores of one block, `[QB, n]`, are one product, and the block
@@ -339,14 +450,15 @@ fn group_fwd_impl<T: Float, const FMA: bool>(
                 continue; // zeros, lse -inf
             }
             // S = scale · Q Kᵀ over the first nmax packed keys.
-            matmul_scaled(
+            prod(
                 p.prec,
                 (rows, nmax, dh),
                 Mat::rows(&q[base * dh..], dh),
                 Mat::rows_t(&p.kp, dh),
+                p.kt.as_ref(),
                 (&mut sc, ld),
                 false,
-                (scale, 1),
+                scale,
             )?;
             // P = softmax over each row's visible prefix, zero past it.
             for r in 0..rows {
@@ -364,14 +476,15 @@ fn group_fwd_impl<T: Float, const FMA: bool>(
                 row[n..].fill(T::ZERO);
             }
             // O = P V.
-            matmul_scaled(
+            prod(
                 p.prec,
                 (rows, dh, nmax),
                 Mat::rows(&sc, ld),
                 Mat::rows(&p.vp, dh),
+                p.vn.as_ref(),
                 (&mut o[base * dh..], dh),
                 false,
-                (T::ONE, 1),
+                T::ONE,
             )?;
         }
     }
@@ -423,23 +536,25 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
             }
             let (qb, gb) = (&io.q[base * dh..], &io.g[base * dh..]);
             // P = exp(S − lse), recomputed; dP = dO Vᵀ.
-            matmul_scaled(
+            prod(
                 p.prec,
                 (rows, nmax, dh),
                 Mat::rows(qb, dh),
                 Mat::rows_t(&p.kp, dh),
+                p.kt.as_ref(),
                 (&mut pm, ld),
                 false,
-                (scale, 1),
+                scale,
             )?;
-            matmul_scaled(
+            prod(
                 p.prec,
                 (rows, nmax, dh),
                 Mat::rows(gb, dh),
                 Mat::rows_t(&p.vp, dh),
+                p.vt.as_ref(),
                 (&mut dp, ld),
                 false,
-                (T::ONE, 1),
+                T::ONE,
             )?;
             for r in 0..rows {
                 let n_r = n_vis[i_first + r] as usize;
@@ -463,14 +578,15 @@ fn group_bwd_impl<T: Float, const FMA: bool>(
                 dprow[n_r..].fill(T::ZERO);
             }
             // dQ = scale · dS K; dK += scale · dSᵀ Q; dV += Pᵀ dO.
-            matmul_scaled(
+            prod(
                 p.prec,
                 (rows, dh, nmax),
                 Mat::rows(&dp, ld),
                 Mat::rows(&p.kp, dh),
+                p.kn.as_ref(),
                 (&mut dq[base * dh..], dh),
                 false,
-                (scale, 1),
+                scale,
             )?;
             matmul_scaled(
                 p.prec,
@@ -544,5 +660,71 @@ impl CustomOp3 for AttentionOp {
             k.track_op().then_some(dk),
             v.track_op().then_some(dv),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in `[-1, 1)`.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Packing the keys and values once per (batch, key/value head) for all query blocks
+    /// gives the same output, log-sum-exp and gradients, bit for bit, as packing them for
+    /// every block product, in both precisions: several query blocks, a partial last
+    /// block, an odd number of visible keys (bf16 pairs), padded keys and queries, GQA.
+    #[test]
+    fn packing_once_equals_packing_per_block() {
+        let (b, hq, hkv, t, s, dh) = (2, 4, 2, 150, 150, 40);
+        let mut q_pos: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
+        let mut k_pos = q_pos.clone();
+        q_pos[3] = PAD_POS;
+        k_pos[7] = PAD_POS;
+        k_pos[t + 20] = PAD_POS;
+        k_pos.swap(10, 11);
+        let d = AttnDims {
+            b,
+            hq,
+            hkv,
+            t,
+            s,
+            dh,
+            q_pos,
+            k_pos,
+        };
+        let q = values(b * hq * t * dh, 1);
+        let k = values(b * hkv * s * dh, 2);
+        let v = values(b * hkv * s * dh, 3);
+        let g = values(b * hq * t * dh, 4);
+        for prec in [Prec::F32, Prec::Bf16] {
+            let mut runs = Vec::new();
+            for prepack in [false, true] {
+                let mut op = AttentionOp::new(&d).with_prec(prec);
+                op.prepack = prepack;
+                let (o, lse) = op.fwd_slices(&q, &k, &v).unwrap();
+                let (dq, dk, dv) = op.bwd_slices(&q, &k, &v, &o, &g, &lse).unwrap();
+                runs.push([o, lse, dq, dk, dv]);
+            }
+            for (name, (x, y)) in ["o", "lse", "dq", "dk", "dv"]
+                .iter()
+                .zip(runs[0].iter().zip(runs[1].iter()))
+            {
+                assert!(x.iter().any(|&e| e != 0.0), "{prec:?} {name}: all zero");
+                let xb: Vec<u32> = x.iter().map(|e| e.to_bits()).collect();
+                let yb: Vec<u32> = y.iter().map(|e| e.to_bits()).collect();
+                assert_eq!(xb, yb, "{prec:?} {name}");
+            }
+        }
     }
 }

@@ -78,7 +78,7 @@ impl<'a, T> Mat<'a, T> {
 }
 
 /// The same view with f32 elements, when `T` is f32.
-fn as_f32<T: Float>(m: Mat<'_, T>) -> Option<Mat<'_, f32>> {
+pub(crate) fn as_f32<T: Float>(m: Mat<'_, T>) -> Option<Mat<'_, f32>> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| Mat {
         // SAFETY: `T` is f32 (same type, checked above), so the slice is reinterpreted as
         // itself.

@@ -16,6 +16,10 @@
 //!   for CPUs without AVX512_BF16.
 //!
 //! The f32 products below the AVX-512 tier stay on the `gemm` crate (see `block.rs`).
+//!
+//! A right operand used by many products can be packed once ([`PackedB`]) and multiplied
+//! with [`gemm_packed_b`], also against a leading block of its columns and depths (the
+//! attention's query blocks against the keys they see).
 
 use super::block::Mat;
 use super::isa::{self, Tier};
@@ -378,26 +382,181 @@ pub(crate) unsafe fn gemm(
                         // SAFETY: the packed tiles hold `kd · MR` and `kd · NR` elements from
                         // `ao` and `bo`; the tile's rows and columns lie inside `dst`; the
                         // kernel's tier is available (caller's contract).
-                        unsafe {
-                            match kernel {
-                                #[cfg(target_arch = "x86_64")]
-                                Kernel::F32Avx512 => x86::f32_tile(kd, &ap[ao..], &bp[bo..], &tile),
-                                #[cfg(target_arch = "x86_64")]
-                                Kernel::Bf16Avx512 => {
-                                    x86::bf16_tile(kd, &ap[ao..], &bp[bo..], &tile)
-                                }
-                                #[cfg(not(target_arch = "x86_64"))]
-                                Kernel::F32Avx512 | Kernel::Bf16Avx512 => {
-                                    unreachable!("AVX-512 kernels exist on x86_64 only")
-                                }
-                                Kernel::Bf16Portable => {
-                                    bf16_tile_portable(kd, &ap[ao..], &bp[bo..], &tile)
-                                }
-                            }
-                        }
+                        unsafe { run_tile(kernel, kd, &ap[ao..], &bp[bo..], &tile) };
                     }
                 }
             }
+        }
+    });
+}
+
+/// One microkernel tile of `kernel` over `kd` packed depths (or pairs).
+///
+/// # Safety
+/// `a`, `b` hold `kd · MR`, `kd · NR` packed elements; the tile is valid memory;
+/// `kernel.tier() <= isa::detected()`.
+#[inline(always)]
+unsafe fn run_tile(kernel: Kernel, kd: usize, a: &[u32], b: &[u32], tile: &Tile) {
+    // SAFETY: caller's contract.
+    unsafe {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::F32Avx512 => x86::f32_tile(kd, a, b, tile),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Avx512 => x86::bf16_tile(kd, a, b, tile),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::F32Avx512 | Kernel::Bf16Avx512 => {
+                unreachable!("AVX-512 kernels exist on x86_64 only")
+            }
+            Kernel::Bf16Portable => bf16_tile_portable(kd, a, b, tile),
+        }
+    }
+}
+
+/// The right operand `b: k × n` of a product, packed once for `kernel` so that several
+/// products against a leading block of it (the first `n' <= n` columns and the first
+/// `k' <= k` depths) reuse the packing: panels of [`NR`] columns per depth block of [`KC`],
+/// each panel holding the block's full depth, so a shorter depth reads a prefix of it.
+#[derive(Debug)]
+pub(crate) struct PackedB {
+    kernel: Kernel,
+    k: usize,
+    n: usize,
+    data: Vec<u32>,
+}
+
+impl PackedB {
+    /// Packs `b: k × n` for `kernel`.
+    ///
+    /// # Errors
+    /// When `b` does not hold every element of its `k × n` view.
+    pub(crate) fn new(kernel: Kernel, b: Mat<'_, f32>, k: usize, n: usize) -> Result<Self, String> {
+        if !b.fits(k, n) {
+            return Err(format!("packed operand too short for {k}×{n}"));
+        }
+        let mut data = Vec::new();
+        let mut part = Vec::new();
+        if n > 0 {
+            for k0 in (0..k).step_by(KC) {
+                let src = Src {
+                    data: b.data,
+                    sx: b.cs,
+                    sk: b.rs,
+                    nx: n,
+                    k0,
+                    kc: KC.min(k - k0),
+                };
+                if kernel.is_bf16() {
+                    pack::<true>(src, NR, &mut part);
+                } else {
+                    pack::<false>(src, NR, &mut part);
+                }
+                data.extend_from_slice(&part);
+            }
+        }
+        Ok(PackedB { kernel, k, n, data })
+    }
+
+    /// The kernel the operand is packed for.
+    pub(crate) fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Depth of the packed operand.
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the packed operand.
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Packed depths (or pairs) of the depth block starting at `k0`.
+    fn kd(&self, k0: usize) -> usize {
+        let kc = KC.min(self.k - k0);
+        if self.kernel.is_bf16() {
+            kc.div_ceil(2)
+        } else {
+            kc
+        }
+    }
+}
+
+/// `dst (+)= scale · a · b[..k, ..n]` on the calling thread, with `b` packed by
+/// [`PackedB::new`]. Equal, bit for bit, to [`gemm`] on the same operands: the tile sums
+/// run over the same depths in the same order (the zero padding of `a` past depth `k`
+/// meets packed values of `b` instead of zeros, which adds exact zeros for finite `b`).
+///
+/// # Safety
+/// `a` must hold every element of its `m × k` view, `dst` must be valid for reads and
+/// writes of `m` rows of `n` elements spaced `dst_rs >= n` apart and must not alias `a`;
+/// `k <= b.k`, `n <= b.n`; `b.kernel.tier() <= isa::detected()`.
+pub(crate) unsafe fn gemm_packed_b(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    a: Mat<'_, f32>,
+    b: &PackedB,
+    scale: f32,
+) {
+    debug_assert!(k <= b.k && n <= b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                // SAFETY: row `r` of `dst` is valid for `n` writes (caller's contract).
+                unsafe { std::ptr::write_bytes(dst.add(r * dst_rs), 0, n) };
+            }
+        }
+        return;
+    }
+    let kernel = b.kernel;
+    let panels = b.n.div_ceil(NR);
+    PACK.with_borrow_mut(|(ap, _)| {
+        let mut block_off = 0;
+        for k0 in (0..b.k).step_by(KC) {
+            let kd_full = b.kd(k0);
+            if k0 < k {
+                let kc = KC.min(k - k0);
+                let asrc = Src {
+                    data: a.data,
+                    sx: a.rs,
+                    sk: a.cs,
+                    nx: m,
+                    k0,
+                    kc,
+                };
+                let kd = if kernel.is_bf16() {
+                    pack::<true>(asrc, MR, ap);
+                    kc.div_ceil(2)
+                } else {
+                    pack::<false>(asrc, MR, ap);
+                    kc
+                };
+                let add = accumulate || k0 > 0;
+                for j in 0..n.div_ceil(NR) {
+                    let bo = block_off + j * kd_full * NR;
+                    for t in 0..m.div_ceil(MR) {
+                        let tile = Tile {
+                            // SAFETY: in bounds of `dst` (row `t·MR < m`, column `j·NR < n`).
+                            ptr: unsafe { dst.add(t * MR * dst_rs + j * NR) },
+                            rs: dst_rs,
+                            rows: MR.min(m - t * MR),
+                            cols: NR.min(n - j * NR),
+                            add,
+                            scale,
+                        };
+                        // SAFETY: the packed tile of `a` holds `kd · MR` elements from
+                        // `t·kd·MR`; panel `j` of the block holds `kd_full >= kd` rows of
+                        // `NR`; the tile lies inside `dst`; the tier is available.
+                        unsafe { run_tile(kernel, kd, &ap[t * kd * MR..], &b.data[bo..], &tile) };
+                    }
+                }
+            }
+            block_off += panels * kd_full * NR;
         }
     });
 }
@@ -625,6 +784,64 @@ pub fn matmul_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A product against a leading block of a prepacked operand (fewer columns, fewer
+    /// depths, odd depths, several depth blocks) equals, bit for bit, the product that
+    /// packs that block itself, for every kernel this CPU runs.
+    #[test]
+    fn prepacked_operand_equals_packing_per_product() {
+        let (kb, nb) = (KC + 45, 70);
+        let val = |i: usize, s: usize| ((i * s + 7) % 23) as f32 / 11.0 - 1.0 + i as f32 * 1e-4;
+        let bdata: Vec<f32> = (0..kb * nb).map(|i| val(i, 5)).collect();
+        for kernel in Kernel::available() {
+            for (b, what) in [
+                (Mat::rows(&bdata, nb), "rows"),
+                (Mat::rows_t(&bdata, kb), "transposed"),
+            ] {
+                let pb = PackedB::new(kernel, b, kb, nb).unwrap();
+                for (m, n, k) in [
+                    (13, 70, kb),
+                    (5, 33, 63),
+                    (25, 1, KC),
+                    (12, 32, KC + 1),
+                    (3, 64, 1),
+                ] {
+                    let adata: Vec<f32> = (0..m * k).map(|i| val(i, 3)).collect();
+                    let a = Mat::rows(&adata, k);
+                    let mut want = vec![0.5f32; m * n];
+                    let mut got = want.clone();
+                    for accumulate in [false, true] {
+                        // SAFETY: the operands hold their views; `dst` is `m × n`; the kernel
+                        // is available.
+                        unsafe {
+                            gemm(
+                                kernel,
+                                (m, n, k),
+                                (want.as_mut_ptr(), n),
+                                accumulate,
+                                a,
+                                b,
+                                0.75,
+                            );
+                            gemm_packed_b(
+                                (m, n, k),
+                                (got.as_mut_ptr(), n),
+                                accumulate,
+                                a,
+                                &pb,
+                                0.75,
+                            );
+                        }
+                        let (wb, gb): (Vec<u32>, Vec<u32>) = (
+                            want.iter().map(|x| x.to_bits()).collect(),
+                            got.iter().map(|x| x.to_bits()).collect(),
+                        );
+                        assert_eq!(wb, gb, "{kernel:?} {what} {m}x{n}x{k} acc {accumulate}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The branch-free rounding of the packing loops equals [`bf16_bits`] on every class of
     /// input: a sweep of bit patterns (normals, subnormals, infinities, NaNs, both signs).

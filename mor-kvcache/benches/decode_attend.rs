@@ -1,14 +1,15 @@
 //! Decode attention over the paged KV cache at the `bench infer` vanilla-32 shape (32
 //! layers, 4 query heads over 2 KV heads of 64, blocks of 16 tokens), B = 32 requests with
 //! contexts of 256 to 380 tokens: one iteration is the attention of one decode step (every
-//! layer, every request), on each instruction-set tier this CPU runs. Single-threaded, as
+//! layer, every request), on each instruction-set tier this CPU runs, with the K/V pool in
+//! f32 and in bf16. Single-threaded, as
 //! the decode benchmark.
 //!
 //! `cargo bench -p mor-kvcache --bench decode_attend`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mor_kernels::cpu::isa::{detected, Tier};
-use mor_kvcache::decode::attend_into_tier;
+use mor_kvcache::decode::{attend_into_tier, KvPrecision};
 use mor_kvcache::{DecodeCache, DecodeCacheSpec, KvPolicy, RecursionWise};
 
 const LAYERS: usize = 32;
@@ -22,7 +23,7 @@ fn context(req: u64) -> u32 {
     256 + 4 * req as u32
 }
 
-fn filled() -> Box<dyn DecodeCache> {
+fn filled(precision: KvPrecision) -> Box<dyn DecodeCache> {
     let blocks = (0..BATCH)
         .map(|r| (context(r) as usize).div_ceil(BT))
         .sum::<usize>()
@@ -32,6 +33,7 @@ fn filled() -> Box<dyn DecodeCache> {
         .expect("one recursion")
         .new_decode_cache(&spec)
         .expect("a vanilla cache");
+    c.set_kv_precision(precision).expect("an empty cache");
     let row = HKV * DH;
     let mut x = 0x2545_f491u32;
     let mut next = move || {
@@ -54,7 +56,7 @@ fn filled() -> Box<dyn DecodeCache> {
 }
 
 fn bench(c: &mut Criterion) {
-    let cache = filled();
+    let caches = [KvPrecision::F32, KvPrecision::Bf16].map(|p| (p, filled(p)));
     let q: Vec<f32> = (0..HQ * DH)
         .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
         .collect();
@@ -66,19 +68,21 @@ fn bench(c: &mut Criterion) {
         if tier == Tier::Avx512Bf16 {
             continue; // Same attention kernel as Tier::Avx512.
         }
-        g.bench_function(BenchmarkId::new("f32", tier.name()), |b| {
-            let mut out = vec![0f32; HQ * DH];
-            b.iter(|| {
-                for slot in 0..LAYERS {
-                    for r in 0..BATCH {
-                        let view = cache.view(r, slot).expect("view");
-                        attend_into_tier(&view, &q, context(r), HQ, scale, &mut out, tier)
-                            .expect("attend");
+        for (precision, cache) in &caches {
+            g.bench_function(BenchmarkId::new(precision.name(), tier.name()), |b| {
+                let mut out = vec![0f32; HQ * DH];
+                b.iter(|| {
+                    for slot in 0..LAYERS {
+                        for r in 0..BATCH {
+                            let view = cache.view(r, slot).expect("view");
+                            attend_into_tier(&view, &q, context(r), HQ, scale, &mut out, tier)
+                                .expect("attend");
+                        }
                     }
-                }
-                out[0]
-            })
-        });
+                    out[0]
+                })
+            });
+        }
     }
     g.finish();
 }

@@ -7,7 +7,7 @@ use super::{expected_view, naive_attend, policy, run_token, spec, Naive, MODES};
 use crate::common::{plan, uniform_f32};
 use mor_core::rng::Rng;
 use mor_kernels::cpu::isa::{detected, Tier};
-use mor_kvcache::decode::attend_into_tier;
+use mor_kvcache::decode::{attend_into_tier, KvPrecision};
 use mor_kvcache::{DecodeCache, DecodeMode, Error};
 
 /// The tiers this CPU can run.
@@ -27,13 +27,31 @@ fn filled(
     seed: u64,
     other: bool,
 ) -> (Box<dyn DecodeCache>, Naive) {
+    filled_in(mode, hkv, dh, bt, tokens, seed, other, KvPrecision::F32)
+}
+
+/// [`filled`] with K/V stored in `precision`.
+#[allow(clippy::too_many_arguments)]
+fn filled_in(
+    mode: DecodeMode,
+    hkv: usize,
+    dh: usize,
+    bt: usize,
+    tokens: u32,
+    seed: u64,
+    other: bool,
+    precision: KvPrecision,
+) -> (Box<dyn DecodeCache>, Naive) {
     let p = plan(false, 2, 1, false); // (1,0), (2,0)
     let mut c = policy(mode, 2)
         .new_decode_cache(&spec(p.clone(), hkv, dh, bt, 256))
         .unwrap();
+    c.set_kv_precision(precision).unwrap();
+    assert_eq!(c.kv_precision(), precision);
     let (mut rng, mut rng2) = (Rng::new(seed), Rng::new(seed + 1000));
     let (mut naive, mut naive2) = (Naive::default(), Naive::default());
     c.start(1).unwrap();
+    is_invalid_r(c.set_kv_precision(KvPrecision::Bf16));
     if other {
         c.start(2).unwrap();
     }
@@ -139,5 +157,90 @@ fn tier_entry_point_refuses_bad_shapes() {
             matches!(r, Err(Error::Invalid { .. })) && msg.contains("avx512bf16"),
             "{msg}"
         );
+    }
+}
+
+fn is_invalid_r<T: std::fmt::Debug>(r: mor_kvcache::Result<T>) {
+    // Changing the precision of a cache that holds a request is refused, whatever the
+    // target (F32 on an f32 cache is a no-op and accepted).
+    if let Err(e) = &r {
+        assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+        assert!(e.to_string().contains("active"), "{e}");
+    }
+}
+
+#[test]
+fn bf16_kv_rounds_on_write_matches_f32_and_is_batch_invariant() {
+    let p = plan(false, 2, 1, false);
+    for (hkv, hq, dh, bt, tokens) in [(2, 4, 32, 16, 37), (2, 6, 5, 4, 23)] {
+        for mode in MODES {
+            let seed = 90 + mode as u64 + dh as u64;
+            let (f32c, naive) = filled(mode, hkv, dh, bt, tokens, seed, false);
+            let (alone, _) = filled_in(mode, hkv, dh, bt, tokens, seed, false, KvPrecision::Bf16);
+            let (shared, _) = filled_in(mode, hkv, dh, bt, tokens, seed, true, KvPrecision::Bf16);
+            // Half the bytes of the f32 pool, counted exactly.
+            assert_eq!(alone.block_bytes() * 2, f32c.block_bytes(), "{mode}");
+            assert_eq!(
+                alone.bytes_stored(),
+                alone.tokens_stored() * 2 * hkv * dh * 2
+            );
+            assert_eq!(alone.tokens_stored(), f32c.tokens_stored());
+            let scale = 1.0 / (dh as f32).sqrt();
+            let mut rng = Rng::new(seed + 3);
+            for slot in 0..2 {
+                let exact = expected_view(mode, &p, &naive, 1, slot);
+                let view = alone.view(1, slot).unwrap();
+                // Each stored element is its f32 value rounded to bf16: 8 significant bits
+                // (low 16 bits zero), within half a bf16 ulp (2^-8 relative).
+                let stored: Vec<_> = view
+                    .iter()
+                    .map(|t| (t.pos, t.k.to_vec(), t.v.to_vec()))
+                    .collect();
+                assert_eq!(stored.len(), exact.len());
+                for (s, e) in stored.iter().zip(&exact) {
+                    assert_eq!(s.0, e.0);
+                    for (a, b) in s.1.iter().chain(&s.2).zip(e.1.iter().chain(&e.2)) {
+                        assert_eq!(a.to_bits() & 0xFFFF, 0, "{a} is not a bf16 value");
+                        assert!((a - b).abs() <= b.abs() * 2f32.powi(-8), "{a} vs {b}");
+                    }
+                }
+                let vb = shared.view(1, slot).unwrap();
+                let vf = f32c.view(1, slot).unwrap();
+                for q_pos in [0u32, 9, 40, 2 * tokens - 1] {
+                    let q: Vec<f32> = uniform_f32(&mut rng, hq * dh)
+                        .into_iter()
+                        .map(|x| x * 3.0)
+                        .collect();
+                    let want_b = naive_attend(&stored, &q, q_pos, hq, hkv, dh, scale);
+                    let want_f = naive_attend(&exact, &q, q_pos, hq, hkv, dh, scale);
+                    for t in tiers() {
+                        let mut got = vec![f32::NAN; hq * dh];
+                        attend_into_tier(&view, &q, q_pos, hq, scale, &mut got, t).unwrap();
+                        let mut f = vec![f32::NAN; hq * dh];
+                        attend_into_tier(&vf, &q, q_pos, hq, scale, &mut f, t).unwrap();
+                        for ((a, b), (c, d)) in got.iter().zip(&want_b).zip(f.iter().zip(&want_f)) {
+                            // Exact attention over the stored (rounded) values ...
+                            assert!(
+                                (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                                "{t} {mode} dh {dh} slot {slot} q_pos {q_pos}: {a} vs {b}"
+                            );
+                            // ... and the f32 cache's output at bf16 tolerance.
+                            assert!(
+                                (a - c).abs() <= 2e-2 * (1.0 + c.abs()),
+                                "{t} {mode} bf16 {a} vs f32 {c}"
+                            );
+                            assert!((*c as f64 - d).abs() <= 1e-5 * (1.0 + d.abs()));
+                        }
+                        let mut other = vec![f32::NAN; hq * dh];
+                        attend_into_tier(&vb, &q, q_pos, hq, scale, &mut other, t).unwrap();
+                        assert_eq!(
+                            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            other.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            "{t} {mode} dh {dh}: another request changed a bf16 output"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

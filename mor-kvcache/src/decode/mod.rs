@@ -32,7 +32,7 @@ mod pool;
 mod view;
 
 pub use paged::PagedCache;
-pub use pool::{BlockPool, Page};
+pub use pool::{BlockPool, KvPrecision, Page};
 pub use view::{attend, attend_into, attend_into_tier, DenseKv, KvIter, KvToken, KvView};
 
 /// What a decode cache is built for.
@@ -242,7 +242,7 @@ pub trait DecodeCache: Send + Sync + fmt::Debug {
     fn free_blocks(&self) -> usize;
     /// Blocks in the pool.
     fn total_blocks(&self) -> usize;
-    /// Bytes of one block (K and V, f32).
+    /// Bytes of one block (K and V, 4 bytes per element in f32, 2 in bf16).
     fn block_bytes(&self) -> usize;
     /// Bytes of blocks in use (`blocks in use × block bytes`).
     fn bytes_used(&self) -> usize;
@@ -250,8 +250,31 @@ pub trait DecodeCache: Send + Sync + fmt::Debug {
     fn bytes_reserved(&self) -> usize;
     /// K/V entries stored (one per token and writing slot).
     fn tokens_stored(&self) -> usize;
-    /// Exact bytes of the stored entries: `tokens_stored × 2 × hkv × dh × 4`.
+    /// Exact bytes of the stored entries: `tokens_stored × 2 × hkv × dh × e` (`e` = 4 in
+    /// f32, 2 in bf16).
     fn bytes_stored(&self) -> usize;
     /// Ends every request and frees every block.
     fn release_all(&mut self);
+    /// How K and V are stored ([`KvPrecision::F32`] unless set).
+    fn kv_precision(&self) -> KvPrecision {
+        KvPrecision::F32
+    }
+    /// Stores K and V in `precision` from now on (attention arithmetic stays f32). Only on
+    /// an empty cache: the pool is reallocated with the same number of blocks, so
+    /// [`block_bytes`](DecodeCache::block_bytes) and the byte counts follow `precision`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the cache holds a request, or when this cache does not
+    /// support `precision` (the default implementation supports only
+    /// [`KvPrecision::F32`]).
+    fn set_kv_precision(&mut self, precision: KvPrecision) -> Result<()> {
+        if precision == KvPrecision::F32 {
+            Ok(())
+        } else {
+            Err(Error::Invalid {
+                policy: self.policy(),
+                msg: format!("this decode cache stores K/V in f32 only, not {precision}"),
+            })
+        }
+    }
 }

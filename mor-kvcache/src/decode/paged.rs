@@ -1,6 +1,6 @@
 //! [`PagedCache`]: the built-in [`DecodeCache`] over a [`BlockPool`].
 
-use super::{BlockPool, DecodeCache, DecodeCacheSpec, DecodeMode, KvView, Page};
+use super::{BlockPool, DecodeCache, DecodeCacheSpec, DecodeMode, KvPrecision, KvView, Page};
 use crate::{Error, Result};
 use mor_core::plan::Segment;
 use std::collections::HashMap;
@@ -171,6 +171,31 @@ impl DecodeCache for PagedCache {
 
     fn source_slot(&self, slot: usize) -> Option<usize> {
         self.rules.get(slot).map(|r| r.base)
+    }
+
+    fn kv_precision(&self) -> KvPrecision {
+        self.pool.precision()
+    }
+
+    fn set_kv_precision(&mut self, precision: KvPrecision) -> Result<()> {
+        if precision == self.pool.precision() {
+            return Ok(());
+        }
+        if !self.reqs.is_empty() {
+            return Err(self.invalid(format!(
+                "cannot change the K/V precision to {precision} while {} request(s) are active",
+                self.reqs.len()
+            )));
+        }
+        let pool = BlockPool::with_precision(
+            self.pool.block_tokens(),
+            self.pool.row(),
+            self.pool.total_blocks(),
+            precision,
+        )
+        .map_err(|e| self.invalid(e.to_string()))?;
+        self.pool = pool;
+        Ok(())
     }
 
     fn start(&mut self, req: u64) -> Result<()> {

@@ -2,6 +2,7 @@
 
 use super::KvView;
 use crate::{Error, Result};
+use std::borrow::Cow;
 use std::fmt;
 
 const POOL: &str = "block_pool";
@@ -13,18 +14,108 @@ fn invalid(msg: impl Into<String>) -> Error {
     }
 }
 
+/// How the pool stores K and V (attention arithmetic is f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum KvPrecision {
+    /// 4 bytes per element, stored exactly.
+    #[default]
+    F32,
+    /// 2 bytes per element: each K and V element is rounded to bfloat16 (round to nearest,
+    /// ties to even) when stored and widened back to f32 when read. Halves the bytes that
+    /// decode attention streams; relative error of a stored element at most `2^-8`.
+    Bf16,
+}
+
+impl KvPrecision {
+    /// Bytes per stored element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvPrecision::F32 => 4,
+            KvPrecision::Bf16 => 2,
+        }
+    }
+
+    /// `"f32"` or `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvPrecision::F32 => "f32",
+            KvPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for KvPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `x` rounded to bfloat16 (nearest, ties to even; NaN stays NaN), as its bits.
+#[inline(always)]
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// The f32 value of bfloat16 bits `h`.
+#[inline(always)]
+pub(crate) fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// K and V storage of a pool.
+enum Store {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    Bf16 { k: Vec<u16>, v: Vec<u16> },
+}
+
+/// Stored rows, borrowed from the pool in its storage precision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Rows<'a> {
+    /// The rows in f32 (borrowed when stored in f32).
+    pub(crate) fn to_f32(self) -> Cow<'a, [f32]> {
+        match self {
+            Rows::F32(x) => Cow::Borrowed(x),
+            Rows::Bf16(x) => Cow::Owned(x.iter().map(|&h| from_bf16(h)).collect()),
+        }
+    }
+
+    /// Writes the first `out.len()` elements in f32 into `out` (at most the rows' length).
+    #[inline(always)]
+    pub(crate) fn copy_to(self, out: &mut [f32]) {
+        match self {
+            Rows::F32(x) => out.copy_from_slice(&x[..out.len()]),
+            Rows::Bf16(x) => {
+                for (o, &h) in out.iter_mut().zip(x) {
+                    *o = from_bf16(h);
+                }
+            }
+        }
+    }
+}
+
 /// Preallocated storage for decode-time K/V in blocks of `block_tokens` tokens.
 ///
-/// A block holds, for each of its tokens, one K row and one V row of `row = hkv · dh` f32
-/// (token-major, head-major inside a row) and the token's position. All storage is
+/// A block holds, for each of its tokens, one K row and one V row of `row = hkv · dh`
+/// elements (f32, or bf16 under [`KvPrecision::Bf16`]; token-major, head-major inside a
+/// row) and the token's position. All storage is
 /// allocated once by [`BlockPool::new`]; blocks are handed out from a free list, so storing a
 /// token never reallocates.
 pub struct BlockPool {
     block_tokens: usize,
     row: usize,
     num_blocks: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    precision: KvPrecision,
+    store: Store,
     pos: Vec<u32>,
     free: Vec<u32>,
     allocated: Vec<bool>,
@@ -37,6 +128,7 @@ impl fmt::Debug for BlockPool {
             .field("block_tokens", &self.block_tokens)
             .field("row", &self.row)
             .field("num_blocks", &self.num_blocks)
+            .field("precision", &self.precision)
             .field("free_blocks", &self.free.len())
             .field("tokens_stored", &self.tokens)
             .finish()
@@ -90,6 +182,19 @@ impl BlockPool {
     /// [`Error::Invalid`] when `block_tokens` or `row` is 0, when the sizes overflow, when
     /// `num_blocks` exceeds `u32::MAX`, or when the memory cannot be allocated.
     pub fn new(block_tokens: usize, row: usize, num_blocks: usize) -> Result<Self> {
+        Self::with_precision(block_tokens, row, num_blocks, KvPrecision::F32)
+    }
+
+    /// [`BlockPool::new`] storing K and V in `precision`.
+    ///
+    /// # Errors
+    /// As [`BlockPool::new`].
+    pub fn with_precision(
+        block_tokens: usize,
+        row: usize,
+        num_blocks: usize,
+        precision: KvPrecision,
+    ) -> Result<Self> {
         if block_tokens == 0 || row == 0 {
             return Err(invalid(format!(
                 "block_tokens ({block_tokens}) and row ({row}) must be >= 1"
@@ -113,14 +218,28 @@ impl BlockPool {
             block_tokens,
             row,
             num_blocks,
-            k: alloc_zeroed(floats, "K floats")?,
-            v: alloc_zeroed(floats, "V floats")?,
+            precision,
+            store: match precision {
+                KvPrecision::F32 => Store::F32 {
+                    k: alloc_zeroed(floats, "K floats")?,
+                    v: alloc_zeroed(floats, "V floats")?,
+                },
+                KvPrecision::Bf16 => Store::Bf16 {
+                    k: alloc_zeroed(floats, "K bf16 values")?,
+                    v: alloc_zeroed(floats, "V bf16 values")?,
+                },
+            },
             pos: alloc_zeroed(tokens, "positions")?,
             // Pop from the end: low ids are handed out first.
             free: (0..num_blocks as u32).rev().collect(),
             allocated: vec![false; num_blocks],
             tokens: 0,
         })
+    }
+
+    /// How K and V are stored.
+    pub fn precision(&self) -> KvPrecision {
+        self.precision
     }
 
     /// Tokens per block.
@@ -148,10 +267,10 @@ impl BlockPool {
         self.num_blocks - self.free.len()
     }
 
-    /// Bytes of one block: `block_tokens × 2 × row × 4` (K and V in f32; the positions are
-    /// bookkeeping and not counted).
+    /// Bytes of one block: `block_tokens × 2 × row × e` with `e` = 4 bytes per element in
+    /// f32, 2 in bf16 (K and V; the positions are bookkeeping and not counted).
     pub fn block_bytes(&self) -> usize {
-        self.block_tokens * 2 * self.row * 4
+        self.block_tokens * 2 * self.row * self.precision.bytes()
     }
 
     /// Bytes of the whole pool.
@@ -169,9 +288,10 @@ impl BlockPool {
         self.tokens
     }
 
-    /// Exact bytes of the stored tokens: `tokens × 2 × row × 4`.
+    /// Exact bytes of the stored tokens: `tokens × 2 × row × e` (`e` as in
+    /// [`BlockPool::block_bytes`]).
     pub fn bytes_stored(&self) -> usize {
-        self.tokens * 2 * self.row * 4
+        self.tokens * 2 * self.row * self.precision.bytes()
     }
 
     /// Whether storing one more token in `page` takes a new block.
@@ -203,8 +323,21 @@ impl BlockPool {
             page.blocks.push(id);
         }
         let t = self.token_index(page, page.len);
-        self.k[t * self.row..(t + 1) * self.row].copy_from_slice(k);
-        self.v[t * self.row..(t + 1) * self.row].copy_from_slice(v);
+        let r = t * self.row..(t + 1) * self.row;
+        match &mut self.store {
+            Store::F32 { k: ks, v: vs } => {
+                ks[r.clone()].copy_from_slice(k);
+                vs[r].copy_from_slice(v);
+            }
+            Store::Bf16 { k: ks, v: vs } => {
+                for (d, &x) in ks[r.clone()].iter_mut().zip(k) {
+                    *d = to_bf16(x);
+                }
+                for (d, &x) in vs[r].iter_mut().zip(v) {
+                    *d = to_bf16(x);
+                }
+            }
+        }
         self.pos[t] = pos;
         page.len += 1;
         self.tokens += 1;
@@ -283,24 +416,27 @@ impl BlockPool {
         false
     }
 
+    /// The K and V rows of the flat tokens `t0..t1`.
+    fn rows(&self, t0: usize, t1: usize) -> (Rows<'_>, Rows<'_>) {
+        let r = t0 * self.row..t1 * self.row;
+        match &self.store {
+            Store::F32 { k, v } => (Rows::F32(&k[r.clone()]), Rows::F32(&v[r])),
+            Store::Bf16 { k, v } => (Rows::Bf16(&k[r.clone()]), Rows::Bf16(&v[r])),
+        }
+    }
+
     /// Token `i` of `page`: its position, K row and V row (`i < page.len()`).
-    pub(crate) fn token(&self, page: &Page, i: usize) -> (u32, &[f32], &[f32]) {
+    pub(crate) fn token(&self, page: &Page, i: usize) -> (u32, Rows<'_>, Rows<'_>) {
         let t = self.token_index(page, i);
-        (
-            self.pos[t],
-            &self.k[t * self.row..(t + 1) * self.row],
-            &self.v[t * self.row..(t + 1) * self.row],
-        )
+        let (k, v) = self.rows(t, t + 1);
+        (self.pos[t], k, v)
     }
 
     /// Block `b` of `page`: the positions, K rows and V rows of its tokens.
-    pub(crate) fn block(&self, page: &Page, b: usize) -> (&[u32], &[f32], &[f32]) {
+    pub(crate) fn block(&self, page: &Page, b: usize) -> (&[u32], Rows<'_>, Rows<'_>) {
         let n = (page.len - b * self.block_tokens).min(self.block_tokens);
         let t = page.blocks[b] as usize * self.block_tokens;
-        (
-            &self.pos[t..t + n],
-            &self.k[t * self.row..(t + n) * self.row],
-            &self.v[t * self.row..(t + n) * self.row],
-        )
+        let (k, v) = self.rows(t, t + n);
+        (&self.pos[t..t + n], k, v)
     }
 }

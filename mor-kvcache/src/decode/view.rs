@@ -1,9 +1,11 @@
 //! Views of the stored keys and values, and single-query decode attention over them.
 
+use super::pool::Rows;
 use super::{BlockPool, Page};
 use crate::{Error, Result, StepKv};
 use candle_core::{Device, Tensor};
 use mor_kernels::cpu::isa::{detected, tier, Tier};
+use std::borrow::Cow;
 
 const ATTEND: &str = "attend";
 
@@ -28,14 +30,14 @@ pub struct KvView<'a> {
 }
 
 /// One entry of a [`KvView`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvToken<'a> {
     /// Absolute position.
     pub pos: u32,
-    /// Key row `[hkv · dh]`, head-major.
-    pub k: &'a [f32],
+    /// Key row `[hkv · dh]`, head-major (borrowed from an f32 pool, widened from a bf16 one).
+    pub k: Cow<'a, [f32]>,
     /// Value row `[hkv · dh]`, head-major.
-    pub v: &'a [f32],
+    pub v: Cow<'a, [f32]>,
 }
 
 /// A dense copy of a view.
@@ -180,10 +182,18 @@ impl<'a> Iterator for KvIter<'a> {
             if self.o < ov.len() && v.pool.pos_at(ov, self.o) == pos {
                 let (_, k, vv) = v.pool.token(ov, self.o);
                 self.o += 1;
-                return Some(KvToken { pos, k, v: vv });
+                return Some(KvToken {
+                    pos,
+                    k: k.to_f32(),
+                    v: vv.to_f32(),
+                });
             }
         }
-        Some(KvToken { pos, k, v: vv })
+        Some(KvToken {
+            pos,
+            k: k.to_f32(),
+            v: vv.to_f32(),
+        })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -333,6 +343,7 @@ unsafe fn attend_avx2(
 fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32, out: &mut [f32]) {
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
     let group = hq / hkv;
+    let row = hkv * dh;
     let pool = view.pool;
     let bt = pool.block_tokens();
     out.fill(0.0);
@@ -341,7 +352,7 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
     let mut sum = vec![0f32; hq];
     // Scores of the current block, token-major: scores[t * hq + i].
     let mut scores = vec![0f32; bt * hq];
-    let mut rows: Vec<(&[f32], &[f32])> = Vec::with_capacity(bt);
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     let mut o = 0usize;
     let mut next_overlay = view
         .overlay
@@ -353,17 +364,18 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
         if n == 0 {
             break;
         }
-        collect_rows(
+        let (kb, vb) = block_kv(
             view,
             &pos[..n],
             ks,
             vs,
             &mut o,
             &mut next_overlay,
-            &mut rows,
+            &mut kbuf,
+            &mut vbuf,
         );
         // Scores and the block maximum per head.
-        for (t, (k, _)) in rows.iter().enumerate() {
+        for (t, k) in kb.chunks_exact(row).enumerate() {
             let st = &mut scores[t * hq..(t + 1) * hq];
             for g in 0..hkv {
                 let kh = &k[g * dh..(g + 1) * dh];
@@ -381,7 +393,7 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
                 max[i] = m;
             }
         }
-        for (t, (_, v)) in rows.iter().enumerate() {
+        for (t, v) in vb.chunks_exact(row).enumerate() {
             let st = &scores[t * hq..(t + 1) * hq];
             for g in 0..hkv {
                 let vh = &v[g * dh..(g + 1) * dh];
@@ -407,33 +419,49 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
     }
 }
 
-/// The K and V rows of the visible tokens `pos` of one base block (`ks`, `vs`), with the
-/// overlay entries (cursor `o`, next overlay position `next_overlay`) shown in place of the
-/// base entries at the same positions.
+/// The K and V rows of the visible tokens `pos` of one base block (`ks`, `vs`) as
+/// contiguous f32 (`[n · row]` each), with the overlay entries (cursor `o`, next overlay
+/// position `next_overlay`) shown in place of the base entries at the same positions.
+/// Borrowed from an f32 pool when the block has no overlay entry, else assembled in
+/// `kbuf`/`vbuf` (widening bf16 storage).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn collect_rows<'a>(
+fn block_kv<'a: 'b, 'b>(
     view: &KvView<'a>,
     pos: &[u32],
-    ks: &'a [f32],
-    vs: &'a [f32],
+    ks: Rows<'a>,
+    vs: Rows<'a>,
     o: &mut usize,
     next_overlay: &mut Option<u32>,
-    rows: &mut Vec<(&'a [f32], &'a [f32])>,
-) {
+    kbuf: &'b mut Vec<f32>,
+    vbuf: &'b mut Vec<f32>,
+) -> (&'b [f32], &'b [f32]) {
     let pool = view.pool;
     let row = view.num_kv_heads * view.head_dim;
-    rows.clear();
-    for (t, &p) in pos.iter().enumerate() {
-        match (*next_overlay, view.overlay) {
-            (Some(op), Some(ov)) if op == p => {
+    let len = pos.len() * row;
+    let last = pos.last().copied().unwrap_or(0);
+    let overlaid = matches!(*next_overlay, Some(op) if view.overlay.is_some() && op <= last);
+    if let (Rows::F32(k), Rows::F32(v), false) = (ks, vs, overlaid) {
+        return (&k[..len], &v[..len]);
+    }
+    if kbuf.len() < len {
+        kbuf.resize(len, 0.0);
+        vbuf.resize(len, 0.0);
+    }
+    ks.copy_to(&mut kbuf[..len]);
+    vs.copy_to(&mut vbuf[..len]);
+    if let Some(ov) = view.overlay {
+        for (t, &p) in pos.iter().enumerate() {
+            if *next_overlay == Some(p) {
                 let (_, k, v) = pool.token(ov, *o);
+                k.copy_to(&mut kbuf[t * row..(t + 1) * row]);
+                v.copy_to(&mut vbuf[t * row..(t + 1) * row]);
                 *o += 1;
                 *next_overlay = (*o < ov.len()).then(|| pool.pos_at(ov, *o));
-                rows.push((k, v));
             }
-            _ => rows.push((&ks[t * row..(t + 1) * row], &vs[t * row..(t + 1) * row])),
         }
     }
+    (&kbuf[..len], &vbuf[..len])
 }
 
 /// The AVX-512 version of [`attend_kernel`] for `dh` a multiple of 16: 16-wide fused
@@ -457,6 +485,7 @@ unsafe fn attend_avx512(
     use std::arch::x86_64::*;
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
     let group = hq / hkv;
+    let row = hkv * dh;
     let nc = dh / 16;
     let pool = view.pool;
     let bt = pool.block_tokens();
@@ -466,7 +495,7 @@ unsafe fn attend_avx512(
     let mut max = vec![f32::NEG_INFINITY; hq];
     let mut sum = vec![0f32; hq];
     let mut scores = vec![0f32; hq * bs];
-    let mut rows: Vec<(&[f32], &[f32])> = Vec::with_capacity(bt);
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     let mut o = 0usize;
     let mut next_overlay = view
         .overlay
@@ -477,17 +506,18 @@ unsafe fn attend_avx512(
         if n == 0 {
             break;
         }
-        collect_rows(
+        let (kb, vb) = block_kv(
             view,
             &pos[..n],
             ks,
             vs,
             &mut o,
             &mut next_overlay,
-            &mut rows,
+            &mut kbuf,
+            &mut vbuf,
         );
         // Scores: q_i · k_t for every query head of the group of kv head g.
-        for (t, (k, _)) in rows.iter().enumerate() {
+        for (t, k) in kb.chunks_exact(row).enumerate() {
             for g in 0..hkv {
                 let kh = &k[g * dh..(g + 1) * dh];
                 for i in g * group..(g + 1) * group {
@@ -533,7 +563,7 @@ unsafe fn attend_avx512(
                 unsafe {
                     let ap = acc.as_mut_ptr().add(c * 16);
                     let mut a = _mm512_loadu_ps(ap);
-                    for (t, (_, v)) in rows.iter().enumerate() {
+                    for (t, v) in vb.chunks_exact(row).enumerate() {
                         let vv = _mm512_loadu_ps(v.as_ptr().add(g * dh + c * 16));
                         a = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), vv, a);
                     }

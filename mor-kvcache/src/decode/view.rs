@@ -482,19 +482,22 @@ unsafe fn attend_avx512(
     scale: f32,
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
-    let group = hq / hkv;
     let row = hkv * dh;
-    let nc = dh / 16;
     let pool = view.pool;
     let bt = pool.block_tokens();
-    // Per-head score rows padded to whole vectors: scores[i * bs + t].
-    let bs = bt.div_ceil(16) * 16;
+    let mut st = Avx512State {
+        hq,
+        hkv,
+        dh,
+        scale,
+        // Per-head score rows padded to whole vectors: scores[i * bs + t].
+        bs: bt.div_ceil(16) * 16,
+        max: vec![f32::NEG_INFINITY; hq],
+        sum: vec![0f32; hq],
+        scores: vec![0f32; hq * bt.div_ceil(16) * 16],
+    };
     out.fill(0.0);
-    let mut max = vec![f32::NEG_INFINITY; hq];
-    let mut sum = vec![0f32; hq];
-    let mut scores = vec![0f32; hq * bs];
     let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     let mut o = 0usize;
     let mut next_overlay = view
@@ -506,69 +509,28 @@ unsafe fn attend_avx512(
         if n == 0 {
             break;
         }
-        let (kb, vb) = block_kv(
-            view,
-            &pos[..n],
-            ks,
-            vs,
-            &mut o,
-            &mut next_overlay,
-            &mut kbuf,
-            &mut vbuf,
-        );
-        // Scores: q_i · k_t for every query head of the group of kv head g.
-        for (t, k) in kb.chunks_exact(row).enumerate() {
-            for g in 0..hkv {
-                let kh = &k[g * dh..(g + 1) * dh];
-                for i in g * group..(g + 1) * group {
-                    let qi = &q[i * dh..(i + 1) * dh];
-                    let mut acc = _mm512_setzero_ps();
-                    for c in 0..nc {
-                        // SAFETY: c·16 + 16 <= dh = qi.len() = kh.len().
-                        let (a, kk) = unsafe {
-                            (
-                                _mm512_loadu_ps(qi.as_ptr().add(c * 16)),
-                                _mm512_loadu_ps(kh.as_ptr().add(c * 16)),
-                            )
-                        };
-                        acc = _mm512_fmadd_ps(a, kk, acc);
-                    }
-                    scores[i * bs + t] = _mm512_reduce_add_ps(acc) * scale;
-                }
+        let last = pos[n - 1];
+        let overlaid = matches!(next_overlay, Some(op) if view.overlay.is_some() && op <= last);
+        match (ks, vs, overlaid) {
+            // bf16 storage read directly (widened in registers) when no overlay entry
+            // replaces a row of this block.
+            (Rows::Bf16(k), Rows::Bf16(v), false) => {
+                // SAFETY: AVX-512 (this function's contract); rows of `row` elements.
+                unsafe { st.block(&k[..n * row], &v[..n * row], n, q, out) }
             }
-        }
-        for i in 0..hq {
-            let g = i / group;
-            let s = &mut scores[i * bs..(i + 1) * bs];
-            let m = s[..n].iter().fold(max[i], |m, &x| m.max(x));
-            let acc = &mut out[i * dh..(i + 1) * dh];
-            if m > max[i] {
-                let c = (max[i] - m).exp();
-                sum[i] *= c;
-                acc.iter_mut().for_each(|a| *a *= c);
-                max[i] = m;
-            }
-            // Weights exp(s - max) over whole vectors (the padding lanes are not used).
-            let mv = _mm512_set1_ps(max[i]);
-            for ch in s.chunks_exact_mut(16).take(n.div_ceil(16)) {
-                // SAFETY: `ch` holds 16 floats.
-                unsafe {
-                    let x = _mm512_loadu_ps(ch.as_ptr());
-                    _mm512_storeu_ps(ch.as_mut_ptr(), exp512(_mm512_sub_ps(x, mv)));
-                }
-            }
-            sum[i] += s[..n].iter().sum::<f32>();
-            for c in 0..nc {
-                // SAFETY: c·16 + 16 <= dh = acc.len(), and every V row holds hkv·dh floats.
-                unsafe {
-                    let ap = acc.as_mut_ptr().add(c * 16);
-                    let mut a = _mm512_loadu_ps(ap);
-                    for (t, v) in vb.chunks_exact(row).enumerate() {
-                        let vv = _mm512_loadu_ps(v.as_ptr().add(g * dh + c * 16));
-                        a = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), vv, a);
-                    }
-                    _mm512_storeu_ps(ap, a);
-                }
+            _ => {
+                let (kb, vb) = block_kv(
+                    view,
+                    &pos[..n],
+                    ks,
+                    vs,
+                    &mut o,
+                    &mut next_overlay,
+                    &mut kbuf,
+                    &mut vbuf,
+                );
+                // SAFETY: as above.
+                unsafe { st.block(kb, vb, n, q, out) }
             }
         }
         if n < pos.len() {
@@ -577,11 +539,137 @@ unsafe fn attend_avx512(
     }
     for i in 0..hq {
         let acc = &mut out[i * dh..(i + 1) * dh];
-        if sum[i] > 0.0 {
-            let inv = 1.0 / sum[i];
+        if st.sum[i] > 0.0 {
+            let inv = 1.0 / st.sum[i];
             acc.iter_mut().for_each(|a| *a *= inv);
         } else {
             acc.fill(0.0);
+        }
+    }
+}
+
+/// A stored K/V element type the AVX-512 kernel loads 16 at a time as f32.
+#[cfg(target_arch = "x86_64")]
+trait Lane16: Copy {
+    /// Loads 16 consecutive elements at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512 F; `p` points at 16 readable elements.
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lane16 for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lane16 for u16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 u16 = 32 bytes readable). A bf16 value is the
+        // high half of its f32: zero-extend and shift left by 16 (exact).
+        unsafe {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+/// Running state of [`attend_avx512`]: online-softmax maximum and sum per query head and
+/// the padded score rows of the current block.
+#[cfg(target_arch = "x86_64")]
+struct Avx512State {
+    hq: usize,
+    hkv: usize,
+    dh: usize,
+    scale: f32,
+    bs: usize,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512State {
+    /// One block of `n` visible tokens with K and V rows `kb`, `vb` (`[n · hkv · dh]`):
+    /// scores, rescale of the running accumulators in `out`, weights, weighted values.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/DQ/VL, AVX2 and FMA; `dh` a multiple of 16; `kb`, `vb` hold `n` rows.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+    unsafe fn block<E: Lane16>(
+        &mut self,
+        kb: &[E],
+        vb: &[E],
+        n: usize,
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let (hq, hkv, dh, bs) = (self.hq, self.hkv, self.dh, self.bs);
+        let group = hq / hkv;
+        let row = hkv * dh;
+        let nc = dh / 16;
+        debug_assert!(kb.len() >= n * row && vb.len() >= n * row);
+        // Scores: q_i · k_t for every query head of the group of kv head g.
+        for t in 0..n {
+            for g in 0..hkv {
+                for i in g * group..(g + 1) * group {
+                    let qi = &q[i * dh..(i + 1) * dh];
+                    let mut acc = _mm512_setzero_ps();
+                    for c in 0..nc {
+                        // SAFETY: c·16 + 16 <= dh = qi.len(); t·row + g·dh + dh <= kb.len().
+                        let (a, kk) = unsafe {
+                            (
+                                _mm512_loadu_ps(qi.as_ptr().add(c * 16)),
+                                E::load16(kb.as_ptr().add(t * row + g * dh + c * 16)),
+                            )
+                        };
+                        acc = _mm512_fmadd_ps(a, kk, acc);
+                    }
+                    self.scores[i * bs + t] = _mm512_reduce_add_ps(acc) * self.scale;
+                }
+            }
+        }
+        for i in 0..hq {
+            let g = i / group;
+            let s = &mut self.scores[i * bs..(i + 1) * bs];
+            let m = s[..n].iter().fold(self.max[i], |m, &x| m.max(x));
+            let acc = &mut out[i * dh..(i + 1) * dh];
+            if m > self.max[i] {
+                let c = (self.max[i] - m).exp();
+                self.sum[i] *= c;
+                acc.iter_mut().for_each(|a| *a *= c);
+                self.max[i] = m;
+            }
+            // Weights exp(s - max) over whole vectors (the padding lanes are not used).
+            let mv = _mm512_set1_ps(self.max[i]);
+            for ch in s.chunks_exact_mut(16).take(n.div_ceil(16)) {
+                // SAFETY: `ch` holds 16 floats.
+                unsafe {
+                    let x = _mm512_loadu_ps(ch.as_ptr());
+                    _mm512_storeu_ps(ch.as_mut_ptr(), exp512(_mm512_sub_ps(x, mv)));
+                }
+            }
+            self.sum[i] += s[..n].iter().sum::<f32>();
+            for c in 0..nc {
+                // SAFETY: c·16 + 16 <= dh = acc.len(); t·row + g·dh + dh <= vb.len().
+                unsafe {
+                    let ap = acc.as_mut_ptr().add(c * 16);
+                    let mut a = _mm512_loadu_ps(ap);
+                    for (t, &w) in s[..n].iter().enumerate() {
+                        let vv = E::load16(vb.as_ptr().add(t * row + g * dh + c * 16));
+                        a = _mm512_fmadd_ps(_mm512_set1_ps(w), vv, a);
+                    }
+                    _mm512_storeu_ps(ap, a);
+                }
+            }
         }
     }
 }

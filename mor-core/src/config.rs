@@ -99,7 +99,33 @@ pub struct RecursionConfig {
     /// `num_recursions` stays 1 (every layer keeps its own parameters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_share: Option<KvShare>,
+    /// Relaxation of the shared weights (spec §6, relaxation table); `None` = plain sharing
+    /// (`relaxation.kind = "none"`, absent from the serialized config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relaxation: Option<Relaxation>,
 }
+
+/// Relaxation of the shared weights per recursion depth (spec §6, relaxation table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Relaxation {
+    /// A learned vector per recursion depth r, added to the hidden state entering step r
+    /// (zero-initialised).
+    RecursionEncoding,
+    /// Per depth r, `W x + (alpha/rank) · B_r A_r x` on each target projection of each
+    /// recursion layer (A_r ~ N(0, init_std), B_r = 0).
+    Lora {
+        /// Rank of `A_r: [rank, d_in]`, `B_r: [d_out, rank]`.
+        rank: usize,
+        /// Scale numerator: the low-rank term is multiplied by `alpha / rank`.
+        alpha: f64,
+        /// Target projections, a subset of `q_proj`, `k_proj`, `v_proj`, `o_proj`.
+        targets: Vec<String>,
+    },
+}
+
+/// The projections a LoRA relaxation may target.
+pub const LORA_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 
 /// The training budget as written (spec §1.3): exactly one of steps, tokens or FLOPs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -951,3 +951,114 @@ fn uptraining_refuses_mappings_that_do_not_fit() {
         "config.json of a config without [init] changed"
     );
 }
+
+fn relax(value: &str) -> String {
+    let t: toml::Table = toml::from_str(&format!("v = {value}")).unwrap();
+    tiny_with(&[("recursion.relaxation", t["v"].clone())])
+}
+
+#[test]
+fn relaxation_resolves_with_its_defaults() {
+    use mor_core::config::Relaxation;
+    let c = Config::from_toml_str(&relax("{ kind = \"lora\" }")).unwrap();
+    assert_eq!(
+        c.recursion.relaxation,
+        Some(Relaxation::Lora {
+            rank: 64,
+            alpha: 64.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+        })
+    );
+    let c = Config::from_toml_str(&relax(
+        "{ kind = \"lora\", rank = 4, alpha = 8.0, targets = [\"o_proj\", \"k_proj\"] }",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.recursion.relaxation,
+        Some(Relaxation::Lora {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec!["o_proj".into(), "k_proj".into()],
+        })
+    );
+    // The JSON round-trips the relaxation.
+    let back: ResolvedConfig = serde_json::from_str(&c.to_json().unwrap()).unwrap();
+    assert_eq!(back.recursion.relaxation, c.recursion.relaxation);
+    let c = Config::from_toml_str(&relax("{ kind = \"recursion_encoding\" }")).unwrap();
+    assert_eq!(c.recursion.relaxation, Some(Relaxation::RecursionEncoding));
+    // `none` is the config without a relaxation, JSON included (no new key).
+    let plain = Config::from_toml_str(TINY).unwrap();
+    let none = Config::from_toml_str(&relax("{ kind = \"none\" }")).unwrap();
+    assert_eq!(none.recursion.relaxation, None);
+    assert_eq!(none.recursion, plain.recursion);
+    assert_eq!(none.plan, plain.plan);
+    assert!(!plain.to_json().unwrap().contains("relaxation"));
+}
+
+#[test]
+fn bad_relaxations_name_the_field() {
+    check_one(
+        &relax("{ kind = \"lorra\" }"),
+        "recursion.relaxation.kind",
+        &["lorra", "recursion_encoding"],
+    );
+    check_one(
+        &relax("{ kind = \"dora\" }"),
+        "recursion.relaxation.kind",
+        &["dora", "not implemented"],
+    );
+    check_one(
+        &relax("{ kind = \"lora\", rank = 0 }"),
+        "recursion.relaxation.rank",
+        &["0", "1..="],
+    );
+    check_one(
+        &relax("{ kind = \"lora\", alpha = -1.0 }"),
+        "recursion.relaxation.alpha",
+        &["-1", "> 0"],
+    );
+    check_one(
+        &relax("{ kind = \"lora\", targets = [\"q_proj\", \"up_proj\"] }"),
+        "recursion.relaxation.targets",
+        &["up_proj", "q_proj"],
+    );
+    check_one(
+        &relax("{ kind = \"lora\", targets = [\"q_proj\", \"q_proj\"] }"),
+        "recursion.relaxation.targets",
+        &["q_proj", "at most once"],
+    );
+    check_one(
+        &relax("{ kind = \"lora\", targets = [] }"),
+        "recursion.relaxation.targets",
+        &["non-empty"],
+    );
+    check_one(
+        &relax("{ kind = \"recursion_encoding\", rank = 4 }"),
+        "recursion.relaxation.rank",
+        &["recursion_encoding"],
+    );
+    check_one(
+        &relax("{ kind = \"lora\", prompt_len = 8 }"),
+        "recursion.relaxation.prompt_len",
+        &["lora"],
+    );
+    // A vanilla model shares no weights to relax.
+    let t = Config::parse_table(&relax("{ kind = \"lora\" }")).unwrap();
+    let mut t = t;
+    apply_override(&mut t, "recursion.num_recursions", toml::Value::Integer(1)).unwrap();
+    apply_override(
+        &mut t,
+        "recursion.sharing",
+        toml::Value::String("none".into()),
+    )
+    .unwrap();
+    t.remove("router");
+    check_one(
+        &toml::to_string(&t).unwrap(),
+        "recursion.relaxation.kind",
+        &["vanilla", "num_recursions = 1"],
+    );
+    // Unknown keys are refused by name.
+    let p = problems(&relax("{ kind = \"lora\", rnk = 4 }"));
+    assert!(p.iter().any(|p| p.to_string().contains("rnk")), "{p:#?}");
+}

@@ -25,6 +25,7 @@ pub mod loss;
 pub mod official;
 pub mod optim;
 pub mod progress;
+pub mod relax;
 pub mod provenance;
 pub mod report;
 pub mod run;

@@ -25,6 +25,7 @@
 //! `Var`s per unique block and every slot that uses the block reads the same `Var`s (the
 //! reference code once lost these ties, spec §8, \[I#17\]; a test guards it).
 
+use crate::relax::{LoraPair, Relax};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use mor_core::config::ResolvedConfig;
@@ -109,6 +110,8 @@ pub struct MorModel {
     dtype: DType,
     /// Test-time depth cap ([`MorModel::set_max_depth`]); 0 = every recursion step.
     max_depth: std::sync::atomic::AtomicUsize,
+    /// Relaxation of the shared weights per depth (spec §6), if configured.
+    relax: Option<Relax>,
 }
 
 /// A named parameter.
@@ -298,6 +301,7 @@ impl MorModel {
         // KV sharing the blocks of those slots have K/V projections that nothing reads.
         let later_steps_share = kv.keeps_first_step() && !kv.projects_kv(2);
         let kv_blocks = cfg.plan.kv_projecting_blocks(later_steps_share);
+        let relax = Relax::new(cfg, dtype, &device)?;
         Ok(MorModel {
             cfg: cfg.clone(),
             backend,
@@ -313,6 +317,7 @@ impl MorModel {
             sin,
             dtype,
             max_depth: std::sync::atomic::AtomicUsize::new(0),
+            relax,
         })
     }
 
@@ -433,7 +438,15 @@ impl MorModel {
                 v.push((format!("model.{name}"), var));
             }
         }
+        if let Some(r) = &self.relax {
+            v.extend(r.named_vars());
+        }
         v
+    }
+
+    /// The relaxation of the shared weights (spec §6), if the config has one.
+    pub fn relaxation(&self) -> Option<&Relax> {
+        self.relax.as_ref()
     }
 
     /// Parameters of the auxiliary router (its own optimiser), if any.
@@ -493,8 +506,14 @@ impl MorModel {
             // for later steps.
             Some((step, _)) => self.kv.trains_on_fresh_kv(step) && !self.kv.keeps_first_step(),
         };
+        let lora = self.relax.as_ref().and_then(|r| r.lora(slot));
         let (step, first) = match kv {
             Some(kv) if !own_kv_only => kv,
+            _ if lora.is_some() => {
+                // A relaxed recursion slot attending to its own fresh K/V: unfused, so the
+                // low-rank terms enter each projection.
+                return self.layer_lora_own_kv(h, pos, p, (an, mn), lora);
+            }
             _ => {
                 // The layer's own K/V, needed by nothing else: the whole attention half is one
                 // backend op (fused on the cpu backend).
@@ -513,11 +532,14 @@ impl MorModel {
             }
         };
         let x = be.rms_norm(h, an.as_tensor(), m.rms_eps)?;
+        let proj = |x: &Tensor, w: &Var, pick: fn(&crate::relax::SlotLora) -> Option<&LoraPair>| {
+            self.project(x, w, lora.and_then(pick))
+        };
         // Each projection is one op and each head split/merge another (see
         // `Backend::linear`, `Backend::rope_heads`): the fused backends then pay one
         // gradient buffer per op instead of one per reshape and transpose.
         let q = be.rope_heads(
-            &be.linear(&x, p.q.as_tensor())?,
+            &proj(&x, &p.q, |l| l.q.as_ref())?,
             m.num_heads,
             pos,
             &self.cos,
@@ -526,13 +548,13 @@ impl MorModel {
         let project = self.kv.projects_kv(step);
         let fresh = if project {
             let k = be.rope_heads(
-                &be.linear(&x, p.k.as_tensor())?,
+                &proj(&x, &p.k, |l| l.k.as_ref())?,
                 m.num_kv_heads,
                 pos,
                 &self.cos,
                 &self.sin,
             )?;
-            let v = be.split_heads(&be.linear(&x, p.v.as_tensor())?, m.num_kv_heads)?;
+            let v = be.split_heads(&proj(&x, &p.v, |l| l.v.as_ref())?, m.num_kv_heads)?;
             Some(StepKv {
                 k,
                 v,
@@ -544,8 +566,61 @@ impl MorModel {
         let eff = self.kv.training_kv(step, fresh.as_ref(), first, pos)?;
         let att = be.attention(&q, &eff.k, &eff.v, pos, &eff.pos)?;
         let att = be.merge_heads(&att)?;
-        let h = (h + be.linear(&att, p.o.as_tensor())?)?;
+        let h = (h + proj(&att, &p.o, |l| l.o.as_ref())?)?;
         Ok((mlp(&h)?, fresh))
+    }
+
+    /// `W x`, plus the relaxation's low-rank term when `pair` is given.
+    fn project(&self, x: &Tensor, w: &Var, pair: Option<&LoraPair>) -> Result<Tensor> {
+        match (&self.relax, pair) {
+            (Some(r), Some(_)) => r.project(&*self.backend, x, w.as_tensor(), pair),
+            _ => Ok(self.backend.linear(x, w.as_tensor())?),
+        }
+    }
+
+    /// One decoder layer with LoRA-relaxed projections attending to its own fresh K/V (no
+    /// KV policy involved): the unfused form of `Backend::attention_block`.
+    fn layer_lora_own_kv(
+        &self,
+        h: &Tensor,
+        pos: &Tensor,
+        p: &LayerParams,
+        (an, mn): (&Var, &Var),
+        lora: Option<&crate::relax::SlotLora>,
+    ) -> Result<(Tensor, Option<StepKv>)> {
+        let m = &self.cfg.model;
+        let be = &self.backend;
+        let x = be.rms_norm(h, an.as_tensor(), m.rms_eps)?;
+        let pick = |f: fn(&crate::relax::SlotLora) -> Option<&LoraPair>| lora.and_then(f);
+        let q = be.rope_heads(
+            &self.project(&x, &p.q, pick(|l| l.q.as_ref()))?,
+            m.num_heads,
+            pos,
+            &self.cos,
+            &self.sin,
+        )?;
+        let k = be.rope_heads(
+            &self.project(&x, &p.k, pick(|l| l.k.as_ref()))?,
+            m.num_kv_heads,
+            pos,
+            &self.cos,
+            &self.sin,
+        )?;
+        let v = be.split_heads(
+            &self.project(&x, &p.v, pick(|l| l.v.as_ref()))?,
+            m.num_kv_heads,
+        )?;
+        let att = be.merge_heads(&be.attention(&q, &k, &v, pos, pos)?)?;
+        let h = (h + self.project(&att, &p.o, pick(|l| l.o.as_ref()))?)?;
+        let h = be.mlp_block(
+            &h,
+            mn.as_tensor(),
+            m.rms_eps,
+            p.gate.as_tensor(),
+            p.up.as_tensor(),
+            p.down.as_tensor(),
+        )?;
+        Ok((h, None))
     }
 
     /// Runs the layer slots `slots` (indices into the plan) on all tokens.
@@ -660,6 +735,12 @@ impl MorModel {
             } else {
                 None
             };
+            if layer == 0 {
+                // The recursion encoding of step r enters with the hidden state (spec §6).
+                if let Some(r) = &self.relax {
+                    h = r.encode(&h, step)?;
+                }
+            }
             let (ny, fresh) = self.layer(&h, pos, slot, s.block, Some((step, first)))?;
             if step == 1 && keeps_first {
                 let fresh = fresh
@@ -772,7 +853,12 @@ impl MorModel {
                 self.backend.gather_tokens(&h, &idx_t)?
             };
             let pos_sel = if full { pos.clone() } else { pos_t };
-            let mut y = x.clone();
+            // The recursion encoding of step r is added to the hidden state entering the
+            // shared block at that step (spec §6); the update rules still read `x`.
+            let mut y = match &self.relax {
+                Some(r) => r.encode(&x, step)?,
+                None => x.clone(),
+            };
             for (j, (slot, block)) in self.step_slots(step).into_iter().enumerate() {
                 let first = if step >= 2 && keeps_first {
                     first_kv.get(j)

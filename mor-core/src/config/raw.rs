@@ -81,6 +81,25 @@ pub struct RawRecursion {
     pub ln_share: Option<bool>,
     /// Depth fix.
     pub depth_fix: Option<DepthFix>,
+    /// Relaxation of the shared weights (spec §6): `{ kind = .., rank, alpha, targets,
+    /// prompt_len }`.
+    pub relaxation: Option<RawRelaxation>,
+}
+
+/// `[recursion] relaxation` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelaxation {
+    /// `none`, `lora` or `recursion_encoding`.
+    pub kind: Option<String>,
+    /// LoRA rank.
+    pub rank: Option<usize>,
+    /// LoRA alpha (the low-rank term is scaled by alpha / rank).
+    pub alpha: Option<f64>,
+    /// Projections that get a LoRA: a subset of q_proj, k_proj, v_proj, o_proj.
+    pub targets: Option<Vec<String>>,
+    /// Adaption-prompt length (not implemented; refused).
+    pub prompt_len: Option<usize>,
 }
 
 /// `[runtime]` as written.

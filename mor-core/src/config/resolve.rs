@@ -5,8 +5,8 @@ use super::raw::{self, render, RawConfig, RawSlot};
 use super::{init_sources, InitConfig, InitMethod};
 use super::{
     Budget, Config, DataConfig, DataSource, EvalConfig, InferConfig, KvShare, KvSharePattern,
-    ModelDims, PluginSpec, Precision, RecursionConfig, ResolvedConfig, TokenizerSpec, TrainConfig,
-    Warmup, PRESETS,
+    ModelDims, PluginSpec, Precision, RecursionConfig, Relaxation, ResolvedConfig, TokenizerSpec,
+    TrainConfig, Warmup, LORA_TARGETS, PRESETS,
 };
 use crate::accounting;
 use crate::error::{ConfigProblem, Error, Result};
@@ -48,6 +48,111 @@ pub fn check_threads(threads: usize) -> crate::Result<()> {
             "an integer in 0..={cores}: 0 lets rayon choose, otherwise at most the {cores} threads this machine can run in parallel (more only oversubscribe the cores)"
         ),
     }]))
+}
+
+/// `[recursion] relaxation` (spec §6, relaxation table).
+fn relaxation(
+    raw: Option<&raw::RawRelaxation>,
+    n_r: usize,
+    p: &mut Problems,
+) -> Option<Relaxation> {
+    let raw = raw?;
+    let kind = raw.kind.as_deref().unwrap_or("none");
+    let allowed_kinds = "\"none\", \"lora\" or \"recursion_encoding\"";
+    let unused = |p: &mut Problems, field: &str, present: bool| {
+        if present {
+            p.push(
+                &format!("recursion.relaxation.{field}"),
+                "(set)",
+                format!("absent: relaxation `{kind}` has no {field}"),
+            );
+        }
+    };
+    let out = match kind {
+        "none" => {
+            unused(p, "rank", raw.rank.is_some());
+            unused(p, "alpha", raw.alpha.is_some());
+            unused(p, "targets", raw.targets.is_some());
+            unused(p, "prompt_len", raw.prompt_len.is_some());
+            return None;
+        }
+        "recursion_encoding" => {
+            unused(p, "rank", raw.rank.is_some());
+            unused(p, "alpha", raw.alpha.is_some());
+            unused(p, "targets", raw.targets.is_some());
+            unused(p, "prompt_len", raw.prompt_len.is_some());
+            Relaxation::RecursionEncoding
+        }
+        "lora" => {
+            unused(p, "prompt_len", raw.prompt_len.is_some());
+            let rank = raw.rank.unwrap_or(64);
+            p.range("recursion.relaxation.rank", rank, 1, 1 << 16);
+            let alpha = raw.alpha.unwrap_or(rank.max(1) as f64);
+            p.float(
+                "recursion.relaxation.alpha",
+                alpha,
+                |a| a > 0.0,
+                "a finite number > 0",
+            );
+            let targets = raw
+                .targets
+                .clone()
+                .unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]);
+            if targets.is_empty() {
+                p.push(
+                    "recursion.relaxation.targets",
+                    "[]",
+                    format!("a non-empty subset of {LORA_TARGETS:?}"),
+                );
+            }
+            for (i, t) in targets.iter().enumerate() {
+                if !LORA_TARGETS.contains(&t.as_str()) {
+                    p.push(
+                        "recursion.relaxation.targets",
+                        format!("\"{t}\""),
+                        format!("one of {LORA_TARGETS:?} (the MLP projections are not supported)"),
+                    );
+                } else if targets[..i].contains(t) {
+                    p.push(
+                        "recursion.relaxation.targets",
+                        format!("\"{t}\""),
+                        "each projection at most once",
+                    );
+                }
+            }
+            Relaxation::Lora {
+                rank,
+                alpha,
+                targets,
+            }
+        }
+        "dora" | "adaption_prompt" => {
+            p.push(
+                "recursion.relaxation.kind",
+                format!("\"{kind}\""),
+                format!("{allowed_kinds}: `{kind}` is not implemented"),
+            );
+            return None;
+        }
+        other => {
+            p.push(
+                "recursion.relaxation.kind",
+                format!("\"{other}\""),
+                allowed_kinds,
+            );
+            return None;
+        }
+    };
+    if n_r < 2 {
+        p.push(
+            "recursion.relaxation.kind",
+            format!("\"{kind}\""),
+            "\"none\" for a vanilla model (num_recursions = 1): relaxation adapts the weights \
+             shared across recursion depths, and a vanilla model shares none",
+        );
+        return None;
+    }
+    Some(out)
 }
 
 /// Collects problems with short helpers.
@@ -188,6 +293,7 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         ln_share: raw.recursion.ln_share.unwrap_or(true),
         depth_fix: raw.recursion.depth_fix.unwrap_or_default(),
         kv_share,
+        relaxation: relaxation(raw.recursion.relaxation.as_ref(), n_r, &mut p),
     };
     let plan = match kv_share {
         Some(share) => vanilla_kv_share_plan(&model, share, &mut p),

@@ -178,6 +178,12 @@ impl<'m> Runner<'m> {
             ));
         }
         let cfg = model.config();
+        if let Some(r) = &cfg.recursion.relaxation {
+            return Err(Error::msg(format!(
+                "the inference engine does not decode relaxed models yet (recursion.relaxation = {r:?}); \
+                 use the plain forward (MorModel::forward)"
+            )));
+        }
         let m = &cfg.model;
         let plan = model.plan();
         let mut blocks = Vec::with_capacity(model.blocks().len());

@@ -28,7 +28,7 @@
 //! `ceil(19.79e9 / 2,097,152) = 9438` steps, the released step count (spec §1.3). Counting
 //! forward and backward (3×) would give 3146 steps instead, which is not what was run.
 
-use crate::config::{Budget, ModelDims, PluginSpec, ResolvedConfig};
+use crate::config::{Budget, ModelDims, PluginSpec, Relaxation, ResolvedConfig};
 
 mod memory;
 use crate::plan::{RecursionPlan, Segment, Slot};
@@ -156,6 +156,92 @@ pub fn flops_per_token(
         .slots
         .iter()
         .map(|s| slot_flops(dims, slot_shape(dims, s, &k_steps, hints)))
+        .sum();
+    Ok(total / dims.seq_len as f64)
+}
+
+/// `(d_in, d_out)` of a LoRA target projection.
+fn lora_target_dims(dims: &ModelDims, target: &str) -> (u64, u64) {
+    let d = dims.hidden_size as u64;
+    let q = (dims.num_heads * dims.head_dim) as u64;
+    let kv = (dims.num_kv_heads * dims.head_dim) as u64;
+    match target {
+        "q_proj" => (d, q),
+        "k_proj" | "v_proj" => (d, kv),
+        _ => (q, d),
+    }
+}
+
+/// Whether a LoRA on `target` at a slot of shape `shape` is used: a slot that projects no
+/// K/V of its own (KV sharing at steps >= 2) has no K/V LoRA (the model builds none).
+fn lora_target_used(target: &str, shared: bool) -> bool {
+    !(shared && matches!(target, "k_proj" | "v_proj"))
+}
+
+/// Parameters of the relaxation of the shared weights (spec §6): `N_r · d` for a recursion
+/// encoding; for a LoRA, `rank · (d_in + d_out)` per target projection of every recursion
+/// slot (each depth its own adapters), the K/V targets omitted at the slots that reuse the
+/// step-1 K/V when `kv_sharing`. `MorModel::named_vars` lists the same parameters.
+pub fn relaxation_params(
+    dims: &ModelDims,
+    plan: &RecursionPlan,
+    relax: Option<&Relaxation>,
+    kv_sharing: bool,
+) -> u64 {
+    match relax {
+        None => 0,
+        Some(Relaxation::RecursionEncoding) => plan.num_recursions as u64 * dims.hidden_size as u64,
+        Some(Relaxation::Lora { rank, targets, .. }) => plan
+            .slots
+            .iter()
+            .map(|s| match s.segment {
+                Segment::Recursion { step, .. } => targets
+                    .iter()
+                    .filter(|t| lora_target_used(t, kv_sharing && step >= 2))
+                    .map(|t| {
+                        let (i, o) = lora_target_dims(dims, t);
+                        *rank as u64 * (i + o)
+                    })
+                    .sum(),
+                _ => 0,
+            })
+            .sum(),
+    }
+}
+
+/// Forward FLOPs per training token added by the relaxation (spec §1.4 counting, 2 per
+/// multiply-add of the products): a LoRA adds `2 · rank · (d_in + d_out)` per target and
+/// active token of every recursion slot; an encoding adds no product (its additions are not
+/// counted, as the residual additions are not).
+///
+/// # Errors
+/// When the capacities do not fit the plan (see [`step_tokens`]).
+pub fn relaxation_flops_per_token(
+    dims: &ModelDims,
+    plan: &RecursionPlan,
+    hints: &AccountingHints,
+    relax: Option<&Relaxation>,
+) -> Result<f64, String> {
+    let Some(Relaxation::Lora { rank, targets, .. }) = relax else {
+        return Ok(0.0);
+    };
+    let k_steps = step_tokens(hints, plan.num_recursions, dims.seq_len)?;
+    let total: f64 = plan
+        .slots
+        .iter()
+        .filter(|s| matches!(s.segment, Segment::Recursion { .. }))
+        .map(|s| {
+            let shape = slot_shape(dims, s, &k_steps, hints);
+            let per_token: u64 = targets
+                .iter()
+                .filter(|t| lora_target_used(t, shape.shared))
+                .map(|t| {
+                    let (i, o) = lora_target_dims(dims, t);
+                    2 * *rank as u64 * (i + o)
+                })
+                .sum();
+            per_token as f64 * shape.k
+        })
         .sum();
     Ok(total / dims.seq_len as f64)
 }
@@ -348,6 +434,9 @@ pub struct Report {
     pub embedding_params: u64,
     /// Router parameters (linear routers; see [`router_params`]).
     pub router_params: u64,
+    /// Relaxation parameters ([`relaxation_params`]; 0 without a relaxation).
+    #[serde(default)]
+    pub relaxation_params: u64,
     /// `non_embedding_params + embedding_params + router_params`.
     pub total_params: u64,
     /// The budget as written.
@@ -375,7 +464,11 @@ pub struct Report {
 pub fn report(cfg: &ResolvedConfig) -> crate::Result<Report> {
     let ctx = cfg.check_ctx();
     let h = hints(cfg.router.as_ref(), &cfg.kv, &ctx).map_err(crate::Error::Plan)?;
-    let fpt = flops_per_token(&cfg.model, &cfg.plan, &h).map_err(crate::Error::Plan)?;
+    let relax = cfg.recursion.relaxation.as_ref();
+    let fpt = flops_per_token(&cfg.model, &cfg.plan, &h).map_err(crate::Error::Plan)?
+        + relaxation_flops_per_token(&cfg.model, &cfg.plan, &h, relax)
+            .map_err(crate::Error::Plan)?;
+    let relaxation = relaxation_params(&cfg.model, &cfg.plan, relax, h.kv_sharing);
     let k =
         step_tokens(&h, cfg.plan.num_recursions, cfg.model.seq_len).map_err(crate::Error::Plan)?;
     let params = param_counts_with(&cfg.model, &cfg.plan, cfg.recursion.ln_share, h.kv_sharing);
@@ -399,7 +492,8 @@ pub fn report(cfg: &ResolvedConfig) -> crate::Result<Report> {
         non_embedding_params: params.non_embedding,
         embedding_params: params.embedding,
         router_params: router,
-        total_params: params.non_embedding + params.embedding + router,
+        relaxation_params: relaxation,
+        total_params: params.non_embedding + params.embedding + router + relaxation,
         budget: cfg.train.budget,
         steps: cfg.train.steps,
         tokens_per_step: cfg.tokens_per_step(),

@@ -406,3 +406,73 @@ fn router_parameter_counts() {
         2 * 3 * 64
     );
 }
+
+#[test]
+fn relaxation_parameter_and_flop_counts() {
+    // 360M dims, middle_cycle N_r = 3 of 32 layers: 10 blocks per step, 30 recursion slots.
+    let dims = ModelDims::smollm_360m();
+    let p = plan("middle_cycle", 32, 3);
+    let slots = p
+        .slots
+        .iter()
+        .filter(|s| matches!(s.segment, Segment::Recursion { .. }))
+        .count() as u64;
+    assert_eq!(slots, 30);
+    let (d, q, kv) = (960u64, 15 * 64, 5 * 64);
+    assert_eq!(
+        (
+            dims.hidden_size as u64,
+            (dims.num_heads * dims.head_dim) as u64
+        ),
+        (d, q)
+    );
+    assert_eq!((dims.num_kv_heads * dims.head_dim) as u64, kv);
+    assert_eq!(relaxation_params(&dims, &p, None, false), 0);
+    let enc = Relaxation::RecursionEncoding;
+    assert_eq!(relaxation_params(&dims, &p, Some(&enc), false), 3 * 960);
+    let lora = |targets: &[&str]| Relaxation::Lora {
+        rank: 64,
+        alpha: 64.0,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    };
+    // q_proj: 960 → 960; v_proj: 960 → 320; 64 · (in + out) each, per slot.
+    let qv = lora(&["q_proj", "v_proj"]);
+    let per_slot = 64 * ((d + q) + (d + kv));
+    assert_eq!(per_slot, 64 * (1920 + 1280));
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&qv), false),
+        30 * per_slot
+    );
+    // Under KV sharing the 20 slots of steps 2 and 3 have no v_proj adapter.
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&qv), true),
+        30 * 64 * (d + q) + 10 * 64 * (d + kv)
+    );
+    let o = lora(&["o_proj"]);
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&o), false),
+        30 * 64 * (q + d)
+    );
+    // FLOPs: 2 · rank · (in + out) per active token of each recursion slot; without a
+    // router every token runs every slot.
+    let all = AccountingHints {
+        capacities: None,
+        kv_sharing: false,
+        kv_full_context: false,
+    };
+    let f = relaxation_flops_per_token(&dims, &p, &all, Some(&qv)).unwrap();
+    assert_eq!(f, (30 * 2 * per_slot) as f64);
+    assert_eq!(
+        relaxation_flops_per_token(&dims, &p, &all, Some(&enc)).unwrap(),
+        0.0
+    );
+    // Expert choice with capacities 1, 2/3, 1/3 of L = 2048: k = 2048, 1365, 683 (rounded
+    // as `active_tokens` does), each of the 10 slots of a step.
+    let h = caps(3);
+    let k: Vec<u64> = (1..=3)
+        .map(|r| active_tokens((4 - r) as f64 / 3.0, 2048) as u64)
+        .collect();
+    let expect = (2 * per_slot * 10 * k.iter().sum::<u64>()) as f64 / 2048.0;
+    let f = relaxation_flops_per_token(&dims, &p, &h, Some(&qv)).unwrap();
+    assert!((f - expect).abs() <= 1e-9 * expect, "{f} vs {expect}");
+}

@@ -301,7 +301,7 @@ impl MorModel {
         // KV sharing the blocks of those slots have K/V projections that nothing reads.
         let later_steps_share = kv.keeps_first_step() && !kv.projects_kv(2);
         let kv_blocks = cfg.plan.kv_projecting_blocks(later_steps_share);
-        let relax = Relax::new(cfg, dtype, &device)?;
+        let relax = Relax::new(cfg, dtype, &device, &|step| kv.projects_kv(step))?;
         Ok(MorModel {
             cfg: cfg.clone(),
             backend,

@@ -49,11 +49,18 @@ pub struct Relax {
 }
 
 impl Relax {
-    /// Builds the relaxation of `cfg` (`None` when it has none).
+    /// Builds the relaxation of `cfg` (`None` when it has none). `projects_kv(step)` tells
+    /// whether recursion step `step` projects K/V (a step that reuses the step-1 K/V gets no
+    /// K/V adapters: nothing would read them).
     ///
     /// # Errors
     /// Tensor creation.
-    pub fn new(cfg: &ResolvedConfig, dtype: DType, dev: &Device) -> Result<Option<Self>> {
+    pub fn new(
+        cfg: &ResolvedConfig,
+        dtype: DType,
+        dev: &Device,
+        projects_kv: &dyn Fn(usize) -> bool,
+    ) -> Result<Option<Self>> {
         let Some(kind) = &cfg.recursion.relaxation else {
             return Ok(None);
         };
@@ -93,6 +100,9 @@ impl Relax {
                     let Some((step, block)) = label else { continue };
                     let mut sl = SlotLora::default();
                     for t in targets {
+                        if matches!(t.as_str(), "k_proj" | "v_proj") && !projects_kv(*step) {
+                            continue;
+                        }
                         let (d_in, d_out) = match t.as_str() {
                             "q_proj" => (d, qd),
                             "k_proj" | "v_proj" => (d, kvd),

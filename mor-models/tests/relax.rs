@@ -340,3 +340,46 @@ fn the_engine_refuses_a_relaxed_model() {
     };
     assert!(err.contains("relax"), "{err}");
 }
+
+/// The accounting counts exactly the parameters the model lists, with and without KV
+/// sharing (whose steps >= 2 have no K/V adapters).
+#[test]
+fn accounting_counts_the_listed_relaxation_parameters() {
+    for kv in ["", "[kv]\nkind = \"recursive_sharing\"\n"] {
+        for relax in [LORA, ENCODING] {
+            let cfg = config("middle_cycle", &format!("{relax}\n{kv}"), "", "reference");
+            let m = model(&cfg);
+            let listed: usize = relax_vars(&m).iter().map(|(_, v)| v.elem_count()).sum();
+            let r = mor_core::accounting::report(&cfg).unwrap();
+            assert_eq!(r.relaxation_params as usize, listed, "{kv} {relax}");
+            let base =
+                mor_core::accounting::report(&config("middle_cycle", kv, "", "reference")).unwrap();
+            assert_eq!(r.total_params, base.total_params + listed as u64);
+            // The forward runs under either policy; untrained it is the base model.
+            let plain = model(&config("middle_cycle", kv, "", "reference"));
+            assert!(
+                max_diff(&logits(&m), &logits(&plain)) < 1e-12,
+                "{kv} {relax}"
+            );
+            randomize(&m, 4, 0.3);
+            assert!(
+                max_diff(&logits(&m), &logits(&plain)) > 1e-4,
+                "{kv} {relax}"
+            );
+            if relax == LORA {
+                // 6 recursion slots (3 steps × 2 layers), L = 12 tokens each: 2·rank·(in+out)
+                // per target, q 16→16, k/v 16→8 (absent at steps 2, 3 under sharing), o 16→16.
+                let full = 2 * 2 * ((16 + 16) + 2 * (16 + 8) + (16 + 16));
+                let shared = 2 * 2 * ((16 + 16) + (16 + 16));
+                let expect = if kv.is_empty() {
+                    6 * full
+                } else {
+                    2 * full + 4 * shared
+                };
+                assert_eq!(r.flops_per_token - base.flops_per_token, expect as f64);
+            } else {
+                assert_eq!(r.flops_per_token, base.flops_per_token);
+            }
+        }
+    }
+}

@@ -176,6 +176,25 @@ fn print_text(path: &std::path::Path, cfg: &ResolvedConfig, r: &Report, init: Op
         thousands(r.total_params),
         short(r.total_params as f64),
     );
+    if let Some(relax) = &cfg.recursion.relaxation {
+        let what = match relax {
+            mor_core::config::Relaxation::RecursionEncoding => {
+                "recursion_encoding (a vector per depth, no product)".to_string()
+            }
+            mor_core::config::Relaxation::Lora {
+                rank,
+                alpha,
+                targets,
+            } => format!(
+                "lora rank {rank}, alpha {alpha}, on {} (per depth; its FLOPs are in the flops line)",
+                targets.join(", ")
+            ),
+        };
+        println!(
+            "relax    {what}: {} parameters (in the total)",
+            thousands(r.relaxation_params)
+        );
+    }
     println!(
         "flops    {:.1} forward FLOPs per token (spec §1.4)",
         r.flops_per_token

@@ -356,7 +356,16 @@ pub(super) fn resolve(table: toml::Table) -> Result<ResolvedConfig> {
         .init
         .as_ref()
         .and_then(|i| init_config(i, &plan, seed, &mut p));
-    let train = match finish_train(train, &model, &plan, router.as_ref(), &kv, &ctx, &mut p) {
+    let relax = recursion.relaxation.as_ref();
+    let train = match finish_train(
+        train,
+        (&model, relax),
+        &plan,
+        router.as_ref(),
+        &kv,
+        &ctx,
+        &mut p,
+    ) {
         Some(t) if p.0.is_empty() => t,
         _ => return Err(Error::Config(p.0)),
     };
@@ -940,7 +949,7 @@ fn parse_budget(v: &toml::Value, p: &mut Problems) -> Option<Budget> {
 /// Converts the budget into steps and resolves the warmup (spec §1.3, §1.4).
 fn finish_train(
     mut train: TrainConfig,
-    model: &ModelDims,
+    (model, relax): (&ModelDims, Option<&Relaxation>),
     plan: &RecursionPlan,
     router: Option<&PluginSpec>,
     kv: &PluginSpec,
@@ -954,7 +963,10 @@ fn finish_train(
             return None;
         }
     };
-    let fpt = match accounting::flops_per_token(model, plan, &hints) {
+    // The model's products plus the relaxation's low-rank terms (spec §1.4, §6).
+    let fpt = match accounting::flops_per_token(model, plan, &hints)
+        .and_then(|f| Ok(f + accounting::relaxation_flops_per_token(model, plan, &hints, relax)?))
+    {
         Ok(f) => f,
         Err(msg) => {
             p.push(

@@ -331,14 +331,125 @@ fn checkpoints_round_trip_the_relaxation() {
     assert_eq!(logits(&a), logits(&b));
 }
 
+/// Sets every relaxation parameter of an f32 model to N(0, std) values.
+fn randomize_f32(m: &MorModel, seed: u64, std: f64) {
+    for (i, (_, v)) in relax_vars(m).iter().enumerate() {
+        let t = Tensor::from_vec(
+            random(v.dims(), seed + i as u64, std),
+            v.shape(),
+            v.device(),
+        )
+        .unwrap()
+        .to_dtype(v.dtype())
+        .unwrap();
+        v.set(&t).unwrap();
+    }
+}
+
+/// Relaxed f32 models with non-zero relaxation parameters, for the decode engine.
+fn engine_cases() -> Vec<(String, MorModel)> {
+    let _ = mor_models::builtin::link();
+    let mut out = Vec::new();
+    let sharing_kv = "[kv]\nkind = \"recursive_sharing\"\n";
+    for relax in [LORA, ENCODING] {
+        for (name, sharing, extra, router) in [
+            ("recursive", "middle_cycle", "", ""),
+            ("expert", "middle_cycle", "", "kind = \"expert_choice\""),
+            (
+                "token/sharing",
+                "middle_cycle",
+                sharing_kv,
+                "kind = \"token_choice\"",
+            ),
+            ("sequence", "middle_sequence", "", ""),
+        ] {
+            let cfg = config(sharing, &format!("{relax}\n{extra}"), router, "cpu");
+            let m = MorModel::new(&cfg).unwrap();
+            randomize_f32(&m, 21, 0.3);
+            out.push((format!("{name} {relax}"), m));
+        }
+    }
+    out
+}
+
 #[test]
-fn the_engine_refuses_a_relaxed_model() {
-    let m = MorModel::new(&config("middle_cycle", LORA, "", "reference")).unwrap();
-    let err = match mor_models::engine::Engine::new(&m, Default::default()) {
-        Ok(_) => panic!("a relaxed model was accepted"),
-        Err(e) => e.to_string(),
+fn the_decoder_honours_the_relaxation() {
+    use mor_models::engine::{DecodeOptions, Decoder};
+    for (name, m) in engine_cases() {
+        let ids = common::random_ids(2 * 12, 32, 9);
+        let t = Tensor::from_vec(ids.clone(), (2, 12), &Device::Cpu).unwrap();
+        let full = m.forward(&t, RouteMode::Causal).unwrap();
+        let want = full.logits.to_vec3::<f32>().unwrap();
+        let mut worst = 0f32;
+        for row in 0..2 {
+            let mut dec = Decoder::new(&m, DecodeOptions::default()).unwrap();
+            for pos in 0..12 {
+                let step = dec.step(ids[row * 12 + pos]).unwrap();
+                assert_eq!(step.depth, full.depths[row][pos] as usize, "{name}");
+                for (a, b) in step.logits.iter().zip(&want[row][pos]) {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+        }
+        assert!(worst < 1e-4, "{name}: decode vs forward {worst}");
+    }
+}
+
+#[test]
+fn depthwise_batching_of_a_relaxed_model_equals_sequential_decoding() {
+    use mor_models::engine::{
+        Batching, DecodeOptions, Decoder, Engine, EngineConfig, FinishReason, Request,
     };
-    assert!(err.contains("relax"), "{err}");
+    for (name, m) in engine_cases() {
+        let mut rng = mor_core::rng::Rng::new(5);
+        let reqs: Vec<Request> = (0..9)
+            .map(|i| {
+                let plen = 1 + rng.below(5);
+                Request::greedy(common::random_ids(plen, 32, 50 + i), 1 + rng.below(6))
+            })
+            .collect();
+        let want: Vec<(Vec<u32>, Vec<u8>)> = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, rq)| {
+                let mut dec = Decoder::new(&m, DecodeOptions::default()).unwrap();
+                dec.generate(
+                    &rq.prompt,
+                    rq.max_new_tokens,
+                    rq.sampling,
+                    rq.stop_token,
+                    i as u64,
+                )
+                .unwrap()
+            })
+            .collect();
+        let ecfg = EngineConfig {
+            batch_size: 8,
+            block_tokens: 4,
+            batching: Batching::DepthWise,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(&m, ecfg).unwrap();
+        for rq in &reqs {
+            engine.submit(rq.clone()).unwrap();
+        }
+        let done = engine.run_to_completion().unwrap();
+        assert_eq!(done.len(), reqs.len());
+        for (i, (c, w)) in done.iter().zip(&want).enumerate() {
+            assert!(
+                !matches!(c.finish, FinishReason::Error(_)),
+                "{name}: {:?}",
+                c.finish
+            );
+            assert_eq!((&c.tokens, &c.depths), (&w.0, &w.1), "{name}: request {i}");
+        }
+        if name.starts_with("expert") {
+            assert!(
+                engine.stats().mixed_depth_calls > 0,
+                "{name}: no block call mixed depths"
+            );
+        }
+    }
 }
 
 /// The accounting counts exactly the parameters the model lists, with and without KV

@@ -93,6 +93,51 @@ struct BlockWeights {
     down: PackedMatrix,
 }
 
+/// Host copy of one LoRA adapter (spec §6): `A: [rank, d_in]`, `B: [d_out, rank]`.
+#[derive(Debug)]
+struct HostLora {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    rank: usize,
+}
+
+impl HostLora {
+    fn new(p: &crate::relax::LoraPair) -> Result<Self> {
+        Ok(HostLora {
+            a: host(p.a.as_tensor())?,
+            b: host(p.b.as_tensor())?,
+            rank: p.a.as_tensor().dim(0)?,
+        })
+    }
+
+    /// Multiply-adds of one row.
+    fn macs(&self) -> usize {
+        self.a.len() + self.b.len()
+    }
+
+    /// `out += scale · B (A x)` for one row.
+    fn add(&self, x: &[f32], out: &mut [f32], scale: f32) {
+        let d_in = x.len();
+        let t: Vec<f32> = self
+            .a
+            .chunks_exact(d_in)
+            .map(|a| a.iter().zip(x).map(|(p, q)| p * q).sum::<f32>())
+            .collect();
+        for (o, b) in out.iter_mut().zip(self.b.chunks_exact(self.rank)) {
+            *o += scale * b.iter().zip(&t).map(|(p, q)| p * q).sum::<f32>();
+        }
+    }
+}
+
+/// The LoRA adapters of one recursion slot, on the host.
+#[derive(Debug, Default)]
+struct SlotHostLora {
+    q: Option<HostLora>,
+    k: Option<HostLora>,
+    v: Option<HostLora>,
+    o: Option<HostLora>,
+}
+
 /// Floating-point operations done so far (2 per multiply-add): layer projections, attention
 /// over the caches (scores and weighted values), LM head.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -139,6 +184,14 @@ pub(crate) struct Runner<'m> {
     pub exit: ExitRule,
     /// Deepest stage a token may run (test-time scaling; `stages.len()` by default).
     pub max_stages: usize,
+    /// Per slot, the relaxation's LoRA adapters (spec §6): the shared packed products run
+    /// once per batch, each item then adds its own slot's (its depth's) low-rank terms.
+    lora: Vec<Option<SlotHostLora>>,
+    /// `alpha / rank` of the LoRA.
+    lora_scale: f32,
+    /// Per recursion step (index `r − 1`), the recursion encoding added to the hidden
+    /// state entering the step's first layer (empty without one).
+    encoding: Vec<Vec<f32>>,
 }
 
 /// The values of `t` as host f32 (row-major).
@@ -178,12 +231,6 @@ impl<'m> Runner<'m> {
             ));
         }
         let cfg = model.config();
-        if let Some(r) = &cfg.recursion.relaxation {
-            return Err(Error::msg(format!(
-                "the inference engine does not decode relaxed models yet (recursion.relaxation = {r:?}); \
-                 use the plain forward (MorModel::forward)"
-            )));
-        }
         let m = &cfg.model;
         let plan = model.plan();
         let mut blocks = Vec::with_capacity(model.blocks().len());
@@ -264,7 +311,35 @@ impl<'m> Runner<'m> {
                 )));
             }
         }
+        let mut lora: Vec<Option<SlotHostLora>> = (0..plan.num_slots()).map(|_| None).collect();
+        let mut encoding = Vec::new();
+        let mut lora_scale = 0f32;
+        if let Some(relax) = model.relaxation() {
+            lora_scale = relax.scale() as f32;
+            for (s, l) in lora.iter_mut().enumerate() {
+                if let Some(sl) = relax.lora(s) {
+                    let h = |p: &Option<crate::relax::LoraPair>| {
+                        p.as_ref().map(HostLora::new).transpose()
+                    };
+                    *l = Some(SlotHostLora {
+                        q: h(&sl.q)?,
+                        k: h(&sl.k)?,
+                        v: h(&sl.v)?,
+                        o: h(&sl.o)?,
+                    });
+                }
+            }
+            for step in 1..=n_r {
+                match relax.encoding(step) {
+                    Some(e) => encoding.push(host(e.as_tensor())?),
+                    None => break,
+                }
+            }
+        }
         Ok(Runner {
+            lora,
+            lora_scale,
+            encoding,
             model,
             flops: Default::default(),
             blocks,
@@ -411,6 +486,22 @@ impl<'m> Runner<'m> {
         let mut h = h;
         for j in 0..depth {
             let slot_j: Vec<usize> = slots.iter().map(|s| s[j]).collect();
+            // The recursion encoding of step r enters with the hidden state of the step's
+            // first layer (spec §6), as in `MorModel::forward`.
+            if !self.encoding.is_empty() {
+                for (i, &s) in slot_j.iter().enumerate() {
+                    if let Segment::Recursion { step, layer: 0 } =
+                        self.model.plan().slots[s].segment
+                    {
+                        if let Some(e) = self.encoding.get(step - 1) {
+                            h[i * d..(i + 1) * d]
+                                .iter_mut()
+                                .zip(e)
+                                .for_each(|(a, b)| *a += b);
+                        }
+                    }
+                }
+            }
             let key = |i: usize| {
                 let s = slot_j[i];
                 (self.model.plan().slots[s].block, self.norms[s].2)
@@ -493,7 +584,7 @@ impl<'m> Runner<'m> {
         // all and `[k | v]` for the tokens that store (recursive sharing projects no K/V at
         // steps >= 2, spec §4).
         let all_write = writes.iter().all(|&w| w);
-        let (mut q, q_ld, kv, kv_ld, kv_row): (Vec<f32>, usize, Vec<f32>, usize, Vec<usize>) =
+        let (mut q, q_ld, mut kv, kv_ld, kv_row): (Vec<f32>, usize, Vec<f32>, usize, Vec<usize>) =
             if all_write {
                 let mut qkv = vec![0f32; n * bw.qkv.n()];
                 bw.qkv.matmul(&x, &mut qkv, false)?;
@@ -519,6 +610,34 @@ impl<'m> Runner<'m> {
         let macs = |m: &PackedMatrix| m.n() * m.k();
         let mut linear = n * (macs(&bw.q) + macs(&bw.o) + macs(&bw.gate_up) + macs(&bw.down))
             + n_writes * macs(&bw.kv);
+        // Each item's own (depth's) low-rank terms on top of the shared products (spec §6).
+        let d = self.d;
+        for i in 0..n {
+            let Some(l) = &self.lora[slots[i]] else {
+                continue;
+            };
+            let xi = &x[i * d..(i + 1) * d];
+            if let Some(p) = &l.q {
+                p.add(xi, &mut q[i * q_ld..i * q_ld + qd], self.lora_scale);
+                linear += p.macs();
+            }
+            if writes[i] {
+                let row = if all_write {
+                    &mut q[i * q_ld + qd..(i + 1) * q_ld]
+                } else {
+                    &mut kv[kv_row[i] * kv_ld..(kv_row[i] + 1) * kv_ld]
+                };
+                let (kr, vr) = row.split_at_mut(kvd);
+                if let Some(p) = &l.k {
+                    p.add(xi, kr, self.lora_scale);
+                    linear += p.macs();
+                }
+                if let Some(p) = &l.v {
+                    p.add(xi, vr, self.lora_scale);
+                    linear += p.macs();
+                }
+            }
+        }
         let mut attention = 0usize;
         let mut att = vec![0f32; n * qd];
         let mut k = vec![0f32; kvd];
@@ -549,6 +668,16 @@ impl<'m> Runner<'m> {
             )?;
         }
         bw.o.matmul(&att, h, true)?;
+        for i in 0..n {
+            if let Some(p) = self.lora[slots[i]].as_ref().and_then(|l| l.o.as_ref()) {
+                p.add(
+                    &att[i * qd..(i + 1) * qd],
+                    &mut h[i * d..(i + 1) * d],
+                    self.lora_scale,
+                );
+                linear += p.macs();
+            }
+        }
         rms_norm_rows(h, mn, self.eps, &mut x)?;
         let mut gu = vec![0f32; n * 2 * self.ff];
         bw.gate_up.matmul(&x, &mut gu, false)?;

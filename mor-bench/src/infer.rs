@@ -71,6 +71,10 @@ pub struct InferBenchConfig {
     /// products with bf16 inputs and f32 accumulation).
     #[serde(default = "default_precisions")]
     pub precisions: Vec<Precision>,
+    /// How every engine's KV cache stores K and V (`bf16`: rounded on write, half the bytes
+    /// attention streams).
+    #[serde(default)]
+    pub kv_precision: mor_models::engine::KvPrecision,
     /// Rayon / matmul threads.
     pub threads: usize,
     /// Requests of the untimed warm-up run.
@@ -117,6 +121,7 @@ impl Default for InferBenchConfig {
             batch_size: 32,
             extra_batches: Vec::new(),
             precisions: default_precisions(),
+            kv_precision: mor_models::engine::KvPrecision::F32,
             threads: 1,
             warmup_requests: 8,
             seed: 0,
@@ -515,6 +520,7 @@ fn engine_config(
         record_gates: false,
         exit_batch: ((cfg.exit_fraction * batch as f64).round() as usize).clamp(1, batch),
         precision,
+        kv_precision: cfg.kv_precision,
     }
 }
 

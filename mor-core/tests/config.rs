@@ -1062,3 +1062,26 @@ fn bad_relaxations_name_the_field() {
     let p = problems(&relax("{ kind = \"lora\", rnk = 4 }"));
     assert!(p.iter().any(|p| p.to_string().contains("rnk")), "{p:#?}");
 }
+
+/// The memory estimate counts the relaxation's parameters like every other parameter:
+/// weights, gradients and the two AdamW moments, 4 bytes each.
+#[test]
+fn memory_estimate_counts_the_relaxation() {
+    use mor_core::accounting::{memory_estimate, relaxation_params};
+    let base = Config::from_toml_str(&relax("{ kind = \"none\" }")).unwrap();
+    let lora = Config::from_toml_str(&relax("{ kind = \"lora\", rank = 4 }")).unwrap();
+    let n = relaxation_params(
+        &lora.model,
+        &lora.plan,
+        lora.recursion.relaxation.as_ref(),
+        false,
+    );
+    assert!(n > 0);
+    let (a, b) = (memory_estimate(&base), memory_estimate(&lora));
+    assert_eq!(b.parameters - a.parameters, 4 * n);
+    assert_eq!(b.optimizer - a.optimizer, 8 * n);
+    assert_eq!(
+        b.gradients - a.gradients,
+        (a.gradients / a.parameters) * 4 * n
+    );
+}

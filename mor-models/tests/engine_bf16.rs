@@ -7,8 +7,8 @@ mod common;
 use common::{Micro, VANILLA};
 use mor_core::config::ResolvedConfig;
 use mor_models::engine::{
-    Batching, DecodeOptions, Decoder, Engine, EngineConfig, ExitRule, FinishReason, Precision,
-    Request, SamplingParams,
+    Batching, DecodeOptions, Decoder, Engine, EngineConfig, ExitRule, FinishReason, KvPrecision,
+    Precision, Request, SamplingParams,
 };
 use mor_models::MorModel;
 
@@ -48,17 +48,28 @@ fn requests(n: usize, seed: u64) -> Vec<Request> {
         .collect()
 }
 
-/// Each request alone with the plain decoder, in `precision`.
+/// Each request alone with the plain decoder, in `precision` (f32 KV cache).
 fn sequential(
     model: &MorModel,
     reqs: &[Request],
     precision: Precision,
+) -> Vec<(Vec<u32>, Vec<u8>)> {
+    sequential_kv(model, reqs, precision, KvPrecision::F32)
+}
+
+/// Each request alone with the plain decoder, in `precision`, with a `kv` cache.
+fn sequential_kv(
+    model: &MorModel,
+    reqs: &[Request],
+    precision: Precision,
+    kv: KvPrecision,
 ) -> Vec<(Vec<u32>, Vec<u8>)> {
     reqs.iter()
         .enumerate()
         .map(|(i, rq)| {
             let opts = DecodeOptions {
                 precision,
+                kv_precision: kv,
                 ..Default::default()
             };
             let mut dec = Decoder::new(model, opts).unwrap();
@@ -140,6 +151,72 @@ fn bf16_batched_engine_equals_sequential_bf16_decoding() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// With the KV cache in bf16 as well (K and V rounded on write), batched decoding still
+/// equals sequential decoding token for token, and the bf16 cache moves the logits by
+/// rounding only (so the option reaches the cache).
+#[test]
+fn bf16_kv_cache_batched_engine_equals_sequential_decoding() {
+    link();
+    let mut reqs = requests(6, 11);
+    for (i, r) in reqs.iter_mut().enumerate() {
+        r.sampling = SamplingParams {
+            temperature: 2.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 70 + i as u64,
+        };
+    }
+    for (name, c) in [
+        (
+            "expert/recursion_wise",
+            mor("kind = \"expert_choice\"", "recursion_wise"),
+        ),
+        ("vanilla", cfg(VANILLA, "")),
+    ] {
+        let model = MorModel::new(&c).unwrap();
+        let want = sequential_kv(&model, &reqs, Precision::Bf16, KvPrecision::Bf16);
+        // The option reaches the cache: teacher-forced logits move, by rounding only.
+        let logits = |kv| {
+            let mut dec = Decoder::new(
+                &model,
+                DecodeOptions {
+                    precision: Precision::Bf16,
+                    kv_precision: kv,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            (0..12u32)
+                .flat_map(|t| dec.step(t * 5 % 64).unwrap().logits)
+                .collect::<Vec<f32>>()
+        };
+        let (a, b) = (logits(KvPrecision::F32), logits(KvPrecision::Bf16));
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff > 0.0 && diff < 0.05 * scale,
+            "{name}: bf16 KV moved the logits by {diff} (scale {scale})"
+        );
+        for batch in [3, 8] {
+            let ecfg = EngineConfig {
+                batch_size: batch,
+                block_tokens: 4,
+                precision: Precision::Bf16,
+                kv_precision: KvPrecision::Bf16,
+                ..Default::default()
+            };
+            assert_eq!(
+                run_engine(&model, &reqs, ecfg),
+                want,
+                "{name}, batch {batch}"
+            );
         }
     }
 }

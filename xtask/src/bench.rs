@@ -49,6 +49,10 @@ pub struct Args {
     /// inputs, f32 accumulation). Each is timed, interleaved with the others (default f32).
     #[arg(long, value_delimiter = ',')]
     precision: Vec<String>,
+    /// How every engine's KV cache stores K and V: `f32` (default) or `bf16` (rounded on
+    /// write, half the bytes decode attention streams).
+    #[arg(long)]
+    kv_precision: Option<String>,
     /// Mean generation length.
     #[arg(long)]
     gen_len: Option<f64>,
@@ -146,6 +150,13 @@ fn config(args: &Args) -> anyhow::Result<InferBenchConfig> {
                 cfg.precisions.push(p);
             }
         }
+    }
+    if let Some(k) = &args.kv_precision {
+        cfg.kv_precision = match k.trim() {
+            "f32" => mor_models::engine::KvPrecision::F32,
+            "bf16" => mor_models::engine::KvPrecision::Bf16,
+            _ => anyhow::bail!("--kv-precision {k:?} is not a precision: use f32 or bf16"),
+        };
     }
     if let Some(g) = args.gen_len {
         cfg.gen_len_std = cfg.gen_len_std * g / cfg.gen_len_mean;

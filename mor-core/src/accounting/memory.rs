@@ -61,7 +61,13 @@ pub fn memory_estimate(cfg: &ResolvedConfig) -> MemoryEstimate {
     let params = param_counts_with(m, &cfg.plan, cfg.recursion.ln_share, h.kv_sharing);
     let n_params = params.non_embedding as f64
         + params.embedding as f64
-        + router_params(m, cfg.recursion.num_recursions, cfg.router.as_ref()) as f64;
+        + router_params(m, cfg.recursion.num_recursions, cfg.router.as_ref()) as f64
+        + super::relaxation_params(
+            m,
+            &cfg.plan,
+            cfg.recursion.relaxation.as_ref(),
+            h.kv_sharing,
+        ) as f64;
     let accum = cfg.train.grad_accum();
     let k_steps = step_tokens(&h, cfg.plan.num_recursions, m.seq_len)
         .unwrap_or_else(|_| vec![m.seq_len; cfg.plan.num_recursions]);

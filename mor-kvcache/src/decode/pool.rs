@@ -15,7 +15,10 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 /// How the pool stores K and V (attention arithmetic is f32 either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum KvPrecision {
     /// 4 bytes per element, stored exactly.
     #[default]

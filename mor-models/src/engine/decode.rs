@@ -45,6 +45,7 @@ use super::sampling::{Sampler, SamplingParams};
 use crate::model::MorModel;
 use crate::{Error, Result};
 use mor_core::config::Precision;
+use mor_kvcache::decode::KvPrecision;
 use mor_kvcache::DecodeCache;
 use mor_router::RoutingKind;
 
@@ -60,6 +61,9 @@ pub struct DecodeOptions {
     /// Precision of the packed weights (`Bf16`: products with bf16 inputs and f32
     /// accumulation; everything else stays f32).
     pub precision: Precision,
+    /// How the KV cache stores K and V (`Bf16`: rounded to bf16 on write, half the bytes
+    /// attention streams; the arithmetic stays f32).
+    pub kv_precision: KvPrecision,
 }
 
 impl Default for DecodeOptions {
@@ -69,6 +73,7 @@ impl Default for DecodeOptions {
             max_depth: None,
             block_tokens: 16,
             precision: Precision::F32,
+            kv_precision: KvPrecision::F32,
         }
     }
 }
@@ -124,6 +129,7 @@ impl<'m> Decoder<'m> {
         let runner = Runner::new(model, opts.exit.clone(), opts.max_depth, opts.precision)?;
         let blocks = runner.context.div_ceil(opts.block_tokens) * model.plan().num_slots();
         let mut cache = runner.new_cache(opts.block_tokens, blocks)?;
+        cache.set_kv_precision(opts.kv_precision)?;
         cache.start(REQ)?;
         Ok(Decoder {
             runner,

@@ -38,6 +38,7 @@ mod sampling;
 
 pub use decode::{DecodeOptions, Decoder, TokenStep};
 pub use mor_core::config::Precision;
+pub use mor_kvcache::decode::KvPrecision;
 pub use runner::ExitRule;
 pub use sampling::{argmax, Sampler, SamplingParams};
 
@@ -100,6 +101,10 @@ pub struct EngineConfig {
     /// and its KV cache, routers and the residual stream stay f32. Batched decoding equals
     /// sequential decoding, token for token, in either precision.
     pub precision: Precision,
+    /// How the KV cache stores K and V: `F32`, or `Bf16` (rounded to bf16 on write, half
+    /// the bytes attention streams; the arithmetic stays f32, and batched decoding still
+    /// equals sequential decoding).
+    pub kv_precision: KvPrecision,
 }
 
 impl Default for EngineConfig {
@@ -115,6 +120,7 @@ impl Default for EngineConfig {
             record_gates: false,
             exit_batch: 1,
             precision: Precision::F32,
+            kv_precision: KvPrecision::F32,
         }
     }
 }
@@ -448,7 +454,8 @@ impl<'m> Engine<'m> {
         } else {
             cfg.kv_blocks
         };
-        let cache = runner.new_cache(cfg.block_tokens, blocks)?;
+        let mut cache = runner.new_cache(cfg.block_tokens, blocks)?;
+        cache.set_kv_precision(cfg.kv_precision)?;
         let w_prelude = runner.writing(cache.as_ref(), &runner.prelude);
         let w_stages = runner
             .stages

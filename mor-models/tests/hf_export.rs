@@ -6,34 +6,17 @@
 //! logits in `DIR/<name>.logits.safetensors`, for `python/check_hf_export.py DIR` to load
 //! them with `transformers`.
 
+mod common;
+
+use common::{hf_fixture as fixture, TempDir};
+
 use candle_core::{DType, Device, Tensor};
 use mor_core::config::Config;
 use mor_models::hf::{export_hf, read_hf};
 use mor_models::tokenizer::Tokenizer;
 use mor_models::MorModel;
 use mor_router::RouteMode;
-use std::path::{Path, PathBuf};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("mor-hfx-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_tiny")
-}
+use std::path::PathBuf;
 
 fn ids(vocab: u32) -> Tensor {
     let v: Vec<u32> = (0..12u32).map(|i| (i * 37 + 5) % vocab).collect();

@@ -2,33 +2,14 @@
 //! transformers' logits, every storage variant (bf16, f16, sharded) reads the same weights,
 //! and every bad input is refused naming its file and tensor with nothing written.
 
+mod common;
+
+use common::{hf_fixture as fixture, TempDir};
+
 use candle_core::{DType, Device, Tensor};
 use mor_models::hf::{read_hf, HfImport};
 use mor_router::RouteMode;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_tiny")
-}
-
-/// A temporary folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("mor-hf-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn fixture_tensors() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap()

@@ -1,33 +1,16 @@
 //! Uptraining initialisation (spec §2) end to end: a recursive / MoR model built with
 //! `[init]` holds exactly the pretrained weights the method maps to each block.
 
+mod common;
+
+use common::{hf_fixture as fixture, TempDir};
+
 use candle_core::Tensor;
 use mor_core::config::{Config, ResolvedConfig};
 use mor_models::hf::apply_init;
 use mor_models::MorModel;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("mor-hfi-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_tiny")
-}
+use std::path::Path;
 
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::TempDir;
+
 use candle_core::{DType, Device, Tensor};
 use common::{micro, Micro};
 use mor_core::config::ResolvedConfig;
@@ -21,23 +23,6 @@ use mor_models::MorModel;
 use mor_router::RouteMode;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("mor-offl-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Vocabulary 260 (the byte tokenizer has 257 ids), hidden 16, 6 layers, context 16.
 fn cfg(model: &str, tables: &str) -> ResolvedConfig {

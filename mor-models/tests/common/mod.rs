@@ -1,5 +1,6 @@
-//! Helpers shared by the `mor-models` integration tests: micro model configs and random
-//! token ids. Each test file uses some of them.
+//! Helpers shared by the `mor-models` integration tests: micro model configs, random
+//! token ids, temporary folders and the Hugging Face fixture. Each test file uses some of
+//! them.
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
@@ -118,4 +119,28 @@ pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// A `[b, t]` CPU tensor of [`random_ids`]`(b·t, vocab, seed)`, row after row.
 pub fn id_tensor(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
     Tensor::from_vec(random_ids(b * t, vocab, seed), (b, t), &Device::Cpu).unwrap()
+}
+
+/// A fresh temporary folder `mor-test-{tag}-{pid}`, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// Creates the folder (emptied if it exists).
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("mor-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The tiny Hugging Face Llama fixture made by `python/make_hf_fixture.py`.
+pub fn hf_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_tiny")
 }

@@ -187,63 +187,19 @@ fn decode_caches_store_what_each_policy_promises() {
 }
 
 fn requests(n: usize, seed: u64) -> Vec<Request> {
-    let mut r = mor_core::rng::Rng::new(seed);
-    (0..n)
-        .map(|i| {
-            let plen = 1 + r.below(6);
-            let gen = 1 + r.below(10);
-            Request::greedy(random_ids(plen, seed * 100 + i as u64), gen)
-        })
-        .collect()
+    common::requests(n, VOCAB, seed)
 }
 
 /// Generates each request alone with the plain decoder.
 fn sequential(model: &MorModel, reqs: &[Request], exit: &ExitRule) -> Vec<(Vec<u32>, Vec<u8>)> {
-    reqs.iter()
-        .enumerate()
-        .map(|(i, rq)| {
-            let opts = DecodeOptions {
-                exit: exit.clone(),
-                ..Default::default()
-            };
-            let mut dec = Decoder::new(model, opts).unwrap();
-            dec.generate(
-                &rq.prompt,
-                rq.max_new_tokens,
-                rq.sampling,
-                rq.stop_token,
-                i as u64,
-            )
-            .unwrap()
-        })
-        .collect()
+    let opts = DecodeOptions {
+        exit: exit.clone(),
+        ..Default::default()
+    };
+    common::decode_each(model, reqs, &opts)
 }
 
-fn run_engine(
-    model: &MorModel,
-    reqs: &[Request],
-    ecfg: EngineConfig,
-) -> (Vec<(Vec<u32>, Vec<u8>)>, mor_models::engine::EngineStats) {
-    let mut engine = Engine::new(model, ecfg).unwrap();
-    for rq in reqs {
-        engine.submit(rq.clone()).unwrap();
-    }
-    let done = engine.run_to_completion().unwrap();
-    assert_eq!(done.len(), reqs.len());
-    for (c, rq) in done.iter().zip(reqs) {
-        assert!(
-            !matches!(c.finish, FinishReason::Error(_)),
-            "request {} failed: {:?}",
-            c.id,
-            c.finish
-        );
-        assert_eq!(c.prompt_len, rq.prompt.len());
-    }
-    (
-        done.into_iter().map(|c| (c.tokens, c.depths)).collect(),
-        engine.stats().clone(),
-    )
-}
+use common::run_engine;
 
 #[test]
 fn depthwise_batched_engine_equals_sequential_greedy_decoding() {

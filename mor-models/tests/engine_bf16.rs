@@ -7,8 +7,8 @@ mod common;
 use common::{Micro, VANILLA};
 use mor_core::config::ResolvedConfig;
 use mor_models::engine::{
-    Batching, DecodeOptions, Decoder, Engine, EngineConfig, ExitRule, FinishReason, KvPrecision,
-    Precision, Request, SamplingParams,
+    Batching, DecodeOptions, Decoder, EngineConfig, ExitRule, KvPrecision, Precision, Request,
+    SamplingParams,
 };
 use mor_models::MorModel;
 
@@ -38,14 +38,7 @@ fn link() {
 }
 
 fn requests(n: usize, seed: u64) -> Vec<Request> {
-    let mut r = mor_core::rng::Rng::new(seed);
-    (0..n)
-        .map(|i| {
-            let plen = 1 + r.below(6);
-            let gen = 1 + r.below(10);
-            Request::greedy(common::random_ids(plen, VOCAB, seed * 100 + i as u64), gen)
-        })
-        .collect()
+    common::requests(n, VOCAB, seed)
 }
 
 /// Each request alone with the plain decoder, in `precision` (f32 KV cache).
@@ -64,44 +57,16 @@ fn sequential_kv(
     precision: Precision,
     kv: KvPrecision,
 ) -> Vec<(Vec<u32>, Vec<u8>)> {
-    reqs.iter()
-        .enumerate()
-        .map(|(i, rq)| {
-            let opts = DecodeOptions {
-                precision,
-                kv_precision: kv,
-                ..Default::default()
-            };
-            let mut dec = Decoder::new(model, opts).unwrap();
-            dec.generate(
-                &rq.prompt,
-                rq.max_new_tokens,
-                rq.sampling,
-                rq.stop_token,
-                i as u64,
-            )
-            .unwrap()
-        })
-        .collect()
+    let opts = DecodeOptions {
+        precision,
+        kv_precision: kv,
+        ..Default::default()
+    };
+    common::decode_each(model, reqs, &opts)
 }
 
 fn run_engine(model: &MorModel, reqs: &[Request], ecfg: EngineConfig) -> Vec<(Vec<u32>, Vec<u8>)> {
-    let mut engine = Engine::new(model, ecfg).unwrap();
-    for rq in reqs {
-        engine.submit(rq.clone()).unwrap();
-    }
-    let done = engine.run_to_completion().unwrap();
-    assert_eq!(done.len(), reqs.len());
-    done.into_iter()
-        .map(|c| {
-            assert!(
-                !matches!(c.finish, FinishReason::Error(_)),
-                "{:?}",
-                c.finish
-            );
-            (c.tokens, c.depths)
-        })
-        .collect()
+    common::run_engine(model, reqs, ecfg).0
 }
 
 #[test]

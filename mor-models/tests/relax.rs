@@ -398,7 +398,7 @@ fn the_decoder_honours_the_relaxation() {
 #[test]
 fn depthwise_batching_of_a_relaxed_model_equals_sequential_decoding() {
     use mor_models::engine::{
-        Batching, DecodeOptions, Decoder, Engine, EngineConfig, FinishReason, Request,
+        Batching, DecodeOptions, Engine, EngineConfig, FinishReason, Request,
     };
     for (name, m) in engine_cases() {
         let mut rng = mor_core::rng::Rng::new(5);
@@ -408,21 +408,7 @@ fn depthwise_batching_of_a_relaxed_model_equals_sequential_decoding() {
                 Request::greedy(common::random_ids(plen, 32, 50 + i), 1 + rng.below(6))
             })
             .collect();
-        let want: Vec<(Vec<u32>, Vec<u8>)> = reqs
-            .iter()
-            .enumerate()
-            .map(|(i, rq)| {
-                let mut dec = Decoder::new(&m, DecodeOptions::default()).unwrap();
-                dec.generate(
-                    &rq.prompt,
-                    rq.max_new_tokens,
-                    rq.sampling,
-                    rq.stop_token,
-                    i as u64,
-                )
-                .unwrap()
-            })
-            .collect();
+        let want = common::decode_each(&m, &reqs, &DecodeOptions::default());
         let ecfg = EngineConfig {
             batch_size: 8,
             block_tokens: 4,

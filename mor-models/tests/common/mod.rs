@@ -144,3 +144,68 @@ impl Drop for TempDir {
 pub fn hf_fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_tiny")
 }
+
+/// `n` greedy requests with prompts of 1-6 random ids below `vocab` and 1-10 new tokens,
+/// drawn from `seed`.
+pub fn requests(n: usize, vocab: usize, seed: u64) -> Vec<mor_models::engine::Request> {
+    let mut r = mor_core::rng::Rng::new(seed);
+    (0..n)
+        .map(|i| {
+            let plen = 1 + r.below(6);
+            let gen = 1 + r.below(10);
+            mor_models::engine::Request::greedy(random_ids(plen, vocab, seed * 100 + i as u64), gen)
+        })
+        .collect()
+}
+
+/// Each request decoded alone with the plain decoder under `opts` (request `i` seeded
+/// with `i`): the reference the batched engine must reproduce.
+pub fn decode_each(
+    model: &mor_models::MorModel,
+    reqs: &[mor_models::engine::Request],
+    opts: &mor_models::engine::DecodeOptions,
+) -> Vec<(Vec<u32>, Vec<u8>)> {
+    reqs.iter()
+        .enumerate()
+        .map(|(i, rq)| {
+            let mut dec = mor_models::engine::Decoder::new(model, opts.clone()).unwrap();
+            dec.generate(
+                &rq.prompt,
+                rq.max_new_tokens,
+                rq.sampling,
+                rq.stop_token,
+                i as u64,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Runs every request through one engine; asserts that each completes without error and
+/// with its prompt, and returns the tokens and depths in submission order with the
+/// engine's counters.
+pub fn run_engine(
+    model: &mor_models::MorModel,
+    reqs: &[mor_models::engine::Request],
+    ecfg: mor_models::engine::EngineConfig,
+) -> (Vec<(Vec<u32>, Vec<u8>)>, mor_models::engine::EngineStats) {
+    let mut engine = mor_models::engine::Engine::new(model, ecfg).unwrap();
+    for rq in reqs {
+        engine.submit(rq.clone()).unwrap();
+    }
+    let done = engine.run_to_completion().unwrap();
+    assert_eq!(done.len(), reqs.len());
+    for (c, rq) in done.iter().zip(reqs) {
+        assert!(
+            !matches!(c.finish, mor_models::engine::FinishReason::Error(_)),
+            "request {} failed: {:?}",
+            c.id,
+            c.finish
+        );
+        assert_eq!(c.prompt_len, rq.prompt.len());
+    }
+    (
+        done.into_iter().map(|c| (c.tokens, c.depths)).collect(),
+        engine.stats().clone(),
+    )
+}

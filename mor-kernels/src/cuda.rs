@@ -33,6 +33,7 @@ pub mod launch;
 pub mod module;
 mod ops;
 pub mod plain;
+pub mod plan;
 
 #[cfg(feature = "cuda")]
 #[path = "cuda/enabled.rs"]

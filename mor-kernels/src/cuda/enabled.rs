@@ -1,29 +1,30 @@
 //! The CUDA side of the fused ops (feature `cuda`): loading the kernel modules once per
-//! device, and the `cuda_fwd` body of every op. Uses the cudarc that candle re-exports, so
+//! device, and the one generic launch path of every op. Uses the cudarc that candle re-exports, so
 //! buffers are candle's own.
+//!
+//! Every op reaches the device through one path: [`execute`] runs the op's [`Plan`] (the
+//! kernels of the table in `plan.rs`, their grids and arguments) for f32 or bf16 inputs.
 //!
 //! Modules come from the PTX that nvcc made at build time; when nvcc was absent at build
 //! time, or the driver refuses that PTX (e.g. a PTX ISA newer than the driver), the
 //! embedded source is compiled with NVRTC for the device's architecture instead.
 
-use super::launch::{self, LaunchDims};
+use super::launch::LaunchDims;
 use super::module::{
     kernel_name, nvrtc_arch, EmbeddedModule, KernelDType, KernelModule, ModuleKey, ModuleOrigin,
 };
-use super::ops::{
-    GatherRopeBwdOp, GatherRopeOp, GatherRowsOp, IndexAddOp, PagedDecodeOp, RmsNormBwdOp,
-    RmsNormOp, RopeOp, RouterScoreOp, ScatterAddBwdOp, ScatterAddOp, TopkOp,
-};
+use super::plan::{Arg, Elem, Plan};
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaView, CudaViewMut, DeviceRepr,
+    LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{self, Ptx};
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaDevice, CudaStorage, Device, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Device, Layout, Shape, Storage, WithDType};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 type CResult<T> = candle_core::Result<T>;
@@ -138,14 +139,6 @@ fn cfg(d: LaunchDims) -> LaunchConfig {
     }
 }
 
-fn lerr(e: Error) -> candle_core::Error {
-    candle_core::Error::msg(e)
-}
-
-fn u32_arg(op: &'static str, what: &str, v: usize) -> CResult<u32> {
-    launch::to_u32(op, what, v).map_err(lerr)
-}
-
 fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> CResult<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((o1, o2)) => Ok(s.slice(o1..o2)),
@@ -153,975 +146,278 @@ fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> CResult<CudaView<
     }
 }
 
-/// Runs `f` on the u32 device buffer of an index tensor.
-fn with_u32<R>(
-    t: &Tensor,
-    what: &str,
-    f: impl FnOnce(CudaView<'_, u32>) -> CResult<R>,
-) -> CResult<R> {
-    let (st, l) = t.storage_and_layout();
-    match &*st {
-        Storage::Cuda(cs) => f(view(cs.as_cuda_slice::<u32>()?, l, what)?),
-        _ => candle_core::bail!("{what} must be a CUDA tensor"),
-    }
-}
-
-fn wrap<T: candle_core::cuda_backend::CudaDType>(s: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(s, dev.clone())
 }
 
-// The generic bodies take the element type from their slice arguments, so each op is one
-// generic function plus a dispatch over the two dtypes.
-
-fn router_score_t<T: DeviceRepr + WithDType>(
-    op: &RouterScoreOp,
-    h: &CudaSlice<T>,
-    hl: &Layout,
-    w: &CudaSlice<T>,
-    wl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<f32>> {
-    const OP: &str = "router_scores";
-    let (n, d) = hl.shape().dims2()?;
-    let (h, w) = (view(h, hl, "h")?, view(w, wl, "w")?);
-    let dims = launch::warp_per_row(n as u64).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Router, "mor_router_score")?;
-    let out = dev.alloc_zeros::<f32>(2 * n)?;
-    let (n32, d32) = (u32_arg(OP, "n", n)?, u32_arg(OP, "d", d)?);
-    let (act, alpha, inv_temp) = (op.act.code(), op.alpha as f32, op.inv_temp as f32);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&h)
-        .arg(&w)
-        .arg(&out)
-        .arg(&n32)
-        .arg(&d32)
-        .arg(&alpha)
-        .arg(&inv_temp)
-        .arg(&act);
-    // SAFETY: the arguments match the kernel's signature; the buffers hold n*d, d and 2n
-    // elements, and the launch covers n rows (one warp each).
-    unsafe { b.launch(cfg(dims)) }.w()?;
-    Ok(out)
+/// A buffer of a plan, of its element type.
+enum DevBuf<T> {
+    T(CudaSlice<T>),
+    F32(CudaSlice<f32>),
+    U32(CudaSlice<u32>),
 }
 
-pub(crate) fn router_score(
-    op: &RouterScoreOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let n = l1.shape().dims2()?.0;
-    let out = match (&s1.slice, &s2.slice) {
-        (CudaStorageSlice::F32(h), CudaStorageSlice::F32(w)) => {
-            router_score_t(op, h, l1, w, l2, dev)?
-        }
-        (CudaStorageSlice::BF16(h), CudaStorageSlice::BF16(w)) => {
-            router_score_t(op, h, l1, w, l2, dev)?
-        }
-        _ => candle_core::bail!(
-            "router_scores: the CUDA kernel takes f32 or bf16 h and w of one dtype"
-        ),
-    };
-    Ok((wrap(out, dev), Shape::from((n, 2))))
+/// A tensor the kernels read besides the op's inputs.
+enum AuxView<'a, T> {
+    T(CudaView<'a, T>),
+    U32(CudaView<'a, u32>),
 }
 
-fn topk_t<T: DeviceRepr + WithDType>(
-    op: &TopkOp,
-    s: &CudaSlice<T>,
-    l: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<u32>> {
-    const OP: &str = "topk_sorted";
-    let (rows, n) = l.shape().dims2()?;
-    let plan = launch::TopkPlan::new(rows as u64, n as u64, op.k as u64).map_err(lerr)?;
-    let scores = view(s, l, "scores")?;
-    let f = function::<T>(dev, KernelModule::Router, "mor_topk_sorted")?;
-    let mut out = dev.alloc_zeros::<u32>(2 * rows * op.k)?;
-    let (n32, k32) = (u32_arg(OP, "n", n)?, u32_arg(OP, "k", op.k)?);
-    let null = 0u64;
-    let stream = dev.cuda_stream();
-    let map_tensor = op.map.clone();
+/// The value of one kernel argument, ready to push.
+enum ArgVal<'a, T> {
+    T(CudaView<'a, T>),
+    F32(CudaView<'a, f32>),
+    U32(CudaView<'a, u32>),
+    TMut(CudaViewMut<'a, T>),
+    F32Mut(CudaViewMut<'a, f32>),
+    U32Mut(CudaViewMut<'a, u32>),
+    Null(u64),
+    U32v(u32),
+    I32v(i32),
+    F32v(f32),
+    U64v(u64),
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> DevBuf<T> {
+    fn alloc(dev: &CudaDevice, elem: Elem, len: usize) -> CResult<Self> {
+        Ok(match elem {
+            Elem::T => DevBuf::T(dev.alloc_zeros::<T>(len)?),
+            Elem::F32 => DevBuf::F32(dev.alloc_zeros::<f32>(len)?),
+            Elem::U32 => DevBuf::U32(dev.alloc_zeros::<u32>(len)?),
+        })
+    }
+
+    fn read(&self) -> ArgVal<'_, T> {
+        match self {
+            DevBuf::T(s) => ArgVal::T(s.slice(..)),
+            DevBuf::F32(s) => ArgVal::F32(s.slice(..)),
+            DevBuf::U32(s) => ArgVal::U32(s.slice(..)),
+        }
+    }
+
+    fn write(&mut self, r: Range<usize>) -> CResult<ArgVal<'_, T>> {
+        let bad = || cuda_err(format!("a write of {r:?} outside its buffer"));
+        Ok(match self {
+            DevBuf::T(s) => ArgVal::TMut(s.try_slice_mut(r.clone()).ok_or_else(bad)?),
+            DevBuf::F32(s) => ArgVal::F32Mut(s.try_slice_mut(r.clone()).ok_or_else(bad)?),
+            DevBuf::U32(s) => ArgVal::U32Mut(s.try_slice_mut(r.clone()).ok_or_else(bad)?),
+        })
+    }
+
+    /// The two halves `..mid` and `mid..`, both written.
+    fn halves(&mut self, mid: usize) -> CResult<(ArgVal<'_, T>, ArgVal<'_, T>)> {
+        let bad = || cuda_err(format!("a split at {mid} outside its buffer"));
+        Ok(match self {
+            DevBuf::T(s) => {
+                let (a, b) = s.try_split_at_mut(mid).ok_or_else(bad)?;
+                (ArgVal::TMut(a), ArgVal::TMut(b))
+            }
+            DevBuf::F32(s) => {
+                let (a, b) = s.try_split_at_mut(mid).ok_or_else(bad)?;
+                (ArgVal::F32Mut(a), ArgVal::F32Mut(b))
+            }
+            DevBuf::U32(s) => {
+                let (a, b) = s.try_split_at_mut(mid).ok_or_else(bad)?;
+                (ArgVal::U32Mut(a), ArgVal::U32Mut(b))
+            }
+        })
+    }
+
+    fn into_storage(self, dev: &CudaDevice) -> CudaStorage
+    where
+        T: CudaDType,
     {
-        let (mut keep, mut sel) = out.split_at_mut(rows * op.k);
-        let mut launch_with = |map: Option<CudaView<'_, u32>>| -> CResult<()> {
-            let mut b = stream.launch_builder(&f);
-            b.arg(&scores);
-            match &map {
-                Some(m) => b.arg(m),
-                None => b.arg(&null),
-            };
-            b.arg(&mut keep).arg(&mut sel).arg(&n32).arg(&k32);
-            // SAFETY: arguments match `mor_topk_sorted_*`; scores and map hold rows*n
-            // elements, keep and sel rows*k; one block per row (TopkPlan).
-            unsafe { b.launch(cfg(plan.dims)) }.w()?;
-            Ok(())
+        match self {
+            DevBuf::T(s) => wrap(s, dev),
+            DevBuf::F32(s) => wrap(s, dev),
+            DevBuf::U32(s) => wrap(s, dev),
+        }
+    }
+}
+
+/// Pushes one argument (device buffers with their stream-ordering events).
+fn push<'a, 'b: 'a, 'c: 'b, T>(b: &mut LaunchArgs<'a>, v: &'b mut ArgVal<'c, T>) {
+    match v {
+        ArgVal::T(x) => b.arg(&*x),
+        ArgVal::F32(x) => b.arg(&*x),
+        ArgVal::U32(x) => b.arg(&*x),
+        ArgVal::TMut(x) => b.arg(x),
+        ArgVal::F32Mut(x) => b.arg(x),
+        ArgVal::U32Mut(x) => b.arg(x),
+        ArgVal::Null(x) | ArgVal::U64v(x) => b.arg(&*x),
+        ArgVal::U32v(x) => b.arg(&*x),
+        ArgVal::I32v(x) => b.arg(&*x),
+        ArgVal::F32v(x) => b.arg(&*x),
+    };
+}
+
+/// The argument values of one launch, in parameter order. A buffer is written through one
+/// view, or through its two halves (the plan was validated: two writes tile the buffer,
+/// and no launch reads a buffer it writes).
+fn arg_values<'v, T: DeviceRepr + ValidAsZeroBits>(
+    args: &[Arg],
+    ins: &[CudaView<'v, T>],
+    aux: &[AuxView<'v, T>],
+    bufs: &'v mut [DevBuf<T>],
+) -> CResult<Vec<ArgVal<'v, T>>> {
+    let mut slots: Vec<Option<ArgVal<'v, T>>> = (0..args.len()).map(|_| None).collect();
+    let mut readable: Vec<Option<&'v DevBuf<T>>> = Vec::with_capacity(bufs.len());
+    for (bi, buf) in bufs.iter_mut().enumerate() {
+        let mut w: Vec<(usize, Range<usize>)> = args
+            .iter()
+            .enumerate()
+            .filter_map(|(j, a)| match a {
+                Arg::Write(b, r) if *b == bi => Some((j, r.clone())),
+                _ => None,
+            })
+            .collect();
+        w.sort_by_key(|(_, r)| r.start);
+        match w.as_slice() {
+            [] => readable.push(Some(buf)),
+            [(j, r)] => {
+                slots[*j] = Some(buf.write(r.clone())?);
+                readable.push(None);
+            }
+            [(j0, _), (j1, r1)] => {
+                let (a, b) = buf.halves(r1.start)?;
+                slots[*j0] = Some(a);
+                slots[*j1] = Some(b);
+                readable.push(None);
+            }
+            _ => candle_core::bail!("more than two writes into buffer {bi} in one launch"),
+        }
+    }
+    for (j, a) in args.iter().enumerate() {
+        let v = match a {
+            Arg::Write(..) => continue,
+            Arg::Input(i) => match ins.get(*i) {
+                Some(x) => ArgVal::T(x.slice(..)),
+                None => candle_core::bail!("no input {i}"),
+            },
+            Arg::Aux(i) => match aux.get(*i) {
+                Some(AuxView::T(x)) => ArgVal::T(x.slice(..)),
+                Some(AuxView::U32(x)) => ArgVal::U32(x.slice(..)),
+                None => candle_core::bail!("no auxiliary tensor {i}"),
+            },
+            Arg::Read(b) => match readable.get(*b).copied().flatten() {
+                Some(buf) => buf.read(),
+                None => candle_core::bail!("buffer {b} is written by the launch that reads it"),
+            },
+            Arg::Null => ArgVal::Null(0),
+            Arg::U32(x) => ArgVal::U32v(*x),
+            Arg::I32(x) => ArgVal::I32v(*x),
+            Arg::F32(x) => ArgVal::F32v(*x),
+            Arg::U64(x) => ArgVal::U64v(*x),
         };
-        match &map_tensor {
-            Some(map) => with_u32(map, "map", |m| launch_with(Some(m)))?,
-            None => launch_with(None)?,
-        }
+        slots[j] = Some(v);
     }
-    Ok(out)
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(j, s)| s.ok_or_else(|| cuda_err(format!("argument {j} has no value"))))
+        .collect()
 }
 
-pub(crate) fn topk_sorted(
-    op: &TopkOp,
-    s: &CudaStorage,
-    l: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s.device();
-    let rows = l.shape().dims2()?.0;
-    let out = match &s.slice {
-        CudaStorageSlice::F32(x) => topk_t(op, x, l, dev)?,
-        CudaStorageSlice::BF16(x) => topk_t(op, x, l, dev)?,
-        _ => candle_core::bail!("topk_sorted: the CUDA kernel takes f32 or bf16 scores"),
+fn aux_view<'a, T: CudaDType>(st: &'a Storage, l: &Layout) -> CResult<AuxView<'a, T>> {
+    let Storage::Cuda(cs) = st else {
+        candle_core::bail!("an index or weight tensor of a CUDA op must be a CUDA tensor")
     };
-    Ok((wrap(out, dev), Shape::from((2, rows, op.k))))
-}
-
-fn rms_fwd_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &RmsNormOp,
-    x: &CudaSlice<T>,
-    xl: &Layout,
-    w: &CudaSlice<T>,
-    wl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    const OP: &str = "rms_norm";
-    let (n, d) = xl.shape().dims2()?;
-    let (x, w) = (view(x, xl, "x")?, view(w, wl, "w")?);
-    let dims = launch::block_per_row(n as u64, d as u64).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::RmsNorm, "mor_rms_norm_fwd")?;
-    let y = dev.alloc_zeros::<T>(n * d)?;
-    let (n32, d32, eps) = (u32_arg(OP, "n", n)?, u32_arg(OP, "d", d)?, op.eps as f32);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&w).arg(&y).arg(&n32).arg(&d32).arg(&eps);
-    // SAFETY: arguments match `mor_rms_norm_fwd_*`; x and y hold n*d elements, w d.
-    unsafe { b.launch(cfg(dims)) }.w()?;
-    Ok(y)
-}
-
-pub(crate) fn rms_norm_fwd(
-    op: &RmsNormOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let slice = match (&s1.slice, &s2.slice) {
-        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w)) => {
-            CudaStorageSlice::F32(rms_fwd_t(op, x, l1, w, l2, dev)?)
-        }
-        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w)) => {
-            CudaStorageSlice::BF16(rms_fwd_t(op, x, l1, w, l2, dev)?)
-        }
-        _ => candle_core::bail!("rms_norm: the CUDA kernel takes f32 or bf16 x and w of one dtype"),
-    };
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        l1.shape().clone(),
-    ))
-}
-
-fn rms_bwd_t<T: DeviceRepr + WithDType>(
-    op: &RmsNormBwdOp,
-    x: &CudaSlice<T>,
-    xl: &Layout,
-    w: &CudaSlice<T>,
-    wl: &Layout,
-    g: &CudaSlice<T>,
-    gl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<f32>> {
-    const OP: &str = "rms_norm backward";
-    let (n, d) = xl.shape().dims2()?;
-    let (x, w, g) = (view(x, xl, "x")?, view(w, wl, "w")?, view(g, gl, "grad")?);
-    let dims = launch::rms_norm_bwd(n as u64, d as u64).map_err(lerr)?;
-    if dims.grid.0 as usize != op.parts {
-        candle_core::bail!(
-            "rms_norm backward: planned {} partial rows, the launch has {}",
-            op.parts,
-            dims.grid.0
-        );
-    }
-    let f = function::<T>(dev, KernelModule::RmsNorm, "mor_rms_norm_bwd")?;
-    let mut out = dev.alloc_zeros::<f32>(n * d + op.parts * d)?;
-    let (n32, d32, eps) = (u32_arg(OP, "n", n)?, u32_arg(OP, "d", d)?, op.eps as f32);
-    {
-        let (mut dx, mut dw) = out.split_at_mut(n * d);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x)
-            .arg(&w)
-            .arg(&g)
-            .arg(&mut dx)
-            .arg(&mut dw)
-            .arg(&n32)
-            .arg(&d32)
-            .arg(&eps);
-        // SAFETY: arguments match `mor_rms_norm_bwd_*`; dx holds n*d and dw parts*d f32,
-        // and the grid has exactly `parts` blocks.
-        unsafe { b.launch(cfg(dims)) }.w()?;
-    }
-    Ok(out)
-}
-
-pub(crate) fn rms_norm_bwd(
-    op: &RmsNormBwdOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let (n, d) = l1.shape().dims2()?;
-    let out = match (&s1.slice, &s2.slice, &s3.slice) {
-        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w), CudaStorageSlice::F32(g)) => {
-            rms_bwd_t(op, x, l1, w, l2, g, l3, dev)?
-        }
-        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w), CudaStorageSlice::BF16(g)) => {
-            rms_bwd_t(op, x, l1, w, l2, g, l3, dev)?
-        }
-        _ => candle_core::bail!(
-            "rms_norm backward: the CUDA kernel takes f32 or bf16 inputs of one dtype"
-        ),
-    };
-    Ok((wrap(out, dev), Shape::from(n * d + op.parts * d)))
-}
-
-struct RopeArgs {
-    b: u32,
-    h: u32,
-    t: u32,
-    dh: u32,
-    max_pos: u32,
-}
-
-fn rope_args(op: &'static str, xl: &Layout, cl: &Layout, t: usize) -> CResult<RopeArgs> {
-    let (b, h, _, dh) = xl.shape().dims4()?;
-    let (max_pos, _) = cl.shape().dims2()?;
-    Ok(RopeArgs {
-        b: u32_arg(op, "b", b)?,
-        h: u32_arg(op, "h", h)?,
-        t: u32_arg(op, "t", t)?,
-        dh: u32_arg(op, "dh", dh)?,
-        max_pos: u32_arg(op, "max_pos", max_pos)?,
+    Ok(match &cs.slice {
+        CudaStorageSlice::U32(s) => AuxView::U32(view(s, l, "index tensor")?),
+        _ => AuxView::T(view(cs.as_cuda_slice::<T>()?, l, "weight tensor")?),
     })
 }
 
-fn rope_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &RopeOp,
-    x: &CudaSlice<T>,
-    xl: &Layout,
-    c: &CudaSlice<T>,
-    cl: &Layout,
-    s: &CudaSlice<T>,
-    sl: &Layout,
+fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
+    plan: &Plan,
+    inputs: &[(&CudaStorage, &Layout)],
     dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    let t = xl.shape().dims4()?.2;
-    let a = rope_args("rope", xl, cl, t)?;
-    let (x, c, s) = (view(x, xl, "x")?, view(c, cl, "cos")?, view(s, sl, "sin")?);
-    let pairs = a.b as u64 * a.h as u64 * a.t as u64 * (a.dh / 2) as u64;
-    let dims = launch::elementwise(pairs).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Rope, "mor_rope_at")?;
-    let out = dev.alloc_zeros::<T>(xl.shape().elem_count())?;
-    let sign = op.sign as f32;
-    let stream = dev.cuda_stream();
-    with_u32(&op.pos, "pos", |pos| {
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x)
-            .arg(&pos)
-            .arg(&c)
-            .arg(&s)
-            .arg(&out)
-            .arg(&a.b)
-            .arg(&a.h)
-            .arg(&a.t)
-            .arg(&a.dh)
-            .arg(&a.max_pos)
-            .arg(&sign);
-        // SAFETY: arguments match `mor_rope_at_*`; x and out hold b*h*t*dh elements, pos
-        // b*t, the tables max_pos*dh/2; the grid-stride loop covers every pair.
-        unsafe { b.launch(cfg(dims)) }.w()?;
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-macro_rules! three_same {
-    ($name:literal, $f:ident, $op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr, $dev:expr) => {
-        match (&$s1.slice, &$s2.slice, &$s3.slice) {
-            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b), CudaStorageSlice::F32(c)) => {
-                CudaStorageSlice::F32($f($op, a, $l1, b, $l2, c, $l3, $dev)?)
-            }
-            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b), CudaStorageSlice::BF16(c)) => {
-                CudaStorageSlice::BF16($f($op, a, $l1, b, $l2, c, $l3, $dev)?)
-            }
-            _ => candle_core::bail!(
-                "{}: the CUDA kernel takes f32 or bf16 inputs of one dtype",
-                $name
-            ),
-        }
-    };
-}
-
-pub(crate) fn rope_at(
-    op: &RopeOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let slice = three_same!("rope", rope_t, op, s1, l1, s2, l2, s3, l3, dev);
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        l1.shape().clone(),
-    ))
-}
-
-fn gather_rope_fwd_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &GatherRopeOp,
-    x: &CudaSlice<T>,
-    xl: &Layout,
-    c: &CudaSlice<T>,
-    cl: &Layout,
-    s: &CudaSlice<T>,
-    sl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    const OP: &str = "gather_rope";
-    let t = op.idx.dims()[1];
-    let a = rope_args(OP, xl, cl, t)?;
-    let l = u32_arg(OP, "l", xl.shape().dims4()?.2)?;
-    let (x, c, s) = (view(x, xl, "x")?, view(c, cl, "cos")?, view(s, sl, "sin")?);
-    let pairs = a.b as u64 * a.h as u64 * a.t as u64 * (a.dh / 2) as u64;
-    let dims = launch::elementwise(pairs).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Rope, "mor_gather_rope_fwd")?;
-    let out = dev.alloc_zeros::<T>(a.b as usize * a.h as usize * t * a.dh as usize)?;
-    let stream = dev.cuda_stream();
-    with_u32(&op.idx, "idx", |idx| {
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x)
-            .arg(&idx)
-            .arg(&c)
-            .arg(&s)
-            .arg(&out)
-            .arg(&a.b)
-            .arg(&a.h)
-            .arg(&l)
-            .arg(&a.t)
-            .arg(&a.dh)
-            .arg(&a.max_pos);
-        // SAFETY: arguments match `mor_gather_rope_fwd_*`; x holds b*h*l*dh elements, out
-        // b*h*t*dh, idx b*t; the grid-stride loop covers every output pair.
-        unsafe { b.launch(cfg(dims)) }.w()?;
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-pub(crate) fn gather_rope_fwd(
-    op: &GatherRopeOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let (b, h, _, dh) = l1.shape().dims4()?;
-    let slice = three_same!(
-        "gather_rope",
-        gather_rope_fwd_t,
-        op,
-        s1,
-        l1,
-        s2,
-        l2,
-        s3,
-        l3,
-        dev
-    );
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        Shape::from((b, h, op.idx.dims()[1], dh)),
-    ))
-}
-
-fn gather_rope_bwd_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &GatherRopeBwdOp,
-    g: &CudaSlice<T>,
-    gl: &Layout,
-    c: &CudaSlice<T>,
-    cl: &Layout,
-    s: &CudaSlice<T>,
-    sl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    const OP: &str = "gather_rope backward";
-    let t = gl.shape().dims4()?.2;
-    let a = rope_args(OP, gl, cl, t)?;
-    let l = u32_arg(OP, "l", op.l)?;
-    let (g, c, s) = (
-        view(g, gl, "grad")?,
-        view(c, cl, "cos")?,
-        view(s, sl, "sin")?,
-    );
-    let pairs = a.b as u64 * a.h as u64 * a.t as u64 * (a.dh / 2) as u64;
-    let dims = launch::elementwise(pairs).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Rope, "mor_gather_rope_bwd")?;
-    let dx = dev.alloc_zeros::<T>(a.b as usize * a.h as usize * op.l * a.dh as usize)?;
-    let stream = dev.cuda_stream();
-    with_u32(&op.idx, "idx", |idx| {
-        let mut b = stream.launch_builder(&f);
-        b.arg(&g)
-            .arg(&idx)
-            .arg(&c)
-            .arg(&s)
-            .arg(&dx)
-            .arg(&a.b)
-            .arg(&a.h)
-            .arg(&l)
-            .arg(&a.t)
-            .arg(&a.dh)
-            .arg(&a.max_pos);
-        // SAFETY: arguments match `mor_gather_rope_bwd_*`; dx (zeroed) holds b*h*l*dh
-        // elements, grad b*h*t*dh; the grid-stride loop covers every pair.
-        unsafe { b.launch(cfg(dims)) }.w()?;
-        Ok(())
-    })?;
-    Ok(dx)
-}
-
-pub(crate) fn gather_rope_bwd(
-    op: &GatherRopeBwdOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let (b, h, _, dh) = l1.shape().dims4()?;
-    let slice = three_same!(
-        "gather_rope backward",
-        gather_rope_bwd_t,
-        op,
-        s1,
-        l1,
-        s2,
-        l2,
-        s3,
-        l3,
-        dev
-    );
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        Shape::from((b, h, op.l, dh)),
-    ))
-}
-
-fn swiglu_fwd_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    g: &CudaSlice<T>,
-    gl: &Layout,
-    u: &CudaSlice<T>,
-    ul: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    let n = gl.shape().elem_count();
-    let (g, u) = (view(g, gl, "gate")?, view(u, ul, "up")?);
-    let dims = launch::elementwise(n as u64).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Swiglu, "mor_swiglu_fwd")?;
-    let y = dev.alloc_zeros::<T>(n)?;
-    let n64 = n as u64;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&g).arg(&u).arg(&y).arg(&n64);
-    // SAFETY: arguments match `mor_swiglu_fwd_*`; every buffer holds n elements.
-    unsafe { b.launch(cfg(dims)) }.w()?;
-    Ok(y)
-}
-
-pub(crate) fn swiglu_fwd(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let slice = match (&s1.slice, &s2.slice) {
-        (CudaStorageSlice::F32(g), CudaStorageSlice::F32(u)) => {
-            CudaStorageSlice::F32(swiglu_fwd_t(g, l1, u, l2, dev)?)
-        }
-        (CudaStorageSlice::BF16(g), CudaStorageSlice::BF16(u)) => {
-            CudaStorageSlice::BF16(swiglu_fwd_t(g, l1, u, l2, dev)?)
-        }
-        _ => candle_core::bail!("swiglu: the CUDA kernel takes f32 or bf16 inputs of one dtype"),
-    };
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        l1.shape().clone(),
-    ))
-}
-
-fn swiglu_bwd_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    _op: &(),
-    g: &CudaSlice<T>,
-    gl: &Layout,
-    u: &CudaSlice<T>,
-    ul: &Layout,
-    dy: &CudaSlice<T>,
-    dyl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    let n = gl.shape().elem_count();
-    let (g, u, dy) = (
-        view(g, gl, "gate")?,
-        view(u, ul, "up")?,
-        view(dy, dyl, "grad")?,
-    );
-    let dims = launch::elementwise(n as u64).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Swiglu, "mor_swiglu_bwd")?;
-    let out = dev.alloc_zeros::<T>(2 * n)?;
-    let n64 = n as u64;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&g).arg(&u).arg(&dy).arg(&out).arg(&n64);
-    // SAFETY: arguments match `mor_swiglu_bwd_*`; inputs hold n elements, out 2n.
-    unsafe { b.launch(cfg(dims)) }.w()?;
-    Ok(out)
-}
-
-pub(crate) fn swiglu_bwd(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let slice = three_same!(
-        "swiglu backward",
-        swiglu_bwd_t,
-        &(),
-        s1,
-        l1,
-        s2,
-        l2,
-        s3,
-        l3,
-        dev
-    );
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        Shape::from((2, l1.shape().elem_count())),
-    ))
-}
-
-fn gather_rows_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &GatherRowsOp,
-    h: &CudaSlice<T>,
-    hl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    const OP: &str = "gather_tokens";
-    let (b, l, d) = hl.shape().dims3()?;
-    let k = op.idx.dims()[1];
-    let h = view(h, hl, "h")?;
-    let dims = launch::row_loop((b * k) as u64, d as u64).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Tokens, "mor_gather_rows")?;
-    let out = dev.alloc_zeros::<T>(b * k * d)?;
-    let (b32, l32, k32, d32) = (
-        u32_arg(OP, "b", b)?,
-        u32_arg(OP, "l", l)?,
-        u32_arg(OP, "k", k)?,
-        u32_arg(OP, "d", d)?,
-    );
-    let stream = dev.cuda_stream();
-    with_u32(&op.idx, "idx", |idx| {
-        let mut bl = stream.launch_builder(&f);
-        bl.arg(&h)
-            .arg(&idx)
-            .arg(&out)
-            .arg(&b32)
-            .arg(&l32)
-            .arg(&k32)
-            .arg(&d32);
-        // SAFETY: arguments match `mor_gather_rows_*`; h holds b*l*d elements, idx b*k,
-        // out b*k*d; blocks stride over every output row.
-        unsafe { bl.launch(cfg(dims)) }.w()?;
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-pub(crate) fn gather_rows(
-    op: &GatherRowsOp,
-    s: &CudaStorage,
-    l: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s.device();
-    let (b, _, d) = l.shape().dims3()?;
-    let slice = match &s.slice {
-        CudaStorageSlice::F32(h) => CudaStorageSlice::F32(gather_rows_t(op, h, l, dev)?),
-        CudaStorageSlice::BF16(h) => CudaStorageSlice::BF16(gather_rows_t(op, h, l, dev)?),
-        _ => candle_core::bail!("gather_tokens: the CUDA kernel takes f32 or bf16 h"),
-    };
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        Shape::from((b, op.idx.dims()[1], d)),
-    ))
-}
-
-/// Copies `base` and adds `w * y` into the rows at `idx` (atomically or not).
-fn index_add_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    idx_t: &Tensor,
-    base: &CudaSlice<T>,
-    bl: &Layout,
-    y: &CudaSlice<T>,
-    yl: &Layout,
-    w: Option<CudaView<'_, T>>,
-    atomic: bool,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    const OP: &str = "scatter_add_tokens";
-    let (b, l, d) = bl.shape().dims3()?;
-    let k = idx_t.dims()[1];
-    let (base, y) = (view(base, bl, "h")?, view(y, yl, "y")?);
-    let mut out = dev.alloc_zeros::<T>(b * l * d)?;
-    dev.memcpy_dtod(&base, &mut out)?;
-    let dims = launch::row_loop((b * k) as u64, d as u64).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Tokens, "mor_index_add_rows")?;
-    let (b32, l32, k32, d32) = (
-        u32_arg(OP, "b", b)?,
-        u32_arg(OP, "l", l)?,
-        u32_arg(OP, "k", k)?,
-        u32_arg(OP, "d", d)?,
-    );
-    let atomic = atomic as i32;
-    let null = 0u64;
-    let stream = dev.cuda_stream();
-    with_u32(idx_t, "idx", |idx| {
-        let mut bl = stream.launch_builder(&f);
-        bl.arg(&mut out).arg(&idx).arg(&y);
-        match &w {
-            Some(w) => bl.arg(w),
-            None => bl.arg(&null),
-        };
-        bl.arg(&b32).arg(&l32).arg(&k32).arg(&d32).arg(&atomic);
-        // SAFETY: arguments match `mor_index_add_rows_*`; out holds b*l*d elements, y
-        // b*k*d, idx and w b*k; without atomics the indices of a row are distinct (the
-        // op's contract), so no two threads write one element.
-        unsafe { bl.launch(cfg(dims)) }.w()?;
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-pub(crate) fn index_add_rows(
-    op: &IndexAddOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    fn run<T: DeviceRepr + WithDType + ValidAsZeroBits + candle_core::cuda_backend::CudaDType>(
-        op: &IndexAddOp,
-        base: &CudaSlice<T>,
-        bl: &Layout,
-        y: &CudaSlice<T>,
-        yl: &Layout,
-        dev: &CudaDevice,
-    ) -> CResult<CudaSlice<T>> {
-        match &op.w {
-            Some(w) => {
-                let (st, wl) = w.storage_and_layout();
-                let Storage::Cuda(ws) = &*st else {
-                    candle_core::bail!("w must be a CUDA tensor")
-                };
-                let wv = view(ws.as_cuda_slice::<T>()?, wl, "w")?;
-                index_add_t(&op.idx, base, bl, y, yl, Some(wv), op.atomic, dev)
-            }
-            None => index_add_t(&op.idx, base, bl, y, yl, None, op.atomic, dev),
+) -> CResult<CudaStorage> {
+    plan.validate(T::DTYPE)
+        .map_err(candle_core::Error::msg)?;
+    let ins = inputs
+        .iter()
+        .map(|(s, l)| view(s.as_cuda_slice::<T>()?, l, "an input"))
+        .collect::<CResult<Vec<_>>>()?;
+    let guards: Vec<_> = plan.aux.iter().map(|t| t.storage_and_layout()).collect();
+    let aux = guards
+        .iter()
+        .map(|(st, l)| aux_view::<T>(st, l))
+        .collect::<CResult<Vec<_>>>()?;
+    let mut bufs = plan
+        .buffers
+        .iter()
+        .map(|b| DevBuf::<T>::alloc(dev, b.elem, b.len))
+        .collect::<CResult<Vec<_>>>()?;
+    for &(i, b) in &plan.copies {
+        match (&mut bufs[b], &ins[i]) {
+            (DevBuf::T(dst), src) if dst.len() == src.len() => dev.memcpy_dtod(src, dst)?,
+            _ => candle_core::bail!("{}: input {i} does not fit buffer {b}", plan.op),
         }
     }
-    let slice = match (&s1.slice, &s2.slice) {
-        (CudaStorageSlice::F32(a), CudaStorageSlice::F32(y)) => {
-            CudaStorageSlice::F32(run(op, a, l1, y, l2, dev)?)
+    let stream = dev.cuda_stream();
+    for launch in &plan.launches {
+        let spec = launch.kernel.spec();
+        let f = function::<T>(dev, spec.module, spec.base)?;
+        let mut vals = arg_values(&launch.args, &ins, &aux, &mut bufs)?;
+        let mut b = stream.launch_builder(&f);
+        for v in vals.iter_mut() {
+            push(&mut b, v);
         }
-        (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(y)) => {
-            CudaStorageSlice::BF16(run(op, a, l1, y, l2, dev)?)
-        }
+        // SAFETY: `Plan::validate` checked every argument against the kernel's parameter
+        // list in the kernel table (itself checked against the kernel sources): one device
+        // pointer of the right element type per pointer parameter, one scalar of the right
+        // type per scalar. Each pointer covers the elements the kernel touches for the
+        // sizes passed, as the op's plan documents; written views do not alias.
+        unsafe { b.launch(cfg(launch.dims)) }.w()?;
+    }
+    drop(aux);
+    drop(guards);
+    Ok(bufs.swap_remove(plan.output).into_storage(dev))
+}
+
+/// Runs an op's plan on f32 or bf16 inputs (all of one dtype) and returns its output.
+pub(crate) fn execute(
+    plan: &Plan,
+    inputs: &[(&CudaStorage, &Layout)],
+) -> CResult<(CudaStorage, Shape)> {
+    let Some((first, _)) = inputs.first() else {
+        candle_core::bail!("{}: no input", plan.op)
+    };
+    if inputs.len() != plan.inputs {
+        candle_core::bail!(
+            "{}: {} inputs, the plan takes {}",
+            plan.op,
+            inputs.len(),
+            plan.inputs
+        );
+    }
+    let dtype = first.dtype();
+    if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
+        candle_core::bail!(
+            "{}: the CUDA kernel takes f32 or bf16 inputs of one dtype",
+            plan.op
+        );
+    }
+    let dev = first.device();
+    // The element type comes from the first input's slice.
+    fn like<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
+        _: &CudaSlice<T>,
+        plan: &Plan,
+        inputs: &[(&CudaStorage, &Layout)],
+        dev: &CudaDevice,
+    ) -> CResult<CudaStorage> {
+        run::<T>(plan, inputs, dev)
+    }
+    let out = match &first.slice {
+        CudaStorageSlice::F32(s) => like(s, plan, inputs, dev)?,
+        CudaStorageSlice::BF16(s) => like(s, plan, inputs, dev)?,
         _ => candle_core::bail!(
-            "index_add_rows: the CUDA kernel takes f32 or bf16 inputs of one dtype"
+            "{}: the CUDA kernels take f32 or bf16, not {dtype:?}",
+            plan.op
         ),
     };
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        l1.shape().clone(),
-    ))
-}
-
-fn scatter_fwd_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &ScatterAddOp,
-    h: &CudaSlice<T>,
-    hl: &Layout,
-    y: &CudaSlice<T>,
-    yl: &Layout,
-    w: &CudaSlice<T>,
-    wl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    let w = view(w, wl, "w")?;
-    index_add_t(&op.idx, h, hl, y, yl, Some(w), false, dev)
-}
-
-pub(crate) fn scatter_add_fwd(
-    op: &ScatterAddOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let slice = three_same!(
-        "scatter_add_tokens",
-        scatter_fwd_t,
-        op,
-        s1,
-        l1,
-        s2,
-        l2,
-        s3,
-        l3,
-        dev
-    );
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        l1.shape().clone(),
-    ))
-}
-
-fn scatter_bwd_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &ScatterAddBwdOp,
-    g: &CudaSlice<T>,
-    gl: &Layout,
-    y: &CudaSlice<T>,
-    yl: &Layout,
-    w: &CudaSlice<T>,
-    wl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    const OP: &str = "scatter_add_tokens backward";
-    let (b, l, d) = gl.shape().dims3()?;
-    let k = op.idx.dims()[1];
-    let (g, y, w) = (view(g, gl, "grad")?, view(y, yl, "y")?, view(w, wl, "w")?);
-    let dims = launch::warp_per_row((b * k) as u64).map_err(lerr)?;
-    let f = function::<T>(dev, KernelModule::Tokens, "mor_scatter_add_bwd")?;
-    let out = dev.alloc_zeros::<T>(b * k * (d + 1))?;
-    let (b32, l32, k32, d32) = (
-        u32_arg(OP, "b", b)?,
-        u32_arg(OP, "l", l)?,
-        u32_arg(OP, "k", k)?,
-        u32_arg(OP, "d", d)?,
-    );
-    let stream = dev.cuda_stream();
-    with_u32(&op.idx, "idx", |idx| {
-        let mut bl = stream.launch_builder(&f);
-        bl.arg(&g)
-            .arg(&idx)
-            .arg(&y)
-            .arg(&w)
-            .arg(&out)
-            .arg(&b32)
-            .arg(&l32)
-            .arg(&k32)
-            .arg(&d32);
-        // SAFETY: arguments match `mor_scatter_add_bwd_*`; grad holds b*l*d elements, y
-        // b*k*d, idx and w b*k, out b*k*(d+1); one warp per selected row.
-        unsafe { bl.launch(cfg(dims)) }.w()?;
-        Ok(())
-    })?;
-    Ok(out)
-}
-
-pub(crate) fn scatter_add_bwd(
-    op: &ScatterAddBwdOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let (b, _, d) = l1.shape().dims3()?;
-    let k = op.idx.dims()[1];
-    let slice = three_same!(
-        "scatter_add_tokens backward",
-        scatter_bwd_t,
-        op,
-        s1,
-        l1,
-        s2,
-        l2,
-        s3,
-        l3,
-        dev
-    );
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        Shape::from((b * k, d + 1)),
-    ))
-}
-
-fn decode_t<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-    op: &PagedDecodeOp,
-    q: &CudaSlice<T>,
-    ql: &Layout,
-    k: &CudaSlice<T>,
-    kl: &Layout,
-    v: &CudaSlice<T>,
-    vl: &Layout,
-    dev: &CudaDevice,
-) -> CResult<CudaSlice<T>> {
-    let plan = op.plan;
-    let s = plan.shape;
-    let (q, k, v) = (
-        view(q, ql, "q")?,
-        view(k, kl, "k_cache")?,
-        view(v, vl, "v_cache")?,
-    );
-    let fp = function::<T>(
-        dev,
-        KernelModule::DecodeAttention,
-        "mor_paged_decode_partial",
-    )?;
-    let fc = function::<T>(
-        dev,
-        KernelModule::DecodeAttention,
-        "mor_paged_decode_combine",
-    )?;
-    let partial = dev.alloc_zeros::<f32>(plan.partial_len)?;
-    let out = dev.alloc_zeros::<T>(s.batch * s.q_heads * s.head_dim)?;
-    // DecodePlan::new checked that every size fits u32.
-    let (hq, hkv, dh) = (s.q_heads as u32, s.kv_heads as u32, s.head_dim as u32);
-    let (bt, mb, nb) = (
-        s.block_tokens as u32,
-        s.max_blocks as u32,
-        s.num_blocks as u32,
-    );
-    let (pt, np) = (plan.part_tokens as u32, plan.n_parts as u32);
-    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
-    let stream = dev.cuda_stream();
-    with_u32(&op.block_table, "block_table", |table| {
-        with_u32(&op.seq_lens, "seq_lens", |lens| {
-            let mut b = stream.launch_builder(&fp);
-            b.arg(&q)
-                .arg(&k)
-                .arg(&v)
-                .arg(&table)
-                .arg(&lens)
-                .arg(&partial);
-            b.arg(&hq)
-                .arg(&hkv)
-                .arg(&dh)
-                .arg(&bt)
-                .arg(&mb)
-                .arg(&nb)
-                .arg(&pt)
-                .arg(&scale);
-            // SAFETY: arguments match `mor_paged_decode_partial_*`; the grid is
-            // (n_parts, hq, batch), partial holds partial_len f32, the dynamic shared
-            // memory is 4 warps * (dh + 2) floats (DecodePlan).
-            unsafe { b.launch(cfg(plan.partial)) }.w()?;
-            Ok(())
-        })
-    })?;
-    let mut b = stream.launch_builder(&fc);
-    b.arg(&partial).arg(&out).arg(&hq).arg(&dh).arg(&np);
-    // SAFETY: arguments match `mor_paged_decode_combine_*`; grid (hq, batch), out holds
-    // batch*hq*dh elements.
-    unsafe { b.launch(cfg(plan.combine)) }.w()?;
-    Ok(out)
-}
-
-pub(crate) fn paged_decode(
-    op: &PagedDecodeOp,
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-) -> CResult<(CudaStorage, Shape)> {
-    let dev = s1.device();
-    let slice = three_same!(
-        "paged_decode_attention",
-        decode_t,
-        op,
-        s1,
-        l1,
-        s2,
-        l2,
-        s3,
-        l3,
-        dev
-    );
-    Ok((
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        l1.shape().clone(),
-    ))
+    Ok((out, plan.shape.clone()))
 }
 
 /// Opens CUDA device `ordinal`. A missing driver library or a failed context creation is

@@ -44,23 +44,11 @@ impl KernelModule {
         }
     }
 
-    /// The kernels of the module, without the dtype suffix. Each exists as
-    /// `<base>_f32` and `<base>_bf16` (see [`kernel_name`]).
-    pub fn kernels(self) -> &'static [&'static str] {
-        match self {
-            KernelModule::Router => &["mor_router_score", "mor_topk_sorted"],
-            KernelModule::RmsNorm => &["mor_rms_norm_fwd", "mor_rms_norm_bwd"],
-            KernelModule::Swiglu => &["mor_swiglu_fwd", "mor_swiglu_bwd"],
-            KernelModule::Tokens => &[
-                "mor_gather_rows",
-                "mor_index_add_rows",
-                "mor_scatter_add_bwd",
-            ],
-            KernelModule::Rope => &["mor_rope_at", "mor_gather_rope_fwd", "mor_gather_rope_bwd"],
-            KernelModule::DecodeAttention => {
-                &["mor_paged_decode_partial", "mor_paged_decode_combine"]
-            }
-        }
+    /// The kernels of the module, without the dtype suffix, from the kernel table
+    /// ([`super::plan::KERNELS`]). Each exists as `<base>_f32` and `<base>_bf16` (see
+    /// [`kernel_name`]).
+    pub fn kernels(self) -> Vec<&'static str> {
+        super::plan::kernels_of(self)
     }
 
     /// The module whose source file stem is `name`.

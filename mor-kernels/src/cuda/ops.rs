@@ -1,15 +1,19 @@
 //! The fused kernels as candle custom ops, and the public functions that validate their
 //! input and apply them.
 //!
-//! Each op runs its kernel on CUDA tensors (`cuda_fwd`) and the same maths from
-//! [`super::host`] on CPU tensors (`cpu_fwd`), so every op, and its backward, is tested on
-//! CPU against finite differences and against plain candle ops. A backward is a
-//! composition of other ops of this file (themselves kernels on CUDA) and plain candle ops,
-//! so gradients never leave the device. Second-order gradients are not supported.
+//! Each op is a [`Fused`] value: its CPU body (the maths of [`super::host`] on f64 copies
+//! of the inputs), its device [`Plan`] (the kernels of the table in [`super::plan`], their
+//! grids and arguments, run by one generic executor) and its backward. [`Op`] turns any of
+//! them into a candle custom op of its arity, so every op, and its backward, is tested on
+//! CPU against finite differences and against plain candle ops, and every plan is validated
+//! against the kernel table. A backward is a composition of other ops of this file
+//! (themselves kernels on CUDA) and plain candle ops, so gradients never leave the device.
+//! Second-order gradients are not supported.
 
 use super::host::{self, RopeDims, RouterActivation};
 use super::imp;
 use super::launch::{self, DecodeShape};
+use super::plan::{Arg, Elem, Kernel, Plan};
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -152,6 +156,194 @@ fn rank<const N: usize>(op: &'static str, what: &str, t: &Tensor) -> Result<[usi
 }
 
 // ---------------------------------------------------------------------------------------
+// One op = CPU body + device plan + backward; one wrapper makes it a candle custom op.
+
+/// The output of a CPU body, before it becomes a storage.
+pub(crate) enum HostOut {
+    /// Rounded once to the dtype of the first input.
+    Like(Vec<f64>),
+    /// Kept in the accumulation dtype ([`acc_dtype`]).
+    Acc(Vec<f64>),
+    /// Indices.
+    U32(Vec<u32>),
+}
+
+/// A fused op: what differs between ops. Everything else (dtype conversion on CPU, plan
+/// execution on CUDA, arity) is [`Op`]'s.
+pub(crate) trait Fused: std::fmt::Debug + Clone + Send + Sync + 'static {
+    /// The op's name in candle's graph.
+    const NAME: &'static str;
+    /// How many tensor inputs the op takes.
+    const ARITY: usize;
+
+    /// The CPU body on f64 copies of the (contiguous) inputs.
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], dtype: DType) -> CResult<(HostOut, Shape)>;
+
+    /// The device plan for inputs of these layouts.
+    fn plan(&self, l: &[&Layout]) -> Result<Plan>;
+
+    /// Gradients with respect to the inputs, one per input.
+    fn bwd(&self, _x: &[&Tensor], _res: &Tensor, _grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
+        Err(candle_core::Error::BackwardNotSupported { op: Self::NAME })
+    }
+}
+
+/// A [`Fused`] op as a candle custom op of its arity.
+#[derive(Debug, Clone)]
+pub(crate) struct Op<K>(pub(crate) K);
+
+impl<K: Fused> Op<K> {
+    fn arity(n: usize) -> CResult<()> {
+        if n != K::ARITY {
+            candle_core::bail!("{} takes {} inputs, not {n}", K::NAME, K::ARITY);
+        }
+        Ok(())
+    }
+
+    fn cpu(&self, s: &[(&CpuStorage, &Layout)]) -> CResult<(CpuStorage, Shape)> {
+        Self::arity(s.len())?;
+        let x = s
+            .iter()
+            .map(|(s, l)| host_f64(s, l, K::NAME))
+            .collect::<CResult<Vec<_>>>()?;
+        let ls: Vec<&Layout> = s.iter().map(|(_, l)| *l).collect();
+        let (out, shape) = self.0.host(&x, &ls, s[0].0.dtype())?;
+        let st = match out {
+            HostOut::Like(v) => host_like(s[0].0, v)?,
+            HostOut::Acc(v) => host_acc(s[0].0.dtype(), v),
+            HostOut::U32(v) => CpuStorage::U32(v),
+        };
+        Ok((st, shape))
+    }
+
+    fn cuda(&self, s: &[(&CudaStorage, &Layout)]) -> CResult<(CudaStorage, Shape)> {
+        Self::arity(s.len())?;
+        let ls: Vec<&Layout> = s.iter().map(|(_, l)| *l).collect();
+        let plan = self.0.plan(&ls).map_err(cerr)?;
+        imp::execute(&plan, s)
+    }
+
+    fn grads<const N: usize>(
+        &self,
+        x: [&Tensor; N],
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<[Option<Tensor>; N]> {
+        let g = self.0.bwd(&x, res, grad)?;
+        let n = g.len();
+        g.try_into().map_err(|_| {
+            candle_core::Error::msg(format!("{}: {n} gradients for {N} inputs", K::NAME))
+        })
+    }
+}
+
+impl<K: Fused> CustomOp1 for Op<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        self.cpu(&[(s, l)])
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        self.cuda(&[(s, l)])
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let [a] = self.grads([x], res, grad)?;
+        Ok(a)
+    }
+}
+
+impl<K: Fused> CustomOp2 for Op<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.cpu(&[(s1, l1), (s2, l2)])
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        self.cuda(&[(s1, l1), (s2, l2)])
+    }
+
+    fn bwd(
+        &self,
+        x1: &Tensor,
+        x2: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let [a, b] = self.grads([x1, x2], res, grad)?;
+        Ok((a, b))
+    }
+}
+
+impl<K: Fused> CustomOp3 for Op<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.cpu(&[(s1, l1), (s2, l2), (s3, l3)])
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        self.cuda(&[(s1, l1), (s2, l2), (s3, l3)])
+    }
+
+    fn bwd(
+        &self,
+        x1: &Tensor,
+        x2: &Tensor,
+        x3: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [a, b, c] = self.grads([x1, x2, x3], res, grad)?;
+        Ok((a, b, c))
+    }
+}
+
+fn dims2(l: &Layout) -> Result<(usize, usize)> {
+    Ok(l.shape().dims2()?)
+}
+
+fn dims3(l: &Layout) -> Result<(usize, usize, usize)> {
+    Ok(l.shape().dims3()?)
+}
+
+// ---------------------------------------------------------------------------------------
 // Router score and gate.
 
 /// Parameters of the router score (mor-spec §3.1: `z = θᵀ(h / temp)`, `g = alpha * G(z)`).
@@ -182,42 +374,36 @@ pub(crate) struct RouterScoreOp {
     pub(crate) act: RouterActivation,
 }
 
-impl CustomOp2 for RouterScoreOp {
-    fn name(&self) -> &'static str {
-        "mor-router-score"
+impl Fused for RouterScoreOp {
+    const NAME: &'static str = "mor-router-score";
+    const ARITY: usize = 2;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (n, d) = l[0].shape().dims2()?;
+        let out = host::router_score(&x[0], &x[1], n, d, self.alpha, self.inv_temp, self.act);
+        Ok((HostOut::Acc(out), Shape::from((n, 2))))
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let h = host_f64(s1, l1, self.name())?;
-        let w = host_f64(s2, l2, self.name())?;
-        let out = host::router_score(&h, &w, n, d, self.alpha, self.inv_temp, self.act);
-        Ok((host_acc(s1.dtype(), out), Shape::from((n, 2))))
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (n, d) = dims2(l[0])?;
+        let mut p = Plan::new("router_scores", 2, (n, 2));
+        let out = p.buffer(Elem::F32, 2 * n);
+        let args = vec![
+            Arg::Input(0),
+            Arg::Input(1),
+            p.write_all(out),
+            p.u32_arg("n", n)?,
+            p.u32_arg("d", d)?,
+            Arg::F32(self.alpha as f32),
+            Arg::F32(self.inv_temp as f32),
+            Arg::I32(self.act.code()),
+        ];
+        p.launch(Kernel::RouterScore, launch::warp_per_row(n as u64)?, args);
+        Ok(p.output(out))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::router_score(self, s1, l1, s2, l2)
-    }
-
-    fn bwd(
-        &self,
-        h: &Tensor,
-        w: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &[&Tensor], res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
+        let (h, w) = (x[0], x[1]);
         // d loss / d z, through both outputs: z itself and g = alpha * G(z).
         let z = res.narrow(1, 0, 1)?.squeeze(1)?;
         let act_grad = match self.act {
@@ -241,7 +427,7 @@ impl CustomOp2 for RouterScoreOp {
             .matmul(&h.to_dtype(acc)?)?
             .squeeze(0)?
             .to_dtype(w.dtype())?;
-        Ok((Some(dh), Some(dw)))
+        Ok(vec![Some(dh), Some(dw)])
     }
 }
 
@@ -291,7 +477,7 @@ pub fn router_scores(h: &Tensor, w: &Tensor, params: RouterParams) -> Result<(Te
     let out = h
         .reshape((n, d))?
         .contiguous()?
-        .apply_op2(&w.contiguous()?, op)?;
+        .apply_op2(&w.contiguous()?, Op(op))?;
     let z = out.narrow(1, 0, 1)?.reshape(lead.clone())?;
     let g = out.narrow(1, 1, 1)?.reshape(lead)?;
     Ok((z, g))
@@ -306,16 +492,14 @@ pub(crate) struct TopkOp {
     pub(crate) map: Option<Tensor>,
 }
 
-impl CustomOp1 for TopkOp {
-    fn name(&self) -> &'static str {
-        "mor-topk-sorted"
-    }
+impl Fused for TopkOp {
+    const NAME: &'static str = "mor-topk-sorted";
+    const ARITY: usize = 1;
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (rows, n) = l.shape().dims2()?;
-        let scores = host_f64(s, l, self.name())?;
-        let keep = host::topk_sorted_radix(&scores, rows, n, self.k, s.dtype() == DType::F64)
-            .map_err(cerr)?;
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], dtype: DType) -> CResult<(HostOut, Shape)> {
+        let (rows, n) = l[0].shape().dims2()?;
+        let keep =
+            host::topk_sorted_radix(&x[0], rows, n, self.k, dtype == DType::F64).map_err(cerr)?;
         let sel = match &self.map {
             Some(map) => {
                 let map = host_u32(map)?;
@@ -328,11 +512,29 @@ impl CustomOp1 for TopkOp {
         };
         let mut out = keep;
         out.extend(sel);
-        Ok((CpuStorage::U32(out), Shape::from((2, rows, self.k))))
+        Ok((HostOut::U32(out), Shape::from((2, rows, self.k))))
     }
 
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
-        imp::topk_sorted(self, s, l)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (rows, n) = dims2(l[0])?;
+        let k = self.k;
+        let tp = launch::TopkPlan::new(rows as u64, n as u64, k as u64)?;
+        let mut p = Plan::new("topk_sorted", 1, (2, rows, k));
+        let out = p.buffer(Elem::U32, 2 * rows * k);
+        let map = match &self.map {
+            Some(m) => p.aux(m),
+            None => Arg::Null,
+        };
+        let args = vec![
+            Arg::Input(0),
+            map,
+            Arg::Write(out, 0..rows * k),
+            Arg::Write(out, rows * k..2 * rows * k),
+            p.u32_arg("n", n)?,
+            p.u32_arg("k", k)?,
+        ];
+        p.launch(Kernel::TopkSorted, tp.dims, args);
+        Ok(p.output(out))
     }
 }
 
@@ -370,7 +572,9 @@ pub fn topk_sorted(scores: &Tensor, k: usize, map: Option<&Tensor>) -> Result<To
         }
         None => None,
     };
-    let out = scores.contiguous()?.apply_op1_no_bwd(&TopkOp { k, map })?;
+    let out = scores
+        .contiguous()?
+        .apply_op1_no_bwd(&Op(TopkOp { k, map }))?;
     Ok(TopK {
         keep: out.get(0)?,
         sel: out.get(1)?,
@@ -385,46 +589,38 @@ pub(crate) struct RmsNormOp {
     pub(crate) eps: f64,
 }
 
-impl CustomOp2 for RmsNormOp {
-    fn name(&self) -> &'static str {
-        "mor-rms-norm"
+impl Fused for RmsNormOp {
+    const NAME: &'static str = "mor-rms-norm";
+    const ARITY: usize = 2;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (n, d) = l[0].shape().dims2()?;
+        let y = host::rms_norm_fwd(&x[0], &x[1], n, d, self.eps);
+        Ok((HostOut::Like(y), l[0].shape().clone()))
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let y = host::rms_norm_fwd(
-            &host_f64(s1, l1, self.name())?,
-            &host_f64(s2, l2, self.name())?,
-            n,
-            d,
-            self.eps,
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (n, d) = dims2(l[0])?;
+        let mut p = Plan::new("rms_norm", 2, l[0].shape().clone());
+        let y = p.buffer(Elem::T, n * d);
+        let args = vec![
+            Arg::Input(0),
+            Arg::Input(1),
+            p.write_all(y),
+            p.u32_arg("n", n)?,
+            p.u32_arg("d", d)?,
+            Arg::F32(self.eps as f32),
+        ];
+        p.launch(
+            Kernel::RmsNormFwd,
+            launch::block_per_row(n as u64, d as u64)?,
+            args,
         );
-        Ok((host_like(s1, y)?, l1.shape().clone()))
+        Ok(p.output(y))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::rms_norm_fwd(self, s1, l1, s2, l2)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
+        let (x, w) = (x[0], x[1]);
         let (n, d) = x.dims2()?;
         let parts = if x.device().is_cuda() {
             launch::rms_norm_bwd(n as u64, d as u64)
@@ -434,10 +630,10 @@ impl CustomOp2 for RmsNormOp {
         } else {
             1
         };
-        let op = RmsNormBwdOp {
+        let op = Op(RmsNormBwdOp {
             eps: self.eps,
             parts,
-        };
+        });
         let flat = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
         let dx = flat
             .narrow(0, 0, n * d)?
@@ -448,7 +644,7 @@ impl CustomOp2 for RmsNormOp {
             .reshape((parts, d))?
             .sum(0)?
             .to_dtype(w.dtype())?;
-        Ok((Some(dx), Some(dw)))
+        Ok(vec![Some(dx), Some(dw)])
     }
 }
 
@@ -460,48 +656,46 @@ pub(crate) struct RmsNormBwdOp {
     pub(crate) parts: usize,
 }
 
-impl CustomOp3 for RmsNormBwdOp {
-    fn name(&self) -> &'static str {
-        "mor-rms-norm-bwd"
-    }
+impl Fused for RmsNormBwdOp {
+    const NAME: &'static str = "mor-rms-norm-bwd";
+    const ARITY: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (mut dx, dw) = host::rms_norm_bwd(
-            &host_f64(s1, l1, self.name())?,
-            &host_f64(s2, l2, self.name())?,
-            &host_f64(s3, l3, self.name())?,
-            n,
-            d,
-            self.eps,
-        );
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (n, d) = l[0].shape().dims2()?;
+        let (mut dx, dw) = host::rms_norm_bwd(&x[0], &x[1], &x[2], n, d, self.eps);
         // The CPU writes its whole sum as the first partial row.
         dx.extend(dw);
         dx.resize(n * d + self.parts * d, 0.0);
-        Ok((
-            host_acc(s1.dtype(), dx),
-            Shape::from(n * d + self.parts * d),
-        ))
+        Ok((HostOut::Acc(dx), Shape::from(n * d + self.parts * d)))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::rms_norm_bwd(self, s1, l1, s2, l2, s3, l3)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (n, d) = dims2(l[0])?;
+        let dims = launch::rms_norm_bwd(n as u64, d as u64)?;
+        if dims.grid.0 as usize != self.parts {
+            return Err(invalid(
+                "rms_norm backward",
+                format!(
+                    "planned {} partial rows, the launch has {}",
+                    self.parts, dims.grid.0
+                ),
+            ));
+        }
+        let len = n * d + self.parts * d;
+        let mut p = Plan::new("rms_norm backward", 3, len);
+        let out = p.buffer(Elem::F32, len);
+        let args = vec![
+            Arg::Input(0),
+            Arg::Input(1),
+            Arg::Input(2),
+            Arg::Write(out, 0..n * d),
+            Arg::Write(out, n * d..len),
+            p.u32_arg("n", n)?,
+            p.u32_arg("d", d)?,
+            Arg::F32(self.eps as f32),
+        ];
+        p.launch(Kernel::RmsNormBwd, dims, args);
+        Ok(p.output(out))
     }
 }
 
@@ -540,7 +734,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let y = x
         .reshape((x.elem_count() / d, d))?
         .contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNormOp { eps })?;
+        .apply_op2(&w.contiguous()?, Op(RmsNormOp { eps }))?;
     Ok(y.reshape(x.shape())?)
 }
 
@@ -565,63 +759,75 @@ fn rope_dims(x: &Layout, cos: &Layout, t_out: usize) -> CResult<RopeDims> {
     })
 }
 
-impl CustomOp3 for RopeOp {
-    fn name(&self) -> &'static str {
-        "mor-rope-at"
+/// A plan of one RoPE-family kernel: `(x, idx, cos, sin) -> out` over the `b·h·t·dh/2`
+/// rotated pairs, with the size arguments `b, h, [l,] t, dh, max_pos` and an optional
+/// trailing `sign`; the output has `out_rows` rows per head.
+fn rope_plan(
+    op: &'static str,
+    kernel: Kernel,
+    l: &[&Layout],
+    idx: &Tensor,
+    (t, l_arg, out_rows): (usize, Option<usize>, usize),
+    sign: Option<f64>,
+) -> Result<Plan> {
+    let dims = rope_dims(l[0], l[1], t)?;
+    let mut p = Plan::new(op, 3, (dims.b, dims.h, out_rows, dims.dh));
+    let out = p.buffer(Elem::T, dims.b * dims.h * out_rows * dims.dh);
+    let idx = p.aux(idx);
+    let mut args = vec![
+        Arg::Input(0),
+        idx,
+        Arg::Input(1),
+        Arg::Input(2),
+        p.write_all(out),
+    ];
+    args.push(p.u32_arg("b", dims.b)?);
+    args.push(p.u32_arg("h", dims.h)?);
+    if let Some(len) = l_arg {
+        args.push(p.u32_arg("l", len)?);
+    }
+    args.push(p.u32_arg("t", t)?);
+    args.push(p.u32_arg("dh", dims.dh)?);
+    args.push(p.u32_arg("max_pos", dims.max_pos)?);
+    if let Some(s) = sign {
+        args.push(Arg::F32(s as f32));
+    }
+    let pairs = (dims.b * dims.h * t * (dims.dh / 2)) as u64;
+    p.launch(kernel, launch::elementwise(pairs)?, args);
+    Ok(p.output(out))
+}
+
+impl Fused for RopeOp {
+    const NAME: &'static str = "mor-rope-at";
+    const ARITY: usize = 3;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let dims = rope_dims(l[0], l[1], l[0].shape().dims()[2])?;
+        let out = host::rope_at(&x[0], &host_u32(&self.pos)?, &x[1], &x[2], dims, self.sign)
+            .map_err(cerr)?;
+        Ok((HostOut::Like(out), l[0].shape().clone()))
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let dims = rope_dims(l1, l2, l1.shape().dims()[2])?;
-        let out = host::rope_at(
-            &host_f64(s1, l1, self.name())?,
-            &host_u32(&self.pos)?,
-            &host_f64(s2, l2, self.name())?,
-            &host_f64(s3, l3, self.name())?,
-            dims,
-            self.sign,
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let t = l[0].shape().dims4()?.2;
+        rope_plan(
+            "rope",
+            Kernel::RopeAt,
+            l,
+            &self.pos,
+            (t, None, t),
+            Some(self.sign),
         )
-        .map_err(cerr)?;
-        Ok((host_like(s1, out)?, l1.shape().clone()))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::rope_at(self, s1, l1, s2, l2, s3, l3)
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
         // The inverse rotation is the transpose; the tables are constants.
-        let inv = RopeOp {
+        let inv = Op(RopeOp {
             pos: self.pos.clone(),
             sign: -self.sign,
-        };
-        Ok((
-            Some(grad.contiguous()?.apply_op3(cos, sin, inv)?),
-            None,
-            None,
-        ))
+        });
+        let dx = grad.contiguous()?.apply_op3(x[1], x[2], inv)?;
+        Ok(vec![Some(dx), None, None])
     }
 }
 
@@ -685,7 +891,7 @@ pub fn rope_at(x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<T
         pos: pos.contiguous()?,
         sign: 1.0,
     };
-    Ok(x.contiguous()?.apply_op3(&cos, &sin, op)?)
+    Ok(x.contiguous()?.apply_op3(&cos, &sin, Op(op))?)
 }
 
 #[derive(Debug, Clone)]
@@ -693,67 +899,42 @@ pub(crate) struct GatherRopeOp {
     pub(crate) idx: Tensor,
 }
 
-impl CustomOp3 for GatherRopeOp {
-    fn name(&self) -> &'static str {
-        "mor-gather-rope"
-    }
+impl Fused for GatherRopeOp {
+    const NAME: &'static str = "mor-gather-rope";
+    const ARITY: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
         let t = self.idx.dims()[1];
-        let dims = rope_dims(l1, l2, t)?;
-        let l = l1.shape().dims()[2];
-        let out = host::gather_rope_fwd(
-            &host_f64(s1, l1, self.name())?,
-            &host_u32(&self.idx)?,
-            &host_f64(s2, l2, self.name())?,
-            &host_f64(s3, l3, self.name())?,
-            l,
-            dims,
-        )
-        .map_err(cerr)?;
+        let dims = rope_dims(l[0], l[1], t)?;
+        let len = l[0].shape().dims()[2];
+        let out = host::gather_rope_fwd(&x[0], &host_u32(&self.idx)?, &x[1], &x[2], len, dims)
+            .map_err(cerr)?;
         Ok((
-            host_like(s1, out)?,
+            HostOut::Like(out),
             Shape::from((dims.b, dims.h, t, dims.dh)),
         ))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::gather_rope_fwd(self, s1, l1, s2, l2, s3, l3)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let t = self.idx.dims()[1];
+        let len = l[0].shape().dims4()?.2;
+        rope_plan(
+            "gather_rope",
+            Kernel::GatherRopeFwd,
+            l,
+            &self.idx,
+            (t, Some(len), t),
+            None,
+        )
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = GatherRopeBwdOp {
+    fn bwd(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
+        let op = Op(GatherRopeBwdOp {
             idx: self.idx.clone(),
-            l: x.dims()[2],
-        };
-        Ok((
-            Some(grad.contiguous()?.apply_op3_no_bwd(cos, sin, &op)?),
-            None,
-            None,
-        ))
+            l: x[0].dims()[2],
+        });
+        let dx = grad.contiguous()?.apply_op3_no_bwd(x[1], x[2], &op)?;
+        Ok(vec![Some(dx), None, None])
     }
 }
 
@@ -765,46 +946,30 @@ pub(crate) struct GatherRopeBwdOp {
     pub(crate) l: usize,
 }
 
-impl CustomOp3 for GatherRopeBwdOp {
-    fn name(&self) -> &'static str {
-        "mor-gather-rope-bwd"
-    }
+impl Fused for GatherRopeBwdOp {
+    const NAME: &'static str = "mor-gather-rope-bwd";
+    const ARITY: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let dims = rope_dims(l1, l2, l1.shape().dims()[2])?;
-        let dx = host::gather_rope_bwd(
-            &host_f64(s1, l1, self.name())?,
-            &host_u32(&self.idx)?,
-            &host_f64(s2, l2, self.name())?,
-            &host_f64(s3, l3, self.name())?,
-            self.l,
-            dims,
-        )
-        .map_err(cerr)?;
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let dims = rope_dims(l[0], l[1], l[0].shape().dims()[2])?;
+        let dx = host::gather_rope_bwd(&x[0], &host_u32(&self.idx)?, &x[1], &x[2], self.l, dims)
+            .map_err(cerr)?;
         Ok((
-            host_like(s1, dx)?,
+            HostOut::Like(dx),
             Shape::from((dims.b, dims.h, self.l, dims.dh)),
         ))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::gather_rope_bwd(self, s1, l1, s2, l2, s3, l3)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let t = l[0].shape().dims4()?.2;
+        rope_plan(
+            "gather_rope backward",
+            Kernel::GatherRopeBwd,
+            l,
+            &self.idx,
+            (t, Some(self.l), self.l),
+            None,
+        )
     }
 }
 
@@ -833,7 +998,7 @@ pub fn gather_rope(x: &Tensor, idx: &Tensor, cos: &Tensor, sin: &Tensor) -> Resu
     let op = GatherRopeOp {
         idx: idx.contiguous()?,
     };
-    Ok(x.contiguous()?.apply_op3(&cos, &sin, op)?)
+    Ok(x.contiguous()?.apply_op3(&cos, &sin, Op(op))?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -842,46 +1007,50 @@ pub fn gather_rope(x: &Tensor, idx: &Tensor, cos: &Tensor, sin: &Tensor) -> Resu
 #[derive(Debug, Clone)]
 pub(crate) struct SwigluOp;
 
-impl CustomOp2 for SwigluOp {
-    fn name(&self) -> &'static str {
-        "mor-swiglu"
+/// A plan of one elementwise SwiGLU kernel over `n` elements, writing `outputs · n`.
+fn swiglu_plan(
+    op: &'static str,
+    kernel: Kernel,
+    inputs: usize,
+    n: usize,
+    outputs: usize,
+) -> Result<Plan> {
+    let shape = if outputs == 1 {
+        Shape::from(n)
+    } else {
+        Shape::from((outputs, n))
+    };
+    let mut p = Plan::new(op, inputs, shape);
+    let out = p.buffer(Elem::T, outputs * n);
+    let mut args: Vec<Arg> = (0..inputs).map(Arg::Input).collect();
+    args.push(p.write_all(out));
+    args.push(Arg::U64(n as u64));
+    p.launch(kernel, launch::elementwise(n as u64)?, args);
+    Ok(p.output(out))
+}
+
+impl Fused for SwigluOp {
+    const NAME: &'static str = "mor-swiglu";
+    const ARITY: usize = 2;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        Ok((
+            HostOut::Like(host::swiglu_fwd(&x[0], &x[1])),
+            l[0].shape().clone(),
+        ))
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let y = host::swiglu_fwd(
-            &host_f64(s1, l1, self.name())?,
-            &host_f64(s2, l2, self.name())?,
-        );
-        Ok((host_like(s1, y)?, l1.shape().clone()))
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let mut p = swiglu_plan("swiglu", Kernel::SwigluFwd, 2, l[0].shape().elem_count(), 1)?;
+        p.shape = l[0].shape().clone();
+        Ok(p)
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::swiglu_fwd(s1, l1, s2, l2)
-    }
-
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwigluBwdOp)?;
-        let dg = both.get(0)?.reshape(gate.shape())?;
-        let du = both.get(1)?.reshape(up.shape())?;
-        Ok((Some(dg), Some(du)))
+    fn bwd(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
+        let both = x[0].apply_op3_no_bwd(x[1], &grad.contiguous()?, &Op(SwigluBwdOp))?;
+        let dg = both.get(0)?.reshape(x[0].shape())?;
+        let du = both.get(1)?.reshape(x[1].shape())?;
+        Ok(vec![Some(dg), Some(du)])
     }
 }
 
@@ -889,41 +1058,26 @@ impl CustomOp2 for SwigluOp {
 #[derive(Debug, Clone)]
 pub(crate) struct SwigluBwdOp;
 
-impl CustomOp3 for SwigluBwdOp {
-    fn name(&self) -> &'static str {
-        "mor-swiglu-bwd"
-    }
+impl Fused for SwigluBwdOp {
+    const NAME: &'static str = "mor-swiglu-bwd";
+    const ARITY: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let out = host::swiglu_bwd(
-            &host_f64(s1, l1, self.name())?,
-            &host_f64(s2, l2, self.name())?,
-            &host_f64(s3, l3, self.name())?,
-        );
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let out = host::swiglu_bwd(&x[0], &x[1], &x[2]);
         Ok((
-            host_like(s1, out)?,
-            Shape::from((2, l1.shape().elem_count())),
+            HostOut::Like(out),
+            Shape::from((2, l[0].shape().elem_count())),
         ))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::swiglu_bwd(s1, l1, s2, l2, s3, l3)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        swiglu_plan(
+            "swiglu backward",
+            Kernel::SwigluBwd,
+            3,
+            l[0].shape().elem_count(),
+            2,
+        )
     }
 }
 
@@ -951,7 +1105,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.elem_count() == 0 {
         return Ok(gate.zeros_like()?);
     }
-    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwigluOp)?)
+    Ok(gate
+        .contiguous()?
+        .apply_op2(&up.contiguous()?, Op(SwigluOp))?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -962,40 +1118,53 @@ pub(crate) struct GatherRowsOp {
     pub(crate) idx: Tensor,
 }
 
-impl CustomOp1 for GatherRowsOp {
-    fn name(&self) -> &'static str {
-        "mor-gather-rows"
-    }
+/// The `b, l, k, d` size arguments of the token-row kernels.
+fn row_sizes(p: &Plan, (b, l, k, d): (usize, usize, usize, usize)) -> Result<Vec<Arg>> {
+    Ok(vec![
+        p.u32_arg("b", b)?,
+        p.u32_arg("l", l)?,
+        p.u32_arg("k", k)?,
+        p.u32_arg("d", d)?,
+    ])
+}
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (b, len, d) = l.shape().dims3()?;
+impl Fused for GatherRowsOp {
+    const NAME: &'static str = "mor-gather-rows";
+    const ARITY: usize = 1;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (b, len, d) = l[0].shape().dims3()?;
         let k = self.idx.dims()[1];
-        let out = host::gather_rows(
-            &host_f64(s, l, self.name())?,
-            &host_u32(&self.idx)?,
-            b,
-            len,
-            k,
-            d,
-        )
-        .map_err(cerr)?;
-        Ok((host_like(s, out)?, Shape::from((b, k, d))))
+        let out = host::gather_rows(&x[0], &host_u32(&self.idx)?, b, len, k, d).map_err(cerr)?;
+        Ok((HostOut::Like(out), Shape::from((b, k, d))))
     }
 
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
-        imp::gather_rows(self, s, l)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (b, len, d) = dims3(l[0])?;
+        let k = self.idx.dims()[1];
+        let mut p = Plan::new("gather_tokens", 1, (b, k, d));
+        let out = p.buffer(Elem::T, b * k * d);
+        let mut args = vec![Arg::Input(0), p.aux(&self.idx), p.write_all(out)];
+        args.extend(row_sizes(&p, (b, len, k, d))?);
+        p.launch(
+            Kernel::GatherRows,
+            launch::row_loop((b * k) as u64, d as u64)?,
+            args,
+        );
+        Ok(p.output(out))
     }
 
-    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
         // Indices may repeat in a plain gather, so the backward accumulates (atomics).
-        let op = IndexAddOp {
+        let op = Op(IndexAddOp {
             idx: self.idx.clone(),
             w: None,
             atomic: true,
-        };
-        Ok(Some(
-            h.zeros_like()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?,
-        ))
+        });
+        let dh = x[0]
+            .zeros_like()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        Ok(vec![Some(dh)])
     }
 }
 
@@ -1007,46 +1176,72 @@ pub(crate) struct IndexAddOp {
     pub(crate) atomic: bool,
 }
 
-impl CustomOp2 for IndexAddOp {
-    fn name(&self) -> &'static str {
-        "mor-index-add-rows"
-    }
+/// The plan of `mor_index_add_rows`: input 0 (the base `[b, l, d]`) is copied into the
+/// output, then `w · y` (input 1, `[b, k, d]`) is added into the rows at `idx`.
+fn index_add_plan(
+    op: &'static str,
+    inputs: usize,
+    l: &[&Layout],
+    idx: &Tensor,
+    w: Arg,
+    aux_w: Option<&Tensor>,
+    atomic: bool,
+) -> Result<Plan> {
+    let (b, len, d) = dims3(l[0])?;
+    let k = idx.dims()[1];
+    let mut p = Plan::new(op, inputs, l[0].shape().clone());
+    let out = p.buffer(Elem::T, b * len * d);
+    p.copies.push((0, out));
+    let idx = p.aux(idx);
+    let w = match aux_w {
+        Some(t) => p.aux(t),
+        None => w,
+    };
+    let mut args = vec![p.write_all(out), idx, Arg::Input(1), w];
+    args.extend(row_sizes(&p, (b, len, k, d))?);
+    args.push(Arg::I32(atomic as i32));
+    p.launch(
+        Kernel::IndexAddRows,
+        launch::row_loop((b * k) as u64, d as u64)?,
+        args,
+    );
+    Ok(p.output(out))
+}
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (b, len, d) = l1.shape().dims3()?;
+impl Fused for IndexAddOp {
+    const NAME: &'static str = "mor-index-add-rows";
+    const ARITY: usize = 2;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (b, len, d) = l[0].shape().dims3()?;
         let k = self.idx.dims()[1];
-        let mut out = host_f64(s1, l1, self.name())?;
+        let mut out = x[0].clone();
         let w = match &self.w {
             Some(w) => Some(w.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?),
             None => None,
         };
-        let y = host_f64(s2, l2, self.name())?;
         host::index_add_rows(
             &mut out,
             &host_u32(&self.idx)?,
-            &y,
+            &x[1],
             w.as_deref(),
             (b, len, k, d),
             !self.atomic,
         )
         .map_err(cerr)?;
-        Ok((host_like(s1, out)?, l1.shape().clone()))
+        Ok((HostOut::Like(out), l[0].shape().clone()))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::index_add_rows(self, s1, l1, s2, l2)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        index_add_plan(
+            "index_add_rows",
+            2,
+            l,
+            &self.idx,
+            Arg::Null,
+            self.w.as_ref(),
+            self.atomic,
+        )
     }
 }
 
@@ -1070,9 +1265,9 @@ pub fn gather_rows(h: &Tensor, idx: &Tensor) -> Result<Tensor> {
     if b * k * d == 0 {
         return Ok(Tensor::zeros((b, k, d), h.dtype(), h.device())?);
     }
-    Ok(h.contiguous()?.apply_op1(GatherRowsOp {
+    Ok(h.contiguous()?.apply_op1(Op(GatherRowsOp {
         idx: idx.contiguous()?,
-    })?)
+    }))?)
 }
 
 #[derive(Debug, Clone)]
@@ -1080,65 +1275,49 @@ pub(crate) struct ScatterAddOp {
     pub(crate) idx: Tensor,
 }
 
-impl CustomOp3 for ScatterAddOp {
-    fn name(&self) -> &'static str {
-        "mor-scatter-add-rows"
-    }
+impl Fused for ScatterAddOp {
+    const NAME: &'static str = "mor-scatter-add-rows";
+    const ARITY: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (b, len, d) = l1.shape().dims3()?;
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (b, len, d) = l[0].shape().dims3()?;
         let k = self.idx.dims()[1];
-        let mut out = host_f64(s1, l1, self.name())?;
-        let y = host_f64(s2, l2, self.name())?;
-        let w = host_f64(s3, l3, self.name())?;
+        let mut out = x[0].clone();
         host::index_add_rows(
             &mut out,
             &host_u32(&self.idx)?,
-            &y,
-            Some(&w),
+            &x[1],
+            Some(&x[2]),
             (b, len, k, d),
             true,
         )
         .map_err(cerr)?;
-        Ok((host_like(s1, out)?, l1.shape().clone()))
+        Ok((HostOut::Like(out), l[0].shape().clone()))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::scatter_add_fwd(self, s1, l1, s2, l2, s3, l3)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        // The weights are the op's third input; the indices of a row are distinct.
+        index_add_plan(
+            "scatter_add_tokens",
+            3,
+            l,
+            &self.idx,
+            Arg::Input(2),
+            None,
+            false,
+        )
     }
 
-    fn bwd(
-        &self,
-        _h: &Tensor,
-        y: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &[&Tensor], _res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
+        let (y, w) = (x[1], x[2]);
         let (b, k, d) = y.dims3()?;
-        let op = ScatterAddBwdOp {
+        let op = Op(ScatterAddBwdOp {
             idx: self.idx.clone(),
-        };
+        });
         let packed = grad.contiguous()?.apply_op3_no_bwd(y, w, &op)?;
         let dy = packed.narrow(1, 0, d)?.reshape((b, k, d))?;
         let dw = packed.narrow(1, d, 1)?.reshape((b, k))?;
-        Ok((Some(grad.clone()), Some(dy), Some(dw)))
+        Ok(vec![Some(grad.clone()), Some(dy), Some(dw)])
     }
 }
 
@@ -1148,43 +1327,37 @@ pub(crate) struct ScatterAddBwdOp {
     pub(crate) idx: Tensor,
 }
 
-impl CustomOp3 for ScatterAddBwdOp {
-    fn name(&self) -> &'static str {
-        "mor-scatter-add-rows-bwd"
-    }
+impl Fused for ScatterAddBwdOp {
+    const NAME: &'static str = "mor-scatter-add-rows-bwd";
+    const ARITY: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (b, len, d) = l1.shape().dims3()?;
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (b, len, d) = l[0].shape().dims3()?;
         let k = self.idx.dims()[1];
-        let out = host::scatter_add_bwd(
-            &host_f64(s1, l1, self.name())?,
-            &host_u32(&self.idx)?,
-            &host_f64(s2, l2, self.name())?,
-            &host_f64(s3, l3, self.name())?,
-            (b, len, k, d),
-        )
-        .map_err(cerr)?;
-        Ok((host_like(s1, out)?, Shape::from((b * k, d + 1))))
+        let out = host::scatter_add_bwd(&x[0], &host_u32(&self.idx)?, &x[1], &x[2], (b, len, k, d))
+            .map_err(cerr)?;
+        Ok((HostOut::Like(out), Shape::from((b * k, d + 1))))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::scatter_add_bwd(self, s1, l1, s2, l2, s3, l3)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (b, len, d) = dims3(l[0])?;
+        let k = self.idx.dims()[1];
+        let mut p = Plan::new("scatter_add_tokens backward", 3, (b * k, d + 1));
+        let out = p.buffer(Elem::T, b * k * (d + 1));
+        let mut args = vec![
+            Arg::Input(0),
+            p.aux(&self.idx),
+            Arg::Input(1),
+            Arg::Input(2),
+            p.write_all(out),
+        ];
+        args.extend(row_sizes(&p, (b, len, k, d))?);
+        p.launch(
+            Kernel::ScatterAddBwd,
+            launch::warp_per_row((b * k) as u64)?,
+            args,
+        );
+        Ok(p.output(out))
     }
 }
 
@@ -1239,7 +1412,7 @@ pub fn scatter_add_rows(
     let op = ScatterAddOp {
         idx: idx.contiguous()?,
     };
-    Ok(h.contiguous()?.apply_op3(&y.contiguous()?, &w, op)?)
+    Ok(h.contiguous()?.apply_op3(&y.contiguous()?, &w, Op(op))?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1252,52 +1425,61 @@ pub(crate) struct PagedDecodeOp {
     pub(crate) plan: launch::DecodePlan,
 }
 
-impl CustomOp3 for PagedDecodeOp {
-    fn name(&self) -> &'static str {
-        "mor-paged-decode-attention"
-    }
+impl Fused for PagedDecodeOp {
+    const NAME: &'static str = "mor-paged-decode-attention";
+    const ARITY: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
         let out = host::paged_decode_attention(
-            &host_f64(s1, l1, self.name())?,
-            &host_f64(s2, l2, self.name())?,
-            &host_f64(s3, l3, self.name())?,
+            &x[0],
+            &x[1],
+            &x[2],
             &host_u32(&self.block_table)?,
             &host_u32(&self.seq_lens)?,
             self.plan.shape,
         )
         .map_err(cerr)?;
-        Ok((host_like(s1, out)?, l1.shape().clone()))
+        Ok((HostOut::Like(out), l[0].shape().clone()))
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        imp::paged_decode(self, s1, l1, s2, l2, s3, l3)
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (dp, s) = (&self.plan, self.plan.shape);
+        let mut p = Plan::new("paged_decode_attention", 3, l[0].shape().clone());
+        let partial = p.buffer(Elem::F32, dp.partial_len);
+        let out = p.buffer(Elem::T, s.batch * s.q_heads * s.head_dim);
+        let mut args = vec![
+            Arg::Input(0),
+            Arg::Input(1),
+            Arg::Input(2),
+            p.aux(&self.block_table),
+            p.aux(&self.seq_lens),
+            p.write_all(partial),
+        ];
+        for (what, v) in [
+            ("hq", s.q_heads),
+            ("hkv", s.kv_heads),
+            ("dh", s.head_dim),
+            ("block_tokens", s.block_tokens),
+            ("max_blocks", s.max_blocks),
+            ("num_blocks", s.num_blocks),
+            ("part_tokens", dp.part_tokens),
+        ] {
+            args.push(p.u32_arg(what, v)?);
+        }
+        args.push(Arg::F32(1.0 / (s.head_dim as f32).sqrt()));
+        p.launch(Kernel::PagedDecodePartial, dp.partial, args);
+        let args = vec![
+            Arg::Read(partial),
+            p.write_all(out),
+            p.u32_arg("hq", s.q_heads)?,
+            p.u32_arg("dh", s.head_dim)?,
+            p.u32_arg("n_parts", dp.n_parts)?,
+        ];
+        p.launch(Kernel::PagedDecodeCombine, dp.combine, args);
+        Ok(p.output(out))
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _: &[&Tensor], _: &Tensor, _: &Tensor) -> CResult<Vec<Option<Tensor>>> {
         candle_core::bail!("paged decode attention is inference-only: it has no backward")
     }
 }
@@ -1369,5 +1551,145 @@ pub fn paged_decode_attention(
         plan,
     };
     Ok(q.contiguous()?
-        .apply_op3(&k_cache.contiguous()?, &v_cache.contiguous()?, op)?)
+        .apply_op3(&k_cache.contiguous()?, &v_cache.contiguous()?, Op(op))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// `[rows, k]` u32 indices `0..k` in every row (distinct, in range).
+    fn idx(rows: usize, k: usize) -> Tensor {
+        Tensor::arange(0u32, k as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((rows, 1))
+            .unwrap()
+    }
+
+    /// Builds the op's device plan for contiguous inputs of `dims`, validates it for each
+    /// dtype, and checks that it produces the shape the CPU body produces.
+    fn plan_of<K: Fused>(op: &K, dims: &[&[usize]], dtypes: &[DType]) -> Plan {
+        assert_eq!(dims.len(), K::ARITY, "{}", K::NAME);
+        let ls: Vec<Layout> = dims.iter().map(|d| Layout::contiguous(*d)).collect();
+        let refs: Vec<&Layout> = ls.iter().collect();
+        let plan = op.plan(&refs).unwrap();
+        assert_eq!(plan.inputs, K::ARITY, "{}", K::NAME);
+        for &dt in dtypes {
+            plan.validate(dt)
+                .unwrap_or_else(|e| panic!("{} ({dt:?}): {e}", K::NAME));
+        }
+        let zeros: Vec<Vec<f64>> = dims.iter().map(|d| vec![0.0; d.iter().product()]).collect();
+        let (_, shape) = op.host(&zeros, &refs, DType::F32).unwrap();
+        assert_eq!(shape, plan.shape, "{}: plan and CPU body disagree", K::NAME);
+        plan
+    }
+
+    const BOTH: &[DType] = &[DType::F32, DType::BF16];
+
+    #[test]
+    fn every_op_has_a_valid_plan_of_its_cpu_shape() {
+        let r = RouterScoreOp {
+            alpha: 0.1,
+            inv_temp: 1.0,
+            act: RouterActivation::Tanh,
+        };
+        let p = plan_of(&r, &[&[64, 96], &[96]], BOTH);
+        assert_eq!(p.launches[0].args[7], Arg::I32(1));
+        for map in [None, Some(idx(3, 5000))] {
+            let p = plan_of(&TopkOp { k: 1234, map }, &[&[3, 5000]], BOTH);
+            assert_eq!(p.launches[0].dims.grid.0, 3, "one block per row");
+        }
+        for (n, d) in [(33usize, 257usize), (5, 2050), (4096, 1024)] {
+            plan_of(&RmsNormOp { eps: 1e-5 }, &[&[n, d], &[d]], BOTH);
+            let parts = launch::rms_norm_bwd(n as u64, d as u64).unwrap().grid.0 as usize;
+            let bwd = RmsNormBwdOp { eps: 1e-5, parts };
+            plan_of(&bwd, &[&[n, d], &[d], &[n, d]], BOTH);
+            // A partial-row count that is not the launch's is refused, not launched.
+            let wrong = RmsNormBwdOp {
+                eps: 1e-5,
+                parts: parts + 1,
+            };
+            let l = [Layout::contiguous((n, d)), Layout::contiguous(d)];
+            assert!(wrong.plan(&[&l[0], &l[1], &l[0]]).is_err());
+        }
+        let tables: &[usize] = &[128, 32];
+        let rope = RopeOp {
+            pos: idx(2, 17),
+            sign: -1.0,
+        };
+        let p = plan_of(&rope, &[&[2, 3, 17, 64], tables, tables], BOTH);
+        assert_eq!(p.launches[0].args[10], Arg::F32(-1.0));
+        plan_of(
+            &GatherRopeOp { idx: idx(2, 11) },
+            &[&[2, 3, 40, 64], tables, tables],
+            BOTH,
+        );
+        let p = plan_of(
+            &GatherRopeBwdOp {
+                idx: idx(2, 11),
+                l: 40,
+            },
+            &[&[2, 3, 11, 64], tables, tables],
+            BOTH,
+        );
+        // b, h, l, t: the gradient has the source length, the loop runs over t rows.
+        assert_eq!(
+            p.launches[0].args[5..9],
+            [Arg::U32(2), Arg::U32(3), Arg::U32(40), Arg::U32(11)]
+        );
+        plan_of(&SwigluOp, &[&[37, 130], &[37, 130]], BOTH);
+        plan_of(&SwigluBwdOp, &[&[37, 130], &[37, 130], &[37, 130]], BOTH);
+        plan_of(&GatherRowsOp { idx: idx(2, 13) }, &[&[2, 50, 72]], BOTH);
+        let w = Tensor::ones((2, 13), DType::F32, &Device::Cpu).unwrap();
+        for (w, atomic, dtypes) in [(Some(w), false, &[DType::F32][..]), (None, true, BOTH)] {
+            let op = IndexAddOp {
+                idx: idx(2, 13),
+                w,
+                atomic,
+            };
+            let p = plan_of(&op, &[&[2, 50, 72], &[2, 13, 72]], dtypes);
+            assert_eq!(p.copies, [(0, 0)], "the base is copied into the output");
+            assert_eq!(p.launches[0].args[8], Arg::I32(atomic as i32));
+        }
+        let three: &[&[usize]] = &[&[2, 50, 72], &[2, 13, 72], &[2, 13]];
+        let p = plan_of(&ScatterAddOp { idx: idx(2, 13) }, three, BOTH);
+        assert_eq!(p.launches[0].args[3], Arg::Input(2), "the weights");
+        plan_of(&ScatterAddBwdOp { idx: idx(2, 13) }, three, BOTH);
+        let shape = DecodeShape {
+            batch: 3,
+            q_heads: 8,
+            kv_heads: 2,
+            head_dim: 64,
+            block_tokens: 16,
+            max_blocks: 6,
+            num_blocks: 20,
+        };
+        let op = PagedDecodeOp {
+            block_table: idx(3, 6),
+            seq_lens: Tensor::new(&[0u32, 37, 96], &Device::Cpu).unwrap(),
+            plan: launch::DecodePlan::new(shape, 32).unwrap(),
+        };
+        let cache: &[usize] = &[20, 16, 2, 64];
+        let p = plan_of(&op, &[&[3, 8, 64], cache, cache], BOTH);
+        assert_eq!(p.launches.len(), 2);
+        assert_eq!(
+            p.launches[1].args[0],
+            Arg::Read(0),
+            "combine reads the parts"
+        );
+        assert_eq!(p.output, 1);
+    }
+
+    #[test]
+    fn a_wrong_number_of_inputs_is_an_error() {
+        let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let err = x
+            .apply_op2_no_bwd(&x, &Op(SwigluBwdOp))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("takes 3 inputs, not 2"), "{err}");
+    }
 }

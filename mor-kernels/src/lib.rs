@@ -19,7 +19,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub mod error;
-pub use error::{Error, Result};
+pub use error::{CudaCause, Error, Result, NOT_COMPILED_MESSAGE};
 
 mod backend_registry;
 pub use backend_registry::{build_backend, BackendCtx, BackendEntry, BackendPlugin};

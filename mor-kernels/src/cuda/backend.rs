@@ -4,7 +4,7 @@
 
 use super::module::KernelDType;
 use super::{imp, ops, plain};
-use crate::{Backend, BackendCtx, BackendPlugin, Error, Result};
+use crate::{Backend, BackendCtx, BackendPlugin, CudaCause, Error, Result};
 use candle_core::{Device, Tensor};
 use mor_core::registry::{Family, Plugin};
 use serde::{Deserialize, Serialize};
@@ -30,8 +30,8 @@ impl CudaBackend {
     /// Opens CUDA device `ordinal`.
     ///
     /// # Errors
-    /// [`Error::NotCompiledWithCuda`] without the `cuda` feature; [`Error::Cuda`] when no
-    /// driver or device is found (never a panic).
+    /// [`Error::NotCompiledWithCuda`] without the `cuda` feature; [`Error::CudaFailure`]
+    /// naming the cause and the fix when no driver or device is found (never a panic).
     pub fn new(ordinal: usize) -> Result<Self> {
         Ok(CudaBackend {
             device: imp::open_device(ordinal)?,
@@ -79,6 +79,10 @@ impl Plugin for CudaBackend {
 
 impl BackendPlugin for CudaBackend {
     fn build(params: CudaParams, ctx: &BackendCtx) -> Result<Self> {
+        // The missing feature is the first thing to fix, whatever else the config asks.
+        if !super::COMPILED {
+            return Err(Error::NotCompiledWithCuda);
+        }
         ctx.require_f32("cuda")?;
         match params.ordinal {
             None if ctx.device.is_cuda() => CudaBackend::on_device(ctx.device.clone()),
@@ -88,6 +92,18 @@ impl BackendPlugin for CudaBackend {
 }
 
 crate::register_backend!(CudaBackend);
+
+/// The error of a CUDA device that could not be opened: the cause named by the driver's
+/// message (no device when it names none), with the fix.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn device_open_error(ordinal: usize, driver_message: &str) -> Error {
+    let cause = CudaCause::find(driver_message).unwrap_or(CudaCause::NoDevice);
+    Error::cuda_failure(
+        cause,
+        format!("cannot open CUDA device {ordinal}: {driver_message}"),
+        None,
+    )
+}
 
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
@@ -180,5 +196,32 @@ impl Backend for CudaBackend {
         } else {
             plain::scatter_add_rows(h, idx, y, w)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_that_cannot_be_opened_is_one_error_with_the_fix() {
+        let e = device_open_error(
+            1,
+            "DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")",
+        );
+        assert_eq!(e.cuda_cause(), Some(CudaCause::NoDevice));
+        let msg = e.to_string();
+        assert!(msg.contains("cannot open CUDA device 1"), "{msg}");
+        assert!(
+            msg.contains("nvidia-smi") && msg.contains("backend.kind = \"cpu\""),
+            "{msg}"
+        );
+        let e = device_open_error(0, "DriverError(CUDA_ERROR_INSUFFICIENT_DRIVER, \"x\")");
+        assert_eq!(e.cuda_cause(), Some(CudaCause::DriverTooOld));
+        // A message that names no code is read as a missing device.
+        let e = device_open_error(0, "something else");
+        assert_eq!(e.cuda_cause(), Some(CudaCause::NoDevice));
+        let e = device_open_error(0, "the CUDA driver library (libcuda) could not be loaded");
+        assert_eq!(e.cuda_cause(), Some(CudaCause::DriverMissing));
     }
 }

@@ -14,7 +14,7 @@ use super::module::{
     kernel_name, nvrtc_arch, EmbeddedModule, KernelDType, KernelModule, ModuleKey, ModuleOrigin,
 };
 use super::plan::{Arg, Elem, Plan};
-use crate::{Error, Result};
+use crate::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaView, CudaViewMut, DeviceRepr,
@@ -333,8 +333,7 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
     inputs: &[(&CudaStorage, &Layout)],
     dev: &CudaDevice,
 ) -> CResult<CudaStorage> {
-    plan.validate(T::DTYPE)
-        .map_err(candle_core::Error::msg)?;
+    plan.validate(T::DTYPE).map_err(candle_core::Error::msg)?;
     let ins = inputs
         .iter()
         .map(|(s, l)| view(s.as_cuda_slice::<T>()?, l, "an input"))
@@ -420,19 +419,16 @@ pub(crate) fn execute(
     Ok((out, plan.shape.clone()))
 }
 
-/// Opens CUDA device `ordinal`. A missing driver library or a failed context creation is
-/// an error, never a panic.
+/// Opens CUDA device `ordinal`. A failed driver initialisation or context creation is one
+/// error naming the cause and the fix ([`super::backend::device_open_error`]), never a
+/// panic.
 pub(crate) fn open_device(ordinal: usize) -> Result<Device> {
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(Error::Cuda(
-            format!("cannot open CUDA device {ordinal}: {e}").into(),
-        )),
-        Err(_) => Err(Error::Cuda(
-            format!(
-                "cannot open CUDA device {ordinal}: the CUDA driver library could not be loaded"
-            )
-            .into(),
+        Ok(Err(e)) => Err(super::backend::device_open_error(ordinal, &e.to_string())),
+        Err(_) => Err(super::backend::device_open_error(
+            ordinal,
+            "the CUDA driver library (libcuda) could not be loaded",
         )),
     }
 }

@@ -26,6 +26,7 @@ pub use backend_registry::{build_backend, BackendCtx, BackendEntry, BackendPlugi
 
 pub mod cpu;
 pub mod cuda;
+pub mod host_sync;
 pub mod loss;
 pub mod reference;
 pub mod testing;

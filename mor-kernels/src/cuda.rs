@@ -30,6 +30,7 @@ mod backend;
 pub mod gpu_check;
 pub mod host;
 pub mod launch;
+mod memory;
 pub mod module;
 mod ops;
 pub mod plain;
@@ -46,6 +47,7 @@ mod imp;
 pub use backend::{CudaBackend, CudaParams};
 pub use gpu_check::{gpu_check, BenchResult, GpuCheckReport, KernelCheck};
 pub use host::RouterActivation;
+pub use memory::PeakMemory;
 pub use ops::{
     gather_rope, gather_rows, paged_decode_attention, rms_norm, rope_at, router_scores,
     scatter_add_rows, swiglu, topk_sorted, RouterParams, TopK,
@@ -57,4 +59,24 @@ pub const COMPILED: bool = cfg!(feature = "cuda");
 /// The embedded text of a kernel module: `None` in builds without the `cuda` feature.
 pub fn embedded_module(module: module::KernelModule) -> Option<&'static module::EmbeddedModule> {
     imp::embedded(module)
+}
+
+/// Opens CUDA device `ordinal` (candle's device, with the kernels' module cache behind it).
+///
+/// # Errors
+/// [`crate::Error::NotCompiledWithCuda`] without the `cuda` feature;
+/// [`crate::Error::CudaFailure`] naming the cause and the fix when it cannot be opened.
+pub fn open_device(ordinal: usize) -> crate::Result<candle_core::Device> {
+    imp::open_device(ordinal)
+}
+
+/// Name and compute capability of a CUDA device; `None` for other devices.
+pub fn device_info(device: &candle_core::Device) -> Option<(String, (i32, i32))> {
+    imp::device_info(device)
+}
+
+/// `(free, total)` memory of a CUDA device in bytes, as the driver reports it for the
+/// whole device; `None` for other devices or when the driver does not answer.
+pub fn memory_info(device: &candle_core::Device) -> Option<(usize, usize)> {
+    imp::memory_info(device)
 }

@@ -1,10 +1,20 @@
-//! `cargo xtask gpu-check [--out FILE]`: on a machine with an NVIDIA GPU, checks every CUDA
-//! kernel against the CPU reference (f32 and bf16 tolerances) and times each fused kernel
-//! against the same computation in plain candle CUDA ops; writes the results as JSON.
+//! `cargo xtask gpu-check [--full] [--out FILE]`: on a machine with an NVIDIA GPU, checks
+//! every CUDA kernel against its CPU body (f32 and bf16 tolerances) and times each fused
+//! kernel against the same computation in plain candle CUDA ops; writes the results as
+//! JSON. `--full` adds, within an 8-minute budget, a 30-step training run of the `small`
+//! preset MoR-E (N_r = 3) on `cuda` against the same run on `cpu`, its training tokens/s
+//! and model FLOP utilisation, host syncs per step, peak device memory, and `bench infer`
+//! on the GPU; a part that cannot run yet is recorded as `unsupported` with the reason.
 //! Needs a build with `--features cuda` (`cargo run --release -p xtask --features cuda --
-//! gpu-check`); see `docs/cuda.md`.
+//! gpu-check --full`); see `docs/cuda.md`.
 
-use std::path::PathBuf;
+use anyhow::Context;
+use mor_core::config::Config;
+use mor_kernels::cuda::PeakMemory;
+use mor_kernels::host_sync::Scope;
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Flags of `gpu-check`.
 #[derive(Debug, clap::Args)]
@@ -12,11 +22,35 @@ pub struct Args {
     /// Where to write the JSON report.
     #[arg(long, default_value = "runs/gpu-check.json")]
     out: PathBuf,
+    /// Also train on the GPU against the CPU, measure throughput, MFU, host syncs and peak
+    /// memory, and run `bench infer` on the GPU (at most 8 minutes in all).
+    #[arg(long)]
+    full: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    ordinal: usize,
 }
+
+/// The version of the `--full` report layout.
+pub const SCHEMA: &str = "mor-gpu-check/1";
+/// The overall time budget of `--full`.
+pub const FULL_BUDGET: Duration = Duration::from_secs(8 * 60);
+/// Optimiser steps of each training run of `--full`.
+pub const TRAIN_STEPS: usize = 30;
+/// Largest `|loss_cuda − loss_cpu|` per step, relative to the CPU loss, of the f32 runs
+/// (reduction order and atomics differ, so the curves agree to rounding, not bits).
+pub const LOSS_RTOL_F32: f64 = 1e-3;
 
 /// Runs `gpu-check`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
-    if let Some(dir) = args.out.parent() {
+    if !mor_kernels::cuda::COMPILED {
+        // The same message as `backend.kind = "cuda"` in such a build; nothing is written.
+        anyhow::bail!("gpu-check: {}", mor_kernels::NOT_COMPILED_MESSAGE);
+    }
+    if args.full {
+        return run_full(args);
+    }
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let report = mor_kernels::cuda::gpu_check(&args.out)?;
@@ -32,4 +66,618 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The report: sections with a status each, written atomically.
+
+/// The time left of an overall budget.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    start: Instant,
+    total: Duration,
+}
+
+impl Budget {
+    /// A budget of `total` from now.
+    pub fn new(total: Duration) -> Self {
+        Budget {
+            start: Instant::now(),
+            total,
+        }
+    }
+
+    /// Time left.
+    pub fn remaining(&self) -> Duration {
+        self.total.saturating_sub(self.start.elapsed())
+    }
+
+    /// Seconds since the start.
+    pub fn elapsed_s(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+}
+
+/// What a section of the report says when it did not run to completion.
+#[derive(Debug)]
+pub enum NotRun {
+    /// Not implemented on CUDA yet: the reason, and what the section would measure.
+    Unsupported(String),
+    /// It ran and failed.
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for NotRun {
+    fn from(e: anyhow::Error) -> Self {
+        NotRun::Failed(e)
+    }
+}
+
+/// Runs one section within the budget: `{"status": "ok", ..fields}` when `f` succeeds,
+/// `{"status": "unsupported", "reason"}`, `{"status": "failed", "error"}` (also for a
+/// panic), or `{"status": "skipped", "reason"}` when less than `needs` of the budget is
+/// left. Never panics.
+pub fn section(
+    budget: &Budget,
+    needs: Duration,
+    f: impl FnOnce(&Budget) -> Result<Map<String, Value>, NotRun>,
+) -> Value {
+    let left = budget.remaining();
+    if left < needs {
+        return json!({
+            "status": "skipped",
+            "reason": format!(
+                "the {:.0}-second budget had {:.0} s left, this part needs about {:.0} s",
+                budget.total.as_secs_f64(),
+                left.as_secs_f64(),
+                needs.as_secs_f64()
+            ),
+        });
+    }
+    let t0 = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(budget)));
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut v = match outcome {
+        Ok(Ok(mut fields)) => {
+            fields.insert("status".into(), json!("ok"));
+            fields
+        }
+        Ok(Err(NotRun::Unsupported(reason))) => {
+            let mut m = Map::new();
+            m.insert("status".into(), json!("unsupported"));
+            m.insert("reason".into(), json!(reason));
+            m
+        }
+        Ok(Err(NotRun::Failed(e))) => {
+            let mut m = Map::new();
+            m.insert("status".into(), json!("failed"));
+            m.insert("error".into(), json!(format!("{e:#}")));
+            m
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            let mut m = Map::new();
+            m.insert("status".into(), json!("failed"));
+            m.insert("error".into(), json!(format!("panic: {msg}")));
+            m
+        }
+    };
+    v.insert("elapsed_s".into(), json!(elapsed));
+    Value::Object(v)
+}
+
+/// The whole `--full` report.
+#[derive(Debug, Clone, Default)]
+pub struct FullReport {
+    /// Device name (or the error that kept it from opening).
+    pub device: String,
+    /// Compute capability, e.g. `"9.0"`.
+    pub compute_capability: Option<String>,
+    /// The sections in order: `kernels`, `training`, `host_syncs`, `memory`,
+    /// `bench_infer`.
+    pub sections: Vec<(String, Value)>,
+    /// Wall time in seconds.
+    pub elapsed_s: f64,
+    /// The budget in seconds.
+    pub budget_s: f64,
+}
+
+/// The section names of `--full`, in order.
+pub const SECTIONS: [&str; 5] = ["kernels", "training", "host_syncs", "memory", "bench_infer"];
+
+impl FullReport {
+    /// Whether every section that ran is `ok` and passed its own check (`passed` where a
+    /// section has one); `unsupported` and `skipped` sections do not fail the report, a
+    /// `failed` one does.
+    pub fn passed(&self) -> bool {
+        !self.sections.is_empty()
+            && self.sections.iter().all(|(_, v)| {
+                let status = v.get("status").and_then(Value::as_str).unwrap_or("failed");
+                status != "failed" && v.get("passed").and_then(Value::as_bool) != Some(false)
+            })
+    }
+
+    /// The report as JSON: `schema`, `device`, `compute_capability`, `passed`,
+    /// `elapsed_s`, `budget_s`, `sections` (an object, in order) and a `summary` of each
+    /// section's status.
+    pub fn to_json(&self) -> Value {
+        let mut sections = Map::new();
+        let mut summary = Map::new();
+        for (name, v) in &self.sections {
+            sections.insert(name.clone(), v.clone());
+            summary.insert(
+                name.clone(),
+                v.get("status").cloned().unwrap_or(json!("failed")),
+            );
+        }
+        json!({
+            "schema": SCHEMA,
+            "device": self.device,
+            "compute_capability": self.compute_capability,
+            "passed": self.passed(),
+            "elapsed_s": self.elapsed_s,
+            "budget_s": self.budget_s,
+            "summary": summary,
+            "sections": sections,
+        })
+    }
+}
+
+/// Writes `text` to `path` atomically: into a temporary file beside it, then renamed over
+/// it, so a reader never sees half a report and an old report is replaced whole or kept.
+///
+/// # Errors
+/// The folder cannot be created or written; the message names the file.
+pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+// ---------------------------------------------------------------------------------------
+// The parts of `--full`.
+
+/// The run of `--full`: the `small` preset as an expert-choice MoR with N_r = 3
+/// (Middle-Cycle sharing, recursion-wise KV), 30 steps on the builtin corpus, no eval.
+pub fn train_config_toml(backend: &str, ordinal: usize) -> String {
+    let backend = if backend == "cuda" {
+        format!("{{ kind = \"cuda\", ordinal = {ordinal} }}")
+    } else {
+        "{ kind = \"cpu\" }".to_string()
+    };
+    format!(
+        r#"[model]
+preset = "small"
+
+[recursion]
+num_recursions = 3
+sharing = {{ kind = "middle_cycle" }}
+ln_share = true
+depth_fix = "add_layers"
+
+[router]
+kind = "expert_choice"
+
+[kv]
+kind = "recursion_wise"
+
+[runtime]
+backend = {backend}
+seed = 0
+
+[train]
+budget = {{ steps = {TRAIN_STEPS} }}
+batch_seqs = 8
+micro_batch_seqs = 8
+lr = 3e-3
+schedule = "trapezoid"
+warmup_steps = "auto"
+log_every = 1
+checkpoint_every = {TRAIN_STEPS}
+
+[data]
+source = "builtin"
+tokenizer = "auto"
+builtin_docs = 2000
+"#
+    )
+}
+
+/// Peak dense throughput of known GPUs in FLOP/s, `(f32 without tensor cores, bf16 tensor
+/// cores)`, from the vendors' data sheets (SXM parts, dense).
+pub fn peak_flops(device_name: &str) -> Option<(f64, f64)> {
+    let n = device_name.to_ascii_uppercase();
+    [
+        ("H200", (67e12, 989e12)),
+        ("H100", (67e12, 989e12)),
+        ("A100", (19.5e12, 312e12)),
+        ("L40S", (91.6e12, 362e12)),
+    ]
+    .into_iter()
+    .find(|(k, _)| n.contains(k))
+    .map(|(_, v)| v)
+}
+
+/// One training run's measurements.
+struct TrainRun {
+    losses: Vec<f64>,
+    tokens_per_sec: f64,
+    flops_per_token: f64,
+    host_reads: u64,
+    device_to_host: u64,
+    peak_used_bytes: Option<u64>,
+}
+
+fn train_once(
+    backend: &str,
+    ordinal: usize,
+    dir: &Path,
+    sampler: Option<PeakMemory>,
+) -> anyhow::Result<TrainRun> {
+    let text = train_config_toml(backend, ordinal);
+    let cfg = Config::from_table(Config::parse_table(&text)?)?;
+    let opts = mor_models::run::RunOptions {
+        out: dir.join(backend),
+        data: None,
+        resume: false,
+        quiet: true,
+        label: format!("gpu-check-{backend}"),
+        stop_after: None,
+        skip_eval: true,
+    };
+    let scope = Scope::start();
+    let outcome = mor_models::run::run(&cfg, &opts.label, &opts);
+    let syncs = scope.counts();
+    let peak = sampler.and_then(PeakMemory::finish);
+    let outcome = outcome.with_context(|| format!("training on {backend}"))?;
+    Ok(TrainRun {
+        losses: outcome.curve.points.iter().map(|p| p.loss).collect(),
+        tokens_per_sec: outcome.summary.train_tokens_per_sec,
+        flops_per_token: outcome.summary.flops_per_token,
+        host_reads: syncs.reads,
+        device_to_host: syncs.device_to_host,
+        peak_used_bytes: peak,
+    })
+}
+
+/// Compares two loss curves step by step: `(max relative difference, passed)`.
+pub fn compare_losses(cpu: &[f64], gpu: &[f64], rtol: f64) -> (f64, bool) {
+    let mut worst = 0f64;
+    for (a, b) in cpu.iter().zip(gpu) {
+        let rel = (a - b).abs() / a.abs().max(1e-12);
+        worst = worst.max(if rel.is_nan() { f64::INFINITY } else { rel });
+    }
+    (
+        worst,
+        cpu.len() == gpu.len() && !cpu.is_empty() && worst <= rtol,
+    )
+}
+
+fn run_full(args: &Args) -> anyhow::Result<()> {
+    let budget = Budget::new(FULL_BUDGET);
+    let mut report = FullReport {
+        budget_s: FULL_BUDGET.as_secs_f64(),
+        ..Default::default()
+    };
+    let device = mor_kernels::cuda::open_device(args.ordinal);
+    match &device {
+        Ok(d) => {
+            if let Some((name, (a, b))) = mor_kernels::cuda::device_info(d) {
+                report.device = name;
+                report.compute_capability = Some(format!("{a}.{b}"));
+            }
+        }
+        Err(e) => report.device = format!("none: {e}"),
+    }
+    let device = device.ok();
+    let need_device = || {
+        device.clone().ok_or_else(|| {
+            NotRun::Failed(anyhow::anyhow!(
+                "CUDA device {} could not be opened (see `device`)",
+                args.ordinal
+            ))
+        })
+    };
+
+    // 1. Every kernel against its CPU body, and the kernel benchmarks (seconds).
+    let kernels_path = sibling(&args.out, "kernels.json");
+    let kernels = section(&budget, Duration::from_secs(20), |_| {
+        need_device()?;
+        let r = mor_kernels::cuda::gpu_check(&kernels_path).map_err(anyhow::Error::from)?;
+        let _ = std::fs::remove_file(&kernels_path);
+        let mut v: Map<String, Value> =
+            serde_json::from_str(&r.to_json()).context("the kernel report is not JSON")?;
+        v.insert("passed".into(), json!(r.passed()));
+        Ok(v)
+    });
+    report.sections.push((SECTIONS[0].into(), kernels));
+
+    // 2. The same 30-step run on cuda and on cpu.
+    let runs_dir = sibling(&args.out, "runs");
+    let mut gpu_run: Option<TrainRun> = None;
+    let training = section(&budget, Duration::from_secs(150), |_| {
+        let dev = need_device()?;
+        let _ = std::fs::remove_dir_all(&runs_dir);
+        let cpu = train_once("cpu", args.ordinal, &runs_dir, None)?;
+        let sampler = PeakMemory::start(&dev, Duration::from_millis(50));
+        let gpu = train_once("cuda", args.ordinal, &runs_dir, Some(sampler))?;
+        let (worst, passed) = compare_losses(&cpu.losses, &gpu.losses, LOSS_RTOL_F32);
+        let mut m = Map::new();
+        m.insert(
+            "model".into(),
+            json!("small preset, MoR-E N_r = 3, Middle-Cycle, f32"),
+        );
+        m.insert("steps".into(), json!(TRAIN_STEPS));
+        m.insert("loss_cpu".into(), json!(cpu.losses));
+        m.insert("loss_cuda".into(), json!(gpu.losses));
+        m.insert("max_rel_loss_diff".into(), json!(worst));
+        m.insert("loss_rtol".into(), json!(LOSS_RTOL_F32));
+        m.insert("passed".into(), json!(passed));
+        m.insert("tokens_per_sec_cpu".into(), json!(cpu.tokens_per_sec));
+        m.insert("tokens_per_sec_cuda".into(), json!(gpu.tokens_per_sec));
+        m.insert("flops_per_token".into(), json!(gpu.flops_per_token));
+        let achieved = gpu.flops_per_token * gpu.tokens_per_sec;
+        m.insert("model_flops_per_sec".into(), json!(achieved));
+        match peak_flops(&report.device) {
+            Some((f32_peak, _)) => {
+                m.insert("peak_flops_f32".into(), json!(f32_peak));
+                m.insert("mfu".into(), json!(achieved / f32_peak));
+            }
+            None => {
+                m.insert("mfu".into(), Value::Null);
+                m.insert(
+                    "mfu_reason".into(),
+                    json!(format!("no peak FLOP/s known for `{}`", report.device)),
+                );
+            }
+        }
+        gpu_run = Some(gpu);
+        Ok(m)
+    });
+    report.sections.push((SECTIONS[1].into(), training));
+    let _ = std::fs::remove_dir_all(&runs_dir);
+
+    // 3. Host syncs per optimiser step of the cuda run.
+    let host_syncs = section(&budget, Duration::ZERO, |_| {
+        let Some(g) = &gpu_run else {
+            return Err(NotRun::Unsupported(
+                "no cuda training run completed (see `training`)".into(),
+            ));
+        };
+        let mut m = Map::new();
+        m.insert("steps".into(), json!(TRAIN_STEPS));
+        m.insert("host_reads".into(), json!(g.host_reads));
+        m.insert("device_to_host".into(), json!(g.device_to_host));
+        m.insert(
+            "device_to_host_per_step".into(),
+            json!(g.device_to_host as f64 / TRAIN_STEPS as f64),
+        );
+        m.insert(
+            "counts".into(),
+            json!("reads made through mor_kernels::host_sync on the training thread"),
+        );
+        Ok(m)
+    });
+    report.sections.push((SECTIONS[2].into(), host_syncs));
+
+    // 4. Peak device memory of the model's run.
+    let memory = section(&budget, Duration::ZERO, |_| {
+        let Some(peak) = gpu_run.as_ref().and_then(|g| g.peak_used_bytes) else {
+            return Err(NotRun::Unsupported(
+                "no cuda training run completed, or the driver did not report memory".into(),
+            ));
+        };
+        let mut m = Map::new();
+        m.insert(
+            "model".into(),
+            json!("small preset, MoR-E N_r = 3 (training, f32)"),
+        );
+        m.insert("peak_used_bytes".into(), json!(peak));
+        m.insert(
+            "method".into(),
+            json!("whole-device used memory (total − free), sampled every 50 ms"),
+        );
+        Ok(m)
+    });
+    report.sections.push((SECTIONS[3].into(), memory));
+
+    // 5. `bench infer` on the GPU.
+    let bench = section(&budget, Duration::ZERO, |_| {
+        Err(NotRun::Unsupported(
+            "the inference engine runs CPU models only (host KV pool, host weights) and \
+             `bench infer` has no --backend; would report MoR-2/3/4 vs vanilla decode \
+             tokens/s at B = 32 and the relative-max batch"
+                .into(),
+        ))
+    });
+    report.sections.push((SECTIONS[4].into(), bench));
+
+    report.elapsed_s = budget.elapsed_s();
+    let text = serde_json::to_string_pretty(&report.to_json())?;
+    write_atomic(&args.out, &text)?;
+    println!("{text}");
+    if !report.passed() {
+        anyhow::bail!(
+            "gpu-check --full: a part failed; see {}",
+            args.out.display()
+        );
+    }
+    println!("gpu-check --full: report {}", args.out.display());
+    Ok(())
+}
+
+/// `FILE` → `FILE.<suffix>` beside it (`runs/gpu.json` → `runs/gpu.json.kernels.json`).
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".");
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mor-gpu-check-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn sections_report_ok_unsupported_failed_skipped_and_panics() {
+        let budget = Budget::new(Duration::from_secs(60));
+        let ok = section(&budget, Duration::ZERO, |_| {
+            let mut m = Map::new();
+            m.insert("x".into(), json!(3));
+            Ok(m)
+        });
+        assert_eq!(ok["status"], "ok");
+        assert_eq!(ok["x"], 3);
+        assert!(ok["elapsed_s"].as_f64().unwrap() >= 0.0);
+        let un = section(&budget, Duration::ZERO, |_| {
+            Err(NotRun::Unsupported("not yet".into()))
+        });
+        assert_eq!(un["status"], "unsupported");
+        assert_eq!(un["reason"], "not yet");
+        let failed = section(&budget, Duration::ZERO, |_| {
+            Err(anyhow::anyhow!("device mismatch").context("training on cuda"))?
+        });
+        assert_eq!(failed["status"], "failed");
+        assert_eq!(failed["error"], "training on cuda: device mismatch");
+        let panicked = section(&budget, Duration::ZERO, |_| panic!("boom {}", 7));
+        assert_eq!(panicked["status"], "failed");
+        assert_eq!(panicked["error"], "panic: boom 7");
+        let skipped = section(&budget, Duration::from_secs(61), |_| {
+            panic!("a skipped section must not run")
+        });
+        assert_eq!(skipped["status"], "skipped");
+        assert!(
+            skipped["reason"]
+                .as_str()
+                .unwrap()
+                .contains("60-second budget"),
+            "{skipped}"
+        );
+    }
+
+    #[test]
+    fn the_report_has_its_schema_and_fails_only_on_failures() {
+        let budget = Budget::new(FULL_BUDGET);
+        let mut r = FullReport {
+            device: "NVIDIA H200".into(),
+            compute_capability: Some("9.0".into()),
+            budget_s: 480.0,
+            ..Default::default()
+        };
+        assert!(!r.passed(), "an empty report does not pass");
+        for name in SECTIONS {
+            let v = if name == "bench_infer" {
+                section(&budget, Duration::ZERO, |_| {
+                    Err(NotRun::Unsupported("cpu only".into()))
+                })
+            } else {
+                section(&budget, Duration::ZERO, |_| {
+                    let mut m = Map::new();
+                    m.insert("passed".into(), json!(true));
+                    Ok(m)
+                })
+            };
+            r.sections.push((name.into(), v));
+        }
+        let j = r.to_json();
+        assert_eq!(j["schema"], SCHEMA);
+        assert_eq!(j["passed"], true);
+        assert_eq!(j["budget_s"], 480.0);
+        assert_eq!(j["compute_capability"], "9.0");
+        let names: Vec<&String> = j["sections"].as_object().unwrap().keys().collect();
+        assert_eq!(names.len(), SECTIONS.len());
+        for name in SECTIONS {
+            assert!(j["sections"][name]["status"].is_string(), "{name}");
+            assert_eq!(j["summary"][name], j["sections"][name]["status"]);
+        }
+        assert_eq!(j["summary"]["bench_infer"], "unsupported");
+        // A section whose own check fails, or that failed, fails the report.
+        r.sections[1].1["passed"] = json!(false);
+        assert!(!r.passed());
+        r.sections[1].1 = json!({"status": "failed", "error": "x"});
+        assert!(!r.passed());
+        r.sections[1].1 = json!({"status": "skipped", "reason": "budget"});
+        assert!(r.passed());
+    }
+
+    #[test]
+    fn the_report_is_written_atomically() {
+        let dir = temp_dir("atomic");
+        let path = dir.join("sub").join("report.json");
+        write_atomic(&path, "{\"a\": 1}").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\": 1}");
+        write_atomic(&path, "{\"b\": 2}").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"b\": 2}");
+        // No temporary file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["report.json"]);
+        // A path whose folder cannot exist (a file stands there) fails naming it and
+        // leaves the old report untouched.
+        let blocked = path.join("inner.json");
+        let err = write_atomic(&blocked, "{}").unwrap_err();
+        assert!(format!("{err:#}").contains("report.json"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"b\": 2}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_training_config_is_the_small_mor_e_with_three_recursions() {
+        for backend in ["cpu", "cuda"] {
+            let cfg =
+                Config::from_table(Config::parse_table(&train_config_toml(backend, 1)).unwrap())
+                    .unwrap();
+            let t: toml::Table = toml::from_str(&train_config_toml(backend, 1)).unwrap();
+            assert_eq!(t["model"]["preset"].as_str(), Some("small"));
+            assert_eq!(t["recursion"]["num_recursions"].as_integer(), Some(3));
+            assert_eq!(t["router"]["kind"].as_str(), Some("expert_choice"));
+            assert_eq!(t["runtime"]["backend"]["kind"].as_str(), Some(backend));
+            assert_eq!(
+                t["train"]["budget"]["steps"].as_integer(),
+                Some(TRAIN_STEPS as i64)
+            );
+            drop(cfg);
+        }
+    }
+
+    #[test]
+    fn loss_curves_compare_step_by_step() {
+        assert_eq!(compare_losses(&[2.0, 1.0], &[2.0, 1.0], 1e-3), (0.0, true));
+        let (w, ok) = compare_losses(&[2.0, 1.0], &[2.0, 1.01], 1e-3);
+        assert!((w - 0.01).abs() < 1e-12 && !ok);
+        assert!(!compare_losses(&[2.0, 1.0], &[2.0], 1e-3).1);
+        assert!(!compare_losses(&[], &[], 1e-3).1);
+        assert!(!compare_losses(&[1.0], &[f64::NAN], 1e-3).1);
+        assert_eq!(peak_flops("NVIDIA H200"), Some((67e12, 989e12)));
+        assert_eq!(peak_flops("NVIDIA GeForce GTX 1080"), None);
+    }
 }

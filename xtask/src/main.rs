@@ -45,7 +45,9 @@ enum Command {
     Eval(eval::Args),
     /// Train, evaluate and compare every run of an ablation grid; writes results.md and plots.
     Ablate(ablate::Args),
-    /// Check every CUDA kernel against the CPU reference and time it (needs `--features cuda` and a GPU).
+    /// Check every CUDA kernel against the CPU reference and time it; `--full` also trains on
+    /// the GPU against the CPU and measures throughput, MFU, host syncs and memory (needs
+    /// `--features cuda` and a GPU).
     GpuCheck(gpu_check::Args),
     /// Generate text from a trained run, streaming tokens (optionally with their depths).
     Generate(generate::Args),

@@ -178,8 +178,8 @@ impl CudaCause {
                  `backend.kind = \"cpu\"`"
             }
             CudaCause::OutOfMemory => {
-                "lower `train.batch_size` (keeping the tokens per optimiser step with \
-                 `train.grad_accum`), the sequence length, or the model size"
+                "lower `train.micro_batch_seqs` (gradient accumulation keeps \
+                 `train.batch_seqs` per optimiser step), the sequence length, or the model size"
             }
         }
     }
@@ -301,7 +301,7 @@ mod tests {
         assert_eq!(e.cuda_cause(), Some(CudaCause::OutOfMemory));
         let msg = e.to_string();
         assert!(
-            msg.contains("out of memory") && msg.contains("train.batch_size"),
+            msg.contains("out of memory") && msg.contains("train.micro_batch_seqs"),
             "{msg}"
         );
         assert!(!msg.contains("at batch size"), "{msg}");

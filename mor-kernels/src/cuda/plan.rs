@@ -94,6 +94,22 @@ pub struct KernelSpec {
 use Elem::{F32 as EF, T as ET, U32 as EU};
 use Param::{In, OptIn, Out, F32, I32, U32, U64};
 
+/// `mor_gather_rope_fwd` and `_bwd`: `(x or dout, idx, cos, sin, out, b, h, l, t, dh,
+/// max_pos)`.
+const GATHER_ROPE: &[Param] = &[
+    In(ET),
+    In(EU),
+    In(ET),
+    In(ET),
+    Out(ET),
+    U32,
+    U32,
+    U32,
+    U32,
+    U32,
+    U32,
+];
+
 /// The kernel table, in the order of [`Kernel`].
 pub static KERNELS: [KernelSpec; 14] = [
     KernelSpec {
@@ -142,37 +158,13 @@ pub static KERNELS: [KernelSpec; 14] = [
         kernel: Kernel::GatherRopeFwd,
         base: "mor_gather_rope_fwd",
         module: KernelModule::Rope,
-        params: &[
-            In(ET),
-            In(EU),
-            In(ET),
-            In(ET),
-            Out(ET),
-            U32,
-            U32,
-            U32,
-            U32,
-            U32,
-            U32,
-        ],
+        params: GATHER_ROPE,
     },
     KernelSpec {
         kernel: Kernel::GatherRopeBwd,
         base: "mor_gather_rope_bwd",
         module: KernelModule::Rope,
-        params: &[
-            In(ET),
-            In(EU),
-            In(ET),
-            In(ET),
-            Out(ET),
-            U32,
-            U32,
-            U32,
-            U32,
-            U32,
-            U32,
-        ],
+        params: GATHER_ROPE,
     },
     KernelSpec {
         kernel: Kernel::SwigluFwd,

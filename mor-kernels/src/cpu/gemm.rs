@@ -156,11 +156,99 @@ struct Src<'a> {
     kc: usize,
 }
 
-/// Packs `src` into tiles of `w` rows: `out[(tile · kd + p) · w + i]`, zero-padded, with
-/// `kd = kc` for f32 and, for bf16 (`PAIRS`), `kd = ⌈kc / 2⌉` pairs whose low half is depth
-/// `2p` and high half depth `2p + 1`. Reads run along the source's contiguous direction.
+/// How the packed tiles of an operand are laid out. Both hold, per tile of `w` rows (or
+/// columns) and depth (or bf16 pair) `p`, the row's value at that depth; the kernels read
+/// `a` in either layout and `b` in [`Layout::Depths`] only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `tile[p · w + i]`: the `w` values of one depth side by side, `kd · w` per tile (what
+    /// a source contiguous along `x` packs into with straight copies).
+    Depths,
+    /// `tile[i · rs + p]`: each row's depths contiguous, rows [`Layout::row_stride`] apart
+    /// and `w · rs` per tile (what a source contiguous along the depth packs into with
+    /// straight conversions, no transposition).
+    Rows,
+}
+
+impl Layout {
+    /// Row stride of a [`Layout::Rows`] tile: the packed length of a full depth block, so
+    /// that the kernels address it with constant offsets.
+    const fn row_stride(pairs: bool) -> usize {
+        if pairs {
+            KC / 2
+        } else {
+            KC
+        }
+    }
+
+    /// Packed elements per tile of `w` rows over `kd` packed depths.
+    fn tile_len(self, pairs: bool, w: usize, kd: usize) -> usize {
+        match self {
+            Layout::Depths => kd * w,
+            Layout::Rows => w * Layout::row_stride(pairs),
+        }
+    }
+}
+
+/// Packed depths (pairs for bf16) of `kc` depths.
+fn packed_depth(pairs: bool, kc: usize) -> usize {
+    if pairs {
+        kc.div_ceil(2)
+    } else {
+        kc
+    }
+}
+
+/// Converts a contiguous run of depths into packed elements: bf16 pairs (`PAIRS`; low half
+/// the even depth, an odd run's last pair with a zero high half) or f32 bits. With `HW`, the
+/// pairs come from `VCVTNE2PS2BF16`, which rounds exactly as [`bf16_bits`].
 #[inline(always)]
-fn pack_body<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut [u32]) {
+fn convert_run<const PAIRS: bool, const HW: bool>(src: &[f32], dst: &mut [u32]) {
+    if !PAIRS {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = v.to_bits();
+        }
+        return;
+    }
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if HW {
+        // SAFETY: `HW` is only set by callers that checked AVX512_BF16 (`pack_avx512bf16`).
+        done = unsafe { x86::convert_pairs(src, dst) };
+    }
+    let (src, dst) = (&src[done..], &mut dst[done / 2..]);
+    let full = src.len() / 2;
+    #[cfg(target_endian = "little")]
+    {
+        // A pair read as a `u32` is its low (even) depth then its high one, so the run
+        // converts value by value into the pairs' 16-bit halves (vectorised).
+        // SAFETY: `dst[..full]` is `2·full` initialised, aligned `u16`s of its own memory.
+        let halves =
+            unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u16>(), 2 * full) };
+        for (h, &v) in halves.iter_mut().zip(&src[..2 * full]) {
+            *h = bf16_bits_vec(v) as u16;
+        }
+    }
+    #[cfg(not(target_endian = "little"))]
+    for (o, pair) in dst[..full].iter_mut().zip(src.chunks_exact(2)) {
+        *o = bf16_bits_vec(pair[0]) | (bf16_bits_vec(pair[1]) << 16);
+    }
+    if src.len() % 2 == 1 {
+        dst[full] = bf16_bits_vec(src[src.len() - 1]);
+    }
+}
+
+/// Packs `src` into tiles of `w` rows in `layout` (see [`Layout`]), with `kd = kc` packed
+/// depths for f32 and, for bf16 (`PAIRS`), `kd = ⌈kc / 2⌉` pairs whose low half is depth
+/// `2p` and high half depth `2p + 1`. Rows of the last tile past `nx` are zero. Reads run
+/// along the source's contiguous direction; [`Layout::Rows`] needs `sk == 1`.
+#[inline(always)]
+fn pack_body<const PAIRS: bool, const HW: bool>(
+    src: Src<'_>,
+    w: usize,
+    layout: Layout,
+    out: &mut [u32],
+) {
     let Src {
         data,
         sx,
@@ -170,103 +258,78 @@ fn pack_body<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut [u32]) {
         kc,
     } = src;
     let cvt = |x: f32| if PAIRS { bf16_bits_vec(x) } else { x.to_bits() };
-    let kd = if PAIRS { kc.div_ceil(2) } else { kc };
+    let kd = packed_depth(PAIRS, kc);
     let full = if PAIRS { kc / 2 } else { kc };
+    let tiles = nx.div_ceil(w);
+    let tile_len = layout.tile_len(PAIRS, w, kd);
+    if layout == Layout::Rows {
+        debug_assert_eq!(sk, 1);
+        let rs = Layout::row_stride(PAIRS);
+        for x in 0..nx {
+            let o = &mut out[(x / w) * tile_len + (x % w) * rs..][..kd];
+            convert_run::<PAIRS, HW>(&data[x * sx + k0..][..kc], o);
+        }
+        for i in nx % w..if nx % w == 0 { 0 } else { w } {
+            out[(tiles - 1) * tile_len + i * rs..][..kd].fill(0);
+        }
+        return;
+    }
     if sx == 1 && sk != 1 {
-        // Contiguous along x: a tile's `w` rows at one depth are one run.
-        for t in 0..nx.div_ceil(w) {
-            let (x0, wv) = (t * w, w.min(nx - t * w));
-            let tile = &mut out[t * kd * w..(t + 1) * kd * w];
-            for (p, o) in tile.chunks_exact_mut(w).enumerate().take(full) {
-                let o = &mut o[..wv];
-                if PAIRS {
-                    let lo = &data[x0 + (k0 + 2 * p) * sk..][..wv];
-                    let hi = &data[x0 + (k0 + 2 * p + 1) * sk..][..wv];
-                    for ((o, &l), &h) in o.iter_mut().zip(lo).zip(hi) {
-                        *o = cvt(l) | (cvt(h) << 16);
-                    }
-                } else {
-                    let r = &data[x0 + (k0 + p) * sk..][..wv];
-                    for (o, &v) in o.iter_mut().zip(r) {
-                        *o = cvt(v);
-                    }
-                }
-            }
-            if PAIRS && kc % 2 == 1 {
-                let lo = &data[x0 + (k0 + kc - 1) * sk..][..wv];
-                for (o, &l) in tile[(kd - 1) * w..][..wv].iter_mut().zip(lo) {
+        // Contiguous along x: one depth (or pair of depths) at a time over every row,
+        // converted into `line` and copied into the tiles in runs of `w`.
+        let mut line = vec![0u32; tiles * w];
+        for p in 0..kd {
+            if PAIRS && p == full {
+                // The odd last depth: a pair with a zero high half.
+                let lo = &data[(k0 + kc - 1) * sk..][..nx];
+                for (o, &l) in line.iter_mut().zip(lo) {
                     *o = cvt(l);
                 }
-            }
-        }
-    } else if !PAIRS && sk == 1 {
-        // f32, contiguous along the depth: `w` rows read side by side, written in the packed
-        // (depth-major) order one depth at a time.
-        for t in 0..nx.div_ceil(w) {
-            let (x0, wv) = (t * w, w.min(nx - t * w));
-            let rows: Vec<&[f32]> = (0..wv).map(|i| &data[(x0 + i) * sx + k0..][..kc]).collect();
-            let tile = &mut out[t * kd * w..(t + 1) * kd * w];
-            for (p, o) in tile.chunks_exact_mut(w).enumerate() {
-                for (o, r) in o.iter_mut().zip(&rows) {
-                    *o = r[p].to_bits();
+            } else if PAIRS {
+                let lo = &data[(k0 + 2 * p) * sk..][..nx];
+                let hi = &data[(k0 + 2 * p + 1) * sk..][..nx];
+                for ((o, &l), &h) in line.iter_mut().zip(lo).zip(hi) {
+                    *o = cvt(l) | (cvt(h) << 16);
+                }
+            } else {
+                for (o, &v) in line.iter_mut().zip(&data[(k0 + p) * sk..][..nx]) {
+                    *o = cvt(v);
                 }
             }
-        }
-    } else if PAIRS && sk == 1 {
-        // Contiguous along the depth: each row of a tile is rounded into `tmp` as a run of
-        // bf16 values (vectorised), which read as `u32` are its pairs; the tile is then
-        // transposed into the packed order.
-        let kp = kd;
-        let mut tmp = vec![0u16; w * 2 * kp];
-        for t in 0..nx.div_ceil(w) {
-            let (x0, wv) = (t * w, w.min(nx - t * w));
-            for i in 0..wv {
-                let row = &data[(x0 + i) * sx + k0..][..kc];
-                let dst = &mut tmp[i * 2 * kp..(i + 1) * 2 * kp];
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d = bf16_bits_vec(v) as u16;
-                }
-                if kc % 2 == 1 {
-                    dst[kc] = 0;
-                }
-            }
-            let tile = &mut out[t * kd * w..(t + 1) * kd * w];
-            for (p, o) in tile.chunks_exact_mut(w).enumerate() {
-                for (i, o) in o[..wv].iter_mut().enumerate() {
-                    let j = i * 2 * kp + 2 * p;
-                    *o = tmp[j] as u32 | ((tmp[j + 1] as u32) << 16);
-                }
+            for (t, run) in line.chunks_exact(w).enumerate() {
+                out[t * tile_len + p * w..][..w].copy_from_slice(run);
             }
         }
     } else {
-        // Contiguous along the depth (or neither): one source row at a time.
+        // Contiguous along the depth (or neither): one source row at a time, converted into
+        // `row` and spread over the tile's depths.
+        let mut row = vec![0u32; kd];
         for x in 0..nx {
             let (t, i) = (x / w, x % w);
             let base = x * sx + k0 * sk;
-            let o = out[t * kd * w + i..].iter_mut().step_by(w);
-            if PAIRS {
-                if sk == 1 {
-                    let row = &data[base..base + kc];
-                    for (o, pair) in o.zip(row.chunks_exact(2)) {
-                        *o = cvt(pair[0]) | (cvt(pair[1]) << 16);
-                    }
-                } else {
-                    for (p, o) in o.take(full).enumerate() {
-                        *o = cvt(data[base + 2 * p * sk])
-                            | (cvt(data[base + (2 * p + 1) * sk]) << 16);
-                    }
-                }
-                if kc % 2 == 1 {
-                    out[(t * kd + kd - 1) * w + i] = cvt(data[base + (kc - 1) * sk]);
-                }
-            } else if sk == 1 {
-                for (o, &v) in o.zip(&data[base..base + kc]) {
-                    *o = cvt(v);
-                }
+            if sk == 1 {
+                convert_run::<PAIRS, HW>(&data[base..base + kc], &mut row);
             } else {
-                for (p, o) in o.take(kc).enumerate() {
-                    *o = cvt(data[base + p * sk]);
+                for (p, o) in row.iter_mut().enumerate().take(full) {
+                    *o = if PAIRS {
+                        cvt(data[base + 2 * p * sk]) | (cvt(data[base + (2 * p + 1) * sk]) << 16)
+                    } else {
+                        cvt(data[base + p * sk])
+                    };
                 }
+                if PAIRS && kc % 2 == 1 {
+                    row[kd - 1] = cvt(data[base + (kc - 1) * sk]);
+                }
+            }
+            let tile = &mut out[t * tile_len..][..tile_len];
+            for (o, &v) in tile[i..].iter_mut().step_by(w).zip(&row) {
+                *o = v;
+            }
+        }
+        for i in nx % w..if nx % w == 0 { 0 } else { w } {
+            let tile = &mut out[(tiles - 1) * tile_len..][..tile_len];
+            for o in tile[i..].iter_mut().step_by(w) {
+                *o = 0;
             }
         }
     }
@@ -278,22 +341,99 @@ fn pack_body<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut [u32]) {
 /// The CPU must support AVX-512 F, BW, DQ, VL, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn pack_avx512<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut [u32]) {
-    pack_body::<PAIRS>(src, w, out)
+unsafe fn pack_avx512<const PAIRS: bool>(src: Src<'_>, w: usize, layout: Layout, out: &mut [u32]) {
+    pack_body::<PAIRS, false>(src, w, layout, out)
 }
 
-/// Packs `src` (see [`pack_body`]) into `out`, resized to whole tiles.
-fn pack<const PAIRS: bool>(src: Src<'_>, w: usize, out: &mut Vec<u32>) {
-    let kd = if PAIRS { src.kc.div_ceil(2) } else { src.kc };
-    out.clear();
-    out.resize(src.nx.div_ceil(w) * kd * w, 0);
+/// [`pack_body`] with the bf16 runs converted by `VCVTNE2PS2BF16`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, DQ, VL, BF16, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+unsafe fn pack_avx512bf16(src: Src<'_>, w: usize, layout: Layout, out: &mut [u32]) {
+    pack_body::<true, true>(src, w, layout, out)
+}
+
+/// Packs `src` (see [`pack_body`]) into `out`, resized to whole tiles. The code used follows
+/// [`isa::tier`] (so `MOR_CPU_TIER` also lowers the packing); every variant packs the same
+/// bits.
+fn pack<const PAIRS: bool>(src: Src<'_>, w: usize, layout: Layout, out: &mut Vec<u32>) {
+    let kd = packed_depth(PAIRS, src.kc);
+    let len = src.nx.div_ceil(w) * layout.tile_len(PAIRS, w, kd);
+    // Every element a kernel reads is written below; resizing keeps the old contents, so
+    // a buffer of the same size is not cleared first.
+    out.resize(len, 0);
     #[cfg(target_arch = "x86_64")]
-    if isa::detected() >= Tier::Avx512 {
-        // SAFETY: the CPU has AVX-512 (checked).
-        unsafe { pack_avx512::<PAIRS>(src, w, out) };
-        return;
+    {
+        let tier = isa::tier();
+        if PAIRS && tier.has_bf16() {
+            // SAFETY: the tier is at most the CPU's, which has AVX512_BF16 and AVX-512.
+            unsafe { pack_avx512bf16(src, w, layout, out) };
+            return;
+        }
+        if tier >= Tier::Avx512 {
+            // SAFETY: the tier is at most the CPU's, which has AVX-512.
+            unsafe { pack_avx512::<PAIRS>(src, w, layout, out) };
+            return;
+        }
     }
-    pack_body::<PAIRS>(src, w, out)
+    pack_body::<PAIRS, false>(src, w, layout, out)
+}
+
+/// Packs depths `k0 .. k0 + kc` of `a: m × k` for `kernel` into `out`: in [`Layout::Rows`]
+/// when `a` is contiguous along the depth (straight conversions), else [`Layout::Depths`].
+/// Returns the layout and the packed depth.
+fn pack_a(
+    kernel: Kernel,
+    a: Mat<'_, f32>,
+    m: usize,
+    (k0, kc): (usize, usize),
+    out: &mut Vec<u32>,
+) -> (Layout, usize) {
+    let src = Src {
+        data: a.data,
+        sx: a.rs,
+        sk: a.cs,
+        nx: m,
+        k0,
+        kc,
+    };
+    let layout = if a.cs == 1 {
+        Layout::Rows
+    } else {
+        Layout::Depths
+    };
+    if kernel.is_bf16() {
+        pack::<true>(src, MR, layout, out);
+    } else {
+        pack::<false>(src, MR, layout, out);
+    }
+    (layout, packed_depth(kernel.is_bf16(), kc))
+}
+
+/// Packs depths `k0 .. k0 + kc` of columns `n0 .. n0 + nc` of `b: k × n` for `kernel` into
+/// panels of [`NR`] columns ([`Layout::Depths`]).
+fn pack_b(
+    kernel: Kernel,
+    b: Mat<'_, f32>,
+    (n0, nc): (usize, usize),
+    (k0, kc): (usize, usize),
+    out: &mut Vec<u32>,
+) {
+    let src = Src {
+        data: &b.data[n0 * b.cs..],
+        sx: b.cs,
+        sk: b.rs,
+        nx: nc,
+        k0,
+        kc,
+    };
+    if kernel.is_bf16() {
+        pack::<true>(src, NR, Layout::Depths, out);
+    } else {
+        pack::<false>(src, NR, Layout::Depths, out);
+    }
 }
 
 /// The destination of one tile: `rows × cols` at `ptr`, rows `rs` apart.
@@ -304,6 +444,72 @@ struct Tile {
     cols: usize,
     add: bool,
     scale: f32,
+}
+
+/// One depth block of a product, packed: `a` in tiles of [`MR`] rows laid out as `layout`,
+/// `b` in panels of [`NR`] columns, `b_panel` elements apart, each `kd` packed depths (or
+/// pairs) long from its start.
+struct Block<'a> {
+    kernel: Kernel,
+    kd: usize,
+    a: &'a [u32],
+    layout: Layout,
+    b: &'a [u32],
+    b_panel: usize,
+}
+
+/// `dst (+)= scale · a · b` over one packed [`Block`] for an `m × n` destination: every
+/// tile, rows outermost (a packed tile of `a` stays in L1 while the panels of `b` stream
+/// from L2).
+///
+/// # Safety
+/// The block holds `⌈m / MR⌉` tiles of `a` and `⌈n / NR⌉` panels of `b`; `dst` is valid
+/// for reads and writes of `m` rows of `n` elements spaced `dst_rs` apart;
+/// `blk.kernel.tier() <= isa::detected()`.
+unsafe fn multiply_block(
+    blk: &Block<'_>,
+    (m, n): (usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    add: bool,
+    scale: f32,
+) {
+    let a_tile = blk.layout.tile_len(blk.kernel.is_bf16(), MR, blk.kd);
+    for t in 0..m.div_ceil(MR) {
+        for j in 0..n.div_ceil(NR) {
+            let tile = Tile {
+                // SAFETY: in bounds of `dst` (row `t·MR < m`, column `j·NR < n`).
+                ptr: unsafe { dst.add(t * MR * dst_rs + j * NR) },
+                rs: dst_rs,
+                rows: MR.min(m - t * MR),
+                cols: NR.min(n - j * NR),
+                add,
+                scale,
+            };
+            // SAFETY: tile `t` of `a` and panel `j` of `b` are in the block, the tile lies
+            // inside `dst`, the kernel's tier is available (caller's contract).
+            unsafe {
+                run_tile(
+                    blk.kernel,
+                    blk.layout,
+                    blk.kd,
+                    &blk.a[t * a_tile..],
+                    &blk.b[j * blk.b_panel..],
+                    &tile,
+                )
+            };
+        }
+    }
+}
+
+/// Zeroes `m` rows of `n` elements of `dst` (a product over an empty depth).
+///
+/// # Safety
+/// As [`gemm`]'s `dst`.
+unsafe fn zero_rows(m: usize, n: usize, (dst, dst_rs): (*mut f32, usize)) {
+    for r in 0..m {
+        // SAFETY: row `r` of `dst` is valid for `n` writes (caller's contract).
+        unsafe { std::ptr::write_bytes(dst.add(r * dst_rs), 0, n) };
+    }
 }
 
 /// `dst (+)= scale · a · b` for `a: m × k`, `b: k × n`, on the calling thread.
@@ -326,90 +532,95 @@ pub(crate) unsafe fn gemm(
     }
     if k == 0 {
         if !accumulate {
-            for r in 0..m {
-                // SAFETY: row `r` of `dst` is valid for `n` writes (caller's contract).
-                unsafe { std::ptr::write_bytes(dst.add(r * dst_rs), 0, n) };
-            }
+            // SAFETY: caller's contract.
+            unsafe { zero_rows(m, n, (dst, dst_rs)) };
         }
         return;
     }
     PACK.with_borrow_mut(|(ap, bp)| {
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            let add = accumulate || k0 > 0;
-            let asrc = Src {
-                data: a.data,
-                sx: a.rs,
-                sk: a.cs,
-                nx: m,
-                k0,
-                kc,
-            };
-            if kernel.is_bf16() {
-                pack::<true>(asrc, MR, ap);
-            } else {
-                pack::<false>(asrc, MR, ap);
-            }
+            let (layout, kd) = pack_a(kernel, a, m, (k0, kc), ap);
             for n0 in (0..n).step_by(NC) {
                 let nc = NC.min(n - n0);
-                let bsub = &b.data[n0 * b.cs..];
-                let bsrc = Src {
-                    data: bsub,
-                    sx: b.cs,
-                    sk: b.rs,
-                    nx: nc,
-                    k0,
-                    kc,
+                pack_b(kernel, b, (n0, nc), (k0, kc), bp);
+                let blk = Block {
+                    kernel,
+                    kd,
+                    a: ap,
+                    layout,
+                    b: bp,
+                    b_panel: kd * NR,
                 };
-                if kernel.is_bf16() {
-                    pack::<true>(bsrc, NR, bp);
-                } else {
-                    pack::<false>(bsrc, NR, bp);
-                }
-                let kd = if kernel.is_bf16() { kc.div_ceil(2) } else { kc };
-                for t in 0..m.div_ceil(MR) {
-                    for j in 0..nc.div_ceil(NR) {
-                        let tile = Tile {
-                            // SAFETY: in bounds of `dst` (row `t·MR < m`, column `n0 + j·NR < n`).
-                            ptr: unsafe { dst.add(t * MR * dst_rs + n0 + j * NR) },
-                            rs: dst_rs,
-                            rows: MR.min(m - t * MR),
-                            cols: NR.min(nc - j * NR),
-                            add,
-                            scale,
-                        };
-                        let (ao, bo) = (t * kd * MR, j * kd * NR);
-                        // SAFETY: the packed tiles hold `kd · MR` and `kd · NR` elements from
-                        // `ao` and `bo`; the tile's rows and columns lie inside `dst`; the
-                        // kernel's tier is available (caller's contract).
-                        unsafe { run_tile(kernel, kd, &ap[ao..], &bp[bo..], &tile) };
-                    }
-                }
+                // SAFETY: the block holds the packed rows and columns; columns
+                // `n0 .. n0 + nc` of `dst` are valid (caller's contract).
+                unsafe {
+                    multiply_block(
+                        &blk,
+                        (m, nc),
+                        (dst.add(n0), dst_rs),
+                        accumulate || k0 > 0,
+                        scale,
+                    )
+                };
             }
         }
     });
 }
 
-/// One microkernel tile of `kernel` over `kd` packed depths (or pairs).
+/// One microkernel tile of `kernel` over `kd` packed depths (or pairs), `a` laid out as
+/// `layout`.
 ///
 /// # Safety
-/// `a`, `b` hold `kd · MR`, `kd · NR` packed elements; the tile is valid memory;
-/// `kernel.tier() <= isa::detected()`.
+/// `a` holds a packed tile of `kd` depths in `layout`, `b` a panel of `kd · NR`; the tile
+/// is valid memory; `kernel.tier() <= isa::detected()`.
 #[inline(always)]
-unsafe fn run_tile(kernel: Kernel, kd: usize, a: &[u32], b: &[u32], tile: &Tile) {
+unsafe fn run_tile(kernel: Kernel, layout: Layout, kd: usize, a: &[u32], b: &[u32], tile: &Tile) {
+    #[inline(always)]
+    unsafe fn go<const ROWS: bool>(kernel: Kernel, kd: usize, a: &[u32], b: &[u32], tile: &Tile) {
+        // SAFETY: caller's contract.
+        unsafe {
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::F32Avx512 => x86::f32_tile::<ROWS>(kd, a, b, tile),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Bf16Avx512 => x86::bf16_tile::<ROWS>(kd, a, b, tile),
+                #[cfg(not(target_arch = "x86_64"))]
+                Kernel::F32Avx512 | Kernel::Bf16Avx512 => {
+                    unreachable!("AVX-512 kernels exist on x86_64 only")
+                }
+                Kernel::Bf16Portable => bf16_tile_portable::<ROWS>(kd, a, b, tile),
+            }
+        }
+    }
     // SAFETY: caller's contract.
     unsafe {
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::F32Avx512 => x86::f32_tile(kd, a, b, tile),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Bf16Avx512 => x86::bf16_tile(kd, a, b, tile),
-            #[cfg(not(target_arch = "x86_64"))]
-            Kernel::F32Avx512 | Kernel::Bf16Avx512 => {
-                unreachable!("AVX-512 kernels exist on x86_64 only")
-            }
-            Kernel::Bf16Portable => bf16_tile_portable(kd, a, b, tile),
+        match layout {
+            Layout::Rows => go::<true>(kernel, kd, a, b, tile),
+            Layout::Depths => go::<false>(kernel, kd, a, b, tile),
         }
+    }
+}
+
+/// Index of the packed `a` element of tile row `i` at packed depth `p`, in [`Layout::Rows`]
+/// (`ROWS`) or [`Layout::Depths`], and the length a tile of `kd` depths needs.
+#[inline(always)]
+const fn a_index<const ROWS: bool, const PAIRS: bool>(i: usize, p: usize) -> usize {
+    if ROWS {
+        i * Layout::row_stride(PAIRS) + p
+    } else {
+        p * MR + i
+    }
+}
+
+/// The length of `a` a tile of `kd` packed depths reads ([`a_index`] of its last element,
+/// plus one).
+#[inline(always)]
+const fn a_extent<const ROWS: bool, const PAIRS: bool>(kd: usize) -> usize {
+    if kd == 0 {
+        0
+    } else {
+        a_index::<ROWS, PAIRS>(MR - 1, kd - 1) + 1
     }
 }
 
@@ -438,19 +649,7 @@ impl PackedB {
         let mut part = Vec::new();
         if n > 0 {
             for k0 in (0..k).step_by(KC) {
-                let src = Src {
-                    data: b.data,
-                    sx: b.cs,
-                    sk: b.rs,
-                    nx: n,
-                    k0,
-                    kc: KC.min(k - k0),
-                };
-                if kernel.is_bf16() {
-                    pack::<true>(src, NR, &mut part);
-                } else {
-                    pack::<false>(src, NR, &mut part);
-                }
+                pack_b(kernel, b, (0, n), (k0, KC.min(k - k0)), &mut part);
                 data.extend_from_slice(&part);
             }
         }
@@ -470,16 +669,6 @@ impl PackedB {
     /// Columns of the packed operand.
     pub(crate) fn n(&self) -> usize {
         self.n
-    }
-
-    /// Packed depths (or pairs) of the depth block starting at `k0`.
-    fn kd(&self, k0: usize) -> usize {
-        let kc = KC.min(self.k - k0);
-        if self.kernel.is_bf16() {
-            kc.div_ceil(2)
-        } else {
-            kc
-        }
     }
 }
 
@@ -506,10 +695,8 @@ pub(crate) unsafe fn gemm_packed_b(
     }
     if k == 0 {
         if !accumulate {
-            for r in 0..m {
-                // SAFETY: row `r` of `dst` is valid for `n` writes (caller's contract).
-                unsafe { std::ptr::write_bytes(dst.add(r * dst_rs), 0, n) };
-            }
+            // SAFETY: caller's contract.
+            unsafe { zero_rows(m, n, (dst, dst_rs)) };
         }
         return;
     }
@@ -517,45 +704,20 @@ pub(crate) unsafe fn gemm_packed_b(
     let panels = b.n.div_ceil(NR);
     PACK.with_borrow_mut(|(ap, _)| {
         let mut block_off = 0;
-        for k0 in (0..b.k).step_by(KC) {
-            let kd_full = b.kd(k0);
-            if k0 < k {
-                let kc = KC.min(k - k0);
-                let asrc = Src {
-                    data: a.data,
-                    sx: a.rs,
-                    sk: a.cs,
-                    nx: m,
-                    k0,
-                    kc,
-                };
-                let kd = if kernel.is_bf16() {
-                    pack::<true>(asrc, MR, ap);
-                    kc.div_ceil(2)
-                } else {
-                    pack::<false>(asrc, MR, ap);
-                    kc
-                };
-                let add = accumulate || k0 > 0;
-                for j in 0..n.div_ceil(NR) {
-                    let bo = block_off + j * kd_full * NR;
-                    for t in 0..m.div_ceil(MR) {
-                        let tile = Tile {
-                            // SAFETY: in bounds of `dst` (row `t·MR < m`, column `j·NR < n`).
-                            ptr: unsafe { dst.add(t * MR * dst_rs + j * NR) },
-                            rs: dst_rs,
-                            rows: MR.min(m - t * MR),
-                            cols: NR.min(n - j * NR),
-                            add,
-                            scale,
-                        };
-                        // SAFETY: the packed tile of `a` holds `kd · MR` elements from
-                        // `t·kd·MR`; panel `j` of the block holds `kd_full >= kd` rows of
-                        // `NR`; the tile lies inside `dst`; the tier is available.
-                        unsafe { run_tile(kernel, kd, &ap[t * kd * MR..], &b.data[bo..], &tile) };
-                    }
-                }
-            }
+        for k0 in (0..k).step_by(KC) {
+            let kd_full = packed_depth(kernel.is_bf16(), KC.min(b.k - k0));
+            let (layout, kd) = pack_a(kernel, a, m, (k0, KC.min(k - k0)), ap);
+            let blk = Block {
+                kernel,
+                kd,
+                a: ap,
+                layout,
+                b: &b.data[block_off..],
+                b_panel: kd_full * NR,
+            };
+            // SAFETY: the block holds the packed rows, and the first `⌈n / NR⌉` panels
+            // (of `kd_full >= kd` packed depths); `dst` as the caller's contract.
+            unsafe { multiply_block(&blk, (m, n), (dst, dst_rs), accumulate || k0 > 0, scale) };
             block_off += panels * kd_full * NR;
         }
     });
@@ -583,21 +745,22 @@ unsafe fn store_tile(acc: &[f32; MR * NR], tile: &Tile) {
 }
 
 /// The portable bf16 tile: `acc += a[2p+1]·b[2p+1]`, then `+= a[2p]·b[2p]`, in f32 (the
-/// order `VDPBF16PS` documents).
+/// order `VDPBF16PS` documents); `a` in [`Layout::Rows`] (`ROWS`) or [`Layout::Depths`].
 ///
 /// # Safety
-/// As [`store_tile`]; `a` and `b` hold `kp · MR` and `kp · NR` pairs.
-unsafe fn bf16_tile_portable(kp: usize, a: &[u32], b: &[u32], tile: &Tile) {
+/// As [`store_tile`]; `a` holds a tile of `kp` pairs, `b` a panel of `kp · NR`.
+unsafe fn bf16_tile_portable<const ROWS: bool>(kp: usize, a: &[u32], b: &[u32], tile: &Tile) {
     let mut acc = [0f32; MR * NR];
-    let (a, b) = (&a[..kp * MR], &b[..kp * NR]);
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+    let (a, b) = (&a[..a_extent::<ROWS, true>(kp)], &b[..kp * NR]);
+    for (p, bp) in b.chunks_exact(NR).enumerate() {
         let mut b0 = [0f32; NR];
         let mut b1 = [0f32; NR];
         for c in 0..NR {
             b0[c] = bf16_value(bp[c] as u16);
             b1[c] = bf16_value((bp[c] >> 16) as u16);
         }
-        for (i, &av) in ap.iter().enumerate() {
+        for i in 0..MR {
+            let av = a[a_index::<ROWS, true>(i, p)];
             let (a0, a1) = (bf16_value(av as u16), bf16_value((av >> 16) as u16));
             let row = &mut acc[i * NR..(i + 1) * NR];
             for c in 0..NR {
@@ -611,8 +774,32 @@ unsafe fn bf16_tile_portable(kp: usize, a: &[u32], b: &[u32], tile: &Tile) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Tile, MR, NR};
+    use super::{a_extent, a_index, Tile, MR, NR};
     use std::arch::x86_64::*;
+
+    /// Converts the leading multiple of 32 values of `src` into bf16 pairs in `dst` with
+    /// `VCVTNE2PS2BF16` (nearest, ties to even, subnormals to zero: [`super::bf16_bits`]);
+    /// returns how many values it converted.
+    ///
+    /// # Safety
+    /// AVX-512 F and BF16 must be available; `dst` holds at least `src.len() / 2` pairs.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn convert_pairs(src: &[f32], dst: &mut [u32]) -> usize {
+        let chunks = src.len() / 32;
+        assert!(dst.len() >= chunks * 16);
+        for c in 0..chunks {
+            // SAFETY: values `32c .. 32c + 32` lie in `src`, pairs `16c .. 16c + 16` in
+            // `dst` (checked above); `__m512bh` and `__m512i` are both 64 plain bytes.
+            unsafe {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(32 * c));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(32 * c + 16));
+                let r: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(16 * c).cast(), r);
+            }
+        }
+        chunks * 32
+    }
 
     /// Adds (or writes) `scale · c` into the tile, masked to its columns.
     #[inline]
@@ -650,14 +837,32 @@ mod x86 {
         }
     }
 
-    /// The f32 `MR × NR` tile over `kc` packed depths (f32 bits).
+    /// Prefetches the tile's rows of `dst` into L1, so that the stores at the end of the
+    /// tile do not wait for them (each row is two cache lines, read when accumulating).
+    #[inline(always)]
+    fn prefetch_dst(tile: &Tile) {
+        for i in 0..tile.rows {
+            // `wrapping_add`: a prefetch reads nothing and faults on no address; the row is
+            // inside the destination anyway (caller's contract of the kernels).
+            let p = tile.ptr.wrapping_add(i * tile.rs).cast::<i8>();
+            // SAFETY: prefetching has no architectural effect.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            }
+        }
+    }
+
+    /// The f32 `MR × NR` tile over `kc` packed depths (f32 bits), `a` in `Layout::Rows`
+    /// (`ROWS`) or `Layout::Depths`.
     ///
     /// # Safety
-    /// AVX-512 F must be available; `a`, `b` hold `kc · MR`, `kc · NR` elements; the tile
-    /// is valid memory.
+    /// AVX-512 F must be available; `a` holds a tile of `kc` depths, `b` a panel of
+    /// `kc · NR` elements; the tile is valid memory.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn f32_tile(kc: usize, a: &[u32], b: &[u32], tile: &Tile) {
-        let (a, b) = (&a[..kc * MR], &b[..kc * NR]);
+    pub(super) unsafe fn f32_tile<const ROWS: bool>(kc: usize, a: &[u32], b: &[u32], tile: &Tile) {
+        let (a, b) = (&a[..a_extent::<ROWS, false>(kc)], &b[..kc * NR]);
+        prefetch_dst(tile);
         let mut c = [_mm512_setzero_ps(); 2 * MR];
         // The packed f32 values are stored as their bits.
         let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
@@ -667,7 +872,7 @@ mod x86 {
                 let b0 = _mm512_loadu_ps(pb.add(p * NR));
                 let b1 = _mm512_loadu_ps(pb.add(p * NR + 16));
                 for i in 0..MR {
-                    let av = _mm512_set1_ps(*pa.add(p * MR + i));
+                    let av = _mm512_set1_ps(*pa.add(a_index::<ROWS, false>(i, p)));
                     c[2 * i] = _mm512_fmadd_ps(av, b0, c[2 * i]);
                     c[2 * i + 1] = _mm512_fmadd_ps(av, b1, c[2 * i + 1]);
                 }
@@ -677,14 +882,16 @@ mod x86 {
         unsafe { store(&c, tile) };
     }
 
-    /// The bf16 `MR × NR` tile over `kp` packed pairs, with `VDPBF16PS`.
+    /// The bf16 `MR × NR` tile over `kp` packed pairs, with `VDPBF16PS`, `a` in
+    /// `Layout::Rows` (`ROWS`) or `Layout::Depths`.
     ///
     /// # Safety
-    /// AVX-512 F and BF16 must be available; `a`, `b` hold `kp · MR`, `kp · NR` pairs; the
-    /// tile is valid memory.
+    /// AVX-512 F and BF16 must be available; `a` holds a tile of `kp` pairs, `b` a panel of
+    /// `kp · NR`; the tile is valid memory.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn bf16_tile(kp: usize, a: &[u32], b: &[u32], tile: &Tile) {
-        let (a, b) = (&a[..kp * MR], &b[..kp * NR]);
+    pub(super) unsafe fn bf16_tile<const ROWS: bool>(kp: usize, a: &[u32], b: &[u32], tile: &Tile) {
+        let (a, b) = (&a[..a_extent::<ROWS, true>(kp)], &b[..kp * NR]);
+        prefetch_dst(tile);
         let mut c = [_mm512_setzero_ps(); 2 * MR];
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         for p in 0..kp {
@@ -696,7 +903,9 @@ mod x86 {
                     std::mem::transmute(_mm512_loadu_si512(pb.add(p * NR + 16).cast()));
                 for i in 0..MR {
                     let av: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*pa.add(p * MR + i) as i32));
+                        std::mem::transmute(_mm512_set1_epi32(
+                            *pa.add(a_index::<ROWS, true>(i, p)) as i32,
+                        ));
                     c[2 * i] = _mm512_dpbf16_ps(c[2 * i], av, b0);
                     c[2 * i + 1] = _mm512_dpbf16_ps(c[2 * i + 1], av, b1);
                 }
@@ -843,26 +1052,66 @@ mod tests {
         }
     }
 
+    /// Bit patterns of every class of f32: zeros, subnormals, the smallest and largest
+    /// normals, infinities, NaNs, both signs, and ties of the bf16 rounding.
+    const SPECIALS: [u32; 14] = [
+        0,
+        0x8000_0000,
+        0x0000_0001,
+        0x007f_ffff,
+        0x807f_ffff,
+        0x0080_0000,
+        0x7f7f_ffff,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0x7f80_0001,
+        0xffff_ffff,
+        0x3f80_8000,
+        0x3f81_8000,
+    ];
+
+    /// Every conversion of a run into packed pairs (`VCVTNE2PS2BF16` where the CPU has it,
+    /// the vectorised and the plain rounding) gives the pairs of [`bf16_bits`]: a sweep of
+    /// bit patterns (normals, subnormals, infinities, NaNs, both signs), in runs of odd and
+    /// even lengths past and short of the 32 values one instruction converts.
+    #[test]
+    fn run_conversions_match_the_scalar_rounding() {
+        let vals: Vec<f32> = SPECIALS
+            .into_iter()
+            .chain((0..=u32::MAX).step_by(65_537))
+            .map(f32::from_bits)
+            .collect();
+        let want = |run: &[f32]| -> Vec<u32> {
+            run.chunks(2)
+                .map(|c| {
+                    bf16_bits(c[0]) as u32 | c.get(1).map_or(0, |&h| (bf16_bits(h) as u32) << 16)
+                })
+                .collect()
+        };
+        for len in [1, 2, 31, 32, 33, 64, 95, 256] {
+            for run in vals.chunks(len) {
+                let mut got = vec![u32::MAX; run.len().div_ceil(2)];
+                convert_run::<true, false>(run, &mut got);
+                assert_eq!(got, want(run), "plain, length {}", run.len());
+                #[cfg(target_arch = "x86_64")]
+                if isa::detected().has_bf16() {
+                    got.fill(u32::MAX);
+                    // SAFETY: the CPU has AVX512_BF16 (checked).
+                    let done = unsafe { x86::convert_pairs(run, &mut got) };
+                    assert_eq!(done, run.len() / 32 * 32);
+                    convert_run::<true, false>(&run[done..], &mut got[done / 2..]);
+                    assert_eq!(got, want(run), "VCVTNE2PS2BF16, length {}", run.len());
+                }
+            }
+        }
+    }
+
     /// The branch-free rounding of the packing loops equals [`bf16_bits`] on every class of
     /// input: a sweep of bit patterns (normals, subnormals, infinities, NaNs, both signs).
     #[test]
     fn branch_free_rounding_matches_the_scalar_one() {
-        let specials = [
-            0u32,
-            0x8000_0000,
-            0x0000_0001,
-            0x007f_ffff,
-            0x0080_0000,
-            0x7f7f_ffff,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7fc0_0000,
-            0x7f80_0001,
-            0xffff_ffff,
-            0x3f80_8000,
-            0x3f81_8000,
-        ];
-        for b in specials.into_iter().chain((0..=u32::MAX).step_by(65_521)) {
+        for b in SPECIALS.into_iter().chain((0..=u32::MAX).step_by(65_521)) {
             let x = f32::from_bits(b);
             assert_eq!(bf16_bits_vec(x), bf16_bits(x) as u32, "bits {b:#010x}");
         }

@@ -178,41 +178,71 @@ fn lora_target_used(target: &str, shared: bool) -> bool {
     !(shared && matches!(target, "k_proj" | "v_proj"))
 }
 
-/// Parameters of the relaxation of the shared weights (spec §6): `N_r · d` for a recursion
-/// encoding; for a LoRA, `rank · (d_in + d_out)` per target projection of every recursion
-/// slot (each depth its own adapters), the K/V targets omitted at the slots that reuse the
-/// step-1 K/V when `kv_sharing`. `MorModel::named_vars` lists the same parameters.
+/// Parameters of the relaxation of the shared weights (spec §6), per recursion slot (one
+/// depth r, one layer of the shared block):
+///
+/// ```text
+/// recursion_encoding  N_r · d                                 (one vector per depth)
+/// lora                Σ_targets rank · (d_in + d_out)         per recursion slot
+/// dora                Σ_targets rank · (d_in + d_out) + d_out per recursion slot (m_r)
+/// adaption_prompt     P · d + n_head                          per recursion slot (P_r, g_r)
+/// ```
+///
+/// The LoRA / DoRA K/V targets are omitted at the slots that reuse the step-1 K/V when
+/// `kv_sharing` (nothing would read them). `MorModel::named_vars` lists the same
+/// parameters.
 pub fn relaxation_params(
     dims: &ModelDims,
     plan: &RecursionPlan,
     relax: Option<&Relaxation>,
     kv_sharing: bool,
 ) -> u64 {
-    match relax {
-        None => 0,
-        Some(Relaxation::RecursionEncoding) => plan.num_recursions as u64 * dims.hidden_size as u64,
-        Some(Relaxation::Lora { rank, targets, .. }) => plan
-            .slots
-            .iter()
-            .map(|s| match s.segment {
-                Segment::Recursion { step, .. } => targets
+    let Some(relax) = relax else {
+        return 0;
+    };
+    if let Relaxation::RecursionEncoding = relax {
+        return plan.num_recursions as u64 * dims.hidden_size as u64;
+    }
+    let magnitude = matches!(relax, Relaxation::Dora { .. });
+    plan.slots
+        .iter()
+        .map(|s| match (s.segment, relax) {
+            (Segment::Recursion { .. }, Relaxation::AdaptionPrompt { prompt_len }) => {
+                (*prompt_len * dims.hidden_size + dims.num_heads) as u64
+            }
+            (Segment::Recursion { step, .. }, _) => {
+                let Some((rank, _, targets)) = relax.low_rank() else {
+                    return 0;
+                };
+                targets
                     .iter()
                     .filter(|t| lora_target_used(t, kv_sharing && step >= 2))
                     .map(|t| {
                         let (i, o) = lora_target_dims(dims, t);
-                        *rank as u64 * (i + o)
+                        rank as u64 * (i + o) + if magnitude { o } else { 0 }
                     })
-                    .sum(),
-                _ => 0,
-            })
-            .sum(),
-    }
+                    .sum()
+            }
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Forward FLOPs per training token added by the relaxation (spec §1.4 counting, 2 per
-/// multiply-add of the products): a LoRA adds `2 · rank · (d_in + d_out)` per target and
-/// active token of every recursion slot; an encoding adds no product (its additions are not
-/// counted, as the residual additions are not).
+/// multiply-add of the products), per active token of every recursion slot:
+///
+/// ```text
+/// lora             Σ_targets 2 · rank · (d_in + d_out)
+/// dora             Σ_targets 2 · rank · (d_in + d_out) + d_out   (the scale m_r / n_r)
+/// adaption_prompt  2 · 2 · d_a · P                               (Q K_pᵀ and the weighted V_p)
+/// recursion_encoding  0
+/// ```
+///
+/// Additions and the tanh gate are not counted, as the residual additions are not. Work
+/// done once per forward rather than per token is not counted either: DoRA's row norms
+/// `‖W + s·B A‖` (`2·rank·d_in·d_out + 3·d_in·d_out` per target and slot) and the
+/// adaption prompt's prefix K/V projections (`2·P·d·2·d_kv` per slot); the decode engine
+/// computes both once at load.
 ///
 /// # Errors
 /// When the capacities do not fit the plan (see [`step_tokens`]).
@@ -222,9 +252,33 @@ pub fn relaxation_flops_per_token(
     hints: &AccountingHints,
     relax: Option<&Relaxation>,
 ) -> Result<f64, String> {
-    let Some(Relaxation::Lora { rank, targets, .. }) = relax else {
+    let Some(relax) = relax else {
         return Ok(0.0);
     };
+    let magnitude = matches!(relax, Relaxation::Dora { .. });
+    let d_attn = (dims.num_heads * dims.head_dim) as u64;
+    let per_slot = |shape: &SlotShape| -> u64 {
+        match relax {
+            Relaxation::RecursionEncoding => 0,
+            Relaxation::AdaptionPrompt { prompt_len } => 2 * 2 * d_attn * *prompt_len as u64,
+            Relaxation::Lora { .. } | Relaxation::Dora { .. } => {
+                let Some((rank, _, targets)) = relax.low_rank() else {
+                    return 0;
+                };
+                targets
+                    .iter()
+                    .filter(|t| lora_target_used(t, shape.shared))
+                    .map(|t| {
+                        let (i, o) = lora_target_dims(dims, t);
+                        2 * rank as u64 * (i + o) + if magnitude { o } else { 0 }
+                    })
+                    .sum()
+            }
+        }
+    };
+    if matches!(relax, Relaxation::RecursionEncoding) {
+        return Ok(0.0);
+    }
     let k_steps = step_tokens(hints, plan.num_recursions, dims.seq_len)?;
     let total: f64 = plan
         .slots
@@ -232,15 +286,7 @@ pub fn relaxation_flops_per_token(
         .filter(|s| matches!(s.segment, Segment::Recursion { .. }))
         .map(|s| {
             let shape = slot_shape(dims, s, &k_steps, hints);
-            let per_token: u64 = targets
-                .iter()
-                .filter(|t| lora_target_used(t, shape.shared))
-                .map(|t| {
-                    let (i, o) = lora_target_dims(dims, t);
-                    2 * *rank as u64 * (i + o)
-                })
-                .sum();
-            per_token as f64 * shape.k
+            per_slot(&shape) as f64 * shape.k
         })
         .sum();
     Ok(total / dims.seq_len as f64)

@@ -476,3 +476,72 @@ fn relaxation_parameter_and_flop_counts() {
     let f = relaxation_flops_per_token(&dims, &p, &h, Some(&qv)).unwrap();
     assert!((f - expect).abs() <= 1e-9 * expect, "{f} vs {expect}");
 }
+
+#[test]
+fn dora_and_adaption_prompt_parameter_and_flop_counts() {
+    // 360M dims, middle_cycle N_r = 3 of 32 layers: 30 recursion slots, 10 per step.
+    let dims = ModelDims::smollm_360m();
+    let p = plan("middle_cycle", 32, 3);
+    let (d, q, kv) = (960u64, 15 * 64, 5 * 64);
+    let targets: Vec<String> = ["q_proj", "v_proj"].iter().map(|t| t.to_string()).collect();
+    let lora = Relaxation::Lora {
+        rank: 64,
+        alpha: 64.0,
+        targets: targets.clone(),
+    };
+    let dora = Relaxation::Dora {
+        rank: 64,
+        alpha: 64.0,
+        targets,
+    };
+    // DoRA = LoRA + one magnitude per output row (q: 960, v: 320) per slot.
+    let lora_slot = 64 * ((d + q) + (d + kv));
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&dora), false),
+        30 * (lora_slot + q + kv)
+    );
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&dora), false)
+            - relaxation_params(&dims, &p, Some(&lora), false),
+        30 * (960 + 320)
+    );
+    // KV sharing: no v_proj adapter (nor its magnitude) at the 20 slots of steps 2 and 3.
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&dora), true),
+        30 * (64 * (d + q) + q) + 10 * (64 * (d + kv) + kv)
+    );
+    // Adaption prompt of P = 10: a [10, 960] prefix and 15 head gates per slot.
+    let ap = Relaxation::AdaptionPrompt { prompt_len: 10 };
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&ap), false),
+        30 * (10 * 960 + 15)
+    );
+    assert_eq!(
+        relaxation_params(&dims, &p, Some(&ap), true),
+        30 * (10 * 960 + 15)
+    );
+    let all = AccountingHints {
+        capacities: None,
+        kv_sharing: false,
+        kv_full_context: false,
+    };
+    // DoRA: LoRA's products plus one multiply per output.
+    assert_eq!(
+        relaxation_flops_per_token(&dims, &p, &all, Some(&dora)).unwrap(),
+        (30 * (2 * lora_slot + q + kv)) as f64
+    );
+    // Adaption prompt: every query scores P prefix keys and weighs P values, per head:
+    // 2 · 2 · d_a · P per token and slot.
+    assert_eq!(
+        relaxation_flops_per_token(&dims, &p, &all, Some(&ap)).unwrap(),
+        (30 * 2 * 2 * q * 10) as f64
+    );
+    // Expert choice: only the k_r active tokens of a step pay.
+    let h = caps(3);
+    let k: u64 = (1..=3)
+        .map(|r| active_tokens((4 - r) as f64 / 3.0, 2048) as u64)
+        .sum();
+    let expect = (2 * 2 * q * 10 * 10 * k) as f64 / 2048.0;
+    let f = relaxation_flops_per_token(&dims, &p, &h, Some(&ap)).unwrap();
+    assert!((f - expect).abs() <= 1e-9 * expect, "{f} vs {expect}");
+}

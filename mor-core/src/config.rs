@@ -122,9 +122,61 @@ pub enum Relaxation {
         /// Target projections, a subset of `q_proj`, `k_proj`, `v_proj`, `o_proj`.
         targets: Vec<String>,
     },
+    /// DoRA (Liu et al. 2024, arXiv 2402.09353) per depth r on the same targets as
+    /// [`Relaxation::Lora`]: `W'_r = diag(m_r / ‖W + s·B_r A_r‖_row) (W + s·B_r A_r)` with
+    /// `s = alpha / rank`, the norm taken per output row of `[d_out, d_in]`, and a learned
+    /// magnitude `m_r: [d_out]` initialised to the row norms of `W` (B_r = 0, so an untrained
+    /// model equals its base model).
+    Dora {
+        /// Rank of `A_r: [rank, d_in]`, `B_r: [d_out, rank]`.
+        rank: usize,
+        /// Scale numerator: the low-rank term is multiplied by `alpha / rank`.
+        alpha: f64,
+        /// Target projections, a subset of `q_proj`, `k_proj`, `v_proj`, `o_proj`.
+        targets: Vec<String>,
+    },
+    /// Adaption prompt (LLaMA-Adapter, Zhang et al. 2023, arXiv 2303.16199) per depth r and
+    /// layer of the shared block: a learned prefix `P_r: [prompt_len, d]` whose keys and
+    /// values are the layer's own K/V projections (no RoPE), attended with a separate
+    /// softmax and added to the attention output through a zero-initialised per-head gate
+    /// `tanh(g_r)`.
+    AdaptionPrompt {
+        /// Prefix length `P`.
+        prompt_len: usize,
+    },
 }
 
-/// The projections a LoRA relaxation may target.
+impl Relaxation {
+    /// The config name of the kind: `lora`, `dora`, `adaption_prompt` or
+    /// `recursion_encoding`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Relaxation::RecursionEncoding => "recursion_encoding",
+            Relaxation::Lora { .. } => "lora",
+            Relaxation::Dora { .. } => "dora",
+            Relaxation::AdaptionPrompt { .. } => "adaption_prompt",
+        }
+    }
+
+    /// `(rank, alpha, targets)` of a low-rank relaxation (LoRA or DoRA).
+    pub fn low_rank(&self) -> Option<(usize, f64, &[String])> {
+        match self {
+            Relaxation::Lora {
+                rank,
+                alpha,
+                targets,
+            }
+            | Relaxation::Dora {
+                rank,
+                alpha,
+                targets,
+            } => Some((*rank, *alpha, targets)),
+            _ => None,
+        }
+    }
+}
+
+/// The projections a LoRA or DoRA relaxation may target.
 pub const LORA_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 
 /// The training budget as written (spec §1.3): exactly one of steps, tokens or FLOPs.

@@ -986,6 +986,25 @@ fn relaxation_resolves_with_its_defaults() {
     assert_eq!(back.recursion.relaxation, c.recursion.relaxation);
     let c = Config::from_toml_str(&relax("{ kind = \"recursion_encoding\" }")).unwrap();
     assert_eq!(c.recursion.relaxation, Some(Relaxation::RecursionEncoding));
+    let c = Config::from_toml_str(&relax("{ kind = \"dora\", rank = 2 }")).unwrap();
+    assert_eq!(
+        c.recursion.relaxation,
+        Some(Relaxation::Dora {
+            rank: 2,
+            alpha: 2.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+        })
+    );
+    let back: ResolvedConfig = serde_json::from_str(&c.to_json().unwrap()).unwrap();
+    assert_eq!(back.recursion.relaxation, c.recursion.relaxation);
+    let c =
+        Config::from_toml_str(&relax("{ kind = \"adaption_prompt\", prompt_len = 5 }")).unwrap();
+    assert_eq!(
+        c.recursion.relaxation,
+        Some(Relaxation::AdaptionPrompt { prompt_len: 5 })
+    );
+    let back: ResolvedConfig = serde_json::from_str(&c.to_json().unwrap()).unwrap();
+    assert_eq!(back.recursion.relaxation, c.recursion.relaxation);
     // `none` is the config without a relaxation, JSON included (no new key).
     let plain = Config::from_toml_str(TINY).unwrap();
     let none = Config::from_toml_str(&relax("{ kind = \"none\" }")).unwrap();
@@ -1003,9 +1022,49 @@ fn bad_relaxations_name_the_field() {
         &["lorra", "recursion_encoding"],
     );
     check_one(
-        &relax("{ kind = \"dora\" }"),
+        &relax("{ kind = \"lorra\" }"),
         "recursion.relaxation.kind",
-        &["dora", "not implemented"],
+        &["dora", "adaption_prompt"],
+    );
+    check_one(
+        &relax("{ kind = \"dora\", rank = 0 }"),
+        "recursion.relaxation.rank",
+        &["0", "1..="],
+    );
+    check_one(
+        &relax("{ kind = \"dora\", alpha = 0.0 }"),
+        "recursion.relaxation.alpha",
+        &["0", "> 0"],
+    );
+    check_one(
+        &relax("{ kind = \"dora\", targets = [\"down_proj\"] }"),
+        "recursion.relaxation.targets",
+        &["down_proj", "q_proj"],
+    );
+    check_one(
+        &relax("{ kind = \"dora\", prompt_len = 4 }"),
+        "recursion.relaxation.prompt_len",
+        &["dora"],
+    );
+    check_one(
+        &relax("{ kind = \"adaption_prompt\" }"),
+        "recursion.relaxation.prompt_len",
+        &["(absent)", "1..="],
+    );
+    check_one(
+        &relax("{ kind = \"adaption_prompt\", prompt_len = 0 }"),
+        "recursion.relaxation.prompt_len",
+        &["0", "1..="],
+    );
+    check_one(
+        &relax("{ kind = \"adaption_prompt\", prompt_len = 4, rank = 2 }"),
+        "recursion.relaxation.rank",
+        &["adaption_prompt"],
+    );
+    check_one(
+        &relax("{ kind = \"adaption_prompt\", prompt_len = 4, targets = [\"q_proj\"] }"),
+        "recursion.relaxation.targets",
+        &["adaption_prompt"],
     );
     check_one(
         &relax("{ kind = \"lora\", rank = 0 }"),

@@ -301,7 +301,8 @@ impl MorModel {
         // KV sharing the blocks of those slots have K/V projections that nothing reads.
         let later_steps_share = kv.keeps_first_step() && !kv.projects_kv(2);
         let kv_blocks = cfg.plan.kv_projecting_blocks(later_steps_share);
-        let relax = Relax::new(cfg, dtype, &device, &|step| kv.projects_kv(step))?;
+        let weight = |block: usize, target: &str| block_weight(&blocks, block, target);
+        let relax = Relax::new(cfg, dtype, &device, &|step| kv.projects_kv(step), &weight)?;
         Ok(MorModel {
             cfg: cfg.clone(),
             backend,
@@ -449,6 +450,22 @@ impl MorModel {
         self.relax.as_ref()
     }
 
+    /// Sets every DoRA magnitude `m_r` to the row norms of its current shared weight (see
+    /// [`Relax::reset_magnitudes`]): call it after replacing the shared weights of a fresh
+    /// model (an uptraining initialisation), so that the untrained DoRA model equals its
+    /// base model again. A no-op without DoRA.
+    ///
+    /// # Errors
+    /// Tensor operations.
+    pub fn reset_dora_magnitudes(&self) -> Result<()> {
+        match &self.relax {
+            Some(r) => {
+                r.reset_magnitudes(&|block, target| block_weight(&self.blocks, block, target))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Parameters of the auxiliary router (its own optimiser), if any.
     pub fn aux_named_vars(&self) -> Vec<NamedVar> {
         match &self.router {
@@ -507,12 +524,13 @@ impl MorModel {
             Some((step, _)) => self.kv.trains_on_fresh_kv(step) && !self.kv.keeps_first_step(),
         };
         let lora = self.relax.as_ref().and_then(|r| r.lora(slot));
+        let adapted = self.relax.as_ref().is_some_and(|r| r.adapts_slot(slot));
         let (step, first) = match kv {
             Some(kv) if !own_kv_only => kv,
-            _ if lora.is_some() => {
+            _ if adapted => {
                 // A relaxed recursion slot attending to its own fresh K/V: unfused, so the
-                // low-rank terms enter each projection.
-                return self.layer_lora_own_kv(h, pos, p, (an, mn), lora);
+                // low-rank terms enter each projection and the prompt the attention output.
+                return self.layer_relaxed_own_kv(h, pos, slot, p, (an, mn), lora);
             }
             _ => {
                 // The layer's own K/V, needed by nothing else: the whole attention half is one
@@ -565,7 +583,7 @@ impl MorModel {
         };
         let eff = self.kv.training_kv(step, fresh.as_ref(), first, pos)?;
         let att = be.attention(&q, &eff.k, &eff.v, pos, &eff.pos)?;
-        let att = be.merge_heads(&att)?;
+        let att = be.merge_heads(&self.add_prompt(att, slot, &q, p)?)?;
         let h = (h + proj(&att, &p.o, |l| l.o.as_ref())?)?;
         Ok((mlp(&h)?, fresh))
     }
@@ -578,12 +596,34 @@ impl MorModel {
         }
     }
 
-    /// One decoder layer with LoRA-relaxed projections attending to its own fresh K/V (no
-    /// KV policy involved): the unfused form of `Backend::attention_block`.
-    fn layer_lora_own_kv(
+    /// `att + ` the adaption prompt's term of slot `slot` (spec §6.4; see
+    /// [`Relax::prompt_attention`]) on `att, q: [b, n_head, t, d_head]`; `att` itself
+    /// without a prompt.
+    fn add_prompt(&self, att: Tensor, slot: usize, q: &Tensor, p: &LayerParams) -> Result<Tensor> {
+        let Some(r) = &self.relax else {
+            return Ok(att);
+        };
+        match r.prompt_attention(
+            &*self.backend,
+            slot,
+            q,
+            p.k.as_tensor(),
+            p.v.as_tensor(),
+            self.cfg.model.num_kv_heads,
+        )? {
+            Some(extra) => Ok((att + extra)?),
+            None => Ok(att),
+        }
+    }
+
+    /// One decoder layer with relaxed projections (LoRA, DoRA) or an adaption prompt,
+    /// attending to its own fresh K/V (no KV policy involved): the unfused form of
+    /// `Backend::attention_block`.
+    fn layer_relaxed_own_kv(
         &self,
         h: &Tensor,
         pos: &Tensor,
+        slot: usize,
         p: &LayerParams,
         (an, mn): (&Var, &Var),
         lora: Option<&crate::relax::SlotLora>,
@@ -610,7 +650,8 @@ impl MorModel {
             &self.project(&x, &p.v, pick(|l| l.v.as_ref()))?,
             m.num_kv_heads,
         )?;
-        let att = be.merge_heads(&be.attention(&q, &k, &v, pos, pos)?)?;
+        let att = be.attention(&q, &k, &v, pos, pos)?;
+        let att = be.merge_heads(&self.add_prompt(att, slot, &q, p)?)?;
         let h = (h + self.project(&att, &p.o, pick(|l| l.o.as_ref()))?)?;
         let h = be.mlp_block(
             &h,
@@ -1017,6 +1058,19 @@ impl MorModel {
     pub fn rope_tables(&self) -> (&Tensor, &Tensor) {
         (&self.cos, &self.sin)
     }
+}
+
+/// The attention weight `target` (`q_proj`, `k_proj`, `v_proj`, `o_proj`) of `blocks[block]`.
+fn block_weight(blocks: &[LayerParams], block: usize, target: &str) -> Option<Tensor> {
+    let p = blocks.get(block)?;
+    let v = match target {
+        "q_proj" => &p.q,
+        "k_proj" => &p.k,
+        "v_proj" => &p.v,
+        "o_proj" => &p.o,
+        _ => return None,
+    };
+    Some(v.as_tensor().clone())
 }
 
 /// Spreads a flat gate `[n_valid]` into `[b, kmax]` with zeros at padded slots.

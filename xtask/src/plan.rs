@@ -177,17 +177,29 @@ fn print_text(path: &std::path::Path, cfg: &ResolvedConfig, r: &Report, init: Op
         short(r.total_params as f64),
     );
     if let Some(relax) = &cfg.recursion.relaxation {
+        use mor_core::config::Relaxation;
         let what = match relax {
-            mor_core::config::Relaxation::RecursionEncoding => {
+            Relaxation::RecursionEncoding => {
                 "recursion_encoding (a vector per depth, no product)".to_string()
             }
-            mor_core::config::Relaxation::Lora {
+            Relaxation::Lora {
                 rank,
                 alpha,
                 targets,
             } => format!(
                 "lora rank {rank}, alpha {alpha}, on {} (per depth; its FLOPs are in the flops line)",
                 targets.join(", ")
+            ),
+            Relaxation::Dora {
+                rank,
+                alpha,
+                targets,
+            } => format!(
+                "dora rank {rank}, alpha {alpha}, on {} (per depth, with a magnitude per output; its FLOPs are in the flops line)",
+                targets.join(", ")
+            ),
+            Relaxation::AdaptionPrompt { prompt_len } => format!(
+                "adaption_prompt of {prompt_len} per depth and layer, tanh-gated per head (its FLOPs are in the flops line)"
             ),
         };
         println!(

@@ -90,15 +90,15 @@ pub struct RawRecursion {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRelaxation {
-    /// `none`, `lora` or `recursion_encoding`.
+    /// `none`, `lora`, `dora`, `adaption_prompt` or `recursion_encoding`.
     pub kind: Option<String>,
-    /// LoRA rank.
+    /// LoRA / DoRA rank.
     pub rank: Option<usize>,
-    /// LoRA alpha (the low-rank term is scaled by alpha / rank).
+    /// LoRA / DoRA alpha (the low-rank term is scaled by alpha / rank).
     pub alpha: Option<f64>,
-    /// Projections that get a LoRA: a subset of q_proj, k_proj, v_proj, o_proj.
+    /// Projections that get a LoRA / DoRA: a subset of q_proj, k_proj, v_proj, o_proj.
     pub targets: Option<Vec<String>>,
-    /// Adaption-prompt length (not implemented; refused).
+    /// Adaption-prompt length `P` (required for `adaption_prompt`).
     pub prompt_len: Option<usize>,
 }
 

@@ -22,6 +22,8 @@ const MAX_HEADS: usize = 4096;
 const MAX_INTER: usize = 1 << 20;
 const MAX_VOCAB: usize = 1 << 24;
 const MAX_SEQ: usize = 1 << 22;
+/// Upper bound of `recursion.relaxation.prompt_len`.
+const MAX_PROMPT_LEN: usize = 1 << 16;
 
 /// Threads this machine can run in parallel (`std::thread::available_parallelism`, 1 when
 /// unknown): the upper bound of `runtime.threads`.
@@ -58,7 +60,8 @@ fn relaxation(
 ) -> Option<Relaxation> {
     let raw = raw?;
     let kind = raw.kind.as_deref().unwrap_or("none");
-    let allowed_kinds = "\"none\", \"lora\" or \"recursion_encoding\"";
+    let allowed_kinds =
+        "\"none\", \"lora\", \"dora\", \"adaption_prompt\" or \"recursion_encoding\"";
     let unused = |p: &mut Problems, field: &str, present: bool| {
         if present {
             p.push(
@@ -83,7 +86,7 @@ fn relaxation(
             unused(p, "prompt_len", raw.prompt_len.is_some());
             Relaxation::RecursionEncoding
         }
-        "lora" => {
+        "lora" | "dora" => {
             unused(p, "prompt_len", raw.prompt_len.is_some());
             let rank = raw.rank.unwrap_or(64);
             p.range("recursion.relaxation.rank", rank, 1, 1 << 16);
@@ -120,19 +123,37 @@ fn relaxation(
                     );
                 }
             }
-            Relaxation::Lora {
-                rank,
-                alpha,
-                targets,
+            if kind == "lora" {
+                Relaxation::Lora {
+                    rank,
+                    alpha,
+                    targets,
+                }
+            } else {
+                Relaxation::Dora {
+                    rank,
+                    alpha,
+                    targets,
+                }
             }
         }
-        "dora" | "adaption_prompt" => {
-            p.push(
-                "recursion.relaxation.kind",
-                format!("\"{kind}\""),
-                format!("{allowed_kinds}: `{kind}` is not implemented"),
+        "adaption_prompt" => {
+            unused(p, "rank", raw.rank.is_some());
+            unused(p, "alpha", raw.alpha.is_some());
+            unused(p, "targets", raw.targets.is_some());
+            let allowed = format!(
+                "an integer in 1..={MAX_PROMPT_LEN}: the length P of the learned prefix per recursion depth"
             );
-            return None;
+            match raw.prompt_len {
+                None => p.push("recursion.relaxation.prompt_len", "(absent)", allowed),
+                Some(n) if !(1..=MAX_PROMPT_LEN).contains(&n) => {
+                    p.push("recursion.relaxation.prompt_len", n, allowed)
+                }
+                Some(_) => {}
+            }
+            Relaxation::AdaptionPrompt {
+                prompt_len: raw.prompt_len.unwrap_or(0),
+            }
         }
         other => {
             p.push(

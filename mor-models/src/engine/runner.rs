@@ -93,20 +93,24 @@ struct BlockWeights {
     down: PackedMatrix,
 }
 
-/// Host copy of one LoRA adapter (spec §6): `A: [rank, d_in]`, `B: [d_out, rank]`.
+/// Host copy of one LoRA or DoRA adapter (spec §6.4): `A: [rank, d_in]`, `B: [d_out,
+/// rank]`, and a DoRA's output scale `m / ‖W + s·B A‖_row: [d_out]`, fixed at load (the
+/// weights do not change while decoding).
 #[derive(Debug)]
 struct HostLora {
     a: Vec<f32>,
     b: Vec<f32>,
     rank: usize,
+    dora: Option<Vec<f32>>,
 }
 
 impl HostLora {
-    fn new(p: &crate::relax::LoraPair) -> Result<Self> {
+    fn new(relax: &crate::relax::Relax, w: &Tensor, p: &crate::relax::LoraPair) -> Result<Self> {
         Ok(HostLora {
             a: host(p.a.as_tensor())?,
             b: host(p.b.as_tensor())?,
             rank: p.a.as_tensor().dim(0)?,
+            dora: relax.dora_scale(w, p)?.as_ref().map(host).transpose()?,
         })
     }
 
@@ -115,7 +119,13 @@ impl HostLora {
         self.a.len() + self.b.len()
     }
 
-    /// `out += scale · B (A x)` for one row.
+    /// Elementwise multiplies of one row (a DoRA's output scale).
+    fn scales(&self) -> usize {
+        self.dora.as_ref().map_or(0, Vec::len)
+    }
+
+    /// `out += scale · B (A x)` for one row `out` that holds the shared product `W x`, then
+    /// for a DoRA `out ⊙= m / n`: `out` becomes this item's relaxed projection.
     fn add(&self, x: &[f32], out: &mut [f32], scale: f32) {
         let d_in = x.len();
         let t: Vec<f32> = self
@@ -126,16 +136,62 @@ impl HostLora {
         for (o, b) in out.iter_mut().zip(self.b.chunks_exact(self.rank)) {
             *o += scale * b.iter().zip(&t).map(|(p, q)| p * q).sum::<f32>();
         }
+        if let Some(c) = &self.dora {
+            out.iter_mut().zip(c).for_each(|(o, c)| *o *= c);
+        }
     }
 }
 
-/// The LoRA adapters of one recursion slot, on the host.
+/// The LoRA / DoRA adapters of one recursion slot, on the host.
 #[derive(Debug, Default)]
 struct SlotHostLora {
     q: Option<HostLora>,
     k: Option<HostLora>,
     v: Option<HostLora>,
     o: Option<HostLora>,
+}
+
+/// The adaption prompt of one recursion slot on the host (spec §6.4): the prefix keys and
+/// values `[P, kv_heads · d_head]` projected once at load by the slot's shared `W_k`, `W_v`
+/// (no RoPE), and `tanh(g): [n_head]`.
+#[derive(Debug)]
+struct HostPrompt {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    gate: Vec<f32>,
+    len: usize,
+}
+
+impl HostPrompt {
+    /// `out_h += tanh(g_h) · softmax(q_h K_{p,h}ᵀ · scale) V_{p,h}` for every query head `h`
+    /// of one token (`q`, `out`: `[n_head · d_head]`, `q` after RoPE), query head `h`
+    /// reading KV head `h / (n_head / kv_heads)`.
+    fn add(&self, q: &[f32], out: &mut [f32], dh: usize, kv_heads: usize, scale: f32) {
+        let hq = self.gate.len();
+        let group = hq / kv_heads.max(1);
+        let kvd = kv_heads * dh;
+        let mut w = vec![0f32; self.len];
+        for h in 0..hq {
+            let off = (h / group) * dh;
+            let qh = &q[h * dh..(h + 1) * dh];
+            for (p, wp) in w.iter_mut().enumerate() {
+                let k = &self.k[p * kvd + off..p * kvd + off + dh];
+                *wp = scale * qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
+            }
+            let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0f32;
+            for wp in w.iter_mut() {
+                *wp = (*wp - max).exp();
+                z += *wp;
+            }
+            let g = self.gate[h] / z;
+            let oh = &mut out[h * dh..(h + 1) * dh];
+            for (p, wp) in w.iter().enumerate() {
+                let v = &self.v[p * kvd + off..p * kvd + off + dh];
+                oh.iter_mut().zip(v).for_each(|(o, v)| *o += g * wp * v);
+            }
+        }
+    }
 }
 
 /// Floating-point operations done so far (2 per multiply-add): layer projections, attention
@@ -184,11 +240,15 @@ pub(crate) struct Runner<'m> {
     pub exit: ExitRule,
     /// Deepest stage a token may run (test-time scaling; `stages.len()` by default).
     pub max_stages: usize,
-    /// Per slot, the relaxation's LoRA adapters (spec §6): the shared packed products run
-    /// once per batch, each item then adds its own slot's (its depth's) low-rank terms.
+    /// Per slot, the relaxation's LoRA / DoRA adapters (spec §6.4): the shared packed
+    /// products run once per batch, each item then adds its own slot's (its depth's)
+    /// low-rank terms and, for a DoRA, applies its output scale.
     lora: Vec<Option<SlotHostLora>>,
-    /// `alpha / rank` of the LoRA.
+    /// `alpha / rank` of the LoRA / DoRA.
     lora_scale: f32,
+    /// Per slot, the relaxation's adaption prompt (spec §6.4): each item adds its own
+    /// slot's (its depth's) prefix attention to its attention output.
+    prompt: Vec<Option<HostPrompt>>,
     /// Per recursion step (index `r − 1`), the recursion encoding added to the hidden
     /// state entering the step's first layer (empty without one).
     encoding: Vec<Vec<f32>>,
@@ -312,20 +372,35 @@ impl<'m> Runner<'m> {
             }
         }
         let mut lora: Vec<Option<SlotHostLora>> = (0..plan.num_slots()).map(|_| None).collect();
+        let mut prompt: Vec<Option<HostPrompt>> = (0..plan.num_slots()).map(|_| None).collect();
         let mut encoding = Vec::new();
         let mut lora_scale = 0f32;
         if let Some(relax) = model.relaxation() {
             lora_scale = relax.scale() as f32;
-            for (s, l) in lora.iter_mut().enumerate() {
+            let cpu = mor_kernels::reference::ReferenceBackend::new(Device::Cpu);
+            for s in 0..plan.num_slots() {
+                let bp = &model.blocks()[plan.slots[s].block];
                 if let Some(sl) = relax.lora(s) {
-                    let h = |p: &Option<crate::relax::LoraPair>| {
-                        p.as_ref().map(HostLora::new).transpose()
+                    let h = |p: &Option<crate::relax::LoraPair>, w: &candle_core::Var| {
+                        p.as_ref()
+                            .map(|p| HostLora::new(relax, w.as_tensor(), p))
+                            .transpose()
                     };
-                    *l = Some(SlotHostLora {
-                        q: h(&sl.q)?,
-                        k: h(&sl.k)?,
-                        v: h(&sl.v)?,
-                        o: h(&sl.o)?,
+                    lora[s] = Some(SlotHostLora {
+                        q: h(&sl.q, &bp.q)?,
+                        k: h(&sl.k, &bp.k)?,
+                        v: h(&sl.v, &bp.v)?,
+                        o: h(&sl.o, &bp.o)?,
+                    });
+                }
+                if let Some((k, v, gate)) =
+                    relax.prompt_kv(&cpu, s, bp.k.as_tensor(), bp.v.as_tensor())?
+                {
+                    prompt[s] = Some(HostPrompt {
+                        len: k.dim(0)?,
+                        k: host(&k)?,
+                        v: host(&v)?,
+                        gate: host(&gate)?,
                     });
                 }
             }
@@ -339,6 +414,7 @@ impl<'m> Runner<'m> {
         Ok(Runner {
             lora,
             lora_scale,
+            prompt,
             encoding,
             model,
             flops: Default::default(),
@@ -610,6 +686,8 @@ impl<'m> Runner<'m> {
         let macs = |m: &PackedMatrix| m.n() * m.k();
         let mut linear = n * (macs(&bw.q) + macs(&bw.o) + macs(&bw.gate_up) + macs(&bw.down))
             + n_writes * macs(&bw.kv);
+        // Elementwise multiplies (a DoRA's output scales), one FLOP each.
+        let mut scales = 0usize;
         // Each item's own (depth's) low-rank terms on top of the shared products (spec §6).
         let d = self.d;
         for i in 0..n {
@@ -620,6 +698,7 @@ impl<'m> Runner<'m> {
             if let Some(p) = &l.q {
                 p.add(xi, &mut q[i * q_ld..i * q_ld + qd], self.lora_scale);
                 linear += p.macs();
+                scales += p.scales();
             }
             if writes[i] {
                 let row = if all_write {
@@ -631,10 +710,12 @@ impl<'m> Runner<'m> {
                 if let Some(p) = &l.k {
                     p.add(xi, kr, self.lora_scale);
                     linear += p.macs();
+                    scales += p.scales();
                 }
                 if let Some(p) = &l.v {
                     p.add(xi, vr, self.lora_scale);
                     linear += p.macs();
+                    scales += p.scales();
                 }
             }
         }
@@ -666,16 +747,47 @@ impl<'m> Runner<'m> {
                 self.scale,
                 &mut att[i * qd..(i + 1) * qd],
             )?;
-        }
-        bw.o.matmul(&att, h, true)?;
-        for i in 0..n {
-            if let Some(p) = self.lora[slots[i]].as_ref().and_then(|l| l.o.as_ref()) {
+            // This item's depth's adaption prompt, with a softmax of its own (spec §6.4).
+            if let Some(p) = &self.prompt[slots[i]] {
                 p.add(
-                    &att[i * qd..(i + 1) * qd],
-                    &mut h[i * d..(i + 1) * d],
-                    self.lora_scale,
+                    &q[i * q_ld..i * q_ld + qd],
+                    &mut att[i * qd..(i + 1) * qd],
+                    self.dh,
+                    self.hkv,
+                    self.scale,
                 );
-                linear += p.macs();
+                attention += 2 * qd * p.len;
+            }
+        }
+        let o_lora = |i: usize| self.lora[slots[i]].as_ref().and_then(|l| l.o.as_ref());
+        if (0..n).any(|i| o_lora(i).is_some_and(|p| p.dora.is_some())) {
+            // A DoRA on o_proj scales the whole projection: the shared product into its own
+            // rows, each item's low-rank term and scale, then the residual.
+            let mut o = vec![0f32; n * d];
+            bw.o.matmul(&att, &mut o, false)?;
+            for i in 0..n {
+                let row = &mut o[i * d..(i + 1) * d];
+                if let Some(p) = o_lora(i) {
+                    p.add(&att[i * qd..(i + 1) * qd], row, self.lora_scale);
+                    linear += p.macs();
+                    scales += p.scales();
+                }
+                h[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(row.iter())
+                    .for_each(|(a, b)| *a += b);
+            }
+        } else {
+            bw.o.matmul(&att, h, true)?;
+            for i in 0..n {
+                if let Some(p) = o_lora(i) {
+                    p.add(
+                        &att[i * qd..(i + 1) * qd],
+                        &mut h[i * d..(i + 1) * d],
+                        self.lora_scale,
+                    );
+                    linear += p.macs();
+                }
             }
         }
         rms_norm_rows(h, mn, self.eps, &mut x)?;
@@ -684,7 +796,7 @@ impl<'m> Runner<'m> {
         let mut s = vec![0f32; n * self.ff];
         swiglu_rows(&gu, self.ff, &mut s)?;
         bw.down.matmul(&s, h, true)?;
-        linear *= 2;
+        linear = 2 * linear + scales;
         let mut f = self.flops.get();
         f.linear += linear as u64;
         f.attention += 2 * attention as u64;

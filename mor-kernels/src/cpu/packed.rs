@@ -8,8 +8,8 @@
 //!
 //! Two storage precisions ([`Precision`]):
 //! - **f32**: `panel[kk][j] = W[p·PANEL + j][kk]`. Every output is one fused multiply-add
-//!   chain over `kk = 0..k` in order. Kernels: AVX-512 (tiles of up to 6 rows × 4 panels
-//!   of 16 outputs, or 1-2 rows × 8 panels), AVX2+FMA (6 × 16) and portable; all give the
+//!   chain over `kk = 0..k` in order. Kernels: AVX-512 (tiles of up to 8 rows × 3 panels
+//!   or 6 rows × 4 panels of 16 outputs, or 1-2 rows × 8 panels), AVX2+FMA (6 × 16) and portable; all give the
 //!   same bits.
 //! - **bf16**: the weights rounded to bf16 (round to nearest even), stored in pairs along `k`
 //!   (`panel[q][j] = (W[j][2q], W[j][2q+1])`, the even element in the low half), the layout
@@ -39,10 +39,6 @@ pub const PANEL: usize = 16;
 
 /// Rows of an AVX2 register tile.
 const MR: usize = 6;
-
-/// Rows of an AVX-512 register tile of 4 panels (24 accumulators of the 32 registers).
-#[cfg(target_arch = "x86_64")]
-const MR512: usize = 6;
 
 /// Products (`m · n · k`) below this run on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 21;
@@ -415,7 +411,7 @@ impl PackedMatrix {
                 #[cfg(target_arch = "x86_64")]
                 if tier >= Tier::Avx512Bf16 {
                     // SAFETY: the CPU has AVX-512 F and AVX512_BF16 (as above).
-                    unsafe { avx512bf16::panels(self, x, ps, out) };
+                    unsafe { avx512::panels_bf16(self, x, ps, out) };
                     return;
                 } else if tier >= Tier::Avx2 {
                     // SAFETY: the CPU has AVX2 and FMA (as above).
@@ -479,156 +475,212 @@ fn portable_panels_bf16(a: &PackedMatrix, x: &[u32], ps: std::ops::Range<usize>,
     }
 }
 
-/// Calls `$tile::<R>($($arg),*)` for `R = $rows` (1 ..= the largest listed).
+/// Calls `$tile::<$K, R, $p>($args)` for `R = $rows`, one of the listed literals.
+#[cfg(target_arch = "x86_64")]
 macro_rules! by_rows {
-    ($rows:expr, $tile:ident, [$($r:literal),*], $args:tt) => {
+    ($rows:expr, $tile:ident, $K:ty, [$($r:literal),*], $p:literal, $args:tt) => {
         match $rows {
-            $($r => $tile::<$r> $args,)*
+            $($r => $tile::<$K, $r, $p> $args,)*
             _ => unreachable!("a tile of {} rows", $rows),
         }
     };
 }
 
+/// The two entry points of a kernel module, `panels` (f32) and `panels_bf16`, compiled with
+/// the features `$f32` and `$bf16` around the module's generic `walk`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! entry_points {
+    ($f32:literal, $bf16:literal, $name:literal) => {
+        #[doc = concat!("The ", $name, " f32 kernel over panels `ps` (callable only where the CPU has `", $f32, "`): the chains of [`super::portable_panels`]. `x` holds `m × a.k` values, `out` `m` rows.")]
+        #[target_feature(enable = $f32)]
+        pub(super) fn panels(
+            a: &PackedMatrix,
+            x: &[f32],
+            ps: std::ops::Range<usize>,
+            out: Dst<'_>,
+        ) {
+            walk::<F32>(a, x, ps, out)
+        }
+
+        #[doc = concat!("The ", $name, " bf16 kernel over panels `ps` (callable only where the CPU has `", $bf16, "`): the chains of [`super::portable_panels_bf16`]. `x` holds `m × ⌈a.k/2⌉` pairs.")]
+        #[target_feature(enable = $bf16)]
+        pub(super) fn panels_bf16(
+            a: &PackedMatrix,
+            x: &[u32],
+            ps: std::ops::Range<usize>,
+            out: Dst<'_>,
+        ) {
+            walk::<Bf16>(a, x, ps, out)
+        }
+    };
+}
+
+/// The kernels' view of one storage precision: the packed element (4 bytes: an f32, or a
+/// pair of bf16 in a `u32`), the panels and the length of an `x` row in elements.
+trait Store {
+    /// A packed element, as the `x` rows hold it too.
+    type E: Copy;
+    /// Panel `p`: its elements (`len × PANEL`), first output column and width.
+    fn panel(a: &PackedMatrix, p: usize) -> (&[Self::E], usize, usize);
+    /// Elements per `x` row (`k`, or `⌈k/2⌉` pairs).
+    fn len(a: &PackedMatrix) -> usize;
+}
+
+/// f32 storage.
+struct F32;
+/// bf16 storage (pairs along `k`).
+struct Bf16;
+
+impl Store for F32 {
+    type E = f32;
+    #[inline(always)]
+    fn panel(a: &PackedMatrix, p: usize) -> (&[f32], usize, usize) {
+        a.panel_f32(p)
+    }
+    #[inline(always)]
+    fn len(a: &PackedMatrix) -> usize {
+        a.k
+    }
+}
+
+impl Store for Bf16 {
+    type E = u32;
+    #[inline(always)]
+    fn panel(a: &PackedMatrix, p: usize) -> (&[u32], usize, usize) {
+        a.panel_bf16(p)
+    }
+    #[inline(always)]
+    fn len(a: &PackedMatrix) -> usize {
+        a.k.div_ceil(2)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{halves, store_row, Dst, PackedMatrix, MR, PANEL};
+    use super::{halves, store_row, Bf16, Dst, PackedMatrix, Store, F32, MR, PANEL};
     use std::arch::x86_64::*;
 
-    /// The AVX2+FMA f32 kernel over panels `ps` (callable only where the CPU has both).
-    /// `x` holds `m × a.k` values, `out` `m` rows.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn panels(
-        a: &PackedMatrix,
-        x: &[f32],
-        ps: std::ops::Range<usize>,
-        mut out: Dst<'_>,
-    ) {
-        let k = a.k;
-        let m = x.len() / k;
+    /// One precision's arithmetic in AVX2 registers: a panel line (16 outputs) loaded for
+    /// the products, and one `x` element's multiply-adds into a row's two accumulators.
+    pub(super) trait Lanes: Store {
+        /// A panel line ready for the products.
+        type W: Copy;
+        /// The 16 elements at `p`.
+        ///
+        /// # Safety
+        /// AVX2 and FMA; 16 readable elements at `p`.
+        unsafe fn load(p: *const Self::E) -> Self::W;
+        /// `acc + x · w`, in the chain order of the precision.
+        ///
+        /// # Safety
+        /// AVX2 and FMA.
+        unsafe fn madd(acc: [__m256; 2], x: Self::E, w: Self::W) -> [__m256; 2];
+    }
+
+    impl Lanes for F32 {
+        type W = [__m256; 2];
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> [__m256; 2] {
+            // SAFETY: the caller's contract.
+            unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+        }
+        #[inline(always)]
+        unsafe fn madd(acc: [__m256; 2], x: f32, w: [__m256; 2]) -> [__m256; 2] {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let xb = _mm256_set1_ps(x);
+                [
+                    _mm256_fmadd_ps(xb, w[0], acc[0]),
+                    _mm256_fmadd_ps(xb, w[1], acc[1]),
+                ]
+            }
+        }
+    }
+
+    impl Lanes for Bf16 {
+        /// The odd (high) halves of the 16 pairs widened to f32, then the even (low) ones.
+        type W = [[__m256; 2]; 2];
+        #[inline(always)]
+        unsafe fn load(p: *const u32) -> [[__m256; 2]; 2] {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let v = [
+                    _mm256_loadu_si256(p.cast()),
+                    _mm256_loadu_si256(p.add(8).cast()),
+                ];
+                let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+                [
+                    [
+                        _mm256_castsi256_ps(_mm256_and_si256(v[0], hi)),
+                        _mm256_castsi256_ps(_mm256_and_si256(v[1], hi)),
+                    ],
+                    [
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v[0])),
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v[1])),
+                    ],
+                ]
+            }
+        }
+        #[inline(always)]
+        unsafe fn madd(acc: [__m256; 2], x: u32, w: [[__m256; 2]; 2]) -> [__m256; 2] {
+            let (xo, xe) = halves(x);
+            // SAFETY: the caller's contract.
+            unsafe {
+                let (xo, xe) = (_mm256_set1_ps(xo), _mm256_set1_ps(xe));
+                [
+                    _mm256_fmadd_ps(xe, w[1][0], _mm256_fmadd_ps(xo, w[0][0], acc[0])),
+                    _mm256_fmadd_ps(xe, w[1][1], _mm256_fmadd_ps(xo, w[0][1], acc[1])),
+                ]
+            }
+        }
+    }
+
+    entry_points!("avx2,fma", "avx2,fma", "AVX2+FMA");
+
+    /// Panels `ps` one at a time, rows in tiles of up to [`MR`].
+    #[inline(always)]
+    fn walk<K: Lanes>(a: &PackedMatrix, x: &[K::E], ps: std::ops::Range<usize>, mut out: Dst<'_>) {
+        let len = K::len(a);
+        let m = x.len() / len;
         for p in ps {
-            let (panel, col, width) = a.panel_f32(p);
             let mut r0 = 0;
             while r0 < m {
                 let rows = MR.min(m - r0);
-                let xs = &x[r0 * k..(r0 + rows) * k];
+                let xs = &x[r0 * len..(r0 + rows) * len];
                 by_rows!(
                     rows,
                     tile,
+                    K,
                     [1, 2, 3, 4, 5, 6],
-                    (panel, xs, k, &mut out, r0, col, width)
+                    1,
+                    (a, p, xs, len, &mut out, r0)
                 );
                 r0 += rows;
             }
         }
     }
 
-    /// `R` rows × one f32 panel.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    fn tile<const R: usize>(
-        panel: &[f32],
-        xs: &[f32],
-        k: usize,
-        out: &mut Dst<'_>,
-        r0: usize,
-        col: usize,
-        width: usize,
-    ) {
-        // Bounds the raw reads below: the panel has k × PANEL values, xs R rows of k.
-        assert!(panel.len() >= k * PANEL && xs.len() >= R * k);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let wp = panel.as_ptr();
-        let xp = xs.as_ptr();
-        for kk in 0..k {
-            // SAFETY: kk < k, so the 16 values at kk·PANEL are inside the panel.
-            let (w0, w1) = unsafe {
-                (
-                    _mm256_loadu_ps(wp.add(kk * PANEL)),
-                    _mm256_loadu_ps(wp.add(kk * PANEL + 8)),
-                )
-            };
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                // SAFETY: r < R and kk < k, inside xs.
-                let xb = _mm256_set1_ps(unsafe { *xp.add(r * k + kk) });
-                acc_r[0] = _mm256_fmadd_ps(xb, w0, acc_r[0]);
-                acc_r[1] = _mm256_fmadd_ps(xb, w1, acc_r[1]);
-            }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            let mut row = [0f32; PANEL];
-            let (lo, hi) = row.split_at_mut(8);
-            // SAFETY: each half holds 8 f32.
-            unsafe {
-                _mm256_storeu_ps(lo.as_mut_ptr(), acc_r[0]);
-                _mm256_storeu_ps(hi.as_mut_ptr(), acc_r[1]);
-            }
-            store_row(out, r0 + r, col, width, &row);
-        }
-    }
-
-    /// The AVX2+FMA bf16 kernel over panels `ps`: the chains of
-    /// [`super::portable_panels_bf16`]. `x` holds `m × ⌈a.k/2⌉` pairs.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn panels_bf16(
+    /// `R` rows × panel `p` (`P` is 1).
+    #[inline(always)]
+    fn tile<K: Lanes, const R: usize, const P: usize>(
         a: &PackedMatrix,
-        x: &[u32],
-        ps: std::ops::Range<usize>,
-        mut out: Dst<'_>,
-    ) {
-        let kp = a.k.div_ceil(2);
-        let m = x.len() / kp;
-        for p in ps {
-            let (panel, col, width) = a.panel_bf16(p);
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = MR.min(m - r0);
-                let xs = &x[r0 * kp..(r0 + rows) * kp];
-                by_rows!(
-                    rows,
-                    tile_bf16,
-                    [1, 2, 3, 4, 5, 6],
-                    (panel, xs, kp, &mut out, r0, col, width)
-                );
-                r0 += rows;
-            }
-        }
-    }
-
-    /// `R` rows × one bf16 panel.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    fn tile_bf16<const R: usize>(
-        panel: &[u32],
-        xs: &[u32],
-        kp: usize,
+        p: usize,
+        xs: &[K::E],
+        len: usize,
         out: &mut Dst<'_>,
         r0: usize,
-        col: usize,
-        width: usize,
     ) {
-        assert!(panel.len() >= kp * PANEL && xs.len() >= R * kp);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let (panel, col, width) = K::panel(a, p);
+        // Bounds the raw reads below: the panel has len × PANEL elements, xs R rows of len.
+        assert!(panel.len() >= len * PANEL && xs.len() >= R * len);
+        // SAFETY: (every `unsafe` below) the callers run with AVX2 and FMA.
+        let mut acc = [[unsafe { _mm256_setzero_ps() }; 2]; R];
         let wp = panel.as_ptr();
-        let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
-        for q in 0..kp {
-            // SAFETY: q < kp, so the 16 pairs at q·PANEL are inside the panel.
-            let (v0, v1) = unsafe {
-                (
-                    _mm256_loadu_si256(wp.add(q * PANEL).cast()),
-                    _mm256_loadu_si256(wp.add(q * PANEL + 8).cast()),
-                )
-            };
-            let wo0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi));
-            let wo1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi));
-            let we0 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v0));
-            let we1 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v1));
+        for q in 0..len {
+            // SAFETY: q < len, so the 16 elements at q·PANEL are inside the panel.
+            let w = unsafe { K::load(wp.add(q * PANEL)) };
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let (xo, xe) = halves(xs[r * kp + q]);
-                let (xo, xe) = (_mm256_set1_ps(xo), _mm256_set1_ps(xe));
-                acc_r[0] = _mm256_fmadd_ps(xe, we0, _mm256_fmadd_ps(xo, wo0, acc_r[0]));
-                acc_r[1] = _mm256_fmadd_ps(xe, we1, _mm256_fmadd_ps(xo, wo1, acc_r[1]));
+                *acc_r = unsafe { K::madd(*acc_r, xs[r * len + q], w) };
             }
         }
         for (r, acc_r) in acc.iter().enumerate() {
@@ -646,144 +698,214 @@ mod avx2 {
 
 /// The AVX-512 tile shape for `m` rows: (rows per tile, panels per group). Every output
 /// is its own chain whatever the shape, so the shape only sets how many independent chains
-/// are in flight (`rows × panels`): one row alone still runs eight.
+/// are in flight (`rows × panels`): one row alone still runs eight. Above 6 rows the rows
+/// are split into tiles of equal size (at most 8: 32 rows are 4 tiles of 8 × 3 panels).
 #[cfg(target_arch = "x86_64")]
 fn shape512(m: usize) -> (usize, usize) {
     match m {
         1 => (1, 8),
         2 => (2, 8),
-        3..=8 => (MR512, 4),
-        _ => (2 * MR512, 2),
+        3..=6 => (m, 4),
+        _ => (m.div_ceil(m.div_ceil(8)), 3),
     }
 }
 
-/// Calls `$tile::<R, $p>($args)` for `R = $rows`, one of the listed literals.
 #[cfg(target_arch = "x86_64")]
-macro_rules! by_rows_p {
-    ($rows:expr, $tile:ident, [$($r:literal),*], $p:literal, $args:tt) => {
-        match $rows {
-            $($r => $tile::<$r, $p> $args,)*
-            _ => unreachable!("a tile of {} rows", $rows),
-        }
-    };
-}
+mod avx512 {
+    use super::{Bf16, Dst, PackedMatrix, Store, F32, PANEL};
+    use std::arch::x86_64::*;
 
-/// Walks panels `ps` in groups of `pw` (then single panels) and rows in tiles of at most
-/// `rmax`, calling `$tile::<R, P>(a, first panel, rows of x, row length, out, first row)`.
-#[cfg(target_arch = "x86_64")]
-macro_rules! walk_tiles {
-    ($a:expr, $x:expr, $len:expr, $ps:expr, $out:expr, $tile:ident) => {{
-        let (a, x, len) = ($a, $x, $len);
+    /// One precision's multiply-add in AVX-512 registers.
+    pub(super) trait Lanes: Store {
+        /// `acc + x · w` for a broadcast element `x` and a panel line `w` (both as raw
+        /// 32-bit lanes), in the chain order of the precision.
+        ///
+        /// # Safety
+        /// AVX-512 F (and AVX512_BF16 for bf16).
+        unsafe fn madd(acc: __m512, x: __m512, w: __m512) -> __m512;
+    }
+
+    impl Lanes for F32 {
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, x: __m512, w: __m512) -> __m512 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_fmadd_ps(x, w, acc) }
+        }
+    }
+
+    impl Lanes for Bf16 {
+        /// `VDPBF16PS`: per lane, the odd product then the even one, each addition rounded.
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, x: __m512, w: __m512) -> __m512 {
+            // SAFETY: the caller's contract; __m512 and __m512bh are both 64 bytes of lanes.
+            unsafe {
+                _mm512_dpbf16_ps(
+                    acc,
+                    std::mem::transmute::<__m512, __m512bh>(x),
+                    std::mem::transmute::<__m512, __m512bh>(w),
+                )
+            }
+        }
+    }
+
+    entry_points!(
+        "avx512f",
+        "avx512f,avx512bf16",
+        "AVX-512 (bf16: `VDPBF16PS`)"
+    );
+
+    /// Walks panels `ps` in groups of the shape's width (the last ones narrower) and rows in
+    /// tiles of the shape's height. The first row tile of a group prefetches the next
+    /// group's panels (contiguous after it), so the weights stream from memory while the
+    /// current group is computed.
+    #[inline(always)]
+    fn walk<K: Lanes>(a: &PackedMatrix, x: &[K::E], ps: std::ops::Range<usize>, mut out: Dst<'_>) {
+        let len = K::len(a);
         let m = x.len() / len;
         let (rmax, pw) = super::shape512(m);
-        let mut p = $ps.start;
-        while p < $ps.end {
-            let np = if $ps.end - p >= pw { pw } else { 1 };
+        let mut p = ps.start;
+        while p < ps.end {
+            let np = match pw.min(ps.end - p) {
+                5..=7 => 4,
+                w => w,
+            };
+            // What the next group reads: its panels, at most this group's count of lines.
+            let next = np.min(ps.end - p - np) * len;
             let mut r0 = 0;
             while r0 < m {
                 let rows = rmax.min(m - r0);
                 let xs = &x[r0 * len..(r0 + rows) * len];
-                let out = &mut *$out;
+                let pf = if r0 == 0 { next } else { 0 };
                 match np {
-                    8 => by_rows_p!(rows, $tile, [1, 2], 8, (a, p, xs, len, out, r0)),
-                    2 => by_rows_p!(
+                    8 => by_rows!(rows, tile, K, [1, 2], 8, (a, p, xs, len, &mut out, r0, pf)),
+                    4 => by_rows!(
                         rows,
-                        $tile,
-                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
-                        2,
-                        (a, p, xs, len, out, r0)
+                        tile,
+                        K,
+                        [1, 2, 3, 4, 5, 6],
+                        4,
+                        (a, p, xs, len, &mut out, r0, pf)
                     ),
-                    4 => by_rows_p!(rows, $tile, [1, 2, 3, 4, 5, 6], 4, (a, p, xs, len, out, r0)),
-                    _ => by_rows_p!(
+                    3 => by_rows!(
                         rows,
-                        $tile,
-                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                        tile,
+                        K,
+                        [1, 2, 3, 4, 5, 6, 7, 8],
+                        3,
+                        (a, p, xs, len, &mut out, r0, pf)
+                    ),
+                    2 => by_rows!(
+                        rows,
+                        tile,
+                        K,
+                        [1, 2, 3, 4, 5, 6, 7, 8],
+                        2,
+                        (a, p, xs, len, &mut out, r0, pf)
+                    ),
+                    _ => by_rows!(
+                        rows,
+                        tile,
+                        K,
+                        [1, 2, 3, 4, 5, 6, 7, 8],
                         1,
-                        (a, p, xs, len, out, r0)
+                        (a, p, xs, len, &mut out, r0, pf)
                     ),
                 }
                 r0 += rows;
             }
             p += np;
         }
-    }};
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{store_row, Dst, PackedMatrix, PANEL};
-    use std::arch::x86_64::*;
-
-    /// The AVX-512 f32 kernel over panels `ps` (callable only where the CPU has AVX-512 F):
-    /// the chains of [`super::portable_panels`], tiles of [`super::shape512`].
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn panels(
-        a: &PackedMatrix,
-        x: &[f32],
-        ps: std::ops::Range<usize>,
-        mut out: Dst<'_>,
-    ) {
-        walk_tiles!(a, x, a.k, ps, &mut out, tile);
     }
 
-    /// `R` rows × panels `p0..p0 + P` (one register per row and panel).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn tile<const R: usize, const P: usize>(
+    /// `R` rows × panels `p0..p0 + P` (one register per row and panel), prefetching the
+    /// `pf` panel lines (`PANEL` elements, one cache line, each) that follow the group.
+    #[inline(always)]
+    fn tile<K: Lanes, const R: usize, const P: usize>(
         a: &PackedMatrix,
         p0: usize,
-        xs: &[f32],
-        k: usize,
+        xs: &[K::E],
+        len: usize,
         out: &mut Dst<'_>,
         r0: usize,
+        pf: usize,
     ) {
-        assert!(xs.len() >= R * k);
-        let panels: [(&[f32], usize, usize); P] = std::array::from_fn(|i| a.panel_f32(p0 + i));
+        const { assert!(std::mem::size_of::<K::E>() == 4) };
+        assert!(xs.len() >= R * len);
+        let panels: [(&[K::E], usize, usize); P] = std::array::from_fn(|i| K::panel(a, p0 + i));
         let wp: [*const f32; P] = std::array::from_fn(|i| {
-            assert!(panels[i].0.len() >= k * PANEL);
-            panels[i].0.as_ptr()
+            assert!(panels[i].0.len() >= len * PANEL);
+            panels[i].0.as_ptr().cast()
         });
-        let mut acc = [[_mm512_setzero_ps(); P]; R];
-        let xp = xs.as_ptr();
-        for kk in 0..k {
-            // SAFETY: kk < k, so the 16 values at kk·PANEL are inside each panel.
-            let w: [__m512; P] =
-                std::array::from_fn(|i| unsafe { _mm512_loadu_ps(wp[i].add(kk * PANEL)) });
+        // The group's panels are contiguous; the next `pf` lines follow the last one (the
+        // caller asks only for lines of panels that exist).
+        let pf_base = wp[P - 1].wrapping_add(len * PANEL);
+        // SAFETY: (every `unsafe` below) the callers run with the features `K` needs.
+        let mut acc = [[unsafe { _mm512_setzero_ps() }; P]; R];
+        let xp = xs.as_ptr().cast::<f32>();
+        for q in 0..len {
+            if q * P < pf {
+                for i in 0..P.min(pf - q * P) {
+                    // A prefetch is a hint: it never faults, and the line is inside the
+                    // packed data (checked by the caller's count).
+                    unsafe {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            pf_base.wrapping_add((q * P + i) * PANEL).cast(),
+                        )
+                    };
+                }
+            }
+            let mut w = [unsafe { _mm512_setzero_ps() }; P];
+            for (wi, &p) in w.iter_mut().zip(&wp) {
+                // SAFETY: q < len, so the 16 elements at q·PANEL are inside each panel.
+                *wi = unsafe { _mm512_loadu_ps(p.add(q * PANEL)) };
+            }
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                // SAFETY: r < R and kk < k, inside xs.
-                let xb = _mm512_set1_ps(unsafe { *xp.add(r * k + kk) });
+                // SAFETY: r < R and q < len, inside xs (4-byte elements read as raw lanes).
+                let xb = unsafe { _mm512_set1_ps(*xp.add(r * len + q)) };
                 for (acc_rp, &wi) in acc_r.iter_mut().zip(&w) {
-                    *acc_rp = _mm512_fmadd_ps(xb, wi, *acc_rp);
+                    *acc_rp = unsafe { K::madd(*acc_rp, xb, wi) };
                 }
             }
         }
         for (r, acc_r) in acc.iter().enumerate() {
             for (acc_rp, &(_, col, width)) in acc_r.iter().zip(&panels) {
-                let mut row = [0f32; PANEL];
-                // SAFETY: the row holds 16 f32.
-                unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_rp) };
-                store_row(out, r0 + r, col, width, &row);
+                // SAFETY: row r0 + r of `out` holds the columns col..col + width (checked
+                // by `matmul_at`); the mask keeps the lanes inside them.
+                unsafe { store(out, r0 + r, col, width, *acc_rp) };
             }
+        }
+    }
+
+    /// [`super::store_row`] from a register: `width` lanes written (or added) at `out`'s
+    /// row `r`, column `col` (the same additions, so the same bits).
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[inline(always)]
+    unsafe fn store(out: &mut Dst<'_>, r: usize, col: usize, width: usize, acc: __m512) {
+        let start = r * out.ld + col - out.c0;
+        let dst = &mut out.y[start..start + width];
+        let mask: __mmask16 = if width >= PANEL {
+            0xffff
+        } else {
+            (1u16 << width) - 1
+        };
+        let p = dst.as_mut_ptr();
+        // SAFETY: the masked lanes are the `width` values of `dst`.
+        unsafe {
+            let v = if out.accumulate {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), acc)
+            } else {
+                acc
+            };
+            _mm512_mask_storeu_ps(p, mask, v);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
-    use super::{store_row, Dst, PackedMatrix, PANEL};
     use std::arch::x86_64::*;
-
-    /// The `VDPBF16PS` kernel over panels `ps` (callable only where the CPU has AVX-512 F
-    /// and AVX512_BF16). `x` holds `m × ⌈a.k/2⌉` pairs.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) fn panels(
-        a: &PackedMatrix,
-        x: &[u32],
-        ps: std::ops::Range<usize>,
-        mut out: Dst<'_>,
-    ) {
-        walk_tiles!(a, x, a.k.div_ceil(2), ps, &mut out, tile);
-    }
 
     /// [`super::push_pairs`] with `VCVTNEPS2BF16` (the same rounding: to nearest even,
     /// subnormal inputs to zero, NaN to a quiet NaN), 16 values at a time.
@@ -807,50 +929,6 @@ mod avx512bf16 {
         for (i, &v) in xr.iter().enumerate().skip(body) {
             // SAFETY: i < len, inside the destination as above.
             unsafe { *dst.add(i) = super::bf16_bits(v) as u16 };
-        }
-    }
-
-    /// `R` rows × panels `p0..p0 + P`: per pair of `k`, one `VDPBF16PS` per row and panel.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    #[inline]
-    fn tile<const R: usize, const P: usize>(
-        a: &PackedMatrix,
-        p0: usize,
-        xs: &[u32],
-        kp: usize,
-        out: &mut Dst<'_>,
-        r0: usize,
-    ) {
-        assert!(xs.len() >= R * kp);
-        let panels: [(&[u32], usize, usize); P] = std::array::from_fn(|i| a.panel_bf16(p0 + i));
-        let wp: [*const u32; P] = std::array::from_fn(|i| {
-            assert!(panels[i].0.len() >= kp * PANEL);
-            panels[i].0.as_ptr()
-        });
-        let mut acc = [[_mm512_setzero_ps(); P]; R];
-        let xp = xs.as_ptr();
-        for q in 0..kp {
-            // SAFETY: q < kp, so the 16 pairs at q·PANEL are inside each panel; __m512i and
-            // __m512bh are both 64 bytes of lanes.
-            let w: [__m512bh; P] = std::array::from_fn(|i| unsafe {
-                std::mem::transmute(_mm512_loadu_si512(wp[i].add(q * PANEL).cast()))
-            });
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                // SAFETY: r < R and q < kp, inside xs; the transmute as above.
-                let xb: __m512bh =
-                    unsafe { std::mem::transmute(_mm512_set1_epi32(*xp.add(r * kp + q) as i32)) };
-                for (acc_rp, &wi) in acc_r.iter_mut().zip(&w) {
-                    *acc_rp = _mm512_dpbf16_ps(*acc_rp, xb, wi);
-                }
-            }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            for (acc_rp, &(_, col, width)) in acc_r.iter().zip(&panels) {
-                let mut row = [0f32; PANEL];
-                // SAFETY: the row holds 16 f32.
-                unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *acc_rp) };
-                store_row(out, r0 + r, col, width, &row);
-            }
         }
     }
 }
@@ -1085,11 +1163,15 @@ mod tests {
     /// (so on which tile and which tile size it falls in), at every tier and precision.
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
-        // 9 panels: groups of 8 or 4 and single panels, depending on m.
-        let (n, k) = (140, 70);
-        let w = values(n * k, 9);
+        // 9 and 11 panels: groups of 8, 4, 3, 2 and single panels, depending on m (a
+        // last panel of 12 columns for n = 140).
+        let k = 70;
         let x = values(30 * k, 10);
-        for precision in [Precision::F32, Precision::Bf16] {
+        for (n, precision) in [140, 170]
+            .into_iter()
+            .flat_map(|n| [(n, Precision::F32), (n, Precision::Bf16)])
+        {
+            let w = values(n * k, 9);
             let a = PackedMatrix::with_precision(&w, n, k, precision).unwrap();
             for tier in tiers() {
                 let mut alone = Vec::new();

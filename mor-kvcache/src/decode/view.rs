@@ -344,36 +344,17 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
     let group = hq / hkv;
     let row = hkv * dh;
-    let pool = view.pool;
-    let bt = pool.block_tokens();
+    let bt = view.pool.block_tokens();
     out.fill(0.0);
     // Running max and running sum of exp(score - max) per query head.
     let mut max = vec![f32::NEG_INFINITY; hq];
     let mut sum = vec![0f32; hq];
     // Scores of the current block, token-major: scores[t * hq + i].
     let mut scores = vec![0f32; bt * hq];
-    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
-    let mut o = 0usize;
-    let mut next_overlay = view
-        .overlay
-        .and_then(|ov| (!ov.is_empty()).then(|| pool.pos_at(ov, 0)));
-    for b in 0..view.base.blocks().len() {
-        let (pos, ks, vs) = pool.block(view.base, b);
-        // The visible tokens of this block (positions ascend, so the cut is a prefix).
-        let n = pos.iter().take_while(|&&p| p <= q_pos).count();
-        if n == 0 {
-            break;
-        }
-        let (kb, vb) = block_kv(
-            view,
-            &pos[..n],
-            ks,
-            vs,
-            &mut o,
-            &mut next_overlay,
-            &mut kbuf,
-            &mut vbuf,
-        );
+    walk_blocks(view, q_pos, false, |ks, vs, n| {
+        let (Rows::F32(kb), Rows::F32(vb)) = (ks, vs) else {
+            unreachable!("walk_blocks widens every block when asked to")
+        };
         // Scores and the block maximum per head.
         for (t, k) in kb.chunks_exact(row).enumerate() {
             let st = &mut scores[t * hq..(t + 1) * hq];
@@ -404,17 +385,86 @@ fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32
                 }
             }
         }
-        if n < pos.len() {
-            break;
-        }
-    }
-    for i in 0..hq {
-        let acc = &mut out[i * dh..(i + 1) * dh];
-        if sum[i] > 0.0 {
-            let inv = 1.0 / sum[i];
+    });
+    normalize(out, &sum, dh);
+}
+
+/// Divides each head's accumulated values by its softmax sum (zeros for a head that saw no
+/// key).
+#[inline(always)]
+fn normalize(out: &mut [f32], sum: &[f32], dh: usize) {
+    for (acc, &s) in out.chunks_exact_mut(dh).zip(sum) {
+        if s > 0.0 {
+            let inv = 1.0 / s;
             acc.iter_mut().for_each(|a| *a *= inv);
         } else {
             acc.fill(0.0);
+        }
+    }
+}
+
+/// Calls `block(k, v, n)` for each block of `view` with visible tokens (positions `<=
+/// q_pos`), in position order: the K and V rows of its `n` visible tokens, with the overlay
+/// entries shown in place of the base entries at the same positions. Rows come as stored
+/// (borrowed) when no overlay entry replaces one and the storage is f32, or bf16 and
+/// `bf16_direct`; otherwise widened to f32 in a buffer. The blocks' rows are prefetched
+/// first (each block is its own place in the pool, so the hardware prefetcher cannot guess
+/// the next one).
+#[inline(always)]
+fn walk_blocks<'a>(
+    view: &KvView<'a>,
+    q_pos: u32,
+    bf16_direct: bool,
+    mut block: impl FnMut(Rows<'_>, Rows<'_>, usize),
+) {
+    let pool = view.pool;
+    let row = view.num_kv_heads * view.head_dim;
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+    let mut o = 0usize;
+    let mut next_overlay = view
+        .overlay
+        .and_then(|ov| (!ov.is_empty()).then(|| pool.pos_at(ov, 0)));
+    let blocks = view.base.blocks().len();
+    // Every block's rows are requested before the first is read, so that their loads from
+    // memory overlap (the view is read once per step: at decode batches its blocks are
+    // rarely still cached).
+    for b in 0..blocks {
+        let (pos, ks, vs) = pool.block(view.base, b);
+        if pos.first().is_some_and(|&p| p > q_pos) {
+            break;
+        }
+        ks.prefetch();
+        vs.prefetch();
+    }
+    for b in 0..blocks {
+        let (pos, ks, vs) = pool.block(view.base, b);
+        // The visible tokens of this block (positions ascend, so the cut is a prefix).
+        let n = pos.iter().take_while(|&&p| p <= q_pos).count();
+        if n == 0 {
+            break;
+        }
+        let last = pos[n - 1];
+        let overlaid = matches!(next_overlay, Some(op) if view.overlay.is_some() && op <= last);
+        match (ks, vs, overlaid) {
+            (Rows::Bf16(k), Rows::Bf16(v), false) if bf16_direct => {
+                block(Rows::Bf16(&k[..n * row]), Rows::Bf16(&v[..n * row]), n)
+            }
+            _ => {
+                let (kb, vb) = block_kv(
+                    view,
+                    &pos[..n],
+                    ks,
+                    vs,
+                    &mut o,
+                    &mut next_overlay,
+                    &mut kbuf,
+                    &mut vbuf,
+                );
+                block(Rows::F32(kb), Rows::F32(vb), n)
+            }
+        }
+        if n < pos.len() {
+            break;
         }
     }
 }
@@ -467,7 +517,8 @@ fn block_kv<'a: 'b, 'b>(
 /// The AVX-512 version of [`attend_kernel`] for `dh` a multiple of 16: 16-wide fused
 /// multiply-adds for the scores and the weighted values (each output chunk stays in a
 /// register across the tokens of a block), and a vectorised `exp` over each head's block
-/// scores. Same block order and online-softmax rescaling as [`attend_kernel`].
+/// scores. Same block order and online-softmax rescaling as [`attend_kernel`]; bf16
+/// storage is read directly (widened in registers) where no overlay entry replaces a row.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/DQ/VL, AVX2 and FMA, and `view.head_dim` must be a
@@ -483,9 +534,7 @@ unsafe fn attend_avx512(
     out: &mut [f32],
 ) {
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
-    let row = hkv * dh;
-    let pool = view.pool;
-    let bt = pool.block_tokens();
+    let bt = view.pool.block_tokens();
     let mut st = Avx512State {
         hq,
         hkv,
@@ -498,54 +547,14 @@ unsafe fn attend_avx512(
         scores: vec![0f32; hq * bt.div_ceil(16) * 16],
     };
     out.fill(0.0);
-    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
-    let mut o = 0usize;
-    let mut next_overlay = view
-        .overlay
-        .and_then(|ov| (!ov.is_empty()).then(|| pool.pos_at(ov, 0)));
-    for b in 0..view.base.blocks().len() {
-        let (pos, ks, vs) = pool.block(view.base, b);
-        let n = pos.iter().take_while(|&&p| p <= q_pos).count();
-        if n == 0 {
-            break;
-        }
-        let last = pos[n - 1];
-        let overlaid = matches!(next_overlay, Some(op) if view.overlay.is_some() && op <= last);
-        match (ks, vs, overlaid) {
-            // bf16 storage read directly (widened in registers) when no overlay entry
-            // replaces a row of this block.
-            (Rows::Bf16(k), Rows::Bf16(v), false) => {
-                // SAFETY: AVX-512 (this function's contract); rows of `row` elements.
-                unsafe { st.block(&k[..n * row], &v[..n * row], n, q, out) }
-            }
-            _ => {
-                let (kb, vb) = block_kv(
-                    view,
-                    &pos[..n],
-                    ks,
-                    vs,
-                    &mut o,
-                    &mut next_overlay,
-                    &mut kbuf,
-                    &mut vbuf,
-                );
-                // SAFETY: as above.
-                unsafe { st.block(kb, vb, n, q, out) }
-            }
-        }
-        if n < pos.len() {
-            break;
-        }
-    }
-    for i in 0..hq {
-        let acc = &mut out[i * dh..(i + 1) * dh];
-        if st.sum[i] > 0.0 {
-            let inv = 1.0 / st.sum[i];
-            acc.iter_mut().for_each(|a| *a *= inv);
-        } else {
-            acc.fill(0.0);
-        }
-    }
+    walk_blocks(view, q_pos, true, |ks, vs, n| match (ks, vs) {
+        // SAFETY: AVX-512 (this function's contract); rows of `row` elements.
+        (Rows::Bf16(k), Rows::Bf16(v)) => unsafe { st.block(k, v, n, q, out) },
+        // SAFETY: as above.
+        (Rows::F32(k), Rows::F32(v)) => unsafe { st.block(k, v, n, q, out) },
+        _ => unreachable!("K and V rows share a precision"),
+    });
+    normalize(out, &st.sum, dh);
 }
 
 /// A stored K/V element type the AVX-512 kernel loads 16 at a time as f32.
@@ -658,19 +667,57 @@ impl Avx512State {
                 }
             }
             self.sum[i] += s[..n].iter().sum::<f32>();
-            for c in 0..nc {
-                // SAFETY: c·16 + 16 <= dh = acc.len(); t·row + g·dh + dh <= vb.len().
+            // Four chunks' chains at a time (each lane's chain still runs over t in order).
+            let w = &s[..n];
+            let mut c = 0;
+            while c + 4 <= nc {
+                // SAFETY: chunks c..c + 4 lie inside the head (c·16 + 64 <= dh) and inside
+                // each of the n rows of vb.
                 unsafe {
-                    let ap = acc.as_mut_ptr().add(c * 16);
-                    let mut a = _mm512_loadu_ps(ap);
-                    for (t, &w) in s[..n].iter().enumerate() {
-                        let vv = E::load16(vb.as_ptr().add(t * row + g * dh + c * 16));
-                        a = _mm512_fmadd_ps(_mm512_set1_ps(w), vv, a);
-                    }
-                    _mm512_storeu_ps(ap, a);
-                }
+                    weighted_values::<E, 4>(&mut acc[c * 16..], &vb[g * dh + c * 16..], w, row)
+                };
+                c += 4;
+            }
+            while c < nc {
+                // SAFETY: chunk c lies inside the head.
+                unsafe {
+                    weighted_values::<E, 1>(&mut acc[c * 16..], &vb[g * dh + c * 16..], w, row)
+                };
+                c += 1;
             }
         }
+    }
+}
+
+/// `acc[j·16..j·16 + 16] += Σ_t w[t] · v[t·row + j·16..][..16]` for the `C` chunks `j`,
+/// the tokens `t` in order (one fused multiply-add chain per lane, `C` chains in flight).
+///
+/// # Safety
+/// AVX-512 F; `acc` holds `16·C` values and `v` `(w.len() - 1)·row + 16·C` elements.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weighted_values<E: Lane16, const C: usize>(
+    acc: &mut [f32],
+    v: &[E],
+    w: &[f32],
+    row: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(acc.len() >= 16 * C);
+    debug_assert!(w.is_empty() || v.len() >= (w.len() - 1) * row + 16 * C);
+    // SAFETY: (every `unsafe` below) the caller's contract.
+    let mut a = [unsafe { _mm512_setzero_ps() }; C];
+    for (j, aj) in a.iter_mut().enumerate() {
+        *aj = unsafe { _mm512_loadu_ps(acc.as_ptr().add(j * 16)) };
+    }
+    for (t, &wt) in w.iter().enumerate() {
+        let wb = unsafe { _mm512_set1_ps(wt) };
+        for (j, aj) in a.iter_mut().enumerate() {
+            *aj = unsafe { _mm512_fmadd_ps(wb, E::load16(v.as_ptr().add(t * row + j * 16)), *aj) };
+        }
+    }
+    for (j, aj) in a.iter().enumerate() {
+        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(j * 16), *aj) };
     }
 }
 

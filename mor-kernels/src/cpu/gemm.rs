@@ -296,8 +296,27 @@ fn pack_body<const PAIRS: bool, const HW: bool>(
                     *o = cvt(v);
                 }
             }
-            for (t, run) in line.chunks_exact(w).enumerate() {
-                out[t * tile_len + p * w..][..w].copy_from_slice(run);
+            // Runs of a length known here are copied inline (a `memcpy` call per run of 12
+            // or 32 values costs more than the copy).
+            fn spread<const W: usize>(
+                line: &[u32],
+                out: &mut [u32],
+                (tile_len, p): (usize, usize),
+            ) {
+                for (t, run) in line.chunks_exact(W).enumerate() {
+                    let dst: &mut [u32; W] =
+                        (&mut out[t * tile_len + p * W..][..W]).try_into().unwrap();
+                    *dst = run.try_into().unwrap();
+                }
+            }
+            match w {
+                MR => spread::<MR>(&line, out, (tile_len, p)),
+                NR => spread::<NR>(&line, out, (tile_len, p)),
+                _ => {
+                    for (t, run) in line.chunks_exact(w).enumerate() {
+                        out[t * tile_len + p * w..][..w].copy_from_slice(run);
+                    }
+                }
             }
         }
     } else {

@@ -15,7 +15,9 @@
 //!   with GQA ([`paged_decode_attention`], split-K).
 //!
 //! Every op runs its kernel on CUDA tensors and the same maths on CPU tensors
-//! ([`host`]), so the ops and their gradients are tested on any machine. [`CudaBackend`]
+//! ([`host`]), so the ops and their gradients are tested on any machine. The CUDA layer is
+//! data: one table of kernels ([`plan::KERNELS`]), a [`plan::Plan`] per op (buffers,
+//! launches, arguments; validated on CPU), and one generic launch path. [`CudaBackend`]
 //! (registered as `cuda`) implements [`crate::Backend`] with them.
 //!
 //! # Building

@@ -34,3 +34,8 @@ pub(crate) fn open_device(_ordinal: usize) -> Result<Device> {
 pub(crate) fn device_info(_: &Device) -> Option<(String, (i32, i32))> {
     None
 }
+
+/// No CUDA device exists without the feature.
+pub(crate) fn memory_info(_: &Device) -> Option<(usize, usize)> {
+    None
+}

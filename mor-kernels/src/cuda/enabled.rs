@@ -440,3 +440,10 @@ pub(crate) fn device_info(device: &Device) -> Option<(String, (i32, i32))> {
     let ctx = stream.context();
     Some((ctx.name().ok()?, ctx.compute_capability().ok()?))
 }
+
+/// Free and total memory of a CUDA device, in bytes.
+pub(crate) fn memory_info(device: &Device) -> Option<(usize, usize)> {
+    let dev = device.as_cuda_device().ok()?;
+    let stream = dev.cuda_stream();
+    stream.context().mem_get_info().ok()
+}

@@ -36,6 +36,18 @@ pub struct ParamState {
     pub v: Tensor,
 }
 
+/// Where [`AdamW::step_with`] computes the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpdatePath {
+    /// The host update for f32 parameters on the CPU, the device update otherwise.
+    #[default]
+    Auto,
+    /// The fused host update (f32 CPU parameters only).
+    Host,
+    /// Tensor ops on the parameters' device (any device, any float dtype).
+    Device,
+}
+
 /// AdamW over a fixed list of parameters.
 #[derive(Debug)]
 pub struct AdamW {
@@ -68,11 +80,22 @@ impl AdamW {
     }
 
     /// One AdamW step at learning rate `lr` with the gradients in `grads` (parameters
-    /// without a gradient are left unchanged, moments included).
-    ///
-    /// On CPU the update of each parameter is one fused pass over host memory (moments,
-    /// bias correction, decoupled decay), in f64 arithmetic; elsewhere it uses tensor ops.
+    /// without a gradient are left unchanged, moments included), by [`UpdatePath::Auto`].
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_with(grads, lr, UpdatePath::Auto)
+    }
+
+    /// One AdamW step through the chosen update path.
+    ///
+    /// [`UpdatePath::Host`] (what `Auto` takes for f32 parameters on the CPU) updates each
+    /// parameter in one fused pass over host memory, in f64 arithmetic;
+    /// [`UpdatePath::Device`] (what `Auto` takes anywhere else) uses tensor ops on the
+    /// parameter's own device, in the parameter's dtype: no value leaves the device and
+    /// the moments stay where the parameter lives.
+    ///
+    /// # Errors
+    /// `Host` for a parameter that is not an f32 CPU tensor; a candle error.
+    pub fn step_with(&mut self, grads: &GradStore, lr: f64, path: UpdatePath) -> Result<()> {
         self.t += 1;
         let (b1, b2) = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
@@ -88,10 +111,17 @@ impl AdamW {
                 0.0
             };
             let theta = p.var.as_tensor();
-            let all_f32 = [theta, g, &p.m, &p.v]
-                .iter()
-                .all(|t| t.dtype() == candle_core::DType::F32);
-            if theta.device().is_cpu() && all_f32 {
+            let host = match path {
+                UpdatePath::Host => true,
+                UpdatePath::Device => false,
+                UpdatePath::Auto => {
+                    theta.device().is_cpu()
+                        && [theta, g, &p.m, &p.v]
+                            .iter()
+                            .all(|t| t.dtype() == candle_core::DType::F32)
+                }
+            };
+            if host {
                 let shape = theta.shape().clone();
                 let (w, m, v) = adamw_host(
                     [theta, g, &p.m, &p.v],
@@ -105,7 +135,9 @@ impl AdamW {
                 p.var.set(&Tensor::from_vec(w, &shape, &dev)?)?;
                 continue;
             }
-            p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
+            // The same formula as `adamw_host`, as tensor ops on the parameter's device.
+            let g = g.to_dtype(theta.dtype())?;
+            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let mhat = (&p.m / bc1)?;
             let denom = ((&p.v / bc2)?.sqrt()? + eps)?;
@@ -234,19 +266,30 @@ fn adamw_host(
     Ok((w, m, v))
 }
 
-/// Global L2 norm of the gradients of `vars` (host f64).
+/// Global L2 norm of the gradients of `vars`, read on the host once (one
+/// [`mor_kernels::host_sync`] read, whatever the number of parameters).
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
-    let mut sq = 0f64;
+    Ok(match grad_norm_sq(grads, vars)? {
+        Some(sq) => mor_kernels::host_sync::scalar_f64(&sq)?.sqrt(),
+        None => 0.0,
+    })
+}
+
+/// The squared global L2 norm of the gradients of `vars` as one f64 scalar tensor on the
+/// gradients' device (each gradient's sum of squares in its own dtype, summed in f64);
+/// `None` when no var has a gradient.
+pub fn grad_norm_sq(grads: &GradStore, vars: &[Var]) -> Result<Option<Tensor>> {
+    let mut sq: Option<Tensor> = None;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+            let s = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?;
+            sq = Some(match sq {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
         }
     }
-    Ok(sq.sqrt())
+    Ok(sq)
 }
 
 /// Scales every gradient of `vars` by `s` in place of the store.
@@ -470,6 +513,119 @@ mod tests {
                 got[i]
             );
         }
+        Ok(())
+    }
+
+    /// The device update (tensor ops, what a GPU run takes) against the host update over
+    /// several steps with weight decay, an undecayed group and global-norm clipping: the
+    /// same parameters and moments to 1e-6 relative.
+    #[test]
+    fn adamw_device_update_matches_host_update() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = AdamWConfig {
+            lr: 3e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let make = || -> Result<(Vec<Var>, AdamW)> {
+            let a: Vec<f32> = (0..300).map(|i| ((i as f32) * 0.37).sin() + 1.5).collect();
+            let b: Vec<f32> = (0..7).map(|i| 1.0 + i as f32 * 0.25).collect();
+            let va = Var::from_tensor(&Tensor::from_vec(a, (20, 15), &dev)?)?;
+            let vb = Var::from_tensor(&Tensor::from_vec(b, 7, &dev)?)?;
+            let opt = AdamW::new(
+                cfg.clone(),
+                vec![
+                    ("a".into(), va.clone(), true),
+                    ("b".into(), vb.clone(), false),
+                ],
+            )?;
+            Ok((vec![va, vb], opt))
+        };
+        let (host_vars, mut host) = make()?;
+        let (dev_vars, mut device) = make()?;
+        let clip = 1.0;
+        let mut clipped = 0;
+        for step in 0..6 {
+            for (vars, opt, path) in [
+                (&host_vars, &mut host, UpdatePath::Host),
+                (&dev_vars, &mut device, UpdatePath::Device),
+            ] {
+                // loss = Σ c·w² with step-dependent c: gradients 2·c·w, norm well above
+                // the clip on most steps.
+                let c = (step as f64 + 1.0) * 0.05;
+                let loss = ((vars[0].as_tensor().sqr()?.sum_all()? * c)?
+                    + (vars[1].as_tensor().sqr()?.sum_all()? * (2.0 * c))?)?;
+                let mut g = loss.backward()?;
+                let n = grad_norm(&g, vars)?;
+                if n > clip {
+                    scale_grads(&mut g, vars, clip / n)?;
+                    clipped += usize::from(path == UpdatePath::Host);
+                }
+                opt.step_with(&g, 1e-2 * (step as f64 + 1.0), path)?;
+            }
+        }
+        assert!(
+            clipped >= 3,
+            "the test must exercise clipping ({clipped} clipped steps)"
+        );
+        let close = |what: &str, x: &Tensor, y: &Tensor| -> Result<()> {
+            let (x, y) = (
+                x.flatten_all()?.to_vec1::<f32>()?,
+                y.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert_eq!(x.len(), y.len());
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                let tol = 1e-6 * b.abs().max(1e-6);
+                assert!((a - b).abs() <= tol, "{what}[{i}]: device {a} vs host {b}");
+            }
+            Ok(())
+        };
+        for (ph, pd) in host.params.iter().zip(&device.params) {
+            close(&ph.name, pd.var.as_tensor(), ph.var.as_tensor())?;
+            close("m", &pd.m, &ph.m)?;
+            close("v", &pd.v, &ph.v)?;
+            // The parameters moved (the comparison is not of untouched values).
+            assert_ne!(ph.m.flatten_all()?.to_vec1::<f32>()?[0], 0.0);
+        }
+        Ok(())
+    }
+
+    /// The host update refuses what it cannot read (f64 parameters) with an error.
+    #[test]
+    fn adamw_host_path_refuses_f64() -> Result<()> {
+        let var = Var::from_tensor(&Tensor::new(&[1.0f64, 2.0], &Device::Cpu)?)?;
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), false)])?;
+        let g = var.as_tensor().sum_all()?.backward()?;
+        let e = opt.step_with(&g, 1e-2, UpdatePath::Host).unwrap_err();
+        assert!(e.to_string().contains("f32 CPU"), "{e}");
+        opt.step_with(&g, 1e-2, UpdatePath::Device)?;
+        Ok(())
+    }
+
+    /// The global gradient norm costs one host read, whatever the number of parameters.
+    #[test]
+    fn grad_norm_reads_the_host_once() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = (0..5)
+            .map(|i| Var::from_tensor(&Tensor::new(&[i as f32, 1.0], &dev)?))
+            .collect::<candle_core::Result<_>>()?;
+        let mut loss = vars[0].as_tensor().sqr()?.sum_all()?;
+        for v in &vars[1..] {
+            loss = (loss + v.as_tensor().sqr()?.sum_all()?)?;
+        }
+        let g = loss.backward()?;
+        let scope = mor_kernels::host_sync::Scope::start();
+        let n = grad_norm(&g, &vars)?;
+        assert_eq!(scope.counts().reads, 1);
+        // Gradients 2·w: Σ 4·(i² + 1) over i = 0..5 = 4·(30 + 5) = 140.
+        assert!((n - 140f64.sqrt()).abs() < 1e-9, "{n}");
         Ok(())
     }
 

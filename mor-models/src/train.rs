@@ -325,20 +325,28 @@ pub fn train(
         let mut step_stats: Vec<RouterStats> = Vec::new();
         for _ in 0..accum {
             let batch = data.next_batch(s.micro_batch_seqs)?;
-            let ids = Tensor::from_vec(batch.inputs, (batch.b, batch.t), &dev)?;
-            let tg = Tensor::from_vec(batch.targets, (batch.b, batch.t), &dev)?;
-            let out = model.forward_loss(&ids, &tg, RouteMode::Train)?;
-            let ce = out.ce;
-            let mut loss = (&ce / accum as f64)?;
-            if let Some(rl) = &out.router.loss {
-                // L_bal and L_z are invariant to accumulation (spec §3.3); the expert BCE
-                // factor of the released code is the router parameter `aux_bce_scale`.
-                loss = (loss + (rl / accum as f64)?)?;
-            }
-            if let Some(al) = &out.router.aux_router_loss {
-                loss = (loss + (al / accum as f64)?)?;
-            }
-            let lv = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let (bt_b, bt_t) = (batch.b, batch.t);
+            // A device failure of the micro-step (out of memory above all) names the
+            // batch size that was tried.
+            let micro = |batch: TokenBatch| -> Result<(Tensor, Tensor, _)> {
+                let ids = Tensor::from_vec(batch.inputs, (batch.b, batch.t), &dev)?;
+                let tg = Tensor::from_vec(batch.targets, (batch.b, batch.t), &dev)?;
+                let out = model.forward_loss(&ids, &tg, RouteMode::Train)?;
+                let ce = out.ce.clone();
+                let mut loss = (&ce / accum as f64)?;
+                if let Some(rl) = &out.router.loss {
+                    // L_bal and L_z are invariant to accumulation (spec §3.3); the expert BCE
+                    // factor of the released code is the router parameter `aux_bce_scale`.
+                    loss = (loss + (rl / accum as f64)?)?;
+                }
+                if let Some(al) = &out.router.aux_router_loss {
+                    loss = (loss + (al / accum as f64)?)?;
+                }
+                Ok((loss, ce, out.router))
+            };
+            let (loss, ce, router_out) =
+                micro(batch).map_err(|e| with_batch_size(e, s.micro_batch_seqs))?;
+            let lv = mor_kernels::host_sync::scalar_f64(&loss)?;
             if !lv.is_finite() {
                 return Err(Error::NonFinite {
                     what: "loss".into(),
@@ -350,18 +358,20 @@ pub fn train(
                 });
             }
             loss_sum += lv;
-            ce_sum += ce.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / accum as f64;
-            for (k, v) in &out.router.terms {
+            ce_sum += mor_kernels::host_sync::scalar_f64(&ce)? / accum as f64;
+            for (k, v) in &router_out.terms {
                 match terms.iter_mut().find(|(n, _)| n == k) {
                     Some((_, acc)) => *acc += v / accum as f64,
                     None => terms.push((k.clone(), v / accum as f64)),
                 }
             }
-            step_stats.push(out.router.stats.clone());
-            let g = loss.backward()?;
+            step_stats.push(router_out.stats.clone());
+            let g = loss
+                .backward()
+                .map_err(|e| with_batch_size(e.into(), s.micro_batch_seqs))?;
             let both: Vec<Var> = main_v.iter().chain(aux_v.iter()).cloned().collect();
             optim::accumulate(&mut grads, g, &both)?;
-            tokens += (batch.b * batch.t) as u64;
+            tokens += (bt_b * bt_t) as u64;
         }
         let mut grads = grads.ok_or_else(|| Error::msg("no micro-batch ran"))?;
         // Both optimisers' gradients are checked before either steps (spec §3.3: the aux
@@ -550,6 +560,28 @@ pub fn finite_grad_norm(
 }
 
 /// The loss of the last line of `metrics.jsonl`.
+/// `e` with the batch size of the failed micro-step attached where it is a diagnosed CUDA
+/// failure (an out-of-memory message then names the batch size that was tried); any other
+/// error unchanged.
+fn with_batch_size(e: Error, batch_size: usize) -> Error {
+    let diagnose = |c: candle_core::Error| match mor_kernels::Error::from_candle(c) {
+        mor_kernels::Error::Candle(c) => Err(c),
+        k => Ok(k.with_batch_size(batch_size)),
+    };
+    match e {
+        Error::Candle(c) => diagnose(c).map_or_else(Error::Candle, Error::Kernels),
+        Error::Kernels(k) => Error::Kernels(k.with_batch_size(batch_size)),
+        Error::Router(mor_router::Error::Kernels(k)) => {
+            Error::Kernels(k.with_batch_size(batch_size))
+        }
+        Error::Router(mor_router::Error::Candle(c)) => diagnose(c).map_or_else(
+            |c| Error::Router(mor_router::Error::Candle(c)),
+            Error::Kernels,
+        ),
+        other => other,
+    }
+}
+
 fn last_logged_loss(path: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines()
@@ -598,6 +630,31 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_device_out_of_memory_names_the_batch_size() {
+        let oom = || {
+            candle_core::Error::Msg(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            )
+        };
+        for e in [
+            Error::Candle(oom()),
+            Error::Kernels(mor_kernels::Error::from_candle(oom())),
+            Error::Router(mor_router::Error::Candle(oom())),
+        ] {
+            let msg = with_batch_size(e, 12).to_string();
+            assert!(msg.contains("at batch size 12"), "{msg}");
+        }
+        // Anything else passes through unchanged.
+        let other = with_batch_size(
+            Error::Candle(candle_core::Error::Msg("bad shape".into())),
+            12,
+        );
+        assert!(matches!(other, Error::Candle(_)), "{other:?}");
+        assert_eq!(other.to_string(), "bad shape");
+    }
+
     use super::*;
 
     fn guard() -> SpikeGuard {

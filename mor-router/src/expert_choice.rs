@@ -53,8 +53,8 @@
 
 use crate::metrics::RouterStats;
 use crate::net::{
-    bce_with_logits_mean, counter_uniform, draws_buffer, read_draws, sigmoid_f64, to_host_f64,
-    top_k_ascending, RouterArch, RouterNet,
+    bce_with_logits_mean, counter_uniform, draws_buffer, read_draws, scalar_f64, sigmoid_f64,
+    to_host_f64, top_k_ascending, RouterArch, RouterNet,
 };
 use crate::registry::{RouterCtx, RouterPlugin};
 use crate::{
@@ -918,22 +918,16 @@ impl Router for ExpertChoiceRouter {
         let mut terms = Vec::new();
         let mut parts = Vec::new();
         if let Some(bce) = sum_scalars(&st.bce)? {
-            terms.push((
-                "bce".to_string(),
-                bce.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            ));
+            terms.push(("bce".to_string(), scalar_f64(&bce)?));
             parts.push((bce * (p.aux_coeff * p.aux_bce_scale))?);
         }
         if let Some(z) = sum_scalars(&st.zsq)? {
-            terms.push(("z".to_string(), z.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+            terms.push(("z".to_string(), scalar_f64(&z)?));
             parts.push((z * p.z_coeff)?);
         }
         let aux_router_loss = sum_scalars(&st.aux)?;
         if let Some(a) = &aux_router_loss {
-            terms.push((
-                "aux_router_bce".to_string(),
-                a.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            ));
+            terms.push(("aux_router_bce".to_string(), scalar_f64(a)?));
         }
         Ok(RouterOutput {
             loss: sum_scalars(&parts)?,

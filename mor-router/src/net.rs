@@ -209,9 +209,15 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Copies a tensor of any float dtype to the host as `f64`s.
+/// Copies a tensor of any float dtype to the host as `f64`s, counted by
+/// [`mor_kernels::host_sync`].
 pub(crate) fn to_host_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    Ok(mor_kernels::host_sync::to_host_f64(t)?)
+}
+
+/// The one value of a single-element tensor as `f64`, counted by [`mor_kernels::host_sync`].
+pub(crate) fn scalar_f64(t: &Tensor) -> Result<f64> {
+    Ok(mor_kernels::host_sync::scalar_f64(t)?)
 }
 
 /// Name of the buffer that holds a random router's draw counter (the forwards drawn so
@@ -237,10 +243,7 @@ pub(crate) fn read_draws(
     let Some((_, t)) = buffers.iter().find(|(n, _)| n == DRAWS_BUFFER) else {
         return Ok(None);
     };
-    let v = t
-        .to_dtype(candle_core::DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
+    let v = to_host_f64(t)?;
     match v[..] {
         [c] if c >= 0.0 && c.fract() == 0.0 => Ok(Some(c as u64)),
         _ => Err(crate::Error::Invalid {

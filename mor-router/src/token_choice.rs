@@ -39,7 +39,9 @@ use crate::expert_choice::{
     problems_to_error, sum_scalars,
 };
 use crate::metrics::RouterStats;
-use crate::net::{argmax, counter_uniform, logsumexp_rows, to_host_f64, RouterArch, RouterNet};
+use crate::net::{
+    argmax, counter_uniform, logsumexp_rows, scalar_f64, to_host_f64, RouterArch, RouterNet,
+};
 use crate::registry::{RouterCtx, RouterPlugin};
 use crate::{
     Error, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState, StepRouting, Update,
@@ -513,14 +515,11 @@ impl Router for TokenChoiceRouter {
         let mut terms = Vec::new();
         let mut parts = Vec::new();
         if let Some(bal) = st.balance {
-            terms.push((
-                "balance".to_string(),
-                bal.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            ));
+            terms.push(("balance".to_string(), scalar_f64(&bal)?));
             parts.push((bal * p.bal_coeff)?);
         }
         if let Some(z) = st.zl {
-            terms.push(("z".to_string(), z.to_dtype(DType::F64)?.to_scalar::<f64>()?));
+            terms.push(("z".to_string(), scalar_f64(&z)?));
             parts.push((z * p.z_coeff)?);
         }
         Ok(RouterOutput {

@@ -118,6 +118,31 @@ pub enum InferRule {
     AuxRouter,
 }
 
+/// Where the expert-choice selection of a full-sequence step is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingPath {
+    /// The device path when the hidden states are not on the CPU, the host path on it.
+    #[default]
+    Auto,
+    /// Scores copied to the host, top-k, targets and statistics computed there (exact f64
+    /// ranking; two or three host reads per step).
+    Host,
+    /// Top-k by the radix-select op ([`mor_kernels::cuda::topk_sorted`]: the CUDA kernel on
+    /// a GPU, its CPU body on the CPU), targets, gates and statistics built with tensor
+    /// ops on the scores' device; one host read per step, of the selected positions the
+    /// [`Router`] interface returns. Causal rules with thresholds and rows with unequal
+    /// candidate counts take the host path.
+    Device,
+}
+
+impl RoutingPath {
+    /// Whether this is [`RoutingPath::Auto`].
+    pub fn is_auto(&self) -> bool {
+        *self == RoutingPath::Auto
+    }
+}
+
 /// Capacity schedule: `"auto"` or an explicit list of fractions, one per step.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Capacity {
@@ -260,6 +285,11 @@ pub struct ExpertChoiceParams {
     pub infer_rule: InferRule,
     /// Threshold of the causal rules.
     pub threshold: f64,
+    /// Where the selection of a full-sequence step is computed (same selections either
+    /// way; an execution detail, so the default `auto` is not written out and leaves the
+    /// resolved parameters, and what is derived from them, as they were).
+    #[serde(skip_serializing_if = "RoutingPath::is_auto")]
+    pub routing_path: RoutingPath,
 }
 
 impl Default for ExpertChoiceParams {
@@ -282,6 +312,7 @@ impl Default for ExpertChoiceParams {
             rand_router: false,
             infer_rule: InferRule::Threshold,
             threshold: 0.5,
+            routing_path: RoutingPath::Auto,
         }
     }
 }
@@ -499,6 +530,10 @@ struct EcState {
     stats: RouterStats,
     last_selected: Vec<Vec<u32>>,
     last_step: usize,
+    /// Device-path statistics, read once in `finish`: per step, the sum of the kept
+    /// gates and the count of correct sampling predictions (f64 scalars).
+    dev_gate_sum: Vec<Option<Tensor>>,
+    dev_correct: Vec<Option<Tensor>>,
 }
 
 /// The expert-choice router of spec §3.1 (see the module docs).
@@ -547,6 +582,102 @@ impl ExpertChoiceRouter {
             router: NAME,
             msg: msg.into(),
         }
+    }
+
+    /// The device path of a top-k step (see [`RoutingPath::Device`]): the same selection,
+    /// targets, losses, gates and statistics as the host path, with one host read (the
+    /// selected positions, which the [`Router`] interface returns on the host).
+    #[allow(clippy::too_many_arguments)]
+    fn route_on_device(
+        &self,
+        st: &mut EcState,
+        step: usize,
+        (b, l, c, k): (usize, usize, usize, usize),
+        active: &[Vec<u32>],
+        x: &Tensor,
+        z: &Tensor,
+        g: &Tensor,
+        out_dtype: DType,
+    ) -> Result<StepRouting> {
+        let p = &self.params;
+        let si = step - 1;
+        let dev = z.device();
+        let n = b * c;
+        // Candidate positions `[b, c]` (uploaded, not read back) and the radix-select top-k
+        // by z: ties to the earlier candidate, as `top_k_ascending`.
+        let map: Vec<u32> = active.iter().flatten().copied().collect();
+        let map = Tensor::from_vec(map, (b, c), dev)?;
+        let scores = z.reshape((b, c))?;
+        let scores = if scores.dtype() == DType::F64 || scores.dtype() == DType::F32 {
+            scores
+        } else {
+            scores.to_dtype(DType::F32)?
+        };
+        let top = mor_kernels::cuda::topk_sorted(&scores, k, Some(&map))?;
+        // Flat candidate indices of the kept tokens, row-major: `keep + row·c`.
+        let row0 = (Tensor::arange(0u32, b as u32, dev)? * c as f64)?.reshape((b, 1))?;
+        let kept_flat = top.keep.broadcast_add(&row0)?.flatten_all()?;
+        let target = Tensor::zeros(n, self.dtype, dev)?.index_add(
+            &kept_flat,
+            &Tensor::ones(b * k, self.dtype, dev)?,
+            0,
+        )?;
+        let learned = !p.rand_router;
+
+        let aux = match self.aux_nets.get(si) {
+            Some(net) if learned => {
+                let za = net.forward(&x.detach())?.squeeze(1)?;
+                st.aux.push(bce_with_logits_mean(&za, &target)?);
+                Some(za)
+            }
+            _ => None,
+        };
+        let kept_g = g.index_select(&kept_flat, 0)?;
+        let gsum = kept_g.to_dtype(DType::F64)?.sum_all()?;
+        st.dev_gate_sum[si] = Some(match st.dev_gate_sum[si].take() {
+            Some(a) => (a + gsum)?,
+            None => gsum,
+        });
+        st.stats.selected_per_step[si] += (b * k) as u64;
+        st.stats.gate_count[si] += (b * k) as u64;
+        if learned {
+            if p.sampling == Sampling::AuxLoss {
+                st.bce.push(bce_with_logits_mean(z, &target)?);
+            }
+            if p.z_loss {
+                st.zsq.push(z.sqr()?.mean_all()?);
+            }
+            // σ(pred) ≥ 0.5 ⇔ pred ≥ 0 (false for NaN, as on the host).
+            let pred = aux.as_ref().unwrap_or(z);
+            let said = pred.ge(0.0)?.to_dtype(DType::F64)?;
+            let truth = target.ge(0.5)?.to_dtype(DType::F64)?;
+            let correct = said.eq(&truth)?.to_dtype(DType::F64)?.sum_all()?;
+            st.dev_correct[si] = Some(match st.dev_correct[si].take() {
+                Some(a) => (a + correct)?,
+                None => correct,
+            });
+            st.stats.sampling_total[si] += n as u64;
+        }
+
+        // The one host read of the step: the absolute positions kept, `[b, k]`.
+        let sel = mor_kernels::host_sync::to_host::<u32>(&top.sel)?;
+        let selected: Vec<Vec<u32>> = sel.chunks(k).map(<[u32]>::to_vec).collect();
+        for (bi, row) in selected.iter().enumerate() {
+            for &q in row {
+                st.depth[bi * l + q as usize] = step as u16;
+            }
+        }
+        let gate = match p.gating {
+            Gating::Additive => None,
+            Gating::Weighted => Some(kept_g.to_dtype(out_dtype)?),
+        };
+        st.last_selected = selected.clone();
+        st.last_step = step;
+        Ok(StepRouting {
+            selected,
+            gate,
+            update: Update::Residual,
+        })
     }
 
     fn squash(&self, z: &Tensor) -> Result<Tensor> {
@@ -667,6 +798,8 @@ impl Router for ExpertChoiceRouter {
             stats: RouterStats::with_shape(self.num_recursions, l),
             last_selected: Vec::new(),
             last_step: 0,
+            dev_gate_sum: vec![None; self.num_recursions],
+            dev_correct: vec![None; self.num_recursions],
         };
         Ok(RoutingState {
             data: Some(Box::new(st)),
@@ -758,6 +891,23 @@ impl Router for ExpertChoiceRouter {
             x
         };
 
+        // The device path: every row with the same candidate count and a top-k rule.
+        let c = n / b;
+        let topk_rule = match mode {
+            RouteMode::Train | RouteMode::FullSequence => true,
+            RouteMode::Causal => {
+                cap < 1.0 && !p.rand_router && p.infer_rule == InferRule::FullSequence
+            }
+        };
+        let device_path = topk_rule
+            && k.min(c) >= 1
+            && active.iter().all(|r| r.len() == c)
+            && match p.routing_path {
+                RoutingPath::Host => false,
+                RoutingPath::Device => true,
+                RoutingPath::Auto => !dev.is_cpu(),
+            };
+
         let (z, z_host) = if p.rand_router {
             let mut u = Vec::with_capacity(n);
             for (bi, row) in active.iter().enumerate() {
@@ -774,10 +924,18 @@ impl Router for ExpertChoiceRouter {
             )
         } else {
             let z = self.nets[si].forward(&x)?.squeeze(1)?;
-            let zh = to_host_f64(&z)?;
+            let zh = if device_path {
+                Vec::new()
+            } else {
+                to_host_f64(&z)?
+            };
             (z, zh)
         };
         let g = self.squash(&z)?;
+        if device_path {
+            let kk = k.min(c);
+            return self.route_on_device(st, step, (b, l, c, kk), active, &x, &z, &g, h.dtype());
+        }
         let g_host = to_host_f64(&g)?;
 
         // Top-k by z among each row's candidates: the training selection and the BCE target
@@ -915,19 +1073,56 @@ impl Router for ExpertChoiceRouter {
             stats.sequences = st.b as u64;
         }
         let p = &self.params;
-        let mut terms = Vec::new();
+        // The logged loss terms and the device-path statistics are read in one host read.
+        let mut named: Vec<(String, Tensor)> = Vec::new();
         let mut parts = Vec::new();
         if let Some(bce) = sum_scalars(&st.bce)? {
-            terms.push(("bce".to_string(), scalar_f64(&bce)?));
+            named.push(("bce".to_string(), bce.clone()));
             parts.push((bce * (p.aux_coeff * p.aux_bce_scale))?);
         }
         if let Some(z) = sum_scalars(&st.zsq)? {
-            terms.push(("z".to_string(), scalar_f64(&z)?));
+            named.push(("z".to_string(), z.clone()));
             parts.push((z * p.z_coeff)?);
         }
         let aux_router_loss = sum_scalars(&st.aux)?;
         if let Some(a) = &aux_router_loss {
-            terms.push(("aux_router_bce".to_string(), scalar_f64(a)?));
+            named.push(("aux_router_bce".to_string(), a.clone()));
+        }
+        let n_terms = named.len();
+        let mut stat_slots = Vec::new();
+        for (si, (gs, cc)) in st.dev_gate_sum.iter().zip(&st.dev_correct).enumerate() {
+            if let Some(t) = gs {
+                named.push((String::new(), t.clone()));
+                stat_slots.push((si, false));
+            }
+            if let Some(t) = cc {
+                named.push((String::new(), t.clone()));
+                stat_slots.push((si, true));
+            }
+        }
+        let values = match named.len() {
+            0 => Vec::new(),
+            1 => vec![scalar_f64(&named[0].1)?],
+            _ => {
+                let flat = named
+                    .iter()
+                    .map(|(_, t)| t.flatten_all()?.to_dtype(DType::F64))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                to_host_f64(&Tensor::cat(&flat, 0)?)?
+            }
+        };
+        let terms: Vec<(String, f64)> = named
+            .iter()
+            .take(n_terms)
+            .map(|(k, _)| k.clone())
+            .zip(values.iter().copied())
+            .collect();
+        for ((si, correct), v) in stat_slots.into_iter().zip(&values[n_terms..]) {
+            if correct {
+                stats.sampling_correct[si] += *v as u64;
+            } else {
+                stats.gate_sum[si] += v;
+            }
         }
         Ok(RouterOutput {
             loss: sum_scalars(&parts)?,

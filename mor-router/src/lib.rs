@@ -99,7 +99,7 @@ mod net;
 pub use net::{RouterArch, DRAWS_BUFFER};
 
 pub mod expert_choice;
-pub use expert_choice::{ExpertChoiceParams, ExpertChoiceRouter};
+pub use expert_choice::{ExpertChoiceParams, ExpertChoiceRouter, RoutingPath};
 pub mod token_choice;
 pub use token_choice::{TokenChoiceParams, TokenChoiceRouter};
 

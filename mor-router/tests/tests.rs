@@ -11,6 +11,7 @@
 use mor_router as _;
 
 mod common;
+mod device_path;
 mod expert;
 mod metrics;
 mod params;

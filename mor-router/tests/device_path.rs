@@ -1,0 +1,172 @@
+//! The expert-choice device path (`routing_path = "device"`, what a GPU run takes) against
+//! the host path on the CPU: the same selections (ties included), gates, losses, gradients
+//! and statistics, with one host read per recursion step plus one per forward.
+
+use crate::common::*;
+use candle_core::{Device, Tensor};
+use mor_kernels::host_sync::Scope;
+use mor_router::{RouteMode, Router};
+
+const D: usize = 4;
+const NR: usize = 3;
+
+/// Which of the five distinct rows token `t` of row `bi` carries.
+fn class(bi: usize, t: usize) -> usize {
+    (t * 7 + bi) % 5
+}
+
+/// `[b, l, D]` hidden states built from three distinct rows only, so that the router's
+/// scores tie among many tokens of each row (the top-k must break ties by position).
+fn tied_hidden(b: usize, l: usize) -> Tensor {
+    let base = hidden(1, 5, D, 7).to_vec3::<f64>().unwrap()[0].clone();
+    let mut v = Vec::with_capacity(b * l * D);
+    for bi in 0..b {
+        for t in 0..l {
+            v.extend_from_slice(&base[class(bi, t)]);
+        }
+    }
+    Tensor::from_vec(v, (b, l, D), &Device::Cpu).unwrap()
+}
+
+fn grads_of(router: &dyn Router, loss: &Tensor) -> Vec<Vec<f64>> {
+    let g = loss.backward().unwrap();
+    router
+        .vars()
+        .iter()
+        .chain(router.aux_vars().iter())
+        .map(|(_, v)| match g.get(v.as_tensor()) {
+            Some(t) => t.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            None => Vec::new(),
+        })
+        .collect()
+}
+
+/// Runs one forward on each path and compares everything the model and the trainer see.
+fn same_on_both_paths(params: &str, mode: RouteMode, h: &Tensor) {
+    let c = ctx(D, NR, h.dims()[1], 0.5, 11);
+    let host = build(
+        "expert_choice",
+        &format!("{params}\nrouting_path = \"host\""),
+        &c,
+    );
+    let dev = build(
+        "expert_choice",
+        &format!("{params}\nrouting_path = \"device\""),
+        &c,
+    );
+    let (_, hs, ho) = forward(host.as_ref(), h, NR, mode).unwrap();
+    let (_, ds, dout) = forward(dev.as_ref(), h, NR, mode).unwrap();
+    for (r, (a, b)) in hs.iter().zip(&ds).enumerate() {
+        assert_eq!(a.selected, b.selected, "{params} {mode:?}: step {}", r + 1);
+        assert!(a.selected.iter().all(|s| !s.is_empty()));
+        match (&a.gate, &b.gate) {
+            (Some(x), Some(y)) => assert_eq!(
+                x.to_vec1::<f64>().unwrap(),
+                y.to_vec1::<f64>().unwrap(),
+                "{params}: gates of step {}",
+                r + 1
+            ),
+            (None, None) => {}
+            _ => panic!("{params}: one path gated, the other not"),
+        }
+    }
+    assert_eq!(ho.terms, dout.terms, "{params}");
+    let (mut hst, mut dst) = (ho.stats.clone(), dout.stats.clone());
+    for (x, y) in hst.gate_sum.iter().zip(&dst.gate_sum) {
+        assert!(
+            (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+            "{params}: gate sums {x} vs {y}"
+        );
+    }
+    hst.gate_sum.clear();
+    dst.gate_sum.clear();
+    assert_eq!(hst, dst, "{params}");
+    match (&ho.loss, &dout.loss) {
+        (Some(x), Some(y)) => {
+            assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());
+            assert_eq!(
+                grads_of(host.as_ref(), x),
+                grads_of(dev.as_ref(), y),
+                "{params}"
+            );
+        }
+        (None, None) => {}
+        _ => panic!("{params}: one path has a loss, the other not"),
+    }
+    match (&ho.aux_router_loss, &dout.aux_router_loss) {
+        (Some(x), Some(y)) => {
+            assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());
+            assert_eq!(
+                grads_of(host.as_ref(), x),
+                grads_of(dev.as_ref(), y),
+                "{params}"
+            );
+        }
+        (None, None) => {}
+        _ => panic!("{params}: one path has an aux loss, the other not"),
+    }
+}
+
+#[test]
+fn device_path_selects_what_the_host_path_selects_ties_included() {
+    let tied = tied_hidden(3, 12);
+    let random = hidden(2, 10, D, 3);
+    for params in [
+        "",
+        "z_loss = true",
+        "sampling = \"aux_router\"",
+        "router_func = \"tanh\"\ngating = \"additive\"",
+        "rand_router = true",
+        "capacity = [1.0, 0.5, 0.25]\nrouter_arch = \"mlp\"",
+    ] {
+        for h in [&tied, &random] {
+            same_on_both_paths(params, RouteMode::Train, h);
+            same_on_both_paths(params, RouteMode::FullSequence, h);
+        }
+    }
+    same_on_both_paths("infer_rule = \"full_sequence\"", RouteMode::Causal, &tied);
+    // The tied states do tie at the top-k boundary: some step keeps a token and drops a
+    // candidate with the same hidden row (so the same score).
+    let c = ctx(D, NR, 12, 0.5, 11);
+    let r = build("expert_choice", "", &c);
+    let (actives, steps, _) = forward(r.as_ref(), &tied, NR, RouteMode::Train).unwrap();
+    let split = (0..NR).any(|s| {
+        (0..3).any(|bi| {
+            let kept = &steps[s].selected[bi];
+            actives[s][bi].iter().any(|&t| {
+                !kept.contains(&t)
+                    && kept
+                        .iter()
+                        .any(|&q| class(bi, q as usize) == class(bi, t as usize))
+            })
+        })
+    });
+    assert!(split, "the tied states must exercise tie breaking");
+}
+
+/// A forward of `NR` steps on the device path reads the host `NR + 1` times (the kept
+/// positions of each step, then the logged terms and statistics once); the host path
+/// reads more, and `auto` on the CPU is the host path.
+#[test]
+fn device_path_reads_the_host_once_per_step_and_once_per_forward() {
+    let h = hidden(2, 16, D, 5);
+    let c = ctx(D, NR, 16, 0.5, 11);
+    let reads = |path: &str| {
+        let r = build(
+            "expert_choice",
+            &format!("z_loss = true\nrouting_path = \"{path}\""),
+            &c,
+        );
+        let scope = Scope::start();
+        let (_, _, out) = forward(r.as_ref(), &h, NR, RouteMode::Train).unwrap();
+        assert_eq!(out.terms.len(), 2);
+        let n = scope.counts();
+        assert_eq!(n.device_to_host, 0, "CPU tensors are not transfers");
+        n.reads
+    };
+    let device = reads("device");
+    assert_eq!(device, NR as u64 + 1);
+    let host = reads("host");
+    assert!(host > 2 * NR as u64, "host path: {host} reads");
+    assert_eq!(reads("auto"), host);
+}

@@ -319,8 +319,8 @@ pub fn train(
             r.set_train_step(step);
         }
         let mut grads: Option<candle_core::backprop::GradStore> = None;
-        let mut loss_sum = 0f64;
-        let mut ce_sum = 0f64;
+        let mut loss_dev: Option<Tensor> = None;
+        let mut ce_dev: Option<Tensor> = None;
         let mut terms: Vec<(String, f64)> = Vec::new();
         let mut step_stats: Vec<RouterStats> = Vec::new();
         for _ in 0..accum {
@@ -346,19 +346,18 @@ pub fn train(
             };
             let (loss, ce, router_out) =
                 micro(batch).map_err(|e| with_batch_size(e, s.micro_batch_seqs))?;
-            let lv = mor_kernels::host_sync::scalar_f64(&loss)?;
-            if !lv.is_finite() {
-                return Err(Error::NonFinite {
-                    what: "loss".into(),
-                    step: step + 1,
-                    last_good: last_good
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "none".into()),
-                });
-            }
-            loss_sum += lv;
-            ce_sum += mor_kernels::host_sync::scalar_f64(&ce)? / accum as f64;
+            // The step's loss and CE stay on the device (f64 sums, in the order of the
+            // micro-batches) until the one host read of the step, below.
+            let lv = loss.detach().to_dtype(candle_core::DType::F64)?;
+            let cv = (ce.detach().to_dtype(candle_core::DType::F64)? / accum as f64)?;
+            loss_dev = Some(match loss_dev.take() {
+                Some(a) => (a + lv)?,
+                None => lv,
+            });
+            ce_dev = Some(match ce_dev.take() {
+                Some(a) => (a + cv)?,
+                None => cv,
+            });
             for (k, v) in &router_out.terms {
                 match terms.iter_mut().find(|(n, _)| n == k) {
                     Some((_, acc)) => *acc += v / accum as f64,
@@ -380,12 +379,37 @@ pub fn train(
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "none".into());
-        let gn = finite_grad_norm(&grads, &main_vars, step + 1, &last)?;
-        let an = if aux_vars.is_empty() {
-            0.0
-        } else {
-            finite_grad_norm(&grads, &aux_vars, step + 1, &last)?
+        // The one host read of the step: loss, CE and the squared gradient norms.
+        let (loss_dev, ce_dev) = match (loss_dev, ce_dev) {
+            (Some(l), Some(c)) => (l, c),
+            _ => return Err(Error::msg("no micro-batch ran")),
         };
+        let mut logged = vec![loss_dev.reshape(1)?, ce_dev.reshape(1)?];
+        let mut norm_slots = [None, None];
+        for (slot, vs) in norm_slots.iter_mut().zip([&main_v, &aux_v]) {
+            if let Some(sq) = optim::grad_norm_sq(&grads, vs)? {
+                *slot = Some(logged.len());
+                logged.push(sq.reshape(1)?);
+            }
+        }
+        let values = mor_kernels::host_sync::to_host_f64(&Tensor::cat(&logged, 0)?)?;
+        let (loss_sum, ce_sum) = (values[0], values[1]);
+        if !loss_sum.is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss".into(),
+                step: step + 1,
+                last_good: last.clone(),
+            });
+        }
+        let norm = |slot: Option<usize>| slot.map_or(0.0, |i| values[i].sqrt());
+        let (mut gn, mut an) = (norm(norm_slots[0]), norm(norm_slots[1]));
+        // A non-finite norm: the checks below name the parameter (extra reads only then).
+        if !gn.is_finite() {
+            gn = finite_grad_norm(&grads, &main_vars, step + 1, &last)?;
+        }
+        if !an.is_finite() && !aux_vars.is_empty() {
+            an = finite_grad_norm(&grads, &aux_vars, step + 1, &last)?;
+        }
         let spike = s.spike_action != SpikeAction::Off && guard.observe(loss_sum);
         if spike && s.spike_action == SpikeAction::Stop {
             return Err(Error::msg(format!(

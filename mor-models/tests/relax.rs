@@ -888,3 +888,25 @@ fn dora_and_prompt_equal_a_naive_reference() {
         }
     }
 }
+
+/// The official layout has no relaxation modules: its settings refuse a relaxed model by
+/// name instead of writing `relaxation.enable = false` without the adapters.
+#[test]
+fn official_settings_refuse_a_relaxed_model() {
+    use mor_models::official::official_settings;
+    assert!(official_settings(&config("middle_cycle", "", "", "reference"), "x").is_ok());
+    for (relax, kind) in [
+        (LORA, "lora"),
+        (DORA, "dora"),
+        (PROMPT, "adaption_prompt"),
+        (ENCODING, "recursion_encoding"),
+    ] {
+        let e = official_settings(&config("middle_cycle", relax, "", "reference"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("recursion.relaxation") && e.contains(kind),
+            "{relax}: {e}"
+        );
+    }
+}

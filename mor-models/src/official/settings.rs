@@ -36,8 +36,18 @@ fn arch_name(a: RouterArch) -> &'static str {
 ///
 /// # Errors
 /// When the official code cannot express the model (see
-/// [`official_shape`]) or its KV policy.
+/// [`official_shape`]) or its KV policy, and for a relaxed model (spec §6.4: LoRA, DoRA,
+/// adaption prompt or recursion encoding): the layout written here has no relaxation
+/// modules, and writing `relaxation.enable = false` would silently drop the adapters.
 pub fn official_settings(cfg: &ResolvedConfig, name: &str) -> Result<Value> {
+    if let Some(r) = &cfg.recursion.relaxation {
+        return Err(Error::msg(format!(
+            "recursion.relaxation = \"{}\": the official layout written by mor has no relaxation \
+             modules (its state_dict would lose the per-depth adapters); export a model without \
+             relaxation",
+            r.kind()
+        )));
+    }
     let (_, router) = official_shape(cfg)?;
     let m = &cfg.model;
     let plan = &cfg.plan;

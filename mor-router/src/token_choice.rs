@@ -512,16 +512,33 @@ impl Router for TokenChoiceRouter {
             stats.sequences = st.b as u64;
         }
         let p = &self.params;
-        let mut terms = Vec::new();
+        // The logged terms are read in one host read.
+        let mut named: Vec<(&str, Tensor)> = Vec::new();
         let mut parts = Vec::new();
         if let Some(bal) = st.balance {
-            terms.push(("balance".to_string(), scalar_f64(&bal)?));
+            named.push(("balance", bal.clone()));
             parts.push((bal * p.bal_coeff)?);
         }
         if let Some(z) = st.zl {
-            terms.push(("z".to_string(), scalar_f64(&z)?));
+            named.push(("z", z.clone()));
             parts.push((z * p.z_coeff)?);
         }
+        let values = match &named[..] {
+            [] => Vec::new(),
+            [(_, t)] => vec![scalar_f64(t)?],
+            _ => {
+                let flat = named
+                    .iter()
+                    .map(|(_, t)| t.flatten_all()?.to_dtype(DType::F64))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                to_host_f64(&Tensor::cat(&flat, 0)?)?
+            }
+        };
+        let terms: Vec<(String, f64)> = named
+            .iter()
+            .zip(values)
+            .map(|((k, _), v)| (k.to_string(), v))
+            .collect();
         Ok(RouterOutput {
             loss: sum_scalars(&parts)?,
             aux_router_loss: None,

@@ -170,3 +170,21 @@ fn device_path_reads_the_host_once_per_step_and_once_per_forward() {
     assert!(host > 2 * NR as u64, "host path: {host} reads");
     assert_eq!(reads("auto"), host);
 }
+
+/// Token choice reads the host once per forward for the depths and once for the logged
+/// terms (balance and z together), none per recursion step.
+#[test]
+fn token_choice_reads_the_host_twice_per_forward() {
+    let h = hidden(2, 16, D, 5);
+    let c = ctx(D, NR, 16, 0.5, 11);
+    let r = build("token_choice", "z_loss = true", &c);
+    let scope = Scope::start();
+    let (_, _, out) = forward(r.as_ref(), &h, NR, RouteMode::Train).unwrap();
+    let names: Vec<&str> = out.terms.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["balance", "z"]);
+    assert_eq!(scope.counts().reads, 2);
+    // The terms are the values of the loss parts.
+    let want = out.loss.unwrap().to_scalar::<f64>().unwrap();
+    let got = 0.1 * out.terms[0].1 + 1e-3 * out.terms[1].1;
+    assert!((want - got).abs() <= 1e-12 * want.abs(), "{want} vs {got}");
+}

@@ -615,7 +615,8 @@ impl ExpertChoiceRouter {
         };
         let top = mor_kernels::cuda::topk_sorted(&scores, k, Some(&map))?;
         // Flat candidate indices of the kept tokens, row-major: `keep + row·c`.
-        let row0 = (Tensor::arange(0u32, b as u32, dev)? * c as f64)?.reshape((b, 1))?;
+        let row0: Vec<u32> = (0..b).map(|bi| (bi * c) as u32).collect();
+        let row0 = Tensor::from_vec(row0, (b, 1), dev)?;
         let kept_flat = top.keep.broadcast_add(&row0)?.flatten_all()?;
         let target = Tensor::zeros(n, self.dtype, dev)?.index_add(
             &kept_flat,

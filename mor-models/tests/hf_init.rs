@@ -85,6 +85,52 @@ fn stepwise_from_the_fixture_copies_the_expected_layers() {
         .is_none());
 }
 
+#[test]
+fn dora_magnitudes_follow_the_pretrained_weights() {
+    let _ = mor_models::builtin::link();
+    // Recursive Cycle N_r = 2 with DoRA on q and v: after the initialisation, each depth's
+    // magnitude m is the row norm of the pretrained projection its block now holds, so the
+    // relaxed model starts equal to the initialised base model.
+    let text = format!(
+        "[model]\nvocab_size = 256\nhidden_size = 64\nnum_layers = 4\nnum_heads = 4\nnum_kv_heads = 2\nhead_dim = 8\nintermediate_size = 128\nseq_len = 16\ntie_embeddings = false\n[recursion]\nnum_recursions = 2\nsharing = \"cycle\"\nrelaxation = {{ kind = \"dora\", rank = 2 }}\n[init]\nfrom = \"{}\"\nmethod = \"stepwise\"\n",
+        fixture().display()
+    );
+    let cfg = Config::from_toml_str(&text).unwrap();
+    let model = MorModel::new(&cfg).unwrap();
+    apply_init(&model).unwrap().unwrap();
+    let got = vars(&model);
+    let mut checked = 0;
+    for (name, m) in &got {
+        let Some(rest) = name.strip_prefix("model.relax.dora.") else {
+            continue;
+        };
+        let Some(rest) = rest.strip_suffix(".m") else {
+            continue;
+        };
+        // rest = "{step}.{block}.{target}"
+        let parts: Vec<&str> = rest.split('.').collect();
+        assert_eq!(parts.len(), 3, "{name}");
+        let (block, target) = (parts[1], parts[2]);
+        let w = &got[&format!("model.layers.{block}.self_attn.{target}.weight")];
+        let d_out = m.len();
+        let d_in = w.len() / d_out;
+        for (row, &mag) in m.iter().enumerate() {
+            let norm = w[row * d_in..(row + 1) * d_in]
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                (f64::from(mag) - norm).abs() <= 1e-5 * norm,
+                "{name} row {row}: {mag} vs {norm}"
+            );
+        }
+        checked += 1;
+    }
+    // 2 depths x 2 blocks x {q, v}.
+    assert_eq!(checked, 8);
+}
+
 /// A vanilla mor run folder of `layers` layers with distinct random weights.
 fn pretrained_run(dir: &Path, layers: usize) -> ResolvedConfig {
     let text = format!("[model]\nvocab_size = 300\nhidden_size = 32\nnum_layers = {layers}\nnum_heads = 4\nnum_kv_heads = 2\nhead_dim = 8\nintermediate_size = 64\nseq_len = 16\n[runtime]\nseed = 5\n");

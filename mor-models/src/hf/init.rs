@@ -251,6 +251,9 @@ pub fn apply_init(model: &MorModel) -> Result<Option<InitReport>> {
     for (var, t) in updates {
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
+    // DoRA magnitudes start at the row norms of the shared weights (spec §6.4): derive them
+    // again from the pretrained weights just set, so the model starts equal to its init.
+    model.reset_dora_magnitudes()?;
     Ok(Some(InitReport {
         method: init.method,
         pretrained_layers: pre.num_layers,

@@ -236,9 +236,8 @@ pub fn attend_into(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    check_shapes(view, q, hq, out)?;
-    attend_checked(view, q, q_pos, hq, scale, out, tier());
-    Ok(())
+    // The run-time tier is never above the detected one.
+    attend_into_tier(view, q, q_pos, hq, scale, out, tier())
 }
 
 /// [`attend_into`] at instruction-set tier `tier` instead of the one chosen at run time
@@ -270,7 +269,13 @@ pub fn attend_into_tier(
         )));
     }
     check_shapes(view, q, hq, out)?;
-    attend_checked(view, q, q_pos, hq, scale, out, tier);
+    let query = Query {
+        q,
+        pos: q_pos,
+        hq,
+        scale,
+    };
+    attend_checked(view, query, out, tier);
     Ok(())
 }
 
@@ -292,32 +297,33 @@ fn check_shapes(view: &KvView<'_>, q: &[f32], hq: usize, out: &[f32]) -> Result<
     Ok(())
 }
 
-/// Runs the version of `tier` on validated shapes (`tier` at most [`detected`]).
-fn attend_checked(
-    view: &KvView<'_>,
-    q: &[f32],
-    q_pos: u32,
+/// One validated query: `q` (`[hq · dh]`), its position and the score scale.
+#[derive(Clone, Copy)]
+struct Query<'q> {
+    q: &'q [f32],
+    pos: u32,
     hq: usize,
     scale: f32,
-    out: &mut [f32],
-    tier: Tier,
-) {
+}
+
+/// Runs the version of `tier` on validated shapes (`tier` at most [`detected`]).
+fn attend_checked(view: &KvView<'_>, query: Query<'_>, out: &mut [f32], tier: Tier) {
     #[cfg(target_arch = "x86_64")]
     {
         if tier >= Tier::Avx512 && view.head_dim.is_multiple_of(16) {
             // SAFETY: `tier` is at most the detected tier, and Tier::Avx512 implies AVX-512
             // F/BW/DQ/VL, AVX2 and FMA; `dh` is a multiple of 16 as `attend_avx512` needs.
-            unsafe { attend_avx512(view, q, q_pos, hq, scale, out) };
+            unsafe { attend_avx512(view, query, out) };
             return;
         }
         if tier >= Tier::Avx2 {
             // SAFETY: Tier::Avx2 (or above) implies the CPU supports AVX2.
-            unsafe { attend_avx2(view, q, q_pos, hq, scale, out) };
+            unsafe { attend_avx2(view, query, out) };
             return;
         }
     }
     let _ = tier;
-    attend_kernel(view, q, q_pos, hq, scale, out);
+    attend_kernel(view, query, out);
 }
 
 /// [`attend_kernel`] compiled with AVX2 enabled (8-wide vectors for the dot products and
@@ -327,20 +333,14 @@ fn attend_checked(
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(
-    view: &KvView<'_>,
-    q: &[f32],
-    q_pos: u32,
-    hq: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    attend_kernel(view, q, q_pos, hq, scale, out)
+unsafe fn attend_avx2(view: &KvView<'_>, query: Query<'_>, out: &mut [f32]) {
+    attend_kernel(view, query, out)
 }
 
 /// The body of [`attend_into`] on validated shapes.
 #[inline(always)]
-fn attend_kernel(view: &KvView<'_>, q: &[f32], q_pos: u32, hq: usize, scale: f32, out: &mut [f32]) {
+fn attend_kernel(view: &KvView<'_>, query: Query<'_>, out: &mut [f32]) {
+    let (q, q_pos, hq, scale) = (query.q, query.pos, query.hq, query.scale);
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
     let group = hq / hkv;
     let row = hkv * dh;
@@ -525,14 +525,8 @@ fn block_kv<'a: 'b, 'b>(
 /// multiple of 16; shapes as validated by [`check_shapes`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn attend_avx512(
-    view: &KvView<'_>,
-    q: &[f32],
-    q_pos: u32,
-    hq: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+unsafe fn attend_avx512(view: &KvView<'_>, query: Query<'_>, out: &mut [f32]) {
+    let (q, q_pos, hq, scale) = (query.q, query.pos, query.hq, query.scale);
     let (hkv, dh) = (view.num_kv_heads, view.head_dim);
     let bt = view.pool.block_tokens();
     let mut st = Avx512State {

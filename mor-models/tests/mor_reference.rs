@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{Micro, MOR_RECURSION, VANILLA};
+use common::{rmsnorm, rope, Micro, MOR_RECURSION, VANILLA};
 use mor_core::config::ResolvedConfig;
 use mor_core::plan::Segment;
 use mor_models::MorModel;
@@ -29,26 +29,6 @@ fn matvec(w: &(Vec<usize>, Vec<f64>), x: &[f64]) -> Vec<f64> {
     (0..o)
         .map(|r| (0..i).map(|c| w.1[r * i + c] * x[c]).sum())
         .collect()
-}
-
-fn rmsnorm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
-    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-    let r = 1.0 / (ms + eps).sqrt();
-    x.iter().zip(w).map(|(a, b)| a * r * b).collect()
-}
-
-/// HF rotate_half RoPE of one head vector at position p.
-fn rope(x: &[f64], p: usize, theta: f64) -> Vec<f64> {
-    let dh = x.len();
-    let half = dh / 2;
-    let mut out = vec![0.0; dh];
-    for i in 0..half {
-        let inv = 1.0 / theta.powf((2 * i) as f64 / dh as f64);
-        let (s, c) = ((p as f64) * inv).sin_cos();
-        out[i] = x[i] * c - x[i + half] * s;
-        out[i + half] = x[i + half] * c + x[i] * s;
-    }
-    out
 }
 
 struct Dims {

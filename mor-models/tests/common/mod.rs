@@ -209,3 +209,25 @@ pub fn run_engine(
         engine.stats().clone(),
     )
 }
+
+/// The f64 RMSNorm of one vector, `x / sqrt(mean(x²) + eps) ⊙ w`, for naive references.
+pub fn rmsnorm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(a, b)| a * r * b).collect()
+}
+
+/// The f64 RoPE (Hugging Face's rotate-half layout) of one head vector at position `p`,
+/// for naive references.
+pub fn rope(x: &[f64], p: usize, theta: f64) -> Vec<f64> {
+    let dh = x.len();
+    let half = dh / 2;
+    let mut out = vec![0.0; dh];
+    for i in 0..half {
+        let inv = 1.0 / theta.powf((2 * i) as f64 / dh as f64);
+        let (s, c) = ((p as f64) * inv).sin_cos();
+        out[i] = x[i] * c - x[i + half] * s;
+        out[i + half] = x[i + half] * c + x[i] * s;
+    }
+    out
+}

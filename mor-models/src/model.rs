@@ -821,6 +821,15 @@ impl MorModel {
         let cap = self.max_depth();
         let h1 = h.clone();
         let mut active: Vec<Vec<u32>> = vec![(0..t as u32).collect(); b];
+        // The active positions `[b, c]` on the device when the last step was decided by
+        // `route_device` (then `active` is stale); the next step reads them to the host
+        // only if it takes the host path.
+        let mut active_dev: Option<Tensor> = None;
+        let device_routing = self
+            .router
+            .as_ref()
+            .is_some_and(|r| r.routes_on_device(&dev));
+        let mut routed_on_device = false;
         let mut state = match &self.router {
             Some(r) => Some(r.begin(&h1, mode)?),
             None => None,
@@ -828,72 +837,113 @@ impl MorModel {
         let keeps_first = self.kv.keeps_first_step();
         let mut first_kv: Vec<StepKv> = Vec::new();
         for step in 1..=cap.min(n_r) {
-            let mut routing = match (&self.router, state.as_mut()) {
-                (Some(r), Some(st)) => Some(r.route(step, &h, &active, st, mode)?),
+            let mut dev_routing = None;
+            if device_routing {
+                if let (Some(r), Some(st)) = (&self.router, state.as_mut()) {
+                    let act = match &active_dev {
+                        Some(a) => Some(a.clone()),
+                        None => uniform_rows(&active, &dev)?,
+                    };
+                    if let Some(act) = act {
+                        dev_routing = r.route_device(step, &h, &act, st, mode)?;
+                    }
+                }
+            }
+            if dev_routing.is_none() {
+                if let Some(a) = active_dev.take() {
+                    let c = a.dim(1)?.max(1);
+                    let flat = mor_kernels::host_sync::to_host::<u32>(&a)?;
+                    active = flat.chunks(c).map(<[u32]>::to_vec).collect();
+                }
+            }
+            let mut routing = match (&dev_routing, &self.router, state.as_mut()) {
+                (None, Some(r), Some(st)) => Some(r.route(step, &h, &active, st, mode)?),
                 _ => None,
             };
             // At the depth cap every token-choice token still running finishes here.
             if step == cap && cap < n_r {
-                if let Some(Update::TokenChoice { finishing, .. }) =
-                    routing.as_mut().map(|r| &mut r.update)
-                {
+                let update = match (&mut dev_routing, &mut routing) {
+                    (Some(d), _) => Some(&mut d.update),
+                    (None, Some(r)) => Some(&mut r.update),
+                    _ => None,
+                };
+                if let Some(Update::TokenChoice { finishing, .. }) = update {
                     finishing.iter_mut().for_each(|f| *f = true);
                 }
             }
-            let selected: Vec<Vec<u32>> = match &routing {
-                Some(rt) => rt.selected.clone(),
-                None => active.clone(),
+            let (idx_t, pos_sel, full, valid, kmax, selected) = match &dev_routing {
+                Some(d) => {
+                    // Every row keeps `k` positions: no padding, indices and positions
+                    // are the kept positions themselves.
+                    let (rows, k) = d.sel.dims2()?;
+                    if rows != b || k == 0 || k > t {
+                        return Err(Error::msg(format!(
+                            "router `{}` kept positions of shape [{rows}, {k}] on the device; \
+                             [{b}, 1..={t}] expected",
+                            self.router.as_ref().map_or("", |r| r.name())
+                        )));
+                    }
+                    if step == 1 && keeps_first && k != t {
+                        return Err(self.first_step_error());
+                    }
+                    let full = k == t;
+                    let pos_sel = if full { pos.clone() } else { d.sel.clone() };
+                    (d.sel.clone(), pos_sel, full, vec![true; b * k], k, None)
+                }
+                None => {
+                    let selected: Vec<Vec<u32>> = match &routing {
+                        Some(rt) => rt.selected.clone(),
+                        None => active.clone(),
+                    };
+                    let n_sel: usize = selected.iter().map(Vec::len).sum();
+                    for (row, sel) in selected.iter().enumerate() {
+                        for &p in sel {
+                            depths[row][p as usize] = step as u8;
+                        }
+                    }
+                    if step == 1 && keeps_first && selected.iter().any(|s| s.len() != t) {
+                        return Err(self.first_step_error());
+                    }
+                    if n_sel == 0 {
+                        break;
+                    }
+                    let kmax = selected.iter().map(Vec::len).max().unwrap_or(0);
+                    // Pad rows to kmax with distinct unselected positions (index) and PAD_POS
+                    // (position), so padded tokens neither attend nor are attended to.
+                    let mut idx = Vec::with_capacity(b * kmax);
+                    let mut qpos = Vec::with_capacity(b * kmax);
+                    let mut valid = Vec::with_capacity(b * kmax);
+                    for sel in &selected {
+                        idx.extend_from_slice(sel);
+                        qpos.extend_from_slice(sel);
+                        valid.extend(std::iter::repeat_n(true, sel.len()));
+                        if sel.len() < kmax {
+                            let mut taken = vec![false; t];
+                            for &p in sel {
+                                taken[p as usize] = true;
+                            }
+                            let pads = (0..t as u32)
+                                .filter(|&p| !taken[p as usize])
+                                .take(kmax - sel.len());
+                            for p in pads {
+                                idx.push(p);
+                                qpos.push(PAD_POS);
+                                valid.push(false);
+                            }
+                        }
+                    }
+                    let idx_t = Tensor::from_vec(idx, (b, kmax), &dev)?;
+                    let pos_t = Tensor::from_vec(qpos, (b, kmax), &dev)?;
+                    let full = kmax == t && valid.iter().all(|&v| v);
+                    let pos_sel = if full { pos.clone() } else { pos_t };
+                    (idx_t, pos_sel, full, valid, kmax, Some(selected))
+                }
             };
-            let n_sel: usize = selected.iter().map(Vec::len).sum();
-            for (row, sel) in selected.iter().enumerate() {
-                for &p in sel {
-                    depths[row][p as usize] = step as u8;
-                }
-            }
-            if step == 1 && keeps_first && selected.iter().any(|s| s.len() != t) {
-                return Err(Error::msg(format!(
-                    "KV policy `{}` reuses the step-1 keys/values, so every token must run step 1 \
-                     (set the router's first capacity to 1)",
-                    self.kv.name()
-                )));
-            }
-            if n_sel == 0 {
-                break;
-            }
-            let kmax = selected.iter().map(Vec::len).max().unwrap_or(0);
-            // Pad rows to kmax with distinct unselected positions (index) and PAD_POS
-            // (position), so padded tokens neither attend nor are attended to.
-            let mut idx = Vec::with_capacity(b * kmax);
-            let mut qpos = Vec::with_capacity(b * kmax);
-            let mut valid = Vec::with_capacity(b * kmax);
-            for sel in &selected {
-                idx.extend_from_slice(sel);
-                qpos.extend_from_slice(sel);
-                valid.extend(std::iter::repeat_n(true, sel.len()));
-                if sel.len() < kmax {
-                    let mut taken = vec![false; t];
-                    for &p in sel {
-                        taken[p as usize] = true;
-                    }
-                    let pads = (0..t as u32)
-                        .filter(|&p| !taken[p as usize])
-                        .take(kmax - sel.len());
-                    for p in pads {
-                        idx.push(p);
-                        qpos.push(PAD_POS);
-                        valid.push(false);
-                    }
-                }
-            }
-            let idx_t = Tensor::from_vec(idx, (b, kmax), &dev)?;
-            let pos_t = Tensor::from_vec(qpos, (b, kmax), &dev)?;
-            let full = kmax == t && valid.iter().all(|&v| v);
             let x = if full {
                 h.clone()
             } else {
                 self.backend.gather_tokens(&h, &idx_t)?
             };
-            let pos_sel = if full { pos.clone() } else { pos_t };
             // The recursion encoding of step r is added to the hidden state entering the
             // shared block at that step (spec §6); the update rules still read `x`.
             let mut y = match &self.relax {
@@ -914,7 +964,12 @@ impl MorModel {
                 }
                 y = ny;
             }
-            h = match &routing {
+            let merge = match (&dev_routing, &routing) {
+                (Some(d), _) => Some((d.gate.as_ref(), &d.update)),
+                (None, Some(rt)) => Some((rt.gate.as_ref(), &rt.update)),
+                _ => None,
+            };
+            h = match merge {
                 None => {
                     // Recursive baseline: plain h <- block(h) for every token.
                     if full {
@@ -924,12 +979,12 @@ impl MorModel {
                         self.backend.scatter_add_tokens(&h, &idx_t, &delta, None)?
                     }
                 }
-                Some(rt) => {
-                    let gate = match &rt.gate {
+                Some((gate, update)) => {
+                    let gate = match gate {
                         Some(g) => Some(pad_flat(g, &valid, b, kmax)?),
                         None => None,
                     };
-                    match &rt.update {
+                    match update {
                         Update::Residual => {
                             let w = match gate {
                                 Some(g) => g,
@@ -985,13 +1040,46 @@ impl MorModel {
                     }
                 }
             };
-            active = selected;
+            match (dev_routing, selected) {
+                (Some(d), _) => {
+                    active_dev = Some(d.sel);
+                    routed_on_device = true;
+                }
+                (None, Some(selected)) => active = selected,
+                (None, None) => {}
+            }
         }
         let out = match (&self.router, state) {
+            (Some(r), Some(st)) if routed_on_device => {
+                // The token depths come with the router's one read of the forward.
+                let (out, d) = r.finish_with_depths(st)?;
+                let d = d.filter(|d| d.len() == b * t).ok_or_else(|| {
+                    Error::msg(format!(
+                        "router `{}` routed on the device but returned no depth for each of \
+                         the {b}x{t} tokens",
+                        r.name()
+                    ))
+                })?;
+                for (row, dr) in depths.iter_mut().zip(d.chunks(t)) {
+                    for (x, &v) in row.iter_mut().zip(dr) {
+                        *x = v as u8;
+                    }
+                }
+                out
+            }
             (Some(r), Some(st)) => r.finish(st)?,
             _ => RouterOutput::default(),
         };
         Ok((h, out))
+    }
+
+    /// The error of a KV policy that reuses the step-1 K/V when not every token runs step 1.
+    fn first_step_error(&self) -> Error {
+        Error::msg(format!(
+            "KV policy `{}` reuses the step-1 keys/values, so every token must run step 1 \
+             (set the router's first capacity to 1)",
+            self.kv.name()
+        ))
     }
 
     /// Mean next-token cross-entropy of `logits: [b, t, V]` against `targets: [b, t]`
@@ -1071,6 +1159,16 @@ fn block_weight(blocks: &[LayerParams], block: usize, target: &str) -> Option<Te
         _ => return None,
     };
     Some(v.as_tensor().clone())
+}
+
+/// `rows` as a `[b, c]` u32 tensor on `dev` when every row has the same length `c`.
+fn uniform_rows(rows: &[Vec<u32>], dev: &Device) -> Result<Option<Tensor>> {
+    let c = rows.first().map_or(0, Vec::len);
+    if rows.iter().any(|r| r.len() != c) {
+        return Ok(None);
+    }
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Some(Tensor::from_vec(flat, (rows.len(), c), dev)?))
 }
 
 /// Spreads a flat gate `[n_valid]` into `[b, kmax]` with zeros at padded slots.

@@ -73,15 +73,12 @@ fn device_routing_path_trains_like_the_host_path_and_resumes_bit_identically() {
     run(&cfg("device"), "full", &opts(&full)).unwrap();
     let device_reads = scope.counts().reads;
     // Host reads per optimiser step on the device path: one by the trainer (loss, CE and
-    // gradient norm together) and, per micro-batch (2 here), one per recursion step (3: the
-    // kept positions, which the `Router` interface returns on the host) plus one for the
-    // router's logged terms. The host path reads the scores and gates of every step too.
-    let (steps, micro, nr) = (5, 2, 3);
-    assert_eq!(
-        device_reads,
-        steps * (1 + micro * (nr + 1)),
-        "host reads {host_reads}"
-    );
+    // gradient norm together) and one per micro-batch (2 here), the router's logged terms,
+    // statistics and token depths together. The kept positions of the 3 recursion steps
+    // stay on the device (`Router::route_device`). The host path reads the scores, gates
+    // and kept positions of every step.
+    let (steps, micro) = (5, 2);
+    assert_eq!(device_reads, steps * (1 + micro), "host reads {host_reads}");
     assert!(host_reads > device_reads, "{device_reads} vs {host_reads}");
     // Same selections, so the same losses and weights as the host path.
     assert_eq!(metric(&host, "loss").len(), 5);
@@ -100,5 +97,58 @@ fn device_routing_path_trains_like_the_host_path_and_resumes_bit_identically() {
     assert_eq!(weights(&full), weights(&resumed));
     for d in [host, full, resumed] {
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// A model forward on the device routing path: the kept positions of every step stay on
+/// the device (gather/scatter indices are the router's `[b, k]` tensor), one host read per
+/// forward (the router's terms, statistics and token depths). Logits, depths and routing
+/// statistics equal the host path's, in training, full-sequence and causal forwards, with
+/// the first step gathering a subset (capacity < 1) or running every token.
+#[test]
+fn model_forward_on_the_device_path_reads_once_and_equals_the_host_path() {
+    let model_cfg = |path: &str, capacity: &str| {
+        Micro {
+            runtime: "seed = 4",
+            tables: &format!(
+                "{MOR_RECURSION}\n[router]\nkind = \"expert_choice\"\nz_loss = true\n\
+                 infer_rule = \"full_sequence\"\ncapacity = {capacity}\nrouting_path = \"{path}\""
+            ),
+            ..common::micro(64, 32, 5, 16)
+        }
+        .resolve()
+    };
+    let ids = common::id_tensor(3, 16, 64, 5);
+    for capacity in ["\"auto\"", "[0.75, 0.5, 0.25]"] {
+        let host = mor_models::model::MorModel::new(&model_cfg("host", capacity)).unwrap();
+        let dev = mor_models::model::MorModel::new(&model_cfg("device", capacity)).unwrap();
+        for mode in [
+            mor_router::RouteMode::Train,
+            mor_router::RouteMode::FullSequence,
+            mor_router::RouteMode::Causal,
+        ] {
+            let a = host.forward(&ids, mode).unwrap();
+            let scope = mor_kernels::host_sync::Scope::start();
+            let b = dev.forward(&ids, mode).unwrap();
+            let reads = scope.counts().reads;
+            // A causal forward decides a step of capacity 1 on the host (every candidate
+            // kept), then reads its scores and gates there.
+            let causal_host_step = mode == mor_router::RouteMode::Causal && capacity == "\"auto\"";
+            if !causal_host_step {
+                assert_eq!(reads, 1, "{capacity} {mode:?}");
+            }
+            let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&a.logits), flat(&b.logits), "{capacity} {mode:?}");
+            assert_eq!(a.depths, b.depths, "{capacity} {mode:?}");
+            assert!(a.depths.iter().flatten().any(|&d| d == 3));
+            assert_eq!(a.router.terms, b.router.terms, "{capacity} {mode:?}");
+            let (mut x, mut y) = (a.router.stats.clone(), b.router.stats.clone());
+            for (p, q) in x.gate_sum.iter().zip(&y.gate_sum) {
+                assert!((p - q).abs() <= 1e-9 * p.abs().max(1.0), "{p} vs {q}");
+            }
+            x.gate_sum.clear();
+            y.gate_sum.clear();
+            assert_eq!(x, y, "{capacity} {mode:?}");
+        }
     }
 }

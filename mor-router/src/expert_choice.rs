@@ -58,9 +58,10 @@ use crate::net::{
 };
 use crate::registry::{RouterCtx, RouterPlugin};
 use crate::{
-    Error, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState, StepRouting, Update,
+    DeviceStepRouting, Error, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState,
+    StepRouting, Update,
 };
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use mor_core::registry::{AccountingHints, CheckCtx, Family, ParamProblem, Plugin};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -130,9 +131,11 @@ pub enum RoutingPath {
     Host,
     /// Top-k by the radix-select op ([`mor_kernels::cuda::topk_sorted`]: the CUDA kernel on
     /// a GPU, its CPU body on the CPU), targets, gates and statistics built with tensor
-    /// ops on the scores' device; one host read per step, of the selected positions the
-    /// [`Router`] interface returns. Causal rules with thresholds and rows with unequal
-    /// candidate counts take the host path.
+    /// ops on the scores' device. Through [`Router::route_device`] (what the model uses)
+    /// the kept positions stay on the device and the forward reads the host once, in
+    /// [`Router::finish_with_depths`]; through [`Router::route`] one host read per step
+    /// remains, of the selected positions it returns. Causal rules with thresholds and rows
+    /// with unequal candidate counts take the host path.
     Device,
 }
 
@@ -534,6 +537,12 @@ struct EcState {
     /// gates and the count of correct sampling predictions (f64 scalars).
     dev_gate_sum: Vec<Option<Tensor>>,
     dev_correct: Vec<Option<Tensor>>,
+    /// Steps decided by [`Router::route_device`] per token, `[b·L]` f32 (the depth is the
+    /// host depth plus this count: selections are nested); `None` until such a step.
+    dev_depth: Option<Tensor>,
+    /// The kept positions `[b, k]` of the last step when [`Router::route_device`] decided
+    /// it.
+    dev_last_sel: Option<Tensor>,
 }
 
 /// The expert-choice router of spec §3.1 (see the module docs).
@@ -584,6 +593,56 @@ impl ExpertChoiceRouter {
         }
     }
 
+    /// The forward's state for step `step`, checked (order, mode, shape of `h`), with
+    /// `(b, L)`.
+    fn step_state<'a>(
+        &self,
+        step: usize,
+        h: &Tensor,
+        state: &'a mut RoutingState,
+        mode: RouteMode,
+    ) -> Result<(&'a mut EcState, usize, usize)> {
+        let st = state
+            .data
+            .as_mut()
+            .and_then(|d| d.downcast_mut::<EcState>())
+            .ok_or_else(|| {
+                Self::invalid("the routing state was not created by this router's `begin`")
+            })?;
+        if step != st.next_step || step > self.num_recursions {
+            return Err(Self::invalid(format!(
+                "step {step} routed out of order: expected step {} of 1..={}",
+                st.next_step, self.num_recursions
+            )));
+        }
+        if mode != st.mode {
+            return Err(Self::invalid(format!(
+                "mode {mode:?} differs from the forward's mode {:?}",
+                st.mode
+            )));
+        }
+        let (b, l) = check_hidden(h, self.hidden_size, NAME)?;
+        if (b, l) != (st.b, st.l) {
+            return Err(Self::invalid(format!(
+                "hidden states are [{b}, {l}, _] but the forward began with [{}, {}, _]",
+                st.b, st.l
+            )));
+        }
+        Ok((st, b, l))
+    }
+
+    /// Whether a forward in `mode` selects step `step` by top-k (the device path's rule).
+    fn topk_rule(&self, step: usize, mode: RouteMode) -> bool {
+        match mode {
+            RouteMode::Train | RouteMode::FullSequence => true,
+            RouteMode::Causal => {
+                self.capacity_at(step, mode) < 1.0
+                    && !self.params.rand_router
+                    && self.params.infer_rule == InferRule::FullSequence
+            }
+        }
+    }
+
     /// The device path of a top-k step (see [`RoutingPath::Device`]): the same selection,
     /// targets, losses, gates and statistics as the host path, with one host read (the
     /// selected positions, which the [`Router`] interface returns on the host).
@@ -599,21 +658,55 @@ impl ExpertChoiceRouter {
         g: &Tensor,
         out_dtype: DType,
     ) -> Result<StepRouting> {
+        // Candidate positions `[b, c]` (uploaded, not read back).
+        let map: Vec<u32> = active.iter().flatten().copied().collect();
+        let map = Tensor::from_vec(map, (b, c), z.device())?;
+        let (sel, gate) = self.select_on_device(st, step, (b, c, k), &map, x, z, g, out_dtype)?;
+        // The one host read of the step: the absolute positions kept, `[b, k]`.
+        let sel = mor_kernels::host_sync::to_host::<u32>(&sel)?;
+        let selected: Vec<Vec<u32>> = sel.chunks(k).map(<[u32]>::to_vec).collect();
+        for (bi, row) in selected.iter().enumerate() {
+            for &q in row {
+                st.depth[bi * l + q as usize] = step as u16;
+            }
+        }
+        st.last_selected = selected.clone();
+        st.dev_last_sel = None;
+        st.last_step = step;
+        Ok(StepRouting {
+            selected,
+            gate,
+            update: Update::Residual,
+        })
+    }
+
+    /// The selection, targets, losses, gates and statistics of a device-path step with
+    /// the candidate positions `map: [b, c]` on the device: the kept positions `[b, k]`
+    /// (ascending) and the gates `[b·k]` (`None` when additive), without a host read.
+    #[allow(clippy::too_many_arguments)]
+    fn select_on_device(
+        &self,
+        st: &mut EcState,
+        step: usize,
+        (b, c, k): (usize, usize, usize),
+        map: &Tensor,
+        x: &Tensor,
+        z: &Tensor,
+        g: &Tensor,
+        out_dtype: DType,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let p = &self.params;
         let si = step - 1;
         let dev = z.device();
         let n = b * c;
-        // Candidate positions `[b, c]` (uploaded, not read back) and the radix-select top-k
-        // by z: ties to the earlier candidate, as `top_k_ascending`.
-        let map: Vec<u32> = active.iter().flatten().copied().collect();
-        let map = Tensor::from_vec(map, (b, c), dev)?;
+        // The radix-select top-k by z: ties to the earlier candidate, as `top_k_ascending`.
         let scores = z.reshape((b, c))?;
         let scores = if scores.dtype() == DType::F64 || scores.dtype() == DType::F32 {
             scores
         } else {
             scores.to_dtype(DType::F32)?
         };
-        let top = mor_kernels::cuda::topk_sorted(&scores, k, Some(&map))?;
+        let top = mor_kernels::cuda::topk_sorted(&scores, k, Some(map))?;
         // Flat candidate indices of the kept tokens, row-major: `keep + row·c`.
         let row0: Vec<u32> = (0..b).map(|bi| (bi * c) as u32).collect();
         let row0 = Tensor::from_vec(row0, (b, 1), dev)?;
@@ -660,25 +753,11 @@ impl ExpertChoiceRouter {
             st.stats.sampling_total[si] += n as u64;
         }
 
-        // The one host read of the step: the absolute positions kept, `[b, k]`.
-        let sel = mor_kernels::host_sync::to_host::<u32>(&top.sel)?;
-        let selected: Vec<Vec<u32>> = sel.chunks(k).map(<[u32]>::to_vec).collect();
-        for (bi, row) in selected.iter().enumerate() {
-            for &q in row {
-                st.depth[bi * l + q as usize] = step as u16;
-            }
-        }
         let gate = match p.gating {
             Gating::Additive => None,
             Gating::Weighted => Some(kept_g.to_dtype(out_dtype)?),
         };
-        st.last_selected = selected.clone();
-        st.last_step = step;
-        Ok(StepRouting {
-            selected,
-            gate,
-            update: Update::Residual,
-        })
+        Ok((top.sel, gate))
     }
 
     fn squash(&self, z: &Tensor) -> Result<Tensor> {
@@ -801,6 +880,8 @@ impl Router for ExpertChoiceRouter {
             last_step: 0,
             dev_gate_sum: vec![None; self.num_recursions],
             dev_correct: vec![None; self.num_recursions],
+            dev_depth: None,
+            dev_last_sel: None,
         };
         Ok(RoutingState {
             data: Some(Box::new(st)),
@@ -824,32 +905,7 @@ impl Router for ExpertChoiceRouter {
         state: &mut RoutingState,
         mode: RouteMode,
     ) -> Result<StepRouting> {
-        let st = state
-            .data
-            .as_mut()
-            .and_then(|d| d.downcast_mut::<EcState>())
-            .ok_or_else(|| {
-                Self::invalid("the routing state was not created by this router's `begin`")
-            })?;
-        if step != st.next_step || step > self.num_recursions {
-            return Err(Self::invalid(format!(
-                "step {step} routed out of order: expected step {} of 1..={}",
-                st.next_step, self.num_recursions
-            )));
-        }
-        if mode != st.mode {
-            return Err(Self::invalid(format!(
-                "mode {mode:?} differs from the forward's mode {:?}",
-                st.mode
-            )));
-        }
-        let (b, l) = check_hidden(h, self.hidden_size, NAME)?;
-        if (b, l) != (st.b, st.l) {
-            return Err(Self::invalid(format!(
-                "hidden states are [{b}, {l}, _] but the forward began with [{}, {}, _]",
-                st.b, st.l
-            )));
-        }
+        let (st, b, l) = self.step_state(step, h, state, mode)?;
         check_active(active, b, l, NAME)?;
         st.next_step += 1;
         let p = &self.params;
@@ -871,6 +927,7 @@ impl Router for ExpertChoiceRouter {
             let selected = vec![Vec::new(); b];
             st.last_selected = selected.clone();
             st.last_step = step;
+            st.dev_last_sel = None;
             let gate = match p.gating {
                 Gating::Weighted => Some(Tensor::zeros(0, h.dtype(), dev)?),
                 Gating::Additive => None,
@@ -1042,6 +1099,7 @@ impl Router for ExpertChoiceRouter {
         };
         st.last_selected = selected.clone();
         st.last_step = step;
+        st.dev_last_sel = None;
         Ok(StepRouting {
             selected,
             gate,
@@ -1049,7 +1107,95 @@ impl Router for ExpertChoiceRouter {
         })
     }
 
+    fn routes_on_device(&self, device: &Device) -> bool {
+        !self.params.rand_router
+            && match self.params.routing_path {
+                RoutingPath::Host => false,
+                RoutingPath::Device => true,
+                RoutingPath::Auto => !device.is_cpu(),
+            }
+    }
+
+    /// Decides a top-k step on the device path with the active positions as a tensor: the
+    /// same selection, gates, losses and statistics as [`Router::route`], no host read
+    /// (the token depths and the last step's positions are read in
+    /// [`Router::finish_with_depths`]). `None` for the host path's steps (the routing
+    /// path, `rand_router`, causal threshold rules, a step of capacity 1 in causal mode,
+    /// no candidates). The positions in `active` are not checked against `L` (that would
+    /// read them); they are the previous step's `sel`.
+    ///
+    /// # Errors
+    /// Those of [`Router::route`], and `active` that is not `[b, c]` u32 with `c <= L`.
+    fn route_device(
+        &self,
+        step: usize,
+        h: &Tensor,
+        active: &Tensor,
+        state: &mut RoutingState,
+        mode: RouteMode,
+    ) -> Result<Option<DeviceStepRouting>> {
+        if !self.routes_on_device(h.device()) || !self.topk_rule(step, mode) {
+            return Ok(None);
+        }
+        let (st, b, l) = self.step_state(step, h, state, mode)?;
+        let c = match active.dims() {
+            [ab, c] if *ab == b && *c <= l && active.dtype() == DType::U32 => *c,
+            dims => {
+                return Err(Self::invalid(format!(
+                    "`active` must be [{b}, c <= {l}] u32, got {dims:?} {:?}",
+                    active.dtype()
+                )))
+            }
+        };
+        let k = tokens_kept(self.capacity_at(step, mode), l).min(c);
+        if k == 0 {
+            return Ok(None);
+        }
+        st.next_step += 1;
+        let p = &self.params;
+        let si = step - 1;
+        st.stats.candidates_per_step[si] += (b * c) as u64;
+        let dev = h.device();
+        // Flat ids `q + row·L` of the candidates (row offsets uploaded, as on the host).
+        let row0: Vec<u32> = (0..b).map(|bi| (bi * l) as u32).collect();
+        let row0 = Tensor::from_vec(row0, (b, 1), dev)?;
+        let ids = active.broadcast_add(&row0)?.flatten_all()?;
+        let x = h
+            .reshape((b * l, self.hidden_size))?
+            .index_select(&ids, 0)?
+            .to_dtype(self.dtype)?;
+        let x = if p.temperature != 1.0 {
+            (x / p.temperature)?
+        } else {
+            x
+        };
+        let z = self.nets[si].forward(&x)?.squeeze(1)?;
+        let g = self.squash(&z)?;
+        let (sel, gate) =
+            self.select_on_device(st, step, (b, c, k), active, &x, &z, &g, h.dtype())?;
+        // One more step for every kept token (selections are nested).
+        let kept = sel.broadcast_add(&row0)?.flatten_all()?;
+        let depth = match st.dev_depth.take() {
+            Some(d) => d,
+            None => Tensor::zeros(b * l, DType::F32, dev)?,
+        };
+        st.dev_depth = Some(depth.index_add(&kept, &Tensor::ones(b * k, DType::F32, dev)?, 0)?);
+        st.dev_last_sel = Some(sel.clone());
+        st.last_step = step;
+        Ok(Some(DeviceStepRouting {
+            sel,
+            gate,
+            update: Update::Residual,
+        }))
+    }
+
     fn finish(&self, state: RoutingState) -> Result<RouterOutput> {
+        Ok(self.finish_with_depths(state)?.0)
+    }
+
+    /// [`Router::finish`]; the depths are `Some` when a step was decided by
+    /// [`Router::route_device`] (read with the logged terms, in one host read).
+    fn finish_with_depths(&self, state: RoutingState) -> Result<(RouterOutput, Option<Vec<u16>>)> {
         let st = state
             .data
             .and_then(|d| d.downcast::<EcState>().ok())
@@ -1058,21 +1204,7 @@ impl Router for ExpertChoiceRouter {
             })?;
         let st = *st;
         let mut stats = st.stats;
-        for &d in &st.depth {
-            if d == 0 {
-                stats.tokens_depth_zero += 1;
-            } else {
-                stats.tokens_per_depth[d as usize - 1] += 1;
-            }
-        }
-        if st.last_step > 0 {
-            for row in &st.last_selected {
-                for &q in row {
-                    stats.last_step_selected_per_position[q as usize] += 1;
-                }
-            }
-            stats.sequences = st.b as u64;
-        }
+        let mut depth = st.depth;
         let p = &self.params;
         // The logged loss terms and the device-path statistics are read in one host read.
         let mut named: Vec<(String, Tensor)> = Vec::new();
@@ -1101,9 +1233,23 @@ impl Router for ExpertChoiceRouter {
                 stat_slots.push((si, true));
             }
         }
+        // Device-path steps: the steps per token and the last step's kept positions.
+        let dev_depth = st.dev_depth.is_some();
+        if let Some(d) = &st.dev_depth {
+            named.push((String::new(), d.clone()));
+        }
+        if let Some(sel) = &st.dev_last_sel {
+            let n = sel.elem_count();
+            let counts = Tensor::zeros(st.l, DType::F32, sel.device())?.index_add(
+                &sel.flatten_all()?,
+                &Tensor::ones(n, DType::F32, sel.device())?,
+                0,
+            )?;
+            named.push((String::new(), counts));
+        }
         let values = match named.len() {
             0 => Vec::new(),
-            1 => vec![scalar_f64(&named[0].1)?],
+            1 if named[0].1.elem_count() == 1 => vec![scalar_f64(&named[0].1)?],
             _ => {
                 let flat = named
                     .iter()
@@ -1118,6 +1264,7 @@ impl Router for ExpertChoiceRouter {
             .map(|(k, _)| k.clone())
             .zip(values.iter().copied())
             .collect();
+        let n_slots = stat_slots.len();
         for ((si, correct), v) in stat_slots.into_iter().zip(&values[n_terms..]) {
             if correct {
                 stats.sampling_correct[si] += *v as u64;
@@ -1125,12 +1272,42 @@ impl Router for ExpertChoiceRouter {
                 stats.gate_sum[si] += v;
             }
         }
-        Ok(RouterOutput {
+        let mut rest = &values[n_terms + n_slots..];
+        if dev_depth {
+            let (counts, tail) = rest.split_at(st.b * st.l);
+            for (d, &n) in depth.iter_mut().zip(counts) {
+                *d += n as u16;
+            }
+            rest = tail;
+        }
+        for &d in &depth {
+            if d == 0 {
+                stats.tokens_depth_zero += 1;
+            } else {
+                stats.tokens_per_depth[d as usize - 1] += 1;
+            }
+        }
+        if st.last_step > 0 {
+            if st.dev_last_sel.is_some() {
+                for (c, &n) in stats.last_step_selected_per_position.iter_mut().zip(rest) {
+                    *c += n as u64;
+                }
+            } else {
+                for row in &st.last_selected {
+                    for &q in row {
+                        stats.last_step_selected_per_position[q as usize] += 1;
+                    }
+                }
+            }
+            stats.sequences = st.b as u64;
+        }
+        let out = RouterOutput {
             loss: sum_scalars(&parts)?,
             aux_router_loss,
             terms,
             stats,
-        })
+        };
+        Ok((out, dev_depth.then_some(depth)))
     }
 
     fn after_optimizer_step(&self, _stats: &[RouterStats], train_step: usize) -> Result<()> {

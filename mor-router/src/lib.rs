@@ -19,6 +19,12 @@
 //! finish(state) -> RouterOutput { loss, aux_router_loss, terms, stats }
 //! ```
 //!
+//! A router that can decide a step on the hidden states' device
+//! ([`Router::routes_on_device`]) is first offered [`Router::route_device`], with the active
+//! positions as a `[b, c]` tensor; it returns the kept positions as a `[b, k]` tensor
+//! ([`DeviceStepRouting`]), so a forward needs no host read per step, and
+//! [`Router::finish_with_depths`] returns the token depths with the forward's one read.
+//!
 //! # Examples
 //! The built-in expert-choice router on plain candle tensors, without a model: build it by
 //! name, then route three recursion steps of a batch of two sequences.
@@ -83,7 +89,7 @@
 
 #![warn(missing_docs)]
 
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use std::fmt;
 
 pub mod error;
@@ -170,6 +176,21 @@ impl StepRouting {
     pub fn num_selected(&self) -> usize {
         self.selected.iter().map(Vec::len).sum()
     }
+}
+
+/// The decision of one recursion step taken on the hidden states' device
+/// ([`Router::route_device`]): the same decision as a [`StepRouting`], with the kept
+/// positions as a device tensor instead of host rows, so no host read is needed.
+#[derive(Debug, Clone)]
+pub struct DeviceStepRouting {
+    /// `[b, k]` u32: per batch row, the `k` ascending positions that run this step (every
+    /// row keeps the same number). A subset of the step's active positions.
+    pub sel: Tensor,
+    /// Gate per selected token, flattened row-major in the order of `sel`, shape `[b·k]`;
+    /// `None` = ungated.
+    pub gate: Option<Tensor>,
+    /// Merge rule.
+    pub update: Update,
 }
 
 /// Per-forward state a router keeps between `begin`, `route` and `finish`.
@@ -320,6 +341,36 @@ pub trait Router: Send + Sync + fmt::Debug {
     ) -> Result<StepRouting>;
     /// Ends a forward: loss terms and metrics.
     fn finish(&self, state: RoutingState) -> Result<RouterOutput>;
+    /// Whether this router may decide steps on `device` with [`Router::route_device`].
+    /// The model hands it the active positions as a device tensor only when this is true;
+    /// the default is `false` (every step through [`Router::route`]).
+    fn routes_on_device(&self, _device: &Device) -> bool {
+        false
+    }
+    /// Decides recursion step `step` on the device, without a host read: `Some` with the
+    /// kept positions as a tensor, or `None` (the state untouched) when this step takes
+    /// [`Router::route`] instead, which the caller then calls with the same `active` rows
+    /// read to the host. The default is `None`.
+    ///
+    /// # Shapes
+    /// `h: [b, L, d]`; `active: [b, c]` u32, ascending positions per row.
+    fn route_device(
+        &self,
+        _step: usize,
+        _h: &Tensor,
+        _active: &Tensor,
+        _state: &mut RoutingState,
+        _mode: RouteMode,
+    ) -> Result<Option<DeviceStepRouting>> {
+        Ok(None)
+    }
+    /// Ends a forward like [`Router::finish`] and also returns every token's final depth
+    /// (`[b·L]`, row-major; 0 = no step) when the forward routed a step with
+    /// [`Router::route_device`], read in the same host read as the logged terms. The
+    /// default returns `None` for the depths.
+    fn finish_with_depths(&self, state: RoutingState) -> Result<(RouterOutput, Option<Vec<u16>>)> {
+        Ok((self.finish(state)?, None))
+    }
     /// Called after every optimiser step with the stats of the micro-batches of that step
     /// (the loss-free bias update of §3.2 happens here). `train_step` is the 0-based step
     /// just taken (used by capacity and balancing warm-ups).

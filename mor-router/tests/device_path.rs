@@ -1,6 +1,7 @@
 //! The expert-choice device path (`routing_path = "device"`, what a GPU run takes) against
 //! the host path on the CPU: the same selections (ties included), gates, losses, gradients
-//! and statistics, with one host read per recursion step plus one per forward.
+//! and statistics, with one host read per recursion step plus one per forward through
+//! `route`, and one per forward through `route_device`.
 
 use crate::common::*;
 use candle_core::{Device, Tensor};
@@ -187,4 +188,195 @@ fn token_choice_reads_the_host_twice_per_forward() {
     let want = out.loss.unwrap().to_scalar::<f64>().unwrap();
     let got = 0.1 * out.terms[0].1 + 1e-3 * out.terms[1].1;
     assert!((want - got).abs() <= 1e-12 * want.abs(), "{want} vs {got}");
+}
+
+/// One forward the way the model runs it on the device: every step first offered to
+/// `route_device` with the active positions as a tensor, the host `route` (with the
+/// positions read back) when it declines. Per step: the kept positions (read after the
+/// forward, outside any count), the gate, and whether the step was decided on the device;
+/// then the output and the depths of `finish_with_depths`.
+#[allow(clippy::type_complexity)]
+fn forward_on_device(
+    router: &dyn Router,
+    h: &Tensor,
+    mode: RouteMode,
+) -> (
+    Vec<(Tensor, Option<Tensor>, bool)>,
+    mor_router::RouterOutput,
+    Option<Vec<u16>>,
+) {
+    let (b, l, _) = h.dims3().unwrap();
+    assert!(router.routes_on_device(h.device()));
+    let mut st = router.begin(h, mode).unwrap();
+    let mut active = Tensor::from_vec(
+        (0..l as u32).cycle().take(b * l).collect::<Vec<_>>(),
+        (b, l),
+        h.device(),
+    )
+    .unwrap();
+    let mut steps = Vec::new();
+    for step in 1..=NR {
+        match router
+            .route_device(step, h, &active, &mut st, mode)
+            .unwrap()
+        {
+            Some(d) => {
+                active = d.sel.clone();
+                steps.push((d.sel, d.gate, true));
+            }
+            None => {
+                let rows: Vec<Vec<u32>> = active.to_vec2().unwrap();
+                let s = router.route(step, h, &rows, &mut st, mode).unwrap();
+                let k = s.selected[0].len();
+                assert!(s.selected.iter().all(|r| r.len() == k), "uniform rows");
+                let flat: Vec<u32> = s.selected.concat();
+                active = Tensor::from_vec(flat, (b, k), h.device()).unwrap();
+                steps.push((active.clone(), s.gate, false));
+            }
+        }
+    }
+    let (out, depths) = router.finish_with_depths(st).unwrap();
+    (steps, out, depths)
+}
+
+/// The device-tensor interface (`route_device`, `finish_with_depths`) decides what the host
+/// path decides: the same kept positions, gates, losses, statistics and token depths; a
+/// forward whose steps all stay on the device reads the host once (in `finish`); a causal
+/// forward takes the host path for its capacity-1 step and the device for the others; a
+/// threshold rule never takes the device path.
+#[test]
+fn route_device_keeps_positions_on_the_device_and_matches_the_host_path() {
+    let tied = tied_hidden(3, 12);
+    let random = hidden(2, 10, D, 3);
+    let cases = [
+        ("", RouteMode::Train, 0),
+        ("z_loss = true", RouteMode::Train, 0),
+        ("sampling = \"aux_router\"", RouteMode::FullSequence, 0),
+        (
+            "router_func = \"tanh\"\ngating = \"additive\"",
+            RouteMode::Train,
+            0,
+        ),
+        ("capacity = [0.75, 0.5, 0.25]", RouteMode::Train, 0),
+        ("infer_rule = \"full_sequence\"", RouteMode::Causal, 1),
+    ];
+    for (params, mode, host_steps) in cases {
+        for h in [&tied, &random] {
+            let (b, l, _) = h.dims3().unwrap();
+            let c = ctx(D, NR, l, 0.5, 11);
+            let host = build(
+                "expert_choice",
+                &format!("{params}\nrouting_path = \"host\""),
+                &c,
+            );
+            let dev = build(
+                "expert_choice",
+                &format!("{params}\nrouting_path = \"device\""),
+                &c,
+            );
+            let (_, hs, ho) = forward(host.as_ref(), h, NR, mode).unwrap();
+            let scope = Scope::start();
+            let (ds, dout, depths) = forward_on_device(dev.as_ref(), h, mode);
+            let reads = scope.counts().reads;
+            // No read per device step; the host steps read their scores and gates.
+            if host_steps == 0 {
+                assert_eq!(reads, 1, "{params}: one read per forward");
+            }
+            let mut want_depth = vec![0u16; b * l];
+            for (r, (a, (sel, gate, on_dev))) in hs.iter().zip(&ds).enumerate() {
+                assert_eq!(
+                    *on_dev,
+                    r >= host_steps,
+                    "{params} {mode:?}: step {}",
+                    r + 1
+                );
+                let sel: Vec<Vec<u32>> = sel.to_vec2().unwrap();
+                assert_eq!(a.selected, sel, "{params} {mode:?}: step {}", r + 1);
+                for (bi, row) in sel.iter().enumerate() {
+                    for &q in row {
+                        want_depth[bi * l + q as usize] = r as u16 + 1;
+                    }
+                }
+                match (&a.gate, gate) {
+                    (Some(x), Some(y)) => assert_eq!(
+                        x.to_vec1::<f64>().unwrap(),
+                        y.to_vec1::<f64>().unwrap(),
+                        "{params}: gates of step {}",
+                        r + 1
+                    ),
+                    (None, None) => {}
+                    _ => panic!("{params}: one path gated, the other not"),
+                }
+            }
+            assert_eq!(depths, Some(want_depth), "{params} {mode:?}");
+            assert_eq!(ho.terms, dout.terms, "{params}");
+            let (mut hst, mut dst) = (ho.stats.clone(), dout.stats.clone());
+            for (x, y) in hst.gate_sum.iter().zip(&dst.gate_sum) {
+                assert!(
+                    (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                    "{params}: gate sums {x} vs {y}"
+                );
+            }
+            hst.gate_sum.clear();
+            dst.gate_sum.clear();
+            assert_eq!(hst, dst, "{params} {mode:?}");
+            match (&ho.loss, &dout.loss) {
+                (Some(x), Some(y)) => {
+                    assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());
+                    assert_eq!(
+                        grads_of(host.as_ref(), x),
+                        grads_of(dev.as_ref(), y),
+                        "{params}"
+                    );
+                }
+                (None, None) => {}
+                _ => panic!("{params}: one path has a loss, the other not"),
+            }
+        }
+    }
+
+    // Declined without touching the state: the threshold rule, `rand_router`, the host
+    // path; the router then routes the same step on the host.
+    let c = ctx(D, NR, 10, 0.5, 11);
+    let h = hidden(2, 10, D, 3);
+    let all = Tensor::from_vec(
+        (0..10u32).cycle().take(20).collect::<Vec<_>>(),
+        (2, 10),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (params, mode) in [
+        ("routing_path = \"device\"", RouteMode::Causal),
+        (
+            "routing_path = \"device\"\nrand_router = true",
+            RouteMode::Train,
+        ),
+        ("routing_path = \"host\"", RouteMode::Train),
+    ] {
+        let r = build("expert_choice", params, &c);
+        let mut st = r.begin(&h, mode).unwrap();
+        for step in 1..=2 {
+            assert!(
+                r.route_device(step, &h, &all, &mut st, mode)
+                    .unwrap()
+                    .is_none(),
+                "{params}"
+            );
+        }
+        let rows: Vec<Vec<u32>> = all.to_vec2().unwrap();
+        r.route(1, &h, &rows, &mut st, mode).unwrap();
+        let (_, depths) = r.finish_with_depths(st).unwrap();
+        assert_eq!(depths, None, "{params}: no device step, no depths");
+    }
+    // A malformed active set is an error, not a panic.
+    let r = build("expert_choice", "routing_path = \"device\"", &c);
+    let mut st = r.begin(&h, RouteMode::Train).unwrap();
+    let bad = Tensor::zeros((3, 4), candle_core::DType::U32, &Device::Cpu).unwrap();
+    let e = r
+        .route_device(1, &h, &bad, &mut st, RouteMode::Train)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("`active` must be [2, c <= 10] u32"),
+        "{e}"
+    );
 }

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{self, CheckpointTensors, TrainState};
 use crate::model::{MorModel, NamedVar};
-use crate::optim::{self, AdamW, AdamWConfig, Schedule};
+use crate::optim::{self, AdamW, AdamWConfig, Schedule, UpdatePath};
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use mor_core::rng::Rng;
@@ -188,7 +188,9 @@ impl SpikeGuard {
 /// when run with the same thread count (the `cpu` backend splits products into one row
 /// block per thread, and the blocking can change the last bits of a sum).
 ///
-/// `flops_per_token` is the forward FLOPs per token of spec §1.4 (for logging).
+/// `flops_per_token` is the forward FLOPs per token of spec §1.4 (for logging). AdamW
+/// takes [`UpdatePath::Auto`] (the host update for f32 parameters on the CPU, tensor ops on
+/// the parameters' device otherwise); see [`train_with`].
 pub fn train(
     model: &MorModel,
     data: &mut dyn TrainData,
@@ -196,6 +198,32 @@ pub fn train(
     run_dir: &Path,
     resume: bool,
     flops_per_token: f64,
+) -> Result<TrainSummary> {
+    train_with(
+        model,
+        data,
+        s,
+        run_dir,
+        resume,
+        flops_per_token,
+        UpdatePath::Auto,
+    )
+}
+
+/// [`train`] with the AdamW update computed by `update` for both optimisers (the main and
+/// the auxiliary router's): [`UpdatePath::Device`] runs on the CPU the tensor-op update a
+/// GPU run takes, moments and checkpoints included.
+///
+/// # Errors
+/// Those of [`train`]; [`UpdatePath::Host`] for parameters that are not f32 CPU tensors.
+pub fn train_with(
+    model: &MorModel,
+    data: &mut dyn TrainData,
+    s: &TrainSettings,
+    run_dir: &Path,
+    resume: bool,
+    flops_per_token: f64,
+    update: UpdatePath,
 ) -> Result<TrainSummary> {
     if s.micro_batch_seqs == 0 || !s.batch_seqs.is_multiple_of(s.micro_batch_seqs) {
         return Err(Error::msg(format!(
@@ -431,9 +459,9 @@ pub fn train(
                 if s.grad_clip > 0.0 && an > s.grad_clip {
                     optim::scale_grads(&mut grads, &aux_v, s.grad_clip / an)?;
                 }
-                aux_opt.step(&grads, lr * aux_mult)?;
+                aux_opt.step_with(&grads, lr * aux_mult, update)?;
             }
-            opt.step(&grads, lr)?;
+            opt.step_with(&grads, lr, update)?;
             if let Some(r) = model.router() {
                 r.after_optimizer_step(&step_stats, step)?;
             }

@@ -78,7 +78,10 @@ fn main() {
     submit(&mut engine, batch.min(4), 1_000);
     engine.run_to_completion().expect("warm-up");
     submit(&mut engine, requests, 0);
-    eprintln!("set-up and warm-up: {:.2} s", t_setup.elapsed().as_secs_f64());
+    eprintln!(
+        "set-up and warm-up: {:.2} s",
+        t_setup.elapsed().as_secs_f64()
+    );
     let t0 = Instant::now();
     let done = engine.run_to_completion().expect("run");
     let secs = t0.elapsed().as_secs_f64();

@@ -6,7 +6,7 @@
 use crate::common::*;
 use candle_core::{Device, Tensor};
 use mor_kernels::host_sync::Scope;
-use mor_router::{RouteMode, Router};
+use mor_router::{RouteMode, Router, RouterOutput};
 
 const D: usize = 4;
 const NR: usize = 3;
@@ -42,6 +42,36 @@ fn grads_of(router: &dyn Router, loss: &Tensor) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// The terms, statistics (gate sums to 1e-12), loss and router gradients of the two paths'
+/// outputs are equal.
+fn same_outputs(
+    label: &str,
+    host: &dyn Router,
+    dev: &dyn Router,
+    ho: &RouterOutput,
+    dout: &RouterOutput,
+) {
+    assert_eq!(ho.terms, dout.terms, "{label}");
+    let (mut hst, mut dst) = (ho.stats.clone(), dout.stats.clone());
+    for (x, y) in hst.gate_sum.iter().zip(&dst.gate_sum) {
+        assert!(
+            (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+            "{label}: gate sums {x} vs {y}"
+        );
+    }
+    hst.gate_sum.clear();
+    dst.gate_sum.clear();
+    assert_eq!(hst, dst, "{label}");
+    match (&ho.loss, &dout.loss) {
+        (Some(x), Some(y)) => {
+            assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());
+            assert_eq!(grads_of(host, x), grads_of(dev, y), "{label}");
+        }
+        (None, None) => {}
+        _ => panic!("{label}: one path has a loss, the other not"),
+    }
+}
+
 /// Runs one forward on each path and compares everything the model and the trainer see.
 fn same_on_both_paths(params: &str, mode: RouteMode, h: &Tensor) {
     let c = ctx(D, NR, h.dims()[1], 0.5, 11);
@@ -71,29 +101,7 @@ fn same_on_both_paths(params: &str, mode: RouteMode, h: &Tensor) {
             _ => panic!("{params}: one path gated, the other not"),
         }
     }
-    assert_eq!(ho.terms, dout.terms, "{params}");
-    let (mut hst, mut dst) = (ho.stats.clone(), dout.stats.clone());
-    for (x, y) in hst.gate_sum.iter().zip(&dst.gate_sum) {
-        assert!(
-            (x - y).abs() <= 1e-12 * x.abs().max(1.0),
-            "{params}: gate sums {x} vs {y}"
-        );
-    }
-    hst.gate_sum.clear();
-    dst.gate_sum.clear();
-    assert_eq!(hst, dst, "{params}");
-    match (&ho.loss, &dout.loss) {
-        (Some(x), Some(y)) => {
-            assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());
-            assert_eq!(
-                grads_of(host.as_ref(), x),
-                grads_of(dev.as_ref(), y),
-                "{params}"
-            );
-        }
-        (None, None) => {}
-        _ => panic!("{params}: one path has a loss, the other not"),
-    }
+    same_outputs(&params.to_string(), host.as_ref(), dev.as_ref(), &ho, &dout);
     match (&ho.aux_router_loss, &dout.aux_router_loss) {
         (Some(x), Some(y)) => {
             assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());
@@ -309,29 +317,13 @@ fn route_device_keeps_positions_on_the_device_and_matches_the_host_path() {
                 }
             }
             assert_eq!(depths, Some(want_depth), "{params} {mode:?}");
-            assert_eq!(ho.terms, dout.terms, "{params}");
-            let (mut hst, mut dst) = (ho.stats.clone(), dout.stats.clone());
-            for (x, y) in hst.gate_sum.iter().zip(&dst.gate_sum) {
-                assert!(
-                    (x - y).abs() <= 1e-12 * x.abs().max(1.0),
-                    "{params}: gate sums {x} vs {y}"
-                );
-            }
-            hst.gate_sum.clear();
-            dst.gate_sum.clear();
-            assert_eq!(hst, dst, "{params} {mode:?}");
-            match (&ho.loss, &dout.loss) {
-                (Some(x), Some(y)) => {
-                    assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());
-                    assert_eq!(
-                        grads_of(host.as_ref(), x),
-                        grads_of(dev.as_ref(), y),
-                        "{params}"
-                    );
-                }
-                (None, None) => {}
-                _ => panic!("{params}: one path has a loss, the other not"),
-            }
+            same_outputs(
+                &format!("{params} {mode:?}"),
+                host.as_ref(),
+                dev.as_ref(),
+                &ho,
+                &dout,
+            );
         }
     }
 

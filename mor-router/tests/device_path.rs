@@ -101,7 +101,7 @@ fn same_on_both_paths(params: &str, mode: RouteMode, h: &Tensor) {
             _ => panic!("{params}: one path gated, the other not"),
         }
     }
-    same_outputs(&params.to_string(), host.as_ref(), dev.as_ref(), &ho, &dout);
+    same_outputs(params, host.as_ref(), dev.as_ref(), &ho, &dout);
     match (&ho.aux_router_loss, &dout.aux_router_loss) {
         (Some(x), Some(y)) => {
             assert_eq!(x.to_scalar::<f64>().unwrap(), y.to_scalar::<f64>().unwrap());

@@ -2,7 +2,7 @@
 //! path (`routing_path = "device"`). It trains to the same losses and weights as the host
 //! path, and a run interrupted after a checkpoint resumes bit-identically.
 
-use common::{Micro, MOR_RECURSION};
+use common::{metric, weights, Micro, MOR_RECURSION};
 mod common;
 
 use mor_core::config::ResolvedConfig;
@@ -36,30 +36,6 @@ fn opts(out: &Path) -> RunOptions {
         skip_eval: true,
         ..Default::default()
     }
-}
-
-fn metric(out: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()[key]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
-
-fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
-    let t =
-        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let mut v: Vec<_> = t
-        .into_iter()
-        .map(|(k, x)| (k, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Training loop guarantees: resume is bit-identical, NaN/Inf stops with the step and the
 //! last good checkpoint kept, corrupt checkpoints are refused without being overwritten.
 
-use common::{Micro, MOR_RECURSION};
+use common::{metric, weights, Micro, MOR_RECURSION};
 mod common;
 
 use mor_core::config::{Config, ResolvedConfig};
@@ -40,27 +40,7 @@ fn opts(out: &Path) -> RunOptions {
 }
 
 fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
-
-fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
-    let t =
-        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let mut v: Vec<_> = t
-        .into_iter()
-        .map(|(k, x)| (k, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+    metric(out, "loss")
 }
 
 #[test]

@@ -231,3 +231,27 @@ pub fn rope(x: &[f64], p: usize, theta: f64) -> Vec<f64> {
     }
     out
 }
+
+/// The values of `key` in a run folder's `metrics.jsonl`, one per logged step.
+pub fn metric(out: &std::path::Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()[key]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Every tensor of a run folder's `model.safetensors`, flattened, sorted by name.
+pub fn weights(out: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let t = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut v: Vec<_> = t
+        .into_iter()
+        .map(|(k, x)| (k, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

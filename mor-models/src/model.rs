@@ -90,6 +90,16 @@ pub struct LossOutput {
     pub depths: Vec<Vec<u8>>,
 }
 
+/// Output of [`MorModel::forward_loss_deferred`].
+#[derive(Debug)]
+pub struct DeferredLossOutput {
+    /// Mean next-token cross-entropy (scalar, differentiable).
+    pub ce: Tensor,
+    /// Router output: loss tensors, with its logged values still pending
+    /// ([`RouterOutput::resolve`] reads them); empty without a router.
+    pub router: RouterOutput,
+}
+
 /// The model.
 #[derive(Debug)]
 pub struct MorModel {
@@ -678,7 +688,7 @@ impl MorModel {
     /// # Shapes
     /// `ids: [b, t]` (u32) → logits `[b, t, vocab]`.
     pub fn forward(&self, ids: &Tensor, mode: RouteMode) -> Result<ForwardOutput> {
-        let (h, router, depths) = self.trunk(ids, mode)?;
+        let (h, router, depths) = self.trunk(ids, mode, true)?;
         let logits = self.backend.linear(&h, self.lm_head_weight().as_tensor())?;
         Ok(ForwardOutput {
             logits,
@@ -698,15 +708,40 @@ impl MorModel {
         targets: &Tensor,
         mode: RouteMode,
     ) -> Result<LossOutput> {
-        let (h, router, depths) = self.trunk(ids, mode)?;
+        let (h, router, depths) = self.trunk(ids, mode, true)?;
         let ce =
             self.backend
                 .linear_cross_entropy(&h, self.lm_head_weight().as_tensor(), targets)?;
         Ok(LossOutput { ce, router, depths })
     }
 
-    /// Everything up to and including the final norm: `[b, t, d]`, router output, depths.
-    fn trunk(&self, ids: &Tensor, mode: RouteMode) -> Result<(Tensor, RouterOutput, Vec<Vec<u8>>)> {
+    /// [`MorModel::forward_loss`] without reading anything to the host: the router's
+    /// logged terms and statistics stay on the device in [`RouterOutput::pending`] (the
+    /// trainer reads those of every micro-batch of a step with the step's loss, in one
+    /// host read), and the token depths are not returned. On the device routing path the
+    /// forward makes no host read at all.
+    pub fn forward_loss_deferred(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        mode: RouteMode,
+    ) -> Result<DeferredLossOutput> {
+        let (h, router, _) = self.trunk(ids, mode, false)?;
+        let ce =
+            self.backend
+                .linear_cross_entropy(&h, self.lm_head_weight().as_tensor(), targets)?;
+        Ok(DeferredLossOutput { ce, router })
+    }
+
+    /// Everything up to and including the final norm: `[b, t, d]`, router output, depths;
+    /// without `resolve` the router's logged values stay pending (see
+    /// [`MorModel::forward_loss_deferred`]).
+    fn trunk(
+        &self,
+        ids: &Tensor,
+        mode: RouteMode,
+        resolve: bool,
+    ) -> Result<(Tensor, RouterOutput, Vec<Vec<u8>>)> {
         let (b, t) = ids.dims2()?;
         if t == 0 || b == 0 {
             return Err(Error::msg("forward needs at least one token per row"));
@@ -745,7 +780,7 @@ impl MorModel {
             }
             (self.sequence_recursion(h, &pos)?, RouterOutput::default())
         } else {
-            self.recursion(h, &pos, mode, &mut depths)?
+            self.recursion(h, &pos, mode, &mut depths, resolve)?
         };
         let h = self.run_full_slots(h, &pos, &coda)?;
         let h = self
@@ -808,12 +843,16 @@ impl MorModel {
     }
 
     /// The recursion steps (cyclic plan), with or without a router.
+    /// With `resolve`, the router's logged values (and the depths of a forward routed on
+    /// the device) are read to the host; without, they stay in [`RouterOutput::pending`]
+    /// and `depths` holds the host-routed steps only.
     fn recursion(
         &self,
         mut h: Tensor,
         pos: &Tensor,
         mode: RouteMode,
         depths: &mut [Vec<u8>],
+        resolve: bool,
     ) -> Result<(Tensor, RouterOutput)> {
         let (b, t, _) = h.dims3()?;
         let dev = h.device().clone();
@@ -1050,24 +1089,29 @@ impl MorModel {
             }
         }
         let out = match (&self.router, state) {
-            (Some(r), Some(st)) if routed_on_device => {
-                // The token depths come with the router's one read of the forward.
-                let (out, d) = r.finish_with_depths(st)?;
-                let d = d.filter(|d| d.len() == b * t).ok_or_else(|| {
-                    Error::msg(format!(
-                        "router `{}` routed on the device but returned no depth for each of \
-                         the {b}x{t} tokens",
-                        r.name()
-                    ))
-                })?;
-                for (row, dr) in depths.iter_mut().zip(d.chunks(t)) {
-                    for (x, &v) in row.iter_mut().zip(dr) {
-                        *x = v as u8;
+            (Some(r), Some(st)) => {
+                let mut out = r.finish_pending(st)?;
+                if resolve {
+                    // The router's logged values, with the token depths of a forward routed
+                    // on the device: the one host read of the forward.
+                    let d = out.resolve(routed_on_device)?;
+                    if routed_on_device {
+                        let d = d.filter(|d| d.len() == b * t).ok_or_else(|| {
+                            Error::msg(format!(
+                                "router `{}` routed on the device but returned no depth for \
+                                 each of the {b}x{t} tokens",
+                                r.name()
+                            ))
+                        })?;
+                        for (row, dr) in depths.iter_mut().zip(d.chunks(t)) {
+                            for (x, &v) in row.iter_mut().zip(dr) {
+                                *x = v as u8;
+                            }
+                        }
                     }
                 }
                 out
             }
-            (Some(r), Some(st)) => r.finish(st)?,
             _ => RouterOutput::default(),
         };
         Ok((h, out))

@@ -349,8 +349,8 @@ pub fn train_with(
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut loss_dev: Option<Tensor> = None;
         let mut ce_dev: Option<Tensor> = None;
-        let mut terms: Vec<(String, f64)> = Vec::new();
-        let mut step_stats: Vec<RouterStats> = Vec::new();
+        // Per micro-batch, the router's output with its logged values still on the device.
+        let mut router_outs: Vec<mor_router::RouterOutput> = Vec::with_capacity(accum);
         for _ in 0..accum {
             let batch = data.next_batch(s.micro_batch_seqs)?;
             let (bt_b, bt_t) = (batch.b, batch.t);
@@ -359,7 +359,7 @@ pub fn train_with(
             let micro = |batch: TokenBatch| -> Result<(Tensor, Tensor, _)> {
                 let ids = Tensor::from_vec(batch.inputs, (batch.b, batch.t), &dev)?;
                 let tg = Tensor::from_vec(batch.targets, (batch.b, batch.t), &dev)?;
-                let out = model.forward_loss(&ids, &tg, RouteMode::Train)?;
+                let out = model.forward_loss_deferred(&ids, &tg, RouteMode::Train)?;
                 let ce = out.ce.clone();
                 let mut loss = (&ce / accum as f64)?;
                 if let Some(rl) = &out.router.loss {
@@ -386,18 +386,12 @@ pub fn train_with(
                 Some(a) => (a + cv)?,
                 None => cv,
             });
-            for (k, v) in &router_out.terms {
-                match terms.iter_mut().find(|(n, _)| n == k) {
-                    Some((_, acc)) => *acc += v / accum as f64,
-                    None => terms.push((k.clone(), v / accum as f64)),
-                }
-            }
-            step_stats.push(router_out.stats.clone());
             let g = loss
                 .backward()
                 .map_err(|e| with_batch_size(e.into(), s.micro_batch_seqs))?;
             let both: Vec<Var> = main_v.iter().chain(aux_v.iter()).cloned().collect();
             optim::accumulate(&mut grads, g, &both)?;
+            router_outs.push(router_out);
             tokens += (bt_b * bt_t) as u64;
         }
         let mut grads = grads.ok_or_else(|| Error::msg("no micro-batch ran"))?;
@@ -407,7 +401,8 @@ pub fn train_with(
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "none".into());
-        // The one host read of the step: loss, CE and the squared gradient norms.
+        // The one host read of the step: loss, CE, the squared gradient norms and the
+        // router's logged values of every micro-batch.
         let (loss_dev, ce_dev) = match (loss_dev, ce_dev) {
             (Some(l), Some(c)) => (l, c),
             _ => return Err(Error::msg("no micro-batch ran")),
@@ -420,8 +415,32 @@ pub fn train_with(
                 logged.push(sq.reshape(1)?);
             }
         }
+        let n_own = logged.len();
+        let mut router_lens = Vec::with_capacity(router_outs.len());
+        for out in &router_outs {
+            let v = out.pending_values(false)?;
+            router_lens.push(v.as_ref().map_or(0, Tensor::elem_count));
+            logged.extend(v);
+        }
         let values = mor_kernels::host_sync::to_host_f64(&Tensor::cat(&logged, 0)?)?;
         let (loss_sum, ce_sum) = (values[0], values[1]);
+        // The router's terms (mean over the micro-batches, summed in their order) and
+        // statistics (per micro-batch).
+        let mut terms: Vec<(String, f64)> = Vec::new();
+        let mut step_stats: Vec<RouterStats> = Vec::with_capacity(router_outs.len());
+        let mut rest = &values[n_own..];
+        for (mut out, n) in router_outs.into_iter().zip(router_lens) {
+            let (v, tail) = rest.split_at(n);
+            rest = tail;
+            out.apply_pending(v, false)?;
+            for (k, v) in &out.terms {
+                match terms.iter_mut().find(|(n, _)| n == k) {
+                    Some((_, acc)) => *acc += v / accum as f64,
+                    None => terms.push((k.clone(), v / accum as f64)),
+                }
+            }
+            step_stats.push(out.stats);
+        }
         if !loss_sum.is_finite() {
             return Err(Error::NonFinite {
                 what: "loss".into(),

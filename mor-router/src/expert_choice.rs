@@ -53,13 +53,13 @@
 
 use crate::metrics::RouterStats;
 use crate::net::{
-    bce_with_logits_mean, counter_uniform, draws_buffer, read_draws, scalar_f64, sigmoid_f64,
-    to_host_f64, top_k_ascending, RouterArch, RouterNet,
+    bce_with_logits_mean, counter_uniform, draws_buffer, read_draws, sigmoid_f64, to_host_f64,
+    top_k_ascending, RouterArch, RouterNet,
 };
 use crate::registry::{RouterCtx, RouterPlugin};
 use crate::{
-    DeviceStepRouting, Error, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState,
-    StepRouting, Update,
+    DeviceStepRouting, Error, LogSlot, Result, RouteMode, Router, RouterOutput, RoutingKind,
+    RoutingState, StepRouting, Update,
 };
 use candle_core::{DType, Device, Tensor, Var};
 use mor_core::registry::{AccountingHints, CheckCtx, Family, ParamProblem, Plugin};
@@ -507,6 +507,17 @@ pub(crate) fn check_active(
         }
     }
     Ok(())
+}
+
+/// The histogram of token depths `[n]` (small integers in any float dtype) as `N_r + 1`
+/// counts (f64): the tokens at depth 0, 1, ..., `N_r`, on the depths' device.
+pub(crate) fn depth_histogram(depth: &Tensor, num_recursions: usize) -> Result<Tensor> {
+    let dev = depth.device();
+    let levels = Tensor::arange(0u32, num_recursions as u32 + 1, dev)?
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?;
+    let d = depth.to_dtype(DType::F32)?.unsqueeze(0)?;
+    Ok(d.broadcast_eq(&levels)?.to_dtype(DType::F64)?.sum(1)?)
 }
 
 /// `Σ` of scalar tensors, `None` when empty.
@@ -1190,12 +1201,15 @@ impl Router for ExpertChoiceRouter {
     }
 
     fn finish(&self, state: RoutingState) -> Result<RouterOutput> {
-        Ok(self.finish_with_depths(state)?.0)
+        let mut out = self.finish_pending(state)?;
+        out.resolve(false)?;
+        Ok(out)
     }
 
-    /// [`Router::finish`]; the depths are `Some` when a step was decided by
-    /// [`Router::route_device`] (read with the logged terms, in one host read).
-    fn finish_with_depths(&self, state: RoutingState) -> Result<(RouterOutput, Option<Vec<u16>>)> {
+    /// [`Router::finish`] with the logged terms and the device-path statistics left on the
+    /// device ([`RouterOutput::pending`]), and the token depths when a step was decided by
+    /// [`Router::route_device`]: no host read.
+    fn finish_pending(&self, state: RoutingState) -> Result<RouterOutput> {
         let st = state
             .data
             .and_then(|d| d.downcast::<EcState>().ok())
@@ -1204,110 +1218,80 @@ impl Router for ExpertChoiceRouter {
             })?;
         let st = *st;
         let mut stats = st.stats;
-        let mut depth = st.depth;
         let p = &self.params;
-        // The logged loss terms and the device-path statistics are read in one host read.
-        let mut named: Vec<(String, Tensor)> = Vec::new();
+        let mut pending = crate::PendingLog::default();
         let mut parts = Vec::new();
         if let Some(bce) = sum_scalars(&st.bce)? {
-            named.push(("bce".to_string(), bce.clone()));
+            pending.push(LogSlot::Term("bce".to_string()), bce.clone());
             parts.push((bce * (p.aux_coeff * p.aux_bce_scale))?);
         }
         if let Some(z) = sum_scalars(&st.zsq)? {
-            named.push(("z".to_string(), z.clone()));
+            pending.push(LogSlot::Term("z".to_string()), z.clone());
             parts.push((z * p.z_coeff)?);
         }
         let aux_router_loss = sum_scalars(&st.aux)?;
         if let Some(a) = &aux_router_loss {
-            named.push(("aux_router_bce".to_string(), a.clone()));
+            pending.push(LogSlot::Term("aux_router_bce".to_string()), a.clone());
         }
-        let n_terms = named.len();
-        let mut stat_slots = Vec::new();
         for (si, (gs, cc)) in st.dev_gate_sum.iter().zip(&st.dev_correct).enumerate() {
             if let Some(t) = gs {
-                named.push((String::new(), t.clone()));
-                stat_slots.push((si, false));
+                pending.push(LogSlot::GateSum(si), t.clone());
             }
             if let Some(t) = cc {
-                named.push((String::new(), t.clone()));
-                stat_slots.push((si, true));
+                pending.push(LogSlot::SamplingCorrect(si), t.clone());
             }
         }
-        // Device-path steps: the steps per token and the last step's kept positions.
-        let dev_depth = st.dev_depth.is_some();
-        if let Some(d) = &st.dev_depth {
-            named.push((String::new(), d.clone()));
-        }
-        if let Some(sel) = &st.dev_last_sel {
-            let n = sel.elem_count();
-            let counts = Tensor::zeros(st.l, DType::F32, sel.device())?.index_add(
-                &sel.flatten_all()?,
-                &Tensor::ones(n, DType::F32, sel.device())?,
-                0,
-            )?;
-            named.push((String::new(), counts));
-        }
-        let values = match named.len() {
-            0 => Vec::new(),
-            1 if named[0].1.elem_count() == 1 => vec![scalar_f64(&named[0].1)?],
-            _ => {
-                let flat = named
-                    .iter()
-                    .map(|(_, t)| t.flatten_all()?.to_dtype(DType::F64))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                to_host_f64(&Tensor::cat(&flat, 0)?)?
+        match &st.dev_depth {
+            // Device-path steps: the depth is the host depth plus the steps counted on the
+            // device (selections are nested); its histogram is taken there too.
+            Some(d) => {
+                let dev = d.device();
+                let base: Vec<f32> = st.depth.iter().map(|&x| x as f32).collect();
+                let depth = (Tensor::from_vec(base, st.b * st.l, dev)? + d)?;
+                pending.push(
+                    LogSlot::DepthHistogram,
+                    depth_histogram(&depth, self.num_recursions)?,
+                );
+                pending.set_depths(depth);
             }
-        };
-        let terms: Vec<(String, f64)> = named
-            .iter()
-            .take(n_terms)
-            .map(|(k, _)| k.clone())
-            .zip(values.iter().copied())
-            .collect();
-        let n_slots = stat_slots.len();
-        for ((si, correct), v) in stat_slots.into_iter().zip(&values[n_terms..]) {
-            if correct {
-                stats.sampling_correct[si] += *v as u64;
-            } else {
-                stats.gate_sum[si] += v;
-            }
-        }
-        let mut rest = &values[n_terms + n_slots..];
-        if dev_depth {
-            let (counts, tail) = rest.split_at(st.b * st.l);
-            for (d, &n) in depth.iter_mut().zip(counts) {
-                *d += n as u16;
-            }
-            rest = tail;
-        }
-        for &d in &depth {
-            if d == 0 {
-                stats.tokens_depth_zero += 1;
-            } else {
-                stats.tokens_per_depth[d as usize - 1] += 1;
+            None => {
+                for &d in &st.depth {
+                    if d == 0 {
+                        stats.tokens_depth_zero += 1;
+                    } else {
+                        stats.tokens_per_depth[d as usize - 1] += 1;
+                    }
+                }
             }
         }
         if st.last_step > 0 {
-            if st.dev_last_sel.is_some() {
-                for (c, &n) in stats.last_step_selected_per_position.iter_mut().zip(rest) {
-                    *c += n as u64;
+            match &st.dev_last_sel {
+                Some(sel) => {
+                    let n = sel.elem_count();
+                    let counts = Tensor::zeros(st.l, DType::F32, sel.device())?.index_add(
+                        &sel.flatten_all()?,
+                        &Tensor::ones(n, DType::F32, sel.device())?,
+                        0,
+                    )?;
+                    pending.push(LogSlot::LastStepPerPosition, counts);
                 }
-            } else {
-                for row in &st.last_selected {
-                    for &q in row {
-                        stats.last_step_selected_per_position[q as usize] += 1;
+                None => {
+                    for row in &st.last_selected {
+                        for &q in row {
+                            stats.last_step_selected_per_position[q as usize] += 1;
+                        }
                     }
                 }
             }
             stats.sequences = st.b as u64;
         }
-        let out = RouterOutput {
+        Ok(RouterOutput {
             loss: sum_scalars(&parts)?,
             aux_router_loss,
-            terms,
+            terms: Vec::new(),
             stats,
-        };
-        Ok((out, dev_depth.then_some(depth)))
+            pending,
+        })
     }
 
     fn after_optimizer_step(&self, _stats: &[RouterStats], train_step: usize) -> Result<()> {

@@ -22,8 +22,12 @@
 //! A router that can decide a step on the hidden states' device
 //! ([`Router::routes_on_device`]) is first offered [`Router::route_device`], with the active
 //! positions as a `[b, c]` tensor; it returns the kept positions as a `[b, k]` tensor
-//! ([`DeviceStepRouting`]), so a forward needs no host read per step, and
-//! [`Router::finish_with_depths`] returns the token depths with the forward's one read.
+//! ([`DeviceStepRouting`]), so a forward needs no host read per step.
+//! [`Router::finish_pending`] then leaves the logged terms, statistics and token depths on
+//! the device ([`PendingLog`]): the trainer reads those of every micro-batch of an
+//! optimiser step with the step's loss and gradient norm in one host read
+//! ([`RouterOutput::pending_values`], [`RouterOutput::apply_pending`]), and
+//! [`Router::finish_with_depths`] reads them at once.
 //!
 //! # Examples
 //! The built-in expert-choice router on plain candle tensors, without a model: build it by
@@ -200,6 +204,65 @@ pub struct RoutingState {
     pub data: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
+/// Where a logged value of a [`PendingLog`] goes when it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogSlot {
+    /// The loss term of this name, appended to [`RouterOutput::terms`]: one value.
+    Term(String),
+    /// Added to `stats.gate_sum[i]`: one value.
+    GateSum(usize),
+    /// Added to `stats.sampling_correct[i]`: one count.
+    SamplingCorrect(usize),
+    /// Added to `stats.tokens_depth_zero` (first value) and `stats.tokens_per_depth`
+    /// (the `N_r` others): `N_r + 1` counts.
+    DepthHistogram,
+    /// Added to `stats.last_step_selected_per_position`: `L` counts.
+    LastStepPerPosition,
+}
+
+/// Logged values of a forward still on the hidden states' device: what
+/// [`RouterOutput::terms`] and [`RouterOutput::stats`] lack until they are read.
+///
+/// A router that decides its steps on the device returns its loss terms and statistics
+/// as tensors here ([`Router::finish_pending`]), so that the caller reads them with its own
+/// values in one host read: [`RouterOutput::resolve`] reads them alone,
+/// [`RouterOutput::pending_values`] and [`RouterOutput::apply_pending`] let the trainer put
+/// the values of every micro-batch of an optimiser step, its loss and its gradient norm in
+/// one read.
+#[derive(Debug, Clone, Default)]
+pub struct PendingLog {
+    entries: Vec<(LogSlot, Tensor)>,
+    depths: Option<Tensor>,
+}
+
+impl PendingLog {
+    /// Adds `values` (any shape, flattened; a float or integer dtype), to go to `slot`.
+    pub fn push(&mut self, slot: LogSlot, values: Tensor) {
+        self.entries.push((slot, values));
+    }
+
+    /// Sets every token's final depth, `[b·L]` (row-major; 0 = no step), read only by the
+    /// callers that ask for it.
+    pub fn set_depths(&mut self, depths: Tensor) {
+        self.depths = Some(depths);
+    }
+
+    /// The slots of the pending values, in order.
+    pub fn slots(&self) -> impl Iterator<Item = &LogSlot> {
+        self.entries.iter().map(|(s, _)| s)
+    }
+
+    /// Whether the forward's token depths are pending.
+    pub fn has_depths(&self) -> bool {
+        self.depths.is_some()
+    }
+
+    /// Whether no value is pending (the depths, read only on request, aside).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Loss terms and metrics of one forward.
 #[derive(Debug, Default)]
 pub struct RouterOutput {
@@ -213,6 +276,135 @@ pub struct RouterOutput {
     pub terms: Vec<(String, f64)>,
     /// Routing metrics of this forward.
     pub stats: RouterStats,
+    /// Logged values not yet read to the host (part of `terms` and `stats`); empty from
+    /// [`Router::finish`]. See [`RouterOutput::resolve`].
+    pub pending: PendingLog,
+}
+
+impl RouterOutput {
+    /// The pending values as one 1-D f64 tensor on their device, in the order
+    /// [`RouterOutput::apply_pending`] takes them (the token depths last, when
+    /// `with_depths` and the forward has them); `None` when nothing is to be read.
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn pending_values(&self, with_depths: bool) -> Result<Option<Tensor>> {
+        let mut parts = self
+            .pending
+            .entries
+            .iter()
+            .map(|(_, t)| t.flatten_all()?.to_dtype(candle_core::DType::F64))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if let (true, Some(d)) = (with_depths, &self.pending.depths) {
+            parts.push(d.flatten_all()?.to_dtype(candle_core::DType::F64)?);
+        }
+        Ok(match parts.len() {
+            0 => None,
+            1 => parts.pop(),
+            _ => Some(Tensor::cat(&parts, 0)?),
+        })
+    }
+
+    /// Applies `values`, read from [`RouterOutput::pending_values`] with the same
+    /// `with_depths`: terms appended in order, statistics added; the pending values are
+    /// then gone. Returns the token depths when they were read.
+    ///
+    /// # Errors
+    /// `values` of another length than the pending values (nothing applied, the values
+    /// stay pending); a slot index outside the statistics.
+    pub fn apply_pending(&mut self, values: &[f64], with_depths: bool) -> Result<Option<Vec<u16>>> {
+        let depth_len = match (&self.pending.depths, with_depths) {
+            (Some(d), true) => Some(d.elem_count()),
+            _ => None,
+        };
+        let want: usize = self
+            .pending
+            .entries
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum::<usize>()
+            + depth_len.unwrap_or(0);
+        let bad = |msg: String| Error::Invalid {
+            router: "pending log",
+            msg,
+        };
+        if values.len() != want {
+            return Err(bad(format!(
+                "{} values read for {want} pending ones",
+                values.len()
+            )));
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut rest = values;
+        let stats = &mut self.stats;
+        for (slot, t) in pending.entries {
+            let (v, tail) = rest.split_at(t.elem_count());
+            rest = tail;
+            let one = |v: &[f64]| -> Result<f64> {
+                match v {
+                    [x] => Ok(*x),
+                    _ => Err(bad(format!(
+                        "slot {slot:?} holds {} values, not one",
+                        v.len()
+                    ))),
+                }
+            };
+            let at = |len: usize, i: usize| -> Result<usize> {
+                if i < len {
+                    Ok(i)
+                } else {
+                    Err(bad(format!("slot {slot:?} is outside the {len} steps")))
+                }
+            };
+            match &slot {
+                LogSlot::Term(name) => self.terms.push((name.clone(), one(v)?)),
+                LogSlot::GateSum(i) => {
+                    let i = at(stats.gate_sum.len(), *i)?;
+                    stats.gate_sum[i] += one(v)?;
+                }
+                LogSlot::SamplingCorrect(i) => {
+                    let i = at(stats.sampling_correct.len(), *i)?;
+                    stats.sampling_correct[i] += one(v)? as u64;
+                }
+                LogSlot::DepthHistogram => {
+                    let (zero, per) = v
+                        .split_first()
+                        .ok_or_else(|| bad("an empty depth histogram".into()))?;
+                    stats.tokens_depth_zero += *zero as u64;
+                    if stats.tokens_per_depth.len() < per.len() {
+                        stats.tokens_per_depth.resize(per.len(), 0);
+                    }
+                    for (c, &n) in stats.tokens_per_depth.iter_mut().zip(per) {
+                        *c += n as u64;
+                    }
+                }
+                LogSlot::LastStepPerPosition => {
+                    let c = &mut stats.last_step_selected_per_position;
+                    if c.len() < v.len() {
+                        c.resize(v.len(), 0);
+                    }
+                    for (c, &n) in c.iter_mut().zip(v) {
+                        *c += n as u64;
+                    }
+                }
+            }
+        }
+        Ok(depth_len.map(|_| rest.iter().map(|&d| d as u16).collect()))
+    }
+
+    /// Reads the pending values in one host read (none when nothing is pending) and
+    /// applies them ([`RouterOutput::apply_pending`]); returns the token depths when
+    /// `with_depths` and the forward has them.
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn resolve(&mut self, with_depths: bool) -> Result<Option<Vec<u16>>> {
+        let values = match self.pending_values(with_depths)? {
+            Some(t) => mor_kernels::host_sync::to_host_f64(&t)?,
+            None => Vec::new(),
+        };
+        self.apply_pending(&values, with_depths)
+    }
 }
 
 /// A router: which tokens run each recursion step, with what gate and update rule.
@@ -364,12 +556,21 @@ pub trait Router: Send + Sync + fmt::Debug {
     ) -> Result<Option<DeviceStepRouting>> {
         Ok(None)
     }
+    /// Ends a forward like [`Router::finish`], but leaves on the device the logged values a
+    /// host read would wait for ([`RouterOutput::pending`]), and the token depths when the
+    /// forward routed a step with [`Router::route_device`]; the caller reads them with its
+    /// own ([`RouterOutput::resolve`]). The default is [`Router::finish`] (nothing pending).
+    fn finish_pending(&self, state: RoutingState) -> Result<RouterOutput> {
+        self.finish(state)
+    }
     /// Ends a forward like [`Router::finish`] and also returns every token's final depth
     /// (`[b·L]`, row-major; 0 = no step) when the forward routed a step with
-    /// [`Router::route_device`], read in the same host read as the logged terms. The
-    /// default returns `None` for the depths.
+    /// [`Router::route_device`], read in the same host read as the logged terms
+    /// ([`Router::finish_pending`], then [`RouterOutput::resolve`]).
     fn finish_with_depths(&self, state: RoutingState) -> Result<(RouterOutput, Option<Vec<u16>>)> {
-        Ok((self.finish(state)?, None))
+        let mut out = self.finish_pending(state)?;
+        let depths = out.resolve(true)?;
+        Ok((out, depths))
     }
     /// Called after every optimiser step with the stats of the micro-batches of that step
     /// (the loss-free bias update of §3.2 happens here). `train_step` is the 0-based step

@@ -215,11 +215,6 @@ pub(crate) fn to_host_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(mor_kernels::host_sync::to_host_f64(t)?)
 }
 
-/// The one value of a single-element tensor as `f64`, counted by [`mor_kernels::host_sync`].
-pub(crate) fn scalar_f64(t: &Tensor) -> Result<f64> {
-    Ok(mor_kernels::host_sync::scalar_f64(t)?)
-}
-
 /// Name of the buffer that holds a random router's draw counter (the forwards drawn so
 /// far), so that a resumed run draws what an uninterrupted one would.
 pub const DRAWS_BUFFER: &str = "rand_draws";

@@ -39,12 +39,11 @@ use crate::expert_choice::{
     problems_to_error, sum_scalars,
 };
 use crate::metrics::RouterStats;
-use crate::net::{
-    argmax, counter_uniform, logsumexp_rows, scalar_f64, to_host_f64, RouterArch, RouterNet,
-};
+use crate::net::{argmax, counter_uniform, logsumexp_rows, to_host_f64, RouterArch, RouterNet};
 use crate::registry::{RouterCtx, RouterPlugin};
 use crate::{
-    Error, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState, StepRouting, Update,
+    Error, LogSlot, PendingLog, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState,
+    StepRouting, Update,
 };
 use candle_core::{DType, Device, Tensor, Var, D};
 use mor_core::registry::{AccountingHints, CheckCtx, Family, ParamProblem, Plugin};
@@ -492,6 +491,14 @@ impl Router for TokenChoiceRouter {
     }
 
     fn finish(&self, state: RoutingState) -> Result<RouterOutput> {
+        let mut out = self.finish_pending(state)?;
+        out.resolve(false)?;
+        Ok(out)
+    }
+
+    /// [`Router::finish`] with the logged loss terms left on the device
+    /// ([`RouterOutput::pending`]).
+    fn finish_pending(&self, state: RoutingState) -> Result<RouterOutput> {
         let st = state
             .data
             .and_then(|d| d.downcast::<TcState>().ok())
@@ -512,38 +519,22 @@ impl Router for TokenChoiceRouter {
             stats.sequences = st.b as u64;
         }
         let p = &self.params;
-        // The logged terms are read in one host read.
-        let mut named: Vec<(&str, Tensor)> = Vec::new();
+        let mut pending = PendingLog::default();
         let mut parts = Vec::new();
         if let Some(bal) = st.balance {
-            named.push(("balance", bal.clone()));
+            pending.push(LogSlot::Term("balance".into()), bal.clone());
             parts.push((bal * p.bal_coeff)?);
         }
         if let Some(z) = st.zl {
-            named.push(("z", z.clone()));
+            pending.push(LogSlot::Term("z".into()), z.clone());
             parts.push((z * p.z_coeff)?);
         }
-        let values = match &named[..] {
-            [] => Vec::new(),
-            [(_, t)] => vec![scalar_f64(t)?],
-            _ => {
-                let flat = named
-                    .iter()
-                    .map(|(_, t)| t.flatten_all()?.to_dtype(DType::F64))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                to_host_f64(&Tensor::cat(&flat, 0)?)?
-            }
-        };
-        let terms: Vec<(String, f64)> = named
-            .iter()
-            .zip(values)
-            .map(|((k, _), v)| (k.to_string(), v))
-            .collect();
         Ok(RouterOutput {
             loss: sum_scalars(&parts)?,
             aux_router_loss: None,
-            terms,
+            terms: Vec::new(),
             stats,
+            pending,
         })
     }
 

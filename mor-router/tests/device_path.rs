@@ -372,3 +372,88 @@ fn route_device_keeps_positions_on_the_device_and_matches_the_host_path() {
         "{e}"
     );
 }
+
+/// `finish_pending` leaves the logged values of a device-routed forward on the device: the
+/// whole forward reads nothing, and the values of two forwards read together in one read
+/// (`pending_values`, `apply_pending`) give what `finish_with_depths` gives each; a read
+/// of the wrong length is an error.
+#[test]
+fn finish_pending_reads_nothing_and_resolves_to_what_finish_reads() {
+    let h = hidden(2, 12, D, 5);
+    let c = ctx(D, NR, 12, 0.5, 11);
+    let params = "z_loss = true\nrouting_path = \"device\"\ncapacity = [0.75, 0.5, 0.25]";
+    let run = |pending: bool| {
+        let r = build("expert_choice", params, &c);
+        let mode = RouteMode::Train;
+        let mut st = r.begin(&h, mode).unwrap();
+        let mut active = Tensor::from_vec(
+            (0..12u32).cycle().take(24).collect::<Vec<_>>(),
+            (2, 12),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for step in 1..=NR {
+            active = r
+                .route_device(step, &h, &active, &mut st, mode)
+                .unwrap()
+                .unwrap()
+                .sel;
+        }
+        if pending {
+            (r.finish_pending(st).unwrap(), None)
+        } else {
+            r.finish_with_depths(st).unwrap()
+        }
+    };
+    let (want, want_depths) = run(false);
+    assert!(want.pending.is_empty());
+    let scope = Scope::start();
+    let mut outs = [run(true).0, run(true).0];
+    assert_eq!(scope.counts().reads, 0, "no read before the caller's");
+    let slots: Vec<_> = outs[0].pending.slots().cloned().collect();
+    use mor_router::LogSlot;
+    assert_eq!(
+        slots,
+        [
+            LogSlot::Term("bce".into()),
+            LogSlot::Term("z".into()),
+            LogSlot::GateSum(0),
+            LogSlot::SamplingCorrect(0),
+            LogSlot::GateSum(1),
+            LogSlot::SamplingCorrect(1),
+            LogSlot::GateSum(2),
+            LogSlot::SamplingCorrect(2),
+            LogSlot::DepthHistogram,
+            LogSlot::LastStepPerPosition,
+        ]
+    );
+    assert!(outs[0].terms.is_empty() && outs[0].pending.has_depths());
+    // Both forwards' values (the depths of the second too) in one read.
+    let parts: Vec<Tensor> = [
+        outs[0].pending_values(false).unwrap().unwrap(),
+        outs[1].pending_values(true).unwrap().unwrap(),
+    ]
+    .into();
+    let n0 = parts[0].elem_count();
+    let scope = Scope::start();
+    let values = mor_kernels::host_sync::to_host_f64(&Tensor::cat(&parts, 0).unwrap()).unwrap();
+    assert_eq!(scope.counts().reads, 1);
+    assert!(outs[0]
+        .apply_pending(&values[..n0 - 1], false)
+        .unwrap_err()
+        .to_string()
+        .contains("values read for"));
+    assert_eq!(outs[0].apply_pending(&values[..n0], false).unwrap(), None);
+    let depths = outs[1].apply_pending(&values[n0..], true).unwrap();
+    assert_eq!(depths, want_depths);
+    assert!(
+        want_depths.unwrap().contains(&0),
+        "capacity 0.75 leaves tokens at depth 0"
+    );
+    for out in &outs {
+        assert!(out.pending.is_empty());
+        assert_eq!(out.terms, want.terms);
+        assert_eq!(out.stats, want.stats);
+    }
+    assert_eq!(want.stats.tokens_depth_zero, 2 * 3);
+}

@@ -240,6 +240,37 @@ impl Precision {
     }
 }
 
+/// Where the trainer computes the AdamW update (`train.update_path`); an execution detail:
+/// every path trains to the same weights up to f32 rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdatePath {
+    /// The fused host update for f32 parameters on the CPU, tensor ops on the parameters'
+    /// device otherwise.
+    #[default]
+    Auto,
+    /// The fused host update (f32 parameters on the CPU only).
+    Host,
+    /// Tensor ops on the parameters' device (what a GPU run takes; any device).
+    Device,
+}
+
+impl UpdatePath {
+    /// The name used in configs (`"auto"`, `"host"`, `"device"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdatePath::Auto => "auto",
+            UpdatePath::Host => "host",
+            UpdatePath::Device => "device",
+        }
+    }
+
+    /// Whether this is [`UpdatePath::Auto`].
+    pub fn is_auto(&self) -> bool {
+        *self == UpdatePath::Auto
+    }
+}
+
 /// What the loss-spike detector does when a step's loss z-score exceeds the threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -300,6 +331,10 @@ pub struct TrainConfig {
     pub spike_window: usize,
     /// What a spike does.
     pub spike_action: SpikeAction,
+    /// Where the AdamW update is computed (an execution detail: the default `auto` is not
+    /// written out, so resolved configs and what derives from them stay as they were).
+    #[serde(default, skip_serializing_if = "UpdatePath::is_auto")]
+    pub update_path: UpdatePath,
 }
 
 impl TrainConfig {

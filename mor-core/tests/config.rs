@@ -1144,3 +1144,38 @@ fn memory_estimate_counts_the_relaxation() {
         (a.gradients / a.parameters) * 4 * n
     );
 }
+
+/// `train.update_path` selects where AdamW updates: `auto` by default (and then not
+/// written out, so a resolved config without the key is unchanged), `host` or `device`;
+/// any other value is one problem naming the field, the value and the three allowed ones.
+#[test]
+fn update_path_parses_and_a_bad_value_names_the_allowed_ones() {
+    use mor_core::config::UpdatePath;
+    let c = Config::from_toml_str(TINY).unwrap();
+    assert_eq!(c.train.update_path, UpdatePath::Auto);
+    let saved = toml::to_string(&c.train).unwrap();
+    assert!(!saved.contains("update_path"), "{saved}");
+    for (name, want) in [
+        ("auto", UpdatePath::Auto),
+        ("host", UpdatePath::Host),
+        ("device", UpdatePath::Device),
+    ] {
+        let c = Config::from_toml_str(&tiny_with(&[("train.update_path", name.into())])).unwrap();
+        assert_eq!(c.train.update_path, want);
+        assert_eq!(want.as_str(), name);
+        // A saved resolved config keeps the path it names.
+        let back: mor_core::config::TrainConfig =
+            toml::from_str(&toml::to_string(&c.train).unwrap()).unwrap();
+        assert_eq!(back.update_path, want);
+    }
+    check_one(
+        &tiny_with(&[("train.update_path", "gpu".into())]),
+        "train.update_path",
+        &["\"gpu\"", "`auto`", "`host`", "`device`"],
+    );
+    check_one(
+        &tiny_with(&[("train.update_path", 1.into())]),
+        "train.update_path",
+        &["1"],
+    );
+}

@@ -48,6 +48,17 @@ pub enum UpdatePath {
     Device,
 }
 
+impl From<mor_core::config::UpdatePath> for UpdatePath {
+    /// The path `train.update_path` names.
+    fn from(p: mor_core::config::UpdatePath) -> Self {
+        match p {
+            mor_core::config::UpdatePath::Auto => UpdatePath::Auto,
+            mor_core::config::UpdatePath::Host => UpdatePath::Host,
+            mor_core::config::UpdatePath::Device => UpdatePath::Device,
+        }
+    }
+}
+
 /// AdamW over a fixed list of parameters.
 #[derive(Debug)]
 pub struct AdamW {

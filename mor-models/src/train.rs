@@ -189,8 +189,9 @@ impl SpikeGuard {
 /// block per thread, and the blocking can change the last bits of a sum).
 ///
 /// `flops_per_token` is the forward FLOPs per token of spec §1.4 (for logging). AdamW
-/// takes [`UpdatePath::Auto`] (the host update for f32 parameters on the CPU, tensor ops on
-/// the parameters' device otherwise); see [`train_with`].
+/// takes the path the model's config names (`train.update_path`; the default `auto` is
+/// the host update for f32 parameters on the CPU, tensor ops on the parameters' device
+/// otherwise); see [`train_with`].
 pub fn train(
     model: &MorModel,
     data: &mut dyn TrainData,
@@ -206,7 +207,7 @@ pub fn train(
         run_dir,
         resume,
         flops_per_token,
-        UpdatePath::Auto,
+        model.config().train.update_path.into(),
     )
 }
 

@@ -10,9 +10,16 @@ use mor_models::run::{run, RunOptions};
 use std::path::{Path, PathBuf};
 
 fn cfg(routing_path: &str) -> ResolvedConfig {
+    cfg_with(routing_path, "")
+}
+
+/// [`cfg`] with more `[train]` keys.
+fn cfg_with(routing_path: &str, train: &str) -> ResolvedConfig {
     Micro {
         runtime: "seed = 9",
-        train: "budget = { steps = 5 }\nbatch_seqs = 4\nmicro_batch_seqs = 2\ncheckpoint_every = 2\n",
+        train: &format!(
+            "budget = {{ steps = 5 }}\nbatch_seqs = 4\nmicro_batch_seqs = 2\ncheckpoint_every = 2\n{train}\n"
+        ),
         tables: &format!(
             "{MOR_RECURSION}\n[router]\nkind = \"expert_choice\"\nz_loss = true\nrouting_path = \"{routing_path}\"\n\
              [data]\nsource = \"builtin\"\nbuiltin_docs = 60\ntokenizer = \"byte\"\n[eval]\nmax_batches = 1"
@@ -327,4 +334,40 @@ fn a_device_path_training_step_reads_the_host_once_and_logs_what_the_host_path_l
     x.gate_sum.clear();
     y.gate_sum.clear();
     assert_eq!(x, y);
+}
+
+/// `train.update_path` reaches the trainer: `device` trains with the tensor-op AdamW (like
+/// the host update within f32 rounding, the tolerance of the `train_with` test above, and
+/// not bit-identical to it, so the path was taken), `auto` on the CPU is the host update
+/// bit for bit.
+#[test]
+fn the_update_path_config_key_selects_the_adamw_update() {
+    let train = |path: &str| {
+        let out = dir(&format!("key-{path}"));
+        let c = cfg_with("device", &format!("update_path = \"{path}\""));
+        run(&c, path, &opts(&out)).unwrap();
+        let got = (metric(&out, "loss"), weights(&out));
+        let _ = std::fs::remove_dir_all(&out);
+        got
+    };
+    let (host_loss, host_w) = train("host");
+    let (dev_loss, dev_w) = train("device");
+    assert_eq!(train("auto"), (host_loss.clone(), host_w.clone()));
+    assert_eq!(host_loss.len(), 5);
+    for (a, b) in host_loss.iter().zip(&dev_loss) {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "loss {a} (host) vs {b} (device)"
+        );
+    }
+    let mut worst = 0f32;
+    for ((n, a), (m, b)) in host_w.iter().zip(&dev_w) {
+        assert_eq!(n, m);
+        for (x, y) in a.iter().zip(b) {
+            let e = (x - y).abs() / x.abs().max(1e-2);
+            assert!(e <= 1e-3, "{n}: {x} (host) vs {y} (device)");
+            worst = worst.max(e);
+        }
+    }
+    assert!(worst > 0.0, "the device update was not taken");
 }

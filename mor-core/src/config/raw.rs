@@ -158,6 +158,8 @@ pub struct RawTrain {
     pub spike_window: Option<usize>,
     /// What a loss spike does.
     pub spike_action: Option<SpikeAction>,
+    /// Where the AdamW update is computed: `auto`, `host` or `device`.
+    pub update_path: Option<String>,
 }
 
 /// `[data]` as written.

@@ -6,7 +6,7 @@ use super::{init_sources, InitConfig, InitMethod};
 use super::{
     Budget, Config, DataConfig, DataSource, EvalConfig, InferConfig, KvShare, KvSharePattern,
     ModelDims, PluginSpec, Precision, RecursionConfig, Relaxation, ResolvedConfig, TokenizerSpec,
-    TrainConfig, Warmup, LORA_TARGETS, PRESETS,
+    TrainConfig, UpdatePath, Warmup, LORA_TARGETS, PRESETS,
 };
 use crate::accounting;
 use crate::error::{ConfigProblem, Error, Result};
@@ -884,6 +884,21 @@ fn train_fields(raw: &RawConfig, p: &mut Problems) -> Option<TrainConfig> {
             Precision::F32
         }
     };
+    let update_path = match t.update_path.as_deref() {
+        None | Some("auto") => UpdatePath::Auto,
+        Some("host") => UpdatePath::Host,
+        Some("device") => UpdatePath::Device,
+        Some(other) => {
+            p.push(
+                "train.update_path",
+                format!("\"{other}\""),
+                "allowed: `auto` (the host update for f32 parameters on the CPU, the device \
+                 update otherwise), `host` (the fused host update; f32 CPU parameters only), \
+                 `device` (tensor ops on the parameters' device)",
+            );
+            UpdatePath::Auto
+        }
+    };
     let log_every = t.log_every.unwrap_or(10);
     if log_every == 0 {
         p.push("train.log_every", 0, "an integer >= 1");
@@ -920,6 +935,7 @@ fn train_fields(raw: &RawConfig, p: &mut Problems) -> Option<TrainConfig> {
         spike_zscore,
         spike_window,
         spike_action: t.spike_action.unwrap_or_default(),
+        update_path,
     })
 }
 

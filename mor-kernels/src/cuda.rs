@@ -47,12 +47,13 @@ mod imp;
 mod imp;
 
 pub use backend::{CudaBackend, CudaParams};
-pub use gpu_check::{gpu_check, BenchResult, GpuCheckReport, KernelCheck};
+pub use gpu_check::{gpu_check, BenchResult, GpuCheckReport, KernelCheck, MemoryCheck};
 pub use host::RouterActivation;
 pub use memory::PeakMemory;
 pub use ops::{
-    gather_rope, gather_rows, paged_decode_attention, rms_norm, rope_at, router_scores,
-    scatter_add_rows, swiglu, topk_sorted, RouterParams, TopK,
+    adamw_step, ce_chunk_cols, flash_attention, gather_rope, gather_rows, linear_cross_entropy,
+    paged_decode_attention, rms_norm, rope_at, router_scores, scatter_add_rows, swiglu,
+    topk_sorted, AdamwHyper, RouterParams, TopK,
 };
 
 /// Whether this build has the CUDA kernels compiled in (the `cuda` feature).

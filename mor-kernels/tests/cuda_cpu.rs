@@ -399,7 +399,8 @@ fn module_cache_keys_separate_devices_and_modules() {
                 .is_none());
         }
     }
-    assert_eq!(cache.len(), 18);
+    assert_eq!(cache.len(), 3 * KernelModule::ALL.len());
+    assert_eq!(KernelModule::ALL.len(), 9);
     let k = ModuleKey {
         ordinal: 1,
         module: KernelModule::Router,
@@ -1335,6 +1336,26 @@ fn gpu_check_comparison_rule_and_json() {
         !cuda::GpuCheckReport::default().passed(),
         "an empty report does not pass"
     );
+    // A memory check that grows quadratically fails the report.
+    let quadratic = cuda::MemoryCheck {
+        op: "flash_attention.fwd+bwd".into(),
+        dtype: "f32".into(),
+        lens: vec![1024, 2048, 4096],
+        peak_bytes: vec![100, 400, 1600],
+        growth: 4.0,
+        passed: false,
+    };
+    let report = cuda::GpuCheckReport {
+        checks: vec![c_ok()],
+        memory: vec![quadratic],
+        ..Default::default()
+    };
+    assert!(!report.passed());
+    let j = report.to_json();
+    assert!(
+        j.contains("\"lens\": [1024, 2048, 4096], \"peak_bytes\": [100, 400, 1600], \"growth\": 4"),
+        "{j}"
+    );
 }
 
 fn c_ok() -> cuda::KernelCheck {
@@ -1347,4 +1368,452 @@ fn c_ok() -> cuda::KernelCheck {
         rtol: 1e-5,
         passed: true,
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Flash attention by positions.
+
+/// Attention inputs of one case: `q [b, hq, t, dh]`, `k, v [b, hkv, s, dh]`, positions.
+struct AttnCase {
+    name: &'static str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qp: Tensor,
+    kp: Tensor,
+}
+
+fn attn_cases(rng: &mut Rng, dtype: DType) -> Vec<AttnCase> {
+    let mut case = |name,
+                    (b, hq, hkv, t, s, dh): (usize, usize, usize, usize, usize, usize),
+                    qp: Vec<u32>,
+                    kp: Vec<u32>| {
+        AttnCase {
+            name,
+            q: randn(rng, &[b, hq, t, dh]).to_dtype(dtype).unwrap(),
+            k: randn(rng, &[b, hkv, s, dh]).to_dtype(dtype).unwrap(),
+            v: randn(rng, &[b, hkv, s, dh]).to_dtype(dtype).unwrap(),
+            qp: u32s(qp, &[b, t]),
+            kp: u32s(kp, &[b, s]),
+        }
+    };
+    // Recursion-wise: the selected tokens attend among themselves at their original
+    // (gathered, ascending, gapped) positions; a padded query and a padded key; more than
+    // one key tile (s > 32) and a head dimension that is not a multiple of 32.
+    let sel: Vec<u32> = (0..40u32).map(|i| 3 * i + i % 2).collect();
+    let mut qp = sel.clone();
+    qp[7] = PAD_POS;
+    qp.extend(sel.iter().map(|p| p + 1));
+    let mut kp = sel.clone();
+    kp[11] = PAD_POS;
+    kp.extend(sel.iter().map(|p| p + 1));
+    let mut out = vec![case("recursion-wise", (2, 4, 2, 40, 40, 20), qp, kp)];
+    // Shared step-1 K/V: a few gathered queries attend to every step-1 key (s > t, keys
+    // of all positions 0..70), one query before every key it could see.
+    let qp: Vec<u32> = [0u32, 5, 9, 33, 34, 60, 69].repeat(2);
+    let mut kp: Vec<u32> = (1..71u32).collect();
+    kp.extend(0..70u32);
+    out.push(case("shared step-1", (2, 6, 3, 7, 70, 8), qp, kp));
+    // MHA with keys in any order (not sorted by position) and a query seeing none.
+    let qp = vec![4u32, 0, 2, PAD_POS, 9];
+    let kp = vec![3u32, 1, PAD_POS, 8, 2, 5];
+    out.push(case("unsorted keys", (1, 2, 2, 5, 6, 4), qp, kp));
+    out
+}
+
+#[test]
+fn flash_attention_matches_the_cpu_backend_forward_and_backward() {
+    use mor_kernels::cpu::CpuBackend;
+    let oracle = CpuBackend::new();
+    let mut rng = Rng::new(21);
+    for case in attn_cases(&mut rng, DType::F32) {
+        let run = |flash: bool| {
+            let vars: Vec<Var> = [&case.q, &case.k, &case.v]
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let (q, k, v) = (
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+            );
+            let out = if flash {
+                cuda::flash_attention(q, k, v, &case.qp, &case.kp).unwrap()
+            } else {
+                oracle.attention(q, k, v, &case.qp, &case.kp).unwrap()
+            };
+            let r = Tensor::arange(0f32, out.elem_count() as f32, &CPU)
+                .unwrap()
+                .reshape(out.shape())
+                .unwrap()
+                .affine(0.37, 0.0)
+                .unwrap()
+                .sin()
+                .unwrap();
+            let g = weighted_sum(&out, &r).backward().unwrap();
+            let grads: Vec<Tensor> = vars
+                .iter()
+                .map(|v| g.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (out, grads)
+        };
+        let (of, gf) = run(true);
+        let (oc, gc) = run(false);
+        assert_eq!(of.dtype(), DType::F32);
+        let d = max_abs_diff(&of, &oc);
+        assert!(d < 2e-5, "{}: outputs differ by {d:e}", case.name);
+        assert!(
+            of.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 1.0
+        );
+        for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+            let d = max_abs_diff(a, b);
+            assert!(d < 5e-5, "{}: gradient {i} differs by {d:e}", case.name);
+        }
+    }
+}
+
+#[test]
+fn flash_attention_gradients_match_finite_differences() {
+    let mut rng = Rng::new(22);
+    let cases = attn_cases(&mut rng, DType::F64);
+    // The small MHA case and a cut of the shared step-1 case (GQA, s > t).
+    for case in [&cases[2], &cases[1]] {
+        let cut = |t: &Tensor, dim: usize, n: usize| {
+            t.narrow(dim, 0, n.min(t.dim(dim).unwrap())).unwrap()
+        };
+        let (q, k, v) = (cut(&case.q, 2, 4), cut(&case.k, 2, 12), cut(&case.v, 2, 12));
+        let (qp, kp) = (cut(&case.qp, 1, 4), cut(&case.kp, 1, 12));
+        let vars = [q, k, v].map(|t| Var::from_tensor(&t.contiguous().unwrap()).unwrap());
+        let r = randn(&mut rng, vars[0].dims());
+        let worst = fd_check(
+            &[&vars[0], &vars[1], &vars[2]],
+            &|| {
+                let out = cuda::flash_attention(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                    &qp,
+                    &kp,
+                )
+                .unwrap();
+                weighted_sum(&out, &r)
+            },
+            1e-6,
+        );
+        assert!(worst < 1e-6, "{}: {worst:e}", case.name);
+    }
+}
+
+#[test]
+fn flash_attention_plan_is_linear_in_the_sequence_length() {
+    use launch::{FlashPlan, FlashShape};
+    // Device memory of one forward + backward: every buffer the plans allocate, plus the
+    // statistics and output gradient the backward pass builds. No [t, s] matrix: doubling L
+    // doubles the total.
+    let bytes = |l: usize| -> usize {
+        let s = FlashShape {
+            batch: 2,
+            q_heads: 8,
+            kv_heads: 2,
+            t: l,
+            s: l,
+            head_dim: 64,
+        };
+        let p = FlashPlan::new(s).unwrap();
+        // The grids cover every query row and every key exactly once per head.
+        let rows = |d: launch::LaunchDims, per: usize| d.grid.0 as usize * per;
+        assert!(rows(p.fwd, 16) >= l && rows(p.fwd, 16) < l + 16);
+        assert!(rows(p.dq, 12) >= l && rows(p.dq, 12) < l + 12);
+        assert!(rows(p.dkv, 12) >= l && rows(p.dkv, 12) < l + 12);
+        assert_eq!((p.fwd.grid.1, p.fwd.grid.2), (8, 2));
+        assert_eq!((p.dkv.grid.1, p.dkv.grid.2), (2, 2));
+        let (nq, nkv) = (2 * 8 * l * 64, 2 * 2 * l * 64);
+        let fwd_out = 2 * 8 * l * 65;
+        let bwd_out = nq + 2 * nkv;
+        let stats = 2 * 8 * l * 2 + nq; // (lse, D) and the f32 output gradient
+        4 * (fwd_out + bwd_out + stats)
+    };
+    assert_eq!(bytes(4096), 2 * bytes(2048));
+    assert_eq!(bytes(2048), 2 * bytes(1024));
+    // Shared memory stays within the default limit up to the largest head dimension.
+    for dh in [1, 32, 64, 100, launch::FLASH_MAX_HEAD_DIM] {
+        let p = FlashPlan::new(FlashShape {
+            batch: 1,
+            q_heads: 4,
+            kv_heads: 1,
+            t: 5,
+            s: 9,
+            head_dim: dh,
+        })
+        .unwrap();
+        for d in [p.fwd, p.dq, p.dkv] {
+            assert!(
+                d.shared_mem_bytes <= launch::SHARED_MEM_LIMIT,
+                "dh {dh}: {d:?}"
+            );
+            assert_eq!(d.block, (128, 1, 1));
+        }
+    }
+    let bad = |f: &dyn Fn(&mut FlashShape)| {
+        let mut s = FlashShape {
+            batch: 1,
+            q_heads: 4,
+            kv_heads: 2,
+            t: 5,
+            s: 9,
+            head_dim: 64,
+        };
+        f(&mut s);
+        FlashPlan::new(s).unwrap_err().to_string()
+    };
+    assert!(bad(&|s| s.head_dim = 129).contains("head_dim = 129"));
+    assert!(bad(&|s| s.kv_heads = 3).contains("not a multiple"));
+    assert!(bad(&|s| s.t = 0).contains("empty"));
+    assert!(bad(&|s| s.batch = 70_000).contains("batch = 70000"));
+}
+
+#[test]
+fn flash_attention_rejects_bad_input_and_handles_empty_sequences() {
+    let mut rng = Rng::new(23);
+    let q = randn(&mut rng, &[1, 4, 3, 8]);
+    let k = randn(&mut rng, &[1, 2, 5, 8]);
+    let qp = u32s(vec![0, 1, 2], &[1, 3]);
+    let kp = u32s(vec![0, 1, 2, 3, 4], &[1, 5]);
+    let err = |r: mor_kernels::Result<Tensor>| r.unwrap_err().to_string();
+    assert!(err(cuda::flash_attention(&q, &k, &k, &kp, &kp)).contains("q_pos has shape [1, 5]"));
+    assert!(err(cuda::flash_attention(
+        &q,
+        &k,
+        &k.narrow(2, 0, 4).unwrap(),
+        &qp,
+        &kp
+    ))
+    .contains("v shaped as k"));
+    let k3 = randn(&mut rng, &[1, 3, 5, 8]);
+    assert!(err(cuda::flash_attention(&q, &k3, &k3, &qp, &kp)).contains("not a multiple"));
+    let wide = randn(&mut rng, &[1, 1, 2, 130]);
+    let p2 = u32s(vec![0, 1], &[1, 2]);
+    assert!(err(cuda::flash_attention(&wide, &wide, &wide, &p2, &p2)).contains("head_dim = 130"));
+    // The backend takes plain ops past the kernels' head dimension.
+    let be = CudaBackend::host_emulation();
+    let out = be.attention(&wide, &wide, &wide, &p2, &p2).unwrap();
+    assert_close(
+        &out,
+        &plain::attention(&wide, &wide, &wide, &p2, &p2).unwrap(),
+        0.0,
+    );
+    // No key: zeros.
+    let none = Tensor::zeros((1, 2, 0, 8), DType::F64, &CPU).unwrap();
+    let out = cuda::flash_attention(&q, &none, &none, &qp, &u32s(vec![], &[1, 0])).unwrap();
+    assert_eq!(out.dims(), [1, 4, 3, 8]);
+    assert_eq!(
+        out.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        0.0
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// LM head + cross-entropy in vocabulary chunks.
+
+#[test]
+fn chunked_cross_entropy_matches_the_cpu_backend_forward_and_backward() {
+    use mor_kernels::cpu::CpuBackend;
+    let oracle = CpuBackend::new();
+    let mut rng = Rng::new(31);
+    let (b, t, d, vocab) = (2usize, 9usize, 24usize, 1000usize);
+    let x = randn(&mut rng, &[b, t, d]).to_dtype(DType::F32).unwrap();
+    let w = (randn(&mut rng, &[vocab, d]) * 0.5)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    // Targets in the first, a middle and the last chunk, and the last column.
+    let targets: Vec<u32> = (0..b * t).map(|i| ((i * 389) % vocab) as u32).collect();
+    let mut targets = targets;
+    targets[3] = vocab as u32 - 1;
+    let targets = u32s(targets, &[b, t]);
+    let run = |chunk: Option<usize>| {
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let loss = match chunk {
+            Some(c) => {
+                cuda::linear_cross_entropy(xv.as_tensor(), wv.as_tensor(), &targets, Some(c))
+            }
+            None => oracle.linear_cross_entropy(xv.as_tensor(), wv.as_tensor(), &targets),
+        }
+        .unwrap();
+        // A scaled loss, as with gradient accumulation: the upstream gradient is not 1.
+        let g = (&loss * 0.25).unwrap().backward().unwrap();
+        (
+            loss.to_scalar::<f32>().unwrap(),
+            g.get(xv.as_tensor()).unwrap().clone(),
+            g.get(wv.as_tensor()).unwrap().clone(),
+        )
+    };
+    let (lc, dxc, dwc) = run(None);
+    assert!(lc > 1.0, "{lc}");
+    // Chunks that do not divide the vocabulary, one chunk, and one column per chunk.
+    for chunk in [96, 1000, 7, 4096] {
+        let (l, dx, dw) = run(Some(chunk));
+        assert!(
+            (l - lc).abs() < 2e-5 * lc,
+            "chunk {chunk}: loss {l} vs {lc}"
+        );
+        assert_eq!(dx.dims(), [b, t, d]);
+        assert_close(&dx, &dxc, 2e-6);
+        assert_close(&dw, &dwc, 2e-6);
+    }
+    // The backend takes the chunked path (its default chunk covers this vocabulary once).
+    let be = CudaBackend::host_emulation();
+    let l = be
+        .linear_cross_entropy(&x, &w, &targets)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((l - lc).abs() < 2e-5 * lc);
+}
+
+#[test]
+fn chunked_cross_entropy_gradients_match_finite_differences() {
+    let mut rng = Rng::new(32);
+    let x = Var::from_tensor(&randn(&mut rng, &[5, 4])).unwrap();
+    let w = Var::from_tensor(&randn(&mut rng, &[11, 4])).unwrap();
+    let targets = u32s(vec![0, 10, 3, 3, 7], &[5]);
+    let worst = fd_check(
+        &[&x, &w],
+        &|| {
+            let l = cuda::linear_cross_entropy(x.as_tensor(), w.as_tensor(), &targets, Some(4))
+                .unwrap();
+            (l * 3.0).unwrap()
+        },
+        1e-6,
+    );
+    assert!(worst < 1e-6, "{worst:e}");
+    // The closed form of one row: with w = 0 every logit is 0, the loss is ln(vocab).
+    let zero = Tensor::zeros((11, 4), DType::F64, &CPU).unwrap();
+    let l = cuda::linear_cross_entropy(x.as_tensor(), &zero, &targets, Some(3))
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!((l - 11f64.ln()).abs() < 1e-12, "{l}");
+}
+
+#[test]
+fn chunked_cross_entropy_rejects_bad_input() {
+    let mut rng = Rng::new(33);
+    let x = randn(&mut rng, &[3, 4]);
+    let w = randn(&mut rng, &[6, 4]);
+    let err = |r: mor_kernels::Result<Tensor>| r.unwrap_err().to_string();
+    let t = u32s(vec![0, 6, 1], &[3]);
+    assert!(err(cuda::linear_cross_entropy(&x, &w, &t, None)).contains("target 6 is outside"));
+    let t = u32s(vec![0, 1], &[2]);
+    assert!(err(cuda::linear_cross_entropy(&x, &w, &t, None)).contains("targets has shape [2]"));
+    let t = u32s(vec![0, 1, 2], &[3]);
+    assert!(err(cuda::linear_cross_entropy(&x, &w, &t, Some(0))).contains("chunk_cols"));
+    assert!(err(cuda::linear_cross_entropy(
+        &x,
+        &w.narrow(1, 0, 3).unwrap(),
+        &t,
+        None
+    ))
+    .contains("does not end in d = 3"));
+    // The default chunk bounds the logits of one chunk.
+    assert_eq!(cuda::ce_chunk_cols(16_384, 49_152), 4096);
+    assert_eq!(cuda::ce_chunk_cols(8, 49_152), 49_152);
+    assert_eq!(cuda::ce_chunk_cols(1 << 20, 100), 100);
+    assert!(cuda::ce_chunk_cols(1 << 20, 1 << 20) == 1024);
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused AdamW.
+
+/// The trainer's host update (mor-models' `adamw_host`), written out independently: f32
+/// values, f64 arithmetic, one rounding per output.
+fn adamw_reference(
+    w: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+    h: &cuda::AdamwHyper,
+) -> [Vec<f32>; 3] {
+    let (b1, b2) = (h.beta1, h.beta2);
+    let (mut wo, mut mo, mut vo) = (vec![], vec![], vec![]);
+    for i in 0..w.len() {
+        let gi = g[i] as f64;
+        let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
+        let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
+        mo.push(mi as f32);
+        vo.push(vi as f32);
+        let upd = h.lr * (mi / h.bc1) / ((vi / h.bc2).sqrt() + h.eps);
+        wo.push((w[i] as f64 * (1.0 - h.decay) - upd) as f32);
+    }
+    [wo, mo, vo]
+}
+
+#[test]
+fn adamw_step_equals_the_host_update_bit_for_bit() {
+    let mut rng = Rng::new(41);
+    let f32s = |rng: &mut Rng, n: usize, s: f64| -> Vec<f32> {
+        (0..n).map(|_| (rng.normal() * s) as f32).collect()
+    };
+    // Enough elements that a reordered product or sum would change some rounded result.
+    let shape = [120usize, 250];
+    let n = 30_000;
+    let w = f32s(&mut rng, n, 1.0);
+    let g = f32s(&mut rng, n, 1e-2);
+    let m = f32s(&mut rng, n, 1e-3);
+    let v: Vec<f32> = f32s(&mut rng, n, 1e-4).iter().map(|x| x * x).collect();
+    for (t, decay) in [(1i32, 0.0), (7, 3e-4 * 0.1)] {
+        let h = cuda::AdamwHyper {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            decay,
+            bc1: 1.0 - 0.9f64.powi(t),
+            bc2: 1.0 - 0.95f64.powi(t),
+        };
+        let ts = [&w, &g, &m, &v].map(|x| Tensor::from_vec(x.clone(), &shape[..], &CPU).unwrap());
+        let (wn, mn, vn) = cuda::adamw_step(&ts[0], &ts[1], &ts[2], &ts[3], &h).unwrap();
+        let want = adamw_reference(&w, &g, &m, &v, &h);
+        for (got, want, name) in [
+            (wn, &want[0], "w"),
+            (mn, &want[1], "m"),
+            (vn, &want[2], "v"),
+        ] {
+            assert_eq!(got.dims(), shape, "{name}");
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(want), "{name} at t = {t}");
+        }
+    }
+    // Bad input is an error, not a panic.
+    let a = Tensor::zeros(4, DType::F32, &CPU).unwrap();
+    let b = Tensor::zeros(5, DType::F32, &CPU).unwrap();
+    let h = cuda::AdamwHyper {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        decay: 0.0,
+        bc1: 0.1,
+        bc2: 0.05,
+    };
+    let e = cuda::adamw_step(&a, &b, &a, &a, &h)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("g has shape [5]"), "{e}");
+    let e = cuda::adamw_step(&a, &a.to_dtype(DType::F64).unwrap(), &a, &a, &h)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("F64"), "{e}");
 }

@@ -19,8 +19,11 @@ pub struct CudaParams {
 
 /// The fused-kernel backend. Its ops are the custom ops of this module: the kernels run on
 /// CUDA tensors, their CPU bodies on CPU tensors. On CUDA, dtypes the kernels do not cover
-/// (f64) fall back to the same maths in plain candle ops. Attention by positions runs in
-/// plain candle ops on the device.
+/// (f64) fall back to the same maths in plain candle ops. Attention by positions runs the
+/// flash-attention kernels (head dimensions up to
+/// [`FLASH_MAX_HEAD_DIM`](super::launch::FLASH_MAX_HEAD_DIM); plain candle ops past it);
+/// the LM head's cross-entropy runs in vocabulary chunks
+/// ([`linear_cross_entropy`](super::linear_cross_entropy)).
 #[derive(Debug, Clone)]
 pub struct CudaBackend {
     device: Device,
@@ -165,7 +168,25 @@ impl Backend for CudaBackend {
             // Nothing to attend to (or no query): zeros of the output shape.
             return Ok(Tensor::zeros((b, hq, t, dh), q.dtype(), q.device())?);
         }
-        plain::attention(q, k, v, q_pos, k_pos)
+        if Self::fused(q) && dh <= super::launch::FLASH_MAX_HEAD_DIM {
+            ops::flash_attention(q, k, v, q_pos, k_pos)
+        } else {
+            plain::attention(q, k, v, q_pos, k_pos)
+        }
+    }
+
+    fn linear_cross_entropy(&self, x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if Self::fused(x) {
+            // Vocabulary chunks: the [rows, vocab] logits are never materialised.
+            ops::linear_cross_entropy(x, w, targets, None)
+        } else {
+            let d = crate::validate::linear_cross_entropy(x, w, targets)?;
+            let logits = self.linear(x, w)?.reshape((d.rows, d.out))?;
+            Ok(crate::loss::cross_entropy(
+                &logits,
+                &targets.flatten_all()?,
+            )?)
+        }
     }
 
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {

@@ -160,6 +160,7 @@ enum DevBuf<T> {
 /// A tensor the kernels read besides the op's inputs.
 enum AuxView<'a, T> {
     T(CudaView<'a, T>),
+    F32(CudaView<'a, f32>),
     U32(CudaView<'a, u32>),
 }
 
@@ -176,6 +177,7 @@ enum ArgVal<'a, T> {
     I32v(i32),
     F32v(f32),
     U64v(u64),
+    F64v(f64),
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits> DevBuf<T> {
@@ -248,6 +250,7 @@ fn push<'a, 'b: 'a, 'c: 'b, T>(b: &mut LaunchArgs<'a>, v: &'b mut ArgVal<'c, T>)
         ArgVal::U32v(x) => b.arg(&*x),
         ArgVal::I32v(x) => b.arg(&*x),
         ArgVal::F32v(x) => b.arg(&*x),
+        ArgVal::F64v(x) => b.arg(&*x),
     };
 }
 
@@ -297,6 +300,7 @@ fn arg_values<'v, T: DeviceRepr + ValidAsZeroBits>(
             Arg::Aux(i) => match aux.get(*i) {
                 Some(AuxView::T(x)) => ArgVal::T(x.slice(..)),
                 Some(AuxView::U32(x)) => ArgVal::U32(x.slice(..)),
+                Some(AuxView::F32(x)) => ArgVal::F32(x.slice(..)),
                 None => candle_core::bail!("no auxiliary tensor {i}"),
             },
             Arg::Read(b) => match readable.get(*b).copied().flatten() {
@@ -308,6 +312,7 @@ fn arg_values<'v, T: DeviceRepr + ValidAsZeroBits>(
             Arg::I32(x) => ArgVal::I32v(*x),
             Arg::F32(x) => ArgVal::F32v(*x),
             Arg::U64(x) => ArgVal::U64v(*x),
+            Arg::F64(x) => ArgVal::F64v(*x),
         };
         slots[j] = Some(v);
     }
@@ -318,12 +323,16 @@ fn arg_values<'v, T: DeviceRepr + ValidAsZeroBits>(
         .collect()
 }
 
-fn aux_view<'a, T: CudaDType>(st: &'a Storage, l: &Layout) -> CResult<AuxView<'a, T>> {
+fn aux_view<'a, T: CudaDType + WithDType>(st: &'a Storage, l: &Layout) -> CResult<AuxView<'a, T>> {
     let Storage::Cuda(cs) = st else {
         candle_core::bail!("an index or weight tensor of a CUDA op must be a CUDA tensor")
     };
     Ok(match &cs.slice {
         CudaStorageSlice::U32(s) => AuxView::U32(view(s, l, "index tensor")?),
+        // f32 statistics of an op of another element type (an f32 op reads them as `T`).
+        CudaStorageSlice::F32(s) if T::DTYPE != candle_core::DType::F32 => {
+            AuxView::F32(view(s, l, "f32 tensor")?)
+        }
         _ => AuxView::T(view(cs.as_cuda_slice::<T>()?, l, "weight tensor")?),
     })
 }

@@ -65,6 +65,30 @@ pub struct BenchResult {
     pub iters: usize,
 }
 
+/// Peak device memory of one op at growing sequence lengths: linear in `L` when the
+/// growth from `L` to `2L` is about the growth from `L/2` to `L` (a `[L, L]` matrix would
+/// make it 4 times as large).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryCheck {
+    /// The op (and direction).
+    pub op: String,
+    /// `f32` or `bf16`.
+    pub dtype: String,
+    /// The sequence lengths, ascending.
+    pub lens: Vec<usize>,
+    /// Peak whole-device used memory (`total − free`) while running at each length, minus
+    /// the used memory before the first run, in bytes.
+    pub peak_bytes: Vec<u64>,
+    /// `(peak[2] − peak[1]) / (peak[1] − peak[0])`: 2 for memory linear in `L`, 4 for
+    /// quadratic.
+    pub growth: f64,
+    /// `growth <` [`MEMORY_GROWTH_MAX`].
+    pub passed: bool,
+}
+
+/// The largest accepted [`MemoryCheck::growth`] (between linear, 2, and quadratic, 4).
+pub const MEMORY_GROWTH_MAX: f64 = 3.0;
+
 /// The outcome of [`gpu_check`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct GpuCheckReport {
@@ -78,6 +102,8 @@ pub struct GpuCheckReport {
     pub checks: Vec<KernelCheck>,
     /// Every benchmark.
     pub benches: Vec<BenchResult>,
+    /// Memory growth checks (absent when the driver reports no memory).
+    pub memory: Vec<MemoryCheck>,
     /// Wall time of the whole check in seconds.
     pub elapsed_s: f64,
 }
@@ -85,7 +111,9 @@ pub struct GpuCheckReport {
 impl GpuCheckReport {
     /// Whether every comparison passed.
     pub fn passed(&self) -> bool {
-        !self.checks.is_empty() && self.checks.iter().all(|c| c.passed)
+        !self.checks.is_empty()
+            && self.checks.iter().all(|c| c.passed)
+            && self.memory.iter().all(|m| m.passed)
     }
 
     /// The report as pretty-printed JSON.
@@ -144,7 +172,23 @@ impl GpuCheckReport {
                 )
             })
             .collect();
-        let _ = writeln!(s, "  \"benches\": [\n{}\n  ]", benches.join(",\n"));
+        let _ = writeln!(s, "  \"benches\": [\n{}\n  ],", benches.join(",\n"));
+        let memory: Vec<String> = self
+            .memory
+            .iter()
+            .map(|m| {
+                format!(
+                    "    {{\"op\": {}, \"dtype\": {}, \"lens\": {:?}, \"peak_bytes\": {:?}, \"growth\": {}, \"passed\": {}}}",
+                    json_str(&m.op),
+                    json_str(&m.dtype),
+                    m.lens,
+                    m.peak_bytes,
+                    json_num(m.growth),
+                    m.passed
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  \"memory\": [\n{}\n  ]", memory.join(",\n"));
         s.push_str("}\n");
         s
     }
@@ -549,6 +593,120 @@ fn check_all(cx: &mut Ctx, dt: DType) -> Result<()> {
         &g,
         &c,
     )?;
+    check_flash_attention(cx, dt)?;
+    check_cross_entropy(cx, dt)?;
+    if dt == DType::F32 {
+        check_adamw(cx)?;
+    }
+    Ok(())
+}
+
+/// The chunked LM-head cross-entropy (loss, `dx`, `dw`) against its CPU body: a vocabulary
+/// of 1000 in chunks of 96 (the last one partial), targets in several chunks.
+fn check_cross_entropy(cx: &mut Ctx, dt: DType) -> Result<()> {
+    let (n, d, vocab) = (37usize, 64usize, 1000usize);
+    let x = cx.randn(&[n, d], dt)?;
+    let w = cx.randn(&[vocab, d], dt)?;
+    let targets: Vec<u32> = (0..n).map(|i| ((i * 389 + 7) % vocab) as u32).collect();
+    let targets = cx.u32s(targets, &[n])?;
+    cx.check_fwd_bwd(
+        "linear_cross_entropy.chunked",
+        dt,
+        &format!("x [{n}, {d}], w [{vocab}, {d}], chunks of 96"),
+        &[("x", &x), ("w", &w)],
+        &move |t| {
+            let tg = if t[0].device().is_cuda() {
+                &targets.gpu
+            } else {
+                &targets.cpu
+            };
+            ops::linear_cross_entropy(&t[0], &t[1], tg, Some(96))
+        },
+    )
+}
+
+/// The fused AdamW step against the host arithmetic: f32 results must be equal bit for bit
+/// (`rtol` 0).
+fn check_adamw(cx: &mut Ctx) -> Result<()> {
+    let n = 100_003;
+    let w = cx.randn(&[n], DType::F32)?;
+    let g = cx.randn(&[n], DType::F32)?;
+    let m = cx.randn(&[n], DType::F32)?;
+    let v = cx.randn(&[n], DType::F32)?;
+    let (vc, vg) = (v.cpu.sqr()?, v.gpu.sqr()?);
+    let h = ops::AdamwHyper {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        decay: 3e-5,
+        bc1: 1.0 - 0.9f64.powi(3),
+        bc2: 1.0 - 0.95f64.powi(3),
+    };
+    let c = ops::adamw_step(&w.cpu, &g.cpu, &m.cpu, &vc, &h)?;
+    let r = ops::adamw_step(&w.gpu, &g.gpu, &m.gpu, &vg, &h)?;
+    for (name, a, b) in [("w", &r.0, &c.0), ("m", &r.1, &c.1), ("v", &r.2, &c.2)] {
+        let mut k = compare(
+            &format!("adamw_step.{name}"),
+            DType::F32,
+            &format!("[{n}]"),
+            a,
+            b,
+        )?;
+        k.rtol = 0.0;
+        k.passed = k.max_abs_err == 0.0;
+        cx.report.checks.push(k);
+    }
+    Ok(())
+}
+
+/// Flash attention forward and backward against its CPU body: recursion-wise (gathered,
+/// gapped positions with a padded query and key, several key tiles, GQA 8/2, dh = 64),
+/// shared step-1 K/V (a few queries against every step-1 key, s > t, dh = 40), and keys
+/// in no particular order (dh = 128).
+fn check_flash_attention(cx: &mut Ctx, dt: DType) -> Result<()> {
+    let sel: Vec<u32> = (0..100u32).map(|i| 3 * i + i % 2).collect();
+    let mut qp = sel.repeat(2);
+    qp[7] = PAD_POS;
+    let mut kp = sel.repeat(2);
+    kp[111] = PAD_POS;
+    let mut shuffled: Vec<u32> = (0..45u32).collect();
+    cx.rng.shuffle(&mut shuffled);
+    let cases: [(&str, [usize; 6], Vec<u32>, Vec<u32>); 3] = [
+        ("recursion-wise", [2, 8, 2, 100, 100, 64], qp, kp),
+        (
+            "shared step-1",
+            [2, 6, 3, 9, 150, 40],
+            [0u32, 5, 9, 33, 34, 60, 99, 120, 149].repeat(2),
+            (0..150u32).chain(1..151).collect(),
+        ),
+        (
+            "unsorted keys",
+            [1, 4, 4, 13, 45, 128],
+            (0..13u32).map(|i| 3 * i).collect(),
+            shuffled,
+        ),
+    ];
+    for (name, [b, hq, hkv, t, s, dh], qp, kp) in cases {
+        let q = cx.randn(&[b, hq, t, dh], dt)?;
+        let k = cx.randn(&[b, hkv, s, dh], dt)?;
+        let v = cx.randn(&[b, hkv, s, dh], dt)?;
+        let (qp, kp) = (cx.u32s(qp, &[b, t])?, cx.u32s(kp, &[b, s])?);
+        cx.check_fwd_bwd(
+            &format!("flash_attention.{name}"),
+            dt,
+            &format!("q [{b}, {hq}, {t}, {dh}], k/v [{b}, {hkv}, {s}, {dh}]"),
+            &[("q", &q), ("k", &k), ("v", &v)],
+            &move |x| {
+                let (qp, kp) = if x[0].device().is_cuda() {
+                    (&qp.gpu, &kp.gpu)
+                } else {
+                    (&qp.cpu, &kp.cpu)
+                };
+                ops::flash_attention(&x[0], &x[1], &x[2], qp, kp)
+            },
+        )?;
+    }
     Ok(())
 }
 
@@ -743,5 +901,181 @@ fn bench_all(cx: &mut Ctx, dt: DType) -> Result<()> {
         &mut || ops::paged_decode_attention(&q, &kc, &vc, &table, &lens, None),
         Some(&mut || plain::paged_decode_attention(&q, &kc, &vc, &table, &lens)),
     )?;
+    bench_flash_attention(cx, dt)?;
+
+    // The LM head + cross-entropy: 8 × 1024 tokens, d = 576, vocabulary 49152 (the 135m
+    // preset's head), forward + backward, against the full logits in plain candle ops.
+    let (n, d, vocab) = (8192usize, 576usize, 49_152usize);
+    let xh = Var::from_tensor(&randn(&[n, d])?)?;
+    let wh = Var::from_tensor(&(randn(&[vocab, d])? * 0.05)?)?;
+    let targets = Tensor::arange(0u32, n as u32, &dev)?;
+    let ce_plain = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+        let logits = x.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+        Ok(crate::loss::cross_entropy(&logits, &targets)?)
+    };
+    let shape = format!("x [{n}, {d}], w [{vocab}, {d}]");
+    bench(
+        cx,
+        "linear_cross_entropy.fwd+bwd",
+        dt,
+        &shape,
+        &mut || {
+            let l = ops::linear_cross_entropy(xh.as_tensor(), wh.as_tensor(), &targets, None)?;
+            grad_of(&l, wh.as_tensor())
+        },
+        Some(&mut || {
+            let l = ce_plain(xh.as_tensor(), wh.as_tensor())?;
+            grad_of(&l, wh.as_tensor())
+        }),
+    )?;
+
+    // AdamW over one 16M-element parameter: the fused kernel against tensor ops.
+    if dt == DType::F32 {
+        let n = 1 << 24;
+        let (w, g, m) = (randn(&[n])?, randn(&[n])?, randn(&[n])?);
+        let v = m.sqr()?;
+        let h = ops::AdamwHyper {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            decay: 3e-5,
+            bc1: 0.271,
+            bc2: 0.142_625,
+        };
+        bench(
+            cx,
+            "adamw_step",
+            dt,
+            "[16777216]",
+            &mut || Ok(ops::adamw_step(&w, &g, &m, &v, &h)?.0),
+            Some(&mut || {
+                let m2 = ((&m * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+                let v2 = ((&v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+                let den = ((&v2 / h.bc2)?.sqrt()? + h.eps)?;
+                let upd = (((&m2 / h.bc1)? / den)? * h.lr)?;
+                Ok(((&w * (1.0 - h.decay))? - upd)?)
+            }),
+        )?;
+    }
     Ok(())
+}
+
+/// The gradient of `loss` with respect to `x`.
+fn grad_of(loss: &Tensor, x: &Tensor) -> Result<Tensor> {
+    loss.backward()?
+        .get(x)
+        .cloned()
+        .ok_or_else(|| Error::Invalid {
+            op: "gpu_check",
+            msg: "no gradient".into(),
+        })
+}
+
+/// Causal self-attention inputs `(q, k, v, pos)` at sequence length `l`: batch 4, 16 query
+/// heads, 4 key/value heads, dh = 64, positions `0..l`.
+fn attention_inputs(dev: &Device, dt: DType, l: usize) -> Result<[Tensor; 4]> {
+    let randn = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dt)?)
+    };
+    let pos = Tensor::arange(0u32, l as u32, dev)?
+        .unsqueeze(0)?
+        .repeat((4, 1))?;
+    Ok([
+        randn(&[4, 16, l, 64])?,
+        randn(&[4, 4, l, 64])?,
+        randn(&[4, 4, l, 64])?,
+        pos,
+    ])
+}
+
+type AttnFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+/// Forward and backward of `f`: the gradients of `sum(out · r)` with respect to q, k, v.
+fn attention_fwd_bwd(f: AttnFn, x: &[Tensor; 4], r: &Tensor) -> Result<Tensor> {
+    let vars = [&x[0], &x[1], &x[2]].map(Var::from_tensor);
+    let [q, k, v] = vars;
+    let (q, k, v) = (q?, k?, v?);
+    let out = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), &x[3], &x[3])?;
+    let g = (out * r)?.sum_all()?.backward()?;
+    g.get(q.as_tensor()).cloned().ok_or_else(|| Error::Invalid {
+        op: "gpu_check",
+        msg: "attention: no gradient for q".into(),
+    })
+}
+
+/// Flash attention against plain candle ops at L = 2048 (forward, and forward + backward),
+/// and the growth of its peak memory from L = 1024 to 2048 to 4096 (the plain ops' too).
+fn bench_flash_attention(cx: &mut Ctx, dt: DType) -> Result<()> {
+    let dev = cx.gpu.clone();
+    let l = 2048;
+    let x = attention_inputs(&dev, dt, l)?;
+    let shape = format!("q [4, 16, {l}, 64], k/v [4, 4, {l}, 64], causal");
+    bench(
+        cx,
+        "flash_attention.fwd",
+        dt,
+        &shape,
+        &mut || ops::flash_attention(&x[0], &x[1], &x[2], &x[3], &x[3]),
+        Some(&mut || plain::attention(&x[0], &x[1], &x[2], &x[3], &x[3])),
+    )?;
+    let r = Tensor::randn(0f32, 1.0, x[0].dims(), &dev)?.to_dtype(dt)?;
+    bench(
+        cx,
+        "flash_attention.fwd+bwd",
+        dt,
+        &shape,
+        &mut || attention_fwd_bwd(ops::flash_attention, &x, &r),
+        Some(&mut || attention_fwd_bwd(plain::attention, &x, &r)),
+    )?;
+    drop((x, r));
+    for (op, f) in [
+        ("flash_attention.fwd+bwd", ops::flash_attention as AttnFn),
+        ("plain attention.fwd+bwd", plain::attention as AttnFn),
+    ] {
+        if let Some(m) = memory_growth(&dev, dt, op, f)? {
+            // Only the fused op is held to linear growth; the plain ops are the contrast.
+            let m = if op.starts_with("plain") {
+                MemoryCheck { passed: true, ..m }
+            } else {
+                m
+            };
+            cx.report.memory.push(m);
+        }
+    }
+    Ok(())
+}
+
+/// Peak used memory of one forward + backward of `f` at L = 1024, 2048, 4096 (in this
+/// order, so memory cached by a shorter run cannot hide the growth of a longer one).
+fn memory_growth(dev: &Device, dt: DType, op: &str, f: AttnFn) -> Result<Option<MemoryCheck>> {
+    let lens = vec![1024usize, 2048, 4096];
+    dev.synchronize()?;
+    let Some((free, total)) = imp::memory_info(dev) else {
+        return Ok(None);
+    };
+    let base = total.saturating_sub(free) as u64;
+    let mut peaks = Vec::with_capacity(lens.len());
+    for &l in &lens {
+        let x = attention_inputs(dev, dt, l)?;
+        let r = Tensor::randn(0f32, 1.0, x[0].dims(), dev)?.to_dtype(dt)?;
+        dev.synchronize()?;
+        let sampler = super::PeakMemory::start(dev, std::time::Duration::from_micros(200));
+        let g = attention_fwd_bwd(f, &x, &r)?;
+        dev.synchronize()?;
+        drop(g);
+        let Some(peak) = sampler.finish() else {
+            return Ok(None);
+        };
+        peaks.push(peak.saturating_sub(base));
+    }
+    let growth = (peaks[2] as f64 - peaks[1] as f64) / (peaks[1] as f64 - peaks[0] as f64);
+    Ok(Some(MemoryCheck {
+        op: op.into(),
+        dtype: dtype_name(dt).into(),
+        lens,
+        peak_bytes: peaks,
+        growth,
+        passed: growth.is_finite() && growth < MEMORY_GROWTH_MAX,
+    }))
 }

@@ -597,3 +597,226 @@ pub fn paged_decode_attention(
     }
     Ok(out)
 }
+
+/// Whether a query at position `qp` sees a key at position `kp` (the contract of
+/// [`crate::Backend::attention`]).
+fn visible(qp: u32, kp: u32) -> bool {
+    qp != crate::PAD_POS && kp != crate::PAD_POS && kp <= qp
+}
+
+/// The scaled scores of one query row against every key of its key/value head, `None`
+/// for keys it does not see.
+fn score_row(q: &[f64], k: &[f64], qp: u32, kp: &[u32], dh: usize, scale: f64) -> Vec<Option<f64>> {
+    kp.iter()
+        .enumerate()
+        .map(|(j, &p)| {
+            visible(qp, p).then(|| {
+                let kr = &k[j * dh..(j + 1) * dh];
+                q.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * scale
+            })
+        })
+        .collect()
+}
+
+/// Causal attention by positions with GQA (the maths of `mor_flash_attn_fwd`): the output
+/// `[b, hq, t, dh]` and the log-sum-exp of each row's scaled scores `[b, hq, t]`
+/// (`-inf`, with a zero output row, for a query that sees no key).
+/// `q: [b, hq, t, dh]`, `k, v: [b, hkv, s, dh]`, `q_pos: [b, t]`, `k_pos: [b, s]`.
+pub fn flash_attention_fwd(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    q_pos: &[u32],
+    k_pos: &[u32],
+    shape: super::launch::FlashShape,
+) -> (Vec<f64>, Vec<f64>) {
+    let super::launch::FlashShape {
+        batch,
+        q_heads: hq,
+        kv_heads: hkv,
+        t,
+        s,
+        head_dim: dh,
+    } = shape;
+    let scale = 1.0 / (dh as f64).sqrt();
+    let group = hq / hkv.max(1);
+    let mut out = vec![0.0; batch * hq * t * dh];
+    let mut lse = vec![f64::NEG_INFINITY; batch * hq * t];
+    for bb in 0..batch {
+        let kp = &k_pos[bb * s..(bb + 1) * s];
+        for head in 0..hq {
+            let kv0 = (bb * hkv + head / group) * s * dh;
+            let (kh, vh) = (&k[kv0..kv0 + s * dh], &v[kv0..kv0 + s * dh]);
+            for i in 0..t {
+                let row = (bb * hq + head) * t + i;
+                let qr = &q[row * dh..(row + 1) * dh];
+                let sc = score_row(qr, kh, q_pos[bb * t + i], kp, dh, scale);
+                let m = sc
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let z: f64 = sc.iter().flatten().map(|x| (x - m).exp()).sum();
+                lse[row] = m + z.ln();
+                let o = &mut out[row * dh..(row + 1) * dh];
+                for (j, x) in sc.iter().enumerate() {
+                    if let Some(x) = x {
+                        let p = (x - m).exp() / z;
+                        for c in 0..dh {
+                            o[c] += p * vh[j * dh + c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// The backward pass of [`flash_attention_fwd`] (the maths of `mor_flash_attn_bwd_dq` and
+/// `_dkv`): from the output gradient `dout: [b, hq, t, dh]` and `stats: [b, hq, t, 2]`
+/// (per row the log-sum-exp and `D = rowsum(dout ⊙ out)`), with `P = exp(S − lse)` and
+/// `dS = P ⊙ (dout Vᵀ − D)`, returns `dq = dS K / sqrt(dh)`, `dk = dSᵀ Q / sqrt(dh)` and
+/// `dv = Pᵀ dout`, the key gradients summed over each GQA group.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_bwd(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    q_pos: &[u32],
+    k_pos: &[u32],
+    dout: &[f64],
+    stats: &[f64],
+    shape: super::launch::FlashShape,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let super::launch::FlashShape {
+        batch,
+        q_heads: hq,
+        kv_heads: hkv,
+        t,
+        s,
+        head_dim: dh,
+    } = shape;
+    let scale = 1.0 / (dh as f64).sqrt();
+    let group = hq / hkv.max(1);
+    let mut dq = vec![0.0; q.len()];
+    let mut dk = vec![0.0; k.len()];
+    let mut dv = vec![0.0; v.len()];
+    for bb in 0..batch {
+        let kp = &k_pos[bb * s..(bb + 1) * s];
+        for head in 0..hq {
+            let kv0 = (bb * hkv + head / group) * s * dh;
+            for i in 0..t {
+                let row = (bb * hq + head) * t + i;
+                let qr = &q[row * dh..(row + 1) * dh];
+                let dr = &dout[row * dh..(row + 1) * dh];
+                let (lse, d) = (stats[2 * row], stats[2 * row + 1]);
+                let sc = score_row(qr, &k[kv0..kv0 + s * dh], q_pos[bb * t + i], kp, dh, scale);
+                for (j, x) in sc.iter().enumerate() {
+                    let Some(x) = x else { continue };
+                    let (kr, vr) = (kv0 + j * dh, kv0 + j * dh);
+                    let p = (x - lse).exp();
+                    let dp: f64 = (0..dh).map(|c| dr[c] * v[vr + c]).sum();
+                    let ds = p * (dp - d);
+                    for c in 0..dh {
+                        dq[row * dh + c] += ds * k[kr + c] * scale;
+                        dk[kr + c] += ds * qr[c] * scale;
+                        dv[vr + c] += p * dr[c];
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// Per-row statistics of one vocabulary chunk of the LM-head cross-entropy (the maths of
+/// `mor_ce_chunk_stats`): for `logits: [n, cols]` of the columns `col0..col0 + cols`,
+/// `[n, 3]` rows of (max logit, `Σ exp(logit − max)`, the target's logit when the target
+/// falls in the chunk, else 0). Logits of `-inf` are skipped.
+pub fn ce_chunk_stats(
+    logits: &[f64],
+    targets: &[u32],
+    n: usize,
+    cols: usize,
+    col0: usize,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(3 * n);
+    for (row, &t) in logits.chunks_exact(cols.max(1)).take(n).zip(targets) {
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s = if m == f64::NEG_INFINITY {
+            0.0
+        } else {
+            row.iter().map(|x| (x - m).exp()).sum()
+        };
+        let t = t as usize;
+        let tl = if t >= col0 && t - col0 < cols {
+            row[t - col0]
+        } else {
+            0.0
+        };
+        out.extend([m, s, tl]);
+    }
+    out
+}
+
+/// The logits gradient of one vocabulary chunk (the maths of `mor_ce_chunk_grad`):
+/// `(exp(logit − lse[row]) − [target == col0 + c]) · g` for `logits: [n, cols]`.
+pub fn ce_chunk_grad(
+    logits: &[f64],
+    targets: &[u32],
+    lse: &[f64],
+    g: f64,
+    cols: usize,
+    col0: usize,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(logits.len());
+    for ((row, &t), &l) in logits.chunks_exact(cols.max(1)).zip(targets).zip(lse) {
+        for (c, &x) in row.iter().enumerate() {
+            let onehot = if t as usize == col0 + c { 1.0 } else { 0.0 };
+            out.push(((x - l).exp() - onehot) * g);
+        }
+    }
+    out
+}
+
+/// The hyper-parameters of one AdamW step of one parameter (mor-spec §1.3), as the host
+/// update of the trainer takes them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamwHyper {
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// `lr · weight_decay` for a parameter of the decay group, else 0.
+    pub decay: f64,
+    /// Bias correction `1 − β₁ᵗ`.
+    pub bc1: f64,
+    /// Bias correction `1 − β₂ᵗ`.
+    pub bc2: f64,
+}
+
+/// One AdamW step (the maths of `mor_adamw_step`, and of the trainer's host update, in the
+/// same order of f64 operations): `[3 · n]`, the new weights, first and second moments.
+pub fn adamw_step(w: &[f64], g: &[f64], m: &[f64], v: &[f64], h: &AdamwHyper) -> Vec<f64> {
+    let n = w.len();
+    let (b1, b2) = (h.beta1, h.beta2);
+    let mut out = vec![0.0; 3 * n];
+    for i in 0..n {
+        let gi = g[i];
+        let mi = b1 * m[i] + (1.0 - b1) * gi;
+        let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+        let upd = h.lr * (mi / h.bc1) / ((vi / h.bc2).sqrt() + h.eps);
+        out[i] = w[i] * (1.0 - h.decay) - upd;
+        out[n + i] = mi;
+        out[2 * n + i] = vi;
+    }
+    out
+}

@@ -412,3 +412,136 @@ impl DecodePlan {
         (start.min(len), (start + self.part_tokens).min(len))
     }
 }
+
+/// Largest head dimension of the flash-attention kernels (`MOR_FA_MAX_DH`).
+pub const FLASH_MAX_HEAD_DIM: usize = 128;
+/// Warps per block of the flash-attention kernels (`MOR_FA_WARPS`).
+pub const FLASH_WARPS: u32 = 4;
+/// Keys per shared-memory tile of the forward and dQ kernels (`MOR_FA_BK`, one per lane).
+pub const FLASH_KEY_TILE: usize = 32;
+/// Query rows per warp of the forward kernel (`MOR_FA_FWD_ROWS`).
+pub const FLASH_FWD_ROWS: usize = 4;
+/// Query rows per warp of the dQ kernel (`MOR_FA_DQ_ROWS`).
+pub const FLASH_DQ_ROWS: usize = 3;
+/// Keys per warp of the dK/dV kernel (`MOR_FA_DKV_KEYS`).
+pub const FLASH_DKV_KEYS: usize = 3;
+/// Query rows per tile of the dK/dV kernel (one per lane).
+pub const FLASH_QUERY_TILE: usize = 32;
+
+/// Shapes of one flash-attention call: `q: [batch, q_heads, t, head_dim]`,
+/// `k, v: [batch, kv_heads, s, head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashShape {
+    /// Batch rows.
+    pub batch: usize,
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads (`q_heads % kv_heads == 0`).
+    pub kv_heads: usize,
+    /// Queries per row.
+    pub t: usize,
+    /// Keys per row.
+    pub s: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// The launches of flash attention: forward, dQ and dK/dV (the kernels of
+/// `flash_attention.cu`), with the shared memory each needs for the head dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashPlan {
+    /// The shapes planned for.
+    pub shape: FlashShape,
+    /// `mor_flash_attn_fwd`: one block per [`FLASH_WARPS`] × [`FLASH_FWD_ROWS`] query rows
+    /// of one (head, batch row).
+    pub fwd: LaunchDims,
+    /// `mor_flash_attn_bwd_dq`: one block per [`FLASH_WARPS`] × [`FLASH_DQ_ROWS`] query
+    /// rows of one (head, batch row).
+    pub dq: LaunchDims,
+    /// `mor_flash_attn_bwd_dkv`: one block per [`FLASH_WARPS`] × [`FLASH_DKV_KEYS`] keys of
+    /// one (key/value head, batch row).
+    pub dkv: LaunchDims,
+}
+
+impl FlashPlan {
+    /// Plans the three kernels for `shape`.
+    ///
+    /// # Errors
+    /// An empty shape, `q_heads % kv_heads != 0`, a head dimension past
+    /// [`FLASH_MAX_HEAD_DIM`], heads or batch rows past the grid's y/z limit, or shared
+    /// memory past [`SHARED_MEM_LIMIT`].
+    pub fn new(shape: FlashShape) -> Result<Self> {
+        const OP: &str = "flash_attention";
+        let s = shape;
+        if s.batch == 0 || s.q_heads == 0 || s.kv_heads == 0 || s.t == 0 || s.s == 0 {
+            return Err(invalid(OP, format!("an empty shape {s:?}")));
+        }
+        if !s.q_heads.is_multiple_of(s.kv_heads) {
+            return Err(invalid(
+                OP,
+                format!(
+                    "q_heads = {} is not a multiple of kv_heads = {}",
+                    s.q_heads, s.kv_heads
+                ),
+            ));
+        }
+        if s.head_dim == 0 || s.head_dim > FLASH_MAX_HEAD_DIM {
+            return Err(invalid(
+                OP,
+                format!(
+                    "head_dim = {} must be in 1..={FLASH_MAX_HEAD_DIM}",
+                    s.head_dim
+                ),
+            ));
+        }
+        for (what, v) in [
+            ("batch", s.batch),
+            ("q_heads", s.q_heads),
+            ("kv_heads", s.kv_heads),
+        ] {
+            if v as u64 > MAX_GRID_YZ {
+                return Err(invalid(
+                    OP,
+                    format!("{what} = {v} exceeds the grid limit {MAX_GRID_YZ}"),
+                ));
+            }
+        }
+        for (what, v) in [("t", s.t), ("s", s.s)] {
+            to_u32(OP, what, v)?;
+        }
+        let dh = s.head_dim;
+        let warps = FLASH_WARPS as usize;
+        let bk = FLASH_KEY_TILE;
+        // Shared memory in f32 words, as laid out by the kernels.
+        let fwd_words = bk * (dh + 1) + bk * dh + warps * FLASH_FWD_ROWS * dh + bk;
+        let dq_words = 2 * bk * (dh + 1) + 2 * warps * FLASH_DQ_ROWS * dh + bk;
+        let qt = FLASH_QUERY_TILE;
+        let dkv_words = 2 * qt * (dh + 1) + 2 * warps * FLASH_DKV_KEYS * dh + 3 * qt;
+        let dims = |blocks: usize, heads: usize, words: usize| -> Result<LaunchDims> {
+            let bytes = words * 4;
+            if bytes > SHARED_MEM_LIMIT as usize {
+                return Err(invalid(
+                    OP,
+                    format!("{bytes} bytes of shared memory exceed {SHARED_MEM_LIMIT}"),
+                ));
+            }
+            if blocks as u64 > MAX_GRID_X {
+                return Err(invalid(
+                    OP,
+                    format!("{blocks} blocks exceed the grid limit {MAX_GRID_X}"),
+                ));
+            }
+            Ok(LaunchDims {
+                grid: (blocks as u32, heads as u32, s.batch as u32),
+                block: (FLASH_WARPS * WARP, 1, 1),
+                shared_mem_bytes: bytes as u32,
+            })
+        };
+        Ok(FlashPlan {
+            shape,
+            fwd: dims(s.t.div_ceil(warps * FLASH_FWD_ROWS), s.q_heads, fwd_words)?,
+            dq: dims(s.t.div_ceil(warps * FLASH_DQ_ROWS), s.q_heads, dq_words)?,
+            dkv: dims(s.s.div_ceil(warps * FLASH_DKV_KEYS), s.kv_heads, dkv_words)?,
+        })
+    }
+}

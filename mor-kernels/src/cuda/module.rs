@@ -19,17 +19,28 @@ pub enum KernelModule {
     Rope,
     /// `decode_attention.cu`: split-K decode attention over a paged KV cache.
     DecodeAttention,
+    /// `flash_attention.cu`: flash-style causal attention by positions, forward and
+    /// backward.
+    FlashAttention,
+    /// `cross_entropy.cu`: per-chunk statistics and gradient of the vocabulary-chunked
+    /// LM-head cross-entropy.
+    CrossEntropy,
+    /// `adamw.cu`: the fused AdamW step.
+    Adamw,
 }
 
 impl KernelModule {
     /// Every module.
-    pub const ALL: [KernelModule; 6] = [
+    pub const ALL: [KernelModule; 9] = [
         KernelModule::Router,
         KernelModule::RmsNorm,
         KernelModule::Swiglu,
         KernelModule::Tokens,
         KernelModule::Rope,
         KernelModule::DecodeAttention,
+        KernelModule::FlashAttention,
+        KernelModule::CrossEntropy,
+        KernelModule::Adamw,
     ];
 
     /// The module name: the file stem of its source in `kernels/`.
@@ -41,6 +52,9 @@ impl KernelModule {
             KernelModule::Tokens => "tokens",
             KernelModule::Rope => "rope",
             KernelModule::DecodeAttention => "decode_attention",
+            KernelModule::FlashAttention => "flash_attention",
+            KernelModule::CrossEntropy => "cross_entropy",
+            KernelModule::Adamw => "adamw",
         }
     }
 

@@ -1554,6 +1554,629 @@ pub fn paged_decode_attention(
         .apply_op3(&k_cache.contiguous()?, &v_cache.contiguous()?, Op(op))?)
 }
 
+// ---------------------------------------------------------------------------------------
+// Flash attention by positions.
+
+/// The host values of a float tensor (any float dtype), as f64.
+fn host_f64_tensor(t: &Tensor) -> CResult<Vec<f64>> {
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+}
+
+fn flash_shape_of(op: &'static str, plan: &launch::FlashPlan, l: &[&Layout]) -> Result<()> {
+    let s = plan.shape;
+    let want_q = [s.batch, s.q_heads, s.t, s.head_dim];
+    let want_kv = [s.batch, s.kv_heads, s.s, s.head_dim];
+    if l[0].dims() != want_q || l[1].dims() != want_kv || l[2].dims() != want_kv {
+        return Err(invalid(
+            op,
+            format!(
+                "inputs {:?}, {:?}, {:?} differ from the planned q {want_q:?}, k/v {want_kv:?}",
+                l[0].dims(),
+                l[1].dims(),
+                l[2].dims()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The trailing size arguments of the flash-attention kernels: `hq, hkv, t, s, dh, scale`.
+fn flash_sizes(p: &Plan, s: launch::FlashShape) -> Result<Vec<Arg>> {
+    let mut args = Vec::with_capacity(6);
+    for (what, v) in [
+        ("hq", s.q_heads),
+        ("hkv", s.kv_heads),
+        ("t", s.t),
+        ("s", s.s),
+        ("dh", s.head_dim),
+    ] {
+        args.push(p.u32_arg(what, v)?);
+    }
+    args.push(Arg::F32(1.0 / (s.head_dim as f32).sqrt()));
+    Ok(args)
+}
+
+/// Flash attention forward: inputs `q, k, v`; output `[b, hq, t, dh + 1]` in the
+/// accumulation dtype, each row the attention output followed by its log-sum-exp.
+#[derive(Debug, Clone)]
+pub(crate) struct FlashAttnOp {
+    pub(crate) q_pos: Tensor,
+    pub(crate) k_pos: Tensor,
+    pub(crate) plan: launch::FlashPlan,
+}
+
+impl Fused for FlashAttnOp {
+    const NAME: &'static str = "mor-flash-attention";
+    const ARITY: usize = 3;
+
+    fn host(&self, x: &[Vec<f64>], _: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let s = self.plan.shape;
+        let (o, lse) = host::flash_attention_fwd(
+            &x[0],
+            &x[1],
+            &x[2],
+            &host_u32(&self.q_pos)?,
+            &host_u32(&self.k_pos)?,
+            s,
+        );
+        let dh = s.head_dim;
+        let mut out = Vec::with_capacity(lse.len() * (dh + 1));
+        for (row, l) in o.chunks_exact(dh).zip(&lse) {
+            out.extend_from_slice(row);
+            out.push(*l);
+        }
+        Ok((
+            HostOut::Acc(out),
+            Shape::from((s.batch, s.q_heads, s.t, dh + 1)),
+        ))
+    }
+
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let fp = self.plan;
+        let s = fp.shape;
+        flash_shape_of("flash_attention", &fp, l)?;
+        let mut p = Plan::new(
+            "flash_attention",
+            3,
+            (s.batch, s.q_heads, s.t, s.head_dim + 1),
+        );
+        let out = p.buffer(Elem::F32, s.batch * s.q_heads * s.t * (s.head_dim + 1));
+        let mut args = vec![
+            Arg::Input(0),
+            Arg::Input(1),
+            Arg::Input(2),
+            p.aux(&self.q_pos),
+            p.aux(&self.k_pos),
+            p.write_all(out),
+        ];
+        args.extend(flash_sizes(&p, s)?);
+        p.launch(Kernel::FlashAttnFwd, fp.fwd, args);
+        Ok(p.output(out))
+    }
+
+    fn bwd(&self, x: &[&Tensor], res: &Tensor, grad: &Tensor) -> CResult<Vec<Option<Tensor>>> {
+        let s = self.plan.shape;
+        let dh = s.head_dim;
+        let o = res.narrow(3, 0, dh)?;
+        let lse = res.narrow(3, dh, 1)?;
+        // The output gradient in the accumulation dtype; the log-sum-exp column of the
+        // packed output carries no gradient of its own.
+        let dout = grad.narrow(3, 0, dh)?.to_dtype(res.dtype())?.contiguous()?;
+        // D = rowsum(dO ⊙ O), FlashAttention-2's preprocessing step.
+        let d = (&dout * &o)?.sum_keepdim(3)?;
+        let stats = Tensor::cat(&[&lse, &d], 3)?.contiguous()?;
+        let op = Op(FlashAttnBwdOp {
+            fwd: self.clone(),
+            dout,
+            stats,
+        });
+        let (q, k, v) = (x[0], x[1], x[2]);
+        let g = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nkv) = (q.elem_count(), k.elem_count());
+        let dq = g
+            .narrow(0, 0, nq)?
+            .reshape(q.shape())?
+            .to_dtype(q.dtype())?;
+        let dk = g
+            .narrow(0, nq, nkv)?
+            .reshape(k.shape())?
+            .to_dtype(k.dtype())?;
+        let dv = g
+            .narrow(0, nq + nkv, nkv)?
+            .reshape(v.shape())?
+            .to_dtype(v.dtype())?;
+        Ok(vec![Some(dq), Some(dk), Some(dv)])
+    }
+}
+
+/// Flash attention backward: inputs `q, k, v`; output `[dq | dk | dv]` flat, in the
+/// accumulation dtype.
+#[derive(Debug, Clone)]
+pub(crate) struct FlashAttnBwdOp {
+    pub(crate) fwd: FlashAttnOp,
+    /// `[b, hq, t, dh]`, the accumulation dtype.
+    pub(crate) dout: Tensor,
+    /// `[b, hq, t, 2]`: log-sum-exp and `rowsum(dO ⊙ O)` of each query row.
+    pub(crate) stats: Tensor,
+}
+
+impl Fused for FlashAttnBwdOp {
+    const NAME: &'static str = "mor-flash-attention-bwd";
+    const ARITY: usize = 3;
+
+    fn host(&self, x: &[Vec<f64>], _: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (dq, dk, dv) = host::flash_attention_bwd(
+            &x[0],
+            &x[1],
+            &x[2],
+            &host_u32(&self.fwd.q_pos)?,
+            &host_u32(&self.fwd.k_pos)?,
+            &host_f64_tensor(&self.dout)?,
+            &host_f64_tensor(&self.stats)?,
+            self.fwd.plan.shape,
+        );
+        let mut out = dq;
+        out.extend(dk);
+        out.extend(dv);
+        let n = out.len();
+        Ok((HostOut::Acc(out), Shape::from(n)))
+    }
+
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        const OP: &str = "flash_attention backward";
+        let fp = self.fwd.plan;
+        let s = fp.shape;
+        flash_shape_of(OP, &fp, l)?;
+        let nq = s.batch * s.q_heads * s.t * s.head_dim;
+        let nkv = s.batch * s.kv_heads * s.s * s.head_dim;
+        let mut p = Plan::new(OP, 3, nq + 2 * nkv);
+        let out = p.buffer(Elem::F32, nq + 2 * nkv);
+        let ins = vec![
+            Arg::Input(0),
+            Arg::Input(1),
+            Arg::Input(2),
+            p.aux(&self.fwd.q_pos),
+            p.aux(&self.fwd.k_pos),
+            p.aux(&self.dout),
+            p.aux(&self.stats),
+        ];
+        let sizes = flash_sizes(&p, s)?;
+        for (kernel, range, dims) in [
+            (Kernel::FlashAttnBwdDq, 0..nq, fp.dq),
+            (Kernel::FlashAttnBwdDkv, nq..nq + 2 * nkv, fp.dkv),
+        ] {
+            let mut args = ins.clone();
+            args.push(Arg::Write(out, range));
+            args.extend(sizes.iter().cloned());
+            p.launch(kernel, dims, args);
+        }
+        Ok(p.output(out))
+    }
+}
+
+/// Causal attention with GQA by positions, flash-style (FlashAttention-2): query `i` sees
+/// key `j` iff `k_pos[j] <= q_pos[i]`, neither is [`crate::PAD_POS`]; scale
+/// `1/sqrt(dh)`; a query that sees no key gets zeros (the contract of
+/// [`crate::Backend::attention`], mor-spec §1.1). No `[t, s]` score matrix is
+/// materialised: the forward pass keeps only the output and the log-sum-exp of each row,
+/// and the backward pass recomputes the probabilities from it. Positions are read on the
+/// device only (no host round trip). Differentiable with respect to `q`, `k` and `v`.
+///
+/// # Shapes
+/// `q: [b, hq, t, dh]`, `k, v: [b, hkv, s, dh]` with `hq % hkv == 0` and
+/// `dh <= 128` ([`launch::FLASH_MAX_HEAD_DIM`]), `q_pos: [b, t]`, `k_pos: [b, s]` u32 →
+/// `[b, hq, t, dh]`.
+///
+/// # Errors
+/// Bad shapes, dtypes or devices; a head dimension past the kernels' limit.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_pos: &Tensor,
+    k_pos: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "flash_attention";
+    check_float(OP, "q", q)?;
+    check_same(OP, ("q", q), ("k", k))?;
+    check_same(OP, ("q", q), ("v", v))?;
+    let [b, hq, t, dh] = rank::<4>(OP, "q", q)?;
+    let [bk, hkv, s, dk] = rank::<4>(OP, "k", k)?;
+    if v.dims() != k.dims() || bk != b || dk != dh {
+        return Err(invalid(
+            OP,
+            format!(
+                "q {:?}, k {:?}, v {:?}: need equal batch and head dim, and v shaped as k",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            ),
+        ));
+    }
+    check_index_tensor(OP, "q_pos", q_pos, q, &[b, t])?;
+    check_index_tensor(OP, "k_pos", k_pos, q, &[b, s])?;
+    if b * hq * t * dh == 0 || s == 0 {
+        return Ok(Tensor::zeros((b, hq, t, dh), q.dtype(), q.device())?);
+    }
+    let plan = launch::FlashPlan::new(launch::FlashShape {
+        batch: b,
+        q_heads: hq,
+        kv_heads: hkv,
+        t,
+        s,
+        head_dim: dh,
+    })?;
+    let op = FlashAttnOp {
+        q_pos: q_pos.contiguous()?,
+        k_pos: k_pos.contiguous()?,
+        plan,
+    };
+    let packed = q
+        .contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, Op(op))?;
+    Ok(packed.narrow(3, 0, dh)?.to_dtype(q.dtype())?)
+}
+
+// ---------------------------------------------------------------------------------------
+// LM head + cross-entropy in vocabulary chunks.
+
+/// The default number of vocabulary columns per chunk for `rows` rows: about 2^26 logits
+/// per chunk (256 MiB in f32), between 1024 and 65536 columns, a multiple of 32.
+pub fn ce_chunk_cols(rows: usize, vocab: usize) -> usize {
+    let c = ((1usize << 26) / rows.max(1)).clamp(1024, 65_536) / 32 * 32;
+    c.min(vocab.max(1))
+}
+
+/// Per-row statistics of one vocabulary chunk: input `logits [n, cols]`; output `[n, 3]`
+/// in the accumulation dtype.
+#[derive(Debug, Clone)]
+pub(crate) struct CeStatsOp {
+    pub(crate) targets: Tensor,
+    pub(crate) col0: usize,
+}
+
+impl Fused for CeStatsOp {
+    const NAME: &'static str = "mor-ce-chunk-stats";
+    const ARITY: usize = 1;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (n, cols) = l[0].shape().dims2()?;
+        let out = host::ce_chunk_stats(&x[0], &host_u32(&self.targets)?, n, cols, self.col0);
+        Ok((HostOut::Acc(out), Shape::from((n, 3))))
+    }
+
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (n, cols) = dims2(l[0])?;
+        let mut p = Plan::new("linear_cross_entropy chunk statistics", 1, (n, 3));
+        let out = p.buffer(Elem::F32, 3 * n);
+        let args = vec![
+            Arg::Input(0),
+            p.aux(&self.targets),
+            p.write_all(out),
+            p.u32_arg("n", n)?,
+            p.u32_arg("cols", cols)?,
+            p.u32_arg("col0", self.col0)?,
+        ];
+        p.launch(Kernel::CeChunkStats, launch::warp_per_row(n as u64)?, args);
+        Ok(p.output(out))
+    }
+}
+
+/// The logits gradient of one vocabulary chunk: input `logits [n, cols]`; output
+/// `[n, cols]` in the logits' dtype.
+#[derive(Debug, Clone)]
+pub(crate) struct CeGradOp {
+    pub(crate) targets: Tensor,
+    /// `[n]`, the accumulation dtype.
+    pub(crate) lse: Tensor,
+    /// `[1]`: the upstream gradient of the mean loss over the row count.
+    pub(crate) gscale: Tensor,
+    pub(crate) col0: usize,
+}
+
+impl Fused for CeGradOp {
+    const NAME: &'static str = "mor-ce-chunk-grad";
+    const ARITY: usize = 1;
+
+    fn host(&self, x: &[Vec<f64>], l: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let (_, cols) = l[0].shape().dims2()?;
+        let g = host_f64_tensor(&self.gscale)?;
+        let out = host::ce_chunk_grad(
+            &x[0],
+            &host_u32(&self.targets)?,
+            &host_f64_tensor(&self.lse)?,
+            g[0],
+            cols,
+            self.col0,
+        );
+        Ok((HostOut::Like(out), l[0].shape().clone()))
+    }
+
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let (n, cols) = dims2(l[0])?;
+        let mut p = Plan::new("linear_cross_entropy chunk gradient", 1, (n, cols));
+        let out = p.buffer(Elem::T, n * cols);
+        let args = vec![
+            Arg::Input(0),
+            p.aux(&self.targets),
+            p.aux(&self.lse),
+            p.aux(&self.gscale),
+            p.write_all(out),
+            p.u32_arg("n", n)?,
+            p.u32_arg("cols", cols)?,
+            p.u32_arg("col0", self.col0)?,
+        ];
+        p.launch(
+            Kernel::CeChunkGrad,
+            launch::elementwise((n * cols) as u64)?,
+            args,
+        );
+        Ok(p.output(out))
+    }
+}
+
+/// The vocabulary chunks `(col0, cols)` of a vocabulary of `vocab` columns.
+fn chunks(vocab: usize, cols: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..vocab)
+        .step_by(cols.max(1))
+        .map(move |c0| (c0, cols.min(vocab - c0)))
+}
+
+/// The loss node of the chunked cross-entropy: inputs `x [n, d]`, `w [V, d]` and the loss
+/// already computed (detached, a scalar); the forward pass passes the loss through, the
+/// backward pass recomputes each chunk's logits and returns `dx`, `dw` chunk by chunk.
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkedCeLoss {
+    pub(crate) targets: Tensor,
+    /// `[n]` log-sum-exp of each row, the accumulation dtype.
+    pub(crate) lse: Tensor,
+    pub(crate) cols: usize,
+}
+
+impl CustomOp3 for ChunkedCeLoss {
+    fn name(&self) -> &'static str {
+        "mor-linear-cross-entropy-chunked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        Ok((s3.try_clone(l3)?, l3.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        Ok((s3.try_clone(l3)?, l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _loss: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, _) = x.dims2()?;
+        let (vocab, _) = w.dims2()?;
+        let acc = self.lse.dtype();
+        let gscale = (grad.to_dtype(acc)? / n.max(1) as f64)?.reshape(1)?;
+        let mut dx: Option<Tensor> = None;
+        let mut dws = Vec::new();
+        for (col0, cols) in chunks(vocab, self.cols) {
+            let wc = w.narrow(0, col0, cols)?;
+            let logits = x.matmul(&wc.t()?)?.contiguous()?;
+            let op = Op(CeGradOp {
+                targets: self.targets.clone(),
+                lse: self.lse.clone(),
+                gscale: gscale.clone(),
+                col0,
+            });
+            let dl = logits.apply_op1_no_bwd(&op)?;
+            let part = dl.matmul(&wc)?;
+            dx = Some(match dx {
+                Some(d) => (d + part)?,
+                None => part,
+            });
+            dws.push(dl.t()?.matmul(x)?);
+        }
+        let dw = Tensor::cat(&dws, 0)?;
+        Ok((dx, Some(dw), None))
+    }
+}
+
+/// The language-model head and its mean cross-entropy in vocabulary chunks: the mean over
+/// rows of `logsumexp(x wᵀ) − (x wᵀ)[target]` (the contract of
+/// [`crate::Backend::linear_cross_entropy`]), with the `[rows, vocab]` logits never
+/// materialised: the products run chunk by chunk as candle matmuls (cuBLAS on CUDA),
+/// small kernels reduce each chunk to per-row statistics in the forward pass and turn it
+/// into its logits gradient in the backward pass. At most `[rows, chunk_cols]` logits
+/// exist at a time (default [`ce_chunk_cols`]). Differentiable with respect to `x` and `w`;
+/// the loss has the dtype of `x`.
+///
+/// # Shapes
+/// `x: [.., d]`, `w: [vocab, d]`, `targets: [..]` u32 (one per row of `x`) → scalar.
+///
+/// # Errors
+/// Bad shapes, dtypes or devices, `chunk_cols == 0`. On CPU, a target `>= vocab`; on the
+/// device such a target is not detected (it would need a host read) and contributes no
+/// target logit.
+pub fn linear_cross_entropy(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk_cols: Option<usize>,
+) -> Result<Tensor> {
+    const OP: &str = "linear_cross_entropy";
+    check_float(OP, "x", x)?;
+    check_same(OP, ("x", x), ("w", w))?;
+    let [vocab, d] = rank::<2>(OP, "w", w)?;
+    if x.dims().last() != Some(&d) {
+        return Err(invalid(
+            OP,
+            format!(
+                "x {:?} does not end in d = {d} of w {:?}",
+                x.dims(),
+                w.dims()
+            ),
+        ));
+    }
+    let n = x.elem_count() / d.max(1);
+    check_index_tensor(OP, "targets", &targets.flatten_all()?, x, &[n])?;
+    let cols = chunk_cols.unwrap_or_else(|| ce_chunk_cols(n, vocab));
+    if cols == 0 {
+        return Err(invalid(OP, "chunk_cols must be positive"));
+    }
+    let targets = targets.flatten_all()?.contiguous()?;
+    if x.device().is_cpu() {
+        if let Some(bad) = host_u32(&targets)?.iter().find(|&&t| t as usize >= vocab) {
+            return Err(invalid(
+                OP,
+                format!("target {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+    }
+    let acc = acc_dtype(x.dtype());
+    if n == 0 || vocab == 0 {
+        return Ok(Tensor::new(f32::NAN, x.device())?.to_dtype(x.dtype())?);
+    }
+    let x2 = x.reshape((n, d))?.contiguous()?;
+    let w = w.contiguous()?;
+    let (xd, wd) = (x2.detach(), w.detach());
+    let mut stats = Vec::new();
+    for (col0, c) in chunks(vocab, cols) {
+        let logits = xd.matmul(&wd.narrow(0, col0, c)?.t()?)?.contiguous()?;
+        let op = Op(CeStatsOp {
+            targets: targets.clone(),
+            col0,
+        });
+        stats.push(logits.apply_op1_no_bwd(&op)?);
+    }
+    // Merge the chunks: lse = M + ln Σ_c s_c exp(m_c − M).
+    let st = Tensor::stack(&stats, 0)?; // [chunks, n, 3]
+    let m = st.narrow(2, 0, 1)?.squeeze(2)?;
+    let big = m.max_keepdim(0)?;
+    let s = (st.narrow(2, 1, 1)?.squeeze(2)? * m.broadcast_sub(&big)?.exp()?)?.sum_keepdim(0)?;
+    let lse = (big + s.log()?)?.squeeze(0)?.contiguous()?;
+    let target_logit = st.narrow(2, 2, 1)?.squeeze(2)?.sum(0)?;
+    let loss = (&lse - target_logit)?.mean_all()?.to_dtype(acc)?.detach();
+    let node = ChunkedCeLoss { targets, lse, cols };
+    let out = if x2.track_op() || w.track_op() {
+        x2.apply_op3(&w, &loss, node)?
+    } else {
+        loss
+    };
+    Ok(out.to_dtype(x.dtype())?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused AdamW.
+
+pub use host::AdamwHyper;
+
+/// One AdamW step of one parameter: inputs `w, m, v`, the gradient as an auxiliary
+/// tensor; output `[3, n]`, the new `w, m, v`.
+#[derive(Debug, Clone)]
+pub(crate) struct AdamwOp {
+    pub(crate) g: Tensor,
+    pub(crate) h: AdamwHyper,
+}
+
+impl Fused for AdamwOp {
+    const NAME: &'static str = "mor-adamw-step";
+    const ARITY: usize = 3;
+
+    fn host(&self, x: &[Vec<f64>], _: &[&Layout], _: DType) -> CResult<(HostOut, Shape)> {
+        let g = host_f64_tensor(&self.g)?;
+        let n = x[0].len();
+        let out = host::adamw_step(&x[0], &g, &x[1], &x[2], &self.h);
+        Ok((HostOut::Like(out), Shape::from((3, n))))
+    }
+
+    fn plan(&self, l: &[&Layout]) -> Result<Plan> {
+        let n = l[0].shape().elem_count();
+        let h = self.h;
+        let mut p = Plan::new("adamw_step", 3, (3, n));
+        let out = p.buffer(Elem::T, 3 * n);
+        let mut args = vec![
+            Arg::Input(0),
+            p.aux(&self.g),
+            Arg::Input(1),
+            Arg::Input(2),
+            p.write_all(out),
+            Arg::U64(n as u64),
+        ];
+        for v in [
+            h.beta1,
+            1.0 - h.beta1,
+            h.beta2,
+            1.0 - h.beta2,
+            h.bc1,
+            h.bc2,
+            h.lr,
+            h.eps,
+            1.0 - h.decay,
+        ] {
+            args.push(Arg::F64(v));
+        }
+        p.launch(Kernel::AdamwStep, launch::elementwise(n as u64)?, args);
+        Ok(p.output(out))
+    }
+}
+
+/// One fused AdamW step of one parameter tensor (mor-spec §1.3), one kernel launch on
+/// CUDA, the moments staying on the device:
+/// `m' = β₁m + (1 − β₁)g`, `v' = β₂v + (1 − β₂)g²`,
+/// `w' = w(1 − decay) − lr · (m'/bc1) / (sqrt(v'/bc2) + ε)`, computed in f64 from the
+/// f32 values, operation for operation as the trainer's host update, and rounded once: for
+/// f32 tensors the result equals the host update bit for bit. On CPU tensors it runs the
+/// same arithmetic on the host. Returns `(w', m', v')` shaped as `w` (views of one
+/// `[3, n]` buffer). Not differentiable.
+///
+/// # Errors
+/// Tensors of different shapes, dtypes or devices; a non-float dtype; on CUDA, a dtype
+/// other than f32 and bf16.
+pub fn adamw_step(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    h: &AdamwHyper,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "adamw_step";
+    check_float(OP, "w", w)?;
+    for (what, t) in [("g", g), ("m", m), ("v", v)] {
+        check_same(OP, ("w", w), (what, t))?;
+        if t.dims() != w.dims() {
+            return Err(invalid(
+                OP,
+                format!("{what} has shape {:?}, w has {:?}", t.dims(), w.dims()),
+            ));
+        }
+    }
+    if w.elem_count() == 0 {
+        return Ok((w.clone(), m.clone(), v.clone()));
+    }
+    let flat = |t: &Tensor| -> Result<Tensor> { Ok(t.flatten_all()?.contiguous()?) };
+    let op = AdamwOp { g: flat(g)?, h: *h };
+    let out = flat(w)?.apply_op3_no_bwd(&flat(m)?, &flat(v)?, &Op(op))?;
+    let row = |i: usize| -> Result<Tensor> { Ok(out.get(i)?.reshape(w.shape())?) };
+    Ok((row(0)?, row(1)?, row(2)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1681,6 +2304,87 @@ mod tests {
             "combine reads the parts"
         );
         assert_eq!(p.output, 1);
+
+        let shape = launch::FlashShape {
+            batch: 2,
+            q_heads: 6,
+            kv_heads: 2,
+            t: 37,
+            s: 70,
+            head_dim: 40,
+        };
+        let fwd = FlashAttnOp {
+            q_pos: idx(2, 37),
+            k_pos: idx(2, 70),
+            plan: launch::FlashPlan::new(shape).unwrap(),
+        };
+        let (q, kv): (&[usize], &[usize]) = (&[2, 6, 37, 40], &[2, 2, 70, 40]);
+        let p = plan_of(&fwd, &[q, kv, kv], BOTH);
+        assert_eq!(
+            p.buffers[0].elem,
+            Elem::F32,
+            "output and log-sum-exp in f32"
+        );
+        assert_eq!(p.launches[0].args[11], Arg::F32(1.0 / 40f32.sqrt()));
+        // Inputs of another shape than planned are refused.
+        let l = [Layout::contiguous(q), Layout::contiguous((2, 2, 71, 40))];
+        assert!(fwd.plan(&[&l[0], &l[1], &l[1]]).is_err());
+        let f32s = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+        let bwd = FlashAttnBwdOp {
+            fwd,
+            dout: f32s(&[2, 6, 37, 40]),
+            stats: f32s(&[2, 6, 37, 2]),
+        };
+        let p = plan_of(&bwd, &[q, kv, kv], BOTH);
+        let (nq, nkv) = (2 * 6 * 37 * 40, 2 * 2 * 70 * 40);
+        assert_eq!(p.launches[0].args[7], Arg::Write(0, 0..nq), "dq");
+        assert_eq!(
+            p.launches[1].args[7],
+            Arg::Write(0, nq..nq + 2 * nkv),
+            "dk then dv"
+        );
+
+        let targets = idx(1, 300).flatten_all().unwrap();
+        let stats = CeStatsOp {
+            targets: targets.clone(),
+            col0: 64,
+        };
+        let p = plan_of(&stats, &[&[300, 96]], BOTH);
+        assert_eq!(
+            p.launches[0].args[3..],
+            [Arg::U32(300), Arg::U32(96), Arg::U32(64)]
+        );
+        let grad = CeGradOp {
+            targets,
+            lse: f32s(&[300]),
+            gscale: f32s(&[1]),
+            col0: 64,
+        };
+        let p = plan_of(&grad, &[&[300, 96]], BOTH);
+        assert_eq!(
+            p.buffers[0].elem,
+            Elem::T,
+            "the logits gradient feeds the products"
+        );
+        let h = AdamwHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            decay: 1e-4,
+            bc1: 0.1,
+            bc2: 0.05,
+        };
+        let op = AdamwOp {
+            g: f32s(&[1000]),
+            h,
+        };
+        let p = plan_of(&op, &[&[1000], &[1000], &[1000]], &[DType::F32]);
+        assert_eq!(p.launches[0].args[1], Arg::Aux(0), "the gradient");
+        assert_eq!(p.launches[0].args[5], Arg::U64(1000));
+        assert_eq!(p.launches[0].args[14], Arg::F64(1.0 - 1e-4), "1 - decay");
+        // A gradient of another dtype than the parameter is refused by the plan.
+        assert!(p.validate(DType::BF16).is_err());
     }
 
     #[test]

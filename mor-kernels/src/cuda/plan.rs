@@ -43,6 +43,8 @@ pub enum Param {
     F32,
     /// `unsigned long long`.
     U64,
+    /// `double`.
+    F64,
 }
 
 /// Every kernel of `kernels/*.cu`, the index of its row in [`KERNELS`].
@@ -76,6 +78,18 @@ pub enum Kernel {
     PagedDecodePartial,
     /// `mor_paged_decode_combine`.
     PagedDecodeCombine,
+    /// `mor_flash_attn_fwd`.
+    FlashAttnFwd,
+    /// `mor_flash_attn_bwd_dq`.
+    FlashAttnBwdDq,
+    /// `mor_flash_attn_bwd_dkv`.
+    FlashAttnBwdDkv,
+    /// `mor_ce_chunk_stats`.
+    CeChunkStats,
+    /// `mor_ce_chunk_grad`.
+    CeChunkGrad,
+    /// `mor_adamw_step`.
+    AdamwStep,
 }
 
 /// One row of the kernel table.
@@ -92,7 +106,7 @@ pub struct KernelSpec {
 }
 
 use Elem::{F32 as EF, T as ET, U32 as EU};
-use Param::{In, OptIn, Out, F32, I32, U32, U64};
+use Param::{In, OptIn, Out, F32, F64, I32, U32, U64};
 
 /// `mor_gather_rope_fwd` and `_bwd`: `(x or dout, idx, cos, sin, out, b, h, l, t, dh,
 /// max_pos)`.
@@ -110,8 +124,27 @@ const GATHER_ROPE: &[Param] = &[
     U32,
 ];
 
+/// `mor_flash_attn_bwd_dq` and `_dkv`: `(q, k, v, q_pos, k_pos, dout, stats, out, hq, hkv,
+/// t, s, dh, scale)`.
+const FLASH_BWD: &[Param] = &[
+    In(ET),
+    In(ET),
+    In(ET),
+    In(EU),
+    In(EU),
+    In(EF),
+    In(EF),
+    Out(EF),
+    U32,
+    U32,
+    U32,
+    U32,
+    U32,
+    F32,
+];
+
 /// The kernel table, in the order of [`Kernel`].
-pub static KERNELS: [KernelSpec; 14] = [
+pub static KERNELS: [KernelSpec; 20] = [
     KernelSpec {
         kernel: Kernel::RouterScore,
         base: "mor_router_score",
@@ -223,6 +256,71 @@ pub static KERNELS: [KernelSpec; 14] = [
         module: KernelModule::DecodeAttention,
         params: &[In(EF), Out(ET), U32, U32, U32],
     },
+    KernelSpec {
+        kernel: Kernel::FlashAttnFwd,
+        base: "mor_flash_attn_fwd",
+        module: KernelModule::FlashAttention,
+        params: &[
+            In(ET),
+            In(ET),
+            In(ET),
+            In(EU),
+            In(EU),
+            Out(EF),
+            U32,
+            U32,
+            U32,
+            U32,
+            U32,
+            F32,
+        ],
+    },
+    KernelSpec {
+        kernel: Kernel::FlashAttnBwdDq,
+        base: "mor_flash_attn_bwd_dq",
+        module: KernelModule::FlashAttention,
+        params: FLASH_BWD,
+    },
+    KernelSpec {
+        kernel: Kernel::FlashAttnBwdDkv,
+        base: "mor_flash_attn_bwd_dkv",
+        module: KernelModule::FlashAttention,
+        params: FLASH_BWD,
+    },
+    KernelSpec {
+        kernel: Kernel::CeChunkStats,
+        base: "mor_ce_chunk_stats",
+        module: KernelModule::CrossEntropy,
+        params: &[In(ET), In(EU), Out(EF), U32, U32, U32],
+    },
+    KernelSpec {
+        kernel: Kernel::CeChunkGrad,
+        base: "mor_ce_chunk_grad",
+        module: KernelModule::CrossEntropy,
+        params: &[In(ET), In(EU), In(EF), In(EF), Out(ET), U32, U32, U32],
+    },
+    KernelSpec {
+        kernel: Kernel::AdamwStep,
+        base: "mor_adamw_step",
+        module: KernelModule::Adamw,
+        params: &[
+            In(ET),
+            In(ET),
+            In(ET),
+            In(ET),
+            Out(ET),
+            U64,
+            F64,
+            F64,
+            F64,
+            F64,
+            F64,
+            F64,
+            F64,
+            F64,
+            F64,
+        ],
+    },
 ];
 
 impl Kernel {
@@ -262,6 +360,8 @@ pub enum Arg {
     F32(f32),
     /// An `unsigned long long`.
     U64(u64),
+    /// A `double`.
+    F64(f64),
 }
 
 /// A zero-initialised device buffer of a plan.
@@ -430,6 +530,9 @@ impl Plan {
                     Arg::Input(j) if *j < self.inputs => Ok(Elem::T),
                     Arg::Aux(j) => match self.aux.get(*j).map(|t| t.dtype()) {
                         Some(DType::U32) => Ok(Elem::U32),
+                        // An f32 tensor passed where an f32 pointer is expected (for f32
+                        // ops that is also the element type).
+                        Some(DType::F32) if e == Elem::F32 => Ok(Elem::F32),
                         Some(d) if d == dtype => Ok(Elem::T),
                         other => Err(bad(i, format!("aux tensor of dtype {other:?}"))),
                     },
@@ -457,7 +560,8 @@ impl Plan {
                 (Param::U32, Arg::U32(_))
                 | (Param::I32, Arg::I32(_))
                 | (Param::F32, Arg::F32(_))
-                | (Param::U64, Arg::U64(_)) => true,
+                | (Param::U64, Arg::U64(_))
+                | (Param::F64, Arg::F64(_)) => true,
                 _ => false,
             };
             if !ok {
@@ -520,6 +624,7 @@ mod tests {
                 "int" => I32,
                 "float" => F32,
                 "unsigned long long" => U64,
+                "double" => F64,
                 other => panic!("unknown parameter type {other}"),
             }
         }

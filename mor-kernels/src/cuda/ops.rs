@@ -237,103 +237,51 @@ impl<K: Fused> Op<K> {
     }
 }
 
-impl<K: Fused> CustomOp1 for Op<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        self.cpu(&[(s, l)])
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
-        self.cuda(&[(s, l)])
-    }
-
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let [a] = self.grads([x], res, grad)?;
-        Ok(a)
-    }
+/// One `Option<Tensor>` per input, for the gradients of [`custom_op!`].
+macro_rules! grad_slot {
+    ($x:ident) => {
+        Option<Tensor>
+    };
 }
 
-impl<K: Fused> CustomOp2 for Op<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
+/// `impl CustomOpN for Op<K>` for one arity: the storages, layouts and inputs by name
+/// (`storage layout input gradient` per input). Every method forwards to [`Op`]'s
+/// arity-generic `cpu`, `cuda` and `grads`.
+macro_rules! custom_op {
+    ($trait:ident: $($s:ident $l:ident $x:ident $g:ident),+) => {
+        impl<K: Fused> $trait for Op<K> {
+            fn name(&self) -> &'static str {
+                K::NAME
+            }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.cpu(&[(s1, l1), (s2, l2)])
-    }
+            fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> CResult<(CpuStorage, Shape)> {
+                self.cpu(&[$(($s, $l)),+])
+            }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        self.cuda(&[(s1, l1), (s2, l2)])
-    }
+            fn cuda_fwd(
+                &self,
+                $($s: &CudaStorage, $l: &Layout),+
+            ) -> CResult<(CudaStorage, Shape)> {
+                self.cuda(&[$(($s, $l)),+])
+            }
 
-    fn bwd(
-        &self,
-        x1: &Tensor,
-        x2: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let [a, b] = self.grads([x1, x2], res, grad)?;
-        Ok((a, b))
-    }
+            #[allow(unused_parens)]
+            fn bwd(
+                &self,
+                $($x: &Tensor,)+
+                res: &Tensor,
+                grad: &Tensor,
+            ) -> CResult<($(grad_slot!($x)),+)> {
+                let [$($g),+] = self.grads([$($x),+], res, grad)?;
+                Ok(($($g),+))
+            }
+        }
+    };
 }
 
-impl<K: Fused> CustomOp3 for Op<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.cpu(&[(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(CudaStorage, Shape)> {
-        self.cuda(&[(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    fn bwd(
-        &self,
-        x1: &Tensor,
-        x2: &Tensor,
-        x3: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [a, b, c] = self.grads([x1, x2, x3], res, grad)?;
-        Ok((a, b, c))
-    }
-}
+custom_op!(CustomOp1: s1 l1 x1 g1);
+custom_op!(CustomOp2: s1 l1 x1 g1, s2 l2 x2 g2);
+custom_op!(CustomOp3: s1 l1 x1 g1, s2 l2 x2 g2, s3 l3 x3 g3);
 
 fn dims2(l: &Layout) -> Result<(usize, usize)> {
     Ok(l.shape().dims2()?)

@@ -2336,6 +2336,51 @@ mod tests {
     }
 
     #[test]
+    fn flash_attention_plans_allocate_memory_linear_in_the_sequence_length() {
+        // Every device buffer of the forward and backward plans, in bytes, plus the
+        // auxiliary tensors the backward reads (output gradient, statistics, positions).
+        let bytes = |l: usize| -> usize {
+            let shape = launch::FlashShape {
+                batch: 2,
+                q_heads: 8,
+                kv_heads: 2,
+                t: l,
+                s: l,
+                head_dim: 64,
+            };
+            let fwd = FlashAttnOp {
+                q_pos: idx(2, l),
+                k_pos: idx(2, l),
+                plan: launch::FlashPlan::new(shape).unwrap(),
+            };
+            let zeros = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+            let bwd = FlashAttnBwdOp {
+                fwd: fwd.clone(),
+                dout: zeros(&[2, 8, l, 64]),
+                stats: zeros(&[2, 8, l, 2]),
+            };
+            let (q, kv) = (
+                Layout::contiguous((2, 8, l, 64)),
+                Layout::contiguous((2, 2, l, 64)),
+            );
+            let plans = [
+                fwd.plan(&[&q, &kv, &kv]).unwrap(),
+                bwd.plan(&[&q, &kv, &kv]).unwrap(),
+            ];
+            plans
+                .iter()
+                .map(|p| {
+                    let bufs: usize = p.buffers.iter().map(|b| b.len * 4).sum();
+                    let aux: usize = p.aux.iter().map(|t| t.elem_count() * 4).sum();
+                    bufs + aux
+                })
+                .sum()
+        };
+        assert_eq!(bytes(2048), 2 * bytes(1024));
+        assert_eq!(bytes(4096), 2 * bytes(2048));
+    }
+
+    #[test]
     fn a_wrong_number_of_inputs_is_an_error() {
         let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
         let err = x

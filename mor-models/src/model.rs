@@ -900,7 +900,8 @@ impl MorModel {
                 _ => None,
             };
             // At the depth cap every token-choice token still running finishes here.
-            if step == cap && cap < n_r {
+            let cap_finish = step == cap && cap < n_r;
+            if cap_finish {
                 let update = match (&mut dev_routing, &mut routing) {
                     (Some(d), _) => Some(&mut d.update),
                     (None, Some(r)) => Some(&mut r.update),
@@ -922,11 +923,17 @@ impl MorModel {
                             self.router.as_ref().map_or("", |r| r.name())
                         )));
                     }
-                    if step == 1 && keeps_first && k != t {
+                    if step == 1 && keeps_first && (k != t || d.valid.is_some()) {
                         return Err(self.first_step_error());
                     }
-                    let full = k == t;
-                    let pos_sel = if full { pos.clone() } else { d.sel.clone() };
+                    // Without padding, `k = t` keeps every position in order.
+                    let full = k == t && d.valid.is_none();
+                    let pos_sel = match &d.valid {
+                        _ if full => pos.clone(),
+                        None => d.sel.clone(),
+                        // Padding: PAD_POS neither attends nor is attended to.
+                        Some(v) => v.where_cond(&d.sel, &Tensor::full(PAD_POS, (b, k), &dev)?)?,
+                    };
                     (d.sel.clone(), pos_sel, full, vec![true; b * k], k, None)
                 }
                 None => {
@@ -1003,6 +1010,10 @@ impl MorModel {
                 }
                 y = ny;
             }
+            // The device path's token-choice flags (`[b, k]` valid, finishing).
+            let dev_flags = dev_routing
+                .as_ref()
+                .and_then(|d| d.finishing.as_ref().map(|f| (d.valid.as_ref(), f)));
             let merge = match (&dev_routing, &routing) {
                 (Some(d), _) => Some((d.gate.as_ref(), &d.update)),
                 (None, Some(rt)) => Some((rt.gate.as_ref(), &rt.update)),
@@ -1025,9 +1036,11 @@ impl MorModel {
                     };
                     match update {
                         Update::Residual => {
-                            let w = match gate {
-                                Some(g) => g,
-                                None => Tensor::from_vec(
+                            let dev_valid = dev_routing.as_ref().and_then(|d| d.valid.as_ref());
+                            let w = match (gate, dev_valid) {
+                                (Some(g), _) => g,
+                                (None, Some(v)) => v.to_dtype(h.dtype())?,
+                                (None, None) => Tensor::from_vec(
                                     valid
                                         .iter()
                                         .map(|&v| if v { 1f32 } else { 0f32 })
@@ -1045,22 +1058,43 @@ impl MorModel {
                         } => {
                             // delta = a·y + b·H1 − m·x (spec §3.2, code form):
                             // continuing: h ← y (·g if gate_intermediate); finishing: h ← H1 + g·y.
-                            let mut fin_pad = Vec::with_capacity(b * kmax);
-                            let mut it = finishing.iter();
-                            for &v in &valid {
-                                fin_pad.push(if v {
-                                    *it.next().unwrap_or(&false)
-                                } else {
-                                    false
-                                });
-                            }
-                            let f32v = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
-                                let v: Vec<f32> = (0..b * kmax).map(f).collect();
-                                Ok(Tensor::from_vec(v, (b, kmax), &dev)?.to_dtype(h.dtype())?)
+                            let (fin, cont, m) = match dev_flags {
+                                // The device path's flags: valid (`m`) and finishing.
+                                Some((v, f)) => {
+                                    let m = match v {
+                                        Some(v) => v.to_dtype(h.dtype())?,
+                                        None => Tensor::ones((b, kmax), h.dtype(), &dev)?,
+                                    };
+                                    let fin = if cap_finish {
+                                        m.clone()
+                                    } else {
+                                        f.to_dtype(h.dtype())?
+                                    };
+                                    let cont = (&m - &fin)?;
+                                    (fin, cont, m)
+                                }
+                                None => {
+                                    let mut fin_pad = Vec::with_capacity(b * kmax);
+                                    let mut it = finishing.iter();
+                                    for &v in &valid {
+                                        fin_pad.push(if v {
+                                            *it.next().unwrap_or(&false)
+                                        } else {
+                                            false
+                                        });
+                                    }
+                                    let f32v = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
+                                        let v: Vec<f32> = (0..b * kmax).map(f).collect();
+                                        Ok(Tensor::from_vec(v, (b, kmax), &dev)?
+                                            .to_dtype(h.dtype())?)
+                                    };
+                                    let fin = f32v(&|i| if fin_pad[i] { 1.0 } else { 0.0 })?;
+                                    let cont =
+                                        f32v(&|i| if valid[i] && !fin_pad[i] { 1.0 } else { 0.0 })?;
+                                    let m = f32v(&|i| if valid[i] { 1.0 } else { 0.0 })?;
+                                    (fin, cont, m)
+                                }
                             };
-                            let fin = f32v(&|i| if fin_pad[i] { 1.0 } else { 0.0 })?;
-                            let cont = f32v(&|i| if valid[i] && !fin_pad[i] { 1.0 } else { 0.0 })?;
-                            let m = f32v(&|i| if valid[i] { 1.0 } else { 0.0 })?;
                             let g = match gate {
                                 Some(g) => g,
                                 None => m.clone(),

@@ -15,13 +15,21 @@ fn cfg(routing_path: &str) -> ResolvedConfig {
 
 /// [`cfg`] with more `[train]` keys.
 fn cfg_with(routing_path: &str, train: &str) -> ResolvedConfig {
+    router_cfg(
+        &format!("kind = \"expert_choice\"\nz_loss = true\nrouting_path = \"{routing_path}\""),
+        train,
+    )
+}
+
+/// The training config with `router` as the `[router]` table and more `[train]` keys.
+fn router_cfg(router: &str, train: &str) -> ResolvedConfig {
     Micro {
         runtime: "seed = 9",
         train: &format!(
             "budget = {{ steps = 5 }}\nbatch_seqs = 4\nmicro_batch_seqs = 2\ncheckpoint_every = 2\n{train}\n"
         ),
         tables: &format!(
-            "{MOR_RECURSION}\n[router]\nkind = \"expert_choice\"\nz_loss = true\nrouting_path = \"{routing_path}\"\n\
+            "{MOR_RECURSION}\n[router]\n{router}\n\
              [data]\nsource = \"builtin\"\nbuiltin_docs = 60\ntokenizer = \"byte\"\n[eval]\nmax_batches = 1"
         ),
         ..common::micro(300, 32, 5, 16)
@@ -259,8 +267,15 @@ fn trainer_adamw_device_update_trains_like_the_host_update_and_resumes() {
 fn train_counted(
     routing_path: &str,
 ) -> (Vec<serde_json::Value>, mor_router::RouterStats, Vec<u64>) {
-    let out = dir(&format!("count-{routing_path}"));
-    let mut c = cfg(routing_path);
+    train_counted_with(&format!("ec-{routing_path}"), cfg(routing_path))
+}
+
+/// [`train_counted`] of config `c`.
+fn train_counted_with(
+    tag: &str,
+    mut c: ResolvedConfig,
+) -> (Vec<serde_json::Value>, mor_router::RouterStats, Vec<u64>) {
+    let out = dir(&format!("count-{tag}"));
     c.train.steps = 10;
     let model = mor_models::model::MorModel::new(&c).unwrap();
     let settings = mor_models::run::train_settings(&c, &opts(&out));
@@ -370,4 +385,86 @@ fn the_update_path_config_key_selects_the_adamw_update() {
         }
     }
     assert!(worst > 0.0, "the device update was not taken");
+}
+
+/// Token choice on the device routing path inside the model: the depths, subsets and
+/// padding are device tensors, so a forward reads the host once (its logged values and
+/// depths) and a training step once; the routing, the logged values and the training
+/// equal the host path's (the host path runs each step on its widest row, the device path
+/// on all `L` positions with padding: the same tokens in the same order, padding apart,
+/// so the logits and losses agree to f32 rounding of the products at another row count).
+#[test]
+fn token_choice_on_the_device_path_reads_once_and_trains_like_the_host_path() {
+    let tc = |path: &str, extra: &str| {
+        router_cfg(
+            &format!("kind = \"token_choice\"\nrouting_path = \"{path}\"\n{extra}"),
+            "",
+        )
+    };
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ids = common::id_tensor(3, 16, 300, 5);
+    for extra in [
+        "",
+        "gate_intermediate = true\nrouter_func = \"sigmoid\"\nalpha = 0.1",
+    ] {
+        let host = mor_models::model::MorModel::new(&tc("host", extra)).unwrap();
+        let dev = mor_models::model::MorModel::new(&tc("device", extra)).unwrap();
+        for mode in [mor_router::RouteMode::Train, mor_router::RouteMode::Causal] {
+            let a = host.forward(&ids, mode).unwrap();
+            let scope = mor_kernels::host_sync::Scope::start();
+            let b = dev.forward(&ids, mode).unwrap();
+            assert_eq!(scope.counts().reads, 1, "{extra} {mode:?}");
+            assert_eq!(a.depths, b.depths, "{extra} {mode:?}");
+            for d in 1..=3u8 {
+                assert!(a.depths.iter().flatten().any(|&x| x == d), "depth {d} used");
+            }
+            assert_eq!(a.router.terms, b.router.terms);
+            for (x, y) in flat(&a.logits).iter().zip(flat(&b.logits)) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                    "{extra}: logits {x} vs {y}"
+                );
+            }
+            let (mut x, mut y) = (a.router.stats.clone(), b.router.stats.clone());
+            for (p, q) in x
+                .gate_sum
+                .iter()
+                .zip(&y.gate_sum)
+                .chain(x.prob_sum.iter().zip(&y.prob_sum))
+            {
+                assert!((p - q).abs() <= 1e-9 * p.abs().max(1.0), "{p} vs {q}");
+            }
+            for s in [&mut x, &mut y] {
+                s.gate_sum.clear();
+                s.prob_sum.clear();
+            }
+            assert_eq!(x, y, "{extra} {mode:?}");
+        }
+        // A depth cap finishes every running token at the cap on both paths.
+        host.set_max_depth(Some(2)).unwrap();
+        dev.set_max_depth(Some(2)).unwrap();
+        let a = host.forward(&ids, mor_router::RouteMode::Causal).unwrap();
+        let b = dev.forward(&ids, mor_router::RouteMode::Causal).unwrap();
+        assert_eq!(a.depths, b.depths);
+        assert!(a.depths.iter().flatten().all(|&d| (1..=2).contains(&d)));
+        assert!(a.depths.iter().flatten().any(|&d| d == 2));
+        for (x, y) in flat(&a.logits).iter().zip(flat(&b.logits)) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "capped: {x} vs {y}"
+            );
+        }
+    }
+    let (host_log, _, host_reads) = train_counted_with("tc-host", tc("host", ""));
+    let (dev_log, _, dev_reads) = train_counted_with("tc-device", tc("device", ""));
+    assert_eq!(dev_reads, vec![1; 10], "host reads per step");
+    assert!(host_reads.iter().all(|&n| n > 1), "{host_reads:?}");
+    assert_eq!(host_log.len(), 10);
+    for (a, b) in host_log.iter().zip(&dev_log) {
+        for key in ["loss", "ce", "grad_norm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * x.abs(), "{key}: {x} vs {y}");
+        }
+        assert_eq!(a["router_terms"][0][0], b["router_terms"][0][0]);
+    }
 }

@@ -1195,8 +1195,10 @@ impl Router for ExpertChoiceRouter {
         st.last_step = step;
         Ok(Some(DeviceStepRouting {
             sel,
+            valid: None,
             gate,
             update: Update::Residual,
+            finishing: None,
         }))
     }
 

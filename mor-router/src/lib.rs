@@ -188,13 +188,22 @@ impl StepRouting {
 #[derive(Debug, Clone)]
 pub struct DeviceStepRouting {
     /// `[b, k]` u32: per batch row, the `k` ascending positions that run this step (every
-    /// row keeps the same number). A subset of the step's active positions.
+    /// row keeps the same number), or with `valid`, the row's selected positions ascending
+    /// followed by distinct unselected ones ascending (padding). A subset of the step's
+    /// active positions.
     pub sel: Tensor,
-    /// Gate per selected token, flattened row-major in the order of `sel`, shape `[b·k]`;
+    /// `[b, k]` u8, 1 where `sel` holds a token that runs the step and 0 at padding; `None`
+    /// when every entry runs it.
+    pub valid: Option<Tensor>,
+    /// Gate per entry of `sel`, flattened row-major, shape `[b·k]`, zero at padding;
     /// `None` = ungated.
     pub gate: Option<Tensor>,
-    /// Merge rule.
+    /// Merge rule. For [`Update::TokenChoice`] the host `finishing` list is empty: the
+    /// flags are `finishing` below.
     pub update: Update,
+    /// Token choice: `[b, k]` u8, 1 where the entry of `sel` finishes at this step (0 at
+    /// padding); `None` otherwise.
+    pub finishing: Option<Tensor>,
 }
 
 /// Per-forward state a router keeps between `begin`, `route` and `finish`.
@@ -218,6 +227,12 @@ pub enum LogSlot {
     DepthHistogram,
     /// Added to `stats.last_step_selected_per_position`: `L` counts.
     LastStepPerPosition,
+    /// Added to `stats.candidates_per_step[i]`: one count.
+    CandidatesPerStep(usize),
+    /// Added to `stats.selected_per_step[i]` and `stats.gate_count[i]`: one count.
+    SelectedPerStep(usize),
+    /// Added to `stats.prob_sum`: `N_r` values.
+    ProbSum,
 }
 
 /// Logged values of a forward still on the hidden states' device: what
@@ -250,6 +265,11 @@ impl PendingLog {
     /// The slots of the pending values, in order.
     pub fn slots(&self) -> impl Iterator<Item = &LogSlot> {
         self.entries.iter().map(|(s, _)| s)
+    }
+
+    /// The pending values and their slots, in order.
+    pub(crate) fn entries(&self) -> &[(LogSlot, Tensor)] {
+        &self.entries
     }
 
     /// Whether the forward's token depths are pending.
@@ -376,6 +396,27 @@ impl RouterOutput {
                     }
                     for (c, &n) in stats.tokens_per_depth.iter_mut().zip(per) {
                         *c += n as u64;
+                    }
+                }
+                LogSlot::CandidatesPerStep(i) => {
+                    let i = at(stats.candidates_per_step.len(), *i)?;
+                    stats.candidates_per_step[i] += one(v)? as u64;
+                }
+                LogSlot::SelectedPerStep(i) => {
+                    let i = at(
+                        stats.selected_per_step.len().min(stats.gate_count.len()),
+                        *i,
+                    )?;
+                    let n = one(v)? as u64;
+                    stats.selected_per_step[i] += n;
+                    stats.gate_count[i] += n;
+                }
+                LogSlot::ProbSum => {
+                    if stats.prob_sum.len() < v.len() {
+                        stats.prob_sum.resize(v.len(), 0.0);
+                    }
+                    for (c, &x) in stats.prob_sum.iter_mut().zip(v) {
+                        *c += x;
                     }
                 }
                 LogSlot::LastStepPerPosition => {

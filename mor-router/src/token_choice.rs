@@ -42,8 +42,8 @@ use crate::metrics::RouterStats;
 use crate::net::{argmax, counter_uniform, logsumexp_rows, to_host_f64, RouterArch, RouterNet};
 use crate::registry::{RouterCtx, RouterPlugin};
 use crate::{
-    Error, LogSlot, PendingLog, Result, RouteMode, Router, RouterOutput, RoutingKind, RoutingState,
-    StepRouting, Update,
+    DeviceStepRouting, Error, LogSlot, PendingLog, Result, RouteMode, Router, RouterOutput,
+    RoutingKind, RoutingPath, RoutingState, StepRouting, Update,
 };
 use candle_core::{DType, Device, Tensor, Var, D};
 use mor_core::registry::{AccountingHints, CheckCtx, Family, ParamProblem, Plugin};
@@ -112,6 +112,14 @@ pub struct TokenChoiceParams {
     /// Uniform random logits from a seeded RNG instead of a learned router (the "rand"
     /// baseline); the router then has no parameters and no losses.
     pub rand_router: bool,
+    /// Where the depths are chosen: `host` reads the probabilities once per forward and
+    /// routes on the host; `device` chooses the depths, builds each step's subset (the
+    /// selected positions, then padding) and the statistics with tensor ops on the hidden
+    /// states' device, with no host read ([`Router::route_device`]: every step keeps the
+    /// width `L`, padded); `auto` (default) is the device path off the CPU. Same routing,
+    /// gates and losses either way (an execution detail, so `auto` is not written out).
+    #[serde(skip_serializing_if = "RoutingPath::is_auto")]
+    pub routing_path: RoutingPath,
 }
 
 impl Default for TokenChoiceParams {
@@ -130,6 +138,7 @@ impl Default for TokenChoiceParams {
             z_coeff: 1e-3,
             gate_intermediate: false,
             rand_router: false,
+            routing_path: RoutingPath::Auto,
         }
     }
 }
@@ -170,6 +179,22 @@ struct TcState {
     stats: RouterStats,
     last_selected: Vec<Vec<u32>>,
     last_step: usize,
+    /// The device path's values (see [`RoutingPath::Device`]); `depth` and `g_host` stay
+    /// empty until a step routed by [`Router::route`] reads them.
+    dev: Option<TcDev>,
+}
+
+/// The device path's per-forward values of the token-choice router.
+#[derive(Debug)]
+struct TcDev {
+    /// 1-based depth per token, `[b, L]` f32.
+    depth: Tensor,
+    /// `Σ_t p_{t,i}`, `[N_r]` f64.
+    prob_sum: Tensor,
+    /// Statistics of the steps routed on the device, read in `finish`.
+    pending: PendingLog,
+    /// The last routed step was routed on the device.
+    last_on_device: bool,
 }
 
 /// The token-choice router of spec §3.2 (see the module docs).
@@ -207,6 +232,94 @@ impl TokenChoiceRouter {
 
     fn in_warmup(&self) -> bool {
         self.train_step.load(Ordering::Relaxed) < self.params.bal_warmup_steps
+    }
+
+    /// The forward's state for step `step`, checked (order, shape of `h`), with `(b, L)`.
+    fn step_state<'a>(
+        &self,
+        step: usize,
+        h: &Tensor,
+        state: &'a mut RoutingState,
+    ) -> Result<(&'a mut TcState, usize, usize)> {
+        let st = state
+            .data
+            .as_mut()
+            .and_then(|d| d.downcast_mut::<TcState>())
+            .ok_or_else(|| {
+                Self::invalid("the routing state was not created by this router's `begin`")
+            })?;
+        if step != st.next_step || step > self.num_recursions {
+            return Err(Self::invalid(format!(
+                "step {step} routed out of order: expected step {} of 1..={}",
+                st.next_step, self.num_recursions
+            )));
+        }
+        let (b, l) = check_hidden(h, self.hidden_size, NAME)?;
+        if (b, l) != (st.b, st.l) {
+            return Err(Self::invalid(format!(
+                "hidden states are [{b}, {l}, _] but the forward began with [{}, {}, _]",
+                st.b, st.l
+            )));
+        }
+        Ok((st, b, l))
+    }
+
+    /// The depth choice of `begin` on the device (spec §3.2): the top-1 of the biased
+    /// probabilities in f64 (NaN ranked lowest, ties to the lower depth, as on the host),
+    /// or depth N_r during the warm-up; the gates, the balancing fractions `f_i` and the
+    /// probability sums, all without a host read.
+    #[allow(clippy::type_complexity)]
+    fn choose_on_device(
+        &self,
+        probs: &Tensor,
+        bias: &[f64],
+        warm: bool,
+        (b, l): (usize, usize),
+    ) -> Result<(TcDev, Tensor, Option<Tensor>)> {
+        let nr = self.num_recursions;
+        let n = b * l;
+        let dev = probs.device();
+        let pf = probs.to_dtype(DType::F64)?;
+        let biased = pf.broadcast_add(&Tensor::from_vec(bias.to_vec(), (1, nr), dev)?)?;
+        let low = Tensor::full(f64::NEG_INFINITY, (n, nr), dev)?;
+        let biased = biased.ne(&biased)?.where_cond(&low, &biased)?;
+        let top1 = biased.argmax(1)?;
+        let choice = if warm {
+            Tensor::full((nr - 1) as u32, n, dev)?
+        } else {
+            top1.clone()
+        };
+        let g = probs
+            .contiguous()?
+            .gather(&choice.unsqueeze(1)?, 1)?
+            .squeeze(1)?;
+        let depth = (choice.to_dtype(DType::F32)? + 1.0)?.reshape((b, l))?;
+        // f_i = N_r · (share of tokens whose top-1 is i), in the host's order of operations.
+        let f = if self.params.balancing == Balancing::Loss && self.net.is_some() {
+            let counts = crate::expert_choice::depth_histogram(&top1, nr - 1)?;
+            let f = counts
+                .broadcast_mul(&Tensor::new(nr as f64, dev)?)?
+                .broadcast_div(&Tensor::new(n as f64, dev)?)?;
+            Some(f.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        let st = TcDev {
+            depth,
+            prob_sum: pf.sum(0)?,
+            pending: PendingLog::default(),
+            last_on_device: false,
+        };
+        Ok((st, g, f))
+    }
+
+    /// Whether forwards on `device` take the device path.
+    fn device_path(&self, device: &Device) -> bool {
+        match self.params.routing_path {
+            RoutingPath::Host => false,
+            RoutingPath::Device => true,
+            RoutingPath::Auto => !device.is_cpu(),
+        }
     }
 }
 
@@ -309,6 +422,7 @@ impl Router for TokenChoiceRouter {
                 stats,
                 last_selected: Vec::new(),
                 last_step: 0,
+                dev: None,
             };
             return Ok(RoutingState {
                 data: Some(Box::new(st)),
@@ -341,8 +455,6 @@ impl Router for TokenChoiceRouter {
             TokenRouterFunc::Sigmoid => candle_nn::ops::sigmoid(&z)?,
         };
         let probs = (probs * p.alpha)?;
-        let p_host = to_host_f64(&probs)?;
-
         let warm = mode == RouteMode::Train && self.in_warmup();
         let bias = if warm || p.balancing == Balancing::Loss {
             vec![0.0; nr]
@@ -352,6 +464,38 @@ impl Router for TokenChoiceRouter {
                 .map_err(|_| Self::invalid("bias lock poisoned"))?
                 .clone()
         };
+        let zl = if p.z_loss && self.net.is_some() {
+            Some(logsumexp_rows(&z)?.sqr()?.mean_all()?)
+        } else {
+            None
+        };
+        if self.device_path(dev) {
+            let (tc, g, f) = self.choose_on_device(&probs, &bias, warm, (b, l))?;
+            let balance = match f {
+                Some(f_t) => Some((probs.mean(0)? * f_t)?.sum_all()?),
+                None => None,
+            };
+            stats.prob_tokens = n as u64;
+            let st = TcState {
+                b,
+                l,
+                next_step: 1,
+                depth: Vec::new(),
+                g,
+                g_host: Vec::new(),
+                balance,
+                zl,
+                stats,
+                last_selected: Vec::new(),
+                last_step: 0,
+                dev: Some(tc),
+            };
+            return Ok(RoutingState {
+                data: Some(Box::new(st)),
+            });
+        }
+        let p_host = to_host_f64(&probs)?;
+
         let mut top1 = Vec::with_capacity(n);
         let mut biased = vec![0.0; nr];
         for t in 0..n {
@@ -389,11 +533,6 @@ impl Router for TokenChoiceRouter {
         } else {
             None
         };
-        let zl = if p.z_loss && self.net.is_some() {
-            Some(logsumexp_rows(&z)?.sqr()?.mean_all()?)
-        } else {
-            None
-        };
         let st = TcState {
             b,
             l,
@@ -406,6 +545,7 @@ impl Router for TokenChoiceRouter {
             stats,
             last_selected: Vec::new(),
             last_step: 0,
+            dev: None,
         };
         Ok(RoutingState {
             data: Some(Box::new(st)),
@@ -428,27 +568,19 @@ impl Router for TokenChoiceRouter {
         state: &mut RoutingState,
         _mode: RouteMode,
     ) -> Result<StepRouting> {
-        let st = state
-            .data
-            .as_mut()
-            .and_then(|d| d.downcast_mut::<TcState>())
-            .ok_or_else(|| {
-                Self::invalid("the routing state was not created by this router's `begin`")
-            })?;
-        if step != st.next_step || step > self.num_recursions {
-            return Err(Self::invalid(format!(
-                "step {step} routed out of order: expected step {} of 1..={}",
-                st.next_step, self.num_recursions
-            )));
-        }
-        let (b, l) = check_hidden(h, self.hidden_size, NAME)?;
-        if (b, l) != (st.b, st.l) {
-            return Err(Self::invalid(format!(
-                "hidden states are [{b}, {l}, _] but the forward began with [{}, {}, _]",
-                st.b, st.l
-            )));
-        }
+        let (st, b, l) = self.step_state(step, h, state)?;
         check_active(active, b, l, NAME)?;
+        if let Some(tc) = st.dev.as_mut() {
+            // A device-path forward routed on the host: its depths and gates, read once.
+            if st.depth.is_empty() && b * l > 0 {
+                st.depth = to_host_f64(&tc.depth)?
+                    .into_iter()
+                    .map(|d| d as u16)
+                    .collect();
+                st.g_host = to_host_f64(&st.g)?;
+            }
+            tc.last_on_device = false;
+        }
         st.next_step += 1;
         let si = step - 1;
         let mut selected = Vec::with_capacity(b);
@@ -490,6 +622,108 @@ impl Router for TokenChoiceRouter {
         })
     }
 
+    fn routes_on_device(&self, device: &Device) -> bool {
+        self.device_path(device)
+    }
+
+    /// Step `step` of a device-path forward with no host read: per row, the positions
+    /// whose depth reaches `step` (ascending), then the row's other positions (ascending)
+    /// as padding, so every step keeps the width `L`: the subset the host path builds for
+    /// its widest row, and padded the same way. The flags, gates (zero at padding) and
+    /// step statistics are tensors; `active` (the previous step's `sel`) is not read, the
+    /// depths imply it. `None` for a forward that began on the host path.
+    ///
+    /// # Errors
+    /// Those of [`Router::route`]; `active` that is not `[b, c]`.
+    fn route_device(
+        &self,
+        step: usize,
+        h: &Tensor,
+        active: &Tensor,
+        state: &mut RoutingState,
+        _mode: RouteMode,
+    ) -> Result<Option<DeviceStepRouting>> {
+        let (st, b, l) = self.step_state(step, h, state)?;
+        if st.dev.is_none() || b * l == 0 {
+            return Ok(None);
+        }
+        if active.dims().len() != 2 || active.dims()[0] != b {
+            return Err(Self::invalid(format!(
+                "`active` must be [{b}, c], got {:?}",
+                active.dims()
+            )));
+        }
+        st.next_step += 1;
+        let si = step - 1;
+        let dev = h.device();
+        let (g, tc) = match st.dev.as_mut() {
+            Some(tc) => (&st.g, tc),
+            None => return Ok(None),
+        };
+        let runs = tc.depth.ge(step as f64)?.to_dtype(DType::F32)?;
+        // Rank of each position in the step's layout: selected ones first, the others
+        // after them, each in position order (exact small integers in f32).
+        let before = runs.cumsum(1)?;
+        let count = before.narrow(1, l - 1, 1)?;
+        let idle = runs.affine(-1.0, 1.0)?;
+        let rank = ((&runs * (&before - 1.0)?)?
+            + (&idle * (idle.cumsum(1)?.broadcast_add(&count)? - 1.0)?)?)?;
+        let positions = Tensor::arange(0f32, l as f32, dev)?
+            .unsqueeze(0)?
+            .broadcast_as((b, l))?
+            .contiguous()?;
+        let sel = Tensor::zeros((b, l), DType::F32, dev)?
+            .scatter(&rank.to_dtype(DType::U32)?, &positions, 1)?
+            .to_dtype(DType::U32)?;
+        let valid_f = positions.broadcast_lt(&count)?.to_dtype(DType::F32)?;
+        let finishing = tc
+            .depth
+            .eq(step as f64)?
+            .to_dtype(DType::F32)?
+            .gather(&sel, 1)?
+            .to_dtype(DType::U8)?;
+        let row0: Vec<u32> = (0..b).map(|bi| (bi * l) as u32).collect();
+        let ids = sel
+            .broadcast_add(&Tensor::from_vec(row0, (b, 1), dev)?)?
+            .flatten_all()?;
+        let gate = g
+            .index_select(&ids, 0)?
+            .mul(&valid_f.flatten_all()?.to_dtype(g.dtype())?)?
+            .to_dtype(h.dtype())?;
+        // Statistics: candidates (the tokens of the previous step), selected, gate sums.
+        let candidates = if step == 1 {
+            Tensor::new((b * l) as f64, dev)?
+        } else {
+            tc.depth
+                .ge((step - 1) as f64)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+        };
+        tc.pending.push(LogSlot::CandidatesPerStep(si), candidates);
+        tc.pending.push(
+            LogSlot::SelectedPerStep(si),
+            runs.to_dtype(DType::F64)?.sum_all()?,
+        );
+        let gsum =
+            (g.to_dtype(DType::F64)? * runs.flatten_all()?.to_dtype(DType::F64)?)?.sum_all()?;
+        tc.pending.push(LogSlot::GateSum(si), gsum);
+        tc.last_on_device = true;
+        st.last_step = step;
+        Ok(Some(DeviceStepRouting {
+            sel,
+            // Every token runs step 1 (depths are >= 1): no padding.
+            valid: (step > 1)
+                .then(|| valid_f.to_dtype(DType::U8))
+                .transpose()?,
+            gate: Some(gate),
+            update: Update::TokenChoice {
+                finishing: Vec::new(),
+                gate_intermediate: self.params.gate_intermediate,
+            },
+            finishing: Some(finishing),
+        }))
+    }
+
     fn finish(&self, state: RoutingState) -> Result<RouterOutput> {
         let mut out = self.finish_pending(state)?;
         out.resolve(false)?;
@@ -507,20 +741,49 @@ impl Router for TokenChoiceRouter {
             })?;
         let st = *st;
         let mut stats = st.stats;
-        for &d in &st.depth {
-            stats.tokens_per_depth[d as usize - 1] += 1;
+        let p = &self.params;
+        let mut pending = PendingLog::default();
+        let mut parts = Vec::new();
+        let mut dev_depth = None;
+        match &st.dev {
+            Some(tc) => {
+                let depth = tc.depth.flatten_all()?;
+                pending.push(
+                    LogSlot::DepthHistogram,
+                    crate::expert_choice::depth_histogram(&depth, self.num_recursions)?,
+                );
+                pending.push(LogSlot::ProbSum, tc.prob_sum.clone());
+                for (slot, t) in tc.pending.entries() {
+                    pending.push(slot.clone(), t.clone());
+                }
+                // The steps each token ran: its depth, up to the last routed step.
+                dev_depth = Some(depth.clamp(0f32, st.last_step as f32)?);
+            }
+            None => {
+                for &d in &st.depth {
+                    stats.tokens_per_depth[d as usize - 1] += 1;
+                }
+            }
         }
         if st.last_step > 0 {
-            for row in &st.last_selected {
-                for &q in row {
-                    stats.last_step_selected_per_position[q as usize] += 1;
+            match &st.dev {
+                Some(tc) if tc.last_on_device => {
+                    let last = tc.depth.ge(st.last_step as f64)?.to_dtype(DType::F32)?;
+                    pending.push(LogSlot::LastStepPerPosition, last.sum(0)?);
+                }
+                _ => {
+                    for row in &st.last_selected {
+                        for &q in row {
+                            stats.last_step_selected_per_position[q as usize] += 1;
+                        }
+                    }
                 }
             }
             stats.sequences = st.b as u64;
         }
-        let p = &self.params;
-        let mut pending = PendingLog::default();
-        let mut parts = Vec::new();
+        if let Some(d) = dev_depth {
+            pending.set_depths(d);
+        }
         if let Some(bal) = st.balance {
             pending.push(LogSlot::Term("balance".into()), bal.clone());
             parts.push((bal * p.bal_coeff)?);

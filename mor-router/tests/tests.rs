@@ -16,3 +16,4 @@ mod expert;
 mod metrics;
 mod params;
 mod token;
+mod token_device;

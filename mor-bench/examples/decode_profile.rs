@@ -1,6 +1,8 @@
 //! Decodes with one vanilla model of the `bench infer` shape (`small` width, 34 layers by
 //! default) at a fixed batch, for profiling a decode step (`perf record`) or timing it:
-//! `n` requests of 96 tokens from a single start token, sampled at temperature 1.
+//! `n` requests of 96 tokens from a single start token, sampled at temperature 1. Prints
+//! generated tokens per second of wall time and per second of this thread's CPU time (the
+//! steadier figure on a shared machine).
 //!
 //! `cargo run --release -p mor-bench --example decode_profile [f32|bf16] [f32|bf16 (KV)]
 //! [batch] [requests] [layers]`
@@ -83,13 +85,25 @@ fn main() {
         t_setup.elapsed().as_secs_f64()
     );
     let t0 = Instant::now();
+    let c0 = cpu_seconds();
     let done = engine.run_to_completion().expect("run");
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
     let tokens: usize = done.iter().map(|c| c.tokens.len()).sum();
     println!(
-        "vanilla-{layers} weights {} KV {:?} B = {batch}: {tokens} tokens in {secs:.2} s, {:.1} tokens/s",
+        "vanilla-{layers} weights {} KV {:?} B = {batch}: {tokens} tokens in {secs:.2} s, {:.1} tokens/s, {} tokens per CPU second",
         mor_bench::infer::precision_name(precision),
         kv_precision,
-        tokens as f64 / secs
+        tokens as f64 / secs,
+        cpu.map_or("?".to_string(), |c| format!("{:.1}", tokens as f64 / c)),
     );
+}
+
+/// CPU time this thread has run, in seconds (the first field of
+/// `/proc/thread-self/schedstat`, in nanoseconds; `None` where it cannot be read). On a
+/// shared machine the time the thread waits for a core is not counted.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns * 1e-9)
 }

@@ -338,6 +338,91 @@ fn attend_matches_naive_softmax_attention() {
     }
 }
 
+/// Query heads sharing a kv head (GQA groups of 1, 2, 3, 4 and 8 query heads; heads of
+/// two, three and four 16-lane vectors; K/V in f32 and bf16): every tier against the naive
+/// f64 attention, and each head's output, bit for bit, the one it gets as the only query
+/// head of its kv head (the kernels read each K/V row once per group; that must not change
+/// any head's arithmetic). The view also says how many entries a query sees.
+#[test]
+fn grouped_query_heads_match_naive_and_each_head_alone() {
+    use mor_kernels::cpu::isa::{detected, Tier};
+    use mor_kvcache::decode::{attend_into_tier, KvPrecision};
+    let tiers: Vec<Tier> = Tier::ALL.into_iter().filter(|&t| t <= detected()).collect();
+    let bt = 16;
+    let tokens = 37u32;
+    for precision in [KvPrecision::F32, KvPrecision::Bf16] {
+        for (hkv, group, dh) in [
+            (2, 1, 64),
+            (2, 2, 64),
+            (2, 2, 48),
+            (1, 3, 32),
+            (1, 4, 48),
+            (2, 4, 64),
+            (1, 8, 32),
+        ] {
+            let hq = hkv * group;
+            let row = hkv * dh;
+            let mut rng = Rng::new(60 + (hkv * 100 + group * 10) as u64 + dh as u64);
+            let mut c = RecursionWise::new(1)
+                .unwrap()
+                .new_decode_cache(&DecodeCacheSpec::vanilla(1, hkv, dh, bt, 8))
+                .unwrap();
+            c.set_kv_precision(precision).unwrap();
+            c.start(0).unwrap();
+            // Positions 0, 2, 4, ...: three blocks, the last one partly filled.
+            for t in 0..tokens {
+                let k = uniform_f32(&mut rng, row);
+                let v = uniform_f32(&mut rng, row);
+                c.append(0, 0, 2 * t, &k, &v).unwrap();
+            }
+            // The stored (for bf16, rounded) rows.
+            let entries = got_view(c.as_ref(), 0, 0);
+            let view = c.view(0, 0).unwrap();
+            let scale = 1.0 / (dh as f32).sqrt();
+            for q_pos in [0u32, 9, 30, 32, 72, 500] {
+                let visible = entries.iter().filter(|e| e.0 <= q_pos).count();
+                assert_eq!(view.visible_len(q_pos), visible, "q_pos {q_pos}");
+                view.prefetch(q_pos);
+                let q: Vec<f32> = uniform_f32(&mut rng, hq * dh)
+                    .into_iter()
+                    .map(|x| x * 4.0)
+                    .collect();
+                let want = naive_attend(&entries, &q, q_pos, hq, hkv, dh, scale);
+                for &tier in &tiers {
+                    let mut got = vec![f32::NAN; hq * dh];
+                    attend_into_tier(&view, &q, q_pos, hq, scale, &mut got, tier).unwrap();
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "{precision} hkv {hkv} group {group} dh {dh} {tier} q_pos {q_pos} \
+                             [{i}]: {a} vs {b}"
+                        );
+                    }
+                    for j in 0..group {
+                        // Query head j of every group, alone over its kv head.
+                        let qa: Vec<f32> = (0..hkv)
+                            .flat_map(|g| {
+                                q[(g * group + j) * dh..(g * group + j + 1) * dh].to_vec()
+                            })
+                            .collect();
+                        let mut alone = vec![f32::NAN; hkv * dh];
+                        attend_into_tier(&view, &qa, q_pos, hkv, scale, &mut alone, tier).unwrap();
+                        for g in 0..hkv {
+                            let h = g * group + j;
+                            let (x, y) = (&got[h * dh..(h + 1) * dh], &alone[g * dh..(g + 1) * dh]);
+                            assert!(
+                                x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{precision} group {group} dh {dh} {tier} head {h}: grouped \
+                                 {x:?} vs alone {y:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Σ over pages of ceil(len / bt).
 fn naive_blocks(naive: &Naive, bt: usize) -> usize {
     naive.pages.values().map(|v| v.len().div_ceil(bt)).sum()

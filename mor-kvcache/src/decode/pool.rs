@@ -92,12 +92,13 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// Asks the CPU to bring the rows into the cache (a hint: no effect on values, and
-    /// nothing off x86-64).
+    /// Asks the CPU to bring the rows into the cache: the nearest level when `near`, else
+    /// the second level (a hint: no effect on values, and nothing off x86-64).
     #[inline(always)]
-    pub(crate) fn prefetch(self) {
+    pub(crate) fn prefetch(self, near: bool) {
         #[cfg(target_arch = "x86_64")]
         {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
             let (p, bytes) = match self {
                 Rows::F32(x) => (x.as_ptr().cast::<i8>(), std::mem::size_of_val(x)),
                 Rows::Bf16(x) => (x.as_ptr().cast::<i8>(), std::mem::size_of_val(x)),
@@ -105,12 +106,16 @@ impl<'a> Rows<'a> {
             for off in (0..bytes).step_by(64) {
                 // SAFETY: a prefetch never faults; the address is inside the rows.
                 unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        p.add(off),
-                    )
+                    if near {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(off))
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T1>(p.add(off))
+                    }
                 };
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (self, near);
     }
 
     /// Writes the first `out.len()` elements in f32 into `out` (at most the rows' length).

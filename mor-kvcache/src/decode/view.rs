@@ -106,6 +106,43 @@ impl<'a> KvView<'a> {
         }
     }
 
+    /// Entries a query at `q_pos` sees: those at positions `<= q_pos` (positions ascend,
+    /// so a prefix of the view).
+    pub fn visible_len(&self, q_pos: u32) -> usize {
+        let (mut lo, mut hi) = (0, self.base.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.pool.pos_at(self.base, mid) <= q_pos {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Asks the CPU to bring the K and V rows a query at `q_pos` reads (the base blocks
+    /// up to `q_pos`, and the overlay's) into its second-level cache, so that a later
+    /// [`attend_into`] over this view does not wait on memory. A hint: no effect on any
+    /// value.
+    pub fn prefetch(&self, q_pos: u32) {
+        for b in 0..self.base.blocks().len() {
+            let (pos, ks, vs) = self.pool.block(self.base, b);
+            if pos.first().is_some_and(|&p| p > q_pos) {
+                break;
+            }
+            ks.prefetch(false);
+            vs.prefetch(false);
+        }
+        if let Some(ov) = self.overlay {
+            for b in 0..ov.blocks().len() {
+                let (_, ks, vs) = self.pool.block(ov, b);
+                ks.prefetch(false);
+                vs.prefetch(false);
+            }
+        }
+    }
+
     /// The positions in order.
     pub fn positions(&self) -> Vec<u32> {
         self.iter().map(|t| t.pos).collect()
@@ -433,8 +470,8 @@ fn walk_blocks<'a>(
         if pos.first().is_some_and(|&p| p > q_pos) {
             break;
         }
-        ks.prefetch();
-        vs.prefetch();
+        ks.prefetch(true);
+        vs.prefetch(true);
     }
     for b in 0..blocks {
         let (pos, ks, vs) = pool.block(view.base, b);
@@ -618,30 +655,29 @@ impl Avx512State {
         let (hq, hkv, dh, bs) = (self.hq, self.hkv, self.dh, self.bs);
         let group = hq / hkv;
         let row = hkv * dh;
-        let nc = dh / 16;
         debug_assert!(kb.len() >= n * row && vb.len() >= n * row);
-        // Scores: q_i · k_t for every query head of the group of kv head g.
-        for t in 0..n {
-            for g in 0..hkv {
-                for i in g * group..(g + 1) * group {
-                    let qi = &q[i * dh..(i + 1) * dh];
-                    let mut acc = _mm512_setzero_ps();
-                    for c in 0..nc {
-                        // SAFETY: c·16 + 16 <= dh = qi.len(); t·row + g·dh + dh <= kb.len().
-                        let (a, kk) = unsafe {
-                            (
-                                _mm512_loadu_ps(qi.as_ptr().add(c * 16)),
-                                E::load16(kb.as_ptr().add(t * row + g * dh + c * 16)),
-                            )
-                        };
-                        acc = _mm512_fmadd_ps(a, kk, acc);
+        // Scores: q_i · k_t for every query head i of the group of kv head g, each K chunk
+        // loaded once per group.
+        for g in 0..hkv {
+            let heads = g * group..(g + 1) * group;
+            let q0 = &q[heads.start * dh..heads.end * dh];
+            let s0 = &mut self.scores[heads.start * bs..heads.end * bs];
+            let kg = &kb[g * dh..];
+            // SAFETY: (every call) AVX-512; the group's queries and score rows, and `n` K rows
+            // of stride `row` holding this head's `dh` elements.
+            match group {
+                1 => unsafe { group_scores::<E, 1>(s0, bs, q0, dh, kg, row, n, self.scale) },
+                2 => unsafe { group_scores::<E, 2>(s0, bs, q0, dh, kg, row, n, self.scale) },
+                4 => unsafe { group_scores::<E, 4>(s0, bs, q0, dh, kg, row, n, self.scale) },
+                _ => {
+                    for h in 0..group {
+                        let (qh, sh) = (&q0[h * dh..(h + 1) * dh], &mut s0[h * bs..(h + 1) * bs]);
+                        unsafe { group_scores::<E, 1>(sh, bs, qh, dh, kg, row, n, self.scale) }
                     }
-                    self.scores[i * bs + t] = _mm512_reduce_add_ps(acc) * self.scale;
                 }
             }
         }
         for i in 0..hq {
-            let g = i / group;
             let s = &mut self.scores[i * bs..(i + 1) * bs];
             let m = s[..n].iter().fold(self.max[i], |m, &x| m.max(x));
             let acc = &mut out[i * dh..(i + 1) * dh];
@@ -661,57 +697,150 @@ impl Avx512State {
                 }
             }
             self.sum[i] += s[..n].iter().sum::<f32>();
-            // Four chunks' chains at a time (each lane's chain still runs over t in order).
-            let w = &s[..n];
-            let mut c = 0;
-            while c + 4 <= nc {
-                // SAFETY: chunks c..c + 4 lie inside the head (c·16 + 64 <= dh) and inside
-                // each of the n rows of vb.
-                unsafe {
-                    weighted_values::<E, 4>(&mut acc[c * 16..], &vb[g * dh + c * 16..], w, row)
-                };
-                c += 4;
-            }
-            while c < nc {
-                // SAFETY: chunk c lies inside the head.
-                unsafe {
-                    weighted_values::<E, 1>(&mut acc[c * 16..], &vb[g * dh + c * 16..], w, row)
-                };
-                c += 1;
+        }
+        // Weighted values: each V chunk loaded once per group, four (one or two heads) or
+        // two (four heads) chunks' chains at a time; each lane's chain still runs over t in
+        // order, so every head's result is the one it would get alone.
+        for g in 0..hkv {
+            let heads = g * group..(g + 1) * group;
+            let w = &self.scores[heads.start * bs..heads.end * bs];
+            let acc = &mut out[heads.start * dh..heads.end * dh];
+            let vg = &vb[g * dh..];
+            // SAFETY: (every call) AVX-512; chunks `c..c + C` lie inside each head of the
+            // group (`c·16 + 16·C <= dh`) and inside each of the `n` V rows.
+            match group {
+                1 => unsafe { group_values::<E, 4, 1>(acc, dh, vg, row, w, bs, n) },
+                2 => unsafe { group_values::<E, 4, 2>(acc, dh, vg, row, w, bs, n) },
+                4 => unsafe { group_values::<E, 2, 4>(acc, dh, vg, row, w, bs, n) },
+                _ => {
+                    for h in 0..group {
+                        let (ah, wh) = (&mut acc[h * dh..(h + 1) * dh], &w[h * bs..(h + 1) * bs]);
+                        unsafe { group_values::<E, 4, 1>(ah, dh, vg, row, wh, bs, n) }
+                    }
+                }
             }
         }
     }
 }
 
-/// `acc[j·16..j·16 + 16] += Σ_t w[t] · v[t·row + j·16..][..16]` for the `C` chunks `j`,
-/// the tokens `t` in order (one fused multiply-add chain per lane, `C` chains in flight).
+/// Scores of the `G` query heads of one kv head over `n` tokens: `s[h·bs + t] = scale ·
+/// (q_h · k_t)`, `q_h = q[h·dh..][..dh]`, `k_t = k[t·row..][..dh]`. Each dot product is one
+/// 16-lane fused multiply-add chain over the chunks of the head, then a reduction (as for
+/// a head alone); each K chunk is loaded once for the `G` heads.
 ///
 /// # Safety
-/// AVX-512 F; `acc` holds `16·C` values and `v` `(w.len() - 1)·row + 16·C` elements.
+/// AVX-512 F; `dh` a multiple of 16; `q` holds `G·dh` floats, `s` `G·bs` with `bs >= n`,
+/// `k` `(n - 1)·row + dh` elements.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn weighted_values<E: Lane16, const C: usize>(
-    acc: &mut [f32],
-    v: &[E],
-    w: &[f32],
+unsafe fn group_scores<E: Lane16, const G: usize>(
+    s: &mut [f32],
+    bs: usize,
+    q: &[f32],
+    dh: usize,
+    k: &[E],
     row: usize,
+    n: usize,
+    scale: f32,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(acc.len() >= 16 * C);
-    debug_assert!(w.is_empty() || v.len() >= (w.len() - 1) * row + 16 * C);
-    // SAFETY: (every `unsafe` below) the caller's contract.
-    let mut a = [unsafe { _mm512_setzero_ps() }; C];
-    for (j, aj) in a.iter_mut().enumerate() {
-        *aj = unsafe { _mm512_loadu_ps(acc.as_ptr().add(j * 16)) };
-    }
-    for (t, &wt) in w.iter().enumerate() {
-        let wb = unsafe { _mm512_set1_ps(wt) };
-        for (j, aj) in a.iter_mut().enumerate() {
-            *aj = unsafe { _mm512_fmadd_ps(wb, E::load16(v.as_ptr().add(t * row + j * 16)), *aj) };
+    debug_assert!(q.len() >= G * dh && s.len() >= (G - 1) * bs + n);
+    debug_assert!(n == 0 || k.len() >= (n - 1) * row + dh);
+    for t in 0..n {
+        // SAFETY: (every `unsafe` below) the caller's contract.
+        let mut acc = [unsafe { _mm512_setzero_ps() }; G];
+        for c in 0..dh / 16 {
+            let kk = unsafe { E::load16(k.as_ptr().add(t * row + c * 16)) };
+            for (h, a) in acc.iter_mut().enumerate() {
+                let qv = unsafe { _mm512_loadu_ps(q.as_ptr().add(h * dh + c * 16)) };
+                *a = unsafe { _mm512_fmadd_ps(qv, kk, *a) };
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            s[h * bs + t] = unsafe { _mm512_reduce_add_ps(*a) } * scale;
         }
     }
-    for (j, aj) in a.iter().enumerate() {
-        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(j * 16), *aj) };
+}
+
+/// `acc[h·dh + j..][..16] += Σ_t w[h·bs + t] · v[t·row + j..][..16]` for the `G` heads `h`
+/// and every chunk `j` of the head, `C` chunks at a time: one fused multiply-add chain per
+/// lane over the tokens `t < n` in order (as for a head alone), each V chunk loaded once
+/// for the `G` heads.
+///
+/// # Safety
+/// AVX-512 F; `dh` a multiple of 16; `acc` holds `G·dh` values, `w` `(G - 1)·bs + n`, `v`
+/// `(n - 1)·row + dh` elements.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn group_values<E: Lane16, const C: usize, const G: usize>(
+    acc: &mut [f32],
+    dh: usize,
+    v: &[E],
+    row: usize,
+    w: &[f32],
+    bs: usize,
+    n: usize,
+) {
+    let nc = dh / 16;
+    let mut c = 0;
+    while c + C <= nc {
+        // SAFETY: chunks c..c + C lie inside the head; the caller's contract otherwise.
+        unsafe { weighted_values::<E, C, G>(&mut acc[c * 16..], dh, &v[c * 16..], row, w, bs, n) };
+        c += C;
+    }
+    while c < nc {
+        // SAFETY: chunk c lies inside the head.
+        unsafe { weighted_values::<E, 1, G>(&mut acc[c * 16..], dh, &v[c * 16..], row, w, bs, n) };
+        c += 1;
+    }
+}
+
+/// `acc[h·dh + j·16..][..16] += Σ_t w[h·bs + t] · v[t·row + j·16..][..16]` for the `G`
+/// heads `h` and the `C` chunks `j`, the tokens `t < n` in order (one fused multiply-add
+/// chain per lane, `G·C` chains in flight, each V chunk loaded once).
+///
+/// # Safety
+/// AVX-512 F; `acc` holds `(G - 1)·dh + 16·C` values, `w` `(G - 1)·bs + n` and `v`
+/// `(n - 1)·row + 16·C` elements.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weighted_values<E: Lane16, const C: usize, const G: usize>(
+    acc: &mut [f32],
+    dh: usize,
+    v: &[E],
+    row: usize,
+    w: &[f32],
+    bs: usize,
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(acc.len() >= (G - 1) * dh + 16 * C);
+    debug_assert!(w.len() >= (G - 1) * bs + n);
+    debug_assert!(n == 0 || v.len() >= (n - 1) * row + 16 * C);
+    // SAFETY: (every `unsafe` below) the caller's contract.
+    let mut a = [[unsafe { _mm512_setzero_ps() }; C]; G];
+    for (h, ah) in a.iter_mut().enumerate() {
+        for (j, aj) in ah.iter_mut().enumerate() {
+            *aj = unsafe { _mm512_loadu_ps(acc.as_ptr().add(h * dh + j * 16)) };
+        }
+    }
+    for t in 0..n {
+        let mut vv = [unsafe { _mm512_setzero_ps() }; C];
+        for (j, x) in vv.iter_mut().enumerate() {
+            *x = unsafe { E::load16(v.as_ptr().add(t * row + j * 16)) };
+        }
+        for (h, ah) in a.iter_mut().enumerate() {
+            let wb = unsafe { _mm512_set1_ps(*w.get_unchecked(h * bs + t)) };
+            for (aj, x) in ah.iter_mut().zip(&vv) {
+                *aj = unsafe { _mm512_fmadd_ps(wb, *x, *aj) };
+            }
+        }
+    }
+    for (h, ah) in a.iter().enumerate() {
+        for (j, aj) in ah.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(h * dh + j * 16), *aj) };
+        }
     }
 }
 

@@ -252,6 +252,31 @@ pub(crate) struct Runner<'m> {
     /// Per recursion step (index `r − 1`), the recursion encoding added to the hidden
     /// state entering the step's first layer (empty without one).
     encoding: Vec<Vec<f32>>,
+    /// Work buffers of [`Runner::layer`], kept between calls (no allocation or zeroing
+    /// per layer).
+    scratch: std::cell::RefCell<Scratch>,
+}
+
+/// The work buffers of one decoder layer; every use overwrites the part it reads.
+#[derive(Debug, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    q: Vec<f32>,
+    xs: Vec<f32>,
+    kv: Vec<f32>,
+    att: Vec<f32>,
+    k: Vec<f32>,
+    gu: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// The first `len` values of `v`, grown (never shrunk or cleared) to hold them: the values
+/// are whatever the last use left, for a caller that overwrites them all.
+fn work(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
 }
 
 /// The values of `t` as host f32 (row-major).
@@ -416,6 +441,7 @@ impl<'m> Runner<'m> {
             lora_scale,
             prompt,
             encoding,
+            scratch: Default::default(),
             model,
             flops: Default::default(),
             blocks,
@@ -653,29 +679,41 @@ impl<'m> Runner<'m> {
                 t.pos
             )));
         }
-        let mut x = vec![0f32; h.len()];
-        rms_norm_rows(h, an, self.eps, &mut x)?;
+        // The buffers go back in the cell at the end (an error leaves fresh ones there).
+        let mut scratch = self.scratch.take();
+        let Scratch {
+            x,
+            q: q_buf,
+            xs,
+            kv: kv_buf,
+            att,
+            k,
+            gu,
+            s,
+        } = &mut scratch;
+        let x = work(x, h.len());
+        rms_norm_rows(h, an, self.eps, x)?;
         let writes: Vec<bool> = slots.iter().map(|&s| cache.writes(s)).collect();
         // Rows of `[q | k | v]` when every token stores K/V here; otherwise queries for
         // all and `[k | v]` for the tokens that store (recursive sharing projects no K/V at
         // steps >= 2, spec §4).
         let all_write = writes.iter().all(|&w| w);
-        let (mut q, q_ld, mut kv, kv_ld, kv_row): (Vec<f32>, usize, Vec<f32>, usize, Vec<usize>) =
+        let (q, q_ld, kv, kv_ld, kv_row): (&mut [f32], usize, &mut [f32], usize, Vec<usize>) =
             if all_write {
-                let mut qkv = vec![0f32; n * bw.qkv.n()];
-                bw.qkv.matmul(&x, &mut qkv, false)?;
                 let ld = bw.qkv.n();
-                (qkv, ld, Vec::new(), ld, (0..n).collect())
+                let qkv = work(q_buf, n * ld);
+                bw.qkv.matmul(x, qkv, false)?;
+                (qkv, ld, &mut [], ld, (0..n).collect())
             } else {
-                let mut q = vec![0f32; n * qd];
-                bw.q.matmul(&x, &mut q, false)?;
+                let q = work(q_buf, n * qd);
+                bw.q.matmul(x, q, false)?;
                 let w_idx: Vec<usize> = (0..n).filter(|&i| writes[i]).collect();
-                let mut xs = Vec::with_capacity(w_idx.len() * self.d);
+                xs.clear();
                 for &i in &w_idx {
                     xs.extend_from_slice(&x[i * self.d..(i + 1) * self.d]);
                 }
-                let mut kv = vec![0f32; w_idx.len() * 2 * kvd];
-                bw.kv.matmul(&xs, &mut kv, false)?;
+                let kv = work(kv_buf, w_idx.len() * 2 * kvd);
+                bw.kv.matmul(xs, kv, false)?;
                 let mut row = vec![usize::MAX; n];
                 for (r, &i) in w_idx.iter().enumerate() {
                     row[i] = r;
@@ -720,8 +758,13 @@ impl<'m> Runner<'m> {
             }
         }
         let mut attention = 0usize;
-        let mut att = vec![0f32; n * qd];
-        let mut k = vec![0f32; kvd];
+        let att = work(att, n * qd);
+        let k = work(k, kvd);
+        // Every token's K/V is stored before any token attends. A query sees only the
+        // positions up to its own, and the tokens of one request are stored in position
+        // order as before, so each view shows the entries it showed when tokens stored and
+        // attended in turn; this way the next token's blocks can be fetched from memory
+        // while the current one attends.
         for i in 0..n {
             let Tok { req, pos } = toks[i];
             let qi = &mut q[i * q_ld..i * q_ld + qd];
@@ -734,11 +777,20 @@ impl<'m> Runner<'m> {
                 };
                 let (kr, v) = row.split_at(kvd);
                 k.copy_from_slice(kr);
-                self.rope(&mut k, pos);
-                cache.append(req, slots[i], pos, &k, v)?;
+                self.rope(k, pos);
+                cache.append(req, slots[i], pos, k, v)?;
+            }
+        }
+        if let Some(t) = toks.first() {
+            cache.view(t.req, slots[0])?.prefetch(t.pos);
+        }
+        for i in 0..n {
+            let Tok { req, pos } = toks[i];
+            if let Some(t) = toks.get(i + 1) {
+                cache.view(t.req, slots[i + 1])?.prefetch(t.pos);
             }
             let view = cache.view(req, slots[i])?;
-            attention += 2 * qd * view.len();
+            attention += 2 * qd * view.visible_len(pos);
             attend_into(
                 &view,
                 &q[i * q_ld..i * q_ld + qd],
@@ -764,7 +816,7 @@ impl<'m> Runner<'m> {
             // A DoRA on o_proj scales the whole projection: the shared product into its own
             // rows, each item's low-rank term and scale, then the residual.
             let mut o = vec![0f32; n * d];
-            bw.o.matmul(&att, &mut o, false)?;
+            bw.o.matmul(att, &mut o, false)?;
             for i in 0..n {
                 let row = &mut o[i * d..(i + 1) * d];
                 if let Some(p) = o_lora(i) {
@@ -778,7 +830,7 @@ impl<'m> Runner<'m> {
                     .for_each(|(a, b)| *a += b);
             }
         } else {
-            bw.o.matmul(&att, h, true)?;
+            bw.o.matmul(att, h, true)?;
             for i in 0..n {
                 if let Some(p) = o_lora(i) {
                     p.add(
@@ -790,12 +842,13 @@ impl<'m> Runner<'m> {
                 }
             }
         }
-        rms_norm_rows(h, mn, self.eps, &mut x)?;
-        let mut gu = vec![0f32; n * 2 * self.ff];
-        bw.gate_up.matmul(&x, &mut gu, false)?;
-        let mut s = vec![0f32; n * self.ff];
-        swiglu_rows(&gu, self.ff, &mut s)?;
-        bw.down.matmul(&s, h, true)?;
+        rms_norm_rows(h, mn, self.eps, x)?;
+        let gu = work(gu, n * 2 * self.ff);
+        bw.gate_up.matmul(x, gu, false)?;
+        let s = work(s, n * self.ff);
+        swiglu_rows(gu, self.ff, s)?;
+        bw.down.matmul(s, h, true)?;
+        self.scratch.replace(scratch);
         linear = 2 * linear + scales;
         let mut f = self.flops.get();
         f.linear += linear as u64;

@@ -98,11 +98,87 @@ fn check_finite(logits: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// `w[i] = exp((logits[i] - m) / t)` for `logits[i] <= m`, `t > 0` (so every argument is
+/// at most 0), with [`exp_nonpositive`]. Vectorised (AVX2 where the CPU has it, SSE2
+/// otherwise) with the same bits everywhere: only correctly rounded additions,
+/// multiplications and divisions, no fused multiply-add.
+pub(crate) fn exp_weights(logits: &[f32], m: f64, t: f64, w: &mut Vec<f64>) {
+    w.clear();
+    w.resize(logits.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2.
+        unsafe { exp_weights_avx2(logits, m, t, w) };
+        return;
+    }
+    exp_weights_body(logits, m, t, w);
+}
+
+/// [`exp_weights_body`] compiled with AVX2 (4 lanes of f64; no FMA, so the same bits).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_weights_avx2(logits: &[f32], m: f64, t: f64, w: &mut [f64]) {
+    exp_weights_body(logits, m, t, w)
+}
+
+#[inline(always)]
+fn exp_weights_body(logits: &[f32], m: f64, t: f64, w: &mut [f64]) {
+    for (wi, &l) in w.iter_mut().zip(logits) {
+        *wi = exp_nonpositive((l as f64 - m) / t);
+    }
+}
+
+/// `e^x` for `x <= 0` (a NaN gives 0), relative error below `1e-15`; `0` below `-708`
+/// (where `e^x` is under `3.4e-308`, the smallest normal f64). Written without branches or
+/// table lookups so that it vectorises: `x = n ln 2 + r` with `n = round(x / ln 2)`
+/// (Cody–Waite: `ln 2` split in two parts, the first exact in `n · ln2_hi`), `|r| <=
+/// ln 2 / 2`, `e^r` by its Taylor polynomial to degree 13 (remainder below `2e-17`), and
+/// `2^n` built from its exponent bits.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f64) -> f64 {
+    // ln 2 = LN2_HI + LN2_LO, LN2_HI with 21 trailing zero bits (so n · LN2_HI is exact for |n| < 2^21).
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
+    // 1.5 · 2^52: adding it rounds to an integer held in the low mantissa bits.
+    const SHIFT: f64 = 6_755_399_441_055_744.0;
+    const INV_FACT: [f64; 14] = {
+        let mut c = [1f64; 14];
+        let mut k = 1;
+        while k < 14 {
+            c[k] = c[k - 1] / k as f64;
+            k += 1;
+        }
+        c
+    };
+    // In range for the exponent bits; NaN and anything below -708 are set to 0 below.
+    let xc = x.clamp(-708.0, 0.0);
+    let tn = xc * std::f64::consts::LOG2_E + SHIFT;
+    let n = tn - SHIFT;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = INV_FACT[13];
+    for &c in INV_FACT[..13].iter().rev() {
+        p = p * r + c;
+    }
+    // n in [-1022, 0]: the integer is the difference of the bit patterns.
+    let ni = tn.to_bits().wrapping_sub(SHIFT.to_bits()) as i64;
+    let scale = f64::from_bits(((ni + 1023) as u64) << 52);
+    if x >= -708.0 {
+        p * scale
+    } else {
+        0.0
+    }
+}
+
 /// A sampler: [`SamplingParams`] plus the request's own random stream.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// Scratch for the weights of one draw (kept to avoid an allocation per token).
+    weights: Vec<f64>,
 }
 
 impl Sampler {
@@ -116,6 +192,7 @@ impl Sampler {
         Ok(Sampler {
             params,
             rng: Rng::derive(params.seed, &format!("sampler.{stream}")),
+            weights: Vec::new(),
         })
     }
 
@@ -164,18 +241,22 @@ impl Sampler {
         // One `exp` per logit: the weights are kept and the uniform draw is scaled by their
         // sum instead of normalising every weight.
         let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - m) / t).exp()).collect();
+        let mut w = std::mem::take(&mut self.weights);
+        exp_weights(logits, m, t, &mut w);
         let z: f64 = w.iter().sum();
         let u = self.rng.uniform() * z;
         let mut acc = 0.0;
+        let mut pick = w.len() as u32 - 1;
         for (i, &x) in w.iter().enumerate() {
             acc += x;
             if u < acc {
-                return Ok(i as u32);
+                pick = i as u32;
+                break;
             }
         }
-        // Rounding left `acc` a hair below `u`: the last token.
-        Ok(w.len() as u32 - 1)
+        // (Rounding may leave `acc` a hair below `u`: then the last token.)
+        self.weights = w;
+        Ok(pick)
     }
 
     /// Draws from `(token, probability)` pairs summing to 1.
@@ -361,6 +442,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn vectorised_exp_matches_libm() {
+        // Both sides of every reduction boundary (n ln 2 ± ln 2 / 2), integers, tiny and
+        // huge magnitudes, the cut at -708.
+        let mut xs = vec![
+            0.0, -0.0, -1e-300, -1e-17, -1e-9, -0.5, -1.0, -708.0, -707.99,
+        ];
+        let mut rng = mor_core::rng::Rng::new(5);
+        for _ in 0..20_000 {
+            xs.push(-708.0 * rng.uniform());
+            xs.push(-rng.uniform() * 4.0);
+        }
+        for n in 0..1021 {
+            let b = -(n as f64 + 0.5) * std::f64::consts::LN_2;
+            xs.extend([b, b.next_up(), b.next_down(), -((n % 709) as f64)]);
+        }
+        for &x in &xs {
+            assert!(x >= -708.0, "{x}");
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            assert!(
+                (got - want).abs() <= 1e-15 * want,
+                "exp({x:e}) = {got:e}, libm {want:e}"
+            );
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        for x in [-708.01, -745.0, -1e300, f64::NEG_INFINITY, f64::NAN] {
+            assert_eq!(exp_nonpositive(x), 0.0, "{x}");
+        }
+        // The vector loop: the same values as one at a time, whatever the length.
+        let logits: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut w = vec![7.0; 3];
+        exp_weights(&logits, m, 0.7, &mut w);
+        let want: Vec<f64> = logits
+            .iter()
+            .map(|&l| exp_nonpositive((l as f64 - m) / 0.7))
+            .collect();
+        assert_eq!(w, want);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `cargo xtask gpu-check [--full] [--out FILE]`: on a machine with an NVIDIA GPU, checks
-//! every CUDA kernel against its CPU body (f32 and bf16 tolerances) and times each fused
-//! kernel against the same computation in plain candle CUDA ops; writes the results as
-//! JSON. `--full` adds, within an 8-minute budget, a 30-step training run of the `small`
+//! every CUDA kernel against its CPU body (f32 and bf16 tolerances; flash attention and the
+//! chunked LM-head cross-entropy forward and backward, AdamW bit for bit), times each fused
+//! kernel against the same computation in plain candle CUDA ops (flash attention at
+//! L = 2048), and checks that attention's peak memory grows linearly in L; writes the
+//! results as JSON. `--full` adds, within an 8-minute budget, a 30-step training run of the `small`
 //! preset MoR-E (N_r = 3) on `cuda` against the same run on `cpu`, its training tokens/s
 //! and model FLOP utilisation, host syncs per step, peak device memory, and `bench infer`
 //! on the GPU; a part that cannot run yet is recorded as `unsupported` with the reason.
@@ -680,5 +682,57 @@ mod tests {
         assert!(!compare_losses(&[1.0], &[f64::NAN], 1e-3).1);
         assert_eq!(peak_flops("NVIDIA H200"), Some((67e12, 989e12)));
         assert_eq!(peak_flops("NVIDIA GeForce GTX 1080"), None);
+    }
+
+    #[test]
+    fn the_kernel_report_is_json_with_its_memory_checks() {
+        use mor_kernels::cuda::{BenchResult, GpuCheckReport, KernelCheck, MemoryCheck};
+        let mut r = GpuCheckReport {
+            device: "NVIDIA H200".into(),
+            compute_capability: Some((9, 0)),
+            checks: vec![KernelCheck {
+                kernel: "flash_attention.recursion-wise.bwd.dq".into(),
+                dtype: "f32".into(),
+                shape: "q [2, 8, 100, 64]".into(),
+                max_abs_err: 1e-7,
+                max_rel_err: 2e-6,
+                rtol: 1e-5,
+                passed: true,
+            }],
+            benches: vec![BenchResult {
+                op: "flash_attention.fwd+bwd".into(),
+                dtype: "bf16".into(),
+                shape: "L = 2048".into(),
+                fused_us: 900.0,
+                plain_us: Some(2500.0),
+                speedup: Some(2500.0 / 900.0),
+                iters: 20,
+            }],
+            ..Default::default()
+        };
+        // Without memory rows (a driver that reports none) the array is empty.
+        let v: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["memory"], json!([]));
+        assert_eq!(v["passed"], json!(true));
+        r.memory.push(MemoryCheck {
+            op: "flash_attention.fwd+bwd".into(),
+            dtype: "f32".into(),
+            lens: vec![1024, 2048, 4096],
+            peak_bytes: vec![1 << 20, 3 << 20, 7 << 20],
+            growth: 2.0,
+            passed: true,
+        });
+        let v: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["memory"][0]["lens"], json!([1024, 2048, 4096]));
+        assert_eq!(v["memory"][0]["growth"].as_f64(), Some(2.0));
+        assert_eq!(v["benches"][0]["plain_us"].as_f64(), Some(2500.0));
+        assert_eq!(v["passed"], json!(true));
+        r.memory[0].passed = false;
+        let v: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(
+            v["passed"],
+            json!(false),
+            "a quadratic growth fails the check"
+        );
     }
 }

@@ -556,6 +556,15 @@ struct EcState {
     dev_last_sel: Option<Tensor>,
 }
 
+impl crate::ForwardState for EcState {
+    fn next_step(&self) -> usize {
+        self.next_step
+    }
+    fn shape(&self) -> (usize, usize) {
+        (self.b, self.l)
+    }
+}
+
 /// The expert-choice router of spec §3.1 (see the module docs).
 #[derive(Debug)]
 pub struct ExpertChoiceRouter {
@@ -613,30 +622,18 @@ impl ExpertChoiceRouter {
         state: &'a mut RoutingState,
         mode: RouteMode,
     ) -> Result<(&'a mut EcState, usize, usize)> {
-        let st = state
-            .data
-            .as_mut()
-            .and_then(|d| d.downcast_mut::<EcState>())
-            .ok_or_else(|| {
-                Self::invalid("the routing state was not created by this router's `begin`")
-            })?;
-        if step != st.next_step || step > self.num_recursions {
-            return Err(Self::invalid(format!(
-                "step {step} routed out of order: expected step {} of 1..={}",
-                st.next_step, self.num_recursions
-            )));
-        }
+        let (st, b, l) = crate::step_state::<EcState>(
+            NAME,
+            state,
+            step,
+            self.num_recursions,
+            h,
+            self.hidden_size,
+        )?;
         if mode != st.mode {
             return Err(Self::invalid(format!(
                 "mode {mode:?} differs from the forward's mode {:?}",
                 st.mode
-            )));
-        }
-        let (b, l) = check_hidden(h, self.hidden_size, NAME)?;
-        if (b, l) != (st.b, st.l) {
-            return Err(Self::invalid(format!(
-                "hidden states are [{b}, {l}, _] but the forward began with [{}, {}, _]",
-                st.b, st.l
             )));
         }
         Ok((st, b, l))
@@ -1212,13 +1209,7 @@ impl Router for ExpertChoiceRouter {
     /// device ([`RouterOutput::pending`]), and the token depths when a step was decided by
     /// [`Router::route_device`]: no host read.
     fn finish_pending(&self, state: RoutingState) -> Result<RouterOutput> {
-        let st = state
-            .data
-            .and_then(|d| d.downcast::<EcState>().ok())
-            .ok_or_else(|| {
-                Self::invalid("the routing state was not created by this router's `begin`")
-            })?;
-        let st = *st;
+        let st: EcState = crate::take_state(NAME, state)?;
         let mut stats = st.stats;
         let p = &self.params;
         let mut pending = crate::PendingLog::default();

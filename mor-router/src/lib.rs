@@ -283,6 +283,63 @@ impl PendingLog {
     }
 }
 
+/// The per-forward state a built-in router keeps in [`RoutingState::data`].
+pub(crate) trait ForwardState: std::any::Any + Send + Sync {
+    /// The next step to route (1-based).
+    fn next_step(&self) -> usize;
+    /// `(b, L)` of the forward's hidden states.
+    fn shape(&self) -> (usize, usize);
+}
+
+fn foreign_state(router: &'static str) -> Error {
+    Error::Invalid {
+        router,
+        msg: "the routing state was not created by this router's `begin`".into(),
+    }
+}
+
+/// `router`'s state of type `S` for step `step`, checked: created by its `begin`, the step
+/// routed in order (of `1..=num_recursions`), `h: [b, L, hidden_size]` of the forward's
+/// shape. Returns the state and `(b, L)`.
+pub(crate) fn step_state<'a, S: ForwardState>(
+    router: &'static str,
+    state: &'a mut RoutingState,
+    step: usize,
+    num_recursions: usize,
+    h: &Tensor,
+    hidden_size: usize,
+) -> Result<(&'a mut S, usize, usize)> {
+    let st = state
+        .data
+        .as_mut()
+        .and_then(|d| d.downcast_mut::<S>())
+        .ok_or_else(|| foreign_state(router))?;
+    let bad = |msg: String| Err(Error::Invalid { router, msg });
+    if step != st.next_step() || step > num_recursions {
+        return bad(format!(
+            "step {step} routed out of order: expected step {} of 1..={num_recursions}",
+            st.next_step()
+        ));
+    }
+    let (b, l) = expert_choice::check_hidden(h, hidden_size, router)?;
+    let (sb, sl) = st.shape();
+    if (b, l) != (sb, sl) {
+        return bad(format!(
+            "hidden states are [{b}, {l}, _] but the forward began with [{sb}, {sl}, _]"
+        ));
+    }
+    Ok((st, b, l))
+}
+
+/// `router`'s state of type `S`, taken out of `state` (at the end of a forward).
+pub(crate) fn take_state<S: ForwardState>(router: &'static str, state: RoutingState) -> Result<S> {
+    let st = state
+        .data
+        .and_then(|d| d.downcast::<S>().ok())
+        .ok_or_else(|| foreign_state(router))?;
+    Ok(*st)
+}
+
 /// Loss terms and metrics of one forward.
 #[derive(Debug, Default)]
 pub struct RouterOutput {

@@ -184,6 +184,15 @@ struct TcState {
     dev: Option<TcDev>,
 }
 
+impl crate::ForwardState for TcState {
+    fn next_step(&self) -> usize {
+        self.next_step
+    }
+    fn shape(&self) -> (usize, usize) {
+        (self.b, self.l)
+    }
+}
+
 /// The device path's per-forward values of the token-choice router.
 #[derive(Debug)]
 struct TcDev {
@@ -241,27 +250,7 @@ impl TokenChoiceRouter {
         h: &Tensor,
         state: &'a mut RoutingState,
     ) -> Result<(&'a mut TcState, usize, usize)> {
-        let st = state
-            .data
-            .as_mut()
-            .and_then(|d| d.downcast_mut::<TcState>())
-            .ok_or_else(|| {
-                Self::invalid("the routing state was not created by this router's `begin`")
-            })?;
-        if step != st.next_step || step > self.num_recursions {
-            return Err(Self::invalid(format!(
-                "step {step} routed out of order: expected step {} of 1..={}",
-                st.next_step, self.num_recursions
-            )));
-        }
-        let (b, l) = check_hidden(h, self.hidden_size, NAME)?;
-        if (b, l) != (st.b, st.l) {
-            return Err(Self::invalid(format!(
-                "hidden states are [{b}, {l}, _] but the forward began with [{}, {}, _]",
-                st.b, st.l
-            )));
-        }
-        Ok((st, b, l))
+        crate::step_state(NAME, state, step, self.num_recursions, h, self.hidden_size)
     }
 
     /// The depth choice of `begin` on the device (spec §3.2): the top-1 of the biased
@@ -733,13 +722,7 @@ impl Router for TokenChoiceRouter {
     /// [`Router::finish`] with the logged loss terms left on the device
     /// ([`RouterOutput::pending`]).
     fn finish_pending(&self, state: RoutingState) -> Result<RouterOutput> {
-        let st = state
-            .data
-            .and_then(|d| d.downcast::<TcState>().ok())
-            .ok_or_else(|| {
-                Self::invalid("the routing state was not created by this router's `begin`")
-            })?;
-        let st = *st;
+        let st: TcState = crate::take_state(NAME, state)?;
         let mut stats = st.stats;
         let p = &self.params;
         let mut pending = PendingLog::default();

@@ -392,7 +392,13 @@ pub fn train_with(
                 .map_err(|e| with_batch_size(e.into(), s.micro_batch_seqs))?;
             let both: Vec<Var> = main_v.iter().chain(aux_v.iter()).cloned().collect();
             optim::accumulate(&mut grads, g, &both)?;
-            router_outs.push(router_out);
+            // Only the logged values are kept to the end of the step: the loss tensors
+            // would keep the micro-batch's autograd graph (its activations) alive.
+            router_outs.push(mor_router::RouterOutput {
+                loss: None,
+                aux_router_loss: None,
+                ..router_out
+            });
             tokens += (bt_b * bt_t) as u64;
         }
         let mut grads = grads.ok_or_else(|| Error::msg("no micro-batch ran"))?;

@@ -252,14 +252,16 @@ pub struct PendingLog {
 
 impl PendingLog {
     /// Adds `values` (any shape, flattened; a float or integer dtype), to go to `slot`.
+    /// The values are kept detached: a pending value never holds its forward's autograd
+    /// graph (and its activations) alive.
     pub fn push(&mut self, slot: LogSlot, values: Tensor) {
-        self.entries.push((slot, values));
+        self.entries.push((slot, values.detach()));
     }
 
     /// Sets every token's final depth, `[b·L]` (row-major; 0 = no step), read only by the
-    /// callers that ask for it.
+    /// callers that ask for it (kept detached, as [`PendingLog::push`]).
     pub fn set_depths(&mut self, depths: Tensor) {
-        self.depths = Some(depths);
+        self.depths = Some(depths.detach());
     }
 
     /// The slots of the pending values, in order.

@@ -428,6 +428,9 @@ fn finish_pending_reads_nothing_and_resolves_to_what_finish_reads() {
         ]
     );
     assert!(outs[0].terms.is_empty() && outs[0].pending.has_depths());
+    // The pending values hold no autograd graph (the loss does).
+    assert!(!outs[0].pending_values(true).unwrap().unwrap().track_op());
+    assert!(outs[0].loss.as_ref().unwrap().track_op());
     // Both forwards' values (the depths of the second too) in one read.
     let parts: Vec<Tensor> = [
         outs[0].pending_values(false).unwrap().unwrap(),

@@ -77,6 +77,143 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
+/// A product operand: values of the tensors' dtype, or f32 values already rounded to bf16
+/// (their bits, [`gemm::round_into_bf16`]), which only bf16 products take. A bf16 product
+/// gives the same result, bit for bit, from either: its packing rounds f32 values exactly
+/// as the bits were rounded.
+#[derive(Clone, Copy)]
+pub(crate) enum Operand<'a, T> {
+    /// Values of the tensors' dtype.
+    Full(Mat<'a, T>),
+    /// bf16 bits (`T` is f32 and the product is bf16).
+    Bf16(Mat<'a, u16>),
+}
+
+impl<'a, T> From<Mat<'a, T>> for Operand<'a, T> {
+    fn from(m: Mat<'a, T>) -> Self {
+        Operand::Full(m)
+    }
+}
+
+impl<'a, T> Operand<'a, T> {
+    /// Whether every element of an `m × n` view lies inside the data ([`Mat::fits`]).
+    fn fits(&self, m: usize, n: usize) -> bool {
+        match self {
+            Operand::Full(x) => x.fits(m, n),
+            Operand::Bf16(x) => x.fits(m, n),
+        }
+    }
+
+    fn is_bf16(&self) -> bool {
+        matches!(self, Operand::Bf16(_))
+    }
+
+    /// The view from row `r0` on (`r0` must be a row of the view).
+    fn skip_rows(self, r0: usize) -> Self {
+        match self {
+            Operand::Full(x) => Operand::Full(Mat {
+                data: &x.data[r0 * x.rs..],
+                ..x
+            }),
+            Operand::Bf16(x) => Operand::Bf16(Mat {
+                data: &x.data[r0 * x.rs..],
+                ..x
+            }),
+        }
+    }
+}
+
+/// An activation an op writes for products: values of the tensors' dtype, or, when it feeds
+/// bf16 products only, rounded to bf16 by the op that writes it (half the bytes to write
+/// and to read, and a copy instead of a conversion when a product packs it).
+pub(crate) enum Act<T> {
+    /// Values of the tensors' dtype.
+    Full(Vec<T>),
+    /// bf16 bits of f32 values.
+    Bf16(Vec<u16>),
+}
+
+impl<T> Act<T> {
+    /// The activation as a row-major `[.., cols]` operand.
+    pub(crate) fn rows(&self, cols: usize) -> Operand<'_, T> {
+        match self {
+            Act::Full(v) => Operand::Full(Mat::rows(v, cols)),
+            Act::Bf16(v) => Operand::Bf16(Mat::rows(v, cols)),
+        }
+    }
+
+    /// The transpose of the activation as a row-major `[.., cols]` matrix.
+    pub(crate) fn rows_t(&self, cols: usize) -> Operand<'_, T> {
+        match self {
+            Act::Full(v) => Operand::Full(Mat::rows_t(v, cols)),
+            Act::Bf16(v) => Operand::Bf16(Mat::rows_t(v, cols)),
+        }
+    }
+}
+
+thread_local! {
+    /// f32 rows an [`act_new`] block is computed into before it is rounded.
+    static ACT_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A new `[rows, row_len]` activation filled by `f(first_row, block)` on zeroed blocks, as
+/// [`rows_new`]; with `bf16` and `T = f32`, each block is computed into f32 scratch rows
+/// and rounded to bf16 ([`Act::Bf16`], the same bits the products' packing would round the
+/// f32 values to), else kept as it is ([`Act::Full`]).
+pub(crate) fn act_new<T: Float>(
+    bf16: bool,
+    rows: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Act<T> {
+    if !(bf16 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()) {
+        return Act::Full(rows_new(rows, row_len, f).0);
+    }
+    let n = rows
+        .checked_mul(row_len)
+        .expect("act_new: buffer size overflows usize");
+    let mut v: Vec<u16> = Vec::with_capacity(n);
+    if n == 0 {
+        return Act::Bf16(v);
+    }
+    let per = super::rows_per_task(rows, row_len);
+    let base = SharedPtr(v.as_mut_ptr());
+    let run = |blk: usize| {
+        let r0 = blk * per;
+        let len = per.min(rows - r0) * row_len;
+        let fill = |buf: &mut Vec<f32>| {
+            buf.clear();
+            buf.resize(len, 0.0);
+            // SAFETY: `T` is f32 (checked above), so the scratch is reinterpreted as itself.
+            let tb = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<T>(), len) };
+            f(r0, tb);
+            // SAFETY: blocks are disjoint and lie inside the allocation of `n` elements; the
+            // block is zeroed (a valid `u16`) before a reference to it is made.
+            let out = unsafe {
+                let p = base.get().add(r0 * row_len);
+                std::ptr::write_bytes(p, 0, len);
+                std::slice::from_raw_parts_mut(p, len)
+            };
+            gemm::round_into_bf16(buf, out);
+        };
+        // A task that runs inside another's `f` (work stealing) takes its own scratch.
+        ACT_SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut buf) => fill(&mut buf),
+            Err(_) => fill(&mut Vec::new()),
+        });
+    };
+    let blocks = rows.div_ceil(per);
+    if n < super::PAR_MIN_WORK {
+        (0..blocks).for_each(run);
+    } else {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().for_each(run);
+    }
+    // SAFETY: every block, hence every element, was initialised above.
+    unsafe { v.set_len(n) };
+    Act::Bf16(v)
+}
+
 /// The same view with f32 elements, when `T` is f32.
 pub(crate) fn as_f32<T: Float>(m: Mat<'_, T>) -> Option<Mat<'_, f32>> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| Mat {
@@ -93,11 +230,11 @@ pub(crate) fn as_f32<T: Float>(m: Mat<'_, T>) -> Option<Mat<'_, f32>> {
 ///
 /// # Errors
 /// When an operand or the destination is too short for the given dims and strides.
-pub(crate) fn matmul<T: Float>(
+pub(crate) fn matmul<'a, T: Float>(
     prec: Prec,
     dims: (usize, usize, usize),
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
+    a: impl Into<Operand<'a, T>>,
+    b: impl Into<Operand<'a, T>>,
     dst: &mut [T],
     dst_rs: usize,
     accumulate: bool,
@@ -106,8 +243,8 @@ pub(crate) fn matmul<T: Float>(
     matmul_scaled(
         prec,
         dims,
-        a,
-        b,
+        a.into(),
+        b.into(),
         (dst, dst_rs),
         accumulate,
         (T::ONE, threads),
@@ -119,15 +256,17 @@ pub(crate) fn matmul<T: Float>(
 ///
 /// # Errors
 /// As [`matmul`].
-pub(crate) fn matmul_scaled<T: Float>(
+pub(crate) fn matmul_scaled<'a, T: Float>(
     prec: Prec,
     (m, n, k): (usize, usize, usize),
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
+    a: impl Into<Operand<'a, T>>,
+    b: impl Into<Operand<'a, T>>,
     (dst, dst_rs): (&mut [T], usize),
     accumulate: bool,
     (scale, threads): (T, usize),
 ) -> candle_core::Result<()> {
+    let (a, b) = (a.into(), b.into());
+    check_bf16_operands::<T>(prec, &a, &b)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -167,6 +306,58 @@ pub(crate) fn matmul_scaled<T: Float>(
     Ok(())
 }
 
+/// Operands of bf16 bits need a bf16 product over f32 tensors.
+fn check_bf16_operands<T: Float>(
+    prec: Prec,
+    a: &Operand<'_, T>,
+    b: &Operand<'_, T>,
+) -> candle_core::Result<()> {
+    let f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+    if (a.is_bf16() || b.is_bf16()) && !(prec == Prec::Bf16 && f32) {
+        candle_core::bail!("mor matmul: a bf16 operand needs a bf16 product of f32 tensors");
+    }
+    Ok(())
+}
+
+/// An operand of the own packed kernels.
+#[derive(Clone, Copy)]
+enum OwnOperand<'a> {
+    F32(Mat<'a, f32>),
+    Bf16(Mat<'a, u16>),
+}
+
+/// The operand for the own kernels, when its values are f32 or bf16 bits.
+fn own_operand<T: Float>(o: Operand<'_, T>) -> Option<OwnOperand<'_>> {
+    match o {
+        Operand::Full(m) => as_f32(m).map(OwnOperand::F32),
+        Operand::Bf16(m) => Some(OwnOperand::Bf16(m)),
+    }
+}
+
+/// [`gemm::gemm`] on own-kernel operands of either element type.
+///
+/// # Safety
+/// As [`gemm::gemm`].
+unsafe fn own_gemm(
+    kernel: Kernel,
+    dims: (usize, usize, usize),
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    (a, b): (OwnOperand<'_>, OwnOperand<'_>),
+    scale: f32,
+) {
+    use OwnOperand::{Bf16, F32};
+    // SAFETY: caller's contract.
+    unsafe {
+        match (a, b) {
+            (F32(a), F32(b)) => gemm::gemm(kernel, dims, dst, accumulate, a, b, scale),
+            (F32(a), Bf16(b)) => gemm::gemm(kernel, dims, dst, accumulate, a, b, scale),
+            (Bf16(a), F32(b)) => gemm::gemm(kernel, dims, dst, accumulate, a, b, scale),
+            (Bf16(a), Bf16(b)) => gemm::gemm(kernel, dims, dst, accumulate, a, b, scale),
+        }
+    }
+}
+
 /// How many row blocks to run a product in: one per thread when the product is large
 /// enough, blocks of at least 32 rows. The blocking (and with it the `gemm` crate's own
 /// choice of inner blocking) depends on the thread count, so results can differ in the last
@@ -187,45 +378,46 @@ fn row_parts((m, n, k): (usize, usize, usize), threads: usize) -> usize {
 /// # Safety
 /// `a`, `b` must hold every element of their `m × k` and `k × n` views, `dst` must be
 /// valid for writes (and reads when `accumulate`) of `m` rows of `n` elements spaced
-/// `dst_rs >= n` apart, and nothing else may access those rows meanwhile.
+/// `dst_rs >= n` apart, and nothing else may access those rows meanwhile; bf16 operands
+/// come with a bf16 product over f32 ([`check_bf16_operands`]).
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_rows_split<T: Float>(
     prec: Prec,
     (m, n, k): (usize, usize, usize),
     dst: SharedPtr<T>,
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
     (parts, scale): (usize, T),
 ) {
-    // The own packed kernels take f32 operands: f32 products at the AVX-512 tier and every
-    // bf16 product (f64 operands are never rounded to bf16).
-    let own = match (as_f32(a), as_f32(b)) {
+    // The own packed kernels take f32 operands (or bf16 bits): f32 products at the AVX-512
+    // tier and every bf16 product (f64 operands are never rounded to bf16).
+    let own = match (own_operand(a), own_operand(b)) {
         (Some(a32), Some(b32)) => Kernel::for_prec(prec).map(|kern| (kern, a32, b32)),
         _ => None,
     };
     let block = |r0: usize, rows: usize| {
-        if let Some((kern, a32, b32)) = own {
+        if let Some((kern, _, b32)) = own {
             let scale32 = scale.to_f64() as f32;
-            let a_rows = Mat {
-                data: &a32.data[r0 * a32.rs..],
-                ..a32
-            };
-            // SAFETY: as below; `T` is f32 here (checked by `as_f32`), so the destination
-            // pointer is an f32 pointer; the kernel's tier is at most the CPU's.
+            let a_rows = own_operand(a.skip_rows(r0)).expect("own operand");
+            // SAFETY: as below; `T` is f32 here (checked by `own_operand`), so the
+            // destination pointer is an f32 pointer; the kernel's tier is at most the CPU's.
             unsafe {
-                gemm::gemm(
+                own_gemm(
                     kern,
                     (rows, n, k),
                     (dst.get().add(r0 * dst_rs).cast::<f32>(), dst_rs),
                     accumulate,
-                    a_rows,
-                    b32,
+                    (a_rows, b32),
                     scale32,
                 )
             };
             return;
         }
+        let (Operand::Full(a), Operand::Full(b)) = (a, b) else {
+            unreachable!("bf16 operands always run on the own bf16 kernels");
+        };
         // SAFETY: rows `r0 .. r0 + rows` lie inside the views (caller's contract); blocks
         // are disjoint, so each task writes its own rows only.
         unsafe {
@@ -271,13 +463,13 @@ unsafe fn gemm_rows_split<T: Float>(
 ///
 /// # Errors
 /// As [`matmul`].
-pub(crate) fn matmul_new<T: Float>(
+pub(crate) fn matmul_new<'a, T: Float>(
     prec: Prec,
     dims: (usize, usize, usize),
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
+    a: impl Into<Operand<'a, T>>,
+    b: impl Into<Operand<'a, T>>,
 ) -> candle_core::Result<Vec<T>> {
-    matmul_new_in(prec, dims, a, b, rayon::current_num_threads())
+    matmul_new_in(prec, dims, a.into(), b.into(), rayon::current_num_threads())
 }
 
 /// Two independent products, each on half the threads (one each on two cores): the pairs of
@@ -287,11 +479,20 @@ pub(crate) fn matmul_new<T: Float>(
 /// # Errors
 /// As [`matmul`].
 #[allow(clippy::type_complexity)]
-pub(crate) fn matmul_new_pair<T: Float>(
+pub(crate) fn matmul_new_pair<'a, T: Float>(
     prec: Prec,
-    (d1, a1, b1): ((usize, usize, usize), Mat<'_, T>, Mat<'_, T>),
-    (d2, a2, b2): ((usize, usize, usize), Mat<'_, T>, Mat<'_, T>),
+    (d1, a1, b1): (
+        (usize, usize, usize),
+        impl Into<Operand<'a, T>>,
+        impl Into<Operand<'a, T>>,
+    ),
+    (d2, a2, b2): (
+        (usize, usize, usize),
+        impl Into<Operand<'a, T>>,
+        impl Into<Operand<'a, T>>,
+    ),
 ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    let (a1, b1, a2, b2) = (a1.into(), b1.into(), a2.into(), b2.into());
     let threads = rayon::current_num_threads();
     if threads < 2 {
         return Ok((
@@ -310,10 +511,11 @@ pub(crate) fn matmul_new_pair<T: Float>(
 fn matmul_new_in<T: Float>(
     prec: Prec,
     (m, n, k): (usize, usize, usize),
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
     threads: usize,
 ) -> candle_core::Result<Vec<T>> {
+    check_bf16_operands::<T>(prec, &a, &b)?;
     if k == 0 || m == 0 || n == 0 {
         return Ok(vec![T::ZERO; m * n]);
     }
@@ -341,12 +543,12 @@ fn matmul_new_in<T: Float>(
     Ok(dst)
 }
 
-/// `rms_norm(h, w)` of the `[rows, d]` matrix `h`.
-fn norm_fwd<T: Float>(h: &[T], w: &[T], eps: T, rows: usize, d: usize) -> Vec<T> {
-    rows_new(rows, d, |r0, n| {
+/// `rms_norm(h, w)` of the `[rows, d]` matrix `h`, rounded to bf16 with `bf16` (for bf16
+/// products only, [`act_new`]).
+fn norm_fwd<T: Float>(bf16: bool, h: &[T], w: &[T], eps: T, rows: usize, d: usize) -> Act<T> {
+    act_new(bf16, rows, d, |r0, n| {
         rows_fwd(&h[r0 * d..r0 * d + n.len()], w, eps, d, n)
     })
-    .0
 }
 
 /// A copy of the row-major `[rows, d]` matrix `x`, made in parallel blocks.
@@ -414,13 +616,15 @@ fn heads_from_cols<T: Float>(
 }
 
 /// A new row-major `[b·t, width]` matrix whose columns are filled from head-major sources
-/// `(src: [b, heads, t, dh], first column, heads)` that together cover every column.
+/// `(src: [b, heads, t, dh], first column, heads)` that together cover every column, rounded
+/// to bf16 with `bf16` (for bf16 products only, [`act_new`]).
 fn cols_from_heads<T: Float>(
+    bf16: bool,
     srcs: &[(&[T], usize, usize)],
     width: usize,
     (b, t, dh): (usize, usize, usize),
-) -> Vec<T> {
-    rows_new(b * t, width, |r0, d| {
+) -> Act<T> {
+    act_new(bf16, b * t, width, |r0, d| {
         for (k, dr) in d.chunks_exact_mut(width).enumerate() {
             let r = r0 + k;
             let (bi, ti) = (r / t, r % t);
@@ -432,7 +636,6 @@ fn cols_from_heads<T: Float>(
             }
         }
     })
-    .0
 }
 
 /// Takes the state a custom op's forward pass kept, if it is of type `S` (the lock is
@@ -501,12 +704,12 @@ macro_rules! fused_layer_op {
 
 /// What the forward pass keeps for the backward pass.
 struct Saved<T> {
-    /// `rms_norm(h)`, `[rows, d]`.
-    n: Vec<T>,
+    /// `rms_norm(h)`, `[rows, d]` (bf16 for bf16 products).
+    n: Act<T>,
     /// `[Z_g | Z_u]`, `[rows, 2·ff]`.
     z: Vec<T>,
-    /// `silu(Z_g) ⊙ Z_u`, `[rows, ff]`.
-    a: Vec<T>,
+    /// `silu(Z_g) ⊙ Z_u`, `[rows, ff]` (bf16 for bf16 products).
+    a: Act<T>,
 }
 
 /// The fused feed-forward half: inputs `h: [.., d]`, `[w; gate; up]: [1 + 2·ff, d]`,
@@ -558,16 +761,13 @@ impl MlpOp {
         let MlpDims { rows, d, ff } = self.dims;
         let (f2, eps) = (2 * ff, T::from_f64(self.eps));
         let (w, wgu) = pack.split_at(d);
-        let n = norm_fwd(h, w, eps, rows, d);
+        // n and A feed bf16 products only: rounded once, where they are written.
+        let bf16 = self.prec == Prec::Bf16;
+        let n = norm_fwd(bf16, h, w, eps, rows, d);
         // Z = n · [gate; up]ᵀ
-        let z = matmul_new(
-            self.prec,
-            (rows, f2, d),
-            Mat::rows(&n, d),
-            Mat::rows_t(wgu, d),
-        )?;
+        let z = matmul_new(self.prec, (rows, f2, d), n.rows(d), Mat::rows_t(wgu, d))?;
         // A = silu(Z_g) ⊙ Z_u
-        let (a, _) = rows_new(rows, ff, |r0, a| {
+        let a = act_new(bf16, rows, ff, |r0, a| {
             for (k, ar) in a.chunks_exact_mut(ff).enumerate() {
                 let zr = &z[(r0 + k) * f2..(r0 + k + 1) * f2];
                 let (g, u) = zr.split_at(ff);
@@ -579,7 +779,7 @@ impl MlpOp {
         matmul(
             self.prec,
             (rows, d, ff),
-            Mat::rows(&a, ff),
+            a.rows(ff),
             Mat::rows_t(down, ff),
             &mut out,
             d,
@@ -603,10 +803,11 @@ impl MlpOp {
         // dDown = Gᵀ · A and dA = G · down, then dZ = swiglu′(Z) ⊙ dA
         let (d_down, da) = matmul_new_pair(
             self.prec,
-            ((d, ff, rows), Mat::rows_t(g, d), Mat::rows(&s.a, ff)),
+            ((d, ff, rows), Mat::rows_t(g, d), s.a.rows(ff)),
             ((rows, ff, d), Mat::rows(g, d), Mat::rows(down, ff)),
         )?;
-        let (dz, _) = rows_new(rows, f2, |r0, dz| {
+        // dZ feeds bf16 products only: rounded once, where it is written.
+        let dz = act_new(self.prec == Prec::Bf16, rows, f2, |r0, dz| {
             for (k, dzr) in dz.chunks_exact_mut(f2).enumerate() {
                 let r = r0 + k;
                 let (zg, zu) = s.z[r * f2..(r + 1) * f2].split_at(ff);
@@ -618,8 +819,8 @@ impl MlpOp {
         // d[gate; up] = dZᵀ · n and dn = dZ · [gate; up]
         let (dgu, dn) = matmul_new_pair(
             self.prec,
-            ((f2, d, rows), Mat::rows_t(&dz, f2), Mat::rows(&s.n, d)),
-            ((rows, d, f2), Mat::rows(&dz, f2), Mat::rows(wgu, d)),
+            ((f2, d, rows), dz.rows_t(f2), s.n.rows(d)),
+            ((rows, d, f2), dz.rows(f2), Mat::rows(wgu, d)),
         )?;
         drop(dz);
         let mut d_pack = vec![T::ZERO; d];
@@ -680,8 +881,8 @@ fused_layer_op!(MlpOp, "mor-mlp-block", |op: &MlpOp| Shape::from(
 
 /// What the attention half keeps for its backward pass.
 struct AttnSaved<T> {
-    /// `rms_norm(h)`, `[rows, d]`.
-    n: Vec<T>,
+    /// `rms_norm(h)`, `[rows, d]` (bf16 for bf16 products).
+    n: Act<T>,
     /// Rotated queries `[b, hq, t, dh]`.
     q: Vec<T>,
     /// Rotated keys `[b, hkv, t, dh]`.
@@ -692,8 +893,8 @@ struct AttnSaved<T> {
     o: Vec<T>,
     /// Log-sum-exp of each query row `[b, hq, t]`.
     lse: Vec<T>,
-    /// The output with heads merged, `[rows, hq·dh]`.
-    merged: Vec<T>,
+    /// The output with heads merged, `[rows, hq·dh]` (bf16 for bf16 products).
+    merged: Act<T>,
 }
 
 /// The fused attention half of a decoder layer: inputs `h: [b, t, d]`,
@@ -793,13 +994,11 @@ impl AttnBlockOp {
         let (rows, d, nq, nk) = self.sizes();
         let width = nq + 2 * nk;
         let (w, wqkv) = pack.split_at(d);
-        let n = norm_fwd(h, w, T::from_f64(self.eps), rows, d);
-        let qkv = matmul_new(
-            self.prec,
-            (rows, width, d),
-            Mat::rows(&n, d),
-            Mat::rows_t(wqkv, d),
-        )?;
+        // n and the merged heads feed bf16 products only: rounded once, where they are
+        // written.
+        let bf16 = self.prec == Prec::Bf16;
+        let n = norm_fwd(bf16, h, w, T::from_f64(self.eps), rows, d);
+        let qkv = matmul_new(self.prec, (rows, width, d), n.rows(d), Mat::rows_t(wqkv, d))?;
         let q = self.rope_q.rotate(
             &heads_from_cols(&qkv, width, 0, (b, t, hq, dh)),
             cos,
@@ -815,12 +1014,12 @@ impl AttnBlockOp {
         let v = heads_from_cols(&qkv, width, nq + nk, (b, t, hkv, dh));
         drop(qkv);
         let (o, lse) = self.attn.fwd_slices(&q, &k, &v)?;
-        let merged = cols_from_heads(&[(&o, 0, hq)], nq, (b, t, dh));
+        let merged = cols_from_heads(bf16, &[(&o, 0, hq)], nq, (b, t, dh));
         let mut out = copy_rows(h, rows, d);
         matmul(
             self.prec,
             (rows, d, nq),
-            Mat::rows(&merged, nq),
+            merged.rows(nq),
             Mat::rows_t(wo, nq),
             &mut out,
             d,
@@ -854,7 +1053,7 @@ impl AttnBlockOp {
         // d o-proj = Gᵀ · merged, d merged = G · o-proj
         let (d_wo, d_merged) = matmul_new_pair(
             self.prec,
-            ((d, nq, rows), Mat::rows_t(g, d), Mat::rows(&s.merged, nq)),
+            ((d, nq, rows), Mat::rows_t(g, d), s.merged.rows(nq)),
             ((rows, nq, d), Mat::rows(g, d), Mat::rows(wo, nq)),
         )?;
         let d_o = heads_from_cols(&d_merged, nq, 0, (b, t, hq, dh));
@@ -865,7 +1064,9 @@ impl AttnBlockOp {
         // by side into one matrix.
         let dq = self.rope_q.rotate(&dq, cos, sin, -T::ONE);
         let dk = self.rope_k.rotate(&dk, cos, sin, -T::ONE);
+        // dQKV feeds bf16 products only: rounded once, where it is written.
         let d_qkv = cols_from_heads(
+            self.prec == Prec::Bf16,
             &[(&dq, 0, hq), (&dk, nq, hkv), (&dv, nq + nk, hkv)],
             width,
             (b, t, dh),
@@ -873,16 +1074,8 @@ impl AttnBlockOp {
         drop((dq, dk, dv));
         let (d_wqkv, dn) = matmul_new_pair(
             self.prec,
-            (
-                (width, d, rows),
-                Mat::rows_t(&d_qkv, width),
-                Mat::rows(&s.n, d),
-            ),
-            (
-                (rows, d, width),
-                Mat::rows(&d_qkv, width),
-                Mat::rows(wqkv, d),
-            ),
+            ((width, d, rows), d_qkv.rows_t(width), s.n.rows(d)),
+            ((rows, d, width), d_qkv.rows(width), Mat::rows(wqkv, d)),
         )?;
         drop(d_qkv);
         let mut d_pack = vec![T::ZERO; d];
@@ -958,6 +1151,60 @@ mod tests {
             }
         }
         c
+    }
+
+    /// `act_new` rounds to bf16 only f32 activations asked to be bf16: the bits are those of
+    /// the f32 rows `rows_new` fills (one and several blocks, both thread counts), f64 and
+    /// f32-without-bf16 stay as they are; a bf16 operand is refused by f32 products.
+    #[test]
+    fn activations_are_rounded_where_they_are_written() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let fill32 = |r0: usize, o: &mut [f32]| {
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = ((r0 * 37 + i) as f32 * 0.731).sin() * 3.0 + 1e-3;
+            }
+        };
+        for (rows, cols) in [(3, 5), (700, 97)] {
+            let full = rows_new(rows, cols, fill32).0;
+            for threads in [1, 2] {
+                let pool_t = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let Act::Bf16(bits) = pool_t.install(|| act_new(true, rows, cols, fill32)) else {
+                    panic!("f32 with bf16 must be rounded");
+                };
+                let want: Vec<u16> = full.iter().map(|&v| gemm::bf16_bits(v)).collect();
+                assert_eq!(bits, want, "{rows}x{cols}, {threads} threads");
+                let Act::Full(same) = act_new(false, rows, cols, fill32) else {
+                    panic!("f32 without bf16 must stay f32");
+                };
+                assert_eq!(same, full);
+            }
+            let Act::Full(f64s) = act_new(true, rows, cols, |r0, o: &mut [f64]| {
+                o.iter_mut().for_each(|v| *v = r0 as f64 + 0.1)
+            }) else {
+                panic!("f64 is never rounded");
+            };
+            assert_eq!(f64s.len(), rows * cols);
+        }
+        // A bf16 operand in an f32 product (or of f64 tensors) is an error, not a silent
+        // product of reinterpreted bits.
+        let act = pool.install(|| act_new(true, 4, 4, fill32));
+        let x = vec![1.0f32; 16];
+        assert!(matmul_new(Prec::F32, (4, 4, 4), act.rows(4), Mat::rows(&x, 4)).is_err());
+        let y = matmul_new(Prec::Bf16, (4, 4, 4), act.rows(4), Mat::rows(&x, 4)).unwrap();
+        let z = matmul_new(
+            Prec::Bf16,
+            (4, 4, 4),
+            Mat::rows(&rows_new(4, 4, fill32).0, 4),
+            Mat::rows(&x, 4),
+        )
+        .unwrap();
+        assert_eq!(y, z, "bits and their f32 values give the same bf16 product");
     }
 
     /// Plain, transposed and padded operands; overwrite and accumulate; a scale; one thread

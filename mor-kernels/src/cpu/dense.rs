@@ -14,7 +14,7 @@
 //! The products run on the `gemm` crate (the one candle's CPU matmul uses) with strided
 //! operands, so no transposed copy is made.
 
-use super::block::{matmul_new, matmul_new_pair, Mat};
+use super::block::{act_new, matmul_new, matmul_new_pair, Mat};
 use super::gemm::Prec;
 use super::simd::Float;
 use super::{bail_dtype, fwd_slice, rows_per_task, with_slices, PAR_MIN_WORK};
@@ -295,6 +295,27 @@ impl LinearCeOp {
     ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let LinearDims { rows, inp, out } = self.d;
         let k = g / rows.max(1) as f64;
+        if self.prec == Prec::Bf16 && out > 0 {
+            // The logits' gradient feeds bf16 products only: written rounded to bf16 (the
+            // same values, rounded where the products' packing would round them).
+            let (e, inv_sum) = (&s.e, &s.inv_sum);
+            let dl = act_new(true, rows, out, |r0, blk| {
+                for (i, row) in blk.chunks_exact_mut(out).enumerate() {
+                    let r = r0 + i;
+                    let c = T::from_f64(k) * inv_sum[r];
+                    for (o, &v) in row.iter_mut().zip(&e[r * out..(r + 1) * out]) {
+                        *o = v * c;
+                    }
+                    row[t[r] as usize] -= T::from_f64(k);
+                }
+            });
+            drop(s);
+            return matmul_new_pair(
+                self.prec,
+                ((rows, inp, out), dl.rows(out), Mat::rows(w, inp)),
+                ((out, inp, rows), dl.rows_t(out), Mat::rows(x, inp)),
+            );
+        }
         if out > 0 {
             s.e.par_chunks_mut(out)
                 .zip(t.par_iter().zip(s.inv_sum.par_iter()))

@@ -144,11 +144,124 @@ fn bf16_bits_vec(x: f32) -> u32 {
     }
 }
 
+/// An element type the packing reads: f32, rounded to bf16 for the bf16 kernels, or
+/// `u16`, the bits of values already rounded to bf16 (which only the bf16 kernels read:
+/// their packing is then a copy, the same pairs as packing the f32 values they came from).
+pub(crate) trait PackElem: Copy + Send + Sync + 'static {
+    /// Whether the elements are bf16 bits.
+    const BF16: bool;
+
+    /// The packed bits of one value: its bf16 bits in the low half (`PAIRS`), or its f32
+    /// bits.
+    fn bits<const PAIRS: bool>(self) -> u32;
+
+    /// Converts a contiguous run of depths into packed elements (see [`convert_run`]).
+    fn run<const PAIRS: bool, const HW: bool>(src: &[Self], dst: &mut [u32]);
+}
+
+impl PackElem for f32 {
+    const BF16: bool = false;
+
+    #[inline(always)]
+    fn bits<const PAIRS: bool>(self) -> u32 {
+        if PAIRS {
+            bf16_bits_vec(self)
+        } else {
+            self.to_bits()
+        }
+    }
+
+    #[inline(always)]
+    fn run<const PAIRS: bool, const HW: bool>(src: &[f32], dst: &mut [u32]) {
+        convert_run::<PAIRS, HW>(src, dst)
+    }
+}
+
+impl PackElem for u16 {
+    const BF16: bool = true;
+
+    #[inline(always)]
+    fn bits<const PAIRS: bool>(self) -> u32 {
+        debug_assert!(PAIRS, "bf16 bits are packed as pairs only");
+        self as u32
+    }
+
+    #[inline(always)]
+    fn run<const PAIRS: bool, const HW: bool>(src: &[u16], dst: &mut [u32]) {
+        debug_assert!(PAIRS, "bf16 bits are packed as pairs only");
+        let full = src.len() / 2;
+        #[cfg(target_endian = "little")]
+        {
+            assert!(dst.len() >= full);
+            // SAFETY: a pair read as a `u32` is its low (even) depth then its high one, so
+            // the run's first `2·full` values are the pairs' bytes; `dst` holds `full`
+            // pairs (checked) and does not overlap `src` (one is borrowed mutably).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr().cast::<u8>(),
+                    dst.as_mut_ptr().cast::<u8>(),
+                    4 * full,
+                )
+            };
+        }
+        #[cfg(not(target_endian = "little"))]
+        for (o, pair) in dst[..full].iter_mut().zip(src.chunks_exact(2)) {
+            *o = pair[0] as u32 | (pair[1] as u32) << 16;
+        }
+        if src.len() % 2 == 1 {
+            dst[full] = src[src.len() - 1] as u32;
+        }
+    }
+}
+
+/// Rounds `src` to bf16 into `dst` (their bits, as [`bf16_bits`]): with `VCVTNEPS2BF16`
+/// at the AVX512_BF16 tier, else a loop the compiler vectorises. What an op writes when its
+/// output feeds only bf16 products (see [`PackElem`]).
+///
+/// # Panics
+/// When the lengths differ.
+pub(crate) fn round_into_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len(), "round_into_bf16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tier = isa::tier();
+        if tier.has_bf16() {
+            // SAFETY: the tier is at most the CPU's, which has AVX512_BF16 and AVX-512.
+            unsafe { x86::round_halves(src, dst) };
+            return;
+        }
+        if tier >= Tier::Avx512 {
+            // SAFETY: the tier is at most the CPU's, which has AVX-512.
+            unsafe { round_halves_avx512(src, dst) };
+            return;
+        }
+    }
+    round_halves(src, dst)
+}
+
+/// [`round_into_bf16`] in plain Rust.
+#[inline(always)]
+fn round_halves(src: &[f32], dst: &mut [u16]) {
+    for (h, &v) in dst.iter_mut().zip(src) {
+        *h = bf16_bits_vec(v) as u16;
+    }
+}
+
+/// [`round_halves`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, DQ, VL, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn round_halves_avx512(src: &[f32], dst: &mut [u16]) {
+    round_halves(src, dst)
+}
+
 /// A packing source: "rows" `x` of a strided matrix (element `(x, kk)` at
 /// `data[x·sx + kk·sk]`), depths `k0 .. k0 + kc`.
 #[derive(Clone, Copy)]
-struct Src<'a> {
-    data: &'a [f32],
+struct Src<'a, E> {
+    data: &'a [E],
     sx: usize,
     sk: usize,
     nx: usize,
@@ -243,8 +356,8 @@ fn convert_run<const PAIRS: bool, const HW: bool>(src: &[f32], dst: &mut [u32]) 
 /// `2p` and high half depth `2p + 1`. Rows of the last tile past `nx` are zero. Reads run
 /// along the source's contiguous direction; [`Layout::Rows`] needs `sk == 1`.
 #[inline(always)]
-fn pack_body<const PAIRS: bool, const HW: bool>(
-    src: Src<'_>,
+fn pack_body<E: PackElem, const PAIRS: bool, const HW: bool>(
+    src: Src<'_, E>,
     w: usize,
     layout: Layout,
     out: &mut [u32],
@@ -257,7 +370,7 @@ fn pack_body<const PAIRS: bool, const HW: bool>(
         k0,
         kc,
     } = src;
-    let cvt = |x: f32| if PAIRS { bf16_bits_vec(x) } else { x.to_bits() };
+    let cvt = |x: E| x.bits::<PAIRS>();
     let kd = packed_depth(PAIRS, kc);
     let full = if PAIRS { kc / 2 } else { kc };
     let tiles = nx.div_ceil(w);
@@ -267,7 +380,7 @@ fn pack_body<const PAIRS: bool, const HW: bool>(
         let rs = Layout::row_stride(PAIRS);
         for x in 0..nx {
             let o = &mut out[(x / w) * tile_len + (x % w) * rs..][..kd];
-            convert_run::<PAIRS, HW>(&data[x * sx + k0..][..kc], o);
+            E::run::<PAIRS, HW>(&data[x * sx + k0..][..kc], o);
         }
         for i in nx % w..if nx % w == 0 { 0 } else { w } {
             out[(tiles - 1) * tile_len + i * rs..][..kd].fill(0);
@@ -327,7 +440,7 @@ fn pack_body<const PAIRS: bool, const HW: bool>(
             let (t, i) = (x / w, x % w);
             let base = x * sx + k0 * sk;
             if sk == 1 {
-                convert_run::<PAIRS, HW>(&data[base..base + kc], &mut row);
+                E::run::<PAIRS, HW>(&data[base..base + kc], &mut row);
             } else {
                 for (p, o) in row.iter_mut().enumerate().take(full) {
                     *o = if PAIRS {
@@ -360,8 +473,13 @@ fn pack_body<const PAIRS: bool, const HW: bool>(
 /// The CPU must support AVX-512 F, BW, DQ, VL, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn pack_avx512<const PAIRS: bool>(src: Src<'_>, w: usize, layout: Layout, out: &mut [u32]) {
-    pack_body::<PAIRS, false>(src, w, layout, out)
+unsafe fn pack_avx512<E: PackElem, const PAIRS: bool>(
+    src: Src<'_, E>,
+    w: usize,
+    layout: Layout,
+    out: &mut [u32],
+) {
+    pack_body::<E, PAIRS, false>(src, w, layout, out)
 }
 
 /// [`pack_body`] with the bf16 runs converted by `VCVTNE2PS2BF16`.
@@ -370,14 +488,23 @@ unsafe fn pack_avx512<const PAIRS: bool>(src: Src<'_>, w: usize, layout: Layout,
 /// The CPU must support AVX-512 F, BW, DQ, VL, BF16, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn pack_avx512bf16(src: Src<'_>, w: usize, layout: Layout, out: &mut [u32]) {
-    pack_body::<true, true>(src, w, layout, out)
+unsafe fn pack_avx512bf16<E: PackElem>(src: Src<'_, E>, w: usize, layout: Layout, out: &mut [u32]) {
+    pack_body::<E, true, true>(src, w, layout, out)
 }
 
 /// Packs `src` (see [`pack_body`]) into `out`, resized to whole tiles. The code used follows
 /// [`isa::tier`] (so `MOR_CPU_TIER` also lowers the packing); every variant packs the same
 /// bits.
-fn pack<const PAIRS: bool>(src: Src<'_>, w: usize, layout: Layout, out: &mut Vec<u32>) {
+fn pack<E: PackElem, const PAIRS: bool>(
+    src: Src<'_, E>,
+    w: usize,
+    layout: Layout,
+    out: &mut Vec<u32>,
+) {
+    assert!(
+        PAIRS || !E::BF16,
+        "bf16 operands are packed for bf16 kernels only"
+    );
     let kd = packed_depth(PAIRS, src.kc);
     let len = src.nx.div_ceil(w) * layout.tile_len(PAIRS, w, kd);
     // Every element a kernel reads is written below; resizing keeps the old contents, so
@@ -393,19 +520,19 @@ fn pack<const PAIRS: bool>(src: Src<'_>, w: usize, layout: Layout, out: &mut Vec
         }
         if tier >= Tier::Avx512 {
             // SAFETY: the tier is at most the CPU's, which has AVX-512.
-            unsafe { pack_avx512::<PAIRS>(src, w, layout, out) };
+            unsafe { pack_avx512::<E, PAIRS>(src, w, layout, out) };
             return;
         }
     }
-    pack_body::<PAIRS, false>(src, w, layout, out)
+    pack_body::<E, PAIRS, false>(src, w, layout, out)
 }
 
 /// Packs depths `k0 .. k0 + kc` of `a: m × k` for `kernel` into `out`: in [`Layout::Rows`]
 /// when `a` is contiguous along the depth (straight conversions), else [`Layout::Depths`].
 /// Returns the layout and the packed depth.
-fn pack_a(
+fn pack_a<E: PackElem>(
     kernel: Kernel,
-    a: Mat<'_, f32>,
+    a: Mat<'_, E>,
     m: usize,
     (k0, kc): (usize, usize),
     out: &mut Vec<u32>,
@@ -424,18 +551,18 @@ fn pack_a(
         Layout::Depths
     };
     if kernel.is_bf16() {
-        pack::<true>(src, MR, layout, out);
+        pack::<E, true>(src, MR, layout, out);
     } else {
-        pack::<false>(src, MR, layout, out);
+        pack::<E, false>(src, MR, layout, out);
     }
     (layout, packed_depth(kernel.is_bf16(), kc))
 }
 
 /// Packs depths `k0 .. k0 + kc` of columns `n0 .. n0 + nc` of `b: k × n` for `kernel` into
 /// panels of [`NR`] columns ([`Layout::Depths`]).
-fn pack_b(
+fn pack_b<E: PackElem>(
     kernel: Kernel,
-    b: Mat<'_, f32>,
+    b: Mat<'_, E>,
     (n0, nc): (usize, usize),
     (k0, kc): (usize, usize),
     out: &mut Vec<u32>,
@@ -449,9 +576,9 @@ fn pack_b(
         kc,
     };
     if kernel.is_bf16() {
-        pack::<true>(src, NR, Layout::Depths, out);
+        pack::<E, true>(src, NR, Layout::Depths, out);
     } else {
-        pack::<false>(src, NR, Layout::Depths, out);
+        pack::<E, false>(src, NR, Layout::Depths, out);
     }
 }
 
@@ -531,19 +658,21 @@ unsafe fn zero_rows(m: usize, n: usize, (dst, dst_rs): (*mut f32, usize)) {
     }
 }
 
-/// `dst (+)= scale · a · b` for `a: m × k`, `b: k × n`, on the calling thread.
+/// `dst (+)= scale · a · b` for `a: m × k`, `b: k × n`, on the calling thread. An operand
+/// of bf16 bits (`u16`) needs a bf16 kernel (panics otherwise) and gives the same result as
+/// the f32 values it was rounded from.
 ///
 /// # Safety
 /// `a` and `b` must hold every element of their views, `dst` must be valid for reads and
 /// writes of `m` rows of `n` elements spaced `dst_rs >= n` apart, and must not alias the
 /// operands; `kernel.tier() <= isa::detected()`.
-pub(crate) unsafe fn gemm(
+pub(crate) unsafe fn gemm<EA: PackElem, EB: PackElem>(
     kernel: Kernel,
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut f32, usize),
     accumulate: bool,
-    a: Mat<'_, f32>,
-    b: Mat<'_, f32>,
+    a: Mat<'_, EA>,
+    b: Mat<'_, EB>,
     scale: f32,
 ) {
     if m == 0 || n == 0 {
@@ -660,7 +789,12 @@ impl PackedB {
     ///
     /// # Errors
     /// When `b` does not hold every element of its `k × n` view.
-    pub(crate) fn new(kernel: Kernel, b: Mat<'_, f32>, k: usize, n: usize) -> Result<Self, String> {
+    pub(crate) fn new<E: PackElem>(
+        kernel: Kernel,
+        b: Mat<'_, E>,
+        k: usize,
+        n: usize,
+    ) -> Result<Self, String> {
         if !b.fits(k, n) {
             return Err(format!("packed operand too short for {k}×{n}"));
         }
@@ -700,11 +834,11 @@ impl PackedB {
 /// `a` must hold every element of its `m × k` view, `dst` must be valid for reads and
 /// writes of `m` rows of `n` elements spaced `dst_rs >= n` apart and must not alias `a`;
 /// `k <= b.k`, `n <= b.n`; `b.kernel.tier() <= isa::detected()`.
-pub(crate) unsafe fn gemm_packed_b(
+pub(crate) unsafe fn gemm_packed_b<E: PackElem>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut f32, usize),
     accumulate: bool,
-    a: Mat<'_, f32>,
+    a: Mat<'_, E>,
     b: &PackedB,
     scale: f32,
 ) {
@@ -820,9 +954,34 @@ mod x86 {
         chunks * 32
     }
 
-    /// Adds (or writes) `scale · c` into the tile, masked to its columns.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
+    /// Rounds `src` to bf16 bits in `dst` (equal lengths) with `VCVTNEPS2BF16`, 16 values
+    /// per instruction, the tail in plain Rust; the same bits as [`super::bf16_bits`].
+    ///
+    /// # Safety
+    /// AVX-512 F, BW, DQ, VL and BF16 must be available.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+    pub(super) unsafe fn round_halves(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let chunks = n / 16;
+        for c in 0..chunks {
+            // SAFETY: values `16c .. 16c + 16` lie in both slices; `__m256bh` and `__m256i`
+            // are both 32 plain bytes.
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(16 * c));
+                let r: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(16 * c).cast(), r);
+            }
+        }
+        super::round_halves(&src[16 * chunks..n], &mut dst[16 * chunks..n]);
+    }
+
+    /// Adds (or writes) `scale · c` into the tile, masked to its columns. Inlined into the
+    /// tiles, so that the accumulators stay in registers (as a call, the array was zeroed
+    /// by a `memset` and spilled to the stack at every tile).
+    ///
+    /// # Safety
+    /// AVX-512 F must be available (the callers are AVX-512 tiles); the tile is valid memory.
+    #[inline(always)]
     unsafe fn store(c: &[__m512; 2 * MR], tile: &Tile) {
         let m0: __mmask16 = if tile.cols >= 16 {
             0xffff
@@ -836,15 +995,21 @@ mod x86 {
         } else {
             0
         };
-        let s = _mm512_set1_ps(tile.scale);
+        // Multiplying by 1 is exact, so skipping it changes no bit.
+        let scaled = tile.scale != 1.0;
+        // SAFETY: AVX-512 F is available (caller's contract).
+        let s = unsafe { _mm512_set1_ps(tile.scale) };
         for i in 0..MR {
             if i < tile.rows {
                 // SAFETY: row `i` of the tile is valid for `cols` elements; the masks keep
-                // every access inside them.
+                // every access inside them; AVX-512 F is available (caller's contract).
                 unsafe {
                     let p = tile.ptr.add(i * tile.rs);
-                    let (mut v0, mut v1) =
-                        (_mm512_mul_ps(c[2 * i], s), _mm512_mul_ps(c[2 * i + 1], s));
+                    let (mut v0, mut v1) = (c[2 * i], c[2 * i + 1]);
+                    if scaled {
+                        v0 = _mm512_mul_ps(v0, s);
+                        v1 = _mm512_mul_ps(v1, s);
+                    }
                     if tile.add {
                         v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
                         v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.add(16)));
@@ -1066,6 +1231,90 @@ mod tests {
                         );
                         assert_eq!(wb, gb, "{kernel:?} {what} {m}x{n}x{k} acc {accumulate}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A bf16 product reads an operand given as bf16 bits (`u16`, rounded by
+    /// [`round_into_bf16`]) exactly as the f32 values they were rounded from: bit-identical
+    /// results for `a`, `b` or both as bits, row-major and transposed (both packing layouts
+    /// and paths), odd depths, several depth blocks, and a prepacked `b`.
+    #[test]
+    fn bf16_bit_operands_equal_their_f32_values() {
+        let val = |i: usize, s: usize| ((i * s + 7) % 29) as f32 / 13.0 - 1.0 + i as f32 * 1.3e-4;
+        for kernel in Kernel::available().into_iter().filter(|k| k.is_bf16()) {
+            for (m, n, k) in [(13, 70, KC + 45), (5, 33, 63), (25, 1, KC), (12, 32, 1)] {
+                let af: Vec<f32> = (0..m * k).map(|i| val(i, 3)).collect();
+                let bf: Vec<f32> = (0..k * n).map(|i| val(i, 5)).collect();
+                let (mut ab, mut bb) = (vec![0u16; af.len()], vec![0u16; bf.len()]);
+                round_into_bf16(&af, &mut ab);
+                round_into_bf16(&bf, &mut bb);
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    // `a` is m × k: row-major, or stored transposed; `b` likewise.
+                    let (a32, a16) = if ta {
+                        (Mat::rows_t(&af, m), Mat::rows_t(&ab, m))
+                    } else {
+                        (Mat::rows(&af, k), Mat::rows(&ab, k))
+                    };
+                    let (b32, b16) = if tb {
+                        (Mat::rows_t(&bf, k), Mat::rows_t(&bb, k))
+                    } else {
+                        (Mat::rows(&bf, n), Mat::rows(&bb, n))
+                    };
+                    let run = |f: &dyn Fn(*mut f32)| {
+                        let mut d = vec![0.25f32; m * n];
+                        f(d.as_mut_ptr());
+                        d.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+                    };
+                    let dims = (m, n, k);
+                    // SAFETY (all four): the operands hold their views, `dst` is `m × n`,
+                    // the kernel is available.
+                    let want = run(&|d| unsafe { gemm(kernel, dims, (d, n), true, a32, b32, 0.5) });
+                    let got_a =
+                        run(&|d| unsafe { gemm(kernel, dims, (d, n), true, a16, b32, 0.5) });
+                    let got_b =
+                        run(&|d| unsafe { gemm(kernel, dims, (d, n), true, a32, b16, 0.5) });
+                    let got_ab =
+                        run(&|d| unsafe { gemm(kernel, dims, (d, n), true, a16, b16, 0.5) });
+                    let what = format!("{kernel:?} {m}x{n}x{k} transposed a {ta} b {tb}");
+                    assert_eq!(want, got_a, "{what}: a as bits");
+                    assert_eq!(want, got_b, "{what}: b as bits");
+                    assert_eq!(want, got_ab, "{what}: both as bits");
+                    let pb = PackedB::new(kernel, b16, k, n).unwrap();
+                    let got_p =
+                        run(&|d| unsafe { gemm_packed_b(dims, (d, n), true, a16, &pb, 0.5) });
+                    assert_eq!(want, got_p, "{what}: prepacked b as bits");
+                }
+            }
+        }
+    }
+
+    /// [`round_into_bf16`] (`VCVTNEPS2BF16` where the CPU has it, the AVX-512 and the plain
+    /// loop otherwise) gives [`bf16_bits`] for every class of input, in runs whose lengths
+    /// are and are not multiples of the 16 values one instruction converts.
+    #[test]
+    fn rounding_into_bf16_matches_the_scalar_rounding() {
+        let vals: Vec<f32> = SPECIALS
+            .into_iter()
+            .chain((0..=u32::MAX).step_by(65_539))
+            .map(f32::from_bits)
+            .collect();
+        for len in [1, 15, 16, 17, 100] {
+            for run in vals.chunks(len) {
+                let want: Vec<u16> = run.iter().map(|&v| bf16_bits(v)).collect();
+                let mut got = vec![0x5555u16; run.len()];
+                round_into_bf16(run, &mut got);
+                assert_eq!(got, want, "tier {}, length {}", isa::tier(), run.len());
+                got.fill(0x5555);
+                round_halves(run, &mut got);
+                assert_eq!(got, want, "plain, length {}", run.len());
+                #[cfg(target_arch = "x86_64")]
+                if isa::detected().has_bf16() {
+                    got.fill(0x5555);
+                    // SAFETY: the CPU has AVX512_BF16 (checked).
+                    unsafe { x86::round_halves(run, &mut got) };
+                    assert_eq!(got, want, "VCVTNEPS2BF16, length {}", run.len());
                 }
             }
         }

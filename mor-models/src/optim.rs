@@ -146,6 +146,30 @@ impl AdamW {
                 p.var.set(&Tensor::from_vec(w, &shape, &dev)?)?;
                 continue;
             }
+            // On CUDA: the fused kernel (`mor_adamw_step`), one launch per parameter, the
+            // host update's f64 arithmetic bit for bit; the moments stay on the device.
+            if theta.device().is_cuda()
+                && matches!(
+                    theta.dtype(),
+                    candle_core::DType::F32 | candle_core::DType::BF16
+                )
+                && [g, &p.m, &p.v].iter().all(|t| t.dtype() == theta.dtype())
+            {
+                let h = mor_kernels::cuda::AdamwHyper {
+                    lr,
+                    beta1: b1,
+                    beta2: b2,
+                    eps,
+                    decay,
+                    bc1,
+                    bc2,
+                };
+                let (w, m, v) = mor_kernels::cuda::adamw_step(theta, g, &p.m, &p.v, &h)?;
+                p.m = m;
+                p.v = v;
+                p.var.set(&w)?;
+                continue;
+            }
             // The same formula as `adamw_host`, as tensor ops on the parameter's device.
             let g = g.to_dtype(theta.dtype())?;
             p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
@@ -617,6 +641,53 @@ mod tests {
         let e = opt.step_with(&g, 1e-2, UpdatePath::Host).unwrap_err();
         assert!(e.to_string().contains("f32 CPU"), "{e}");
         opt.step_with(&g, 1e-2, UpdatePath::Device)?;
+        Ok(())
+    }
+
+    /// The fused AdamW that the update takes on CUDA (`mor_kernels::cuda::adamw_step`, whose
+    /// CPU body runs the kernel's arithmetic on host tensors) gives the host update's bits,
+    /// over three steps with weight decay, so switching a CUDA run to it changes no value.
+    #[test]
+    fn fused_cuda_adamw_matches_the_host_update_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let w0: Vec<f32> = (0..257).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let var = Var::from_tensor(&Tensor::new(w0.as_slice(), &dev)?)?;
+        let cfg = AdamWConfig {
+            lr: 3e-3,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)])?;
+        let (mut w, mut m, mut v) = (
+            var.as_tensor().copy()?,
+            var.as_tensor().zeros_like()?,
+            var.as_tensor().zeros_like()?,
+        );
+        for t in 1..=3i32 {
+            let lr = 3e-3 * f64::from(t);
+            // A gradient that depends on the weights: (w³ summed)' = 3w².
+            let g = var.as_tensor().powf(3.0)?.sum_all()?.backward()?;
+            let grad = g.get(var.as_tensor()).expect("gradient").copy()?;
+            let h = mor_kernels::cuda::AdamwHyper {
+                lr,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                decay: lr * 0.1,
+                bc1: 1.0 - 0.9f64.powi(t),
+                bc2: 1.0 - 0.95f64.powi(t),
+            };
+            (w, m, v) = mor_kernels::cuda::adamw_step(&w, &grad, &m, &v, &h)?;
+            opt.step_with(&g, lr, UpdatePath::Host)?;
+            let bits = |x: &Tensor| -> Result<Vec<u32>> {
+                Ok(x.to_vec1::<f32>()?.iter().map(|f| f.to_bits()).collect())
+            };
+            assert_eq!(bits(&w)?, bits(var.as_tensor())?, "weights after step {t}");
+            assert_eq!(bits(&m)?, bits(&opt.params[0].m)?, "m after step {t}");
+            assert_eq!(bits(&v)?, bits(&opt.params[0].v)?, "v after step {t}");
+        }
+        assert_ne!(var.as_tensor().to_vec1::<f32>()?, w0, "the weights moved");
         Ok(())
     }
 

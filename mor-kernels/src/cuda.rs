@@ -14,6 +14,10 @@
 //! - decode attention for one query per request over a variable-length paged KV cache
 //!   with GQA ([`paged_decode_attention`], split-K).
 //!
+//! With `train.precision = "bf16"` the backend runs its products in bf16 mixed precision
+//! ([`bf16_matmul`]: bf16 inputs, f32 sums; flash attention on bf16 `q, k, v`), with f32
+//! parameters, norms, softmax statistics, RoPE, residuals and loss.
+//!
 //! Every op runs its kernel on CUDA tensors and the same maths on CPU tensors
 //! ([`host`]), so the ops and their gradients are tested on any machine. The CUDA layer is
 //! data: one table of kernels ([`plan::KERNELS`]), a [`plan::Plan`] per op (buffers,
@@ -33,6 +37,7 @@ pub mod gpu_check;
 pub mod host;
 pub mod launch;
 mod memory;
+mod mixed;
 pub mod module;
 mod ops;
 pub mod plain;
@@ -50,10 +55,11 @@ pub use backend::{CudaBackend, CudaParams};
 pub use gpu_check::{gpu_check, BenchResult, GpuCheckReport, KernelCheck, MemoryCheck};
 pub use host::RouterActivation;
 pub use memory::PeakMemory;
+pub use mixed::bf16_matmul;
 pub use ops::{
     adamw_step, ce_chunk_cols, flash_attention, gather_rope, gather_rows, linear_cross_entropy,
-    paged_decode_attention, rms_norm, rope_at, router_scores, scatter_add_rows, swiglu,
-    topk_sorted, AdamwHyper, RouterParams, TopK,
+    linear_cross_entropy_with, paged_decode_attention, rms_norm, rope_at, router_scores,
+    scatter_add_rows, swiglu, topk_sorted, AdamwHyper, RouterParams, TopK,
 };
 
 /// Whether this build has the CUDA kernels compiled in (the `cuda` feature).

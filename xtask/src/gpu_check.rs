@@ -5,8 +5,10 @@
 //! L = 2048), and checks that attention's peak memory grows linearly in L; writes the
 //! results as JSON. `--full` adds, within an 8-minute budget, a 30-step training run of the `small`
 //! preset MoR-E (N_r = 3) on `cuda` against the same run on `cpu`, its training tokens/s
-//! and model FLOP utilisation, host syncs per step, peak device memory, and `bench infer`
-//! on the GPU; a part that cannot run yet is recorded as `unsupported` with the reason.
+//! and model FLOP utilisation, host syncs per step, peak device memory, `bench infer` on
+//! the GPU, and the same training comparison in bf16 mixed precision (`train.precision =
+//! "bf16"` on both backends); a part that cannot run yet is recorded as `unsupported`
+//! with the reason.
 //! Needs a build with `--features cuda` (`cargo run --release -p xtask --features cuda --
 //! gpu-check --full`); see `docs/cuda.md`.
 
@@ -42,6 +44,11 @@ pub const TRAIN_STEPS: usize = 30;
 /// Largest `|loss_cuda − loss_cpu|` per step, relative to the CPU loss, of the f32 runs
 /// (reduction order and atomics differ, so the curves agree to rounding, not bits).
 pub const LOSS_RTOL_F32: f64 = 1e-3;
+/// Largest per-step relative difference of the bf16 runs (`cuda` against `cpu`, both
+/// `train.precision = "bf16"`). The backends round differently (cuBLAS rounds each
+/// product's result to bf16, the `cpu` backend keeps it in f32), so the curves agree to
+/// the normwise bf16 tolerance of the kernels' tests, not to f32 rounding.
+pub const LOSS_RTOL_BF16: f64 = 2e-2;
 
 /// Runs `gpu-check`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
@@ -180,7 +187,7 @@ pub struct FullReport {
     /// Compute capability, e.g. `"9.0"`.
     pub compute_capability: Option<String>,
     /// The sections in order: `kernels`, `training`, `host_syncs`, `memory`,
-    /// `bench_infer`.
+    /// `bench_infer`, `training_bf16`.
     pub sections: Vec<(String, Value)>,
     /// Wall time in seconds.
     pub elapsed_s: f64,
@@ -189,7 +196,14 @@ pub struct FullReport {
 }
 
 /// The section names of `--full`, in order.
-pub const SECTIONS: [&str; 5] = ["kernels", "training", "host_syncs", "memory", "bench_infer"];
+pub const SECTIONS: [&str; 6] = [
+    "kernels",
+    "training",
+    "host_syncs",
+    "memory",
+    "bench_infer",
+    "training_bf16",
+];
 
 impl FullReport {
     /// Whether every section that ran is `ok` and passed its own check (`passed` where a
@@ -261,8 +275,9 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 // The parts of `--full`.
 
 /// The run of `--full`: the `small` preset as an expert-choice MoR with N_r = 3
-/// (Middle-Cycle sharing, recursion-wise KV), 30 steps on the builtin corpus, no eval.
-pub fn train_config_toml(backend: &str, ordinal: usize) -> String {
+/// (Middle-Cycle sharing, recursion-wise KV), 30 steps on the builtin corpus, no eval,
+/// with `train.precision = precision` (`"f32"` or `"bf16"`).
+pub fn train_config_toml(backend: &str, ordinal: usize, precision: &str) -> String {
     let backend = if backend == "cuda" {
         format!("{{ kind = \"cuda\", ordinal = {ordinal} }}")
     } else {
@@ -289,6 +304,7 @@ backend = {backend}
 seed = 0
 
 [train]
+precision = "{precision}"
 budget = {{ steps = {TRAIN_STEPS} }}
 batch_seqs = 8
 micro_batch_seqs = 8
@@ -333,18 +349,19 @@ struct TrainRun {
 
 fn train_once(
     backend: &str,
+    precision: &str,
     ordinal: usize,
     dir: &Path,
     sampler: Option<PeakMemory>,
 ) -> anyhow::Result<TrainRun> {
-    let text = train_config_toml(backend, ordinal);
+    let text = train_config_toml(backend, ordinal, precision);
     let cfg = Config::from_table(Config::parse_table(&text)?)?;
     let opts = mor_models::run::RunOptions {
-        out: dir.join(backend),
+        out: dir.join(format!("{backend}-{precision}")),
         data: None,
         resume: false,
         quiet: true,
-        label: format!("gpu-check-{backend}"),
+        label: format!("gpu-check-{backend}-{precision}"),
         stop_after: None,
         skip_eval: true,
     };
@@ -352,7 +369,7 @@ fn train_once(
     let outcome = mor_models::run::run(&cfg, &opts.label, &opts);
     let syncs = scope.counts();
     let peak = sampler.and_then(PeakMemory::finish);
-    let outcome = outcome.with_context(|| format!("training on {backend}"))?;
+    let outcome = outcome.with_context(|| format!("training on {backend} in {precision}"))?;
     Ok(TrainRun {
         losses: outcome.curve.points.iter().map(|p| p.loss).collect(),
         tokens_per_sec: outcome.summary.train_tokens_per_sec,
@@ -423,8 +440,8 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&runs_dir);
         // The cuda run first: when it cannot run, the cpu run is not spent.
         let sampler = PeakMemory::start(&dev, Duration::from_millis(50));
-        let gpu = train_once("cuda", args.ordinal, &runs_dir, Some(sampler))?;
-        let cpu = train_once("cpu", args.ordinal, &runs_dir, None)?;
+        let gpu = train_once("cuda", "f32", args.ordinal, &runs_dir, Some(sampler))?;
+        let cpu = train_once("cpu", "f32", args.ordinal, &runs_dir, None)?;
         let (worst, passed) = compare_losses(&cpu.losses, &gpu.losses, LOSS_RTOL_F32);
         let mut m = Map::new();
         m.insert(
@@ -516,6 +533,23 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     });
     report.sections.push((SECTIONS[4].into(), bench));
 
+    // 6. The training comparison in bf16 mixed precision.
+    let f32_curve = gpu_run.as_ref().map(|g| g.losses.clone());
+    let training_bf16 = section(&budget, Duration::from_secs(150), |_| {
+        let _ = need_device()?;
+        let _ = std::fs::remove_dir_all(&runs_dir);
+        let gpu = train_once("cuda", "bf16", args.ordinal, &runs_dir, None)?;
+        let cpu = train_once("cpu", "bf16", args.ordinal, &runs_dir, None)?;
+        Ok(bf16_training_section(
+            &cpu,
+            &gpu,
+            f32_curve.as_deref(),
+            &report.device,
+        ))
+    });
+    report.sections.push((SECTIONS[5].into(), training_bf16));
+    let _ = std::fs::remove_dir_all(&runs_dir);
+
     report.elapsed_s = budget.elapsed_s();
     let text = serde_json::to_string_pretty(&report.to_json())?;
     write_atomic(&args.out, &text)?;
@@ -530,6 +564,52 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `training_bf16` section of two bf16 runs: both loss curves and their largest
+/// per-step relative difference against [`LOSS_RTOL_BF16`], the cuda run's distance from
+/// its f32 curve (when that run completed; for information), tokens/s, and MFU against
+/// the device's bf16 tensor-core peak.
+fn bf16_training_section(
+    cpu: &TrainRun,
+    gpu: &TrainRun,
+    f32_curve: Option<&[f64]>,
+    device: &str,
+) -> Map<String, Value> {
+    let (worst, passed) = compare_losses(&cpu.losses, &gpu.losses, LOSS_RTOL_BF16);
+    let mut m = Map::new();
+    m.insert(
+        "model".into(),
+        json!("small preset, MoR-E N_r = 3, Middle-Cycle, train.precision = bf16"),
+    );
+    m.insert("steps".into(), json!(TRAIN_STEPS));
+    m.insert("loss_cpu".into(), json!(cpu.losses));
+    m.insert("loss_cuda".into(), json!(gpu.losses));
+    m.insert("max_rel_loss_diff".into(), json!(worst));
+    m.insert("loss_rtol".into(), json!(LOSS_RTOL_BF16));
+    m.insert("passed".into(), json!(passed));
+    if let Some(f) = f32_curve {
+        let (d, _) = compare_losses(f, &gpu.losses, f64::INFINITY);
+        m.insert("max_rel_diff_to_cuda_f32".into(), json!(d));
+    }
+    m.insert("tokens_per_sec_cpu".into(), json!(cpu.tokens_per_sec));
+    m.insert("tokens_per_sec_cuda".into(), json!(gpu.tokens_per_sec));
+    let achieved = gpu.flops_per_token * gpu.tokens_per_sec;
+    m.insert("model_flops_per_sec".into(), json!(achieved));
+    match peak_flops(device) {
+        Some((_, bf16_peak)) => {
+            m.insert("peak_flops_bf16".into(), json!(bf16_peak));
+            m.insert("mfu".into(), json!(achieved / bf16_peak));
+        }
+        None => {
+            m.insert("mfu".into(), Value::Null);
+            m.insert(
+                "mfu_reason".into(),
+                json!(format!("no peak FLOP/s known for `{device}`")),
+            );
+        }
+    }
+    m
+}
+
 /// `FILE` → `FILE.<suffix>` beside it (`runs/gpu.json` → `runs/gpu.json.kernels.json`).
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -541,6 +621,7 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mor_core::config::Precision;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("mor-gpu-check-{tag}-{}", std::process::id()));
@@ -656,10 +737,11 @@ mod tests {
     #[test]
     fn the_training_config_is_the_small_mor_e_with_three_recursions() {
         for backend in ["cpu", "cuda"] {
-            let cfg =
-                Config::from_table(Config::parse_table(&train_config_toml(backend, 1)).unwrap())
-                    .unwrap();
-            let t: toml::Table = toml::from_str(&train_config_toml(backend, 1)).unwrap();
+            let cfg = Config::from_table(
+                Config::parse_table(&train_config_toml(backend, 1, "f32")).unwrap(),
+            )
+            .unwrap();
+            let t: toml::Table = toml::from_str(&train_config_toml(backend, 1, "f32")).unwrap();
             assert_eq!(t["model"]["preset"].as_str(), Some("small"));
             assert_eq!(t["recursion"]["num_recursions"].as_integer(), Some(3));
             assert_eq!(t["router"]["kind"].as_str(), Some("expert_choice"));
@@ -668,8 +750,43 @@ mod tests {
                 t["train"]["budget"]["steps"].as_integer(),
                 Some(TRAIN_STEPS as i64)
             );
-            drop(cfg);
+            assert_eq!(cfg.train.precision, Precision::F32);
+            let bf16 = Config::from_table(
+                Config::parse_table(&train_config_toml(backend, 1, "bf16")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(bf16.train.precision, Precision::Bf16);
+            assert_eq!(bf16.model, cfg.model, "the same model in both precisions");
         }
+    }
+
+    fn train_run(losses: &[f64], tokens_per_sec: f64) -> TrainRun {
+        TrainRun {
+            losses: losses.to_vec(),
+            tokens_per_sec,
+            flops_per_token: 1e9,
+            host_reads: 0,
+            device_to_host: 0,
+            peak_used_bytes: None,
+        }
+    }
+
+    #[test]
+    fn the_bf16_training_section_compares_at_the_bf16_tolerance_with_the_bf16_peak() {
+        let cpu = train_run(&[10.0, 8.0], 1e3);
+        // 1.5% off at step 2: within 2e-2, far outside the f32 tolerance.
+        let gpu = train_run(&[10.0, 8.12], 2e5);
+        let m = bf16_training_section(&cpu, &gpu, Some(&[10.0, 8.0]), "NVIDIA H100 80GB HBM3");
+        assert_eq!(m["passed"], true);
+        assert!((m["max_rel_loss_diff"].as_f64().unwrap() - 0.015).abs() < 1e-12);
+        assert_eq!(m["loss_rtol"], LOSS_RTOL_BF16);
+        assert!((m["max_rel_diff_to_cuda_f32"].as_f64().unwrap() - 0.015).abs() < 1e-12);
+        // 1e9 FLOP/token at 2e5 tokens/s against the 989 TFLOP/s bf16 peak.
+        assert!((m["mfu"].as_f64().unwrap() - 2e14 / 989e12).abs() < 1e-12);
+        let off = train_run(&[10.0, 8.4], 2e5);
+        let m = bf16_training_section(&cpu, &off, None, "some GPU");
+        assert_eq!(m["passed"], false);
+        assert!(m["mfu"].is_null() && m.get("max_rel_diff_to_cuda_f32").is_none());
     }
 
     #[test]

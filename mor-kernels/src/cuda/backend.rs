@@ -3,9 +3,10 @@
 //! building it fails with [`Error::NotCompiledWithCuda`].
 
 use super::module::KernelDType;
-use super::{imp, ops, plain};
+use super::{imp, mixed, ops, plain};
 use crate::{Backend, BackendCtx, BackendPlugin, CudaCause, Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use mor_core::config::Precision;
 use mor_core::registry::{Family, Plugin};
 use serde::{Deserialize, Serialize};
 
@@ -24,9 +25,25 @@ pub struct CudaParams {
 /// [`FLASH_MAX_HEAD_DIM`](super::launch::FLASH_MAX_HEAD_DIM); plain candle ops past it);
 /// the LM head's cross-entropy runs in vocabulary chunks
 /// ([`linear_cross_entropy`](super::linear_cross_entropy)).
+///
+/// # Precision
+/// With [`Precision::Bf16`] (`train.precision = "bf16"`,
+/// [`with_precision`](CudaBackend::with_precision)) the products of f32 inputs run in bf16
+/// mixed precision, as the `cpu` backend's do: [`linear`](Backend::linear) (so the
+/// projections of [`attention_block`](Backend::attention_block) and
+/// [`mlp_block`](Backend::mlp_block)) is [`bf16_matmul`](super::bf16_matmul) (cuBLAS on bf16
+/// operands with f32 sums, the result rounded once to bf16 and widened to f32);
+/// [`attention`](Backend::attention) runs the flash-attention kernels on `q, k, v` rounded
+/// to bf16 (scores, softmax statistics and the weighted sum of values in f32) and returns
+/// f32; [`linear_cross_entropy`](Backend::linear_cross_entropy) takes bf16 chunk products
+/// ([`linear_cross_entropy_with`](super::linear_cross_entropy_with)) and f32 statistics and
+/// loss. RMSNorm, RoPE, SwiGLU, the token gather and scatter-add, residuals, and every
+/// tensor the model holds (weights, gradients, optimiser moments) stay f32. f64 tensors are
+/// never rounded, so finite-difference checks see exact f64 ops.
 #[derive(Debug, Clone)]
 pub struct CudaBackend {
     device: Device,
+    precision: Precision,
 }
 
 impl CudaBackend {
@@ -38,6 +55,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         Ok(CudaBackend {
             device: imp::open_device(ordinal)?,
+            precision: Precision::F32,
         })
     }
 
@@ -54,7 +72,10 @@ impl CudaBackend {
                 msg: format!("{device:?} is not a CUDA device"),
             });
         }
-        Ok(CudaBackend { device })
+        Ok(CudaBackend {
+            device,
+            precision: Precision::F32,
+        })
     }
 
     /// The same backend on the CPU: every op runs the CPU body of its kernel (the maths of
@@ -63,7 +84,24 @@ impl CudaBackend {
     pub fn host_emulation() -> Self {
         CudaBackend {
             device: Device::Cpu,
+            precision: Precision::F32,
         }
+    }
+
+    /// The same backend with its products in `precision` (see [Precision](#precision)).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision of the backend's products.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Whether a product of `t` runs in bf16 mixed precision: bf16 mode and an f32 input.
+    fn mixed(&self, t: &Tensor) -> bool {
+        self.precision == Precision::Bf16 && t.dtype() == DType::F32
     }
 
     /// Whether the fused op can take `t`: any dtype on CPU, f32 and bf16 on CUDA.
@@ -86,11 +124,11 @@ impl BackendPlugin for CudaBackend {
         if !super::COMPILED {
             return Err(Error::NotCompiledWithCuda);
         }
-        ctx.require_f32("cuda")?;
-        match params.ordinal {
+        let be = match params.ordinal {
             None if ctx.device.is_cuda() => CudaBackend::on_device(ctx.device.clone()),
             ordinal => CudaBackend::new(ordinal.unwrap_or(0)),
-        }
+        }?;
+        Ok(be.with_precision(ctx.precision))
     }
 }
 
@@ -168,17 +206,45 @@ impl Backend for CudaBackend {
             // Nothing to attend to (or no query): zeros of the output shape.
             return Ok(Tensor::zeros((b, hq, t, dh), q.dtype(), q.device())?);
         }
-        if Self::fused(q) && dh <= super::launch::FLASH_MAX_HEAD_DIM {
-            ops::flash_attention(q, k, v, q_pos, k_pos)
-        } else {
-            plain::attention(q, k, v, q_pos, k_pos)
+        let flash = Self::fused(q) && dh <= super::launch::FLASH_MAX_HEAD_DIM;
+        match (flash, self.mixed(q) && self.mixed(k) && self.mixed(v)) {
+            // bf16 loads, f32 arithmetic and an f32 result.
+            (true, true) => {
+                let r = |t: &Tensor| t.to_dtype(DType::BF16);
+                ops::flash_attention_acc(&r(q)?, &r(k)?, &r(v)?, q_pos, k_pos)
+            }
+            (true, false) => ops::flash_attention(q, k, v, q_pos, k_pos),
+            // The same values as the kernels' bf16 path: f32 arithmetic on rounded inputs.
+            (false, true) => plain::attention(
+                &mixed::round_trip_bf16(q)?,
+                &mixed::round_trip_bf16(k)?,
+                &mixed::round_trip_bf16(v)?,
+                q_pos,
+                k_pos,
+            ),
+            (false, false) => plain::attention(q, k, v, q_pos, k_pos),
         }
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let d = crate::validate::linear(x, w)?;
+        let mut out = x.dims().to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = d.out;
+        }
+        let x2 = x.reshape((d.rows, d.inp))?;
+        let y = if self.mixed(x) && self.mixed(w) {
+            mixed::bf16_matmul(&x2, &w.t()?)?
+        } else {
+            x2.matmul(&w.t()?)?
+        };
+        Ok(y.reshape(out)?)
     }
 
     fn linear_cross_entropy(&self, x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
         if Self::fused(x) {
             // Vocabulary chunks: the [rows, vocab] logits are never materialised.
-            ops::linear_cross_entropy(x, w, targets, None)
+            ops::linear_cross_entropy_with(x, w, targets, None, self.precision)
         } else {
             let d = crate::validate::linear_cross_entropy(x, w, targets)?;
             let logits = self.linear(x, w)?.reshape((d.rows, d.out))?;

@@ -13,6 +13,7 @@
 use super::host::{self, RopeDims, RouterActivation};
 use super::imp;
 use super::launch::{self, DecodeShape};
+use super::mixed;
 use super::plan::{Arg, Elem, Kernel, Plan};
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
@@ -20,6 +21,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor,
     WithDType,
 };
+use mor_core::config::Precision;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -1724,6 +1726,20 @@ pub fn flash_attention(
     q_pos: &Tensor,
     k_pos: &Tensor,
 ) -> Result<Tensor> {
+    Ok(flash_attention_acc(q, k, v, q_pos, k_pos)?.to_dtype(q.dtype())?)
+}
+
+/// [`flash_attention`] with the output kept in the accumulation dtype ([`acc_dtype`]: f32
+/// for bf16 and f32 inputs): the bf16 mixed-precision path reads bf16 `q, k, v` and keeps
+/// the f32 result of the kernel's f32 arithmetic. The gradients of `q, k, v` have their
+/// dtypes (bf16 gradients for bf16 inputs).
+pub(crate) fn flash_attention_acc(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_pos: &Tensor,
+    k_pos: &Tensor,
+) -> Result<Tensor> {
     const OP: &str = "flash_attention";
     check_float(OP, "q", q)?;
     check_same(OP, ("q", q), ("k", k))?;
@@ -1744,7 +1760,11 @@ pub fn flash_attention(
     check_index_tensor(OP, "q_pos", q_pos, q, &[b, t])?;
     check_index_tensor(OP, "k_pos", k_pos, q, &[b, s])?;
     if b * hq * t * dh == 0 || s == 0 {
-        return Ok(Tensor::zeros((b, hq, t, dh), q.dtype(), q.device())?);
+        return Ok(Tensor::zeros(
+            (b, hq, t, dh),
+            acc_dtype(q.dtype()),
+            q.device(),
+        )?);
     }
     let plan = launch::FlashPlan::new(launch::FlashShape {
         batch: b,
@@ -1762,7 +1782,7 @@ pub fn flash_attention(
     let packed = q
         .contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, Op(op))?;
-    Ok(packed.narrow(3, 0, dh)?.to_dtype(q.dtype())?)
+    Ok(packed.narrow(3, 0, dh)?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1879,6 +1899,18 @@ pub(crate) struct ChunkedCeLoss {
     /// `[n]` log-sum-exp of each row, the accumulation dtype.
     pub(crate) lse: Tensor,
     pub(crate) cols: usize,
+    /// Products in bf16 mixed precision ([`Precision::Bf16`] on f32 inputs).
+    pub(crate) bf16: bool,
+}
+
+/// The chunk product `a · b` of the chunked cross-entropy: a candle matmul, or with
+/// `bf16` (operands already bf16) the mixed-precision product in bf16.
+fn ce_product(a: &Tensor, b: &Tensor, bf16: bool) -> CResult<Tensor> {
+    if bf16 {
+        mixed::matmul_bf16(a, b).map_err(cerr)
+    } else {
+        a.matmul(b)
+    }
 }
 
 impl CustomOp3 for ChunkedCeLoss {
@@ -1922,11 +1954,18 @@ impl CustomOp3 for ChunkedCeLoss {
         let (vocab, _) = w.dims2()?;
         let acc = self.lse.dtype();
         let gscale = (grad.to_dtype(acc)? / n.max(1) as f64)?.reshape(1)?;
+        // In bf16 the operands are rounded once; the logits and their gradient are bf16
+        // (cuBLAS's output), and each product's f32 sums are widened and summed in f32.
+        let (xo, wo) = if self.bf16 {
+            (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?)
+        } else {
+            (x.clone(), w.clone())
+        };
         let mut dx: Option<Tensor> = None;
         let mut dws = Vec::new();
         for (col0, cols) in chunks(vocab, self.cols) {
-            let wc = w.narrow(0, col0, cols)?;
-            let logits = x.matmul(&wc.t()?)?.contiguous()?;
+            let wc = wo.narrow(0, col0, cols)?;
+            let logits = ce_product(&xo, &wc.t()?, self.bf16)?.contiguous()?;
             let op = Op(CeGradOp {
                 targets: self.targets.clone(),
                 lse: self.lse.clone(),
@@ -1934,12 +1973,12 @@ impl CustomOp3 for ChunkedCeLoss {
                 col0,
             });
             let dl = logits.apply_op1_no_bwd(&op)?;
-            let part = dl.matmul(&wc)?;
+            let part = ce_product(&dl, &wc, self.bf16)?.to_dtype(x.dtype())?;
             dx = Some(match dx {
                 Some(d) => (d + part)?,
                 None => part,
             });
-            dws.push(dl.t()?.matmul(x)?);
+            dws.push(ce_product(&dl.t()?, &xo, self.bf16)?.to_dtype(w.dtype())?);
         }
         let dw = Tensor::cat(&dws, 0)?;
         Ok((dx, Some(dw), None))
@@ -1967,6 +2006,26 @@ pub fn linear_cross_entropy(
     w: &Tensor,
     targets: &Tensor,
     chunk_cols: Option<usize>,
+) -> Result<Tensor> {
+    linear_cross_entropy_with(x, w, targets, chunk_cols, Precision::F32)
+}
+
+/// [`linear_cross_entropy`] with the products in `precision`. With [`Precision::Bf16`]
+/// and f32 `x`, `w`: `x` and `w` are rounded to bf16 once, each chunk's logits are the
+/// bf16 product with f32 sums (cuBLAS's output, rounded once to bf16), and the statistics,
+/// the log-sum-exp and the loss are f32; the backward pass recomputes the chunk's logits
+/// the same way, forms the logits gradient in bf16 and returns `dx` and `dw` in f32 (the
+/// dtype of `x` and `w`), each chunk's products summed in f32 (see
+/// [`bf16_matmul`](super::bf16_matmul)). Other dtypes ignore `precision`.
+///
+/// # Errors
+/// As [`linear_cross_entropy`].
+pub fn linear_cross_entropy_with(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk_cols: Option<usize>,
+    precision: Precision,
 ) -> Result<Tensor> {
     const OP: &str = "linear_cross_entropy";
     check_float(OP, "x", x)?;
@@ -2003,10 +2062,18 @@ pub fn linear_cross_entropy(
     }
     let x2 = x.reshape((n, d))?.contiguous()?;
     let w = w.contiguous()?;
-    let (xd, wd) = (x2.detach(), w.detach());
+    let bf16 = precision == Precision::Bf16 && x.dtype() == DType::F32;
+    let (xd, wd) = if bf16 {
+        (
+            x2.detach().to_dtype(DType::BF16)?,
+            w.detach().to_dtype(DType::BF16)?,
+        )
+    } else {
+        (x2.detach(), w.detach())
+    };
     let mut stats = Vec::new();
     for (col0, c) in chunks(vocab, cols) {
-        let logits = xd.matmul(&wd.narrow(0, col0, c)?.t()?)?.contiguous()?;
+        let logits = ce_product(&xd, &wd.narrow(0, col0, c)?.t()?, bf16)?.contiguous()?;
         let op = Op(CeStatsOp {
             targets: targets.clone(),
             col0,
@@ -2021,7 +2088,12 @@ pub fn linear_cross_entropy(
     let lse = (big + s.log()?)?.squeeze(0)?.contiguous()?;
     let target_logit = st.narrow(2, 2, 1)?.squeeze(2)?.sum(0)?;
     let loss = (&lse - target_logit)?.mean_all()?.to_dtype(acc)?.detach();
-    let node = ChunkedCeLoss { targets, lse, cols };
+    let node = ChunkedCeLoss {
+        targets,
+        lse,
+        cols,
+        bf16,
+    };
     let out = if x2.track_op() || w.track_op() {
         x2.apply_op3(&w, &loss, node)?
     } else {

@@ -5,7 +5,7 @@
 //! steadier figure on a shared machine).
 //!
 //! `cargo run --release -p mor-bench --example decode_profile [f32|bf16] [f32|bf16 (KV)]
-//! [batch] [requests] [layers]`
+//! [batch] [requests] [layers] [block tokens]`
 
 use mor_core::config::{Config, Precision};
 use mor_models::engine::{
@@ -33,6 +33,7 @@ fn main() {
     let batch: usize = arg(3, "32").parse().expect("batch");
     let requests: usize = arg(4, "64").parse().expect("requests");
     let layers: usize = arg(5, "34").parse().expect("layers");
+    let block_tokens: usize = arg(6, "16").parse().expect("block tokens");
     let text = format!(
         "[model]\npreset = \"small\"\nnum_layers = {layers}\nseq_len = 256\n\
          [recursion]\nnum_recursions = 1\nsharing = {{ kind = \"none\" }}\n\
@@ -48,8 +49,8 @@ fn main() {
         EngineConfig {
             batch_size: batch,
             max_active: batch,
-            block_tokens: 16,
-            kv_blocks: batch * layers * (len + 2usize).div_ceil(16),
+            block_tokens,
+            kv_blocks: batch * layers * (len + 2usize).div_ceil(block_tokens),
             exit: ExitRule::Router,
             max_depth: None,
             batching: Batching::SequenceWise,

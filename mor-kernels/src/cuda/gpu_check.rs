@@ -597,7 +597,83 @@ fn check_all(cx: &mut Ctx, dt: DType) -> Result<()> {
     check_cross_entropy(cx, dt)?;
     if dt == DType::F32 {
         check_adamw(cx)?;
+        check_mixed_precision(cx)?;
     }
+    Ok(())
+}
+
+/// bf16 mixed precision (`train.precision = "bf16"`): the `cuda` backend's products on the
+/// device (cuBLAS in bf16, the flash-attention kernels on bf16 `q, k, v`, the chunked
+/// cross-entropy with bf16 chunk products) against the same backend's host emulation
+/// (the CPU bodies and the host arithmetic of a bf16 GEMM), on f32 inputs, outputs and
+/// gradients at the bf16 tolerance. Both sides compute the same function up to the order
+/// of f32 sums, which can move a bf16-rounded result by one bf16 step.
+fn check_mixed_precision(cx: &mut Ctx) -> Result<()> {
+    use crate::Backend;
+    use mor_core::config::Precision;
+    let on_gpu = super::CudaBackend::on_device(cx.gpu.clone())?.with_precision(Precision::Bf16);
+    let on_cpu = super::CudaBackend::host_emulation().with_precision(Precision::Bf16);
+    let be = |t: &Tensor| {
+        if t.device().is_cuda() {
+            &on_gpu
+        } else {
+            &on_cpu
+        }
+    };
+    let bf = DType::BF16; // the tolerance of bf16 results; the tensors are f32
+    let x = cx.randn(&[64, 96], DType::F32)?;
+    let w = cx.randn(&[80, 96], DType::F32)?;
+    cx.check_fwd_bwd(
+        "mixed_bf16.linear",
+        bf,
+        "x [64, 96] f32, w [80, 96] f32",
+        &[("x", &x), ("w", &w)],
+        &|t| be(&t[0]).linear(&t[0], &t[1]),
+    )?;
+    let (b, hq, hkv, t, dh) = (2usize, 8usize, 2usize, 70usize, 64usize);
+    let q = cx.randn(&[b, hq, t, dh], DType::F32)?;
+    let k = cx.randn(&[b, hkv, t, dh], DType::F32)?;
+    let v = cx.randn(&[b, hkv, t, dh], DType::F32)?;
+    let mut pos: Vec<u32> = (0..t as u32)
+        .map(|i| 2 * i + i % 3)
+        .collect::<Vec<_>>()
+        .repeat(b);
+    pos[9] = PAD_POS;
+    pos[t + 40] = PAD_POS;
+    let pos = cx.u32s(pos, &[b, t])?;
+    cx.check_fwd_bwd(
+        "mixed_bf16.attention",
+        bf,
+        &format!("q [{b}, {hq}, {t}, {dh}] f32, k/v [{b}, {hkv}, {t}, {dh}] f32"),
+        &[("q", &q), ("k", &k), ("v", &v)],
+        &|x| {
+            let p = if x[0].device().is_cuda() {
+                &pos.gpu
+            } else {
+                &pos.cpu
+            };
+            be(&x[0]).attention(&x[0], &x[1], &x[2], p, p)
+        },
+    )?;
+    let (n, d, vocab) = (37usize, 64usize, 1000usize);
+    let x = cx.randn(&[n, d], DType::F32)?;
+    let w = cx.randn(&[vocab, d], DType::F32)?;
+    let targets: Vec<u32> = (0..n).map(|i| ((i * 389 + 7) % vocab) as u32).collect();
+    let targets = cx.u32s(targets, &[n])?;
+    cx.check_fwd_bwd(
+        "mixed_bf16.linear_cross_entropy",
+        bf,
+        &format!("x [{n}, {d}] f32, w [{vocab}, {d}] f32, chunks of 96"),
+        &[("x", &x), ("w", &w)],
+        &|t| {
+            let tg = if t[0].device().is_cuda() {
+                &targets.gpu
+            } else {
+                &targets.cpu
+            };
+            ops::linear_cross_entropy_with(&t[0], &t[1], tg, Some(96), Precision::Bf16)
+        },
+    )?;
     Ok(())
 }
 

@@ -567,3 +567,50 @@ fn ported_kernels_match_the_cpu_bodies_with_shared_kv_and_unsorted_keys() {
     };
     check(sh, (0..13u32).map(|i| 4 * i).collect(), kp, 4);
 }
+
+#[test]
+fn ported_kernels_match_the_cpu_bodies_at_degenerate_and_skipped_tiles() {
+    // Two queries, two keys, one column (with a single key, P = 1 and dQ = dK = 0).
+    let tiny = FlashShape {
+        batch: 1,
+        q_heads: 1,
+        kv_heads: 1,
+        t: 2,
+        s: 2,
+        head_dim: 1,
+    };
+    check(tiny, vec![0, 1], vec![0, 1], 5);
+    // A whole key tile (keys 32..64) padded: the forward and dQ passes skip it, the dK/dV
+    // blocks of those keys see no query; GQA 3/1, dh = 31.
+    let kp: Vec<u32> = (0..70u32)
+        .map(|j| if (32..64).contains(&j) { PAD_POS } else { j })
+        .collect();
+    let sh = FlashShape {
+        batch: 1,
+        q_heads: 3,
+        kv_heads: 1,
+        t: 20,
+        s: 70,
+        head_dim: 31,
+    };
+    check(sh, (0..20u32).map(|i| 4 * i).collect(), kp, 6);
+    // A whole forward block of queries (rows 16..32) padded, in both batch rows, and a
+    // query tile of the dK/dV pass (rows 32..40) that sees only part of the keys; dh = 64.
+    let qp: Vec<u32> = (0..40u32)
+        .map(|i| if (16..32).contains(&i) { PAD_POS } else { i })
+        .collect();
+    let sh = FlashShape {
+        batch: 2,
+        q_heads: 2,
+        kv_heads: 1,
+        t: 40,
+        s: 40,
+        head_dim: 64,
+    };
+    check(
+        sh,
+        qp.repeat(2),
+        (0..40u32).collect::<Vec<_>>().repeat(2),
+        7,
+    );
+}

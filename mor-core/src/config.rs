@@ -251,7 +251,8 @@ pub enum UpdatePath {
     Auto,
     /// The fused host update (f32 parameters on the CPU only).
     Host,
-    /// Tensor ops on the parameters' device (what a GPU run takes; any device).
+    /// On the parameters' device (what a GPU run takes; any device): the fused kernel on
+    /// CUDA for f32 parameters, tensor ops elsewhere.
     Device,
 }
 

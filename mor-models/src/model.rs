@@ -864,6 +864,8 @@ impl MorModel {
         // `route_device` (then `active` is stale); the next step reads them to the host
         // only if it takes the host path.
         let mut active_dev: Option<Tensor> = None;
+        // The `valid` mask of a padded `active_dev` (1 = the entry ran the last step).
+        let mut active_valid: Option<Tensor> = None;
         let device_routing = self
             .router
             .as_ref()
@@ -890,9 +892,30 @@ impl MorModel {
             }
             if dev_routing.is_none() {
                 if let Some(a) = active_dev.take() {
+                    // The last step's positions (and its padding mask, in the same read):
+                    // padding entries did not run it, so they are not active now.
                     let c = a.dim(1)?.max(1);
-                    let flat = mor_kernels::host_sync::to_host::<u32>(&a)?;
-                    active = flat.chunks(c).map(<[u32]>::to_vec).collect();
+                    let valid = active_valid.take();
+                    let both = match &valid {
+                        Some(v) => Tensor::cat(
+                            &[&a.flatten_all()?, &v.flatten_all()?.to_dtype(DType::U32)?],
+                            0,
+                        )?,
+                        None => a.flatten_all()?,
+                    };
+                    let flat = mor_kernels::host_sync::to_host::<u32>(&both)?;
+                    let (sel, valid) = flat.split_at(a.elem_count());
+                    active = sel
+                        .chunks(c)
+                        .enumerate()
+                        .map(|(i, row)| {
+                            row.iter()
+                                .enumerate()
+                                .filter(|&(j, _)| valid.is_empty() || valid[i * c + j] != 0)
+                                .map(|(_, &p)| p)
+                                .collect()
+                        })
+                        .collect();
                 }
             }
             let mut routing = match (&dev_routing, &self.router, state.as_mut()) {
@@ -1116,6 +1139,7 @@ impl MorModel {
             match (dev_routing, selected) {
                 (Some(d), _) => {
                     active_dev = Some(d.sel);
+                    active_valid = d.valid;
                     routed_on_device = true;
                 }
                 (None, Some(selected)) => active = selected,
@@ -1123,26 +1147,30 @@ impl MorModel {
             }
         }
         let out = match (&self.router, state) {
+            (Some(r), Some(st)) if resolve && routed_on_device => {
+                // The router's logged values with the token depths of a forward routed on
+                // the device: the one host read of the forward. `finish_with_depths`, which
+                // a third-party router routing on the device may implement itself.
+                let (out, d) = r.finish_with_depths(st)?;
+                let d = d.filter(|d| d.len() == b * t).ok_or_else(|| {
+                    Error::msg(format!(
+                        "router `{}` routed on the device but returned no depth for each of \
+                         the {b}x{t} tokens",
+                        r.name()
+                    ))
+                })?;
+                for (row, dr) in depths.iter_mut().zip(d.chunks(t)) {
+                    for (x, &v) in row.iter_mut().zip(dr) {
+                        *x = v as u8;
+                    }
+                }
+                out
+            }
             (Some(r), Some(st)) => {
                 let mut out = r.finish_pending(st)?;
                 if resolve {
-                    // The router's logged values, with the token depths of a forward routed
-                    // on the device: the one host read of the forward.
-                    let d = out.resolve(routed_on_device)?;
-                    if routed_on_device {
-                        let d = d.filter(|d| d.len() == b * t).ok_or_else(|| {
-                            Error::msg(format!(
-                                "router `{}` routed on the device but returned no depth for \
-                                 each of the {b}x{t} tokens",
-                                r.name()
-                            ))
-                        })?;
-                        for (row, dr) in depths.iter_mut().zip(d.chunks(t)) {
-                            for (x, &v) in row.iter_mut().zip(dr) {
-                                *x = v as u8;
-                            }
-                        }
-                    }
+                    // The router's logged values: the one host read of the forward.
+                    out.resolve(false)?;
                 }
                 out
             }

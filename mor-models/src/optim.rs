@@ -100,9 +100,10 @@ impl AdamW {
     ///
     /// [`UpdatePath::Host`] (what `Auto` takes for f32 parameters on the CPU) updates each
     /// parameter in one fused pass over host memory, in f64 arithmetic;
-    /// [`UpdatePath::Device`] (what `Auto` takes anywhere else) uses tensor ops on the
-    /// parameter's own device, in the parameter's dtype: no value leaves the device and
-    /// the moments stay where the parameter lives.
+    /// [`UpdatePath::Device`] (what `Auto` takes anywhere else) updates on the parameter's
+    /// own device, in the parameter's dtype: the fused kernel (`mor_adamw_step`, the host
+    /// arithmetic) on CUDA for f32 parameters, tensor ops elsewhere; no value leaves
+    /// the device and the moments stay where the parameter lives.
     ///
     /// # Errors
     /// `Host` for a parameter that is not an f32 CPU tensor; a candle error.
@@ -149,25 +150,17 @@ impl AdamW {
             // On CUDA: the fused kernel (`mor_adamw_step`), one launch per parameter, the
             // host update's f64 arithmetic bit for bit; the moments stay on the device.
             if theta.device().is_cuda()
-                && matches!(
-                    theta.dtype(),
-                    candle_core::DType::F32 | candle_core::DType::BF16
-                )
+                && theta.dtype() == candle_core::DType::F32
                 && [g, &p.m, &p.v].iter().all(|t| t.dtype() == theta.dtype())
             {
-                let h = mor_kernels::cuda::AdamwHyper {
-                    lr,
-                    beta1: b1,
-                    beta2: b2,
-                    eps,
-                    decay,
-                    bc1,
-                    bc2,
-                };
+                let h = fused_hyper(&self.cfg, self.t, lr, p.decay);
                 let (w, m, v) = mor_kernels::cuda::adamw_step(theta, g, &p.m, &p.v, &h)?;
-                p.m = m;
-                p.v = v;
                 p.var.set(&w)?;
+                // `w`, `m` and `v` are views of one [3, n] buffer: keep own copies of the
+                // moments so that buffer is freed (two moments per parameter, as the
+                // memory accounting counts), not held beside every parameter.
+                p.m = m.copy()?;
+                p.v = v.copy()?;
                 continue;
             }
             // The same formula as `adamw_host`, as tensor ops on the parameter's device.
@@ -228,6 +221,30 @@ impl AdamW {
 /// The f32 host update of one parameter: reads `[w, g, m, v]` in place (no copies) and
 /// returns the new `(w, m, v)`, computed in f64 and written once each, over rayon chunks
 /// (element-wise, so the result does not depend on the thread count).
+/// The fused kernel's hyper-parameters at step `t` (1-based) for a parameter of the decay
+/// group or not: the values [`AdamW::step_with`] uses on its other paths.
+fn fused_hyper(
+    cfg: &AdamWConfig,
+    t: u64,
+    lr: f64,
+    decay_group: bool,
+) -> mor_kernels::cuda::AdamwHyper {
+    let (b1, b2) = cfg.betas;
+    mor_kernels::cuda::AdamwHyper {
+        lr,
+        beta1: b1,
+        beta2: b2,
+        eps: cfg.eps,
+        decay: if decay_group {
+            lr * cfg.weight_decay
+        } else {
+            0.0
+        },
+        bc1: 1.0 - b1.powi(t as i32),
+        bc2: 1.0 - b2.powi(t as i32),
+    }
+}
+
 fn adamw_host(
     ts: [&Tensor; 4],
     (b1, b2): (f64, f64),
@@ -658,7 +675,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)])?;
+        let mut opt = AdamW::new(cfg.clone(), vec![("w".into(), var.clone(), true)])?;
         let (mut w, mut m, mut v) = (
             var.as_tensor().copy()?,
             var.as_tensor().zeros_like()?,
@@ -669,15 +686,8 @@ mod tests {
             // A gradient that depends on the weights: (w³ summed)' = 3w².
             let g = var.as_tensor().powf(3.0)?.sum_all()?.backward()?;
             let grad = g.get(var.as_tensor()).expect("gradient").copy()?;
-            let h = mor_kernels::cuda::AdamwHyper {
-                lr,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                decay: lr * 0.1,
-                bc1: 1.0 - 0.9f64.powi(t),
-                bc2: 1.0 - 0.95f64.powi(t),
-            };
+            // The mapping the CUDA branch of `step_with` takes.
+            let h = fused_hyper(&cfg, t as u64, lr, true);
             (w, m, v) = mor_kernels::cuda::adamw_step(&w, &grad, &m, &v, &h)?;
             opt.step_with(&g, lr, UpdatePath::Host)?;
             let bits = |x: &Tensor| -> Result<Vec<u32>> {

@@ -242,6 +242,21 @@ pub fn train_with(
             .map(|(n, v)| (n.clone(), v.clone(), !MorModel::no_decay(n)))
             .collect()
     };
+    if update == UpdatePath::Host {
+        // Refused before any work: the host update reads f32 CPU tensors only.
+        if let Some((n, v)) = main_vars
+            .iter()
+            .chain(&aux_vars)
+            .find(|(_, v)| !v.device().is_cpu() || v.dtype() != candle_core::DType::F32)
+        {
+            return Err(Error::msg(format!(
+                "train.update_path = \"host\" updates f32 parameters on the CPU, but `{n}` is \
+                 {:?} on {:?}; use \"auto\" or \"device\"",
+                v.dtype(),
+                v.device().location()
+            )));
+        }
+    }
     let mut opt = AdamW::new(s.adamw.clone(), mk(&main_vars))?;
     let aux_mult = model.router().map(|r| r.aux_lr_mult()).unwrap_or(1.0);
     let mut aux_opt = AdamW::new(s.adamw.clone(), mk(&aux_vars))?;

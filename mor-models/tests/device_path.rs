@@ -380,10 +380,13 @@ fn the_update_path_config_key_selects_the_adamw_update() {
         assert_eq!(n, m);
         for (x, y) in a.iter().zip(b) {
             let e = (x - y).abs() / x.abs().max(1e-2);
-            assert!(e <= 1e-3, "{n}: {x} (host) vs {y} (device)");
+            // f32 rounding of the tensor-op update over 5 steps is about 1.2e-5 here; a
+            // dropped weight decay (lr·wd·w per step) would be far over this.
+            assert!(e <= 5e-5, "{n}: {x} (host) vs {y} (device)");
             worst = worst.max(e);
         }
     }
+    eprintln!("worst relative weight difference: {worst:e}");
     assert!(worst > 0.0, "the device update was not taken");
 }
 
@@ -465,6 +468,55 @@ fn token_choice_on_the_device_path_reads_once_and_trains_like_the_host_path() {
             let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
             assert!((x - y).abs() <= 1e-4 * x.abs(), "{key}: {x} vs {y}");
         }
-        assert_eq!(a["router_terms"][0][0], b["router_terms"][0][0]);
+        // Every router term, by name and value (a micro-batch's value dropped or counted
+        // twice would move it by half).
+        let terms = |r: &serde_json::Value| -> Vec<(String, f64)> {
+            r["router_terms"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| (t[0].as_str().unwrap().to_string(), t[1].as_f64().unwrap()))
+                .collect()
+        };
+        let (ta, tb) = (terms(a), terms(b));
+        assert!(!ta.is_empty());
+        assert_eq!(ta.len(), tb.len());
+        for ((n, x), (m, y)) in ta.iter().zip(&tb) {
+            assert_eq!(n, m);
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-6), "{n}: {x} vs {y}");
+        }
     }
+}
+
+/// `train.update_path = "host"` with parameters the host update cannot take (f64 here, a
+/// GPU in a real run) is refused before the first step, naming the key.
+#[test]
+fn a_host_update_path_for_parameters_off_the_f32_cpu_is_refused_before_training() {
+    let out = dir("host-f64");
+    let c = cfg("host");
+    let model = mor_models::model::MorModel::new_with(
+        &c,
+        candle_core::DType::F64,
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let settings = mor_models::run::train_settings(&c, &opts(&out));
+    let mut data = Batches {
+        t: 16,
+        ..Default::default()
+    };
+    let e = mor_models::train::train_with(
+        &model,
+        &mut data,
+        &settings,
+        &out,
+        false,
+        1.0,
+        mor_models::optim::UpdatePath::Host,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("train.update_path") && e.contains("F64"), "{e}");
+    assert!(data.reads.is_empty(), "no batch was drawn");
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -132,8 +132,9 @@ pub enum RoutingPath {
     /// Top-k by the radix-select op ([`mor_kernels::cuda::topk_sorted`]: the CUDA kernel on
     /// a GPU, its CPU body on the CPU), targets, gates and statistics built with tensor
     /// ops on the scores' device. Through [`Router::route_device`] (what the model uses)
-    /// the kept positions stay on the device and the forward reads the host once, in
-    /// [`Router::finish_with_depths`]; through [`Router::route`] one host read per step
+    /// the kept positions stay on the device and their depths are read with the logged
+    /// values ([`Router::finish_pending`]: once per optimiser step in training, once per
+    /// forward otherwise); through [`Router::route`] one host read per step
     /// remains, of the selected positions it returns. Causal rules with thresholds and rows
     /// with unequal candidate counts take the host path.
     Device,
@@ -1190,13 +1191,7 @@ impl Router for ExpertChoiceRouter {
         st.dev_depth = Some(depth.index_add(&kept, &Tensor::ones(b * k, DType::F32, dev)?, 0)?);
         st.dev_last_sel = Some(sel.clone());
         st.last_step = step;
-        Ok(Some(DeviceStepRouting {
-            sel,
-            valid: None,
-            gate,
-            update: Update::Residual,
-            finishing: None,
-        }))
+        Ok(Some(DeviceStepRouting::new(sel, gate, Update::Residual)))
     }
 
     fn finish(&self, state: RoutingState) -> Result<RouterOutput> {

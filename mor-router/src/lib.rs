@@ -16,7 +16,7 @@
 //! for r in 1..=N_r:   route(r, h, active_r, state, mode) -> StepRouting { selected, gate, update }
 //!                     (the model runs the shared block on `selected` and merges by `update`;
 //!                      active_{r+1} = selected)
-//! finish(state) -> RouterOutput { loss, aux_router_loss, terms, stats }
+//! finish(state) -> RouterOutput { loss, aux_router_loss, terms, stats, pending }
 //! ```
 //!
 //! A router that can decide a step on the hidden states' device
@@ -189,8 +189,8 @@ impl StepRouting {
 pub struct DeviceStepRouting {
     /// `[b, k]` u32: per batch row, the `k` ascending positions that run this step (every
     /// row keeps the same number), or with `valid`, the row's selected positions ascending
-    /// followed by distinct unselected ones ascending (padding). A subset of the step's
-    /// active positions.
+    /// followed by distinct unselected ones ascending (padding). The entries that run the
+    /// step are a subset of the step's active positions; padding may be any position.
     pub sel: Tensor,
     /// `[b, k]` u8, 1 where `sel` holds a token that runs the step and 0 at padding; `None`
     /// when every entry runs it.
@@ -204,6 +204,29 @@ pub struct DeviceStepRouting {
     /// Token choice: `[b, k]` u8, 1 where the entry of `sel` finishes at this step (0 at
     /// padding); `None` otherwise.
     pub finishing: Option<Tensor>,
+}
+
+impl DeviceStepRouting {
+    /// A decision whose every entry of `sel` runs the step (no padding): `valid` and
+    /// `finishing` are `None`. Prefer this to a struct literal in a router outside this
+    /// crate, so that a field added later does not break it.
+    pub fn new(sel: Tensor, gate: Option<Tensor>, update: Update) -> Self {
+        DeviceStepRouting {
+            sel,
+            valid: None,
+            gate,
+            update,
+            finishing: None,
+        }
+    }
+
+    /// This decision with padding: `valid` marks the entries of `sel` that run the step,
+    /// `finishing` (token choice) those that finish at it.
+    pub fn padded(mut self, valid: Tensor, finishing: Option<Tensor>) -> Self {
+        self.valid = Some(valid);
+        self.finishing = finishing;
+        self
+    }
 }
 
 /// Per-forward state a router keeps between `begin`, `route` and `finish`.
@@ -343,6 +366,9 @@ pub(crate) fn take_state<S: ForwardState>(router: &'static str, state: RoutingSt
 }
 
 /// Loss terms and metrics of one forward.
+///
+/// A router outside this crate that builds one with a struct literal should end it with
+/// `..Default::default()`, so that a field added later does not break it.
 #[derive(Debug, Default)]
 pub struct RouterOutput {
     /// Sum of the router's loss terms, each already multiplied by its coefficient, to be
@@ -642,10 +668,12 @@ pub trait Router: Send + Sync + fmt::Debug {
     /// Decides recursion step `step` on the device, without a host read: `Some` with the
     /// kept positions as a tensor, or `None` (the state untouched) when this step takes
     /// [`Router::route`] instead, which the caller then calls with the same `active` rows
-    /// read to the host. The default is `None`.
+    /// read to the host, padding entries dropped. The default is `None`.
     ///
     /// # Shapes
-    /// `h: [b, L, d]`; `active: [b, c]` u32, ascending positions per row.
+    /// `h: [b, L, d]`; `active: [b, c]` u32, ascending positions per row, or, after a step
+    /// this router decided with padding ([`DeviceStepRouting::valid`]), that step's `sel`
+    /// as it returned it, padding included.
     fn route_device(
         &self,
         _step: usize,
@@ -660,6 +688,12 @@ pub trait Router: Send + Sync + fmt::Debug {
     /// host read would wait for ([`RouterOutput::pending`]), and the token depths when the
     /// forward routed a step with [`Router::route_device`]; the caller reads them with its
     /// own ([`RouterOutput::resolve`]). The default is [`Router::finish`] (nothing pending).
+    ///
+    /// A router whose `finish` is written as `finish_pending` followed by a read (as the
+    /// built-in ones do) must implement `finish_pending` itself: with both defaults in
+    /// place the two would call each other without end. A router that routes on the
+    /// device and keeps only [`Router::finish_with_depths`] works too: the model calls it
+    /// whenever it needs the depths of a forward routed on the device.
     fn finish_pending(&self, state: RoutingState) -> Result<RouterOutput> {
         self.finish(state)
     }

@@ -116,8 +116,12 @@ pub struct TokenChoiceParams {
     /// routes on the host; `device` chooses the depths, builds each step's subset (the
     /// selected positions, then padding) and the statistics with tensor ops on the hidden
     /// states' device, with no host read ([`Router::route_device`]: every step keeps the
-    /// width `L`, padded); `auto` (default) is the device path off the CPU. Same routing,
-    /// gates and losses either way (an execution detail, so `auto` is not written out).
+    /// width `L`, padded, so the shared block runs `N_r·L` token-steps per row instead of
+    /// the `Σ_r k_r` the routing selects, and the FLOPs accounting, which counts the
+    /// selected tokens, understates what the device did); `auto` (default) is the host
+    /// path on every device, keeping token choice's compute savings for one read per
+    /// forward. Same routing, gates and losses either way (an execution detail, so `auto`
+    /// is not written out).
     #[serde(skip_serializing_if = "RoutingPath::is_auto")]
     pub routing_path: RoutingPath,
 }
@@ -303,11 +307,14 @@ impl TokenChoiceRouter {
     }
 
     /// Whether forwards on `device` take the device path.
-    fn device_path(&self, device: &Device) -> bool {
+    fn device_path(&self, _device: &Device) -> bool {
         match self.params.routing_path {
             RoutingPath::Host => false,
             RoutingPath::Device => true,
-            RoutingPath::Auto => !device.is_cpu(),
+            // The host path: each step runs only the tokens that reach it, for one read
+            // per forward. The device path saves that read but runs every step at the
+            // width `L` (padding), which costs token choice its compute savings.
+            RoutingPath::Auto => false,
         }
     }
 }
@@ -562,11 +569,16 @@ impl Router for TokenChoiceRouter {
         if let Some(tc) = st.dev.as_mut() {
             // A device-path forward routed on the host: its depths and gates, read once.
             if st.depth.is_empty() && b * l > 0 {
-                st.depth = to_host_f64(&tc.depth)?
-                    .into_iter()
-                    .map(|d| d as u16)
-                    .collect();
-                st.g_host = to_host_f64(&st.g)?;
+                let dg = Tensor::cat(
+                    &[
+                        tc.depth.flatten_all()?.to_dtype(DType::F64)?,
+                        st.g.flatten_all()?.to_dtype(DType::F64)?,
+                    ],
+                    0,
+                )?;
+                let mut both = to_host_f64(&dg)?;
+                st.g_host = both.split_off(tc.depth.elem_count());
+                st.depth = both.into_iter().map(|d| d as u16).collect();
             }
             tc.last_on_device = false;
         }

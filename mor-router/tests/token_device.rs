@@ -220,7 +220,11 @@ fn token_choice_device_path_equals_the_host_path() {
     // A device-path forward routed on the host (`route`) reads its depths once and routes
     // as the host path does.
     let dev = router("", "device", 10, None);
+    let scope = mor_kernels::host_sync::Scope::start();
     let (_, ds, dout) = forward(dev.as_ref(), &h, NR, RouteMode::Train).unwrap();
+    // One read for the depths and gates together at the first `route`, one in `finish`
+    // for the logged values.
+    assert_eq!(scope.counts().reads, 2);
     let (_, hs, ho) = forward(r.as_ref(), &h, NR, RouteMode::Train).unwrap();
     for (a, b) in hs.iter().zip(&ds) {
         assert_eq!(a.selected, b.selected);

@@ -529,7 +529,7 @@ impl Router for EntropyRouter {
             aux_router_loss: None,
             terms,
             stats,
-            pending: Default::default(),
+            ..Default::default()
         })
     }
 }

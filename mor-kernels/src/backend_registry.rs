@@ -42,10 +42,9 @@ impl BackendCtx {
         if self.precision == Precision::F32 {
             return Ok(());
         }
-        let alternative = if backend == "cpu" {
-            ""
-        } else {
-            ", or backend.kind = \"cpu\""
+        let alternative = match backend {
+            "cpu" | "cuda" => "",
+            _ => ", or backend.kind = \"cpu\" or \"cuda\"",
         };
         Err(crate::Error::Invalid {
             op: "build",

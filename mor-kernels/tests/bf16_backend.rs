@@ -203,3 +203,21 @@ fn the_registry_builds_a_bf16_cpu_backend() {
     let e = 1.0f32 + 2f32.powi(-10);
     assert_eq!(y, [[e * e + 1.5]]);
 }
+
+/// The `reference` backend refuses bf16 with one message naming the setting and both
+/// ways out: f32, or a backend that does bf16.
+#[test]
+fn the_reference_backend_refuses_bf16_naming_the_alternatives() {
+    let ctx = BackendCtx::new(CPU).with_precision(Precision::Bf16);
+    let msg = build_backend("reference", &toml::Table::new(), &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("train.precision = \"bf16\"")
+            && msg.contains("`reference`")
+            && msg.contains("train.precision = \"f32\"")
+            && msg.contains("backend.kind = \"cpu\" or \"cuda\""),
+        "{msg}"
+    );
+    build_backend("reference", &toml::Table::new(), &BackendCtx::new(CPU)).unwrap();
+}

@@ -9,125 +9,14 @@
 //! the test also asserts that bf16 did change the result (more than 1e-5), i.e. that the
 //! products really ran in bf16.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor};
 use mor_core::config::Precision;
 use mor_kernels::cpu::CpuBackend;
 use mor_kernels::testing::randn;
-use mor_kernels::{build_backend, AttentionWeights, Backend, BackendCtx};
+use mor_kernels::{build_backend, Backend, BackendCtx};
 
-const CPU: Device = Device::Cpu;
-/// Normwise relative tolerance of a bf16 result against f32 (see the module comment).
-const BF16_NORM_RTOL: f64 = 2e-2;
-
-/// Output and input gradients of `f` under a fixed random weighting of the output.
-fn run(f: &dyn Fn(&[&Tensor]) -> Tensor, inputs: &[Tensor]) -> Vec<Vec<f64>> {
-    let vs: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let ts: Vec<&Tensor> = vs.iter().map(|v| v.as_tensor()).collect();
-    let out = f(&ts);
-    let r = randn(77, out.shape(), out.dtype(), &CPU).unwrap();
-    let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
-    let mut all = vec![out];
-    all.extend(vs.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()));
-    all.iter()
-        .map(|t| {
-            t.flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
-        .collect()
-}
-
-/// `‖got − want‖ / ‖want‖`.
-fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
-type Op<'a> = Box<dyn Fn(&dyn Backend, &[&Tensor]) -> Tensor + 'a>;
-
-/// Every fused op with products, on f32 inputs of modest size (`k` up to 96).
-fn cases<'a>(
-    pos: &'a Tensor,
-    cos: &'a Tensor,
-    sin: &'a Tensor,
-    targets: &'a Tensor,
-) -> Vec<(&'static str, Op<'a>, Vec<Tensor>)> {
-    let f32s = |seed, shape: &[usize], scale: f64| {
-        (randn(seed, shape.to_vec(), DType::F32, &CPU).unwrap() * scale).unwrap()
-    };
-    let (b, t, d, hq, hkv, dh, ff, vocab) = (2, 40, 48, 4, 2, 16, 96, 70);
-    let ws = 1.0 / (d as f64).sqrt();
-    vec![
-        (
-            "linear",
-            Box::new(|be: &dyn Backend, x: &[&Tensor]| be.linear(x[0], x[1]).unwrap()),
-            vec![f32s(1, &[b, t, d], 1.0), f32s(2, &[ff, d], ws)],
-        ),
-        (
-            "attention",
-            Box::new(|be: &dyn Backend, x: &[&Tensor]| {
-                be.attention(x[0], x[1], x[2], pos, pos).unwrap()
-            }),
-            vec![
-                f32s(3, &[b, hq, t, dh], 1.0),
-                f32s(4, &[b, hkv, t, dh], 1.0),
-                f32s(5, &[b, hkv, t, dh], 1.0),
-            ],
-        ),
-        (
-            "attention_block",
-            Box::new(move |be: &dyn Backend, x: &[&Tensor]| {
-                let w = AttentionWeights {
-                    norm: x[1],
-                    eps: 1e-5,
-                    q: x[2],
-                    k: x[3],
-                    v: x[4],
-                    o: x[5],
-                    heads: hq,
-                    kv_heads: hkv,
-                };
-                be.attention_block(x[0], &w, pos, cos, sin).unwrap()
-            }),
-            vec![
-                f32s(6, &[b, t, d], 1.0),
-                (f32s(7, &[d], 0.1) + 1.0).unwrap(),
-                f32s(8, &[hq * dh, d], ws),
-                f32s(9, &[hkv * dh, d], ws),
-                f32s(10, &[hkv * dh, d], ws),
-                f32s(11, &[d, hq * dh], 1.0 / ((hq * dh) as f64).sqrt()),
-            ],
-        ),
-        (
-            "mlp_block",
-            Box::new(|be: &dyn Backend, x: &[&Tensor]| {
-                be.mlp_block(x[0], x[1], 1e-5, x[2], x[3], x[4]).unwrap()
-            }),
-            vec![
-                f32s(12, &[b, t, d], 1.0),
-                (f32s(13, &[d], 0.1) + 1.0).unwrap(),
-                f32s(14, &[ff, d], ws),
-                f32s(15, &[ff, d], ws),
-                f32s(16, &[d, ff], 1.0 / (ff as f64).sqrt()),
-            ],
-        ),
-        (
-            "linear_cross_entropy",
-            Box::new(|be: &dyn Backend, x: &[&Tensor]| {
-                be.linear_cross_entropy(x[0], x[1], targets).unwrap()
-            }),
-            vec![f32s(17, &[b, t, d], 1.0), f32s(18, &[vocab, d], ws)],
-        ),
-    ]
-}
+use common::bf16::{cases, rel_err, run, BF16_NORM_RTOL, CPU};
+mod common;
 
 #[test]
 fn fused_ops_in_bf16_match_f32_at_bf16_tolerance() {

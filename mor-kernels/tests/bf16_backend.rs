@@ -15,7 +15,7 @@ use mor_kernels::cpu::CpuBackend;
 use mor_kernels::testing::randn;
 use mor_kernels::{build_backend, Backend, BackendCtx};
 
-use common::bf16::{cases, rel_err, run, BF16_NORM_RTOL, CPU};
+use common::bf16::{bf16_cases_match_f32, CPU};
 mod common;
 
 #[test]
@@ -31,18 +31,7 @@ fn fused_ops_in_bf16_match_f32_at_bf16_tolerance() {
         CpuBackend::with_precision(Precision::Bf16),
     );
     assert_eq!(bf16_be.precision(), Precision::Bf16);
-    for (name, op, inputs) in cases(&pos, &cos, &sin, &targets) {
-        let want = run(&|x| op(&f32_be, x), &inputs);
-        let got = run(&|x| op(&bf16_be, x), &inputs);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let e = rel_err(g, w);
-            println!("{name} tensor {i}: relative error {e:.2e}");
-            assert!(
-                e <= BF16_NORM_RTOL && e > 1e-5,
-                "{name}, tensor {i} (0 = output, then input gradients): relative error {e:e}"
-            );
-        }
-    }
+    bf16_cases_match_f32(&f32_be, &bf16_be, &pos, &cos, &sin, &targets);
 }
 
 /// Norms stay f32 in bf16 mode (bit for bit), and f64 tensors are never rounded to bf16, so

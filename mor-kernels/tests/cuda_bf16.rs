@@ -22,7 +22,7 @@ use mor_kernels::cuda::{self, CudaBackend};
 use mor_kernels::testing::randn;
 use mor_kernels::{build_backend, AttentionWeights, Backend, BackendCtx, PAD_POS};
 
-use common::bf16::{cases, f64s, rel_err, run, BF16_NORM_RTOL, CPU};
+use common::bf16::{bf16_cases_match_f32, f64s, BF16_NORM_RTOL, CPU};
 mod common;
 
 fn f32_be() -> CudaBackend {
@@ -58,18 +58,7 @@ fn ops_in_bf16_match_f32_at_bf16_tolerance_and_differ_from_it() {
     let (f32_be, bf16_be) = (f32_be(), bf16_be());
     assert_eq!(bf16_be.precision(), Precision::Bf16);
     assert_eq!(f32_be.precision(), Precision::F32);
-    for (name, op, inputs) in cases(&pos, &cos, &sin, &targets) {
-        let want = run(&|x| op(&f32_be, x), &inputs);
-        let got = run(&|x| op(&bf16_be, x), &inputs);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let e = rel_err(g, w);
-            println!("{name} tensor {i}: relative error {e:.2e}");
-            assert!(
-                e <= BF16_NORM_RTOL && e > 1e-5,
-                "{name}, tensor {i} (0 = output, then input gradients): relative error {e:e}"
-            );
-        }
-    }
+    bf16_cases_match_f32(&f32_be, &bf16_be, &pos, &cos, &sin, &targets);
 }
 
 /// `rows × cols` values `±k/2^(8+shift)` with `k` in `256..1024`: ten significant bits, so

@@ -2,12 +2,12 @@
 //! path (`routing_path = "device"`). It trains to the same losses and weights as the host
 //! path, and a run interrupted after a checkpoint resumes bit-identically.
 
-use common::{metric, weights, Micro, MOR_RECURSION};
+use common::{metric, quiet_opts as opts, run_dir as dir, weights, Micro, MOR_RECURSION};
 mod common;
 
 use mor_core::config::ResolvedConfig;
-use mor_models::run::{run, RunOptions};
-use std::path::{Path, PathBuf};
+use mor_models::run::run;
+use std::path::Path;
 
 fn cfg(routing_path: &str) -> ResolvedConfig {
     cfg_with(routing_path, "")
@@ -35,22 +35,6 @@ fn router_cfg(router: &str, train: &str) -> ResolvedConfig {
         ..common::micro(300, 32, 5, 16)
     }
     .resolve()
-}
-
-fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mor-devpath-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn opts(out: &Path) -> RunOptions {
-    RunOptions {
-        out: out.to_path_buf(),
-        quiet: true,
-        label: "t".into(),
-        skip_eval: true,
-        ..Default::default()
-    }
 }
 
 #[test]

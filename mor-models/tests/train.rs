@@ -1,11 +1,11 @@
 //! Training loop guarantees: resume is bit-identical, NaN/Inf stops with the step and the
 //! last good checkpoint kept, corrupt checkpoints are refused without being overwritten.
 
-use common::{metric, weights, Micro, MOR_RECURSION};
+use common::{metric, quiet_opts as opts, run_dir as dir, weights, Micro, MOR_RECURSION};
 mod common;
 
 use mor_core::config::{Config, ResolvedConfig};
-use mor_models::run::{run, RunOptions};
+use mor_models::run::run;
 use std::path::{Path, PathBuf};
 
 fn cfg(extra_train: &str) -> ResolvedConfig {
@@ -21,22 +21,6 @@ fn cfg(extra_train: &str) -> ResolvedConfig {
         ..common::micro(300, 32, 5, 16)
     }
     .resolve()
-}
-
-fn dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mor-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn opts(out: &Path) -> RunOptions {
-    RunOptions {
-        out: out.to_path_buf(),
-        quiet: true,
-        label: "t".into(),
-        skip_eval: true,
-        ..Default::default()
-    }
 }
 
 fn losses(out: &Path) -> Vec<f64> {

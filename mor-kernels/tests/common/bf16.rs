@@ -126,3 +126,27 @@ pub fn cases<'a>(
         ),
     ]
 }
+
+/// Every case of [`cases`], output and input gradients, in `bf16_be` against `f32_be`:
+/// within [`BF16_NORM_RTOL`] normwise, and more than 1e-5 away (bf16 is not silently f32).
+pub fn bf16_cases_match_f32(
+    f32_be: &dyn Backend,
+    bf16_be: &dyn Backend,
+    pos: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    targets: &Tensor,
+) {
+    for (name, op, inputs) in cases(pos, cos, sin, targets) {
+        let want = run(&|x| op(f32_be, x), &inputs);
+        let got = run(&|x| op(bf16_be, x), &inputs);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = rel_err(g, w);
+            println!("{name} tensor {i}: relative error {e:.2e}");
+            assert!(
+                e <= BF16_NORM_RTOL && e > 1e-5,
+                "{name}, tensor {i} (0 = output, then input gradients): relative error {e:e}"
+            );
+        }
+    }
+}

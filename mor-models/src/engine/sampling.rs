@@ -99,15 +99,16 @@ fn check_finite(logits: &[f32]) -> Result<()> {
 }
 
 /// `w[i] = exp((logits[i] - m) / t)` for `logits[i] <= m`, `t > 0` (so every argument is
-/// at most 0), with [`exp_nonpositive`]. Vectorised (AVX2 where the CPU has it, SSE2
-/// otherwise) with the same bits everywhere: only correctly rounded additions,
+/// at most 0), with [`exp_nonpositive`]. Vectorised (AVX2 from the kernels' tier
+/// [`mor_kernels::cpu::isa::tier`] up, so `MOR_CPU_TIER` lowers it like every kernel;
+/// SSE2 otherwise) with the same bits everywhere: only correctly rounded additions,
 /// multiplications and divisions, no fused multiply-add.
 pub(crate) fn exp_weights(logits: &[f32], m: f64, t: f64, w: &mut Vec<f64>) {
     w.clear();
     w.resize(logits.len(), 0.0);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2.
+    if mor_kernels::cpu::isa::tier() >= mor_kernels::cpu::isa::Tier::Avx2 {
+        // SAFETY: the tier is at most what the CPU supports, so it has AVX2.
         unsafe { exp_weights_avx2(logits, m, t, w) };
         return;
     }

@@ -140,6 +140,25 @@ impl Drop for TempDir {
     }
 }
 
+/// A path for a run folder, `mor-run-{tag}-{pid}` under the temporary folder, that does
+/// not exist yet (anything left there by an earlier run is removed); the test removes it.
+pub fn run_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mor-run-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Run options for a test: `out`, no progress output, label `t`, no evaluation.
+pub fn quiet_opts(out: &std::path::Path) -> mor_models::run::RunOptions {
+    mor_models::run::RunOptions {
+        out: out.to_path_buf(),
+        quiet: true,
+        label: "t".into(),
+        skip_eval: true,
+        ..Default::default()
+    }
+}
+
 /// The tiny Hugging Face Llama fixture made by `python/make_hf_fixture.py`.
 pub fn hf_fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_tiny")

@@ -233,8 +233,6 @@ pub fn train_with(
         )));
     }
     let accum = s.batch_seqs / s.micro_batch_seqs;
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let ckpt_root = run_dir.join("checkpoints");
     let main_vars: Vec<NamedVar> = model.named_vars();
     let aux_vars: Vec<NamedVar> = model.aux_named_vars();
     let mk = |vars: &[NamedVar]| -> Vec<(String, Var, bool)> {
@@ -243,7 +241,8 @@ pub fn train_with(
             .collect()
     };
     if update == UpdatePath::Host {
-        // Refused before any work: the host update reads f32 CPU tensors only.
+        // Refused before any work, the run folder untouched: the host update reads f32
+        // CPU tensors only.
         if let Some((n, v)) = main_vars
             .iter()
             .chain(&aux_vars)
@@ -257,6 +256,8 @@ pub fn train_with(
             )));
         }
     }
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let ckpt_root = run_dir.join("checkpoints");
     let mut opt = AdamW::new(s.adamw.clone(), mk(&main_vars))?;
     let aux_mult = model.router().map(|r| r.aux_lr_mult()).unwrap_or(1.0);
     let mut aux_opt = AdamW::new(s.adamw.clone(), mk(&aux_vars))?;

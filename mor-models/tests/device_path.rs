@@ -502,5 +502,6 @@ fn a_host_update_path_for_parameters_off_the_f32_cpu_is_refused_before_training(
     .to_string();
     assert!(e.contains("train.update_path") && e.contains("F64"), "{e}");
     assert!(data.reads.is_empty(), "no batch was drawn");
+    assert!(!out.exists(), "the refused run left no folder");
     let _ = std::fs::remove_dir_all(&out);
 }

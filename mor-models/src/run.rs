@@ -19,7 +19,12 @@ use crate::{Error, Result};
 use mor_core::config::ResolvedConfig;
 use std::path::{Path, PathBuf};
 
+mod backend;
 mod evaluate;
+pub use backend::{
+    is_backend_difference, read_run_config, read_segments, registered_backends, with_backend,
+    BackendSwitch, RunConfig, Segment, SEGMENTS_FILE,
+};
 pub use evaluate::{
     evaluate, evaluate_all, DepthNll, EvalResults, Evaluation, DEPTH_SWEEP_TOKENS, TRACE_SEQUENCES,
 };
@@ -228,6 +233,9 @@ pub struct Inspection {
     pub data: DataRecord,
     /// Its settings.
     pub data_config: DataConfig,
+    /// The backend the folder's run was started on (its saved config's `backend`), when it
+    /// holds one.
+    pub recorded_backend: Option<mor_core::config::PluginSpec>,
 }
 
 impl Inspection {
@@ -236,17 +244,42 @@ impl Inspection {
         self.config_diffs.is_empty() && self.data_problem.is_none()
     }
 
-    /// The differences, one per line (empty when compatible).
+    /// Whether the configs differ, and only in their backend (`backend.kind` or the
+    /// backend's parameters): the run can continue on the given backend when that is asked
+    /// for explicitly ([`BackendSwitch::Allow`]).
+    pub fn backend_only(&self) -> bool {
+        !self.config_diffs.is_empty() && self.config_diffs.iter().all(|d| is_backend_difference(d))
+    }
+
+    /// Whether the folder holds no run, or one with the same data and the same resolved
+    /// config up to its backend when `switch` allows another backend.
+    pub fn is_compatible_with(&self, switch: BackendSwitch) -> bool {
+        match switch {
+            BackendSwitch::Refuse => self.is_compatible(),
+            BackendSwitch::Allow => {
+                self.data_problem.is_none() && (self.config_diffs.is_empty() || self.backend_only())
+            }
+        }
+    }
+
+    /// The differences, one per line (empty when compatible). When only the backend
+    /// differs, the last line says how to continue on the given backend.
     pub fn problems(&self) -> String {
         let mut lines: Vec<String> = self
             .config_diffs
             .iter()
             .map(|d| format!("config {d}"))
             .collect();
+        if self.backend_only() {
+            lines.push(BACKEND_HINT.to_string());
+        }
         lines.extend(self.data_problem.iter().cloned());
         lines.join("\n")
     }
 }
+
+/// The hint of a refused resume whose config differs only in its backend.
+const BACKEND_HINT: &str = "only the backend differs: pass --backend KIND (e.g. --backend cpu) to continue this run on that backend (not bit-identical to an uninterrupted run; the switch is recorded in segments.jsonl)";
 
 /// Resolved config keys whose values differ, as `key: old -> new`; the source TOML and
 /// `data.source` are left out.
@@ -356,6 +389,7 @@ pub fn inspect(cfg: &ResolvedConfig, opts: &RunOptions) -> Result<Inspection> {
     let mut config_diffs = Vec::new();
     let mut existing = Existing::New;
     let mut recorded = None;
+    let mut recorded_backend = None;
     if has_run {
         crate::checkpoint::verify_files(out, &["config.toml"], false)?;
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -374,6 +408,9 @@ pub fn inspect(cfg: &ResolvedConfig, opts: &RunOptions) -> Result<Inspection> {
             None
         };
         let olds: Vec<&serde_json::Value> = saved.iter().chain([&old]).collect();
+        recorded_backend = olds
+            .iter()
+            .find_map(|v| serde_json::from_value(v.get("backend")?.clone()).ok());
         config_diffs = json_differences(&olds, &serde_json::to_value(cfg).unwrap_or_default());
         existing = match finished_summary(out) {
             Some(s) => Existing::Finished(Box::new(s)),
@@ -426,6 +463,7 @@ pub fn inspect(cfg: &ResolvedConfig, opts: &RunOptions) -> Result<Inspection> {
         data_problem,
         data,
         data_config: dcfg,
+        recorded_backend,
     })
 }
 
@@ -484,7 +522,26 @@ const SETUP_FILES: [&str; 5] = [
 /// one is never changed (with `opts.resume` its outcome is returned as it is). A command that
 /// fails before training leaves no new files in `opts.out` (nor the folder, if it created
 /// it).
+///
+/// The backend is part of the config: a run started on another backend is refused, naming
+/// `--backend`; [`run_with`] continues it on `cfg`'s backend when asked explicitly.
 pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOutcome> {
+    run_with(cfg, name, opts, BackendSwitch::Refuse)
+}
+
+/// As [`run`]; with [`BackendSwitch::Allow`], a run in `opts.out` whose config differs from
+/// `cfg` only in its backend (`backend.kind`, or the backend's parameters such as a device
+/// ordinal) is accepted: an unfinished one continues on `cfg`'s backend from its latest
+/// checkpoint (weights and optimiser moments move to the new device) with a notice that the
+/// continuation is not bit-identical to an uninterrupted run, and [`SEGMENTS_FILE`] records
+/// the backend of each segment; a finished one is only reported (with `opts.resume`), never
+/// changed. Any other difference is refused as [`run`] refuses it.
+pub fn run_with(
+    cfg: &ResolvedConfig,
+    name: &str,
+    opts: &RunOptions,
+    switch: BackendSwitch,
+) -> Result<RunOutcome> {
     let out = &opts.out;
     if cfg.data.doc_masking {
         return Err(Error::msg(
@@ -499,7 +556,7 @@ pub fn run(cfg: &ResolvedConfig, name: &str, opts: &RunOptions) -> Result<RunOut
     let lock = RunLock::acquire(out)?;
     let created = lock.created().to_vec();
     let mut setup = Setup::default();
-    let result = run_locked(cfg, name, opts, &mut setup);
+    let result = run_locked(cfg, name, opts, switch, &mut setup);
     if result.is_err() && !setup.training_started {
         for f in &setup.written {
             let _ = std::fs::remove_file(out.join(f));
@@ -523,6 +580,7 @@ fn run_locked(
     cfg: &ResolvedConfig,
     name: &str,
     opts: &RunOptions,
+    switch: BackendSwitch,
     setup: &mut Setup,
 ) -> Result<RunOutcome> {
     let out = &opts.out;
@@ -530,9 +588,15 @@ fn run_locked(
     if matches!(insp.existing, Existing::New) {
         mor_core::config::check_threads(cfg.threads)?;
     }
-    if !insp.config_diffs.is_empty() {
+    let switching = insp.backend_only() && switch == BackendSwitch::Allow;
+    if !insp.config_diffs.is_empty() && !switching {
+        let hint = if insp.backend_only() {
+            format!("\n{BACKEND_HINT}")
+        } else {
+            String::new()
+        };
         return Err(Error::msg(format!(
-            "{} holds a run with another config; nothing was changed. Differing keys (run's -> given):\n  {}\nUse the run's own config (its config.toml), or choose another --out",
+            "{} holds a run with another config; nothing was changed. Differing keys (run's -> given):\n  {}\nUse the run's own config (its config.toml), or choose another --out{hint}",
             out.display(),
             insp.config_diffs.join("\n  ")
         )));
@@ -676,7 +740,31 @@ fn run_locked(
         }
     }
     let mut adapter = DataAdapter { it };
+    let from_step = if resuming {
+        backend::resume_step(out)
+    } else {
+        0
+    };
+    if switching && from_step > 0 {
+        let was = read_segments(out)
+            .ok()
+            .and_then(|s| s.last().map(|s| s.backend.kind.clone()))
+            .or_else(|| insp.recorded_backend.as_ref().map(|b| b.kind.clone()))
+            .unwrap_or_else(|| "?".into());
+        eprintln!(
+            "note: {name}: continuing from step {from_step} on backend `{}` (the run trained on `{was}` so far, recorded in {SEGMENTS_FILE}); the continuation is not bit-identical to an uninterrupted run",
+            cfg.backend.kind
+        );
+    }
     setup.training_started = true;
+    backend::record_segment(
+        out,
+        Segment {
+            from_step,
+            backend: cfg.backend.clone(),
+        },
+        insp.recorded_backend.as_ref().unwrap_or(&cfg.backend),
+    )?;
     let summary = train::train(
         &model,
         &mut adapter,
@@ -755,6 +843,16 @@ fn run_locked(
         serde_json::json!(summary.final_loss),
     );
     extra.insert("threads".into(), serde_json::json!(cfg.threads));
+    // A run that changed backend lists the backend of each segment, in order.
+    let mut backends: Vec<String> = read_segments(out)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| s.backend.kind.clone())
+        .collect();
+    backends.dedup();
+    if backends.len() > 1 {
+        extra.insert("backends".into(), serde_json::json!(backends));
+    }
     extra.insert("corpus".into(), serde_json::json!(corpus));
     if evaluated {
         extra.insert(

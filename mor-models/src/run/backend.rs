@@ -1,0 +1,274 @@
+//! Runs across backends: a run folder loaded for inference on another backend than the one
+//! it was trained on ([`read_run_config`], [`RunConfig::load_model`]), the rule that lets an
+//! unfinished run continue on another backend only when asked ([`BackendSwitch`]), and the
+//! record of the backend each training segment ran on ([`SEGMENTS_FILE`]).
+//!
+//! The weights of a run are backend-independent f32 tensors, and loading them (or a
+//! checkpoint's optimiser moments) moves them to the model's device, so a run trained on
+//! `cuda` can be evaluated on `cpu` and continued there. The numbers are not bit-identical
+//! across backends (their kernels sum in other orders), so a switch is never silent.
+
+use crate::model::MorModel;
+use crate::{Error, Result};
+use mor_core::config::{apply_override, Config, PluginSpec, ResolvedConfig};
+use mor_core::Family;
+use std::path::Path;
+
+/// The file of a run folder that lists the training segments of the run, one JSON
+/// [`Segment`] per line: the step each invocation started from and the backend it ran on.
+pub const SEGMENTS_FILE: &str = "segments.jsonl";
+
+/// Prefix of the resolved-config keys that name the backend (`backend.kind`,
+/// `backend.params.*`, e.g. the `cuda` backend's `ordinal`).
+const BACKEND_KEY: &str = "backend.";
+
+/// Whether an unfinished run may continue on another backend than the one it started on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendSwitch {
+    /// The backend is part of the run's config: a resume on another one is refused, and
+    /// the refusal names `--backend KIND`.
+    #[default]
+    Refuse,
+    /// Asked for explicitly (`--backend KIND`): a run whose config differs from the given
+    /// one only in its backend continues on the given backend, with a notice; the switch is
+    /// recorded in [`SEGMENTS_FILE`].
+    Allow,
+}
+
+/// One training segment of a run: an invocation of `train` or `ablate` that trained it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Segment {
+    /// The optimiser step it started from (0 for the start of the run, the checkpoint's step
+    /// for a resume).
+    pub from_step: usize,
+    /// The backend it ran on.
+    pub backend: PluginSpec,
+}
+
+/// Whether a `key: old -> new` line of [`super::config_differences`] names a backend key.
+pub fn is_backend_difference(diff: &str) -> bool {
+    diff.starts_with(BACKEND_KEY)
+}
+
+/// The registered backend names, comma-separated (for messages).
+pub fn registered_backends() -> String {
+    mor_core::registry::names(Family::Backend).join(", ")
+}
+
+/// `cfg` with its backend set to `kind`: the config is resolved again from its source with
+/// `runtime.backend = "kind"`, so the backend's own checks run. When `kind` is already the
+/// config's backend, the config is returned as it is (its backend parameters kept).
+///
+/// # Errors
+/// When `kind` is not a registered backend (the message lists the registered ones), or the
+/// config does not resolve with it.
+pub fn with_backend(cfg: &ResolvedConfig, kind: &str) -> Result<ResolvedConfig> {
+    mor_core::registry::find(Family::Backend, kind).map_err(|e| {
+        Error::msg(format!(
+            "--backend {kind}: {e} (registered backends: {})",
+            registered_backends()
+        ))
+    })?;
+    if cfg.backend.kind == kind {
+        return Ok(cfg.clone());
+    }
+    let mut table = cfg.source.clone();
+    apply_override(
+        &mut table,
+        "runtime.backend",
+        toml::Value::String(kind.to_string()),
+    )?;
+    Config::from_table(table).map_err(|e| {
+        Error::msg(format!(
+            "--backend {kind}: the run's config does not resolve on this backend: {e}"
+        ))
+    })
+}
+
+/// A run folder's config read for inference, on the backend asked for.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The config the model is built from (the run's, with `--backend` applied).
+    pub cfg: ResolvedConfig,
+    /// The backend the run's own config names.
+    pub recorded: PluginSpec,
+    /// Whether `--backend` replaced the run's backend.
+    pub overridden: bool,
+    /// The config file read (`config.toml`, else `config.json`).
+    pub config_file: &'static str,
+}
+
+impl RunConfig {
+    /// The one-line notice of a replaced backend, naming both (`None` without a change).
+    pub fn notice(&self) -> Option<String> {
+        self.overridden.then(|| {
+            format!(
+                "note: the run was trained on backend `{}`; using backend `{}` (--backend)",
+                self.recorded.kind, self.cfg.backend.kind
+            )
+        })
+    }
+
+    /// A freshly initialised model of the config, on its backend.
+    ///
+    /// # Errors
+    /// When the backend cannot be built here: without `--backend`, the message says that the
+    /// run's own backend is unavailable and suggests `--backend cpu`; with it, it names the
+    /// flag (a bf16 run on a backend without bf16 gets the backend's precision message).
+    pub fn build_model(&self) -> Result<MorModel> {
+        MorModel::new(&self.cfg).map_err(|e| {
+            let backend = &self.cfg.backend;
+            let ctx = mor_kernels::BackendCtx::new(candle_core::Device::Cpu)
+                .with_precision(self.cfg.train.precision);
+            let unbuildable =
+                mor_kernels::build_backend(&backend.kind, &backend.params, &ctx).is_err();
+            match (unbuildable, self.overridden) {
+                (false, _) => e,
+                (true, false) if backend.kind != "cpu" => Error::msg(format!(
+                    "the run's backend `{}` cannot be built here: {e}\n\
+                     its weights load on any backend: pass --backend cpu to use the CPU \
+                     (registered backends: {})",
+                    backend.kind,
+                    registered_backends()
+                )),
+                (true, false) => e,
+                (true, true) => Error::msg(format!(
+                    "--backend {}: {e}\nthe run was trained with train.precision = \"{}\" on \
+                     backend `{}`; choose a backend that builds here and implements it \
+                     (registered backends: {})",
+                    backend.kind,
+                    self.cfg.train.precision.as_str(),
+                    self.recorded.kind,
+                    registered_backends()
+                )),
+            }
+        })
+    }
+
+    /// [`RunConfig::build_model`], then the run's trained weights (`model.safetensors`)
+    /// loaded onto the model's device.
+    ///
+    /// # Errors
+    /// As [`RunConfig::build_model`], or when the weights are missing, corrupt or do not
+    /// fit the config.
+    pub fn load_model(&self, dir: &Path) -> Result<MorModel> {
+        let model = self.build_model()?;
+        crate::checkpoint::load_run_model(dir, &model)?;
+        Ok(model)
+    }
+}
+
+/// Reads a run folder's config (`config.toml`, else the resolved `config.json` of an
+/// imported run), checks it and `tokenizer.json` against the folder's manifest, and applies
+/// `backend` (`--backend KIND`) when given.
+///
+/// # Errors
+/// When the folder holds no config, a file does not match its recorded hash, the config
+/// does not resolve, or `backend` is not a registered backend (the registered ones are
+/// listed).
+pub fn read_run_config(dir: &Path, backend: Option<&str>) -> Result<RunConfig> {
+    let toml_path = dir.join("config.toml");
+    let json_path = dir.join("config.json");
+    let (cfg, config_file) = if toml_path.is_file() {
+        let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(&toml_path, e))?;
+        let cfg = Config::from_toml_str(&text)
+            .map_err(|e| Error::msg(format!("{}: {e}", toml_path.display())))?;
+        (cfg, "config.toml")
+    } else if json_path.is_file() {
+        let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+        let cfg: ResolvedConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::msg(format!("{}: corrupt: {e}", json_path.display())))?;
+        (cfg, "config.json")
+    } else {
+        return Err(Error::msg(format!(
+            "{} is not a run folder (no config.toml or config.json)",
+            dir.display()
+        )));
+    };
+    crate::checkpoint::verify_files(dir, &[config_file, crate::tokenizer::TOKENIZER_FILE], false)
+        .map_err(|e| Error::msg(format!("cannot trust the files of {}: {e}", dir.display())))?;
+    let recorded = cfg.backend.clone();
+    let (cfg, overridden) = match backend {
+        Some(kind) => {
+            let c = with_backend(&cfg, kind)?;
+            let changed = c.backend != recorded;
+            (c, changed)
+        }
+        None => (cfg, false),
+    };
+    Ok(RunConfig {
+        cfg,
+        recorded,
+        overridden,
+        config_file,
+    })
+}
+
+/// The training segments recorded in `dir` (empty when there is no [`SEGMENTS_FILE`]: a
+/// run started by an older version, or one that never trained).
+///
+/// # Errors
+/// When the file is unreadable or a line is corrupt.
+pub fn read_segments(dir: &Path) -> Result<Vec<Segment>> {
+    let p = dir.join(SEGMENTS_FILE);
+    if !p.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::msg(format!("{}: line {} is corrupt: {e}", p.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// Appends `seg` to `dir`'s [`SEGMENTS_FILE`] (written atomically, recorded in the
+/// manifest). A resumed run of an older version, which has no such file, first gets the
+/// segment it started with: `from_step` 0 on `started_on`, the backend of its config.
+pub(crate) fn record_segment(dir: &Path, seg: Segment, started_on: &PluginSpec) -> Result<()> {
+    let mut segs = read_segments(dir)?;
+    if segs.is_empty() && seg.from_step > 0 {
+        segs.push(Segment {
+            from_step: 0,
+            backend: started_on.clone(),
+        });
+    }
+    // A resume from the same step (a segment that stopped before its first checkpoint)
+    // replaces the segment it repeats.
+    segs.retain(|s| s.from_step < seg.from_step);
+    segs.push(seg);
+    let mut text = String::new();
+    for s in &segs {
+        text.push_str(&serde_json::to_string(s).map_err(|e| Error::msg(e.to_string()))?);
+        text.push('\n');
+    }
+    crate::checkpoint::write_atomic(&dir.join(SEGMENTS_FILE), text.as_bytes())?;
+    crate::checkpoint::record_files(dir, &[SEGMENTS_FILE])
+}
+
+/// The step a resume of `dir` continues from: the step of the checkpoint `latest` names,
+/// else of the newest `step-*` checkpoint whose `state.json` reads; 0 without one.
+pub(crate) fn resume_step(dir: &Path) -> usize {
+    let root = dir.join("checkpoints");
+    let step_of = |ckpt: &Path| -> Option<usize> {
+        let raw = std::fs::read(ckpt.join("state.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+        v.get("step")?.as_u64().map(|s| s as usize)
+    };
+    if let Ok(Some(latest)) = crate::checkpoint::latest_checkpoint(&root) {
+        if let Some(s) = step_of(&latest) {
+            return s;
+        }
+    }
+    std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        .filter_map(|e| step_of(&e.path()))
+        .max()
+        .unwrap_or(0)
+}

@@ -255,6 +255,11 @@ pub trait DecodeCache: Send + Sync + fmt::Debug {
     fn bytes_stored(&self) -> usize;
     /// Ends every request and frees every block.
     fn release_all(&mut self);
+    /// The cache as [`Any`](std::any::Any), for a caller that knows its concrete type (the
+    /// inference engine reaches its device-resident cache this way); `None` by default.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
     /// How K and V are stored ([`KvPrecision::F32`] unless set).
     fn kv_precision(&self) -> KvPrecision {
         KvPrecision::F32

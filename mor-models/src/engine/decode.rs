@@ -121,12 +121,33 @@ impl<'m> Decoder<'m> {
     /// A decoder whose cache holds the model's full context (`seq_len` tokens).
     ///
     /// # Errors
-    /// A model not on the CPU, bad options, or a cache the KV policy cannot build.
+    /// Bad options, a cache the KV policy cannot build, or (a model not on the CPU, which
+    /// decodes on the device path) a model or KV policy the device path does not cover.
     pub fn new(model: &'m MorModel, opts: DecodeOptions) -> Result<Self> {
+        let on_device = !model.embedding().as_tensor().device().is_cpu();
+        Self::build(model, opts, on_device)
+    }
+
+    /// A decoder on the device path whatever the model's device (see
+    /// [`Engine::new_device`](super::Engine::new_device)).
+    ///
+    /// # Errors
+    /// As [`Decoder::new`], and a model or KV policy the device path does not cover.
+    pub fn new_device(model: &'m MorModel, opts: DecodeOptions) -> Result<Self> {
+        Self::build(model, opts, true)
+    }
+
+    fn build(model: &'m MorModel, opts: DecodeOptions, device: bool) -> Result<Self> {
         if opts.block_tokens == 0 {
             return Err(Error::msg("block_tokens must be >= 1"));
         }
-        let runner = Runner::new(model, opts.exit.clone(), opts.max_depth, opts.precision)?;
+        let runner = Runner::new_on(
+            model,
+            opts.exit.clone(),
+            opts.max_depth,
+            opts.precision,
+            device,
+        )?;
         let blocks = runner.context.div_ceil(opts.block_tokens) * model.plan().num_slots();
         let mut cache = runner.new_cache(opts.block_tokens, blocks)?;
         cache.set_kv_precision(opts.kv_precision)?;

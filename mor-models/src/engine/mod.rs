@@ -33,6 +33,7 @@
 //! [`Engine::submit`]. No path panics.
 
 mod decode;
+mod device;
 mod runner;
 mod sampling;
 
@@ -425,12 +426,38 @@ pub struct Engine<'m> {
 }
 
 impl<'m> Engine<'m> {
-    /// An engine for `model`.
+    /// An engine for `model`: a model on the CPU decodes on the host path (packed weights,
+    /// host KV pool), a model on another device (CUDA) on the device path
+    /// ([`Engine::new_device`]).
     ///
     /// # Errors
-    /// A zero batch size or block size, a model not on the CPU, bad exit settings, or a
-    /// cache the KV policy cannot build.
+    /// A zero batch size or block size, bad exit settings, a cache the KV policy cannot
+    /// build, or (device path) a model or KV policy it does not cover.
     pub fn new(model: &'m MorModel, cfg: EngineConfig) -> Result<Self> {
+        let on_device = !model.embedding().as_tensor().device().is_cpu();
+        Self::build(model, cfg, on_device)
+    }
+
+    /// An engine on the device path whatever the model's device (the CPU included): the
+    /// layer and LM-head weights as candle tensors in `cfg.precision` and the paged KV pool
+    /// in `cfg.kv_precision` on the model's device, decode attention through the paged
+    /// kernel (see `engine/device.rs`). The scheduler, routing and sampling stay on the
+    /// host.
+    ///
+    /// # Errors
+    /// As [`Engine::new`]; a model with a relaxation (LoRA / DoRA, adaption prompt,
+    /// recursion encoding) or a KV policy other than `recursion_wise` /
+    /// `recursive_sharing` is refused with an error naming it.
+    pub fn new_device(model: &'m MorModel, cfg: EngineConfig) -> Result<Self> {
+        Self::build(model, cfg, true)
+    }
+
+    /// Whether this engine computes on the device path.
+    pub fn on_device(&self) -> bool {
+        self.runner.on_device()
+    }
+
+    fn build(model: &'m MorModel, cfg: EngineConfig, device: bool) -> Result<Self> {
         if cfg.batch_size == 0 || cfg.block_tokens == 0 {
             return Err(Error::msg(format!(
                 "batch_size ({}) and block_tokens ({}) must be >= 1",
@@ -441,7 +468,13 @@ impl<'m> Engine<'m> {
         if cfg.max_active == 0 {
             cfg.max_active = cfg.batch_size;
         }
-        let runner = Runner::new(model, cfg.exit.clone(), cfg.max_depth, cfg.precision)?;
+        let runner = Runner::new_on(
+            model,
+            cfg.exit.clone(),
+            cfg.max_depth,
+            cfg.precision,
+            device,
+        )?;
         let blocks = if cfg.kv_blocks == 0 {
             // Every active request at full context in every slot, capped at AUTO_POOL_BYTES
             // (beyond it, back-pressure takes over).

@@ -9,6 +9,7 @@
 //! step-r layer j is block j for every r) share one matmul per projection. Attention is per
 //! token over the [`KvView`](mor_kvcache::KvView) of its request and slot.
 
+use super::device::DeviceCompute;
 use crate::model::MorModel;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -215,7 +216,11 @@ pub(crate) struct Runner<'m> {
     final_norm: Vec<f32>,
     /// `[vocab, d]`.
     embed: Vec<f32>,
-    head: PackedMatrix,
+    /// The packed LM head (`None` on the device path).
+    head: Option<PackedMatrix>,
+    /// The device path (weights and KV pool on the model's device, see
+    /// [`device`](super::device)); `None` for the host path.
+    dev: Option<DeviceCompute>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     pub d: usize,
@@ -297,29 +302,39 @@ fn packed(parts: &[&Tensor], precision: Precision) -> Result<PackedMatrix> {
 }
 
 impl<'m> Runner<'m> {
-    /// Prepares `model` for decoding, its linear weights (layers and LM head) packed in
+    /// Prepares `model` for decoding, its linear weights (layers and LM head) in
     /// `precision` (bf16: the products round their inputs to bf16 and accumulate in f32;
-    /// embeddings, norms, attention, routers and the residual stream stay f32).
+    /// embeddings, norms, attention, routers and the residual stream stay f32): on the host
+    /// path (`device = false`: packed weights, host KV pool) or on the device path
+    /// (`device = true`: candle tensors on the model's device, the CPU included, see
+    /// [`device`](super::device)).
     ///
     /// # Errors
-    /// A model on a device other than the CPU, a router on a non-cyclic plan, bad
-    /// `max_depth` or exit thresholds.
-    pub fn new(
+    /// The host path with a model not on the CPU; the device path with a model it does
+    /// not cover (relaxation); a router on a non-cyclic plan, bad `max_depth` or exit
+    /// thresholds.
+    pub fn new_on(
         model: &'m MorModel,
         exit: ExitRule,
         max_depth: Option<usize>,
         precision: Precision,
+        device: bool,
     ) -> Result<Self> {
-        if !model.embedding().as_tensor().device().is_cpu() {
+        if !device && !model.embedding().as_tensor().device().is_cpu() {
             return Err(Error::msg(
-                "the inference engine runs on the CPU; build the model with Device::Cpu",
+                "the host inference engine runs on the CPU; build the model with Device::Cpu \
+                 (a model on another device decodes on the device path)",
             ));
         }
+        let dev = device
+            .then(|| DeviceCompute::new(model, precision))
+            .transpose()?;
         let cfg = model.config();
         let m = &cfg.model;
         let plan = model.plan();
         let mut blocks = Vec::with_capacity(model.blocks().len());
-        for p in model.blocks() {
+        // The device path keeps its own weights: no packed host copy.
+        for p in model.blocks().iter().filter(|_| dev.is_none()) {
             let q = p.q.as_tensor();
             let k = p.k.as_tensor();
             let v = p.v.as_tensor();
@@ -448,7 +463,11 @@ impl<'m> Runner<'m> {
             norms,
             final_norm: host(model.final_norm_weight().as_tensor())?,
             embed: host(model.embedding().as_tensor())?,
-            head: packed(&[model.lm_head_weight().as_tensor()], precision)?,
+            head: match dev {
+                None => Some(packed(&[model.lm_head_weight().as_tensor()], precision)?),
+                Some(_) => None,
+            },
+            dev,
             cos,
             sin,
             d: m.hidden_size,
@@ -488,7 +507,15 @@ impl<'m> Runner<'m> {
         };
         // Every plan: under recursive sharing the cache maps a step >= 2 slot to the step-1
         // slot of the same layer, as the model's forward does (spec §4).
+        if let Some(dev) = &self.dev {
+            return dev.new_cache(self.model.kv_policy().as_ref(), &spec);
+        }
         Ok(self.model.kv_policy().new_decode_cache(&spec)?)
+    }
+
+    /// Whether this runner computes on the device path.
+    pub fn on_device(&self) -> bool {
+        self.dev.is_some()
     }
 
     /// The slots a token of stage `s` writes to in `cache`.
@@ -510,12 +537,13 @@ impl<'m> Runner<'m> {
         h.chunks_exact(self.d).map(<[f32]>::to_vec).collect()
     }
 
-    /// `h: [n, d]` as a tensor `[n, 1, d]` (n one-token rows, for the routers).
+    /// `h: [n, d]` as a tensor `[n, 1, d]` on the model's device (n one-token rows, for
+    /// the routers).
     fn rows_tensor(&self, h: &[f32]) -> Result<Tensor> {
         Ok(Tensor::from_slice(
             h,
             (h.len() / self.d, 1, self.d),
-            &Device::Cpu,
+            self.model.embedding().as_tensor().device(),
         )?)
     }
 
@@ -538,10 +566,15 @@ impl<'m> Runner<'m> {
     /// Logits (one row of `vocab` per token) of the final hidden states `h: [n, d]`: final
     /// RMSNorm, LM head.
     pub fn head(&self, h: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let head = match (&self.dev, &self.head) {
+            (Some(dev), _) => return dev.head(h, &self.flops),
+            (None, Some(head)) => head,
+            (None, None) => return Err(Error::msg("the host runner has no packed LM head")),
+        };
         let mut x = vec![0f32; h.len()];
         rms_norm_rows(h, &self.final_norm, self.eps, &mut x)?;
         let mut logits = vec![0f32; (h.len() / self.d) * self.vocab];
-        self.head.matmul(&x, &mut logits, false)?;
+        head.matmul(&x, &mut logits, false)?;
         let mut f = self.flops.get();
         f.head += 2 * (h.len() * self.vocab) as u64;
         self.flops.set(f);
@@ -583,6 +616,9 @@ impl<'m> Runner<'m> {
             return Err(Error::msg(
                 "every token of a batch must run the same number of layer slots",
             ));
+        }
+        if let Some(dev) = &self.dev {
+            return dev.run_layers(cache, h, toks, slots, &self.flops);
         }
         let d = self.d;
         let mut h = h;

@@ -1,0 +1,739 @@
+//! The decode computation on a candle device: the same continuous depth-wise batching as
+//! the host path, with the layer and LM-head weights and the paged KV pool resident on the
+//! model's device (CUDA, or the CPU in tests: the code is device-generic candle).
+//!
+//! - Weights: per unique block `q: [hq·dh, d]`, `[k; v]: [2·hkv·dh, d]`, `o`, `[gate; up]`,
+//!   `down`, and the LM head, in the engine's [`Precision`] (bf16 or f32; the products take
+//!   their inputs in that dtype and return f32). Norms, RoPE tables, the residual stream
+//!   and the attention output stay f32.
+//! - KV: one pool `k, v: [num_blocks, block_tokens, hkv, dh]` in the cache's
+//!   [`KvPrecision`] ([`DeviceKvCache`]). Appends are one `scatter_set` per layer for the
+//!   batch's new rows; decode attention is
+//!   [`paged_decode_attention`](mor_kernels::cuda::paged_decode_attention), which reads a
+//!   request's K/V once per GQA group (every query head of the group in one pass) through
+//!   its block table. The block bookkeeping (free list, page tables, positions) stays on the
+//!   host; the tables of a layer call are uploaded as small `u32` tensors.
+//! - Routing, merges and sampling stay on the host scheduler (they need the decisions
+//!   there): the hidden rows of a phase travel once each way.
+//!
+//! # Transfers per phase (one [`run_layers`](DeviceCompute::run_layers) call of `n` items)
+//! Up: the hidden rows `[n, d]` f32; per layer, the positions `[n]`, the write indices of
+//! the items that store (`[n_w]`, broadcast on the device), the block table `[n,
+//! max_blocks]` and the visible lengths `[n]` (u32). Down: the output rows `[n, d]` f32. The
+//! LM head uploads `[n, d]` and downloads the logits `[n, vocab]` f32; an expert-choice
+//! routing decision uploads `[n, d]` and downloads `n` gates. Embedding rows are read from
+//! a host copy of the table and travel up with the prelude's input.
+//!
+//! # Not covered (refused with an error naming it)
+//! A relaxation (LoRA / DoRA, adaption prompt, recursion encoding), the hybrid KV policy
+//! (its overlay view has no paged kernel) and KV policies other than the built-in
+//! `recursion_wise` and `recursive_sharing`.
+
+use super::runner::{Flops, Tok};
+use crate::model::MorModel;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use mor_core::config::Precision;
+use mor_kvcache::decode::KvPrecision;
+use mor_kvcache::{DecodeCache, DecodeCacheSpec, DecodeMode, KvView};
+use std::cell::Cell;
+use std::collections::HashMap;
+
+const CACHE: &str = "device_kv";
+
+fn invalid(msg: String) -> mor_kvcache::Error {
+    mor_kvcache::Error::Invalid { policy: CACHE, msg }
+}
+
+fn kv_dtype(p: KvPrecision) -> DType {
+    match p {
+        KvPrecision::F32 => DType::F32,
+        KvPrecision::Bf16 => DType::BF16,
+    }
+}
+
+/// What one slot does: whether it stores and which slot's page its queries read.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    writes: bool,
+    base: usize,
+}
+
+/// The blocks of one (request, slot) and the positions stored in them.
+#[derive(Debug, Clone, Default)]
+struct Page {
+    blocks: Vec<u32>,
+    pos: Vec<u32>,
+}
+
+/// A paged KV cache whose K/V storage lives on a candle device; the bookkeeping (free
+/// list, page tables, positions) is on the host. It follows the slot rules of the KV
+/// policy's own decode cache (which slots store, which slot a query reads) and is used
+/// through [`DecodeCache`] by the scheduler; the device runner writes and reads the
+/// storage directly. It has no host [`KvView`]: [`DecodeCache::view`] is an error.
+#[derive(Debug)]
+pub(crate) struct DeviceKvCache {
+    policy: &'static str,
+    mode: DecodeMode,
+    rules: Vec<Rule>,
+    block_tokens: usize,
+    hkv: usize,
+    dh: usize,
+    num_blocks: usize,
+    precision: KvPrecision,
+    device: Device,
+    /// `[num_blocks, block_tokens, hkv, dh]`.
+    k: Tensor,
+    v: Tensor,
+    free: Vec<u32>,
+    reqs: HashMap<u64, Vec<Page>>,
+    tokens: usize,
+}
+
+impl DeviceKvCache {
+    /// A cache on `device` with the slot rules of `policy` for `spec`.
+    ///
+    /// # Errors
+    /// A policy other than the built-in `recursion_wise` / `recursive_sharing` (hybrid's
+    /// overlay view has no paged kernel), bad sizes, or a failed device allocation.
+    pub fn new(
+        policy: &dyn mor_kvcache::KvPolicy,
+        spec: &DecodeCacheSpec,
+        device: &Device,
+    ) -> Result<Self> {
+        // The policy's own cache, one block, tells which slots store and what they read.
+        let probe = policy.new_decode_cache(&DecodeCacheSpec {
+            max_blocks: 1,
+            ..spec.clone()
+        })?;
+        let name = probe.policy();
+        let mode = probe.mode();
+        if !matches!(name, "recursion_wise" | "recursive_sharing") || mode == DecodeMode::Hybrid {
+            return Err(Error::msg(format!(
+                "the device decode path supports the recursion_wise and recursive_sharing KV \
+                 policies, not `{name}` ({mode} decode); use one of them, or decode a CPU model \
+                 on the host engine"
+            )));
+        }
+        let rules = (0..probe.num_slots())
+            .map(|s| Rule {
+                writes: probe.writes(s),
+                base: probe.source_slot(s).unwrap_or(s),
+            })
+            .collect();
+        if u32::try_from(spec.max_blocks).is_err() || spec.max_blocks == 0 {
+            return Err(Error::msg(format!(
+                "the device KV pool needs 1..=u32::MAX blocks, got {}",
+                spec.max_blocks
+            )));
+        }
+        let mut c = DeviceKvCache {
+            policy: name,
+            mode,
+            rules,
+            block_tokens: spec.block_tokens,
+            hkv: spec.num_kv_heads,
+            dh: spec.head_dim,
+            num_blocks: spec.max_blocks,
+            precision: KvPrecision::F32,
+            device: device.clone(),
+            k: Tensor::zeros(1, DType::F32, device)?,
+            v: Tensor::zeros(1, DType::F32, device)?,
+            free: (0..spec.max_blocks as u32).rev().collect(),
+            reqs: HashMap::new(),
+            tokens: 0,
+        };
+        c.allocate()?;
+        Ok(c)
+    }
+
+    fn allocate(&mut self) -> Result<()> {
+        let shape = (self.num_blocks, self.block_tokens, self.hkv, self.dh);
+        let dt = kv_dtype(self.precision);
+        self.k = Tensor::zeros(shape, dt, &self.device)?;
+        self.v = Tensor::zeros(shape, dt, &self.device)?;
+        Ok(())
+    }
+
+    fn row(&self) -> usize {
+        self.hkv * self.dh
+    }
+
+    fn rule(&self, slot: usize) -> mor_kvcache::Result<Rule> {
+        self.rules.get(slot).copied().ok_or_else(|| {
+            invalid(format!(
+                "slot {slot} is out of range (the plan has {} slots)",
+                self.rules.len()
+            ))
+        })
+    }
+
+    /// Takes the storage row of the token at `pos` of `req` in `slot` (a new block when
+    /// the page's last one is full) and returns its flat token index `block · block_tokens
+    /// + offset`. On error nothing changes.
+    pub fn reserve(&mut self, req: u64, slot: usize, pos: u32) -> mor_kvcache::Result<u32> {
+        let rule = self.rule(slot)?;
+        if !rule.writes {
+            return Err(invalid(format!(
+                "slot {slot} stores no K/V under {}: it reads slot {}",
+                self.mode, rule.base
+            )));
+        }
+        if pos == mor_kernels::PAD_POS {
+            return Err(invalid(format!("position {pos} is reserved for padding")));
+        }
+        let bt = self.block_tokens;
+        let total = self.num_blocks;
+        let pages = self
+            .reqs
+            .get_mut(&req)
+            .ok_or_else(|| invalid(format!("request {req} is not active")))?;
+        let page = &mut pages[slot];
+        if let Some(&last) = page.pos.last() {
+            if pos <= last {
+                return Err(invalid(format!(
+                    "request {req}, slot {slot}: position {pos} is not after the last stored position {last}"
+                )));
+            }
+        }
+        let i = page.pos.len();
+        if i.is_multiple_of(bt) {
+            let id = self.free.pop().ok_or(mor_kvcache::Error::Exhausted {
+                needed: 1,
+                free: 0,
+                total,
+            })?;
+            page.blocks.push(id);
+        }
+        page.pos.push(pos);
+        self.tokens += 1;
+        Ok(page.blocks[i / bt] * bt as u32 + (i % bt) as u32)
+    }
+
+    /// Writes K and V rows `[m, hkv·dh]` (any float dtype, on the cache's device) at the
+    /// flat token indices `rows` (from [`DeviceKvCache::reserve`]), in place.
+    pub fn write(&self, rows: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
+        let m = rows.len();
+        if m == 0 {
+            return Ok(());
+        }
+        let row = self.row();
+        let idx = Tensor::from_vec(rows.to_vec(), (m, 1), &self.device)?
+            .broadcast_as((m, row))?
+            .contiguous()?;
+        let dt = kv_dtype(self.precision);
+        let tokens = self.num_blocks * self.block_tokens;
+        for (cache, x) in [(&self.k, k), (&self.v, v)] {
+            let x = x.reshape((m, row))?.to_dtype(dt)?.contiguous()?;
+            // The reshape of the contiguous pool shares its storage: the write lands in it.
+            cache.reshape((tokens, row))?.scatter_set(&idx, &x, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The page table a query of `req` at `slot` reads (the slot's own page, or the
+    /// step-1 page it shares) and how many of its tokens are at positions `<= pos`.
+    pub fn table(&self, req: u64, slot: usize, pos: u32) -> mor_kvcache::Result<(&[u32], u32)> {
+        let rule = self.rule(slot)?;
+        let pages = self
+            .reqs
+            .get(&req)
+            .ok_or_else(|| invalid(format!("request {req} is not active")))?;
+        let page = &pages[rule.base];
+        let visible = page.pos.partition_point(|&p| p <= pos);
+        Ok((&page.blocks, visible as u32))
+    }
+
+    /// The K and V pools `[num_blocks, block_tokens, hkv, dh]`.
+    pub fn storage(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+
+    fn release(&mut self, pages: Vec<Page>) {
+        for p in pages {
+            self.tokens -= p.pos.len().min(self.tokens);
+            self.free.extend(p.blocks);
+        }
+    }
+}
+
+impl DecodeCache for DeviceKvCache {
+    fn policy(&self) -> &'static str {
+        self.policy
+    }
+
+    fn mode(&self) -> DecodeMode {
+        self.mode
+    }
+
+    fn num_slots(&self) -> usize {
+        self.rules.len()
+    }
+
+    fn writes(&self, slot: usize) -> bool {
+        self.rules.get(slot).is_some_and(|r| r.writes)
+    }
+
+    fn source_slot(&self, slot: usize) -> Option<usize> {
+        self.rules.get(slot).map(|r| r.base)
+    }
+
+    fn start(&mut self, req: u64) -> mor_kvcache::Result<()> {
+        if self.reqs.contains_key(&req) {
+            return Err(invalid(format!("request {req} is already active")));
+        }
+        self.reqs
+            .insert(req, vec![Page::default(); self.rules.len()]);
+        Ok(())
+    }
+
+    fn end(&mut self, req: u64) -> mor_kvcache::Result<()> {
+        let pages = self
+            .reqs
+            .remove(&req)
+            .ok_or_else(|| invalid(format!("request {req} is not active")))?;
+        self.release(pages);
+        Ok(())
+    }
+
+    fn is_active(&self, req: u64) -> bool {
+        self.reqs.contains_key(&req)
+    }
+
+    fn append(
+        &mut self,
+        req: u64,
+        slot: usize,
+        pos: u32,
+        k: &[f32],
+        v: &[f32],
+    ) -> mor_kvcache::Result<()> {
+        let row = self.row();
+        if k.len() != row || v.len() != row {
+            return Err(invalid(format!(
+                "k and v must hold hkv·dh = {row} floats, got {} and {}",
+                k.len(),
+                v.len()
+            )));
+        }
+        let upload = |x: &[f32]| Tensor::from_slice(x, (1, row), &self.device);
+        let (kt, vt) = match (upload(k), upload(v)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return Err(invalid(format!("upload failed: {e}"))),
+        };
+        let t = self.reserve(req, slot, pos)?;
+        self.write(&[t], &kt, &vt)
+            .map_err(|e| invalid(format!("device write failed: {e}")))
+    }
+
+    fn blocks_needed(&self, req: u64, slots: &[usize]) -> mor_kvcache::Result<usize> {
+        let pages = self
+            .reqs
+            .get(&req)
+            .ok_or_else(|| invalid(format!("request {req} is not active")))?;
+        let mut n = 0;
+        for &s in slots {
+            let rule = self.rule(s)?;
+            if rule.writes && pages[s].pos.len().is_multiple_of(self.block_tokens) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn view(&self, _req: u64, _slot: usize) -> mor_kvcache::Result<KvView<'_>> {
+        Err(invalid(format!(
+            "the K/V of this cache live on {:?}; there is no host view (decode attention \
+             reads them with paged_decode_attention)",
+            self.device
+        )))
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    fn total_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.block_tokens * 2 * self.row() * self.precision.bytes()
+    }
+
+    fn bytes_used(&self) -> usize {
+        (self.num_blocks - self.free.len()) * self.block_bytes()
+    }
+
+    fn bytes_reserved(&self) -> usize {
+        self.num_blocks * self.block_bytes()
+    }
+
+    fn tokens_stored(&self) -> usize {
+        self.tokens
+    }
+
+    fn bytes_stored(&self) -> usize {
+        self.tokens * 2 * self.row() * self.precision.bytes()
+    }
+
+    fn release_all(&mut self) {
+        let all: Vec<Vec<Page>> = self.reqs.drain().map(|(_, p)| p).collect();
+        for pages in all {
+            self.release(pages);
+        }
+    }
+
+    fn kv_precision(&self) -> KvPrecision {
+        self.precision
+    }
+
+    fn set_kv_precision(&mut self, precision: KvPrecision) -> mor_kvcache::Result<()> {
+        if precision == self.precision {
+            return Ok(());
+        }
+        if !self.reqs.is_empty() {
+            return Err(invalid(format!(
+                "cannot change the K/V precision to {precision} while {} request(s) are active",
+                self.reqs.len()
+            )));
+        }
+        self.precision = precision;
+        self.allocate()
+            .map_err(|e| invalid(format!("cannot allocate the {precision} pool: {e}")))
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// The weights of one unique block on the device.
+#[derive(Debug)]
+struct DevBlock {
+    /// `[hq·dh, d]`.
+    q: Tensor,
+    /// `[k; v]`: `[2·hkv·dh, d]`.
+    kv: Tensor,
+    /// `[d, hq·dh]`.
+    o: Tensor,
+    /// `[gate; up]`: `[2·ff, d]`.
+    gate_up: Tensor,
+    /// `[d, ff]`.
+    down: Tensor,
+}
+
+/// Weights on the model's device and the decoder layer over a batch (see the module docs).
+#[derive(Debug)]
+pub(crate) struct DeviceCompute {
+    device: Device,
+    /// Dtype of the products' weights and inputs.
+    wdtype: DType,
+    blocks: Vec<DevBlock>,
+    /// Per slot: its block.
+    block_of: Vec<usize>,
+    /// Per slot: (attention norm, MLP norm) f32 and a grouping key (equal keys = equal
+    /// norms).
+    norms: Vec<(Tensor, Tensor, usize)>,
+    final_norm: Tensor,
+    /// `[vocab, d]`.
+    head: Tensor,
+    /// `[positions, dh / 2]` f32.
+    cos: Tensor,
+    sin: Tensor,
+    max_pos: usize,
+    d: usize,
+    hq: usize,
+    hkv: usize,
+    dh: usize,
+    ff: usize,
+    vocab: usize,
+    eps: f64,
+}
+
+impl DeviceCompute {
+    /// The weights of `model` on its device, the products' in `precision`.
+    ///
+    /// # Errors
+    /// A model with a relaxation (LoRA / DoRA, adaption prompt or recursion encoding: the
+    /// device path does not apply them), or a failing op.
+    pub fn new(model: &MorModel, precision: Precision) -> Result<Self> {
+        if model.relaxation().is_some() {
+            return Err(Error::msg(
+                "the device decode path does not support relaxation (LoRA / DoRA, adaption \
+                 prompt, recursion encoding); decode this model on the host engine (a CPU model)",
+            ));
+        }
+        let cfg = model.config();
+        let m = &cfg.model;
+        let plan = model.plan();
+        let device = model.embedding().as_tensor().device().clone();
+        let wdtype = match precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        };
+        let w = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.detach()
+                .to_device(&device)?
+                .to_dtype(wdtype)?
+                .contiguous()?)
+        };
+        let f = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.detach()
+                .to_device(&device)?
+                .to_dtype(DType::F32)?
+                .contiguous()?)
+        };
+        let mut blocks = Vec::with_capacity(model.blocks().len());
+        for p in model.blocks() {
+            blocks.push(DevBlock {
+                q: w(p.q.as_tensor())?,
+                kv: w(&Tensor::cat(&[p.k.as_tensor(), p.v.as_tensor()], 0)?)?,
+                o: w(p.o.as_tensor())?,
+                gate_up: w(&Tensor::cat(&[p.gate.as_tensor(), p.up.as_tensor()], 0)?)?,
+                down: w(p.down.as_tensor())?,
+            });
+        }
+        let mut norms = Vec::with_capacity(plan.num_slots());
+        for s in 0..plan.num_slots() {
+            let (a, b) = model
+                .slot_norm_weights(s)
+                .ok_or_else(|| Error::msg(format!("slot {s} has no norm weights")))?;
+            let key = if cfg.recursion.ln_share {
+                plan.slots[s].block
+            } else {
+                plan.num_blocks + s
+            };
+            norms.push((f(a.as_tensor())?, f(b.as_tensor())?, key));
+        }
+        let half = (m.head_dim / 2).max(1);
+        let (cos, sin) = model.rope_tables();
+        let cos = f(cos)?.reshape(((), half))?;
+        let sin = f(sin)?.reshape(((), half))?;
+        let max_pos = cos.dim(0)?;
+        Ok(DeviceCompute {
+            wdtype,
+            blocks,
+            block_of: plan.slots.iter().map(|s| s.block).collect(),
+            norms,
+            final_norm: f(model.final_norm_weight().as_tensor())?,
+            head: w(model.lm_head_weight().as_tensor())?,
+            cos,
+            sin,
+            max_pos,
+            d: m.hidden_size,
+            hq: m.num_heads,
+            hkv: m.num_kv_heads,
+            dh: m.head_dim,
+            ff: m.intermediate_size,
+            vocab: m.vocab_size,
+            eps: m.rms_eps,
+            device,
+        })
+    }
+
+    /// The device KV cache for `spec` under `policy`.
+    ///
+    /// # Errors
+    /// As [`DeviceKvCache::new`].
+    pub fn new_cache(
+        &self,
+        policy: &dyn mor_kvcache::KvPolicy,
+        spec: &DecodeCacheSpec,
+    ) -> Result<Box<dyn DecodeCache>> {
+        Ok(Box::new(DeviceKvCache::new(policy, spec, &self.device)?))
+    }
+
+    /// `x · wᵀ` with `x` rounded to the weights' dtype, returned in f32.
+    fn mm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(x.to_dtype(self.wdtype)?
+            .matmul(&w.t()?)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// RMSNorm of the rows of `x: [n, d]` f32 (the fused kernel on CUDA).
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(if self.device.is_cuda() {
+            mor_kernels::cuda::rms_norm(x, w, self.eps)?
+        } else {
+            mor_kernels::cuda::plain::rms_norm(x, w, self.eps)?
+        })
+    }
+
+    /// `x: [m, heads, dh]` rotated to the positions `pos` (HF rotate-half form).
+    fn rope(&self, x: &Tensor, pos: &[u32]) -> Result<Tensor> {
+        let half = self.dh / 2;
+        let p = Tensor::from_slice(pos, pos.len(), &self.device)?;
+        let c = self.cos.index_select(&p, 0)?.unsqueeze(1)?;
+        let s = self.sin.index_select(&p, 0)?.unsqueeze(1)?;
+        let x1 = x.narrow(2, 0, half)?;
+        let x2 = x.narrow(2, half, half)?;
+        let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+        let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+        Ok(Tensor::cat(&[o1, o2], 2)?)
+    }
+
+    /// Logits (one row of `vocab` per token) of the final hidden states `h: [n, d]`.
+    pub fn head(&self, h: &[f32], flops: &Cell<Flops>) -> Result<Vec<Vec<f32>>> {
+        let n = h.len() / self.d;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let x = Tensor::from_slice(h, (n, self.d), &self.device)?;
+        let x = self.norm(&x, &self.final_norm)?;
+        let logits = self.mm(&x, &self.head)?;
+        let mut f = flops.get();
+        f.head += 2 * (h.len() * self.vocab) as u64;
+        flops.set(f);
+        Ok(logits.to_vec2::<f32>()?)
+    }
+
+    /// Runs every token through the layer slots `slots[i]` (already checked by the
+    /// caller: one list per token, all of one length), appending K/V where the cache
+    /// stores and attending over the paged pool. `h: [n, d]` → `[n, d]`.
+    pub fn run_layers(
+        &self,
+        cache: &mut dyn DecodeCache,
+        h: Vec<f32>,
+        toks: &[Tok],
+        slots: &[&[usize]],
+        flops: &Cell<Flops>,
+    ) -> Result<Vec<f32>> {
+        let cache = cache
+            .as_any_mut()
+            .and_then(|a| a.downcast_mut::<DeviceKvCache>())
+            .ok_or_else(|| {
+                Error::msg(
+                    "the device decode path needs its own KV cache (Runner::new_cache of a \
+                     device runner), not a host cache",
+                )
+            })?;
+        let n = toks.len();
+        if let Some(t) = toks.iter().find(|t| t.pos as usize >= self.max_pos) {
+            return Err(Error::msg(format!(
+                "position {} is beyond the RoPE table of {} positions",
+                t.pos, self.max_pos
+            )));
+        }
+        let mut x = Tensor::from_vec(h, (n, self.d), &self.device)?;
+        for j in 0..slots.first().map_or(0, |s| s.len()) {
+            let slot_j: Vec<usize> = slots.iter().map(|s| s[j]).collect();
+            let key = |i: usize| (self.block_of[slot_j[i]], self.norms[slot_j[i]].2);
+            let first = key(0);
+            if (1..n).all(|i| key(i) == first) {
+                x = self.layer(cache, &x, toks, &slot_j, flops)?;
+                continue;
+            }
+            // Tokens whose slots use different blocks or norms: one group per block.
+            let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+            for i in 0..n {
+                let k = key(i);
+                match groups.iter_mut().find(|g| g.0 == k) {
+                    Some(g) => g.1.push(i),
+                    None => groups.push((k, vec![i])),
+                }
+            }
+            let mut outs = Vec::with_capacity(groups.len());
+            let mut order = Vec::with_capacity(n);
+            for (_, members) in &groups {
+                let idx: Vec<u32> = members.iter().map(|&i| i as u32).collect();
+                let xg = x.index_select(&Tensor::from_vec(idx, members.len(), &self.device)?, 0)?;
+                let tg: Vec<Tok> = members.iter().map(|&i| toks[i]).collect();
+                let sg: Vec<usize> = members.iter().map(|&i| slot_j[i]).collect();
+                outs.push(self.layer(cache, &xg, &tg, &sg, flops)?);
+                order.extend(members.iter().copied());
+            }
+            let mut inv = vec![0u32; n];
+            for (r, &i) in order.iter().enumerate() {
+                inv[i] = r as u32;
+            }
+            x = Tensor::cat(&outs, 0)?.index_select(&Tensor::from_vec(inv, n, &self.device)?, 0)?;
+        }
+        Ok(x.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// One decoder layer (pre-norm attention and SwiGLU MLP, spec §1.1) on `h: [n, d]` f32
+    /// for tokens whose slots share one block and norms.
+    fn layer(
+        &self,
+        cache: &mut DeviceKvCache,
+        h: &Tensor,
+        toks: &[Tok],
+        slots: &[usize],
+        flops: &Cell<Flops>,
+    ) -> Result<Tensor> {
+        let n = toks.len();
+        let dev = &self.device;
+        let bw = &self.blocks[self.block_of[slots[0]]];
+        let (an, mn, _) = &self.norms[slots[0]];
+        let (qd, kvd) = (self.hq * self.dh, self.hkv * self.dh);
+        let x = self.norm(h, an)?;
+        let pos: Vec<u32> = toks.iter().map(|t| t.pos).collect();
+        let q = self.rope(&self.mm(&x, &bw.q)?.reshape((n, self.hq, self.dh))?, &pos)?;
+        // K/V of the tokens that store here (recursive sharing projects none at steps >= 2).
+        let w_idx: Vec<usize> = (0..n).filter(|&i| cache.writes(slots[i])).collect();
+        let nw = w_idx.len();
+        if nw > 0 {
+            let xs = if nw == n {
+                x.clone()
+            } else {
+                let idx: Vec<u32> = w_idx.iter().map(|&i| i as u32).collect();
+                x.index_select(&Tensor::from_vec(idx, nw, dev)?, 0)?
+            };
+            let kv = self.mm(&xs, &bw.kv)?;
+            let wpos: Vec<u32> = w_idx.iter().map(|&i| toks[i].pos).collect();
+            let k = self.rope(
+                &kv.narrow(1, 0, kvd)?.reshape((nw, self.hkv, self.dh))?,
+                &wpos,
+            )?;
+            let v = kv.narrow(1, kvd, kvd)?;
+            let mut rows = Vec::with_capacity(nw);
+            for &i in &w_idx {
+                rows.push(cache.reserve(toks[i].req, slots[i], toks[i].pos)?);
+            }
+            cache.write(&rows, &k, &v)?;
+        }
+        // Every token's K/V is stored before any token attends; each query sees its
+        // request's entries at positions up to its own.
+        let mut tables = Vec::with_capacity(n);
+        let mut lens = Vec::with_capacity(n);
+        let mut visible = 0usize;
+        for (t, &s) in toks.iter().zip(slots) {
+            let (blocks, len) = cache.table(t.req, s, t.pos)?;
+            tables.push(blocks.to_vec());
+            lens.push(len);
+            visible += len as usize;
+        }
+        let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut flat = vec![0u32; n * max_blocks];
+        for (i, t) in tables.iter().enumerate() {
+            flat[i * max_blocks..i * max_blocks + t.len()].copy_from_slice(t);
+        }
+        let table = Tensor::from_vec(flat, (n, max_blocks), dev)?;
+        let lens = Tensor::from_vec(lens, n, dev)?;
+        let (kc, vc) = cache.storage();
+        let att = mor_kernels::cuda::paged_decode_attention(
+            &q.to_dtype(kc.dtype())?,
+            kc,
+            vc,
+            &table,
+            &lens,
+            None,
+        )?
+        .to_dtype(DType::F32)?
+        .reshape((n, qd))?;
+        let h = (h + self.mm(&att, &bw.o)?)?;
+        let x = self.norm(&h, mn)?;
+        let gu = self.mm(&x, &bw.gate_up)?;
+        let s = (gu.narrow(1, 0, self.ff)?.silu()? * gu.narrow(1, self.ff, self.ff)?)?;
+        let h = (h + self.mm(&s, &bw.down)?)?;
+        let macs = |w: &Tensor| w.elem_count();
+        let linear = n * (macs(&bw.q) + macs(&bw.o) + macs(&bw.gate_up) + macs(&bw.down))
+            + nw * macs(&bw.kv);
+        let mut f = flops.get();
+        f.linear += 2 * linear as u64;
+        f.attention += 4 * (qd * visible) as u64;
+        flops.set(f);
+        Ok(h)
+    }
+}

@@ -1,0 +1,300 @@
+//! The device decode path (weights and the paged KV pool as candle tensors on the model's
+//! device, decode attention through `paged_decode_attention`), run here on `Device::Cpu`:
+//! the same code a CUDA device runs. Its logits match the host path's, its batched engine
+//! reproduces decoding each request alone on the device path token for token, and what it
+//! does not cover is refused with an error naming it.
+
+mod common;
+
+use common::{Micro, VANILLA};
+use mor_core::config::ResolvedConfig;
+use mor_models::engine::{
+    Batching, DecodeOptions, Decoder, Engine, EngineConfig, KvPrecision, Precision, Request,
+};
+use mor_models::MorModel;
+
+const VOCAB: usize = 64;
+const CONTEXT: usize = 24;
+
+/// d = 32, 4 heads (2 KV) of 8, 8 layers, context 24; `init_std = 0.2` makes logits O(1).
+fn cfg(recursion: &str, extra: &str) -> ResolvedConfig {
+    Micro {
+        model: "init_std = 0.2",
+        runtime: &common::runtime("cpu", 5),
+        tables: &format!("[recursion]\n{recursion}\n{extra}"),
+        ..common::micro(VOCAB, 32, 8, CONTEXT)
+    }
+    .resolve()
+}
+
+fn mor(router: &str, kv: &str) -> ResolvedConfig {
+    cfg(
+        "num_recursions = 3\nsharing = { kind = \"middle_cycle\" }",
+        &format!("[router]\n{router}\n[kv]\nkind = \"{kv}\""),
+    )
+}
+
+fn recursive(kv: &str) -> ResolvedConfig {
+    cfg(
+        "num_recursions = 3\nsharing = { kind = \"middle_cycle\" }",
+        &format!("[kv]\nkind = \"{kv}\""),
+    )
+}
+
+/// The models the device path covers: vanilla, vanilla with shared K/V, the recursive
+/// baseline (no router) under both caches, expert-choice and token-choice MoR.
+fn cases() -> Vec<(&'static str, ResolvedConfig)> {
+    vec![
+        ("vanilla", cfg(VANILLA, "")),
+        (
+            "vanilla-kv/cycle2",
+            cfg(
+                VANILLA,
+                "[kv]\nkind = \"recursive_sharing\"\nshare_pattern = \"cycle\"\nshare_loops = 2",
+            ),
+        ),
+        ("recursive/recursion_wise", recursive("recursion_wise")),
+        (
+            "recursive/recursive_sharing",
+            recursive("recursive_sharing"),
+        ),
+        (
+            "expert/recursion_wise",
+            mor("kind = \"expert_choice\"", "recursion_wise"),
+        ),
+        (
+            "expert/recursive_sharing",
+            mor("kind = \"expert_choice\"", "recursive_sharing"),
+        ),
+        (
+            "token/recursion_wise",
+            mor("kind = \"token_choice\"", "recursion_wise"),
+        ),
+    ]
+}
+
+fn link() {
+    let _ = mor_models::builtin::link();
+}
+
+/// Largest absolute difference.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Decodes `ids` with a host and a device decoder (block size 2: every request spans
+/// several blocks) and returns the largest logit difference and the largest host logit;
+/// the depths must agree.
+fn decoder_gap(model: &MorModel, ids: &[u32], opts: &DecodeOptions, name: &str) -> (f32, f32) {
+    let mut host = Decoder::new(model, opts.clone()).unwrap();
+    let mut dev = Decoder::new_device(model, opts.clone()).unwrap();
+    let mut worst = 0f32;
+    let mut scale = 0f32;
+    for (i, &t) in ids.iter().enumerate() {
+        let a = host.step(t).unwrap();
+        let b = dev.step(t).unwrap();
+        assert_eq!(a.depth, b.depth, "{name}: depth at position {i}");
+        assert!(b.logits.iter().all(|x| x.is_finite()), "{name}");
+        worst = worst.max(max_diff(&a.logits, &b.logits));
+        scale = a.logits.iter().fold(scale, |m, x| m.max(x.abs()));
+    }
+    (worst, scale)
+}
+
+#[test]
+fn device_decoder_logits_match_the_host_decoder() {
+    link();
+    let ids = common::random_ids(CONTEXT, VOCAB, 3);
+    for (name, c) in cases() {
+        let model = MorModel::new(&c).unwrap();
+        let f32_opts = DecodeOptions {
+            block_tokens: 2,
+            ..Default::default()
+        };
+        let (gap, _) = decoder_gap(&model, &ids, &f32_opts, name);
+        assert!(gap < 1e-4, "{name}: f32 logits differ by {gap}");
+        // bf16 weights and bf16 K/V: both paths round the products' inputs and the stored
+        // K/V to bf16 (the device path also rounds each product's output and the queries,
+        // as cuBLAS does): a few percent of the logits' scale (bf16's 2^-8 per product
+        // through 8 layers and the head), not O(1) as a wrong product or KV row would.
+        let bf16_opts = DecodeOptions {
+            precision: Precision::Bf16,
+            kv_precision: KvPrecision::Bf16,
+            ..f32_opts
+        };
+        let (gap, scale) = decoder_gap(&model, &ids, &bf16_opts, name);
+        assert!(
+            gap < 0.05 * scale,
+            "{name}: bf16 logits differ by {gap} (scale {scale})"
+        );
+    }
+}
+
+/// Each request alone with a device decoder.
+fn sequential_device(
+    model: &MorModel,
+    reqs: &[Request],
+    opts: &DecodeOptions,
+) -> Vec<(Vec<u32>, Vec<u8>)> {
+    reqs.iter()
+        .enumerate()
+        .map(|(i, rq)| {
+            let mut dec = Decoder::new_device(model, opts.clone()).unwrap();
+            dec.generate(
+                &rq.prompt,
+                rq.max_new_tokens,
+                rq.sampling,
+                rq.stop_token,
+                i as u64,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+fn run_device_engine(
+    model: &MorModel,
+    reqs: &[Request],
+    ecfg: EngineConfig,
+) -> (Vec<(Vec<u32>, Vec<u8>)>, mor_models::engine::EngineStats) {
+    let mut engine = Engine::new_device(model, ecfg).unwrap();
+    assert!(engine.on_device());
+    for rq in reqs {
+        engine.submit(rq.clone()).unwrap();
+    }
+    let done = engine.run_to_completion().unwrap();
+    assert_eq!(done.len(), reqs.len());
+    for c in &done {
+        assert!(
+            !matches!(c.finish, mor_models::engine::FinishReason::Error(_)),
+            "request {} failed: {:?}",
+            c.id,
+            c.finish
+        );
+    }
+    // Every block is back on the free list.
+    assert_eq!(engine.cache().free_blocks(), engine.cache().total_blocks());
+    (
+        done.into_iter().map(|c| (c.tokens, c.depths)).collect(),
+        engine.stats().clone(),
+    )
+}
+
+#[test]
+fn device_engine_batched_equals_sequential_device_decoding() {
+    link();
+    let reqs = common::requests(9, VOCAB, 11);
+    for (name, c) in cases() {
+        let model = MorModel::new(&c).unwrap();
+        let want = sequential_device(&model, &reqs, &DecodeOptions::default());
+        // The device path gives the host path's greedy tokens in f32.
+        assert_eq!(
+            want,
+            common::decode_each(&model, &reqs, &DecodeOptions::default()),
+            "{name}: device and host decoding differ"
+        );
+        for (batch, block_tokens, exit_batch) in [(1, 4, 1), (3, 2, 1), (8, 2, 1), (8, 3, 5)] {
+            for batching in [Batching::DepthWise, Batching::SequenceWise] {
+                let ecfg = EngineConfig {
+                    batch_size: batch,
+                    block_tokens,
+                    batching,
+                    exit_batch,
+                    ..Default::default()
+                };
+                let (got, stats) = run_device_engine(&model, &reqs, ecfg.clone());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g, w,
+                        "{name}, batch {batch}, block {block_tokens}, {batching:?}: request {i} differs"
+                    );
+                }
+                // The device cache keeps the host cache's books: the same K/V entries.
+                let (_, host_stats) = common::run_engine(&model, &reqs, ecfg);
+                assert_eq!(
+                    stats.kv_bytes_finished, host_stats.kv_bytes_finished,
+                    "{name}"
+                );
+                assert_eq!(stats.depth_histogram, host_stats.depth_histogram, "{name}");
+                assert_eq!(stats.linear_flops, host_stats.linear_flops, "{name}");
+                assert_eq!(stats.attention_flops, host_stats.attention_flops, "{name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn device_engine_in_bf16_equals_sequential_bf16_device_decoding() {
+    link();
+    let reqs = common::requests(7, VOCAB, 5);
+    for (name, c) in [
+        ("vanilla", cfg(VANILLA, "")),
+        (
+            "expert/recursion_wise",
+            mor("kind = \"expert_choice\"", "recursion_wise"),
+        ),
+    ] {
+        let model = MorModel::new(&c).unwrap();
+        let opts = DecodeOptions {
+            precision: Precision::Bf16,
+            kv_precision: KvPrecision::Bf16,
+            ..Default::default()
+        };
+        let want = sequential_device(&model, &reqs, &opts);
+        for batch in [3, 8] {
+            let ecfg = EngineConfig {
+                batch_size: batch,
+                block_tokens: 2,
+                precision: Precision::Bf16,
+                kv_precision: KvPrecision::Bf16,
+                ..Default::default()
+            };
+            let (got, stats) = run_device_engine(&model, &reqs, ecfg);
+            assert_eq!(got, want, "{name}, batch {batch}");
+            // bf16 K/V: 2 bytes per stored element.
+            let m = &c.model;
+            let per_pos = stats.kv_bytes_finished as f64 / stats.kv_positions_finished as f64;
+            let max_per_pos =
+                (model.plan().num_slots() * 2 * m.num_kv_heads * m.head_dim * 2) as f64;
+            assert!(per_pos > 0.0 && per_pos <= max_per_pos, "{name}: {per_pos}");
+        }
+    }
+}
+
+#[test]
+fn the_device_path_refuses_what_it_does_not_cover() {
+    link();
+    let err = |r: Result<Engine<'_>, mor_models::Error>| match r {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    // A relaxation (LoRA on the recursion block).
+    let lora = cfg(
+        "num_recursions = 3\nsharing = { kind = \"middle_cycle\" }\nrelaxation = { kind = \"lora\", rank = 2, alpha = 3.0, targets = [\"q_proj\"] }",
+        "",
+    );
+    let model = MorModel::new(&lora).unwrap();
+    let e = err(Engine::new_device(&model, EngineConfig::default()));
+    assert!(e.contains("relaxation"), "{e}");
+    // The host path still serves it.
+    assert!(Engine::new(&model, EngineConfig::default()).is_ok());
+    // The hybrid KV policy (its overlay view has no paged kernel).
+    let model = MorModel::new(&recursive("hybrid")).unwrap();
+    let e = err(Engine::new_device(&model, EngineConfig::default()));
+    assert!(e.contains("hybrid"), "{e}");
+    assert!(Decoder::new_device(&model, DecodeOptions::default()).is_err());
+    // The device cache has no host view: an error, not a panic.
+    let model = MorModel::new(&cfg(VANILLA, "")).unwrap();
+    let engine = Engine::new_device(&model, EngineConfig::default()).unwrap();
+    assert!(!engine.cache().writes(usize::MAX));
+    let host = Engine::new(&model, EngineConfig::default()).unwrap();
+    assert!(!host.on_device());
+    let mut dev = Decoder::new_device(&model, DecodeOptions::default()).unwrap();
+    dev.step(1).unwrap();
+    let e = dev.cache().view(0, 0).unwrap_err().to_string();
+    assert!(e.contains("no host view"), "{e}");
+}

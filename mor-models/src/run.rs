@@ -236,6 +236,8 @@ pub struct Inspection {
     /// The backend the folder's run was started on (its saved config's `backend`), when it
     /// holds one.
     pub recorded_backend: Option<mor_core::config::PluginSpec>,
+    /// The backend of the config given (`backend.kind`).
+    pub given_backend: String,
 }
 
 impl Inspection {
@@ -271,15 +273,19 @@ impl Inspection {
             .map(|d| format!("config {d}"))
             .collect();
         if self.backend_only() {
-            lines.push(BACKEND_HINT.to_string());
+            lines.push(backend_hint(&self.given_backend));
         }
         lines.extend(self.data_problem.iter().cloned());
         lines.join("\n")
     }
 }
 
-/// The hint of a refused resume whose config differs only in its backend.
-const BACKEND_HINT: &str = "only the backend differs: pass --backend KIND (e.g. --backend cpu) to continue this run on that backend (not bit-identical to an uninterrupted run; the switch is recorded in segments.jsonl)";
+/// The hint of a refused resume whose config differs only in its backend, `kind` given.
+fn backend_hint(kind: &str) -> String {
+    format!(
+        "only the backend differs: pass --backend {kind} to continue this run on `{kind}` (from its latest checkpoint; not bit-identical to an uninterrupted run; the switch is recorded in {SEGMENTS_FILE})"
+    )
+}
 
 /// Resolved config keys whose values differ, as `key: old -> new`; the source TOML and
 /// `data.source` are left out.
@@ -464,6 +470,7 @@ pub fn inspect(cfg: &ResolvedConfig, opts: &RunOptions) -> Result<Inspection> {
         data,
         data_config: dcfg,
         recorded_backend,
+        given_backend: cfg.backend.kind.clone(),
     })
 }
 
@@ -591,7 +598,7 @@ fn run_locked(
     let switching = insp.backend_only() && switch == BackendSwitch::Allow;
     if !insp.config_diffs.is_empty() && !switching {
         let hint = if insp.backend_only() {
-            format!("\n{BACKEND_HINT}")
+            format!("\n{}", backend_hint(&cfg.backend.kind))
         } else {
             String::new()
         };

@@ -19,13 +19,17 @@
 //! run whose folder holds a finished run with the same resolved config and data (content
 //! fingerprint) is reused and an unfinished one resumed; a folder whose config or data
 //! differ is refused before anything trains, naming the differing keys, unless `--force`
-//! moves it aside (to `NAME.old-<unix time>`, kept) and trains the run again.
+//! moves it aside (to `NAME.old-<unix time>`, kept) and trains the run again. `--backend
+//! KIND` runs every run on that backend; a run folder that differs only in its backend is
+//! then reused (finished) or continued on it (unfinished) instead of being refused.
 
 use anyhow::{bail, Context};
 use mor_core::config::{apply_override, Config};
 use mor_models::progress::AblationProgress;
 use mor_models::report::{self, RunSummary};
-use mor_models::run::{inspect, read_curve, run, EvalResults, RunOptions};
+use mor_models::run::{
+    inspect, read_curve, run_with, with_backend, BackendSwitch, EvalResults, RunOptions,
+};
 use std::path::PathBuf;
 
 /// Flags of `ablate`.
@@ -53,6 +57,12 @@ pub struct Args {
     /// such folder is first renamed to `NAME.old-<unix time>` (nothing is deleted).
     #[arg(long)]
     force: bool,
+    /// Run every run of the grid on this backend (`runtime.backend = "KIND"`). An existing
+    /// run folder whose config differs only in its backend is then reused when finished and
+    /// continued on this backend when not (not bit-identical to an uninterrupted run;
+    /// recorded in its segments.jsonl); without the flag it is refused.
+    #[arg(long, value_name = "KIND")]
+    backend: Option<String>,
 }
 
 const QUICK: &str = include_str!("../../configs/grids/quick.toml");
@@ -211,7 +221,13 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let mut configs = Vec::new();
     let mut problems = Vec::new();
     for r in &runs {
-        match Config::from_table(r.table.clone()) {
+        let resolved = Config::from_table(r.table.clone())
+            .map_err(anyhow::Error::from)
+            .and_then(|c| match &args.backend {
+                Some(kind) => Ok(with_backend(&c, kind)?),
+                None => Ok(c),
+            });
+        match resolved {
             Ok(c) => configs.push(c),
             Err(e) => problems.push(format!("run `{}`: {e}", r.name)),
         }
@@ -259,6 +275,11 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             misfits.join("\n")
         );
     }
+    let switch = if args.backend.is_some() {
+        BackendSwitch::Allow
+    } else {
+        BackendSwitch::Refuse
+    };
     let opts_for = |dir: PathBuf, label: String| RunOptions {
         out: dir,
         data: args.data.clone(),
@@ -278,7 +299,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         }
         let insp = inspect(cfg, &opts_for(dir.clone(), String::new()))
             .with_context(|| format!("run `{}` in {}", r.name, dir.display()))?;
-        if !insp.is_compatible() {
+        if !insp.is_compatible_with(switch) {
             stale.push((r.name.clone(), dir, insp.problems()));
         }
     }
@@ -328,7 +349,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         let label = bar.label().to_string();
         drop(bar);
         let opts = opts_for(dir.clone(), label);
-        match run(cfg, &r.name, &opts) {
+        match run_with(cfg, &r.name, &opts, switch) {
             Ok(o) => {
                 progress.finish_run(&r.name, true);
                 if o.already_finished {

@@ -1,12 +1,11 @@
-//! `cargo xtask eval --run DIR [--data PATH] [--tasks FILE ...]`: evaluates a trained run
-//! (validation NLL and bits per byte with full-sequence and causal routing, few-shot
-//! multiple choice, router metrics) and prints the results as JSON.
+//! `cargo xtask eval --run DIR [--data PATH] [--tasks FILE ...] [--backend KIND]`: evaluates
+//! a trained run (validation NLL and bits per byte with full-sequence and causal routing,
+//! few-shot multiple choice, router metrics) and prints the results as JSON. `--backend`
+//! evaluates on another backend than the run was trained on (docs/runs-across-devices.md).
 
 use anyhow::Context;
-use mor_core::config::Config;
 use mor_models::provenance::{with_source, DataRecord, DATA_FILE};
-use mor_models::run::{data_config, evaluate, prepare_existing, set_threads};
-use mor_models::MorModel;
+use mor_models::run::{data_config, evaluate, prepare_existing, read_run_config, set_threads};
 use std::path::PathBuf;
 
 /// Flags of `eval`.
@@ -28,17 +27,20 @@ pub struct Args {
     /// token (1..=N_r; a token-choice token assigned deeper finishes at this step).
     #[arg(long)]
     max_depth: Option<usize>,
+    /// Run on this backend instead of the run's own `backend.kind` (e.g. `cpu` for a run
+    /// trained on `cuda`; a one-line notice names both). The weights load on any backend.
+    #[arg(long, value_name = "KIND")]
+    backend: Option<String>,
 }
 
 /// Runs `eval`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let dir = &args.run;
-    let cfg_path = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("{} is not a run folder (no config.toml)", dir.display()))?;
-    mor_models::checkpoint::verify_files(dir, &["config.toml", "tokenizer.json"], false)
-        .with_context(|| format!("cannot trust the files of {}", dir.display()))?;
-    let cfg = Config::from_toml_str(&text).with_context(|| cfg_path.display().to_string())?;
+    let rc = read_run_config(dir, args.backend.as_deref())?;
+    if let Some(n) = rc.notice() {
+        eprintln!("{n}");
+    }
+    let cfg = &rc.cfg;
     set_threads(cfg.threads);
     if let Some(d) = &args.data {
         // `builtin` names the generated corpus, as `data.source = "builtin"` does.
@@ -51,7 +53,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             anyhow::bail!("--tasks {}: no such file", t.display());
         }
     }
-    let model = MorModel::new(&cfg)?;
+    let model = rc.build_model()?;
     mor_models::checkpoint::load_run_model(dir, &model)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
     if let Some(d) = args.max_depth {
@@ -65,7 +67,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     }
     let dcfg = match &args.data {
         Some(d) => {
-            let mut dcfg = data_config(&cfg, Some(d));
+            let mut dcfg = data_config(cfg, Some(d));
             let recorded = DataRecord::read(dir)?;
             let now = DataRecord::of(&dcfg)?;
             if recorded.is_some_and(|r| r.same_data(&now)) {
@@ -78,11 +80,11 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             }
             dcfg
         }
-        None => recorded_data(dir, &cfg)?,
+        None => recorded_data(dir, cfg)?,
     };
     let ds = prepare_existing(dir, &dcfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let name = dir.file_name().and_then(|s| s.to_str()).unwrap_or("run");
-    let (ev, _) = evaluate(&model, &ds, &cfg, name, &args.tasks)?;
+    let (ev, _) = evaluate(&model, &ds, cfg, name, &args.tasks)?;
     eprintln!("{name}: {}", ev.coverage());
     println!("{}", serde_json::to_string_pretty(&ev)?);
     Ok(())
@@ -118,4 +120,70 @@ fn recorded_data(
         );
     }
     Ok(dcfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finished 1-step run trained on `reference`, whose folder then names `backend`
+    /// (config.toml and config.json rewritten and re-hashed, as a run started on it writes
+    /// them).
+    fn run_named(tag: &str, backend: &str) -> PathBuf {
+        let _ = mor_models::builtin::link();
+        let dir = std::env::temp_dir().join(format!("mor-xtask-eval-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = "[model]\npreset = \"micro\"\n[runtime]\nbackend = \"reference\"\n\
+                    [recursion]\nnum_recursions = 2\nsharing = { kind = \"middle_cycle\" }\n\
+                    [router]\nkind = \"expert_choice\"\n[train]\nbudget = { steps = 1 }\n\
+                    batch_seqs = 2\nmicro_batch_seqs = 2\n[data]\nsource = \"builtin\"\n\
+                    builtin_docs = 20\ntokenizer = \"byte\"\n[eval]\nmax_batches = 1\n";
+        let cfg = mor_core::config::Config::from_toml_str(text).unwrap();
+        let opts = mor_models::run::RunOptions {
+            out: dir.clone(),
+            quiet: true,
+            skip_eval: true,
+            ..Default::default()
+        };
+        mor_models::run::run(&cfg, "t", &opts).unwrap();
+        let named = mor_models::run::with_backend(&cfg, backend).unwrap();
+        use mor_models::checkpoint::{record_files, write_atomic};
+        write_atomic(&dir.join("config.toml"), named.to_toml_string().as_bytes()).unwrap();
+        write_atomic(
+            &dir.join("config.json"),
+            named.to_json().unwrap().as_bytes(),
+        )
+        .unwrap();
+        record_files(&dir, &["config.toml", "config.json"]).unwrap();
+        dir
+    }
+
+    fn args(run: &std::path::Path, backend: Option<&str>) -> Args {
+        Args {
+            run: run.to_path_buf(),
+            data: None,
+            tasks: Vec::new(),
+            max_depth: None,
+            backend: backend.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_run_of_an_unavailable_backend_evaluates_with_backend_cpu() {
+        let dir = run_named("cuda", "cuda");
+        let Err(err) = run_cmd(&args(&dir, None)) else {
+            // The run's own backend builds here (a build with the feature, on a GPU).
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        };
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("`cuda` cannot be built here") && err.contains("--backend cpu"),
+            "{err}"
+        );
+        run_cmd(&args(&dir, Some("cpu"))).unwrap();
+        let err = format!("{:#}", run_cmd(&args(&dir, Some("tpu"))).unwrap_err());
+        assert!(err.contains("cpu, cuda, reference"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

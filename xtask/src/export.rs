@@ -8,11 +8,11 @@
 //!   and `tokenizer.json` (docs/official-layout.md).
 //!
 //! The folder is written under a temporary name and renamed at the end; an existing
-//! non-empty `--out` is refused.
+//! non-empty `--out` is refused. `--backend KIND` builds the model on another backend than
+//! the run's own (the exported weights are the same f32 tensors).
 
 use anyhow::Context;
 use mor_models::tokenizer::Tokenizer;
-use mor_models::MorModel;
 use std::path::PathBuf;
 
 /// Output formats.
@@ -38,13 +38,21 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "hf")]
     format: Format,
+    /// Run on this backend instead of the run's own `backend.kind` (e.g. `cpu` for a run
+    /// trained on `cuda`; a one-line notice names both). The weights load on any backend.
+    #[arg(long, value_name = "KIND")]
+    backend: Option<String>,
 }
 
 /// Runs `export`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let dir = &args.run;
-    let cfg = crate::generate::load_run_config(dir)?;
-    let model = MorModel::new(&cfg)?;
+    let rc = mor_models::run::read_run_config(dir, args.backend.as_deref())?;
+    if let Some(n) = rc.notice() {
+        eprintln!("{n}");
+    }
+    let cfg = &rc.cfg;
+    let model = rc.build_model()?;
     match args.format {
         Format::Hf => {
             if let Some(why) = mor_models::hf::hf_refusal(&model) {
@@ -52,17 +60,10 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             }
         }
         Format::Official => {
-            mor_models::official::official_shape(&cfg)
+            mor_models::official::official_shape(cfg)
                 .with_context(|| format!("cannot export {} as official", dir.display()))?;
         }
     }
-    let cfg_file = if dir.join("config.toml").exists() {
-        "config.toml"
-    } else {
-        "config.json"
-    };
-    mor_models::checkpoint::verify_files(dir, &[cfg_file, "tokenizer.json"], false)
-        .with_context(|| format!("cannot trust the files of {}", dir.display()))?;
     mor_models::checkpoint::load_run_model(dir, &model)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
@@ -111,6 +112,7 @@ mod tests {
             run: run.clone(),
             out: tmp.join("official"),
             format: Format::Official,
+            backend: None,
         })
         .unwrap();
         let back = tmp.join("back");
@@ -139,6 +141,8 @@ mod tests {
             run: run.clone(),
             out: out.clone(),
             format: Format::Hf,
+            // Built on another backend than the run's (`cpu`): the same weights come out.
+            backend: Some("reference".into()),
         })
         .unwrap();
         // The export holds the fixture's weights bit for bit.
@@ -165,6 +169,7 @@ mod tests {
             run: rec,
             out: tmp.join("rec-hf"),
             format: Format::Hf,
+            backend: None,
         })
         .unwrap_err();
         assert!(

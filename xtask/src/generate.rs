@@ -1,18 +1,17 @@
 //! `cargo xtask generate --run DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]
-//! [--top-p P] [--seed S] [--show-depth] [--color] [--threads N]`: loads a trained run and
+//! [--top-p P] [--seed S] [--show-depth] [--color] [--threads N] [--backend KIND]`: loads a
+//! trained run (on another backend than it was trained on with `--backend`) and
 //! streams generated text to stdout (spec §5), optionally annotating every token with the
 //! recursion depth that produced it (`token[2]`, or ANSI colours by depth).
 
 use anyhow::Context;
-use mor_core::config::{Config, ResolvedConfig};
 use mor_models::engine::{
     encode_prompt, Engine, EngineConfig, Event, FinishReason, Request, SamplingParams,
 };
 use mor_models::tokenizer::Tokenizer;
-use mor_models::MorModel;
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Flags of `generate`.
 #[derive(Debug, clap::Args)]
@@ -55,26 +54,10 @@ pub struct Args {
     /// `infer.max_depth` of the run's config).
     #[arg(long)]
     max_depth: Option<usize>,
-}
-
-/// Reads a run's config: `config.toml` when present, else the resolved `config.json`.
-pub fn load_run_config(dir: &Path) -> anyhow::Result<ResolvedConfig> {
-    let toml_path = dir.join("config.toml");
-    let json_path = dir.join("config.json");
-    if toml_path.exists() {
-        let text =
-            std::fs::read_to_string(&toml_path).with_context(|| toml_path.display().to_string())?;
-        Ok(Config::from_toml_str(&text).with_context(|| toml_path.display().to_string())?)
-    } else if json_path.exists() {
-        let text =
-            std::fs::read_to_string(&json_path).with_context(|| json_path.display().to_string())?;
-        Ok(serde_json::from_str(&text).with_context(|| json_path.display().to_string())?)
-    } else {
-        anyhow::bail!(
-            "{} is not a run folder (no config.toml or config.json)",
-            dir.display()
-        )
-    }
+    /// Run on this backend instead of the run's own `backend.kind` (e.g. `cpu` for a run
+    /// trained on `cuda`; a one-line notice names both). The weights load on any backend.
+    #[arg(long, value_name = "KIND")]
+    backend: Option<String>,
 }
 
 const COLOURS: [&str; 6] = [
@@ -84,17 +67,16 @@ const COLOURS: [&str; 6] = [
 /// Runs `generate`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let dir = &args.run;
-    let cfg = load_run_config(dir)?;
-    let cfg_file = if dir.join("config.toml").exists() {
-        "config.toml"
-    } else {
-        "config.json"
-    };
-    mor_models::checkpoint::verify_files(dir, &[cfg_file, "tokenizer.json"], false)
-        .with_context(|| format!("cannot trust the files of {}", dir.display()))?;
+    // The config (`config.toml`, else the resolved `config.json`), checked against the
+    // folder's manifest with `tokenizer.json`, on the backend asked for.
+    let rc = mor_models::run::read_run_config(dir, args.backend.as_deref())?;
+    if let Some(n) = rc.notice() {
+        eprintln!("{n}");
+    }
+    let cfg = &rc.cfg;
     mor_models::run::set_threads(args.threads);
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let model = MorModel::new(&cfg)?;
+    let model = rc.build_model()?;
     mor_models::checkpoint::load_run_model(dir, &model)
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
     let prompt = encode_prompt(&tok, args.prompt.as_encoded_bytes())?;
@@ -184,6 +166,9 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mor_core::config::Config;
+    use mor_models::MorModel;
+    use std::path::Path;
 
     /// A run folder like `train` writes: config.toml, model.safetensors, tokenizer.json.
     fn tiny_run(name: &str, with_toml: bool) -> PathBuf {
@@ -224,6 +209,7 @@ mod tests {
             stop_at_eos: false,
             threads: 1,
             max_depth: None,
+            backend: None,
         }
     }
 
@@ -231,7 +217,7 @@ mod tests {
     fn generates_from_a_run_folder_and_refuses_bad_prompts() {
         for (name, with_toml) in [("toml", true), ("json", false)] {
             let dir = tiny_run(name, with_toml);
-            let cfg = load_run_config(&dir).unwrap();
+            let cfg = mor_models::run::read_run_config(&dir, None).unwrap().cfg;
             assert_eq!(cfg.plan.num_recursions, 2);
             run_cmd(&args(&dir, b"hello")).unwrap();
             let err = run_cmd(&args(&dir, b"he\xffllo")).unwrap_err().to_string();

@@ -1,8 +1,8 @@
-//! `cargo xtask train --config FILE [--data PATH] [--out DIR] [--resume] [--set k=v ...]`:
-//! trains one run and evaluates it (spec §1.3).
+//! `cargo xtask train --config FILE [--data PATH] [--out DIR] [--resume] [--set k=v ...]
+//! [--backend KIND]`: trains one run and evaluates it (spec §1.3).
 
 use anyhow::Context;
-use mor_models::run::{run, RunOptions};
+use mor_models::run::{run_with, with_backend, BackendSwitch, RunOptions};
 use std::path::PathBuf;
 
 /// Flags of `train`.
@@ -34,11 +34,31 @@ pub struct Args {
     /// Stop after this many optimiser steps (the run can be resumed).
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
+    /// Train on this backend (`runtime.backend = "KIND"`, overriding the config). With
+    /// `--resume`, this is how a run started on another backend continues on this one (from
+    /// its latest checkpoint; not bit-identical to an uninterrupted run; each segment's
+    /// backend is recorded in the run's segments.jsonl). Without it such a resume is refused.
+    #[arg(long, value_name = "KIND")]
+    backend: Option<String>,
 }
 
 /// Runs `train`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
-    let cfg = crate::plan::load(&args.config, &args.overrides)?;
+    let mut cfg = crate::plan::load(&args.config, &args.overrides)?;
+    let switch = match &args.backend {
+        Some(kind) => {
+            if cfg.backend.kind != *kind {
+                eprintln!(
+                    "note: {} names backend `{}`; using backend `{kind}` (--backend)",
+                    args.config.display(),
+                    cfg.backend.kind
+                );
+            }
+            cfg = with_backend(&cfg, kind)?;
+            BackendSwitch::Allow
+        }
+        None => BackendSwitch::Refuse,
+    };
     let name = args
         .config
         .file_stem()
@@ -64,8 +84,8 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         stop_after: args.stop_after,
         skip_eval: false,
     };
-    let outcome =
-        run(&cfg, &name, &opts).with_context(|| format!("run `{name}` in {}", out.display()))?;
+    let outcome = run_with(&cfg, &name, &opts, switch)
+        .with_context(|| format!("run `{name}` in {}", out.display()))?;
     let s = &outcome.summary;
     if outcome.already_finished {
         eprintln!(

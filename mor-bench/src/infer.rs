@@ -77,6 +77,10 @@ pub struct InferBenchConfig {
     pub kv_precision: mor_models::engine::KvPrecision,
     /// Rayon / matmul threads.
     pub threads: usize,
+    /// Where the models live (`runtime.backend.kind`): `cpu` (the engine's host path) or
+    /// `cuda` (CUDA device 0, the engine's device path; needs the `cuda` feature).
+    #[serde(default = "default_backend")]
+    pub backend: String,
     /// Requests of the untimed warm-up run.
     pub warmup_requests: usize,
     /// Seed of lengths, sampling and initialisation.
@@ -108,6 +112,10 @@ pub struct InferBenchConfig {
     pub exit_fraction: f64,
 }
 
+fn default_backend() -> String {
+    "cpu".to_string()
+}
+
 fn default_precisions() -> Vec<Precision> {
     vec![Precision::F32]
 }
@@ -123,6 +131,7 @@ impl Default for InferBenchConfig {
             precisions: default_precisions(),
             kv_precision: mor_models::engine::KvPrecision::F32,
             threads: 1,
+            backend: default_backend(),
             warmup_requests: 8,
             seed: 0,
             preset: "small".to_string(),
@@ -221,6 +230,12 @@ impl InferBenchConfig {
         }
         if self.calib_requests == 0 || self.calib_passes == 0 {
             return bad("calib_requests and calib_passes must be >= 1".into());
+        }
+        if !matches!(self.backend.as_str(), "cpu" | "cuda") {
+            return bad(format!(
+                "backend {:?} is not a backend: use cpu or cuda",
+                self.backend
+            ));
         }
         Ok(())
     }
@@ -335,9 +350,9 @@ fn model_toml(cfg: &InferBenchConfig, layers: usize, recursion: &str, extra: &st
     format!(
         "[model]\npreset = \"{}\"\nnum_layers = {layers}\nseq_len = {}\n\
          [recursion]\n{recursion}\n{extra}\n\
-         [runtime]\nbackend = {{ kind = \"cpu\" }}\nseed = {}\n\
+         [runtime]\nbackend = {{ kind = \"{}\" }}\nseed = {}\n\
          [train]\nbudget = {{ steps = 1 }}\n",
-        cfg.preset, cfg.context, cfg.seed
+        cfg.preset, cfg.context, cfg.backend, cfg.seed
     )
 }
 

@@ -1,10 +1,13 @@
 //! `cargo xtask bench infer [--json] [--threads N] [--requests N] [--batch B,…,max]
-//! [--precision f32,bf16] [--gen-len N] [--quick]`: the inference throughput benchmark of
-//! spec §5 at CPU scale (the harness is `mor_bench::infer`): tokens/s of vanilla and of
-//! expert-choice MoR with `N_r = 2, 3, 4` (continuous depth-wise batching, calibrated early
-//! exits), their ratios, the measured KV bytes per token against spec §4's
+//! [--precision f32,bf16] [--gen-len N] [--backend cpu|cuda] [--quick]`: the inference
+//! throughput benchmark of spec §5 (the harness is `mor_bench::infer`): tokens/s of vanilla
+//! and of expert-choice MoR with `N_r = 2, 3, 4` (continuous depth-wise batching, calibrated
+//! early exits), their ratios, the measured KV bytes per token against spec §4's
 //! `(N_r + 1)/(2 N_r)`, at fixed batches and at the largest batch a KV budget holds, with
-//! the engine's weights in f32 and/or bf16.
+//! the engine's weights in f32 and/or bf16. `--backend cpu` (default) decodes on the
+//! engine's host path; `--backend cuda` builds the models on CUDA device 0 and decodes on
+//! the engine's device path (weights and paged KV pool on the GPU; needs the `cuda`
+//! feature: `cargo run --release -p xtask --features cuda -- bench infer --backend cuda`).
 //!
 //! `cargo xtask bench train [--json] [--steps N] [--threads N] [--precision f32,bf16]`: the
 //! training cost of every model of the quick preset (`configs/grids/quick.toml`) at its
@@ -37,6 +40,10 @@ pub struct Args {
     /// Rayon / matmul threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// `infer`: where the models decode: `cpu` (the engine's host path) or `cuda` (CUDA
+    /// device 0, the engine's device path; needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
     /// Timed requests per run.
     #[arg(long)]
     requests: Option<usize>,
@@ -110,6 +117,15 @@ fn config(args: &Args) -> anyhow::Result<InferBenchConfig> {
         InferBenchConfig::default()
     };
     cfg.threads = args.threads.max(1);
+    cfg.backend = match args.backend.trim() {
+        "cpu" => "cpu".to_string(),
+        "cuda" if !mor_kernels::cuda::COMPILED => anyhow::bail!(
+            "--backend cuda needs a build with the `cuda` feature: \
+             cargo run --release -p xtask --features cuda -- bench infer --backend cuda"
+        ),
+        "cuda" => "cuda".to_string(),
+        b => anyhow::bail!("--backend {b:?} is not a backend: use cpu or cuda"),
+    };
     if let Some(n) = args.requests {
         cfg.requests = n;
     }
@@ -258,6 +274,26 @@ mod tests {
             assert!(runs.iter().any(|(n, _)| n == "vanilla"));
             assert!(runs.iter().any(|(n, _)| n == "mor_expert_mcyc_nr2"));
             assert!(runs.iter().all(|(_, c)| c.train.precision == p));
+        }
+    }
+
+    #[test]
+    fn the_backend_flag_is_checked() {
+        let c = config(&parse(&["--quick"])).unwrap();
+        assert_eq!(c.backend, "cpu");
+        let e = config(&parse(&["--quick", "--backend", "tpu"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"tpu\"") && e.contains("cpu or cuda"), "{e}");
+        let cuda = config(&parse(&["--quick", "--backend", "cuda"]));
+        if mor_kernels::cuda::COMPILED {
+            assert_eq!(cuda.unwrap().backend, "cuda");
+        } else {
+            let e = cuda.unwrap_err().to_string();
+            assert!(
+                e.contains("`cuda` feature") && e.contains("--features cuda"),
+                "{e}"
+            );
         }
     }
 

@@ -522,14 +522,13 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     });
     report.sections.push((SECTIONS[3].into(), memory));
 
-    // 5. `bench infer` on the GPU.
-    let bench = section(&budget, Duration::ZERO, |_| {
-        Err(NotRun::Unsupported(
-            "the inference engine runs CPU models only (host KV pool, host weights) and \
-             `bench infer` has no --backend; would report MoR-2/3/4 vs vanilla decode \
-             tokens/s at B = 32 and the relative-max batch"
-                .into(),
-        ))
+    // 5. `bench infer` on the GPU (the engine's device path).
+    let bench = section(&budget, Duration::from_secs(60), |_| {
+        let _ = need_device()?;
+        let cfg = bench_infer_config();
+        let r = mor_bench::infer::run(&cfg, &mut |line| eprintln!("bench infer: {line}"))
+            .map_err(anyhow::Error::from)?;
+        Ok(bench_infer_fields(&r))
     });
     report.sections.push((SECTIONS[4].into(), bench));
 
@@ -562,6 +561,67 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     }
     println!("gpu-check --full: report {}", args.out.display());
     Ok(())
+}
+
+/// The `bench infer` settings of `--full`: the quick preset's models (vanilla and
+/// expert-choice MoR-2/3/4, 8-layer base) on CUDA device 0 through the engine's device path,
+/// bf16 weights, B = 32 and the relative-max batch, short runs that fit the budget.
+pub fn bench_infer_config() -> mor_bench::infer::InferBenchConfig {
+    mor_bench::infer::InferBenchConfig {
+        backend: "cuda".into(),
+        batch_size: 32,
+        relative_max: true,
+        requests: 32,
+        gen_len_mean: 32.0,
+        gen_len_std: 8.0,
+        calib_requests: 16,
+        calib_passes: 1,
+        precisions: vec![mor_core::config::Precision::Bf16],
+        recursions: vec![2, 3, 4],
+        ..mor_bench::infer::InferBenchConfig::quick()
+    }
+}
+
+/// The `bench_infer` section of a report: the settings and, per model and batch setting,
+/// tokens/s, the ratio over vanilla, K/V bytes per token and its ratio; `passed` when every
+/// model generated tokens at a finite, positive rate.
+pub fn bench_infer_fields(r: &mor_bench::infer::InferBenchReport) -> Map<String, Value> {
+    let c = &r.config;
+    let rows: Vec<Value> = r
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "precision": mor_bench::infer::precision_name(m.precision),
+                "setting": m.setting,
+                "batch_size": m.batch_size,
+                "tokens_per_s": m.tokens_per_s,
+                "throughput_ratio_vs_vanilla": m.throughput_ratio_vs_vanilla,
+                "kv_bytes_per_token": m.kv_bytes_per_token,
+                "kv_bytes_ratio_vs_vanilla": m.kv_bytes_ratio_vs_vanilla,
+                "depth_distribution": m.depth_distribution,
+            })
+        })
+        .collect();
+    let passed = !r.models.is_empty()
+        && r.models
+            .iter()
+            .all(|m| m.tokens > 0 && m.tokens_per_s.is_finite() && m.tokens_per_s > 0.0);
+    let mut m = Map::new();
+    m.insert(
+        "model".into(),
+        json!(format!(
+            "preset {}, base {} layers, context {}; vanilla and expert-choice MoR-{:?}; \
+             backend {} (engine device path)",
+            c.preset, c.base_layers, c.context, c.recursions, c.backend
+        )),
+    );
+    m.insert("requests".into(), json!(c.requests));
+    m.insert("gen_len_mean".into(), json!(c.gen_len_mean));
+    m.insert("models".into(), Value::Array(rows));
+    m.insert("passed".into(), json!(passed));
+    m
 }
 
 /// The `training_bf16` section of two bf16 runs: both loss curves and their largest
@@ -709,6 +769,40 @@ mod tests {
         assert!(!r.passed());
         r.sections[1].1 = json!({"status": "skipped", "reason": "budget"});
         assert!(r.passed());
+    }
+
+    #[test]
+    fn the_bench_infer_section_runs_the_device_path_at_b32_and_relative_max() {
+        let c = bench_infer_config();
+        assert_eq!(c.backend, "cuda");
+        assert_eq!(c.batch_size, 32);
+        assert!(c.relative_max);
+        assert_eq!(c.recursions, [2, 3, 4]);
+        assert!(c.check().is_ok());
+        // The same settings, scaled down, on the CPU: one row per model and setting.
+        let tiny = mor_bench::infer::InferBenchConfig {
+            backend: "cpu".into(),
+            preset: "micro".into(),
+            batch_size: 3,
+            requests: 4,
+            gen_len_mean: 4.0,
+            gen_len_std: 1.0,
+            warmup_requests: 1,
+            base_layers: 5,
+            context: 32,
+            recursions: vec![2],
+            block_tokens: 4,
+            ..c
+        };
+        let r = mor_bench::infer::run(&tiny, &mut |_| {}).unwrap();
+        let f = bench_infer_fields(&r);
+        assert_eq!(f["passed"], true);
+        let rows = f["models"].as_array().unwrap();
+        // vanilla and MoR-2, at the fixed and the relative-max batch.
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert!(rows.iter().all(|m| m["precision"] == "bf16"));
+        assert!(rows.iter().any(|m| m["name"] == "mor-2"));
+        assert!(f["model"].as_str().unwrap().contains("backend cpu"));
     }
 
     #[test]

@@ -1,0 +1,116 @@
+//! `cargo xtask` on a run moved between backends (docs/runs-across-devices.md): `train
+//! --resume` on another backend is refused naming `--backend`, and continues with it;
+//! `eval --backend` scores the run on another backend. `reference` stands for the backend the
+//! run was trained on (`cuda`), `cpu` for the one it moves to.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+mod common;
+
+fn xtask(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn nll(o: &Output) -> f64 {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["full_sequence"]["nll"].as_f64().unwrap()
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn train_resumes_and_eval_scores_on_another_backend() {
+    let root = common::tmp("xb", "cli");
+    let cfg = root.join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        common::config(4, 2).replace("seed = 7", "backend = \"reference\"\nseed = 7"),
+    )
+    .unwrap();
+    let out = root.join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--quiet"];
+        args.extend_from_slice(extra);
+        xtask(&args, &[("--config", &cfg), ("--out", &out)])
+    };
+    // Interrupted on `reference` after 3 steps (checkpoint at step 2).
+    assert!(!train(&["--stop-after", "3"]).status.success());
+    let before = snapshot(&out);
+    // The config's backend changed without the flag: refused, naming it; nothing changed.
+    let o = train(&["--resume", "--set", "runtime.backend=cpu"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("backend.kind: \"reference\" -> \"cpu\"") && err.contains("--backend cpu"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&out), before);
+    // With the flag: continues on `cpu` from step 2, with the notice.
+    let o = train(&["--resume", "--backend", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("continuing from step 2 on backend `cpu`")
+            && err.contains("not bit-identical"),
+        "{err}"
+    );
+    let segs = std::fs::read_to_string(out.join("segments.jsonl")).unwrap();
+    let kinds: Vec<(u64, String)> = segs
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["from_step"].as_u64().unwrap(),
+                v["backend"]["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(kinds, [(0, "reference".into()), (2, "cpu".into())]);
+    // `eval` on the run's own backend, then on `cpu` with the notice: the same NLL to f32
+    // rounding (the two backends sum in other orders; measured 4e-9 relative).
+    let own = xtask(&["eval"], &[("--run", &out)]);
+    assert!(own.status.success(), "{}", stderr(&own));
+    let moved = xtask(&["eval", "--backend", "cpu"], &[("--run", &out)]);
+    assert!(moved.status.success(), "{}", stderr(&moved));
+    assert!(
+        stderr(&moved).contains("trained on backend `reference`; using backend `cpu`"),
+        "{}",
+        stderr(&moved)
+    );
+    let (a, b) = (nll(&own), nll(&moved));
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    // An unknown backend lists the registered ones.
+    let o = xtask(&["eval", "--backend", "tpu"], &[("--run", &out)]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cpu, cuda, reference"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -668,7 +668,16 @@ fn run_locked(
     } else {
         cfg.clone()
     };
-    let model = MorModel::new(cfg)?;
+    let model = MorModel::new(cfg).map_err(|e| {
+        // An unfinished run whose backend is unavailable here can move to another one.
+        if resuming && cfg.backend.kind != "cpu" && backend::unbuildable(cfg) {
+            Error::msg(format!(
+                "{e}\nthe run can continue on another backend from its latest checkpoint: pass --backend cpu (not bit-identical to an uninterrupted run; docs/runs-across-devices.md)"
+            ))
+        } else {
+            e
+        }
+    })?;
     // `[init]` (uptraining, spec §2): the blocks start from a pretrained model's layers,
     // routers fresh. A resumed run takes its weights from its checkpoint instead.
     if !resuming {

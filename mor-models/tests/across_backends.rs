@@ -240,6 +240,26 @@ fn a_cuda_run_evaluates_here_with_backend_cpu() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&d);
+    // An unfinished `cuda` run (interrupted after step 3, checkpoint at step 2): resuming it
+    // with its own config says that its backend is unavailable and names `--backend cpu`;
+    // with the switch it continues on `cpu` from step 2.
+    let u = dir("xb-cuda-partial");
+    let mut o = opts(&u);
+    o.stop_after = Some(3);
+    assert!(run(&cfg("reference", 4, ""), "t", &o).is_err());
+    let on_cuda = with_backend(&cfg("reference", 4, ""), "cuda").unwrap();
+    relabel(&u, &on_cuda);
+    let mut o = opts(&u);
+    o.resume = true;
+    let err = run(&on_cuda, "t", &o).unwrap_err().to_string();
+    assert!(
+        err.contains("cuda") && err.contains("pass --backend cpu"),
+        "{err}"
+    );
+    run_with(&cfg("cpu", 4, ""), "t", &o, BackendSwitch::Allow).unwrap();
+    assert_eq!(metric(&u, "step"), [1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(read_segments(&u).unwrap().last().unwrap().from_step, 2);
+    let _ = std::fs::remove_dir_all(&u);
 }
 
 #[test]

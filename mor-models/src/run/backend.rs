@@ -115,11 +115,7 @@ impl RunConfig {
     pub fn build_model(&self) -> Result<MorModel> {
         MorModel::new(&self.cfg).map_err(|e| {
             let backend = &self.cfg.backend;
-            let ctx = mor_kernels::BackendCtx::new(candle_core::Device::Cpu)
-                .with_precision(self.cfg.train.precision);
-            let unbuildable =
-                mor_kernels::build_backend(&backend.kind, &backend.params, &ctx).is_err();
-            match (unbuildable, self.overridden) {
+            match (unbuildable(&self.cfg), self.overridden) {
                 (false, _) => e,
                 (true, false) if backend.kind != "cpu" => Error::msg(format!(
                     "the run's backend `{}` cannot be built here: {e}\n\
@@ -153,6 +149,14 @@ impl RunConfig {
         crate::checkpoint::load_run_model(dir, &model)?;
         Ok(model)
     }
+}
+
+/// Whether `cfg`'s backend cannot be built here (its feature missing, no device, or its
+/// precision not implemented).
+pub(crate) fn unbuildable(cfg: &ResolvedConfig) -> bool {
+    let ctx =
+        mor_kernels::BackendCtx::new(candle_core::Device::Cpu).with_precision(cfg.train.precision);
+    mor_kernels::build_backend(&cfg.backend.kind, &cfg.backend.params, &ctx).is_err()
 }
 
 /// Reads a run folder's config (`config.toml`, else the resolved `config.json` of an

@@ -70,6 +70,22 @@ fn cases() -> Vec<(&'static str, ResolvedConfig)> {
             "token/recursion_wise",
             mor("kind = \"token_choice\"", "recursion_wise"),
         ),
+        // Per-slot norms: one block call mixes norm groups (split and put back in order).
+        (
+            "expert/no-ln-share",
+            cfg(
+                "num_recursions = 3\nsharing = { kind = \"middle_cycle\" }\nln_share = false",
+                "[router]\nkind = \"expert_choice\"\n[kv]\nkind = \"recursion_wise\"",
+            ),
+        ),
+        // A non-cyclic plan: one stage of every recursion slot.
+        (
+            "recursive-sequence",
+            cfg(
+                "num_recursions = 2\nsharing = { kind = \"sequence\" }",
+                "[kv]\nkind = \"recursion_wise\"",
+            ),
+        ),
     ]
 }
 

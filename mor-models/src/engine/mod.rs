@@ -22,6 +22,13 @@
 //! same to MoR models (slots are refilled only when the whole batch has left), for
 //! comparison.
 //!
+//! # Compute paths
+//! A model on the CPU runs the host path (packed weights, host paged KV pool); a model on
+//! another device (CUDA) runs the device path (`device.rs`: weights and the paged KV pool
+//! as candle tensors on the device, decode attention through the paged kernel), which
+//! [`Engine::new_device`] also selects for a CPU model. The scheduler below, the routing
+//! decisions and sampling are the same host code for both.
+//!
 //! # KV memory and back-pressure
 //! All requests share one paged cache of `kv_blocks` blocks. A request is admitted only when
 //! the free blocks can hold its known tokens at every storing slot; before every phase each

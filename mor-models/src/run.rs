@@ -283,7 +283,7 @@ impl Inspection {
 /// The hint of a refused resume whose config differs only in its backend, `kind` given.
 fn backend_hint(kind: &str) -> String {
     format!(
-        "only the backend differs: pass --backend {kind} to continue this run on `{kind}` (from its latest checkpoint; not bit-identical to an uninterrupted run; the switch is recorded in {SEGMENTS_FILE})"
+        "only the backend differs: pass --backend {kind} to take this run to `{kind}` (an unfinished run continues there from its latest checkpoint, not bit-identical to an uninterrupted run, recorded in {SEGMENTS_FILE}; a finished one is only reported)"
     )
 }
 
@@ -761,15 +761,17 @@ fn run_locked(
     } else {
         0
     };
-    if switching && from_step > 0 {
-        let was = read_segments(out)
-            .ok()
-            .and_then(|s| s.last().map(|s| s.backend.kind.clone()))
-            .or_else(|| insp.recorded_backend.as_ref().map(|b| b.kind.clone()))
-            .unwrap_or_else(|| "?".into());
+    // The backend the run's last segment ran on (that of its config for a run started by an
+    // older version, which records no segments).
+    let was = read_segments(out)
+        .ok()
+        .and_then(|s| s.last().map(|s| s.backend.kind.clone()))
+        .or_else(|| insp.recorded_backend.as_ref().map(|b| b.kind.clone()));
+    if switching && from_step > 0 && was.as_deref() != Some(cfg.backend.kind.as_str()) {
         eprintln!(
-            "note: {name}: continuing from step {from_step} on backend `{}` (the run trained on `{was}` so far, recorded in {SEGMENTS_FILE}); the continuation is not bit-identical to an uninterrupted run",
-            cfg.backend.kind
+            "note: {name}: continuing from step {from_step} on backend `{}` (it ran on `{}` before; recorded in {SEGMENTS_FILE}); the continuation is not bit-identical to an uninterrupted run",
+            cfg.backend.kind,
+            was.as_deref().unwrap_or("another backend")
         );
     }
     setup.training_started = true;

@@ -114,3 +114,44 @@ fn train_resumes_and_eval_scores_on_another_backend() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn ablate_reuses_a_run_of_another_backend_only_with_the_flag() {
+    let root = common::tmp("xb", "ablate");
+    let base = common::config(2, 2)
+        .replace("seed = 7", "backend = \"reference\"\nseed = 7")
+        .replace("[model]", "[base.model]")
+        .replace("[recursion]", "[base.recursion]")
+        .replace("[router]", "[base.router]")
+        .replace("[runtime]", "[base.runtime]")
+        .replace("[data]", "[base.data]")
+        .replace("[eval]", "[base.eval]")
+        .replace("[train]", "[base.train]");
+    let grid = root.join("g.toml");
+    std::fs::write(&grid, &base).unwrap();
+    let out = root.join("abl");
+    let ablate = |extra: &[&str]| {
+        let mut args = vec!["ablate", "--quiet"];
+        args.extend_from_slice(extra);
+        xtask(&args, &[("--grid", &grid), ("--out", &out)])
+    };
+    let o = ablate(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = snapshot(&out.join("base"));
+    // The grid now names `cpu`: refused as stale, naming the flag; nothing changed.
+    std::fs::write(&grid, base.replace("\"reference\"", "\"cpu\"")).unwrap();
+    let o = ablate(&[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("backend.kind: \"reference\" -> \"cpu\"") && err.contains("--backend cpu"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&out.join("base")), before);
+    // With --backend cpu the finished run is reused as it is.
+    let o = ablate(&["--backend", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("reused"), "{}", stderr(&o));
+    assert_eq!(snapshot(&out.join("base")), before);
+    let _ = std::fs::remove_dir_all(&root);
+}

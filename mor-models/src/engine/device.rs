@@ -741,8 +741,60 @@ impl DeviceCompute {
 #[cfg(test)]
 mod tests {
     use super::super::runner::{ExitRule, Runner, Tok};
+    use super::DeviceKvCache;
     use crate::model::MorModel;
+    use candle_core::Device;
     use mor_core::config::{Config, Precision};
+    use mor_kvcache::decode::KvPrecision;
+    use mor_kvcache::{DecodeCache, DecodeCacheSpec, RecursionWise};
+
+    /// The books of the device cache: blocks are taken per `block_tokens` tokens of a page
+    /// and returned at `end`, rows land at their flat token index, an append past the pool
+    /// is `Exhausted` and changes nothing, bytes follow the K/V precision.
+    #[test]
+    fn device_cache_books_and_rows() {
+        let spec = DecodeCacheSpec::vanilla(2, 1, 2, 2, 3);
+        let policy = RecursionWise::new(1).unwrap();
+        let mut c = DeviceKvCache::new(&policy, &spec, &Device::Cpu).unwrap();
+        c.start(7).unwrap();
+        assert_eq!(c.blocks_needed(7, &[0, 1]).unwrap(), 2);
+        for p in 0..3u32 {
+            let k = [p as f32, 10.0 + p as f32];
+            c.append(7, 0, p, &k, &[-(p as f32), 1.0]).unwrap();
+        }
+        // Slot 0 holds 3 tokens in 2 blocks; slot 1 takes the last block.
+        assert_eq!((c.free_blocks(), c.tokens_stored()), (1, 3));
+        assert!(
+            c.append(7, 0, 2, &[0.0; 2], &[0.0; 2]).is_err(),
+            "positions must grow"
+        );
+        c.append(7, 1, 0, &[5.0, 6.0], &[7.0, 8.0]).unwrap();
+        c.append(7, 1, 1, &[5.0, 6.0], &[7.0, 8.0]).unwrap();
+        let e = c.append(7, 1, 2, &[0.0; 2], &[0.0; 2]).unwrap_err();
+        assert!(matches!(e, mor_kvcache::Error::Exhausted { .. }), "{e}");
+        assert_eq!((c.free_blocks(), c.tokens_stored()), (0, 5));
+        let (blocks, visible) = c.table(7, 0, 1).unwrap();
+        assert_eq!((blocks.to_vec(), visible), (vec![0, 1], 2));
+        // Token 2 of slot 0 is offset 0 of block 1: flat row 2.
+        let k = c
+            .storage()
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(&k[2 * 2..3 * 2], &[2.0, 12.0]);
+        assert_eq!(c.bytes_stored(), 5 * 2 * 2 * 4);
+        assert!(
+            c.set_kv_precision(KvPrecision::Bf16).is_err(),
+            "not while active"
+        );
+        c.end(7).unwrap();
+        assert_eq!((c.free_blocks(), c.tokens_stored()), (3, 0));
+        c.set_kv_precision(KvPrecision::Bf16).unwrap();
+        assert_eq!(c.block_bytes(), 2 * 2 * 2 * 2);
+        assert!(c.view(7, 0).is_err());
+    }
 
     /// One layer call whose items mix norm groups in an order that is not its own inverse
     /// (stages 0, 1, 1, 0 with per-slot norms): every row comes back where it belongs, equal

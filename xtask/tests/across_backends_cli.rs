@@ -104,6 +104,21 @@ fn train_resumes_and_eval_scores_on_another_backend() {
     );
     let (a, b) = (nll(&own), nll(&moved));
     assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    // `generate` takes the flag too.
+    let o = xtask(
+        &[
+            "generate",
+            "--backend",
+            "cpu",
+            "--prompt",
+            "doc",
+            "--max-tokens",
+            "3",
+        ],
+        &[("--run", &out)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("using backend `cpu`"), "{}", stderr(&o));
     // An unknown backend lists the registered ones.
     let o = xtask(&["eval", "--backend", "tpu"], &[("--run", &out)]);
     assert!(!o.status.success());

@@ -314,3 +314,68 @@ fn the_device_path_refuses_what_it_does_not_cover() {
     let e = dev.cache().view(0, 0).unwrap_err().to_string();
     assert!(e.contains("no host view"), "{e}");
 }
+
+/// Host reads per decoded token on the device path (counted by `mor_kernels::host_sync`):
+/// one per phase with layers (prelude, each recursion step, coda) and one for the logits;
+/// the engine reads once per phase whatever its batch.
+#[test]
+fn the_device_path_reads_once_per_phase() {
+    use mor_core::plan::Segment;
+    use mor_kernels::host_sync::Scope;
+    link();
+    for (name, c) in [
+        ("vanilla", cfg(VANILLA, "")),
+        ("recursive/recursion_wise", recursive("recursion_wise")),
+    ] {
+        let model = MorModel::new(&c).unwrap();
+        let plan = model.plan();
+        let has = |seg: Segment| plan.slots.iter().any(|s| s.segment == seg);
+        let want = has(Segment::Prelude) as u64
+            + plan.num_recursions as u64
+            + has(Segment::Coda) as u64
+            + 1;
+        let mut dev = Decoder::new_device(&model, DecodeOptions::default()).unwrap();
+        let mut host = Decoder::new(&model, DecodeOptions::default()).unwrap();
+        for t in [1u32, 2, 3] {
+            let s = Scope::start();
+            dev.step(t).unwrap();
+            assert_eq!(s.counts().reads, want, "{name}: device reads per token");
+            let s = Scope::start();
+            host.step(t).unwrap();
+            assert_eq!(s.counts().reads, 0, "{name}: the host path reads no tensor");
+        }
+        // Batched: one read per layer phase and per LM-head call, not per item.
+        let reqs = common::requests(8, VOCAB, 2);
+        let s = Scope::start();
+        let (_, stats) = run_device_engine(
+            &model,
+            &reqs,
+            EngineConfig {
+                batch_size: 8,
+                ..Default::default()
+            },
+        );
+        let reads = s.counts().reads;
+        let tokens: u64 = reqs
+            .iter()
+            .map(|r| (r.prompt.len() + r.max_new_tokens) as u64)
+            .sum();
+        assert!(
+            reads >= stats.block_calls,
+            "{name}: {reads} < {}",
+            stats.block_calls
+        );
+        // Per exit call at most a coda and a head read, and the prelude of the next tokens
+        // (one more prelude call admits the first tokens).
+        assert!(
+            reads <= stats.block_calls + 3 * stats.exit_calls + 1,
+            "{name}: {reads} reads for {} block and {} exit calls",
+            stats.block_calls,
+            stats.exit_calls
+        );
+        assert!(
+            reads < tokens * want / 2,
+            "{name}: {reads} reads for {tokens} tokens"
+        );
+    }
+}

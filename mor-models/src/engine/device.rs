@@ -22,7 +22,9 @@
 //! max_blocks]` and the visible lengths `[n]` (u32). Down: the output rows `[n, d]` f32. The
 //! LM head uploads `[n, d]` and downloads the logits `[n, vocab]` f32; an expert-choice
 //! routing decision uploads `[n, d]` and downloads `n` gates. Embedding rows are read from
-//! a host copy of the table and travel up with the prelude's input.
+//! a host copy of the table and travel up with the prelude's input. A phase without layers
+//! moves nothing. The downloads are counted by `mor_kernels::host_sync` (one read per
+//! phase with layers, one per LM-head call).
 //!
 //! # Not covered (refused with an error naming it)
 //! A relaxation (LoRA / DoRA, adaption prompt, recursion encoding), the hybrid KV policy
@@ -585,7 +587,9 @@ impl DeviceCompute {
         let mut f = flops.get();
         f.head += 2 * (h.len() * self.vocab) as u64;
         flops.set(f);
-        Ok(logits.to_vec2::<f32>()?)
+        // One read (counted by `host_sync`): the logits, for sampling on the host.
+        let flat = mor_kernels::host_sync::to_host::<f32>(&logits)?;
+        Ok(flat.chunks_exact(self.vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// Runs every token through the layer slots `slots[i]` (already checked by the
@@ -599,6 +603,11 @@ impl DeviceCompute {
         slots: &[&[usize]],
         flops: &Cell<Flops>,
     ) -> Result<Vec<f32>> {
+        let depth = slots.first().map_or(0, |s| s.len());
+        if depth == 0 {
+            // No layer (an empty prelude or coda): nothing travels.
+            return Ok(h);
+        }
         let cache = cache
             .as_any_mut()
             .and_then(|a| a.downcast_mut::<DeviceKvCache>())
@@ -616,7 +625,7 @@ impl DeviceCompute {
             )));
         }
         let mut x = Tensor::from_vec(h, (n, self.d), &self.device)?;
-        for j in 0..slots.first().map_or(0, |s| s.len()) {
+        for j in 0..depth {
             let slot_j: Vec<usize> = slots.iter().map(|s| s[j]).collect();
             let key = |i: usize| (self.block_of[slot_j[i]], self.norms[slot_j[i]].2);
             let first = key(0);
@@ -649,7 +658,8 @@ impl DeviceCompute {
             }
             x = Tensor::cat(&outs, 0)?.index_select(&Tensor::from_vec(inv, n, &self.device)?, 0)?;
         }
-        Ok(x.flatten_all()?.to_vec1::<f32>()?)
+        // One read (counted by `host_sync`): the output rows.
+        Ok(mor_kernels::host_sync::to_host::<f32>(&x)?)
     }
 
     /// One decoder layer (pre-norm attention and SwiGLU MLP, spec §1.1) on `h: [n, d]` f32

@@ -5,7 +5,8 @@
 //! - Weights: per unique block `q: [hq·dh, d]`, `[k; v]: [2·hkv·dh, d]`, `o`, `[gate; up]`,
 //!   `down`, and the LM head, in the engine's [`Precision`] (bf16 or f32; the products take
 //!   their inputs in that dtype and return f32). Norms, RoPE tables, the residual stream
-//!   and the attention output stay f32.
+//!   and the attention output stay f32. RMSNorm and SwiGLU are the fused `mor_kernels`
+//!   ops (their kernels on CUDA, their CPU bodies on the CPU).
 //! - KV: one pool `k, v: [num_blocks, block_tokens, hkv, dh]` in the cache's
 //!   [`KvPrecision`] ([`DeviceKvCache`]). Appends are one `scatter_set` per layer for the
 //!   batch's new rows; decode attention is
@@ -553,13 +554,10 @@ impl DeviceCompute {
             .to_dtype(DType::F32)?)
     }
 
-    /// RMSNorm of the rows of `x: [n, d]` f32 (the fused kernel on CUDA).
+    /// RMSNorm of the rows of `x: [n, d]` f32: the fused op (its kernel on CUDA, its CPU
+    /// body on the CPU, so the tests run the op the GPU runs).
     fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(if self.device.is_cuda() {
-            mor_kernels::cuda::rms_norm(x, w, self.eps)?
-        } else {
-            mor_kernels::cuda::plain::rms_norm(x, w, self.eps)?
-        })
+        Ok(mor_kernels::cuda::rms_norm(x, w, self.eps)?)
     }
 
     /// `x: [m, heads, dh]` rotated to the positions `pos` (HF rotate-half form).
@@ -735,7 +733,10 @@ impl DeviceCompute {
         let h = (h + self.mm(&att, &bw.o)?)?;
         let x = self.norm(&h, mn)?;
         let gu = self.mm(&x, &bw.gate_up)?;
-        let s = (gu.narrow(1, 0, self.ff)?.silu()? * gu.narrow(1, self.ff, self.ff)?)?;
+        let s = mor_kernels::cuda::swiglu(
+            &gu.narrow(1, 0, self.ff)?,
+            &gu.narrow(1, self.ff, self.ff)?,
+        )?;
         let h = (h + self.mm(&s, &bw.down)?)?;
         let macs = |w: &Tensor| w.elem_count();
         let linear = n * (macs(&bw.q) + macs(&bw.o) + macs(&bw.gate_up) + macs(&bw.down))

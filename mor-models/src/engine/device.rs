@@ -851,7 +851,8 @@ mod tests {
                 .zip(&batched[i * d..(i + 1) * d])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(gap < 1e-5, "item {i} differs by {gap}");
+            // Rounding of the batched products only (a misplaced row differs by O(10)).
+            assert!(gap < 1e-4, "item {i} differs by {gap}");
         }
         // The stages really differ: the items of stage 0 and 1 give different rows.
         let gap = batched[..d]

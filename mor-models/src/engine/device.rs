@@ -18,9 +18,9 @@
 //!   there): the hidden rows of a phase travel once each way.
 //!
 //! # Transfers per phase (one [`run_layers`](DeviceCompute::run_layers) call of `n` items)
-//! Up: the hidden rows `[n, d]` f32; per layer, the positions `[n]`, the write indices of
-//! the items that store (`[n_w]`, broadcast on the device), the block table `[n,
-//! max_blocks]` and the visible lengths `[n]` (u32). Down: the output rows `[n, d]` f32. The
+//! Up: the hidden rows `[n, d]` f32; per layer, the positions `[n]`, the rows that store
+//! (`[n_w]`, only when not all do), their flat write indices (`[n_w]`, broadcast on the
+//! device), the block table `[n, max_blocks]` and the visible lengths `[n]` (u32). Down: the output rows `[n, d]` f32. The
 //! LM head uploads `[n, d]` and downloads the logits `[n, vocab]` f32; an expert-choice
 //! routing decision uploads `[n, d]` and downloads `n` gates. Embedding rows are read from
 //! a host copy of the table and travel up with the prelude's input. A phase without layers
@@ -560,12 +560,19 @@ impl DeviceCompute {
         Ok(mor_kernels::cuda::rms_norm(x, w, self.eps)?)
     }
 
-    /// `x: [m, heads, dh]` rotated to the positions `pos` (HF rotate-half form).
-    fn rope(&self, x: &Tensor, pos: &[u32]) -> Result<Tensor> {
-        let half = self.dh / 2;
+    /// The RoPE rows `cos, sin: [m, 1, dh / 2]` of the positions `pos` (one upload).
+    fn rope_rows(&self, pos: &[u32]) -> Result<(Tensor, Tensor)> {
         let p = Tensor::from_slice(pos, pos.len(), &self.device)?;
-        let c = self.cos.index_select(&p, 0)?.unsqueeze(1)?;
-        let s = self.sin.index_select(&p, 0)?.unsqueeze(1)?;
+        Ok((
+            self.cos.index_select(&p, 0)?.unsqueeze(1)?,
+            self.sin.index_select(&p, 0)?.unsqueeze(1)?,
+        ))
+    }
+
+    /// `x: [m, heads, dh]` rotated by the RoPE rows `(cos, sin)` of its positions (HF
+    /// rotate-half form).
+    fn rope(&self, x: &Tensor, (c, s): (&Tensor, &Tensor)) -> Result<Tensor> {
+        let half = self.dh / 2;
         let x1 = x.narrow(2, 0, half)?;
         let x2 = x.narrow(2, half, half)?;
         let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
@@ -677,22 +684,31 @@ impl DeviceCompute {
         let (qd, kvd) = (self.hq * self.dh, self.hkv * self.dh);
         let x = self.norm(h, an)?;
         let pos: Vec<u32> = toks.iter().map(|t| t.pos).collect();
-        let q = self.rope(&self.mm(&x, &bw.q)?.reshape((n, self.hq, self.dh))?, &pos)?;
+        let (cos, sin) = self.rope_rows(&pos)?;
+        let q = self.rope(
+            &self.mm(&x, &bw.q)?.reshape((n, self.hq, self.dh))?,
+            (&cos, &sin),
+        )?;
         // K/V of the tokens that store here (recursive sharing projects none at steps >= 2).
         let w_idx: Vec<usize> = (0..n).filter(|&i| cache.writes(slots[i])).collect();
         let nw = w_idx.len();
         if nw > 0 {
-            let xs = if nw == n {
-                x.clone()
+            // The storing rows, and their RoPE rows (no second upload of positions).
+            let (xs, wc, ws) = if nw == n {
+                (x.clone(), cos.clone(), sin.clone())
             } else {
                 let idx: Vec<u32> = w_idx.iter().map(|&i| i as u32).collect();
-                x.index_select(&Tensor::from_vec(idx, nw, dev)?, 0)?
+                let idx = Tensor::from_vec(idx, nw, dev)?;
+                (
+                    x.index_select(&idx, 0)?,
+                    cos.index_select(&idx, 0)?,
+                    sin.index_select(&idx, 0)?,
+                )
             };
             let kv = self.mm(&xs, &bw.kv)?;
-            let wpos: Vec<u32> = w_idx.iter().map(|&i| toks[i].pos).collect();
             let k = self.rope(
                 &kv.narrow(1, 0, kvd)?.reshape((nw, self.hkv, self.dh))?,
-                &wpos,
+                (&wc, &ws),
             )?;
             let v = kv.narrow(1, kvd, kvd)?;
             let mut rows = Vec::with_capacity(nw);

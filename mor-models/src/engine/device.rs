@@ -575,8 +575,8 @@ impl DeviceCompute {
         let half = self.dh / 2;
         let x1 = x.narrow(2, 0, half)?;
         let x2 = x.narrow(2, half, half)?;
-        let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
-        let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+        let o1 = (x1.broadcast_mul(c)? - x2.broadcast_mul(s)?)?;
+        let o2 = (x2.broadcast_mul(c)? + x1.broadcast_mul(s)?)?;
         Ok(Tensor::cat(&[o1, o2], 2)?)
     }
 

@@ -379,3 +379,75 @@ fn the_device_path_reads_once_per_phase() {
         );
     }
 }
+
+/// Calibrated exits (`ExitRule::GateThresholds`, what `bench infer` uses) with the gate
+/// trace: the device engine gives the host engine's tokens, depths and gates.
+#[test]
+fn gate_threshold_exits_match_the_host_engine() {
+    use mor_models::engine::ExitRule;
+    link();
+    let model = MorModel::new(&mor("kind = \"expert_choice\"", "recursion_wise")).unwrap();
+    // The median gate of steps 2 and 3 at full depth: about half the tokens leave.
+    let mut dec = Decoder::new(
+        &model,
+        DecodeOptions {
+            exit: ExitRule::GateThresholds(vec![f64::NEG_INFINITY; 3]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut gates = [Vec::new(), Vec::new()];
+    for t in common::random_ids(CONTEXT, VOCAB, 21) {
+        let s = dec.step(t).unwrap();
+        gates[0].push(s.gates[1] as f64);
+        gates[1].push(s.gates[2] as f64);
+    }
+    let median = |g: &mut Vec<f64>| {
+        g.sort_by(f64::total_cmp);
+        g[g.len() / 2]
+    };
+    let th = vec![
+        f64::NEG_INFINITY,
+        median(&mut gates[0]),
+        median(&mut gates[1]),
+    ];
+    let reqs = common::requests(8, VOCAB, 13);
+    let ecfg = EngineConfig {
+        batch_size: 4,
+        block_tokens: 2,
+        exit: ExitRule::GateThresholds(th),
+        record_gates: true,
+        ..Default::default()
+    };
+    let run = |device: bool| {
+        let mut e = if device {
+            Engine::new_device(&model, ecfg.clone()).unwrap()
+        } else {
+            Engine::new(&model, ecfg.clone()).unwrap()
+        };
+        for rq in &reqs {
+            e.submit(rq.clone()).unwrap();
+        }
+        let done = e.run_to_completion().unwrap();
+        let out: Vec<(Vec<u32>, Vec<u8>)> =
+            done.into_iter().map(|c| (c.tokens, c.depths)).collect();
+        (
+            out,
+            e.gate_trace().to_vec(),
+            e.stats().depth_histogram.clone(),
+        )
+    };
+    let (host, host_gates, hist) = run(false);
+    let (dev, dev_gates, dev_hist) = run(true);
+    assert!(
+        hist[1] > 0 && hist[3] > 0,
+        "exits at several depths: {hist:?}"
+    );
+    assert_eq!(dev, host);
+    assert_eq!(dev_hist, hist);
+    assert_eq!(dev_gates.len(), host_gates.len());
+    for (a, b) in dev_gates.iter().zip(&host_gates) {
+        assert_eq!((a.id, a.pos, a.step), (b.id, b.pos, b.step));
+        assert!((a.gate - b.gate).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+}

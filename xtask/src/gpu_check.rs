@@ -525,10 +525,17 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     // 5. `bench infer` on the GPU (the engine's device path).
     let bench = section(&budget, Duration::from_secs(60), |_| {
         let _ = need_device()?;
+        // First the device path's exactness on a micro model (seconds), then the bench.
+        let exact = decode_exactness("cuda")?;
+        let exact_passed = exact.get("passed") == Some(&json!(true));
         let cfg = bench_infer_config();
         let r = mor_bench::infer::run(&cfg, &mut |line| eprintln!("bench infer: {line}"))
             .map_err(anyhow::Error::from)?;
-        Ok(bench_infer_fields(&r))
+        let mut m = bench_infer_fields(&r);
+        let bench_passed = m.get("passed") == Some(&json!(true));
+        m.insert("exactness".into(), Value::Object(exact));
+        m.insert("passed".into(), json!(exact_passed && bench_passed));
+        Ok(m)
     });
     report.sections.push((SECTIONS[4].into(), bench));
 
@@ -561,6 +568,111 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     }
     println!("gpu-check --full: report {}", args.out.display());
     Ok(())
+}
+
+/// Largest difference of the device path's f32 logits (on `backend`) from the host path's
+/// (on the CPU, the same weights), relative to the logits' scale.
+pub const DECODE_LOGIT_RTOL: f64 = 1e-3;
+
+/// The engine's device path on `backend` (`cuda`, or `cpu` in the tests) for a micro
+/// expert-choice MoR (N_r = 3, recursion-wise KV, f32), against the host path on the CPU
+/// with the same weights: the largest logit difference of a teacher-forced sequence
+/// (against [`DECODE_LOGIT_RTOL`] of the logits' scale), and whether the batched device
+/// engine (B = 4 and 8, blocks of 4 tokens) generates the greedy tokens of decoding each
+/// request alone on the device path. `passed` when both hold.
+///
+/// # Errors
+/// A model or engine that cannot be built or run.
+pub fn decode_exactness(backend: &str) -> anyhow::Result<Map<String, Value>> {
+    use mor_models::engine::{DecodeOptions, Decoder, Engine, EngineConfig, Request};
+    use mor_models::MorModel;
+    let _ = mor_models::builtin::link();
+    let toml = |kind: &str| {
+        format!(
+            "[model]\npreset = \"micro\"\nnum_layers = 8\nseq_len = 32\ninit_std = 0.2\n\
+             [recursion]\nnum_recursions = 3\nsharing = {{ kind = \"middle_cycle\" }}\n\
+             [router]\nkind = \"expert_choice\"\n[kv]\nkind = \"recursion_wise\"\n\
+             [runtime]\nbackend = {{ kind = \"{kind}\" }}\nseed = 3\n\
+             [train]\nbudget = {{ steps = 1 }}\n"
+        )
+    };
+    let model = MorModel::new(&Config::from_toml_str(&toml(backend))?)?;
+    let reference = MorModel::new(&Config::from_toml_str(&toml("cpu"))?)?;
+    let vocab = model.config().model.vocab_size as u32;
+    let opts = DecodeOptions {
+        block_tokens: 4,
+        ..Default::default()
+    };
+    let mut dev = Decoder::new_device(&model, opts.clone())?;
+    let mut host = Decoder::new(&reference, opts.clone())?;
+    let (mut gap, mut scale) = (0f64, 0f64);
+    for i in 0..24u32 {
+        let t = (i * 7 + 3) % vocab;
+        let (a, b) = (dev.step(t)?, host.step(t)?);
+        for (x, y) in a.logits.iter().zip(&b.logits) {
+            gap = gap.max((x - y).abs() as f64);
+            scale = scale.max(y.abs() as f64);
+        }
+    }
+    let logits_ok = gap <= DECODE_LOGIT_RTOL * scale.max(1.0);
+    // Greedy requests of 1-6 prompt tokens and 4-11 new tokens.
+    let reqs: Vec<Request> = (0..8u32)
+        .map(|i| {
+            let prompt = (0..1 + i % 6)
+                .map(|j| (i * 13 + j * 5 + 1) % vocab)
+                .collect();
+            Request::greedy(prompt, 4 + (i as usize * 3) % 8)
+        })
+        .collect();
+    let mut want = Vec::new();
+    for (i, rq) in reqs.iter().enumerate() {
+        let mut d = Decoder::new_device(&model, opts.clone())?;
+        let (tokens, _) = d.generate(
+            &rq.prompt,
+            rq.max_new_tokens,
+            rq.sampling,
+            rq.stop_token,
+            i as u64,
+        )?;
+        want.push(tokens);
+    }
+    let mut mismatched = Vec::new();
+    for batch in [4usize, 8] {
+        let mut e = Engine::new_device(
+            &model,
+            EngineConfig {
+                batch_size: batch,
+                block_tokens: 4,
+                ..Default::default()
+            },
+        )?;
+        for rq in &reqs {
+            e.submit(rq.clone())?;
+        }
+        for c in e.run_to_completion()? {
+            if want.get(c.id as usize) != Some(&c.tokens) {
+                mismatched.push(json!({"batch": batch, "request": c.id}));
+            }
+        }
+    }
+    let mut m = Map::new();
+    m.insert(
+        "model".into(),
+        json!(format!(
+            "micro expert-choice MoR, N_r = 3, recursion-wise KV, f32; device path on {backend} \
+             against the host path on cpu"
+        )),
+    );
+    m.insert("logit_max_abs_diff".into(), json!(gap));
+    m.insert("logit_scale".into(), json!(scale));
+    m.insert("logit_rtol".into(), json!(DECODE_LOGIT_RTOL));
+    m.insert(
+        "batched_equals_sequential".into(),
+        json!(mismatched.is_empty()),
+    );
+    m.insert("mismatched".into(), Value::Array(mismatched.clone()));
+    m.insert("passed".into(), json!(logits_ok && mismatched.is_empty()));
+    Ok(m)
 }
 
 /// The `bench infer` settings of `--full`: the quick preset's models (vanilla and
@@ -769,6 +881,16 @@ mod tests {
         assert!(!r.passed());
         r.sections[1].1 = json!({"status": "skipped", "reason": "budget"});
         assert!(r.passed());
+    }
+
+    #[test]
+    fn the_decode_exactness_check_passes_on_the_cpu() {
+        let m = decode_exactness("cpu").unwrap();
+        assert_eq!(m["passed"], true, "{m:?}");
+        assert_eq!(m["batched_equals_sequential"], true);
+        let gap = m["logit_max_abs_diff"].as_f64().unwrap();
+        assert!(gap < 1e-4, "{gap}");
+        assert!(m["logit_scale"].as_f64().unwrap() > 0.1);
     }
 
     #[test]

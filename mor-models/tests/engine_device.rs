@@ -70,6 +70,17 @@ fn cases() -> Vec<(&'static str, ResolvedConfig)> {
             "token/recursion_wise",
             mor("kind = \"token_choice\"", "recursion_wise"),
         ),
+        (
+            "token/recursive_sharing",
+            mor("kind = \"token_choice\"", "recursive_sharing"),
+        ),
+        (
+            "token/gate-intermediate",
+            mor(
+                "kind = \"token_choice\"\ngate_intermediate = true",
+                "recursion_wise",
+            ),
+        ),
         // Per-slot norms: one block call mixes norm groups (split and put back in order).
         (
             "expert/no-ln-share",

@@ -20,12 +20,12 @@
 //! # Transfers per phase (one [`run_layers`](DeviceCompute::run_layers) call of `n` items)
 //! Up: the hidden rows `[n, d]` f32; per layer, the positions `[n]`, the rows that store
 //! (`[n_w]`, only when not all do), their flat write indices (`[n_w]`, broadcast on the
-//! device), the block table `[n, max_blocks]` and the visible lengths `[n]` (u32). Down: the output rows `[n, d]` f32. The
-//! LM head uploads `[n, d]` and downloads the logits `[n, vocab]` f32; an expert-choice
-//! routing decision uploads `[n, d]` and downloads `n` gates. Embedding rows are read from
-//! a host copy of the table and travel up with the prelude's input. A phase without layers
-//! moves nothing. The downloads are counted by `mor_kernels::host_sync` (one read per
-//! phase with layers, one per LM-head call).
+//! device), the block table `[n, max_blocks]` and the visible lengths `[n]` (u32). Down:
+//! the output rows `[n, d]` f32. The LM head uploads `[n, d]` and downloads the logits
+//! `[n, vocab]` f32; an expert-choice routing decision uploads `[n, d]` and downloads `n`
+//! gates. Embedding rows are read from a host copy of the table and travel up with the
+//! prelude's input. A phase without layers moves nothing. The downloads are counted by
+//! `mor_kernels::host_sync` (one read per phase with layers, one per LM-head call).
 //!
 //! # Not covered (refused with an error naming it)
 //! A relaxation (LoRA / DoRA, adaption prompt, recursion encoding), the hybrid KV policy
@@ -124,10 +124,13 @@ impl DeviceKvCache {
                 base: probe.source_slot(s).unwrap_or(s),
             })
             .collect();
-        if u32::try_from(spec.max_blocks).is_err() || spec.max_blocks == 0 {
+        // Token rows are addressed by u32 flat indices.
+        let tokens = spec.max_blocks.checked_mul(spec.block_tokens);
+        if spec.max_blocks == 0 || tokens.is_none_or(|t| u32::try_from(t).is_err()) {
             return Err(Error::msg(format!(
-                "the device KV pool needs 1..=u32::MAX blocks, got {}",
-                spec.max_blocks
+                "the device KV pool of {} blocks of {} tokens must hold 1..=u32::MAX tokens \
+                 (lower kv_blocks or block_tokens)",
+                spec.max_blocks, spec.block_tokens
             )));
         }
         let mut c = DeviceKvCache {

@@ -449,7 +449,8 @@ impl<'m> Engine<'m> {
     /// layer and LM-head weights as candle tensors in `cfg.precision` and the paged KV pool
     /// in `cfg.kv_precision` on the model's device, decode attention through the paged
     /// kernel (see `engine/device.rs`). The scheduler, routing and sampling stay on the
-    /// host.
+    /// host. Its [`Engine::cache`] keeps the same books as the host cache, but its
+    /// `view` is an error (the K/V are not on the host).
     ///
     /// # Errors
     /// As [`Engine::new`]; a model with a relaxation (LoRA / DoRA, adaption prompt,

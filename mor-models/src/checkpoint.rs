@@ -392,16 +392,30 @@ pub fn load_run_model(dir: &Path, model: &crate::MorModel) -> Result<()> {
     Ok(())
 }
 
+/// The weights of [`save_run_model`] alone: `model.safetensors` written atomically and
+/// recorded in `dir/manifest.json`; `config.json` is left as it is (a resumed run keeps the
+/// config it started with, whatever backend it continued on).
+pub fn save_run_weights(dir: &Path, model: &crate::MorModel) -> Result<()> {
+    write_weights(dir, &model_tensors(model))?;
+    fsync_dir(dir)?;
+    record_files(dir, &["model.safetensors"])
+}
+
+/// Writes `dir/model.safetensors` through a temporary file and a rename.
+fn write_weights(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
+    save_tensors(&tmp, tensors)?;
+    let dst = dir.join("model.safetensors");
+    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))
+}
+
 fn save_model_tensors(
     dir: &Path,
     tensors: &[(String, Tensor)],
     config_json: &serde_json::Value,
 ) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
-    save_tensors(&tmp, tensors)?;
-    let dst = dir.join("model.safetensors");
-    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+    write_weights(dir, tensors)?;
     write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(config_json)

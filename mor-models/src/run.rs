@@ -21,9 +21,10 @@ use std::path::{Path, PathBuf};
 
 mod backend;
 mod evaluate;
+use backend::is_backend_difference;
 pub use backend::{
-    is_backend_difference, read_run_config, read_segments, registered_backends, with_backend,
-    BackendSwitch, RunConfig, Segment, SEGMENTS_FILE,
+    check_backend, read_run_config, read_segments, with_backend, BackendSwitch, RunConfig, Segment,
+    SEGMENTS_FILE,
 };
 pub use evaluate::{
     evaluate, evaluate_all, DepthNll, EvalResults, Evaluation, DEPTH_SWEEP_TOKENS, TRACE_SEQUENCES,
@@ -644,6 +645,27 @@ fn run_locked(
         Existing::Partial => true,
         Existing::New => false,
     };
+    // The backend the run last trained on: its last segment's, else (a run started by an
+    // older version, which records no segments) its config's.
+    let last_backend: Option<String> = if resuming {
+        read_segments(out)?
+            .last()
+            .map(|s| s.backend.kind.clone())
+            .or_else(|| insp.recorded_backend.as_ref().map(|b| b.kind.clone()))
+    } else {
+        None
+    };
+    // A run moved to another backend with `--backend` stays there until asked again, even
+    // when the config given is its own.
+    if let Some(last) = last_backend.as_deref() {
+        let kind = &cfg.backend.kind;
+        if last != kind && switch == BackendSwitch::Refuse {
+            return Err(Error::msg(format!(
+                "{} last trained on backend `{last}` (recorded in {SEGMENTS_FILE}), the config given names `{kind}`; nothing was changed.\npass --backend {kind} to continue it on `{kind}` from its latest checkpoint (not bit-identical to an uninterrupted run), or --backend {last} to continue it on `{last}`",
+                out.display()
+            )));
+        }
+    }
     // The task files of the final evaluation are read now, so a bad one is refused before
     // any training rather than after it.
     if !opts.skip_eval {
@@ -736,9 +758,15 @@ fn run_locked(
             insp.data.write(out)?;
         }
         if !out.join("config.json").exists() {
+            // From the run's own config.toml (checked by `inspect`), not from `cfg`, which
+            // may name another backend (`--backend`).
+            let p = out.join("config.toml");
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            let own = mor_core::config::Config::from_toml_str(&text)
+                .map_err(|e| Error::msg(format!("{}: {e}", p.display())))?;
             write_atomic(
                 &out.join("config.json"),
-                cfg.to_json().unwrap_or_default().as_bytes(),
+                own.to_json().unwrap_or_default().as_bytes(),
             )?;
         }
         let manifest = crate::checkpoint::read_manifest(out)?.unwrap_or_default();
@@ -756,40 +784,37 @@ fn run_locked(
         }
     }
     let mut adapter = DataAdapter { it };
-    let from_step = if resuming {
-        backend::resume_step(out)
-    } else {
-        0
+    let started_on = insp.recorded_backend.clone().unwrap_or(cfg.backend.clone());
+    // Called by the trainer once the checkpoint it resumes from has loaded (`from_step` is
+    // that checkpoint's step), so the segment names the step training really continues
+    // from, and nothing is recorded when the trainer refuses before any work.
+    let mut on_start = |from_step: usize| -> Result<()> {
+        if from_step > 0 && last_backend.as_deref() != Some(cfg.backend.kind.as_str()) {
+            eprintln!(
+                "note: {name}: continuing from step {from_step} on backend `{}` (it ran on `{}` before; recorded in {SEGMENTS_FILE}); the continuation is not bit-identical to an uninterrupted run",
+                cfg.backend.kind,
+                last_backend.as_deref().unwrap_or("another backend")
+            );
+        }
+        setup.training_started = true;
+        backend::record_segment(
+            out,
+            Segment {
+                from_step,
+                backend: cfg.backend.clone(),
+            },
+            &started_on,
+        )
     };
-    // The backend the run's last segment ran on (that of its config for a run started by an
-    // older version, which records no segments).
-    let was = read_segments(out)
-        .ok()
-        .and_then(|s| s.last().map(|s| s.backend.kind.clone()))
-        .or_else(|| insp.recorded_backend.as_ref().map(|b| b.kind.clone()));
-    if switching && from_step > 0 && was.as_deref() != Some(cfg.backend.kind.as_str()) {
-        eprintln!(
-            "note: {name}: continuing from step {from_step} on backend `{}` (it ran on `{}` before; recorded in {SEGMENTS_FILE}); the continuation is not bit-identical to an uninterrupted run",
-            cfg.backend.kind,
-            was.as_deref().unwrap_or("another backend")
-        );
-    }
-    setup.training_started = true;
-    backend::record_segment(
-        out,
-        Segment {
-            from_step,
-            backend: cfg.backend.clone(),
-        },
-        insp.recorded_backend.as_ref().unwrap_or(&cfg.backend),
-    )?;
-    let summary = train::train(
+    let summary = train::train_observed(
         &model,
         &mut adapter,
         &settings,
         out,
         opts.resume,
         acct.flops_per_token,
+        model.config().train.update_path.into(),
+        &mut on_start,
     )?;
     let curve = read_curve(name, &out.join("metrics.jsonl"))?;
     if !summary.finished {
@@ -798,7 +823,18 @@ fn run_locked(
             summary.steps, settings.steps
         )));
     }
-    crate::checkpoint::save_run_model(out, &model, &serde_json::to_value(cfg).unwrap_or_default())?;
+    if resuming {
+        // The run keeps the config.json it started with (or, for a run of an older version,
+        // the one written above from its config.toml): a run continued on another backend
+        // is still the run of its own config.
+        crate::checkpoint::save_run_weights(out, &model)?;
+    } else {
+        crate::checkpoint::save_run_model(
+            out,
+            &model,
+            &serde_json::to_value(cfg).unwrap_or_default(),
+        )?;
+    }
 
     let evaluated = !opts.skip_eval;
     let (ev, traces, scores) = if evaluated {
@@ -862,8 +898,7 @@ fn run_locked(
     );
     extra.insert("threads".into(), serde_json::json!(cfg.threads));
     // A run that changed backend lists the backend of each segment, in order.
-    let mut backends: Vec<String> = read_segments(out)
-        .unwrap_or_default()
+    let mut backends: Vec<String> = read_segments(out)?
         .iter()
         .map(|s| s.backend.kind.clone())
         .collect();

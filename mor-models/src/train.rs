@@ -226,6 +226,36 @@ pub fn train_with(
     flops_per_token: f64,
     update: UpdatePath,
 ) -> Result<TrainSummary> {
+    train_observed(
+        model,
+        data,
+        s,
+        run_dir,
+        resume,
+        flops_per_token,
+        update,
+        &mut |_| Ok(()),
+    )
+}
+
+/// [`train_with`], calling `on_start(step)` once before the first step: `step` is the step
+/// of the checkpoint the run resumed from, after it loaded (0 for a start). What is refused
+/// before any work (a setting, a checkpoint that does not load) never reaches it, so it
+/// records only invocations that train; an error from it stops the run there.
+///
+/// # Errors
+/// Those of [`train_with`], and `on_start`'s.
+#[allow(clippy::too_many_arguments)]
+pub fn train_observed(
+    model: &MorModel,
+    data: &mut dyn TrainData,
+    s: &TrainSettings,
+    run_dir: &Path,
+    resume: bool,
+    flops_per_token: f64,
+    update: UpdatePath,
+    on_start: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<TrainSummary> {
     if s.micro_batch_seqs == 0 || !s.batch_seqs.is_multiple_of(s.micro_batch_seqs) {
         return Err(Error::msg(format!(
             "train.batch_seqs ({}) must be a multiple of train.micro_batch_seqs ({})",
@@ -335,6 +365,7 @@ pub fn train_with(
             run_dir.display()
         )));
     }
+    on_start(step)?;
 
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)

@@ -12,7 +12,7 @@
 //! optimiser moments restarted from zero change (the loss moves by about 1e-2 relative per
 //! step here).
 
-use common::{metric, quiet_opts as opts, run_dir as dir, Micro, MOR_RECURSION};
+use common::{metric, quiet_opts as opts, run_dir as dir, snapshot, Micro, MOR_RECURSION};
 mod common;
 
 use mor_core::config::ResolvedConfig;
@@ -20,7 +20,7 @@ use mor_models::run::{
     data_config, evaluate, prepare_existing, read_run_config, read_segments, run, run_with,
     with_backend, BackendSwitch, Segment,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Relative tolerance of a quantity computed on `reference` against `cpu` (module doc).
 const TOL: f64 = 1e-5;
@@ -59,30 +59,29 @@ fn eval_run(dir: &Path, backend: Option<&str>) -> (String, f64, f64) {
     )
 }
 
-/// Every file of a folder (recursively) with its bytes.
-fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
-/// Rewrites a run folder's config as `cfg` (both files re-hashed in its manifest), as a run
-/// started with `cfg` would have written it.
+/// Rewrites a run folder's config as `cfg`, and the backend of its training segments as
+/// `cfg`'s (the files re-hashed in its manifest), as a run started with `cfg` would have
+/// written them.
 fn relabel(dir: &Path, cfg: &ResolvedConfig) {
     use mor_models::checkpoint::{record_files, write_atomic};
     write_atomic(&dir.join("config.toml"), cfg.to_toml_string().as_bytes()).unwrap();
     write_atomic(&dir.join("config.json"), cfg.to_json().unwrap().as_bytes()).unwrap();
     record_files(dir, &["config.toml", "config.json"]).unwrap();
+    let segs = read_segments(dir).unwrap();
+    if !segs.is_empty() {
+        let text: String = segs
+            .into_iter()
+            .map(|s| {
+                let s = Segment {
+                    backend: cfg.backend.clone(),
+                    ..s
+                };
+                serde_json::to_string(&s).unwrap() + "\n"
+            })
+            .collect();
+        write_atomic(&dir.join("segments.jsonl"), text.as_bytes()).unwrap();
+        record_files(dir, &["segments.jsonl"]).unwrap();
+    }
 }
 
 #[test]
@@ -148,7 +147,10 @@ fn a_run_continues_on_another_backend_only_when_asked() {
     );
     assert_eq!(snapshot(&b), before);
     // With it: continues on `cpu` from the checkpoint of step 2.
+    let config_json = std::fs::read(b.join("config.json")).unwrap();
     run_with(&on_cpu, "t", &o, BackendSwitch::Allow).unwrap();
+    // The run's own config is kept as it was written at its start.
+    assert_eq!(std::fs::read(b.join("config.json")).unwrap(), config_json);
     let steps = metric(&b, "step");
     assert_eq!(
         steps,
@@ -203,6 +205,9 @@ fn a_run_continues_on_another_backend_only_when_asked() {
     let again = run_with(&on_cpu, "t", &o, BackendSwitch::Allow).unwrap();
     assert!(again.already_finished);
     assert_eq!(snapshot(&b), done);
+    // With its own config (no flag) too: it is the run of that config.
+    assert!(run(&on_ref, "t", &o).unwrap().already_finished);
+    assert_eq!(snapshot(&b), done);
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
 }
@@ -251,11 +256,13 @@ fn a_cuda_run_evaluates_here_with_backend_cpu() {
     relabel(&u, &on_cuda);
     let mut o = opts(&u);
     o.resume = true;
+    let before = snapshot(&u);
     let err = run(&on_cuda, "t", &o).unwrap_err().to_string();
     assert!(
         err.contains("cuda") && err.contains("pass --backend cpu"),
         "{err}"
     );
+    assert_eq!(snapshot(&u), before, "the refused resume changed the run");
     run_with(&cfg("cpu", 4, ""), "t", &o, BackendSwitch::Allow).unwrap();
     assert_eq!(metric(&u, "step"), [1.0, 2.0, 3.0, 4.0]);
     assert_eq!(read_segments(&u).unwrap().last().unwrap().from_step, 2);
@@ -280,5 +287,155 @@ fn a_bf16_run_on_a_backend_without_bf16_is_refused_with_the_precision_message() 
     let rc = read_run_config(&d, Some("cpu")).unwrap();
     assert!(rc.notice().is_none());
     assert_eq!(rc.load_model(&d).unwrap().backend().name(), "cpu");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The segments of `dir` as `(from_step, backend kind)`.
+fn segments(dir: &Path) -> Vec<(usize, String)> {
+    read_segments(dir)
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.from_step, s.backend.kind))
+        .collect()
+}
+
+fn resume_opts(dir: &Path, stop_after: Option<usize>) -> mor_models::run::RunOptions {
+    let mut o = opts(dir);
+    o.resume = true;
+    o.stop_after = stop_after;
+    o
+}
+
+#[test]
+fn a_run_moved_to_another_backend_does_not_move_back_without_the_flag() {
+    let (on_ref, on_cpu) = (cfg("reference", 6, ""), cfg("cpu", 6, ""));
+    let d = dir("xb-back");
+    let mut o = opts(&d);
+    o.stop_after = Some(3);
+    assert!(run(&on_ref, "t", &o).is_err());
+    // Steps 3-4 on `cpu` (checkpoint at step 4), then interrupted.
+    assert!(run_with(
+        &on_cpu,
+        "t",
+        &resume_opts(&d, Some(2)),
+        BackendSwitch::Allow
+    )
+    .is_err());
+    assert_eq!(segments(&d), [(0, "reference".into()), (2, "cpu".into())]);
+    // Its config names `reference`, but it last ran on `cpu`: without the flag, refused,
+    // naming it; nothing changed.
+    let before = snapshot(&d);
+    let err = run(&on_ref, "t", &resume_opts(&d, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`cpu`") && err.contains("--backend reference"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&d), before);
+    // With it, back to `reference` from step 4.
+    run_with(&on_ref, "t", &resume_opts(&d, None), BackendSwitch::Allow).unwrap();
+    assert_eq!(
+        segments(&d),
+        [
+            (0, "reference".into()),
+            (2, "cpu".into()),
+            (4, "reference".into())
+        ]
+    );
+    assert_eq!(metric(&d, "step"), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn the_segment_records_the_checkpoint_training_resumes_from() {
+    let on_cpu = cfg("cpu", 6, "");
+    let d = dir("xb-corrupt-newest");
+    let mut o = opts(&d);
+    o.stop_after = Some(5);
+    assert!(run(&cfg("reference", 6, ""), "t", &o).is_err());
+    // Checkpoints at steps 2 and 4; the newest one corrupt.
+    let p = d.join("checkpoints/step-0000004/model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    // `latest` names it: the resume is refused before anything is written (no segment).
+    let before = snapshot(&d);
+    assert!(run_with(&on_cpu, "t", &resume_opts(&d, None), BackendSwitch::Allow).is_err());
+    assert_eq!(snapshot(&d), before);
+    // Without `latest`, training continues from the valid checkpoint of step 2, and that is
+    // the step recorded.
+    std::fs::remove_file(d.join("checkpoints/latest")).unwrap();
+    run_with(&on_cpu, "t", &resume_opts(&d, None), BackendSwitch::Allow).unwrap();
+    assert_eq!(segments(&d), [(0, "reference".into()), (2, "cpu".into())]);
+    assert_eq!(metric(&d, "step"), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn an_older_run_without_config_json_keeps_its_own_backend_after_a_switch() {
+    use mor_models::checkpoint::{read_manifest, write_atomic, MANIFEST_FILE};
+    let on_ref = cfg("reference", 4, "");
+    let d = dir("xb-no-json");
+    let mut o = opts(&d);
+    o.stop_after = Some(3);
+    assert!(run(&on_ref, "t", &o).is_err());
+    // A run started before config.json was written.
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    let mut m = read_manifest(&d).unwrap().unwrap();
+    m.files.remove("config.json");
+    write_atomic(
+        &d.join(MANIFEST_FILE),
+        &serde_json::to_vec_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    run_with(
+        &cfg("cpu", 4, ""),
+        "t",
+        &resume_opts(&d, None),
+        BackendSwitch::Allow,
+    )
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+    assert_eq!(json["backend"]["kind"], "reference");
+    assert!(
+        run(&on_ref, "t", &resume_opts(&d, None))
+            .unwrap()
+            .already_finished
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_segment_record_that_does_not_match_its_hash_is_refused_with_a_way_forward() {
+    let on_ref = cfg("reference", 4, "");
+    let d = dir("xb-segments");
+    let mut o = opts(&d);
+    o.stop_after = Some(3);
+    assert!(run(&on_ref, "t", &o).is_err());
+    // Altered, still valid JSON of the same length.
+    let p = d.join("segments.jsonl");
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains("\"from_step\":0"), "{text}");
+    std::fs::write(&p, text.replace("\"from_step\":0", "\"from_step\":1")).unwrap();
+    let before = snapshot(&d);
+    let err = run(&on_ref, "t", &resume_opts(&d, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("segments.jsonl") && err.contains("hash") && err.contains("remove"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&d), before);
+    assert!(read_segments(&d).is_err());
+    // Removed as the message says: the run continues, starting a new record.
+    std::fs::remove_file(&p).unwrap();
+    run(&on_ref, "t", &resume_opts(&d, None)).unwrap();
+    assert_eq!(
+        segments(&d),
+        [(0, "reference".into()), (2, "reference".into())]
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

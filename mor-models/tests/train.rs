@@ -1,12 +1,12 @@
 //! Training loop guarantees: resume is bit-identical, NaN/Inf stops with the step and the
 //! last good checkpoint kept, corrupt checkpoints are refused without being overwritten.
 
-use common::{metric, quiet_opts as opts, run_dir as dir, weights, Micro, MOR_RECURSION};
+use common::{metric, quiet_opts as opts, run_dir as dir, snapshot, weights, Micro, MOR_RECURSION};
 mod common;
 
 use mor_core::config::{Config, ResolvedConfig};
 use mor_models::run::run;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn cfg(extra_train: &str) -> ResolvedConfig {
     let train = format!(
@@ -108,26 +108,6 @@ fn corrupt_checkpoint_is_refused_and_kept() {
     let err = run(&c, "c", &opts(&out)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
-}
-
-/// Every file under `dir` (relative path → bytes).
-fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(
-                    p.strip_prefix(root).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    let mut out = std::collections::BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn metric_steps(out: &Path) -> Vec<u64> {

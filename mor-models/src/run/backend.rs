@@ -10,7 +10,7 @@
 
 use crate::model::MorModel;
 use crate::{Error, Result};
-use mor_core::config::{apply_override, Config, PluginSpec, ResolvedConfig};
+use mor_core::config::{apply_override, Config, PluginSpec, Precision, ResolvedConfig};
 use mor_core::Family;
 use std::path::Path;
 
@@ -46,13 +46,24 @@ pub struct Segment {
 }
 
 /// Whether a `key: old -> new` line of [`super::config_differences`] names a backend key.
-pub fn is_backend_difference(diff: &str) -> bool {
+pub(crate) fn is_backend_difference(diff: &str) -> bool {
     diff.starts_with(BACKEND_KEY)
 }
 
 /// The registered backend names, comma-separated (for messages).
-pub fn registered_backends() -> String {
+pub(crate) fn registered_backends() -> String {
     mor_core::registry::names(Family::Backend).join(", ")
+}
+
+/// Checks that `kind` names a registered backend.
+///
+/// # Errors
+/// When it does not: `--backend KIND: …`, listing the registered backends.
+pub fn check_backend(kind: &str) -> Result<()> {
+    // The registry's message lists the registered backends.
+    mor_core::registry::find(Family::Backend, kind)
+        .map(|_| ())
+        .map_err(|e| Error::msg(format!("--backend {kind}: {e}")))
 }
 
 /// `cfg` with its backend set to `kind`: the config is resolved again from its source with
@@ -60,12 +71,12 @@ pub fn registered_backends() -> String {
 /// config's backend, the config is returned as it is (its backend parameters kept).
 ///
 /// # Errors
-/// When `kind` is not a registered backend (the message lists the registered ones), or the
-/// config does not resolve with it.
+/// When `kind` is not a registered backend (the message lists the registered ones), the
+/// config does not resolve with it, or the config resolved again differs from `cfg` in
+/// anything but its backend (a config resolved by an older version, whose defaults have
+/// changed since: the differing keys are named).
 pub fn with_backend(cfg: &ResolvedConfig, kind: &str) -> Result<ResolvedConfig> {
-    // The registry's message lists the registered backends.
-    mor_core::registry::find(Family::Backend, kind)
-        .map_err(|e| Error::msg(format!("--backend {kind}: {e}")))?;
+    check_backend(kind)?;
     if cfg.backend.kind == kind {
         return Ok(cfg.clone());
     }
@@ -75,11 +86,25 @@ pub fn with_backend(cfg: &ResolvedConfig, kind: &str) -> Result<ResolvedConfig> 
         "runtime.backend",
         toml::Value::String(kind.to_string()),
     )?;
-    Config::from_table(table).map_err(|e| {
+    let moved = Config::from_table(table).map_err(|e| {
         Error::msg(format!(
             "--backend {kind}: the run's config does not resolve on this backend: {e}"
         ))
-    })
+    })?;
+    let others: Vec<String> = super::config_differences(cfg, &moved)
+        .into_iter()
+        .filter(|d| !is_backend_difference(d))
+        .collect();
+    if !others.is_empty() {
+        return Err(Error::msg(format!(
+            "--backend {kind}: the config resolved again for `{kind}` differs from the given one \
+             in more than its backend (it was resolved by another version, whose defaults \
+             differ):\n  {}\nset these keys in the config explicitly, or use the run's own \
+             backend",
+            others.join("\n  ")
+        )));
+    }
+    Ok(moved)
 }
 
 /// A run folder's config read for inference, on the backend asked for.
@@ -91,8 +116,6 @@ pub struct RunConfig {
     pub recorded: PluginSpec,
     /// Whether `--backend` replaced the run's backend.
     pub overridden: bool,
-    /// The config file read (`config.toml`, else `config.json`).
-    pub config_file: &'static str,
 }
 
 impl RunConfig {
@@ -125,7 +148,8 @@ impl RunConfig {
                     registered_backends()
                 )),
                 (true, false) => e,
-                (true, true) => Error::msg(format!(
+                // The backend builds here in f32: only the run's precision is missing.
+                (true, true) if !unbuildable_in(&self.cfg, Precision::F32) => Error::msg(format!(
                     "--backend {}: {e}\nthe run was trained with train.precision = \"{}\" on \
                      backend `{}`; choose a backend that builds here and implements it \
                      (registered backends: {})",
@@ -134,19 +158,25 @@ impl RunConfig {
                     self.recorded.kind,
                     registered_backends()
                 )),
+                (true, true) => Error::msg(format!(
+                    "--backend {}: {e}\nchoose a backend that builds here (registered backends: {})",
+                    backend.kind,
+                    registered_backends()
+                )),
             }
         })
     }
 
     /// [`RunConfig::build_model`], then the run's trained weights (`model.safetensors`)
-    /// loaded onto the model's device.
+    /// loaded onto the model's device: what `eval`, `generate` and `export` compute with.
     ///
     /// # Errors
     /// As [`RunConfig::build_model`], or when the weights are missing, corrupt or do not
-    /// fit the config.
+    /// fit the config (`loading the weights of DIR: …`).
     pub fn load_model(&self, dir: &Path) -> Result<MorModel> {
         let model = self.build_model()?;
-        crate::checkpoint::load_run_model(dir, &model)?;
+        crate::checkpoint::load_run_model(dir, &model)
+            .map_err(|e| Error::msg(format!("loading the weights of {}: {e}", dir.display())))?;
         Ok(model)
     }
 }
@@ -154,8 +184,12 @@ impl RunConfig {
 /// Whether `cfg`'s backend cannot be built here (its feature missing, no device, or its
 /// precision not implemented).
 pub(crate) fn unbuildable(cfg: &ResolvedConfig) -> bool {
-    let ctx =
-        mor_kernels::BackendCtx::new(candle_core::Device::Cpu).with_precision(cfg.train.precision);
+    unbuildable_in(cfg, cfg.train.precision)
+}
+
+/// Whether `cfg`'s backend cannot be built here in `precision`.
+fn unbuildable_in(cfg: &ResolvedConfig, precision: Precision) -> bool {
+    let ctx = mor_kernels::BackendCtx::new(candle_core::Device::Cpu).with_precision(precision);
     mor_kernels::build_backend(&cfg.backend.kind, &cfg.backend.params, &ctx).is_err()
 }
 
@@ -168,26 +202,27 @@ pub(crate) fn unbuildable(cfg: &ResolvedConfig) -> bool {
 /// does not resolve, or `backend` is not a registered backend (the registered ones are
 /// listed).
 pub fn read_run_config(dir: &Path, backend: Option<&str>) -> Result<RunConfig> {
-    let toml_path = dir.join("config.toml");
-    let json_path = dir.join("config.json");
-    let (cfg, config_file) = if toml_path.is_file() {
-        let text = std::fs::read_to_string(&toml_path).map_err(|e| Error::io(&toml_path, e))?;
-        let cfg = Config::from_toml_str(&text)
-            .map_err(|e| Error::msg(format!("{}: {e}", toml_path.display())))?;
-        (cfg, "config.toml")
-    } else if json_path.is_file() {
-        let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
-        let cfg: ResolvedConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::msg(format!("{}: corrupt: {e}", json_path.display())))?;
-        (cfg, "config.json")
+    let config_file = if dir.join("config.toml").is_file() {
+        "config.toml"
+    } else if dir.join("config.json").is_file() {
+        "config.json"
     } else {
         return Err(Error::msg(format!(
             "{} is not a run folder (no config.toml or config.json)",
             dir.display()
         )));
     };
+    // Checked before it is parsed: a damaged file is named as such, not as a bad config.
     crate::checkpoint::verify_files(dir, &[config_file, crate::tokenizer::TOKENIZER_FILE], false)
         .map_err(|e| Error::msg(format!("cannot trust the files of {}: {e}", dir.display())))?;
+    let path = dir.join(config_file);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let cfg = if config_file == "config.toml" {
+        Config::from_toml_str(&text).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?
+    } else {
+        serde_json::from_str::<ResolvedConfig>(&text)
+            .map_err(|e| Error::msg(format!("{}: corrupt: {e}", path.display())))?
+    };
     let recorded = cfg.backend.clone();
     let (cfg, overridden) = match backend {
         Some(kind) => {
@@ -201,19 +236,33 @@ pub fn read_run_config(dir: &Path, backend: Option<&str>) -> Result<RunConfig> {
         cfg,
         recorded,
         overridden,
-        config_file,
     })
 }
 
 /// The training segments recorded in `dir` (empty when there is no [`SEGMENTS_FILE`]: a
-/// run started by an older version, or one that never trained).
+/// run started by an older version, or one that never trained). The file is checked
+/// against the folder's manifest when the manifest lists it.
 ///
 /// # Errors
-/// When the file is unreadable or a line is corrupt.
+/// When the file does not match its recorded hash, is unreadable, or a line is corrupt; the
+/// message says how to go on (remove the file: the run then starts a new record).
 pub fn read_segments(dir: &Path) -> Result<Vec<Segment>> {
     let p = dir.join(SEGMENTS_FILE);
     if !p.exists() {
         return Ok(Vec::new());
+    }
+    let damaged = |e: &dyn std::fmt::Display| {
+        Error::msg(format!(
+            "{e}\nthe record of the run's training segments is damaged: restore it, or remove \
+             {} to go on without it (the next resume starts a new record, from the backend of \
+             the run's config)",
+            p.display()
+        ))
+    };
+    let listed =
+        crate::checkpoint::read_manifest(dir)?.is_some_and(|m| m.files.contains_key(SEGMENTS_FILE));
+    if listed {
+        crate::checkpoint::verify_files(dir, &[SEGMENTS_FILE], true).map_err(|e| damaged(&e))?;
     }
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     text.lines()
@@ -221,7 +270,7 @@ pub fn read_segments(dir: &Path) -> Result<Vec<Segment>> {
         .enumerate()
         .map(|(i, l)| {
             serde_json::from_str(l)
-                .map_err(|e| Error::msg(format!("{}: line {} is corrupt: {e}", p.display(), i + 1)))
+                .map_err(|e| damaged(&format!("{}: line {} is corrupt: {e}", p.display(), i + 1)))
         })
         .collect()
 }
@@ -250,26 +299,77 @@ pub(crate) fn record_segment(dir: &Path, seg: Segment, started_on: &PluginSpec) 
     crate::checkpoint::record_files(dir, &[SEGMENTS_FILE])
 }
 
-/// The step a resume of `dir` continues from: the step of the checkpoint `latest` names,
-/// else of the newest `step-*` checkpoint whose `state.json` reads; 0 without one.
-pub(crate) fn resume_step(dir: &Path) -> usize {
-    let root = dir.join("checkpoints");
-    let step_of = |ckpt: &Path| -> Option<usize> {
-        let raw = std::fs::read(ckpt.join("state.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
-        v.get("step")?.as_u64().map(|s| s as usize)
-    };
-    if let Ok(Some(latest)) = crate::checkpoint::latest_checkpoint(&root) {
-        if let Some(s) = step_of(&latest) {
-            return s;
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(backend: &str) -> ResolvedConfig {
+        let _ = crate::builtin::link();
+        Config::from_toml_str(&format!(
+            "[model]\npreset = \"micro\"\n[runtime]\nbackend = \"{backend}\"\n\
+             [train]\nbudget = {{ steps = 1 }}\n"
+        ))
+        .unwrap()
     }
-    std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
-        .filter_map(|e| step_of(&e.path()))
-        .max()
-        .unwrap_or(0)
+
+    #[test]
+    fn a_switch_that_changes_more_than_the_backend_is_refused_naming_the_keys() {
+        let own = cfg("reference");
+        let moved = with_backend(&own, "cpu").unwrap();
+        assert_eq!(moved.backend.kind, "cpu");
+        assert!(super::super::config_differences(&own, &moved)
+            .iter()
+            .all(|d| is_backend_difference(d)));
+        // As an older version resolved it, with another default learning rate than its
+        // source resolves to today.
+        let mut old = own.clone();
+        old.train.lr *= 2.0;
+        let err = with_backend(&old, "cpu").unwrap_err().to_string();
+        assert!(
+            err.contains("--backend cpu") && err.contains("train.lr"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unbuildable_backend_names_the_precision_only_when_it_builds_in_f32() {
+        let own = cfg("reference");
+        let cuda = with_backend(&own, "cuda").unwrap();
+        if !unbuildable_in(&cuda, Precision::F32) {
+            eprintln!("skipped: the cuda backend builds here");
+            return;
+        }
+        let rc = RunConfig {
+            cfg: cuda,
+            recorded: own.backend.clone(),
+            overridden: true,
+        };
+        let err = rc.build_model().unwrap_err().to_string();
+        assert!(
+            err.contains("--backend cuda") && !err.contains("precision"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_config_is_named_as_not_matching_its_hash() {
+        let dir = std::env::temp_dir().join(format!("mor-backend-hash-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.toml"), cfg("cpu").to_toml_string()).unwrap();
+        crate::tokenizer::Tokenizer::byte_level()
+            .save(&dir)
+            .unwrap();
+        crate::checkpoint::record_files(&dir, &["config.toml", crate::tokenizer::TOKENIZER_FILE])
+            .unwrap();
+        assert!(read_run_config(&dir, None).is_ok());
+        std::fs::write(dir.join("config.toml"), "[model\n").unwrap();
+        let err = read_run_config(&dir, None).unwrap_err().to_string();
+        assert!(
+            err.contains("config.toml")
+                && (err.contains("truncated or altered") || err.contains("recorded hash")),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -28,7 +28,8 @@ use mor_core::config::{apply_override, Config};
 use mor_models::progress::AblationProgress;
 use mor_models::report::{self, RunSummary};
 use mor_models::run::{
-    inspect, read_curve, run_with, with_backend, BackendSwitch, EvalResults, RunOptions,
+    check_backend, inspect, read_curve, run_with, with_backend, BackendSwitch, EvalResults,
+    RunOptions,
 };
 use std::path::PathBuf;
 
@@ -217,6 +218,10 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         }
     }
     let runs = expand(&text, &origin)?;
+    // An unknown backend is one problem, not one per run.
+    if let Some(kind) = &args.backend {
+        check_backend(kind)?;
+    }
     // Resolve every run before training any, so a typo fails fast.
     let mut configs = Vec::new();
     let mut problems = Vec::new();

@@ -53,9 +53,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
             anyhow::bail!("--tasks {}: no such file", t.display());
         }
     }
-    let model = rc.build_model()?;
-    mor_models::checkpoint::load_run_model(dir, &model)
-        .with_context(|| format!("loading the weights of {}", dir.display()))?;
+    let model = rc.load_model(dir)?;
     if let Some(d) = args.max_depth {
         model
             .set_max_depth(Some(d))

@@ -46,26 +46,27 @@ pub struct Args {
 
 /// Runs `export`.
 pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
+    export(args).map(|_| ())
+}
+
+/// `export`; returns the name of the backend the model was built on.
+fn export(args: &Args) -> anyhow::Result<&'static str> {
     let dir = &args.run;
     let rc = mor_models::run::read_run_config(dir, args.backend.as_deref())?;
     if let Some(n) = rc.notice() {
         eprintln!("{n}");
     }
     let cfg = &rc.cfg;
-    let model = rc.build_model()?;
-    match args.format {
-        Format::Hf => {
-            if let Some(why) = mor_models::hf::hf_refusal(&model) {
-                anyhow::bail!("cannot export {} as hf: {why}", dir.display());
-            }
-        }
-        Format::Official => {
-            mor_models::official::official_shape(cfg)
-                .with_context(|| format!("cannot export {} as official", dir.display()))?;
+    if args.format == Format::Official {
+        mor_models::official::official_shape(cfg)
+            .with_context(|| format!("cannot export {} as official", dir.display()))?;
+    }
+    let model = rc.load_model(dir)?;
+    if args.format == Format::Hf {
+        if let Some(why) = mor_models::hf::hf_refusal(&model) {
+            anyhow::bail!("cannot export {} as hf: {why}", dir.display());
         }
     }
-    mor_models::checkpoint::load_run_model(dir, &model)
-        .with_context(|| format!("loading the weights of {}", dir.display()))?;
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let written = match args.format {
         Format::Hf => mor_models::hf::export_hf(&model, &tok, &args.out)
@@ -80,7 +81,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
         dir.display(),
         args.out.display()
     );
-    Ok(())
+    Ok(model.backend().name())
 }
 
 #[cfg(test)]
@@ -137,7 +138,7 @@ mod tests {
             assert_eq!(x, y, "{n}");
         }
         let out = tmp.join("hf");
-        run_cmd(&Args {
+        let built_on = export(&Args {
             run: run.clone(),
             out: out.clone(),
             format: Format::Hf,
@@ -145,6 +146,7 @@ mod tests {
             backend: Some("reference".into()),
         })
         .unwrap();
+        assert_eq!(built_on, "reference");
         // The export holds the fixture's weights bit for bit.
         let a = mor_models::hf::read_hf(&fixture).unwrap();
         let b = mor_models::hf::read_hf(&out).unwrap();

@@ -4,7 +4,6 @@
 //! streams generated text to stdout (spec §5), optionally annotating every token with the
 //! recursion depth that produced it (`token[2]`, or ANSI colours by depth).
 
-use anyhow::Context;
 use mor_models::engine::{
     encode_prompt, Engine, EngineConfig, Event, FinishReason, Request, SamplingParams,
 };
@@ -76,9 +75,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let cfg = &rc.cfg;
     mor_models::run::set_threads(args.threads);
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let model = rc.build_model()?;
-    mor_models::checkpoint::load_run_model(dir, &model)
-        .with_context(|| format!("loading the weights of {}", dir.display()))?;
+    let model = rc.load_model(dir)?;
     let prompt = encode_prompt(&tok, args.prompt.as_encoded_bytes())?;
     let sampling = SamplingParams {
         temperature: args.temperature.unwrap_or(cfg.infer.temperature),

@@ -47,6 +47,8 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
     let mut cfg = crate::plan::load(&args.config, &args.overrides)?;
     let switch = match &args.backend {
         Some(kind) => {
+            // Checked first: an unknown backend is refused without a notice that uses it.
+            let moved = with_backend(&cfg, kind)?;
             if cfg.backend.kind != *kind {
                 eprintln!(
                     "note: {} names backend `{}`; using backend `{kind}` (--backend)",
@@ -54,7 +56,7 @@ pub fn run_cmd(args: &Args) -> anyhow::Result<()> {
                     cfg.backend.kind
                 );
             }
-            cfg = with_backend(&cfg, kind)?;
+            cfg = moved;
             BackendSwitch::Allow
         }
         None => BackendSwitch::Refuse,

@@ -3,44 +3,16 @@
 //! `eval --backend` scores the run on another backend. `reference` stands for the backend the
 //! run was trained on (`cuda`), `cpu` for the one it moves to.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 mod common;
 
-fn xtask(args: &[&str], paths: &[(&str, &Path)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    c.args(args);
-    for (flag, p) in paths {
-        c.arg(flag).arg(p);
-    }
-    c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{snapshot, stderr, xtask};
 
 fn nll(o: &Output) -> f64 {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["full_sequence"]["nll"].as_f64().unwrap()
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -133,15 +105,9 @@ fn train_resumes_and_eval_scores_on_another_backend() {
 #[test]
 fn ablate_reuses_a_run_of_another_backend_only_with_the_flag() {
     let root = common::tmp("xb", "ablate");
-    let base = common::config(2, 2)
-        .replace("seed = 7", "backend = \"reference\"\nseed = 7")
-        .replace("[model]", "[base.model]")
-        .replace("[recursion]", "[base.recursion]")
-        .replace("[router]", "[base.router]")
-        .replace("[runtime]", "[base.runtime]")
-        .replace("[data]", "[base.data]")
-        .replace("[eval]", "[base.eval]")
-        .replace("[train]", "[base.train]");
+    let base = common::grid_base(
+        &common::config(2, 2).replace("seed = 7", "backend = \"reference\"\nseed = 7"),
+    );
     let grid = root.join("g.toml");
     std::fs::write(&grid, &base).unwrap();
     let out = root.join("abl");
@@ -168,5 +134,120 @@ fn ablate_reuses_a_run_of_another_backend_only_with_the_flag() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("reused"), "{}", stderr(&o));
     assert_eq!(snapshot(&out.join("base")), before);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The `(from_step, backend kind)` of each line of the run's segments.jsonl.
+fn segments(out: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(out.join("segments.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["from_step"].as_u64().unwrap(),
+                v["backend"]["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_moved_to_cpu_goes_back_only_with_the_flag_and_keeps_its_config() {
+    let root = common::tmp("xb", "back");
+    let cfg = root.join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        common::config(6, 2).replace("seed = 7", "backend = \"reference\"\nseed = 7"),
+    )
+    .unwrap();
+    let out = root.join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--quiet"];
+        args.extend_from_slice(extra);
+        xtask(&args, &[("--config", &cfg), ("--out", &out)])
+    };
+    let config_json = || std::fs::read(out.join("config.json")).unwrap();
+    assert!(!train(&["--stop-after", "3"]).status.success());
+    let own = config_json();
+    // Steps 3-4 on `cpu` (checkpoint at step 4).
+    let o = train(&["--resume", "--backend", "cpu", "--stop-after", "2"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("continuing from step 2 on backend `cpu`"),
+        "{}",
+        stderr(&o)
+    );
+    // Its own config, no flag: refused, naming the flag; nothing changed.
+    let before = snapshot(&out);
+    let o = train(&["--resume"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("last trained on backend `cpu`") && err.contains("--backend reference"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&out), before);
+    // With the flag: back on `reference` from step 4, with the notice.
+    let o = train(&["--resume", "--backend", "reference"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("continuing from step 4 on backend `reference` (it ran on `cpu` before"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        segments(&out),
+        [
+            (0, "reference".into()),
+            (2, "cpu".into()),
+            (4, "reference".into())
+        ]
+    );
+    // The finished run is still the run of its own config: reported with it.
+    assert_eq!(config_json(), own);
+    let o = train(&["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("already finished"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn an_unknown_backend_is_refused_once_and_before_any_notice() {
+    let root = common::tmp("xb", "unknown");
+    let cfg = root.join("tiny.toml");
+    std::fs::write(&cfg, common::config(2, 2)).unwrap();
+    let out = root.join("run");
+    let o = xtask(
+        &["train", "--quiet", "--backend", "tpu"],
+        &[("--config", &cfg), ("--out", &out)],
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("cpu, cuda, reference") && !err.contains("using backend `tpu`"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // A grid of two runs: one refusal, not one per run.
+    let grid = root.join("g.toml");
+    std::fs::write(
+        &grid,
+        common::grid_base(&common::config(2, 2))
+            + "\n[[runs]]\nname = \"a\"\n\n[[runs]]\nname = \"b\"\nset = { \"train.lr\" = 2e-3 }\n",
+    )
+    .unwrap();
+    let dry = xtask(&["ablate", "--dry-run"], &[("--grid", &grid)]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert_eq!(String::from_utf8_lossy(&dry.stdout).lines().count(), 2);
+    let o = xtask(
+        &["ablate", "--quiet", "--backend", "tpu"],
+        &[("--grid", &grid), ("--out", &root.join("abl"))],
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.matches("--backend tpu").count(), 1, "{err}");
+    assert!(err.contains("cpu, cuda, reference"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }

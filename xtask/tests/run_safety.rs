@@ -3,11 +3,12 @@
 //! refused, a held run folder is refused with the holder's PID, and `ablate` never reports a
 //! run trained with another config or other data.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
+
+use common::{snapshot, stderr, xtask};
 
 /// The run these tests train: 3 steps, a checkpoint every 2.
 fn config() -> String {
@@ -18,43 +19,10 @@ fn tmp(tag: &str) -> PathBuf {
     common::tmp("safety", tag)
 }
 
-fn xtask(args: &[&str], paths: &[(&str, &Path)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    c.args(args);
-    for (flag, p) in paths {
-        c.arg(flag).arg(p);
-    }
-    c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn train(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--quiet"];
     args.extend_from_slice(extra);
     xtask(&args, &[("--config", cfg), ("--out", out)])
-}
-
-/// Every file under `dir` (relative path → bytes).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(
-                    p.strip_prefix(root).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 #[test]
@@ -200,14 +168,7 @@ fn generate_says_when_it_stops_at_the_context_limit() {
 #[test]
 fn ablate_never_reports_a_stale_run() {
     let root = tmp("ablate");
-    let base = common::config(2, 2)
-        .replace("[model]", "[base.model]")
-        .replace("[recursion]", "[base.recursion]")
-        .replace("[router]", "[base.router]")
-        .replace("[runtime]", "[base.runtime]")
-        .replace("[data]", "[base.data]")
-        .replace("[eval]", "[base.eval]")
-        .replace("[train]", "[base.train]");
+    let base = common::grid_base(&common::config(2, 2));
     let grid = root.join("g.toml");
     std::fs::write(&grid, &base).unwrap();
     let out = root.join("abl");

@@ -1,7 +1,11 @@
-//! Helpers shared by the `xtask` integration tests: the micro run they train and their
-//! temporary folders.
+//! Helpers shared by the `xtask` integration tests: the micro run they train, their
+//! temporary folders, running the `xtask` binary and comparing folders. Each test file uses
+//! some of them.
+#![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// A micro MoR model (d = 32, 5 layers, expert choice) on the built-in corpus, trained for
 /// `steps` steps with a checkpoint every `checkpoint_every`.
@@ -47,4 +51,57 @@ pub fn tmp(prefix: &str, tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// [`config`] as the `[base]` of an ablation grid (every table under `base.`).
+pub fn grid_base(config: &str) -> String {
+    [
+        "model",
+        "recursion",
+        "router",
+        "runtime",
+        "data",
+        "eval",
+        "train",
+    ]
+    .iter()
+    .fold(config.to_string(), |text, t| {
+        text.replace(&format!("[{t}]"), &format!("[base.{t}]"))
+    })
+}
+
+/// Runs the `xtask` binary with `args`, then each `(flag, path)` pair.
+pub fn xtask(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    c.args(args);
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    c.output().unwrap()
+}
+
+/// A command's stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every file under `dir` (path relative to `dir`) with its bytes: a folder compared before
+/// and after a command that must change nothing.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
 }

@@ -123,9 +123,7 @@ fn a_run_continues_on_another_backend_only_when_asked() {
     run(&on_ref, "t", &opts(&a)).unwrap();
     let b = dir("xb-switched");
     // Interrupted after 3 steps on `reference` (the last checkpoint is at step 2).
-    let mut o = opts(&b);
-    o.stop_after = Some(3);
-    assert!(run(&on_ref, "t", &o).is_err());
+    interrupt(&on_ref, &b, 3);
     let mut o = opts(&b);
     o.resume = true;
     let before = snapshot(&b);
@@ -249,9 +247,7 @@ fn a_cuda_run_evaluates_here_with_backend_cpu() {
     // with its own config says that its backend is unavailable and names `--backend cpu`;
     // with the switch it continues on `cpu` from step 2.
     let u = dir("xb-cuda-partial");
-    let mut o = opts(&u);
-    o.stop_after = Some(3);
-    assert!(run(&cfg("reference", 4, ""), "t", &o).is_err());
+    interrupt(&cfg("reference", 4, ""), &u, 3);
     let on_cuda = with_backend(&cfg("reference", 4, ""), "cuda").unwrap();
     relabel(&u, &on_cuda);
     let mut o = opts(&u);
@@ -299,6 +295,17 @@ fn segments(dir: &Path) -> Vec<(usize, String)> {
         .collect()
 }
 
+/// Trains `c` in `dir` and interrupts it after `steps` optimiser steps.
+fn interrupt(c: &ResolvedConfig, dir: &Path, steps: usize) {
+    let mut o = opts(dir);
+    o.stop_after = Some(steps);
+    let err = run(c, "t", &o).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("stopped after step {steps}")),
+        "{err}"
+    );
+}
+
 fn resume_opts(dir: &Path, stop_after: Option<usize>) -> mor_models::run::RunOptions {
     let mut o = opts(dir);
     o.resume = true;
@@ -310,9 +317,7 @@ fn resume_opts(dir: &Path, stop_after: Option<usize>) -> mor_models::run::RunOpt
 fn a_run_moved_to_another_backend_does_not_move_back_without_the_flag() {
     let (on_ref, on_cpu) = (cfg("reference", 6, ""), cfg("cpu", 6, ""));
     let d = dir("xb-back");
-    let mut o = opts(&d);
-    o.stop_after = Some(3);
-    assert!(run(&on_ref, "t", &o).is_err());
+    interrupt(&on_ref, &d, 3);
     // Steps 3-4 on `cpu` (checkpoint at step 4), then interrupted.
     assert!(run_with(
         &on_cpu,
@@ -351,9 +356,7 @@ fn a_run_moved_to_another_backend_does_not_move_back_without_the_flag() {
 fn the_segment_records_the_checkpoint_training_resumes_from() {
     let on_cpu = cfg("cpu", 6, "");
     let d = dir("xb-corrupt-newest");
-    let mut o = opts(&d);
-    o.stop_after = Some(5);
-    assert!(run(&cfg("reference", 6, ""), "t", &o).is_err());
+    interrupt(&cfg("reference", 6, ""), &d, 5);
     // Checkpoints at steps 2 and 4; the newest one corrupt.
     let p = d.join("checkpoints/step-0000004/model.safetensors");
     let mut bytes = std::fs::read(&p).unwrap();
@@ -378,9 +381,7 @@ fn an_older_run_without_config_json_keeps_its_own_backend_after_a_switch() {
     use mor_models::checkpoint::{read_manifest, write_atomic, MANIFEST_FILE};
     let on_ref = cfg("reference", 4, "");
     let d = dir("xb-no-json");
-    let mut o = opts(&d);
-    o.stop_after = Some(3);
-    assert!(run(&on_ref, "t", &o).is_err());
+    interrupt(&on_ref, &d, 3);
     // A run started before config.json was written.
     std::fs::remove_file(d.join("config.json")).unwrap();
     let mut m = read_manifest(&d).unwrap().unwrap();
@@ -412,9 +413,7 @@ fn an_older_run_without_config_json_keeps_its_own_backend_after_a_switch() {
 fn a_segment_record_that_does_not_match_its_hash_is_refused_with_a_way_forward() {
     let on_ref = cfg("reference", 4, "");
     let d = dir("xb-segments");
-    let mut o = opts(&d);
-    o.stop_after = Some(3);
-    assert!(run(&on_ref, "t", &o).is_err());
+    interrupt(&on_ref, &d, 3);
     // Altered, still valid JSON of the same length.
     let p = d.join("segments.jsonl");
     let text = std::fs::read_to_string(&p).unwrap();

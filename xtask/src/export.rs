@@ -12,6 +12,7 @@
 //! the run's own (the exported weights are the same f32 tensors).
 
 use anyhow::Context;
+use mor_models::run::RunConfig;
 use mor_models::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
@@ -57,16 +58,20 @@ fn export(args: &Args) -> anyhow::Result<&'static str> {
         eprintln!("{n}");
     }
     let cfg = &rc.cfg;
-    if args.format == Format::Official {
-        mor_models::official::official_shape(cfg)
-            .with_context(|| format!("cannot export {} as official", dir.display()))?;
-    }
-    let model = rc.load_model(dir)?;
-    if args.format == Format::Hf {
-        if let Some(why) = mor_models::hf::hf_refusal(&model) {
-            anyhow::bail!("cannot export {} as hf: {why}", dir.display());
+    // What the format cannot express is refused before the weights are read.
+    let model = rc.build_model()?;
+    match args.format {
+        Format::Hf => {
+            if let Some(why) = mor_models::hf::hf_refusal(&model) {
+                anyhow::bail!("cannot export {} as hf: {why}", dir.display());
+            }
+        }
+        Format::Official => {
+            mor_models::official::official_shape(cfg)
+                .with_context(|| format!("cannot export {} as official", dir.display()))?;
         }
     }
+    RunConfig::load_weights(dir, &model)?;
     let tok = Tokenizer::load(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let written = match args.format {
         Format::Hf => mor_models::hf::export_hf(&model, &tok, &args.out)

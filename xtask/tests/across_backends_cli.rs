@@ -3,43 +3,44 @@
 //! `eval --backend` scores the run on another backend. `reference` stands for the backend the
 //! run was trained on (`cuda`), `cpu` for the one it moves to.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 mod common;
 
-use common::{snapshot, stderr, xtask};
+use common::{refused, snapshot, stderr, xtask};
 
 fn nll(o: &Output) -> f64 {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["full_sequence"]["nll"].as_f64().unwrap()
 }
 
-#[test]
-fn train_resumes_and_eval_scores_on_another_backend() {
-    let root = common::tmp("xb", "cli");
+/// A temporary folder holding `tiny.toml`, the micro run of `steps` steps (a checkpoint
+/// every 2) on `reference`, and the path of its run folder (not created).
+fn reference_run(tag: &str, steps: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let root = common::tmp("xb", tag);
     let cfg = root.join("tiny.toml");
     std::fs::write(
         &cfg,
-        common::config(4, 2).replace("seed = 7", "backend = \"reference\"\nseed = 7"),
+        common::config(steps, 2).replace("seed = 7", "backend = \"reference\"\nseed = 7"),
     )
     .unwrap();
     let out = root.join("run");
-    let train = |extra: &[&str]| {
-        let mut args = vec!["train", "--quiet"];
-        args.extend_from_slice(extra);
-        xtask(&args, &[("--config", &cfg), ("--out", &out)])
-    };
+    (root, cfg, out)
+}
+
+#[test]
+fn train_resumes_and_eval_scores_on_another_backend() {
+    let (root, cfg, out) = reference_run("cli", 4);
+    let train = |extra: &[&str]| common::train(&cfg, &out, extra);
     // Interrupted on `reference` after 3 steps (checkpoint at step 2).
     assert!(!train(&["--stop-after", "3"]).status.success());
     let before = snapshot(&out);
     // The config's backend changed without the flag: refused, naming it; nothing changed.
     let o = train(&["--resume", "--set", "runtime.backend=cpu"]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
-    assert!(
-        err.contains("backend.kind: \"reference\" -> \"cpu\"") && err.contains("--backend cpu"),
-        "{err}"
+    refused(
+        &o,
+        &["backend.kind: \"reference\" -> \"cpu\"", "--backend cpu"],
     );
     assert_eq!(snapshot(&out), before);
     // With the flag: continues on `cpu` from step 2, with the notice.
@@ -51,18 +52,7 @@ fn train_resumes_and_eval_scores_on_another_backend() {
             && err.contains("not bit-identical"),
         "{err}"
     );
-    let segs = std::fs::read_to_string(out.join("segments.jsonl")).unwrap();
-    let kinds: Vec<(u64, String)> = segs
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["from_step"].as_u64().unwrap(),
-                v["backend"]["kind"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    assert_eq!(kinds, [(0, "reference".into()), (2, "cpu".into())]);
+    assert_eq!(segments(&out), [(0, "reference".into()), (2, "cpu".into())]);
     // `eval` on the run's own backend, then on `cpu` with the notice: the same NLL to f32
     // rounding (the two backends sum in other orders; measured 4e-9 relative).
     let own = xtask(&["eval"], &[("--run", &out)]);
@@ -93,12 +83,7 @@ fn train_resumes_and_eval_scores_on_another_backend() {
     assert!(stderr(&o).contains("using backend `cpu`"), "{}", stderr(&o));
     // An unknown backend lists the registered ones.
     let o = xtask(&["eval", "--backend", "tpu"], &[("--run", &out)]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("cpu, cuda, reference"),
-        "{}",
-        stderr(&o)
-    );
+    refused(&o, &["cpu, cuda, reference"]);
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -111,22 +96,16 @@ fn ablate_reuses_a_run_of_another_backend_only_with_the_flag() {
     let grid = root.join("g.toml");
     std::fs::write(&grid, &base).unwrap();
     let out = root.join("abl");
-    let ablate = |extra: &[&str]| {
-        let mut args = vec!["ablate", "--quiet"];
-        args.extend_from_slice(extra);
-        xtask(&args, &[("--grid", &grid), ("--out", &out)])
-    };
+    let ablate = |extra: &[&str]| common::ablate(&grid, &out, extra);
     let o = ablate(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let before = snapshot(&out.join("base"));
     // The grid now names `cpu`: refused as stale, naming the flag; nothing changed.
     std::fs::write(&grid, base.replace("\"reference\"", "\"cpu\"")).unwrap();
     let o = ablate(&[]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
-    assert!(
-        err.contains("backend.kind: \"reference\" -> \"cpu\"") && err.contains("--backend cpu"),
-        "{err}"
+    refused(
+        &o,
+        &["backend.kind: \"reference\" -> \"cpu\"", "--backend cpu"],
     );
     assert_eq!(snapshot(&out.join("base")), before);
     // With --backend cpu the finished run is reused as it is.
@@ -154,38 +133,21 @@ fn segments(out: &Path) -> Vec<(u64, String)> {
 
 #[test]
 fn a_run_moved_to_cpu_goes_back_only_with_the_flag_and_keeps_its_config() {
-    let root = common::tmp("xb", "back");
-    let cfg = root.join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        common::config(6, 2).replace("seed = 7", "backend = \"reference\"\nseed = 7"),
-    )
-    .unwrap();
-    let out = root.join("run");
-    let train = |extra: &[&str]| {
-        let mut args = vec!["train", "--quiet"];
-        args.extend_from_slice(extra);
-        xtask(&args, &[("--config", &cfg), ("--out", &out)])
-    };
+    let (root, cfg, out) = reference_run("back", 6);
+    let train = |extra: &[&str]| common::train(&cfg, &out, extra);
     let config_json = || std::fs::read(out.join("config.json")).unwrap();
     assert!(!train(&["--stop-after", "3"]).status.success());
     let own = config_json();
     // Steps 3-4 on `cpu` (checkpoint at step 4).
     let o = train(&["--resume", "--backend", "cpu", "--stop-after", "2"]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("continuing from step 2 on backend `cpu`"),
-        "{}",
-        stderr(&o)
-    );
+    // Stopped (a failure) after the notice.
+    refused(&o, &["continuing from step 2 on backend `cpu`"]);
     // Its own config, no flag: refused, naming the flag; nothing changed.
     let before = snapshot(&out);
     let o = train(&["--resume"]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
-    assert!(
-        err.contains("last trained on backend `cpu`") && err.contains("--backend reference"),
-        "{err}"
+    refused(
+        &o,
+        &["last trained on backend `cpu`", "--backend reference"],
     );
     assert_eq!(snapshot(&out), before);
     // With the flag: back on `reference` from step 4, with the notice.
@@ -223,12 +185,8 @@ fn an_unknown_backend_is_refused_once_and_before_any_notice() {
         &["train", "--quiet", "--backend", "tpu"],
         &[("--config", &cfg), ("--out", &out)],
     );
-    assert!(!o.status.success());
-    let err = stderr(&o);
-    assert!(
-        err.contains("cpu, cuda, reference") && !err.contains("using backend `tpu`"),
-        "{err}"
-    );
+    let err = refused(&o, &["cpu, cuda, reference"]);
+    assert!(!err.contains("using backend `tpu`"), "{err}");
     assert!(!out.exists());
     // A grid of two runs: one refusal, not one per run.
     let grid = root.join("g.toml");
@@ -245,9 +203,7 @@ fn an_unknown_backend_is_refused_once_and_before_any_notice() {
         &["ablate", "--quiet", "--backend", "tpu"],
         &[("--grid", &grid), ("--out", &root.join("abl"))],
     );
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let err = refused(&o, &["cpu, cuda, reference"]);
     assert_eq!(err.matches("--backend tpu").count(), 1, "{err}");
-    assert!(err.contains("cpu, cuda, reference"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -3,12 +3,11 @@
 //! refused, a held run folder is refused with the holder's PID, and `ablate` never reports a
 //! run trained with another config or other data.
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::PathBuf;
 
 mod common;
 
-use common::{snapshot, stderr, xtask};
+use common::{snapshot, stderr, train, xtask};
 
 /// The run these tests train: 3 steps, a checkpoint every 2.
 fn config() -> String {
@@ -17,12 +16,6 @@ fn config() -> String {
 
 fn tmp(tag: &str) -> PathBuf {
     common::tmp("safety", tag)
-}
-
-fn train(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["train", "--quiet"];
-    args.extend_from_slice(extra);
-    xtask(&args, &[("--config", cfg), ("--out", out)])
 }
 
 #[test]
@@ -172,11 +165,7 @@ fn ablate_never_reports_a_stale_run() {
     let grid = root.join("g.toml");
     std::fs::write(&grid, &base).unwrap();
     let out = root.join("abl");
-    let ablate = |extra: &[&str]| {
-        let mut args = vec!["ablate", "--quiet"];
-        args.extend_from_slice(extra);
-        xtask(&args, &[("--grid", &grid), ("--out", &out)])
-    };
+    let ablate = |extra: &[&str]| common::ablate(&grid, &out, extra);
     let o = ablate(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
     // Rerun unchanged: reused.

@@ -175,9 +175,19 @@ impl RunConfig {
     /// fit the config (`loading the weights of DIR: …`).
     pub fn load_model(&self, dir: &Path) -> Result<MorModel> {
         let model = self.build_model()?;
-        crate::checkpoint::load_run_model(dir, &model)
-            .map_err(|e| Error::msg(format!("loading the weights of {}: {e}", dir.display())))?;
+        Self::load_weights(dir, &model)?;
         Ok(model)
+    }
+
+    /// The run's trained weights (`model.safetensors` of `dir`) loaded into `model`, built by
+    /// [`RunConfig::build_model`] (for a command that checks the model before it loads them).
+    ///
+    /// # Errors
+    /// When the weights are missing, corrupt or do not fit the config (`loading the weights
+    /// of DIR: …`).
+    pub fn load_weights(dir: &Path, model: &MorModel) -> Result<()> {
+        crate::checkpoint::load_run_model(dir, model)
+            .map_err(|e| Error::msg(format!("loading the weights of {}: {e}", dir.display())))
     }
 }
 

@@ -80,6 +80,31 @@ pub fn xtask(args: &[&str], paths: &[(&str, &Path)]) -> Output {
     c.output().unwrap()
 }
 
+/// `xtask train --quiet --config CFG --out OUT` with `extra` flags.
+pub fn train(cfg: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--quiet"];
+    args.extend_from_slice(extra);
+    xtask(&args, &[("--config", cfg), ("--out", out)])
+}
+
+/// `xtask ablate --quiet --grid GRID --out OUT` with `extra` flags.
+pub fn ablate(grid: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["ablate", "--quiet"];
+    args.extend_from_slice(extra);
+    xtask(&args, &[("--grid", grid), ("--out", out)])
+}
+
+/// Asserts that the command failed and that its stderr says each of `says`; returns the
+/// stderr.
+pub fn refused(o: &Output, says: &[&str]) -> String {
+    let err = stderr(o);
+    assert!(!o.status.success(), "succeeded: {err}");
+    for s in says {
+        assert!(err.contains(s), "no {s:?} in: {err}");
+    }
+    err
+}
+
 /// A command's stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -145,8 +145,8 @@ fn device_decoder_logits_match_the_host_decoder() {
         let (gap, _) = decoder_gap(&model, &ids, &f32_opts, name);
         assert!(gap < 1e-4, "{name}: f32 logits differ by {gap}");
         // bf16 weights and bf16 K/V: both paths round the products' inputs and the stored
-        // K/V to bf16 (the device path also rounds each product's output and the queries,
-        // as cuBLAS does): a few percent of the logits' scale (bf16's 2^-8 per product
+        // K/V to bf16 (the device path also rounds each layer product's output, the queries
+        // and the attention output; its LM head, like the host's, returns f32): a few percent of the logits' scale (bf16's 2^-8 per product
         // through 8 layers and the head), not O(1) as a wrong product or KV row would.
         let bf16_opts = DecodeOptions {
             precision: Precision::Bf16,
@@ -392,12 +392,19 @@ fn the_device_path_reads_once_per_phase() {
 }
 
 /// Calibrated exits (`ExitRule::GateThresholds`, what `bench infer` uses) with the gate
-/// trace: the device engine gives the host engine's tokens, depths and gates.
+/// trace: the device engine gives the host engine's tokens, depths and gates; also with the
+/// expert-choice router's device path (`routing_path = "device"`: radix top-k, index_add,
+/// the f64 sums; what a CUDA model takes), whose gates equal the host routing's.
 #[test]
 fn gate_threshold_exits_match_the_host_engine() {
     use mor_models::engine::ExitRule;
     link();
     let model = MorModel::new(&mor("kind = \"expert_choice\"", "recursion_wise")).unwrap();
+    let device_routed = MorModel::new(&mor(
+        "kind = \"expert_choice\"\nrouting_path = \"device\"",
+        "recursion_wise",
+    ))
+    .unwrap();
     // The median gate of steps 2 and 3 at full depth: about half the tokens leave.
     let mut dec = Decoder::new(
         &model,
@@ -430,11 +437,11 @@ fn gate_threshold_exits_match_the_host_engine() {
         record_gates: true,
         ..Default::default()
     };
-    let run = |device: bool| {
+    let run = |model: &MorModel, device: bool| {
         let mut e = if device {
-            Engine::new_device(&model, ecfg.clone()).unwrap()
+            Engine::new_device(model, ecfg.clone()).unwrap()
         } else {
-            Engine::new(&model, ecfg.clone()).unwrap()
+            Engine::new(model, ecfg.clone()).unwrap()
         };
         for rq in &reqs {
             e.submit(rq.clone()).unwrap();
@@ -448,17 +455,80 @@ fn gate_threshold_exits_match_the_host_engine() {
             e.stats().depth_histogram.clone(),
         )
     };
-    let (host, host_gates, hist) = run(false);
-    let (dev, dev_gates, dev_hist) = run(true);
+    let (host, host_gates, hist) = run(&model, false);
     assert!(
         hist[1] > 0 && hist[3] > 0,
         "exits at several depths: {hist:?}"
     );
-    assert_eq!(dev, host);
-    assert_eq!(dev_hist, hist);
-    assert_eq!(dev_gates.len(), host_gates.len());
-    for (a, b) in dev_gates.iter().zip(&host_gates) {
-        assert_eq!((a.id, a.pos, a.step), (b.id, b.pos, b.step));
-        assert!((a.gate - b.gate).abs() < 1e-5, "{a:?} vs {b:?}");
+    for (name, m) in [("host routing", &model), ("device routing", &device_routed)] {
+        let (dev, dev_gates, dev_hist) = run(m, true);
+        assert_eq!(dev, host, "{name}");
+        assert_eq!(dev_hist, hist, "{name}");
+        assert_eq!(dev_gates.len(), host_gates.len(), "{name}");
+        for (a, b) in dev_gates.iter().zip(&host_gates) {
+            assert_eq!((a.id, a.pos, a.step), (b.id, b.pos, b.step), "{name}");
+            assert!((a.gate - b.gate).abs() < 1e-5, "{name}: {a:?} vs {b:?}");
+        }
+    }
+}
+
+/// KV back-pressure and preemption on the device path (a pool far smaller than the batch
+/// needs): the engine stalls and preempts, every request still gets the tokens of decoding
+/// it alone on the device path, and every block comes back.
+#[test]
+fn device_kv_back_pressure_and_preemption_keep_outputs_exact() {
+    link();
+    let model = MorModel::new(&mor("kind = \"expert_choice\"", "recursion_wise")).unwrap();
+    let reqs = common::requests(8, VOCAB, 11);
+    let want = sequential_device(&model, &reqs, &DecodeOptions::default());
+    // 8 storing slots, blocks of 2 tokens: 72 blocks hold far less than 8 concurrent
+    // requests.
+    let ecfg = EngineConfig {
+        batch_size: 8,
+        block_tokens: 2,
+        kv_blocks: 72,
+        ..Default::default()
+    };
+    // `run_device_engine` also checks free_blocks == total_blocks at the end.
+    let (got, stats) = run_device_engine(&model, &reqs, ecfg);
+    assert_eq!(got, want);
+    assert!(
+        stats.stalls > 0 && stats.preemptions > 0,
+        "the small pool never pushed back: {stats:?}"
+    );
+}
+
+/// bf16 weights: the LM head's product returns f32 (its inputs rounded to bf16, as the host
+/// path's are), so the logits are not bf16 values (bf16 logits would tie often under
+/// greedy choice); the layers' products are bf16.
+#[test]
+fn bf16_logits_are_an_f32_product() {
+    use candle_core::{DType, Device, Tensor};
+    link();
+    let model = MorModel::new(&cfg(VANILLA, "")).unwrap();
+    let opts = DecodeOptions {
+        precision: Precision::Bf16,
+        ..Default::default()
+    };
+    let mut dev = Decoder::new_device(&model, opts.clone()).unwrap();
+    let mut host = Decoder::new(&model, opts).unwrap();
+    for t in [1u32, 7, 9] {
+        let a = dev.step(t).unwrap().logits;
+        let b = host.step(t).unwrap().logits;
+        let rounded = Tensor::from_slice(&a, a.len(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let off_grid = a.iter().zip(&rounded).filter(|(x, r)| x != r).count();
+        assert!(
+            off_grid > a.len() / 2,
+            "{off_grid} of {} logits are not bf16 values",
+            a.len()
+        );
+        assert!(max_diff(&a, &b) < 0.05 * b.iter().fold(1f32, |m, x| m.max(x.abs())));
     }
 }

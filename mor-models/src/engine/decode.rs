@@ -149,8 +149,7 @@ impl<'m> Decoder<'m> {
             device,
         )?;
         let blocks = runner.context.div_ceil(opts.block_tokens) * model.plan().num_slots();
-        let mut cache = runner.new_cache(opts.block_tokens, blocks)?;
-        cache.set_kv_precision(opts.kv_precision)?;
+        let mut cache = runner.new_cache(opts.block_tokens, blocks, opts.kv_precision)?;
         cache.start(REQ)?;
         Ok(Decoder {
             runner,

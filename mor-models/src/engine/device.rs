@@ -3,17 +3,26 @@
 //! model's device (CUDA, or the CPU in tests: the code is device-generic candle).
 //!
 //! - Weights: per unique block `q: [hq·dh, d]`, `[k; v]: [2·hkv·dh, d]`, `o`, `[gate; up]`,
-//!   `down`, and the LM head, in the engine's [`Precision`] (bf16 or f32; the products take
-//!   their inputs in that dtype and return f32). Norms, RoPE tables, the residual stream
-//!   and the attention output stay f32. RMSNorm and SwiGLU are the fused `mor_kernels`
-//!   ops (their kernels on CUDA, their CPU bodies on the CPU).
+//!   `down`, in the engine's [`Precision`]. Norms, RoPE tables and the residual stream stay
+//!   f32. RMSNorm and SwiGLU are the fused `mor_kernels` ops (their kernels on CUDA, their
+//!   CPU bodies on the CPU).
+//! - What bf16 rounds (`Precision::Bf16`): each layer product (q, k/v, o, gate/up, down)
+//!   takes its input rounded to bf16 and returns its output in bf16 (candle's bf16 matmul;
+//!   cuBLAS accumulates in f32), cast back to f32. The LM head's inputs are rounded to bf16
+//!   the same way, but its product runs in f32 on those bf16 values (its weights are kept
+//!   as f32 copies of the bf16 weights), so the logits are not rounded to bf16 (greedy
+//!   choices are not decided by bf16 ties). With bf16 K/V (`KvPrecision::Bf16`) the
+//!   stored K/V, the queries (rounded to the pool's dtype before the kernel) and the
+//!   attention output (returned in the pool's dtype) are bf16.
 //! - KV: one pool `k, v: [num_blocks, block_tokens, hkv, dh]` in the cache's
 //!   [`KvPrecision`] ([`DeviceKvCache`]). Appends are one `scatter_set` per layer for the
 //!   batch's new rows; decode attention is
-//!   [`paged_decode_attention`](mor_kernels::cuda::paged_decode_attention), which reads a
-//!   request's K/V once per GQA group (every query head of the group in one pass) through
-//!   its block table. The block bookkeeping (free list, page tables, positions) stays on the
-//!   host; the tables of a layer call are uploaded as small `u32` tensors.
+//!   [`paged_decode_attention`](mor_kernels::cuda::paged_decode_attention): one thread
+//!   block per (part of the sequence, query head, request), query head `h` reading KV head
+//!   `h / (hq / hkv)` through the request's block table, so each K/V row is read
+//!   `hq / hkv` times (once per query head of its group). The block bookkeeping (free
+//!   list, page tables, positions) stays on the host; the tables of a layer call are
+//!   uploaded as small `u32` tensors.
 //! - Routing, merges and sampling stay on the host scheduler (they need the decisions
 //!   there): the hidden rows of a phase travel once each way.
 //!
@@ -24,8 +33,10 @@
 //! the output rows `[n, d]` f32. The LM head uploads `[n, d]` and downloads the logits
 //! `[n, vocab]` f32; an expert-choice routing decision uploads `[n, d]` and downloads `n`
 //! gates. Embedding rows are read from a host copy of the table and travel up with the
-//! prelude's input. A phase without layers moves nothing. The downloads are counted by
-//! `mor_kernels::host_sync` (one read per phase with layers, one per LM-head call).
+//! prelude's input. A phase without layers moves nothing. Every download goes through
+//! `mor_kernels::host_sync` and is counted there, on one counter: one read per phase with
+//! layers, one per LM-head call, and per routing decision the router's own reads (its
+//! `route` reads through `host_sync`) plus one read of the gates.
 //!
 //! # Not covered (refused with an error naming it)
 //! A relaxation (LoRA / DoRA, adaption prompt, recursion encoding), the hybrid KV policy
@@ -94,7 +105,8 @@ pub(crate) struct DeviceKvCache {
 }
 
 impl DeviceKvCache {
-    /// A cache on `device` with the slot rules of `policy` for `spec`.
+    /// A cache on `device` with the slot rules of `policy` for `spec`, its pool allocated
+    /// once in `precision`.
     ///
     /// # Errors
     /// A policy other than the built-in `recursion_wise` / `recursive_sharing` (hybrid's
@@ -102,6 +114,7 @@ impl DeviceKvCache {
     pub fn new(
         policy: &dyn mor_kvcache::KvPolicy,
         spec: &DecodeCacheSpec,
+        precision: KvPrecision,
         device: &Device,
     ) -> Result<Self> {
         // The policy's own cache, one block, tells which slots store and what they read.
@@ -141,7 +154,7 @@ impl DeviceKvCache {
             hkv: spec.num_kv_heads,
             dh: spec.head_dim,
             num_blocks: spec.max_blocks,
-            precision: KvPrecision::F32,
+            precision,
             device: device.clone(),
             k: Tensor::zeros(1, DType::F32, device)?,
             v: Tensor::zeros(1, DType::F32, device)?,
@@ -214,6 +227,23 @@ impl DeviceKvCache {
         page.pos.push(pos);
         self.tokens += 1;
         Ok(page.blocks[i / bt] * bt as u32 + (i % bt) as u32)
+    }
+
+    /// Undoes the last [`DeviceKvCache::reserve`] of `req` in `slot` (the row at flat index
+    /// `row`): its position is dropped and a block it opened goes back to the free list.
+    fn unreserve(&mut self, req: u64, slot: usize) {
+        let bt = self.block_tokens;
+        let Some(page) = self.reqs.get_mut(&req).and_then(|p| p.get_mut(slot)) else {
+            return;
+        };
+        if page.pos.pop().is_some() {
+            self.tokens = self.tokens.saturating_sub(1);
+            if page.pos.len().is_multiple_of(bt) {
+                if let Some(b) = page.blocks.pop() {
+                    self.free.push(b);
+                }
+            }
+        }
     }
 
     /// Writes K and V rows `[m, hkv·dh]` (any float dtype, on the cache's device) at the
@@ -442,7 +472,8 @@ pub(crate) struct DeviceCompute {
     /// norms).
     norms: Vec<(Tensor, Tensor, usize)>,
     final_norm: Tensor,
-    /// `[vocab, d]`.
+    /// `[vocab, d]` f32: the weights rounded to the products' dtype, kept in f32 so that
+    /// the logits are an f32 product (see the module docs).
     head: Tensor,
     /// `[positions, dh / 2]` f32.
     cos: Tensor,
@@ -500,18 +531,10 @@ impl DeviceCompute {
                 down: w(p.down.as_tensor())?,
             });
         }
-        let mut norms = Vec::with_capacity(plan.num_slots());
-        for s in 0..plan.num_slots() {
-            let (a, b) = model
-                .slot_norm_weights(s)
-                .ok_or_else(|| Error::msg(format!("slot {s} has no norm weights")))?;
-            let key = if cfg.recursion.ln_share {
-                plan.slots[s].block
-            } else {
-                plan.num_blocks + s
-            };
-            norms.push((f(a.as_tensor())?, f(b.as_tensor())?, key));
-        }
+        let norms = super::runner::slot_norms(model)?
+            .into_iter()
+            .map(|(a, b, key)| Ok((f(a)?, f(b)?, key)))
+            .collect::<Result<Vec<_>>>()?;
         let half = (m.head_dim / 2).max(1);
         let (cos, sin) = model.rope_tables();
         let cos = f(cos)?.reshape(((), half))?;
@@ -523,7 +546,7 @@ impl DeviceCompute {
             block_of: plan.slots.iter().map(|s| s.block).collect(),
             norms,
             final_norm: f(model.final_norm_weight().as_tensor())?,
-            head: w(model.lm_head_weight().as_tensor())?,
+            head: w(model.lm_head_weight().as_tensor())?.to_dtype(DType::F32)?,
             cos,
             sin,
             max_pos,
@@ -538,7 +561,7 @@ impl DeviceCompute {
         })
     }
 
-    /// The device KV cache for `spec` under `policy`.
+    /// The device KV cache for `spec` under `policy`, its pool in `precision`.
     ///
     /// # Errors
     /// As [`DeviceKvCache::new`].
@@ -546,11 +569,18 @@ impl DeviceCompute {
         &self,
         policy: &dyn mor_kvcache::KvPolicy,
         spec: &DecodeCacheSpec,
+        precision: KvPrecision,
     ) -> Result<Box<dyn DecodeCache>> {
-        Ok(Box::new(DeviceKvCache::new(policy, spec, &self.device)?))
+        Ok(Box::new(DeviceKvCache::new(
+            policy,
+            spec,
+            precision,
+            &self.device,
+        )?))
     }
 
-    /// `x · wᵀ` with `x` rounded to the weights' dtype, returned in f32.
+    /// `x · wᵀ` with `x` rounded to the weights' dtype, computed and returned in that dtype
+    /// (bf16 for bf16 weights), then cast to f32.
     fn mm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Ok(x.to_dtype(self.wdtype)?
             .matmul(&w.t()?)?
@@ -591,7 +621,9 @@ impl DeviceCompute {
         }
         let x = Tensor::from_slice(h, (n, self.d), &self.device)?;
         let x = self.norm(&x, &self.final_norm)?;
-        let logits = self.mm(&x, &self.head)?;
+        // Inputs rounded as the layers' products round them; product and output in f32.
+        let x = x.to_dtype(self.wdtype)?.to_dtype(DType::F32)?;
+        let logits = x.matmul(&self.head.t()?)?;
         let mut f = flops.get();
         f.head += 2 * (h.len() * self.vocab) as u64;
         flops.set(f);
@@ -715,10 +747,27 @@ impl DeviceCompute {
             )?;
             let v = kv.narrow(1, kvd, kvd)?;
             let mut rows = Vec::with_capacity(nw);
+            let mut failed = None;
             for &i in &w_idx {
-                rows.push(cache.reserve(toks[i].req, slots[i], toks[i].pos)?);
+                match cache.reserve(toks[i].req, slots[i], toks[i].pos) {
+                    Ok(r) => rows.push(r),
+                    Err(e) => {
+                        failed = Some(Error::from(e));
+                        break;
+                    }
+                }
             }
-            cache.write(&rows, &k, &v)?;
+            if failed.is_none() {
+                failed = cache.write(&rows, &k, &v).err();
+            }
+            if let Some(e) = failed {
+                // Nothing half done: the rows reserved so far give their positions back
+                // (in reverse, so each drop undoes the last reservation of its page).
+                for &i in w_idx[..rows.len()].iter().rev() {
+                    cache.unreserve(toks[i].req, slots[i]);
+                }
+                return Err(e);
+            }
         }
         // Every token's K/V is stored before any token attends; each query sees its
         // request's entries at positions up to its own.
@@ -785,7 +834,7 @@ mod tests {
     fn device_cache_books_and_rows() {
         let spec = DecodeCacheSpec::vanilla(2, 1, 2, 2, 3);
         let policy = RecursionWise::new(1).unwrap();
-        let mut c = DeviceKvCache::new(&policy, &spec, &Device::Cpu).unwrap();
+        let mut c = DeviceKvCache::new(&policy, &spec, KvPrecision::F32, &Device::Cpu).unwrap();
         c.start(7).unwrap();
         assert_eq!(c.blocks_needed(7, &[0, 1]).unwrap(), 2);
         for p in 0..3u32 {
@@ -799,21 +848,24 @@ mod tests {
             "positions must grow"
         );
         c.append(7, 1, 0, &[5.0, 6.0], &[7.0, 8.0]).unwrap();
-        c.append(7, 1, 1, &[5.0, 6.0], &[7.0, 8.0]).unwrap();
+        c.append(7, 1, 1, &[15.0, 16.0], &[17.0, 18.0]).unwrap();
         let e = c.append(7, 1, 2, &[0.0; 2], &[0.0; 2]).unwrap_err();
         assert!(matches!(e, mor_kvcache::Error::Exhausted { .. }), "{e}");
         assert_eq!((c.free_blocks(), c.tokens_stored()), (0, 5));
         let (blocks, visible) = c.table(7, 0, 1).unwrap();
         assert_eq!((blocks.to_vec(), visible), (vec![0, 1], 2));
-        // Token 2 of slot 0 is offset 0 of block 1: flat row 2.
-        let k = c
-            .storage()
-            .0
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let (blocks, visible) = c.table(7, 1, 5).unwrap();
+        assert_eq!((blocks.to_vec(), visible), (vec![2], 2));
+        let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (k, v) = (flat(c.storage().0), flat(c.storage().1));
+        // Token 2 of slot 0 is offset 0 of block 1: flat row 2, K and V.
         assert_eq!(&k[2 * 2..3 * 2], &[2.0, 12.0]);
+        assert_eq!(&v[2 * 2..3 * 2], &[-2.0, 1.0]);
+        // Slot 1's tokens 0 and 1 are offsets 0 and 1 of block 2: flat rows 4 and 5.
+        assert_eq!(&k[4 * 2..6 * 2], &[5.0, 6.0, 15.0, 16.0]);
+        assert_eq!(&v[4 * 2..6 * 2], &[7.0, 8.0, 17.0, 18.0]);
+        // Token 1 of slot 0 (block 0, offset 1): flat row 1.
+        assert_eq!((&k[2..4], &v[2..4]), (&[1.0, 11.0][..], &[-1.0, 1.0][..]));
         assert_eq!(c.bytes_stored(), 5 * 2 * 2 * 4);
         assert!(
             c.set_kv_precision(KvPrecision::Bf16).is_err(),
@@ -824,6 +876,69 @@ mod tests {
         c.set_kv_precision(KvPrecision::Bf16).unwrap();
         assert_eq!(c.block_bytes(), 2 * 2 * 2 * 2);
         assert!(c.view(7, 0).is_err());
+    }
+
+    /// The pool is allocated once, in the precision it is given; a pool whose tokens exceed
+    /// the u32 flat indices (or one of no blocks) is refused naming kv_blocks, before any
+    /// allocation.
+    #[test]
+    fn device_cache_precision_and_size_refusals() {
+        let policy = RecursionWise::new(1).unwrap();
+        let spec = DecodeCacheSpec::vanilla(2, 1, 2, 2, 3);
+        let c = DeviceKvCache::new(&policy, &spec, KvPrecision::Bf16, &Device::Cpu).unwrap();
+        assert_eq!(c.storage().0.dtype(), candle_core::DType::BF16);
+        assert_eq!(c.storage().1.dims(), &[3, 2, 1, 2]);
+        assert_eq!(c.kv_precision(), KvPrecision::Bf16);
+        // 2^30 blocks of 8 tokens: 2^33 rows (a pool that large would not be allocated).
+        for (blocks, tokens) in [(1usize << 30, 8usize), (0, 8)] {
+            let spec = DecodeCacheSpec::vanilla(2, 1, 2, tokens, blocks);
+            let e = DeviceKvCache::new(&policy, &spec, KvPrecision::F32, &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("kv_blocks") && e.contains("u32::MAX"), "{e}");
+        }
+    }
+
+    /// A layer call whose second row finds the pool exhausted leaves nothing half done: the
+    /// first row's reservation is rolled back (no position without K/V), and a later call
+    /// that fits runs.
+    #[test]
+    fn a_failed_reservation_rolls_back_the_layer_call() {
+        let _ = crate::builtin::link();
+        let cfg = Config::from_toml_str(
+            "[model]\npreset = \"micro\"\nnum_layers = 4\nseq_len = 16\n\
+             [train]\nbudget = { steps = 1 }",
+        )
+        .unwrap();
+        let model = MorModel::new(&cfg).unwrap();
+        let r = Runner::new_on(&model, ExitRule::Router, None, Precision::F32, true).unwrap();
+        // One block of one token: the first layer's first row takes it, the second fails.
+        let mut cache = r.new_cache(1, 1, KvPrecision::F32).unwrap();
+        cache.start(0).unwrap();
+        cache.start(1).unwrap();
+        let h = r.embed(&[3, 5]).unwrap();
+        let toks = [Tok { req: 0, pos: 0 }, Tok { req: 1, pos: 0 }];
+        let slots: Vec<&[usize]> = vec![r.stages[0].as_slice(); 2];
+        let e = r
+            .run_layers(cache.as_mut(), h.clone(), &toks, &slots)
+            .unwrap_err();
+        assert!(
+            matches!(e, crate::Error::Kv(mor_kvcache::Error::Exhausted { .. })),
+            "{e}"
+        );
+        assert_eq!((cache.free_blocks(), cache.tokens_stored()), (1, 0));
+        // Request 0 alone at position 0 again: accepted (its slot holds no stale position);
+        // one layer stores, the next finds the pool exhausted and rolls back its own row
+        // only.
+        assert!(slots[0].len() >= 2);
+        let e = r
+            .run_layers(cache.as_mut(), h[..r.d].to_vec(), &toks[..1], &slots[..1])
+            .unwrap_err();
+        assert!(
+            matches!(e, crate::Error::Kv(mor_kvcache::Error::Exhausted { .. })),
+            "{e}"
+        );
+        assert_eq!((cache.free_blocks(), cache.tokens_stored()), (0, 1));
     }
 
     /// One layer call whose items mix norm groups in an order that is not its own inverse
@@ -840,7 +955,7 @@ mod tests {
         .unwrap();
         let model = MorModel::new(&cfg).unwrap();
         let r = Runner::new_on(&model, ExitRule::Router, None, Precision::F32, true).unwrap();
-        let mut cache = r.new_cache(4, 256).unwrap();
+        let mut cache = r.new_cache(4, 256, KvPrecision::F32).unwrap();
         let stages = [0usize, 1, 1, 0];
         let ids = [3u32, 5, 7, 9];
         let h = r.embed(&ids).unwrap();

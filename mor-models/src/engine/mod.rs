@@ -495,8 +495,7 @@ impl<'m> Engine<'m> {
         } else {
             cfg.kv_blocks
         };
-        let mut cache = runner.new_cache(cfg.block_tokens, blocks)?;
-        cache.set_kv_precision(cfg.kv_precision)?;
+        let cache = runner.new_cache(cfg.block_tokens, blocks, cfg.kv_precision)?;
         let w_prelude = runner.writing(cache.as_ref(), &runner.prelude);
         let w_stages = runner
             .stages

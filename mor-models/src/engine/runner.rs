@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use mor_core::config::Precision;
 use mor_core::plan::Segment;
 use mor_kernels::cpu::{rms_norm_rows, swiglu_rows, PackedMatrix};
+use mor_kvcache::decode::KvPrecision;
 use mor_kvcache::{attend_into, DecodeCache, DecodeCacheSpec, DecodeMode, KvPolicy};
 use mor_router::{RouteMode, RoutingKind, Update};
 
@@ -293,6 +294,26 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+/// Per slot of `model`'s plan: its attention and MLP norm weights and a grouping key
+/// (equal keys = equal norms: the slot's block under `ln_share`, else the slot itself).
+pub(super) fn slot_norms(model: &MorModel) -> Result<Vec<(&Tensor, &Tensor, usize)>> {
+    let plan = model.plan();
+    let ln_share = model.config().recursion.ln_share;
+    (0..plan.num_slots())
+        .map(|s| {
+            let (a, b) = model
+                .slot_norm_weights(s)
+                .ok_or_else(|| Error::msg(format!("slot {s} has no norm weights")))?;
+            let key = if ln_share {
+                plan.slots[s].block
+            } else {
+                plan.num_blocks + s
+            };
+            Ok((a.as_tensor(), b.as_tensor(), key))
+        })
+        .collect()
+}
+
 /// Linear weights `[out_i, k]` stacked along the outputs, packed in `precision`.
 fn packed(parts: &[&Tensor], precision: Precision) -> Result<PackedMatrix> {
     let k = parts[0].dim(1)?;
@@ -347,18 +368,10 @@ impl<'m> Runner<'m> {
                 down: packed(&[p.down.as_tensor()], precision)?,
             });
         }
-        let mut norms = Vec::with_capacity(plan.num_slots());
-        for s in 0..plan.num_slots() {
-            let (a, b) = model
-                .slot_norm_weights(s)
-                .ok_or_else(|| Error::msg(format!("slot {s} has no norm weights")))?;
-            let key = if cfg.recursion.ln_share {
-                plan.slots[s].block
-            } else {
-                plan.num_blocks + s
-            };
-            norms.push((host(a.as_tensor())?, host(b.as_tensor())?, key));
-        }
+        let norms = slot_norms(model)?
+            .into_iter()
+            .map(|(a, b, key)| Ok((host(a)?, host(b)?, key)))
+            .collect::<Result<Vec<_>>>()?;
         let (cos, sin) = model.rope_tables();
         let cos = host(cos)?;
         let sin = host(sin)?;
@@ -491,11 +504,13 @@ impl<'m> Runner<'m> {
 
     /// A decode cache for this model: the KV policy's own cache for cyclic plans; a
     /// recursion-wise cache for non-cyclic plans, whose full forward gives every slot its
-    /// own K/V whatever the policy (see `MorModel::forward`).
+    /// own K/V whatever the policy (see `MorModel::forward`); K/V stored in `kv_precision`
+    /// (a device cache allocates its pool once, in that precision).
     pub fn new_cache(
         &self,
         block_tokens: usize,
         max_blocks: usize,
+        kv_precision: KvPrecision,
     ) -> Result<Box<dyn DecodeCache>> {
         let m = &self.model.config().model;
         let spec = DecodeCacheSpec {
@@ -508,9 +523,11 @@ impl<'m> Runner<'m> {
         // Every plan: under recursive sharing the cache maps a step >= 2 slot to the step-1
         // slot of the same layer, as the model's forward does (spec §4).
         if let Some(dev) = &self.dev {
-            return dev.new_cache(self.model.kv_policy().as_ref(), &spec);
+            return dev.new_cache(self.model.kv_policy().as_ref(), &spec, kv_precision);
         }
-        Ok(self.model.kv_policy().new_decode_cache(&spec)?)
+        let mut cache = self.model.kv_policy().new_decode_cache(&spec)?;
+        cache.set_kv_precision(kv_precision)?;
+        Ok(cache)
     }
 
     /// Whether this runner computes on the device path.
@@ -925,7 +942,7 @@ impl<'m> Runner<'m> {
             )));
         }
         let gates = match &rt.gate {
-            Some(g) => Some(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            Some(g) => Some(mor_kernels::host_sync::to_host::<f32>(g)?),
             None => None,
         };
         let mut out = vec![
@@ -999,7 +1016,7 @@ impl<'m> Runner<'m> {
                 }
             };
             let gates = match &rt.gate {
-                Some(g) => Some(g.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                Some(g) => Some(mor_kernels::host_sync::to_host::<f32>(g)?),
                 None => None,
             };
             let mut k = 0;

@@ -1,4 +1,5 @@
-//! The inference throughput benchmark of spec §5, at CPU scale.
+//! The inference throughput benchmark of spec §5, scaled down (on the CPU, or on a GPU
+//! through the engine's device path).
 //!
 //! Protocol (spec §5, "Protocol", scaled down):
 //! - models: expert-choice MoR with `N_r = 2, 3, 4` (Middle-Cycle, recursion-wise caching)
@@ -425,10 +426,11 @@ pub fn calibrate_thresholds(model: &MorModel, cfg: &InferBenchConfig) -> Result<
     let caps = capacities(n);
     let mut thresholds = vec![f64::NEG_INFINITY; n];
     for pass in 0..cfg.calib_passes.max(1) {
-        // The decode layers compute each row the same whatever its batch (packed
-        // products); the routers run on candle, whose products may round differently at
-        // another batch, far below the sampling error of the fitted quantiles. So the
-        // calibration runs at a batch of its own choosing.
+        // On the host path (a CPU model) the decode layers compute each row the same
+        // whatever its batch (packed products); on the device path (and in the routers,
+        // which run on candle) a product may round differently at another batch. Either
+        // way the differences are far below the sampling error of the fitted quantiles, so
+        // the calibration runs at a batch of its own choosing.
         let ecfg = EngineConfig {
             batch_size: cfg.batch_size.max(CALIB_BATCH),
             block_tokens: cfg.block_tokens,
@@ -1015,9 +1017,10 @@ pub fn render_text(r: &InferBenchReport) -> String {
     let c = &r.config;
     let mut s = String::new();
     s.push_str(&format!(
-        "inference throughput (spec §5, CPU scale): preset {}, context {}, threads {}, {} requests, \
+        "inference throughput (spec §5, scaled down; backend {}): preset {}, context {}, threads {}, {} requests, \
          generation length ~ N({}, {}) -> mean {:.1}, min {}, max {}; fixed batch {}; precision {}; best \
          of {} interleaved round(s)\n",
+        c.backend,
         c.preset,
         c.context,
         c.threads,
@@ -1400,6 +1403,7 @@ mod tests {
         );
         let text = render_text(&r);
         assert!(text.contains("mor-3") && text.contains("relative_max"));
+        assert!(text.contains("backend cpu"), "{text}");
         let json = serde_json::to_value(&r).unwrap();
         assert!(json["models"][1]["throughput_ratio_vs_vanilla"].is_number());
         assert!(json["models"][1]["kv_bytes_ratio_vs_vanilla"].is_number());

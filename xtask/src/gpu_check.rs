@@ -39,6 +39,13 @@ pub struct Args {
 pub const SCHEMA: &str = "mor-gpu-check/1";
 /// The overall time budget of `--full`.
 pub const FULL_BUDGET: Duration = Duration::from_secs(8 * 60);
+/// Time `--full` keeps for the kernel section (it is skipped with less left).
+pub const KERNELS_RESERVE: Duration = Duration::from_secs(20);
+/// Time `--full` keeps for each training section (f32, then bf16).
+pub const TRAINING_RESERVE: Duration = Duration::from_secs(150);
+/// Time `--full` keeps for `bench_infer` (exactness, calibration and the timed runs of
+/// four models at two batch settings). The reserves sum to at most [`FULL_BUDGET`].
+pub const BENCH_INFER_RESERVE: Duration = Duration::from_secs(150);
 /// Optimiser steps of each training run of `--full`.
 pub const TRAIN_STEPS: usize = 30;
 /// Largest `|loss_cuda − loss_cpu|` per step, relative to the CPU loss, of the f32 runs
@@ -421,7 +428,7 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
 
     // 1. Every kernel against its CPU body, and the kernel benchmarks (seconds).
     let kernels_path = sibling(&args.out, "kernels.json");
-    let kernels = section(&budget, Duration::from_secs(20), |_| {
+    let kernels = section(&budget, KERNELS_RESERVE, |_| {
         need_device()?;
         let r = mor_kernels::cuda::gpu_check(&kernels_path).map_err(anyhow::Error::from)?;
         let _ = std::fs::remove_file(&kernels_path);
@@ -435,7 +442,7 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     // 2. The same 30-step run on cuda and on cpu.
     let runs_dir = sibling(&args.out, "runs");
     let mut gpu_run: Option<TrainRun> = None;
-    let training = section(&budget, Duration::from_secs(150), |_| {
+    let training = section(&budget, TRAINING_RESERVE, |_| {
         let dev = need_device()?;
         let _ = std::fs::remove_dir_all(&runs_dir);
         // The cuda run first: when it cannot run, the cpu run is not spent.
@@ -522,26 +529,25 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
     });
     report.sections.push((SECTIONS[3].into(), memory));
 
-    // 5. `bench infer` on the GPU (the engine's device path).
-    let bench = section(&budget, Duration::from_secs(60), |_| {
+    // 5. `bench infer` on the GPU (the engine's device path). Two parts, each caught on
+    // its own (an error or panic in one leaves the other's numbers in the report).
+    let bench = section(&budget, BENCH_INFER_RESERVE, |_| {
         let _ = need_device()?;
-        // First the device path's exactness on a micro model (seconds), then the bench.
-        let exact = decode_exactness("cuda")?;
-        let exact_passed = exact.get("passed") == Some(&json!(true));
-        let cfg = bench_infer_config();
-        let r = mor_bench::infer::run(&cfg, &mut |line| eprintln!("bench infer: {line}"))
-            .map_err(anyhow::Error::from)?;
-        let mut m = bench_infer_fields(&r);
-        let bench_passed = m.get("passed") == Some(&json!(true));
-        m.insert("exactness".into(), Value::Object(exact));
-        m.insert("passed".into(), json!(exact_passed && bench_passed));
-        Ok(m)
+        Ok(bench_infer_section(
+            || decode_exactness("cuda"),
+            || {
+                mor_bench::infer::run(&bench_infer_config(), &mut |line| {
+                    eprintln!("bench infer: {line}")
+                })
+                .map_err(anyhow::Error::from)
+            },
+        ))
     });
     report.sections.push((SECTIONS[4].into(), bench));
 
     // 6. The training comparison in bf16 mixed precision.
     let f32_curve = gpu_run.as_ref().map(|g| g.losses.clone());
-    let training_bf16 = section(&budget, Duration::from_secs(150), |_| {
+    let training_bf16 = section(&budget, TRAINING_RESERVE, |_| {
         let _ = need_device()?;
         let _ = std::fs::remove_dir_all(&runs_dir);
         let gpu = train_once("cuda", "bf16", args.ordinal, &runs_dir, None)?;
@@ -573,19 +579,100 @@ fn run_full(args: &Args) -> anyhow::Result<()> {
 /// Largest difference of the device path's f32 logits (on `backend`) from the host path's
 /// (on the CPU, the same weights), relative to the logits' scale.
 pub const DECODE_LOGIT_RTOL: f64 = 1e-3;
+/// The same with bf16 weights and bf16 K/V on both paths (the device path also rounds each
+/// layer product's output, the queries and the attention output to bf16): a few percent of
+/// the logits' scale, not O(1) as a wrong product or KV row would give.
+pub const DECODE_LOGIT_RTOL_BF16: f64 = 5e-2;
+/// Largest gate difference of the device engine's routing decisions from the host
+/// engine's (f32).
+pub const DECODE_GATE_TOL: f64 = 1e-5;
+
+/// Runs `f`, catching an error or a panic: its fields plus `elapsed_s`, or
+/// `{"passed": false, "error": ...}`.
+fn part(f: impl FnOnce() -> anyhow::Result<Map<String, Value>>) -> Map<String, Value> {
+    let t0 = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let mut m = match outcome {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            let mut m = Map::new();
+            m.insert("passed".into(), json!(false));
+            m.insert("error".into(), json!(format!("{e:#}")));
+            m
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            let mut m = Map::new();
+            m.insert("passed".into(), json!(false));
+            m.insert("error".into(), json!(format!("panic: {msg}")));
+            m
+        }
+    };
+    m.insert("elapsed_s".into(), json!(t0.elapsed().as_secs_f64()));
+    m
+}
+
+/// The `bench_infer` section from its two parts, each run and caught on its own: the
+/// exactness check (under `exactness`) and the bench (its [`bench_infer_fields`] at the top
+/// level, or `passed: false` and `error`). `passed` when both passed; `reserved_s` is the
+/// time the section keeps inside the budget, `elapsed_s` (of the section, added by
+/// [`section`]) what it took.
+pub fn bench_infer_section(
+    exactness: impl FnOnce() -> anyhow::Result<Map<String, Value>>,
+    bench: impl FnOnce() -> anyhow::Result<mor_bench::infer::InferBenchReport>,
+) -> Map<String, Value> {
+    let exact = part(exactness);
+    let mut m = part(|| bench().map(|r| bench_infer_fields(&r)));
+    let passed = exact.get("passed") == Some(&json!(true)) && m.get("passed") == Some(&json!(true));
+    if let Some(t) = m.remove("elapsed_s") {
+        m.insert("bench_elapsed_s".into(), t);
+    }
+    m.insert("exactness".into(), Value::Object(exact));
+    m.insert(
+        "reserved_s".into(),
+        json!(BENCH_INFER_RESERVE.as_secs_f64()),
+    );
+    m.insert("passed".into(), json!(passed));
+    m
+}
+
+/// Largest `|a − b|` and largest `|b|` over two logit rows.
+fn gap_and_scale(a: &[f32], b: &[f32], (gap, scale): (f64, f64)) -> (f64, f64) {
+    a.iter().zip(b).fold((gap, scale), |(g, s), (x, y)| {
+        (g.max((x - y).abs() as f64), s.max(y.abs() as f64))
+    })
+}
 
 /// The engine's device path on `backend` (`cuda`, or `cpu` in the tests) for a micro
-/// expert-choice MoR (N_r = 3, recursion-wise KV, f32), against the host path on the CPU
-/// with the same weights: the largest logit difference of a teacher-forced sequence
-/// (against [`DECODE_LOGIT_RTOL`] of the logits' scale), and whether the batched device
-/// engine (B = 4 and 8, blocks of 4 tokens) generates the greedy tokens of decoding each
-/// request alone on the device path. `passed` when both hold.
+/// expert-choice MoR (N_r = 3, recursion-wise KV), against the host path on the CPU with the
+/// same weights, every check caught on its own:
+/// - `logit_max_abs_diff`: f32 logits of a teacher-forced sequence (against
+///   [`DECODE_LOGIT_RTOL`] of the logits' scale);
+/// - `bf16`: the same with bf16 weights and bf16 K/V on both paths
+///   ([`DECODE_LOGIT_RTOL_BF16`]);
+/// - `gate_thresholds`: the engine with `ExitRule::GateThresholds(-inf)` and the gate trace
+///   (the exit rule and router mode `bench infer` runs): gates within [`DECODE_GATE_TOL`]
+///   of the host engine's, and the same tokens;
+/// - `batched_equals_sequential`: the batched device engine (B = 4 and 8, blocks of 4
+///   tokens) generates the greedy tokens of decoding each request alone on the device
+///   path; `batched_logit_max_abs_diff` is the largest difference of its logits from a
+///   one-request engine's at the same positions (rounding of batched products; a token
+///   mismatch with a gap at rounding level is a near-tie, not a misplaced row).
+///
+/// `passed` when all hold.
 ///
 /// # Errors
-/// A model or engine that cannot be built or run.
+/// The models cannot be built (each check's own error is recorded in its row).
 pub fn decode_exactness(backend: &str) -> anyhow::Result<Map<String, Value>> {
-    use mor_models::engine::{DecodeOptions, Decoder, Engine, EngineConfig, Request};
+    use mor_models::engine::{
+        DecodeOptions, Decoder, Engine, EngineConfig, ExitRule, KvPrecision, Precision, Request,
+    };
     use mor_models::MorModel;
+    use std::collections::HashMap;
     let _ = mor_models::builtin::link();
     let toml = |kind: &str| {
         format!(
@@ -599,22 +686,50 @@ pub fn decode_exactness(backend: &str) -> anyhow::Result<Map<String, Value>> {
     let model = MorModel::new(&Config::from_toml_str(&toml(backend))?)?;
     let reference = MorModel::new(&Config::from_toml_str(&toml("cpu"))?)?;
     let vocab = model.config().model.vocab_size as u32;
-    let opts = DecodeOptions {
+    let base = DecodeOptions {
         block_tokens: 4,
         ..Default::default()
     };
-    let mut dev = Decoder::new_device(&model, opts.clone())?;
-    let mut host = Decoder::new(&reference, opts.clone())?;
-    let (mut gap, mut scale) = (0f64, 0f64);
-    for i in 0..24u32 {
-        let t = (i * 7 + 3) % vocab;
-        let (a, b) = (dev.step(t)?, host.step(t)?);
-        for (x, y) in a.logits.iter().zip(&b.logits) {
-            gap = gap.max((x - y).abs() as f64);
-            scale = scale.max(y.abs() as f64);
+    let mut all_passed = true;
+    let mut m = Map::new();
+    m.insert(
+        "model".into(),
+        json!(format!(
+            "micro expert-choice MoR, N_r = 3, recursion-wise KV; device path on {backend} \
+             against the host path on cpu"
+        )),
+    );
+    // Teacher-forced logits, f32 and bf16.
+    let logits = |opts: &DecodeOptions, rtol: f64| -> anyhow::Result<Map<String, Value>> {
+        let mut dev = Decoder::new_device(&model, opts.clone())?;
+        let mut host = Decoder::new(&reference, opts.clone())?;
+        let mut acc = (0f64, 0f64);
+        for i in 0..24u32 {
+            let t = (i * 7 + 3) % vocab;
+            acc = gap_and_scale(&dev.step(t)?.logits, &host.step(t)?.logits, acc);
+        }
+        let mut r = Map::new();
+        r.insert("logit_max_abs_diff".into(), json!(acc.0));
+        r.insert("logit_scale".into(), json!(acc.1));
+        r.insert("logit_rtol".into(), json!(rtol));
+        r.insert("passed".into(), json!(acc.0 <= rtol * acc.1.max(1.0)));
+        Ok(r)
+    };
+    let f32_row = part(|| logits(&base, DECODE_LOGIT_RTOL));
+    all_passed &= f32_row.get("passed") == Some(&json!(true));
+    for k in ["logit_max_abs_diff", "logit_scale", "logit_rtol", "error"] {
+        if let Some(v) = f32_row.get(k) {
+            m.insert(k.into(), v.clone());
         }
     }
-    let logits_ok = gap <= DECODE_LOGIT_RTOL * scale.max(1.0);
+    let bf16_opts = DecodeOptions {
+        precision: Precision::Bf16,
+        kv_precision: KvPrecision::Bf16,
+        ..base.clone()
+    };
+    let bf16_row = part(|| logits(&bf16_opts, DECODE_LOGIT_RTOL_BF16));
+    all_passed &= bf16_row.get("passed") == Some(&json!(true));
+    m.insert("bf16".into(), Value::Object(bf16_row));
     // Greedy requests of 1-6 prompt tokens and 4-11 new tokens.
     let reqs: Vec<Request> = (0..8u32)
         .map(|i| {
@@ -624,54 +739,126 @@ pub fn decode_exactness(backend: &str) -> anyhow::Result<Map<String, Value>> {
             Request::greedy(prompt, 4 + (i as usize * 3) % 8)
         })
         .collect();
-    let mut want = Vec::new();
-    for (i, rq) in reqs.iter().enumerate() {
-        let mut d = Decoder::new_device(&model, opts.clone())?;
-        let (tokens, _) = d.generate(
-            &rq.prompt,
-            rq.max_new_tokens,
-            rq.sampling,
-            rq.stop_token,
-            i as u64,
-        )?;
-        want.push(tokens);
-    }
-    let mut mismatched = Vec::new();
-    for batch in [4usize, 8] {
-        let mut e = Engine::new_device(
-            &model,
-            EngineConfig {
-                batch_size: batch,
-                block_tokens: 4,
-                ..Default::default()
-            },
-        )?;
-        for rq in &reqs {
-            e.submit(rq.clone())?;
+    // Gate thresholds with the gate trace: device engine against the host engine.
+    let gates_row = part(|| {
+        let ecfg = EngineConfig {
+            batch_size: 8,
+            block_tokens: 4,
+            exit: ExitRule::GateThresholds(vec![f64::NEG_INFINITY; 3]),
+            record_gates: true,
+            ..Default::default()
+        };
+        let mut dev = Engine::new_device(&model, ecfg.clone())?;
+        let mut host = Engine::new(&reference, ecfg)?;
+        let mut outs = Vec::new();
+        for e in [&mut dev, &mut host] {
+            for rq in &reqs {
+                e.submit(rq.clone())?;
+            }
+            outs.push(
+                e.run_to_completion()?
+                    .into_iter()
+                    .map(|c| (c.id, c.tokens))
+                    .collect::<Vec<_>>(),
+            );
         }
-        for c in e.run_to_completion()? {
-            if want.get(c.id as usize) != Some(&c.tokens) {
-                mismatched.push(json!({"batch": batch, "request": c.id}));
+        let (a, b) = (dev.gate_trace(), host.gate_trace());
+        let same_decisions = a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x.id, x.pos, x.step) == (y.id, y.pos, y.step));
+        let gap = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x.gate - y.gate).abs() as f64)
+            .fold(0f64, f64::max);
+        let tokens_equal = outs[0] == outs[1];
+        let mut r = Map::new();
+        r.insert("decisions".into(), json!(a.len()));
+        r.insert("same_decisions".into(), json!(same_decisions));
+        r.insert("gate_max_abs_diff".into(), json!(gap));
+        r.insert("gate_tol".into(), json!(DECODE_GATE_TOL));
+        r.insert("tokens_equal".into(), json!(tokens_equal));
+        r.insert(
+            "passed".into(),
+            json!(same_decisions && !a.is_empty() && gap <= DECODE_GATE_TOL && tokens_equal),
+        );
+        Ok(r)
+    });
+    all_passed &= gates_row.get("passed") == Some(&json!(true));
+    m.insert("gate_thresholds".into(), Value::Object(gates_row));
+    // Batched device engine against each request alone on the device path.
+    let batched = part(|| {
+        let ecfg = |batch: usize| EngineConfig {
+            batch_size: batch,
+            block_tokens: 4,
+            ..Default::default()
+        };
+        let mut want = Vec::new();
+        let mut alone: HashMap<(u64, u32), Vec<f32>> = HashMap::new();
+        for (i, rq) in reqs.iter().enumerate() {
+            let mut d = Decoder::new_device(&model, base.clone())?;
+            let (tokens, _) = d.generate(
+                &rq.prompt,
+                rq.max_new_tokens,
+                rq.sampling,
+                rq.stop_token,
+                i as u64,
+            )?;
+            want.push(tokens);
+            // The same request alone in an engine, for its logits.
+            let mut e = Engine::new_device(&model, ecfg(1))?;
+            e.record_logits(true);
+            e.submit(rq.clone())?;
+            e.run_to_completion()?;
+            for (_, pos, l) in e.logit_trace() {
+                alone.insert((i as u64, *pos), l.clone());
             }
         }
+        let mut mismatched = Vec::new();
+        let mut gap = 0f64;
+        for batch in [4usize, 8] {
+            let mut e = Engine::new_device(&model, ecfg(batch))?;
+            e.record_logits(true);
+            for rq in &reqs {
+                e.submit(rq.clone())?;
+            }
+            for c in e.run_to_completion()? {
+                if want.get(c.id as usize) != Some(&c.tokens) {
+                    mismatched.push(json!({"batch": batch, "request": c.id}));
+                }
+            }
+            for (id, pos, l) in e.logit_trace() {
+                if let Some(r) = alone.get(&(*id, *pos)) {
+                    gap = gap_and_scale(l, r, (gap, 0.0)).0;
+                }
+            }
+        }
+        let mut r = Map::new();
+        r.insert(
+            "batched_equals_sequential".into(),
+            json!(mismatched.is_empty()),
+        );
+        r.insert("mismatched".into(), Value::Array(mismatched.clone()));
+        r.insert("batched_logit_max_abs_diff".into(), json!(gap));
+        r.insert("passed".into(), json!(mismatched.is_empty()));
+        Ok(r)
+    });
+    all_passed &= batched.get("passed") == Some(&json!(true));
+    for k in [
+        "batched_equals_sequential",
+        "mismatched",
+        "batched_logit_max_abs_diff",
+    ] {
+        if let Some(v) = batched.get(k) {
+            m.insert(k.into(), v.clone());
+        }
     }
-    let mut m = Map::new();
-    m.insert(
-        "model".into(),
-        json!(format!(
-            "micro expert-choice MoR, N_r = 3, recursion-wise KV, f32; device path on {backend} \
-             against the host path on cpu"
-        )),
-    );
-    m.insert("logit_max_abs_diff".into(), json!(gap));
-    m.insert("logit_scale".into(), json!(scale));
-    m.insert("logit_rtol".into(), json!(DECODE_LOGIT_RTOL));
-    m.insert(
-        "batched_equals_sequential".into(),
-        json!(mismatched.is_empty()),
-    );
-    m.insert("mismatched".into(), Value::Array(mismatched.clone()));
-    m.insert("passed".into(), json!(logits_ok && mismatched.is_empty()));
+    if let Some(e) = batched.get("error") {
+        m.insert("batched_error".into(), e.clone());
+        m.insert("batched_equals_sequential".into(), json!(false));
+    }
+    m.insert("passed".into(), json!(all_passed));
     Ok(m)
 }
 
@@ -683,9 +870,11 @@ pub fn bench_infer_config() -> mor_bench::infer::InferBenchConfig {
         backend: "cuda".into(),
         batch_size: 32,
         relative_max: true,
-        requests: 32,
-        gen_len_mean: 32.0,
-        gen_len_std: 8.0,
+        // At least twice the largest relative-max batch (about 46 for MoR-4), so every
+        // setting fills its batch; short generations keep the section within its reserve.
+        requests: 128,
+        gen_len_mean: 16.0,
+        gen_len_std: 4.0,
         calib_requests: 16,
         calib_passes: 1,
         precisions: vec![mor_core::config::Precision::Bf16],
@@ -710,6 +899,9 @@ pub fn bench_infer_fields(r: &mor_bench::infer::InferBenchReport) -> Map<String,
                 "batch_size": m.batch_size,
                 "tokens_per_s": m.tokens_per_s,
                 "throughput_ratio_vs_vanilla": m.throughput_ratio_vs_vanilla,
+                "steady_tokens_per_s": m.steady_tokens_per_s,
+                "steady_throughput_ratio_vs_vanilla": m.steady_throughput_ratio_vs_vanilla,
+                "mean_block_occupancy": m.mean_block_occupancy,
                 "kv_bytes_per_token": m.kv_bytes_per_token,
                 "kv_bytes_ratio_vs_vanilla": m.kv_bytes_ratio_vs_vanilla,
                 "depth_distribution": m.depth_distribution,
@@ -725,8 +917,17 @@ pub fn bench_infer_fields(r: &mor_bench::infer::InferBenchReport) -> Map<String,
         "model".into(),
         json!(format!(
             "preset {}, base {} layers, context {}; vanilla and expert-choice MoR-{:?}; \
-             backend {} (engine device path)",
-            c.preset, c.base_layers, c.context, c.recursions, c.backend
+             backend {} ({})",
+            c.preset,
+            c.base_layers,
+            c.context,
+            c.recursions,
+            c.backend,
+            if c.backend == "cpu" {
+                "engine host path"
+            } else {
+                "engine device path"
+            }
         )),
     );
     m.insert("requests".into(), json!(c.requests));
@@ -891,16 +1092,42 @@ mod tests {
         let gap = m["logit_max_abs_diff"].as_f64().unwrap();
         assert!(gap < 1e-4, "{gap}");
         assert!(m["logit_scale"].as_f64().unwrap() > 0.1);
+        // Batched against one-request logits: rounding only, and compared at all.
+        let gap = m["batched_logit_max_abs_diff"].as_f64().unwrap();
+        assert!(gap < 1e-4, "{gap}");
+        // bf16 weights and K/V: a gap above f32 rounding, within the bf16 tolerance.
+        let b = &m["bf16"];
+        assert_eq!(b["passed"], true, "{b:?}");
+        let gap = b["logit_max_abs_diff"].as_f64().unwrap();
+        assert!(
+            gap > 1e-5 && gap < 0.05 * b["logit_scale"].as_f64().unwrap(),
+            "{gap}"
+        );
+        // Gate thresholds: every decision recorded on both engines, the same gates.
+        let g = &m["gate_thresholds"];
+        assert_eq!(g["passed"], true, "{g:?}");
+        assert_eq!(
+            (g["same_decisions"].clone(), g["tokens_equal"].clone()),
+            (json!(true), json!(true))
+        );
+        assert!(g["decisions"].as_u64().unwrap() > 8);
+        assert!(g["gate_max_abs_diff"].as_f64().unwrap() < DECODE_GATE_TOL);
     }
 
     #[test]
-    fn the_bench_infer_section_runs_the_device_path_at_b32_and_relative_max() {
+    fn the_bench_infer_config_and_its_rows_at_b32_and_relative_max_on_the_cpu() {
         let c = bench_infer_config();
         assert_eq!(c.backend, "cuda");
         assert_eq!(c.batch_size, 32);
         assert!(c.relative_max);
         assert_eq!(c.recursions, [2, 3, 4]);
         assert!(c.check().is_ok());
+        // The relative-max batches are B · (vanilla / MoR K/V bytes per token): about 39,
+        // 43 and 46 for MoR-2/3/4, below 1.5 · B. Twice that many requests fill them.
+        assert!(c.requests >= 2 * (3 * c.batch_size / 2), "{}", c.requests);
+        // The reserves fit the budget.
+        let reserved = KERNELS_RESERVE + 2 * TRAINING_RESERVE + BENCH_INFER_RESERVE;
+        assert!(reserved <= FULL_BUDGET, "{reserved:?}");
         // The same settings, scaled down, on the CPU: one row per model and setting.
         let tiny = mor_bench::infer::InferBenchConfig {
             backend: "cpu".into(),
@@ -924,7 +1151,74 @@ mod tests {
         assert_eq!(rows.len(), 4, "{rows:?}");
         assert!(rows.iter().all(|m| m["precision"] == "bf16"));
         assert!(rows.iter().any(|m| m["name"] == "mor-2"));
-        assert!(f["model"].as_str().unwrap().contains("backend cpu"));
+        for m in rows {
+            let steady = m["steady_tokens_per_s"].as_f64().unwrap();
+            assert!(steady.is_finite() && steady > 0.0, "{m}");
+            assert!(
+                m["steady_throughput_ratio_vs_vanilla"].as_f64().unwrap() > 0.0,
+                "{m}"
+            );
+            // Mean items per shared-block call: at least one, at most the batch.
+            let occ = m["mean_block_occupancy"].as_f64().unwrap();
+            assert!(
+                occ >= 1.0 && occ <= m["batch_size"].as_f64().unwrap(),
+                "{m}"
+            );
+        }
+        let label = f["model"].as_str().unwrap();
+        assert!(label.contains("backend cpu (engine host path)"), "{label}");
+    }
+
+    /// An error in one part of `bench_infer` (or a panic) leaves the other's numbers in the
+    /// section; `passed` only when both passed.
+    #[test]
+    fn each_bench_infer_part_reports_whatever_the_other_does() {
+        let tiny = mor_bench::infer::InferBenchConfig {
+            backend: "cpu".into(),
+            preset: "micro".into(),
+            batch_size: 2,
+            requests: 3,
+            gen_len_mean: 3.0,
+            gen_len_std: 1.0,
+            warmup_requests: 1,
+            base_layers: 5,
+            context: 32,
+            recursions: vec![2],
+            block_tokens: 4,
+            relative_max: false,
+            calib_requests: 4,
+            calib_passes: 1,
+            ..bench_infer_config()
+        };
+        let bench = || mor_bench::infer::run(&tiny, &mut |_| {}).map_err(anyhow::Error::from);
+        let ok_exact = || {
+            let mut m = Map::new();
+            m.insert("passed".into(), json!(true));
+            Ok(m)
+        };
+        // The exactness check fails: the bench's rows are still there.
+        let s = bench_infer_section(|| Err(anyhow::anyhow!("no kernel image")), bench);
+        assert_eq!(s["passed"], false);
+        assert_eq!(s["exactness"]["passed"], false);
+        assert!(s["exactness"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no kernel image"));
+        assert_eq!(s["models"].as_array().unwrap().len(), 2, "{s:?}");
+        assert!(s["bench_elapsed_s"].as_f64().unwrap() >= 0.0);
+        assert_eq!(s["reserved_s"], BENCH_INFER_RESERVE.as_secs_f64());
+        // The exactness check panics: the same.
+        let s = bench_infer_section(|| panic!("boom"), bench);
+        assert!(s["exactness"]["error"].as_str().unwrap().contains("boom"));
+        assert_eq!(s["models"].as_array().unwrap().len(), 2);
+        // The bench fails: the exactness result is still there.
+        let s = bench_infer_section(ok_exact, || Err(anyhow::anyhow!("out of memory")));
+        assert_eq!(s["passed"], false);
+        assert_eq!(s["exactness"]["passed"], true);
+        assert!(s["error"].as_str().unwrap().contains("out of memory"));
+        // Both pass.
+        let s = bench_infer_section(ok_exact, bench);
+        assert_eq!(s["passed"], true, "{s:?}");
     }
 
     #[test]

@@ -430,6 +430,8 @@ pub struct Engine<'m> {
     stalled: bool,
     stats: EngineStats,
     gate_trace: Vec<GateRecord>,
+    /// `(request, position, logits)` of every sampled token, when recording.
+    logit_trace: Option<Vec<(RequestId, u32, Vec<f32>)>>,
 }
 
 impl<'m> Engine<'m> {
@@ -525,6 +527,7 @@ impl<'m> Engine<'m> {
             stalled: false,
             stats,
             gate_trace: Vec::new(),
+            logit_trace: None,
         })
     }
 
@@ -542,6 +545,18 @@ impl<'m> Engine<'m> {
     /// preempted request is replayed, so its decisions may appear twice.
     pub fn gate_trace(&self) -> &[GateRecord] {
         &self.gate_trace
+    }
+
+    /// Starts (or stops, forgetting them) recording the logits of every sampled token
+    /// ([`Engine::logit_trace`]); for checks that compare batched and sequential logits.
+    pub fn record_logits(&mut self, on: bool) {
+        self.logit_trace = on.then(Vec::new);
+    }
+
+    /// The recorded `(request, position, logits)` of the sampled tokens, in sampling order
+    /// (empty unless [`Engine::record_logits`]; a preempted request's may appear twice).
+    pub fn logit_trace(&self) -> &[(RequestId, u32, Vec<f32>)] {
+        self.logit_trace.as_deref().unwrap_or(&[])
     }
 
     /// Forgets the recorded routing decisions.
@@ -916,6 +931,9 @@ impl<'m> Engine<'m> {
                 None => None,
                 Some(l) => {
                     let t = st.sampler.sample(&l)?;
+                    if let Some(trace) = &mut self.logit_trace {
+                        trace.push((it.id, it.pos, l));
+                    }
                     st.seq.push(t);
                     self.stats.tokens_generated += 1;
                     events.push(Event::Token {

@@ -229,8 +229,8 @@ impl DeviceKvCache {
         Ok(page.blocks[i / bt] * bt as u32 + (i % bt) as u32)
     }
 
-    /// Undoes the last [`DeviceKvCache::reserve`] of `req` in `slot` (the row at flat index
-    /// `row`): its position is dropped and a block it opened goes back to the free list.
+    /// Undoes the last [`DeviceKvCache::reserve`] of `req` in `slot`: its position is
+    /// dropped and a block it opened goes back to the free list.
     fn unreserve(&mut self, req: u64, slot: usize) {
         let bt = self.block_tokens;
         let Some(page) = self.reqs.get_mut(&req).and_then(|p| p.get_mut(slot)) else {

@@ -1085,3 +1085,42 @@ impl<'m> Runner<'m> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ExitRule, Runner};
+    use crate::model::MorModel;
+    use mor_core::config::{Config, Precision};
+    use mor_kernels::host_sync::Scope;
+    use mor_router::RouteMode;
+
+    /// An expert-choice decision reads through `host_sync` only: the router's own reads plus
+    /// one read of the gates, on the one counter.
+    #[test]
+    fn routing_reads_are_counted_through_host_sync() {
+        let _ = crate::builtin::link();
+        let cfg = Config::from_toml_str(
+            "[model]\npreset = \"micro\"\nnum_layers = 8\nseq_len = 16\n\
+             [recursion]\nnum_recursions = 3\nsharing = { kind = \"middle_cycle\" }\n\
+             [router]\nkind = \"expert_choice\"\n[train]\nbudget = { steps = 1 }",
+        )
+        .unwrap();
+        let model = MorModel::new(&cfg).unwrap();
+        let r = Runner::new_on(&model, ExitRule::Router, None, Precision::F32, true).unwrap();
+        let h = r.embed(&[3, 5, 7]).unwrap();
+        // The router's own reads for the same decision.
+        let router = model.router().unwrap();
+        let h3 = r.rows_tensor(&h).unwrap();
+        let s = Scope::start();
+        let mut st = router.begin(&h3, RouteMode::Causal).unwrap();
+        let rt = router
+            .route(1, &h3, &vec![vec![0u32]; 3], &mut st, RouteMode::Causal)
+            .unwrap();
+        let own = s.counts().reads;
+        assert!(rt.gate.is_some());
+        let s = Scope::start();
+        let d = r.route_expert(1, &h).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(s.counts().reads, own + 1, "the gates' read is counted");
+    }
+}

@@ -532,3 +532,80 @@ fn bf16_logits_are_an_f32_product() {
         assert!(max_diff(&a, &b) < 0.05 * b.iter().fold(1f32, |m, x| m.max(x.abs())));
     }
 }
+
+/// The logits of each sampled token, by (request, position), from a device engine run.
+fn device_logits(
+    model: &MorModel,
+    reqs: &[Request],
+    ecfg: EngineConfig,
+) -> std::collections::BTreeMap<(u64, u32), Vec<f32>> {
+    let mut engine = Engine::new_device(model, ecfg).unwrap();
+    engine.record_logits(true);
+    for rq in reqs {
+        engine.submit(rq.clone()).unwrap();
+    }
+    engine.run_to_completion().unwrap();
+    // A preempted request may be traced twice; its replay recomputes the same bits, so the
+    // last entry of a key stands for both.
+    engine
+        .logit_trace()
+        .iter()
+        .map(|(id, pos, l)| ((*id, *pos), l.clone()))
+        .collect()
+}
+
+/// Batch invariance to the bit: every product of the device path has one fixed number of
+/// rows (`PRODUCT_ROWS`), so a token's logits are the same bits whether it is decoded alone
+/// (batch 1) or among others (batch 8, mixed depths), in f32 and with bf16 weights and K/V.
+/// Products of the batch's own height round some rows differently (about 1e-5 here), which
+/// would leave a near-tie to decide a greedy token differently on a GPU.
+#[test]
+fn device_logits_are_the_same_bits_at_every_batch_size() {
+    link();
+    let reqs = common::requests(9, VOCAB, 11);
+    let picked = [
+        "vanilla",
+        "expert/recursion_wise",
+        "token/recursive_sharing",
+    ];
+    for (name, c) in cases().into_iter().filter(|(n, _)| picked.contains(n)) {
+        let model = MorModel::new(&c).unwrap();
+        for (precision, kv_precision) in [
+            (Precision::F32, KvPrecision::F32),
+            (Precision::Bf16, KvPrecision::Bf16),
+        ] {
+            let run = |batch_size: usize| {
+                device_logits(
+                    &model,
+                    &reqs,
+                    EngineConfig {
+                        batch_size,
+                        block_tokens: 4,
+                        precision,
+                        kv_precision,
+                        ..Default::default()
+                    },
+                )
+            };
+            let alone = run(1);
+            let batched = run(8);
+            assert_eq!(alone.len(), batched.len(), "{name} {precision:?}");
+            assert!(!alone.is_empty(), "{name}: no logits were recorded");
+            for (key, a) in &alone {
+                let b = &batched[key];
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{name} {precision:?}: logits of request {} at position {} differ between \
+                     batch 1 and batch 8 (largest gap {})",
+                    key.0,
+                    key.1,
+                    a.iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max)
+                );
+            }
+        }
+    }
+}

@@ -660,8 +660,9 @@ fn gap_and_scale(a: &[f32], b: &[f32], (gap, scale): (f64, f64)) -> (f64, f64) {
 /// - `batched_equals_sequential`: the batched device engine (B = 4 and 8, blocks of 4
 ///   tokens) generates the greedy tokens of decoding each request alone on the device
 ///   path; `batched_logit_max_abs_diff` is the largest difference of its logits from a
-///   one-request engine's at the same positions (rounding of batched products; a token
-///   mismatch with a gap at rounding level is a near-tie, not a misplaced row).
+///   one-request engine's at the same positions (0 expected: the device path's products
+///   have one fixed height; a gap at rounding level would mean the BLAS rounded a row
+///   differently, a token mismatch with a larger gap a misplaced row).
 ///
 /// `passed` when all hold.
 ///

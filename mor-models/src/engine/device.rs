@@ -14,6 +14,9 @@
 //!   choices are not decided by bf16 ties). With bf16 K/V (`KvPrecision::Bf16`) the
 //!   stored K/V, the queries (rounded to the pool's dtype before the kernel) and the
 //!   attention output (returned in the pool's dtype) are bf16.
+//! - Batch invariance: every product runs with exactly [`PRODUCT_ROWS`] rows (zero rows pad
+//!   the last chunk), so a token's logits are the same bits at every batch size, and
+//!   batched decoding equals sequential decoding (see [`fixed_rows_mm`]).
 //! - KV: one pool `k, v: [num_blocks, block_tokens, hkv, dh]` in the cache's
 //!   [`KvPrecision`] ([`DeviceKvCache`]). Appends are one `scatter_set` per layer for the
 //!   batch's new rows; decode attention is
@@ -54,6 +57,41 @@ use std::cell::Cell;
 use std::collections::HashMap;
 
 const CACHE: &str = "device_kv";
+
+/// Rows of every product of the device path: a product of `n` rows runs as
+/// `ceil(n / PRODUCT_ROWS)` products of exactly this many rows (the last one padded with
+/// zero rows).
+pub(crate) const PRODUCT_ROWS: usize = 64;
+
+/// `x: [n, k] · wt: [k, m]`, computed as products of exactly [`PRODUCT_ROWS`] rows.
+///
+/// A BLAS picks its algorithm by the product's shape (cuBLAS splits the reduction for small
+/// `n`, CPU kernels tile by `n`), so the same row can come out with other roundings at
+/// another batch size. With one shape for every call, each output row depends only on its
+/// own input row: a token's logits are the same bits whatever else shares its batch, which is
+/// what makes batched decoding equal sequential decoding token for token on the device path
+/// (as the host path's packed products do). The padding costs nothing where decoding is
+/// bound by reading the weights, which is the case at the batch sizes of decoding.
+fn fixed_rows_mm(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    let (n, k) = x.dims2()?;
+    let mut outs = Vec::with_capacity(n.div_ceil(PRODUCT_ROWS));
+    let mut start = 0;
+    while start < n {
+        let take = PRODUCT_ROWS.min(n - start);
+        let mut chunk = x.narrow(0, start, take)?;
+        if take < PRODUCT_ROWS {
+            let pad = Tensor::zeros((PRODUCT_ROWS - take, k), x.dtype(), x.device())?;
+            chunk = Tensor::cat(&[&chunk, &pad], 0)?;
+        }
+        outs.push(chunk.contiguous()?.matmul(wt)?.narrow(0, 0, take)?);
+        start += take;
+    }
+    match outs.len() {
+        0 => Ok(Tensor::zeros((0, wt.dim(1)?), x.dtype(), x.device())?),
+        1 => Ok(outs.swap_remove(0)),
+        _ => Ok(Tensor::cat(&outs, 0)?),
+    }
+}
 
 fn invalid(msg: String) -> mor_kvcache::Error {
     mor_kvcache::Error::Invalid { policy: CACHE, msg }
@@ -580,11 +618,9 @@ impl DeviceCompute {
     }
 
     /// `x · wᵀ` with `x` rounded to the weights' dtype, computed and returned in that dtype
-    /// (bf16 for bf16 weights), then cast to f32.
+    /// (bf16 for bf16 weights), then cast to f32. Batch-invariant: see [`fixed_rows_mm`].
     fn mm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(x.to_dtype(self.wdtype)?
-            .matmul(&w.t()?)?
-            .to_dtype(DType::F32)?)
+        Ok(fixed_rows_mm(&x.to_dtype(self.wdtype)?, &w.t()?)?.to_dtype(DType::F32)?)
     }
 
     /// RMSNorm of the rows of `x: [n, d]` f32: the fused op (its kernel on CUDA, its CPU
@@ -623,7 +659,7 @@ impl DeviceCompute {
         let x = self.norm(&x, &self.final_norm)?;
         // Inputs rounded as the layers' products round them; product and output in f32.
         let x = x.to_dtype(self.wdtype)?.to_dtype(DType::F32)?;
-        let logits = x.matmul(&self.head.t()?)?;
+        let logits = fixed_rows_mm(&x, &self.head.t()?)?;
         let mut f = flops.get();
         f.head += 2 * (h.len() * self.vocab) as u64;
         flops.set(f);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Micro, VANILLA};
+use common::VANILLA;
 use mor_core::config::ResolvedConfig;
 use mor_models::engine::{
     Batching, DecodeOptions, Decoder, EngineConfig, ExitRule, KvPrecision, Precision, Request,
@@ -12,25 +12,15 @@ use mor_models::engine::{
 };
 use mor_models::MorModel;
 
-const VOCAB: usize = 64;
-const CONTEXT: usize = 24;
+const VOCAB: usize = common::ENGINE_VOCAB;
 
-/// d = 32, 4 heads (2 KV) of 8, 8 layers, context 24; `init_std = 0.2` makes logits O(1).
+/// The shared micro model of the engine tests (`common::engine_micro`).
 fn cfg(recursion: &str, extra: &str) -> ResolvedConfig {
-    Micro {
-        model: "init_std = 0.2",
-        runtime: &common::runtime("cpu", 5),
-        tables: &format!("[recursion]\n{recursion}\n{extra}"),
-        ..common::micro(VOCAB, 32, 8, CONTEXT)
-    }
-    .resolve()
+    common::engine_micro(recursion, extra)
 }
 
 fn mor(router: &str, kv: &str) -> ResolvedConfig {
-    cfg(
-        "num_recursions = 3\nsharing = { kind = \"middle_cycle\" }",
-        &format!("[router]\n{router}\n[kv]\nkind = \"{kv}\""),
-    )
+    common::engine_mor(router, kv)
 }
 
 fn link() {

@@ -6,32 +6,23 @@
 
 mod common;
 
-use common::{Micro, VANILLA};
+use common::VANILLA;
 use mor_core::config::ResolvedConfig;
 use mor_models::engine::{
     Batching, DecodeOptions, Decoder, Engine, EngineConfig, KvPrecision, Precision, Request,
 };
 use mor_models::MorModel;
 
-const VOCAB: usize = 64;
-const CONTEXT: usize = 24;
+const VOCAB: usize = common::ENGINE_VOCAB;
+const CONTEXT: usize = common::ENGINE_CONTEXT;
 
-/// d = 32, 4 heads (2 KV) of 8, 8 layers, context 24; `init_std = 0.2` makes logits O(1).
+/// The shared micro model of the engine tests (`common::engine_micro`).
 fn cfg(recursion: &str, extra: &str) -> ResolvedConfig {
-    Micro {
-        model: "init_std = 0.2",
-        runtime: &common::runtime("cpu", 5),
-        tables: &format!("[recursion]\n{recursion}\n{extra}"),
-        ..common::micro(VOCAB, 32, 8, CONTEXT)
-    }
-    .resolve()
+    common::engine_micro(recursion, extra)
 }
 
 fn mor(router: &str, kv: &str) -> ResolvedConfig {
-    cfg(
-        "num_recursions = 3\nsharing = { kind = \"middle_cycle\" }",
-        &format!("[router]\n{router}\n[kv]\nkind = \"{kv}\""),
-    )
+    common::engine_mor(router, kv)
 }
 
 fn recursive(kv: &str) -> ResolvedConfig {
@@ -167,20 +158,7 @@ fn sequential_device(
     reqs: &[Request],
     opts: &DecodeOptions,
 ) -> Vec<(Vec<u32>, Vec<u8>)> {
-    reqs.iter()
-        .enumerate()
-        .map(|(i, rq)| {
-            let mut dec = Decoder::new_device(model, opts.clone()).unwrap();
-            dec.generate(
-                &rq.prompt,
-                rq.max_new_tokens,
-                rq.sampling,
-                rq.stop_token,
-                i as u64,
-            )
-            .unwrap()
-        })
-        .collect()
+    common::decode_each_on(model, reqs, opts, true)
 }
 
 fn run_device_engine(

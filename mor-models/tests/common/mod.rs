@@ -177,6 +177,33 @@ pub fn requests(n: usize, vocab: usize, seed: u64) -> Vec<mor_models::engine::Re
         .collect()
 }
 
+/// Vocabulary of [`engine_micro`].
+pub const ENGINE_VOCAB: usize = 64;
+/// Context of [`engine_micro`].
+pub const ENGINE_CONTEXT: usize = 24;
+
+/// The engine tests' micro model: d = 32, 4 heads (2 KV) of 8, 8 layers, context 24,
+/// vocabulary 64, `init_std = 0.2` (logits O(1)); `recursion` and `extra` are TOML lines
+/// of its `[recursion]` table and after it.
+pub fn engine_micro(recursion: &str, extra: &str) -> mor_core::config::ResolvedConfig {
+    Micro {
+        model: "init_std = 0.2",
+        runtime: &runtime("cpu", 5),
+        tables: &format!("[recursion]\n{recursion}\n{extra}"),
+        ..micro(ENGINE_VOCAB, 32, 8, ENGINE_CONTEXT)
+    }
+    .resolve()
+}
+
+/// [`engine_micro`] as a Middle-Cycle MoR with N_r = 3 and the given `[router]` lines and
+/// KV policy.
+pub fn engine_mor(router: &str, kv: &str) -> mor_core::config::ResolvedConfig {
+    engine_micro(
+        "num_recursions = 3\nsharing = { kind = \"middle_cycle\" }",
+        &format!("[router]\n{router}\n[kv]\nkind = \"{kv}\""),
+    )
+}
+
 /// Each request decoded alone with the plain decoder under `opts` (request `i` seeded
 /// with `i`): the reference the batched engine must reproduce.
 pub fn decode_each(
@@ -184,10 +211,26 @@ pub fn decode_each(
     reqs: &[mor_models::engine::Request],
     opts: &mor_models::engine::DecodeOptions,
 ) -> Vec<(Vec<u32>, Vec<u8>)> {
+    decode_each_on(model, reqs, opts, false)
+}
+
+/// As [`decode_each`], on the decoder's device path (`Decoder::new_device`) when
+/// `device`.
+pub fn decode_each_on(
+    model: &mor_models::MorModel,
+    reqs: &[mor_models::engine::Request],
+    opts: &mor_models::engine::DecodeOptions,
+    device: bool,
+) -> Vec<(Vec<u32>, Vec<u8>)> {
     reqs.iter()
         .enumerate()
         .map(|(i, rq)| {
-            let mut dec = mor_models::engine::Decoder::new(model, opts.clone()).unwrap();
+            let mut dec = if device {
+                mor_models::engine::Decoder::new_device(model, opts.clone())
+            } else {
+                mor_models::engine::Decoder::new(model, opts.clone())
+            }
+            .unwrap();
             dec.generate(
                 &rq.prompt,
                 rq.max_new_tokens,
